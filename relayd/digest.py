@@ -1,0 +1,436 @@
+"""HTTP Digest authentication (RFC 2617), MD5 with qop="auth" only.
+
+One implementation serves three protocols that reuse RFC 2617 unchanged:
+MSRP AUTH (RFC 4976: 401 + WWW-Authenticate, 200 + Authentication-Info, no
+auth-int, no MD5-sess, no domain), SIP (RFC 3261 §22: 401/407) and HTTP for
+the XCAP server.
+
+Nonces are stateless until used: each carries its creation time and random
+bytes, authenticated by an HMAC with a server secret, so forged or altered
+nonces are rejected without any lookup and a client asking for challenges
+costs no memory.  Only nonces that have authenticated successfully are
+remembered (for the strictly increasing nonce-count, RFC 2617 §3.2.2), in a
+table with a hard size bound.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet.interfaces import IReactorTime
+
+MAX_HEADER_CHARS = 4096
+"""Longest Authorization/Proxy-Authorization value parsed."""
+
+MAX_PARAMS = 20
+"""Most auth-params accepted in one credentials header."""
+
+NONCE_RANDOM_BYTES = 16
+"""Randomness per nonce: 128 bits."""
+
+_NONCE_MAC_BYTES = 16
+_NONCE_TIME = struct.Struct(">Q")
+_NONCE_RAW_BYTES = _NONCE_TIME.size + NONCE_RANDOM_BYTES + _NONCE_MAC_BYTES
+_NONCE_FUTURE_SKEW_MS = 5000
+
+# Deliberately one reason for both, so a client cannot probe for user names.
+_BAD_CREDENTIALS = "invalid username or password"
+
+_REQUIRED = ("username", "realm", "nonce", "uri", "response")
+_KNOWN = frozenset((*_REQUIRED, "qop", "nc", "cnonce", "algorithm", "opaque"))
+_HEX = frozenset("0123456789abcdefABCDEF")
+# RFC 2616 §2.2 separators, plus the characters that end a bare value.
+_SEPARATORS = frozenset('()<>@,;:\\"/[]?={} \t')
+_VALUE_END = frozenset(', \t"')
+_WHITESPACE = " \t"
+
+
+class DigestError(ValueError):
+    """Authentication failed or the credentials were malformed.
+
+    ``stale`` is True when the credentials were sound but the nonce is too
+    old; the caller then re-challenges with ``stale=true`` (RFC 2617 §3.2.1)
+    so the client retries without asking its user for a password again.
+    """
+
+    def __init__(self, reason: str, *, stale: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stale = stale
+
+
+@dataclass(frozen=True)
+class DigestCredentials:
+    """The parsed ``Digest`` credentials of an (Proxy-)Authorization header."""
+
+    username: str
+    realm: str
+    nonce: str
+    uri: str
+    response: str
+    qop: str | None = None
+    nc: str | None = None
+    cnonce: str | None = None
+    algorithm: str | None = None
+    opaque: str | None = None
+
+
+@dataclass(frozen=True)
+class DigestSuccess:
+    """A verified request: who it was, and what rspauth needs (RFC 2617 §3.2.3)."""
+
+    username: str
+    realm: str
+    uri: str
+    nonce: str
+    cnonce: str
+    nc: str
+    qop: str
+    ha1: str = field(repr=False)
+
+
+def _md5_hex(text: str) -> str:
+    # MD5 is what RFC 2617/3261/4976 mandate; it is not used for anything else.
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def ha1(username: str, realm: str, password: str) -> str:
+    """HA1 = MD5(username ":" realm ":" password), RFC 2617 §3.2.2.2."""
+    return _md5_hex(f"{username}:{realm}:{password}")
+
+
+def request_digest(
+    ha1_hex: str, *, nonce: str, nc: str, cnonce: str, qop: str, method: str, uri: str
+) -> str:
+    """The request-digest for qop="auth" (RFC 2617 §3.2.2.1).
+
+    ``method`` empty gives the rspauth of RFC 2617 §3.2.3, whose A2 is
+    ``":" digest-uri``.
+    """
+    ha2 = _md5_hex(f"{method}:{uri}")
+    return _md5_hex(f"{ha1_hex}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+
+
+def _quote(value: str) -> str:
+    """A quoted-string (RFC 2616 §2.2) for ``value``; refuses line breaks."""
+    if any(ch in value for ch in "\r\n\0"):
+        raise ValueError("header parameter value contains a control character")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_challenge(realm: str, nonce: str, stale: bool = False, opaque: str | None = None) -> str:
+    """A ``WWW-Authenticate``/``Proxy-Authenticate`` value offering qop="auth".
+
+    RFC 4976 forbids ``domain`` for MSRP, so it is never sent; the algorithm is
+    left at its MD5 default.
+    """
+    parts = [f"Digest realm={_quote(realm)}", f"nonce={_quote(nonce)}", 'qop="auth"']
+    if opaque is not None:
+        parts.append(f"opaque={_quote(opaque)}")
+    if stale:
+        parts.append("stale=true")
+    return ", ".join(parts)
+
+
+def format_authentication_info(
+    *, rspauth: str, cnonce: str, nc: str, nextnonce: str | None = None, qop: str = "auth"
+) -> str:
+    """An ``Authentication-Info`` value (RFC 2617 §3.2.3, RFC 4976)."""
+    parts = []
+    if nextnonce is not None:
+        parts.append(f"nextnonce={_quote(nextnonce)}")
+    parts += [f"rspauth={_quote(rspauth)}", f"cnonce={_quote(cnonce)}", f"nc={nc}", f"qop={qop}"]
+    return ", ".join(parts)
+
+
+def parse_credentials(header_value: str) -> DigestCredentials:
+    """Parse ``Digest k=v, k="quoted", ...`` (RFC 2617 §3.2.2).
+
+    Raises :class:`DigestError` for anything malformed: a scheme other than
+    Digest, syntax errors, control characters, duplicate or missing
+    parameters, an over-long header or too many parameters.  Unknown
+    parameters are ignored, as RFC 2617 asks, but still count to the limit.
+    """
+    if len(header_value) > MAX_HEADER_CHARS:
+        raise DigestError("credentials header too long")
+    if any((ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F for ch in header_value):
+        raise DigestError("control character in credentials")
+    text = header_value.strip(_WHITESPACE)
+    scheme, _, rest = text.partition(" ")
+    if scheme.lower() != "digest":
+        raise DigestError("credentials scheme is not Digest")
+    params = _parse_params(rest)
+    missing = [name for name in _REQUIRED if name not in params]
+    if missing:
+        raise DigestError("credentials lack " + ", ".join(missing))
+    response = params["response"]
+    if len(response) != 32 or not _HEX.issuperset(response):
+        raise DigestError("response is not 32 hex digits")
+    nc = params.get("nc")
+    if nc is not None and (len(nc) != 8 or not _HEX.issuperset(nc)):
+        raise DigestError("nc is not 8 hex digits")
+    return DigestCredentials(
+        username=params["username"],
+        realm=params["realm"],
+        nonce=params["nonce"],
+        uri=params["uri"],
+        response=response.lower(),
+        qop=params.get("qop"),
+        nc=nc,
+        cnonce=params.get("cnonce"),
+        algorithm=params.get("algorithm"),
+        opaque=params.get("opaque"),
+    )
+
+
+def _parse_params(text: str) -> dict[str, str]:
+    """Split a comma-separated auth-param list; one left-to-right pass."""
+    params: dict[str, str] = {}
+    count = 0
+    i, end = 0, len(text)
+    while True:
+        # Skip whitespace and empty list elements ("a, , b" is legal #rule).
+        while i < end and (text[i] in _WHITESPACE or text[i] == ","):
+            i += 1
+        if i == end:
+            break
+        start = i
+        while i < end and text[i] not in _SEPARATORS:
+            i += 1
+        name = text[start:i].lower()
+        if not name:
+            raise DigestError("expected a parameter name")
+        while i < end and text[i] in _WHITESPACE:
+            i += 1
+        if i == end or text[i] != "=":
+            raise DigestError(f"parameter {name!r} has no value")
+        i += 1
+        while i < end and text[i] in _WHITESPACE:
+            i += 1
+        if i < end and text[i] == '"':
+            value, i = _read_quoted(text, i + 1)
+        else:
+            start = i
+            while i < end and text[i] not in _VALUE_END:
+                i += 1
+            value = text[start:i]
+            if not value:
+                raise DigestError(f"parameter {name!r} has an empty value")
+        while i < end and text[i] in _WHITESPACE:
+            i += 1
+        if i < end and text[i] != ",":
+            raise DigestError(f"junk after parameter {name!r}")
+        count += 1
+        if count > MAX_PARAMS:
+            raise DigestError("too many credentials parameters")
+        if name in params:
+            raise DigestError(f"duplicate parameter {name!r}")
+        params[name] = value
+    # Unknown parameters were counted and duplicate-checked; now drop them.
+    return {k: v for k, v in params.items() if k in _KNOWN}
+
+
+def _read_quoted(text: str, i: int) -> tuple[str, int]:
+    """Read a quoted-string body starting after the opening quote."""
+    out: list[str] = []
+    end = len(text)
+    while i < end:
+        ch = text[i]
+        if ch == '"':
+            return "".join(out), i + 1
+        if ch == "\\":
+            i += 1
+            if i == end:
+                break
+            ch = text[i]
+        out.append(ch)
+        i += 1
+    raise DigestError("unterminated quoted string")
+
+
+class DigestAuthenticator:
+    """Issues challenges and verifies Digest credentials for one realm.
+
+    ``lookup(username, realm)`` returns the stored HA1 (hex) or None.  Time
+    comes from ``clock`` (an ``IReactorTime``) so tests drive nonce expiry.
+    """
+
+    def __init__(
+        self,
+        realm: str,
+        lookup: Callable[[str, str], str | None],
+        clock: IReactorTime,
+        *,
+        nonce_lifetime_seconds: float = 300,
+        max_tracked_nonces: int = 10_000,
+        secret: bytes | None = None,
+    ) -> None:
+        if nonce_lifetime_seconds <= 0:
+            raise ValueError("nonce_lifetime_seconds must be positive")
+        if max_tracked_nonces < 1:
+            raise ValueError("max_tracked_nonces must be at least 1")
+        if secret is not None and len(secret) < 16:
+            raise ValueError("secret must be at least 16 bytes")
+        self.realm = realm
+        self._lookup = lookup
+        self._clock = clock
+        self._lifetime_ms = int(nonce_lifetime_seconds * 1000)
+        self._max_tracked = max_tracked_nonces
+        self._secret = secret if secret is not None else secrets.token_bytes(32)
+        self._realm_bytes = realm.encode("utf-8")
+        # nonce -> (creation ms, last nonce-count), oldest first use first.
+        self._tracked: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # Creation time of the newest still-valid nonce forgotten for space:
+        # untracked nonces no newer than this might be replays, so are stale.
+        self._forgotten_until = -1
+
+    def challenge(self, stale: bool = False) -> str:
+        """A fresh ``WWW-Authenticate`` value with a new nonce."""
+        return format_challenge(self.realm, self.new_nonce(), stale=stale)
+
+    def new_nonce(self) -> str:
+        """Mint a nonce: creation time (ms), 128 random bits, HMAC-SHA256 tag."""
+        body = _NONCE_TIME.pack(self._now_ms()) + secrets.token_bytes(NONCE_RANDOM_BYTES)
+        raw = body + self._mac(body)
+        return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+    def _now_ms(self) -> int:
+        # Milliseconds, so "forgotten until" (see _remember) rarely catches
+        # nonces minted after an eviction.
+        return int(self._clock.seconds() * 1000)
+
+    def _mac(self, body: bytes) -> bytes:
+        msg = b"relayd-digest-nonce\0" + self._realm_bytes + b"\0" + body
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
+
+    def _nonce_time(self, nonce: str) -> int:
+        """Creation time (ms) of an authentic nonce; DigestError if not ours."""
+        try:
+            raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
+        except (binascii.Error, ValueError):
+            raise DigestError("invalid nonce") from None
+        if len(raw) != _NONCE_RAW_BYTES:
+            raise DigestError("invalid nonce")
+        body, tag = raw[:-_NONCE_MAC_BYTES], raw[-_NONCE_MAC_BYTES:]
+        if not hmac.compare_digest(tag, self._mac(body)):
+            raise DigestError("invalid nonce")
+        (created,) = _NONCE_TIME.unpack_from(body)
+        return int(created)
+
+    def verify(
+        self, method: str, credentials: DigestCredentials, expected_uri: str | None = None
+    ) -> DigestSuccess:
+        """Check ``credentials`` for a request with ``method``.
+
+        ``expected_uri`` is the request's own URI (MSRP: the first To-Path
+        URI); RFC 2617 §3.2.2.5 requires digest-uri to match it.  Raises
+        :class:`DigestError`; unknown users and wrong passwords share one
+        reason so failures do not reveal which user names exist.
+        """
+        cred = credentials
+        if cred.algorithm is not None and cred.algorithm.lower() != "md5":
+            raise DigestError("unsupported algorithm")
+        if cred.realm != self.realm:
+            raise DigestError("wrong realm")
+        if cred.qop is None or cred.qop.lower() != "auth":
+            raise DigestError('qop must be "auth"')
+        if cred.nc is None or not cred.cnonce:
+            raise DigestError("nc and cnonce are required with qop")
+        nc_value = int(cred.nc, 16)
+        if nc_value == 0:
+            raise DigestError("nc must start at 00000001")
+        if expected_uri is not None and cred.uri != expected_uri:
+            raise DigestError("digest uri does not match the request")
+        created = self._nonce_time(cred.nonce)
+        now = self._now_ms()
+        if now - created > self._lifetime_ms or created - now > _NONCE_FUTURE_SKEW_MS:
+            raise DigestError("nonce expired", stale=True)
+        previous = self._tracked.get(cred.nonce)
+        if previous is not None:
+            if nc_value <= previous[1]:
+                raise DigestError("nonce count replayed")
+        elif created <= self._forgotten_until:
+            raise DigestError("nonce no longer tracked", stale=True)
+
+        stored = self._lookup(cred.username, cred.realm)
+        # Do the same work for unknown users so timing does not tell them apart.
+        ha1_hex = stored.lower() if stored is not None else _md5_hex(secrets.token_hex(16))
+        expected = request_digest(
+            ha1_hex,
+            nonce=cred.nonce,
+            nc=cred.nc,
+            cnonce=cred.cnonce,
+            qop=cred.qop,
+            method=method,
+            uri=cred.uri,
+        )
+        matches = hmac.compare_digest(expected.encode(), cred.response.encode("utf-8"))
+        if stored is None or not matches:
+            raise DigestError(_BAD_CREDENTIALS)
+
+        self._remember(cred.nonce, created, nc_value)
+        return DigestSuccess(
+            username=cred.username,
+            realm=cred.realm,
+            uri=cred.uri,
+            nonce=cred.nonce,
+            cnonce=cred.cnonce,
+            nc=cred.nc,
+            qop=cred.qop,
+            ha1=ha1_hex,
+        )
+
+    def _remember(self, nonce: str, created: int, nc_value: int) -> None:
+        """Record the nonce-count, keeping the table within its bound."""
+        tracked = self._tracked
+        if nonce in tracked:
+            tracked[nonce] = (created, nc_value)
+            return
+        oldest_valid = self._now_ms() - self._lifetime_ms
+        while tracked:
+            first = next(iter(tracked))
+            first_created = tracked[first][0]
+            if first_created < oldest_valid:
+                del tracked[first]  # expired: its nonce is refused anyway
+            elif len(tracked) >= self._max_tracked:
+                del tracked[first]
+                self._forgotten_until = max(self._forgotten_until, first_created)
+            else:
+                break
+        tracked[nonce] = (created, nc_value)
+
+    def authentication_info(self, success: DigestSuccess, nextnonce: bool = True) -> str:
+        """The ``Authentication-Info`` value for a verified request.
+
+        rspauth uses A2 = ":" digest-uri (RFC 2617 §3.2.3); a nextnonce lets
+        the client's next AUTH (a refresh) skip the 401 round trip.
+        """
+        rspauth = request_digest(
+            success.ha1,
+            nonce=success.nonce,
+            nc=success.nc,
+            cnonce=success.cnonce,
+            qop=success.qop,
+            method="",
+            uri=success.uri,
+        )
+        return format_authentication_info(
+            rspauth=rspauth,
+            cnonce=success.cnonce,
+            nc=success.nc,
+            nextnonce=self.new_nonce() if nextnonce else None,
+            qop=success.qop,
+        )
+
+    @property
+    def tracked_nonce_count(self) -> int:
+        """How many nonces are remembered now (bounded by max_tracked_nonces)."""
+        return len(self._tracked)

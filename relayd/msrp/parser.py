@@ -1,0 +1,371 @@
+"""Incremental MSRP framing (RFC 4975 §7.1, §9): bytes in, events out, no I/O.
+
+The parser keeps one buffer and a scan offset, so every input byte is looked
+at a bounded number of times whatever the read sizes are. Bodies are handed
+out as they arrive, holding back only the few bytes that could be the start of
+the end-line; a message is never assembled in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relayd.msrp.message import Headers, MSRPRequest, MSRPResponse
+
+_IDENT_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-+%=")
+_ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_FLAGS = b"$+#"
+_HYPHENS = b"-------"
+
+
+@dataclass(frozen=True, slots=True)
+class MSRPLimits:
+    """Every length the parser accepts is bounded (values in bytes or counts)."""
+
+    max_line_bytes: int = 8192
+    max_header_count: int = 64
+    max_header_bytes: int = 32768
+    max_leading_crlf: int = 16
+
+
+DEFAULT_LIMITS = MSRPLimits()
+
+
+@dataclass(slots=True)
+class MessageStart:
+    """A request or response whose header block is complete."""
+
+    message: MSRPRequest | MSRPResponse
+    has_body: bool
+
+
+@dataclass(slots=True)
+class BodyChunk:
+    data: bytes
+
+
+@dataclass(slots=True)
+class MessageEnd:
+    """The end-line arrived; flag is one of b"$", b"+", b"#"."""
+
+    tid: str
+    flag: bytes
+
+
+@dataclass(slots=True)
+class MessageRejected:
+    """A message whose start line parsed but whose headers did not.
+
+    The parser skips to its end-line by itself and stays usable, so a request
+    can be answered with 400 (RFC 4975 §7.3) instead of losing the connection.
+    """
+
+    tid: str
+    method: str | None
+    reason: str
+
+
+ParseEvent = MessageStart | BodyChunk | MessageEnd | MessageRejected
+
+
+class MSRPParseError(Exception):
+    """The stream cannot be resynchronised: the connection must be closed."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+_START, _HEADERS, _BODY, _BODY_OPEN, _SKIP = range(5)
+
+
+class MSRPParser:
+    """Feed bytes, get a list of events; raises MSRPParseError on fatal input."""
+
+    __slots__ = (
+        "_boundary",
+        "_buf",
+        "_leading_crlf",
+        "_limits",
+        "_message",
+        "_pos",
+        "_scan",
+        "_state",
+        "_tid",
+    )
+
+    def __init__(self, limits: MSRPLimits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._buf = b""
+        self._pos = 0
+        self._scan = 0
+        self._state = _START
+        self._tid = ""
+        self._boundary = b""
+        self._message: MSRPRequest | MSRPResponse | None = None
+        self._leading_crlf = 0
+
+    @property
+    def in_message(self) -> bool:
+        """True between a message's start line and its end-line."""
+        return self._state != _START
+
+    def feed(self, data: bytes) -> list[ParseEvent]:
+        if self._pos >= len(self._buf):
+            self._buf = data
+            self._scan = 0
+        else:
+            # Only an unfinished line or an end-line-sized tail is carried over.
+            self._buf = self._buf[self._pos :] + data
+            self._scan = max(0, self._scan - self._pos)
+        self._pos = 0
+        events: list[ParseEvent] = []
+        while True:
+            state = self._state
+            if state in (_BODY, _SKIP):
+                if not self._scan_body(events):
+                    break
+            elif state == _HEADERS:
+                if not self._parse_header_block(events):
+                    break
+            elif state == _START:
+                if not self._parse_start_line():
+                    break
+            elif not self._open_body(events):
+                break
+        return events
+
+    # -- start line -------------------------------------------------------
+
+    def _line_end(self) -> int:
+        """Index of the CRLF ending the current line, or -1; never rescans."""
+        buf = self._buf
+        end = buf.find(b"\r\n", max(self._pos, self._scan))
+        if end < 0:
+            self._scan = max(self._pos, len(buf) - 1)
+        else:
+            self._scan = end + 2
+        return end
+
+    def _parse_start_line(self) -> bool:
+        buf = self._buf
+        end = self._line_end()
+        if end < 0:
+            if len(buf) - self._pos > self._limits.max_line_bytes:
+                raise MSRPParseError("start line too long")
+            return False
+        line = buf[self._pos : end]
+        self._pos = end + 2
+        if not line:
+            # Tolerate a few stray CRLFs between messages (keep-alives).
+            self._leading_crlf += 1
+            if self._leading_crlf > self._limits.max_leading_crlf:
+                raise MSRPParseError("too many empty lines between messages")
+            return True
+        if len(line) > self._limits.max_line_bytes:
+            raise MSRPParseError("start line too long")
+        parts = line.split(b" ", 2)
+        if len(parts) < 3 or parts[0] != b"MSRP":
+            raise MSRPParseError("malformed start line")
+        tid_bytes, rest = parts[1], parts[2]
+        if not (4 <= len(tid_bytes) <= 32) or tid_bytes[0] not in _ALNUM:
+            raise MSRPParseError("malformed transaction id")
+        if not _IDENT_CHARS.issuperset(tid_bytes):
+            raise MSRPParseError("malformed transaction id")
+        tid = tid_bytes.decode("ascii")
+        self._leading_crlf = 0
+        self._tid = tid
+        self._boundary = b"\r\n" + _HYPHENS + tid_bytes
+        self._scan = 0
+        if rest[:3].isdigit() and (len(rest) == 3 or rest[3:4] == b" "):
+            try:
+                comment = rest[4:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise MSRPParseError("response comment is not UTF-8") from None
+            self._message = MSRPResponse(tid, int(rest[:3]), comment, Headers())
+        elif rest.isalpha() and rest.isupper():
+            self._message = MSRPRequest(tid, rest.decode("ascii"), Headers())
+        else:
+            raise MSRPParseError("malformed method or status")
+        self._state = _HEADERS
+        return True
+
+    # -- headers ----------------------------------------------------------
+
+    def _parse_header_block(self, events: list[ParseEvent]) -> bool:
+        """Find the end of the header block once, then split it in one pass.
+
+        The block ends at a blank line (a body follows) or at this
+        transaction's end-line (no body).  Searching for both from a saved
+        offset keeps the work linear however the input is split.
+        """
+        buf = self._buf
+        pos = self._pos
+        limits = self._limits
+        # The start line's CRLF sits just before pos: include it so that an
+        # end-line directly after the last header (or a blank line) is found.
+        origin = pos - 2
+        scan = max(origin, self._scan)
+        blank = buf.find(b"\r\n\r\n", scan)
+        end_line = buf.find(self._boundary, scan)
+        if blank < 0 and end_line < 0:
+            if len(buf) - pos > limits.max_header_bytes:
+                return self._reject(events, "header block too large", pos)
+            if len(buf) - pos > limits.max_line_bytes:
+                line_start = buf.rfind(b"\r\n", pos, len(buf)) + 2
+                if len(buf) - max(line_start, pos) > limits.max_line_bytes:
+                    return self._reject(events, "header line too long", pos)
+            self._scan = max(origin, len(buf) - len(self._boundary))
+            return False
+        has_body = end_line < 0 or (0 <= blank < end_line)
+        stop = blank if has_body else end_line
+        if stop - pos > limits.max_header_bytes:
+            return self._reject(events, "header block too large", pos)
+        if not has_body:
+            after = end_line + len(self._boundary)
+            if len(buf) < after + 3:
+                self._scan = end_line
+                return False
+            flag = buf[after : after + 1]
+            if flag not in (b"$", b"+", b"#") or buf[after + 1 : after + 3] != b"\r\n":
+                return self._reject(events, "malformed end-line", pos)
+            next_pos = after + 3
+        else:
+            flag = b""
+            next_pos = blank + 4
+        block = buf[pos : stop + 2]
+        self._scan = 0
+        if block.count(b"\r\n") > limits.max_header_count:
+            return self._reject(events, "too many header fields", pos)
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._reject(events, "header field is not UTF-8", pos)
+        if _HEADER_BLOCK.fullmatch(text) is None:
+            return self._reject(events, _header_problem(text, limits), pos)
+        items = []
+        for line in text[:-2].split("\r\n") if text else ():
+            if len(line) > limits.max_line_bytes:
+                return self._reject(events, "header line too long", pos)
+            name, _, value = line.partition(":")
+            items.append((name, value.strip(" \t")))
+        message = self._message
+        assert message is not None
+        if not _paths_first(items):
+            # RFC 4975 §7.1: To-Path then From-Path come first.
+            return self._reject(events, "To-Path and From-Path must come first", pos)
+        self._pos = next_pos
+        if isinstance(message, MSRPResponse) and has_body:
+            return self._reject(events, "response with a body", pos)
+        message.headers = Headers(items)
+        events.append(MessageStart(message, has_body))
+        if has_body:
+            self._state = _BODY_OPEN
+        else:
+            self._state = _START
+            events.append(MessageEnd(self._tid, flag))
+        return True
+
+    def _reject(self, events: list[ParseEvent], reason: str, line_start: int) -> bool:
+        """Skip the rest of this message up to its end-line; stay in sync."""
+        events.append(self._rejection(reason))
+        # Rescan from the CRLF that ended the start line so that an end-line
+        # directly after the bad header block is still recognised.
+        self._pos = max(line_start - 2, 0)
+        self._scan = 0
+        self._state = _SKIP
+        return True
+
+    def _rejection(self, reason: str) -> MessageRejected:
+        message = self._message
+        method = message.method if isinstance(message, MSRPRequest) else None
+        return MessageRejected(self._tid, method, reason)
+
+    # -- body -------------------------------------------------------------
+
+    def _open_body(self, events: list[ParseEvent]) -> bool:
+        """Accept an end-line with no CRLF before it when the body is empty.
+
+        RFC 4975 wants CRLF before the end-line; some clients omit it for an
+        empty body, and that input is unambiguous, so take it.
+        """
+        buf = self._buf
+        pos = self._pos
+        bare = self._boundary[2:]
+        need = len(bare) + 3
+        head = buf[pos : pos + need]
+        if len(head) < need and _may_become_end_line(head, bare):
+            return False
+        self._state = _BODY
+        if len(head) == need and _may_become_end_line(head, bare):
+            self._pos = pos + need
+            self._state = _START
+            events.append(MessageEnd(self._tid, head[len(bare) : len(bare) + 1]))
+        return True
+
+    def _scan_body(self, events: list[ParseEvent]) -> bool:
+        buf = self._buf
+        boundary = self._boundary
+        pos = self._pos
+        skipping = self._state == _SKIP
+        search_from = pos
+        while True:
+            index = buf.find(boundary, search_from)
+            if index < 0:
+                break
+            after = index + len(boundary)
+            if len(buf) < after + 3:
+                # Could be the end-line: wait for the flag and CRLF.
+                if index > pos and not skipping:
+                    events.append(BodyChunk(buf[pos:index]))
+                self._pos = index
+                return False
+            flag = buf[after : after + 1]
+            if flag in (b"$", b"+", b"#") and buf[after + 1 : after + 3] == b"\r\n":
+                if index > pos and not skipping:
+                    events.append(BodyChunk(buf[pos:index]))
+                self._pos = after + 3
+                self._state = _START
+                if not skipping:
+                    events.append(MessageEnd(self._tid, flag))
+                return True
+            search_from = index + 1
+        # Hold back what could be the beginning of the boundary.
+        keep = len(boundary) - 1
+        cut = max(pos, len(buf) - keep)
+        tail_start = buf.find(b"\r", cut)
+        cut = len(buf) if tail_start < 0 else tail_start
+        if cut > pos and not skipping:
+            events.append(BodyChunk(buf[pos:cut]))
+        self._pos = cut
+        return False
+
+
+_HEADER_BLOCK = re.compile(r"(?:[A-Za-z0-9!#$%&'*+.^_`|~-]+:[^\r\n]*\r\n)*")
+
+
+def _header_problem(text: str, limits: MSRPLimits) -> str:
+    """Name what is wrong with a header block that failed the fast check."""
+    for line in text.split("\r\n"):
+        if len(line) > limits.max_line_bytes:
+            return "header line too long"
+    return "malformed header field"
+
+
+def _paths_first(headers: list[tuple[str, str]]) -> bool:
+    return (
+        len(headers) >= 2
+        and headers[0][0].lower() == "to-path"
+        and headers[1][0].lower() == "from-path"
+    )
+
+
+def _may_become_end_line(head: bytes, bare: bytes) -> bool:
+    """Is head a prefix of bare + flag + CRLF (or all of it)?"""
+    n = len(bare)
+    if head[:n] != bare[: len(head)]:
+        return False
+    if len(head) > n and head[n : n + 1] not in (b"$", b"+", b"#"):
+        return False
+    return head[n + 1 :] == b"\r\n"[: max(0, len(head) - n - 1)]

@@ -1,0 +1,82 @@
+"""Tests for relayd.tokens."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from relayd.msrp.uri import MSRPURI
+from relayd.tokens import (
+    MIN_TOKEN_BITS,
+    new_session_id,
+    new_token,
+    new_transaction_id,
+    redact,
+    tokens_equal,
+)
+
+# RFC 4975 §9: transact-id = ident = ALPHANUM 3*31ident-char.
+_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-+%=]{3,31}")
+# RFC 3986 unreserved: safe in a session-id and in a URL path segment, unescaped.
+_UNRESERVED = re.compile(r"[A-Za-z0-9\-._~]+")
+
+
+def test_new_token_default_has_at_least_128_bits() -> None:
+    token = new_token()
+    assert _UNRESERVED.fullmatch(token)
+    # base64url carries 6 bits per character.
+    assert len(token) * 6 >= MIN_TOKEN_BITS
+
+
+def test_new_token_more_bits_gives_longer_token() -> None:
+    assert len(new_token(256)) * 6 >= 256
+
+
+def test_new_token_refuses_weak_tokens() -> None:
+    with pytest.raises(ValueError, match="128"):
+        new_token(64)
+
+
+def test_new_token_is_unique() -> None:
+    assert len({new_token() for _ in range(1000)}) == 1000
+
+
+def test_new_session_id_is_a_valid_msrp_session_id() -> None:
+    session_id = new_session_id()
+    uri = MSRPURI.parse(f"msrps://relay.example.com:2855/{session_id};tcp")
+    assert uri.session_id == session_id
+
+
+def test_new_transaction_id_matches_ident_abnf() -> None:
+    for _ in range(200):
+        tid = new_transaction_id()
+        assert _IDENT.fullmatch(tid), tid
+        assert tid.isalnum()
+
+
+def test_new_transaction_id_is_unique_and_64_bits() -> None:
+    ids = {new_transaction_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(tid) * 4 >= 64 for tid in ids)
+
+
+def test_redact_is_short_stable_and_does_not_leak() -> None:
+    secret = new_token()
+    assert redact(secret) == redact(secret)
+    assert re.fullmatch(r"[0-9a-f]{10}", redact(secret))
+    assert redact(secret) not in secret
+    assert redact(secret) != redact(secret + "x")
+
+
+def test_tokens_equal_compares_exactly() -> None:
+    token = new_token()
+    assert tokens_equal(token, str(token))
+    assert not tokens_equal(token, token[:-1])
+    assert not tokens_equal(token, token + "A")
+    assert not tokens_equal("session-abc", "session-ABC")
+
+
+def test_tokens_equal_accepts_non_ascii_without_error() -> None:
+    assert tokens_equal("é", "é")
+    assert not tokens_equal("é", "e")
