@@ -191,7 +191,28 @@ def parse_credentials(header_value: str) -> DigestCredentials:
     )
 
 
-def _parse_params(text: str) -> dict[str, str]:
+def parse_challenge(header_value: str) -> dict[str, str]:
+    """Parameters of a ``WWW-Authenticate: Digest …`` challenge, for our clients.
+
+    Also reads ``Authentication-Info`` values when ``header_value`` has no scheme.
+    """
+    if len(header_value) > MAX_HEADER_CHARS:
+        raise DigestError("challenge header too long")
+    text = header_value.strip(_WHITESPACE)
+    scheme, _, rest = text.partition(" ")
+    if scheme.lower() != "digest":
+        raise DigestError("challenge scheme is not Digest")
+    return _parse_params(rest, keep=None)
+
+
+def parse_auth_info(header_value: str) -> dict[str, str]:
+    """Parameters of an ``Authentication-Info`` header (RFC 2617 §3.2.3)."""
+    if len(header_value) > MAX_HEADER_CHARS:
+        raise DigestError("Authentication-Info header too long")
+    return _parse_params(header_value.strip(_WHITESPACE), keep=None)
+
+
+def _parse_params(text: str, keep: frozenset[str] | None = _KNOWN) -> dict[str, str]:
     """Split a comma-separated auth-param list; one left-to-right pass."""
     params: dict[str, str] = {}
     count = 0
@@ -234,8 +255,10 @@ def _parse_params(text: str) -> dict[str, str]:
         if name in params:
             raise DigestError(f"duplicate parameter {name!r}")
         params[name] = value
+    if keep is None:
+        return params
     # Unknown parameters were counted and duplicate-checked; now drop them.
-    return {k: v for k, v in params.items() if k in _KNOWN}
+    return {k: v for k, v in params.items() if k in keep}
 
 
 def _read_quoted(text: str, i: int) -> tuple[str, int]:

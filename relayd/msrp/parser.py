@@ -64,6 +64,9 @@ class MessageRejected:
     tid: str
     method: str | None
     reason: str
+    #: The first two header values when they parsed, so a 400 can be addressed.
+    to_path: str | None = None
+    from_path: str | None = None
 
 
 ParseEvent = MessageStart | BodyChunk | MessageEnd | MessageRejected
@@ -269,7 +272,7 @@ class MSRPParser:
 
     def _reject(self, events: list[ParseEvent], reason: str, line_start: int) -> bool:
         """Skip the rest of this message up to its end-line; stay in sync."""
-        events.append(self._rejection(reason))
+        events.append(self._rejection(reason, line_start))
         # Rescan from the CRLF that ended the start line so that an end-line
         # directly after the bad header block is still recognised.
         self._pos = max(line_start - 2, 0)
@@ -277,10 +280,19 @@ class MSRPParser:
         self._state = _SKIP
         return True
 
-    def _rejection(self, reason: str) -> MessageRejected:
+    def _rejection(self, reason: str, head_start: int) -> MessageRejected:
         message = self._message
         method = message.method if isinstance(message, MSRPRequest) else None
-        return MessageRejected(self._tid, method, reason)
+        limit = 2 * self._limits.max_line_bytes
+        lines = self._buf[head_start : head_start + limit].split(b"\r\n", 2)
+        to_path = from_path = None
+        if len(lines) == 3 and lines[0][:8] == b"To-Path:" and lines[1][:10] == b"From-Path:":
+            try:
+                to_path = lines[0][8:].decode("utf-8").strip()
+                from_path = lines[1][10:].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                to_path = from_path = None
+        return MessageRejected(self._tid, method, reason, to_path, from_path)
 
     # -- body -------------------------------------------------------------
 

@@ -193,7 +193,13 @@ def test_start_line_without_crlf_beyond_limit_is_fatal() -> None:
 def test_bad_header_rejects_message_and_parser_recovers() -> None:
     bad = SEND.replace(b"Message-ID: 87652491\r\n", b"Message-ID 87652491\r\n")
     events = feed_all(bad + RESPONSE, 5)
-    assert events[0] == MessageRejected("a786hjs2", "SEND", "malformed header field")
+    assert events[0] == MessageRejected(
+        "a786hjs2",
+        "SEND",
+        "malformed header field",
+        "msrp://biloxi.example.com:12763/kjhd37s2s20w2a;tcp",
+        "msrp://atlanta.example.com:7654/jshA7weztas;tcp",
+    )
     assert not any(isinstance(e, BodyChunk) for e in events)
     assert isinstance(events[1], MessageStart)
     assert isinstance(events[1].message, MSRPResponse)
@@ -214,7 +220,8 @@ def test_header_count_limit() -> None:
     extra = b"".join(b"X-H%d: v\r\n" % i for i in range(10))
     bad = SEND.replace(b"Content-Type", extra + b"Content-Type")
     events = feed_all(bad + RESPONSE, None, MSRPParser(limits))
-    assert events[0] == MessageRejected("a786hjs2", "SEND", "too many header fields")
+    assert isinstance(events[0], MessageRejected)
+    assert events[0].reason == "too many header fields"
     assert isinstance(events[1], MessageStart)
 
 
@@ -222,7 +229,8 @@ def test_header_bytes_limit() -> None:
     limits = MSRPLimits(max_header_bytes=200)
     bad = SEND.replace(b"Content-Type", b"X-Big: " + b"v" * 150 + b"\r\nContent-Type")
     events = feed_all(bad, 3, MSRPParser(limits))
-    assert events[0] == MessageRejected("a786hjs2", "SEND", "header block too large")
+    assert isinstance(events[0], MessageRejected)
+    assert events[0].reason == "header block too large"
     assert len(events) == 1
 
 
@@ -231,6 +239,9 @@ def test_header_line_without_crlf_beyond_limit_is_rejected_and_skipped() -> None
     parser = MSRPParser(limits)
     events = parser.feed(b"MSRP abcd SEND\r\nTo-Path: " + b"x" * 1000)
     assert events == [MessageRejected("abcd", "SEND", "header line too long")]
+    rejected = events[0]
+    assert isinstance(rejected, MessageRejected)
+    assert rejected.to_path is None
     events = parser.feed(b"y" * 100000 + b"\r\n-------abcd$\r\n" + RESPONSE)
     assert isinstance(events[0], MessageStart)
 

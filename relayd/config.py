@@ -1,0 +1,447 @@
+"""Configuration: built-in defaults < INI file < command line, validated at once.
+
+Every key is declared once in ``SCHEMA`` (name, default, parser, one-line
+help).  The example file, the documentation and the command line are all
+checked against it, so a key cannot exist in one place and not another.
+Errors name the file, section and key: an operator should never have to guess
+which line stopped the daemon.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relayd.endpoints import EndpointSyntaxError, parse_endpoint
+
+
+class ConfigError(Exception):
+    """A bad configuration value; its text is the one line shown to operators."""
+
+    def __init__(self, source: str, section: str, key: str | None, message: str) -> None:
+        self.source = source
+        self.section = section
+        self.key = key
+        self.message = message
+        where = f"[{section}] {key}" if key else f"[{section}]"
+        super().__init__(f"{source}: {where}: {message}")
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+def _integer(minimum: int, maximum: int = 2**31 - 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text.strip()!r}") from None
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {text.strip()!r}")
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.replace(",", " ").split())
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _endpoints(allowed: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
+    kinds = tuple(allowed)
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = _lines(text)
+        for value in values:
+            try:
+                endpoint = parse_endpoint(value)
+            except EndpointSyntaxError as e:
+                raise ValueError(str(e)) from None
+            if endpoint.kind not in kinds:
+                raise ValueError(
+                    f"{value!r}: listener type {endpoint.kind!r} not allowed here"
+                    f" (use {' or '.join(kinds)})"
+                )
+        return values
+
+    return parse
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key(
+        "relay",
+        "hostname",
+        "",
+        _text,
+        "Name put in Use-Path URIs and checked against To-Path; empty: the first DNS name"
+        " of the TLS certificate",
+    ),
+    Key(
+        "relay",
+        "data_dir",
+        "~/.local/state/relayd",
+        _text,
+        "Directory for generated certificates, the users file and the store (created 0700)",
+    ),
+    Key(
+        "msrp",
+        "listen",
+        "ssl:2855:interface=127.0.0.1",
+        _endpoints(("ssl", "tcp")),
+        "MSRP listeners, one endpoint string per line; ssl: without keys uses [tls]",
+    ),
+    Key(
+        "msrp",
+        "ca_certificates",
+        "",
+        _text,
+        "PEM file or directory of trust roots for peer relays (mutual TLS); empty: no peers",
+    ),
+    Key(
+        "msrp",
+        "session_expires_seconds",
+        "1800",
+        _integer(1),
+        "Lifetime of a Use-Path URI when AUTH carries no Expires",
+    ),
+    Key(
+        "msrp",
+        "session_expires_min_seconds",
+        "60",
+        _integer(1),
+        "Smallest Expires accepted in AUTH (423 with Min-Expires below it)",
+    ),
+    Key(
+        "msrp",
+        "session_expires_max_seconds",
+        "86400",
+        _integer(1),
+        "Largest Expires accepted in AUTH (423 with Max-Expires above it)",
+    ),
+    Key(
+        "msrp",
+        "probation_seconds",
+        "30",
+        _integer(1, 3600),
+        "A new connection without a successful request in this time is closed (RFC 4976 §6.1)",
+    ),
+    Key(
+        "msrp",
+        "probation_max_failures",
+        "3",
+        _integer(1, 1000),
+        "Failed requests tolerated on a connection still on probation",
+    ),
+    Key(
+        "msrp",
+        "max_failed_auth",
+        "3",
+        _integer(1, 1000),
+        "Failed AUTH attempts after which a client connection is closed (never a relay's)",
+    ),
+    Key(
+        "msrp",
+        "transaction_timeout_seconds",
+        "30",
+        _integer(1, 3600),
+        "Wait for the next hop's response before a 408 REPORT (RFC 4976 §6.4.1)",
+    ),
+    Key(
+        "msrp",
+        "idle_timeout_seconds",
+        "3600",
+        _integer(1),
+        "Connections unused for this long are closed (RFC 4976 §6.5)",
+    ),
+    Key(
+        "msrp",
+        "max_connections",
+        "0",
+        _integer(0),
+        "When above this many connections, close the least recently used; 0: no limit",
+    ),
+    Key(
+        "msrp",
+        "max_chunk_bytes",
+        "1048576",
+        _integer(1024),
+        "Longest body a forwarded SEND carries before the relay splits it",
+    ),
+    Key(
+        "msrp",
+        "block_unknown_methods",
+        "no",
+        _boolean,
+        "Refuse (501) requests other than SEND, REPORT and AUTH instead of forwarding them",
+    ),
+    Key(
+        "msrp",
+        "connect_timeout_seconds",
+        "10",
+        _integer(1, 300),
+        "Time allowed to open a connection to a next hop",
+    ),
+    Key(
+        "msrp",
+        "max_request_body_bytes",
+        "65536",
+        _integer(0),
+        "Largest body of a request other than SEND (those are forwarded whole, never split)",
+    ),
+    Key("msrp", "max_line_bytes", "8192", _integer(256), "Longest start or header line"),
+    Key("msrp", "max_header_count", "64", _integer(4), "Most header fields in one message"),
+    Key("msrp", "max_header_bytes", "32768", _integer(1024), "Largest header block"),
+    Key(
+        "auth",
+        "realm",
+        "",
+        _text,
+        "Digest realm for MSRP AUTH (and SIP, HTTP); empty: the relay hostname",
+    ),
+    Key(
+        "auth",
+        "users",
+        "",
+        _text,
+        "htdigest file (user:realm:HA1); empty: users.htdigest in data_dir, with one"
+        " generated user on first start",
+    ),
+    Key(
+        "auth",
+        "allowed_users",
+        "",
+        _words,
+        "Users allowed to AUTH (space separated); empty: every user in the file",
+    ),
+    Key(
+        "auth",
+        "nonce_lifetime_seconds",
+        "300",
+        _integer(10, 86400),
+        "Age after which a digest nonce is answered with stale=true",
+    ),
+    Key(
+        "tls",
+        "certificate",
+        "",
+        _text,
+        "PEM certificate (chain) for ssl: listeners without certKey; empty: generated",
+    ),
+    Key(
+        "tls",
+        "private_key",
+        "",
+        _text,
+        "PEM private key matching [tls] certificate; empty: generated",
+    ),
+)
+
+_KEYS: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in SCHEMA}
+
+
+@dataclass(frozen=True)
+class MSRPConfig:
+    listen: tuple[str, ...]
+    ca_certificates: str
+    session_expires_seconds: int
+    session_expires_min_seconds: int
+    session_expires_max_seconds: int
+    probation_seconds: int
+    probation_max_failures: int
+    max_failed_auth: int
+    transaction_timeout_seconds: int
+    idle_timeout_seconds: int
+    max_connections: int
+    max_chunk_bytes: int
+    block_unknown_methods: bool
+    connect_timeout_seconds: int
+    max_request_body_bytes: int
+    max_line_bytes: int
+    max_header_count: int
+    max_header_bytes: int
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    realm: str
+    users: str
+    allowed_users: tuple[str, ...]
+    nonce_lifetime_seconds: int
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str
+    private_key: str
+
+
+@dataclass(frozen=True)
+class RelaydConfig:
+    hostname: str
+    data_dir: str
+    msrp: MSRPConfig
+    auth: AuthConfig
+    tls: TLSConfig
+    source: str = "<defaults>"
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Mapping[tuple[str, str], str] | None = None,
+) -> RelaydConfig:
+    """Read defaults, then the INI file, then overrides; validate everything.
+
+    Raises ConfigError for the first problem found.
+    """
+    raw: dict[tuple[str, str], str] = {key: k.default for key, k in _KEYS.items()}
+    origin: dict[tuple[str, str], str] = dict.fromkeys(_KEYS, "<defaults>")
+    source = "<defaults>"
+    if path is not None:
+        source = path
+        for key, value in _read_ini(path).items():
+            raw[key] = value
+            origin[key] = path
+    for (section, name), value in (overrides or {}).items():
+        if (section, name) not in _KEYS:
+            raise ConfigError("command line", section, name, "unknown key")
+        raw[(section, name)] = value
+        origin[(section, name)] = "command line"
+    values: dict[tuple[str, str], Any] = {}
+    for key, spec in _KEYS.items():
+        try:
+            values[key] = spec.parse(raw[key])
+        except ValueError as e:
+            raise ConfigError(origin[key], key[0], key[1], str(e)) from None
+    config = _build(values, source)
+    _validate(config, origin)
+    return config
+
+
+def _read_ini(path: str) -> dict[tuple[str, str], str]:
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00none")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as e:
+        raise ConfigError(path, "-", None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "-", None, "not UTF-8 text") from None
+    except configparser.Error as e:
+        message = str(e).splitlines()[0]
+        raise ConfigError(path, "-", None, f"not an INI file: {message}") from None
+    sections = {k.section for k in SCHEMA}
+    found: dict[tuple[str, str], str] = {}
+    for section in parser.sections():
+        if section not in sections:
+            raise ConfigError(path, section, None, "unknown section")
+        for name, value in parser.items(section):
+            if (section, name) not in _KEYS:
+                raise ConfigError(path, section, name, "unknown key")
+            found[(section, name)] = value
+    return found
+
+
+def _build(values: Mapping[tuple[str, str], Any], source: str) -> RelaydConfig:
+    def section(name: str) -> dict[str, Any]:
+        return {k: v for (s, k), v in values.items() if s == name}
+
+    relay = section("relay")
+    data_dir = str(Path(os.path.expanduser(relay["data_dir"])).absolute())
+    return RelaydConfig(
+        hostname=relay["hostname"],
+        data_dir=data_dir,
+        msrp=MSRPConfig(**section("msrp")),
+        auth=AuthConfig(**section("auth")),
+        tls=TLSConfig(**section("tls")),
+        source=source,
+    )
+
+
+def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> None:
+    def fail(section: str, key: str, message: str) -> None:
+        raise ConfigError(origin[(section, key)], section, key, message)
+
+    msrp = config.msrp
+    if msrp.session_expires_min_seconds > msrp.session_expires_max_seconds:
+        fail(
+            "msrp",
+            "session_expires_min_seconds",
+            f"greater than session_expires_max_seconds"
+            f" ({msrp.session_expires_min_seconds} > {msrp.session_expires_max_seconds})",
+        )
+    if not (
+        msrp.session_expires_min_seconds
+        <= msrp.session_expires_seconds
+        <= msrp.session_expires_max_seconds
+    ):
+        fail(
+            "msrp",
+            "session_expires_seconds",
+            f"must lie between session_expires_min_seconds and session_expires_max_seconds"
+            f" ({msrp.session_expires_min_seconds}..{msrp.session_expires_max_seconds})",
+        )
+    if not msrp.listen:
+        fail("msrp", "listen", "at least one listener is required")
+    if msrp.ca_certificates and not os.access(msrp.ca_certificates, os.R_OK):
+        fail("msrp", "ca_certificates", f"cannot read {msrp.ca_certificates!r}")
+    for key in ("certificate", "private_key"):
+        value = getattr(config.tls, key)
+        if value and not os.access(value, os.R_OK):
+            fail("tls", key, f"cannot read {value!r}")
+    if bool(config.tls.certificate) != bool(config.tls.private_key):
+        fail("tls", "certificate", "certificate and private_key go together")
+    for value in msrp.listen:
+        endpoint = parse_endpoint(value)
+        for option in ("privateKey", "certKey", "extraCertChain"):
+            file_name = endpoint.options.get(option)
+            if file_name and not os.access(file_name, os.R_OK):
+                fail("msrp", "listen", f"{option}: cannot read {file_name!r}")
+    users = config.auth.users
+    if users and os.path.exists(users) and not os.access(users, os.R_OK):
+        fail("auth", "users", f"cannot read {users!r}")
+
+
+def example_ini() -> str:
+    """The documented example file, generated from the schema."""
+    lines: list[str] = [
+        "# relayd configuration: every key with its built-in default.",
+        "# Copy to relayd.ini, change what you need and start with",
+        "#   twistd -n msrprelay --config relayd.ini",
+        "# Durations are whole seconds; listeners are endpoint strings, one per line.",
+    ]
+    section = ""
+    for key in SCHEMA:
+        if key.section != section:
+            section = key.section
+            lines += ["", f"[{section}]"]
+        lines.append(f"# {key.help}")
+        lines.append(f"{key.name} = {key.default}".rstrip())
+    return "\n".join(lines) + "\n"

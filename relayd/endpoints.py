@@ -1,0 +1,119 @@
+"""Listener strings: Twisted's ``tcp:`` and ``ssl:`` syntax, plus ``udp:`` for SIP.
+
+We parse the strings ourselves (same grammar as Twisted's, backslash escapes
+included) because ``ssl:`` listeners need our own TLS context (optional
+client certificates for peer relays, TLS 1.2 minimum, idle buffer release)
+and Twisted has no ``udp:`` server endpoint at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLContextFactory,
+    IReactorSSL,
+    IReactorTCP,
+    IStreamServerEndpoint,
+)
+
+_KNOWN_OPTIONS: dict[str, frozenset[str]] = {
+    "tcp": frozenset({"port", "interface", "backlog"}),
+    "ssl": frozenset(
+        {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain", "sslmethod"}
+    ),
+    "udp": frozenset({"port", "interface"}),
+}
+
+
+class EndpointSyntaxError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    kind: str
+    port: int
+    interface: str
+    options: dict[str, str] = field(default_factory=dict)
+    text: str = ""
+
+
+def _split(description: str) -> list[str]:
+    """Split on unescaped colons; a backslash escapes the next character."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise EndpointSyntaxError(f"{description!r}: trailing backslash")
+            current.append(escaped)
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_endpoint(description: str) -> EndpointSpec:
+    """Parse ``kind:PORT[:key=value…]`` (or ``kind:port=PORT:…``)."""
+    text = description.strip()
+    parts = _split(text)
+    kind = parts[0].lower()
+    if kind not in _KNOWN_OPTIONS or len(parts) < 2:
+        raise EndpointSyntaxError(
+            f"{description!r}: expected tcp:PORT, ssl:PORT or udp:PORT with options"
+        )
+    options: dict[str, str] = {}
+    positional: list[str] = []
+    for part in parts[1:]:
+        if "=" in part:
+            key, _, value = part.partition("=")
+            if key not in _KNOWN_OPTIONS[kind]:
+                raise EndpointSyntaxError(f"{description!r}: unknown option {key!r} for {kind}:")
+            if key in options:
+                raise EndpointSyntaxError(f"{description!r}: option {key!r} given twice")
+            options[key] = value
+        else:
+            positional.append(part)
+    if positional:
+        if len(positional) > 1 or "port" in options:
+            raise EndpointSyntaxError(f"{description!r}: unexpected {positional[-1]!r}")
+        options["port"] = positional[0]
+    port_text = options.pop("port", "")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise EndpointSyntaxError(f"{description!r}: port must be a number from 0 to 65535")
+    backlog = options.get("backlog")
+    if backlog is not None and not backlog.isdigit():
+        raise EndpointSyntaxError(f"{description!r}: backlog must be a number")
+    interface = options.pop("interface", "")
+    return EndpointSpec(kind, int(port_text), interface, options, text)
+
+
+def stream_server_endpoint(
+    reactor: IReactorTCP,
+    spec: EndpointSpec,
+    tls_context: Callable[[EndpointSpec], IOpenSSLContextFactory] | None = None,
+) -> IStreamServerEndpoint:
+    """A Twisted server endpoint for a ``tcp:`` or ``ssl:`` spec."""
+    backlog = int(spec.options.get("backlog", "50"))
+    if spec.kind == "tcp":
+        return TCP4ServerEndpoint(reactor, spec.port, backlog, spec.interface)
+    if spec.kind == "ssl":
+        if tls_context is None:
+            raise ValueError("an ssl: listener needs a TLS context")
+        assert IReactorSSL.providedBy(reactor)
+        return SSL4ServerEndpoint(
+            reactor,
+            spec.port,
+            tls_context(spec),
+            backlog,
+            spec.interface,
+        )
+    raise ValueError(f"{spec.kind}: is not a stream listener")

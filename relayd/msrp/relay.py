@@ -1,0 +1,316 @@
+"""Relay decisions (RFC 4976 §6): AUTH, path checks and routing, without sockets.
+
+The transport asks two questions of this module, "what do I answer to this
+AUTH?" and "where may this request go?", and carries out the answer.  Every
+refusal is an ``MSRPStatus``; nothing here writes to the network, so the
+open-relay rules are tested directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from relayd.digest import DigestAuthenticator, DigestError, DigestSuccess, parse_credentials
+from relayd.msrp.message import Headers, MSRPRequest, MSRPResponse, MSRPStatus, parse_expires
+from relayd.msrp.sessions import Session, SessionTable
+from relayd.msrp.uri import DEFAULT_PORT, MSRPURI, MSRPURIError, parse_path
+from relayd.tokens import redact
+
+KNOWN_METHODS = frozenset({"SEND", "REPORT", "AUTH"})
+
+
+class Hop(Protocol):
+    """What the core needs to know about the connection a request came in on."""
+
+    @property
+    def is_tls(self) -> bool: ...
+
+    @property
+    def peer_names(self) -> frozenset[str]:
+        """Verified certificate names of a peer relay (lower case); empty for clients."""
+
+    def certificate_matches(self, host: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    realm: str
+    expires_seconds: int
+    expires_min_seconds: int
+    expires_max_seconds: int
+    allowed_users: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request goes next and with which paths.
+
+    ``connection`` is set when the next hop is a client of ours (the session
+    owner's connection); otherwise ``next_uri`` names the hop to connect to.
+    """
+
+    to_path: str
+    from_path: str
+    local_uri: str
+    next_uri: MSRPURI
+    connection: object | None
+    session: Session
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    response: MSRPResponse
+    #: A failed attempt that counts toward closing a client connection.
+    failed: bool
+    session: Session | None = None
+
+
+class RelayCore:
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        hostname: str,
+        policy: AuthPolicy,
+        digest: DigestAuthenticator,
+        sessions: SessionTable | None = None,
+    ) -> None:
+        self.clock = clock
+        self.hostname = hostname.lower()
+        self.policy = policy
+        self.digest = digest
+        self.sessions = sessions if sessions is not None else SessionTable(clock)
+        self._local_hosts: set[str] = {self.hostname.strip("[]")}
+        self._local_ports: set[int] = set()
+        self.use_path_port: int | None = None
+
+    # -- identity -----------------------------------------------------------
+
+    def add_local_address(self, port: int, tls: bool, host: str | None = None) -> None:
+        """Record a bound listener so URIs naming it are recognised as ours."""
+        self._local_ports.add(port)
+        if host and host not in ("0.0.0.0", "::"):  # noqa: S104 - a comparison, not a bind
+            self._local_hosts.add(host.lower().strip("[]"))
+        if tls and self.use_path_port is None:
+            self.use_path_port = port
+
+    def is_local(self, uri: MSRPURI) -> bool:
+        if uri.host.lower().strip("[]") not in self._local_hosts:
+            return False
+        port = uri.port if uri.port is not None else DEFAULT_PORT
+        return port in self._local_ports
+
+    def session_uri(self, session: Session) -> str:
+        host = self.hostname
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        port = self.use_path_port or DEFAULT_PORT
+        return f"msrps://{host}:{port}/{session.session_id};tcp"
+
+    # -- parsing helpers ------------------------------------------------------
+
+    @staticmethod
+    def paths(request: MSRPRequest) -> tuple[tuple[MSRPURI, ...], str, str]:
+        to_text = request.headers.get("To-Path") or ""
+        from_text = request.headers.get("From-Path") or ""
+        try:
+            to_path = parse_path(to_text)
+            parse_path(from_text)
+        except MSRPURIError as e:
+            raise MSRPStatus(400, f"bad path: {e.reason}") from None
+        return to_path, to_text, from_text
+
+    # -- AUTH (§6.3) -----------------------------------------------------------
+
+    def is_local_auth(self, request: MSRPRequest) -> bool:
+        to_path, _, _ = self.paths(request)
+        return request.method == "AUTH" and len(to_path) == 1
+
+    def handle_auth(self, request: MSRPRequest, hop: Hop, owner: object) -> AuthOutcome:
+        """Answer an AUTH addressed to this relay.
+
+        ``owner`` is the connection object a client session is bound to.
+        """
+        to_path, _, from_text = self.paths(request)
+        target = to_path[0]
+        from_path = parse_path(from_text)
+        if not self.is_local(target):
+            raise MSRPStatus(403, "not addressed to this relay", close=True)
+        relay_host: str | None = None
+        if hop.peer_names:
+            # The previous hop is a relay: its certificate must name the host
+            # of the first From-Path URI (§6.3).
+            relay_host = from_path[0].host.lower()
+            if not hop.certificate_matches(relay_host):
+                return self._auth_refusal(request, 403, "certificate does not match From-Path")
+        elif not hop.is_tls:
+            return self._auth_refusal(request, 403, "AUTH requires TLS")
+        header = request.headers.get("Authorization")
+        if header is None:
+            return AuthOutcome(self._challenge(request, stale=False), failed=False)
+        try:
+            credentials = parse_credentials(header)
+            if credentials.realm != self.policy.realm:
+                raise DigestError("wrong realm")
+            try:
+                claimed = MSRPURI.parse(credentials.uri)
+            except MSRPURIError:
+                raise DigestError("digest uri is not an MSRP URI") from None
+            if claimed != target:
+                raise DigestError("digest uri does not match To-Path")
+            success = self.digest.verify("AUTH", credentials, expected_uri=credentials.uri)
+        except DigestError as e:
+            self.log.warn("AUTH failed: {reason}", reason=e.reason)
+            return AuthOutcome(self._challenge(request, stale=e.stale), failed=not e.stale)
+        if self.policy.allowed_users and success.username not in self.policy.allowed_users:
+            return self._auth_refusal(request, 403, "user not allowed to use this relay")
+        lifetime = self._lifetime(request)
+        if isinstance(lifetime, MSRPResponse):
+            return AuthOutcome(lifetime, failed=True)
+        if relay_host is not None:
+            session = self.sessions.create_for_relay(relay_host, success.username, lifetime)
+        else:
+            session = self.sessions.create_for_client(owner, success.username, lifetime)
+        self.log.info(
+            "AUTH accepted for {user}, session {session} for {seconds}s",
+            user=success.username,
+            session=redact(session.session_id),
+            seconds=lifetime,
+        )
+        return AuthOutcome(self._auth_ok(request, success, session, lifetime), False, session)
+
+    def _lifetime(self, request: MSRPRequest) -> int | MSRPResponse:
+        policy = self.policy
+        value = request.headers.get("Expires")
+        if value is None:
+            return policy.expires_seconds
+        expires = parse_expires(value)
+        if expires < policy.expires_min_seconds:
+            return _end_to_end_response(
+                request, 423, extra=[("Min-Expires", str(policy.expires_min_seconds))]
+            )
+        if expires > policy.expires_max_seconds:
+            return _end_to_end_response(
+                request, 423, extra=[("Max-Expires", str(policy.expires_max_seconds))]
+            )
+        return expires
+
+    def _challenge(self, request: MSRPRequest, stale: bool) -> MSRPResponse:
+        challenge = self.digest.challenge(stale=stale)
+        return _end_to_end_response(request, 401, extra=[("WWW-Authenticate", challenge)])
+
+    def _auth_refusal(self, request: MSRPRequest, code: int, comment: str) -> AuthOutcome:
+        self.log.warn("AUTH refused: {reason}", reason=comment)
+        return AuthOutcome(_end_to_end_response(request, code, comment), failed=True)
+
+    def _auth_ok(
+        self, request: MSRPRequest, success: DigestSuccess, session: Session, lifetime: int
+    ) -> MSRPResponse:
+        return _end_to_end_response(
+            request,
+            200,
+            extra=[
+                ("Use-Path", self.session_uri(session)),
+                ("Expires", str(lifetime)),
+                ("Authentication-Info", self.digest.authentication_info(success)),
+            ],
+        )
+
+    # -- forwarding (§6.4) -------------------------------------------------------
+
+    def route(self, request: MSRPRequest, hop: Hop, connection: object) -> Route:
+        """Decide where a request goes; refuse anything that would make us an open relay.
+
+        The first To-Path URI must be a live session we issued.  Then either
+        the request comes from that session's owner (it may go anywhere
+        next) or it goes towards the owner (from anyone who knows the URI).
+        Two clients of this relay reach each other through two of our URIs in
+        a row: the sender must own the first, and the request then goes
+        towards the owner of the second.
+        """
+        to_path, to_text, from_text = self.paths(request)
+        texts = to_text.split()
+        if not self.is_local(to_path[0]):
+            raise MSRPStatus(403, "first To-Path URI is not this relay", close=True)
+        first = self._session(to_path[0])
+        from_owner = self._is_owner(first, hop, connection)
+        consumed = 1
+        target = first
+        if len(to_path) > 1 and self.is_local(to_path[1]):
+            if not from_owner:
+                raise MSRPStatus(403, "not allowed to relay through this session")
+            target = self._session(to_path[1])
+            consumed = 2
+            if len(to_path) > 2 and self.is_local(to_path[2]):
+                raise MSRPStatus(403, "too many hops through this relay")
+        if len(to_path) <= consumed:
+            raise MSRPStatus(403, "no next hop after this relay")
+        next_uri = to_path[consumed]
+        new_to = " ".join(texts[consumed:])
+        new_from = " ".join([*reversed(texts[:consumed]), from_text])
+        if consumed == 1 and from_owner:
+            # Sent by the owner: on to whatever the next hop is.
+            return Route(new_to, new_from, texts[0], next_uri, None, first)
+        # Towards the owner of ``target``, and nowhere else.
+        if target.owner_connection is not None:
+            return Route(new_to, new_from, texts[0], next_uri, target.owner_connection, target)
+        if target.owner_relay is None or next_uri.host.lower() != target.owner_relay:
+            raise MSRPStatus(403, "next hop is not the relay this session belongs to")
+        return Route(new_to, new_from, texts[0], next_uri, None, target)
+
+    def _session(self, uri: MSRPURI) -> Session:
+        if not uri.session_id:
+            raise MSRPStatus(481, "no session in relay URI")
+        session = self.sessions.lookup(uri.session_id)
+        if session is None:
+            raise MSRPStatus(481)
+        return session
+
+    @staticmethod
+    def _is_owner(session: Session, hop: Hop, connection: object) -> bool:
+        if session.owner_connection is not None:
+            return session.owner_connection is connection
+        return session.owner_relay is not None and session.owner_relay in hop.peer_names
+
+
+def _end_to_end_response(
+    request: MSRPRequest,
+    code: int,
+    comment: str | None = None,
+    extra: Iterable[tuple[str, str]] = (),
+) -> MSRPResponse:
+    """A response that travels back along the whole From-Path (AUTH and others)."""
+    from relayd.msrp.message import make_response
+
+    return make_response(
+        request, code, comment, extra, to_path=request.headers.get("From-Path") or ""
+    )
+
+
+def response_route(
+    response: MSRPResponse, is_local: Callable[[MSRPURI], bool]
+) -> tuple[str, str] | None:
+    """Rewrite a response to forward it one hop back (§6.4.3), or None to drop it.
+
+    The first To-Path URI must be ours; it moves to the front of From-Path.
+    """
+    to_text = response.headers.get("To-Path") or ""
+    from_text = response.headers.get("From-Path") or ""
+    try:
+        to_path = parse_path(to_text)
+    except MSRPURIError:
+        return None
+    if not is_local(to_path[0]) or len(to_path) < 2:
+        return None
+    texts = to_text.split()
+    return " ".join(texts[1:]), " ".join([texts[0], from_text])
+
+
+def copy_headers(headers: Headers, skip: frozenset[str]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() not in skip]

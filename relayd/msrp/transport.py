@@ -1,0 +1,1093 @@
+"""MSRP connections: bytes to parser events to relay decisions, bodies streamed through.
+
+One ``MSRPConnection`` per TCP/TLS connection, inbound or outbound; the
+shared ``MSRPRelay`` holds the relay core, the live connections and the
+outbound pool.  Design points (RFC 4976 §6.4):
+
+* SEND bodies are never assembled: each inbound chunk becomes a
+  ``SendStream`` that writes frames to the next hop as data arrives.
+* Only one frame can be open on a connection at a time.  Whoever needs the
+  wire (another message, a response, a REPORT) cuts the open frame with a
+  ``+`` end-line; the cut message continues later in a new frame with a new
+  transaction id and a moved Byte-Range.  So a large transfer never holds
+  up a small message (no head-of-line blocking), and chunks of different
+  messages are never combined.
+* A stream always holds back its latest piece of body, so every frame it
+  cuts, and its final frame, carries at least one byte.
+* Back-pressure: when a next hop's socket buffer fills, Twisted pauses that
+  connection's producer, which pauses every connection streaming into it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relayd.config import MSRPConfig
+from relayd.msrp.message import (
+    ByteRange,
+    Headers,
+    MSRPRequest,
+    MSRPResponse,
+    MSRPStatus,
+    end_line,
+    make_response,
+    parse_report_mode,
+)
+from relayd.msrp.parser import (
+    BodyChunk,
+    MessageEnd,
+    MessageRejected,
+    MessageStart,
+    MSRPLimits,
+    MSRPParseError,
+    MSRPParser,
+)
+from relayd.msrp.relay import KNOWN_METHODS, RelayCore, Route, response_route
+from relayd.msrp.uri import DEFAULT_PORT, MSRPURI
+from relayd.tls import ServerIdentity, certificate_dns_names, client_connection_creator
+from relayd.tls import peer_certificate_matches as _peer_certificate_matches
+from relayd.tokens import new_transaction_id
+
+_PATH_HEADERS = frozenset({"to-path", "from-path"})
+_STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
+
+
+class MSRPRelay:
+    """State shared by every MSRP connection of one relay process."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        core: RelayCore,
+        config: MSRPConfig,
+        identity: ServerIdentity | None = None,
+        trust_roots: list[Any] | None = None,
+        resolver: Callable[[str, str], defer.Deferred[list[tuple[str, int]]]] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.core = core
+        self.config = config
+        self.identity = identity
+        self.trust_roots = trust_roots
+        self.limits = MSRPLimits(
+            max_line_bytes=config.max_line_bytes,
+            max_header_count=config.max_header_count,
+            max_header_bytes=config.max_header_bytes,
+        )
+        self.connections: OrderedDict[MSRPConnection, None] = OrderedDict()
+        self._outbound: dict[tuple[str, str, int], MSRPConnection] = {}
+        self._connecting: dict[tuple[str, str, int], list[defer.Deferred[MSRPConnection]]] = {}
+        self._resolver = resolver or _srv_resolver
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        interval = max(1.0, min(30.0, self.config.idle_timeout_seconds / 4))
+        self._sweeper.start(interval, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        for connection in list(self.connections):
+            connection.close("relay shutting down")
+
+    def sweep(self) -> None:
+        """Close idle connections (§6.5) and forget expired sessions."""
+        now = self.clock.seconds()
+        limit = self.config.idle_timeout_seconds
+        for connection in list(self.connections):
+            if now - connection.last_activity >= limit:
+                connection.close("idle")
+            else:
+                # Ordered by last use: the rest are younger.
+                break
+        self.core.sessions.sweep()
+
+    def listener_factory(self, tls: bool) -> Factory:
+        return _ListenerFactory(self, tls)
+
+    # -- connection registry --------------------------------------------------
+
+    def register(self, connection: MSRPConnection) -> None:
+        self.connections[connection] = None
+        limit = self.config.max_connections
+        while limit and len(self.connections) > limit:
+            oldest = next(iter(self.connections))
+            if oldest is connection:
+                break
+            self.log.warn(
+                "Connection limit {limit} reached: closing {peer}", limit=limit, peer=oldest.peer
+            )
+            oldest.close("connection limit")
+            self.connections.pop(oldest, None)
+
+    def unregister(self, connection: MSRPConnection) -> None:
+        self.connections.pop(connection, None)
+        key = connection.outbound_key
+        if key is not None and self._outbound.get(key) is connection:
+            del self._outbound[key]
+        dropped = self.core.sessions.drop_connection(connection)
+        if dropped:
+            self.log.info(
+                "{count} session(s) of {peer} invalidated", count=dropped, peer=connection.peer
+            )
+
+    def touch(self, connection: MSRPConnection) -> None:
+        connection.last_activity = self.clock.seconds()
+        if connection in self.connections:
+            self.connections.move_to_end(connection)
+
+    # -- outbound pool ----------------------------------------------------------
+
+    def connection_for(self, uri: MSRPURI) -> defer.Deferred[MSRPConnection]:
+        """An open connection to this next hop: reused when possible (§6.4.2)."""
+        host = uri.host.strip("[]").lower()
+        key = (uri.scheme, host, uri.port or 0)
+        existing = self._outbound.get(key)
+        if existing is not None and existing.connected:
+            return defer.succeed(existing)
+        if uri.scheme == "msrps":
+            for connection in reversed(self.connections):
+                if connection.connected and host in connection.peer_names:
+                    return defer.succeed(connection)
+        waiter: defer.Deferred[MSRPConnection] = defer.Deferred()
+        waiting = self._connecting.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._connecting[key] = [waiter]
+        defer.ensureDeferred(self._connect(key, uri, host))
+        return waiter
+
+    async def _connect(self, key: tuple[str, str, int], uri: MSRPURI, host: str) -> None:
+        waiters = self._connecting[key]
+        try:
+            if uri.port is not None:
+                targets = [(host, uri.port)]
+            else:
+                # §8: SRV for the scheme when no port is given, then A/AAAA on 2855.
+                service = "_msrps._tcp" if uri.scheme == "msrps" else "_msrp._tcp"
+                targets = await self._resolver(service, host)
+                targets.append((host, DEFAULT_PORT))
+            connection: MSRPConnection | None = None
+            failure: BaseException | None = None
+            for target_host, port in targets:
+                try:
+                    connection = await self._open(key, uri.scheme, host, target_host, port)
+                    break
+                except Exception as e:
+                    failure = e
+            if connection is None:
+                raise failure or error.ConnectError("no address")
+        except Exception as e:
+            self.log.warn(
+                "Cannot connect to {host}: {reason}", host=host, reason=str(e) or type(e).__name__
+            )
+            del self._connecting[key]
+            for waiter in waiters:
+                waiter.errback(Failure(e))
+            return
+        self._outbound[key] = connection
+        del self._connecting[key]
+        for waiter in waiters:
+            waiter.callback(connection)
+
+    async def _open(
+        self, key: tuple[str, str, int], scheme: str, name: str, host: str, port: int
+    ) -> MSRPConnection:
+        endpoint: Any = HostnameEndpoint(
+            self.reactor, host, port, timeout=self.config.connect_timeout_seconds
+        )
+        tls = scheme == "msrps"
+        if tls:
+            creator = client_connection_creator(name, self.identity, self.trust_roots)
+            endpoint = wrapClientTLS(creator, endpoint)
+        factory = _OutboundFactory(self, key, tls, name)
+        protocol = await endpoint.connect(factory)
+        assert isinstance(protocol, MSRPConnection)
+        return protocol
+
+    # -- REPORTs -----------------------------------------------------------------
+
+    def send_report(
+        self,
+        connection: MSRPConnection,
+        to_path: str,
+        from_uri: str,
+        message_id: str,
+        byte_range: str,
+        code: int,
+        comment: str,
+    ) -> None:
+        """A failure REPORT towards the original sender (RFC 4975 §7.1.2, RFC 4976 §6.4.1)."""
+        if not connection.connected:
+            self.log.info("REPORT {code} dropped: previous hop is gone", code=code)
+            return
+        headers = Headers(
+            [
+                ("To-Path", to_path),
+                ("From-Path", from_uri),
+                ("Message-ID", message_id),
+                ("Byte-Range", byte_range),
+                ("Status", f"000 {code} {comment}".rstrip()),
+            ]
+        )
+        report = MSRPRequest(new_transaction_id(), "REPORT", headers)
+        self.log.info("REPORT {code} sent for message {message}", code=code, message=message_id)
+        connection.write_atomic(report.to_bytes())
+
+
+async def _srv_lookup(service: str, host: str) -> list[tuple[str, int]]:
+    from twisted.names import client, dns
+
+    try:
+        answers, _, _ = await client.lookupService(f"{service}.{host}")
+    except Exception:
+        return []
+    records = []
+    for answer in answers:
+        if answer.type == dns.SRV:
+            payload = answer.payload
+            records.append((payload.priority, -payload.weight, str(payload.target), payload.port))
+    records.sort()
+    return [(target, port) for _, _, target, port in records if target and target != "."]
+
+
+def _srv_resolver(service: str, host: str) -> defer.Deferred[list[tuple[str, int]]]:
+    return defer.ensureDeferred(_srv_lookup(service, host))
+
+
+class _ListenerFactory(Factory):
+    def __init__(self, relay: MSRPRelay, tls: bool) -> None:
+        self.relay = relay
+        self.tls = tls
+
+    def buildProtocol(self, addr: Any) -> MSRPConnection:
+        return MSRPConnection(self.relay, inbound=True, tls=self.tls)
+
+
+class _OutboundFactory(Factory):
+    def __init__(self, relay: MSRPRelay, key: tuple[str, str, int], tls: bool, name: str) -> None:
+        self.relay = relay
+        self.key = key
+        self.tls = tls
+        self.name = name
+
+    def buildProtocol(self, addr: Any) -> MSRPConnection:
+        connection = MSRPConnection(self.relay, inbound=False, tls=self.tls)
+        connection.outbound_key = self.key
+        if self.tls:
+            # Verified by service_identity during the handshake.
+            connection.peer_names = frozenset({self.name})
+        return connection
+
+
+# -- transactions awaiting a response on a connection --------------------------------
+
+
+class _FrameTransaction:
+    __slots__ = ("first_byte", "last_byte", "stream", "timer")
+
+    def __init__(self, stream: SendStream, first_byte: int, last_byte: int) -> None:
+        self.stream = stream
+        self.first_byte = first_byte
+        self.last_byte = last_byte
+        self.timer: IDelayedCall | None = None
+
+    def response(self, response: MSRPResponse) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if response.code // 100 != 2:
+            self.stream.fail(response.code, response.comment, self.first_byte, self.last_byte)
+
+    def lost(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.stream.fail(481, "next hop connection lost", self.first_byte, self.last_byte)
+
+
+class _EndToEndTransaction:
+    """A forwarded AUTH or other request whose response travels back (§6.4.3)."""
+
+    __slots__ = ("relay", "request", "source", "timer")
+
+    def __init__(self, relay: MSRPRelay, source: MSRPConnection, request: MSRPRequest) -> None:
+        self.relay = relay
+        self.source = source
+        self.request = request
+        self.timer: IDelayedCall | None = None
+
+    def response(self, response: MSRPResponse) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        rewritten = response_route(response, self.relay.core.is_local)
+        if rewritten is None:
+            self.relay.log.warn(
+                "Response {code} not addressed through this relay: dropped", code=response.code
+            )
+            return
+        to_path, from_path = rewritten
+        headers = Headers(
+            [("To-Path", to_path), ("From-Path", from_path)]
+            + [(k, v) for k, v in response.headers if k.lower() not in _PATH_HEADERS]
+        )
+        if not self.source.connected:
+            return  # §6.4.3: the connection is gone, drop quietly
+        forwarded = MSRPResponse(self.request.tid, response.code, response.comment, headers)
+        self.source.write_atomic(forwarded.to_bytes())
+        if self.request.method == "AUTH":
+            challenge = (response.headers.get("WWW-Authenticate") or "").lower()
+            if (
+                response.code == 401
+                and "Authorization" in self.request.headers
+                and "stale=true" not in challenge.replace(" ", "")
+            ):
+                self.source.auth_failed()
+            elif response.code == 200:
+                self.source.succeeded()
+
+    def timeout(self) -> None:
+        if self.source.connected:
+            response = make_response(
+                self.request, 408, to_path=self.request.headers.get("From-Path") or ""
+            )
+            self.source.write_atomic(response.to_bytes())
+
+    def lost(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timeout()
+
+
+# -- message consumers: what happens to the body of the current inbound message ------
+
+
+class _Discard:
+    __slots__ = ()
+
+    def data(self, chunk: bytes) -> None:
+        pass
+
+    def end(self, flag: bytes) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
+class _LocalAuth:
+    __slots__ = ("connection", "request")
+
+    def __init__(self, connection: MSRPConnection, request: MSRPRequest) -> None:
+        self.connection = connection
+        self.request = request
+
+    def data(self, chunk: bytes) -> None:
+        pass
+
+    def end(self, flag: bytes) -> None:
+        connection = self.connection
+        try:
+            outcome = connection.relay.core.handle_auth(self.request, connection, connection)
+        except MSRPStatus as status:
+            connection.refuse(self.request, status)
+            return
+        connection.write_atomic(outcome.response.to_bytes())
+        if outcome.session is not None:
+            connection.succeeded()
+        elif outcome.failed:
+            connection.auth_failed()
+
+    def abort(self) -> None:
+        pass
+
+
+class _BufferedForward:
+    """A request other than SEND: small, forwarded whole, never split (§6.4.2)."""
+
+    __slots__ = ("body", "has_body", "oversized", "request", "route", "size", "source")
+
+    def __init__(
+        self, source: MSRPConnection, request: MSRPRequest, route: Route, has_body: bool
+    ) -> None:
+        self.source = source
+        self.request = request
+        self.route = route
+        self.has_body = has_body
+        self.body: list[bytes] = []
+        self.size = 0
+        self.oversized = False
+
+    def data(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.source.relay.config.max_request_body_bytes:
+            self.oversized = True
+            self.body = []
+        elif not self.oversized:
+            self.body.append(chunk)
+
+    def end(self, flag: bytes) -> None:
+        if self.oversized:
+            self.source.refuse(self.request, MSRPStatus(413, "request body too large"))
+            return
+        headers = Headers(
+            [("To-Path", self.route.to_path), ("From-Path", self.route.from_path)]
+            + [(k, v) for k, v in self.request.headers if k.lower() not in _PATH_HEADERS]
+        )
+        forwarded = MSRPRequest(new_transaction_id(), self.request.method, headers)
+        frame = forwarded.to_bytes(b"".join(self.body) if self.has_body else None, flag)
+        relay = self.source.relay
+        target = self.route.connection
+        if isinstance(target, MSRPConnection):
+            self._send(target, forwarded.tid, frame)
+            return
+        pending = relay.connection_for(self.route.next_uri)
+        pending.addCallbacks(
+            lambda connection: self._send(connection, forwarded.tid, frame),
+            lambda failure: self._unreachable(failure),
+        )
+        pending.addErrback(
+            lambda f: relay.log.failure("forwarding {method}", f, method=self.request.method)
+        )
+
+    def _send(self, target: MSRPConnection, tid: str, frame: bytes) -> None:
+        if not target.connected:
+            self._unreachable(None)
+            return
+        if self.request.method != "REPORT":
+            transaction = _EndToEndTransaction(target.relay, self.source, self.request)
+            transaction.timer = target.relay.clock.callLater(
+                target.relay.config.transaction_timeout_seconds, target.expire, tid
+            )
+            target.transactions[tid] = transaction
+        target.write_atomic(frame)
+
+    def _unreachable(self, failure: Failure | None) -> None:
+        if self.request.method != "REPORT" and self.source.connected:
+            self.source.refuse(self.request, MSRPStatus(481, "next hop unreachable"), count=False)
+
+    def abort(self) -> None:
+        pass
+
+
+class SendStream:
+    """One inbound SEND chunk on its way to the next hop, cut into frames as needed."""
+
+    __slots__ = (
+        "byte_range_known",
+        "done",
+        "failed",
+        "failure_report",
+        "frame_bytes",
+        "frame_first",
+        "frame_tid",
+        "has_body",
+        "head_after",
+        "head_before",
+        "held",
+        "message_id",
+        "offset",
+        "original_range",
+        "pending",
+        "relay",
+        "report_from",
+        "report_to",
+        "request",
+        "source",
+        "target",
+        "total",
+    )
+
+    def __init__(
+        self, source: MSRPConnection, request: MSRPRequest, route: Route, has_body: bool
+    ) -> None:
+        headers = request.headers
+        message_id = headers.get("Message-ID")
+        if not message_id:
+            raise MSRPStatus(400, "SEND without Message-ID")
+        range_text = headers.get("Byte-Range")
+        try:
+            byte_range = ByteRange.parse(range_text) if range_text else ByteRange(1, None, None)
+        except ValueError as e:
+            raise MSRPStatus(400, str(e)) from None
+        self.failure_report = parse_report_mode(headers.get("Failure-Report"), "yes")
+        self.relay = source.relay
+        self.source = source
+        self.request = request
+        self.message_id = message_id
+        self.has_body = has_body
+        self.offset = byte_range.start
+        self.total = "*" if byte_range.total is None else str(byte_range.total)
+        self.original_range = range_text or byte_range.format()
+        self.byte_range_known = byte_range.end is not None
+        self.report_to = headers.get("From-Path") or ""
+        self.report_from = route.local_uri
+        before = [f"To-Path: {route.to_path}\r\nFrom-Path: {route.from_path}\r\n"]
+        after: list[str] = []
+        seen_range = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == "byte-range":
+                seen_range = True
+            elif lname not in _STREAM_SKIP:
+                (after if seen_range else before).append(f"{name}: {value}\r\n")
+        if not seen_range:
+            # Content-Type must stay last before the body: put Byte-Range first.
+            after, before = before[1:], before[:1]
+        self.head_before = "".join(before)
+        self.head_after = "".join(after) + ("\r\n" if has_body else "")
+        self.held: bytes | None = None
+        self.frame_tid: str | None = None
+        self.frame_first = 0
+        self.frame_bytes = 0
+        self.failed = False
+        self.done = False
+        self.target: MSRPConnection | None = None
+        self.pending: list[tuple[bool, bytes]] | None = None
+        target = route.connection
+        if target is not None:
+            if not isinstance(target, MSRPConnection) or not target.connected:
+                raise MSRPStatus(481, "recipient is not connected")
+            self._attach(target)
+        else:
+            self.pending = []
+            source.pause_reading(self)
+            deferred = self.relay.connection_for(route.next_uri)
+            deferred.addCallbacks(self._connected, self._unreachable)
+            deferred.addErrback(lambda f: self.relay.log.failure("attaching a stream", f))
+
+    # -- consumer interface (inbound side) ----------------------------------------------
+
+    def data(self, chunk: bytes) -> None:
+        if self.failed:
+            return
+        if self.pending is not None:
+            self.pending.append((False, chunk))
+            return
+        held = self.held
+        self.held = chunk
+        if held is not None:
+            self._emit(held, None)
+
+    def end(self, flag: bytes) -> None:
+        source = self.source
+        if self.failure_report == "yes" and source.connected:
+            # Hop-by-hop success: we have the chunk (§6.4.1).
+            response = make_response(self.request, 200, "OK")
+            source.write_atomic(response.to_bytes())
+        if self.failed:
+            return
+        if self.pending is not None:
+            self.pending.append((True, flag))
+            return
+        self._finish(flag)
+
+    def abort(self) -> None:
+        """The sender went away mid-chunk: end what was started with '#'."""
+        if self.failed or self.done:
+            return
+        if self.pending is not None:
+            self.pending = None
+            self.failed = True
+            return
+        if self.held is not None or (self.target is not None and self.target.frame_owner is self):
+            self._finish(b"#")
+
+    # -- outbound side -----------------------------------------------------------------
+
+    def _attach(self, target: MSRPConnection) -> None:
+        self.target = target
+        target.incoming.add(self)
+        if target.congested:
+            self.source.pause_reading(target)
+
+    def _connected(self, target: MSRPConnection) -> None:
+        pending = self.pending
+        self.pending = None
+        self.source.resume_reading(self)
+        if pending is None or self.failed:
+            return
+        if not target.connected:
+            self._unreachable(None)
+            return
+        self._attach(target)
+        for is_end, value in pending:
+            if is_end:
+                self._finish(value)
+            else:
+                self.data(value)
+
+    def _unreachable(self, failure: Failure | None) -> None:
+        self.source.resume_reading(self)
+        self.pending = None
+        last = self.offset - 1 if self.byte_range_known else self.offset
+        self.fail(481, "next hop unreachable", self.offset, last)
+
+    def _finish(self, flag: bytes) -> None:
+        data = self.held or b""
+        self.held = None
+        self._emit(data, flag)
+        self.done = True
+        if self.target is not None:
+            self.target.incoming.discard(self)
+            if self.target.congested:
+                self.source.resume_reading(self.target)
+
+    def _emit(self, data: bytes, final: bytes | None) -> None:
+        target = self.target
+        assert target is not None
+        if not target.connected:
+            self.fail(481, "next hop connection lost", self.offset, self.offset + len(data) - 1)
+            return
+        max_chunk = self.relay.config.max_chunk_bytes
+        out: list[bytes] = []
+        while True:
+            if target.frame_owner is not self:
+                target.take_wire(self)
+                exact = final is not None and len(data) <= max_chunk
+                out.append(self._head(len(data) if exact else None))
+            room = max_chunk - self.frame_bytes
+            if self.has_body and len(data) > room:
+                out.append(data[:room])
+                data = data[room:]
+                self.frame_bytes += room
+                self.offset += room
+                out.append(self._close_frame(b"+"))
+                continue
+            if data:
+                out.append(data)
+                self.frame_bytes += len(data)
+                self.offset += len(data)
+            if final is not None:
+                out.append(self._close_frame(final))
+            break
+        target.write_raw(b"".join(out))
+
+    def _head(self, exact_length: int | None) -> bytes:
+        tid = new_transaction_id()
+        self.frame_tid = tid
+        self.frame_first = self.offset
+        self.frame_bytes = 0
+        assert self.target is not None
+        self.target.frame_owner = self
+        if not self.has_body:
+            byte_range = self.original_range
+        elif exact_length is not None:
+            byte_range = f"{self.offset}-{self.offset + exact_length - 1}/{self.total}"
+        else:
+            byte_range = f"{self.offset}-*/{self.total}"
+        return (
+            f"MSRP {tid} SEND\r\n{self.head_before}Byte-Range: {byte_range}\r\n{self.head_after}"
+        ).encode()
+
+    def _close_frame(self, flag: bytes) -> bytes:
+        target = self.target
+        tid = self.frame_tid
+        assert target is not None and tid is not None
+        target.frame_owner = None
+        self.frame_tid = None
+        if self.failure_report != "no":
+            transaction = _FrameTransaction(self, self.frame_first, self.offset - 1)
+            if self.failure_report == "yes":
+                transaction.timer = self.relay.clock.callLater(
+                    self.relay.config.transaction_timeout_seconds, target.expire, tid
+                )
+            else:
+                # partial: only errors come back; forget the frame after the timeout.
+                transaction.timer = self.relay.clock.callLater(
+                    self.relay.config.transaction_timeout_seconds,
+                    target.transactions.pop,
+                    tid,
+                    None,
+                )
+            target.transactions[tid] = transaction
+        tail = end_line(tid, flag)
+        return b"\r\n" + tail if self.has_body else tail
+
+    def cut(self) -> None:
+        """Someone else needs the wire: end our open frame with '+'."""
+        target = self.target
+        assert target is not None
+        target.write_raw(self._close_frame(b"+"))
+
+    def timed_out(self, transaction: _FrameTransaction) -> None:
+        if self.failure_report == "yes":
+            self.fail(408, "Request Timeout", transaction.first_byte, transaction.last_byte)
+
+    def fail(self, code: int, comment: str, first: int, last: int) -> None:
+        """Report a failure once to the original sender and stop forwarding."""
+        if self.failed:
+            return
+        self.failed = True
+        self.held = None
+        target = self.target
+        if target is not None:
+            target.incoming.discard(self)
+            if target.frame_owner is self and target.connected:
+                target.frame_owner = None
+                assert self.frame_tid is not None
+                tail = end_line(self.frame_tid, b"#")
+                target.write_raw(b"\r\n" + tail if self.has_body else tail)
+                self.frame_tid = None
+            if target.congested:
+                self.source.resume_reading(target)
+        if self.failure_report in ("yes", "partial"):
+            last_text = str(last) if last >= first else str(first)
+            self.relay.send_report(
+                self.source,
+                self.report_to,
+                self.report_from,
+                self.message_id,
+                f"{first}-{last_text}/{self.total}",
+                code,
+                comment,
+            )
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class MSRPConnection(Protocol):
+    """One MSRP connection, inbound (listener) or outbound (next hop)."""
+
+    log = Logger()
+
+    def __init__(self, relay: MSRPRelay, inbound: bool, tls: bool) -> None:
+        self.relay = relay
+        self.inbound = inbound
+        self.is_tls = tls
+        self.peer_names: frozenset[str] = frozenset()
+        self.outbound_key: tuple[str, str, int] | None = None
+        self.parser = MSRPParser(relay.limits)
+        self.consumer: Any = _DISCARD
+        self.frame_owner: SendStream | None = None
+        self.transactions: dict[str, _FrameTransaction | _EndToEndTransaction] = {}
+        self.incoming: set[SendStream] = set()
+        self.congested = False
+        self._pause_reasons: set[object] = set()
+        self._probation: IDelayedCall | None = None
+        self._failures = 0
+        self._auth_failures = 0
+        self._succeeded = not inbound
+        self.last_activity = relay.clock.seconds()
+        self.peer = "?"
+
+    # -- Twisted callbacks ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self.peer = _describe(transport.getPeer())
+        _set_nodelay(transport)
+        transport.registerProducer(self, True)
+        self.relay.register(self)
+        if self.inbound:
+            self._probation = self.relay.clock.callLater(
+                self.relay.config.probation_seconds, self._probation_over
+            )
+        self.log.debug("MSRP connection from {peer}", peer=self.peer)
+
+    def handshakeCompleted(self) -> None:
+        transport: Any = self.transport
+        if not self.inbound:
+            return
+        certificate = transport.getPeerCertificate()
+        if certificate is not None:
+            # Chained to ca_certificates by OpenSSL already (§6.1): a peer relay.
+            names = certificate_dns_names(certificate)
+            names.extend(_ip_names(certificate))
+            self.peer_names = frozenset(name.lower() for name in names)
+            self.log.info(
+                "Peer relay {names} connected from {peer}",
+                names=sorted(self.peer_names),
+                peer=self.peer,
+            )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.last_activity = self.relay.clock.seconds()
+        try:
+            events = self.parser.feed(data)
+        except MSRPParseError as e:
+            self.log.warn(
+                "Closing {peer}: unparseable input ({reason})", peer=self.peer, reason=e.reason
+            )
+            self.close(e.reason, abort=True)
+            return
+        try:
+            for event in events:
+                if isinstance(event, BodyChunk):
+                    self.consumer.data(event.data)
+                elif isinstance(event, MessageStart):
+                    message = event.message
+                    if isinstance(message, MSRPRequest):
+                        self._request(message, event.has_body)
+                    else:
+                        self._response(message)
+                elif isinstance(event, MessageEnd):
+                    consumer = self.consumer
+                    self.consumer = _DISCARD
+                    consumer.end(event.flag)
+                else:
+                    self._rejected(event)
+                if not self.connected:
+                    return
+        except Exception:
+            self.log.failure("Internal error handling input from {peer}", peer=self.peer)
+            self.close("internal error", abort=True)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.connected = False
+        if self._probation is not None and self._probation.active():
+            self._probation.cancel()
+        self.relay.unregister(self)
+        consumer = self.consumer
+        self.consumer = _DISCARD
+        consumer.abort()
+        transactions = list(self.transactions.values())
+        self.transactions.clear()
+        for transaction in transactions:
+            transaction.lost()
+        for stream in list(self.incoming):
+            stream.fail(481, "next hop connection lost", stream.offset, stream.offset)
+        self.incoming.clear()
+        self.log.debug("MSRP connection {peer} closed", peer=self.peer)
+
+    # -- IPushProducer: our socket buffer filled up or drained ---------------------------
+
+    def pauseProducing(self) -> None:
+        self.congested = True
+        for stream in list(self.incoming):
+            stream.source.pause_reading(self)
+
+    def resumeProducing(self) -> None:
+        self.congested = False
+        for stream in list(self.incoming):
+            stream.source.resume_reading(self)
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- Hop protocol for the relay core --------------------------------------------------
+
+    def certificate_matches(self, host: str) -> bool:
+        transport: Any = self.transport
+        handle = transport.getHandle() if self.is_tls else None
+        if handle is None or not self.peer_names:
+            return False
+        return _peer_certificate_matches(handle, host)
+
+    # -- requests and responses -------------------------------------------------------------
+
+    def _request(self, request: MSRPRequest, has_body: bool) -> None:
+        relay = self.relay
+        relay.touch(self)
+        method = request.method
+        try:
+            if method not in KNOWN_METHODS and relay.config.block_unknown_methods:
+                raise MSRPStatus(501)
+            if method == "AUTH" and relay.core.is_local_auth(request):
+                self.consumer = _LocalAuth(self, request)
+                return
+            route = relay.core.route(request, self, self)
+            if method == "SEND":
+                self.consumer = SendStream(self, request, route, has_body)
+            else:
+                self.consumer = _BufferedForward(self, request, route, has_body)
+            self.succeeded()
+        except MSRPStatus as status:
+            self.consumer = _DISCARD
+            self.refuse(request, status)
+
+    def refuse(self, request: MSRPRequest, status: MSRPStatus, count: bool = True) -> None:
+        """Answer a request with an error, as its method allows, and count the failure."""
+        self.log.warn(
+            "{method} from {peer} refused: {code} {comment}",
+            method=request.method,
+            peer=self.peer,
+            code=status.code,
+            comment=status.comment,
+        )
+        if status.close:
+            # §6.2: not addressed to us: drop the connection, no answer.
+            self.close(status.comment)
+            return
+        if request.method == "SEND":
+            mode = (request.headers.get("Failure-Report") or "yes").strip().lower()
+            if mode != "no":
+                response = make_response(request, status.code, status.comment, status.headers)
+                self.write_atomic(response.to_bytes())
+        elif request.method != "REPORT":
+            response = make_response(
+                request,
+                status.code,
+                status.comment,
+                status.headers,
+                to_path=request.headers.get("From-Path") or "",
+            )
+            self.write_atomic(response.to_bytes())
+        if count:
+            self._failed()
+
+    def _rejected(self, event: MessageRejected) -> None:
+        self.consumer = _DISCARD
+        self.log.warn(
+            "Malformed message from {peer}: {reason}", peer=self.peer, reason=event.reason
+        )
+        if (
+            event.method is not None
+            and event.method != "REPORT"
+            and event.to_path
+            and event.from_path
+        ):
+            to_path = (
+                event.from_path.split(" ", 1)[0] if event.method == "SEND" else event.from_path
+            )
+            headers = Headers([("To-Path", to_path), ("From-Path", event.to_path.split(" ", 1)[0])])
+            self.write_atomic(MSRPResponse(event.tid, 400, event.reason, headers).to_bytes())
+        self._failed()
+
+    def _response(self, response: MSRPResponse) -> None:
+        self.relay.touch(self)
+        transaction = self.transactions.pop(response.tid, None)
+        if transaction is None:
+            self.log.debug("Response {tid} matches no transaction: dropped", tid=response.tid)
+            return
+        transaction.response(response)
+
+    def expire(self, tid: str) -> None:
+        """Transaction timer fired: no response from this next hop in time."""
+        transaction = self.transactions.pop(tid, None)
+        if isinstance(transaction, _FrameTransaction):
+            transaction.stream.timed_out(transaction)
+        elif transaction is not None:
+            transaction.timeout()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def take_wire(self, stream: SendStream) -> None:
+        owner = self.frame_owner
+        if owner is not None and owner is not stream:
+            owner.cut()
+
+    def write_atomic(self, data: bytes) -> None:
+        """Write a whole frame of our own, cutting any open stream frame first."""
+        if self.frame_owner is not None:
+            self.frame_owner.cut()
+        transport: Any = self.transport
+        transport.write(data)
+
+    def write_raw(self, data: bytes) -> None:
+        transport: Any = self.transport
+        transport.write(data)
+
+    # -- flow control and accounting -------------------------------------------------------
+
+    def pause_reading(self, reason: object) -> None:
+        if not self._pause_reasons and self.connected:
+            transport: Any = self.transport
+            transport.pauseProducing()
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: object) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.connected:
+            transport: Any = self.transport
+            transport.resumeProducing()
+
+    def succeeded(self) -> None:
+        self._succeeded = True
+        if self._probation is not None:
+            if self._probation.active():
+                self._probation.cancel()
+            self._probation = None
+
+    def _failed(self) -> None:
+        self._failures += 1
+        if not self._succeeded and self._failures >= self.relay.config.probation_max_failures:
+            self.log.warn(
+                "Closing {peer}: {count} failed requests on probation",
+                peer=self.peer,
+                count=self._failures,
+            )
+            self.close("too many failed requests")
+
+    def auth_failed(self) -> None:
+        """A failed AUTH from a directly connected client (§6.3); relays are never cut off."""
+        self._auth_failures += 1
+        self._failed()
+        if not self.peer_names and self._auth_failures >= self.relay.config.max_failed_auth:
+            self.log.warn(
+                "Closing {peer}: {count} failed AUTH attempts",
+                peer=self.peer,
+                count=self._auth_failures,
+            )
+            self.close("too many failed AUTH attempts")
+
+    def _probation_over(self) -> None:
+        self._probation = None
+        if not self._succeeded:
+            self.log.info("Closing {peer}: no successful request during probation", peer=self.peer)
+            self.close("probation expired")
+
+    def close(self, reason: str, abort: bool = False) -> None:
+        if not self.connected:
+            return
+        transport: Any = self.transport
+        if abort:
+            transport.abortConnection()
+        else:
+            transport.loseConnection()
+
+
+def _describe(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None else str(address)
+
+
+def _set_nodelay(transport: Any) -> None:
+    """Nagle would hold small frames back ~40 ms behind an unacknowledged segment."""
+    inner = transport
+    while inner is not None:
+        setter = getattr(inner, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+            return
+        inner = getattr(inner, "transport", None)
+
+
+def _ip_names(certificate: Any) -> list[str]:
+    from cryptography import x509
+
+    cert = certificate.to_cryptography()
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [str(address) for address in extension.value.get_values_for_type(x509.IPAddress)]

@@ -1,0 +1,200 @@
+"""Wiring: a validated config in, a ``MultiService`` out.
+
+``prepare`` does everything that can fail because of the operator's files
+(certificates, users file, trust roots) and turns each failure into a
+``ConfigError`` naming the key, so twistd stops with one line before anything
+listens.  ``build_service`` then only connects objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import crypto
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from relayd.config import ConfigError, RelaydConfig
+from relayd.digest import DigestAuthenticator
+from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
+from relayd.msrp.relay import AuthPolicy, RelayCore
+from relayd.msrp.transport import MSRPRelay
+from relayd.tls import (
+    ServerIdentity,
+    TLSSetupError,
+    ensure_self_signed,
+    load_identity,
+    load_trust_roots,
+    server_context_factory,
+)
+from relayd.users import UsersFile, UsersFileError, generate_password
+
+log = Logger()
+
+GENERATED_USER = "relayd"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    config: RelaydConfig
+    identity: ServerIdentity
+    trust_roots: list[crypto.X509] | None
+    users: UsersFile
+    hostname: str
+    realm: str
+
+
+def prepare(config: RelaydConfig) -> Prepared:
+    """Check and load the operator's files; create safe defaults on first start."""
+    data_dir = Path(config.data_dir)
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            config.source, "relay", "data_dir", f"cannot create: {e.strerror}"
+        ) from None
+    if config.tls.certificate:
+        try:
+            identity = load_identity(config.tls.certificate, config.tls.private_key)
+        except TLSSetupError as e:
+            raise ConfigError(config.source, "tls", "certificate", str(e)) from None
+    else:
+        cert, key, _ = ensure_self_signed(data_dir / "tls")
+        identity = load_identity(cert, key)
+    for text in config.msrp.listen:
+        spec = parse_endpoint(text)
+        if "certKey" in spec.options or "privateKey" in spec.options:
+            try:
+                load_identity(
+                    spec.options.get("certKey") or spec.options.get("privateKey", ""),
+                    spec.options.get("privateKey") or spec.options.get("certKey", ""),
+                )
+            except TLSSetupError as e:
+                raise ConfigError(config.source, "msrp", "listen", str(e)) from None
+    trust_roots = None
+    if config.msrp.ca_certificates:
+        try:
+            trust_roots = load_trust_roots(config.msrp.ca_certificates)
+        except TLSSetupError as e:
+            raise ConfigError(config.source, "msrp", "ca_certificates", str(e)) from None
+    names = identity.dns_names
+    hostname = config.hostname or (names[0] if names else "localhost")
+    realm = config.auth.realm or hostname
+    users_path = config.auth.users or str(data_dir / "users.htdigest")
+    try:
+        users = UsersFile(users_path)
+    except UsersFileError as e:
+        raise ConfigError(config.source, "auth", "users", str(e)) from None
+    if not config.auth.users and len(users) == 0:
+        _generate_user(users, data_dir, realm)
+    return Prepared(config, identity, trust_roots, users, hostname, realm)
+
+
+def _generate_user(users: UsersFile, data_dir: Path, realm: str) -> None:
+    """First start on defaults: one user, credentials in a 0600 file, logged once."""
+    password = generate_password()
+    users.add_or_update(GENERATED_USER, realm, password)
+    path = data_dir / "credentials.txt"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(f"username={GENERATED_USER}\nrealm={realm}\npassword={password}\n")
+    log.info(
+        "Created user {user} for realm {realm}; its password is in {path}",
+        user=GENERATED_USER,
+        realm=realm,
+        path=str(path),
+    )
+
+
+class MSRPService(Service):
+    """Starts the MSRP listeners and records their bound ports as ours."""
+
+    log = Logger()
+
+    def __init__(self, relay: MSRPRelay, reactor: Any, prepared: Prepared) -> None:
+        self.relay = relay
+        self.reactor = reactor
+        self.prepared = prepared
+        self.ports: list[IListeningPort] = []
+        self.listening: defer.Deferred[list[IListeningPort]] = defer.Deferred()
+
+    def _tls_context(self, spec: EndpointSpec) -> Any:
+        identity = self.prepared.identity
+        if "certKey" in spec.options or "privateKey" in spec.options:
+            identity = load_identity(
+                spec.options.get("certKey") or spec.options["privateKey"],
+                spec.options.get("privateKey") or spec.options["certKey"],
+            )
+        return server_context_factory(identity, self.prepared.trust_roots)
+
+    def startService(self) -> None:
+        super().startService()
+        self.relay.start()
+        defer.ensureDeferred(self._listen())
+
+    async def _listen(self) -> None:
+        try:
+            for text in self.relay.config.listen:
+                spec = parse_endpoint(text)
+                endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
+                tls = spec.kind == "ssl"
+                port = await endpoint.listen(self.relay.listener_factory(tls))
+                self.ports.append(port)
+                address: Any = port.getHost()
+                self.relay.core.add_local_address(address.port, tls, spec.interface or None)
+                self.log.info(
+                    "MSRP listening on {kind}:{host}:{port}",
+                    kind=spec.kind,
+                    host=address.host,
+                    port=address.port,
+                )
+        except Exception as e:
+            self.log.critical("MSRP listener failed: {reason}", reason=str(e))
+            self.listening.errback(e)
+            if self.reactor.running:
+                self.reactor.stop()
+            return
+        self.listening.callback(list(self.ports))
+
+    async def _stop(self) -> None:
+        self.relay.stop()
+        ports, self.ports = self.ports, []
+        for port in ports:
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+
+def build_service(prepared: Prepared, reactor: Any) -> MultiService:
+    """The relay daemon: every part a named child of one MultiService."""
+    config = prepared.config
+    top = MultiService()
+    digest = DigestAuthenticator(
+        prepared.realm,
+        prepared.users.lookup,
+        reactor,
+        nonce_lifetime_seconds=config.auth.nonce_lifetime_seconds,
+    )
+    msrp = config.msrp
+    policy = AuthPolicy(
+        realm=prepared.realm,
+        expires_seconds=msrp.session_expires_seconds,
+        expires_min_seconds=msrp.session_expires_min_seconds,
+        expires_max_seconds=msrp.session_expires_max_seconds,
+        allowed_users=frozenset(config.auth.allowed_users),
+    )
+    core = RelayCore(reactor, prepared.hostname, policy, digest)
+    relay = MSRPRelay(reactor, core, msrp, prepared.identity, prepared.trust_roots)
+    service = MSRPService(relay, reactor, prepared)
+    service.setName("msrp")
+    service.setServiceParent(top)
+    return top

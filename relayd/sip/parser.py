@@ -1,0 +1,439 @@
+"""Bytes → SIP messages: one-shot datagram parsing and incremental stream framing.
+
+RFC 3261 §7 (message format), §7.3.1 (folding), §7.5 (CRLFs before a start-line on
+streams), §18.3 (Content-Length framing), RFC 5626 §4.4.1 (double-CRLF keep-alive).
+
+Parsing has two phases. The *head* phase (start-line, header rows, Content-Length) decides
+framing: on a stream, a failure there loses the framing and the connection must close. The
+*validation* phase (Request-URI, mandatory headers, Via, CSeq) happens once the message is
+framed; its failures are answerable with a 4xx and the stream carries on. Every failure
+is a :class:`SIPParseError`; nothing else escapes for any input.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relayd.sip.message import (
+    CSeq,
+    Headers,
+    SIPHeaderError,
+    SIPRequest,
+    SIPResponse,
+    Via,
+    header_key,
+)
+from relayd.sip.uri import SIPURI, SIPURIError, UnsupportedURIScheme
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "KeepAlivePing",
+    "SIPLimits",
+    "SIPParseError",
+    "StreamEvent",
+    "StreamFramer",
+    "is_keepalive",
+    "parse_datagram",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SIPLimits:
+    """Size caps applied before any allocation proportional to the input."""
+
+    max_start_line_bytes: int = 4096
+    max_header_count: int = 128
+    max_header_bytes: int = 32768
+    max_body_bytes: int = 262144
+
+
+DEFAULT_LIMITS = SIPLimits()
+
+
+class SIPParseError(Exception):
+    """Malformed input.
+
+    ``request_line_ok``: the start-line was a valid request line. ``partial``: when Via,
+    From, To, Call-ID and CSeq parsed, a request carrying them, enough for the transport to
+    answer ``status``/``reason`` (its ``uri`` is a placeholder if the Request-URI was the
+    problem). ``framing_lost``: on a stream, the message boundary is unknown; close after
+    answering. Malformed responses have neither and are simply dropped (§16.7, §18.1.2).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        request_line_ok: bool = False,
+        partial: SIPRequest | None = None,
+        *,
+        status: int = 400,
+        framing_lost: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_line_ok = request_line_ok
+        self.partial = partial
+        self.status = status
+        self.framing_lost = framing_lost
+
+    def __repr__(self) -> str:
+        return (
+            f"SIPParseError({self.reason!r}, status={self.status}, "
+            f"request_line_ok={self.request_line_ok}, partial={self.partial is not None}, "
+            f"framing_lost={self.framing_lost})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlivePing:
+    """A double CRLF between messages on a stream: answer with one CRLF (RFC 5626 §4.4.1)."""
+
+
+StreamEvent = SIPRequest | SIPResponse | KeepAlivePing | SIPParseError
+"""What :meth:`StreamFramer.feed` returns a list of."""
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_WS = " \t"
+_VERSION = "SIP/2.0"
+_PLACEHOLDER_URI = SIPURI(scheme="sip", host="invalid.invalid")
+_MANDATORY = (("via", "Via"), ("from", "From"), ("to", "To"), ("call-id", "Call-ID"))
+
+
+@dataclass(slots=True)
+class _Head:
+    """Output of the head phase."""
+
+    method: str | None  # None for responses
+    uri_text: str
+    status: int
+    reason: str
+    headers: Headers
+    error: SIPParseError | None  # a non-framing problem found while reading rows
+
+
+# Raw header name (as spelled on the wire) → lookup key. Validated names only; bounded so
+# a peer inventing names cannot grow it without limit.
+_KEY_CACHE: dict[str, str] = {}
+_KEY_CACHE_SIZE = 512
+
+
+def _append(fields: dict[str, list[str]], key: str, value: str) -> None:
+    rows = fields.get(key)
+    if rows is None:
+        fields[key] = [value]
+    else:
+        rows.append(value)
+
+
+def is_keepalive(data: bytes) -> bool:
+    """True for a datagram made only of CR/LF (a keep-alive some UAs send over UDP)."""
+    return not data.strip(b"\r\n")
+
+
+def _parse_head(head: bytes, limits: SIPLimits) -> _Head:
+    """Start-line and header rows (without the final blank line)."""
+    first_end = head.find(b"\r\n")
+    first_len = len(head) if first_end < 0 else first_end
+    if first_len > limits.max_start_line_bytes:
+        raise SIPParseError("Start Line Too Long", status=414)
+    if len(head) - first_len > limits.max_header_bytes:
+        raise SIPParseError("Header Too Large", status=513)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SIPParseError("Invalid UTF-8") from None
+    lines = text.split("\r\n")
+    # A bare CR or LF anywhere would let a re-serialised header smuggle a new row.
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        raise SIPParseError("Bare CR or LF")
+    if "\x00" in text:
+        raise SIPParseError("NUL In Header")
+    start = lines[0]
+    method: str | None = None
+    uri_text = ""
+    status = 0
+    reason = ""
+    if start[:4].upper() == "SIP/":
+        version, _, rest = start.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if version.upper() != _VERSION:
+            raise SIPParseError("Bad Status Line")
+        if len(code) != 3 or not code.isdigit() or not code.isascii() or not "1" <= code[0] <= "6":
+            raise SIPParseError("Bad Status Line")
+        status = int(code)
+    else:
+        parts = start.split(" ")
+        if len(parts) != 3 or not _TOKEN_RE.fullmatch(parts[0]) or not parts[1]:
+            raise SIPParseError("Bad Request Line")
+        if parts[2].upper() != _VERSION:
+            if parts[2][:4].upper() == "SIP/":
+                raise SIPParseError("Version Not Supported", True, status=505)
+            raise SIPParseError("Bad Request Line")
+        method, uri_text = parts[0], parts[1]
+    headers = Headers()
+    fields = headers._fields  # filled directly: this loop is the parser's hot spot
+    error: SIPParseError | None = None
+    count = 0
+    key: str | None = None
+    value = ""
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            # §7.3.1 folding: the continuation joins the previous row with one SP.
+            if key is None:
+                error = error or SIPParseError("Bad Header Folding", method is not None)
+                continue
+            cont = line.strip(_WS)
+            if cont:
+                value = f"{value} {cont}" if value else cont
+            continue
+        if key is not None:
+            _append(fields, key, value)
+        colon = line.find(":")
+        candidate = line[:colon] if colon > 0 else ""
+        key = _KEY_CACHE.get(candidate)
+        if key is None:
+            candidate = candidate.rstrip(_WS)
+            if not _TOKEN_RE.fullmatch(candidate):
+                error = error or SIPParseError("Bad Header Line", method is not None)
+                continue
+            key = header_key(candidate)
+            if len(_KEY_CACHE) < _KEY_CACHE_SIZE:
+                _KEY_CACHE[line[:colon]] = key
+        count += 1
+        if count > limits.max_header_count:
+            raise SIPParseError("Too Many Headers", method is not None, status=513)
+        value = line[colon + 1 :].strip(_WS)
+    if key is not None:
+        _append(fields, key, value)
+    return _Head(method, uri_text, status, reason, headers, error)
+
+
+def _content_length(headers: Headers, limits: SIPLimits) -> int | None:
+    rows = headers.get_raw("content-length")
+    if not rows:
+        return None
+    values = {row.strip() for row in rows}
+    if len(values) != 1:
+        raise SIPParseError("Conflicting Content-Length")
+    text = values.pop()
+    if not text.isdigit() or not text.isascii():
+        raise SIPParseError("Bad Content-Length")
+    if len(text) > 12 or int(text) > limits.max_body_bytes:
+        raise SIPParseError("Body Too Large", status=413)
+    return int(text)
+
+
+def _partial(head: _Head, uri: SIPURI) -> SIPRequest | None:
+    """A request to answer from, if the headers a response must copy are all usable."""
+    assert head.method is not None
+    h = head.headers
+    for key, _ in _MANDATORY:
+        if h.get(key) is None:
+            return None
+    cseq = h.get("cseq")
+    try:
+        Via.parse(h.get("via") or "")
+        if cseq is None:
+            return None
+        CSeq.parse(cseq)
+    except SIPHeaderError:
+        return None
+    return SIPRequest(head.method, uri, h)
+
+
+def _fail_request(head: _Head, uri: SIPURI | None, reason: str, status: int = 400) -> SIPParseError:
+    return SIPParseError(reason, True, _partial(head, uri or _PLACEHOLDER_URI), status=status)
+
+
+def _validate(head: _Head, body: bytes) -> SIPRequest | SIPResponse:
+    """Validation phase (§8.2.1-§8.2.2 for requests, §8.1.3.3 for responses)."""
+    h = head.headers
+    if head.method is None:
+        if head.error is not None:
+            raise SIPParseError(head.error.reason)
+        for key, label in _MANDATORY:
+            if h.get(key) is None:
+                raise SIPParseError(f"Missing {label} Header")
+        try:
+            Via.parse(h.get("via") or "")
+            CSeq.parse(h.get("cseq") or "")
+        except SIPHeaderError:
+            raise SIPParseError("Bad Via Or CSeq") from None
+        h.remove("content-length")
+        return SIPResponse(head.status, head.reason, h, body)
+
+    uri: SIPURI | None = None
+    try:
+        uri = SIPURI.parse(head.uri_text)
+    except UnsupportedURIScheme:
+        raise _fail_request(head, None, "Unsupported URI Scheme", 416) from None
+    except SIPURIError:
+        raise _fail_request(head, None, "Bad Request-URI") from None
+    if head.error is not None:
+        raise _fail_request(head, uri, head.error.reason)
+    for key, label in _MANDATORY:
+        if h.get(key) is None:
+            raise _fail_request(head, uri, f"Missing {label} Header")
+    cseq_text = h.get("cseq")
+    if cseq_text is None:
+        raise _fail_request(head, uri, "Missing CSeq Header")
+    try:
+        Via.parse(h.get("via") or "")
+    except SIPHeaderError:
+        raise _fail_request(head, uri, "Bad Via Header") from None
+    try:
+        cseq = CSeq.parse(cseq_text)
+    except SIPHeaderError:
+        raise _fail_request(head, uri, "Bad CSeq Header") from None
+    if cseq.method != head.method:
+        raise _fail_request(head, uri, "CSeq Method Mismatch")
+    h.remove("content-length")  # framing is done; to_bytes() writes the true length
+    request = SIPRequest(head.method, uri, h, body)
+    try:
+        request.max_forwards  # noqa: B018 - validated here so handlers can trust it
+    except SIPHeaderError:
+        raise _fail_request(head, uri, "Bad Max-Forwards") from None
+    return request
+
+
+def parse_datagram(data: bytes, limits: SIPLimits = DEFAULT_LIMITS) -> SIPRequest | SIPResponse:
+    """Parse one UDP datagram (§18.3: Content-Length optional; extra bytes are ignored)."""
+    start = 0
+    while data.startswith(b"\r\n", start):
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
+    if end < 0:
+        raise SIPParseError("Missing End Of Headers")
+    head = _parse_head(data[start:end], limits)
+    try:
+        length = _content_length(head.headers, limits)
+    except SIPParseError as e:
+        if head.method is None:
+            raise
+        raise _fail_request(head, None, e.reason, e.status) from None
+    body = data[end + 4 :]
+    if length is None:
+        if len(body) > limits.max_body_bytes:
+            raise SIPParseError("Body Too Large", head.method is not None, status=413)
+    elif length > len(body):
+        if head.method is None:
+            raise SIPParseError("Truncated Body")
+        raise _fail_request(head, None, "Content-Length Exceeds Body")
+    else:
+        body = body[:length]
+    return _validate(head, body)
+
+
+_CRLF_CR = 13
+_CRLF_LF = 10
+
+
+class StreamFramer:
+    """Incremental framing for TCP/TLS (§18.3: Content-Length is mandatory on streams).
+
+    One growing buffer, consumed from the front; the header terminator search resumes where
+    the previous one stopped and a body wait is a length check, so feeding N bytes costs
+    O(N) however they are split (the shape of ``IntNStringReceiver.dataReceived``).
+
+    :meth:`feed` returns, in order, messages, :class:`KeepAlivePing` events and
+    :class:`SIPParseError` values. An error with ``framing_lost`` is the last thing the
+    framer ever returns; the transport answers (if ``partial``) and closes.
+    """
+
+    __slots__ = ("_buf", "_crlfs", "_failed", "_head", "_limits", "_need", "_scan", "_start_ok")
+
+    def __init__(self, limits: SIPLimits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._buf = bytearray()
+        self._scan = 0  # where the next search for CRLFCRLF starts
+        self._start_ok = False  # a CRLF was seen within the start-line limit
+        self._head: _Head | None = None  # parsed head waiting for its body
+        self._need = 0  # body length of self._head
+        self._crlfs = 0  # keep-alive CRLFs seen since the last message or ping
+        self._failed = False
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        if self._failed:
+            return out
+        buf = self._buf
+        buf += data
+        limits = self._limits
+        max_head = limits.max_start_line_bytes + limits.max_header_bytes + 4
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            head = self._head
+            if head is None:
+                # §7.5: ignore CRLFs before a start-line; two make an RFC 5626 ping.
+                if buf[pos] == _CRLF_CR:
+                    if pos + 1 >= n:
+                        break
+                    if buf[pos + 1] == _CRLF_LF:
+                        pos += 2
+                        self._scan = pos
+                        self._crlfs += 1
+                        if self._crlfs == 2:
+                            self._crlfs = 0
+                            out.append(KeepAlivePing())
+                        continue
+                self._crlfs = 0
+                end = buf.find(b"\r\n\r\n", max(self._scan, pos))
+                if end < 0:
+                    self._scan = max(pos, n - 3)
+                    pending = n - pos
+                    if not self._start_ok and pending > limits.max_start_line_bytes:
+                        if buf.find(b"\r\n", pos, pos + limits.max_start_line_bytes + 2) < 0:
+                            self._fail(out, SIPParseError("Start Line Too Long", status=414))
+                            break
+                        self._start_ok = True
+                    if pending > max_head:
+                        self._fail(out, SIPParseError("Header Too Large", status=513))
+                    break
+                try:
+                    head = _parse_head(bytes(buf[pos:end]), limits)
+                    length = _content_length(head.headers, limits)
+                except SIPParseError as e:
+                    self._fail(out, e)
+                    break
+                if length is None:
+                    err = SIPParseError("Missing Content-Length", head.method is not None)
+                    if head.method is not None:
+                        err = _fail_request(head, None, err.reason)
+                    self._fail(out, err)
+                    break
+                pos = end + 4
+                self._head, self._need = head, length
+                self._start_ok = False
+            if n - pos < self._need:
+                break
+            body = bytes(buf[pos : pos + self._need])
+            pos += self._need
+            self._scan = pos
+            self._head = None
+            try:
+                out.append(_validate(head, body))
+            except SIPParseError as e:
+                out.append(e)
+        del buf[:pos]
+        self._scan = max(0, self._scan - pos)
+        return out
+
+    def _fail(
+        self,
+        out: list[StreamEvent],
+        error: SIPParseError,
+    ) -> None:
+        error.framing_lost = True
+        out.append(error)
+        self._failed = True
+        self._buf.clear()

@@ -1,0 +1,516 @@
+"""RFC 3261 §17 transaction layer, sans-IO: an injected clock and a ``send`` callable.
+
+Implemented: the non-INVITE client transaction (§17.1.2, timers E/F/K), the non-INVITE
+server transaction (§17.2.2, timer J) and the INVITE server transaction (§17.2.1, timers
+G/H/I) that a relay needs to *reject* INVITEs. Matching follows §17.1.3 (responses) and
+§17.2.3 (requests), with a simplified RFC 2543 fallback for branches without the magic
+cookie. Transactions are forgotten as soon as they terminate, so memory is bounded by the
+request rate times the longest timer (64·T1); completed server transactions drop their
+request and keep only the response they must repeat.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from relayd.sip.message import (
+    MAGIC_COOKIE,
+    SIPHeaderError,
+    SIPRequest,
+    SIPResponse,
+    SIPStatus,
+    Via,
+    make_response,
+    response_for_status,
+)
+
+__all__ = [
+    "ClientTransaction",
+    "ITransactionUser",
+    "SIPTimers",
+    "Send",
+    "ServerTransaction",
+    "TransactionLayer",
+    "TransactionState",
+    "new_branch",
+]
+
+log = Logger()
+
+Send = Callable[[SIPRequest | SIPResponse, object], None]
+"""``send(message, destination)``: hand a message to the transport. For server
+transactions ``destination`` is the ``source`` the request came from; the transport
+applies §18.2.2 (Via received/rport) itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class SIPTimers:
+    """RFC 3261 §17.1.1.1 / Table 4 base timers."""
+
+    t1_seconds: float = 0.5
+    t2_seconds: float = 4.0
+    t4_seconds: float = 5.0
+
+    @property
+    def timeout_seconds(self) -> float:
+        """64·T1: timers B, F, H, J."""
+        return 64 * self.t1_seconds
+
+
+class TransactionState(enum.Enum):
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    CONFIRMED = "Confirmed"
+    TERMINATED = "Terminated"
+
+
+class ITransactionUser(Protocol):
+    """The core above the transaction layer (UAS core / relay)."""
+
+    def request(self, txn: ServerTransaction, request: SIPRequest) -> None:
+        """A new request; answer now or later with ``txn.respond``. Raising
+        :class:`SIPStatus` answers with that status; any other exception answers 500."""
+
+
+def new_branch() -> str:
+    """A globally unique branch with the §8.1.1.7 magic cookie (128 random bits)."""
+    return MAGIC_COOKIE + secrets.token_urlsafe(16)
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+def _server_key(request: SIPRequest, via: Via) -> Hashable:
+    """§17.2.3: branch + sent-by + method, with ACK matching its INVITE."""
+    method = "INVITE" if request.method == "ACK" else request.method
+    branch = via.branch
+    if branch is not None and branch.startswith(MAGIC_COOKIE):
+        return (branch, via.sent_by, method)
+    # RFC 2543 peers: no usable branch. Approximate §17.2.3's fallback with the fields
+    # that are equal between a request, its retransmission and (for INVITE) its ACK.
+    return (
+        "2543",
+        request.uri,
+        request.from_tag,
+        request.call_id,
+        request.cseq.number,
+        method,
+        via.sent_by,
+        branch,
+    )
+
+
+class ServerTransaction:
+    """A server transaction (§17.2.1 for INVITE, §17.2.2 otherwise); the TU answers with
+    :meth:`respond`."""
+
+    __slots__ = (
+        "_deadline",
+        "_key",
+        "_last_response",
+        "_layer",
+        "_request",
+        "_retransmit_interval",
+        "_timer_g",
+        "_timer_h",
+        "_timer_i_or_j",
+        "is_invite",
+        "reliable",
+        "source",
+        "state",
+    )
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        key: Hashable,
+        request: SIPRequest,
+        source: object,
+        reliable: bool,
+    ) -> None:
+        self._layer = layer
+        self._key = key
+        self._request: SIPRequest | None = request
+        self.source = source
+        self.reliable = reliable
+        self.is_invite = request.method == "INVITE"
+        self.state = TransactionState.PROCEEDING if self.is_invite else TransactionState.TRYING
+        self._last_response: SIPResponse | None = None
+        self._retransmit_interval = layer.timers.t1_seconds
+        self._timer_g: IDelayedCall | None = None
+        self._timer_h: IDelayedCall | None = None
+        self._timer_i_or_j: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+
+    @property
+    def request(self) -> SIPRequest:
+        """The request; released once the final response is sent (memory, see module doc)."""
+        if self._request is None:
+            raise RuntimeError("request released after the final response")
+        return self._request
+
+    @property
+    def last_response(self) -> SIPResponse | None:
+        return self._last_response
+
+    def respond(self, response: SIPResponse) -> None:
+        """Send a response from the TU, driving the state machine."""
+        state = self.state
+        if state not in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            log.debug(
+                "dropping {code} from TU: transaction already {state}",
+                code=response.status,
+                state=state.value,
+            )
+            return
+        self._last_response = response
+        self._layer._send(response, self.source)
+        if response.status < 200:
+            self.state = TransactionState.PROCEEDING
+            return
+        _cancel(self._deadline)
+        self._deadline = None
+        self._request = None
+        timers = self._layer.timers
+        if not self.is_invite:
+            self.state = TransactionState.COMPLETED
+            self._wait_then_terminate(0 if self.reliable else timers.timeout_seconds)  # Timer J
+        elif response.status < 300:
+            # §17.2.1: a 2xx ends the transaction; the TU owns 2xx retransmission.
+            self._terminate()
+        else:
+            self.state = TransactionState.COMPLETED
+            if not self.reliable:
+                self._timer_g = self._layer.clock.callLater(
+                    self._retransmit_interval, self._timer_g_fired
+                )
+            self._timer_h = self._layer.clock.callLater(timers.timeout_seconds, self._timer_h_fired)
+
+    def _arm_deadline(self) -> None:
+        """Not in RFC 3261: a TU that never answers must not pin the transaction forever.
+        After 64·T1 the client has given up anyway (Timer F/B). Armed only when the TU
+        did not answer synchronously, which keeps the common path free of extra timers."""
+        if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            self._deadline = self._layer.clock.callLater(
+                self._layer.timers.timeout_seconds, self._tu_deadline
+            )
+
+    def _retransmission(self, request: SIPRequest) -> None:
+        """A request that matched this transaction (§17.2.1, §17.2.2)."""
+        if request.method == "ACK":
+            if self.is_invite and self.state is TransactionState.COMPLETED:
+                self.state = TransactionState.CONFIRMED
+                _cancel(self._timer_g)
+                _cancel(self._timer_h)
+                self._timer_g = self._timer_h = None
+                self._wait_then_terminate(0 if self.reliable else self._layer.timers.t4_seconds)
+            return  # Timer I absorbs further ACKs
+        in_progress = self.state in (TransactionState.PROCEEDING, TransactionState.COMPLETED)
+        if in_progress and self._last_response is not None:
+            self._layer._send(self._last_response, self.source)
+        # Trying: absorbed; the TU has not answered yet.
+
+    def _timer_g_fired(self) -> None:
+        self._timer_g = None
+        if self.state is not TransactionState.COMPLETED or self._last_response is None:
+            return
+        self._layer._send(self._last_response, self.source)
+        self._retransmit_interval = min(
+            2 * self._retransmit_interval, self._layer.timers.t2_seconds
+        )
+        self._timer_g = self._layer.clock.callLater(self._retransmit_interval, self._timer_g_fired)
+
+    def _timer_h_fired(self) -> None:
+        self._timer_h = None
+        log.warn(
+            "no ACK for INVITE {code} before Timer H from {peer}",
+            code=self._last_response.status if self._last_response else 0,
+            peer=self.source,
+        )
+        self._terminate()
+
+    def _tu_deadline(self) -> None:
+        self._deadline = None
+        log.warn(
+            "TU never answered a {method} request from {peer}",
+            method=self._request.method if self._request else "?",
+            peer=self.source,
+        )
+        self._terminate()
+
+    def _wait_then_terminate(self, seconds: float) -> None:
+        if seconds <= 0:
+            self._terminate()
+        else:
+            self._timer_i_or_j = self._layer.clock.callLater(seconds, self._terminate)
+
+    def _terminate(self) -> None:
+        if self.state is TransactionState.TERMINATED:
+            return
+        self.state = TransactionState.TERMINATED
+        for call in (self._timer_g, self._timer_h, self._timer_i_or_j, self._deadline):
+            _cancel(call)
+        self._timer_g = self._timer_h = self._timer_i_or_j = self._deadline = None
+        self._request = None
+        self._layer._server.pop(self._key, None)
+
+
+class ClientTransaction:
+    """Non-INVITE client transaction (§17.1.2). ``result`` fires with the final response,
+    a synthesized 408 on Timer F, or a synthesized 503 when the transport fails (§8.1.3.1)."""
+
+    __slots__ = (
+        "_interval",
+        "_key",
+        "_layer",
+        "_on_provisional",
+        "_timer_e",
+        "_timer_f",
+        "_timer_k",
+        "destination",
+        "reliable",
+        "request",
+        "result",
+        "state",
+    )
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        key: Hashable,
+        request: SIPRequest,
+        destination: object,
+        reliable: bool,
+        on_provisional: Callable[[SIPResponse], object] | None,
+    ) -> None:
+        self._layer = layer
+        self._key = key
+        self.request = request
+        self.destination = destination
+        self.reliable = reliable
+        self._on_provisional = on_provisional
+        self.state = TransactionState.TRYING
+        self.result: Deferred[SIPResponse] = Deferred(self._cancelled)
+        self._interval = layer.timers.t1_seconds
+        self._timer_e: IDelayedCall | None = None
+        self._timer_f: IDelayedCall | None = None
+        self._timer_k: IDelayedCall | None = None
+
+    def _start(self) -> None:
+        clock = self._layer.clock
+        self._timer_f = clock.callLater(self._layer.timers.timeout_seconds, self._timer_f_fired)
+        if not self.reliable:
+            self._timer_e = clock.callLater(self._interval, self._timer_e_fired)
+        self._transmit()
+
+    def _transmit(self) -> None:
+        try:
+            self._layer._send(self.request, self.destination)
+        except Exception:
+            log.failure(
+                "transport error sending {method} to {peer}",
+                method=self.request.method,
+                peer=self.destination,
+            )
+            if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+                self._finish(make_response(self.request, 503))
+
+    def _timer_e_fired(self) -> None:
+        self._timer_e = None
+        if self.state is TransactionState.TRYING:
+            self._interval = min(2 * self._interval, self._layer.timers.t2_seconds)
+        elif self.state is TransactionState.PROCEEDING:
+            self._interval = self._layer.timers.t2_seconds
+        else:
+            return
+        self._timer_e = self._layer.clock.callLater(self._interval, self._timer_e_fired)
+        self._transmit()
+
+    def _timer_f_fired(self) -> None:
+        self._timer_f = None
+        if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            log.debug(
+                "{method} to {peer} timed out (Timer F)",
+                method=self.request.method,
+                peer=self.destination,
+            )
+            self._finish(make_response(self.request, 408))
+
+    def _receive(self, response: SIPResponse) -> None:
+        state = self.state
+        if state not in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            return  # Completed: Timer K absorbs retransmitted responses
+        if response.status < 200:
+            self.state = TransactionState.PROCEEDING
+            if self._on_provisional is not None:
+                try:
+                    self._on_provisional(response)
+                except Exception:
+                    log.failure("provisional-response callback failed")
+            return
+        _cancel(self._timer_e)
+        _cancel(self._timer_f)
+        self._timer_e = self._timer_f = None
+        self.state = TransactionState.COMPLETED
+        if self.reliable:
+            self._terminate()
+        else:
+            self._timer_k = self._layer.clock.callLater(
+                self._layer.timers.t4_seconds, self._terminate
+            )
+        self.result.callback(response)
+
+    def _finish(self, synthesized: SIPResponse) -> None:
+        """Timeout or transport error: terminate at once and report (§17.1.2.2)."""
+        self._terminate()
+        if not self.result.called:
+            self.result.callback(synthesized)
+
+    def _cancelled(self, _: Deferred[SIPResponse]) -> None:
+        """The caller gave up: stop retransmitting and forget the transaction."""
+        self._terminate()
+
+    def _terminate(self) -> None:
+        if self.state is TransactionState.TERMINATED:
+            return
+        self.state = TransactionState.TERMINATED
+        for call in (self._timer_e, self._timer_f, self._timer_k):
+            _cancel(call)
+        self._timer_e = self._timer_f = self._timer_k = None
+        self._layer._client.pop(self._key, None)
+
+
+class TransactionLayer:
+    """Demultiplexes messages from the transport to transactions and new requests to the TU.
+
+    ``max_server_transactions`` bounds memory under floods: beyond it new requests get a
+    stateless 503 with Retry-After (§21.5.4) instead of a transaction.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        send: Send,
+        tu: ITransactionUser,
+        timers: SIPTimers | None = None,
+        max_server_transactions: int = 200_000,
+        overload_retry_after_seconds: int = 5,
+    ) -> None:
+        self.clock = clock
+        self._send = send
+        self.tu = tu
+        self.timers = timers or SIPTimers()
+        self.max_server_transactions = max_server_transactions
+        self.overload_retry_after_seconds = overload_retry_after_seconds
+        self._server: dict[Hashable, ServerTransaction] = {}
+        self._client: dict[Hashable, ClientTransaction] = {}
+
+    @property
+    def server_transaction_count(self) -> int:
+        return len(self._server)
+
+    @property
+    def client_transaction_count(self) -> int:
+        return len(self._client)
+
+    def request_received(self, request: SIPRequest, source: object, reliable: bool) -> None:
+        """Entry point for every parsed request from the transport (§17.2.3)."""
+        try:
+            via = request.via
+            key = _server_key(request, via)
+        except SIPHeaderError:
+            log.warn("dropping request without usable Via/CSeq from {peer}", peer=source)
+            return
+        txn = self._server.get(key)
+        if txn is not None:
+            txn._retransmission(request)
+            return
+        if request.method == "ACK":
+            # ACK for a 2xx (a separate transaction) or a stray one; we never send 2xx to
+            # INVITE, so nothing above us wants it.
+            log.debug("dropping unmatched ACK from {peer}", peer=source)
+            return
+        if len(self._server) >= self.max_server_transactions:
+            log.warn(
+                "transaction table full; 503 to {method} from {peer}",
+                method=request.method,
+                peer=source,
+            )
+            retry = str(self.overload_retry_after_seconds)
+            self._send(make_response(request, 503, headers=[("Retry-After", retry)]), source)
+            return
+        txn = ServerTransaction(self, key, request, source, reliable)
+        self._server[key] = txn
+        try:
+            self.tu.request(txn, request)
+        except SIPStatus as e:
+            txn.respond(response_for_status(request, e))
+        except Exception:
+            log.failure("TU failed on {method} from {peer}", method=request.method, peer=source)
+            txn.respond(make_response(request, 500))
+        if txn.is_invite and txn.state is TransactionState.PROCEEDING and txn.last_response is None:
+            # §17.2.1: 100 Trying unless the TU answers within 200 ms; it did not answer
+            # synchronously, so quench retransmissions now (no To tag, per §17.2.1).
+            txn.respond(make_response(request, 100))
+        txn._arm_deadline()
+
+    def response_received(self, response: SIPResponse, source: object) -> None:
+        """Entry point for every parsed response (§17.1.3: top Via branch + CSeq method)."""
+        try:
+            branch = response.via.branch
+            method = response.cseq.method
+        except SIPHeaderError:
+            log.warn("dropping response without usable Via/CSeq from {peer}", peer=source)
+            return
+        txn = self._client.get((branch, method))
+        if txn is None:
+            log.debug(
+                "dropping stray {code} response from {peer}", code=response.status, peer=source
+            )
+            return
+        txn._receive(response)
+
+    def client_request(
+        self,
+        request: SIPRequest,
+        destination: object,
+        reliable: bool,
+        on_provisional: Callable[[SIPResponse], object] | None = None,
+    ) -> Deferred[SIPResponse]:
+        """Start a non-INVITE client transaction; the request's top Via must carry a fresh
+        branch from :func:`new_branch`. Fires with the final response (a synthesized 408
+        after Timer F). Cancelling the Deferred abandons the transaction."""
+        if request.method in ("INVITE", "ACK"):
+            raise ValueError(f"no client transaction for {request.method}")
+        branch = request.via.branch
+        if branch is None or not branch.startswith(MAGIC_COOKIE):
+            raise ValueError("client requests need an RFC 3261 branch (z9hG4bK...)")
+        key = (branch, request.method)
+        if key in self._client:
+            raise ValueError(f"branch already in use: {branch}")
+        txn = ClientTransaction(self, key, request, destination, reliable, on_provisional)
+        self._client[key] = txn
+        txn._start()
+        return txn.result
+
+    def find_invite_transaction(self, cancel: SIPRequest) -> ServerTransaction | None:
+        """The INVITE server transaction a CANCEL targets (§9.2), for the TU's 200/481."""
+        try:
+            via = cancel.via
+        except SIPHeaderError:
+            return None
+        branch = via.branch
+        if branch is None or not branch.startswith(MAGIC_COOKIE):
+            return None
+        return self._server.get((branch, via.sent_by, "INVITE"))

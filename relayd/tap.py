@@ -1,0 +1,70 @@
+"""``twistd msrprelay``: options, then the service (the shape of twisted/web/tap.py)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from twisted.python import usage
+
+from relayd.config import ConfigError, load_config
+from relayd.service import Prepared, build_service, prepare
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Runs the relayd MSRP relay.  Without --config it starts on loopback with a"
+        " generated self-signed certificate and one generated user (see the data"
+        " directory).  Every key of the INI file can also be set with --set."
+    )
+    optParameters: ClassVar[list[list[str | None]]] = [
+        ["config", "c", None, "INI configuration file (see etc/relayd.ini.example)."],
+        ["data-dir", None, None, "Overrides [relay] data_dir."],
+        ["hostname", None, None, "Overrides [relay] hostname."],
+        ["realm", None, None, "Overrides [auth] realm."],
+        ["users", None, None, "Overrides [auth] users (an htdigest file)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["msrp-listen"] = []
+        self["set"] = []
+
+    def opt_msrp_listen(self, description: str) -> None:
+        """MSRP listener endpoint string; repeat for several (replaces [msrp] listen)."""
+        self["msrp-listen"].append(description)
+
+    def opt_set(self, assignment: str) -> None:
+        """Set any key: --set section.key=value (repeatable)."""
+        name, sep, value = assignment.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot:
+            raise usage.UsageError(f"--set expects section.key=value, got {assignment!r}")
+        self["set"].append(((section.strip(), key.strip()), value))
+
+    def postOptions(self) -> None:
+        overrides: dict[tuple[str, str], str] = {}
+        for option, section, key in (
+            ("data-dir", "relay", "data_dir"),
+            ("hostname", "relay", "hostname"),
+            ("realm", "auth", "realm"),
+            ("users", "auth", "users"),
+        ):
+            if self[option] is not None:
+                overrides[(section, key)] = self[option]
+        if self["msrp-listen"]:
+            overrides[("msrp", "listen")] = "\n".join(self["msrp-listen"])
+        for key, value in self["set"]:
+            overrides[key] = value
+        try:
+            config = load_config(self["config"], overrides)
+            self["prepared"] = prepare(config)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor
+
+    prepared: Prepared = options["prepared"]
+    return build_service(prepared, reactor)

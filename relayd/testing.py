@@ -1,0 +1,155 @@
+"""Helpers shipped for tests (ours and operators'): throwaway PKI, relays in-process.
+
+Certificates are generated at test time and never committed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from relayd.config import load_config
+from relayd.digest import ha1
+from relayd.service import Prepared, build_service, prepare
+
+
+@dataclass(frozen=True)
+class RelayPKI:
+    ca_path: str
+    ca_pem: bytes
+    directory: str
+
+    def leaf(self, name: str, *alt_names: str) -> tuple[str, str]:
+        """A certificate (with chain) and key for ``name``, signed by the test CA."""
+        return _issue(Path(self.directory), self, name, (name, *alt_names))
+
+
+def make_pki(directory: str | Path) -> RelayPKI:
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayd test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    ca_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    (folder / "ca.pem").write_bytes(ca_pem)
+    (folder / "ca-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return RelayPKI(str(folder / "ca.pem"), ca_pem, str(folder))
+
+
+def _issue(folder: Path, pki: RelayPKI, name: str, names: tuple[str, ...]) -> tuple[str, str]:
+    ca_key = serialization.load_pem_private_key((folder / "ca-key.pem").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_pem)
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt: list[x509.GeneralName] = []
+    for value in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(value)))
+        except ValueError:
+            alt.append(x509.DNSName(value))
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    safe = name.replace(":", "_")
+    cert_path = folder / f"{safe}-cert.pem"
+    key_path = folder / f"{safe}-key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM) + pki.ca_pem)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def write_users(path: str | Path, realm: str, users: dict[str, str]) -> str:
+    """An htdigest file with these user → password entries."""
+    lines = [f"{user}:{realm}:{ha1(user, realm, password)}" for user, password in users.items()]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def relay_config_overrides(
+    data_dir: str,
+    host: str,
+    certificate: str,
+    private_key: str,
+    users_path: str,
+    ca_path: str = "",
+    extra: dict[tuple[str, str], str] | None = None,
+) -> dict[tuple[str, str], str]:
+    overrides = {
+        ("relay", "data_dir"): data_dir,
+        ("relay", "hostname"): host,
+        ("msrp", "listen"): f"ssl:0:interface={host}",
+        ("msrp", "ca_certificates"): ca_path,
+        ("tls", "certificate"): certificate,
+        ("tls", "private_key"): private_key,
+        ("auth", "users"): users_path,
+        ("auth", "realm"): "relayd-test",
+    }
+    overrides.update(extra or {})
+    return overrides
+
+
+def prepared_relay(overrides: dict[tuple[str, str], str]) -> Prepared:
+    return prepare(load_config(None, overrides))
+
+
+def relay_service(prepared: Prepared, reactor: Any) -> Any:
+    return build_service(prepared, reactor)

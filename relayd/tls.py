@@ -1,0 +1,243 @@
+"""TLS material and contexts (RFC 4976 §6.1, §9.2).
+
+Server side: our certificate, TLS 1.2 at least, and a certificate *request*
+(not requirement) when peer-relay trust roots are configured, so relays
+authenticate by certificate and clients by digest on the same port.
+Client side: Twisted's ``optionsForClientTLS`` (SNI plus service_identity
+checks of the URI host) with our certificate offered for mutual TLS.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+
+log = Logger()
+
+SELF_SIGNED_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class TLSSetupError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """Our certificate chain and key, loaded once and shared by every listener."""
+
+    certificate_path: str
+    private_key_path: str
+    private_certificate: ssl.PrivateCertificate
+    chain: tuple[crypto.X509, ...]
+
+    @property
+    def dns_names(self) -> list[str]:
+        return certificate_dns_names(self.private_certificate.original)
+
+
+def ensure_self_signed(
+    directory: str | os.PathLike[str], names: tuple[str, ...] = SELF_SIGNED_NAMES
+) -> tuple[str, str, bool]:
+    """Generate a self-signed certificate for loopback use on first start.
+
+    Returns (certificate path, key path, created).  ECDSA P-256 keeps
+    handshakes cheap; the key file is 0600 and its directory 0700.
+    """
+    folder = Path(directory)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    cert_path = folder / "selfsigned-cert.pem"
+    key_path = folder / "selfsigned-key.pem"
+    if cert_path.exists() and key_path.exists():
+        return str(cert_path), str(key_path), False
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    alt_names: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key_bytes)
+    os.chmod(key_path, 0o600)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    fingerprint = certificate.fingerprint(hashes.SHA256()).hex(":")
+    log.info(
+        "Generated a self-signed certificate {path} (SHA-256 {fingerprint})",
+        path=str(cert_path),
+        fingerprint=fingerprint,
+    )
+    return str(cert_path), str(key_path), True
+
+
+def load_identity(certificate_path: str, private_key_path: str) -> ServerIdentity:
+    """Load a PEM chain (leaf first) and its key; say what is wrong if they do not fit."""
+    try:
+        chain_pem = Path(certificate_path).read_bytes()
+        key_pem = Path(private_key_path).read_bytes()
+    except OSError as e:
+        raise TLSSetupError(f"cannot read {e.filename}: {e.strerror}") from None
+    try:
+        chain = _load_pem_certificates(chain_pem)
+    except crypto.Error:
+        raise TLSSetupError(f"{certificate_path}: not a PEM certificate") from None
+    if not chain:
+        raise TLSSetupError(f"{certificate_path}: no certificate found")
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise TLSSetupError(f"{private_key_path}: not an unencrypted PEM private key") from None
+    if not isinstance(
+        private_key,
+        ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+    ):
+        raise TLSSetupError(f"{private_key_path}: key type not usable for TLS")
+    key = crypto.PKey.from_cryptography_key(private_key)
+    leaf = ssl.Certificate(chain[0])
+    private = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, ssl.KeyPair(key))
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.use_certificate(chain[0].to_cryptography())
+        context.use_privatekey(private_key)
+        context.check_privatekey()
+    except SSL.Error:
+        raise TLSSetupError(
+            f"{private_key_path} does not match the certificate in {certificate_path}"
+        ) from None
+    return ServerIdentity(certificate_path, private_key_path, private, tuple(chain))
+
+
+def _load_pem_certificates(data: bytes) -> list[crypto.X509]:
+    certificates = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for block in data.split(marker)[1:]:
+        certificates.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + block))
+    return certificates
+
+
+def load_trust_roots(path: str) -> list[crypto.X509]:
+    """Trust roots from one PEM file or every *.pem/*.crt file of a directory."""
+    files = (
+        sorted(p for p in Path(path).iterdir() if p.suffix in (".pem", ".crt"))
+        if os.path.isdir(path)
+        else [Path(path)]
+    )
+    roots: list[crypto.X509] = []
+    for file in files:
+        try:
+            roots.extend(_load_pem_certificates(file.read_bytes()))
+        except (OSError, crypto.Error) as e:
+            raise TLSSetupError(f"{file}: cannot load trust roots ({e})") from None
+    if not roots:
+        raise TLSSetupError(f"{path}: no certificates found")
+    return roots
+
+
+def certificate_dns_names(certificate: crypto.X509) -> list[str]:
+    """DNS names of the subjectAltName extension, in certificate order."""
+    cert = certificate.to_cryptography()
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return list(extension.value.get_values_for_type(x509.DNSName))
+
+
+def server_context_factory(
+    identity: ServerIdentity, trust_roots: list[crypto.X509] | None
+) -> ssl.CertificateOptions:
+    """Context for ssl: listeners; asks for (but never requires) a client certificate."""
+    options = ssl.CertificateOptions(
+        privateKey=identity.private_certificate.privateKey.original,
+        certificate=identity.chain[0],
+        extraCertChain=list(identity.chain[1:]),
+        verify=bool(trust_roots),
+        caCerts=list(trust_roots or []),
+        requireCertificate=False,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+    context = options.getContext()
+    # Idle connections then hold no TLS read/write buffers (tens of KiB each).
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    if trust_roots:
+        # Peer relays must be told which CAs we accept.
+        for root in trust_roots:
+            context.add_client_ca(root)
+    return options
+
+
+def client_connection_creator(
+    hostname: str,
+    identity: ServerIdentity | None,
+    trust_roots: list[crypto.X509] | None,
+) -> IOpenSSLClientConnectionCreator:
+    """Outbound TLS: SNI, service_identity check of hostname, our certificate offered."""
+    trust = (
+        ssl.trustRootFromCertificates([ssl.Certificate(root) for root in trust_roots])
+        if trust_roots
+        else None
+    )
+    return ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=trust,
+        clientCertificate=identity.private_certificate if identity else None,
+    )
+
+
+def peer_certificate_matches(connection: SSL.Connection, host: str) -> bool:
+    """Does the verified peer certificate name this host (DNS or IP SAN)?"""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        is_ip = False
+    else:
+        is_ip = True
+    try:
+        if is_ip:
+            verify_ip_address(connection, host)
+        else:
+            verify_hostname(connection, host)
+    except (VerificationError, CertificateError, ValueError):
+        return False
+    return True
+
+
+def fingerprint(certificate: crypto.X509) -> str:
+    return hashlib.sha256(
+        certificate.to_cryptography().public_bytes(serialization.Encoding.DER)
+    ).hexdigest()

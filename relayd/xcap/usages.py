@@ -1,0 +1,272 @@
+"""XCAP application usages served by relayd (RFC 4825 §5).
+
+An application usage ties an AUID to a MIME type, a default namespace for node
+selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot express
+(§5.4): uniqueness (409 ``uniqueness-failure``) and other data constraints (409
+``constraint-failure``).
+
+``consent-rules``
+    Permission documents of the consent relay: Common Policy (RFC 4745,
+    ``urn:ietf:params:xml:ns:common-policy``, ``application/auth-policy+xml``, as
+    RFC 5025 pres-rules) extended by relayd's namespace
+    ``urn:relayd:params:xml:ns:consent-policy`` (prefix ``cr`` by convention):
+
+    * condition ``<cr:target uri="sip:friends@relay.example"/>``: the request is sent
+      to that list URI;
+    * condition ``<cr:methods><cr:method>MESSAGE</cr:method></cr:methods>``: the
+      request method is one of those listed;
+    * action ``<cr:trans-handling>grant</cr:trans-handling>`` (``deny`` < ``grant``):
+      relaying is permitted when the combined value is ``grant``; modelled on the
+      RFC 5361 action of the same name.
+
+    Rule ``id`` values are unique within the ruleset.
+``resource-lists``
+    RFC 4826 lists (``urn:ietf:params:xml:ns:resource-lists``,
+    ``application/resource-lists+xml``).  Uniqueness per RFC 4826 §3.4.4: ``list``
+    names among siblings, and within one list the ``entry`` URIs, ``entry-ref`` refs
+    and ``external`` anchors.  URIs are compared as exact strings (stricter URI
+    equivalence is left to the SIP side).
+``xcap-caps``
+    RFC 4825 §12 server capabilities, generated from this registry, read-only.
+
+Schemas live in ``relayd/xcap/schemas`` (see the README there) and are compiled once
+per process.  lxml validators are not shared across threads: validate on one thread
+(the reactor's).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxml import etree
+
+from relayd.xcap.errors import (
+    CONSTRAINT_FAILURE,
+    SCHEMA_VALIDATION_ERROR,
+    UNIQUENESS_FAILURE,
+    Exists,
+    XCAPError,
+)
+from relayd.xcap.xml import make_parser
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+COMMON_POLICY_NAMESPACE = "urn:ietf:params:xml:ns:common-policy"
+CONSENT_POLICY_NAMESPACE = "urn:relayd:params:xml:ns:consent-policy"
+RESOURCE_LISTS_NAMESPACE = "urn:ietf:params:xml:ns:resource-lists"
+XCAP_CAPS_NAMESPACE = "urn:ietf:params:xml:ns:xcap-caps"
+
+CONSENT_RULES_AUID = "consent-rules"
+RESOURCE_LISTS_AUID = "resource-lists"
+XCAP_CAPS_AUID = "xcap-caps"
+
+# MIME types of node resources (RFC 4825 §§15.2.1-15.2.3) and xcap-caps (§12.3).
+XCAP_ELEMENT_MIME_TYPE = "application/xcap-el+xml"
+XCAP_ATTRIBUTE_MIME_TYPE = "application/xcap-att+xml"
+XCAP_NAMESPACE_MIME_TYPE = "application/xcap-ns+xml"
+
+Check = Callable[[etree._Element], None]
+
+
+@functools.cache
+def load_schema(file_name: str) -> etree.XMLSchema:
+    """Compile a shipped schema; imports resolve only to files next to it."""
+    document = etree.parse(str(SCHEMA_DIR / file_name), make_parser())
+    return etree.XMLSchema(document)
+
+
+@dataclass(frozen=True)
+class ApplicationUsage:
+    """One AUID's rules (RFC 4825 §5)."""
+
+    auid: str
+    mime_type: str
+    default_namespace: str
+    root_element: str
+    schema_file: str | None = None
+    read_only: bool = False
+    uniqueness_check: Check | None = None
+    constraint_check: Check | None = None
+
+    def validate(self, root: etree._Element) -> None:
+        """Check a complete candidate document; raise the 409 that describes the fault.
+
+        Uniqueness runs before schema validation on purpose: RFC 4745 types rule ids
+        as ``xs:ID``, so the schema would otherwise report a duplicate id as a
+        ``schema-validation-error`` instead of the ``uniqueness-failure`` clients can
+        act on.
+        """
+        if root.tag != self.root_element:
+            raise XCAPError(
+                409, SCHEMA_VALIDATION_ERROR, f"root element must be {self.root_element}"
+            )
+        if self.uniqueness_check is not None:
+            self.uniqueness_check(root)
+        if self.schema_file is not None:
+            schema = load_schema(self.schema_file)
+            try:
+                schema.assertValid(root.getroottree())
+            except etree.DocumentInvalid as exc:
+                raise XCAPError(409, SCHEMA_VALIDATION_ERROR, str(exc)[:200]) from None
+        if self.constraint_check is not None:
+            self.constraint_check(root)
+
+
+def _clark(namespace: str, local: str) -> str:
+    return etree.QName(namespace, local).text
+
+
+def _unique(elements: Iterable[etree._Element], attribute: str, field: str) -> list[Exists]:
+    """Report each repeated value of ``attribute`` once, with a free alternative."""
+    seen: set[str] = set()
+    values = [value for el in elements if (value := el.get(attribute)) is not None]
+    conflicts: list[Exists] = []
+    reported: set[str] = set()
+    for value in values:
+        if value in seen and value not in reported:
+            reported.add(value)
+            conflicts.append(Exists(field, (_alternative(value, set(values)),)))
+        seen.add(value)
+    return conflicts
+
+
+def _alternative(value: str, taken: set[str]) -> str:
+    counter = 2
+    while f"{value}-{counter}" in taken:
+        counter += 1
+    return f"{value}-{counter}"
+
+
+def _raise_conflicts(conflicts: list[Exists]) -> None:
+    if conflicts:
+        raise XCAPError(409, UNIQUENESS_FAILURE, "value is not unique", exists=conflicts)
+
+
+_CP_RULE = _clark(COMMON_POLICY_NAMESPACE, "rule")
+
+
+def _check_rule_ids(root: etree._Element) -> None:
+    """RFC 4745 §7: rule ``id`` is unique within a ruleset."""
+    _raise_conflicts(_unique(root.iterchildren(_CP_RULE), "id", "ruleset/rule/@id"))
+
+
+_RL_LIST = _clark(RESOURCE_LISTS_NAMESPACE, "list")
+_RL_ENTRY = _clark(RESOURCE_LISTS_NAMESPACE, "entry")
+_RL_ENTRY_REF = _clark(RESOURCE_LISTS_NAMESPACE, "entry-ref")
+_RL_EXTERNAL = _clark(RESOURCE_LISTS_NAMESPACE, "external")
+
+
+def _list_path(element: etree._Element) -> str:
+    steps: list[str] = []
+    node: etree._Element | None = element
+    while node is not None:
+        local = etree.QName(node).localname
+        name = node.get("name") if node.tag == _RL_LIST else None
+        steps.append(f'{local}[@name="{name}"]' if name is not None else local)
+        node = node.getparent()
+    return "/".join(reversed(steps))
+
+
+def _check_resource_lists(root: etree._Element) -> None:
+    """RFC 4826 §3.4.4 uniqueness constraints."""
+    conflicts: list[Exists] = []
+    containers = [root, *root.iter(_RL_LIST)]
+    for container in containers:
+        path = _list_path(container)
+        conflicts += _unique(container.iterchildren(_RL_LIST), "name", f"{path}/list/@name")
+        if container is root:
+            continue
+        conflicts += _unique(container.iterchildren(_RL_ENTRY), "uri", f"{path}/entry/@uri")
+        conflicts += _unique(container.iterchildren(_RL_ENTRY_REF), "ref", f"{path}/entry-ref/@ref")
+        conflicts += _unique(
+            container.iterchildren(_RL_EXTERNAL), "anchor", f"{path}/external/@anchor"
+        )
+    _raise_conflicts(conflicts)
+
+
+_CR_TARGET = _clark(CONSENT_POLICY_NAMESPACE, "target")
+_CP_CONDITIONS = _clark(COMMON_POLICY_NAMESPACE, "conditions")
+
+
+def check_consent_scope(root: etree._Element, list_uri: str) -> None:
+    """Refuse a permission document that reaches beyond the list it was minted for.
+
+    A Permission URI (consent spec §(c)) authorises one (recipient, list) pair, so
+    every rule must carry a ``cr:target`` naming exactly that list; a rule without
+    one would grant relaying through every list.  409 ``constraint-failure``.
+    """
+    for rule in root.iterchildren(_CP_RULE):
+        conditions = rule.find(_CP_CONDITIONS)
+        targets = [] if conditions is None else list(conditions.iterchildren(_CR_TARGET))
+        if not targets or any(t.get("uri") != list_uri for t in targets):
+            raise XCAPError(
+                409,
+                CONSTRAINT_FAILURE,
+                f"rule {rule.get('id')!r} must be limited to target {list_uri}",
+            )
+
+
+CONSENT_RULES = ApplicationUsage(
+    auid=CONSENT_RULES_AUID,
+    mime_type="application/auth-policy+xml",
+    default_namespace=COMMON_POLICY_NAMESPACE,
+    root_element=_clark(COMMON_POLICY_NAMESPACE, "ruleset"),
+    schema_file="consent-rules.xsd",
+    uniqueness_check=_check_rule_ids,
+)
+
+RESOURCE_LISTS = ApplicationUsage(
+    auid=RESOURCE_LISTS_AUID,
+    mime_type="application/resource-lists+xml",
+    default_namespace=RESOURCE_LISTS_NAMESPACE,
+    root_element=_clark(RESOURCE_LISTS_NAMESPACE, "resource-lists"),
+    schema_file="resource-lists.xsd",
+    uniqueness_check=_check_resource_lists,
+)
+
+XCAP_CAPS = ApplicationUsage(
+    auid=XCAP_CAPS_AUID,
+    mime_type="application/xcap-caps+xml",
+    default_namespace=XCAP_CAPS_NAMESPACE,
+    root_element=_clark(XCAP_CAPS_NAMESPACE, "xcap-caps"),
+    read_only=True,
+)
+
+USAGES: Mapping[str, ApplicationUsage] = {
+    usage.auid: usage for usage in (CONSENT_RULES, RESOURCE_LISTS, XCAP_CAPS)
+}
+
+
+def get_usage(auid: str) -> ApplicationUsage:
+    """The usage for ``auid``; an unknown AUID is 404 (RFC 4825 §6.2)."""
+    try:
+        return USAGES[auid]
+    except KeyError:
+        raise XCAPError(404, None, f"unknown application usage {auid!r}") from None
+
+
+def default_namespace(auid: str) -> str | None:
+    """Default node-selector namespace of ``auid`` (RFC 4825 §5.2), None if unknown."""
+    usage = USAGES.get(auid)
+    return usage.default_namespace if usage is not None else None
+
+
+def xcap_caps_document(usages: Mapping[str, ApplicationUsage] = USAGES) -> bytes:
+    """The generated ``xcap-caps/global/index`` document (RFC 4825 §12)."""
+    ns = f"{{{XCAP_CAPS_NAMESPACE}}}"
+    nsmap = {None: XCAP_CAPS_NAMESPACE}
+    root = etree.Element(ns + "xcap-caps", nsmap=nsmap)  # type: ignore[arg-type]
+    auids = etree.SubElement(root, ns + "auids")
+    for auid in sorted(usages):
+        etree.SubElement(auids, ns + "auid").text = auid
+    etree.SubElement(root, ns + "extensions")
+    namespaces = etree.SubElement(root, ns + "namespaces")
+    known = {usage.default_namespace for usage in usages.values()}
+    if CONSENT_RULES_AUID in usages:
+        known.add(CONSENT_POLICY_NAMESPACE)
+    for namespace in sorted(known):
+        etree.SubElement(namespaces, ns + "namespace").text = namespace
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")

@@ -1,0 +1,121 @@
+"""Two clients and one or two relays over real loopback TLS."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from relayd.msrp.client import MSRPClientProtocol
+from relayd.testing import RelayPKI
+
+from .conftest import RecordingSink, RelayFactory, client, deferLater, path_to
+
+pytestmark = pytest.mark.integration
+
+
+def send(
+    sender: MSRPClientProtocol,
+    to_path: list[str],
+    data: bytes,
+    chunk_bytes: int = 65536,
+    success_report: bool = False,
+    failure_report: str = "yes",
+    message_id: str | None = None,
+) -> defer.Deferred[object]:
+    return defer.Deferred.fromCoroutine(
+        sender.send_message(
+            " ".join(to_path),
+            data,
+            len(data),
+            chunk_bytes=chunk_bytes,
+            success_report=success_report,
+            failure_report=failure_report,
+            message_id=message_id,
+        )
+    ).addTimeout(30, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_returns_use_path_and_expires(start_relay: RelayFactory, pki: RelayPKI) -> None:
+    relay = await start_relay()
+    protocol, auth = await client(relay, "alice", trust=pki.ca_pem)
+    assert len(auth.use_path) == 1
+    assert auth.use_path[0].startswith(f"msrps://127.0.0.1:{relay.port}/")
+    assert auth.expires_seconds == 1800
+    assert "nextnonce" in protocol.last_auth_info
+    protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_clients_through_one_relay(start_relay: RelayFactory, pki: RelayPKI) -> None:
+    relay = await start_relay()
+    sink = RecordingSink()
+    alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+    bob, bob_auth = await client(relay, "bob", sink, trust=pki.ca_pem)
+    to_path = [*alice_auth.use_path, *path_to(bob, bob_auth)]
+    await send(alice, to_path, b"Hello Bob", success_report=True, message_id="m1")
+    assert await sink.wait("m1") == b"Hello Bob"
+    report = await alice.wait_report("m1").addTimeout(5, reactor)
+    assert report.headers.get("Status") == "000 200 OK"
+    assert report.headers.get("Byte-Range") == "1-9/9"
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_message_is_bit_exact_in_many_chunk_sizes(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    relay = await start_relay(extra={("msrp", "max_chunk_bytes"): "10000"})
+    sink = RecordingSink()
+    alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+    bob, bob_auth = await client(relay, "bob", sink, trust=pki.ca_pem)
+    to_path = [*alice_auth.use_path, *path_to(bob, bob_auth)]
+    data = os.urandom(300_000) + b"\r\n-------abcd$\r\n" + bytes(range(256)) * 10
+    for index, size in enumerate((1000, 4096, 65536, len(data))):
+        message_id = f"bin{index}"
+        await send(alice, to_path, data, chunk_bytes=size, message_id=message_id)
+        assert await sink.wait(message_id) == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_hop_unreachable_becomes_report(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    relay = await start_relay()
+    alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+    to_path = [*alice_auth.use_path, "msrp://127.0.0.1:9/nobody;tcp"]
+    await send(alice, to_path, b"anyone there?", message_id="lost")
+    report = await alice.wait_report("lost").addTimeout(15, reactor)
+    status = report.headers.get("Status") or ""
+    assert status.startswith("000 481")
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_response_from_next_hop_becomes_report(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    relay = await start_relay()
+    alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+    bob, bob_auth = await client(relay, "bob", trust=pki.ca_pem)
+    bob.refuse_with = 415
+    to_path = [*alice_auth.use_path, *path_to(bob, bob_auth)]
+    await send(alice, to_path, b"<unknown/>", message_id="m415")
+    report = await alice.wait_report("m415").addTimeout(5, reactor)
+    assert (report.headers.get("Status") or "").startswith("000 415")
+    assert report.headers.get("To-Path") == alice.local_uri
+
+
+@pytest_twisted.ensureDeferred
+async def test_failure_report_no_sends_nothing_back(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    relay = await start_relay()
+    alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+    bob, bob_auth = await client(relay, "bob", trust=pki.ca_pem)
+    bob.refuse_with = 415
+    to_path = [*alice_auth.use_path, *path_to(bob, bob_auth)]
+    await send(alice, to_path, b"quiet", failure_report="no", message_id="quiet")
+    await deferLater(0.3)
+    assert not alice._reports

@@ -1,0 +1,409 @@
+"""One behavioural suite for both IPermissionStore implementations."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, cast
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from relayd.xcap.store import (
+    ConsentState,
+    IPermissionStore,
+    MemoryPermissionStore,
+    PendingConsent,
+    PreconditionFailed,
+    SQLitePermissionStore,
+    StoreChange,
+    StoredDocument,
+)
+
+_P = ParamSpec("_P")
+
+
+def async_test(
+    function: Callable[_P, Coroutine[Any, Any, None]],
+) -> Callable[_P, Deferred[None]]:
+    """pytest_twisted.ensureDeferred with a type mypy can see (pytest_twisted is untyped)."""
+    return cast(Callable[_P, Deferred[None]], pytest_twisted.ensureDeferred(function))
+
+
+AUID = "consent-rules"
+XUI = "sip:carol@example.test"
+DOC = b'<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"/>'
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IPermissionStore]:
+    if request.param == "memory":
+        yield MemoryPermissionStore()
+        return
+    sqlite_store = SQLitePermissionStore(str(tmp_path / "store.sqlite"), reactor)
+    yield sqlite_store
+    pytest_twisted.blockon(sqlite_store.close())
+
+
+@async_test
+async def test_implementations_provide_interface(tmp_path: Path) -> None:
+    assert verifyObject(IPermissionStore, MemoryPermissionStore())
+    sqlite_store = SQLitePermissionStore(str(tmp_path / "s.sqlite"), reactor)
+    try:
+        assert verifyObject(IPermissionStore, sqlite_store)
+    finally:
+        await sqlite_store.close()
+
+
+@async_test
+async def test_put_then_get_document(store: IPermissionStore) -> None:
+    assert await store.get_document(AUID, XUI, "index") is None
+    write = await store.put_document(AUID, XUI, "index", DOC)
+    assert write.created
+    assert write.etag.startswith('"') and write.etag.endswith('"')
+    assert await store.get_document(AUID, XUI, "index") == (DOC, write.etag)
+
+
+@async_test
+async def test_replace_changes_etag(store: IPermissionStore) -> None:
+    first = await store.put_document(AUID, XUI, "index", DOC)
+    second = await store.put_document(AUID, XUI, "index", DOC + b" ")
+    assert not second.created
+    assert second.etag != first.etag
+    assert await store.get_document(AUID, XUI, "index") == (DOC + b" ", second.etag)
+
+
+@async_test
+async def test_documents_are_keyed_by_auid_xui_and_name(store: IPermissionStore) -> None:
+    await store.put_document(AUID, XUI, "b", DOC)
+    await store.put_document(AUID, XUI, "a", DOC)
+    await store.put_document(AUID, "sip:other@example.test", "c", DOC)
+    await store.put_document("resource-lists", XUI, "d", DOC)
+    assert await store.list_documents(AUID, XUI) == ["a", "b"]
+    assert await store.list_documents("resource-lists", XUI) == ["d"]
+    assert await store.get_document("resource-lists", XUI, "a") is None
+
+
+@async_test
+async def test_if_match_mismatch_fails_and_writes_nothing(store: IPermissionStore) -> None:
+    write = await store.put_document(AUID, XUI, "index", DOC)
+    with pytest.raises(PreconditionFailed) as info:
+        await store.put_document(AUID, XUI, "index", b"<other/>", if_match='"stale"')
+    assert info.value.current_etag == write.etag
+    assert await store.get_document(AUID, XUI, "index") == (DOC, write.etag)
+
+
+@async_test
+async def test_if_match_current_etag_succeeds(store: IPermissionStore) -> None:
+    write = await store.put_document(AUID, XUI, "index", DOC)
+    again = await store.put_document(AUID, XUI, "index", DOC, if_match=write.etag)
+    listed = await store.put_document(AUID, XUI, "index", DOC, if_match=['"x"', again.etag])
+    assert listed.etag != again.etag
+
+
+@async_test
+async def test_if_match_star_requires_existing(store: IPermissionStore) -> None:
+    with pytest.raises(PreconditionFailed):
+        await store.put_document(AUID, XUI, "index", DOC, if_match="*")
+    await store.put_document(AUID, XUI, "index", DOC)
+    await store.put_document(AUID, XUI, "index", DOC, if_match="*")
+
+
+@async_test
+async def test_if_none_match_star_creates_only(store: IPermissionStore) -> None:
+    write = await store.put_document(AUID, XUI, "index", DOC, if_none_match="*")
+    assert write.created
+    with pytest.raises(PreconditionFailed):
+        await store.put_document(AUID, XUI, "index", DOC, if_none_match="*")
+    with pytest.raises(PreconditionFailed):
+        await store.put_document(AUID, XUI, "index", DOC, if_none_match=write.etag)
+    await store.put_document(AUID, XUI, "index", DOC, if_none_match='"other"')
+
+
+@async_test
+async def test_concurrent_conflicting_writes_exactly_one_wins(store: IPermissionStore) -> None:
+    base = await store.put_document(AUID, XUI, "index", DOC)
+    attempts = [
+        store.put_document(AUID, XUI, "index", b"<v%d/>" % i, if_match=base.etag) for i in range(5)
+    ]
+    results: list[tuple[bool, Any]] = await defer.DeferredList(attempts, consumeErrors=True)
+    winners = [value for ok, value in results if ok]
+    losers: list[Failure] = [value for ok, value in results if not ok]
+    assert len(winners) == 1
+    assert len(losers) == 4
+    assert all(failure.check(PreconditionFailed) for failure in losers)
+    stored = await store.get_document(AUID, XUI, "index")
+    assert stored is not None and stored.etag == winners[0].etag
+
+
+@async_test
+async def test_concurrent_creates_exactly_one_wins(store: IPermissionStore) -> None:
+    attempts = [
+        store.put_document(AUID, XUI, "new", b"<v%d/>" % i, if_none_match="*") for i in range(3)
+    ]
+    results = await defer.DeferredList(attempts, consumeErrors=True)
+    assert sum(ok for ok, _ in results) == 1
+
+
+@async_test
+async def test_delete_document(store: IPermissionStore) -> None:
+    assert not await store.delete_document(AUID, XUI, "index")
+    write = await store.put_document(AUID, XUI, "index", DOC)
+    with pytest.raises(PreconditionFailed):
+        await store.delete_document(AUID, XUI, "index", if_match='"stale"')
+    assert await store.delete_document(AUID, XUI, "index", if_match=write.etag)
+    assert await store.get_document(AUID, XUI, "index") is None
+    with pytest.raises(PreconditionFailed):
+        await store.delete_document(AUID, XUI, "index", if_match="*")
+
+
+@async_test
+async def test_document_changes_announced_after_commit(store: IPermissionStore) -> None:
+    seen: list[tuple[StoreChange, Deferred[StoredDocument | None]]] = []
+
+    def listener(change: StoreChange) -> None:
+        # The listener can already read the committed state.
+        seen.append((change, store.get_document(AUID, XUI, "index")))
+
+    store.add_listener(listener)
+    write = await store.put_document(AUID, XUI, "index", DOC)
+    await store.delete_document(AUID, XUI, "index")
+    with pytest.raises(PreconditionFailed):
+        await store.put_document(AUID, XUI, "index", DOC, if_match="*")
+    changes = [change for change, _ in seen]
+    assert changes == [
+        StoreChange("document", AUID, XUI, "index", write.etag),
+        StoreChange("document", AUID, XUI, "index", None),
+    ]
+    first_read = await seen[0][1]
+    assert first_read == (DOC, write.etag)
+    store.remove_listener(listener)
+    await store.put_document(AUID, XUI, "index", DOC)
+    assert len(seen) == 2
+
+
+@async_test
+async def test_failing_listener_does_not_break_write(store: IPermissionStore) -> None:
+    calls: list[StoreChange] = []
+
+    def broken(change: StoreChange) -> None:
+        raise RuntimeError("listener bug")
+
+    store.add_listener(broken)
+    store.add_listener(calls.append)
+    await store.put_document(AUID, XUI, "index", DOC)
+    assert len(calls) == 1
+
+
+@async_test
+async def test_listeners_run_on_reactor_thread(store: IPermissionStore) -> None:
+    threads: list[threading.Thread] = []
+    store.add_listener(lambda change: threads.append(threading.current_thread()))
+    await store.put_document(AUID, XUI, "index", DOC)
+    assert threads == [threading.main_thread()]
+
+
+async def _open(
+    store: IPermissionStore,
+    sender: str = "sip:alice@example.test",
+    *,
+    methods: Sequence[str] = ("MESSAGE",),
+    permission_token: str | None = None,
+    created: float = 100.0,
+    expires: float = 200.0,
+) -> PendingConsent:
+    token = permission_token if permission_token is not None else "tok-" + sender
+    return await store.open_consent(
+        sender, "sip:friends@relay.example.test", XUI, methods, token, created, expires
+    )
+
+
+@async_test
+async def test_open_consent_creates_pending_record(store: IPermissionStore) -> None:
+    record = await _open(store)
+    assert record.state is ConsentState.PENDING
+    assert record.methods == ("MESSAGE",)
+    assert len(record.id) >= 20
+    assert await store.get_consent(record.id) == record
+    assert await store.find_consent_by_token("tok-sip:alice@example.test") == record
+    assert await store.find_open_consent(record.sender, record.list_uri, XUI) == record
+    assert await store.get_consent("nope") is None
+    assert await store.find_consent_by_token("nope") is None
+
+
+@async_test
+async def test_repeat_consent_refreshes_open_record(store: IPermissionStore) -> None:
+    first = await _open(store)
+    again = await _open(
+        store, methods=["MESSAGE", "INVITE"], permission_token="other", created=150.0, expires=400.0
+    )
+    assert again.id == first.id
+    assert again.permission_token == first.permission_token
+    assert again.created == first.created
+    assert again.expires == 400.0
+    assert again.methods == ("MESSAGE", "INVITE")
+    assert await store.list_consents() == [again]
+
+
+@async_test
+async def test_new_record_after_previous_was_decided(store: IPermissionStore) -> None:
+    first = await _open(store)
+    granted = await store.set_consent_state(first.id, ConsentState.GRANTED)
+    assert granted is not None and granted.state is ConsentState.GRANTED
+    second = await _open(store, permission_token="tok-2", created=300.0)
+    assert second.id != first.id
+    assert [r.state for r in await store.list_consents(recipient=XUI)] == [
+        ConsentState.GRANTED,
+        ConsentState.PENDING,
+    ]
+    with pytest.raises(ValueError, match="pending"):
+        await store.set_consent_state(first.id, ConsentState.PENDING)
+
+
+@async_test
+async def test_list_consents_filters(store: IPermissionStore) -> None:
+    alice = await _open(store, "sip:alice@example.test", created=1.0)
+    bob = await _open(store, "sip:bob@example.test", created=2.0)
+    await store.set_consent_state(bob.id, ConsentState.DENIED)
+    assert [r.id for r in await store.list_consents()] == [alice.id, bob.id]
+    assert [r.id for r in await store.list_consents(sender=bob.sender)] == [bob.id]
+    assert [r.id for r in await store.list_consents(state=ConsentState.PENDING)] == [alice.id]
+    assert await store.list_consents(list_uri="sip:other@relay") == []
+    assert await store.set_consent_state("missing", ConsentState.GRANTED) is None
+
+
+@async_test
+async def test_expire_consents(store: IPermissionStore) -> None:
+    early = await _open(store, "sip:a@x", expires=50.0)
+    late = await _open(store, "sip:b@x", expires=500.0)
+    expired = await store.expire_consents(100.0)
+    assert [(r.id, r.state) for r in expired] == [(early.id, ConsentState.EXPIRED)]
+    stored = await store.get_consent(early.id)
+    assert stored is not None and stored.state is ConsentState.EXPIRED
+    assert await store.expire_consents(100.0) == []
+    assert (await store.get_consent(late.id)) == late
+
+
+@async_test
+async def test_delete_consent_and_consent_events(store: IPermissionStore) -> None:
+    seen: list[StoreChange] = []
+    store.add_listener(seen.append)
+    record = await _open(store)
+    await store.set_consent_state(record.id, ConsentState.GRANTED)
+    assert await store.delete_consent(record.id)
+    assert not await store.delete_consent(record.id)
+    assert [change.kind for change in seen] == ["consent"] * 3
+    assert [c.consent.state for c in seen if c.consent] == [
+        ConsentState.PENDING,
+        ConsentState.GRANTED,
+        ConsentState.GRANTED,
+    ]
+
+
+# -- SQLite only --------------------------------------------------------------------
+
+
+@async_test
+async def test_sqlite_survives_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "store.sqlite")
+    store = SQLitePermissionStore(path, reactor)
+    write = await store.put_document(AUID, XUI, "index", DOC)
+    await store.put_document("resource-lists", XUI, "index", b"<resource-lists/>")
+    record = await _open(store)
+    await store.close()
+
+    reopened = SQLitePermissionStore(path, reactor)
+    try:
+        assert await reopened.get_document(AUID, XUI, "index") == (DOC, write.etag)
+        assert await reopened.list_documents("resource-lists", XUI) == ["index"]
+        assert await reopened.get_consent(record.id) == record
+        again = await _open(reopened, expires=900.0)
+        assert again.id == record.id
+    finally:
+        await reopened.close()
+
+
+@async_test
+async def test_sqlite_file_uses_wal_and_versioned_schema(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLitePermissionStore(str(path), reactor)
+    await store.put_document(AUID, XUI, "index", DOC)
+    await store.close()
+    connection = sqlite3.connect(path)
+    try:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert connection.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    finally:
+        connection.close()
+
+
+@async_test
+async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    connection.execute("INSERT INTO schema_version VALUES (99)")
+    connection.commit()
+    connection.close()
+    store = SQLitePermissionStore(str(path), reactor)
+    try:
+        with pytest.raises(Exception, match="newer"):
+            await store.get_document(AUID, XUI, "index")
+    finally:
+        await store.close()
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from twisted.internet import defer, task
+    from relayd.xcap.store import SQLitePermissionStore
+
+    async def main(reactor):
+        store = SQLitePermissionStore(sys.argv[1], reactor)
+        index = 0
+        while True:
+            await store.put_document("a", "u", "d%d" % index, b"<d/>")
+            print(index, flush=True)  # acknowledged only after the commit
+            index += 1
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    """
+)
+
+
+def test_sqlite_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    assert process.stdout is not None
+    acknowledged = -1
+    try:
+        for line in process.stdout:
+            acknowledged = int(line)
+            if acknowledged >= 30:
+                break
+    finally:
+        process.kill()  # SIGKILL, mid-write
+        process.wait()
+    assert acknowledged >= 30
+    connection = sqlite3.connect(path)
+    try:
+        names = {row[0] for row in connection.execute("SELECT name FROM documents")}
+    finally:
+        connection.close()
+    assert {f"d{index}" for index in range(acknowledged + 1)} <= names

@@ -1,0 +1,194 @@
+"""Application usages: schemas, uniqueness and constraints (RFC 4825 §5)."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from relayd.xcap.errors import XCAPError
+from relayd.xcap.usages import (
+    CONSENT_RULES,
+    RESOURCE_LISTS,
+    USAGES,
+    XCAP_CAPS,
+    check_consent_scope,
+    default_namespace,
+    get_usage,
+    xcap_caps_document,
+)
+from relayd.xcap.xml import parse_document
+
+CONSENT_DOC = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"
+         xmlns:cr="urn:relayd:params:xml:ns:consent-policy">
+  <rule id="alice-friends">
+    <conditions>
+      <identity><one id="sip:alice@example.test"/></identity>
+      <validity>
+        <from>2026-11-24T00:00:00Z</from>
+        <until>2027-11-24T00:00:00Z</until>
+      </validity>
+      <cr:target uri="sip:friends@relay.example.test"/>
+      <cr:methods><cr:method>MESSAGE</cr:method></cr:methods>
+    </conditions>
+    <actions><cr:trans-handling>grant</cr:trans-handling></actions>
+    <transformations/>
+  </rule>
+  <rule id="partner-domain">
+    <conditions>
+      <identity>
+        <many domain="partner.test"><except id="sip:mallory@partner.test"/></many>
+      </identity>
+      <cr:target uri="sip:friends@relay.example.test"/>
+    </conditions>
+    <actions><cr:trans-handling>grant</cr:trans-handling></actions>
+  </rule>
+</ruleset>"""
+
+LISTS_DOC = b"""<?xml version="1.0" encoding="UTF-8"?>
+<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">
+  <list name="friends">
+    <display-name xml:lang="en">Friends</display-name>
+    <entry uri="sip:bob@example.test"><display-name>Bob</display-name></entry>
+    <entry uri="sip:carol@example.test"/>
+    <entry-ref ref="resource-lists/users/sip:a@x/index/~~/resource-lists/list/entry"/>
+    <external anchor="http://xcap.example.test/resource-lists/users/sip:a@x/index"/>
+    <list name="inner"><entry uri="sip:bob@example.test"/></list>
+  </list>
+  <list name="family"/>
+</resource-lists>"""
+
+
+def _fails(usage_doc: bytes, condition: str) -> XCAPError:
+    usage = CONSENT_RULES if b"ruleset" in usage_doc else RESOURCE_LISTS
+    with pytest.raises(XCAPError) as info:
+        usage.validate(parse_document(usage_doc))
+    assert (info.value.status, info.value.condition) == (409, condition)
+    return info.value
+
+
+def test_registry_describes_the_three_usages() -> None:
+    assert set(USAGES) == {"consent-rules", "resource-lists", "xcap-caps"}
+    assert CONSENT_RULES.mime_type == "application/auth-policy+xml"
+    assert RESOURCE_LISTS.mime_type == "application/resource-lists+xml"
+    assert XCAP_CAPS.read_only and not CONSENT_RULES.read_only
+    assert default_namespace("consent-rules") == "urn:ietf:params:xml:ns:common-policy"
+    assert default_namespace("nope") is None
+
+
+def test_unknown_auid_is_404() -> None:
+    with pytest.raises(XCAPError) as info:
+        get_usage("pres-rules")
+    assert info.value.status == 404
+
+
+def test_valid_consent_document_accepted() -> None:
+    CONSENT_RULES.validate(parse_document(CONSENT_DOC))
+
+
+def test_valid_resource_lists_accepted() -> None:
+    RESOURCE_LISTS.validate(parse_document(LISTS_DOC))
+
+
+def test_duplicate_rule_id_is_uniqueness_failure() -> None:
+    doc = CONSENT_DOC.replace(b'id="partner-domain"', b'id="alice-friends"')
+    error = _fails(doc, "uniqueness-failure")
+    assert [e.field for e in error.exists] == ["ruleset/rule/@id"]
+    assert error.exists[0].alt_values == ("alice-friends-2",)
+    assert b"<alt-value>alice-friends-2</alt-value>" in error.to_xml()
+
+
+def test_bad_extension_element_is_schema_error() -> None:
+    doc = CONSENT_DOC.replace(b"<cr:trans-handling>grant", b"<cr:trans-handling>maybe", 1)
+    _fails(doc, "schema-validation-error")
+
+
+def test_methods_text_form_is_schema_error() -> None:
+    doc = CONSENT_DOC.replace(
+        b"<cr:methods><cr:method>MESSAGE</cr:method></cr:methods>", b"<cr:methods/>"
+    )
+    _fails(doc, "schema-validation-error")
+
+
+def test_unknown_extension_namespace_allowed_by_lax_wildcard() -> None:
+    doc = CONSENT_DOC.replace(
+        b"<transformations/>", b'<transformations><x:y xmlns:x="urn:x"/></transformations>'
+    )
+    CONSENT_RULES.validate(parse_document(doc))
+
+
+def test_bad_validity_date_is_schema_error() -> None:
+    doc = CONSENT_DOC.replace(b"2026-11-24T00:00:00Z", b"next tuesday")
+    _fails(doc, "schema-validation-error")
+
+
+def test_wrong_root_is_schema_error() -> None:
+    doc = b'<target xmlns="urn:relayd:params:xml:ns:consent-policy" uri="sip:x@y"/>'
+    with pytest.raises(XCAPError) as info:
+        CONSENT_RULES.validate(parse_document(doc))
+    assert info.value.condition == "schema-validation-error"
+
+
+def test_rule_without_id_is_schema_error() -> None:
+    _fails(CONSENT_DOC.replace(b' id="partner-domain"', b""), "schema-validation-error")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        (b'name="family"', b'name="friends"', "resource-lists/list/@name"),
+        (
+            b'<entry uri="sip:carol@example.test"/>',
+            b'<entry uri="sip:bob@example.test"/>',
+            'resource-lists/list[@name="friends"]/entry/@uri',
+        ),
+        (
+            b'<list name="inner"><entry uri="sip:bob@example.test"/></list>',
+            b'<list name="inner"><entry-ref ref="x"/><entry-ref ref="x"/></list>',
+            'resource-lists/list[@name="friends"]/list[@name="inner"]/entry-ref/@ref',
+        ),
+    ],
+)
+def test_resource_list_uniqueness(old: bytes, new: bytes, field: str) -> None:
+    assert old in LISTS_DOC
+    error = _fails(LISTS_DOC.replace(old, new), "uniqueness-failure")
+    assert [e.field for e in error.exists] == [field]
+
+
+def test_same_entry_in_different_lists_is_fine() -> None:
+    # sip:bob is in "friends" and in the nested "inner" list: allowed.
+    RESOURCE_LISTS.validate(parse_document(LISTS_DOC))
+
+
+def test_entry_without_uri_is_schema_error() -> None:
+    doc = LISTS_DOC.replace(b'<entry uri="sip:carol@example.test"/>', b"<entry/>")
+    _fails(doc, "schema-validation-error")
+
+
+def test_consent_scope_accepts_rules_limited_to_the_list() -> None:
+    check_consent_scope(parse_document(CONSENT_DOC), "sip:friends@relay.example.test")
+
+
+def test_consent_scope_rejects_other_list_or_missing_target() -> None:
+    root = parse_document(CONSENT_DOC)
+    with pytest.raises(XCAPError) as info:
+        check_consent_scope(root, "sip:family@relay.example.test")
+    assert info.value.condition == "constraint-failure"
+    doc = CONSENT_DOC.replace(b'<cr:target uri="sip:friends@relay.example.test"/>\n    </c', b"</c")
+    assert doc != CONSENT_DOC
+    with pytest.raises(XCAPError):
+        check_consent_scope(parse_document(doc), "sip:friends@relay.example.test")
+
+
+def test_xcap_caps_document() -> None:
+    root = etree.fromstring(xcap_caps_document())
+    ns = "{urn:ietf:params:xml:ns:xcap-caps}"
+    assert root.tag == ns + "xcap-caps"
+    assert [a.text for a in root.iter(ns + "auid")] == [
+        "consent-rules",
+        "resource-lists",
+        "xcap-caps",
+    ]
+    namespaces = {n.text for n in root.iter(ns + "namespace")}
+    assert "urn:relayd:params:xml:ns:consent-policy" in namespaces
+    assert "urn:ietf:params:xml:ns:resource-lists" in namespaces

@@ -1,0 +1,173 @@
+"""Hostile and ordinary bodies through relayd.xcap.xml."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from relayd.xcap.errors import XCAPError
+from relayd.xcap.xml import (
+    make_parser,
+    parse_attribute_value,
+    parse_document,
+    parse_fragment,
+    serialize_document,
+    serialize_element,
+)
+
+CP = "urn:ietf:params:xml:ns:common-policy"
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+]>
+<ruleset xmlns="urn:ietf:params:xml:ns:common-policy">&lol4;</ruleset>"""
+
+XXE = b"""<?xml version="1.0"?>
+<!DOCTYPE ruleset [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"><rule id="a">&xxe;</rule></ruleset>"""
+
+EXTERNAL_DTD = b"""<?xml version="1.0"?>
+<!DOCTYPE ruleset SYSTEM "http://127.0.0.1:1/evil.dtd">
+<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"/>"""
+
+
+def _error(body: bytes, max_bytes: int = 1 << 20) -> XCAPError:
+    with pytest.raises(XCAPError) as info:
+        parse_document(body, max_bytes)
+    return info.value
+
+
+def test_parse_document_returns_root() -> None:
+    root = parse_document(b'<ruleset xmlns="%s"><rule id="a"/></ruleset>' % CP.encode())
+    assert root.tag == f"{{{CP}}}ruleset"
+    assert root[0].get("id") == "a"
+
+
+@pytest.mark.parametrize("body", [BILLION_LAUGHS, XXE, EXTERNAL_DTD])
+def test_dtd_bodies_rejected_not_well_formed(body: bytes) -> None:
+    error = _error(body)
+    assert (error.status, error.condition) == (409, "not-well-formed")
+    assert b"not-well-formed" in error.to_xml()
+
+
+def test_entity_declaration_without_doctype_keyword_rejected() -> None:
+    error = _error(b'<ruleset xmlns="urn:x"><!ENTITY a "b"></ruleset>')
+    assert error.condition == "not-well-formed"
+
+
+def test_safe_parser_never_expands_entities_even_without_prescan() -> None:
+    # Defence in depth: the parser alone must not substitute or fetch anything.
+    root = etree.fromstring(XXE, make_parser())
+    assert "root:" not in etree.tostring(root).decode()
+    root = etree.fromstring(BILLION_LAUGHS, make_parser())
+    assert len(etree.tostring(root)) < 1000
+
+
+def test_oversized_body_rejected_before_parsing() -> None:
+    body = b"<a>" + b"x" * 2000 + b"</a>"
+    error = _error(body, max_bytes=1000)
+    assert error.status == 413
+    assert error.condition is None
+    assert not error.has_body
+
+
+def test_body_at_limit_accepted() -> None:
+    body = b"<a>" + b"x" * 10 + b"</a>"
+    assert parse_document(body, max_bytes=len(body)).text == "x" * 10
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<a>\xff\xfe</a>",
+        "<a>caf\u00e9</a>".encode("latin-1"),
+        '<?xml version="1.0" encoding="UTF-16"?><a/>'.encode("utf-16"),
+        b'<?xml version="1.0" encoding="ISO-8859-1"?><a>plain</a>',
+    ],
+)
+def test_non_utf8_rejected(body: bytes) -> None:
+    error = _error(body)
+    assert (error.status, error.condition) == (409, "not-utf-8")
+
+
+def test_utf8_declaration_and_bom_accepted() -> None:
+    body = '\ufeff<?xml version="1.0" encoding="utf-8"?><a>caf\u00e9</a>'.encode()
+    assert parse_document(body).text == "caf\u00e9"
+
+
+@pytest.mark.parametrize("body", [b"<a>", b"<a></b>", b"", b"text", b"<a/><b/>"])
+def test_malformed_rejected(body: bytes) -> None:
+    error = _error(body)
+    assert error.condition == "not-well-formed"
+
+
+def test_deeply_nested_document_rejected_by_libxml2_limits() -> None:
+    depth = 100_000
+    body = b"<a>" * depth + b"</a>" * depth
+    assert _error(body, max_bytes=len(body)).condition == "not-well-formed"
+
+
+def test_fragment_uses_in_scope_namespaces() -> None:
+    element = parse_fragment(b'<rule id="r"><x:y/></rule>', namespaces={None: CP, "x": "urn:x"})
+    assert element.tag == f"{{{CP}}}rule"
+    assert element[0].tag == "{urn:x}y"
+    assert element.getparent() is None
+
+
+def test_fragment_with_declaration_and_own_namespace() -> None:
+    element = parse_fragment(b'<?xml version="1.0" encoding="UTF-8"?>\n<e xmlns="urn:e"/>')
+    assert element.tag == "{urn:e}e"
+
+
+@pytest.mark.parametrize("body", [b"<a/><b/>", b"text<a/>", b"", b"<a>", b"<a/>tail"])
+def test_fragment_not_one_element_rejected(body: bytes) -> None:
+    with pytest.raises(XCAPError) as info:
+        parse_fragment(body)
+    assert info.value.condition == "not-xml-frag"
+
+
+def test_fragment_with_doctype_rejected() -> None:
+    with pytest.raises(XCAPError) as info:
+        parse_fragment(b'<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><a>&x;</a>')
+    assert info.value.condition == "not-xml-frag"
+
+
+def test_fragment_size_limit() -> None:
+    with pytest.raises(XCAPError) as info:
+        parse_fragment(b"<a>" + b"x" * 100 + b"</a>", max_bytes=50)
+    assert info.value.status == 413
+
+
+@pytest.mark.parametrize(
+    ("body", "value"),
+    [
+        (b"sip:alice@example.test", "sip:alice@example.test"),
+        (b"a &amp; b &#x41; &lt;", "a & b A <"),
+        (b'say "hi"', 'say "hi"'),
+    ],
+)
+def test_attribute_value_decoded(body: bytes, value: str) -> None:
+    assert parse_attribute_value(body) == value
+
+
+@pytest.mark.parametrize("body", [b"a<b", b"a & b", b"&undefined;", b"&#0;"])
+def test_attribute_value_invalid(body: bytes) -> None:
+    with pytest.raises(XCAPError) as info:
+        parse_attribute_value(body)
+    assert info.value.condition == "not-xml-att-value"
+
+
+def test_attribute_value_not_utf8() -> None:
+    with pytest.raises(XCAPError) as info:
+        parse_attribute_value(b"\xff")
+    assert info.value.condition == "not-utf-8"
+
+
+def test_serialize_round_trip() -> None:
+    root = parse_document(b'<a xmlns="urn:a"><b x="1"/>\n</a>')
+    assert serialize_document(root).startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
+    assert serialize_element(root[0]) == b'<b xmlns="urn:a" x="1"/>'
