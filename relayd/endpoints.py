@@ -87,10 +87,10 @@ def parse_endpoint(description: str) -> EndpointSpec:
             raise EndpointSyntaxError(f"{description!r}: unexpected {positional[-1]!r}")
         options["port"] = positional[0]
     port_text = options.pop("port", "")
-    if not port_text.isdigit() or int(port_text) > 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise EndpointSyntaxError(f"{description!r}: port must be a number from 0 to 65535")
     backlog = options.get("backlog")
-    if backlog is not None and not backlog.isdigit():
+    if backlog is not None and not (backlog.isascii() and backlog.isdigit()):
         raise EndpointSyntaxError(f"{description!r}: backlog must be a number")
     interface = options.pop("interface", "")
     return EndpointSpec(kind, int(port_text), interface, options, text)

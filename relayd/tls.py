@@ -127,9 +127,6 @@ def load_identity(certificate_path: str, private_key_path: str) -> ServerIdentit
         ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
     ):
         raise TLSSetupError(f"{private_key_path}: key type not usable for TLS")
-    key = crypto.PKey.from_cryptography_key(private_key)
-    leaf = ssl.Certificate(chain[0])
-    private = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, ssl.KeyPair(key))
     context = SSL.Context(SSL.TLS_METHOD)
     try:
         context.use_certificate(chain[0].to_cryptography())
@@ -139,6 +136,9 @@ def load_identity(certificate_path: str, private_key_path: str) -> ServerIdentit
         raise TLSSetupError(
             f"{private_key_path} does not match the certificate in {certificate_path}"
         ) from None
+    key = crypto.PKey.from_cryptography_key(private_key)
+    leaf = ssl.Certificate(chain[0])
+    private = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, ssl.KeyPair(key))
     return ServerIdentity(certificate_path, private_key_path, private, tuple(chain))
 
 

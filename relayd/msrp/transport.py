@@ -279,6 +279,8 @@ def _srv_resolver(service: str, host: str) -> defer.Deferred[list[tuple[str, int
 
 
 class _ListenerFactory(Factory):
+    noisy = False
+
     def __init__(self, relay: MSRPRelay, tls: bool) -> None:
         self.relay = relay
         self.tls = tls
@@ -288,6 +290,8 @@ class _ListenerFactory(Factory):
 
 
 class _OutboundFactory(Factory):
+    noisy = False
+
     def __init__(self, relay: MSRPRelay, key: tuple[str, str, int], tls: bool, name: str) -> None:
         self.relay = relay
         self.key = key
@@ -368,16 +372,19 @@ class _EndToEndTransaction:
                 self.source.succeeded()
 
     def timeout(self) -> None:
-        if self.source.connected:
-            response = make_response(
-                self.request, 408, to_path=self.request.headers.get("From-Path") or ""
-            )
-            self.source.write_atomic(response.to_bytes())
+        self._answer(408, "Request Timeout")
 
     def lost(self) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timeout()
+        self._answer(481, "next hop connection lost")
+
+    def _answer(self, code: int, comment: str) -> None:
+        if self.source.connected:
+            response = make_response(
+                self.request, code, comment, to_path=self.request.headers.get("From-Path") or ""
+            )
+            self.source.write_atomic(response.to_bytes())
 
 
 # -- message consumers: what happens to the body of the current inbound message ------
@@ -806,7 +813,6 @@ class MSRPConnection(Protocol):
             self._probation = self.relay.clock.callLater(
                 self.relay.config.probation_seconds, self._probation_over
             )
-        self.log.debug("MSRP connection from {peer}", peer=self.peer)
 
     def handshakeCompleted(self) -> None:
         transport: Any = self.transport
@@ -858,6 +864,12 @@ class MSRPConnection(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
+        if not reason.check(error.ConnectionDone):
+            self.log.info(
+                "MSRP connection {peer} lost: {reason}",
+                peer=self.peer,
+                reason=reason.getErrorMessage(),
+            )
         if self._probation is not None and self._probation.active():
             self._probation.cancel()
         self.relay.unregister(self)
@@ -871,7 +883,6 @@ class MSRPConnection(Protocol):
         for stream in list(self.incoming):
             stream.fail(481, "next hop connection lost", stream.offset, stream.offset)
         self.incoming.clear()
-        self.log.debug("MSRP connection {peer} closed", peer=self.peer)
 
     # -- IPushProducer: our socket buffer filled up or drained ---------------------------
 
@@ -1056,6 +1067,8 @@ class MSRPConnection(Protocol):
         if not self.connected:
             return
         transport: Any = self.transport
+        # A registered producer would hold a TLS shutdown back forever.
+        transport.unregisterProducer()
         if abort:
             transport.abortConnection()
         else:

@@ -57,14 +57,18 @@ async def start_relay(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[RelayFacto
     async def factory(
         host: str = "127.0.0.1",
         extra: dict[tuple[str, str], str] | None = None,
-        trust_peers: bool = True,
+        trust_peers: bool | str = True,
     ) -> RunningRelay:
         folder = tmp_path / f"relay-{host}-{len(running)}"
         folder.mkdir()
         cert, key = pki.leaf(host)
         users = write_users(folder / "users.htdigest", REALM, USERS)
+        if isinstance(trust_peers, str):
+            ca_path = trust_peers
+        else:
+            ca_path = pki.ca_path if trust_peers else ""
         overrides = relay_config_overrides(
-            str(folder / "data"), host, cert, key, users, pki.ca_path if trust_peers else "", extra
+            str(folder / "data"), host, cert, key, users, ca_path, extra
         )
         prepared = prepared_relay(overrides)
         service = relay_service(prepared, reactor)

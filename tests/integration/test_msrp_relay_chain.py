@@ -1,0 +1,94 @@
+"""Two relays with mutual TLS: the intra/extra AUTH chain of RFC 4976 §5.1."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from relayd.msrp.client import MSRPClientError, connect
+from relayd.testing import RelayPKI, make_pki
+
+from .conftest import USERS, RecordingSink, RelayFactory, client, path_to
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_through_two_relays_with_auth_chain(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    intra = await start_relay("127.0.0.1")
+    extra = await start_relay("127.0.0.2")
+    # Alice: AUTH with her intra relay, then with extra *through* intra.
+    alice = await connect(reactor, intra.uri, pki.ca_pem)
+    first = await defer.Deferred.fromCoroutine(alice.auth([intra.uri], "alice", USERS["alice"]))
+    second = await defer.Deferred.fromCoroutine(
+        alice.auth([*first.use_path, extra.uri], "alice", USERS["alice"])
+    )
+    assert second.use_path[0].startswith(f"msrps://127.0.0.2:{extra.port}/")
+    # The AUTH reached extra over a mutually authenticated connection from intra.
+    peers = [c for c in extra.relay.connections if c.peer_names]
+    assert peers and "127.0.0.1" in peers[0].peer_names
+    # Bob is a client of extra only.
+    sink = RecordingSink()
+    bob, bob_auth = await client(extra, "bob", sink, trust=pki.ca_pem)
+    to_path = [*first.use_path, *second.use_path, *path_to(bob, bob_auth)]
+    data = b"x" * 200_000
+    await defer.Deferred.fromCoroutine(
+        alice.send_message(
+            " ".join(to_path),
+            data,
+            len(data),
+            chunk_bytes=50_000,
+            success_report=True,
+            message_id="chain",
+        )
+    ).addTimeout(10, reactor)
+    assert await sink.wait("chain") == data
+    report = await alice.wait_report("chain").addTimeout(5, reactor)
+    assert report.headers.get("Status") == "000 200 OK"
+    # And back: Bob answers through extra and intra to Alice's path (reverse of hers).
+    alice_path = [*reversed(second.use_path), *reversed(first.use_path), alice.local_uri]
+    alice_sink = RecordingSink()
+    alice.sink_for = lambda request: alice_sink
+    await defer.Deferred.fromCoroutine(
+        bob.send_message(" ".join([*bob_auth.use_path, *alice_path]), b"pong", 4, message_id="back")
+    ).addTimeout(10, reactor)
+    assert await alice_sink.wait("back") == b"pong"
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_relay_with_untrusted_certificate_cannot_forward(
+    start_relay: RelayFactory, pki: RelayPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # extra only trusts another CA: intra's client certificate fails the
+    # handshake, so the AUTH never reaches extra and Alice gets an error.
+    other = make_pki(tmp_path_factory.mktemp("other-ca"))
+    intra = await start_relay("127.0.0.1")
+    extra = await start_relay("127.0.0.2", trust_peers=other.ca_path)
+    alice = await connect(reactor, intra.uri, pki.ca_pem)
+    first = await defer.Deferred.fromCoroutine(alice.auth([intra.uri], "alice", USERS["alice"]))
+    with pytest.raises(MSRPClientError, match="481"):
+        await defer.Deferred.fromCoroutine(
+            alice.auth([*first.use_path, extra.uri], "alice", USERS["alice"])
+        ).addTimeout(10, reactor)
+    assert not [c for c in extra.relay.connections if c.peer_names]
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_without_peer_trust_treats_relays_as_clients(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    # RFC 4976 §6.1: no certificate accepted means an MSRP client with digest.
+    intra = await start_relay("127.0.0.1")
+    extra = await start_relay("127.0.0.2", trust_peers=False)
+    alice = await connect(reactor, intra.uri, pki.ca_pem)
+    first = await defer.Deferred.fromCoroutine(alice.auth([intra.uri], "alice", USERS["alice"]))
+    second = await defer.Deferred.fromCoroutine(
+        alice.auth([*first.use_path, extra.uri], "alice", USERS["alice"])
+    ).addTimeout(10, reactor)
+    session_id = second.use_path[0].rsplit("/", 1)[1].split(";")[0]
+    session = extra.relay.core.sessions.lookup(session_id)
+    assert session is not None
+    assert session.owner_relay is None and session.owner_connection is not None

@@ -1,0 +1,126 @@
+"""The real daemon: `twistd -n msrprelay --config FILE` in its own process."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+from relayd.msrp.client import connect
+from relayd.testing import RelayPKI, write_users
+
+from .conftest import REALM, USERS, RecordingSink, path_to
+
+pytestmark = pytest.mark.integration
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class Daemon(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[tuple[int | None, int | None]] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = re.search(rb"MSRP listening on ssl:127\.0\.0\.1:(\d+)", self.output)
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+
+def write_config(tmp_path: Path, pki: RelayPKI) -> Path:
+    cert, key = pki.leaf("127.0.0.1")
+    users = write_users(tmp_path / "users.htdigest", REALM, USERS)
+    config = tmp_path / "relayd.ini"
+    config.write_text(
+        f"""[relay]
+hostname = 127.0.0.1
+data_dir = {tmp_path / "data"}
+
+[msrp]
+listen = ssl:0:interface=127.0.0.1
+
+[auth]
+realm = {REALM}
+users = {users}
+
+[tls]
+certificate = {cert}
+private_key = {key}
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_runs_relay_from_config(tmp_path: Path, pki: RelayPKI) -> None:
+    config = write_config(tmp_path, pki)
+    daemon = Daemon()
+    process = reactor.spawnProcess(
+        daemon,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        env=None,
+        path=str(tmp_path),
+    )
+    try:
+        port = await daemon.listening.addTimeout(30, reactor)
+        uri = f"msrps://127.0.0.1:{port};tcp"
+        sink = RecordingSink()
+        alice = await connect(reactor, uri, pki.ca_pem)
+        bob = await connect(reactor, uri, pki.ca_pem, sink_for=lambda request: sink)
+        alice_auth = await defer.Deferred.fromCoroutine(alice.auth([uri], "alice", USERS["alice"]))
+        bob_auth = await defer.Deferred.fromCoroutine(bob.auth([uri], "bob", USERS["bob"]))
+        to_path = " ".join([*alice_auth.use_path, *path_to(bob, bob_auth)])
+        await defer.Deferred.fromCoroutine(
+            alice.send_message(to_path, b"through the daemon", 18, message_id="d1")
+        ).addTimeout(10, reactor)
+        assert await sink.wait("d1") == b"through the daemon"
+        alice.transport.loseConnection()  # type: ignore[union-attr]
+        bob.transport.loseConnection()  # type: ignore[union-attr]
+    finally:
+        if not daemon.ended.called:
+            process.signalProcess(signal.SIGTERM)
+    code, signal_number = await daemon.ended.addTimeout(30, reactor)
+    output = daemon.output.decode(errors="replace")
+    # twistd re-raises the signal that stopped it, so SIGTERM is a clean exit too.
+    assert code == 0 or signal_number == signal.SIGTERM, output
+    assert "Server Shut Down" in output
+    assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_config_stops_startup_with_one_line(tmp_path: Path, pki: RelayPKI) -> None:
+    config = write_config(tmp_path, pki)
+    text = config.read_text(encoding="utf-8")
+    config.write_text(
+        text + "session_expires_min_seconds = 900\nsession_expires_max_seconds = 60\n",
+        encoding="utf-8",
+    )
+    # The keys above landed in [tls]: unknown key there.
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable,
+        [*TWISTD[1:], "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        path=str(tmp_path),
+    )
+    assert code != 0
+    message = (out + err).decode()
+    assert f"{config}: [tls] session_expires_min_seconds: unknown key" in message
+    assert "Traceback" not in message
+    assert "listening" not in message
