@@ -56,32 +56,46 @@ class Headers:
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = list(items)
+        # Built on first lookup: most headers we build are only ever written.
+        self._index: dict[str, int] | None = None
+
+    def _lookup(self) -> dict[str, int]:
         index: dict[str, int] = {}
         for position, (name, _) in enumerate(self._items):
-            index.setdefault(name.lower(), position)
+            lname = name.lower()
+            if lname not in index:
+                index[lname] = position
         self._index = index
+        return index
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        position = self._index.get(name.lower())
+        index = self._index
+        if index is None:
+            index = self._lookup()
+        position = index.get(name.lower())
         return default if position is None else self._items[position][1]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._index
+        if not isinstance(name, str):
+            return False
+        index = self._index if self._index is not None else self._lookup()
+        return name.lower() in index
 
     def set(self, name: str, value: str) -> None:
         """Replace the first occurrence in place (keeping position) or append."""
+        index = self._index if self._index is not None else self._lookup()
         lname = name.lower()
-        position = self._index.get(lname)
+        position = index.get(lname)
         if position is None:
-            self._index[lname] = len(self._items)
+            index[lname] = len(self._items)
             self._items.append((name, value))
         else:
             self._items[position] = (self._items[position][0], value)
 
     def remove(self, name: str) -> None:
         lname = name.lower()
-        if lname in self._index:
-            self.__init__([(k, v) for k, v in self._items if k.lower() != lname])  # type: ignore[misc]
+        self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+        self._index = None
 
     def copy(self) -> Headers:
         return Headers(self._items)

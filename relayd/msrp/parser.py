@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 from relayd.msrp.message import Headers, MSRPRequest, MSRPResponse
 
-_IDENT_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-+%=")
-_ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-_FLAGS = b"$+#"
+# RFC 4975 §9: req-start / resp-start; transact-id = ALPHANUM 3*31ident-char.
+_START_LINE = re.compile(
+    rb"MSRP ([A-Za-z0-9][A-Za-z0-9.+%=-]{3,31}) (?:(\d{3})(?: ([^\r\n]*))?|([A-Z]+))"
+)
+_FLAG_SET = frozenset((b"$", b"+", b"#"))
+_NO_HEADERS = Headers()
 _HYPHENS = b"-------"
 
 
@@ -133,7 +136,7 @@ class MSRPParser:
                 if not self._parse_header_block(events):
                     break
             elif state == _START:
-                if not self._parse_start_line():
+                if self._pos >= len(self._buf) or not self._parse_start_line():
                     break
             elif not self._open_body(events):
                 break
@@ -168,29 +171,23 @@ class MSRPParser:
             return True
         if len(line) > self._limits.max_line_bytes:
             raise MSRPParseError("start line too long")
-        parts = line.split(b" ", 2)
-        if len(parts) < 3 or parts[0] != b"MSRP":
-            raise MSRPParseError("malformed start line")
-        tid_bytes, rest = parts[1], parts[2]
-        if not (4 <= len(tid_bytes) <= 32) or tid_bytes[0] not in _ALNUM:
-            raise MSRPParseError("malformed transaction id")
-        if not _IDENT_CHARS.issuperset(tid_bytes):
-            raise MSRPParseError("malformed transaction id")
+        match = _START_LINE.fullmatch(line)
+        if match is None:
+            raise MSRPParseError(_start_line_problem(line))
+        tid_bytes, code, comment, method = match.groups()
         tid = tid_bytes.decode("ascii")
         self._leading_crlf = 0
         self._tid = tid
         self._boundary = b"\r\n" + _HYPHENS + tid_bytes
         self._scan = 0
-        if rest[:3].isdigit() and (len(rest) == 3 or rest[3:4] == b" "):
+        if method is not None:
+            self._message = MSRPRequest(tid, method.decode("ascii"), _NO_HEADERS)
+        else:
             try:
-                comment = rest[4:].decode("utf-8")
+                text = comment.decode("utf-8") if comment is not None else ""
             except UnicodeDecodeError:
                 raise MSRPParseError("response comment is not UTF-8") from None
-            self._message = MSRPResponse(tid, int(rest[:3]), comment, Headers())
-        elif rest.isalpha() and rest.isupper():
-            self._message = MSRPRequest(tid, rest.decode("ascii"), Headers())
-        else:
-            raise MSRPParseError("malformed method or status")
+            self._message = MSRPResponse(tid, int(code), text, _NO_HEADERS)
         self._state = _HEADERS
         return True
 
@@ -200,67 +197,82 @@ class MSRPParser:
         """Find the end of the header block once, then split it in one pass.
 
         The block ends at a blank line (a body follows) or at this
-        transaction's end-line (no body).  Searching for both from a saved
-        offset keeps the work linear however the input is split.
+        transaction's end-line (no body).  Both searches resume from a saved
+        offset, and the end-line search stops at the blank line, so neither
+        the headers nor the body are scanned twice.
         """
         buf = self._buf
         pos = self._pos
         limits = self._limits
+        boundary = self._boundary
         # The start line's CRLF sits just before pos: include it so that an
         # end-line directly after the last header (or a blank line) is found.
-        origin = pos - 2
-        scan = max(origin, self._scan)
+        scan = self._scan
+        if scan < pos - 2:
+            scan = pos - 2
         blank = buf.find(b"\r\n\r\n", scan)
-        end_line = buf.find(self._boundary, scan)
-        if blank < 0 and end_line < 0:
-            if len(buf) - pos > limits.max_header_bytes:
-                return self._reject(events, "header block too large", pos)
-            if len(buf) - pos > limits.max_line_bytes:
-                line_start = buf.rfind(b"\r\n", pos, len(buf)) + 2
-                if len(buf) - max(line_start, pos) > limits.max_line_bytes:
-                    return self._reject(events, "header line too long", pos)
-            self._scan = max(origin, len(buf) - len(self._boundary))
-            return False
-        has_body = end_line < 0 or (0 <= blank < end_line)
-        stop = blank if has_body else end_line
-        if stop - pos > limits.max_header_bytes:
-            return self._reject(events, "header block too large", pos)
-        if not has_body:
-            after = end_line + len(self._boundary)
+        if blank >= 0:
+            end_line = buf.find(boundary, scan, blank + 2 + len(boundary))
+        else:
+            end_line = buf.find(boundary, scan)
+        if end_line >= 0 and (blank < 0 or end_line <= blank):
+            has_body = False
+            stop = end_line
+            after = end_line + len(boundary)
             if len(buf) < after + 3:
+                if stop - pos > limits.max_header_bytes:
+                    return self._reject(events, "header block too large", pos)
                 self._scan = end_line
                 return False
             flag = buf[after : after + 1]
-            if flag not in (b"$", b"+", b"#") or buf[after + 1 : after + 3] != b"\r\n":
+            if flag not in _FLAG_SET or buf[after + 1 : after + 3] != b"\r\n":
                 return self._reject(events, "malformed end-line", pos)
             next_pos = after + 3
-        else:
+        elif blank >= 0:
+            has_body = True
+            stop = blank
             flag = b""
             next_pos = blank + 4
-        block = buf[pos : stop + 2]
+        else:
+            waiting = len(buf) - pos
+            if waiting > limits.max_header_bytes:
+                return self._reject(events, "header block too large", pos)
+            if waiting > limits.max_line_bytes:
+                line_start = buf.rfind(b"\r\n", pos) + 2
+                if len(buf) - max(line_start, pos) > limits.max_line_bytes:
+                    return self._reject(events, "header line too long", pos)
+            self._scan = len(buf) - len(boundary)
+            return False
+        if stop - pos > limits.max_header_bytes:
+            return self._reject(events, "header block too large", pos)
         self._scan = 0
-        if block.count(b"\r\n") > limits.max_header_count:
-            return self._reject(events, "too many header fields", pos)
         try:
-            text = block.decode("utf-8")
+            text = buf[pos : stop + 2].decode("utf-8")
         except UnicodeDecodeError:
             return self._reject(events, "header field is not UTF-8", pos)
         if _HEADER_BLOCK.fullmatch(text) is None:
             return self._reject(events, _header_problem(text, limits), pos)
+        lines = text.split("\r\n")
+        lines.pop()
+        if len(lines) > limits.max_header_count:
+            return self._reject(events, "too many header fields", pos)
+        if len(text) > limits.max_line_bytes:
+            for line in lines:
+                if len(line) > limits.max_line_bytes:
+                    return self._reject(events, "header line too long", pos)
         items = []
-        for line in text[:-2].split("\r\n") if text else ():
-            if len(line) > limits.max_line_bytes:
-                return self._reject(events, "header line too long", pos)
+        for line in lines:
             name, _, value = line.partition(":")
             items.append((name, value.strip(" \t")))
-        message = self._message
-        assert message is not None
         if not _paths_first(items):
             # RFC 4975 §7.1: To-Path then From-Path come first.
             return self._reject(events, "To-Path and From-Path must come first", pos)
-        self._pos = next_pos
-        if isinstance(message, MSRPResponse) and has_body:
+        message = self._message
+        assert message is not None
+        if has_body and type(message) is MSRPResponse:
+            self._pos = next_pos
             return self._reject(events, "response with a body", pos)
+        self._pos = next_pos
         message.headers = Headers(items)
         events.append(MessageStart(message, has_body))
         if has_body:
@@ -355,6 +367,15 @@ class MSRPParser:
 
 
 _HEADER_BLOCK = re.compile(r"(?:[A-Za-z0-9!#$%&'*+.^_`|~-]+:[^\r\n]*\r\n)*")
+
+
+def _start_line_problem(line: bytes) -> str:
+    parts = line.split(b" ", 2)
+    if len(parts) < 3 or parts[0] != b"MSRP":
+        return "malformed start line"
+    if _START_LINE.fullmatch(b"MSRP " + parts[1] + b" SEND") is None:
+        return "malformed transaction id"
+    return "malformed method or status"
 
 
 def _header_problem(text: str, limits: MSRPLimits) -> str:

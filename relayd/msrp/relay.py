@@ -146,7 +146,7 @@ class RelayCore:
         if hop.peer_names:
             # The previous hop is a relay: its certificate must name the host
             # of the first From-Path URI (§6.3).
-            relay_host = from_path[0].host.lower()
+            relay_host = from_path[0].host.lower().strip("[]")
             if not hop.certificate_matches(relay_host):
                 return self._auth_refusal(request, 403, "certificate does not match From-Path")
         elif not hop.is_tls:
@@ -260,7 +260,7 @@ class RelayCore:
         # Towards the owner of ``target``, and nowhere else.
         if target.owner_connection is not None:
             return Route(new_to, new_from, texts[0], next_uri, target.owner_connection, target)
-        if target.owner_relay is None or next_uri.host.lower() != target.owner_relay:
+        if target.owner_relay is None or next_uri.host.lower().strip("[]") != target.owner_relay:
             raise MSRPStatus(403, "next hop is not the relay this session belongs to")
         return Route(new_to, new_from, texts[0], next_uri, None, target)
 
@@ -276,7 +276,11 @@ class RelayCore:
     def _is_owner(session: Session, hop: Hop, connection: object) -> bool:
         if session.owner_connection is not None:
             return session.owner_connection is connection
-        return session.owner_relay is not None and session.owner_relay in hop.peer_names
+        owner = session.owner_relay
+        if owner is None or not hop.peer_names:
+            return False
+        # Literal names first; a wildcard certificate needs the full check.
+        return owner in hop.peer_names or hop.certificate_matches(owner)
 
 
 def _end_to_end_response(
