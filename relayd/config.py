@@ -27,8 +27,8 @@ class ConfigError(Exception):
         self.section = section
         self.key = key
         self.message = message
-        where = f"[{section}] {key}" if key else f"[{section}]"
-        super().__init__(f"{source}: {where}: {message}")
+        where = f"[{section}] {key}: " if key else f"[{section}]: " if section else ""
+        super().__init__(f"{source}: {where}{message}")
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,12 @@ class Key:
 
 def _integer(minimum: int, maximum: int = 2**31 - 1) -> Callable[[str], int]:
     def parse(text: str) -> int:
+        stripped = text.strip()
+        digits = stripped[1:] if stripped[:1] == "-" else stripped
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"expected a whole number, got {stripped!r}")
         try:
-            value = int(text.strip())
+            value = int(stripped)
         except ValueError:
             raise ValueError(f"expected a whole number, got {text.strip()!r}") from None
         if not minimum <= value <= maximum:
@@ -351,12 +355,12 @@ def _read_ini(path: str) -> dict[tuple[str, str], str]:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
     except OSError as e:
-        raise ConfigError(path, "-", None, f"cannot read: {e.strerror}") from None
+        raise ConfigError(path, "", None, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(path, "-", None, "not UTF-8 text") from None
+        raise ConfigError(path, "", None, "not UTF-8 text") from None
     except configparser.Error as e:
         message = str(e).splitlines()[0]
-        raise ConfigError(path, "-", None, f"not an INI file: {message}") from None
+        raise ConfigError(path, "", None, f"not an INI file: {message}") from None
     sections = {k.section for k in SCHEMA}
     found: dict[tuple[str, str], str] = {}
     for section in parser.sections():
@@ -386,8 +390,12 @@ def _build(values: Mapping[tuple[str, str], Any], source: str) -> RelaydConfig:
 
 
 def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> None:
-    def fail(section: str, key: str, message: str) -> None:
-        raise ConfigError(origin[(section, key)], section, key, message)
+    def fail(section: str, key: str, message: str, *related: str) -> None:
+        # A cross-key problem is blamed on whichever involved value the
+        # operator actually set, not on a built-in default.
+        sources = [origin[(section, name)] for name in (key, *related)]
+        chosen = next((source for source in sources if source != "<defaults>"), sources[0])
+        raise ConfigError(chosen, section, key, message)
 
     msrp = config.msrp
     if msrp.session_expires_min_seconds > msrp.session_expires_max_seconds:
@@ -396,6 +404,7 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
             "session_expires_min_seconds",
             f"greater than session_expires_max_seconds"
             f" ({msrp.session_expires_min_seconds} > {msrp.session_expires_max_seconds})",
+            "session_expires_max_seconds",
         )
     if not (
         msrp.session_expires_min_seconds
@@ -407,6 +416,8 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
             "session_expires_seconds",
             f"must lie between session_expires_min_seconds and session_expires_max_seconds"
             f" ({msrp.session_expires_min_seconds}..{msrp.session_expires_max_seconds})",
+            "session_expires_min_seconds",
+            "session_expires_max_seconds",
         )
     if not msrp.listen:
         fail("msrp", "listen", "at least one listener is required")
@@ -417,7 +428,9 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
         if value and not os.access(value, os.R_OK):
             fail("tls", key, f"cannot read {value!r}")
     if bool(config.tls.certificate) != bool(config.tls.private_key):
-        fail("tls", "certificate", "certificate and private_key go together")
+        missing = "certificate" if not config.tls.certificate else "private_key"
+        other = "private_key" if missing == "certificate" else "certificate"
+        fail("tls", missing, f"must be set together with {other}", other)
     for value in msrp.listen:
         endpoint = parse_endpoint(value)
         for option in ("privateKey", "certKey", "extraCertChain"):

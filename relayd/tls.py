@@ -64,6 +64,7 @@ def ensure_self_signed(
     cert_path = folder / "selfsigned-cert.pem"
     key_path = folder / "selfsigned-key.pem"
     if cert_path.exists() and key_path.exists():
+        os.chmod(key_path, 0o600)
         return str(cert_path), str(key_path), False
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])

@@ -302,7 +302,8 @@ def response_route(
 ) -> tuple[str, str] | None:
     """Rewrite a response to forward it one hop back (§6.4.3), or None to drop it.
 
-    The first To-Path URI must be ours; it moves to the front of From-Path.
+    The first To-Path URI must be ours; it moves to the front of From-Path, and
+    so does a second one of ours (a request between two of our clients).
     """
     to_text = response.headers.get("To-Path") or ""
     from_text = response.headers.get("From-Path") or ""
@@ -310,10 +311,13 @@ def response_route(
         to_path = parse_path(to_text)
     except MSRPURIError:
         return None
-    if not is_local(to_path[0]) or len(to_path) < 2:
+    if not is_local(to_path[0]):
+        return None
+    consumed = 2 if len(to_path) > 2 and is_local(to_path[1]) else 1
+    if len(to_path) <= consumed:
         return None
     texts = to_text.split()
-    return " ".join(texts[1:]), " ".join([texts[0], from_text])
+    return " ".join(texts[consumed:]), " ".join([*reversed(texts[:consumed]), from_text])
 
 
 def copy_headers(headers: Headers, skip: frozenset[str]) -> list[tuple[str, str]]:

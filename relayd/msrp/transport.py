@@ -59,7 +59,7 @@ from relayd.msrp.parser import (
     MSRPParser,
 )
 from relayd.msrp.relay import KNOWN_METHODS, RelayCore, Route, response_route
-from relayd.msrp.uri import DEFAULT_PORT, MSRPURI
+from relayd.msrp.uri import DEFAULT_PORT, MSRPURI, MSRPURIError, parse_path
 from relayd.tls import ServerIdentity, certificate_dns_names, client_connection_creator
 from relayd.tls import peer_certificate_matches as _peer_certificate_matches
 from relayd.tokens import new_transaction_id
@@ -798,6 +798,7 @@ class MSRPConnection(Protocol):
         self._failures = 0
         self._auth_failures = 0
         self._succeeded = not inbound
+        self._closing = False
         self.last_activity = relay.clock.seconds()
         self.peer = "?"
 
@@ -831,7 +832,9 @@ class MSRPConnection(Protocol):
             )
 
     def dataReceived(self, data: bytes) -> None:
-        self.last_activity = self.relay.clock.seconds()
+        if self._closing:
+            return
+        self.relay.touch(self)
         try:
             events = self.parser.feed(data)
         except MSRPParseError as e:
@@ -856,7 +859,7 @@ class MSRPConnection(Protocol):
                     consumer.end(event.flag)
                 else:
                     self._rejected(event)
-                if not self.connected:
+                if self._closing:
                     return
         except Exception:
             self.log.failure("Internal error handling input from {peer}", peer=self.peer)
@@ -912,7 +915,6 @@ class MSRPConnection(Protocol):
 
     def _request(self, request: MSRPRequest, has_body: bool) -> None:
         relay = self.relay
-        relay.touch(self)
         method = request.method
         try:
             if method not in KNOWN_METHODS and relay.config.block_unknown_methods:
@@ -968,8 +970,10 @@ class MSRPConnection(Protocol):
         if (
             event.method is not None
             and event.method != "REPORT"
-            and event.to_path
-            and event.from_path
+            and event.to_path is not None
+            and event.from_path is not None
+            and _valid_path(event.to_path)
+            and _valid_path(event.from_path)
         ):
             to_path = (
                 event.from_path.split(" ", 1)[0] if event.method == "SEND" else event.from_path
@@ -979,7 +983,6 @@ class MSRPConnection(Protocol):
         self._failed()
 
     def _response(self, response: MSRPResponse) -> None:
-        self.relay.touch(self)
         transaction = self.transactions.pop(response.tid, None)
         if transaction is None:
             self.log.debug("Response {tid} matches no transaction: dropped", tid=response.tid)
@@ -1046,10 +1049,16 @@ class MSRPConnection(Protocol):
             self.close("too many failed requests")
 
     def auth_failed(self) -> None:
-        """A failed AUTH from a directly connected client (§6.3); relays are never cut off."""
+        """A failed AUTH from a directly connected client (§6.3); relays are never cut off.
+
+        A peer relay forwards many users' AUTHs: their mistakes say nothing
+        about the relay, so they count neither here nor toward probation.
+        """
+        if self.peer_names:
+            return
         self._auth_failures += 1
         self._failed()
-        if not self.peer_names and self._auth_failures >= self.relay.config.max_failed_auth:
+        if self._auth_failures >= self.relay.config.max_failed_auth:
             self.log.warn(
                 "Closing {peer}: {count} failed AUTH attempts",
                 peer=self.peer,
@@ -1064,8 +1073,9 @@ class MSRPConnection(Protocol):
             self.close("probation expired")
 
     def close(self, reason: str, abort: bool = False) -> None:
-        if not self.connected:
+        if not self.connected or self._closing:
             return
+        self._closing = True
         transport: Any = self.transport
         # A registered producer would hold a TLS shutdown back forever.
         transport.unregisterProducer()
@@ -1073,6 +1083,15 @@ class MSRPConnection(Protocol):
             transport.abortConnection()
         else:
             transport.loseConnection()
+
+
+def _valid_path(text: str) -> bool:
+    """Only echo paths that parse: a 400 must never carry a malformed header."""
+    try:
+        parse_path(text)
+    except MSRPURIError:
+        return False
+    return True
 
 
 def _describe(address: Any) -> str:

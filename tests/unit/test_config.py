@@ -1,0 +1,380 @@
+"""Tests for relayd.config: defaults < INI file < command line, and every error message."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from relayd.config import SCHEMA, ConfigError, RelaydConfig, example_ini, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = "etc/relayd.ini.example"
+
+
+def write_ini(tmp_path: Path, text: str, name: str = "relayd.ini") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def config_error(path: str | None, overrides: dict[tuple[str, str], str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_defaults_load_without_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(None)
+    assert config.source == "<defaults>"
+    assert config.hostname == ""
+    assert config.data_dir == str(tmp_path / ".local" / "state" / "relayd")
+    assert config.msrp.listen == ("ssl:2855:interface=127.0.0.1",)
+    assert config.msrp.ca_certificates == ""
+    assert config.msrp.session_expires_seconds == 1800
+    assert config.msrp.session_expires_min_seconds == 60
+    assert config.msrp.session_expires_max_seconds == 86400
+    assert config.msrp.block_unknown_methods is False
+    assert config.auth.realm == ""
+    assert config.auth.allowed_users == ()
+    assert config.auth.nonce_lifetime_seconds == 300
+    assert config.tls.certificate == ""
+    assert config.tls.private_key == ""
+
+
+def test_defaults_listen_only_on_loopback() -> None:
+    config = load_config(None)
+    assert all("interface=127.0.0.1" in value for value in config.msrp.listen)
+
+
+def test_ini_values_override_defaults(tmp_path: Path) -> None:
+    path = write_ini(
+        tmp_path,
+        "[relay]\n"
+        "hostname = relay.example.com\n"
+        f"data_dir = {tmp_path / 'data'}\n"
+        "[msrp]\n"
+        "listen = ssl:2855:interface=127.0.0.1\n"
+        "    tcp:2856:interface=127.0.0.1\n"
+        "session_expires_seconds = 600\n"
+        "block_unknown_methods = yes\n"
+        "[auth]\n"
+        "allowed_users = alice, bob carol\n"
+        "realm = example\n",
+    )
+    config = load_config(path)
+    assert config.source == path
+    assert config.hostname == "relay.example.com"
+    assert config.data_dir == str(tmp_path / "data")
+    assert config.msrp.listen == ("ssl:2855:interface=127.0.0.1", "tcp:2856:interface=127.0.0.1")
+    assert config.msrp.session_expires_seconds == 600
+    assert config.msrp.block_unknown_methods is True
+    assert config.auth.allowed_users == ("alice", "bob", "carol")
+    assert config.auth.realm == "example"
+    # Untouched keys keep their defaults.
+    assert config.msrp.session_expires_max_seconds == 86400
+
+
+def test_ini_percent_signs_are_not_interpolated(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[auth]\nrealm = 100%(x)s sure\n")
+    assert load_config(path).auth.realm == "100%(x)s sure"
+
+
+@pytest.mark.parametrize("text", ["yes", "True", "on", "1", "no", "FALSE", "off", "0"])
+def test_boolean_spellings_accepted(tmp_path: Path, text: str) -> None:
+    path = write_ini(tmp_path, f"[msrp]\nblock_unknown_methods = {text}\n")
+    expected = text.lower() in ("yes", "true", "on", "1")
+    assert load_config(path).msrp.block_unknown_methods is expected
+
+
+def test_command_line_overrides_beat_the_file(tmp_path: Path) -> None:
+    path = write_ini(
+        tmp_path, "[relay]\nhostname = from-file.example.com\n[msrp]\nprobation_seconds = 20\n"
+    )
+    config = load_config(
+        path,
+        {
+            ("relay", "hostname"): "from-cli.example.com",
+            ("msrp", "listen"): "tcp:0:interface=127.0.0.1",
+        },
+    )
+    assert config.hostname == "from-cli.example.com"
+    assert config.msrp.listen == ("tcp:0:interface=127.0.0.1",)
+    assert config.msrp.probation_seconds == 20
+
+
+def test_command_line_overrides_without_file() -> None:
+    config = load_config(None, {("msrp", "max_connections"): "10"})
+    assert config.msrp.max_connections == 10
+
+
+def test_command_line_unknown_key_is_reported_as_command_line() -> None:
+    message = config_error(None, {("msrp", "no_such_key"): "1"})
+    assert message == "command line: [msrp] no_such_key: unknown key"
+
+
+def test_command_line_bad_value_names_command_line() -> None:
+    message = config_error(None, {("msrp", "max_connections"): "many"})
+    assert message.startswith("command line: [msrp] max_connections: ")
+    assert "whole number" in message
+    assert "'many'" in message
+
+
+def test_error_carries_its_parts(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nmax_connections = lots\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.source == path
+    assert info.value.section == "msrp"
+    assert info.value.key == "max_connections"
+    assert "whole number" in info.value.message
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[relay]\nhostname = x\n[bogus]\nkey = 1\n")
+    assert config_error(path) == f"{path}: [bogus]: unknown section"
+
+
+def test_default_section_is_not_special(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[DEFAULT]\nhostname = x\n")
+    assert config_error(path) == f"{path}: [DEFAULT]: unknown section"
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nlisten_on = tcp:2855\n")
+    assert config_error(path) == f"{path}: [msrp] listen_on: unknown key"
+
+
+def test_keys_are_case_sensitive(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[relay]\nHostname = x\n")
+    assert config_error(path) == f"{path}: [relay] Hostname: unknown key"
+
+
+def test_bad_integer(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nsession_expires_seconds = 30m\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] session_expires_seconds: ")
+    assert "expected a whole number, got '30m'" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bounds"),
+    [
+        ("probation_seconds", "0", "between 1 and 3600"),
+        ("probation_seconds", "3601", "between 1 and 3600"),
+        ("max_chunk_bytes", "1023", "between 1024 and"),
+        ("session_expires_seconds", "-5", "between 1 and"),
+    ],
+)
+def test_out_of_range_integer(tmp_path: Path, key: str, value: str, bounds: str) -> None:
+    path = write_ini(tmp_path, f"[msrp]\n{key} = {value}\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] {key}: ")
+    assert bounds in message
+    assert f"got {value}" in message
+
+
+def test_bad_boolean(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nblock_unknown_methods = maybe\n")
+    message = config_error(path)
+    assert message == f"{path}: [msrp] block_unknown_methods: expected yes or no, got 'maybe'"
+
+
+def test_min_expiry_greater_than_max(tmp_path: Path) -> None:
+    path = write_ini(
+        tmp_path,
+        "[msrp]\nsession_expires_min_seconds = 500\nsession_expires_max_seconds = 400\n"
+        "session_expires_seconds = 450\n",
+    )
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] session_expires_min_seconds: ")
+    assert "greater than session_expires_max_seconds (500 > 400)" in message
+
+
+def test_min_expiry_greater_than_max_set_only_in_file_names_the_file(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nsession_expires_max_seconds = 30\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("value", ["59", "86401"])
+def test_default_expiry_outside_min_max(tmp_path: Path, value: str) -> None:
+    path = write_ini(tmp_path, f"[msrp]\nsession_expires_seconds = {value}\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] session_expires_seconds: ")
+    assert "between session_expires_min_seconds and session_expires_max_seconds" in message
+    assert "(60..86400)" in message
+
+
+def test_default_expiry_outside_max_set_only_in_file_names_the_file(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nsession_expires_max_seconds = 1000\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("http:80", "expected tcp:PORT, ssl:PORT or udp:PORT"),
+        ("tcp:port", "port must be a number"),
+        ("tcp:70000", "port must be a number from 0 to 65535"),
+        ("tcp:2855:colour=blue", "unknown option 'colour'"),
+        ("tcp:2855:interface=a:interface=b", "option 'interface' given twice"),
+    ],
+)
+def test_bad_endpoint_string(tmp_path: Path, value: str, fragment: str) -> None:
+    path = write_ini(tmp_path, f"[msrp]\nlisten = {value}\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] listen: ")
+    assert fragment in message
+
+
+def test_bad_endpoint_on_second_line(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nlisten = tcp:2855\n  tcp:nope\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] listen: ")
+    assert "'tcp:nope'" in message
+
+
+def test_udp_not_allowed_for_msrp_listen(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nlisten = udp:5060\n")
+    message = config_error(path)
+    assert message == (
+        f"{path}: [msrp] listen: 'udp:5060': listener type 'udp' not allowed here (use ssl or tcp)"
+    )
+
+
+def test_empty_listen_is_refused(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nlisten =\n")
+    assert config_error(path) == f"{path}: [msrp] listen: at least one listener is required"
+
+
+def test_unreadable_ca_certificates(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    path = write_ini(tmp_path, f"[msrp]\nca_certificates = {missing}\n")
+    assert config_error(path) == f"{path}: [msrp] ca_certificates: cannot read {str(missing)!r}"
+
+
+@pytest.mark.parametrize("key", ["certificate", "private_key"])
+def test_unreadable_tls_file(tmp_path: Path, key: str) -> None:
+    missing = tmp_path / "missing.pem"
+    other = tmp_path / "present.pem"
+    other.write_text("x")
+    other_key = "private_key" if key == "certificate" else "certificate"
+    path = write_ini(tmp_path, f"[tls]\n{key} = {missing}\n{other_key} = {other}\n")
+    assert config_error(path) == f"{path}: [tls] {key}: cannot read {str(missing)!r}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their mode")
+def test_tls_file_without_read_permission(tmp_path: Path) -> None:
+    secret = tmp_path / "key.pem"
+    secret.write_text("x")
+    secret.chmod(0)
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    path = write_ini(tmp_path, f"[tls]\ncertificate = {cert}\nprivate_key = {secret}\n")
+    assert "[tls] private_key: cannot read" in config_error(path)
+
+
+def test_certificate_without_private_key(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    path = write_ini(tmp_path, f"[tls]\ncertificate = {cert}\n")
+    assert config_error(path) == (
+        f"{path}: [tls] private_key: must be set together with certificate"
+    )
+
+
+def test_private_key_without_certificate_names_the_file(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("x")
+    path = write_ini(tmp_path, f"[tls]\nprivate_key = {key}\n")
+    assert config_error(path) == (
+        f"{path}: [tls] certificate: must be set together with private_key"
+    )
+
+
+def test_unreadable_private_key_in_listen_string(tmp_path: Path) -> None:
+    missing = tmp_path / "listener-key.pem"
+    path = write_ini(tmp_path, f"[msrp]\nlisten = ssl:2855:privateKey={missing}\n")
+    assert config_error(path) == (
+        f"{path}: [msrp] listen: privateKey: cannot read {str(missing)!r}"
+    )
+
+
+def test_unreadable_cert_key_in_listen_string_from_command_line(tmp_path: Path) -> None:
+    missing = tmp_path / "listener-cert.pem"
+    message = config_error(None, {("msrp", "listen"): f"ssl:2855:certKey={missing}"})
+    assert message == f"command line: [msrp] listen: certKey: cannot read {str(missing)!r}"
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "absent.ini")
+    message = config_error(path)
+    assert message.startswith(f"{path}: ")
+    assert "cannot read: No such file or directory" in message
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    message = config_error(str(tmp_path))
+    assert message.startswith(f"{tmp_path}: ")
+    assert "cannot read" in message
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.ini"
+    path.write_bytes("[auth]\nrealm = caf\u00e9\n".encode("latin-1"))
+    message = config_error(str(path))
+    assert message.startswith(f"{path}: ")
+    assert message.endswith("not UTF-8 text")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hostname = no section header\n",
+        '{"relay": {"hostname": "json"}}\n',
+        "[relay]\nhostname = a\nhostname = b\n",
+    ],
+    ids=["no-section", "json", "duplicate-key"],
+)
+def test_non_ini_file(tmp_path: Path, text: str) -> None:
+    path = write_ini(tmp_path, text)
+    message = config_error(path)
+    assert message.startswith(f"{path}: ")
+    assert "not an INI file" in message
+    assert "\n" not in message
+
+
+def test_every_schema_key_is_in_the_config() -> None:
+    config = load_config(None)
+    sections: dict[str, object] = {
+        "msrp": config.msrp,
+        "auth": config.auth,
+        "tls": config.tls,
+        "relay": config,
+    }
+    for key in SCHEMA:
+        assert hasattr(sections[key.section], key.name), (key.section, key.name)
+
+
+def test_example_file_matches_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    on_disk = (ROOT / EXAMPLE).read_text(encoding="utf-8")
+    assert on_disk == example_ini(), (
+        "etc/relayd.ini.example is out of date: regenerate it from relayd.config.example_ini()"
+    )
+    monkeypatch.chdir(ROOT)
+    from_example = load_config(EXAMPLE)
+    defaults: RelaydConfig = load_config(None)
+    assert from_example.source == EXAMPLE
+    assert dataclasses.replace(from_example, source=defaults.source) == defaults
+
+
+def test_example_documents_every_key() -> None:
+    text = example_ini()
+    for key in SCHEMA:
+        assert f"\n{key.name} =" in text
+        assert f"# {key.help}\n{key.name} =" in text

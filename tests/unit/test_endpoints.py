@@ -1,0 +1,221 @@
+"""Tests for relayd.endpoints: listener string parsing and server endpoints."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+
+from relayd.endpoints import (
+    EndpointSpec,
+    EndpointSyntaxError,
+    parse_endpoint,
+    stream_server_endpoint,
+)
+
+
+def test_tcp_positional_port() -> None:
+    spec = parse_endpoint("tcp:2855")
+    assert spec == EndpointSpec("tcp", 2855, "", {}, "tcp:2855")
+
+
+def test_tcp_with_interface_and_backlog() -> None:
+    spec = parse_endpoint("tcp:2856:interface=127.0.0.1:backlog=10")
+    assert spec.kind == "tcp"
+    assert spec.port == 2856
+    assert spec.interface == "127.0.0.1"
+    assert spec.options == {"backlog": "10"}
+
+
+def test_port_keyword_form() -> None:
+    spec = parse_endpoint("tcp:interface=127.0.0.1:port=2855")
+    assert (spec.kind, spec.port, spec.interface) == ("tcp", 2855, "127.0.0.1")
+    assert spec.options == {}
+
+
+def test_port_zero_is_allowed() -> None:
+    assert parse_endpoint("tcp:0:interface=127.0.0.1").port == 0
+
+
+def test_kind_is_case_insensitive_and_text_is_kept() -> None:
+    spec = parse_endpoint("  TCP:80  ")
+    assert spec.kind == "tcp"
+    assert spec.text == "TCP:80"
+
+
+def test_ssl_keeps_tls_options() -> None:
+    spec = parse_endpoint(
+        "ssl:2855:privateKey=/etc/k.pem:certKey=/etc/c.pem:extraCertChain=/etc/chain.pem"
+    )
+    assert spec.kind == "ssl"
+    assert spec.port == 2855
+    assert spec.options == {
+        "privateKey": "/etc/k.pem",
+        "certKey": "/etc/c.pem",
+        "extraCertChain": "/etc/chain.pem",
+    }
+
+
+def test_udp_parses() -> None:
+    spec = parse_endpoint("udp:5060:interface=127.0.0.1")
+    assert (spec.kind, spec.port, spec.interface) == ("udp", 5060, "127.0.0.1")
+
+
+def test_escaped_colons_give_an_ipv6_interface() -> None:
+    spec = parse_endpoint(r"tcp:2855:interface=\:\:1")
+    assert spec.interface == "::1"
+    assert spec.port == 2855
+
+
+def test_escaped_colons_in_a_file_name() -> None:
+    spec = parse_endpoint(r"ssl:2855:privateKey=C\:/keys/k.pem")
+    assert spec.options["privateKey"] == "C:/keys/k.pem"
+
+
+def test_backslash_escapes_a_backslash() -> None:
+    spec = parse_endpoint(r"ssl:2855:privateKey=a\\b")
+    assert spec.options["privateKey"] == "a\\b"
+
+
+def test_trailing_backslash_is_an_error() -> None:
+    with pytest.raises(EndpointSyntaxError, match="trailing backslash"):
+        parse_endpoint("tcp:2855\\")
+
+
+def test_unescaped_ipv6_interface_is_an_error() -> None:
+    with pytest.raises(EndpointSyntaxError):
+        parse_endpoint("tcp:2855:interface=::1")
+
+
+@pytest.mark.parametrize("text", ["", "tcp", "http:80", "unix:/tmp/sock", "2855"])
+def test_unknown_kind_or_missing_port(text: str) -> None:
+    with pytest.raises(EndpointSyntaxError, match="expected tcp:PORT, ssl:PORT or udp:PORT"):
+        parse_endpoint(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "option"),
+    [
+        ("tcp:2855:privateKey=k.pem", "privateKey"),
+        ("udp:5060:backlog=5", "backlog"),
+        ("ssl:2855:colour=blue", "colour"),
+        ("tcp:2855:Interface=127.0.0.1", "Interface"),
+    ],
+)
+def test_unknown_options(text: str, option: str) -> None:
+    with pytest.raises(EndpointSyntaxError, match=f"unknown option '{option}'"):
+        parse_endpoint(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["tcp:", "tcp:port=", "tcp:http", "tcp:-1", "tcp:65536", "tcp:99999999", "tcp: 80", "tcp:8.5"],
+)
+def test_bad_ports(text: str) -> None:
+    with pytest.raises(EndpointSyntaxError, match="port must be a number from 0 to 65535"):
+        parse_endpoint(text)
+
+
+def test_highest_port() -> None:
+    assert parse_endpoint("tcp:65535").port == 65535
+
+
+@pytest.mark.parametrize(
+    "text", ["tcp:\u00b2", "tcp:\u0663", "tcp:2855:backlog=\u00b2", "tcp:2855:backlog=\u0663"]
+)
+def test_non_ascii_digits_are_syntax_errors(text: str) -> None:
+    # str.isdigit() alone accepts these; int() then fails or reads a non-ASCII number.
+    with pytest.raises(EndpointSyntaxError):
+        parse_endpoint(text)
+
+
+def test_bad_backlog() -> None:
+    with pytest.raises(EndpointSyntaxError, match="backlog must be a number"):
+        parse_endpoint("tcp:2855:backlog=lots")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tcp:2855:interface=a:interface=b", "option 'interface' given twice"),
+        ("tcp:port=1:port=2", "option 'port' given twice"),
+        ("tcp:2855:port=2856", "unexpected '2855'"),
+        ("tcp:port=2856:2855", "unexpected '2855'"),
+        ("tcp:2855:2856", "unexpected '2856'"),
+    ],
+)
+def test_duplicate_options(text: str, message: str) -> None:
+    with pytest.raises(EndpointSyntaxError, match=message):
+        parse_endpoint(text)
+
+
+def test_error_message_quotes_the_description() -> None:
+    with pytest.raises(EndpointSyntaxError) as info:
+        parse_endpoint("tcp:2855:colour=blue")
+    assert "'tcp:2855:colour=blue'" in str(info.value)
+
+
+def test_syntax_error_is_a_value_error() -> None:
+    assert issubclass(EndpointSyntaxError, ValueError)
+
+
+class _ContextFactory:
+    def __init__(self) -> None:
+        self.specs: list[EndpointSpec] = []
+
+    def __call__(self, spec: EndpointSpec) -> IOpenSSLContextFactory:
+        self.specs.append(spec)
+        return cast(IOpenSSLContextFactory, self)
+
+
+def _factory() -> Factory:
+    return Factory.forProtocol(Protocol)
+
+
+def test_tcp_server_endpoint_listens_where_asked() -> None:
+    reactor = MemoryReactor()
+    endpoint = stream_server_endpoint(reactor, parse_endpoint("tcp:2856:interface=127.0.0.1"))
+    assert isinstance(endpoint, TCP4ServerEndpoint)
+    factory = _factory()
+    endpoint.listen(factory)
+    assert len(reactor.tcpServers) == 1
+    port, used_factory, backlog, interface = reactor.tcpServers[0]
+    assert (port, backlog, interface) == (2856, 50, "127.0.0.1")
+    assert used_factory is factory
+
+
+def test_tcp_server_endpoint_ipv6_interface_and_backlog() -> None:
+    reactor = MemoryReactor()
+    endpoint = stream_server_endpoint(reactor, parse_endpoint(r"tcp:0:interface=\:\:1:backlog=7"))
+    endpoint.listen(_factory())
+    port, _, backlog, interface = reactor.tcpServers[0]
+    assert (port, backlog, interface) == (0, 7, "::1")
+
+
+def test_ssl_server_endpoint_uses_the_given_context() -> None:
+    reactor = MemoryReactor()
+    contexts = _ContextFactory()
+    spec = parse_endpoint("ssl:2855:interface=127.0.0.1:privateKey=k.pem")
+    endpoint = stream_server_endpoint(reactor, spec, contexts)
+    assert isinstance(endpoint, SSL4ServerEndpoint)
+    assert contexts.specs == [spec]
+    endpoint.listen(_factory())
+    assert reactor.tcpServers == []
+    assert len(reactor.sslServers) == 1
+    port, _, context, backlog, interface = reactor.sslServers[0]
+    assert (port, backlog, interface) == (2855, 50, "127.0.0.1")
+    assert context is contexts
+
+
+def test_ssl_server_endpoint_needs_a_context() -> None:
+    with pytest.raises(ValueError, match="needs a TLS context"):
+        stream_server_endpoint(MemoryReactor(), parse_endpoint("ssl:2855"))
+
+
+def test_udp_is_not_a_stream_listener() -> None:
+    with pytest.raises(ValueError, match="not a stream listener"):
+        stream_server_endpoint(MemoryReactor(), parse_endpoint("udp:5060"))

@@ -1,0 +1,223 @@
+"""Tests for relayd.tap: twistd options, their precedence and makeService wiring."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.python import usage
+
+from relayd.service import MSRPService, Prepared
+from relayd.tap import Options, makeService
+from relayd.testing import make_pki, write_users
+
+LISTEN = "tcp:0:interface=127.0.0.1"
+
+
+def parse(tmp_path: Path, *args: str) -> Options:
+    options = Options()
+    options.parseOptions(["--data-dir", str(tmp_path / "data"), *args])
+    return options
+
+
+def prepared(options: Options) -> Prepared:
+    value = options["prepared"]
+    assert isinstance(value, Prepared)
+    return value
+
+
+def usage_error(tmp_path: Path, *args: str) -> str:
+    with pytest.raises(usage.UsageError) as info:
+        parse(tmp_path, *args)
+    return str(info.value)
+
+
+def test_defaults_with_data_dir(tmp_path: Path) -> None:
+    options = parse(tmp_path)
+    result = prepared(options)
+    data = tmp_path / "data"
+    assert result.config.data_dir == str(data)
+    assert result.config.source == "<defaults>"
+    assert result.config.msrp.listen == ("ssl:2855:interface=127.0.0.1",)
+    # Safe defaults: a generated certificate and one generated user.
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert (data / "tls" / "selfsigned-cert.pem").exists()
+    assert result.hostname == "localhost"
+    assert result.realm == "localhost"
+    assert len(result.users) == 1
+    credentials = data / "credentials.txt"
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    assert "username=relayd\n" in credentials.read_text()
+
+
+def test_msrp_listen_is_repeatable(tmp_path: Path) -> None:
+    options = parse(tmp_path, "--msrp-listen", LISTEN, "--msrp-listen", "ssl:0:interface=127.0.0.1")
+    assert options["msrp-listen"] == [LISTEN, "ssl:0:interface=127.0.0.1"]
+    assert prepared(options).config.msrp.listen == (LISTEN, "ssl:0:interface=127.0.0.1")
+
+
+def test_config_file_then_command_line(tmp_path: Path) -> None:
+    ini = tmp_path / "relayd.ini"
+    ini.write_text(
+        "[relay]\nhostname = file.example.com\ndata_dir = /nonexistent/never/used\n"
+        "[msrp]\nlisten = ssl:2855:interface=127.0.0.1\nprobation_seconds = 20\n"
+        "[auth]\nrealm = file-realm\n",
+        encoding="utf-8",
+    )
+    options = parse(
+        tmp_path,
+        "--config",
+        str(ini),
+        "--hostname",
+        "cli.example.com",
+        "--msrp-listen",
+        LISTEN,
+        "--set",
+        "msrp.max_connections=7",
+    )
+    result = prepared(options)
+    assert result.config.source == str(ini)
+    assert result.config.data_dir == str(tmp_path / "data")
+    assert result.hostname == "cli.example.com"
+    assert result.realm == "file-realm"
+    assert result.config.msrp.listen == (LISTEN,)
+    assert result.config.msrp.probation_seconds == 20
+    assert result.config.msrp.max_connections == 7
+
+
+def test_short_config_option(tmp_path: Path) -> None:
+    ini = tmp_path / "relayd.ini"
+    ini.write_text("[auth]\nrealm = short\n", encoding="utf-8")
+    assert prepared(parse(tmp_path, "-c", str(ini))).realm == "short"
+
+
+def test_realm_and_users_options(tmp_path: Path) -> None:
+    users = write_users(tmp_path / "users.htdigest", "cli-realm", {"alice": "pw"})
+    result = prepared(parse(tmp_path, "--realm", "cli-realm", "--users", users))
+    assert result.realm == "cli-realm"
+    assert result.users.lookup("alice", "cli-realm") is not None
+    # An operator's users file means no generated user.
+    assert not (tmp_path / "data" / "credentials.txt").exists()
+
+
+def test_set_any_key(tmp_path: Path) -> None:
+    result = prepared(
+        parse(
+            tmp_path,
+            "--set",
+            "msrp.block_unknown_methods=yes",
+            "--set",
+            "auth.allowed_users=alice bob",
+            "--set",
+            " msrp . session_expires_seconds =120",
+        )
+    )
+    assert result.config.msrp.block_unknown_methods is True
+    assert result.config.auth.allowed_users == ("alice", "bob")
+    assert result.config.msrp.session_expires_seconds == 120
+
+
+def test_set_value_may_contain_equals_signs(tmp_path: Path) -> None:
+    result = prepared(parse(tmp_path, "--set", "auth.realm=a=b"))
+    assert result.realm == "a=b"
+
+
+def test_later_set_wins(tmp_path: Path) -> None:
+    result = prepared(
+        parse(tmp_path, "--set", "msrp.max_connections=1", "--set", "msrp.max_connections=2")
+    )
+    assert result.config.msrp.max_connections == 2
+
+
+@pytest.mark.parametrize("assignment", ["max_connections=5", "msrp.max_connections", "", "x"])
+def test_bad_set_syntax(tmp_path: Path, assignment: str) -> None:
+    message = usage_error(tmp_path, "--set", assignment)
+    assert "--set expects section.key=value" in message
+    assert repr(assignment) in message
+
+
+def test_set_unknown_key(tmp_path: Path) -> None:
+    message = usage_error(tmp_path, "--set", "msrp.colour=blue")
+    assert message == "command line: [msrp] colour: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("args", "where", "what"),
+    [
+        (("--set", "msrp.max_connections=lots"), "[msrp] max_connections", "whole number"),
+        (("--set", "msrp.probation_seconds=0"), "[msrp] probation_seconds", "between 1 and"),
+        (("--set", "msrp.block_unknown_methods=perhaps"), "[msrp] block_unknown_methods", "yes"),
+        (("--msrp-listen", "udp:5060"), "[msrp] listen", "not allowed here"),
+        (("--msrp-listen", "tcp:notaport"), "[msrp] listen", "port must be a number"),
+        (
+            ("--set", "msrp.session_expires_min_seconds=100000"),
+            "[msrp] session_expires_min_seconds",
+            "greater than",
+        ),
+    ],
+)
+def test_bad_values_name_the_key(
+    tmp_path: Path, args: tuple[str, ...], where: str, what: str
+) -> None:
+    message = usage_error(tmp_path, *args)
+    assert message.startswith(f"command line: {where}: ")
+    assert what in message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.ini"
+    message = usage_error(tmp_path, "--config", str(missing))
+    assert message.startswith(f"{missing}: ")
+    assert "cannot read" in message
+
+
+def test_bad_config_file_value(tmp_path: Path) -> None:
+    ini = tmp_path / "relayd.ini"
+    ini.write_text("[msrp]\nmax_connections = -1\n", encoding="utf-8")
+    message = usage_error(tmp_path, "--config", str(ini))
+    assert message.startswith(f"{ini}: [msrp] max_connections: ")
+
+
+def test_garbage_certificate_is_a_usage_error(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    key = tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    message = usage_error(
+        tmp_path, "--set", f"tls.certificate={cert}", "--set", f"tls.private_key={key}"
+    )
+    assert "[tls] certificate" in message
+    assert str(cert) in message
+
+
+def test_certificate_and_key_mismatch_is_a_usage_error(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    cert, _ = pki.leaf("one.example.com")
+    _, key = pki.leaf("two.example.com")
+    message = usage_error(
+        tmp_path, "--set", f"tls.certificate={cert}", "--set", f"tls.private_key={key}"
+    )
+    assert "[tls] certificate" in message
+
+
+def test_bad_trust_roots_are_a_usage_error(tmp_path: Path) -> None:
+    roots = tmp_path / "roots.pem"
+    roots.write_text("no certificates in here\n")
+    message = usage_error(tmp_path, "--set", f"msrp.ca_certificates={roots}")
+    assert "[msrp] ca_certificates" in message
+
+
+def test_make_service_has_named_msrp_child(tmp_path: Path) -> None:
+    options = parse(tmp_path, "--msrp-listen", LISTEN)
+    service = makeService(options)
+    assert isinstance(service, MultiService)
+    assert IServiceCollection.providedBy(service)
+    msrp = service.getServiceNamed("msrp")
+    assert isinstance(msrp, MSRPService)
+    assert msrp.prepared is options["prepared"]
+    assert msrp.relay.config.listen == (LISTEN,)
+    assert not service.running
+    assert not msrp.running
+    assert msrp.ports == []
