@@ -319,11 +319,12 @@ class _FrameTransaction:
         self.last_byte = last_byte
         self.timer: IDelayedCall | None = None
 
-    def response(self, response: MSRPResponse) -> None:
+    def response(self, response: MSRPResponse) -> bool:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         if response.code // 100 != 2:
             self.stream.fail(response.code, response.comment, self.first_byte, self.last_byte)
+        return True
 
     def lost(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -342,22 +343,22 @@ class _EndToEndTransaction:
         self.request = request
         self.timer: IDelayedCall | None = None
 
-    def response(self, response: MSRPResponse) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+    def response(self, response: MSRPResponse) -> bool:
         rewritten = response_route(response, self.relay.core.is_local)
         if rewritten is None:
             self.relay.log.warn(
                 "Response {code} not addressed through this relay: dropped", code=response.code
             )
-            return
+            return False  # keep waiting: the timer still answers the sender
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
         to_path, from_path = rewritten
         headers = Headers(
             [("To-Path", to_path), ("From-Path", from_path)]
             + [(k, v) for k, v in response.headers if k.lower() not in _PATH_HEADERS]
         )
         if not self.source.connected:
-            return  # §6.4.3: the connection is gone, drop quietly
+            return True  # §6.4.3: the connection is gone, drop quietly
         forwarded = MSRPResponse(self.request.tid, response.code, response.comment, headers)
         self.source.write_atomic(forwarded.to_bytes())
         if self.request.method == "AUTH":
@@ -370,6 +371,7 @@ class _EndToEndTransaction:
                 self.source.auth_failed()
             elif response.code == 200:
                 self.source.succeeded()
+        return True
 
     def timeout(self) -> None:
         self._answer(408, "Request Timeout")
@@ -884,7 +886,8 @@ class MSRPConnection(Protocol):
         for transaction in transactions:
             transaction.lost()
         for stream in list(self.incoming):
-            stream.fail(481, "next hop connection lost", stream.offset, stream.offset)
+            first = stream.frame_first if stream.frame_tid is not None else stream.offset
+            stream.fail(481, "next hop connection lost", first, max(first, stream.offset - 1))
         self.incoming.clear()
 
     # -- IPushProducer: our socket buffer filled up or drained ---------------------------
@@ -983,11 +986,12 @@ class MSRPConnection(Protocol):
         self._failed()
 
     def _response(self, response: MSRPResponse) -> None:
-        transaction = self.transactions.pop(response.tid, None)
+        transaction = self.transactions.get(response.tid)
         if transaction is None:
             self.log.debug("Response {tid} matches no transaction: dropped", tid=response.tid)
             return
-        transaction.response(response)
+        if transaction.response(response):
+            self.transactions.pop(response.tid, None)
 
     def expire(self, tid: str) -> None:
         """Transaction timer fired: no response from this next hop in time."""
