@@ -166,6 +166,11 @@ class UsersFile:
         self._maybe_reload()
         return self._table.get((username, realm))
 
+    def entries(self) -> list[tuple[str, str]]:
+        """(username, realm) of every user, in file order."""
+        self._maybe_reload()
+        return list(self._table)
+
     def __len__(self) -> int:
         return len(self._table)
 

@@ -15,10 +15,12 @@ from typing import Any, BinaryIO, Protocol
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relayd.digest import (
     DigestError,
@@ -41,7 +43,23 @@ from relayd.tokens import new_transaction_id
 
 
 class MSRPClientError(Exception):
-    """A failure the user should read: one line, no traceback."""
+    """A failure the user should read: one line, no traceback.
+
+    ``code`` and ``comment`` carry the MSRP status when the failure was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: int | None = None,
+        comment: str = "",
+        reason: Failure | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.comment = comment
+        #: Why the connection closed, when that is the failure (a TLS error...).
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ def new_local_uri(secure: bool = True) -> str:
     return f"{scheme}://{secrets.token_hex(6)}.invalid:2855/{secrets.token_urlsafe(12)};tcp"
 
 
+@implementer(IHandshakeListener)
 class MSRPClientProtocol(TwistedProtocol):
     def __init__(
         self,
@@ -86,7 +105,9 @@ class MSRPClientProtocol(TwistedProtocol):
         self.parser = MSRPParser()
         self.pending: dict[str, defer.Deferred[MSRPResponse]] = {}
         self.connected_deferred: defer.Deferred[MSRPClientProtocol] = defer.Deferred()
+        self.handshake: defer.Deferred[None] = defer.Deferred()
         self.lost: defer.Deferred[None] = defer.Deferred()
+        self.lost_reason: Failure | None = None
         self._sink: MessageSink | None = None
         self._incoming: MSRPRequest | None = None
         self._incoming_bytes = 0
@@ -111,13 +132,23 @@ class MSRPClientProtocol(TwistedProtocol):
             inner = getattr(inner, "transport", None)
         self.connected_deferred.callback(self)
 
+    def handshakeCompleted(self) -> None:
+        if not self.handshake.called:
+            self.handshake.callback(None)
+
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost_reason = reason
+        detail = reason.getErrorMessage() if not reason.check(error.ConnectionDone) else ""
+        text = "connection to the relay was lost" + (f" ({detail})" if detail else "")
+        if not self.handshake.called:
+            self.handshake.errback(Failure(MSRPClientError(text, reason=reason)))
+            self.handshake.addErrback(lambda _: None)
         pending = list(self.pending.values())
         self.pending.clear()
         for waiter in pending:
-            waiter.errback(Failure(MSRPClientError("connection to the relay was lost")))
+            waiter.errback(Failure(MSRPClientError(text, reason=reason)))
         for report_waiter in list(self._report_waiters.values()):
-            report_waiter.errback(Failure(MSRPClientError("connection to the relay was lost")))
+            report_waiter.errback(Failure(MSRPClientError(text, reason=reason)))
         self._report_waiters.clear()
         if not self.lost.called:
             self.lost.callback(None)
@@ -338,7 +369,11 @@ class MSRPClientProtocol(TwistedProtocol):
             break
         detail = response.headers.get("Min-Expires") or response.headers.get("Max-Expires")
         suffix = f" ({detail})" if detail else ""
-        raise MSRPClientError(f"AUTH refused: {response.code} {response.comment}{suffix}")
+        raise MSRPClientError(
+            f"AUTH refused: {response.code} {response.comment}{suffix}",
+            response.code,
+            response.comment,
+        )
 
     async def send_message(
         self,
@@ -391,7 +426,11 @@ class MSRPClientProtocol(TwistedProtocol):
     async def _settle(waiter: defer.Deferred[MSRPResponse]) -> None:
         response = await waiter
         if response.code != 200:
-            raise MSRPClientError(f"relay refused a chunk: {response.code} {response.comment}")
+            raise MSRPClientError(
+                f"relay refused a chunk: {response.code} {response.comment}",
+                response.code,
+                response.comment,
+            )
 
 
 def _chunks(source: BinaryIO | bytes, total: int, size: int) -> Iterator[bytes]:
@@ -447,4 +486,10 @@ async def connect(
     except Exception as e:
         raise MSRPClientError(f"cannot connect to {relay_uri}: {e}") from None
     assert isinstance(protocol, MSRPClientProtocol)
+    if uri.scheme == "msrps":
+        # Certificate problems show up here, not at the first request.
+        try:
+            await protocol.handshake
+        except MSRPClientError as e:
+            raise MSRPClientError(f"TLS with {relay_uri} failed: {e}", reason=e.reason) from None
     return protocol

@@ -212,11 +212,16 @@ class RelayCore:
     def _auth_ok(
         self, request: MSRPRequest, success: DigestSuccess, session: Session, lifetime: int
     ) -> MSRPResponse:
+        # §5.1: the Use-Path names every relay from the client out to us: the
+        # relays the AUTH came through (From-Path without the client, reversed)
+        # and then our own new URI.
+        relays = (request.headers.get("From-Path") or "").split()[:-1]
+        use_path = " ".join([*reversed(relays), self.session_uri(session)])
         return _end_to_end_response(
             request,
             200,
             extra=[
-                ("Use-Path", self.session_uri(session)),
+                ("Use-Path", use_path),
                 ("Expires", str(lifetime)),
                 ("Authentication-Info", self.digest.authentication_info(success)),
             ],

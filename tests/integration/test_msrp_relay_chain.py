@@ -26,14 +26,16 @@ async def test_client_through_two_relays_with_auth_chain(
     second = await defer.Deferred.fromCoroutine(
         alice.auth([*first.use_path, extra.uri], "alice", USERS["alice"])
     )
-    assert second.use_path[0].startswith(f"msrps://127.0.0.2:{extra.port}/")
+    # §5.1: the outer relay's Use-Path names the whole route, intra first.
+    assert second.use_path[0] == first.use_path[0]
+    assert second.use_path[1].startswith(f"msrps://127.0.0.2:{extra.port}/")
     # The AUTH reached extra over a mutually authenticated connection from intra.
     peers = [c for c in extra.relay.connections if c.peer_names]
     assert peers and "127.0.0.1" in peers[0].peer_names
     # Bob is a client of extra only.
     sink = RecordingSink()
     bob, bob_auth = await client(extra, "bob", sink, trust=pki.ca_pem)
-    to_path = [*first.use_path, *second.use_path, *path_to(bob, bob_auth)]
+    to_path = [*second.use_path, *path_to(bob, bob_auth)]
     data = b"x" * 200_000
     await defer.Deferred.fromCoroutine(
         alice.send_message(
@@ -49,7 +51,7 @@ async def test_client_through_two_relays_with_auth_chain(
     report = await alice.wait_report("chain").addTimeout(5, reactor)
     assert report.headers.get("Status") == "000 200 OK"
     # And back: Bob answers through extra and intra to Alice's path (reverse of hers).
-    alice_path = [*reversed(second.use_path), *reversed(first.use_path), alice.local_uri]
+    alice_path = [*reversed(second.use_path), alice.local_uri]
     alice_sink = RecordingSink()
     alice.sink_for = lambda request: alice_sink
     await defer.Deferred.fromCoroutine(
@@ -88,7 +90,7 @@ async def test_relay_without_peer_trust_treats_relays_as_clients(
     second = await defer.Deferred.fromCoroutine(
         alice.auth([*first.use_path, extra.uri], "alice", USERS["alice"])
     ).addTimeout(10, reactor)
-    session_id = second.use_path[0].rsplit("/", 1)[1].split(";")[0]
+    session_id = second.use_path[-1].rsplit("/", 1)[1].split(";")[0]
     session = extra.relay.core.sessions.lookup(session_id)
     assert session is not None
     assert session.owner_relay is None and session.owner_connection is not None

@@ -1,0 +1,430 @@
+"""``relayctl``: manage relay users and talk MSRP through relays from a shell.
+
+Every failure is one ``relayctl: …`` line on stderr and a non-zero exit status
+(1 for failures, 2 for usage errors, 130 when interrupted); tracebacks are for
+bugs only, and even those are reduced to one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from twisted.internet import defer
+from twisted.internet.task import react
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from relayd.ctl import accounts, network
+from relayd.ctl.settings import (
+    PASSWORD_ENV,
+    CtlError,
+    Locations,
+    locate,
+    relay_uri,
+    resolve_credentials,
+    split_to_and_file,
+    trust_anchor,
+)
+from relayd.msrp.client import MSRPClientError
+
+PROG = "relayctl"
+DEBUG_ENV = "RELAYCTL_DEBUG"
+"""Set to 1 to see Twisted's log (and tracebacks) on stderr."""
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_EPILOG = """\
+Defaults follow the relay's own: data directory ~/.local/state/relayd (or the
+[relay] data_dir of --config), users file users.htdigest in it, realm
+'localhost' for the self-signed default setup.  Right after a first
+'twistd -n msrprelay' on defaults, 'relayctl auth msrps://localhost:2855' works
+as is: it trusts the relay's self-signed certificate and uses the generated
+user from credentials.txt.
+"""
+
+
+_USERS_HELP = (
+    "htdigest users file (default: [auth] users, else users.htdigest in the data directory)"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one ``relayctl: …`` line like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    locations = _Parser(add_help=False)
+    where = locations.add_argument_group("relay files")
+    where.add_argument(
+        "--config",
+        metavar="INI",
+        help="the relay's configuration file, to find its data directory, users file and realm",
+    )
+    where.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="the relay's data directory (default: [relay] data_dir, ~/.local/state/relayd)",
+    )
+
+    relays = _Parser(add_help=False)
+    access = relays.add_argument_group("relay access")
+    access.add_argument(
+        "--user",
+        help="user name for digest AUTH (default: username= of the credentials file)",
+    )
+    access.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help=f"read the password from the first line of FILE (else ${PASSWORD_ENV}, the"
+        " credentials file without --user, or a prompt on a terminal)",
+    )
+    access.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="username=/password= file used when --user is not given"
+        " (default: credentials.txt in the data directory, written by the relay on first start)",
+    )
+    access.add_argument(
+        "--ca",
+        metavar="PEM",
+        help="CA or self-signed certificate to trust for the first relay (default for"
+        " localhost/127.0.0.1/::1:"
+        " the relay's self-signed tls/selfsigned-cert.pem in the data directory if it exists;"
+        " otherwise the system's trust roots)",
+    )
+    access.add_argument(
+        "--expires",
+        type=_positive_int,
+        metavar="SECONDS",
+        help="session lifetime to ask for in AUTH (default: the relay's)",
+    )
+
+    parser = _Parser(
+        prog=PROG,
+        description="Manage relayd users; authenticate, send and receive files through"
+        " MSRP relays (RFC 4975, RFC 4976).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, summary: str, parents: list[_Parser]) -> Any:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(summary, 79),
+            parents=parents,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    adduser = command(
+        "adduser",
+        "Add a user to the relay's users file, or change its password.",
+        [locations],
+    )
+    adduser.add_argument("username")
+    adduser.add_argument("--users", metavar="FILE", help=_USERS_HELP)
+    adduser.add_argument("--realm", help="digest realm (default: the relay's realm)")
+    source = adduser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+    source.add_argument(
+        "--generate",
+        action="store_true",
+        help="generate a random password and print it as password=…",
+    )
+
+    deluser = command("deluser", "Remove a user from the relay's users file.", [locations])
+    deluser.add_argument("username")
+    deluser.add_argument("--users", metavar="FILE", help=_USERS_HELP)
+    deluser.add_argument("--realm", help="digest realm (default: the relay's realm)")
+
+    users = command("users", "List the users file: user and realm per line.", [locations])
+    users.add_argument("--users", metavar="FILE", help=_USERS_HELP)
+
+    auth = command(
+        "auth",
+        "AUTH with one or more relays and print the Use-Path and Expires granted.",
+        [locations, relays],
+    )
+    auth.add_argument(
+        "relay",
+        nargs="+",
+        help="relay URI, e.g. msrps://localhost:2855 (';tcp' is added); several are chained",
+    )
+
+    receive = command(
+        "receive",
+        "Wait for files: print 'Path: …' (give it to the sender's --to), then write each"
+        " message received and print its size and SHA-256.",
+        [locations, relays],
+    )
+    receive.add_argument(
+        "--via",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="relay to receive through; repeat for a chain, nearest relay first"
+        " (the same credentials are used with each)",
+    )
+    receive.add_argument(
+        "--output",
+        metavar="FILE|DIR",
+        help="file to write the message to, or a directory for one file per Message-ID"
+        " (default: the current directory)",
+    )
+    receive.add_argument(
+        "--count",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="exit after this many messages (default: 1)",
+    )
+    receive.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="give up when the messages have not all arrived by then (default: wait)",
+    )
+
+    send = command(
+        "send",
+        "Send a file through relays with Success-Report: yes; print its size and SHA-256"
+        " once the receiver reports delivery.",
+        [locations, relays],
+    )
+    send.add_argument("file", nargs="?", help="file to send (streamed from disk)")
+    send.add_argument(
+        "--via",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="relay to send through; repeat for a chain, nearest relay first"
+        " (the same credentials are used with each)",
+    )
+    send.add_argument(
+        "--to",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="URI",
+        help="the receiver's path as printed by 'relayctl receive': one quoted argument or"
+        " several words (the file may follow them)",
+    )
+    send.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=65536,
+        metavar="BYTES",
+        help="bytes per SEND chunk (default: 65536)",
+    )
+    send.add_argument(
+        "--window",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="chunks sent before waiting for the oldest one's 200 (default: 8)",
+    )
+    send.add_argument(
+        "--content-type",
+        default="application/octet-stream",
+        help="Content-Type of the message (default: application/octet-stream)",
+    )
+    send.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="wait this long for the delivery REPORT after the last chunk (default: 60)",
+    )
+    return parser
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def run_local(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> None:
+    """The commands that only touch files: no reactor."""
+    locations = locate(args.config, args.data_dir)
+    path = Path(args.users) if args.users else locations.users_path
+    if args.command == "users":
+        accounts.list_users(path, out, err)
+        return
+    realm = args.realm or locations.realm
+    if args.command == "deluser":
+        accounts.remove_user(path, realm, args.username, out)
+        return
+    password = accounts.new_password(
+        args.password_stdin, args.generate, stdin, _interactive(), getpass.getpass
+    )
+    accounts.add_user(path, realm, args.username, password, out)
+
+
+def relay_access(
+    args: argparse.Namespace, relays: list[str], locations: Locations
+) -> network.RelayAccess:
+    """Everything a network command needs, resolved before the reactor starts (prompts)."""
+    uris = [relay_uri(text) for text in relays]
+    credentials = resolve_credentials(
+        args.user,
+        args.password_file,
+        args.credentials,
+        locations,
+        os.environ,
+        _interactive(),
+        getpass.getpass,
+    )
+    return network.RelayAccess(
+        uris, credentials, trust_anchor(args.ca, uris[0], locations), args.expires
+    )
+
+
+def network_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The coroutine to run under the reactor for ``auth``, ``receive`` or ``send``."""
+    locations = locate(args.config, args.data_dir)
+    out, err = sys.stdout, sys.stderr
+    if args.command == "auth":
+        access = relay_access(args, args.relay, locations)
+        return lambda reactor: network.run_auth(reactor, access, out)
+    access = relay_access(args, args.via, locations)
+    if args.command == "receive":
+        output = Path(args.output) if args.output else None
+        if args.count > 1 and output is not None and not output.is_dir():
+            raise CtlError("--output must be an existing directory when --count is above 1")
+        return lambda reactor: network.run_receive(
+            reactor, access, output, args.count, args.timeout, out
+        )
+    to, file_path = split_to_and_file(args.to, args.file)
+    network.open_for_sending(file_path)[0].close()  # fail before connecting
+    return lambda reactor: network.run_send(
+        reactor,
+        access,
+        to,
+        file_path,
+        args.chunk_size,
+        args.window,
+        args.content_type,
+        args.timeout,
+        out,
+        err,
+    )
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+    return EXIT_FAILURE
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, CtlError | MSRPClientError):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}"
+    return f"internal error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 for details)"
+
+
+def _quiet_twisted_log() -> None:
+    """Twisted prints critical log events (unhandled Deferred errors) as tracebacks."""
+    observers = []
+    if os.environ.get(DEBUG_ENV):
+        observers.append(textFileLogObserver(sys.stderr))
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+
+def _react(work: Callable[[Any], Coroutine[Any, Any, None]]) -> int:
+    state = {"done": False, "interrupted": False}
+
+    async def guarded(reactor: Any) -> None:
+        def before_shutdown() -> None:
+            if not state["done"]:
+                state["interrupted"] = True
+
+        reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
+        try:
+            await work(reactor)
+        except (defer.CancelledError, Exception) as e:
+            state["done"] = True
+            if state["interrupted"]:
+                raise SystemExit(EXIT_INTERRUPTED) from None  # the closing is ours, not news
+            if os.environ.get(DEBUG_ENV) and not isinstance(e, CtlError):
+                raise
+            raise SystemExit(_fail(_one_line(e))) from None
+        state["done"] = True
+
+    try:
+        react(guarded)
+    except SystemExit as e:
+        if state["interrupted"]:
+            _fail("interrupted")
+            return EXIT_INTERRUPTED
+        return e.code if isinstance(e.code, int) else EXIT_FAILURE
+    return 0  # pragma: no cover  (react always exits)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; the exit status is returned, never raised."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        if args.command in ("adduser", "deluser", "users"):
+            run_local(args, sys.stdin, sys.stdout, sys.stderr)
+            return 0
+        work = network_command(args)
+    except (CtlError, OSError) as e:
+        return _fail(_one_line(e))
+    except (KeyboardInterrupt, EOFError):
+        sys.stderr.write("\n")
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+    _quiet_twisted_log()
+    return _react(work)
+
+
+def main() -> NoReturn:
+    """Console-script entry point (``relayctl = relayd.ctl.main:main``)."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
