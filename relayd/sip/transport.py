@@ -1,0 +1,659 @@
+"""SIP transports (RFC 3261 §18): UDP datagrams, TCP/TLS streams, and response routing.
+
+Bytes come in through :class:`SIPDatagramProtocol` (one per UDP listener) or
+:class:`SIPStreamProtocol` (one per TCP/TLS connection), are parsed, get the §18.2.1 /
+RFC 3581 ``received``/``rport`` treatment and go to the
+:class:`~relayd.sip.transaction.TransactionLayer`. Going out, :meth:`SIPTransportLayer.send`
+is the transaction layer's ``send``: responses follow §18.2.2 (stream: the connection the
+request came on; UDP: ``received``/``rport``), requests go to a resolved
+:class:`~relayd.sip.resolve.Target`, over TCP instead of UDP when larger than the MTU
+budget (§18.1.1), on a reused connection keyed by ``(transport, host, port)``.
+
+Nothing raises out of ``datagramReceived``/``dataReceived``: each message is handled inside
+its own failure boundary, and malformed input is answered ``400`` when the parser could
+still build a response (``SIPParseError.partial``), otherwise dropped with a ``warn``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import UDPServer
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayd.endpoints import EndpointSpec
+from relayd.sip.message import (
+    SIPHeaderError,
+    SIPRequest,
+    SIPResponse,
+    Via,
+    make_response,
+    split_header_values,
+)
+from relayd.sip.parser import (
+    DEFAULT_LIMITS,
+    KeepAlivePing,
+    SIPLimits,
+    SIPParseError,
+    StreamFramer,
+    is_keepalive,
+    parse_datagram,
+)
+from relayd.sip.resolve import DEFAULT_PORTS, Target
+from relayd.sip.transaction import TransactionLayer
+
+__all__ = [
+    "UDP_MAX_REQUEST_BYTES",
+    "SIPDatagramProtocol",
+    "SIPStreamFactory",
+    "SIPStreamProtocol",
+    "SIPTransportLayer",
+    "Source",
+    "TransportError",
+    "apply_received",
+    "response_address",
+    "udp_service",
+]
+
+UDP_MAX_REQUEST_BYTES = 1300
+"""§18.1.1: larger requests go over TCP when the path MTU is unknown."""
+
+UDP_MAX_DATAGRAM_BYTES = 65535
+
+ConnectionKey = tuple[str, str, int]
+"""``(transport, host, port)``: how stream connections are found for reuse."""
+
+
+class TransportError(Exception):
+    """A message could not be handed to the network (no listener, connect failed...)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Source:
+    """Where a message came from; the transaction layer hands it back as the response
+    destination. UDP sources name the listener that received, so the answer leaves from
+    the same socket (NATs and RFC 3581 depend on it); stream sources name the connection."""
+
+    transport: str
+    host: str
+    port: int
+    listener: SIPDatagramProtocol | None = None
+    connection: SIPStreamProtocol | None = None
+    reply_to: tuple[str, int] | None = None
+    """UDP: the §18.2.2 response address, worked out once from the request's Via."""
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport != "UDP"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport.lower()}:{host}:{self.port}"
+
+
+def _same_host(via_host: str, address: str) -> bool:
+    if via_host == address:
+        return True
+    try:
+        return ipaddress.ip_address(via_host) == ipaddress.ip_address(address)
+    except ValueError:
+        return False  # sent-by is a name: §18.2.1 always adds received then
+
+
+def apply_received(request: SIPRequest, host: str, port: int) -> Via:
+    """§18.2.1 + RFC 3581 §4 on the top Via, in place: ``received`` when sent-by is not
+    the source address, ``rport`` (and then ``received`` unconditionally) when asked for.
+    Returns the resulting top Via."""
+    via = request.via
+    rport_wanted = via.rport_requested and via.rport is None
+    if not rport_wanted and _same_host(via.host, host):
+        return via
+    via = via.with_param("received", host)
+    if rport_wanted:
+        via = via.with_param("rport", str(port))
+    _replace_top_via(request, via)
+    return via
+
+
+def _replace_top_via(message: SIPRequest | SIPResponse, via: Via) -> None:
+    headers = message.headers
+    rows = headers.get_raw("via")
+    values = split_header_values(rows[0])
+    values[0] = via.format()
+    headers.set("via", ", ".join(values))
+    for row in rows[1:]:
+        headers.add("via", row)
+
+
+def response_address(via: Via) -> tuple[str, int]:
+    """§18.2.2 for unreliable transports (RFC 3581 §4 for rport); ``maddr`` first."""
+    default = DEFAULT_PORTS.get(via.transport, 5060)
+    maddr = via.param("maddr")
+    if maddr:
+        return maddr, via.port or default
+    rport = via.rport
+    received = via.received
+    if rport is not None:
+        return received or via.host, rport
+    if received:
+        return received, via.port or default
+    return via.host, via.port or default
+
+
+class SIPDatagramProtocol(DatagramProtocol):
+    """One UDP listener. Parses each datagram and feeds the transport layer."""
+
+    log = Logger()
+
+    def __init__(self, layer: SIPTransportLayer) -> None:
+        self.layer = layer
+
+    def startProtocol(self) -> None:
+        self.layer._udp_started(self)
+
+    def stopProtocol(self) -> None:
+        self.layer._udp_stopped(self)
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        try:
+            host, port = addr[0], addr[1]
+            if is_keepalive(datagram):
+                return
+            source = Source("UDP", host, port, listener=self)
+            try:
+                message = parse_datagram(datagram, self.layer.limits)
+            except SIPParseError as e:
+                self.layer._malformed(e, source)
+                return
+            self.layer._dispatch(message, source)
+        except Exception:
+            self.log.failure("unhandled error on datagram from {peer}", peer=addr)
+
+    def write_to(self, data: bytes, host: str, port: int) -> None:
+        if self.transport is None:
+            raise TransportError("UDP listener is not running")
+        self.transport.write(data, (host, port))
+
+    def local_host_port(self) -> tuple[str, int]:
+        address: Any = self.transport.getHost()  # type: ignore[union-attr]
+        return address.host, address.port
+
+
+class SIPStreamProtocol(Protocol):
+    """One TCP or TLS connection, inbound or outbound (§18.3 framing by Content-Length).
+
+    A framing error answers 400 when possible and closes: the next message boundary is
+    unknown. An idle connection (no bytes either way for ``idle_timeout_seconds``) closes.
+    """
+
+    log = Logger()
+
+    def __init__(self, layer: SIPTransportLayer, transport_name: str) -> None:
+        self.layer = layer
+        self.transport_name = transport_name
+        self.framer = StreamFramer(layer.limits)
+        self.source: Source | None = None
+        self.key: ConnectionKey | None = None
+        self.connected = False
+        self._last_activity = 0.0
+        self._idle_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        peer: Any = self.transport.getPeer()  # type: ignore[union-attr]
+        self.connected = True
+        self.source = Source(self.transport_name, peer.host, peer.port, connection=self)
+        self.key = (self.transport_name, peer.host, peer.port)
+        self.layer._stream_opened(self)
+        self._touch()
+        self._arm_idle(self.layer.idle_timeout_seconds)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.connected = False
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self.layer._stream_closed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self._touch()
+            source = self.source
+            assert source is not None
+            for event in self.framer.feed(data):
+                try:
+                    if isinstance(event, KeepAlivePing):
+                        self.transport.write(b"\r\n")  # type: ignore[union-attr]
+                    elif isinstance(event, SIPParseError):
+                        self.layer._malformed(event, source)
+                        if event.framing_lost:
+                            self.transport.loseConnection()  # type: ignore[union-attr]
+                    else:
+                        self.layer._dispatch(event, source)
+                except Exception:
+                    self.log.failure("unhandled error on message from {peer}", peer=source)
+        except Exception:
+            self.log.failure("unhandled error on stream from {peer}", peer=self.source)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def write_message(self, data: bytes) -> None:
+        self._touch()
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _touch(self) -> None:
+        self._last_activity = self.layer.clock.seconds()
+
+    def _arm_idle(self, seconds: float) -> None:
+        if seconds > 0:
+            self._idle_call = self.layer.clock.callLater(seconds, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """One timer per connection, re-armed for the remaining time, instead of a
+        reset on every message (cheaper at high message rates)."""
+        self._idle_call = None
+        if not self.connected:
+            return
+        timeout = self.layer.idle_timeout_seconds
+        idle = self.layer.clock.seconds() - self._last_activity
+        if idle >= timeout:
+            self.log.info("closing idle connection to {peer}", peer=self.source)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self._arm_idle(timeout - idle)
+
+
+class SIPStreamFactory(ServerFactory):
+    """Server factory for ``tcp:``/``ssl:`` listeners; refuses past ``max_connections``."""
+
+    def __init__(self, layer: SIPTransportLayer, transport_name: str = "TCP") -> None:
+        self.layer = layer
+        self.transport_name = transport_name
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        if self.layer.stream_count >= self.layer.max_connections:
+            self.layer.log.warn("refusing SIP connection from {peer}: at limit", peer=addr)
+            return None
+        return SIPStreamProtocol(self.layer, self.transport_name)
+
+
+EndpointFactory = Callable[[Target], IStreamClientEndpoint]
+
+
+class SIPTransportLayer:
+    """Owns listeners and connections; bridges them to one :class:`TransactionLayer`.
+
+    ``advertised_host`` is what goes in our Via sent-by (and should be reachable by
+    peers); without it the bound address of the listener is used. ``tls_creator`` builds
+    the client TLS options for a server name (``relayd.tls.client_connection_creator``);
+    without it TLS targets fail. ``endpoint_factory`` replaces the whole outbound connect
+    (tests use it with a MemoryReactor or iosim).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        limits: SIPLimits = DEFAULT_LIMITS,
+        advertised_host: str | None = None,
+        udp_max_request_bytes: int = UDP_MAX_REQUEST_BYTES,
+        idle_timeout_seconds: float = 300.0,
+        max_connections: int = 10_000,
+        max_pending_per_connection: int = 1_000,
+        tls_creator: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
+        endpoint_factory: EndpointFactory | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.limits = limits
+        self.advertised_host = advertised_host
+        self.udp_max_request_bytes = udp_max_request_bytes
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.max_connections = max_connections
+        self.max_pending_per_connection = max_pending_per_connection
+        self._tls_creator = tls_creator
+        self._endpoint_factory = endpoint_factory or self._default_endpoint
+        self.transactions: TransactionLayer | None = None
+        self._udp: list[SIPDatagramProtocol] = []
+        self._streams: dict[ConnectionKey, SIPStreamProtocol] = {}
+        self._stream_count = 0
+        self._pending: dict[ConnectionKey, list[bytes]] = {}
+        self._waiters: dict[ConnectionKey, list[Deferred[SIPStreamProtocol]]] = {}
+        self._listen_ports: dict[str, int] = {}
+
+    def attach(self, transactions: TransactionLayer) -> None:
+        """Connect the transaction layer (built with ``send=self.send``)."""
+        self.transactions = transactions
+
+    # -- factories for the daemon -------------------------------------------------------
+
+    def datagram_protocol(self) -> SIPDatagramProtocol:
+        return SIPDatagramProtocol(self)
+
+    def stream_factory(self, transport_name: str = "TCP") -> SIPStreamFactory:
+        return SIPStreamFactory(self, transport_name)
+
+    def set_listen_port(self, transport_name: str, port: int) -> None:
+        """Record a stream listener's bound port for Via sent-by (UDP records its own)."""
+        self._listen_ports[transport_name] = port
+
+    @property
+    def stream_count(self) -> int:
+        return self._stream_count
+
+    def sent_by(self, transport_name: str) -> tuple[str, int]:
+        """Our Via sent-by for a transport (§18.1.1: where we listen for it)."""
+        port = self._listen_ports.get(transport_name)
+        host = self.advertised_host
+        if (port is None or host is None) and self._udp and self._udp[0].transport is not None:
+            udp_host, udp_port = self._udp[0].local_host_port()
+            host = host or udp_host
+            port = port or udp_port
+        if host is None or host in ("0.0.0.0", "::", ""):  # noqa: S104 - a comparison
+            host = "127.0.0.1"
+        return host, port or DEFAULT_PORTS.get(transport_name, 5060)
+
+    def own_sent_by(self) -> set[tuple[str, int | None]]:
+        """Every sent-by we stamp, lower-cased as :attr:`Via.sent_by` (loop detection)."""
+        return {
+            (host.lower(), port) for host, port in (self.sent_by(t) for t in ("UDP", "TCP", "TLS"))
+        }
+
+    # -- inbound ------------------------------------------------------------------------
+
+    def _udp_started(self, protocol: SIPDatagramProtocol) -> None:
+        self._udp.append(protocol)
+        host, port = protocol.local_host_port()
+        self._listen_ports.setdefault("UDP", port)
+        self.log.info("SIP listening on udp:{host}:{port}", host=host, port=port)
+
+    def _udp_stopped(self, protocol: SIPDatagramProtocol) -> None:
+        if protocol in self._udp:
+            self._udp.remove(protocol)
+
+    def _stream_opened(self, protocol: SIPStreamProtocol) -> None:
+        assert protocol.key is not None
+        self._stream_count += 1
+        # The newest connection to an address wins (RFC 5923 style reuse of inbound ones).
+        self._streams[protocol.key] = protocol
+
+    def _stream_closed(self, protocol: SIPStreamProtocol) -> None:
+        self._stream_count -= 1
+        if protocol.key is not None and self._streams.get(protocol.key) is protocol:
+            del self._streams[protocol.key]
+
+    def _dispatch(self, message: SIPRequest | SIPResponse, source: Source) -> None:
+        transactions = self.transactions
+        if transactions is None:
+            self.log.warn("no transaction layer; dropping message from {peer}", peer=source)
+            return
+        if isinstance(message, SIPRequest):
+            via = apply_received(message, source.host, source.port)
+            if not source.reliable:
+                # Saves re-parsing the Via of every response (they copy the request's).
+                source = Source(
+                    "UDP",
+                    source.host,
+                    source.port,
+                    listener=source.listener,
+                    reply_to=response_address(via),
+                )
+            transactions.request_received(message, source, source.reliable)
+        else:
+            transactions.response_received(message, source)
+
+    def _malformed(self, error: SIPParseError, source: Source) -> None:
+        """400 (or the parser's status) for an answerable request, else drop with a warn."""
+        partial = error.partial
+        self.log.warn(
+            "malformed SIP message from {peer}: {reason}", peer=source, reason=error.reason
+        )
+        if partial is None or partial.method == "ACK":
+            return
+        try:
+            apply_received(partial, source.host, source.port)
+            self.send(make_response(partial, error.status, error.reason), source)
+        except Exception:
+            self.log.failure("cannot answer malformed request from {peer}", peer=source)
+
+    # -- outbound -----------------------------------------------------------------------
+
+    def send(self, message: SIPRequest | SIPResponse, destination: object) -> None:
+        """The transaction layer's ``send``; raises :class:`TransportError` on failure."""
+        if isinstance(message, SIPResponse):
+            self._send_response(message, destination)
+        elif isinstance(destination, Target):
+            self._send_request(message, destination)
+        elif isinstance(destination, Source):
+            self._send_request(
+                message, Target(destination.transport, destination.host, destination.port)
+            )
+        else:
+            raise TransportError(f"cannot send to {destination!r}")
+
+    def _send_response(self, response: SIPResponse, destination: object) -> None:
+        data = response.to_bytes()
+        if isinstance(destination, Target):
+            self._send_to_target(data, destination)
+            return
+        if not isinstance(destination, Source):
+            raise TransportError(f"cannot answer to {destination!r}")
+        reply_to = destination.reply_to
+        if reply_to is not None and destination.listener is not None:
+            destination.listener.write_to(data, reply_to[0], reply_to[1])
+            return
+        try:
+            via = response.via
+        except SIPHeaderError as e:
+            raise TransportError("response without usable Via") from e
+        if destination.reliable:
+            connection = destination.connection
+            if connection is not None and connection.connected:
+                connection.write_message(data)
+                return
+            # §18.2.2: connection gone: open one to received (or sent-by), sent-by port.
+            host = via.received or via.host
+            port = via.port or DEFAULT_PORTS.get(destination.transport, 5060)
+            server_name = via.host if destination.transport == "TLS" else None
+            self._send_stream(Target(destination.transport, host, port, server_name), data)
+            return
+        host, port = response_address(via)
+        listener = destination.listener or self._udp_listener(host)
+        listener.write_to(data, host, port)
+
+    def prepare_request(self, request: SIPRequest, target: Target) -> Target:
+        """Stamp our top Via (transport, sent-by, ``rport`` on UDP) and apply the §18.1.1
+        size rule; returns the target actually used (UDP may become TCP)."""
+        self._stamp_via(request, target.transport)
+        if target.transport == "UDP":
+            size = len(request.to_bytes())
+            if size > self.udp_max_request_bytes:
+                target = Target("TCP", target.host, target.port, target.server_name)
+                self._stamp_via(request, "TCP")
+        return target
+
+    def _stamp_via(self, request: SIPRequest, transport_name: str) -> None:
+        via = request.via
+        host, port = self.sent_by(transport_name)
+        params = via.params
+        if transport_name == "UDP" and not any(name == "rport" for name, _ in params):
+            params = (*params, ("rport", None))
+        elif transport_name != "UDP":
+            params = tuple(p for p in params if p[0] != "rport")
+        _replace_top_via(request, Via(transport_name, host, port, params))
+
+    def request(
+        self,
+        request: SIPRequest,
+        target: Target,
+        on_provisional: Callable[[SIPResponse], object] | None = None,
+    ) -> Deferred[SIPResponse]:
+        """Send ``request`` in a client transaction (the relay's entry point).
+
+        The request's top Via must carry a fresh branch (``new_branch()``). A failed
+        connect answers a synthesized 503 at once (§8.1.3.1) rather than a 408 later.
+        """
+        transactions = self.transactions
+        if transactions is None:
+            raise TransportError("no transaction layer attached")
+        target = self.prepare_request(request, target)
+
+        async def run() -> SIPResponse:
+            if target.reliable:
+                try:
+                    await self.connection(target)
+                except Exception as e:
+                    self.log.warn(
+                        "cannot connect to {peer} for {method}: {reason}",
+                        peer=str(target),
+                        method=request.method,
+                        reason=str(e),
+                    )
+                    return make_response(request, 503)
+            return await transactions.client_request(
+                request, target, target.reliable, on_provisional
+            )
+
+        return ensureDeferred(run())
+
+    def _send_request(self, request: SIPRequest, target: Target) -> None:
+        if request.headers.get("via") is not None and request.via.transport != target.transport:
+            target = self.prepare_request(request, target)
+        self._send_to_target(request.to_bytes(), target)
+
+    def _send_to_target(self, data: bytes, target: Target) -> None:
+        if target.transport == "UDP":
+            self._udp_listener(target.host).write_to(data, target.host, target.port)
+        else:
+            self._send_stream(target, data)
+
+    def _udp_listener(self, host: str) -> SIPDatagramProtocol:
+        want_v6 = ":" in host
+        for protocol in self._udp:
+            if protocol.transport is not None and (":" in protocol.local_host_port()[0]) == want_v6:
+                return protocol
+        if self._udp:
+            return self._udp[0]
+        raise TransportError("no UDP listener to send from")
+
+    def _send_stream(self, target: Target, data: bytes) -> None:
+        key = (target.transport, target.host, target.port)
+        connection = self._streams.get(key)
+        if connection is not None and connection.connected:
+            connection.write_message(data)
+            return
+        pending = self._pending.get(key)
+        if pending is not None:
+            if len(pending) >= self.max_pending_per_connection:
+                raise TransportError(f"too many messages waiting for {target}")
+            pending.append(data)
+            return
+        self._pending[key] = [data]
+        self.connection(target)
+
+    def connection(self, target: Target) -> Deferred[SIPStreamProtocol]:
+        """An open connection to ``target``: reused when one exists, else connected (one
+        connect attempt at a time per key; queued messages are flushed on success)."""
+        key = (target.transport, target.host, target.port)
+        existing = self._streams.get(key)
+        if existing is not None and existing.connected:
+            return Deferred.fromCoroutine(_value(existing))
+        waiter: Deferred[SIPStreamProtocol] = Deferred()
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._waiters[key] = [waiter]
+        self._pending.setdefault(key, [])
+        try:
+            endpoint = self._endpoint_factory(target)
+            d = connectProtocol(endpoint, SIPStreamProtocol(self, target.transport))
+        except Exception as e:
+            self._connect_failed(Failure(e), key, target)
+            return waiter
+        d.addCallbacks(self._connected, self._connect_failed, (key,), None, (key, target))
+        return waiter
+
+    def _connected(self, protocol: Protocol, key: ConnectionKey) -> None:
+        assert isinstance(protocol, SIPStreamProtocol)
+        # Register under the key we dialled too (the peer address is the same unless a
+        # proxy/NAT sits in between).
+        self._streams[key] = protocol
+        protocol.key = key
+        for data in self._pending.pop(key, []):
+            protocol.write_message(data)
+        for waiter in self._waiters.pop(key, []):
+            waiter.callback(protocol)
+
+    def _connect_failed(self, failure: Failure, key: ConnectionKey, target: Target) -> None:
+        dropped = len(self._pending.pop(key, []))
+        self.log.warn(
+            "connect to {peer} failed ({reason}); {count} messages dropped",
+            peer=str(target),
+            reason=failure.getErrorMessage(),
+            count=dropped,
+        )
+        for waiter in self._waiters.pop(key, []):
+            waiter.errback(TransportError(f"connect to {target} failed"))
+
+    def _default_endpoint(self, target: Target) -> IStreamClientEndpoint:
+        tcp: IStreamClientEndpoint
+        if ":" in target.host:
+            tcp = TCP6ClientEndpoint(self.reactor, target.host, target.port, timeout=10)
+        else:
+            tcp = TCP4ClientEndpoint(self.reactor, target.host, target.port, timeout=10)
+        if target.transport != "TLS":
+            return tcp
+        if self._tls_creator is None:
+            raise TransportError("no TLS client configuration")
+        return wrapClientTLS(self._tls_creator(target.server_name or target.host), tcp)
+
+    def close_connections(self) -> None:
+        """Drop every stream connection (service shutdown)."""
+        for connection in list(self._streams.values()):
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+
+async def _value(value: SIPStreamProtocol) -> SIPStreamProtocol:
+    return value
+
+
+class SIPUDPService(UDPServer):
+    """``internet.UDPServer`` that exposes the bound port (``port``, for tests and logs)."""
+
+    @property
+    def port(self) -> Any:
+        return self._port
+
+
+def udp_service(reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol) -> SIPUDPService:
+    """A Service listening on a ``udp:PORT[:interface=ADDR]`` spec (STYLE 2.2 gap 1)."""
+    if spec.kind != "udp":
+        raise ValueError(f"{spec.kind}: is not a UDP listener")
+    return SIPUDPService(
+        spec.port,
+        protocol,
+        interface=spec.interface,
+        maxPacketSize=UDP_MAX_DATAGRAM_BYTES,
+        reactor=reactor,
+    )

@@ -1,0 +1,310 @@
+"""UAS core (RFC 3261 §8.2): method dispatch above the transaction layer.
+
+An explicit method table: OPTIONS (§11) and CANCEL (§9.2) are answered here, REGISTER goes
+to the :class:`~relayd.sip.registrar.Registrar`, INVITE is refused with 405 (the
+transaction layer runs the INVITE server transaction that carries the 405), and MESSAGE,
+CONSENT, SUBSCRIBE (and any other method the consent relay adds) go to handlers plugged in
+with :meth:`UASCore.set_handler`. A known method without a handler gets 405 + Allow, an
+unknown one 501 (§8.2.1). Before dispatch: load shedding (503 + Retry-After, §21.5.4),
+``Require`` (420 + Unsupported, §8.2.2.3) and loop detection (482, §16.3 step 4).
+
+Also here, for the relay that forwards requests: :func:`check_max_forwards` (§16.3 step 3,
+483) and :class:`LoopDetector`, whose branch values carry a keyed hash of the request so a
+request that comes back unchanged is recognised (§16.6 step 8; the hash leaves out the
+top Via, which changes on every hop and would defeat detection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayd.sip.message import (
+    MAGIC_COOKIE,
+    SIPHeaderError,
+    SIPRequest,
+    SIPResponse,
+    SIPStatus,
+    make_response,
+    response_for_status,
+)
+from relayd.sip.registrar import Registrar
+from relayd.sip.transaction import ServerTransaction, TransactionLayer, TransactionState
+
+__all__ = [
+    "HOOK_METHODS",
+    "KNOWN_METHODS",
+    "Capabilities",
+    "Handler",
+    "LoopDetector",
+    "UASCore",
+    "check_max_forwards",
+    "transaction_pressure",
+]
+
+KNOWN_METHODS = frozenset(
+    {
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "CONSENT",
+        "INFO",
+        "INVITE",
+        "MESSAGE",
+        "NOTIFY",
+        "OPTIONS",
+        "PRACK",
+        "PUBLISH",
+        "REFER",
+        "REGISTER",
+        "SUBSCRIBE",
+        "UPDATE",
+    }
+)
+"""Methods we recognise: not having a handler for one is 405, anything else 501."""
+
+HOOK_METHODS = ("MESSAGE", "CONSENT", "SUBSCRIBE")
+"""Methods the consent relay plugs in (STYLE 2.4)."""
+
+Handler = Callable[[ServerTransaction, SIPRequest], object]
+"""``handler(txn, request)`` returns a :class:`SIPResponse` (sent at once), ``None`` (the
+handler calls ``txn.respond`` itself, now or later) or an awaitable/Deferred resolving to
+a response. Raising (or failing with) :class:`SIPStatus` answers that status."""
+
+DEFAULT_MAX_FORWARDS = 70
+"""§8.1.1.6: what a request we originate starts with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """Values advertised in OPTIONS (§11.2) and used for 415/420; set by the composer."""
+
+    accept: tuple[str, ...] = ()
+    allow_events: tuple[str, ...] = ()
+    supported: tuple[str, ...] = ()
+
+
+def check_max_forwards(request: SIPRequest) -> int:
+    """§16.3 step 3 for a request about to be forwarded: 483 at zero; returns the value
+    for the forwarded copy (decremented, or 70 when absent, §16.6 step 3)."""
+    value = request.max_forwards
+    if value is None:
+        return DEFAULT_MAX_FORWARDS
+    if value <= 0:
+        raise SIPStatus(483)
+    return value - 1
+
+
+class LoopDetector:
+    """Loop detection through our own Via branches (§16.3 step 4, §16.6 step 8).
+
+    :meth:`branch` yields ``z9hG4bK-rl-<hash>.<random>``: the hash covers Request-URI,
+    From/To tags, Call-ID, CSeq and Proxy-Require under a per-process key, the random part
+    keeps the branch unique per transaction. A request carrying a Via with one of our
+    sent-by values and a branch whose hash equals that of the request as received is a
+    loop (482); a different hash is a spiral (e.g. the Request-URI was rewritten).
+    """
+
+    PREFIX = MAGIC_COOKIE + "-rl-"
+
+    def __init__(
+        self, own_sent_by: Callable[[], Iterable[tuple[str, int | None]]], key: bytes | None = None
+    ) -> None:
+        self._own_sent_by = own_sent_by
+        self._key = key or secrets.token_bytes(32)
+
+    def loop_hash(self, request: SIPRequest) -> str:
+        h = request.headers
+        material = "\0".join(
+            (
+                request.uri.format(),
+                request.from_tag or "",
+                request.to_tag or "",
+                request.call_id or "",
+                h.get("cseq", ""),
+                ",".join(h.get_all("proxy-require")),
+            )
+        )
+        return hmac.new(self._key, material.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
+
+    def branch(self, request: SIPRequest) -> str:
+        """Branch for the Via we push when forwarding ``request`` (as received)."""
+        return f"{self.PREFIX}{self.loop_hash(request)}.{secrets.token_hex(8)}"
+
+    def is_loop(self, request: SIPRequest) -> bool:
+        rows = request.headers.get_raw("via")
+        if not any(self.PREFIX in row for row in rows):
+            return False  # the common case: none of our branches, no parsing
+        try:
+            vias = request.vias
+        except SIPHeaderError:
+            return False
+        own = set(self._own_sent_by())
+        mine = self.loop_hash(request)
+        for via in vias:
+            branch = via.branch or ""
+            if (
+                branch.startswith(self.PREFIX)
+                and via.sent_by in own
+                and hmac.compare_digest(branch[len(self.PREFIX) :].split(".", 1)[0], mine)
+            ):
+                return True
+        return False
+
+
+def transaction_pressure(layer: TransactionLayer, fraction: float = 0.9) -> Callable[[], bool]:
+    """An ``overloaded`` hook: true above ``fraction`` of the layer's transaction cap, so
+    the UAS sheds load (503 within a transaction that absorbs retransmissions) before the
+    layer's own stateless 503 at the hard limit."""
+    threshold = int(layer.max_server_transactions * fraction)
+    return lambda: layer.server_transaction_count > threshold
+
+
+class UASCore:
+    """The transaction user (``ITransactionUser``) for requests addressed to the relay."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        capabilities: Capabilities | None = None,
+        *,
+        registrar: Registrar | None = None,
+        handlers: dict[str, Handler] | None = None,
+        overloaded: Callable[[], bool] | None = None,
+        retry_after_seconds: int = 5,
+        loop_detector: LoopDetector | None = None,
+    ) -> None:
+        self.capabilities = capabilities or Capabilities()
+        self.registrar = registrar
+        self.overloaded = overloaded
+        self.retry_after_seconds = retry_after_seconds
+        self.loop_detector = loop_detector
+        self.transactions: TransactionLayer | None = None
+        self._handlers: dict[str, Handler] = {}
+        self._table: dict[str, Handler] = {}
+        self._allow = ""
+        for method, handler in (handlers or {}).items():
+            self._handlers[method.upper()] = handler
+        self._rebuild()
+
+    def attach(self, transactions: TransactionLayer) -> None:
+        """Needed for CANCEL matching (§9.2)."""
+        self.transactions = transactions
+
+    def set_handler(self, method: str, handler: Handler | None) -> None:
+        """Plug (or unplug, with ``None``) the handler for ``method``; Allow follows."""
+        method = method.upper()
+        if method in ("OPTIONS", "CANCEL", "ACK", "INVITE"):
+            raise ValueError(f"{method} is handled by the UAS core itself")
+        if handler is None:
+            self._handlers.pop(method, None)
+        else:
+            self._handlers[method] = handler
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        table: dict[str, Handler] = {"OPTIONS": self._options, "CANCEL": self._cancel}
+        if self.registrar is not None:
+            table["REGISTER"] = self._register
+        table.update(self._handlers)
+        self._table = table
+        self._allow = ", ".join(sorted({*table, "ACK"}))
+
+    @property
+    def allow(self) -> str:
+        """The ``Allow`` value: every method with a handler (ACK is always accepted)."""
+        return self._allow
+
+    # -- ITransactionUser ---------------------------------------------------------------
+
+    def request(self, txn: ServerTransaction, request: SIPRequest) -> None:
+        method = request.method
+        if self.overloaded is not None and method != "CANCEL" and self.overloaded():
+            raise SIPStatus(503, headers=[("Retry-After", str(self.retry_after_seconds))])
+        handler = self._table.get(method)
+        if handler is None:
+            if method in KNOWN_METHODS:
+                raise SIPStatus(405, headers=[("Allow", self._allow)])
+            raise SIPStatus(501)
+        if method != "CANCEL":
+            unsupported = self._unsupported(request)
+            if unsupported:
+                raise SIPStatus(420, headers=[("Unsupported", ", ".join(unsupported))])
+            detector = self.loop_detector
+            if detector is not None and detector.is_loop(request):
+                self.log.warn("loop detected for {method} {uri}", method=method, uri=request.uri)
+                raise SIPStatus(482)
+        self._finish(txn, request, handler(txn, request))
+
+    def _unsupported(self, request: SIPRequest) -> list[str]:
+        required = request.headers.get_all("require")
+        if not required:
+            return []
+        supported = self.capabilities.supported
+        return [tag for tag in required if tag not in supported]
+
+    def _finish(self, txn: ServerTransaction, request: SIPRequest, result: object) -> None:
+        if result is None:
+            return
+        if isinstance(result, SIPResponse):
+            txn.respond(result)
+            return
+        if isinstance(result, Deferred) or inspect.isawaitable(result):
+            d: Deferred[object] = ensureDeferred(result)  # type: ignore[arg-type]
+            d.addCallbacks(
+                lambda value: self._finish(txn, request, value),
+                lambda failure: self._failed(txn, request, failure),
+            )
+            return
+        raise TypeError(f"handler returned {type(result).__name__}")
+
+    def _failed(self, txn: ServerTransaction, request: SIPRequest, failure: Failure) -> None:
+        if failure.check(SIPStatus):
+            response = response_for_status(request, failure.value)  # type: ignore[arg-type]
+        else:
+            self.log.failure(
+                "handler failed on {method} from {peer}",
+                failure,
+                method=request.method,
+                peer=txn.source,
+            )
+            response = make_response(request, 500)
+        if txn.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            txn.respond(response)
+
+    # -- built-in methods ---------------------------------------------------------------
+
+    def _options(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        """§11.2: what we accept and support; answered the same in or out of dialog."""
+        caps = self.capabilities
+        headers = [("Allow", self._allow)]
+        if caps.accept:
+            headers.append(("Accept", ", ".join(caps.accept)))
+        if caps.allow_events:
+            headers.append(("Allow-Events", ", ".join(caps.allow_events)))
+        headers.append(("Supported", ", ".join(caps.supported)))
+        return make_response(request, 200, headers=headers)
+
+    def _register(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        assert self.registrar is not None
+        return self.registrar.handle(request, peer=txn.source)
+
+    def _cancel(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        """§9.2: 200 when the CANCEL matches a pending INVITE (which then gets 487), 481
+        otherwise. Non-INVITE requests are answered at once, so CANCEL never affects them."""
+        layer = self.transactions
+        invite = layer.find_invite_transaction(request) if layer is not None else None
+        if invite is None:
+            return make_response(request, 481)
+        if invite.state is TransactionState.PROCEEDING:
+            invite.respond(make_response(invite.request, 487))
+        return make_response(request, 200)

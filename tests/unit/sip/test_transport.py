@@ -1,0 +1,367 @@
+"""SIP transports without sockets: fake UDP transport, StringTransport, MemoryReactorClock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from relayd.endpoints import parse_endpoint
+from relayd.sip.message import Headers, SIPRequest, SIPResponse, Via, make_response
+from relayd.sip.parser import parse_datagram
+from relayd.sip.resolve import Target
+from relayd.sip.transaction import TransactionLayer, new_branch
+from relayd.sip.transport import (
+    SIPDatagramProtocol,
+    SIPStreamProtocol,
+    SIPTransportLayer,
+    apply_received,
+    response_address,
+    udp_service,
+)
+from relayd.sip.uas import Capabilities, UASCore
+from relayd.sip.uri import SIPURI
+
+UA = ("198.51.100.7", 34000)
+
+
+class FakeUDPTransport:
+    def __init__(self, host: str = "192.0.2.100", port: int = 5060) -> None:
+        self.host = IPv4Address("UDP", host, port)
+        self.written: list[tuple[bytes, tuple[str, int]]] = []
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.written.append((data, addr))
+
+    def getHost(self) -> IPv4Address:
+        return self.host
+
+
+class Rig:
+    """Transport layer + transaction layer + UAS answering OPTIONS, one UDP listener."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.layer = SIPTransportLayer(self.reactor, advertised_host="relay.example.com", **kwargs)
+        self.uas = UASCore(Capabilities(supported=("path",)))
+        self.transactions = TransactionLayer(self.reactor, self.layer.send, self.uas)
+        self.layer.attach(self.transactions)
+        self.uas.attach(self.transactions)
+        self.udp = self.layer.datagram_protocol()
+        self.udp_transport = FakeUDPTransport()
+        self.udp.makeConnection(self.udp_transport)  # type: ignore[arg-type]
+
+    def datagram(self, data: bytes, addr: tuple[str, int] = UA) -> list[SIPResponse]:
+        before = len(self.udp_transport.written)
+        self.udp.datagramReceived(data, addr)
+        return [self.parse(d) for d, _ in self.udp_transport.written[before:]]
+
+    @staticmethod
+    def parse(data: bytes) -> SIPResponse:
+        message = parse_datagram(data)
+        assert isinstance(message, SIPResponse)
+        return message
+
+    def stream(self, transport_name: str = "TCP") -> tuple[SIPStreamProtocol, StringTransport]:
+        protocol = self.layer.stream_factory(transport_name).buildProtocol(None)
+        assert isinstance(protocol, SIPStreamProtocol)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", *UA))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+def options(
+    via: str = "SIP/2.0/UDP 198.51.100.7:5062;rport;branch=z9hG4bKo1", body: str = ""
+) -> bytes:
+    return (
+        "OPTIONS sip:relay.example.com SIP/2.0\r\n"
+        f"Via: {via}\r\n"
+        "From: <sip:alice@example.com>;tag=1\r\n"
+        "To: <sip:relay.example.com>\r\n"
+        "Call-ID: call-1\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        "Max-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+def _via_request(via: str) -> SIPRequest:
+    return SIPRequest("OPTIONS", SIPURI.parse("sip:r@example.com"), Headers([("Via", via)]))
+
+
+# -- §18.2.1 / RFC 3581 -------------------------------------------------------------------
+
+
+def test_received_added_only_when_sent_by_differs() -> None:
+    same = _via_request("SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bK1")
+    apply_received(same, "198.51.100.7", 5060)
+    assert same.via.received is None
+    named = _via_request("SIP/2.0/UDP ua.example.com;branch=z9hG4bK1, SIP/2.0/UDP b;branch=x")
+    apply_received(named, "198.51.100.7", 5060)
+    assert named.via.received == "198.51.100.7"
+    assert [v.host for v in named.vias] == ["ua.example.com", "b"]
+    v6 = _via_request("SIP/2.0/UDP [2001:db8:0::1];branch=z9hG4bK1")
+    apply_received(v6, "2001:db8::1", 5060)
+    assert v6.via.received is None
+
+
+def test_rport_is_filled_and_forces_received() -> None:
+    request = _via_request("SIP/2.0/UDP 198.51.100.7:5062;rport;branch=z9hG4bK1")
+    apply_received(request, "198.51.100.7", 34000)
+    assert request.via.rport == 34000 and request.via.received == "198.51.100.7"
+
+
+def test_response_address_rules() -> None:
+    assert response_address(Via.parse("SIP/2.0/UDP h;received=192.0.2.9;rport=1234")) == (
+        "192.0.2.9",
+        1234,
+    )
+    assert response_address(Via.parse("SIP/2.0/UDP h:5070;received=192.0.2.9")) == (
+        "192.0.2.9",
+        5070,
+    )
+    assert response_address(Via.parse("SIP/2.0/UDP 192.0.2.8")) == ("192.0.2.8", 5060)
+    assert response_address(Via.parse("SIP/2.0/UDP h:5070;maddr=239.0.0.1")) == ("239.0.0.1", 5070)
+
+
+# -- UDP --------------------------------------------------------------------------------
+
+
+def test_udp_response_goes_to_rport_address_from_same_socket() -> None:
+    rig = Rig()
+    [response] = rig.datagram(options())
+    assert response.status == 200
+    assert rig.udp_transport.written[0][1] == UA
+    assert response.via.received == "198.51.100.7" and response.via.rport == 34000
+
+
+def test_udp_response_without_rport_goes_to_sent_by_port() -> None:
+    rig = Rig()
+    rig.datagram(options("SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bKo2"))
+    assert rig.udp_transport.written[0][1] == ("198.51.100.7", 5062)
+
+
+def test_retransmission_resends_same_response() -> None:
+    rig = Rig()
+    first = rig.datagram(options())
+    second = rig.datagram(options())
+    assert first == second and rig.transactions.server_transaction_count == 1
+
+
+def test_malformed_but_answerable_request_gets_400(warnings: list[LogEvent]) -> None:
+    rig = Rig()
+    data = options().replace(b"OPTIONS sip:relay.example.com", b"OPTIONS sip:[bad")
+    [response] = rig.datagram(data)
+    assert response.status == 400 and response.reason == "Bad Request-URI"
+    assert rig.udp_transport.written[0][1] == UA  # rport honoured on the 400 too
+    assert any("malformed" in str(e.get("log_format")) for e in warnings)
+
+
+def test_unanswerable_garbage_is_dropped_with_warning(warnings: list[LogEvent]) -> None:
+    rig = Rig()
+    assert rig.datagram(b"\x00\xffnot sip at all\r\n\r\n") == []
+    assert rig.datagram(b"\r\n\r\n") == []  # keep-alive: silently ignored
+    events = [e for e in warnings if "malformed" in str(e.get("log_format"))]
+    assert len(events) == 1 and str(events[0]["peer"]) == "udp:198.51.100.7:34000"
+
+
+def test_nothing_escapes_datagram_received(warnings: list[LogEvent]) -> None:
+    rig = Rig()
+
+    class Exploding:
+        def request_received(self, *args: object) -> None:
+            raise RuntimeError("boom")
+
+    rig.layer.transactions = Exploding()  # type: ignore[assignment]
+    rig.udp.datagramReceived(options(), UA)
+    rig.udp.datagramReceived(options(), None)
+    assert sum(1 for e in warnings if "log_failure" in e) == 2
+
+
+def test_udp_service_listens_with_interface() -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    class Reactor:
+        def listenUDP(self, *args: Any, **kwargs: Any) -> object:
+            calls.append((args, kwargs))
+            return object()
+
+    protocol = DatagramProtocol()
+    service = udp_service(Reactor(), parse_endpoint("udp:5070:interface=127.0.0.1"), protocol)
+    service.startService()
+    assert calls == [((5070, protocol), {"interface": "127.0.0.1", "maxPacketSize": 65535})]
+    with pytest.raises(ValueError):
+        udp_service(Reactor(), parse_endpoint("tcp:5070"), protocol)
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+def test_stream_answers_on_same_connection_across_split_reads() -> None:
+    rig = Rig()
+    protocol, transport = rig.stream()
+    data = options("SIP/2.0/TCP ua.example.com:5062;branch=z9hG4bKs1")
+    protocol.dataReceived(data[:17])
+    protocol.dataReceived(data[17:])
+    response = rig.parse(transport.value())
+    assert response.status == 200 and response.via.received == "198.51.100.7"
+
+
+def test_stream_keepalive_gets_pong() -> None:
+    rig = Rig()
+    protocol, transport = rig.stream()
+    protocol.dataReceived(b"\r\n\r\n")
+    assert transport.value() == b"\r\n"
+
+
+def test_stream_without_content_length_answers_400_and_closes() -> None:
+    rig = Rig()
+    protocol, transport = rig.stream()
+    data = options("SIP/2.0/TCP 198.51.100.7;branch=z9hG4bKs2").replace(
+        b"Content-Length: 0\r\n", b""
+    )
+    protocol.dataReceived(data)
+    assert rig.parse(transport.value()).status == 400
+    assert transport.disconnecting
+
+
+def test_stream_response_after_close_reconnects_to_sent_by() -> None:
+    rig = Rig()
+    rig.uas.set_handler("MESSAGE", lambda txn, req: None)  # answer later
+    protocol, _ = rig.stream()
+    message = options("SIP/2.0/TCP ua.example.com:5099;branch=z9hG4bKs3")
+    message = message.replace(b"OPTIONS sip", b"MESSAGE sip").replace(b"1 OPTIONS", b"1 MESSAGE")
+    protocol.dataReceived(message)
+    [txn] = rig.transactions._server.values()
+    protocol.connectionLost()
+    txn.respond(make_response(txn.request, 200))
+    host, port = rig.reactor.tcpClients[0][:2]
+    assert (host, port) == ("198.51.100.7", 5099)
+
+
+def test_connection_limit() -> None:
+    rig = Rig(max_connections=1)
+    rig.stream()
+    assert rig.layer.stream_factory().buildProtocol(None) is None
+
+
+def test_idle_connection_is_closed() -> None:
+    rig = Rig(idle_timeout_seconds=30)
+    protocol, transport = rig.stream()
+    rig.reactor.advance(20)
+    protocol.dataReceived(b"\r\n\r\n")
+    rig.reactor.advance(20)
+    assert not transport.disconnecting
+    rig.reactor.advance(11)
+    assert transport.disconnecting
+
+
+# -- outbound ---------------------------------------------------------------------------
+
+
+def outbound(body: str = "") -> SIPRequest:
+    headers = Headers(
+        [
+            ("Via", f"SIP/2.0/UDP placeholder;branch={new_branch()}"),
+            ("From", "<sip:relay@example.com>;tag=r"),
+            ("To", "<sip:bob@example.com>"),
+            ("Call-ID", "out-1"),
+            ("CSeq", "1 MESSAGE"),
+            ("Max-Forwards", "70"),
+            ("Content-Type", "text/plain"),
+        ]
+    )
+    return SIPRequest("MESSAGE", SIPURI.parse("sip:bob@192.0.2.50"), headers, body.encode())
+
+
+def test_small_request_stays_on_udp_with_our_sent_by() -> None:
+    rig = Rig()
+    request = outbound("hi")
+    target = rig.layer.prepare_request(request, Target("UDP", "192.0.2.50", 5060))
+    assert target.transport == "UDP"
+    assert request.via.format().startswith("SIP/2.0/UDP relay.example.com:5060;branch=z9hG4bK")
+    assert request.via.rport_requested
+    rig.layer.send(request, target)
+    assert rig.udp_transport.written[-1][1] == ("192.0.2.50", 5060)
+
+
+def test_large_request_switches_to_tcp_and_reuses_one_connection() -> None:
+    rig = Rig()
+    rig.layer.set_listen_port("TCP", 5070)
+    request = outbound("x" * 1400)
+    target = rig.layer.prepare_request(request, Target("UDP", "192.0.2.50", 5060))
+    assert target == Target("TCP", "192.0.2.50", 5060)
+    assert request.via.transport == "TCP" and request.via.port == 5070
+    assert not request.via.rport_requested
+    rig.layer.send(request, target)
+    rig.layer.send(request, target)
+    assert len(rig.reactor.tcpClients) == 1
+    host, port, factory = rig.reactor.tcpClients[0][:3]
+    assert (host, port) == ("192.0.2.50", 5060)
+    protocol = factory.buildProtocol(None)
+    assert protocol is not None
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 5060))
+    protocol.makeConnection(transport)
+    assert transport.value().count(b"MESSAGE sip:bob@192.0.2.50 SIP/2.0") == 2
+    rig.layer.send(request, target)  # reused, no new connect
+    assert len(rig.reactor.tcpClients) == 1
+    assert transport.value().count(b"MESSAGE sip:") == 3
+
+
+def test_request_with_failed_connect_is_503() -> None:
+    rig = Rig()
+    request = outbound()
+    results: list[SIPResponse] = []
+    rig.layer.request(request, Target("TCP", "192.0.2.50", 5060)).addCallback(results.append)
+    factory = rig.reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(cast(Any, None), Failure(ConnectionRefusedError()))
+    assert [r.status for r in results] == [503]
+
+
+def test_request_over_udp_completes_the_client_transaction() -> None:
+    rig = Rig()
+    request = outbound()
+    results: list[SIPResponse] = []
+    rig.layer.request(request, Target("UDP", "192.0.2.50", 5060)).addCallback(results.append)
+    sent = parse_datagram(rig.udp_transport.written[-1][0])
+    assert isinstance(sent, SIPRequest)
+    reply = (
+        "SIP/2.0 200 OK\r\n"
+        f"Via: {sent.headers.get('via')}\r\n"
+        "From: <sip:relay@example.com>;tag=r\r\nTo: <sip:bob@example.com>;tag=b\r\n"
+        "Call-ID: out-1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    rig.udp.datagramReceived(reply, ("192.0.2.50", 5060))
+    assert [r.status for r in results] == [200]
+
+
+def test_tls_target_without_client_configuration_fails_cleanly() -> None:
+    rig = Rig()
+    results: list[SIPResponse] = []
+    target = Target("TLS", "192.0.2.50", 5061, "bob.example.com")
+    rig.layer.request(outbound(), target).addCallback(results.append)
+    assert [r.status for r in results] == [503]
+
+
+def test_sources_and_targets_print_for_logs() -> None:
+    rig = Rig()
+    protocol, _ = rig.stream("TLS")
+    assert str(protocol.source) == "tls:198.51.100.7:34000"
+    assert str(Target("UDP", "2001:db8::1", 5060)) == "udp:[2001:db8::1]:5060"
+    assert isinstance(rig.udp, SIPDatagramProtocol)

@@ -1,0 +1,214 @@
+"""UAS core dispatch (RFC 3261 §8.2, §11, §9.2) over a real TransactionLayer and a Clock."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus, make_response
+from relayd.sip.registrar import Registrar
+from relayd.sip.transaction import ServerTransaction, TransactionLayer
+from relayd.sip.uas import (
+    Capabilities,
+    LoopDetector,
+    UASCore,
+    check_max_forwards,
+    transaction_pressure,
+)
+from relayd.sip.uri import SIPURI
+
+PEER = ("192.0.2.1", 5060)
+CAPS = Capabilities(
+    accept=("application/resource-lists+xml", "text/plain"),
+    allow_events=("wait-permission",),
+    supported=("100rel",),
+)
+
+
+class Stack:
+    def __init__(self, uas: UASCore, max_server_transactions: int = 100) -> None:
+        self.clock = Clock()
+        self.sent: list[SIPResponse] = []
+        self.uas = uas
+        self.layer = TransactionLayer(
+            self.clock, self.record, uas, max_server_transactions=max_server_transactions
+        )
+        uas.attach(self.layer)
+        self._branch = 0
+
+    def record(self, message: object, destination: object) -> None:
+        assert isinstance(message, SIPResponse)
+        self.sent.append(message)
+
+    def send(self, method: str, *extra: tuple[str, str], branch: str | None = None) -> SIPResponse:
+        self.deliver(method, *extra, branch=branch)
+        return self.sent[-1]
+
+    def deliver(self, method: str, *extra: tuple[str, str], branch: str | None = None) -> None:
+        self._branch += 1
+        headers = Headers(
+            [
+                ("Via", f"SIP/2.0/UDP 192.0.2.1:5060;branch={branch or f'z9hG4bK{self._branch}'}"),
+                ("From", "<sip:alice@example.com>;tag=1"),
+                ("To", "<sip:relay@example.com>"),
+                ("Call-ID", "c1"),
+                ("CSeq", f"{self._branch} {method}"),
+                ("Max-Forwards", "70"),
+                *extra,
+            ]
+        )
+        self.layer.request_received(
+            SIPRequest(method, SIPURI.parse("sip:relay@example.com"), headers), PEER, False
+        )
+
+
+def test_options_lists_capabilities() -> None:
+    stack = Stack(UASCore(CAPS, registrar=Registrar("example.com", Clock(), None)))
+    response = stack.send("OPTIONS")
+    assert response.status == 200
+    h = response.headers
+    assert h.get_all("allow") == ["ACK", "CANCEL", "OPTIONS", "REGISTER"]
+    assert h.get_all("accept") == ["application/resource-lists+xml", "text/plain"]
+    assert h.get_all("allow-events") == ["wait-permission"]
+    assert h.get_all("supported") == ["100rel"]
+
+
+def test_allow_follows_plugged_handlers() -> None:
+    uas = UASCore(CAPS)
+    uas.set_handler("message", lambda txn, req: make_response(req, 202))
+    assert uas.allow == "ACK, CANCEL, MESSAGE, OPTIONS"
+    uas.set_handler("MESSAGE", None)
+    assert uas.allow == "ACK, CANCEL, OPTIONS"
+    with pytest.raises(ValueError):
+        uas.set_handler("INVITE", lambda txn, req: None)
+
+
+def test_invite_is_405_with_allow_and_unknown_is_501() -> None:
+    stack = Stack(UASCore(CAPS))
+    invite = stack.send("INVITE")
+    assert invite.status == 405 and invite.headers.get("allow") == "ACK"
+    assert invite.headers.get_all("allow") == ["ACK", "CANCEL", "OPTIONS"]
+    assert stack.send("FROBNICATE").status == 501
+
+
+@pytest.mark.parametrize("method", ["MESSAGE", "CONSENT", "SUBSCRIBE", "REGISTER"])
+def test_hook_method_without_handler_is_405(method: str) -> None:
+    response = Stack(UASCore(CAPS)).send(method)
+    assert response.status == 405 and "OPTIONS" in response.headers.get_all("allow")
+
+
+def test_handlers_sync_deferred_and_coroutine() -> None:
+    uas = UASCore(CAPS)
+    later: Deferred[SIPResponse] = Deferred()
+    seen: list[SIPRequest] = []
+
+    def message(txn: ServerTransaction, request: SIPRequest) -> object:
+        seen.append(request)
+        return later
+
+    async def consent(txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        return make_response(request, 202)
+
+    def subscribe(txn: ServerTransaction, request: SIPRequest) -> object:
+        raise SIPStatus(489, headers=[("Allow-Events", "wait-permission")])
+
+    uas.set_handler("MESSAGE", message)
+    uas.set_handler("CONSENT", consent)
+    uas.set_handler("SUBSCRIBE", subscribe)
+    stack = Stack(uas)
+    stack.deliver("MESSAGE")
+    assert stack.sent == [] and len(seen) == 1
+    later.callback(make_response(seen[0], 200))
+    assert stack.sent[-1].status == 200
+    assert stack.send("CONSENT").status == 202
+    bad_event = stack.send("SUBSCRIBE")
+    assert bad_event.status == 489 and bad_event.headers.get("allow-events") == "wait-permission"
+
+
+def test_failing_async_handler_answers_500_or_its_status() -> None:
+    uas = UASCore(CAPS)
+
+    async def broken(txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        raise RuntimeError("boom")
+
+    async def refuses(txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        raise SIPStatus(470)
+
+    uas.set_handler("MESSAGE", broken)
+    uas.set_handler("CONSENT", refuses)
+    stack = Stack(uas)
+    assert stack.send("MESSAGE").status == 500
+    assert stack.send("CONSENT").status == 470
+
+
+def test_overload_hook_sheds_with_retry_after() -> None:
+    busy = [True]
+    stack = Stack(UASCore(CAPS, overloaded=lambda: busy[0], retry_after_seconds=7))
+    response = stack.send("OPTIONS")
+    assert response.status == 503 and response.headers.get("retry-after") == "7"
+    busy[0] = False
+    assert stack.send("OPTIONS").status == 200
+
+
+def test_transaction_pressure_reads_the_layer() -> None:
+    uas = UASCore(CAPS)
+    uas.set_handler("MESSAGE", lambda txn, req: None)  # keeps transactions open
+    stack = Stack(uas, max_server_transactions=10)
+    uas.overloaded = transaction_pressure(stack.layer, 0.5)
+    for _ in range(6):
+        stack.deliver("MESSAGE")
+    assert stack.send("OPTIONS").status == 503
+
+
+def test_require_unknown_extension_is_420() -> None:
+    stack = Stack(UASCore(CAPS))
+    response = stack.send("OPTIONS", ("Require", "foo, 100rel"))
+    assert response.status == 420 and response.headers.get_all("unsupported") == ["foo"]
+
+
+def test_cancel_without_matching_invite_is_481() -> None:
+    assert Stack(UASCore(CAPS)).send("CANCEL").status == 481
+
+
+def test_cancel_matching_an_answered_invite_is_200() -> None:
+    stack = Stack(UASCore(CAPS))
+    stack.send("INVITE", branch="z9hG4bKinv")
+    assert stack.send("CANCEL", branch="z9hG4bKinv").status == 200
+
+
+def test_loop_detection_with_our_branch() -> None:
+    own = {("relay.example.com", 5060)}
+    detector = LoopDetector(lambda: own, key=b"k" * 32)
+    stack = Stack(UASCore(CAPS, loop_detector=detector))
+    probe = SIPRequest(
+        "OPTIONS",
+        SIPURI.parse("sip:relay@example.com"),
+        Headers(
+            [
+                ("From", "<sip:alice@example.com>;tag=1"),
+                ("To", "<sip:relay@example.com>"),
+                ("Call-ID", "c1"),
+                ("CSeq", "1 OPTIONS"),
+            ]
+        ),
+    )
+    branch = detector.branch(probe)
+    assert branch.startswith("z9hG4bK-rl-")
+    ours = ("Via", f"SIP/2.0/UDP relay.example.com:5060;branch={branch}")
+    stack._branch = 0  # same CSeq number as the probe
+    assert stack.send("OPTIONS", ours).status == 482
+    # Spiral: another Request-URI (or CSeq) under our branch is not a loop.
+    assert stack.send("OPTIONS", ours).status == 200
+
+
+def test_check_max_forwards() -> None:
+    def req(value: str | None) -> SIPRequest:
+        headers = Headers([("Max-Forwards", value)] if value is not None else [])
+        return SIPRequest("MESSAGE", SIPURI.parse("sip:a@b"), headers)
+
+    assert check_max_forwards(req("70")) == 69
+    assert check_max_forwards(req(None)) == 70
+    with pytest.raises(SIPStatus) as info:
+        check_max_forwards(req("0"))
+    assert info.value.status == 483
