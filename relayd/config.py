@@ -10,11 +10,13 @@ which line stopped the daemon.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from relayd.endpoints import EndpointSyntaxError, parse_endpoint
 
@@ -76,6 +78,16 @@ def _words(text: str) -> tuple[str, ...]:
 
 def _lines(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in allowed:
+            raise ValueError(f"expected {' or '.join(allowed)}, got {value!r}")
+        return value
+
+    return parse
 
 
 def _endpoints(allowed: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
@@ -265,6 +277,57 @@ SCHEMA: tuple[Key, ...] = (
         _text,
         "PEM private key matching [tls] certificate; empty: generated",
     ),
+    Key(
+        "xcap",
+        "listen",
+        "ssl:4443:interface=127.0.0.1",
+        _endpoints(("ssl", "tcp")),
+        "XCAP (HTTP) listeners, one endpoint string per line; ssl: uses [tls]; tcp: (plain"
+        " HTTP) only with a loopback interface",
+    ),
+    Key(
+        "xcap",
+        "root",
+        "/xcap-root",
+        _text,
+        "Path of the XCAP root (RFC 4825 §6.1); documents are ROOT/<auid>/users/<xui>/<name>",
+    ),
+    Key(
+        "xcap",
+        "public_url",
+        "",
+        _text,
+        "Base URL of the XCAP root put in minted Permission URIs; empty: https://<hostname>:"
+        "<port of the first listener><root>",
+    ),
+    Key(
+        "xcap",
+        "admins",
+        "",
+        _words,
+        "Users (space separated) who may read and write every user's documents",
+    ),
+    Key(
+        "xcap",
+        "max_body_bytes",
+        "1048576",
+        _integer(1024, 64 * 1024 * 1024),
+        "Largest XCAP request body and stored document (413 above it)",
+    ),
+    Key(
+        "store",
+        "backend",
+        "sqlite",
+        _choice(("sqlite", "memory")),
+        "Permission store: sqlite (durable) or memory (lost on restart; tests only)",
+    ),
+    Key(
+        "store",
+        "path",
+        "",
+        _text,
+        "SQLite file of the permission store; empty: relay.sqlite3 in data_dir",
+    ),
 )
 
 _KEYS: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in SCHEMA}
@@ -307,12 +370,29 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class XCAPConfig:
+    listen: tuple[str, ...]
+    root: str
+    public_url: str
+    admins: tuple[str, ...]
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: str
+    path: str
+
+
+@dataclass(frozen=True)
 class RelaydConfig:
     hostname: str
     data_dir: str
     msrp: MSRPConfig
     auth: AuthConfig
     tls: TLSConfig
+    xcap: XCAPConfig
+    store: StoreConfig
     source: str = "<defaults>"
 
 
@@ -385,6 +465,8 @@ def _build(values: Mapping[tuple[str, str], Any], source: str) -> RelaydConfig:
         msrp=MSRPConfig(**section("msrp")),
         auth=AuthConfig(**section("auth")),
         tls=TLSConfig(**section("tls")),
+        xcap=XCAPConfig(**section("xcap")),
+        store=StoreConfig(**section("store")),
         source=source,
     )
 
@@ -440,6 +522,47 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
     users = config.auth.users
     if users and os.path.exists(users) and not os.access(users, os.R_OK):
         fail("auth", "users", f"cannot read {users!r}")
+    _validate_xcap(config.xcap, fail)
+
+
+def is_loopback_interface(interface: str) -> bool:
+    """Whether a listener ``interface`` is a loopback address (empty means all: no)."""
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_xcap(xcap: XCAPConfig, fail: Callable[[str, str, str], None]) -> None:
+    """Plain HTTP carries digest exchanges and capability URIs in clear: loopback only."""
+    if not xcap.listen:
+        fail("xcap", "listen", "at least one listener is required")
+    for value in xcap.listen:
+        endpoint = parse_endpoint(value)
+        if endpoint.kind == "tcp" and not is_loopback_interface(endpoint.interface):
+            fail(
+                "xcap",
+                "listen",
+                f"{value!r}: plain HTTP (tcp:) is only allowed with a loopback interface"
+                " such as interface=127.0.0.1; use ssl:",
+            )
+        for option in ("privateKey", "certKey", "extraCertChain"):
+            file_name = endpoint.options.get(option)
+            if file_name and not os.access(file_name, os.R_OK):
+                fail("xcap", "listen", f"{option}: cannot read {file_name!r}")
+    root = xcap.root
+    if not root.startswith("/") or any(ch in root for ch in "?#% \t") or "/~~" in root:
+        fail("xcap", "root", f"must be an absolute path without ?, #, % or ~~, got {root!r}")
+    if "//" in root or "/../" in root + "/" or "/./" in root + "/":
+        fail("xcap", "root", f"must be a normalised path, got {root!r}")
+    if xcap.public_url:
+        parts = urlsplit(xcap.public_url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            fail("xcap", "public_url", f"must be an http(s) URL, got {xcap.public_url!r}")
+        if parts.query or parts.fragment:
+            fail("xcap", "public_url", "must not have a query or fragment")
 
 
 def example_ini() -> str:

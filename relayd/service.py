@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import crypto
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayd.config import ConfigError, RelaydConfig
 from relayd.digest import DigestAuthenticator
@@ -33,6 +34,9 @@ from relayd.tls import (
     server_context_factory,
 )
 from relayd.users import UsersFile, UsersFileError, generate_password
+from relayd.xcap.auth import XCAPAuthorizer, permission_uri
+from relayd.xcap.resource import XCAPResource, XCAPSite
+from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
 
 log = Logger()
 
@@ -47,6 +51,7 @@ class Prepared:
     users: UsersFile
     hostname: str
     realm: str
+    store_path: str = ""
 
 
 def prepare(config: RelaydConfig) -> Prepared:
@@ -66,16 +71,24 @@ def prepare(config: RelaydConfig) -> Prepared:
     else:
         cert, key, _ = ensure_self_signed(data_dir / "tls")
         identity = load_identity(cert, key)
-    for text in config.msrp.listen:
-        spec = parse_endpoint(text)
-        if "certKey" in spec.options or "privateKey" in spec.options:
-            try:
-                load_identity(
-                    spec.options.get("certKey") or spec.options.get("privateKey", ""),
-                    spec.options.get("privateKey") or spec.options.get("certKey", ""),
-                )
-            except TLSSetupError as e:
-                raise ConfigError(config.source, "msrp", "listen", str(e)) from None
+    for section, listeners in (("msrp", config.msrp.listen), ("xcap", config.xcap.listen)):
+        for text in listeners:
+            spec = parse_endpoint(text)
+            if "certKey" in spec.options or "privateKey" in spec.options:
+                try:
+                    load_identity(
+                        spec.options.get("certKey") or spec.options.get("privateKey", ""),
+                        spec.options.get("privateKey") or spec.options.get("certKey", ""),
+                    )
+                except TLSSetupError as e:
+                    raise ConfigError(config.source, section, "listen", str(e)) from None
+    store_path = config.store.path or str(data_dir / "relay.sqlite3")
+    if config.store.backend == "sqlite":
+        folder = Path(store_path).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(
+                config.source, "store", "path", f"directory {str(folder)!r} is not writable"
+            )
     trust_roots = None
     if config.msrp.ca_certificates:
         try:
@@ -92,7 +105,7 @@ def prepare(config: RelaydConfig) -> Prepared:
         raise ConfigError(config.source, "auth", "users", str(e)) from None
     if not config.auth.users and len(users) == 0:
         _generate_user(users, data_dir, realm)
-    return Prepared(config, identity, trust_roots, users, hostname, realm)
+    return Prepared(config, identity, trust_roots, users, hostname, realm, store_path)
 
 
 def _generate_user(users: UsersFile, data_dir: Path, realm: str) -> None:
@@ -174,6 +187,117 @@ class MSRPService(Service):
         return defer.ensureDeferred(self._stop())
 
 
+class XCAPService(Service):
+    """The XCAP HTTP listeners (``[xcap] listen``) and the permission store they serve.
+
+    Ports are bound synchronously in ``privilegedStartService`` (or ``startService``
+    when started without it), so a port that cannot be bound makes starting fail
+    at once (twistd exits) instead of leaving a relay without its XCAP surface.
+    ``store`` is shared with the SIP side; it is closed when this service stops.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, site: XCAPSite, store: IPermissionStore, reactor: Any, prepared: Prepared
+    ) -> None:
+        self.site = site
+        self.store = store
+        self.reactor = reactor
+        self.prepared = prepared
+        self.ports: list[IListeningPort] = []
+        self.listening: defer.Deferred[list[IListeningPort]] = defer.Deferred()
+        self._bound = False
+        xcap = prepared.config.xcap
+        self.public_url = xcap.public_url.rstrip("/")
+
+    def permission_uri(self, recipient: str, token: str) -> str:
+        """The Permission URI for a consent request (consent spec §(c)); after start."""
+        return permission_uri(self.public_url, recipient, token)
+
+    def _tls_context(self, spec: EndpointSpec) -> Any:
+        identity = self.prepared.identity
+        if "certKey" in spec.options or "privateKey" in spec.options:
+            identity = load_identity(
+                spec.options.get("certKey") or spec.options["privateKey"],
+                spec.options.get("privateKey") or spec.options["certKey"],
+            )
+        return server_context_factory(identity, None)
+
+    def _bind(self) -> None:
+        self._bound = True
+        xcap = self.prepared.config.xcap
+        for text in xcap.listen:
+            spec = parse_endpoint(text)
+            endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
+            outcome: list[object] = []
+            endpoint.listen(self.site).addBoth(outcome.append)
+            result = outcome[0] if outcome else None
+            if result is None or isinstance(result, Failure):
+                self.log.critical(
+                    "XCAP cannot listen on {endpoint}: {reason}",
+                    endpoint=text,
+                    reason=result.getErrorMessage() if isinstance(result, Failure) else "pending",
+                )
+                for bound in self.ports:
+                    bound.stopListening()
+                self.ports = []
+                if isinstance(result, Failure):
+                    result.raiseException()
+                raise RuntimeError(f"XCAP listener {text!r} did not bind synchronously")
+            port = cast(IListeningPort, result)
+            self.ports.append(port)
+            address: Any = port.getHost()
+            if not self.public_url:
+                origin = _origin(spec.kind, self.prepared.hostname, address.port)
+                self.public_url = origin + xcap.root.rstrip("/")
+            self.log.info(
+                "XCAP listening on {kind}:{host}:{port}, root {root}",
+                kind=spec.kind,
+                host=address.host,
+                port=address.port,
+                root=xcap.root,
+            )
+        self.listening.callback(list(self.ports))
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._bind()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._bound:
+            self._bind()
+
+    async def _stop(self) -> None:
+        ports, self.ports = self.ports, []
+        try:
+            for port in ports:
+                stopped = port.stopListening()
+                if stopped is not None:
+                    await stopped
+        finally:
+            await self.store.close()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+
+def _origin(kind: str, hostname: str, port: int) -> str:
+    """``https://host:port`` of the first listener (``[xcap] public_url`` empty)."""
+    scheme = "https" if kind == "ssl" else "http"
+    host = f"[{hostname}]" if ":" in hostname else hostname
+    return f"{scheme}://{host}:{port}"
+
+
+def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
+    """The configured permission store (``[store] backend``)."""
+    if prepared.config.store.backend == "memory":
+        return MemoryPermissionStore()
+    return SQLitePermissionStore(prepared.store_path, reactor)
+
+
 def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     """The relay daemon: every part a named child of one MultiService."""
     config = prepared.config
@@ -197,4 +321,15 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     service = MSRPService(relay, reactor, prepared)
     service.setName("msrp")
     service.setServiceParent(top)
+
+    xcap = config.xcap
+    store = build_store(prepared, reactor)
+    authorizer = XCAPAuthorizer(digest, (prepared.realm, prepared.hostname), xcap.admins)
+    resource = XCAPResource(
+        store, authorizer, reactor, root=xcap.root, max_body_bytes=xcap.max_body_bytes
+    )
+    site = XCAPSite(resource, max_body_bytes=xcap.max_body_bytes)
+    xcap_service = XCAPService(site, store, reactor, prepared)
+    xcap_service.setName("xcap")
+    xcap_service.setServiceParent(top)
     return top

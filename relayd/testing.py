@@ -137,6 +137,7 @@ def relay_config_overrides(
         ("relay", "data_dir"): data_dir,
         ("relay", "hostname"): host,
         ("msrp", "listen"): f"ssl:0:interface={host}",
+        ("xcap", "listen"): f"ssl:0:interface={host}",
         ("msrp", "ca_certificates"): ca_path,
         ("tls", "certificate"): certificate,
         ("tls", "private_key"): private_key,

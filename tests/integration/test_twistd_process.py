@@ -55,6 +55,9 @@ data_dir = {tmp_path / "data"}
 [msrp]
 listen = ssl:0:interface=127.0.0.1
 
+[xcap]
+listen = ssl:0:interface=127.0.0.1
+
 [auth]
 realm = {REALM}
 users = {users}

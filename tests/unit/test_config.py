@@ -356,6 +356,8 @@ def test_every_schema_key_is_in_the_config() -> None:
         "auth": config.auth,
         "tls": config.tls,
         "relay": config,
+        "xcap": config.xcap,
+        "store": config.store,
     }
     for key in SCHEMA:
         assert hasattr(sections[key.section], key.name), (key.section, key.name)
@@ -378,3 +380,34 @@ def test_example_documents_every_key() -> None:
     for key in SCHEMA:
         assert f"\n{key.name} =" in text
         assert f"# {key.help}\n{key.name} =" in text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("listen", "tcp:8080:interface=0.0.0.0", "plain HTTP (tcp:) is only allowed"),
+        ("listen", "tcp:8080", "plain HTTP (tcp:) is only allowed"),
+        ("listen", "udp:8080", "not allowed here"),
+        ("root", "xcap", "must be an absolute path"),
+        ("root", "/a//b", "must be a normalised path"),
+        ("root", "/a/../b", "must be a normalised path"),
+        ("public_url", "ftp://x.example/", "must be an http(s) URL"),
+        ("public_url", "https://x.example/?q=1", "must not have a query"),
+        ("max_body_bytes", "10", "must be between"),
+    ],
+)
+def test_xcap_values_are_checked(tmp_path: Path, key: str, value: str, expected: str) -> None:
+    path = write_ini(tmp_path, f"[xcap]\n{key} = {value}\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [xcap] {key}: ")
+    assert expected in message
+
+
+def test_xcap_plain_http_on_loopback_is_allowed(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[xcap]\nlisten = tcp:8080:interface=127.0.0.1\n")
+    assert load_config(str(path)).xcap.listen == ("tcp:8080:interface=127.0.0.1",)
+
+
+def test_store_backend_is_sqlite_or_memory(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[store]\nbackend = redis\n")
+    assert config_error(path).startswith(f"{path}: [store] backend: ")

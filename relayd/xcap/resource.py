@@ -1,0 +1,768 @@
+"""The XCAP HTTP surface (RFC 4825 §§6-8, consent spec §(c)) on twisted.web.
+
+One leaf resource answers every request below the site: it parses the request URI
+(:func:`relayd.xcap.selector.parse_xcap_uri`), authorises (:mod:`relayd.xcap.auth`),
+and reads or writes the :class:`~relayd.xcap.store.IPermissionStore`.  Failures are
+:class:`~relayd.xcap.errors.XCAPError`\\ s turned into responses in one place;
+anything unexpected is logged and answered 500.
+
+Conditional requests (RFC 9110 §13, RFC 4825 §7.11): every success response carries
+the *document's* strong ETag, also for element and attribute resources.  A specific
+entity tag in ``If-Match``/``If-None-Match`` is compared with the document's tag; ``*``
+asks whether the *target* exists (the document, the element or the attribute), so
+``If-None-Match: *`` on an element PUT means "insert, never replace".
+
+Node writes are read-modify-write: read the document and its ETag, check the client's
+preconditions against that state, apply the change in memory, validate the whole
+document with its application usage, then store it with ``if_match=<that ETag>``.
+The store's compare-and-set turns a concurrent writer between our read and our write
+into :class:`~relayd.xcap.store.PreconditionFailed` on *our internal* tag.  That is
+not the client's failure, so the whole operation is retried on the fresh document
+(re-checking the client's preconditions there): a client that sent
+``If-Match: "<old>"`` then gets its 412, because the document changed under it,
+while a client without preconditions gets its change applied on top of the other
+one, as if it had arrived second.  After :data:`MAX_WRITE_ATTEMPTS` lost races the
+answer is 503 with ``Retry-After``.  Whole-document PUT and DELETE need no read: the
+client's own preconditions go straight into the store's compare-and-set, so of two
+PUTs with the same ``If-Match`` exactly one wins and the other gets 412.
+
+XML parsing and schema validation run on the reactor thread (lxml validators are not
+thread-safe, usages.py); bodies are bounded by ``max_body_bytes`` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from xml.sax.saxutils import escape
+
+from lxml import etree
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from relayd.tokens import redact
+from relayd.xcap import selector as sel
+from relayd.xcap.auth import (
+    CAPABILITY_STATES,
+    Principal,
+    Unauthorized,
+    XCAPAuthorizer,
+    bound_consent,
+    redact_document,
+)
+from relayd.xcap.errors import CONSTRAINT_FAILURE, NO_PARENT, XCAP_ERROR_MIME_TYPE, XCAPError
+from relayd.xcap.policy import is_permitted, now_from_clock
+from relayd.xcap.store import (
+    GLOBAL_XUI,
+    ConsentState,
+    DocumentWrite,
+    ETagCondition,
+    IPermissionStore,
+    PendingConsent,
+    PreconditionFailed,
+    StoredDocument,
+    check_preconditions,
+)
+from relayd.xcap.usages import (
+    USAGES,
+    XCAP_ATTRIBUTE_MIME_TYPE,
+    XCAP_CAPS_AUID,
+    XCAP_ELEMENT_MIME_TYPE,
+    XCAP_NAMESPACE_MIME_TYPE,
+    ApplicationUsage,
+    check_consent_scope,
+    xcap_caps_document,
+)
+from relayd.xcap.xml import (
+    DEFAULT_MAX_BODY_BYTES,
+    parse_attribute_value,
+    parse_document,
+    parse_fragment,
+    serialize_document,
+    serialize_element,
+)
+
+MAX_WRITE_ATTEMPTS = 3
+"""Read-modify-write rounds before a node write gives up with 503 (module docstring)."""
+
+RETRY_AFTER_SECONDS = 1
+
+DISCARD_FACTOR = 16
+"""Oversized bodies up to this multiple of the limit are read (and dropped) for a 413."""
+
+READ_METHODS = ("GET", "HEAD")
+WRITE_METHODS = ("PUT", "DELETE")
+
+_ENTITY_TAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|\Z)')
+
+
+@dataclass
+class Response:
+    """What one request is answered with; written by :meth:`XCAPResource._send`."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class _Conditions:
+    """Parsed ``If-Match`` / ``If-None-Match`` (None when the header is absent)."""
+
+    if_match: frozenset[str] | None
+    if_none_match: frozenset[str] | None
+
+    @property
+    def any(self) -> bool:
+        return self.if_match is not None or self.if_none_match is not None
+
+
+def parse_entity_tags(value: str, *, weak_ok: bool) -> frozenset[str]:
+    """``*`` or a comma-separated list of entity tags (RFC 9110 §8.8.3, §13.1).
+
+    ``If-Match`` uses strong comparison, so weak tags can never match and are dropped
+    (``weak_ok=False``); ``If-None-Match`` compares weakly, so ``W/"x"`` counts as
+    ``"x"``.  Malformed values are 400.
+    """
+    text = value.strip()
+    if text == "*":
+        return frozenset({"*"})
+    tags: set[str] = set()
+    position = 0
+    while position < len(text):
+        match = _ENTITY_TAG.match(text, position)
+        if match is None or match.end() == position:
+            raise XCAPError(400, None, "malformed entity-tag list")
+        weak, tag = match.groups()
+        if weak is None or weak_ok:
+            tags.add(tag)
+        position = match.end()
+    if not tags and not text:
+        raise XCAPError(400, None, "empty entity-tag list")
+    return frozenset(tags)
+
+
+def _node_conditions_hold(
+    doc_etag: str | None, exists: bool, conditions: _Conditions
+) -> tuple[bool, bool]:
+    """(If-Match holds, If-None-Match holds) for a node of a document.
+
+    ``*`` is about the node itself; specific tags compare with the document's tag.
+    """
+    if_match_ok = True
+    if conditions.if_match is not None:
+        tags = conditions.if_match
+        if_match_ok = exists if "*" in tags else doc_etag is not None and doc_etag in tags
+    if_none_match_ok = True
+    if conditions.if_none_match is not None:
+        tags = conditions.if_none_match
+        if_none_match_ok = not exists if "*" in tags else doc_etag not in tags
+    return if_match_ok, if_none_match_ok
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _header(request: Request, name: str) -> str | None:
+    values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
+    if not values:
+        return None
+    raw = b", ".join(values) if isinstance(values[0], bytes) else ", ".join(values)
+    return raw.decode("latin-1") if isinstance(raw, bytes) else raw
+
+
+def _caps_etag(body: bytes) -> str:
+    return f'"caps-{hashlib.sha256(body).hexdigest()[:24]}"'
+
+
+class XCAPResource(Resource):
+    """Every XCAP request below the site root (RFC 4825 §6).
+
+    ``root`` is the path prefix of the XCAP root (``/xcap-root``); ``clock`` provides
+    "now" for deciding whether a Permission-URI document grants its consent.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IPermissionStore,
+        authorizer: XCAPAuthorizer,
+        clock: IReactorTime,
+        *,
+        root: str = "/xcap-root",
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        usages: Mapping[str, ApplicationUsage] = USAGES,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.authorizer = authorizer
+        self.clock = clock
+        self.root = root.rstrip("/")
+        self.max_body_bytes = max_body_bytes
+        self.usages = usages
+        self._caps = xcap_caps_document(usages)
+
+    # -- twisted.web boundary --------------------------------------------------------
+
+    def render(self, request: Request) -> Any:
+        state = _RequestState()
+        request.notifyFinish().addErrback(state.lost)
+        d = defer.ensureDeferred(self._handle(request, state))
+        d.addErrback(self._internal_error, request, state)
+        return NOT_DONE_YET
+
+    def _internal_error(self, failure: Failure, request: Request, state: _RequestState) -> None:
+        self.log.failure(
+            "XCAP {method} {uri} failed",
+            failure,
+            method=state.method,
+            uri=state.log_uri,
+        )
+        try:
+            self._send(request, state, Response(500, headers=[("Connection", "close")]))
+        except Exception:
+            self.log.failure("XCAP could not answer 500 for {uri}", uri=state.log_uri)
+
+    def _send(self, request: Request, state: _RequestState, response: Response) -> None:
+        if state.gone or request.finished:
+            return
+        request.setResponseCode(response.status)
+        if response.etag is not None:
+            request.setHeader(b"ETag", response.etag.encode("ascii"))
+        if response.content_type is not None:
+            request.setHeader(b"Content-Type", response.content_type.encode("ascii"))
+        for name, value in response.headers:
+            request.setHeader(name.encode("ascii"), value.encode("latin-1"))
+        if response.status != 304:
+            request.setHeader(b"Content-Length", str(len(response.body)).encode("ascii"))
+        if response.body and response.status != 304:
+            request.write(response.body)
+        request.finish()
+
+    async def _handle(self, request: Request, state: _RequestState) -> None:
+        state.method = request.method.decode("ascii", "replace")
+        try:
+            response = await self._respond(request, state)
+        except XCAPError as e:
+            response = self._error(e, state)
+        except Unauthorized as e:
+            if state.had_credentials:
+                self.log.warn(
+                    "XCAP {method} {uri} from {peer}: authentication failed: {reason}",
+                    method=state.method,
+                    uri=state.log_uri,
+                    peer=_peer(request),
+                    reason=e.reason,
+                )
+            response = Response(401, headers=[("WWW-Authenticate", e.challenge)])
+        self.log.debug(
+            "XCAP {method} {uri} by {user}: {code}",
+            method=state.method,
+            uri=state.log_uri,
+            user=state.principal_label,
+            code=response.status,
+        )
+        self._send(request, state, response)
+
+    def _error(self, error: XCAPError, state: _RequestState) -> Response:
+        if error.status >= 500:
+            self.log.error("XCAP {method} {uri}: {reason}", reason=str(error), **state.fields)
+        elif error.status not in (404, 412):
+            self.log.warn(
+                "XCAP {method} {uri} by {user} refused: {reason}",
+                reason=str(error),
+                **state.fields,
+            )
+        if isinstance(error, _MethodNotAllowed):
+            return Response(405, headers=[("Allow", ", ".join(error.allowed))])
+        if error.status == 503:
+            return Response(503, headers=[("Retry-After", str(RETRY_AFTER_SECONDS))])
+        if error.condition is None:
+            return Response(error.status)
+        if error.condition == NO_PARENT and error.ancestor is not None:
+            suffix = f"/~~/{error.ancestor}" if error.ancestor else ""
+            error.ancestor = state.document_path + suffix
+        return Response(error.status, error.to_xml(), XCAP_ERROR_MIME_TYPE)
+
+    # -- request handling ------------------------------------------------------------
+
+    async def _respond(self, request: Request, state: _RequestState) -> Response:
+        method = state.method
+        try:
+            request_uri = request.uri.decode("ascii")
+        except UnicodeDecodeError:
+            raise XCAPError(400, None, "request URI is not ASCII") from None
+        path, _, query = request_uri.partition("?")
+        state.document_path = path.split("/~~/", 1)[0]
+        state.log_uri = _redact_path(path)  # until parsed: never log a token
+        uri = sel.parse_xcap_uri(path, query, root=self.root)
+        document = uri.document
+        state.log_uri = redact_document(document) + (
+            f"/~~/{uri.node.text}" if uri.node is not None else ""
+        )
+        usage = self.usages[document.auid]
+        allowed = self._allowed_methods(usage, uri)
+        if method not in allowed:
+            raise _MethodNotAllowed(allowed)
+        consent = await bound_consent(self.store, document)
+        principal = self._authorize(request, request_uri, method, document, consent, state)
+        state.principal_label = principal.label
+        conditions = _Conditions(
+            self._tags(request, "If-Match", weak_ok=False),
+            self._tags(request, "If-None-Match", weak_ok=True),
+        )
+        if method in READ_METHODS:
+            return await self._get(usage, uri, conditions)
+        if method == "DELETE":
+            response = await self._delete(usage, uri, conditions, consent)
+        else:
+            body = self._read_body(request, usage, uri)
+            response = await self._put(usage, uri, body, conditions, consent)
+        self.log.info(
+            "XCAP {method} {uri} by {user}: {code}",
+            method=method,
+            uri=state.log_uri,
+            user=principal.label,
+            code=response.status,
+        )
+        return response
+
+    def _allowed_methods(self, usage: ApplicationUsage, uri: sel.XCAPURI) -> tuple[str, ...]:
+        if usage.read_only or (uri.node is not None and uri.node.namespace_selector):
+            return READ_METHODS
+        return READ_METHODS + WRITE_METHODS
+
+    def _authorize(
+        self,
+        request: Request,
+        request_uri: str,
+        method: str,
+        document: sel.DocumentSelector,
+        consent: PendingConsent | None,
+        state: _RequestState,
+    ) -> Principal:
+        """Capability first (no account needed), then digest and the ownership rule."""
+        if consent is not None and consent.state in CAPABILITY_STATES:
+            return Principal(None, consent=consent)
+        authorization = _header(request, "Authorization")
+        state.had_credentials = authorization is not None
+        user = self.authorizer.authenticate(method, authorization, request_uri)
+        principal = self.authorizer.principal_for(user)
+        state.principal_label = principal.label
+        if not self.authorizer.may_access(principal, document, write=method in WRITE_METHODS):
+            raise XCAPError(403, None, "not your document")
+        return principal
+
+    @staticmethod
+    def _tags(request: Request, name: str, *, weak_ok: bool) -> frozenset[str] | None:
+        value = _header(request, name)
+        return None if value is None else parse_entity_tags(value, weak_ok=weak_ok)
+
+    def _read_body(self, request: Request, usage: ApplicationUsage, uri: sel.XCAPURI) -> bytes:
+        """The request body after the 413 and 415 checks (RFC 4825 §§8.2.1-8.2.4)."""
+        limit = self.max_body_bytes
+        if getattr(request, "body_too_large", False):
+            raise XCAPError(413, None, f"body exceeds {limit} bytes")
+        length = _header(request, "Content-Length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise XCAPError(400, None, "bad Content-Length") from None
+            if declared > limit:
+                raise XCAPError(413, None, f"Content-Length {declared} exceeds {limit}")
+        expected = self._content_type(usage, uri)
+        given = _media_type(_header(request, "Content-Type"))
+        if given != expected:
+            raise XCAPError(415, None, f"Content-Type must be {expected}, not {given or 'none'}")
+        content = request.content
+        if content is None:
+            return b""
+        content.seek(0)
+        body: bytes = content.read(limit + 1)
+        if len(body) > limit:
+            raise XCAPError(413, None, f"body exceeds {limit} bytes")
+        return body
+
+    @staticmethod
+    def _content_type(usage: ApplicationUsage, uri: sel.XCAPURI) -> str:
+        if uri.node is None:
+            return usage.mime_type
+        if uri.node.attribute is not None:
+            return XCAP_ATTRIBUTE_MIME_TYPE
+        if uri.node.namespace_selector:
+            return XCAP_NAMESPACE_MIME_TYPE
+        return XCAP_ELEMENT_MIME_TYPE
+
+    # -- GET -------------------------------------------------------------------------
+
+    async def _read(self, document: sel.DocumentSelector) -> StoredDocument | None:
+        if document.auid == XCAP_CAPS_AUID:
+            if document.is_global and document.document == "index":
+                return StoredDocument(self._caps, _caps_etag(self._caps))
+            return None
+        return await self.store.get_document(
+            document.auid, document.xui or GLOBAL_XUI, document.document
+        )
+
+    async def _get(
+        self, usage: ApplicationUsage, uri: sel.XCAPURI, conditions: _Conditions
+    ) -> Response:
+        stored = await self._read(uri.document)
+        if stored is None:
+            raise XCAPError(404, None, "no such document")
+        node = uri.node
+        if node is None:
+            response = Response(200, stored.body, usage.mime_type, etag=stored.etag)
+        else:
+            root = _parse_stored(stored)
+            if node.namespace_selector:
+                element = sel.select_element(root, node)
+                body = sel.render_namespace_bindings(element)
+                response = Response(200, body, XCAP_NAMESPACE_MIME_TYPE, etag=stored.etag)
+            elif node.attribute is not None:
+                value = sel.select_attribute(root, node)
+                body = escape(value, {'"': "&quot;"}).encode("utf-8")
+                response = Response(200, body, XCAP_ATTRIBUTE_MIME_TYPE, etag=stored.etag)
+            else:
+                body = serialize_element(sel.select_element(root, node))
+                response = Response(200, body, XCAP_ELEMENT_MIME_TYPE, etag=stored.etag)
+        if_match_ok, if_none_match_ok = _node_conditions_hold(stored.etag, True, conditions)
+        if not if_match_ok:
+            raise XCAPError(412, None, "If-Match does not match")
+        if not if_none_match_ok:
+            return Response(304, etag=stored.etag)
+        return response
+
+    # -- PUT -------------------------------------------------------------------------
+
+    async def _put(
+        self,
+        usage: ApplicationUsage,
+        uri: sel.XCAPURI,
+        body: bytes,
+        conditions: _Conditions,
+        consent: PendingConsent | None,
+    ) -> Response:
+        document = uri.document
+        if uri.node is None:
+            root = parse_document(body, self.max_body_bytes)
+            self._validate(usage, root, consent)
+            try:
+                write = await self.store.put_document(
+                    document.auid,
+                    document.xui or GLOBAL_XUI,
+                    document.document,
+                    body,
+                    if_match=conditions.if_match,
+                    if_none_match=conditions.if_none_match,
+                )
+            except PreconditionFailed:
+                raise XCAPError(412, None, "precondition failed") from None
+            await self._after_write(consent, root)
+            return Response(201 if write.created else 200, etag=write.etag)
+        node = uri.node
+
+        def put_node(root: etree._Element) -> tuple[etree._Element, bool]:
+            if node.attribute is not None:
+                value = parse_attribute_value(body, self.max_body_bytes)
+                return root, sel.put_attribute(root, node, value)
+            element = parse_fragment(body, self.max_body_bytes, _scope_namespaces(root, node))
+            result = sel.put_element(root, node, element)
+            return result.root, result.created
+
+        return await self._modify(usage, uri, conditions, consent, put_node)
+
+    # -- DELETE ----------------------------------------------------------------------
+
+    async def _delete(
+        self,
+        usage: ApplicationUsage,
+        uri: sel.XCAPURI,
+        conditions: _Conditions,
+        consent: PendingConsent | None,
+    ) -> Response:
+        document = uri.document
+        xui = document.xui or GLOBAL_XUI
+        if uri.node is None:
+            if_match: ETagCondition = conditions.if_match
+            if conditions.if_none_match is not None:
+                # The store's delete knows only If-Match: check If-None-Match on a
+                # read, then make the delete conditional on what was read.
+                stored = await self._read(document)
+                _check_document_conditions(stored, conditions)
+                if stored is not None:
+                    if_match = stored.etag
+            try:
+                deleted = await self.store.delete_document(
+                    document.auid, xui, document.document, if_match=if_match
+                )
+            except PreconditionFailed:
+                raise XCAPError(412, None, "precondition failed") from None
+            if not deleted:
+                raise XCAPError(404, None, "no such document")
+            return Response(200)
+        node = uri.node
+
+        def delete_node(root: etree._Element) -> tuple[etree._Element, bool]:
+            if node.attribute is not None:
+                sel.delete_attribute(root, node)
+            else:
+                sel.delete_element(root, node)
+            return root, False
+
+        return await self._modify(usage, uri, conditions, consent, delete_node, deleting=True)
+
+    # -- shared read-modify-write ----------------------------------------------------
+
+    async def _modify(
+        self,
+        usage: ApplicationUsage,
+        uri: sel.XCAPURI,
+        conditions: _Conditions,
+        consent: PendingConsent | None,
+        change: Callable[[etree._Element], tuple[etree._Element, bool]],
+        *,
+        deleting: bool = False,
+    ) -> Response:
+        """Apply ``change`` to the stored document under compare-and-set.
+
+        ``change(root) -> (new root, whether a node was created)``.  See the
+        module docstring for why a lost race is retried rather than answered 412.
+        """
+        document = uri.document
+        node = uri.node
+        assert node is not None
+        xui = document.xui or GLOBAL_XUI
+        for _attempt in range(MAX_WRITE_ATTEMPTS):
+            stored = await self._read(document)
+            if stored is None:
+                if conditions.if_match is not None:
+                    raise XCAPError(412, None, "If-Match: the document does not exist")
+                if deleting:
+                    raise XCAPError(404, None, "no such document")
+                raise XCAPError(409, NO_PARENT, "the document does not exist")
+            root = _parse_stored(stored)
+            exists = _node_exists(root, node)
+            if_match_ok, if_none_match_ok = _node_conditions_hold(stored.etag, exists, conditions)
+            if not (if_match_ok and if_none_match_ok):
+                raise XCAPError(412, None, "precondition failed")
+            if deleting and not exists:
+                raise XCAPError(404, None, "node selector selects nothing")
+            root, created = change(root)
+            self._validate(usage, root, consent)
+            new_body = serialize_document(root)
+            if len(new_body) > self.max_body_bytes:
+                raise XCAPError(
+                    409, CONSTRAINT_FAILURE, f"document would exceed {self.max_body_bytes} bytes"
+                )
+            try:
+                write: DocumentWrite = await self.store.put_document(
+                    document.auid, xui, document.document, new_body, if_match=stored.etag
+                )
+            except PreconditionFailed:
+                self.log.debug(
+                    "XCAP write to {uri} raced another writer; retrying",
+                    uri=redact_document(document),
+                )
+                continue
+            await self._after_write(consent, root)
+            return Response(201 if created else 200, etag=write.etag)
+        raise XCAPError(503, None, "too many concurrent writers")
+
+    def _validate(
+        self, usage: ApplicationUsage, root: etree._Element, consent: PendingConsent | None
+    ) -> None:
+        """Usage rules (RFC 4825 §5), plus the Permission-URI scope (consent spec §(c))."""
+        usage.validate(root)
+        if consent is not None:
+            check_consent_scope(root, consent.list_uri)
+
+    async def _after_write(self, consent: PendingConsent | None, root: etree._Element) -> None:
+        """A Permission-URI document that now lets the sender through grants its consent."""
+        if consent is None or consent.state is not ConsentState.PENDING:
+            return
+        now = now_from_clock(self.clock)
+        methods: Sequence[str] = consent.methods or ("MESSAGE",)
+        if not any(is_permitted(root, consent.sender, consent.list_uri, m, now) for m in methods):
+            return
+        try:
+            await self.store.set_consent_state(consent.id, ConsentState.GRANTED)
+        except Exception:
+            # The document is stored; the SIP side evaluates documents, so the grant
+            # still takes effect.  Only the consent record lags.
+            self.log.failure("marking consent {consent} granted failed", consent=consent.id)
+            return
+        self.log.info(
+            "permission granted: {recipient} accepts {sender} via {list_uri}",
+            recipient=consent.recipient,
+            sender=consent.sender,
+            list_uri=consent.list_uri,
+        )
+
+
+class _MethodNotAllowed(XCAPError):
+    def __init__(self, allowed: Sequence[str]) -> None:
+        super().__init__(405, None, "method not allowed")
+        self.allowed = tuple(allowed)
+
+
+@dataclass
+class _RequestState:
+    """Per-request facts for logging and for not writing to a closed connection."""
+
+    method: str = "?"
+    log_uri: str = "?"
+    document_path: str = ""
+    principal_label: str = "-"
+    had_credentials: bool = False
+    gone: bool = False
+
+    def lost(self, failure: Failure) -> None:
+        self.gone = True
+
+    @property
+    def fields(self) -> dict[str, str]:
+        return {"method": self.method, "uri": self.log_uri, "user": self.principal_label}
+
+
+_TOKEN_IN_PATH = re.compile(r"p-([A-Za-z0-9_-]{16,128})\.xml")
+
+
+def _redact_path(path: str) -> str:
+    return _TOKEN_IN_PATH.sub(lambda match: f"p-<{redact(match[1])}>.xml", path)
+
+
+def _peer(request: Request) -> str:
+    address: Any = request.getClientAddress()
+    host = getattr(address, "host", None)
+    return f"{host}:{getattr(address, 'port', '?')}" if host is not None else str(address)
+
+
+def _parse_stored(stored: StoredDocument) -> etree._Element:
+    # Stored documents were validated on the way in; only the size bound is relaxed.
+    return parse_document(stored.body, max(len(stored.body), 1))
+
+
+def _check_document_conditions(stored: StoredDocument | None, conditions: _Conditions) -> None:
+    try:
+        check_preconditions(
+            stored.etag if stored is not None else None,
+            conditions.if_match,
+            conditions.if_none_match,
+        )
+    except PreconditionFailed:
+        raise XCAPError(412, None, "precondition failed") from None
+
+
+def _element_exists(root: etree._Element, node: sel.NodeSelector) -> bool:
+    try:
+        sel.select_element(root, node)
+    except XCAPError:
+        return False
+    return True
+
+
+def _attribute_exists(root: etree._Element, node: sel.NodeSelector) -> bool:
+    try:
+        sel.select_attribute(root, node)
+    except XCAPError:
+        return False
+    return True
+
+
+def _node_exists(root: etree._Element, node: sel.NodeSelector) -> bool:
+    if node.attribute is not None:
+        return _attribute_exists(root, node)
+    return _element_exists(root, node)
+
+
+def _scope_namespaces(root: etree._Element, node: sel.NodeSelector) -> dict[str | None, str]:
+    """Bindings in scope where an element PUT lands (RFC 4825 §7.4): its parent's."""
+    if len(node.steps) > 1:
+        parent = sel.NodeSelector(node.steps[:-1])
+        try:
+            return dict(sel.select_element(root, parent).nsmap)
+        except XCAPError:
+            pass
+    return dict(root.nsmap)
+
+
+# -- the Site ------------------------------------------------------------------------
+
+
+class XCAPRequest(Request):
+    """A request that buffers at most the site's ``max_body_bytes`` of body.
+
+    twisted.web reads the whole body before rendering.  Up to
+    :data:`DISCARD_FACTOR` times the limit is read and thrown away, so the client
+    gets a proper 413 from the resource; a body declared or sent beyond that is not
+    worth the bandwidth, and the connection is dropped without an answer.
+    """
+
+    log = Logger()
+    body_too_large = False
+    _body_bytes = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
+
+    def _too_large(self, size: int) -> None:
+        if not self.body_too_large:
+            self.body_too_large = True
+            self.content = io.BytesIO()
+        if size > DISCARD_FACTOR * self._limit():
+            transport = self.channel.transport if self.channel is not None else None
+            if transport is not None and not getattr(transport, "disconnecting", False):
+                self.log.warn(
+                    "XCAP request body of {size} bytes from {peer}: connection dropped",
+                    size=size,
+                    peer=_peer(self),
+                )
+                transport.loseConnection()
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self._too_large(length)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        if self.body_too_large or self._body_bytes > self._limit():
+            self._too_large(self._body_bytes)
+            return
+        super().handleContentChunk(data)
+
+
+class XCAPSite(Site):
+    """The XCAP site: bounded bodies, idle timeout, no access log.
+
+    twisted.web's access log would write every request path, Permission-URI tokens
+    included; the resource logs each request itself with the token redacted.
+    """
+
+    requestFactory: ClassVar[Any] = XCAPRequest  # type: ignore[misc]
+
+    def __init__(
+        self, resource: XCAPResource, *, timeout_seconds: float = 60, max_body_bytes: int
+    ) -> None:
+        super().__init__(resource, timeout=timeout_seconds)
+        self.max_body_bytes = max_body_bytes
+
+    def log(self, request: Any) -> None:
+        pass

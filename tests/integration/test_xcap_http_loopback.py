@@ -1,0 +1,462 @@
+"""XCAP over real TLS on 127.0.0.1: the daemon as relayd.service builds it, treq as client.
+
+Digest authentication is done by hand (treq has none): send, read the 401 challenge,
+answer it with relayd.digest, send again.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, cast
+
+import pytest
+import pytest_twisted
+from hyperlink import EncodedURL
+from lxml import etree
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from relayd.digest import ha1, parse_challenge, request_digest
+from relayd.service import XCAPService
+from relayd.testing import (
+    RelayPKI,
+    prepared_relay,
+    relay_config_overrides,
+    relay_service,
+    write_users,
+)
+from relayd.xcap.auth import permission_document_name
+from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
+from relayd.xcap.store import ConsentState, SQLitePermissionStore, StoreChange
+
+pytestmark = pytest.mark.integration
+
+_P = ParamSpec("_P")
+
+HOST = "127.0.0.1"
+REALM = "relayd-test"  # what relayd.testing.relay_config_overrides configures
+USERS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
+ALICE = f"sip:alice@{REALM}"
+BOB = f"sip:bob@{REALM}"
+LIST = "sip:friends@relay.example.test"
+CP = "urn:ietf:params:xml:ns:common-policy"
+CR = "urn:relayd:params:xml:ns:consent-policy"
+AUTH_POLICY = "application/auth-policy+xml"
+MAX_BODY = 65536
+TIMEOUT_SECONDS = 10
+
+
+def async_test(
+    function: Callable[_P, Coroutine[Any, Any, None]],
+) -> Callable[_P, Deferred[None]]:
+    """pytest_twisted.ensureDeferred with a type mypy can see (pytest_twisted is untyped)."""
+    return cast(Callable[_P, Deferred[None]], pytest_twisted.ensureDeferred(function))
+
+
+def rule(rule_id: str, identity: str = BOB, target: str = LIST) -> str:
+    return (
+        f'<rule id="{rule_id}"><conditions><identity><one id="{identity}"/></identity>'
+        f'<cr:target uri="{target}"/></conditions>'
+        "<actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>"
+    )
+
+
+def ruleset(*rules: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
+        + "".join(rules)
+        + "</ruleset>"
+    ).encode()
+
+
+@implementer(IPolicyForHTTPS)
+class _TrustTestCA:
+    """Verify the relay's certificate against the test CA (and its IP SAN)."""
+
+    def __init__(self, ca_pem: bytes) -> None:
+        self._trust = Certificate.loadPEM(ca_pem)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+
+
+@dataclass
+class Reply:
+    code: int
+    headers: Headers
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    @property
+    def etag(self) -> str | None:
+        return self.header("ETag")
+
+    def xcap_error(self) -> str:
+        assert self.header("Content-Type") == "application/xcap-error+xml", self
+        root = etree.fromstring(self.body)
+        assert root.tag == f"{{{XCAP_ERROR_NAMESPACE}}}xcap-error"
+        return etree.QName(root[0]).localname
+
+
+def digest_authorization(challenge: str, method: str, uri: str, user: str, password: str) -> str:
+    """Answer a ``WWW-Authenticate: Digest`` challenge (RFC 2617 §3.2.2, qop=auth)."""
+    params = parse_challenge(challenge)
+    cnonce = secrets.token_hex(8)
+    response = request_digest(
+        ha1(user, params["realm"], password),
+        nonce=params["nonce"],
+        nc="00000001",
+        cnonce=cnonce,
+        qop="auth",
+        method=method,
+        uri=uri,
+    )
+    return (
+        f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}",'
+        f' uri="{uri}", response="{response}", qop=auth, nc=00000001, cnonce="{cnonce}"'
+    )
+
+
+class XCAPClient:
+    """treq over TLS to one running relay, with the digest dance."""
+
+    def __init__(self, base: str, ca_pem: bytes, scheme: str = "https") -> None:
+        self.base = base
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = Agent(reactor, contextFactory=_TrustTestCA(ca_pem), pool=pool)
+        self.http = HTTPClient(agent)
+
+    @staticmethod
+    def wire(path: str) -> str:
+        """The request-target treq sends for ``path``: digest's uri must equal it."""
+        return EncodedURL.from_text("https://h" + path).to_uri().to_text()[len("https://h") :]
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        d = self.http.request(
+            method,
+            self.base + path,
+            data=body,
+            headers=Headers({name: [value] for name, value in (headers or {}).items()}),
+        )
+        response = await d.addTimeout(TIMEOUT_SECONDS, reactor)
+        content = await self.http_content(response)
+        return Reply(response.code, response.headers, content)
+
+    @staticmethod
+    async def http_content(response: Any) -> bytes:
+        from treq import content
+
+        result: bytes = await content(response).addTimeout(TIMEOUT_SECONDS, reactor)
+        return result
+
+    async def authorize(self, method: str, path: str, user: str) -> str:
+        """Fetch a challenge with a body-less request and answer it."""
+        challenge = await self.send(method, path)
+        assert challenge.code == 401, challenge
+        value = challenge.header("WWW-Authenticate")
+        assert value is not None
+        return digest_authorization(value, method, self.wire(path), user, USERS[user])
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        user: str | None = "alice",
+    ) -> Reply:
+        sent = dict(headers or {})
+        if user is not None:
+            sent["Authorization"] = await self.authorize(method, path, user)
+        return await self.send(method, path, body, sent)
+
+    async def put(
+        self, path: str, body: bytes, content_type: str = AUTH_POLICY, **kw: Any
+    ) -> Reply:
+        headers = {"Content-Type": content_type, **kw.pop("headers", {})}
+        return await self.request("PUT", path, body, headers, **kw)
+
+
+@dataclass
+class RunningXCAP:
+    service: Any
+    xcap: XCAPService
+    client: XCAPClient
+    root: str
+    changes: list[StoreChange]
+
+    def path(self, xui: str = ALICE, name: str = "index", auid: str = "consent-rules") -> str:
+        return f"{self.root}/{auid}/users/{xui}/{name}"
+
+
+StartXCAP = Callable[..., Awaitable[RunningXCAP]]
+
+
+@pytest_twisted.async_yield_fixture
+async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
+    running: list[Any] = []
+    cert, key = pki.leaf(HOST)
+    users = write_users(tmp_path / "users.htdigest", REALM, USERS)
+
+    async def factory(
+        data_dir: str = "data", listen: str = f"ssl:0:interface={HOST}"
+    ) -> RunningXCAP:
+        overrides = relay_config_overrides(
+            str(tmp_path / data_dir),
+            HOST,
+            cert,
+            key,
+            users,
+            extra={
+                ("xcap", "listen"): listen,
+                ("xcap", "admins"): "root",
+                ("xcap", "max_body_bytes"): str(MAX_BODY),
+            },
+        )
+        service = relay_service(prepared_relay(overrides), reactor)
+        service.startService()
+        running.append(service)
+        await service.getServiceNamed("msrp").listening.addTimeout(TIMEOUT_SECONDS, reactor)
+        xcap: XCAPService = service.getServiceNamed("xcap")
+        ports = await xcap.listening.addTimeout(TIMEOUT_SECONDS, reactor)
+        address: Any = ports[0].getHost()
+        port = address.port
+        scheme = "https" if listen.startswith("ssl:") else "http"
+        client = XCAPClient(f"{scheme}://{HOST}:{port}", pki.ca_pem)
+        changes: list[StoreChange] = []
+        xcap.store.add_listener(changes.append)
+        return RunningXCAP(service, xcap, client, "/xcap-root", changes)
+
+    yield factory
+    for service in running:
+        if service.running:
+            await service.stopService()
+
+
+async def stop(running: RunningXCAP) -> None:
+    await running.service.stopService()
+
+
+@async_test
+async def test_service_uses_sqlite_store_in_data_dir(start_xcap: StartXCAP, tmp_path: Path) -> None:
+    running = await start_xcap()
+    assert isinstance(running.xcap.store, SQLitePermissionStore)
+    assert (await running.client.put(running.path(), ruleset(rule("a")))).code == 201
+    assert (tmp_path / "data" / "relay.sqlite3").exists()
+    address: Any = running.xcap.ports[0].getHost()
+    port = address.port
+    assert running.xcap.public_url == f"https://{HOST}:{port}/xcap-root"
+
+
+@async_test
+async def test_digest_put_get_delete_over_tls(start_xcap: StartXCAP) -> None:
+    running = await start_xcap()
+    client = running.client
+    path = running.path()
+    unauthenticated = await client.request("GET", path, user=None)
+    assert unauthenticated.code == 401
+    challenge = unauthenticated.header("WWW-Authenticate")
+    assert challenge is not None and parse_challenge(challenge)["realm"] == REALM
+
+    put = await client.put(path, ruleset(rule("a")))
+    assert put.code == 201
+    assert put.etag is not None
+    get = await client.request("GET", path)
+    assert (get.code, get.body, get.etag) == (200, ruleset(rule("a")), put.etag)
+    assert get.header("Content-Type") == AUTH_POLICY
+    not_modified = await client.request("GET", path, headers={"If-None-Match": put.etag})
+    assert not_modified.code == 304
+
+    element_path = path + '/~~/ruleset/rule[@id="b"]'
+    element = f'<rule xmlns="{CP}" id="b"/>'.encode()
+    element_put = await client.put(
+        element_path, element, "application/xcap-el+xml", headers={"If-Match": put.etag}
+    )
+    assert element_put.code == 201
+    element_get = await client.request("GET", element_path)
+    assert (element_get.body, element_get.etag) == (element, element_put.etag)
+
+    assert (await client.request("GET", running.path(BOB))).code == 403
+    assert (await client.request("GET", running.path(BOB), user="root")).code == 404
+    assert (await client.request("DELETE", path)).code == 200
+    assert (await client.request("GET", path)).code == 404
+
+    kinds = [(change.kind, change.etag is None) for change in running.changes]
+    assert kinds == [("document", False), ("document", False), ("document", True)]
+    assert running.changes[0].etag == put.etag
+    assert running.changes[1].etag == element_put.etag
+
+
+@async_test
+async def test_xcap_caps_read_only(start_xcap: StartXCAP) -> None:
+    running = await start_xcap()
+    path = f"{running.root}/xcap-caps/global/index"
+    get = await running.client.request("GET", path)
+    assert get.code == 200
+    assert get.etag is not None
+    put = await running.client.put(path, b"<x/>", "application/xcap-caps+xml", user=None)
+    assert put.code == 405
+    assert put.header("Allow") == "GET, HEAD"
+
+
+@async_test
+async def test_concurrent_document_puts_with_same_if_match(start_xcap: StartXCAP) -> None:
+    running = await start_xcap()
+    client = running.client
+    path = running.path()
+    etag = (await client.put(path, ruleset(rule("a")))).etag
+    assert etag is not None
+    bodies = [ruleset(rule("one")), ruleset(rule("two"))]
+    authorizations = [await client.authorize("PUT", path, "alice") for _ in bodies]
+    replies = await defer.gatherResults(
+        [
+            defer.ensureDeferred(
+                client.send(
+                    "PUT",
+                    path,
+                    body,
+                    {"Authorization": auth, "Content-Type": AUTH_POLICY, "If-Match": etag},
+                )
+            )
+            for body, auth in zip(bodies, authorizations, strict=True)
+        ]
+    )
+    assert sorted(reply.code for reply in replies) == [200, 412]
+    winner = next(index for index, reply in enumerate(replies) if reply.code == 200)
+    current = await client.request("GET", path)
+    assert (current.body, current.etag) == (bodies[winner], replies[winner].etag)
+
+
+@async_test
+async def test_concurrent_element_puts_with_same_if_match(start_xcap: StartXCAP) -> None:
+    running = await start_xcap()
+    client = running.client
+    path = running.path()
+    etag = (await client.put(path, ruleset(rule("a")))).etag
+    assert etag is not None
+    targets = [path + f'/~~/ruleset/rule[@id="{name}"]' for name in ("x", "y")]
+    authorizations = [await client.authorize("PUT", target, "alice") for target in targets]
+    replies = await defer.gatherResults(
+        [
+            defer.ensureDeferred(
+                client.send(
+                    "PUT",
+                    target,
+                    f'<rule id="{target[-3]}"/>'.encode(),
+                    {
+                        "Authorization": auth,
+                        "Content-Type": "application/xcap-el+xml",
+                        "If-Match": etag,
+                    },
+                )
+            )
+            for target, auth in zip(targets, authorizations, strict=True)
+        ]
+    )
+    assert sorted(reply.code for reply in replies) == [201, 412]
+    present = [(await client.request("GET", target)).code for target in targets]
+    assert sorted(present) == [200, 404]
+
+
+@async_test
+async def test_restart_keeps_documents_and_etags(start_xcap: StartXCAP) -> None:
+    first = await start_xcap()
+    put = await first.client.put(first.path(), ruleset(rule("a")))
+    assert put.code == 201
+    await stop(first)
+
+    second = await start_xcap()
+    get = await second.client.request("GET", second.path())
+    assert (get.code, get.body, get.etag) == (200, ruleset(rule("a")), put.etag)
+
+
+_BILLION_LAUGHS = (
+    b'<?xml version="1.0"?>\n<!DOCTYPE lolz [\n <!ENTITY lol "lol">\n'
+    + b"".join(
+        b' <!ENTITY lol%d "%s">\n' % (i, (b"&lol%d;" % (i - 1) if i > 1 else b"&lol;") * 10)
+        for i in range(1, 10)
+    )
+    + b']>\n<ruleset xmlns="urn:ietf:params:xml:ns:common-policy">&lol9;</ruleset>'
+)
+_EXTERNAL_ENTITY = (
+    b'<?xml version="1.0"?>\n<!DOCTYPE r [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+    b'<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"><rule id="&xxe;"/></ruleset>'
+)
+_INVALID_UTF8 = (
+    b'<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"><rule id="\xc3\x28"/></ruleset>'
+)
+_HUGE = ruleset(*(rule(f"r{i}") for i in range(MAX_BODY // 100)))
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "condition"),
+    [
+        (_BILLION_LAUGHS, 409, "not-well-formed"),
+        (_EXTERNAL_ENTITY, 409, "not-well-formed"),
+        (_INVALID_UTF8, 409, "not-utf-8"),
+        (_HUGE, 413, None),
+    ],
+    ids=["billion-laughs", "external-entity", "invalid-utf8", "huge"],
+)
+@async_test
+async def test_hostile_bodies_are_refused_and_nothing_stored(
+    start_xcap: StartXCAP, body: bytes, code: int, condition: str | None
+) -> None:
+    assert len(_HUGE) > MAX_BODY
+    running = await start_xcap()
+    path = running.path()
+    reply = await running.client.put(path, body)
+    assert reply.code == code
+    if condition is not None:
+        assert reply.xcap_error() == condition
+    assert (await running.client.request("GET", path)).code == 404
+    assert running.changes == []
+
+
+@async_test
+async def test_permission_uri_grants_without_account(start_xcap: StartXCAP) -> None:
+    running = await start_xcap()
+    store = running.xcap.store
+    token = secrets.token_urlsafe(16)
+    consent = await store.open_consent(BOB, LIST, ALICE, ["MESSAGE"], token, 0, 4_000_000_000)
+    uri = running.xcap.permission_uri(ALICE, token)
+    assert uri.endswith(running.path(name=permission_document_name(token)))
+    path = running.path(name=permission_document_name(token))
+
+    too_wide = await running.client.put(
+        path, ruleset(rule("x", target="sip:other@relay.example.test")), user=None
+    )
+    assert (too_wide.code, too_wide.xcap_error()) == (409, "constraint-failure")
+
+    reply = await running.client.put(path, ruleset(rule("bob")), user=None)
+    assert reply.code == 201
+    granted = await store.get_consent(consent.id)
+    assert granted is not None and granted.state is ConsentState.GRANTED
+    assert [change.kind for change in running.changes] == ["consent", "document", "consent"]
+    assert (await running.client.request("GET", running.path(), user=None)).code == 401
+
+
+@async_test
+async def test_plain_http_on_loopback_when_configured(start_xcap: StartXCAP) -> None:
+    running = await start_xcap(listen=f"tcp:0:interface={HOST}")
+    assert running.xcap.public_url.startswith(f"http://{HOST}:")
+    reply = await running.client.put(running.path(), ruleset(rule("a")))
+    assert reply.code == 201

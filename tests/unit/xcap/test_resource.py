@@ -1,0 +1,981 @@
+"""The XCAP resource through treq.testing.StubTreq over a MemoryPermissionStore."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pytest
+from hyperlink import EncodedURL
+from lxml import etree
+from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.web.http_headers import Headers
+
+from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
+from relayd.xcap.auth import (
+    XCAPAuthorizer,
+    permission_document_name,
+    permission_token,
+    permission_uri,
+)
+from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
+from relayd.xcap.resource import XCAPResource, XCAPSite, parse_entity_tags
+from relayd.xcap.selector import DocumentSelector
+from relayd.xcap.store import (
+    ConsentState,
+    DocumentWrite,
+    ETagCondition,
+    MemoryPermissionStore,
+    PendingConsent,
+    StoreChange,
+)
+from relayd.xcap.usages import xcap_caps_document
+
+REALM = "example.test"
+USERS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
+ROOT = "/xcap-root"
+CP = "urn:ietf:params:xml:ns:common-policy"
+CR = "urn:relayd:params:xml:ns:consent-policy"
+ALICE = "sip:alice@example.test"
+BOB = "sip:bob@example.test"
+LIST = "sip:friends@relay.example.test"
+AUTH_POLICY = "application/auth-policy+xml"
+EL = "application/xcap-el+xml"
+ATT = "application/xcap-att+xml"
+MAX_BODY = 8192
+
+
+def rule(rule_id: str, target: str = LIST, identity: str = BOB) -> str:
+    return (
+        f'<rule id="{rule_id}"><conditions>'
+        f'<identity><one id="{identity}"/></identity><cr:target uri="{target}"/>'
+        "</conditions><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>"
+    )
+
+
+def ruleset(*rules: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
+        + "".join(rules)
+        + "</ruleset>"
+    ).encode()
+
+
+def doc_path(xui: str = ALICE, name: str = "index", auid: str = "consent-rules") -> str:
+    return f"{ROOT}/{auid}/users/{xui}/{name}"
+
+
+def authorization(challenge: str, method: str, uri: str, user: str, password: str) -> str:
+    """A Digest Authorization value answering ``challenge`` (RFC 2617 §3.2.2)."""
+    params = parse_challenge(challenge)
+    cnonce = secrets.token_hex(8)
+    response = request_digest(
+        ha1(user, params["realm"], password),
+        nonce=params["nonce"],
+        nc="00000001",
+        cnonce=cnonce,
+        qop="auth",
+        method=method,
+        uri=uri,
+    )
+    return (
+        f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}",'
+        f' uri="{uri}", response="{response}", qop=auth, nc=00000001, cnonce="{cnonce}"'
+    )
+
+
+def wire_path(path: str) -> str:
+    """The request-target treq will send for ``path`` (it percent-encodes ``[`` ``"``…).
+
+    Digest's uri must be exactly that (RFC 2617 §3.2.2.5).
+    """
+    url = EncodedURL.from_text("https://h" + path).to_uri()
+    return url.to_text()[len("https://h") :]
+
+
+@dataclass
+class Reply:
+    code: int
+    headers: Headers
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    @property
+    def etag(self) -> str | None:
+        return self.header("ETag")
+
+    def xcap_error(self) -> str:
+        """The condition element's local name of an xcap-error body."""
+        assert self.header("Content-Type") == "application/xcap-error+xml"
+        root = etree.fromstring(self.body)
+        assert root.tag == f"{{{XCAP_ERROR_NAMESPACE}}}xcap-error"
+        return etree.QName(root[0]).localname
+
+
+class Harness:
+    def __init__(self, admins: tuple[str, ...] = ("root",)) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryPermissionStore()
+        self.changes: list[StoreChange] = []
+        self.store.add_listener(self.changes.append)
+        digest = DigestAuthenticator(REALM, self._lookup, self.clock)
+        self.authorizer = XCAPAuthorizer(digest, (REALM,), admins)
+        self.resource = XCAPResource(
+            self.store, self.authorizer, self.clock, root=ROOT, max_body_bytes=MAX_BODY
+        )
+        self.treq: Any = StubTreq(self.resource)
+
+    @staticmethod
+    def _lookup(user: str, realm: str) -> str | None:
+        if user in USERS and realm == REALM:
+            return ha1(user, realm, USERS[user])
+        return None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        user: str | None = "alice",
+    ) -> Reply:
+        sent = dict(headers or {})
+        path = wire_path(path)
+        reply = self._once(method, path, body, sent)
+        if reply.code == 401 and user is not None:
+            challenge = reply.header("WWW-Authenticate")
+            assert challenge is not None
+            sent["Authorization"] = authorization(challenge, method, path, user, USERS[user])
+            reply = self._once(method, path, body, sent)
+        return reply
+
+    def _once(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> Reply:
+        url = "https://xcap.example.test" + path
+        response = _result(
+            self.treq.request(method, url, data=body, headers={k: [v] for k, v in headers.items()})
+        )
+        content = _result(self.treq.content(response))
+        return Reply(response.code, response.headers, content)
+
+    def put(self, path: str, body: bytes, content_type: str = AUTH_POLICY, **kw: Any) -> Reply:
+        headers = {"Content-Type": content_type, **kw.pop("headers", {})}
+        return self.request("PUT", path, body, headers, **kw)
+
+    def get(self, path: str, **kw: Any) -> Reply:
+        return self.request("GET", path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Reply:
+        return self.request("DELETE", path, **kw)
+
+    def stored(self, xui: str = ALICE, name: str = "index") -> bytes | None:
+        document = _result(self.store.get_document("consent-rules", xui, name))
+        return document.body if document is not None else None
+
+    def open_consent(self, state: ConsentState = ConsentState.PENDING) -> PendingConsent:
+        token = secrets.token_urlsafe(16)
+        consent: PendingConsent = _result(
+            self.store.open_consent(BOB, LIST, ALICE, ["MESSAGE"], token, 0, 2_000_000_000)
+        )
+        if state is not ConsentState.PENDING:
+            updated = _result(self.store.set_consent_state(consent.id, state))
+            assert updated is not None
+            consent = updated
+        return consent
+
+
+def _result(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred did not fire"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+@pytest.fixture
+def xcap() -> Harness:
+    return Harness()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+# -- documents --------------------------------------------------------------------
+
+
+def test_put_new_document_is_201_with_etag(xcap: Harness) -> None:
+    reply = xcap.put(doc_path(), ruleset(rule("a")))
+    assert reply.code == 201
+    assert reply.etag is not None and reply.etag.startswith('"')
+    assert xcap.stored() == ruleset(rule("a"))
+
+
+def test_put_replacing_document_is_200_with_new_etag(xcap: Harness) -> None:
+    first = xcap.put(doc_path(), ruleset(rule("a")))
+    second = xcap.put(doc_path(), ruleset(rule("b")))
+    assert second.code == 200
+    assert second.etag != first.etag
+
+
+def test_get_document_returns_body_type_and_etag(xcap: Harness) -> None:
+    put = xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.get(doc_path())
+    assert reply.code == 200
+    assert reply.body == ruleset(rule("a"))
+    assert reply.header("Content-Type") == AUTH_POLICY
+    assert reply.etag == put.etag
+
+
+def test_get_missing_document_is_404(xcap: Harness) -> None:
+    assert xcap.get(doc_path()).code == 404
+
+
+def test_unknown_auid_is_404(xcap: Harness) -> None:
+    assert xcap.get(doc_path(auid="pres-rules")).code == 404
+
+
+def test_outside_root_is_404(xcap: Harness) -> None:
+    assert xcap.get("/elsewhere/consent-rules/users/x/index").code == 404
+
+
+def test_delete_document_then_404(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.delete(doc_path()).code == 200
+    assert xcap.get(doc_path()).code == 404
+    assert xcap.delete(doc_path()).code == 404
+
+
+def test_resource_lists_document(xcap: Harness) -> None:
+    body = (
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        b'<list name="friends"><entry uri="sip:a@x"/></list></resource-lists>'
+    )
+    path = doc_path(auid="resource-lists")
+    assert xcap.put(path, body, "application/resource-lists+xml").code == 201
+    assert xcap.get(path + '/~~/resource-lists/list[@name="friends"]/entry/@uri').body == b"sip:a@x"
+
+
+def test_wrong_document_content_type_is_415(xcap: Harness) -> None:
+    reply = xcap.put(doc_path(), ruleset(rule("a")), "application/xml")
+    assert reply.code == 415
+    assert xcap.stored() is None
+
+
+def test_content_type_parameters_are_ignored(xcap: Harness) -> None:
+    reply = xcap.put(doc_path(), ruleset(rule("a")), AUTH_POLICY + "; charset=utf-8")
+    assert reply.code == 201
+
+
+def test_schema_violation_is_409(xcap: Harness) -> None:
+    reply = xcap.put(doc_path(), f'<ruleset xmlns="{CP}"><bogus/></ruleset>'.encode())
+    assert reply.code == 409
+    assert reply.xcap_error() == "schema-validation-error"
+    assert xcap.stored() is None
+
+
+def test_duplicate_rule_id_is_uniqueness_failure(xcap: Harness) -> None:
+    reply = xcap.put(doc_path(), ruleset(rule("a"), rule("a")))
+    assert reply.code == 409
+    assert reply.xcap_error() == "uniqueness-failure"
+
+
+@pytest.mark.parametrize(
+    ("body", "condition"),
+    [
+        (b"<ruleset", "not-well-formed"),
+        (b'<ruleset xmlns="' + CP.encode() + b'">\xff\xfe</ruleset>', "not-utf-8"),
+        (
+            b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>'
+            b'<ruleset xmlns="' + CP.encode() + b'">&b;</ruleset>',
+            "not-well-formed",
+        ),
+        (
+            b'<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+            b'<ruleset xmlns="' + CP.encode() + b'">&x;</ruleset>',
+            "not-well-formed",
+        ),
+    ],
+    ids=["truncated", "invalid-utf8", "billion-laughs", "external-entity"],
+)
+def test_hostile_document_is_409_and_nothing_stored(
+    xcap: Harness, body: bytes, condition: str
+) -> None:
+    reply = xcap.put(doc_path(), body)
+    assert reply.code == 409
+    assert reply.xcap_error() == condition
+    assert xcap.stored() is None
+    assert xcap.changes == []
+
+
+def test_body_over_limit_is_413(xcap: Harness) -> None:
+    body = ruleset(*(rule(f"r{i}") for i in range(200)))
+    assert len(body) > MAX_BODY
+    reply = xcap.put(doc_path(), body)
+    assert reply.code == 413
+    assert xcap.stored() is None
+
+
+def test_unsupported_method_is_405_with_allow(xcap: Harness) -> None:
+    reply = xcap.request("POST", doc_path(), b"x")
+    assert reply.code == 405
+    assert reply.header("Allow") == "GET, HEAD, PUT, DELETE"
+
+
+def test_head_is_get_without_body(xcap: Harness) -> None:
+    put = xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.request("HEAD", doc_path())
+    assert reply.code == 200
+    assert reply.body == b""
+    assert reply.etag == put.etag
+
+
+# -- xcap-caps --------------------------------------------------------------------
+
+
+def test_xcap_caps_get(xcap: Harness) -> None:
+    reply = xcap.get(f"{ROOT}/xcap-caps/global/index")
+    assert reply.code == 200
+    assert reply.body == xcap_caps_document()
+    assert reply.header("Content-Type") == "application/xcap-caps+xml"
+    assert reply.etag is not None
+    assert xcap.get(f"{ROOT}/xcap-caps/global/index").etag == reply.etag
+
+
+def test_xcap_caps_node_selector(xcap: Harness) -> None:
+    reply = xcap.get(f"{ROOT}/xcap-caps/global/index/~~/xcap-caps/auids/auid[1]")
+    assert reply.code == 200
+    assert b">consent-rules<" in reply.body
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_xcap_caps_is_read_only(xcap: Harness, method: str) -> None:
+    reply = xcap.request(method, f"{ROOT}/xcap-caps/global/index", b"<x/>", user="root")
+    assert reply.code == 405
+    assert reply.header("Allow") == "GET, HEAD"
+
+
+def test_xcap_caps_other_document_is_404(xcap: Harness) -> None:
+    assert xcap.get(f"{ROOT}/xcap-caps/global/other").code == 404
+
+
+# -- conditional requests ---------------------------------------------------------
+
+
+def test_if_none_match_star_creates_only(xcap: Harness) -> None:
+    headers = {"If-None-Match": "*"}
+    assert xcap.put(doc_path(), ruleset(rule("a")), headers=headers).code == 201
+    reply = xcap.put(doc_path(), ruleset(rule("b")), headers=headers)
+    assert reply.code == 412
+    assert xcap.stored() == ruleset(rule("a"))
+
+
+def test_if_match_current_etag_replaces(xcap: Harness) -> None:
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    assert etag is not None
+    reply = xcap.put(doc_path(), ruleset(rule("b")), headers={"If-Match": etag})
+    assert reply.code == 200
+
+
+def test_if_match_stale_etag_is_412(xcap: Harness) -> None:
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    assert etag is not None
+    xcap.put(doc_path(), ruleset(rule("b")))
+    reply = xcap.put(doc_path(), ruleset(rule("c")), headers={"If-Match": etag})
+    assert reply.code == 412
+    assert xcap.stored() == ruleset(rule("b"))
+
+
+def test_if_match_on_missing_document_is_412(xcap: Harness) -> None:
+    reply = xcap.put(doc_path(), ruleset(rule("a")), headers={"If-Match": "*"})
+    assert reply.code == 412
+
+
+def test_if_match_weak_tag_never_matches(xcap: Harness) -> None:
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    reply = xcap.put(doc_path(), ruleset(rule("b")), headers={"If-Match": f"W/{etag}"})
+    assert reply.code == 412
+
+
+def test_get_if_none_match_current_is_304(xcap: Harness) -> None:
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    assert etag is not None
+    reply = xcap.get(doc_path(), headers={"If-None-Match": f'"other", {etag}'})
+    assert reply.code == 304
+    assert reply.etag == etag
+    assert reply.body == b""
+    assert xcap.get(doc_path(), headers={"If-None-Match": '"other"'}).code == 200
+
+
+def test_get_if_match_stale_is_412(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.get(doc_path(), headers={"If-Match": '"stale"'}).code == 412
+
+
+def test_delete_with_stale_if_match_is_412(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.delete(doc_path(), headers={"If-Match": '"stale"'}).code == 412
+    assert xcap.stored() is not None
+
+
+def test_delete_with_if_none_match_current_is_412(xcap: Harness) -> None:
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    assert etag is not None
+    assert xcap.delete(doc_path(), headers={"If-None-Match": etag}).code == 412
+    assert xcap.delete(doc_path(), headers={"If-None-Match": '"x"'}).code == 200
+
+
+def test_malformed_if_match_is_400(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.get(doc_path(), headers={"If-Match": "not-quoted"}).code == 400
+
+
+def test_parse_entity_tags() -> None:
+    assert parse_entity_tags("*", weak_ok=False) == {"*"}
+    assert parse_entity_tags('"a", W/"b" ,"c"', weak_ok=False) == {'"a"', '"c"'}
+    assert parse_entity_tags('"a", W/"b"', weak_ok=True) == {'"a"', '"b"'}
+
+
+# -- elements, attributes, namespaces ---------------------------------------------
+
+
+def test_element_put_then_get_returns_exactly_that_element(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    element = (
+        f'<rule xmlns="{CP}" xmlns:cr="{CR}" id="b"><conditions>'
+        f'<cr:target uri="{LIST}"/></conditions></rule>'
+    ).encode()
+    path = doc_path() + "/~~/ruleset/rule%5B@id=%22b%22%5D"
+    put = xcap.put(path, element, EL)
+    assert put.code == 201
+    reply = xcap.get(path)
+    assert reply.code == 200
+    assert reply.header("Content-Type") == EL
+    assert reply.body == element
+    assert reply.etag == put.etag
+    assert xcap.get(doc_path()).etag == put.etag
+
+
+def test_element_put_inherits_document_namespace(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    path = doc_path() + '/~~/ruleset/rule[@id="b"]'
+    assert xcap.put(path, b'<rule id="b"/>', EL).code == 201
+    assert xcap.get(path).body == f'<rule xmlns="{CP}" id="b"/>'.encode()
+
+
+def test_element_replace_is_200(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    path = doc_path() + '/~~/ruleset/rule[@id="a"]'
+    assert xcap.put(path, b'<rule id="a"/>', EL).code == 200
+    assert (
+        xcap.get(doc_path() + "/~~/ruleset/rule[1]").body == f'<rule xmlns="{CP}" id="a"/>'.encode()
+    )
+
+
+def test_element_put_positional(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.put(doc_path() + "/~~/ruleset/rule[2]", b'<rule id="z"/>', EL).code == 201
+    assert xcap.get(doc_path() + "/~~/ruleset/rule[2]/@id").body == b"z"
+
+
+def test_element_put_wrong_content_type_is_415(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', AUTH_POLICY)
+    assert reply.code == 415
+
+
+def test_element_put_without_parent_is_409_no_parent(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(
+        doc_path() + '/~~/ruleset/rule[@id="x"]/conditions/identity', b"<identity/>", EL
+    )
+    assert reply.code == 409
+    assert reply.xcap_error() == "no-parent"
+    ancestor = etree.fromstring(reply.body).find(f".//{{{XCAP_ERROR_NAMESPACE}}}ancestor")
+    assert ancestor is not None and ancestor.text == doc_path() + "/~~/ruleset"
+
+
+def test_element_put_into_missing_document_is_409_no_parent(xcap: Harness) -> None:
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
+    assert reply.code == 409
+    assert reply.xcap_error() == "no-parent"
+
+
+def test_element_put_selector_mismatch_is_cannot_insert(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="c"/>', EL)
+    assert reply.code == 409
+    assert reply.xcap_error() == "cannot-insert"
+    assert xcap.stored() == ruleset(rule("a"))
+
+
+def test_element_put_not_a_fragment_is_409(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b"<rule/><rule/>", EL)
+    assert reply.xcap_error() == "not-xml-frag"
+
+
+def test_element_put_duplicate_id_is_uniqueness_failure(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(doc_path() + "/~~/ruleset/rule[2]", b'<rule id="a"/>', EL)
+    assert reply.xcap_error() == "uniqueness-failure"
+
+
+def test_element_put_growing_document_past_limit_is_409(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(*(rule(f"r{i}") for i in range(30))))
+    big = f'<rule id="big"><conditions><cr:target uri="{LIST}{"x" * 4000}"/></conditions></rule>'
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="big"]', big.encode(), EL)
+    assert reply.code == 409
+    assert reply.xcap_error() == "constraint-failure"
+
+
+def test_element_delete(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a"), rule("b")))
+    path = doc_path() + '/~~/ruleset/rule[@id="a"]'
+    reply = xcap.delete(path)
+    assert reply.code == 200
+    assert reply.etag == xcap.get(doc_path()).etag
+    assert xcap.get(path).code == 404
+    assert xcap.delete(path).code == 404
+
+
+def test_element_delete_positional_is_cannot_delete(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a"), rule("b")))
+    reply = xcap.delete(doc_path() + "/~~/ruleset/rule[1]")
+    assert reply.code == 409
+    assert reply.xcap_error() == "cannot-delete"
+
+
+def test_element_get_missing_is_404(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.get(doc_path() + '/~~/ruleset/rule[@id="zz"]').code == 404
+
+
+def test_bad_selector_is_400(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.get(doc_path() + "/~~/ruleset/rule[0]").code == 400
+
+
+def test_attribute_get_put_delete(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    path = doc_path() + '/~~/ruleset/rule[@id="a"]/conditions/cr:target/@uri'
+    query = f"?xmlns(cr={CR})"
+    get = xcap.get(path + query)
+    assert get.code == 200
+    assert get.body == LIST.encode()
+    assert get.header("Content-Type") == ATT
+    put = xcap.put(path + query, b"sip:other@relay.example.test", ATT)
+    assert put.code == 200
+    assert xcap.get(path + query).body == b"sip:other@relay.example.test"
+    assert put.etag == xcap.get(doc_path()).etag
+
+
+def test_attribute_create_is_201_and_delete(xcap: Harness) -> None:
+    xcap.put(
+        doc_path(auid="resource-lists"),
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"><list/></resource-lists>',
+        "application/resource-lists+xml",
+    )
+    path = doc_path(auid="resource-lists") + "/~~/resource-lists/list/@name"
+    assert xcap.put(path, b"friends", ATT).code == 201
+    assert xcap.get(path).body == b"friends"
+    assert xcap.delete(path).code == 200
+    assert xcap.get(path).code == 404
+
+
+def test_attribute_get_escapes_value(xcap: Harness) -> None:
+    xcap.put(
+        doc_path(auid="resource-lists"),
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        b'<list name="a&amp;&quot;b"/></resource-lists>',
+        "application/resource-lists+xml",
+    )
+    reply = xcap.get(doc_path(auid="resource-lists") + "/~~/resource-lists/list/@name")
+    assert reply.body == b"a&amp;&quot;b"
+
+
+def test_attribute_put_wrong_type_is_415(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    assert xcap.put(doc_path() + "/~~/ruleset/rule/@id", b"b", EL).code == 415
+
+
+def test_attribute_put_bad_value_is_409(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(doc_path() + "/~~/ruleset/rule/@id", b"a<b", ATT)
+    assert reply.xcap_error() == "not-xml-att-value"
+
+
+def test_namespace_bindings_get(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.get(doc_path() + "/~~/ruleset/rule/namespace::*")
+    assert reply.code == 200
+    assert reply.header("Content-Type") == "application/xcap-ns+xml"
+    root = etree.fromstring(reply.body)
+    assert root.nsmap == {None: CP, "cr": CR}
+
+
+def test_namespace_bindings_are_read_only(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(doc_path() + "/~~/ruleset/namespace::*", b"x", "application/xcap-ns+xml")
+    assert reply.code == 405
+    assert reply.header("Allow") == "GET, HEAD"
+
+
+def test_element_if_none_match_star_inserts_only(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    headers = {"If-None-Match": "*"}
+    path_a = doc_path() + '/~~/ruleset/rule[@id="a"]'
+    path_b = doc_path() + '/~~/ruleset/rule[@id="b"]'
+    assert xcap.put(path_a, b'<rule id="a"/>', EL, headers=headers).code == 412
+    assert xcap.put(path_b, b'<rule id="b"/>', EL, headers=headers).code == 201
+
+
+def test_element_if_match_document_etag(xcap: Harness) -> None:
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    assert etag is not None
+    path = doc_path() + '/~~/ruleset/rule[@id="b"]'
+    assert xcap.put(path, b'<rule id="b"/>', EL, headers={"If-Match": etag}).code == 201
+    stale = xcap.put(
+        doc_path() + '/~~/ruleset/rule[@id="c"]', b'<rule id="c"/>', EL, headers={"If-Match": etag}
+    )
+    assert stale.code == 412
+
+
+# -- the node-write race ----------------------------------------------------------
+
+
+class RacingStore(MemoryPermissionStore):
+    """Lets another writer in between the resource's read and its write, ``races`` times."""
+
+    def __init__(self, races: int) -> None:
+        super().__init__()
+        self.races = races
+
+    def put_document(
+        self,
+        auid: str,
+        xui: str,
+        name: str,
+        body: bytes,
+        if_match: ETagCondition = None,
+        if_none_match: ETagCondition = None,
+    ) -> Deferred[DocumentWrite]:
+        if self.races and isinstance(if_match, str) and if_match != "*":
+            self.races -= 1
+            current = _result(self.get_document(auid, xui, name))
+            super().put_document(auid, xui, name, current.body)
+        return super().put_document(auid, xui, name, body, if_match, if_none_match)
+
+
+def _racing_harness(races: int) -> Harness:
+    harness = Harness()
+    harness.store = RacingStore(races)
+    harness.resource.store = harness.store
+    return harness
+
+
+def test_node_write_lost_race_without_precondition_is_retried() -> None:
+    xcap = _racing_harness(races=1)
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
+    assert reply.code == 201
+    assert xcap.get(doc_path() + '/~~/ruleset/rule[@id="b"]').code == 200
+
+
+def test_node_write_lost_race_with_client_if_match_is_412() -> None:
+    xcap = _racing_harness(races=0)
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    assert etag is not None
+    xcap.store.races = 1  # type: ignore[attr-defined]
+    reply = xcap.put(
+        doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL, headers={"If-Match": etag}
+    )
+    assert reply.code == 412
+    assert xcap.get(doc_path() + '/~~/ruleset/rule[@id="b"]').code == 404
+
+
+def test_node_write_losing_every_race_is_503() -> None:
+    xcap = _racing_harness(races=0)
+    xcap.put(doc_path(), ruleset(rule("a")))
+    xcap.store.races = 10  # type: ignore[attr-defined]
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
+    assert reply.code == 503
+    assert reply.header("Retry-After") == "1"
+
+
+# -- authorization ----------------------------------------------------------------
+
+
+def test_no_credentials_is_401_with_digest_challenge(xcap: Harness) -> None:
+    reply = xcap.get(doc_path(), user=None)
+    assert reply.code == 401
+    challenge = reply.header("WWW-Authenticate")
+    assert challenge is not None and challenge.startswith("Digest ")
+    assert parse_challenge(challenge)["realm"] == REALM
+
+
+def test_wrong_password_is_401(xcap: Harness, logged: list[LogEvent]) -> None:
+    challenge = xcap.get(doc_path(), user=None).header("WWW-Authenticate")
+    assert challenge is not None
+    header = authorization(challenge, "GET", doc_path(), "alice", "wrong")
+    reply = xcap.get(doc_path(), headers={"Authorization": header}, user=None)
+    assert reply.code == 401
+    assert any("authentication failed" in str(e.get("log_format")) for e in logged)
+    assert not any("wrong" in repr(e) for e in logged)
+
+
+def test_digest_uri_must_match_request(xcap: Harness) -> None:
+    challenge = xcap.get(doc_path(), user=None).header("WWW-Authenticate")
+    assert challenge is not None
+    header = authorization(challenge, "GET", doc_path(name="other"), "alice", USERS["alice"])
+    assert xcap.get(doc_path(), headers={"Authorization": header}, user=None).code == 401
+
+
+def test_other_users_tree_is_403(xcap: Harness) -> None:
+    assert xcap.put(doc_path(BOB), ruleset(rule("a")), user="alice").code == 403
+    assert xcap.get(doc_path(BOB), user="alice").code == 403
+
+
+def test_owner_xui_forms(xcap: Harness) -> None:
+    for xui in ("sips:alice@example.test", "sip:alice@EXAMPLE.test", "alice"):
+        assert xcap.put(doc_path(xui), ruleset(rule("a")), user="alice").code == 201, xui
+    assert xcap.put(doc_path("sip:alice@elsewhere.test"), ruleset(), user="alice").code == 403
+
+
+def test_percent_encoded_xui(xcap: Harness) -> None:
+    assert xcap.put(doc_path("sip%3Aalice%40example.test"), ruleset(rule("a"))).code == 201
+    assert xcap.stored(ALICE) is not None
+
+
+def test_admin_may_touch_every_tree(xcap: Harness) -> None:
+    assert xcap.put(doc_path(BOB), ruleset(rule("a")), user="root").code == 201
+    assert xcap.get(doc_path(BOB), user="root").code == 200
+    assert xcap.delete(doc_path(BOB), user="root").code == 200
+
+
+def test_global_tree_read_only_for_users(xcap: Harness) -> None:
+    path = f"{ROOT}/resource-lists/global/index"
+    body = b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"/>'
+    assert xcap.put(path, body, "application/resource-lists+xml", user="alice").code == 403
+    assert xcap.put(path, body, "application/resource-lists+xml", user="root").code == 201
+    assert xcap.get(path, user="alice").code == 200
+
+
+def test_unauthenticated_write_leaves_nothing(xcap: Harness) -> None:
+    assert xcap.put(doc_path(), ruleset(rule("a")), user=None).code == 401
+    assert xcap.stored() is None
+
+
+# -- Permission-URI capability ----------------------------------------------------
+
+
+def test_permission_uri_round_trip() -> None:
+    uri = permission_uri("https://relay.example:4443/xcap-root/", ALICE, "tok_en-123456789012")
+    assert uri == (
+        "https://relay.example:4443/xcap-root/consent-rules/users/"
+        "sip:alice@example.test/p-tok_en-123456789012.xml"
+    )
+    document = DocumentSelector("consent-rules", ALICE, "p-tok_en-123456789012.xml")
+    assert permission_token(document) == "tok_en-123456789012"
+    assert (
+        permission_token(DocumentSelector("resource-lists", ALICE, "p-tok_en-12345678.xml")) is None
+    )
+
+
+def test_capability_put_grants_consent_without_account(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    reply = xcap.put(path, ruleset(rule("bob")), user=None)
+    assert reply.code == 201
+    assert xcap.get(path, user=None).body == ruleset(rule("bob"))
+    updated = _result(xcap.store.get_consent(consent.id))
+    assert updated.state is ConsentState.GRANTED
+    kinds = [change.kind for change in xcap.changes]
+    assert kinds[-2:] == ["document", "consent"]
+
+
+def test_capability_document_that_grants_nothing_keeps_consent_pending(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    assert xcap.put(path, ruleset(rule("x", identity="sip:carol@x.test")), user=None).code == 201
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.PENDING
+
+
+def test_capability_put_beyond_the_list_is_constraint_failure(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    reply = xcap.put(path, ruleset(rule("x", target="sip:other@relay.example.test")), user=None)
+    assert reply.code == 409
+    assert reply.xcap_error() == "constraint-failure"
+    untargeted = ruleset(
+        '<rule id="all"><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>'
+    )
+    assert xcap.put(path, untargeted, user=None).xcap_error() == "constraint-failure"
+    assert xcap.stored(name=permission_document_name(consent.permission_token)) is None
+
+
+def test_capability_element_put_is_scope_checked(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    assert xcap.put(path, ruleset(rule("bob")), user=None).code == 201
+    bad = rule("y", target="sip:other@relay.example.test").replace(
+        "<rule", f'<rule xmlns:cr="{CR}"'
+    )
+    reply = xcap.put(path + '/~~/ruleset/rule[@id="y"]', bad.encode(), EL, user=None)
+    assert reply.xcap_error() == "constraint-failure"
+
+
+def test_capability_opens_only_its_document(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    name = permission_document_name(consent.permission_token)
+    assert xcap.get(doc_path(name="index"), user=None).code == 401
+    # The token in another user's tree is no capability.
+    assert xcap.put(doc_path(BOB, name), ruleset(rule("bob")), user=None).code == 401
+
+
+def test_unknown_token_needs_an_account(xcap: Harness) -> None:
+    name = permission_document_name(secrets.token_urlsafe(16))
+    assert xcap.put(doc_path(name=name), ruleset(rule("bob")), user=None).code == 401
+
+
+@pytest.mark.parametrize("state", [ConsentState.DENIED, ConsentState.EXPIRED])
+def test_closed_consent_token_is_no_capability(xcap: Harness, state: ConsentState) -> None:
+    consent = xcap.open_consent(state)
+    name = permission_document_name(consent.permission_token)
+    assert xcap.put(doc_path(name=name), ruleset(rule("bob")), user=None).code == 401
+
+
+def test_capability_delete_after_grant_revokes(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    xcap.put(path, ruleset(rule("bob")), user=None)
+    assert xcap.delete(path, user=None).code == 200
+    assert xcap.get(path, user=None).code == 404
+
+
+def test_token_is_never_logged(xcap: Harness, logged: list[LogEvent]) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    xcap.put(path, ruleset(rule("bob")), user=None)
+    xcap.put(path, b"<broken", user=None)
+    xcap.get(path + "/~~/ruleset/rule[0]", user=None)
+    xcap.get(path + "/~~/ruleset/%ff", user=None)
+    assert logged
+    assert not any(consent.permission_token in repr(event) for event in logged)
+
+
+def test_owner_put_to_permission_document_is_also_scope_checked(xcap: Harness) -> None:
+    consent = xcap.open_consent(ConsentState.DENIED)
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    reply = xcap.put(path, ruleset(rule("x", target="sip:other@relay.example.test")))
+    assert reply.xcap_error() == "constraint-failure"
+
+
+# -- events and failures ----------------------------------------------------------
+
+
+def test_every_committed_change_emits_one_event(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
+    xcap.delete(doc_path())
+    assert [(c.kind, c.name, c.etag is None) for c in xcap.changes] == [
+        ("document", "index", False),
+        ("document", "index", False),
+        ("document", "index", True),
+    ]
+
+
+def test_rejected_writes_emit_nothing(xcap: Harness) -> None:
+    xcap.put(doc_path(), b"<broken")
+    xcap.put(doc_path(BOB), ruleset())
+    xcap.put(doc_path(), ruleset(), "text/plain")
+    assert xcap.changes == []
+
+
+def test_store_failure_is_500_and_logged(xcap: Harness, logged: list[LogEvent]) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Deferred[Any]:
+        raise RuntimeError("disk on fire")
+
+    xcap.store.get_document = broken  # type: ignore[method-assign]
+    reply = xcap.get(doc_path())
+    assert reply.code == 500
+    assert any(event.get("log_failure") is not None for event in logged)
+
+
+# -- the Site: bounded request bodies ----------------------------------------------
+
+
+def _site_exchange(xcap: Harness, raw: bytes) -> StringTransport:
+    site = XCAPSite(xcap.resource, max_body_bytes=MAX_BODY)
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(raw)
+    return transport
+
+
+def _capability_path(xcap: Harness) -> bytes:
+    """A document the request may write without an account (the body limit comes after
+    authorization)."""
+    consent = xcap.open_consent()
+    return doc_path(name=permission_document_name(consent.permission_token)).encode()
+
+
+def test_site_answers_413_for_moderately_oversized_body(xcap: Harness) -> None:
+    body = b"x" * (MAX_BODY + 1)
+    transport = _site_exchange(
+        xcap,
+        b"PUT " + _capability_path(xcap) + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/auth-policy+xml\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body,
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert [change.kind for change in xcap.changes] == ["consent"]
+
+
+def test_site_answers_413_for_oversized_chunked_body(xcap: Harness) -> None:
+    chunk = b"x" * 4096
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3)) + b"0\r\n\r\n"
+    transport = _site_exchange(
+        xcap,
+        b"PUT " + _capability_path(xcap) + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/auth-policy+xml\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+
+
+def test_site_drops_connection_for_absurd_content_length(xcap: Harness) -> None:
+    transport = _site_exchange(
+        xcap,
+        b"PUT " + doc_path().encode() + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/auth-policy+xml\r\n"
+        b"Content-Length: 999999999999\r\n\r\nxxxx",
+    )
+    assert transport.disconnecting
+    assert transport.value() == b""
+
+
+def test_site_does_not_write_an_access_log(xcap: Harness, logged: list[LogEvent]) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    transport = _site_exchange(xcap, b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 404 ")
+    assert not any(consent.permission_token in repr(event) for event in logged)
