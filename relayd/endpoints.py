@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import (
+    IListeningPort,
     IOpenSSLContextFactory,
-    IReactorSSL,
+    IProtocolFactory,
     IReactorTCP,
     IStreamServerEndpoint,
 )
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 _KNOWN_OPTIONS: dict[str, frozenset[str]] = {
     "tcp": frozenset({"port", "interface", "backlog"}),
@@ -108,12 +113,26 @@ def stream_server_endpoint(
     if spec.kind == "ssl":
         if tls_context is None:
             raise ValueError("an ssl: listener needs a TLS context")
-        assert IReactorSSL.providedBy(reactor)
-        return SSL4ServerEndpoint(
-            reactor,
-            spec.port,
-            tls_context(spec),
-            backlog,
-            spec.interface,
-        )
+        tcp = TCP4ServerEndpoint(reactor, spec.port, backlog, spec.interface)
+        return TLSServerEndpoint(tcp, tls_context(spec))
     raise ValueError(f"{spec.kind}: is not a stream listener")
+
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    """TLS over a TCP endpoint, writing through to OpenSSL on every write.
+
+    Twisted's default TLS transport buffers small writes and flushes them
+    from a ``callLater(0)``, copying each one twice on the way.  Our
+    protocols already write one whole frame per call, so the aggregation
+    only costs time; this endpoint uses the plain TLSMemoryBIOProtocol.
+    """
+
+    def __init__(self, tcp: IStreamServerEndpoint, context: IOpenSSLContextFactory) -> None:
+        self._tcp = tcp
+        self._context = context
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        factory: Any = TLSMemoryBIOFactory(self._context, False, protocolFactory)
+        factory.protocol = TLSMemoryBIOProtocol
+        return self._tcp.listen(factory)

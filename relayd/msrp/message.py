@@ -6,7 +6,6 @@ pieces and never held here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -189,12 +188,17 @@ class ByteRange:
 
     @classmethod
     def parse(cls, value: str) -> ByteRange:
-        match = _BYTE_RANGE.fullmatch(value.strip())
-        if match is None:
+        start_text, dash, rest = value.strip().partition("-")
+        end_text, slash, total_text = rest.partition("/")
+        if not (dash and slash) or not _is_number(start_text):
             raise ValueError(f"malformed Byte-Range {value!r}")
-        start = int(match.group(1))
-        end = None if match.group(2) == "*" else int(match.group(2))
-        total = None if match.group(3) == "*" else int(match.group(3))
+        if end_text != "*" and not _is_number(end_text):
+            raise ValueError(f"malformed Byte-Range {value!r}")
+        if total_text != "*" and not _is_number(total_text):
+            raise ValueError(f"malformed Byte-Range {value!r}")
+        start = int(start_text)
+        end = None if end_text == "*" else int(end_text)
+        total = None if total_text == "*" else int(total_text)
         if start < 1 or (end is not None and end < start - 1):
             raise ValueError(f"Byte-Range out of order {value!r}")
         if total is not None and end is not None and end > total:
@@ -207,7 +211,8 @@ class ByteRange:
         return f"{self.start}-{end}/{total}"
 
 
-_BYTE_RANGE = re.compile(r"(\d{1,19})-(\d{1,19}|\*)/(\d{1,19}|\*)")
+def _is_number(text: str) -> bool:
+    return 0 < len(text) <= 19 and text.isascii() and text.isdigit()
 
 
 def parse_report_mode(value: str | None, default: str) -> str:

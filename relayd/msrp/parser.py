@@ -250,20 +250,18 @@ class MSRPParser:
             text = buf[pos : stop + 2].decode("utf-8")
         except UnicodeDecodeError:
             return self._reject(events, "header field is not UTF-8", pos)
-        if _HEADER_BLOCK.fullmatch(text) is None:
+        # One pass both splits and validates: findall skips anything that is
+        # not a header line, so the pieces cover the block only if all are.
+        pairs = _HEADER_LINE.findall(text)
+        if sum([len(name) + len(value) for name, value in pairs]) + 3 * len(pairs) != len(text):
             return self._reject(events, _header_problem(text, limits), pos)
-        lines = text.split("\r\n")
-        lines.pop()
-        if len(lines) > limits.max_header_count:
+        if len(pairs) > limits.max_header_count:
             return self._reject(events, "too many header fields", pos)
         if len(text) > limits.max_line_bytes:
-            for line in lines:
-                if len(line) > limits.max_line_bytes:
+            for name, value in pairs:
+                if len(name) + len(value) + 1 > limits.max_line_bytes:
                     return self._reject(events, "header line too long", pos)
-        items = []
-        for line in lines:
-            name, _, value = line.partition(":")
-            items.append((name, value.strip(" \t")))
+        items = [(name, value.strip(" \t")) for name, value in pairs]
         if not _paths_first(items):
             # RFC 4975 §7.1: To-Path then From-Path come first.
             return self._reject(events, "To-Path and From-Path must come first", pos)
@@ -366,7 +364,7 @@ class MSRPParser:
         return False
 
 
-_HEADER_BLOCK = re.compile(r"(?:[A-Za-z0-9!#$%&'*+.^_`|~-]+:[^\r\n]*\r\n)*")
+_HEADER_LINE = re.compile(r"([A-Za-z0-9!#$%&'*+.^_`|~-]+):([^\r\n]*)\r\n")
 
 
 def _start_line_problem(line: bytes) -> str:

@@ -311,37 +311,36 @@ class _OutboundFactory(Factory):
 
 
 class _FrameTransaction:
-    __slots__ = ("first_byte", "last_byte", "stream", "timer")
+    __slots__ = ("deadline", "first_byte", "last_byte", "stream")
 
     def __init__(self, stream: SendStream, first_byte: int, last_byte: int) -> None:
         self.stream = stream
         self.first_byte = first_byte
         self.last_byte = last_byte
-        self.timer: IDelayedCall | None = None
+        self.deadline = 0.0
+
+    def timeout(self) -> None:
+        self.stream.timed_out(self)
 
     def response(self, response: MSRPResponse) -> bool:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
         if response.code // 100 != 2:
             self.stream.fail(response.code, response.comment, self.first_byte, self.last_byte)
         return True
 
     def lost(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
         self.stream.fail(481, "next hop connection lost", self.first_byte, self.last_byte)
 
 
 class _EndToEndTransaction:
     """A forwarded AUTH or other request whose response travels back (§6.4.3)."""
 
-    __slots__ = ("relay", "request", "source", "timer")
+    __slots__ = ("deadline", "relay", "request", "source")
 
     def __init__(self, relay: MSRPRelay, source: MSRPConnection, request: MSRPRequest) -> None:
         self.relay = relay
         self.source = source
         self.request = request
-        self.timer: IDelayedCall | None = None
+        self.deadline = 0.0
 
     def response(self, response: MSRPResponse) -> bool:
         rewritten = response_route(response, self.relay.core.is_local)
@@ -350,8 +349,6 @@ class _EndToEndTransaction:
                 "Response {code} not addressed through this relay: dropped", code=response.code
             )
             return False  # keep waiting: the timer still answers the sender
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
         to_path, from_path = rewritten
         headers = Headers(
             [("To-Path", to_path), ("From-Path", from_path)]
@@ -377,8 +374,6 @@ class _EndToEndTransaction:
         self._answer(408, "Request Timeout")
 
     def lost(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
         self._answer(481, "next hop connection lost")
 
     def _answer(self, code: int, comment: str) -> None:
@@ -488,11 +483,9 @@ class _BufferedForward:
             self._unreachable(None)
             return
         if self.request.method != "REPORT":
-            transaction = _EndToEndTransaction(target.relay, self.source, self.request)
-            transaction.timer = target.relay.clock.callLater(
-                target.relay.config.transaction_timeout_seconds, target.expire, tid
+            target.add_transaction(
+                tid, _EndToEndTransaction(target.relay, self.source, self.request)
             )
-            target.transactions[tid] = transaction
         target.write_atomic(frame)
 
     def _unreachable(self, failure: Failure | None) -> None:
@@ -720,20 +713,9 @@ class SendStream:
         target.frame_owner = None
         self.frame_tid = None
         if self.failure_report != "no":
-            transaction = _FrameTransaction(self, self.frame_first, self.offset - 1)
-            if self.failure_report == "yes":
-                transaction.timer = self.relay.clock.callLater(
-                    self.relay.config.transaction_timeout_seconds, target.expire, tid
-                )
-            else:
-                # partial: only errors come back; forget the frame after the timeout.
-                transaction.timer = self.relay.clock.callLater(
-                    self.relay.config.transaction_timeout_seconds,
-                    target.transactions.pop,
-                    tid,
-                    None,
-                )
-            target.transactions[tid] = transaction
+            # With "partial" only errors come back: the entry is simply
+            # forgotten at its deadline (timed_out sends nothing then).
+            target.add_transaction(tid, _FrameTransaction(self, self.frame_first, self.offset - 1))
         tail = end_line(tid, flag)
         return b"\r\n" + tail if self.has_body else tail
 
@@ -801,6 +783,7 @@ class MSRPConnection(Protocol):
         self._auth_failures = 0
         self._succeeded = not inbound
         self._closing = False
+        self._expiry: IDelayedCall | None = None
         self.last_activity = relay.clock.seconds()
         self.peer = "?"
 
@@ -877,6 +860,9 @@ class MSRPConnection(Protocol):
             )
         if self._probation is not None and self._probation.active():
             self._probation.cancel()
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
         self.relay.unregister(self)
         consumer = self.consumer
         self.consumer = _DISCARD
@@ -993,12 +979,33 @@ class MSRPConnection(Protocol):
         if transaction.response(response):
             self.transactions.pop(response.tid, None)
 
-    def expire(self, tid: str) -> None:
-        """Transaction timer fired: no response from this next hop in time."""
-        transaction = self.transactions.pop(tid, None)
-        if isinstance(transaction, _FrameTransaction):
-            transaction.stream.timed_out(transaction)
-        elif transaction is not None:
+    def add_transaction(
+        self, tid: str, transaction: _FrameTransaction | _EndToEndTransaction
+    ) -> None:
+        """Await a response for ``tid``; one timer per connection covers them all.
+
+        Every transaction here has the same timeout, so insertion order is
+        deadline order and the oldest entry is always the next to expire.
+        """
+        clock = self.relay.clock
+        timeout = self.relay.config.transaction_timeout_seconds
+        transaction.deadline = clock.seconds() + timeout
+        self.transactions[tid] = transaction
+        if self._expiry is None:
+            self._expiry = clock.callLater(timeout, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._expiry = None
+        now = self.relay.clock.seconds()
+        transactions = self.transactions
+        while transactions:
+            tid, transaction = next(iter(transactions.items()))
+            if transaction.deadline > now:
+                self._expiry = self.relay.clock.callLater(
+                    transaction.deadline - now, self._expire_due
+                )
+                return
+            del transactions[tid]
             transaction.timeout()
 
     # -- writing --------------------------------------------------------------------------

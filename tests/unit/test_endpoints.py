@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import cast
 
 import pytest
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from OpenSSL import SSL
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from relayd.endpoints import (
     EndpointSpec,
     EndpointSyntaxError,
+    TLSServerEndpoint,
     parse_endpoint,
     stream_server_endpoint,
 )
@@ -171,6 +174,9 @@ class _ContextFactory:
         self.specs.append(spec)
         return cast(IOpenSSLContextFactory, self)
 
+    def getContext(self) -> SSL.Context:
+        return SSL.Context(SSL.TLS_METHOD)
+
 
 def _factory() -> Factory:
     return Factory.forProtocol(Protocol)
@@ -201,14 +207,17 @@ def test_ssl_server_endpoint_uses_the_given_context() -> None:
     contexts = _ContextFactory()
     spec = parse_endpoint("ssl:2855:interface=127.0.0.1:privateKey=k.pem")
     endpoint = stream_server_endpoint(reactor, spec, contexts)
-    assert isinstance(endpoint, SSL4ServerEndpoint)
+    assert isinstance(endpoint, TLSServerEndpoint)
     assert contexts.specs == [spec]
-    endpoint.listen(_factory())
-    assert reactor.tcpServers == []
-    assert len(reactor.sslServers) == 1
-    port, _, context, backlog, interface = reactor.sslServers[0]
+    factory = _factory()
+    endpoint.listen(factory)
+    # TLS is layered over a TCP listener, with the unbuffered TLS protocol.
+    assert reactor.sslServers == []
+    port, tls_factory, backlog, interface = reactor.tcpServers[0]
     assert (port, backlog, interface) == (2855, 50, "127.0.0.1")
-    assert context is contexts
+    assert isinstance(tls_factory, TLSMemoryBIOFactory)
+    assert tls_factory.wrappedFactory is factory
+    assert tls_factory.protocol is TLSMemoryBIOProtocol
 
 
 def test_ssl_server_endpoint_needs_a_context() -> None:
