@@ -88,6 +88,7 @@ class RelayCore:
         self.sessions = sessions if sessions is not None else SessionTable(clock)
         self._local_hosts: set[str] = {self.hostname.strip("[]")}
         self._local_ports: set[int] = set()
+        self._local_cache: dict[tuple[str, int | None], bool] = {}
         self.use_path_port: int | None = None
 
     # -- identity -----------------------------------------------------------
@@ -99,12 +100,19 @@ class RelayCore:
             self._local_hosts.add(host.lower().strip("[]"))
         if tls and self.use_path_port is None:
             self.use_path_port = port
+        self._local_cache.clear()
 
     def is_local(self, uri: MSRPURI) -> bool:
-        if uri.host.lower().strip("[]") not in self._local_hosts:
-            return False
-        port = uri.port if uri.port is not None else DEFAULT_PORT
-        return port in self._local_ports
+        """Does this URI name us?  Called several times per message: memoised."""
+        key = (uri.host, uri.port)
+        known = self._local_cache.get(key)
+        if known is None:
+            port = uri.port if uri.port is not None else DEFAULT_PORT
+            known = uri.host.lower().strip("[]") in self._local_hosts and port in self._local_ports
+            if len(self._local_cache) > 4096:
+                self._local_cache.clear()
+            self._local_cache[key] = known
+        return known
 
     def session_uri(self, session: Session) -> str:
         host = self.hostname
@@ -177,7 +185,9 @@ class RelayCore:
             session = self.sessions.create_for_relay(relay_host, success.username, lifetime)
         else:
             session = self.sessions.create_for_client(owner, success.username, lifetime)
-        self.log.info(
+        # Debug, not info: at hundreds of AUTHs a second the log line would
+        # cost more than the AUTH; refusals are logged as warnings.
+        self.log.debug(
             "AUTH accepted for {user}, session {session} for {seconds}s",
             user=success.username,
             session=redact(session.session_id),
