@@ -201,7 +201,7 @@ async def test_small_message_crosses_while_huge_one_is_in_flight(
     carol, carol_auth = await client(relay, "carol", trust=pki.ca_pem)
     bob, bob_auth = await client(relay, "bob", sink, trust=pki.ca_pem)
     bob_path = path_to(bob, bob_auth)
-    huge = os.urandom(1 << 20) * 48  # 48 MiB in one chunk
+    huge = os.urandom(1 << 20) * 64  # 64 MiB in one chunk
     big = send(
         alice, [*alice_auth.use_path, *bob_path], huge, chunk_bytes=len(huge), message_id="big"
     )
@@ -220,3 +220,32 @@ async def test_small_message_crosses_while_huge_one_is_in_flight(
     import hashlib
 
     assert sink.digests["big"].digest() == hashlib.sha256(huge).digest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recipient_gone_mid_transfer_becomes_481_report(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    relay = await start_relay()
+    sink = RecordingSink(keep=False)
+    alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+    bob, bob_auth = await client(relay, "bob", sink, trust=pki.ca_pem)
+    data = os.urandom(1 << 20) * 16
+    sending = send(
+        alice,
+        [*alice_auth.use_path, *path_to(bob, bob_auth)],
+        data,
+        chunk_bytes=len(data),
+        message_id="cut",
+    )
+    while sink.counts.get("cut", 0) < (1 << 20):
+        await deferLater(0.005)
+    bob.transport.abortConnection()  # type: ignore[union-attr]
+    report = await alice.wait_report("cut").addTimeout(10, reactor)
+    assert (report.headers.get("Status") or "").startswith("000 481")
+    first, _, rest = (report.headers.get("Byte-Range") or "").partition("-")
+    assert int(first) >= 1 and rest.endswith(f"/{len(data)}")
+    # The sender is still answered for its chunk and may go on.
+    with pytest.raises(MSRPClientError, match="481"):
+        await sending
+        await send(alice, [*alice_auth.use_path, *path_to(bob, bob_auth)], b"more")
