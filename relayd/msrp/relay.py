@@ -16,7 +16,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relayd.digest import DigestAuthenticator, DigestError, DigestSuccess, parse_credentials
-from relayd.msrp.message import Headers, MSRPRequest, MSRPResponse, MSRPStatus, parse_expires
+from relayd.msrp.message import (
+    MSRPRequest,
+    MSRPResponse,
+    MSRPStatus,
+    make_response,
+    parse_expires,
+)
 from relayd.msrp.sessions import Session, SessionTable
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI, MSRPURIError, parse_path
 from relayd.tokens import redact
@@ -305,8 +311,6 @@ def _end_to_end_response(
     extra: Iterable[tuple[str, str]] = (),
 ) -> MSRPResponse:
     """A response that travels back along the whole From-Path (AUTH and others)."""
-    from relayd.msrp.message import make_response
-
     return make_response(
         request, code, comment, extra, to_path=request.headers.get("From-Path") or ""
     )
@@ -333,7 +337,3 @@ def response_route(
         return None
     texts = to_text.split()
     return " ".join(texts[consumed:]), " ".join([*reversed(texts[:consumed]), from_text])
-
-
-def copy_headers(headers: Headers, skip: frozenset[str]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers if k.lower() not in skip]
