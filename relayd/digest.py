@@ -191,6 +191,20 @@ def parse_credentials(header_value: str) -> DigestCredentials:
     )
 
 
+NC_WINDOW = 64
+_NC_WINDOW_MASK = (1 << NC_WINDOW) - 1
+
+
+def _seen(highest: int, mask: int, nc_value: int) -> bool:
+    """Was this nonce-count used already (or is it too old to tell)?"""
+    if nc_value > highest:
+        return False
+    if nc_value == highest:
+        return True
+    distance = highest - nc_value
+    return distance > NC_WINDOW or bool(mask >> (distance - 1) & 1)
+
+
 def parse_challenge(header_value: str) -> dict[str, str]:
     """Parameters of a ``WWW-Authenticate: Digest …`` challenge, for our clients.
 
@@ -310,7 +324,8 @@ class DigestAuthenticator:
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._realm_bytes = realm.encode("utf-8")
         # nonce -> (creation ms, last nonce-count), oldest first use first.
-        self._tracked: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # nonce -> (created ms, highest nc, bitmask of the NC_WINDOW counts below it)
+        self._tracked: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         # Creation time of the newest still-valid nonce forgotten for space:
         # untracked nonces no newer than this might be replays, so are stale.
         self._forgotten_until = -1
@@ -378,7 +393,7 @@ class DigestAuthenticator:
             raise DigestError("nonce expired", stale=True)
         previous = self._tracked.get(cred.nonce)
         if previous is not None:
-            if nc_value <= previous[1]:
+            if _seen(previous[1], previous[2], nc_value):
                 raise DigestError("nonce count replayed")
         elif created <= self._forgotten_until:
             raise DigestError("nonce no longer tracked", stale=True)
@@ -412,10 +427,24 @@ class DigestAuthenticator:
         )
 
     def _remember(self, nonce: str, created: int, nc_value: int) -> None:
-        """Record the nonce-count, keeping the table within its bound."""
+        """Record the nonce-count, keeping the table within its bound.
+
+        Counts may arrive out of order when a client sends requests in
+        parallel over several connections with one nonce, so each entry keeps
+        the highest count and a bitmask of the NC_WINDOW counts below it:
+        every count is accepted once, and counts below the window never.
+        """
         tracked = self._tracked
-        if nonce in tracked:
-            tracked[nonce] = (created, nc_value)
+        entry = tracked.get(nonce)
+        if entry is not None:
+            _, highest, mask = entry
+            if nc_value > highest:
+                shift = nc_value - highest
+                mask = ((mask << shift) | (1 << (shift - 1))) & _NC_WINDOW_MASK
+                highest = nc_value
+            else:
+                mask |= 1 << (highest - nc_value - 1)
+            tracked[nonce] = (created, highest, mask)
             return
         oldest_valid = self._now_ms() - self._lifetime_ms
         while tracked:
@@ -428,7 +457,7 @@ class DigestAuthenticator:
                 self._forgotten_until = max(self._forgotten_until, first_created)
             else:
                 break
-        tracked[nonce] = (created, nc_value)
+        tracked[nonce] = (created, nc_value, 0)
 
     def authentication_info(self, success: DigestSuccess, nextnonce: bool = True) -> str:
         """The ``Authentication-Info`` value for a verified request.

@@ -1,4 +1,4 @@
-"""``relayctl``: manage relay users and talk MSRP through relays from a shell.
+"""``relayctl``: manage relay users, talk MSRP through relays, edit XCAP permissions and lists.
 
 Every failure is one ``relayctl: …`` line on stderr and a non-zero exit status
 (1 for failures, 2 for usage errors, 130 when interrupted); tracebacks are for
@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from relayd.ctl import accounts, network
+from relayd.ctl import accounts, network, xcap
 from relayd.ctl.settings import (
     PASSWORD_ENV,
     CtlError,
@@ -84,22 +84,8 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    locations = _Parser(add_help=False)
-    where = locations.add_argument_group("relay files")
-    where.add_argument(
-        "--config",
-        metavar="INI",
-        help="the relay's configuration file, to find its data directory, users file and realm",
-    )
-    where.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="the relay's data directory (default: [relay] data_dir, ~/.local/state/relayd)",
-    )
-
-    relays = _Parser(add_help=False)
-    access = relays.add_argument_group("relay access")
+def _add_access_options(access: Any) -> None:
+    """Digest credentials and TLS trust, shared by the MSRP and XCAP commands."""
     access.add_argument(
         "--user",
         help="user name for digest AUTH (default: username= of the credentials file)",
@@ -124,12 +110,50 @@ def build_parser() -> argparse.ArgumentParser:
         " the relay's self-signed tls/selfsigned-cert.pem in the data directory if it exists;"
         " otherwise the system's trust roots)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    locations = _Parser(add_help=False)
+    where = locations.add_argument_group("relay files")
+    where.add_argument(
+        "--config",
+        metavar="INI",
+        help="the relay's configuration file, to find its data directory, users file and realm",
+    )
+    where.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="the relay's data directory (default: [relay] data_dir, ~/.local/state/relayd)",
+    )
+
+    relays = _Parser(add_help=False)
+    access = relays.add_argument_group("relay access")
+    _add_access_options(access)
     access.add_argument(
         "--expires",
         type=_positive_int,
         metavar="SECONDS",
         help="session lifetime to ask for in AUTH (default: the relay's)",
     )
+
+    xcap_access = _Parser(add_help=False)
+    server = xcap_access.add_argument_group("XCAP server access")
+    server.add_argument(
+        "--xcap",
+        metavar="URL",
+        help="XCAP root URL (default: [xcap] public_url of --config, else"
+        " https://<hostname or listen interface>:<port><root> from [xcap] listen,"
+        " https://127.0.0.1:4443/xcap-root on defaults)",
+    )
+    _add_access_options(server)
+    server.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up on a request after this long (default: 30)",
+    )
+    server.add_argument("--json", action="store_true", help="machine-readable output")
 
     parser = _Parser(
         prog=PROG,
@@ -273,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long for the delivery REPORT after the last chunk (default: 60)",
     )
+    xcap.add_parsers(command, [locations, xcap_access])
     return parser
 
 
@@ -347,6 +372,27 @@ def network_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, 
     )
 
 
+def xcap_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The coroutine for ``permissions`` or ``lists`` (credentials resolved here: prompts)."""
+    xcap.check_arguments(args)
+    locations = locate(args.config, args.data_dir)
+    url = args.xcap or xcap.default_xcap_url(args.config)
+    credentials = resolve_credentials(
+        args.user,
+        args.password_file,
+        args.credentials,
+        locations,
+        os.environ,
+        _interactive(),
+        getpass.getpass,
+    )
+    access = xcap.XCAPAccess(
+        url, credentials, xcap.xcap_trust(args.ca, url, locations), args.timeout
+    )
+    out = sys.stdout
+    return lambda reactor: xcap.run_xcap_command(reactor, access, args, out)
+
+
 def _fail(message: str) -> int:
     sys.stderr.write(f"{PROG}: {message}\n")
     sys.stderr.flush()
@@ -410,7 +456,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command in ("adduser", "deluser", "users"):
             run_local(args, sys.stdin, sys.stdout, sys.stderr)
             return 0
-        work = network_command(args)
+        if args.command in ("permissions", "lists"):
+            work = xcap_command(args)
+        else:
+            work = network_command(args)
     except (CtlError, OSError) as e:
         return _fail(_one_line(e))
     except (KeyboardInterrupt, EOFError):
