@@ -43,6 +43,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from relayd.sip.uri import SIPURI, SIPURIError
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
     SCHEMA_VALIDATION_ERROR,
@@ -209,6 +210,34 @@ def check_consent_scope(root: etree._Element, list_uri: str) -> None:
             )
 
 
+_CP_ONE = "{urn:ietf:params:xml:ns:common-policy}one"
+_RL_ENTRY = "{urn:ietf:params:xml:ns:resource-lists}entry"
+
+
+def _require_sip_uris(root: etree._Element, tag: str, attribute: str, what: str) -> None:
+    """XML Schema's anyURI accepts "sip:x y"; a rule or entry that can never
+    match anything must be refused, not stored (409 ``constraint-failure``)."""
+    for element in root.iter(tag):
+        value = element.get(attribute)
+        if value is None:
+            continue
+        try:
+            SIPURI.parse(value)
+        except SIPURIError as e:
+            raise XCAPError(
+                409, CONSTRAINT_FAILURE, f"{what} {value!r} is not a SIP URI: {e}"
+            ) from None
+
+
+def _check_consent_rules(root: etree._Element) -> None:
+    _require_sip_uris(root, _CR_TARGET, "uri", "target")
+    _require_sip_uris(root, _CP_ONE, "id", "identity")
+
+
+def _check_list_entries(root: etree._Element) -> None:
+    _require_sip_uris(root, _RL_ENTRY, "uri", "entry")
+
+
 CONSENT_RULES = ApplicationUsage(
     auid=CONSENT_RULES_AUID,
     mime_type="application/auth-policy+xml",
@@ -216,6 +245,7 @@ CONSENT_RULES = ApplicationUsage(
     root_element=_clark(COMMON_POLICY_NAMESPACE, "ruleset"),
     schema_file="consent-rules.xsd",
     uniqueness_check=_check_rule_ids,
+    constraint_check=_check_consent_rules,
 )
 
 RESOURCE_LISTS = ApplicationUsage(
@@ -225,6 +255,7 @@ RESOURCE_LISTS = ApplicationUsage(
     root_element=_clark(RESOURCE_LISTS_NAMESPACE, "resource-lists"),
     schema_file="resource-lists.xsd",
     uniqueness_check=_check_resource_lists,
+    constraint_check=_check_list_entries,
 )
 
 XCAP_CAPS = ApplicationUsage(

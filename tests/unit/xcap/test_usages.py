@@ -192,3 +192,21 @@ def test_xcap_caps_document() -> None:
     namespaces = {n.text for n in root.iter(ns + "namespace")}
     assert "urn:relayd:params:xml:ns:consent-policy" in namespaces
     assert "urn:ietf:params:xml:ns:resource-lists" in namespaces
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'uri="sip:friends@relay.example.test"', b'uri="sip:friends@relay example.test"'),
+        (b'id="sip:alice@example.test"', b'id="not a uri"'),
+    ],
+)
+def test_consent_rule_uris_must_be_sip_uris(old: bytes, new: bytes) -> None:
+    error = _fails(CONSENT_DOC.replace(old, new, 1), "constraint-failure")
+    assert "is not a SIP URI" in (error.detail or "")
+
+
+def test_list_entries_must_be_sip_uris() -> None:
+    bad = LISTS_DOC.replace(b'uri="sip:carol@example.test"', b'uri="carol at home"')
+    error = _fails(bad, "constraint-failure")
+    assert "carol at home" in (error.detail or "")
