@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import ssl as stdlib_ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -169,14 +174,66 @@ def load_trust_roots(path: str) -> list[crypto.X509]:
     return roots
 
 
-def certificate_dns_names(certificate: crypto.X509) -> list[str]:
+def certificate_dns_names(certificate: crypto.X509 | x509.Certificate) -> list[str]:
     """DNS names of the subjectAltName extension, in certificate order."""
-    cert = certificate.to_cryptography()
+    cert = (
+        certificate if isinstance(certificate, x509.Certificate) else certificate.to_cryptography()
+    )
     try:
         extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return list(extension.value.get_values_for_type(x509.DNSName))
+
+
+def certificate_ip_names(certificate: x509.Certificate) -> list[str]:
+    """IP addresses of the subjectAltName extension, as text."""
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [str(address) for address in extension.value.get_values_for_type(x509.IPAddress)]
+
+
+def stdlib_server_context(
+    identity: ServerIdentity, trust_roots: list[crypto.X509] | None
+) -> stdlib_ssl.SSLContext:
+    """Context for MSRP ``ssl:`` listeners on the standard library's TLS (see tlsio).
+
+    Same policy as server_context_factory: TLS 1.2 at least, a client
+    certificate requested (never required) when peer-relay roots are set.
+    No session tickets: clients reconnect rarely, and idle memory matters more.
+    """
+    context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(identity.certificate_path, identity.private_key_path)
+    context.num_tickets = 0
+    context.options |= stdlib_ssl.OP_NO_TICKET
+    if trust_roots:
+        pem = b"".join(
+            root.to_cryptography().public_bytes(serialization.Encoding.PEM) for root in trust_roots
+        )
+        context.load_verify_locations(cadata=pem.decode("ascii"))
+        context.verify_mode = stdlib_ssl.CERT_OPTIONAL
+    return context
+
+
+def certificate_matches(certificate: x509.Certificate, host: str) -> bool:
+    """Does this (already verified) certificate name ``host`` (DNS or IP SAN)?"""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        is_ip = False
+    else:
+        is_ip = True
+    try:
+        if is_ip:
+            verify_certificate_ip_address(certificate, host)
+        else:
+            verify_certificate_hostname(certificate, host)
+    except (VerificationError, CertificateError, ValueError):
+        return False
+    return True
 
 
 def server_context_factory(

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -60,12 +61,19 @@ from relayd.msrp.parser import (
 )
 from relayd.msrp.relay import KNOWN_METHODS, RelayCore, Route, response_route
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI, MSRPURIError, parse_path
-from relayd.tls import ServerIdentity, certificate_dns_names, client_connection_creator
-from relayd.tls import peer_certificate_matches as _peer_certificate_matches
+from relayd.tls import (
+    ServerIdentity,
+    certificate_dns_names,
+    certificate_ip_names,
+    client_connection_creator,
+)
+from relayd.tls import certificate_matches as _certificate_matches
 from relayd.tokens import new_transaction_id
 
 _PATH_HEADERS = frozenset({"to-path", "from-path"})
 _STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
+#: Shared by every connection that nothing is streaming into (never added to).
+_NO_STREAMS: set[SendStream] = set()
 
 
 class MSRPRelay:
@@ -623,6 +631,8 @@ class SendStream:
 
     def _attach(self, target: MSRPConnection) -> None:
         self.target = target
+        if target.incoming is _NO_STREAMS:
+            target.incoming = set()
         target.incoming.add(self)
         if target.congested:
             self.source.pause_reading(target)
@@ -775,14 +785,16 @@ class MSRPConnection(Protocol):
         self.consumer: Any = _DISCARD
         self.frame_owner: SendStream | None = None
         self.transactions: dict[str, _FrameTransaction | _EndToEndTransaction] = {}
-        self.incoming: set[SendStream] = set()
+        # Empty on an idle connection, so shared until first needed (memory).
+        self.incoming: set[SendStream] = _NO_STREAMS
         self.congested = False
-        self._pause_reasons: set[object] = set()
+        self._pause_reasons: set[object] | None = None
         self._probation: IDelayedCall | None = None
         self._failures = 0
         self._auth_failures = 0
         self._succeeded = not inbound
         self._closing = False
+        self._peer_certificate: x509.Certificate | None = None
         self._expiry: IDelayedCall | None = None
         self.last_activity = relay.clock.seconds()
         self.peer = "?"
@@ -805,16 +817,19 @@ class MSRPConnection(Protocol):
         if not self.inbound:
             return
         certificate = transport.getPeerCertificate()
-        if certificate is not None:
-            # Chained to ca_certificates by OpenSSL already (§6.1): a peer relay.
-            names = certificate_dns_names(certificate)
-            names.extend(_ip_names(certificate))
-            self.peer_names = frozenset(name.lower() for name in names)
-            self.log.info(
-                "Peer relay {names} connected from {peer}",
-                names=sorted(self.peer_names),
-                peer=self.peer,
-            )
+        if certificate is None:
+            return
+        if not isinstance(certificate, x509.Certificate):
+            certificate = certificate.to_cryptography()  # Twisted's pyOpenSSL transports
+        # Chained to ca_certificates by the TLS layer already (§6.1): a peer relay.
+        self._peer_certificate = certificate
+        names = [*certificate_dns_names(certificate), *certificate_ip_names(certificate)]
+        self.peer_names = frozenset(name.lower() for name in names)
+        self.log.info(
+            "Peer relay {names} connected from {peer}",
+            names=sorted(self.peer_names),
+            peer=self.peer,
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -871,10 +886,10 @@ class MSRPConnection(Protocol):
         self.transactions.clear()
         for transaction in transactions:
             transaction.lost()
-        for stream in list(self.incoming):
+        incoming, self.incoming = self.incoming, _NO_STREAMS
+        for stream in list(incoming):
             first = stream.frame_first if stream.frame_tid is not None else stream.offset
             stream.fail(481, "next hop connection lost", first, max(first, stream.offset - 1))
-        self.incoming.clear()
 
     # -- IPushProducer: our socket buffer filled up or drained ---------------------------
 
@@ -894,11 +909,8 @@ class MSRPConnection(Protocol):
     # -- Hop protocol for the relay core --------------------------------------------------
 
     def certificate_matches(self, host: str) -> bool:
-        transport: Any = self.transport
-        handle = transport.getHandle() if self.is_tls else None
-        if handle is None or not self.peer_names:
-            return False
-        return _peer_certificate_matches(handle, host)
+        certificate = self._peer_certificate
+        return certificate is not None and _certificate_matches(certificate, host)
 
     # -- requests and responses -------------------------------------------------------------
 
@@ -1029,16 +1041,20 @@ class MSRPConnection(Protocol):
     # -- flow control and accounting -------------------------------------------------------
 
     def pause_reading(self, reason: object) -> None:
-        if not self._pause_reasons and self.connected:
+        reasons = self._pause_reasons
+        if reasons is None:
+            reasons = self._pause_reasons = set()
+        if not reasons and self.connected:
             transport: Any = self.transport
             transport.pauseProducing()
-        self._pause_reasons.add(reason)
+        reasons.add(reason)
 
     def resume_reading(self, reason: object) -> None:
-        if reason not in self._pause_reasons:
+        reasons = self._pause_reasons
+        if reasons is None or reason not in reasons:
             return
-        self._pause_reasons.discard(reason)
-        if not self._pause_reasons and self.connected:
+        reasons.discard(reason)
+        if not reasons and self.connected:
             transport: Any = self.transport
             transport.resumeProducing()
 
@@ -1123,14 +1139,3 @@ def _set_nodelay(transport: Any) -> None:
                 pass
             return
         inner = getattr(inner, "transport", None)
-
-
-def _ip_names(certificate: Any) -> list[str]:
-    from cryptography import x509
-
-    cert = certificate.to_cryptography()
-    try:
-        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return [str(address) for address in extension.value.get_values_for_type(x509.IPAddress)]

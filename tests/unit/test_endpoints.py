@@ -228,3 +228,20 @@ def test_ssl_server_endpoint_needs_a_context() -> None:
 def test_udp_is_not_a_stream_listener() -> None:
     with pytest.raises(ValueError, match="not a stream listener"):
         stream_server_endpoint(MemoryReactor(), parse_endpoint("udp:5060"))
+
+
+def test_ssl_listener_with_stdlib_context_uses_the_stdlib_tls_wrapper() -> None:
+    import ssl
+
+    from relayd.tlsio import StdlibTLSServerFactory
+
+    reactor = MemoryReactor()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    spec = parse_endpoint("ssl:2855:interface=127.0.0.1")
+    endpoint = stream_server_endpoint(reactor, spec, lambda _: context)
+    factory = _factory()
+    endpoint.listen(factory)
+    _, tls_factory, _, _ = reactor.tcpServers[0]
+    assert isinstance(tls_factory, StdlibTLSServerFactory)
+    assert tls_factory.context is context
+    assert tls_factory.wrappedFactory is factory
