@@ -27,7 +27,6 @@ from service_identity.cryptography import (
     verify_certificate_hostname,
     verify_certificate_ip_address,
 )
-from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
@@ -275,24 +274,6 @@ def client_connection_creator(
         trustRoot=trust,
         clientCertificate=identity.private_certificate if identity else None,
     )
-
-
-def peer_certificate_matches(connection: SSL.Connection, host: str) -> bool:
-    """Does the verified peer certificate name this host (DNS or IP SAN)?"""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        is_ip = False
-    else:
-        is_ip = True
-    try:
-        if is_ip:
-            verify_ip_address(connection, host)
-        else:
-            verify_hostname(connection, host)
-    except (VerificationError, CertificateError, ValueError):
-        return False
-    return True
 
 
 def fingerprint(certificate: crypto.X509) -> str:

@@ -19,11 +19,14 @@ from relayd.tls import (
     ServerIdentity,
     TLSSetupError,
     certificate_dns_names,
+    certificate_ip_names,
+    certificate_matches,
     ensure_self_signed,
     fingerprint,
     load_identity,
     load_trust_roots,
     server_context_factory,
+    stdlib_server_context,
 )
 
 
@@ -353,3 +356,33 @@ def test_handshake_with_untrusted_client_certificate_fails(
     client = _client(pki.ca_pem, stranger.leaf("peer.example.com"))
     with pytest.raises(SSL.Error):
         _handshake(server, client)
+
+
+def test_stdlib_context_without_peer_roots_asks_no_certificate(identity: ServerIdentity) -> None:
+    import ssl
+
+    context = stdlib_server_context(identity, None)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_NONE
+    assert context.num_tickets == 0
+
+
+def test_stdlib_context_with_peer_roots_requests_but_does_not_require(
+    pki: RelayPKI, identity: ServerIdentity
+) -> None:
+    import ssl
+
+    context = stdlib_server_context(identity, load_trust_roots(pki.ca_path))
+    assert context.verify_mode == ssl.CERT_OPTIONAL
+    assert context.cert_store_stats()["x509_ca"] == 1
+
+
+def test_certificate_matches_dns_and_ip_names(pki: RelayPKI) -> None:
+    cert_path, _ = pki.leaf("relay.example.test", "127.0.0.7")
+    leaf = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    assert certificate_matches(leaf, "relay.example.test")
+    assert certificate_matches(leaf, "127.0.0.7")
+    assert not certificate_matches(leaf, "other.example.test")
+    assert not certificate_matches(leaf, "127.0.0.8")
+    assert certificate_ip_names(leaf) == ["127.0.0.7"]
+    assert certificate_dns_names(leaf) == ["relay.example.test"]
