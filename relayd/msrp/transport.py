@@ -72,6 +72,7 @@ from relayd.tokens import new_transaction_id
 
 _PATH_HEADERS = frozenset({"to-path", "from-path"})
 _STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
+_READ_BUFFER_BYTES = 262144
 #: Shared by every connection that nothing is streaming into (never added to).
 _NO_STREAMS: set[SendStream] = set()
 
@@ -1128,7 +1129,13 @@ def _describe(address: Any) -> str:
 
 
 def _set_nodelay(transport: Any) -> None:
-    """Nagle would hold small frames back ~40 ms behind an unacknowledged segment."""
+    """Tune the TCP connection under any TLS layers.
+
+    Nagle would hold small frames back ~40 ms behind an unacknowledged
+    segment; and bigger reads (256 KiB instead of Twisted's 64 KiB) mean
+    fewer passes through the parser for large chunks.  The read buffer is
+    only a temporary while reading, so idle connections do not pay for it.
+    """
     inner = transport
     while inner is not None:
         setter = getattr(inner, "setTcpNoDelay", None)
@@ -1137,5 +1144,9 @@ def _set_nodelay(transport: Any) -> None:
                 setter(True)
             except OSError:
                 pass
+            if hasattr(inner, "bufferSize"):
+                inner.bufferSize = _READ_BUFFER_BYTES
             return
         inner = getattr(inner, "transport", None)
+
+
