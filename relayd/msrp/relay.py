@@ -9,7 +9,7 @@ open-relay rules are tested directly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
@@ -66,6 +66,8 @@ class Route:
     next_uri: MSRPURI
     connection: object | None
     session: Session
+    #: Every session of ours the decision relied on (the first and the target).
+    relied_on: tuple[Session, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,15 +277,28 @@ class RelayCore:
         next_uri = to_path[consumed]
         new_to = " ".join(texts[consumed:])
         new_from = " ".join([*reversed(texts[:consumed]), from_text])
+        relied_on = (first,) if target is first else (first, target)
         if consumed == 1 and from_owner:
             # Sent by the owner: on to whatever the next hop is.
-            return Route(new_to, new_from, texts[0], next_uri, None, first)
+            return Route(new_to, new_from, texts[0], next_uri, None, first, relied_on)
         # Towards the owner of ``target``, and nowhere else.
         if target.owner_connection is not None:
-            return Route(new_to, new_from, texts[0], next_uri, target.owner_connection, target)
+            return Route(
+                new_to, new_from, texts[0], next_uri, target.owner_connection, target, relied_on
+            )
         if target.owner_relay is None or next_uri.host.lower().strip("[]") != target.owner_relay:
             raise MSRPStatus(403, "next hop is not the relay this session belongs to")
-        return Route(new_to, new_from, texts[0], next_uri, None, target)
+        return Route(new_to, new_from, texts[0], next_uri, None, target, relied_on)
+
+    def still_valid(self, route: Route) -> bool:
+        """May a route decided earlier on the same connection be reused?
+
+        The decision depends only on the paths (the cache key), the
+        connection and the sessions it relied on; it holds while each of
+        those is still the live session under its id.
+        """
+        lookup = self.sessions.lookup
+        return all(lookup(session.session_id) is session for session in route.relied_on)
 
     def _session(self, uri: MSRPURI) -> Session:
         if not uri.session_id:

@@ -73,6 +73,7 @@ from relayd.tokens import new_transaction_id
 _PATH_HEADERS = frozenset({"to-path", "from-path"})
 _STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
 _READ_BUFFER_BYTES = 262144
+_ROUTE_CACHE_SIZE = 32
 #: Shared by every connection that nothing is streaming into (never added to).
 _NO_STREAMS: set[SendStream] = set()
 
@@ -796,6 +797,7 @@ class MSRPConnection(Protocol):
         self._succeeded = not inbound
         self._closing = False
         self._peer_certificate: x509.Certificate | None = None
+        self._routes: dict[tuple[str, str], Route] | None = None
         self._expiry: IDelayedCall | None = None
         self.last_activity = relay.clock.seconds()
         self.peer = "?"
@@ -924,7 +926,7 @@ class MSRPConnection(Protocol):
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = _LocalAuth(self, request)
                 return
-            route = relay.core.route(request, self, self)
+            route = self._route(request)
             if method == "SEND":
                 self.consumer = SendStream(self, request, route, has_body)
             else:
@@ -933,6 +935,23 @@ class MSRPConnection(Protocol):
         except MSRPStatus as status:
             self.consumer = _DISCARD
             self.refuse(request, status)
+
+    def _route(self, request: MSRPRequest) -> Route:
+        """RelayCore.route, remembered per connection: a session's paths repeat."""
+        headers = request.headers
+        key = (headers.get("To-Path") or "", headers.get("From-Path") or "")
+        cache = self._routes
+        route = cache.get(key) if cache is not None else None
+        core = self.relay.core
+        if route is not None and core.still_valid(route):
+            return route
+        route = core.route(request, self, self)
+        if cache is None:
+            cache = self._routes = {}
+        elif len(cache) >= _ROUTE_CACHE_SIZE:
+            cache.clear()
+        cache[key] = route
+        return route
 
     def refuse(self, request: MSRPRequest, status: MSRPStatus, count: bool = True) -> None:
         """Answer a request with an error, as its method allows, and count the failure."""
@@ -1148,5 +1167,3 @@ def _set_nodelay(transport: Any) -> None:
                 inner.bufferSize = _READ_BUFFER_BYTES
             return
         inner = getattr(inner, "transport", None)
-
-

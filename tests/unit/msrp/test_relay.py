@@ -863,3 +863,22 @@ def test_response_route_drops_responses_ending_here(core: RelayCore) -> None:
 @pytest.mark.parametrize("to_path", ["", "not a uri", "msrps://x"])
 def test_response_route_drops_malformed_paths(core: RelayCore, to_path: str) -> None:
     assert response_route(response(to_path, ALICE_URI), core.is_local) is None
+
+
+def test_route_is_reusable_only_while_its_sessions_live(clients: Clients, clock: Clock) -> None:
+    core = clients.core
+    a = clients.uri(clients.alice)
+    result = route(core, f"{a} {BOB_URI}", ALICE_URI, client_hop(), clients.alice_connection)
+    assert result.relied_on == (clients.alice,)
+    assert core.still_valid(result)
+    clock.advance(1800 + 1)
+    assert not core.still_valid(result)
+
+
+def test_route_through_two_sessions_relies_on_both(clients: Clients) -> None:
+    core = clients.core
+    a, b = clients.uri(clients.alice), clients.uri(clients.bob)
+    result = route(core, f"{a} {b} {BOB_URI}", ALICE_URI, client_hop(), clients.alice_connection)
+    assert result.relied_on == (clients.alice, clients.bob)
+    core.sessions.drop_connection(clients.bob_connection)
+    assert not core.still_valid(result)
