@@ -260,6 +260,7 @@ class RelayProcess:
             f"[relay]\nhostname = {HOST}\ndata_dir = {self.folder / 'data'}\n\n"
             f"[msrp]\nlisten = ssl:0:interface={HOST}\n    tcp:0:interface={HOST}\n\n"
             f"[xcap]\nlisten = ssl:0:interface={HOST}\n\n"
+            f"[sip]\nlisten = udp:0:interface={HOST}\n\n"
             f"[auth]\nrealm = {REALM}\nusers = {users}\n\n"
             f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",
             encoding="utf-8",

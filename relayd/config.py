@@ -315,6 +315,84 @@ SCHEMA: tuple[Key, ...] = (
         "Largest XCAP request body and stored document (413 above it)",
     ),
     Key(
+        "sip",
+        "listen",
+        "udp:5060:interface=127.0.0.1\n    tcp:5060:interface=127.0.0.1",
+        _endpoints(("udp", "tcp", "ssl")),
+        "SIP listeners (consent relay), one endpoint string per line; ssl: uses [tls]",
+    ),
+    Key(
+        "sip",
+        "domain",
+        "",
+        _text,
+        "SIP domain served (AORs sip:user@domain, list URIs); empty: the relay hostname",
+    ),
+    Key(
+        "sip",
+        "lists",
+        "",
+        _text,
+        "resource-lists XML file of URI lists (list URI, members, owner); empty: only lists"
+        " kept in the XCAP store",
+    ),
+    Key(
+        "sip",
+        "max_list_size",
+        "100",
+        _integer(1, 100_000),
+        "Most members a list (or a request-contained recipient list) may have",
+    ),
+    Key(
+        "sip",
+        "consent_requests_per_hour",
+        "30",
+        _integer(1, 1_000_000),
+        "CONSENT requests one sender may make per hour (503 with Retry-After beyond)",
+    ),
+    Key(
+        "sip",
+        "pending_consent_seconds",
+        "86400",
+        _integer(1),
+        "How long a pending consent request lives before it expires",
+    ),
+    Key(
+        "sip",
+        "subscription_expires_seconds",
+        "3600",
+        _integer(1),
+        "Subscription duration when SUBSCRIBE carries no Expires",
+    ),
+    Key(
+        "sip",
+        "subscription_expires_min_seconds",
+        "60",
+        _integer(1),
+        "Shortest subscription accepted (423 with Min-Expires below it)",
+    ),
+    Key(
+        "sip",
+        "subscription_expires_max_seconds",
+        "86400",
+        _integer(1),
+        "Longest subscription granted (longer requests are shortened)",
+    ),
+    Key(
+        "sip",
+        "max_subscriptions_per_user",
+        "100",
+        _integer(1, 1_000_000),
+        "Subscriptions one authenticated user may hold at once",
+    ),
+    Key(
+        "sip",
+        "max_server_transactions",
+        "200000",
+        _integer(100),
+        "Server transactions kept at once; beyond it requests get 503 with Retry-After",
+    ),
+    Key(
         "store",
         "backend",
         "sqlite",
@@ -379,6 +457,21 @@ class XCAPConfig:
 
 
 @dataclass(frozen=True)
+class SIPConfig:
+    listen: tuple[str, ...]
+    domain: str
+    lists: str
+    max_list_size: int
+    consent_requests_per_hour: int
+    pending_consent_seconds: int
+    subscription_expires_seconds: int
+    subscription_expires_min_seconds: int
+    subscription_expires_max_seconds: int
+    max_subscriptions_per_user: int
+    max_server_transactions: int
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     backend: str
     path: str
@@ -393,6 +486,7 @@ class RelaydConfig:
     tls: TLSConfig
     xcap: XCAPConfig
     store: StoreConfig
+    sip: SIPConfig
     source: str = "<defaults>"
 
 
@@ -467,6 +561,7 @@ def _build(values: Mapping[tuple[str, str], Any], source: str) -> RelaydConfig:
         tls=TLSConfig(**section("tls")),
         xcap=XCAPConfig(**section("xcap")),
         store=StoreConfig(**section("store")),
+        sip=SIPConfig(**section("sip")),
         source=source,
     )
 
@@ -523,6 +618,35 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
     if users and os.path.exists(users) and not os.access(users, os.R_OK):
         fail("auth", "users", f"cannot read {users!r}")
     _validate_xcap(config.xcap, fail)
+    _validate_sip(config.sip, fail)
+
+
+def _validate_sip(sip: SIPConfig, fail: Callable[..., None]) -> None:
+    """Expiry bounds in order, readable files, at least one listener."""
+    if not sip.listen:
+        fail("sip", "listen", "at least one listener is required")
+    for value in sip.listen:
+        endpoint = parse_endpoint(value)
+        for option in ("privateKey", "certKey", "extraCertChain"):
+            file_name = endpoint.options.get(option)
+            if file_name and not os.access(file_name, os.R_OK):
+                fail("sip", "listen", f"{option}: cannot read {file_name!r}")
+    if sip.lists and not os.access(sip.lists, os.R_OK):
+        fail("sip", "lists", f"cannot read {sip.lists!r}")
+    low, default, high = (
+        sip.subscription_expires_min_seconds,
+        sip.subscription_expires_seconds,
+        sip.subscription_expires_max_seconds,
+    )
+    if not low <= default <= high:
+        fail(
+            "sip",
+            "subscription_expires_seconds",
+            f"must lie between subscription_expires_min_seconds and"
+            f" subscription_expires_max_seconds ({low}..{high})",
+            "subscription_expires_min_seconds",
+            "subscription_expires_max_seconds",
+        )
 
 
 def is_loopback_interface(interface: str) -> bool:

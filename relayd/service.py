@@ -25,6 +25,21 @@ from relayd.digest import DigestAuthenticator
 from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPRelay
+from relayd.sip.auth import SIPAuthenticator
+from relayd.sip.consent import (
+    ConsentLedger,
+    ConsentLimits,
+    ConsentURIs,
+    ListDirectory,
+    PermissionCache,
+)
+from relayd.sip.events import SubscriptionLimits
+from relayd.sip.registrar import Registrar
+from relayd.sip.relay import ConsentRelay, owners_from_users
+from relayd.sip.transaction import TransactionLayer
+from relayd.sip.transport import SIPTransportLayer, udp_service
+from relayd.sip.uas import Capabilities, LoopDetector, UASCore, transaction_pressure
+from relayd.sip.urilist import URIList, URIListError, parse_lists_document
 from relayd.tls import (
     ServerIdentity,
     TLSSetupError,
@@ -53,6 +68,8 @@ class Prepared:
     hostname: str
     realm: str
     store_path: str = ""
+    sip_domain: str = ""
+    sip_lists: tuple[URIList, ...] = ()
 
 
 def prepare(config: RelaydConfig) -> Prepared:
@@ -72,7 +89,12 @@ def prepare(config: RelaydConfig) -> Prepared:
     else:
         cert, key, _ = ensure_self_signed(data_dir / "tls")
         identity = load_identity(cert, key)
-    for section, listeners in (("msrp", config.msrp.listen), ("xcap", config.xcap.listen)):
+    listener_keys = (
+        ("msrp", config.msrp.listen),
+        ("xcap", config.xcap.listen),
+        ("sip", config.sip.listen),
+    )
+    for section, listeners in listener_keys:
         for text in listeners:
             spec = parse_endpoint(text)
             if "certKey" in spec.options or "privateKey" in spec.options:
@@ -106,7 +128,18 @@ def prepare(config: RelaydConfig) -> Prepared:
         raise ConfigError(config.source, "auth", "users", str(e)) from None
     if not config.auth.users and len(users) == 0:
         _generate_user(users, data_dir, realm)
-    return Prepared(config, identity, trust_roots, users, hostname, realm, store_path)
+    domain = config.sip.domain or hostname
+    lists: tuple[URIList, ...] = ()
+    if config.sip.lists:
+        try:
+            with open(config.sip.lists, "rb") as handle:
+                # Oversized lists load; requests to them are refused (403) instead.
+                lists = tuple(parse_lists_document(handle.read(), domain))
+        except (OSError, URIListError) as e:
+            raise ConfigError(config.source, "sip", "lists", str(e)) from None
+    return Prepared(
+        config, identity, trust_roots, users, hostname, realm, store_path, domain, lists
+    )
 
 
 def _generate_user(users: UsersFile, data_dir: Path, realm: str) -> None:
@@ -286,6 +319,188 @@ class XCAPService(Service):
         return defer.ensureDeferred(self._stop())
 
 
+class SIPService(Service):
+    """The SIP consent relay (``[sip] listen``): registrar, consent flow, subscriptions.
+
+    Listeners bind synchronously at start like the XCAP ones, so a taken port stops
+    twistd at once. It shares the XCAP service's store (closed by that service) and
+    mints Permission URIs through it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        relay: ConsentRelay,
+        transport: SIPTransportLayer,
+        registrar: Registrar,
+        reactor: Any,
+        prepared: Prepared,
+    ) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.registrar = registrar
+        self.reactor = reactor
+        self.prepared = prepared
+        self.ports: list[Any] = []
+        self.listening: defer.Deferred[list[Any]] = defer.Deferred()
+        self.addresses: list[tuple[str, str, int]] = []
+        """``(kind, host, port)`` of each bound listener, for tests and tools."""
+        self._bound = False
+
+    def port_of(self, kind: str) -> int:
+        """The bound port of the first ``kind`` (udp/tcp/ssl) listener."""
+        return next(port for k, _, port in self.addresses if k == kind)
+
+    def _tls_context(self, spec: EndpointSpec) -> Any:
+        identity = self.prepared.identity
+        if "certKey" in spec.options or "privateKey" in spec.options:
+            identity = load_identity(
+                spec.options.get("certKey") or spec.options["privateKey"],
+                spec.options.get("privateKey") or spec.options["certKey"],
+            )
+        return server_context_factory(identity, None)
+
+    def _bind(self) -> None:
+        self._bound = True
+        transport = self.transport
+        for text in self.prepared.config.sip.listen:
+            spec = parse_endpoint(text)
+            port: Any
+            try:
+                if spec.kind == "udp":
+                    udp = udp_service(self.reactor, spec, transport.datagram_protocol())
+                    udp.privilegedStartService()
+                    port = udp.port
+                    name = "UDP"
+                else:
+                    name = "TLS" if spec.kind == "ssl" else "TCP"
+                    endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
+                    outcome: list[object] = []
+                    endpoint.listen(transport.stream_factory(name)).addBoth(outcome.append)
+                    result = outcome[0] if outcome else None
+                    if isinstance(result, Failure):
+                        result.raiseException()
+                    if result is None:
+                        raise RuntimeError("listener did not bind synchronously")
+                    port = result
+                    address: Any = port.getHost()
+                    transport.set_listen_port(name, address.port)
+                    self.log.info(
+                        "SIP listening on {kind}:{host}:{port}",
+                        kind=spec.kind,
+                        host=address.host,
+                        port=address.port,
+                    )
+            except Exception as e:
+                self.log.critical(
+                    "SIP cannot listen on {endpoint}: {reason}", endpoint=text, reason=str(e)
+                )
+                for already in self.ports:
+                    already.stopListening()
+                self.ports = []
+                raise
+            self.ports.append(port)
+            bound: Any = port.getHost()
+            self.addresses.append((spec.kind, bound.host, bound.port))
+            if spec.interface:
+                self.relay.directory.add_local_host(spec.interface)
+            self.relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
+        self.listening.callback(list(self.ports))
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._bind()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._bound:
+            self._bind()
+        prepared = self.prepared
+        owners = owners_from_users(
+            prepared.users.entries(), (prepared.sip_domain, prepared.hostname, prepared.realm)
+        )
+        d = defer.ensureDeferred(self.relay.start(owners))
+        d.addErrback(lambda f: self.log.failure("SIP consent relay failed to start", f))
+
+    async def _stop(self) -> None:
+        self.relay.stop()
+        self.registrar.stop()
+        self.transport.close_connections()
+        ports, self.ports = self.ports, []
+        for port in ports:
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+
+def build_sip(
+    prepared: Prepared,
+    reactor: Any,
+    digest: DigestAuthenticator,
+    store: IPermissionStore,
+    xcap_service: XCAPService,
+) -> SIPService:
+    """The consent relay stack: transport → transactions → UAS core → ConsentRelay."""
+    sip = prepared.config.sip
+    domain = prepared.sip_domain or prepared.hostname
+    authenticator = SIPAuthenticator(digest, domain)
+    local_hosts = frozenset({prepared.hostname, "127.0.0.1", "localhost"})
+    registrar = Registrar(domain, reactor, authenticator, local_hosts=local_hosts)
+    transport = SIPTransportLayer(reactor, advertised_host=None)
+    detector = LoopDetector(transport.own_sent_by)
+    uas = UASCore(
+        Capabilities(
+            accept=("text/plain", "application/resource-lists+xml", "multipart/mixed"),
+            allow_events=("grant-permission", "wait-permission"),
+        ),
+        registrar=registrar,
+        loop_detector=detector,
+    )
+    transactions = TransactionLayer(
+        reactor, transport.send, uas, max_server_transactions=sip.max_server_transactions
+    )
+    uas.overloaded = transaction_pressure(transactions)
+    transport.attach(transactions)
+    uas.attach(transactions)
+    directory = ListDirectory(store, domain, local_hosts, prepared.sip_lists)
+    cache = PermissionCache(store, reactor)
+    ledger = ConsentLedger(
+        store,
+        reactor,
+        ConsentLimits(
+            max_list_size=sip.max_list_size,
+            consent_requests_per_hour=sip.consent_requests_per_hour,
+            pending_consent_seconds=sip.pending_consent_seconds,
+        ),
+    )
+    relay = ConsentRelay(
+        clock=reactor,
+        transport=transport,
+        uas=uas,
+        registrar=registrar,
+        authenticator=authenticator,
+        store=store,
+        directory=directory,
+        cache=cache,
+        ledger=ledger,
+        uris=ConsentURIs(domain),
+        permission_uri=xcap_service.permission_uri,
+        subscription_limits=SubscriptionLimits(
+            min_expires_seconds=sip.subscription_expires_min_seconds,
+            default_expires_seconds=sip.subscription_expires_seconds,
+            max_expires_seconds=sip.subscription_expires_max_seconds,
+            max_per_subscriber=sip.max_subscriptions_per_user,
+        ),
+        loop_detector=detector,
+    )
+    return SIPService(relay, transport, registrar, reactor, prepared)
+
+
 def _origin(kind: str, hostname: str, port: int) -> str:
     """``https://host:port`` of the first listener (``[xcap] public_url`` empty)."""
     scheme = "https" if kind == "ssl" else "http"
@@ -326,7 +541,8 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
 
     xcap = config.xcap
     store = build_store(prepared, reactor)
-    authorizer = XCAPAuthorizer(digest, (prepared.realm, prepared.hostname), xcap.admins)
+    domains = (prepared.realm, prepared.hostname, prepared.sip_domain)
+    authorizer = XCAPAuthorizer(digest, domains, xcap.admins)
     resource = XCAPResource(
         store, authorizer, reactor, root=xcap.root, max_body_bytes=xcap.max_body_bytes
     )
@@ -334,4 +550,8 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     xcap_service = XCAPService(site, store, reactor, prepared)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)
+
+    sip_service = build_sip(prepared, reactor, digest, store, xcap_service)
+    sip_service.setName("sip")
+    sip_service.setServiceParent(top)
     return top

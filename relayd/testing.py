@@ -138,6 +138,7 @@ def relay_config_overrides(
         ("relay", "hostname"): host,
         ("msrp", "listen"): f"ssl:0:interface={host}",
         ("xcap", "listen"): f"ssl:0:interface={host}",
+        ("sip", "listen"): f"udp:0:interface={host}\ntcp:0:interface={host}",
         ("msrp", "ca_certificates"): ca_path,
         ("tls", "certificate"): certificate,
         ("tls", "private_key"): private_key,

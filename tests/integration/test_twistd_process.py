@@ -58,6 +58,9 @@ listen = ssl:0:interface=127.0.0.1
 [xcap]
 listen = ssl:0:interface=127.0.0.1
 
+[sip]
+listen = udp:0:interface=127.0.0.1
+
 [auth]
 realm = {REALM}
 users = {users}

@@ -358,6 +358,7 @@ def test_every_schema_key_is_in_the_config() -> None:
         "relay": config,
         "xcap": config.xcap,
         "store": config.store,
+        "sip": config.sip,
     }
     for key in SCHEMA:
         assert hasattr(sections[key.section], key.name), (key.section, key.name)
@@ -411,3 +412,41 @@ def test_xcap_plain_http_on_loopback_is_allowed(tmp_path: Path) -> None:
 def test_store_backend_is_sqlite_or_memory(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[store]\nbackend = redis\n")
     assert config_error(path).startswith(f"{path}: [store] backend: ")
+
+
+def test_sip_defaults_listen_on_loopback_udp_and_tcp() -> None:
+    sip = load_config(None).sip
+    assert sip.listen == ("udp:5060:interface=127.0.0.1", "tcp:5060:interface=127.0.0.1")
+    assert (sip.max_list_size, sip.consent_requests_per_hour) == (100, 30)
+    assert sip.pending_consent_seconds == 86400
+    assert sip.domain == "" and sip.lists == ""
+
+
+def test_sip_listen_refuses_unknown_kinds() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {("sip", "listen"): "unix:/tmp/sip"})
+    assert info.value.section == "sip" and info.value.key == "listen"
+
+
+def test_sip_subscription_expiry_bounds_in_order() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None,
+            {
+                ("sip", "subscription_expires_min_seconds"): "600",
+                ("sip", "subscription_expires_seconds"): "300",
+            },
+        )
+    assert info.value.key == "subscription_expires_seconds"
+
+
+def test_sip_lists_file_must_be_readable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {("sip", "lists"): str(tmp_path / "missing.xml")})
+    assert info.value.key == "lists"
+
+
+def test_sip_limits_are_validated() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {("sip", "max_list_size"): "0"})
+    assert info.value.key == "max_list_size"

@@ -1,0 +1,504 @@
+"""Consent decisions (seed §§4-6, §10; consent spec §(a) steps 2-6, §(b)).
+
+Everything here is about *who may reach whom through which list*, without sockets:
+
+* :class:`PermissionCache`: the parsed ``consent-rules`` documents of each recipient,
+  loaded from the permission store on first use and kept current by the store's change
+  listener, so relaying a MESSAGE costs no store round-trip once a recipient is known.
+  Observers hear about every change of a recipient's documents (wait-permission NOTIFYs).
+* :class:`ListDirectory`: list URI → :class:`~relayd.sip.urilist.URIList`, from the
+  ``[sip] lists`` file and from ``resource-lists`` documents in the store (XUI = owner),
+  also kept current by the change listener. File lists win over store lists.
+* :class:`ConsentURIs`: the relay-local URIs of the flow. The 470 names, for each member
+  lacking permission, ``sip:consent-<list,member>.<mac>@domain``; a CONSENT sent there
+  needs no server state to find its list (consent spec gap 11), and the MAC keeps a
+  sender from making the relay forward CONSENTs to arbitrary URIs. Wait-permission URIs
+  are ``sip:wp-<consent id>@domain``.
+* :class:`ConsentLedger`: opens pending consents (one per sender, list, recipient;
+  a repeat refreshes), enforces the per-sender hourly rate, and expires records on a
+  timer set for the earliest expiry (no polling); expiry is a store change like any other.
+* :func:`consent_needed`: the 470 response (resource-lists body + ``Permission-Missing``,
+  RFC 5360 §5.9.1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from lxml import etree
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
+from relayd.sip.uri import SIPURI
+from relayd.sip.urilist import (
+    RESOURCE_LISTS_MIME_TYPE,
+    URIList,
+    URIListError,
+    build_uri_list,
+    parse_lists_document,
+)
+from relayd.tokens import new_token, redact
+from relayd.xcap.errors import XCAPError
+from relayd.xcap.policy import is_permitted, normalize_identity, now_from_clock
+from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
+from relayd.xcap.usages import CONSENT_RULES_AUID, RESOURCE_LISTS_AUID
+from relayd.xcap.xml import parse_document
+
+__all__ = [
+    "ConsentLedger",
+    "ConsentLimits",
+    "ConsentURIs",
+    "ListDirectory",
+    "PermissionCache",
+    "RateLimiter",
+    "consent_needed",
+]
+
+CONSENT_PREFIX = "consent-"
+WAIT_PREFIX = "wp-"
+
+
+class ConsentURIs:
+    """Mints and reads the relay-local URIs of the consent flow (module doc)."""
+
+    def __init__(self, domain: str, key: bytes | None = None) -> None:
+        self.domain = domain
+        self._key = key or secrets.token_bytes(32)
+
+    def _mac(self, payload: str) -> str:
+        digest = hmac.new(self._key, payload.encode("utf-8"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:12]).decode("ascii")
+
+    def consent_uri(self, list_uri: str, member: str) -> str:
+        payload = base64.urlsafe_b64encode(f"{list_uri}\n{member}".encode()).decode("ascii")
+        payload = payload.rstrip("=")
+        return f"sip:{CONSENT_PREFIX}{payload}.{self._mac(payload)}@{self.domain}"
+
+    def parse_consent_user(self, user: str | None) -> tuple[str, str] | None:
+        """``(list_uri, member)`` of a consent URI's user part, None when not ours/forged."""
+        if not user or not user.startswith(CONSENT_PREFIX):
+            return None
+        payload, dot, mac = user[len(CONSENT_PREFIX) :].rpartition(".")
+        if not dot or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+            return None
+        try:
+            text = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        list_uri, newline, member = text.partition("\n")
+        return (list_uri, member) if newline else None
+
+    def wait_uri(self, consent_id: str) -> str:
+        return f"sip:{WAIT_PREFIX}{consent_id}@{self.domain}"
+
+    @staticmethod
+    def wait_id(user: str | None) -> str | None:
+        if not user or not user.startswith(WAIT_PREFIX):
+            return None
+        return user[len(WAIT_PREFIX) :] or None
+
+
+def identity_key(uri: str) -> str:
+    """The key recipients and senders are compared by (scheme/host lower-cased)."""
+    return normalize_identity(uri)
+
+
+RecipientObserver = Callable[[str], object]
+
+
+class PermissionCache:
+    """Parsed consent-rules documents per recipient, kept current by store changes."""
+
+    log = Logger()
+
+    def __init__(self, store: IPermissionStore, clock: IReactorTime) -> None:
+        self.store = store
+        self.clock = clock
+        self._docs: dict[str, dict[str, etree._Element]] = {}
+        self._xui: dict[str, str] = {}
+        self._loading: dict[str, Deferred[None]] = {}
+        self._dirty: set[str] = set()
+        self._updating: dict[str, Deferred[None]] = {}
+        self._observers: list[RecipientObserver] = []
+
+    def add_observer(self, observer: RecipientObserver) -> None:
+        """``observer(recipient_key)`` after that recipient's documents changed."""
+        self._observers.append(observer)
+
+    @property
+    def cached_recipients(self) -> int:
+        return len(self._docs)
+
+    def store_changed(self, change: StoreChange) -> None:
+        """The store listener's share for consent-rules documents.
+
+        Updates of one recipient run one after another; :meth:`rulesets` waits for the
+        ones in flight, so a reader never sees a document older than the last change.
+        """
+        if change.kind != "document" or change.auid != CONSENT_RULES_AUID or not change.xui:
+            return
+        key = identity_key(change.xui)
+        if key in self._loading:
+            self._dirty.add(key)
+            return
+        if key not in self._docs:
+            self._notify(key)
+            return
+        previous = self._updating.get(key)
+        update = defer.ensureDeferred(
+            self._reload_one(previous, key, change.xui, change.name or "")
+        )
+        self._updating[key] = update
+
+        def done(_: object) -> None:
+            if self._updating.get(key) is update:
+                del self._updating[key]
+
+        update.addErrback(lambda f: self.log.failure("permission cache update failed", f))
+        update.addBoth(done)
+
+    async def _reload_one(
+        self, previous: Deferred[None] | None, key: str, xui: str, name: str
+    ) -> None:
+        if previous is not None:
+            await _wait(previous)
+        stored = await self.store.get_document(CONSENT_RULES_AUID, xui, name)
+        docs = self._docs.get(key)
+        if docs is not None:
+            root = self._parse(stored.body, xui, name) if stored is not None else None
+            if root is None:
+                docs.pop(f"{xui}\0{name}", None)
+            else:
+                docs[f"{xui}\0{name}"] = root
+        self._notify(key)
+
+    def _notify(self, key: str) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(key)
+            except Exception:
+                self.log.failure("permission observer failed")
+
+    def _parse(self, body: bytes, xui: str, name: str) -> etree._Element | None:
+        try:
+            return parse_document(body)
+        except XCAPError as e:
+            self.log.warn(
+                "unusable consent-rules document {name} of {recipient}: {reason}",
+                name=name[:2] + "…" if name.startswith("p-") else name,
+                recipient=xui,
+                reason=str(e),
+            )
+            return None
+
+    async def _load(self, recipient: str) -> None:
+        key = identity_key(recipient)
+        while True:
+            self._dirty.discard(key)
+            docs: dict[str, etree._Element] = {}
+            for name in await self.store.list_documents(CONSENT_RULES_AUID, recipient):
+                stored = await self.store.get_document(CONSENT_RULES_AUID, recipient, name)
+                if stored is not None:
+                    root = self._parse(stored.body, recipient, name)
+                    if root is not None:
+                        docs[f"{recipient}\0{name}"] = root
+            if key not in self._dirty:
+                self._docs[key] = docs
+                return
+
+    async def rulesets(self, recipient: str) -> list[etree._Element]:
+        key = identity_key(recipient)
+        updating = self._updating.get(key)
+        if updating is not None:
+            await _wait(updating)
+        docs = self._docs.get(key)
+        if docs is None:
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = defer.ensureDeferred(self._load(recipient))
+                self._loading[key] = loading
+
+                def done(result: object) -> object:
+                    self._loading.pop(key, None)
+                    return result
+
+                loading.addBoth(done)
+                loading.addErrback(
+                    lambda f: self.log.failure(
+                        "loading permissions of {recipient}", f, recipient=recipient
+                    )
+                )
+            await _wait(loading)
+            docs = self._docs.get(key, {})
+        return list(docs.values())
+
+    async def permitted(self, sender: str, list_uri: str, recipient: str, method: str) -> bool:
+        """RFC 4745 evaluation over every document of ``recipient`` (policy.is_permitted)."""
+        now = now_from_clock(self.clock)
+        return any(
+            is_permitted(root, sender, list_uri, method, now)
+            for root in await self.rulesets(recipient)
+        )
+
+    async def missing(
+        self, sender: str, list_uri: str, members: Sequence[str], method: str
+    ) -> list[str]:
+        """Members that have not permitted ``sender`` to reach them via ``list_uri``."""
+        return [m for m in members if not await self.permitted(sender, list_uri, m, method)]
+
+
+async def _wait(d: Deferred[None]) -> None:
+    """Await a shared Deferred without consuming its result for other waiters."""
+    waiter: Deferred[None] = Deferred()
+
+    def passthrough(result: object) -> object:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(passthrough)
+    await waiter
+
+
+class ListDirectory:
+    """List URI → :class:`URIList`; requests name lists by user part on a local host."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IPermissionStore,
+        domain: str,
+        local_hosts: Iterable[str] = (),
+        file_lists: Iterable[URIList] = (),
+    ) -> None:
+        self.store = store
+        self.domain = domain.lower()
+        self.local_hosts = {self.domain, *(h.lower() for h in local_hosts)}
+        self._file: dict[str, URIList] = {}
+        self._store_docs: dict[tuple[str, str], list[URIList]] = {}
+        self._by_user: dict[str, URIList] = {}
+        for item in file_lists:
+            user = self._local_user(item.uri)
+            if user is None:
+                self.log.warn("list {uri} is not in our domain; ignored", uri=item.uri)
+            else:
+                self._file[user] = item
+        self._rebuild()
+
+    def is_local(self, uri: SIPURI) -> bool:
+        return uri.host.lower() in self.local_hosts
+
+    def add_local_host(self, host: str) -> None:
+        self.local_hosts.add(host.lower())
+
+    def _local_user(self, uri_text: str) -> str | None:
+        try:
+            uri = SIPURI.parse(uri_text)
+        except ValueError:
+            return None
+        return uri.user if uri.user and self.is_local(uri) else None
+
+    def _rebuild(self) -> None:
+        table: dict[str, URIList] = {}
+        for (owner, name), lists in sorted(self._store_docs.items()):
+            for item in lists:
+                user = self._local_user(item.uri)
+                if user is None:
+                    continue
+                if user in table or user in self._file:
+                    self.log.warn(
+                        "list {uri} in {owner}/{name} is already defined; ignored",
+                        uri=item.uri,
+                        owner=owner,
+                        name=name,
+                    )
+                    continue
+                table[user] = item
+        table.update(self._file)
+        self._by_user = table
+
+    def lookup(self, uri: SIPURI) -> URIList | None:
+        if not uri.user or not self.is_local(uri):
+            return None
+        return self._by_user.get(uri.user)
+
+    def all_lists(self) -> list[URIList]:
+        return list(self._by_user.values())
+
+    def _set_document(self, owner: str, name: str, body: bytes | None) -> None:
+        if body is None:
+            self._store_docs.pop((owner, name), None)
+        else:
+            try:
+                self._store_docs[(owner, name)] = parse_lists_document(
+                    body, self.domain, owner=owner
+                )
+            except URIListError as e:
+                self.log.warn(
+                    "resource-lists {owner}/{name} unusable: {reason}",
+                    owner=owner,
+                    name=name,
+                    reason=str(e),
+                )
+                self._store_docs.pop((owner, name), None)
+        self._rebuild()
+
+    async def load_owner(self, owner: str) -> None:
+        """Index every resource-lists document of ``owner`` (startup)."""
+        for name in await self.store.list_documents(RESOURCE_LISTS_AUID, owner):
+            stored = await self.store.get_document(RESOURCE_LISTS_AUID, owner, name)
+            self._set_document(owner, name, stored.body if stored is not None else None)
+
+    def store_changed(self, change: StoreChange) -> None:
+        if change.kind != "document" or change.auid != RESOURCE_LISTS_AUID or not change.xui:
+            return
+        owner, name = change.xui, change.name or ""
+        if change.etag is None:
+            self._set_document(owner, name, None)
+            return
+
+        async def fetch() -> None:
+            stored = await self.store.get_document(RESOURCE_LISTS_AUID, owner, name)
+            self._set_document(owner, name, stored.body if stored is not None else None)
+
+        d = defer.ensureDeferred(fetch())
+        d.addErrback(lambda f: self.log.failure("list index update failed", f))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentLimits:
+    """Abuse limits of the consent flow (seed §6, consent spec §(b) "Rate limits")."""
+
+    max_list_size: int = 100
+    consent_requests_per_hour: int = 30
+    pending_consent_seconds: int = 86400
+
+
+class RateLimiter:
+    """At most ``limit`` events per key in any sliding ``window_seconds``."""
+
+    def __init__(self, limit: int, window_seconds: float = 3600.0, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window_seconds = window_seconds
+        self.max_keys = max_keys
+        self._events: dict[str, deque[float]] = {}
+
+    def check(self, key: str, now: float) -> float | None:
+        """Record an event and return None, or return the seconds until one is allowed."""
+        events = self._events.get(key)
+        if events is None:
+            if len(self._events) >= self.max_keys:
+                self._purge(now)
+            events = self._events[key] = deque()
+        while events and events[0] <= now - self.window_seconds:
+            events.popleft()
+        if len(events) >= self.limit:
+            return max(1.0, events[0] + self.window_seconds - now)
+        events.append(now)
+        return None
+
+    def _purge(self, now: float) -> None:
+        for key in [
+            k for k, v in self._events.items() if not v or v[-1] <= now - self.window_seconds
+        ]:
+            del self._events[key]
+
+
+class ConsentLedger:
+    """Pending consents: open/refresh with rate limits, expire on time (module doc)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IPermissionStore,
+        clock: IReactorTime,
+        limits: ConsentLimits,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.limits = limits
+        self.rate = RateLimiter(limits.consent_requests_per_hour)
+        self._timer: IDelayedCall | None = None
+        self._timer_at: float | None = None
+
+    async def start(self) -> None:
+        """Schedule expiry for the records already pending (restart)."""
+        for record in await self.store.list_consents(state=ConsentState.PENDING):
+            self._schedule(record.expires)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+
+    async def open(
+        self, sender: str, list_uri: str, recipient: str, methods: Sequence[str]
+    ) -> PendingConsent:
+        """Open or refresh the record; raises SIPStatus 503 + Retry-After past the rate."""
+        now = self.clock.seconds()
+        wait = self.rate.check(identity_key(sender), now)
+        if wait is not None:
+            self.log.warn("consent rate limit hit by {user}", user=sender)
+            raise SIPStatus(
+                503, "Consent Request Rate Exceeded", headers=[("Retry-After", str(int(wait)))]
+            )
+        expires = now + self.limits.pending_consent_seconds
+        record = await self.store.open_consent(
+            sender, list_uri, recipient, list(methods), new_token(), now, expires
+        )
+        self.log.info(
+            "consent {consent} pending: {sender} asks {recipient} via {list_uri}"
+            " (permission {token})",
+            consent=record.id,
+            sender=sender,
+            recipient=recipient,
+            list_uri=list_uri,
+            token=redact(record.permission_token),
+        )
+        self._schedule(record.expires)
+        return record
+
+    def _schedule(self, at: float) -> None:
+        if self._timer_at is not None and self._timer_at <= at and self._timer is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = self._timer_at = None
+        d = defer.ensureDeferred(self._expire())
+        d.addErrback(lambda f: self.log.failure("consent expiry failed", f))
+
+    async def _expire(self) -> None:
+        now = self.clock.seconds()
+        for record in await self.store.expire_consents(now):
+            self.log.info("consent {consent} expired", consent=record.id)
+        for record in await self.store.list_consents(state=ConsentState.PENDING):
+            self._schedule(record.expires)
+
+
+def consent_needed(
+    request: SIPRequest, list_uri: str, missing: Sequence[str], uris: ConsentURIs
+) -> SIPResponse:
+    """470 (seed §5; RFC 5360 §5.9.1): nothing was relayed; here is whom to ask.
+
+    Each URI is a relay-local consent URI for one member; the body and the
+    ``Permission-Missing`` header carry the same URIs (consent spec §(a) step 2).
+    """
+    targets = [uris.consent_uri(list_uri, member) for member in missing]
+    headers = [("Permission-Missing", ", ".join(f"<{t}>" for t in targets))]
+    headers.append(("Content-Type", RESOURCE_LISTS_MIME_TYPE))
+    return make_response(request, 470, headers=headers, body=build_uri_list(targets))

@@ -1,0 +1,435 @@
+"""The SIP consent relay: wires MESSAGE, CONSENT and SUBSCRIBE into the UAS core.
+
+Data flow (STYLE 2.4, seed §11 figures 2 and 3):
+
+* **MESSAGE** to a list URI (or with an RFC 5365 recipient list): digest-authenticate
+  the sender as a proxy would (407), expand the list, and ask the
+  :class:`~relayd.sip.consent.PermissionCache` whether every member permits this sender,
+  list and method. Anyone missing: **470** naming consent URIs, relayed to nobody.
+  Everyone permits: list URIs are *proxied* (parallel branches, §16.7 best response to
+  the sender); recipient lists are *exploded* (RFC 5365: one new request per recipient,
+  ``202 Accepted`` to the sender at once). Each relayed copy asserts the sender
+  (``P-Asserted-Identity``, any incoming one stripped) and carries ``Trigger-Consent``
+  with the member's consent URI and ``target-uri`` = the list (RFC 5360 §5.11.2).
+* **CONSENT** to a consent URI (or to a member with ``Trigger-Consent: …;target-uri``):
+  authenticate (401), open/refresh the pending consent (rate-limited), forward a CONSENT
+  with ``Permission: <https Permission URI>`` to the member's registered contacts (or
+  the URI itself when not ours), and answer **202** with
+  ``Call-Info: <sip:wp-…>;purpose=wait-permission``. A member of our domain who is not
+  registered gets nothing now: the relay keeps the request pending for them (the
+  permission server role, seed §8.1) and they find it through ``grant-permission``.
+* **SUBSCRIBE** (``wait-permission``, ``grant-permission``): authenticate (401), then
+  :class:`~relayd.sip.events.SubscriptionManager`.
+* Store changes (XCAP PUT/DELETE, consent records opened/granted/expired) reach the
+  caches and the subscriptions through one store listener.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from relayd.sip.auth import SIPAuthenticator
+from relayd.sip.consent import (
+    ConsentLedger,
+    ConsentURIs,
+    ListDirectory,
+    PermissionCache,
+    consent_needed,
+    identity_key,
+)
+from relayd.sip.events import (
+    GrantPermissionPackage,
+    SubscriptionLimits,
+    SubscriptionManager,
+    WaitPermissionPackage,
+)
+from relayd.sip.message import (
+    Headers,
+    SIPRequest,
+    SIPResponse,
+    SIPStatus,
+    make_response,
+    new_tag,
+)
+from relayd.sip.proxy import Branch, Proxy
+from relayd.sip.registrar import Registrar
+from relayd.sip.resolve import SIPResolver, Target
+from relayd.sip.transaction import ServerTransaction, new_branch
+from relayd.sip.transport import SIPTransportLayer, Source
+from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
+from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
+from relayd.sip.urilist import (
+    TooManyEntries,
+    URIListError,
+    parse_recipient_list,
+)
+from relayd.tokens import redact
+from relayd.xcap.store import IPermissionStore, StoreChange
+
+__all__ = ["ConsentRelay"]
+
+MAX_CONSENT_METHODS = 8
+MAX_CONSENT_NOTE_BYTES = 4096
+
+
+def _destination(source: object) -> Target:
+    """Where to send an in-dialog request: back along the subscriber's flow."""
+    if isinstance(source, Source):
+        return Target(source.transport, source.host, source.port)
+    if isinstance(source, Target):
+        return source
+    raise ValueError(f"no destination for {source!r}")
+
+
+class ConsentRelay:
+    """The transaction user's MESSAGE/CONSENT/SUBSCRIBE handlers (module doc)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        transport: SIPTransportLayer,
+        uas: UASCore,
+        registrar: Registrar,
+        authenticator: SIPAuthenticator | None,
+        store: IPermissionStore,
+        directory: ListDirectory,
+        cache: PermissionCache,
+        ledger: ConsentLedger,
+        uris: ConsentURIs,
+        permission_uri: Callable[[str, str], str],
+        resolver: SIPResolver | None = None,
+        subscription_limits: SubscriptionLimits | None = None,
+        loop_detector: LoopDetector | None = None,
+    ) -> None:
+        self.clock = clock
+        self.transport = transport
+        self.uas = uas
+        self.registrar = registrar
+        self.authenticator = authenticator
+        self.store = store
+        self.directory = directory
+        self.cache = cache
+        self.ledger = ledger
+        self.uris = uris
+        self.permission_uri = permission_uri
+        self.max_list_size = ledger.limits.max_list_size
+        self.proxy = Proxy(
+            self._send,
+            resolver or SIPResolver(),
+            registrar,
+            directory.is_local,
+            loop_detector,
+        )
+        self.subscriptions = SubscriptionManager(
+            clock, self._send_in_dialog, self.contact, subscription_limits
+        )
+        self.wait_package = WaitPermissionPackage(store, cache)
+        self.subscriptions.register(self.wait_package)
+        self.subscriptions.register(GrantPermissionPackage(store, permission_uri))
+        cache.add_observer(self._permissions_changed)
+        self._started = False
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self, owners: Sequence[str] = ()) -> None:
+        """Plug the handlers in, listen to the store, index lists of ``owners``."""
+        self.store.add_listener(self._store_changed)
+        self.uas.set_handler("MESSAGE", self.handle_message)
+        self.uas.set_handler("CONSENT", self.handle_consent)
+        self.uas.set_handler("SUBSCRIBE", self.handle_subscribe)
+        self._started = True
+        await self.ledger.start()
+        for owner in owners:
+            await self.directory.load_owner(owner)
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self.store.remove_listener(self._store_changed)
+        for method in ("MESSAGE", "CONSENT", "SUBSCRIBE"):
+            self.uas.set_handler(method, None)
+        self.ledger.stop()
+        self.subscriptions.stop()
+
+    def contact(self) -> str:
+        host, port = self.transport.sent_by("UDP")
+        host = f"[{host}]" if ":" in host else host
+        return f"sip:{host}:{port}"
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _send(self, request: SIPRequest, target: Target) -> defer.Deferred[SIPResponse]:
+        return self.transport.request(request, target)
+
+    def _send_in_dialog(self, request: SIPRequest, source: object) -> defer.Deferred[SIPResponse]:
+        return self.transport.request(request, _destination(source))
+
+    def _store_changed(self, change: StoreChange) -> None:
+        self.directory.store_changed(change)
+        self.cache.store_changed(change)
+        consent = change.consent
+        if change.kind == "consent" and consent is not None:
+            self.subscriptions.resource_changed("wait-permission", consent.id)
+            recipient = "r:" + identity_key(consent.recipient)
+            self.subscriptions.resource_changed("grant-permission", recipient)
+
+    def _permissions_changed(self, recipient_key: str) -> None:
+        self.subscriptions.resource_changed("wait-permission", "r:" + recipient_key)
+
+    def _identity(self, request: SIPRequest, *, proxy: bool, peer: object) -> str:
+        """The authenticated sender (seed §5); without an authenticator, the From AOR."""
+        if self.authenticator is not None:
+            return self.authenticator.authenticate(request, proxy=proxy, peer=peer).aor
+        try:
+            return NameAddr.parse(request.headers.get("from") or "").uri.aor
+        except SIPURIError:
+            raise SIPStatus(400, "Bad From") from None
+
+    # -- MESSAGE ------------------------------------------------------------------------
+
+    async def handle_message(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        content_type = request.headers.get("content-type") or ""
+        target = self.directory.lookup(request.uri)
+        recipients = None
+        if target is None:
+            if not self.directory.is_local(request.uri):
+                raise SIPStatus(404, "Not A List Served Here")
+            try:
+                recipients = parse_recipient_list(
+                    content_type, request.body, max_entries=self.max_list_size
+                )
+            except TooManyEntries:
+                raise SIPStatus(403, "Too Many Recipients") from None
+            except URIListError as e:
+                self.log.warn(
+                    "bad recipient list from {peer}: {reason}", peer=txn.source, reason=str(e)
+                )
+                raise SIPStatus(400, "Bad Recipient List") from None
+            if recipients is None:
+                raise SIPStatus(404, "Not A List Served Here")
+        sender = self._identity(request, proxy=True, peer=txn.source)
+        max_forwards = check_max_forwards(request)
+        if target is not None:
+            list_uri, members = target.uri, target.members
+        else:
+            assert recipients is not None
+            list_uri, members = request.uri.aor, recipients.recipients
+        if len(members) > self.max_list_size:
+            self.log.warn("list {uri} exceeds max_list_size", uri=list_uri)
+            raise SIPStatus(403, "List Too Large")
+        if not members:
+            raise SIPStatus(480, "Empty List")
+        missing = await self.cache.missing(sender, list_uri, members, request.method)
+        if missing:
+            self.log.info(
+                "470 to {user} for {uri}: {count} of {total} members lack permission",
+                user=sender,
+                uri=list_uri,
+                count=len(missing),
+                total=len(members),
+            )
+            return consent_needed(request, list_uri, missing, self.uris)
+        if recipients is not None:
+            self._explode(
+                request,
+                sender,
+                list_uri,
+                recipients.recipients,
+                recipients.content_type,
+                recipients.body,
+            )
+            return make_response(request, 202)
+        status, reason, _ = await self.proxy.fork(
+            members, lambda branch: self._relayed(request, branch, sender, list_uri, max_forwards)
+        )
+        self.log.info(
+            "{method} from {user} via {uri} relayed to {count} members: {code}",
+            method=request.method,
+            user=sender,
+            uri=list_uri,
+            count=len(members),
+            code=status,
+        )
+        return make_response(request, status, reason)
+
+    def _trigger_consent(self, member: str, list_uri: str) -> str:
+        return f'<{self.uris.consent_uri(list_uri, member)}>;target-uri="{list_uri}"'
+
+    def _relayed(
+        self, request: SIPRequest, branch: Branch, sender: str, list_uri: str, max_forwards: int
+    ) -> SIPRequest:
+        """The proxied copy for one branch (§16.6 plus the consent headers)."""
+        copy = self.proxy.forward_copy(request, branch.uri, max_forwards)
+        copy.headers.remove("p-asserted-identity")
+        copy.headers.add("P-Asserted-Identity", f"<{sender}>")
+        copy.headers.remove("trigger-consent")
+        copy.headers.add("Trigger-Consent", self._trigger_consent(branch.member, list_uri))
+        return copy
+
+    def _explode(
+        self,
+        request: SIPRequest,
+        sender: str,
+        list_uri: str,
+        recipients: Sequence[str],
+        content_type: str,
+        body: bytes,
+    ) -> None:
+        """RFC 5365 §4: a new MESSAGE per recipient; results are only logged."""
+
+        def build(branch: Branch) -> SIPRequest:
+            headers = Headers()
+            headers.add("Via", f"SIP/2.0/UDP 0.0.0.0;branch={new_branch()}")
+            headers.add("Max-Forwards", "70")
+            headers.add("From", f"<{sender}>;tag={new_tag()}")
+            headers.add("To", f"<{branch.member}>")
+            headers.add("Call-ID", new_tag() + new_tag())
+            headers.add("CSeq", "1 MESSAGE")
+            headers.add("P-Asserted-Identity", f"<{sender}>")
+            headers.add("Trigger-Consent", self._trigger_consent(branch.member, list_uri))
+            headers.add("Content-Type", content_type)
+            return SIPRequest(request.method, branch.uri, headers, body)
+
+        d = self.proxy.fork(recipients, build)
+        d.addCallback(
+            lambda result: self.log.info(
+                "exploded {method} from {user} to {count} recipients: {code}",
+                method=request.method,
+                user=sender,
+                count=len(recipients),
+                code=result[0],
+            )
+        )
+
+    # -- CONSENT ------------------------------------------------------------------------
+
+    def _consent_target(self, request: SIPRequest) -> tuple[str, str]:
+        """(list URI, member) a CONSENT is about.
+
+        A consent URI is minted (and MAC-protected) by our own 470, so its pair is
+        trusted as is; that also covers request-contained lists (RFC 5365), which have
+        no stored membership. The ``Trigger-Consent`` form names a list and a member
+        freely, so the member must be on that list now.
+        """
+        if self.directory.is_local(request.uri):
+            parsed = self.uris.parse_consent_user(request.uri.user)
+            if parsed is not None:
+                return parsed
+        trigger = request.headers.get("trigger-consent")
+        if trigger is None:
+            raise SIPStatus(404, "Unknown Consent Target")
+        try:
+            params = dict(parse_params(trigger[trigger.rfind(">") + 1 :]))
+            found = self.directory.lookup(SIPURI.parse((params.get("target-uri") or "").strip('"')))
+        except SIPURIError:
+            raise SIPStatus(400, "Bad Trigger-Consent") from None
+        member = request.uri.aor
+        if found is None or member not in found.members:
+            raise SIPStatus(404, "Not A List Member")
+        return found.uri, member
+
+    async def handle_consent(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        list_uri, member = self._consent_target(request)
+        sender = self._identity(request, proxy=False, peer=txn.source)
+        methods = tuple(
+            m.strip()
+            for m in (request.headers.get("consent-methods") or "").split(",")
+            if m.strip()
+        )
+        if not methods:
+            raise SIPStatus(400, "Missing Consent-Methods")
+        if len(methods) > MAX_CONSENT_METHODS or not all(
+            m.isalpha() and m.isupper() for m in methods
+        ):
+            raise SIPStatus(400, "Bad Consent-Methods")
+        if len(request.body) > MAX_CONSENT_NOTE_BYTES:
+            raise SIPStatus(413, "Consent Note Too Large")
+        opened_at = self.clock.seconds()
+        record = await self.ledger.open(sender, list_uri, member, methods)
+        permission = self.permission_uri(member, record.permission_token)
+        if record.created < opened_at:
+            # A refresh (one open record per sender, list, recipient): the recipient
+            # already has the Permission URI; asking again would make CONSENT a spam tool.
+            self.log.info("consent {consent} refreshed", consent=record.id)
+        elif self.proxy.is_online(member):
+            self._forward_consent(request, sender, list_uri, member, record.methods, permission)
+        else:
+            self.log.info(
+                "{recipient} is offline: consent {consent} kept for grant-permission",
+                recipient=member,
+                consent=record.id,
+            )
+        wait = self.uris.wait_uri(record.id)
+        return make_response(
+            request, 202, headers=[("Call-Info", f"<{wait}>;purpose=wait-permission")]
+        )
+
+    def _forward_consent(
+        self,
+        request: SIPRequest,
+        sender: str,
+        list_uri: str,
+        member: str,
+        methods: Sequence[str],
+        permission: str,
+    ) -> None:
+        """Seed §6: the CONSENT towards the recipient, with the Permission URI."""
+
+        def build(branch: Branch) -> SIPRequest:
+            headers = Headers()
+            headers.add("Via", f"SIP/2.0/UDP 0.0.0.0;branch={new_branch()}")
+            headers.add("Max-Forwards", "70")
+            headers.add("From", f"<{sender}>;tag={new_tag()}")
+            headers.add("To", f"<{member}>")
+            headers.add("Call-ID", new_tag() + new_tag())
+            headers.add("CSeq", "1 CONSENT")
+            headers.add("Consent-Methods", ", ".join(methods))
+            headers.add("Permission", f"<{permission}>")
+            headers.add("P-Asserted-Identity", f"<{sender}>")
+            headers.add("Trigger-Consent", self._trigger_consent(member, list_uri))
+            note_type = request.headers.get("content-type")
+            body = b""
+            if note_type and note_type.lower().startswith("text/plain") and request.body:
+                headers.add("Content-Type", note_type)
+                body = request.body
+            return SIPRequest("CONSENT", branch.uri, headers, body)
+
+        d = self.proxy.fork([member], build)
+
+        def done(result: tuple[int, str, list[SIPResponse]]) -> None:
+            self.log.info(
+                "CONSENT to {recipient} answered {code} (permission {token})",
+                recipient=member,
+                code=result[0],
+                token=redact(permission),
+            )
+
+        d.addCallback(done)
+
+    # -- SUBSCRIBE ----------------------------------------------------------------------
+
+    async def handle_subscribe(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        subscriber = self._identity(request, proxy=False, peer=txn.source)
+        return await self.subscriptions.handle_subscribe(request, subscriber, txn.source)
+
+
+def owners_from_users(entries: Sequence[tuple[str, str]], domains: Sequence[str]) -> list[str]:
+    """Candidate list owners (XUIs) for every user of the users file (startup index)."""
+    out: list[str] = []
+    for user, _realm in entries:
+        if "@" in user:
+            candidates = [f"sip:{user}"]
+        else:
+            candidates = [f"sip:{user}@{domain}" for domain in domains]
+        for candidate in candidates:
+            if candidate not in out:
+                out.append(candidate)
+    return out

@@ -1,0 +1,701 @@
+"""The seed's flows (figures 2 and 3) against the relay as relayd.service builds it.
+
+Real UDP and TCP sockets on 127.0.0.1; members are small Twisted UAs that register with
+the relay's registrar and answer 200; the recipient grants and revokes through the XCAP
+HTTPS site with the Permission URI it was given (capability access, no account).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from lxml import etree
+from treq.client import HTTPClient
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers as HTTPHeaders
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from relayd.service import SIPService
+from relayd.sip.auth import client_authorization
+from relayd.sip.events import CONSENT_STATUS_NAMESPACE
+from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, new_tag
+from relayd.sip.parser import StreamFramer, parse_datagram
+from relayd.sip.transaction import new_branch
+from relayd.sip.uri import SIPURI, NameAddr
+from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
+from relayd.testing import write_users as write_users_file
+
+pytestmark = pytest.mark.integration
+
+reactor: Any = _reactor
+
+HOST = "127.0.0.1"
+REALM = "relayd-test"
+USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw", "mallory": "evil-pw"}
+LIST = f"sip:friends@{HOST}"
+BOB = f"sip:bob@{HOST}"
+CAROL = f"sip:carol@{HOST}"
+ALICE = f"sip:alice@{HOST}"
+CP = "urn:ietf:params:xml:ns:common-policy"
+CR = "urn:relayd:params:xml:ns:consent-policy"
+RL = "urn:ietf:params:xml:ns:resource-lists"
+TIMEOUT = 5.0
+SIPP_SCENARIOS = Path(__file__).parent / "sipp"
+
+LISTS_XML = f"""<?xml version="1.0" encoding="UTF-8"?>
+<resource-lists xmlns="{RL}" xmlns:cr="{CR}">
+  <list name="friends" cr:owner="{ALICE}">
+    <entry uri="{BOB}"/>
+    <entry uri="{CAROL}"/>
+  </list>
+  <list name="solo">
+    <entry uri="{BOB}"/>
+  </list>
+</resource-lists>
+"""
+
+
+def grant_document(sender: str = ALICE, target: str = LIST) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
+        f'<rule id="a"><conditions><identity><one id="{sender}"/></identity>'
+        f'<cr:target uri="{target}"/></conditions>'
+        "<actions><cr:trans-handling>grant</cr:trans-handling></actions></rule></ruleset>"
+    ).encode()
+
+
+# -- a small UA -------------------------------------------------------------------------
+
+
+@dataclass
+class UA:
+    """One user agent on its own UDP socket or TCP connection to the relay."""
+
+    user: str
+    transport: str
+    relay_port: int
+    answer_status: int = 200
+    received: list[SIPRequest] = field(default_factory=list)
+    incoming: DeferredQueue[SIPRequest] = field(default_factory=DeferredQueue)
+    waiting: dict[str, Deferred[SIPResponse]] = field(default_factory=dict)
+    local_port: int = 0
+    _write: Callable[[bytes], None] | None = None
+    _closer: Callable[[], object] | None = None
+    cseq: int = 0
+    nc: int = 0
+
+    @property
+    def aor(self) -> str:
+        return f"sip:{self.user}@{HOST}"
+
+    @property
+    def contact(self) -> str:
+        return f"<sip:{self.user}@{HOST}:{self.local_port};transport={self.transport.lower()}>"
+
+    def feed(self, message: SIPRequest | SIPResponse) -> None:
+        if isinstance(message, SIPResponse):
+            if message.status < 200:
+                return
+            waiter = self.waiting.pop(message.via.branch or "", None)
+            if waiter is not None:
+                waiter.callback(message)
+            return
+        if message.method != "ACK":
+            self.received.append(message)
+            self.incoming.put(message)
+            self.send_bytes(make_response(message, self.answer_status).to_bytes())
+
+    def send_bytes(self, data: bytes) -> None:
+        assert self._write is not None
+        self._write(data)
+
+    async def request(
+        self,
+        method: str,
+        uri: str,
+        headers: list[tuple[str, str]] = (),  # type: ignore[assignment]
+        body: bytes = b"",
+        *,
+        to: str | None = None,
+        call_id: str | None = None,
+        from_tag: str | None = None,
+        authenticate: bool = True,
+    ) -> SIPResponse:
+        call_id = call_id or new_tag()
+        from_tag = from_tag or new_tag()
+        authorization: tuple[str, str] | None = None
+        for _ in range(3):
+            self.cseq += 1
+            h = Headers()
+            branch = new_branch()
+            h.add("Via", f"SIP/2.0/{self.transport} {HOST}:{self.local_port};rport;branch={branch}")
+            h.add("Max-Forwards", "70")
+            h.add("From", f"<{self.aor}>;tag={from_tag}")
+            h.add("To", to or f"<{uri}>")
+            h.add("Call-ID", call_id)
+            h.add("CSeq", f"{self.cseq} {method}")
+            h.add("Contact", self.contact)
+            for name, value in headers:
+                h.add(name, value)
+            if authorization is not None:
+                h.add(*authorization)
+            request = SIPRequest(method, SIPURI.parse(uri), h, body)
+            waiter: Deferred[SIPResponse] = Deferred()
+            self.waiting[branch] = waiter
+            self.send_bytes(request.to_bytes())
+            response: SIPResponse = await waiter.addTimeout(TIMEOUT, reactor)
+            if response.status in (401, 407) and authenticate:
+                name = "WWW-Authenticate" if response.status == 401 else "Proxy-Authenticate"
+                self.nc += 1
+                value = client_authorization(
+                    response.headers.get(name) or "",
+                    method=method,
+                    uri=uri,
+                    username=self.user,
+                    password=USERS[self.user],
+                    nc=1,
+                )
+                header = "Authorization" if response.status == 401 else "Proxy-Authorization"
+                authorization = (header, value)
+                continue
+            return response
+        raise AssertionError("authentication loop")
+
+    async def register(self) -> None:
+        response = await self.request(
+            "REGISTER", f"sip:{HOST}", [("Expires", "600")], to=f"<{self.aor}>"
+        )
+        assert response.status == 200, response
+
+    async def next_request(
+        self, method: str | None = None, call_id: str | None = None
+    ) -> SIPRequest:
+        """The next request of that method (and dialog); others are skipped."""
+        while True:
+            request: SIPRequest = await self.incoming.get().addTimeout(TIMEOUT, reactor)
+            if method is not None and request.method != method:
+                continue
+            if call_id is None or request.call_id == call_id:
+                return request
+
+    def close(self) -> object:
+        return self._closer() if self._closer is not None else None
+
+
+class _UDP(DatagramProtocol):
+    def __init__(self, ua: UA) -> None:
+        self.ua = ua
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.ua.feed(parse_datagram(datagram))
+
+
+class _TCP(Protocol):
+    def __init__(self, ua: UA) -> None:
+        self.ua = ua
+        self.framer = StreamFramer()
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.framer.feed(data):
+            assert isinstance(event, SIPRequest | SIPResponse), event
+            self.ua.feed(event)
+
+
+async def start_ua(user: str, transport: str, relay: Running, **kw: Any) -> UA:
+    port = relay.udp_port if transport == "UDP" else relay.tcp_port
+    ua = UA(user, transport, port, **kw)
+    if transport == "UDP":
+        protocol = _UDP(ua)
+        listening = reactor.listenUDP(0, protocol, interface=HOST)
+        ua.local_port = listening.getHost().port
+        ua._write = lambda data: listening.write(data, (HOST, port))
+        ua._closer = listening.stopListening
+    else:
+        stream = _TCP(ua)
+        await connectProtocol(TCP4ClientEndpoint(reactor, HOST, port), stream)
+        assert stream.transport is not None
+        ua.local_port = stream.transport.getHost().port  # type: ignore[attr-defined]
+        ua._write = stream.transport.write
+        ua._closer = stream.transport.loseConnection
+    relay.uas.append(ua)
+    return ua
+
+
+# -- XCAP over HTTPS --------------------------------------------------------------------
+
+
+@implementer(IPolicyForHTTPS)
+class _TrustTestCA:
+    def __init__(self, ca_pem: bytes) -> None:
+        self._trust = Certificate.loadPEM(ca_pem)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+
+
+class Capability:
+    """HTTP client for a Permission URI (no account: the URI is the capability)."""
+
+    def __init__(self, ca_pem: bytes) -> None:
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, contextFactory=_TrustTestCA(ca_pem), pool=pool))
+
+    async def call(self, method: str, url: str, body: bytes | None = None) -> int:
+        from treq import content
+
+        headers = HTTPHeaders({"Content-Type": ["application/auth-policy+xml"]})
+        response = await self.http.request(method, url, data=body, headers=headers).addTimeout(
+            TIMEOUT, reactor
+        )
+        await content(response).addTimeout(TIMEOUT, reactor)
+        return int(response.code)
+
+
+# -- the relay --------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    service: Any
+    sip: SIPService
+    udp_port: int
+    tcp_port: int
+    xcap: Capability
+    uas: list[UA] = field(default_factory=list)
+
+
+Start = Callable[..., Awaitable[Running]]
+
+
+@pytest_twisted.async_yield_fixture
+async def start(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[Start]:
+    running: list[Running] = []
+    cert, key = pki.leaf(HOST)
+    users = write_users_file(tmp_path / "users.htdigest", REALM, USERS)
+    lists = tmp_path / "lists.xml"
+    lists.write_text(LISTS_XML, encoding="utf-8")
+
+    async def factory(**extra: str) -> Running:
+        overrides = relay_config_overrides(
+            str(tmp_path / "data"),
+            HOST,
+            cert,
+            key,
+            users,
+            extra={
+                ("sip", "lists"): str(lists),
+                **{(k.split("__")[0], k.split("__")[1]): v for k, v in extra.items()},
+            },
+        )
+        service = relay_service(prepared_relay(overrides), reactor)
+        service.startService()
+        sip: SIPService = service.getServiceNamed("sip")
+        await sip.listening.addTimeout(TIMEOUT, reactor)
+        await service.getServiceNamed("xcap").listening.addTimeout(TIMEOUT, reactor)
+        item = Running(service, sip, sip.port_of("udp"), sip.port_of("tcp"), Capability(pki.ca_pem))
+        running.append(item)
+        return item
+
+    yield factory
+    for item in running:
+        for ua in item.uas:
+            closed = ua.close()
+            if isinstance(closed, Deferred):
+                await closed
+        await item.service.stopService()
+    await deferLater(reactor, 0.05, lambda: None)
+    for call in reactor.getDelayedCalls():
+        name = getattr(call.func, "__qualname__", "")
+        if name.startswith(("ServerTransaction", "ClientTransaction")):
+            call.cancel()
+
+
+def consent_uris(response: SIPResponse) -> list[str]:
+    assert response.headers.get("content-type") == "application/resource-lists+xml"
+    root = etree.fromstring(response.body)
+    return [entry.get("uri") or "" for entry in root.iter(f"{{{RL}}}entry")]
+
+
+def status_entries(notify: SIPRequest) -> list[dict[str, str]]:
+    root = etree.fromstring(notify.body)
+    assert root.tag == f"{{{CONSENT_STATUS_NAMESPACE}}}consent-status"
+    return [{str(k): str(v) for k, v in entry.attrib.items()} for entry in root]
+
+
+def call_info_uri(response: SIPResponse) -> str:
+    value = response.headers.get("call-info") or ""
+    assert value.endswith(";purpose=wait-permission"), value
+    return value[value.index("<") + 1 : value.index(">")]
+
+
+async def send_message(ua: UA, uri: str = LIST, text: bytes = b"hello list") -> SIPResponse:
+    return await ua.request("MESSAGE", uri, [("Content-Type", "text/plain")], text)
+
+
+async def ask_consent(ua: UA, consent_uri: str) -> SIPResponse:
+    return await ua.request(
+        "CONSENT", consent_uri, [("Consent-Methods", "MESSAGE")], to=f"<{consent_uri}>"
+    )
+
+
+async def subscribe(
+    ua: UA, uri: str, event: str = "wait-permission", expires: int = 600
+) -> tuple[SIPResponse, SIPRequest]:
+    response = await ua.request(
+        "SUBSCRIBE", uri, [("Event", event), ("Expires", str(expires))], to=f"<{uri}>"
+    )
+    assert response.status == 200, response
+    notify = await ua.next_request("NOTIFY", response.call_id)
+    return response, notify
+
+
+# -- the flows ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["UDP", "TCP"])
+@pytest_twisted.ensureDeferred
+async def test_figure_2_online_recipients(start: Start, transport: str) -> None:
+    relay = await start()
+    alice = await start_ua("alice", transport, relay)
+    bob = await start_ua("bob", transport, relay)
+    carol = await start_ua("carol", transport, relay)
+    await bob.register()
+    await carol.register()
+
+    first = await send_message(alice)
+    assert first.status == 470
+    targets = consent_uris(first)
+    assert len(targets) == 2
+    missing = first.headers.get_all("permission-missing")
+    assert [NameAddr.parse(v).uri.format() for v in missing] == targets
+    assert not [r for r in bob.received + carol.received if r.method == "MESSAGE"]
+
+    permission: dict[str, str] = {}
+    waits: list[str] = []
+    for target, member in zip(targets, (bob, carol), strict=True):
+        accepted = await ask_consent(alice, target)
+        assert accepted.status == 202, accepted
+        waits.append(call_info_uri(accepted))
+        forwarded = await member.next_request("CONSENT")
+        assert forwarded.headers.get("consent-methods") == "MESSAGE"
+        value = forwarded.headers.get("permission") or ""
+        assert value.startswith("<https://") and value.endswith(".xml>")
+        permission[member.user] = value[1:-1]
+        assert forwarded.headers.get("p-asserted-identity") == f"<{ALICE}>"
+
+    dialogs: dict[str, str | None] = {}
+    for user, wait in (("bob", waits[0]), ("carol", waits[1])):
+        ok, notify = await subscribe(alice, wait)
+        dialogs[user] = ok.call_id
+        assert notify.headers.get("subscription-state", "").startswith("active")
+        assert [e["state"] for e in status_entries(notify)] == ["pending"]
+        code = await relay.xcap.call("PUT", permission[user], grant_document())
+        put_done = time.monotonic()
+        assert code == 201
+        granted = await alice.next_request("NOTIFY", ok.call_id)
+        assert time.monotonic() - put_done < 0.1
+        assert [e["state"] for e in status_entries(granted)] == ["granted"]
+
+    relayed = await send_message(alice, text=b"now it works")
+    assert relayed.status == 200, relayed
+    for member in (bob, carol):
+        message = await member.next_request("MESSAGE")
+        assert message.body == b"now it works"
+        assert message.headers.get("p-asserted-identity") == f"<{ALICE}>"
+        trigger = message.headers.get("trigger-consent") or ""
+        assert trigger.endswith(f';target-uri="{LIST}"') and trigger.startswith("<sip:")
+        assert "proxy-authorization" not in message.headers
+
+    # Revocation (seed §10): bob deletes his permission; his watcher hears of it.
+    assert await relay.xcap.call("DELETE", permission["bob"]) == 200
+    revoked = await alice.next_request("NOTIFY", dialogs["bob"])
+    assert status_entries(revoked)[0]["state"] == "revoked"
+    before = len(carol.received)
+    again = await send_message(alice, text=b"after revocation")
+    assert again.status == 470
+    assert len(consent_uris(again)) == 1
+    await deferLater(reactor, 0.1, lambda: None)
+    assert len(carol.received) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_figure_3_permission_server_for_offline_recipient(start: Start) -> None:
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    first = await send_message(alice, f"sip:solo@{HOST}")
+    assert first.status == 470
+    (target,) = consent_uris(first)
+    accepted = await ask_consent(alice, target)
+    assert accepted.status == 202
+    waiting, pending = await subscribe(alice, call_info_uri(accepted))
+    assert status_entries(pending)[0]["state"] == "pending"
+    assert bob.received == []  # offline: nothing was sent to bob
+
+    # B goes on-line and asks its permission server (the relay) what is pending.
+    await bob.register()
+    watching, listing = await subscribe(bob, BOB, event="grant-permission")
+    (entry,) = status_entries(listing)
+    assert entry["sender"] == ALICE and entry["list"] == f"sip:solo@{HOST}"
+    assert entry["methods"] == "MESSAGE" and entry["permission"].startswith("https://")
+
+    assert (
+        await relay.xcap.call("PUT", entry["permission"], grant_document(target=f"sip:solo@{HOST}"))
+        == 201
+    )
+    granted = await alice.next_request("NOTIFY", waiting.call_id)
+    assert status_entries(granted)[0]["state"] == "granted"
+    settled = await bob.next_request("NOTIFY", watching.call_id)
+    assert status_entries(settled) == []
+
+    relayed = await send_message(alice, f"sip:solo@{HOST}", b"hi bob")
+    assert relayed.status == 200
+    assert (await bob.next_request("MESSAGE")).body == b"hi bob"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_consent_expires_with_final_notify(start: Start) -> None:
+    relay = await start(sip__pending_consent_seconds="1")
+    alice = await start_ua("alice", "UDP", relay)
+    (target,) = consent_uris(await send_message(alice, f"sip:solo@{HOST}"))
+    accepted = await ask_consent(alice, target)
+    _, pending = await subscribe(alice, call_info_uri(accepted))
+    assert status_entries(pending)[0]["state"] == "pending"
+    final = await alice.next_request("NOTIFY")
+    assert final.headers.get("subscription-state") == "terminated;reason=noresource"
+    assert status_entries(final)[0]["state"] == "expired"
+
+
+@pytest_twisted.ensureDeferred
+async def test_abuse_limits_and_hostile_input_relay_nothing(start: Start) -> None:
+    relay = await start(sip__consent_requests_per_hour="2", sip__max_list_size="1")
+    alice = await start_ua("alice", "UDP", relay)
+    mallory = await start_ua("mallory", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+
+    # A list over max_list_size is refused outright.
+    assert (await send_message(alice)).status == 403
+    (target,) = consent_uris(await send_message(alice, f"sip:solo@{HOST}"))
+    # One open consent per (sender, list, recipient): a repeat refreshes it.
+    first = await ask_consent(alice, target)
+    second = await ask_consent(alice, target)
+    assert call_info_uri(first) == call_info_uri(second)
+    third = await ask_consent(alice, target)
+    assert third.status == 503 and third.headers.get("retry-after")
+    # Forged consent URIs, other people's wait URIs, unknown packages, short expiry.
+    forged = target.replace("consent-", "consent-A")
+    assert (await ask_consent(alice, forged)).status == 404
+    wait = call_info_uri(first)
+    denied = await mallory.request(
+        "SUBSCRIBE", wait, [("Event", "wait-permission")], to=f"<{wait}>"
+    )
+    assert denied.status == 403
+    bad_event = await alice.request("SUBSCRIBE", wait, [("Event", "presence")], to=f"<{wait}>")
+    assert bad_event.status == 489 and "wait-permission" in bad_event.headers.get_all(
+        "allow-events"
+    )
+    brief = await alice.request(
+        "SUBSCRIBE", wait, [("Event", "wait-permission"), ("Expires", "1")], to=f"<{wait}>"
+    )
+    assert brief.status == 423 and brief.headers.get("min-expires") == "60"
+    stray = await alice.request(
+        "SUBSCRIBE", wait, [("Event", "wait-permission")], to=f"<{wait}>;tag=nosuchdialog"
+    )
+    assert stray.status == 481
+    # Recipient-list bodies with DTDs or garbage are refused; MESSAGE without auth: 407.
+    hostile = (
+        b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
+        b"Content-Type: application/resource-lists+xml\r\n"
+        b"Content-Disposition: recipient-list\r\n\r\n"
+        b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><resource-lists xmlns="'
+        + RL.encode()
+        + b'"><list><entry uri="sip:bob@127.0.0.1"/></list></resource-lists>\r\n--b--\r\n'
+    )
+    refused = await alice.request(
+        "MESSAGE",
+        f"sip:uri-list@{HOST}",
+        [("Content-Type", 'multipart/mixed;boundary="b"')],
+        hostile,
+    )
+    assert refused.status == 400
+    unauth = await alice.request("MESSAGE", f"sip:solo@{HOST}", authenticate=False)
+    assert unauth.status == 407
+    alice.send_bytes(b"MESSAGE garbage\r\n\r\n")
+    await deferLater(reactor, 0.1, lambda: None)
+    # The first CONSENT was forwarded, the refresh was not; nothing else reached bob.
+    assert [r.method for r in bob.received] == ["CONSENT"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_recipient_list_message_is_exploded(start: Start) -> None:
+    relay = await start()
+    alice = await start_ua("alice", "TCP", relay)
+    bob = await start_ua("bob", "TCP", relay)
+    await bob.register()
+    exploder = f"sip:uri-list@{HOST}"
+    body = (
+        b"--b\r\nContent-Type: text/plain\r\n\r\nexploded\r\n--b\r\n"
+        b"Content-Type: application/resource-lists+xml\r\n"
+        b"Content-Disposition: recipient-list\r\n\r\n"
+        b'<?xml version="1.0"?><resource-lists xmlns="'
+        + RL.encode()
+        + b'"><list><entry uri="sip:bob@127.0.0.1"/></list></resource-lists>\r\n--b--\r\n'
+    )
+    headers = [("Content-Type", 'multipart/mixed;boundary="b"')]
+    refused = await alice.request("MESSAGE", exploder, headers, body)
+    assert refused.status == 470
+    (target,) = consent_uris(refused)
+    await ask_consent(alice, target)
+    consent = await bob.next_request("CONSENT")
+    permission = (consent.headers.get("permission") or "")[1:-1]
+    assert await relay.xcap.call("PUT", permission, grant_document(target=exploder)) == 201
+    await deferLater(reactor, 0.05, lambda: None)
+    accepted = await alice.request("MESSAGE", exploder, headers, body)
+    assert accepted.status == 202
+    message = await bob.next_request("MESSAGE")
+    assert message.body == b"exploded" and message.headers.get("content-type") == "text/plain"
+
+
+# -- SIPp against the real daemon -------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    shutil.which("sipp") is None, reason="sipp (Debian package sip-tester) not installed"
+)
+@pytest_twisted.ensureDeferred
+async def test_sipp_sender_gets_470_and_consent_challenge(tmp_path: Path, pki: RelayPKI) -> None:
+    """The daemon under ``twistd -n msrprelay``; SIPp plays a sender: MESSAGE → 407 →
+    470 with Permission-Missing, CONSENT to that URI → 401 (see the scenario's note)."""
+    import socket
+    import sys
+
+    cert, key = pki.leaf(HOST)
+    users = write_users_file(tmp_path / "users.htdigest", REALM, USERS)
+    lists = tmp_path / "lists.xml"
+    lists.write_text(LISTS_XML, encoding="utf-8")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sipp_port = sock.getsockname()[1]
+    sock.close()
+    ini = tmp_path / "relayd.ini"
+    ini.write_text(
+        "\n".join(
+            [
+                "[relay]",
+                f"hostname = {HOST}",
+                f"data_dir = {tmp_path / 'data'}",
+                "[msrp]",
+                f"listen = tcp:0:interface={HOST}",
+                "[xcap]",
+                f"listen = ssl:0:interface={HOST}",
+                "[tls]",
+                f"certificate = {cert}",
+                f"private_key = {key}",
+                "[auth]",
+                f"users = {users}",
+                f"realm = {REALM}",
+                "[sip]",
+                f"listen = udp:{port}:interface={HOST}",
+                f"lists = {lists}",
+                "[store]",
+                "backend = memory",
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    log = tmp_path / "twistd.log"
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={log}",
+            "msrprelay",
+            "--config",
+            str(ini),
+        ],
+        cwd=tmp_path,
+    )
+    try:
+        for _ in range(100):
+            if log.exists() and "SIP listening on udp" in log.read_text(encoding="utf-8"):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        else:
+            raise AssertionError(
+                "daemon did not start: " + (log.read_text() if log.exists() else "")
+            )
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    "sipp",
+                    f"{HOST}:{port}",
+                    "-sf",
+                    str(SIPP_SCENARIOS / "consent_sender.xml"),
+                    "-i",
+                    HOST,
+                    "-p",
+                    str(sipp_port),
+                    "-m",
+                    "1",
+                    "-timeout",
+                    "20",
+                    "-nostdin",
+                    "-key",
+                    "sender",
+                    "alice",
+                    "-auth_uri",
+                    f"solo@{HOST}",
+                    "-au",
+                    "alice",
+                    "-ap",
+                    USERS["alice"],
+                    "-s",
+                    "solo",
+                    "-trace_err",
+                    "-error_file",
+                    str(tmp_path / "sipp_errors.log"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=40,
+                cwd=tmp_path,
+                check=False,
+            )
+
+        result = await deferToThread(run)
+        errors = tmp_path / "sipp_errors.log"
+        assert result.returncode == 0, (
+            result.stdout[-2000:]
+            + result.stderr[-2000:]
+            + (errors.read_text() if errors.exists() else "")
+        )
+        assert f"470 to {ALICE} for sip:solo@{HOST}" in log.read_text(encoding="utf-8")
+    finally:
+        daemon.terminate()
+        await deferToThread(daemon.wait, 15)

@@ -1,0 +1,140 @@
+"""Consent decisions: consent URIs, missing members, the 470, rate limits, expiry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from lxml import etree
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+
+from relayd.sip.consent import (
+    ConsentLedger,
+    ConsentLimits,
+    ConsentURIs,
+    ListDirectory,
+    PermissionCache,
+    RateLimiter,
+    consent_needed,
+)
+from relayd.sip.message import Headers, SIPRequest, SIPStatus
+from relayd.sip.uri import SIPURI
+from relayd.sip.urilist import URIList
+from relayd.xcap.store import ConsentState, MemoryPermissionStore
+
+CP = "urn:ietf:params:xml:ns:common-policy"
+CR = "urn:relayd:params:xml:ns:consent-policy"
+LIST = "sip:friends@relay.test"
+
+
+def _result(d: Any) -> Any:
+    out: list[Any] = []
+    ensureDeferred(d).addBoth(out.append)
+    assert out, "deferred did not fire"
+    return out[0]
+
+
+def grant(sender: str) -> bytes:
+    return (
+        f'<ruleset xmlns="{CP}" xmlns:cr="{CR}"><rule id="a"><conditions><identity>'
+        f'<one id="{sender}"/></identity><cr:target uri="{LIST}"/></conditions><actions>'
+        "<cr:trans-handling>grant</cr:trans-handling></actions></rule></ruleset>"
+    ).encode()
+
+
+def test_consent_uri_round_trip_and_forgery() -> None:
+    uris = ConsentURIs("relay.test", key=b"k" * 32)
+    uri = SIPURI.parse(uris.consent_uri(LIST, "sip:bob@x.test"))
+    assert uris.parse_consent_user(uri.user) == (LIST, "sip:bob@x.test")
+    assert uris.parse_consent_user((uri.user or "") + "x") is None
+    assert ConsentURIs("relay.test").parse_consent_user(uri.user) is None
+    assert ConsentURIs.wait_id("wp-abc") == "abc" and ConsentURIs.wait_id("x") is None
+
+
+def test_missing_members_follow_store_changes_without_reloading() -> None:
+    store = MemoryPermissionStore()
+    cache = PermissionCache(store, Clock())
+    store.add_listener(cache.store_changed)
+    changed: list[str] = []
+    cache.add_observer(changed.append)
+    members = ["sip:bob@x.test", "sip:carol@x.test"]
+    missing = _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE"))
+    assert missing == members
+    _result(
+        store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test"))
+    )
+    assert changed == ["sip:bob@x.test"]
+    missing = _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE"))
+    assert missing == ["sip:carol@x.test"]
+    assert _result(cache.missing("sip:mallory@x.test", LIST, members, "MESSAGE")) == members
+    _result(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
+    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members
+
+
+def test_470_names_consent_uris_in_body_and_header() -> None:
+    uris = ConsentURIs("relay.test")
+    headers = Headers(
+        [
+            ("Via", "SIP/2.0/UDP a.test;branch=z9hG4bK1"),
+            ("From", "<sip:alice@x.test>;tag=1"),
+            ("To", f"<{LIST}>"),
+            ("Call-ID", "c"),
+            ("CSeq", "1 MESSAGE"),
+        ]
+    )
+    request = SIPRequest("MESSAGE", SIPURI.parse(LIST), headers)
+    response = consent_needed(request, LIST, ["sip:bob@x.test"], uris)
+    assert response.status == 470
+    root = etree.fromstring(response.body)
+    (entry,) = root.iter("{urn:ietf:params:xml:ns:resource-lists}entry")
+    assert response.headers.get("permission-missing") == f"<{entry.get('uri')}>"
+    user = SIPURI.parse(entry.get("uri") or "").user
+    assert uris.parse_consent_user(user) == (LIST, "sip:bob@x.test")
+
+
+def test_rate_limiter_window() -> None:
+    limiter = RateLimiter(2, window_seconds=10)
+    assert limiter.check("a", 0) is None and limiter.check("a", 1) is None
+    assert limiter.check("a", 2) == pytest.approx(8)
+    assert limiter.check("b", 2) is None
+    assert limiter.check("a", 10.5) is None
+
+
+def test_ledger_refreshes_rate_limits_and_expires() -> None:
+    clock = Clock()
+    store = MemoryPermissionStore()
+    ledger = ConsentLedger(
+        store, clock, ConsentLimits(consent_requests_per_hour=2, pending_consent_seconds=30)
+    )
+    first = _result(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
+    clock.advance(5)
+    again = _result(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
+    assert again.id == first.id and again.expires == 35
+    failure = _result(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
+    assert isinstance(failure.value, SIPStatus) and failure.value.status == 503
+    clock.advance(29)
+    assert _result(store.get_consent(first.id)).state is ConsentState.PENDING
+    clock.advance(1)
+    assert _result(store.get_consent(first.id)).state is ConsentState.EXPIRED
+
+
+def test_directory_file_lists_win_and_store_lists_follow_changes() -> None:
+    store = MemoryPermissionStore()
+    directory = ListDirectory(
+        store, "relay.test", ["127.0.0.1"], [URIList(LIST, ("sip:bob@x.test",))]
+    )
+    store.add_listener(directory.store_changed)
+    doc = (
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        b'<list name="friends"><entry uri="sip:eve@x.test"/></list>'
+        b'<list name="club"><entry uri="sip:carol@x.test"/></list></resource-lists>'
+    )
+    _result(store.put_document("resource-lists", "sip:alice@relay.test", "index", doc))
+    found = directory.lookup(SIPURI.parse("sip:friends@127.0.0.1"))
+    assert found is not None and found.members == ("sip:bob@x.test",)
+    club = directory.lookup(SIPURI.parse("sip:club@relay.test"))
+    assert club is not None and club.owner == "sip:alice@relay.test"
+    _result(store.delete_document("resource-lists", "sip:alice@relay.test", "index"))
+    assert directory.lookup(SIPURI.parse("sip:club@relay.test")) is None
+    assert directory.lookup(SIPURI.parse("sip:friends@elsewhere.test")) is None
