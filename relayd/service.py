@@ -158,6 +158,16 @@ def _generate_user(users: UsersFile, data_dir: Path, realm: str) -> None:
     )
 
 
+def listener_identity(prepared: Prepared, spec: EndpointSpec) -> ServerIdentity:
+    """The certificate for an ``ssl:`` listener: its own keys if given, else the relay's."""
+    if "certKey" in spec.options or "privateKey" in spec.options:
+        return load_identity(
+            spec.options.get("certKey") or spec.options["privateKey"],
+            spec.options.get("privateKey") or spec.options["certKey"],
+        )
+    return prepared.identity
+
+
 class MSRPService(Service):
     """Starts the MSRP listeners and records their bound ports as ours."""
 
@@ -171,12 +181,7 @@ class MSRPService(Service):
         self.listening: defer.Deferred[list[IListeningPort]] = defer.Deferred()
 
     def _tls_context(self, spec: EndpointSpec) -> Any:
-        identity = self.prepared.identity
-        if "certKey" in spec.options or "privateKey" in spec.options:
-            identity = load_identity(
-                spec.options.get("certKey") or spec.options["privateKey"],
-                spec.options.get("privateKey") or spec.options["certKey"],
-            )
+        identity = listener_identity(self.prepared, spec)
         # The standard library's TLS: half the memory per idle client (relayd.tlsio).
         return stdlib_server_context(identity, self.prepared.trust_roots)
 
@@ -251,12 +256,7 @@ class XCAPService(Service):
         return permission_uri(self.public_url, recipient, token)
 
     def _tls_context(self, spec: EndpointSpec) -> Any:
-        identity = self.prepared.identity
-        if "certKey" in spec.options or "privateKey" in spec.options:
-            identity = load_identity(
-                spec.options.get("certKey") or spec.options["privateKey"],
-                spec.options.get("privateKey") or spec.options["certKey"],
-            )
+        identity = listener_identity(self.prepared, spec)
         return server_context_factory(identity, None)
 
     def _bind(self) -> None:
@@ -353,12 +353,7 @@ class SIPService(Service):
         return next(port for k, _, port in self.addresses if k == kind)
 
     def _tls_context(self, spec: EndpointSpec) -> Any:
-        identity = self.prepared.identity
-        if "certKey" in spec.options or "privateKey" in spec.options:
-            identity = load_identity(
-                spec.options.get("certKey") or spec.options["privateKey"],
-                spec.options.get("privateKey") or spec.options["certKey"],
-            )
+        identity = listener_identity(self.prepared, spec)
         return server_context_factory(identity, None)
 
     def _bind(self) -> None:
