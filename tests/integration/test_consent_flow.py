@@ -20,7 +20,7 @@ import pytest_twisted
 from lxml import etree
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -34,7 +34,14 @@ from zope.interface import implementer
 from relayd.service import SIPService
 from relayd.sip.auth import client_authorization
 from relayd.sip.events import CONSENT_STATUS_NAMESPACE
-from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, new_tag
+from relayd.sip.message import (
+    Headers,
+    SIPRequest,
+    SIPResponse,
+    make_response,
+    new_tag,
+    tag_of,
+)
 from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr
@@ -699,3 +706,54 @@ async def test_sipp_sender_gets_470_and_consent_challenge(tmp_path: Path, pki: R
     finally:
         daemon.terminate()
         await deferToThread(daemon.wait, 15)
+
+
+class _Stopped:
+    """Stands in for a relay the test already stopped (the fixture stops the rest)."""
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+        return succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_subscriber_is_told_the_truth_after_a_restart(start: Start) -> None:
+    first = await start()
+    alice = await start_ua("alice", "UDP", first)
+    bob = await start_ua("bob", "UDP", first)
+    await bob.register()
+    refused = await send_message(alice)
+    assert refused.status == 470
+    bob_target = next(uri for uri in consent_uris(refused) if uri)
+    accepted = await ask_consent(alice, bob_target)
+    wait = call_info_uri(accepted)
+    forwarded = await bob.next_request("CONSENT")
+    permission = (forwarded.headers.get("permission") or "")[1:-1]
+    ok, notify = await subscribe(alice, wait)
+    assert [e["state"] for e in status_entries(notify)] == ["pending"]
+
+    # The relay restarts on the same data directory: consents are in the store,
+    # subscriptions were in memory.
+    await first.service.stopService()
+    first.service = _Stopped()
+    second = await start()
+    alice_again = await start_ua("alice", "UDP", second)
+    refresh = await alice_again.request(
+        "SUBSCRIBE",
+        wait,
+        [("Event", "wait-permission"), ("Expires", "600")],
+        to=ok.headers.get("to"),
+        call_id=ok.call_id,
+        from_tag=tag_of(ok.headers.get("from")),
+    )
+    assert refresh.status == 481  # RFC 6665 §4.1.2.4: the subscriber subscribes afresh
+    renewed, state = await subscribe(alice_again, wait)
+    assert [e["state"] for e in status_entries(state)] == ["pending"]
+
+    # The Permission URI survived too (its port is fixed in production; here the
+    # new listener has another one).
+    xcap = second.service.getServiceNamed("xcap")
+    path = permission.split("/", 3)[3]
+    moved = f"{xcap.public_url.split('/xcap-root')[0]}/{path}"
+    assert await second.xcap.call("PUT", moved, grant_document()) == 201
+    granted = await alice_again.next_request("NOTIFY", renewed.call_id)
+    assert [e["state"] for e in status_entries(granted)] == ["granted"]
