@@ -711,7 +711,7 @@ async def test_sipp_sender_gets_470_and_consent_challenge(tmp_path: Path, pki: R
 class _Stopped:
     """Stands in for a relay the test already stopped (the fixture stops the rest)."""
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+    def stopService(self) -> Deferred[None]:
         return succeed(None)
 
 
