@@ -159,6 +159,8 @@ class Subscription:
     terminating: str | None = None
     done: bool = False
     notified: list[int] = field(default_factory=list)
+    #: The state last sent, without its version: an unchanged state is not re-sent.
+    last_state: bytes | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -390,13 +392,31 @@ class SubscriptionManager:
         while True:
             subscription.again = False
             package = self.packages[subscription.event]
-            subscription.version += 1
+            version = subscription.version + 1
+            resource = subscription.grant.resource
             try:
-                body, gone = await package.state(subscription.grant.resource, subscription.version)
+                # Version 0 renders the state alone, for comparison with the last one sent.
+                state, gone = await package.state(resource, 0)
+                body = b""
+                if gone is None and subscription.terminating is None:
+                    if state != subscription.last_state:
+                        body, gone = await package.state(resource, version)
+                else:
+                    body, gone = await package.state(resource, version)
             except Exception:
                 self.log.failure("{event} state failed", event=subscription.event)
-                body, gone = b"", "noresource"
+                state, body, gone = b"", b"", "noresource"
             reason = subscription.terminating or gone
+            if reason is None and state == subscription.last_state:
+                # RFC 6665 §4.2.2: NOTIFY reports changes; this subscriber's state
+                # did not change (another consent of the recipient did, or a second
+                # store event of the same grant).
+                if subscription.again:
+                    continue
+                subscription.busy = False
+                return
+            subscription.version = version
+            subscription.last_state = state
             request = self._build_notify(subscription, package.content_type, body, reason)
             if reason is not None:
                 self._remove(subscription)

@@ -19,6 +19,7 @@ class Package:
 
     def __init__(self) -> None:
         self.gone: str | None = None
+        self.value = "a"
 
     async def authorize(self, request: SIPRequest, subscriber: str) -> Grant:
         if subscriber != "sip:alice@x.test":
@@ -26,7 +27,7 @@ class Package:
         return Grant("r1", frozenset({"k"}))
 
     async def state(self, resource: str, version: int) -> tuple[bytes, str | None]:
-        return f"{resource} v{version}".encode(), self.gone
+        return f"{resource} {self.value} v{version}".encode(), self.gone
 
 
 class Recorder:
@@ -83,16 +84,17 @@ def setup() -> tuple[Clock, Recorder, SubscriptionManager, Package]:
 
 
 def test_subscribe_notifies_now_on_change_and_on_expiry(setup: Any) -> None:
-    clock, sender, manager, _ = setup
+    clock, sender, manager, package = setup
     ok = run(manager, subscribe(expires=99999))
     assert ok.status == 200 and ok.headers.get("expires") == "3600" and ok.to_tag
     clock.advance(0)
     (first,) = sender.sent
     assert first.headers.get("subscription-state") == "active;expires=3600"
     assert first.headers.get("from") == f"<sip:wp-1@relay.test>;tag={ok.to_tag}"
-    assert first.uri == SIPURI.parse("sip:alice@192.0.2.1:5070") and first.body == b"r1 v1"
+    assert first.uri == SIPURI.parse("sip:alice@192.0.2.1:5070") and first.body == b"r1 a v1"
+    package.value = "b"
     manager.resource_changed("wait-permission", "k")
-    assert sender.sent[-1].body == b"r1 v2" and sender.sent[-1].headers.get("cseq") == "2 NOTIFY"
+    assert sender.sent[-1].body == b"r1 b v2" and sender.sent[-1].headers.get("cseq") == "2 NOTIFY"
     clock.advance(3600)
     assert sender.sent[-1].headers.get("subscription-state") == "terminated;reason=timeout"
     assert manager.count == 0
@@ -132,3 +134,18 @@ def test_481_to_notify_ends_subscription_and_gone_resource_terminates(setup: Any
     clock.advance(0)
     assert sender.sent[-1].headers.get("subscription-state") == "terminated;reason=noresource"
     assert manager.count == 0
+
+
+def test_unchanged_state_is_not_notified_again(setup: Any) -> None:
+    clock, sender, manager, package = setup
+    run(manager, subscribe())
+    clock.advance(0)
+    assert len(sender.sent) == 1
+    # Two store events for one grant, or a change to another consent of the
+    # same recipient: nothing changed for this subscriber, so no NOTIFY.
+    manager.resource_changed("wait-permission", "k")
+    manager.resource_changed("wait-permission", "k")
+    assert len(sender.sent) == 1
+    package.value = "granted"
+    manager.resource_changed("wait-permission", "k")
+    assert len(sender.sent) == 2 and sender.sent[-1].body == b"r1 granted v2"
