@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from relayd.endpoints import (
     EndpointSpec,
@@ -166,6 +167,7 @@ def test_syntax_error_is_a_value_error() -> None:
     assert issubclass(EndpointSyntaxError, ValueError)
 
 
+@implementer(IOpenSSLContextFactory)
 class _ContextFactory:
     def __init__(self) -> None:
         self.specs: list[EndpointSpec] = []
