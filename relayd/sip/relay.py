@@ -228,8 +228,10 @@ class ConsentRelay:
         if not members:
             raise SIPStatus(480, "Empty List")
         missing = await self.cache.missing(sender, list_uri, members, request.method)
+        # Per-request outcomes are debug events: at thousands of requests a second
+        # an info line each would cost more than the request (see docs/performance.md).
         if missing:
-            self.log.info(
+            self.log.debug(
                 "470 to {user} for {uri}: {count} of {total} members lack permission",
                 user=sender,
                 uri=list_uri,
@@ -250,7 +252,7 @@ class ConsentRelay:
         status, reason, _ = await self.proxy.fork(
             members, lambda branch: self._relayed(request, branch, sender, list_uri, max_forwards)
         )
-        self.log.info(
+        self.log.debug(
             "{method} from {user} via {uri} relayed to {count} members: {code}",
             method=request.method,
             user=sender,
@@ -300,7 +302,7 @@ class ConsentRelay:
 
         d = self.proxy.fork(recipients, build)
         d.addCallback(
-            lambda result: self.log.info(
+            lambda result: self.log.debug(
                 "exploded {method} from {user} to {count} recipients: {code}",
                 method=request.method,
                 user=sender,

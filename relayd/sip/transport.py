@@ -17,6 +17,7 @@ still build a response (``SIPParseError.partial``), otherwise dropped with a ``w
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,17 @@ class SIPDatagramProtocol(DatagramProtocol):
         self.layer = layer
 
     def startProtocol(self) -> None:
+        # The default socket buffer (~208 KiB) overflows under the 200s coming back
+        # from a fan-out; the kernel caps the request at net.core.rmem_max.
+        transport: Any = self.transport
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if handle is not None:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    handle.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_BYTES)
+                except OSError:
+                    pass
         self.layer._udp_started(self)
 
     def stopProtocol(self) -> None:
@@ -644,6 +656,9 @@ class SIPUDPService(UDPServer):
     @property
     def port(self) -> Any:
         return self._port
+
+
+UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 def udp_service(reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol) -> SIPUDPService:
