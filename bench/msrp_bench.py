@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench.daemon import spawn_twistd, stop_async
 from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.testing import RelayPKI, make_pki, write_users
 
@@ -270,19 +271,9 @@ class RelayProcess:
     async def start(self) -> None:
         config = self.write_config()
         self.log_path = self.folder / "relayd.log"
-        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-        if self.profile:
-            command += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
-        command += ["-n", "--pidfile=", "msrprelay", "--config", str(config)]
-        with open(self.log_path, "wb") as output:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=str(REPO),
-                preexec_fn=_raise_nofile,
-            )
+        self.process = spawn_twistd(
+            config, self.log_path, REPO, self.profile, preexec_fn=_raise_nofile
+        )
         deadline = time.monotonic() + 30
         pattern = re.compile(rb"MSRP listening on (ssl|tcp):127\.0\.0\.1:(\d+)")
         while time.monotonic() < deadline:
@@ -298,16 +289,7 @@ class RelayProcess:
         raise RuntimeError(f"relayd did not start:\n{tail}")
 
     async def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        for _ in range(300):
-            if process.poll() is not None:
-                return
-            await asyncio.sleep(0.05)
-        process.kill()
-        process.wait(5)
+        await stop_async(self.process)
 
 
 @dataclass
@@ -353,16 +335,7 @@ class PipeProcess:
         raise RuntimeError(f"pipe did not start: {log_path.read_text(errors='replace')[-2000:]}")
 
     async def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        for _ in range(100):
-            if process.poll() is not None:
-                return
-            await asyncio.sleep(0.05)
-        process.kill()
-        process.wait(5)
+        await stop_async(self.process)
 
 
 @dataclass

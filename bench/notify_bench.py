@@ -36,7 +36,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
+from bench.daemon import spawn_twistd, stop_async
 from relayd.sip.auth import client_authorization
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import parse_datagram
@@ -175,12 +175,7 @@ class Relay:
 
     async def start(self) -> None:
         config = self.write_config()
-        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-        command += ["-n", "--pidfile=", "msrprelay", "--config", str(config)]
-        with open(self.log_path, "wb") as output:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=REPO
-            )
+        self.process = spawn_twistd(config, self.log_path, REPO)
         xcap = re.compile(rb"XCAP listening on ssl:127\.0\.0\.1:(\d+)")
         sip = re.compile(rb"SIP listening on udp:127\.0\.0\.1:(\d+)")
         deadline = time.monotonic() + 30
@@ -202,16 +197,7 @@ class Relay:
         )
 
     async def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        for _ in range(200):
-            if process.poll() is not None:
-                return
-            await asyncio.sleep(0.05)
-        process.kill()
-        process.wait(5)
+        await stop_async(self.process)
 
     def log_problems(self) -> dict[str, Any]:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.daemon import spawn_twistd, stop_sync
 from relayd.sip.auth import client_authorization
 from relayd.testing import RelayPKI, make_pki, write_users
 
@@ -123,17 +124,6 @@ def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(sig)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-
-
 # -- the relay --------------------------------------------------------------------------
 
 
@@ -186,18 +176,7 @@ class Relay:
             encoding="utf-8",
         )
         self.log_path = self.folder / "relayd.log"
-        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-        if self.profile:
-            command += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
-        command += ["-n", "--pidfile=", "msrprelay", "--config", str(config)]
-        with open(self.log_path, "wb") as output:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=str(REPO),
-            )
+        self.process = spawn_twistd(config, self.log_path, REPO, self.profile)
         deadline = time.monotonic() + 30
         xcap = re.compile(rb"XCAP listening on ssl:127\.0\.0\.1:(\d+)")
         while time.monotonic() < deadline:
@@ -213,7 +192,7 @@ class Relay:
         raise RuntimeError(f"relayd did not start:\n{self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        stop_process(self.process)
+        stop_sync(self.process)
 
     def wait_idle(self, limit: float = 35.0) -> float:
         """Until the relay uses < 2 % CPU over 1 s (backlog drained, and the client
@@ -383,9 +362,9 @@ class Sinks:
 
     def stop(self) -> dict[str, int]:
         for process in self.processes.values():
-            stop_process(process, signal.SIGUSR1)
+            stop_sync(process, signal.SIGUSR1)
         for process in self.processes.values():
-            stop_process(process)
+            stop_sync(process)
         totals = {"created": 0, "answered": 0, "retransmissions": 0, "dead_call_msgs": 0}
         totals["out_of_call_msgs"] = 0
         for member in self.processes:

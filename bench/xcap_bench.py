@@ -28,7 +28,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import ssl
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.daemon import spawn_twistd, stop_async
 from relayd.config import SCHEMA
 from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.testing import RelayPKI, make_pki, write_users
@@ -98,12 +98,7 @@ class Relay:
     async def start(self) -> None:
         config = self.write_config()
         log_path = self.folder / "relayd.log"
-        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-        command += ["-n", "--pidfile=", "msrprelay", "--config", str(config)]
-        with open(log_path, "wb") as output:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=REPO
-            )
+        self.process = spawn_twistd(config, log_path, REPO)
         pattern = re.compile(rb"XCAP listening on ssl:127\.0\.0\.1:(\d+)")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -118,16 +113,7 @@ class Relay:
         raise RuntimeError("relayd did not start:\n" + log_path.read_text(errors="replace")[-2000:])
 
     async def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        for _ in range(200):
-            if process.poll() is not None:
-                return
-            await asyncio.sleep(0.05)
-        process.kill()
-        process.wait(5)
+        await stop_async(self.process)
 
 
 @dataclass
