@@ -167,6 +167,7 @@ class SIPDatagramProtocol(DatagramProtocol):
 
     def __init__(self, layer: SIPTransportLayer) -> None:
         self.layer = layer
+        self._local: tuple[str, int] | None = None
 
     def startProtocol(self) -> None:
         # The default socket buffer (~208 KiB) overflows under the 200s coming back
@@ -183,6 +184,7 @@ class SIPDatagramProtocol(DatagramProtocol):
         self.layer._udp_started(self)
 
     def stopProtocol(self) -> None:
+        self._local = None
         self.layer._udp_stopped(self)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
@@ -206,8 +208,12 @@ class SIPDatagramProtocol(DatagramProtocol):
         self.transport.write(data, (host, port))
 
     def local_host_port(self) -> tuple[str, int]:
-        address: Any = self.transport.getHost()  # type: ignore[union-attr]
-        return address.host, address.port
+        """The bound address; fixed while listening, so asked of the socket once."""
+        local = self._local
+        if local is None:
+            address: Any = self.transport.getHost()  # type: ignore[union-attr]
+            local = self._local = (address.host, address.port)
+        return local
 
 
 class SIPStreamProtocol(Protocol):
