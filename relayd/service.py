@@ -158,6 +158,14 @@ def _generate_user(users: UsersFile, data_dir: Path, realm: str) -> None:
     )
 
 
+async def stop_listening(ports: list[Any]) -> None:
+    """Stop every listener, waiting for those that close asynchronously."""
+    for port in ports:
+        stopped = port.stopListening()
+        if stopped is not None:
+            await stopped
+
+
 def listener_identity(prepared: Prepared, spec: EndpointSpec) -> ServerIdentity:
     """The certificate for an ``ssl:`` listener: its own keys if given, else the relay's."""
     if "certKey" in spec.options or "privateKey" in spec.options:
@@ -217,10 +225,7 @@ class MSRPService(Service):
     async def _stop(self) -> None:
         self.relay.stop()
         ports, self.ports = self.ports, []
-        for port in ports:
-            stopped = port.stopListening()
-            if stopped is not None:
-                await stopped
+        await stop_listening(ports)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -307,10 +312,7 @@ class XCAPService(Service):
     async def _stop(self) -> None:
         ports, self.ports = self.ports, []
         try:
-            for port in ports:
-                stopped = port.stopListening()
-                if stopped is not None:
-                    await stopped
+            await stop_listening(ports)
         finally:
             await self.store.close()
 
@@ -423,10 +425,7 @@ class SIPService(Service):
         self.registrar.stop()
         self.transport.close_connections()
         ports, self.ports = self.ports, []
-        for port in ports:
-            stopped = port.stopListening()
-            if stopped is not None:
-                await stopped
+        await stop_listening(ports)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
