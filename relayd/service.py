@@ -424,6 +424,8 @@ class SIPService(Service):
         self.relay.stop()
         self.registrar.stop()
         self.transport.close_connections()
+        if self.transport.transactions is not None:
+            self.transport.transactions.stop()
         ports, self.ports = self.ports, []
         await stop_listening(ports)
 

@@ -27,6 +27,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -49,7 +50,12 @@ from relayd.sip.urilist import (
 )
 from relayd.tokens import new_token, redact
 from relayd.xcap.errors import XCAPError
-from relayd.xcap.policy import is_permitted, normalize_identity, now_from_clock
+from relayd.xcap.policy import (
+    is_permitted,
+    normalize_identity,
+    now_from_clock,
+    validity_boundaries,
+)
 from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.xcap.usages import CONSENT_RULES_AUID, RESOURCE_LISTS_AUID
 from relayd.xcap.xml import parse_document
@@ -65,6 +71,7 @@ __all__ = [
 ]
 
 CONSENT_PREFIX = "consent-"
+MAX_CACHED_URIS = 4096
 WAIT_PREFIX = "wp-"
 
 
@@ -74,15 +81,23 @@ class ConsentURIs:
     def __init__(self, domain: str, key: bytes | None = None) -> None:
         self.domain = domain
         self._key = key or secrets.token_bytes(32)
+        # Every relayed copy and every 470 names these; the MAC makes them worth keeping.
+        self._minted: dict[tuple[str, str], str] = {}
 
     def _mac(self, payload: str) -> str:
         digest = hmac.new(self._key, payload.encode("utf-8"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest[:12]).decode("ascii")
 
     def consent_uri(self, list_uri: str, member: str) -> str:
-        payload = base64.urlsafe_b64encode(f"{list_uri}\n{member}".encode()).decode("ascii")
-        payload = payload.rstrip("=")
-        return f"sip:{CONSENT_PREFIX}{payload}.{self._mac(payload)}@{self.domain}"
+        uri = self._minted.get((list_uri, member))
+        if uri is None:
+            payload = base64.urlsafe_b64encode(f"{list_uri}\n{member}".encode()).decode("ascii")
+            payload = payload.rstrip("=")
+            uri = f"sip:{CONSENT_PREFIX}{payload}.{self._mac(payload)}@{self.domain}"
+            if len(self._minted) >= MAX_CACHED_URIS:
+                self._minted.clear()
+            self._minted[(list_uri, member)] = uri
+        return uri
 
     def parse_consent_user(self, user: str | None) -> tuple[str, str] | None:
         """``(list_uri, member)`` of a consent URI's user part, None when not ours/forged."""
@@ -113,6 +128,9 @@ def identity_key(uri: str) -> str:
     return normalize_identity(uri)
 
 
+MAX_CACHED_DECISIONS = 1024
+"""Per recipient: (sender, list, method) answers kept between document changes."""
+
 RecipientObserver = Callable[[str], object]
 
 
@@ -130,6 +148,9 @@ class PermissionCache:
         self._dirty: set[str] = set()
         self._updating: dict[str, Deferred[None]] = {}
         self._observers: list[RecipientObserver] = []
+        # recipient key -> {(sender, list, method): permitted}, valid until _valid_until.
+        self._decisions: dict[str, dict[tuple[str, str, str], bool]] = {}
+        self._valid_until: dict[str, float] = {}
 
     def add_observer(self, observer: RecipientObserver) -> None:
         """``observer(recipient_key)`` after that recipient's documents changed."""
@@ -183,6 +204,7 @@ class PermissionCache:
         self._notify(key)
 
     def _notify(self, key: str) -> None:
+        self._forget_decisions(key)
         for observer in list(self._observers):
             try:
                 observer(key)
@@ -214,6 +236,7 @@ class PermissionCache:
                         docs[f"{recipient}\0{name}"] = root
             if key not in self._dirty:
                 self._docs[key] = docs
+                self._forget_decisions(key)
                 return
 
     async def rulesets(self, recipient: str) -> list[etree._Element]:
@@ -242,6 +265,56 @@ class PermissionCache:
             docs = self._docs.get(key, {})
         return list(docs.values())
 
+    def _forget_decisions(self, key: str) -> None:
+        self._decisions.pop(key, None)
+        self._valid_until.pop(key, None)
+
+    def permitted_now(self, sender: str, list_uri: str, recipient: str, method: str) -> bool | None:
+        """The decision without waiting, or ``None`` when the documents of ``recipient``
+        are not loaded (or an update is in flight): then :meth:`permitted` must be used.
+
+        Decisions are cached per recipient until a document changes or the clock passes
+        the next ``cp:validity`` boundary of the recipient's documents, so the answer is
+        always the one a fresh evaluation would give.
+        """
+        key = identity_key(recipient)
+        if key in self._updating:
+            return None
+        docs = self._docs.get(key)
+        if docs is None:
+            return None
+        seconds = self.clock.seconds()
+        decisions = self._decisions.get(key)
+        if decisions is None or seconds >= self._valid_until[key]:
+            decisions = self._decisions[key] = {}
+            self._valid_until[key] = min(
+                (b for root in docs.values() for b in validity_boundaries(root) if b > seconds),
+                default=math.inf,
+            )
+        question = (sender, list_uri, method)
+        answer = decisions.get(question)
+        if answer is None:
+            if len(decisions) >= MAX_CACHED_DECISIONS:
+                decisions.clear()
+            now = now_from_clock(self.clock)
+            answer = decisions[question] = any(
+                is_permitted(root, sender, list_uri, method, now) for root in docs.values()
+            )
+        return answer
+
+    def missing_now(
+        self, sender: str, list_uri: str, members: Sequence[str], method: str
+    ) -> list[str] | None:
+        """:meth:`missing` without waiting, or ``None`` if some documents must be loaded."""
+        out: list[str] = []
+        for member in members:
+            answer = self.permitted_now(sender, list_uri, member, method)
+            if answer is None:
+                return None
+            if not answer:
+                out.append(member)
+        return out
+
     async def permitted(self, sender: str, list_uri: str, recipient: str, method: str) -> bool:
         """RFC 4745 evaluation over every document of ``recipient`` (policy.is_permitted)."""
         now = now_from_clock(self.clock)
@@ -254,6 +327,9 @@ class PermissionCache:
         self, sender: str, list_uri: str, members: Sequence[str], method: str
     ) -> list[str]:
         """Members that have not permitted ``sender`` to reach them via ``list_uri``."""
+        known = self.missing_now(sender, list_uri, members, method)
+        if known is not None:
+            return known
         return [m for m in members if not await self.permitted(sender, list_uri, m, method)]
 
 
@@ -498,7 +574,20 @@ def consent_needed(
     Each URI is a relay-local consent URI for one member; the body and the
     ``Permission-Missing`` header carry the same URIs (consent spec §(a) step 2).
     """
-    targets = [uris.consent_uri(list_uri, member) for member in missing]
-    headers = [("Permission-Missing", ", ".join(f"<{t}>" for t in targets))]
-    headers.append(("Content-Type", RESOURCE_LISTS_MIME_TYPE))
-    return make_response(request, 470, headers=headers, body=build_uri_list(targets))
+    targets = tuple(uris.consent_uri(list_uri, member) for member in missing)
+    built = _CONSENT_NEEDED.get(targets)
+    if built is None:
+        # A sender retrying without permission gets the same answer every time.
+        built = (", ".join(f"<{t}>" for t in targets), build_uri_list(list(targets)))
+        if len(_CONSENT_NEEDED) >= MAX_CACHED_URIS:
+            _CONSENT_NEEDED.clear()
+        _CONSENT_NEEDED[targets] = built
+    missing_header, body = built
+    headers = [
+        ("Permission-Missing", missing_header),
+        ("Content-Type", RESOURCE_LISTS_MIME_TYPE),
+    ]
+    return make_response(request, 470, headers=headers, body=body)
+
+
+_CONSENT_NEEDED: dict[tuple[str, ...], tuple[str, bytes]] = {}

@@ -131,12 +131,21 @@ def header_key(name: str) -> str:
     return COMPACT_FORMS.get(key, key) if len(key) == 1 else key
 
 
+_CANONICAL_CACHE: dict[str, str] = {}
+_CANONICAL_CACHE_SIZE = 512
+
+
 def canonical_name(key: str) -> str:
     """Wire spelling for a lookup key: ``call-id`` → ``Call-ID``, ``x-foo`` → ``X-Foo``."""
-    special = _CANONICAL_SPECIAL.get(key)
-    if special is not None:
-        return special
-    return "-".join(part.capitalize() for part in key.split("-"))
+    name = _CANONICAL_CACHE.get(key)
+    if name is not None:
+        return name
+    name = _CANONICAL_SPECIAL.get(key)
+    if name is None:
+        name = "-".join(part.capitalize() for part in key.split("-"))
+    if len(_CANONICAL_CACHE) < _CANONICAL_CACHE_SIZE:
+        _CANONICAL_CACHE[key] = name
+    return name
 
 
 def split_header_values(value: str) -> list[str]:
@@ -144,6 +153,9 @@ def split_header_values(value: str) -> list[str]:
     if "," not in value:
         stripped = value.strip()
         return [stripped] if stripped else []
+    if '"' not in value and "<" not in value:
+        # Every comma separates values (the usual multi-value Via row): no scan needed.
+        return [p for p in (part.strip() for part in value.split(",")) if p]
     parts: list[str] = []
     start = 0
     in_quotes = False
@@ -306,6 +318,10 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
     return host, port
 
 
+_VIA_CACHE: dict[str, Via] = {}
+_VIA_CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Via:
     """One Via value (RFC 3261 §20.42, rport per RFC 3581)."""
@@ -319,7 +335,22 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Self:
-        """Parse one via-parm; LWS is allowed around ``/``, ``:``, ``;`` and ``=``."""
+        """Parse one via-parm; LWS is allowed around ``/``, ``:``, ``;`` and ``=``.
+
+        A relay reads the same top Via several times per message (transport, transaction
+        matching, response routing), so recent results are remembered by their text.
+        """
+        cached = _VIA_CACHE.get(text)
+        if cached is not None and type(cached) is cls:
+            return cached
+        via = cls._parse(text)
+        if len(_VIA_CACHE) >= _VIA_CACHE_SIZE:
+            _VIA_CACHE.clear()
+        _VIA_CACHE[text] = via
+        return via
+
+    @classmethod
+    def _parse(cls, text: str) -> Self:
         sent, semi, param_text = text.partition(";")
         parts = sent.split("/", 2)
         if len(parts) != 3:
@@ -539,6 +570,13 @@ class _MessageHelpers:
     @property
     def via(self) -> Via:
         """The top Via (the one transactions match on); raises when missing or malformed."""
+        rows = self.headers._fields.get("via")
+        if rows:
+            top = rows[0]
+            if "," not in top:  # one value per row, as nearly everyone sends them
+                top = top.strip()
+                if top:
+                    return Via.parse(top)
         value = self.headers.get("via")
         if value is None:
             raise SIPHeaderError("missing Via")

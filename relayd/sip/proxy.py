@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayd.sip.message import SIPRequest, SIPResponse, make_response
 from relayd.sip.registrar import Registrar
@@ -25,6 +26,9 @@ from relayd.sip.uas import LoopDetector
 from relayd.sip.uri import SIPURI, SIPURIError
 
 __all__ = ["Branch", "Proxy", "SendRequest", "select_best"]
+
+MAX_CACHED_MEMBERS = 4096
+"""Member URIs kept parsed between requests."""
 
 SendRequest = Callable[[SIPRequest, Target], "Deferred[SIPResponse]"]
 
@@ -81,28 +85,68 @@ class Proxy:
         self.registrar = registrar
         self.is_local = is_local
         self.loop_detector = loop_detector
+        self._members: dict[str, SIPURI | None] = {}
+
+    def _member_uri(self, member: str) -> SIPURI | None:
+        """``member`` parsed (``None`` when it is no SIP URI); list members repeat."""
+        try:
+            return self._members[member]
+        except KeyError:
+            pass
+        try:
+            uri: SIPURI | None = SIPURI.parse(member)
+        except SIPURIError:
+            uri = None
+        if len(self._members) >= MAX_CACHED_MEMBERS:
+            self._members.clear()
+        self._members[member] = uri
+        return uri
 
     def is_online(self, member: str) -> bool:
         """Whether ``member`` can be reached now: registered if ours, always if remote."""
-        try:
-            uri = SIPURI.parse(member)
-        except SIPURIError:
+        uri = self._member_uri(member)
+        if uri is None:
             return False
         if self.is_local(uri):
             return self.registrar is not None and self.registrar.is_online(uri.aor)
         return True
 
-    async def branches(self, member: str) -> list[Branch]:
-        """Targets for ``member``: every registered contact (ours) or the URI itself."""
-        try:
-            uri = SIPURI.parse(member)
-        except SIPURIError:
-            return [Branch(member, SIPURI("sip", "invalid"), None)]
+    def _contact_uris(self, member: str) -> list[SIPURI] | None:
+        uri = self._member_uri(member)
+        if uri is None:
+            return None
         if self.is_local(uri):
             contacts = self.registrar.contacts(uri.aor) if self.registrar is not None else []
-            uris = [binding.uri for binding in contacts]
-        else:
-            uris = [uri]
+            return [binding.uri for binding in contacts]
+        return [uri]
+
+    def _branch(self, member: str, uri: SIPURI, targets: list[Target] | None) -> Branch:
+        return Branch(member, uri, targets[0] if targets else None)
+
+    def branches_now(self, member: str) -> list[Branch] | None:
+        """:meth:`branches` when no DNS lookup is needed, else ``None``."""
+        uris = self._contact_uris(member)
+        if uris is None:
+            return [Branch(member, SIPURI("sip", "invalid"), None)]
+        out: list[Branch] = []
+        for each in uris:
+            try:
+                targets = self.resolver.resolve_now(each)
+            except ResolveError as e:
+                self.log.warn("cannot resolve {uri}: {reason}", uri=each.aor, reason=str(e))
+                out.append(Branch(member, each, None))
+                continue
+            if targets is None:
+                return None
+            out.append(self._branch(member, each, targets))
+        return out
+
+    async def branches(self, member: str) -> list[Branch]:
+        """Targets for ``member``: every registered contact (ours) or the URI itself."""
+        known = self.branches_now(member)
+        if known is not None:
+            return known
+        uris = self._contact_uris(member) or []
         out: list[Branch] = []
         for each in uris:
             try:
@@ -111,34 +155,61 @@ class Proxy:
                 self.log.warn("cannot resolve {uri}: {reason}", uri=each.aor, reason=str(e))
                 out.append(Branch(member, each, None))
                 continue
-            out.append(Branch(member, each, targets[0]))
+            out.append(self._branch(member, each, targets))
         return out
 
-    def forward_copy(self, request: SIPRequest, uri: SIPURI, max_forwards: int) -> SIPRequest:
-        """§16.6 steps 1-8 on a copy of ``request`` for one branch."""
+    def forward_copy(
+        self,
+        request: SIPRequest,
+        uri: SIPURI,
+        max_forwards: int,
+        loop_hash: str | None = None,
+    ) -> SIPRequest:
+        """§16.6 steps 1-8 on a copy of ``request`` for one branch.
+
+        ``loop_hash`` is :meth:`LoopDetector.loop_hash` of ``request``, computed once
+        by a caller that forks the same request to many branches.
+        """
         headers = request.headers.copy()
-        headers.remove("proxy-authorization")  # ours; never passed downstream (§22.3)
-        headers.remove("route")
-        headers.set("Max-Forwards", str(max_forwards))
+        fields = headers._fields
+        fields.pop("proxy-authorization", None)  # ours; never passed downstream (§22.3)
+        fields.pop("route", None)
+        fields["max-forwards"] = [str(max_forwards)]
         detector = self.loop_detector
-        branch = detector.branch(request) if detector is not None else new_branch()
+        if detector is None:
+            branch = new_branch()
+        elif loop_hash is None:
+            branch = detector.branch(request)
+        else:
+            branch = detector.branch_for(loop_hash)
         headers.add_first("Via", f"SIP/2.0/UDP 0.0.0.0;branch={branch}")
         return SIPRequest(request.method, uri, headers, request.body)
 
-    async def _one(self, branch: Branch, build: Callable[[Branch], SIPRequest]) -> SIPResponse:
-        request = build(branch)
-        if branch.target is None:
-            return make_response(request, 404 if branch.uri.host == "invalid" else 503)
+    def _one(self, branch: Branch, build: Callable[[Branch], SIPRequest]) -> Deferred[SIPResponse]:
         try:
-            return await self.send(request, branch.target)
+            request = build(branch)
+        except Exception:
+            self.log.failure("building the request for {uri} failed", uri=branch.member)
+            return defer.succeed(SIPResponse(500, "Server Internal Error"))
+        if branch.target is None:
+            return defer.succeed(
+                make_response(request, 404 if branch.uri.host == "invalid" else 503)
+            )
+        try:
+            d = self.send(request, branch.target)
         except Exception as e:
+            d = defer.fail(e)
+
+        def failed(failure: Failure) -> SIPResponse:
             self.log.warn(
                 "sending {method} to {peer} failed: {reason}",
                 method=request.method,
                 peer=str(branch.target),
-                reason=str(e),
+                reason=str(failure.value),
             )
             return make_response(request, 503)
+
+        return d.addErrback(failed)
 
     def fork(
         self,
@@ -152,37 +223,67 @@ class Proxy:
         ended; the list holds the responses seen until then. A member without any
         target (offline) counts as ``offline_status``.
         """
+        per_member: list[list[Branch]] = []
+        for member in members:
+            known = self.branches_now(member)
+            if known is None:
+                return self._fork_after_lookup(members, build, offline_status)
+            per_member.append(known)
+        return self._launch(members, per_member, build, offline_status)
+
+    def _fork_after_lookup(
+        self,
+        members: Sequence[str],
+        build: Callable[[Branch], SIPRequest],
+        offline_status: int,
+    ) -> Deferred[tuple[int, str, list[SIPResponse]]]:
+        async def lookup() -> list[list[Branch]]:
+            return [await self.branches(member) for member in members]
+
+        d = defer.ensureDeferred(lookup())
+        return d.addCallback(lambda found: self._launch(members, found, build, offline_status))
+
+    def _launch(
+        self,
+        members: Sequence[str],
+        per_member: Sequence[Sequence[Branch]],
+        build: Callable[[Branch], SIPRequest],
+        offline_status: int,
+    ) -> Deferred[tuple[int, str, list[SIPResponse]]]:
         result: Deferred[tuple[int, str, list[SIPResponse]]] = Deferred()
         responses: list[SIPResponse] = []
+        outstanding = [0]
 
-        async def run() -> None:
-            per_member = [await self.branches(member) for member in members]
-            pending: list[Deferred[SIPResponse]] = []
-            for member, branches in zip(members, per_member, strict=True):
-                if not branches:
-                    responses.append(SIPResponse(offline_status, "Temporarily Unavailable"))
-                    self.log.info("member {uri} is offline", uri=member)
-                for branch in branches:
-                    pending.append(defer.ensureDeferred(self._one(branch, build)))
-            for d in pending:
-                d.addCallback(seen)
-            if pending:
-                await defer.DeferredList(pending, consumeErrors=True)
+        def settle() -> None:
             if not result.called:
                 result.callback((*select_best(responses), list(responses)))
 
-        def seen(response: SIPResponse) -> SIPResponse:
+        def seen(response: SIPResponse) -> None:
             responses.append(response)
-            if 200 <= response.status < 300 and not result.called:
+            outstanding[0] -= 1
+            if result.called:
+                return
+            if 200 <= response.status < 300:
                 result.callback((response.status, response.reason, list(responses)))
-            return response
+            elif outstanding[0] == 0:
+                settle()
 
-        d = defer.ensureDeferred(run())
+        def lost(failure: Failure) -> None:
+            outstanding[0] -= 1
+            self.log.failure("fork branch failed", failure)
+            if outstanding[0] == 0:
+                settle()
 
-        def failed(failure: object) -> None:
-            self.log.failure("fork failed", failure)  # type: ignore[arg-type]
-            if not result.called:
-                result.callback((500, "Server Internal Error", list(responses)))
-
-        d.addErrback(failed)
+        launched: list[Deferred[SIPResponse]] = []
+        for member, branches in zip(members, per_member, strict=True):
+            if not branches:
+                responses.append(SIPResponse(offline_status, "Temporarily Unavailable"))
+                self.log.info("member {uri} is offline", uri=member)
+            for branch in branches:
+                outstanding[0] += 1
+                launched.append(self._one(branch, build))
+        if not launched:
+            settle()
+        for d in launched:
+            d.addCallbacks(seen, lost)
         return result

@@ -27,6 +27,7 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -63,6 +64,7 @@ from relayd.sip.transport import SIPTransportLayer, Source
 from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
 from relayd.sip.urilist import (
+    RecipientList,
     TooManyEntries,
     URIListError,
     parse_recipient_list,
@@ -83,6 +85,18 @@ def _destination(source: object) -> Target:
     if isinstance(source, Target):
         return source
     raise ValueError(f"no destination for {source!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    """A MESSAGE that passed authentication, waiting for its permission decision."""
+
+    request: SIPRequest
+    sender: str
+    list_uri: str
+    members: Sequence[str]
+    recipients: RecipientList | None
+    max_forwards: int
 
 
 class ConsentRelay:
@@ -195,7 +209,11 @@ class ConsentRelay:
 
     # -- MESSAGE ------------------------------------------------------------------------
 
-    async def handle_message(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+    def handle_message(
+        self, txn: ServerTransaction, request: SIPRequest
+    ) -> SIPResponse | defer.Deferred[SIPResponse]:
+        """Synchronous whenever the permissions are cached and the members need no DNS,
+        which is every request of a steady load."""
         content_type = request.headers.get("content-type") or ""
         target = self.directory.lookup(request.uri)
         recipients = None
@@ -227,7 +245,17 @@ class ConsentRelay:
             raise SIPStatus(403, "List Too Large")
         if not members:
             raise SIPStatus(480, "Empty List")
-        missing = await self.cache.missing(sender, list_uri, members, request.method)
+        delivery = _Delivery(request, sender, list_uri, members, recipients, max_forwards)
+        missing = self.cache.missing_now(sender, list_uri, members, request.method)
+        if missing is None:
+            d = defer.ensureDeferred(self.cache.missing(sender, list_uri, members, request.method))
+            return d.addCallback(lambda found: self._deliver(delivery, found))
+        return self._deliver(delivery, missing)
+
+    def _deliver(
+        self, delivery: _Delivery, missing: list[str]
+    ) -> SIPResponse | defer.Deferred[SIPResponse]:
+        request, sender, list_uri = delivery.request, delivery.sender, delivery.list_uri
         # Per-request outcomes are debug events: at thousands of requests a second
         # an info line each would cost more than the request (see docs/performance.md).
         if missing:
@@ -236,9 +264,10 @@ class ConsentRelay:
                 user=sender,
                 uri=list_uri,
                 count=len(missing),
-                total=len(members),
+                total=len(delivery.members),
             )
             return consent_needed(request, list_uri, missing, self.uris)
+        recipients = delivery.recipients
         if recipients is not None:
             self._explode(
                 request,
@@ -249,31 +278,44 @@ class ConsentRelay:
                 recipients.body,
             )
             return make_response(request, 202)
-        status, reason, _ = await self.proxy.fork(
-            members, lambda branch: self._relayed(request, branch, sender, list_uri, max_forwards)
-        )
-        self.log.debug(
-            "{method} from {user} via {uri} relayed to {count} members: {code}",
-            method=request.method,
-            user=sender,
-            uri=list_uri,
-            count=len(members),
-            code=status,
-        )
-        return make_response(request, status, reason)
+        detector = self.proxy.loop_detector
+        loop_hash = detector.loop_hash(request) if detector is not None else None
+        max_forwards = delivery.max_forwards
+
+        def build(branch: Branch) -> SIPRequest:
+            return self._relayed(request, branch, sender, list_uri, max_forwards, loop_hash)
+
+        def answer(result: tuple[int, str, list[SIPResponse]]) -> SIPResponse:
+            status, reason, _ = result
+            self.log.debug(
+                "{method} from {user} via {uri} relayed to {count} members: {code}",
+                method=request.method,
+                user=sender,
+                uri=list_uri,
+                count=len(delivery.members),
+                code=status,
+            )
+            return make_response(request, status, reason)
+
+        return self.proxy.fork(delivery.members, build).addCallback(answer)
 
     def _trigger_consent(self, member: str, list_uri: str) -> str:
         return f'<{self.uris.consent_uri(list_uri, member)}>;target-uri="{list_uri}"'
 
     def _relayed(
-        self, request: SIPRequest, branch: Branch, sender: str, list_uri: str, max_forwards: int
+        self,
+        request: SIPRequest,
+        branch: Branch,
+        sender: str,
+        list_uri: str,
+        max_forwards: int,
+        loop_hash: str | None = None,
     ) -> SIPRequest:
         """The proxied copy for one branch (§16.6 plus the consent headers)."""
-        copy = self.proxy.forward_copy(request, branch.uri, max_forwards)
-        copy.headers.remove("p-asserted-identity")
-        copy.headers.add("P-Asserted-Identity", f"<{sender}>")
-        copy.headers.remove("trigger-consent")
-        copy.headers.add("Trigger-Consent", self._trigger_consent(branch.member, list_uri))
+        copy = self.proxy.forward_copy(request, branch.uri, max_forwards, loop_hash)
+        fields = copy.headers._fields
+        fields["p-asserted-identity"] = [f"<{sender}>"]
+        fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]
         return copy
 
     def _explode(

@@ -177,6 +177,10 @@ def _empty(failure: Any, name: str, kind: str) -> list[SRVRecord]:
     return []
 
 
+MAX_CACHED_URIS = 4096
+"""Numeric URIs whose targets :meth:`SIPResolver.resolve_now` remembers."""
+
+
 class SIPResolver:
     """Turns a SIP URI into targets to try in order (RFC 3263 §4.3 failover).
 
@@ -194,6 +198,9 @@ class SIPResolver:
         self._dns = dns
         self.transports = tuple(transports)
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
+        # Keyed by what resolution reads, not by SIPURI equality (§19.1.4 equality
+        # ignores a transport parameter present on one side only).
+        self._numeric: dict[tuple[object, ...], list[Target]] = {}
 
     @property
     def dns(self) -> IDNSResolver:
@@ -216,20 +223,43 @@ class SIPResolver:
             return "TLS"
         return "UDP" if numeric_or_port else None
 
+    def resolve_now(self, uri: SIPURI) -> list[Target] | None:
+        """The targets of a URI that needs no DNS (a numeric host), else ``None``.
+
+        Registered contacts are nearly always numeric and are resolved for every relayed
+        request, so the answers are remembered.
+        """
+        key = (uri.scheme, uri.host, uri.port, uri.params)
+        known = self._numeric.get(key)
+        if known is not None:
+            return list(known)
+        host = uri.param("maddr") or uri.host
+        if not host or not is_numeric_host(host):
+            return None
+        transport = self._transport_for(uri, True)
+        assert transport is not None
+        if transport not in self.transports:
+            raise ResolveError(f"transport {transport} not available")
+        name = uri.host if transport == "TLS" or uri.scheme == "sips" else None
+        port = uri.port or DEFAULT_PORTS[transport]
+        targets = [Target(transport, ipaddress.ip_address(host).compressed, port, name)]
+        if len(self._numeric) >= MAX_CACHED_URIS:
+            self._numeric.clear()
+        self._numeric[key] = targets
+        return list(targets)
+
     async def resolve(self, uri: SIPURI) -> list[Target]:
         """Targets for ``uri`` (IPs only), most preferred first."""
         host = uri.param("maddr") or uri.host
         if not host:
             raise ResolveError(f"no host in {uri.aor}")
-        numeric = is_numeric_host(host)
-        transport = self._transport_for(uri, numeric or uri.port is not None)
+        known = self.resolve_now(uri)
+        if known is not None:
+            return known
+        transport = self._transport_for(uri, uri.port is not None)
         if transport is not None and transport not in self.transports:
             raise ResolveError(f"transport {transport} not available")
         name = uri.host if transport == "TLS" or uri.scheme == "sips" else None
-        if numeric:
-            assert transport is not None
-            port = uri.port or DEFAULT_PORTS[transport]
-            return [Target(transport, ipaddress.ip_address(host).compressed, port, name)]
         if uri.port is not None:
             assert transport is not None
             return self._finish(await self._addresses(host, transport, uri.port, name), uri)

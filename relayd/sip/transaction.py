@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from relayd.delayqueue import DelayQueue, QueuedCall
 from relayd.sip.message import (
     MAGIC_COOKIE,
     SIPHeaderError,
@@ -86,7 +87,11 @@ def new_branch() -> str:
     return MAGIC_COOKIE + secrets.token_urlsafe(16)
 
 
-def _cancel(call: IDelayedCall | None) -> None:
+Timer = IDelayedCall | QueuedCall
+"""A reactor call (variable delays) or a :class:`DelayQueue` entry (the fixed ones)."""
+
+
+def _cancel(call: Timer | None) -> None:
     if call is not None and call.active():
         call.cancel()
 
@@ -150,8 +155,8 @@ class ServerTransaction:
         self._retransmit_interval = layer.timers.t1_seconds
         self._timer_g: IDelayedCall | None = None
         self._timer_h: IDelayedCall | None = None
-        self._timer_i_or_j: IDelayedCall | None = None
-        self._deadline: IDelayedCall | None = None
+        self._timer_i_or_j: Timer | None = None
+        self._deadline: Timer | None = None
 
     @property
     def request(self) -> SIPRequest:
@@ -202,7 +207,7 @@ class ServerTransaction:
         After 64·T1 the client has given up anyway (Timer F/B). Armed only when the TU
         did not answer synchronously, which keeps the common path free of extra timers."""
         if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
-            self._deadline = self._layer.clock.callLater(
+            self._deadline = self._layer._after(
                 self._layer.timers.timeout_seconds, self._tu_deadline
             )
 
@@ -253,7 +258,7 @@ class ServerTransaction:
         if seconds <= 0:
             self._terminate()
         else:
-            self._timer_i_or_j = self._layer.clock.callLater(seconds, self._terminate)
+            self._timer_i_or_j = self._layer._after(seconds, self._terminate)
 
     def _terminate(self) -> None:
         if self.state is TransactionState.TERMINATED:
@@ -271,6 +276,7 @@ class ClientTransaction:
     a synthesized 408 on Timer F, or a synthesized 503 when the transport fails (§8.1.3.1)."""
 
     __slots__ = (
+        "_give_up_at",
         "_interval",
         "_key",
         "_layer",
@@ -303,15 +309,21 @@ class ClientTransaction:
         self.state = TransactionState.TRYING
         self.result: Deferred[SIPResponse] = Deferred(self._cancelled)
         self._interval = layer.timers.t1_seconds
-        self._timer_e: IDelayedCall | None = None
-        self._timer_f: IDelayedCall | None = None
-        self._timer_k: IDelayedCall | None = None
+        self._give_up_at = 0.0
+        self._timer_e: Timer | None = None
+        self._timer_f: Timer | None = None
+        self._timer_k: Timer | None = None
 
     def _start(self) -> None:
-        clock = self._layer.clock
-        self._timer_f = clock.callLater(self._layer.timers.timeout_seconds, self._timer_f_fired)
-        if not self.reliable:
-            self._timer_e = clock.callLater(self._interval, self._timer_e_fired)
+        layer = self._layer
+        timeout = layer.timers.timeout_seconds
+        if self.reliable:
+            self._timer_f = layer._after(timeout, self._timer_f_fired)
+        else:
+            # Over UDP Timer E keeps firing until the transaction ends, so it also
+            # checks Timer F: one timer per transaction instead of two.
+            self._give_up_at = layer.clock.seconds() + timeout
+            self._timer_e = layer._after(min(self._interval, timeout), self._timer_e_fired)
         self._transmit()
 
     def _transmit(self) -> None:
@@ -328,13 +340,18 @@ class ClientTransaction:
 
     def _timer_e_fired(self) -> None:
         self._timer_e = None
+        layer = self._layer
         if self.state is TransactionState.TRYING:
-            self._interval = min(2 * self._interval, self._layer.timers.t2_seconds)
+            self._interval = min(2 * self._interval, layer.timers.t2_seconds)
         elif self.state is TransactionState.PROCEEDING:
-            self._interval = self._layer.timers.t2_seconds
+            self._interval = layer.timers.t2_seconds
         else:
             return
-        self._timer_e = self._layer.clock.callLater(self._interval, self._timer_e_fired)
+        remaining = self._give_up_at - layer.clock.seconds()
+        if remaining <= 0:
+            self._timer_f_fired()
+            return
+        self._timer_e = layer._after(min(self._interval, remaining), self._timer_e_fired)
         self._transmit()
 
     def _timer_f_fired(self) -> None:
@@ -366,9 +383,7 @@ class ClientTransaction:
         if self.reliable:
             self._terminate()
         else:
-            self._timer_k = self._layer.clock.callLater(
-                self._layer.timers.t4_seconds, self._terminate
-            )
+            self._timer_k = self._layer._after(self._layer.timers.t4_seconds, self._terminate)
         self.result.callback(response)
 
     def _finish(self, synthesized: SIPResponse) -> None:
@@ -415,6 +430,27 @@ class TransactionLayer:
         self.overload_retry_after_seconds = overload_retry_after_seconds
         self._server: dict[Hashable, ServerTransaction] = {}
         self._client: dict[Hashable, ClientTransaction] = {}
+        # T1 (first Timer E), T4 (K, I) and 64·T1 (F on streams, J, TU deadline) are
+        # armed for nearly every transaction: one FIFO each (relayd.delayqueue).
+        self._queues = {
+            delay: DelayQueue(clock, delay)
+            for delay in (
+                self.timers.t1_seconds,
+                self.timers.t4_seconds,
+                self.timers.timeout_seconds,
+            )
+        }
+
+    def _after(self, seconds: float, function: Callable[[], object]) -> Timer:
+        queue = self._queues.get(seconds)
+        if queue is not None:
+            return queue.call(function)
+        return self.clock.callLater(seconds, function)
+
+    def stop(self) -> None:
+        """Drop every pending timer (the service is stopping)."""
+        for queue in self._queues.values():
+            queue.stop()
 
     @property
     def server_transaction_count(self) -> int:

@@ -61,6 +61,7 @@ from relayd.sip.parser import (
 )
 from relayd.sip.resolve import DEFAULT_PORTS, Target
 from relayd.sip.transaction import TransactionLayer
+from relayd.sip.uri import format_host, format_params
 
 __all__ = [
     "UDP_MAX_REQUEST_BYTES",
@@ -135,14 +136,16 @@ def apply_received(request: SIPRequest, host: str, port: int) -> Via:
     return via
 
 
-def _replace_top_via(message: SIPRequest | SIPResponse, via: Via) -> None:
-    headers = message.headers
-    rows = headers.get_raw("via")
-    values = split_header_values(rows[0])
-    values[0] = via.format()
-    headers.set("via", ", ".join(values))
-    for row in rows[1:]:
-        headers.add("via", row)
+def _replace_top_via(message: SIPRequest | SIPResponse, via: Via | str) -> None:
+    text = via if isinstance(via, str) else via.format()
+    rows = message.headers._fields["via"]
+    top = rows[0]
+    if "," not in top:
+        rows[0] = text
+        return
+    values = split_header_values(top)
+    values[0] = text
+    rows[0] = ", ".join(values)
 
 
 def response_address(via: Via) -> tuple[str, int]:
@@ -357,6 +360,8 @@ class SIPTransportLayer:
         self._pending: dict[ConnectionKey, list[bytes]] = {}
         self._waiters: dict[ConnectionKey, list[Deferred[SIPStreamProtocol]]] = {}
         self._listen_ports: dict[str, int] = {}
+        self._sent_by: dict[str, tuple[str, int]] = {}
+        self._prepared: tuple[SIPRequest, bytes] | None = None
 
     def attach(self, transactions: TransactionLayer) -> None:
         """Connect the transaction layer (built with ``send=self.send``)."""
@@ -373,6 +378,7 @@ class SIPTransportLayer:
     def set_listen_port(self, transport_name: str, port: int) -> None:
         """Record a stream listener's bound port for Via sent-by (UDP records its own)."""
         self._listen_ports[transport_name] = port
+        self._sent_by.clear()
 
     @property
     def stream_count(self) -> int:
@@ -380,6 +386,9 @@ class SIPTransportLayer:
 
     def sent_by(self, transport_name: str) -> tuple[str, int]:
         """Our Via sent-by for a transport (§18.1.1: where we listen for it)."""
+        known = self._sent_by.get(transport_name)
+        if known is not None:
+            return known
         port = self._listen_ports.get(transport_name)
         host = self.advertised_host
         if (port is None or host is None) and self._udp and self._udp[0].transport is not None:
@@ -388,7 +397,10 @@ class SIPTransportLayer:
             port = port or udp_port
         if host is None or host in ("0.0.0.0", "::", ""):  # noqa: S104 - a comparison
             host = "127.0.0.1"
-        return host, port or DEFAULT_PORTS.get(transport_name, 5060)
+        result = (host, port or DEFAULT_PORTS.get(transport_name, 5060))
+        if self._udp:  # stable until a listener comes or goes
+            self._sent_by[transport_name] = result
+        return result
 
     def own_sent_by(self) -> set[tuple[str, int | None]]:
         """Every sent-by we stamp, lower-cased as :attr:`Via.sent_by` (loop detection)."""
@@ -400,6 +412,7 @@ class SIPTransportLayer:
 
     def _udp_started(self, protocol: SIPDatagramProtocol) -> None:
         self._udp.append(protocol)
+        self._sent_by.clear()
         host, port = protocol.local_host_port()
         self._listen_ports.setdefault("UDP", port)
         self.log.info("SIP listening on udp:{host}:{port}", host=host, port=port)
@@ -407,6 +420,7 @@ class SIPTransportLayer:
     def _udp_stopped(self, protocol: SIPDatagramProtocol) -> None:
         if protocol in self._udp:
             self._udp.remove(protocol)
+        self._sent_by.clear()
 
     def _stream_opened(self, protocol: SIPStreamProtocol) -> None:
         assert protocol.key is not None
@@ -503,10 +517,13 @@ class SIPTransportLayer:
         size rule; returns the target actually used (UDP may become TCP)."""
         self._stamp_via(request, target.transport)
         if target.transport == "UDP":
-            size = len(request.to_bytes())
-            if size > self.udp_max_request_bytes:
+            data = request.to_bytes()
+            if len(data) > self.udp_max_request_bytes:
                 target = Target("TCP", target.host, target.port, target.server_name)
                 self._stamp_via(request, "TCP")
+            else:
+                # Sent right after this by the client transaction: serialise once.
+                self._prepared = (request, data)
         return target
 
     def _stamp_via(self, request: SIPRequest, transport_name: str) -> None:
@@ -517,7 +534,8 @@ class SIPTransportLayer:
             params = (*params, ("rport", None))
         elif transport_name != "UDP":
             params = tuple(p for p in params if p[0] != "rport")
-        _replace_top_via(request, Via(transport_name, host, port, params))
+        text = f"SIP/2.0/{transport_name} {format_host(host, port)}{format_params(params)}"
+        _replace_top_via(request, text)
 
     def request(
         self,
@@ -534,6 +552,8 @@ class SIPTransportLayer:
         if transactions is None:
             raise TransportError("no transaction layer attached")
         target = self.prepare_request(request, target)
+        if not target.reliable:
+            return transactions.client_request(request, target, False, on_provisional)
 
         async def run() -> SIPResponse:
             if target.reliable:
@@ -554,8 +574,13 @@ class SIPTransportLayer:
         return ensureDeferred(run())
 
     def _send_request(self, request: SIPRequest, target: Target) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is request:
+            self._send_to_target(prepared[1], target)
+            return
         if request.headers.get("via") is not None and request.via.transport != target.transport:
             target = self.prepare_request(request, target)
+            self._prepared = None
         self._send_to_target(request.to_bytes(), target)
 
     def _send_to_target(self, data: bytes, target: Target) -> None:

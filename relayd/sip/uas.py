@@ -137,7 +137,11 @@ class LoopDetector:
 
     def branch(self, request: SIPRequest) -> str:
         """Branch for the Via we push when forwarding ``request`` (as received)."""
-        return f"{self.PREFIX}{self.loop_hash(request)}.{secrets.token_hex(8)}"
+        return self.branch_for(self.loop_hash(request))
+
+    def branch_for(self, loop_hash: str) -> str:
+        """Branch from a :meth:`loop_hash` already computed (one per fork, not per copy)."""
+        return f"{self.PREFIX}{loop_hash}.{secrets.token_hex(8)}"
 
     def is_loop(self, request: SIPRequest) -> bool:
         rows = request.headers.get_raw("via")

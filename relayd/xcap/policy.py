@@ -161,6 +161,19 @@ def _validity_matches(validity: etree._Element, now: datetime) -> bool:
     return False
 
 
+def validity_boundaries(ruleset: etree._Element) -> list[float]:
+    """Every instant (POSIX seconds) at which a ``cp:validity`` interval of ``ruleset``
+    opens or closes: between two of them every decision on the document stays the same,
+    which is what lets the relay cache decisions exactly."""
+    out: list[float] = []
+    for tag in ("from", "until"):
+        for element in ruleset.iter(_CP + tag):
+            when = _parse_datetime(element.text)
+            if when is not None:
+                out.append(when.timestamp())
+    return sorted(out)
+
+
 def _methods_matches(methods: etree._Element, method: str | None) -> bool:
     if method is None:
         return False

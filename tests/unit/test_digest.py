@@ -17,6 +17,8 @@ from relayd.digest import (
     DigestAuthenticator,
     DigestCredentials,
     DigestError,
+    _parse_params_checked,
+    _parse_params_fast,
     format_authentication_info,
     format_challenge,
     ha1,
@@ -475,3 +477,34 @@ def test_nonce_counts_out_of_order_are_each_accepted_once() -> None:
     with pytest.raises(DigestError, match="replayed"):
         attempt(100)
     attempt(199)
+
+
+_PARAM_TEXT = st.text(alphabet='ab=,"\\ \t\x01xyz', max_size=40)
+
+
+@given(
+    st.one_of(
+        _PARAM_TEXT,
+        st.lists(
+            st.tuples(
+                st.sampled_from(["nonce", "uri", "qop", "Realm", "x"]),
+                st.text(alphabet='ab ,"\\=', max_size=8),
+                st.booleans(),
+            ),
+            max_size=5,
+        ).map(
+            lambda items: ", ".join(
+                f'{k}="{v}"' if quoted else f"{k}={v}" for k, v, quoted in items
+            )
+        ),
+    )
+)
+def test_fast_param_path_agrees_with_the_checked_one(text: str) -> None:
+    fast = _parse_params_fast(text)
+    if fast is None:
+        return
+    try:
+        checked = _parse_params_checked(text, None)
+    except DigestError as e:
+        raise AssertionError(f"fast path accepted what the checked one refuses: {e}") from e
+    assert fast == checked

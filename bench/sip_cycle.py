@@ -1,0 +1,253 @@
+"""In-process cost of the SIP consent relay's work, without sockets or SIPp.
+
+Run by hand::
+
+    python -m bench.sip_cycle [--members 10] [--calls 2000] [--profile FILE]
+
+The relay stack is the daemon's (``build_service``), driven through its UDP protocol
+object with a recording transport and a :class:`~twisted.internet.task.Clock`. Each call
+is what SIPp does in ``bench/sip_bench.py``: MESSAGE → 407 → MESSAGE with credentials,
+one copy per member answered 200 by the member, then the 200 (or a 470 for the
+``stranger`` load) to the sender. Only the time spent inside the relay's
+``datagramReceived`` is counted, so the figure is the Python cost of the relay logic;
+the socket calls and reactor turns of a real run come on top (``bench/sip_bench.py``
+measures those). The output is one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.testing import MemoryReactorClock
+
+from relayd.ctl.xcap import make_rule, new_ruleset
+from relayd.sip.auth import client_authorization
+from relayd.sip.message import SIPRequest, SIPResponse
+from relayd.sip.parser import parse_datagram
+from relayd.testing import make_pki, prepared_relay, relay_config_overrides, write_users
+from relayd.xcap.usages import CONSENT_RULES_AUID
+
+HOST = "127.0.0.1"
+REALM = "relayd-test"
+SENDER = "alice"
+STRANGER = "mallory"
+SENDER_PORT = 5070
+MEMBER_PORT = 6000
+
+
+class RecordingUDP:
+    """The datagram transport: keeps what the relay sends, per destination."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", HOST, 5060)
+
+    def take(self) -> list[tuple[bytes, tuple[str, int]]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def _request(
+    method: str, uri: str, user: str, call: int, cseq: int, extra: str = "", to: str = ""
+) -> bytes:
+    body = "hello list"
+    return (
+        f"{method} {uri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{SENDER_PORT};rport;branch=z9hG4bK-{call}-{cseq}\r\n"
+        f"From: <sip:{user}@{HOST}>;tag={call}\r\n"
+        f"To: <{to or uri}>\r\n"
+        f"Call-ID: {call}-bench@{HOST}\r\n"
+        f"CSeq: {cseq} {method}\r\n"
+        "Max-Forwards: 70\r\n"
+        f"{extra}"
+        "Content-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+def _sink_answer(data: bytes) -> bytes:
+    """A 200 as SIPp's UAS writes it: every Via on one line, To with a tag."""
+    request = parse_datagram(data)
+    assert isinstance(request, SIPRequest)
+    h = request.headers
+    return (
+        "SIP/2.0 200 OK\r\n"
+        f"Via: {', '.join(h.get_all('via'))}\r\n"
+        f"From: {h.get('from')}\r\n"
+        f"To: {h.get('to')};tag=sink\r\n"
+        f"Call-ID: {h.get('call-id')}\r\n"
+        f"CSeq: {h.get('cseq')}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+class Harness:
+    def __init__(self, folder: Path, members: int) -> None:
+        pki = make_pki(folder / "pki")
+        cert, key = pki.leaf("relay", HOST)
+        self.passwords = {SENDER: "alice-pw", STRANGER: "mallory-pw"}
+        self.passwords.update({f"m{i}": f"m{i}-pw" for i in range(members)})
+        users = write_users(folder / "users", REALM, self.passwords)
+        lists = folder / "lists.xml"
+        entries = "".join(f'<entry uri="sip:m{i}@{HOST}"/>' for i in range(members))
+        lists.write_text(
+            '<?xml version="1.0"?>'
+            '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+            f'<list name="list">{entries}</list></resource-lists>'
+        )
+        overrides = relay_config_overrides(str(folder / "data"), HOST, cert, key, users)
+        overrides[("store", "backend")] = "memory"
+        overrides[("sip", "lists")] = str(lists)
+        overrides[("sip", "domain")] = HOST
+        self.reactor = MemoryReactorClock()
+        service = _build(prepared_relay(overrides), self.reactor)
+        self.sip = service.getServiceNamed("sip")
+        self.udp = RecordingUDP()
+        self.protocol = self.sip.transport.datagram_protocol()
+        self.protocol.makeConnection(self.udp)
+        self.store = service.getServiceNamed("xcap").store
+        ensureDeferred(self.sip.relay.start())
+        self.members = [f"m{i}" for i in range(members)]
+        self.elapsed = 0.0
+        self.datagrams = 0
+
+    def feed(self, data: bytes, port: int) -> list[tuple[bytes, tuple[str, int]]]:
+        started = time.thread_time()
+        self.protocol.datagramReceived(data, (HOST, port))
+        self.elapsed += time.thread_time() - started
+        self.datagrams += 1
+        return self.udp.take()
+
+    def setup(self) -> None:
+        for i, member in enumerate(self.members):
+            uri = f"sip:{HOST}"
+            contact = f"Contact: <sip:{member}@{HOST}:{MEMBER_PORT + i}>\r\nExpires: 3600\r\n"
+            aor = f"sip:{member}@{HOST}"
+            first = self.feed(_request("REGISTER", uri, member, i, 1, contact, aor), SENDER_PORT)
+            challenge = _header(first, "www-authenticate")
+            auth = client_authorization(
+                challenge,
+                method="REGISTER",
+                uri=uri,
+                username=member,
+                password=self.passwords[member],
+            )
+            extra = contact + f"Authorization: {auth}\r\n"
+            answer = self.feed(_request("REGISTER", uri, member, i, 2, extra, aor), SENDER_PORT)
+            assert _status(answer) == 200, answer
+            ruleset = new_ruleset()
+            ruleset.append(make_rule("bench", f"sip:{SENDER}@{HOST}", f"sip:list@{HOST}"))
+            body = etree.tostring(ruleset, xml_declaration=True, encoding="UTF-8")
+            ensureDeferred(
+                self.store.put_document(CONSENT_RULES_AUID, f"sip:{member}@{HOST}", "index", body)
+            )
+        self.elapsed = 0.0
+        self.datagrams = 0
+
+    def call(self, n: int, user: str) -> int:
+        """One sender call; returns the final status the sender got."""
+        uri = f"sip:list@{HOST}"
+        first = self.feed(_request("MESSAGE", uri, user, n, 1), SENDER_PORT)
+        auth = client_authorization(
+            _header(first, "proxy-authenticate"),
+            method="MESSAGE",
+            uri=uri,
+            username=user,
+            password=self.passwords[user],
+        )
+        extra = f"Proxy-Authorization: {auth}\r\n"
+        out = self.feed(_request("MESSAGE", uri, user, n, 2, extra), SENDER_PORT)
+        final: list[tuple[bytes, tuple[str, int]]] = []
+        for data, (_, port) in out:
+            if port == SENDER_PORT:
+                final.append((data, (HOST, port)))
+                continue
+            final += self.feed(_sink_answer(data), port)
+        if n % 200 == 0:
+            self.reactor.advance(1.0)  # let transaction timers run as time passes
+        return _status(final)
+
+
+def _build(prepared: Any, reactor: Any) -> Any:
+    from relayd.service import build_service
+
+    return build_service(prepared, reactor)
+
+
+def _parsed(sent: list[tuple[bytes, tuple[str, int]]]) -> SIPResponse:
+    assert len(sent) == 1, sent
+    response = parse_datagram(sent[0][0])
+    assert isinstance(response, SIPResponse)
+    return response
+
+
+def _status(sent: list[tuple[bytes, tuple[str, int]]]) -> int:
+    return _parsed(sent).status
+
+
+def _header(sent: list[tuple[bytes, tuple[str, int]]], name: str) -> str:
+    value = _parsed(sent).headers.get(name)
+    assert value is not None, sent
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sip_cycle", description=__doc__)
+    parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--stranger", action="store_true", help="unpermitted sender: 470s")
+    parser.add_argument("--profile", default=None, help="cProfile stats to this file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="relayd-sip-cycle-") as folder:
+        harness = Harness(Path(folder), args.members)
+        harness.setup()
+        user = STRANGER if args.stranger else SENDER
+        want = 470 if args.stranger else 200
+        for n in range(50):  # warm caches the way a steady load has them warm
+            harness.call(1_000_000 + n, user)
+        harness.elapsed = 0.0
+        harness.datagrams = 0
+        profile = cProfile.Profile(time.thread_time) if args.profile else None
+        if profile is not None:
+            profile.enable()
+        statuses = [harness.call(n, user) for n in range(args.calls)]
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(args.profile)
+        wrong = sum(1 for s in statuses if s != want)
+        delivered = 0 if args.stranger else args.calls * args.members
+        per = harness.elapsed / (args.calls if args.stranger else delivered) * 1e6
+        print(
+            json.dumps(
+                {
+                    "bench": "sip_cycle",
+                    "members": args.members,
+                    "calls": args.calls,
+                    "load": "470" if args.stranger else "relay",
+                    "wrong_final_status": wrong,
+                    "datagrams_in": harness.datagrams,
+                    "relay_us_per_" + ("470" if args.stranger else "delivered"): round(per, 1),
+                    "relay_us_per_datagram": round(harness.elapsed / harness.datagrams * 1e6, 1),
+                }
+            )
+        )
+        return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
