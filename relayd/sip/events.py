@@ -38,6 +38,7 @@ from relayd.sip.message import (
     SIPStatus,
     make_response,
     new_tag,
+    unstamped_via,
 )
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
@@ -440,7 +441,7 @@ class SubscriptionManager:
         """An in-dialog NOTIFY (RFC 3261 §12.2.1.1, RFC 6665 §4.2.2)."""
         subscription.local_cseq += 1
         headers = Headers()
-        headers.add("Via", f"SIP/2.0/UDP 0.0.0.0;branch={new_branch()}")
+        headers.add("Via", unstamped_via(new_branch()))
         headers.add("Max-Forwards", "70")
         for route in reversed(subscription.route_set):
             headers.add("Route", route)

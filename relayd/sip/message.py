@@ -36,6 +36,7 @@ __all__ = [
     "reason_phrase",
     "split_header_values",
     "tag_of",
+    "unstamped_via",
 ]
 
 MAGIC_COOKIE = "z9hG4bK"
@@ -125,10 +126,20 @@ MULTI_VALUE_HEADERS = frozenset(
 )
 
 
+_KEYS: dict[str, str] = {}
+_KEYS_SIZE = 512
+
+
 def header_key(name: str) -> str:
     """Lookup key for a header name: lower-case long form (compact forms expanded)."""
-    key = name.lower()
-    return COMPACT_FORMS.get(key, key) if len(key) == 1 else key
+    key = _KEYS.get(name)
+    if key is None:
+        key = name.lower()
+        if len(key) == 1:
+            key = COMPACT_FORMS.get(key, key)
+        if len(_KEYS) < _KEYS_SIZE:
+            _KEYS[name] = key
+    return key
 
 
 _CANONICAL_CACHE: dict[str, str] = {}
@@ -239,6 +250,20 @@ class Headers:
             return default
         return values[0]
 
+    def first(self, key: str) -> str | None:
+        """:meth:`get` for a lookup key (already :func:`header_key` form): the hot path
+        for the handful of headers read from every message."""
+        rows = self._fields.get(key)
+        if not rows:
+            return None
+        row = rows[0]
+        if key in MULTI_VALUE_HEADERS:
+            if "," in row:
+                return self.get(key)
+            row = row.strip()
+            return row or self.get(key)
+        return row
+
     def get_all(self, name: str) -> list[str]:
         """All values in order; list-valued headers are split on commas."""
         key = header_key(name)
@@ -322,6 +347,14 @@ _VIA_CACHE: dict[str, Via] = {}
 _VIA_CACHE_SIZE = 4096
 
 
+def remember_via(text: str, via: Via) -> None:
+    """Record that ``text`` parses as ``via``: the transport does it for the Via it
+    stamps, so the responses echoing it are matched without parsing it again."""
+    if len(_VIA_CACHE) >= _VIA_CACHE_SIZE:
+        _VIA_CACHE.clear()
+    _VIA_CACHE[text] = via
+
+
 @dataclass(frozen=True, slots=True)
 class Via:
     """One Via value (RFC 3261 §20.42, rport per RFC 3581)."""
@@ -344,9 +377,7 @@ class Via:
         if cached is not None and type(cached) is cls:
             return cached
         via = cls._parse(text)
-        if len(_VIA_CACHE) >= _VIA_CACHE_SIZE:
-            _VIA_CACHE.clear()
-        _VIA_CACHE[text] = via
+        remember_via(text, via)
         return via
 
     @classmethod
@@ -418,6 +449,19 @@ class Via:
         )
 
 
+_CSEQ_CACHE: dict[str, CSeq] = {}
+_CSEQ_CACHE_SIZE = 1024
+
+
+def unstamped_via(branch: str) -> str:
+    """The Via a relayed or locally made request starts with: the transport replaces
+    the sent-by with its own (``SIPTransportLayer.prepare_request``) once it knows the
+    transport. Remembered as parsed, since it is read right away."""
+    text = f"SIP/2.0/UDP 0.0.0.0;branch={branch}"
+    remember_via(text, Via("UDP", "0.0.0.0", None, (("branch", branch),)))  # noqa: S104 - a placeholder, never bound
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class CSeq:
     """RFC 3261 §20.16: sequence number (below 2**31, §8.1.1.5) and method."""
@@ -427,6 +471,17 @@ class CSeq:
 
     @classmethod
     def parse(cls, text: str) -> Self:
+        cached = _CSEQ_CACHE.get(text)
+        if cached is not None and type(cached) is cls:
+            return cached
+        cseq = cls._parse(text)
+        if len(_CSEQ_CACHE) >= _CSEQ_CACHE_SIZE:
+            _CSEQ_CACHE.clear()
+        _CSEQ_CACHE[text] = cseq
+        return cseq
+
+    @classmethod
+    def _parse(cls, text: str) -> Self:
         parts = text.split()
         if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
             raise SIPHeaderError(f"bad CSeq: {text!r}")
@@ -557,12 +612,12 @@ class _MessageHelpers:
 
     @property
     def call_id(self) -> str | None:
-        return self.headers.get("call-id")
+        return self.headers.first("call-id")
 
     @property
     def cseq(self) -> CSeq:
         """Raises :class:`SIPHeaderError` when missing or malformed."""
-        value = self.headers.get("cseq")
+        value = self.headers.first("cseq")
         if value is None:
             raise SIPHeaderError("missing CSeq")
         return CSeq.parse(value)
@@ -570,14 +625,7 @@ class _MessageHelpers:
     @property
     def via(self) -> Via:
         """The top Via (the one transactions match on); raises when missing or malformed."""
-        rows = self.headers._fields.get("via")
-        if rows:
-            top = rows[0]
-            if "," not in top:  # one value per row, as nearly everyone sends them
-                top = top.strip()
-                if top:
-                    return Via.parse(top)
-        value = self.headers.get("via")
+        value = self.headers.first("via")
         if value is None:
             raise SIPHeaderError("missing Via")
         return Via.parse(value)
@@ -588,16 +636,16 @@ class _MessageHelpers:
 
     @property
     def from_tag(self) -> str | None:
-        return tag_of(self.headers.get("from"))
+        return tag_of(self.headers.first("from"))
 
     @property
     def to_tag(self) -> str | None:
-        return tag_of(self.headers.get("to"))
+        return tag_of(self.headers.first("to"))
 
     @property
     def max_forwards(self) -> int | None:
         """RFC 3261 §20.22: 0-255, ``None`` when absent; raises when malformed."""
-        value = self.headers.get("max-forwards")
+        value = self.headers.first("max-forwards")
         if value is None:
             return None
         value = value.strip()

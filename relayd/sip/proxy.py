@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.sip.message import SIPRequest, SIPResponse, make_response
+from relayd.sip.message import SIPRequest, SIPResponse, make_response, unstamped_via
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import ResolveError, SIPResolver, Target
 from relayd.sip.transaction import new_branch
@@ -182,7 +182,7 @@ class Proxy:
             branch = detector.branch(request)
         else:
             branch = detector.branch_for(loop_hash)
-        headers.add_first("Via", f"SIP/2.0/UDP 0.0.0.0;branch={branch}")
+        headers.add_first("Via", unstamped_via(branch))
         return SIPRequest(request.method, uri, headers, request.body)
 
     def _one(self, branch: Branch, build: Callable[[Branch], SIPRequest]) -> Deferred[SIPResponse]:

@@ -55,6 +55,7 @@ from relayd.sip.message import (
     SIPStatus,
     make_response,
     new_tag,
+    unstamped_via,
 )
 from relayd.sip.proxy import Branch, Proxy
 from relayd.sip.registrar import Registrar
@@ -331,7 +332,7 @@ class ConsentRelay:
 
         def build(branch: Branch) -> SIPRequest:
             headers = Headers()
-            headers.add("Via", f"SIP/2.0/UDP 0.0.0.0;branch={new_branch()}")
+            headers.add("Via", unstamped_via(new_branch()))
             headers.add("Max-Forwards", "70")
             headers.add("From", f"<{sender}>;tag={new_tag()}")
             headers.add("To", f"<{branch.member}>")
@@ -429,7 +430,7 @@ class ConsentRelay:
 
         def build(branch: Branch) -> SIPRequest:
             headers = Headers()
-            headers.add("Via", f"SIP/2.0/UDP 0.0.0.0;branch={new_branch()}")
+            headers.add("Via", unstamped_via(new_branch()))
             headers.add("Max-Forwards", "70")
             headers.add("From", f"<{sender}>;tag={new_tag()}")
             headers.add("To", f"<{member}>")

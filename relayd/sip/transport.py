@@ -48,6 +48,7 @@ from relayd.sip.message import (
     SIPResponse,
     Via,
     make_response,
+    remember_via,
     split_header_values,
 )
 from relayd.sip.parser import (
@@ -61,7 +62,6 @@ from relayd.sip.parser import (
 )
 from relayd.sip.resolve import DEFAULT_PORTS, Target
 from relayd.sip.transaction import TransactionLayer
-from relayd.sip.uri import format_host, format_params
 
 __all__ = [
     "UDP_MAX_REQUEST_BYTES",
@@ -534,7 +534,9 @@ class SIPTransportLayer:
             params = (*params, ("rport", None))
         elif transport_name != "UDP":
             params = tuple(p for p in params if p[0] != "rport")
-        text = f"SIP/2.0/{transport_name} {format_host(host, port)}{format_params(params)}"
+        stamped = Via(transport_name, host, port, params)
+        text = stamped.format()
+        remember_via(text, stamped)
         _replace_top_via(request, text)
 
     def request(

@@ -147,6 +147,9 @@ class SIPURI:
     params: Params = ()
     headers: tuple[tuple[str, str], ...] = ()
     _key: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    # Wire forms, computed on first use: a URI is formatted for every message it heads.
+    _text: str | None = field(init=False, repr=False, compare=False, default=None)
+    _aor: str | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if self.scheme == "tel":
@@ -223,6 +226,13 @@ class SIPURI:
 
     def format(self) -> str:
         """Serialise with minimal escaping (§19.1.2); parse(format(u)) == u."""
+        text = self._text
+        if text is None:
+            text = self._format()
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def _format(self) -> str:
         out = [self.scheme, ":"]
         if self.scheme == "tel":
             out.append(_encode(self.user or "", "+*#-.()"))
@@ -278,10 +288,15 @@ class SIPURI:
     @property
     def aor(self) -> str:
         """``scheme:user@host`` without port, parameters or headers (an address of record)."""
-        if self.scheme == "tel":
-            return f"tel:{_encode(self.user or '', '+*#-.()')}"
-        user = "" if self.user is None else _encode(self.user, _SAFE_USER) + "@"
-        return f"{self.scheme}:{user}{format_host(self.host.lower())}"
+        aor = self._aor
+        if aor is None:
+            if self.scheme == "tel":
+                aor = f"tel:{_encode(self.user or '', '+*#-.()')}"
+            else:
+                user = "" if self.user is None else _encode(self.user, _SAFE_USER) + "@"
+                aor = f"{self.scheme}:{user}{format_host(self.host.lower())}"
+            object.__setattr__(self, "_aor", aor)
+        return aor
 
     def __eq__(self, other: object) -> bool:
         """RFC 3261 §19.1.4 (or RFC 3966 §4 for tel): case and escaping do not matter

@@ -510,3 +510,41 @@ def test_stream_linear_one_byte_reads_equal_one_read() -> None:
     assert pieces == whole
     assert len(whole) == 4 * (len(data) // len(unit))
     assert framer.buffered_bytes == 0
+
+
+_ROW_NAMES = st.sampled_from(["Via", "v", "To", "X-Thing", "Subject", "Bad Name", "", "C:Seq"])
+_ROW_VALUES = st.text(alphabet=' \tab,;:=<>"x', max_size=12)
+
+
+@given(
+    st.lists(
+        st.tuples(_ROW_NAMES, _ROW_VALUES, st.sampled_from([": ", ":", " : ", "", ":\t"])),
+        min_size=1,
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_rows_parse_the_same_with_and_without_the_fast_path(
+    rows: list[tuple[str, str, str]], fold: bool
+) -> None:
+    """The regular-expression pass (names seen before) and the row-by-row loop (first
+    sight of a name) must agree on every head, including the ones they refuse."""
+    import relayd.sip.parser as parser_module
+
+    lines = [f"{name}{sep}{value}" for name, value, sep in rows]
+    if fold:
+        lines.insert(1, " continued")
+    head = ("MESSAGE sip:a@b SIP/2.0\r\n" + "\r\n".join(lines)).encode()
+
+    def outcome() -> object:
+        try:
+            parsed = parser_module._parse_head(head, parser_module.DEFAULT_LIMITS)
+        except SIPParseError as e:
+            return ("raised", e.reason)
+        error = parsed.error.reason if parsed.error else None
+        return (list(parsed.headers), error)
+
+    parser_module._KEY_CACHE.clear()
+    slow = outcome()
+    fast = outcome()  # the names the first pass validated are now known
+    assert fast == slow
