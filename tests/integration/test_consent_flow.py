@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from relayd.service import SIPService
 from relayd.sip.auth import client_authorization
@@ -38,6 +39,7 @@ from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
 from relayd.testing import write_users as write_users_file
+from relayd.tokens import redact
 
 from .conftest import Capability, consent_rules
 
@@ -534,6 +536,39 @@ async def test_recipient_list_message_is_exploded(start: Start) -> None:
     assert accepted.status == 202
     message = await bob.next_request("MESSAGE")
     assert message.body == b"exploded" and message.headers.get("content-type") == "text/plain"
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_lines_of_one_consent_share_its_permission_fingerprint(start: Start) -> None:
+    """The log follows a consent by its Permission token's fingerprint (never the token):
+    the ledger, the forwarded CONSENT's answer and the XCAP grant print the same one."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay = await start()
+        alice = await start_ua("alice", "UDP", relay)
+        bob = await start_ua("bob", "UDP", relay)
+        await bob.register()
+        (target,) = consent_uris(await send_message(alice, f"sip:solo@{HOST}"))
+        assert (await ask_consent(alice, target)).status == 202
+        permission = ((await bob.next_request("CONSENT")).headers.get("permission") or "")[1:-1]
+        grant = grant_document(target=f"sip:solo@{HOST}")
+        assert await relay.xcap.call("PUT", permission, grant) == 201
+        for _ in range(50):
+            if any("answered" in e.get("log_format", "") for e in events):
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    fingerprint = redact(permission.rsplit("/p-", 1)[1].removesuffix(".xml"))
+    lines = [formatEvent(e) or "" for e in events]
+    pending = [line for line in lines if " pending: " in line]
+    answered = [line for line in lines if "CONSENT to sip:bob@" in line]
+    granted = [line for line in lines if "XCAP PUT" in line]
+    assert pending and answered and granted, lines
+    for line in pending + answered + granted:
+        assert fingerprint in line, (fingerprint, line)
 
 
 class _Stopped:
