@@ -620,3 +620,33 @@ async def test_waiting_subscriber_is_told_the_truth_after_a_restart(start: Start
     assert await second.xcap.call("PUT", moved, grant_document()) == 201
     granted = await alice_again.next_request("NOTIFY", renewed.call_id)
     assert [e["state"] for e in status_entries(granted)] == ["granted"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_abandons_an_unanswered_notify(start: Start) -> None:
+    """A NOTIFY still unanswered when the relay stops ends with its client transaction;
+    a retransmission after the listeners closed could only fail (and log a traceback)."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, f"sip:solo@{HOST}"))
+    await subscribe(alice, call_info_uri(await ask_consent(alice, target)))
+    permission = ((await bob.next_request("CONSENT")).headers.get("permission") or "")[1:-1]
+    closed = alice.close()
+    assert isinstance(closed, Deferred)
+    await closed  # alice is gone: the NOTIFY of the grant goes unanswered
+    relay.uas.remove(alice)
+    grant = grant_document(target=f"sip:solo@{HOST}")
+    assert await relay.xcap.call("PUT", permission, grant) == 201
+    failures: list[LogEvent] = []
+    observer = cast(ILogObserver, lambda e: failures.append(e) if "log_failure" in e else None)
+    globalLogPublisher.addObserver(observer)
+    try:
+        await relay.service.stopService()
+        relay.service = _Stopped()
+        # Timer E (T1 = 0.5 s) would have retransmitted the NOTIFY by now.
+        await deferLater(reactor, 0.6, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [formatEvent(e) for e in failures] == []
