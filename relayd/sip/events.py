@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayd.sip.consent import ConsentURIs, PermissionCache, identity_key
 from relayd.sip.message import (
@@ -213,6 +214,7 @@ class SubscriptionManager:
         self._dialogs: dict[tuple[str, str, str], Subscription] = {}
         self._index: dict[tuple[str, str], set[Subscription]] = {}
         self._per_subscriber: dict[str, int] = {}
+        self._sending: set[Deferred[None]] = set()
 
     def register(self, package: EventPackage) -> None:
         self.packages[package.name] = package
@@ -371,9 +373,16 @@ class SubscriptionManager:
             self._notify(subscription)
 
     def stop(self) -> None:
-        """Forget every subscription (service stop; no NOTIFYs, the sockets are closing)."""
+        """Forget every subscription (service stop; no NOTIFYs, the sockets are closing).
+
+        NOTIFYs in flight are abandoned too (cancelled while their state is read or
+        their answer awaited): one would otherwise be sent, or retransmitted (Timer E),
+        after the listeners closed, and fail with a transport error.
+        """
         for subscription in list(self._dialogs.values()):
             self._remove(subscription)
+        for sending in list(self._sending):
+            sending.cancel()
 
     # -- NOTIFY -------------------------------------------------------------------------
 
@@ -385,9 +394,17 @@ class SubscriptionManager:
             return
         subscription.busy = True
         d = defer.ensureDeferred(self._send_notify(subscription))
-        d.addErrback(
-            lambda f: self.log.failure("NOTIFY for {event} failed", f, event=subscription.event)
-        )
+        self._sending.add(d)
+
+        def settled(result: object) -> object:
+            self._sending.discard(d)
+            return result
+
+        def failed(f: Failure) -> None:
+            if not f.check(defer.CancelledError):
+                self.log.failure("NOTIFY for {event} failed", f, event=subscription.event)
+
+        d.addBoth(settled).addErrback(failed)
 
     async def _send_notify(self, subscription: Subscription) -> None:
         while True:
@@ -404,6 +421,8 @@ class SubscriptionManager:
                         body, gone = await package.state(resource, version)
                 else:
                     body, gone = await package.state(resource, version)
+            except defer.CancelledError:
+                raise  # stop(): send nothing more
             except Exception:
                 self.log.failure("{event} state failed", event=subscription.event)
                 state, body, gone = b"", b"", "noresource"

@@ -71,7 +71,7 @@ from relayd.sip.urilist import (
     parse_recipient_list,
 )
 from relayd.tokens import redact
-from relayd.xcap.store import IPermissionStore, StoreChange
+from relayd.xcap.store import IPermissionStore, PendingConsent, StoreChange
 
 __all__ = ["ConsentRelay"]
 
@@ -405,7 +405,7 @@ class ConsentRelay:
             # already has the Permission URI; asking again would make CONSENT a spam tool.
             self.log.info("consent {consent} refreshed", consent=record.id)
         elif self.proxy.is_online(member):
-            self._forward_consent(request, sender, list_uri, member, record.methods, permission)
+            self._forward_consent(request, sender, list_uri, member, record, permission)
         else:
             self.log.info(
                 "{recipient} is offline: consent {consent} kept for grant-permission",
@@ -423,7 +423,7 @@ class ConsentRelay:
         sender: str,
         list_uri: str,
         member: str,
-        methods: Sequence[str],
+        record: PendingConsent,
         permission: str,
     ) -> None:
         """Seed §6: the CONSENT towards the recipient, with the Permission URI."""
@@ -436,7 +436,7 @@ class ConsentRelay:
             headers.add("To", f"<{member}>")
             headers.add("Call-ID", new_tag() + new_tag())
             headers.add("CSeq", "1 CONSENT")
-            headers.add("Consent-Methods", ", ".join(methods))
+            headers.add("Consent-Methods", ", ".join(record.methods))
             headers.add("Permission", f"<{permission}>")
             headers.add("P-Asserted-Identity", f"<{sender}>")
             headers.add("Trigger-Consent", self._trigger_consent(member, list_uri))
@@ -454,7 +454,8 @@ class ConsentRelay:
                 "CONSENT to {recipient} answered {code} (permission {token})",
                 recipient=member,
                 code=result[0],
-                token=redact(permission),
+                # The token's fingerprint, as the ledger and XCAP log it (not the URI's).
+                token=redact(record.permission_token),
             )
 
         d.addCallback(done)

@@ -7,29 +7,21 @@ HTTPS site with the Permission URI it was given (capability access, no account).
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from lxml import etree
-from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers as HTTPHeaders
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from relayd.service import SIPService
 from relayd.sip.auth import client_authorization
@@ -47,6 +39,9 @@ from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
 from relayd.testing import write_users as write_users_file
+from relayd.tokens import redact
+
+from .conftest import Capability, consent_rules
 
 pytestmark = pytest.mark.integration
 
@@ -59,11 +54,9 @@ LIST = f"sip:friends@{HOST}"
 BOB = f"sip:bob@{HOST}"
 CAROL = f"sip:carol@{HOST}"
 ALICE = f"sip:alice@{HOST}"
-CP = "urn:ietf:params:xml:ns:common-policy"
 CR = "urn:relayd:params:xml:ns:consent-policy"
 RL = "urn:ietf:params:xml:ns:resource-lists"
 TIMEOUT = 5.0
-SIPP_SCENARIOS = Path(__file__).parent / "sipp"
 
 LISTS_XML = f"""<?xml version="1.0" encoding="UTF-8"?>
 <resource-lists xmlns="{RL}" xmlns:cr="{CR}">
@@ -79,12 +72,7 @@ LISTS_XML = f"""<?xml version="1.0" encoding="UTF-8"?>
 
 
 def grant_document(sender: str = ALICE, target: str = LIST) -> bytes:
-    return (
-        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
-        f'<rule id="a"><conditions><identity><one id="{sender}"/></identity>'
-        f'<cr:target uri="{target}"/></conditions>'
-        "<actions><cr:trans-handling>grant</cr:trans-handling></actions></rule></ruleset>"
-    ).encode()
+    return consent_rules(sender, target)
 
 
 # -- a small UA -------------------------------------------------------------------------
@@ -242,36 +230,6 @@ async def start_ua(user: str, transport: str, relay: Running, **kw: Any) -> UA:
         ua._closer = stream.transport.loseConnection
     relay.uas.append(ua)
     return ua
-
-
-# -- XCAP over HTTPS --------------------------------------------------------------------
-
-
-@implementer(IPolicyForHTTPS)
-class _TrustTestCA:
-    def __init__(self, ca_pem: bytes) -> None:
-        self._trust = Certificate.loadPEM(ca_pem)
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
-
-
-class Capability:
-    """HTTP client for a Permission URI (no account: the URI is the capability)."""
-
-    def __init__(self, ca_pem: bytes) -> None:
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.http = HTTPClient(Agent(reactor, contextFactory=_TrustTestCA(ca_pem), pool=pool))
-
-    async def call(self, method: str, url: str, body: bytes | None = None) -> int:
-        from treq import content
-
-        headers = HTTPHeaders({"Content-Type": ["application/auth-policy+xml"]})
-        response = await self.http.request(method, url, data=body, headers=headers).addTimeout(
-            TIMEOUT, reactor
-        )
-        await content(response).addTimeout(TIMEOUT, reactor)
-        return int(response.code)
 
 
 # -- the relay --------------------------------------------------------------------------
@@ -580,132 +538,37 @@ async def test_recipient_list_message_is_exploded(start: Start) -> None:
     assert message.body == b"exploded" and message.headers.get("content-type") == "text/plain"
 
 
-# -- SIPp against the real daemon -------------------------------------------------------
-
-
-@pytest.mark.skipif(
-    shutil.which("sipp") is None, reason="sipp (Debian package sip-tester) not installed"
-)
 @pytest_twisted.ensureDeferred
-async def test_sipp_sender_gets_470_and_consent_challenge(tmp_path: Path, pki: RelayPKI) -> None:
-    """The daemon under ``twistd -n msrprelay``; SIPp plays a sender: MESSAGE → 407 →
-    470 with Permission-Missing, CONSENT to that URI → 401 (see the scenario's note)."""
-    import socket
-    import sys
-
-    cert, key = pki.leaf(HOST)
-    users = write_users_file(tmp_path / "users.htdigest", REALM, USERS)
-    lists = tmp_path / "lists.xml"
-    lists.write_text(LISTS_XML, encoding="utf-8")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    sipp_port = sock.getsockname()[1]
-    sock.close()
-    ini = tmp_path / "relayd.ini"
-    ini.write_text(
-        "\n".join(
-            [
-                "[relay]",
-                f"hostname = {HOST}",
-                f"data_dir = {tmp_path / 'data'}",
-                "[msrp]",
-                f"listen = tcp:0:interface={HOST}",
-                "[xcap]",
-                f"listen = ssl:0:interface={HOST}",
-                "[tls]",
-                f"certificate = {cert}",
-                f"private_key = {key}",
-                "[auth]",
-                f"users = {users}",
-                f"realm = {REALM}",
-                "[sip]",
-                f"listen = udp:{port}:interface={HOST}",
-                f"lists = {lists}",
-                "[store]",
-                "backend = memory",
-            ]
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    log = tmp_path / "twistd.log"
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            f"--logfile={log}",
-            "msrprelay",
-            "--config",
-            str(ini),
-        ],
-        cwd=tmp_path,
-    )
+async def test_log_lines_of_one_consent_share_its_permission_fingerprint(start: Start) -> None:
+    """The log follows a consent by its Permission token's fingerprint (never the token):
+    the ledger, the forwarded CONSENT's answer and the XCAP grant print the same one."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     try:
-        for _ in range(100):
-            if log.exists() and "SIP listening on udp" in log.read_text(encoding="utf-8"):
+        relay = await start()
+        alice = await start_ua("alice", "UDP", relay)
+        bob = await start_ua("bob", "UDP", relay)
+        await bob.register()
+        (target,) = consent_uris(await send_message(alice, f"sip:solo@{HOST}"))
+        assert (await ask_consent(alice, target)).status == 202
+        permission = ((await bob.next_request("CONSENT")).headers.get("permission") or "")[1:-1]
+        grant = grant_document(target=f"sip:solo@{HOST}")
+        assert await relay.xcap.call("PUT", permission, grant) == 201
+        for _ in range(50):
+            if any("answered" in e.get("log_format", "") for e in events):
                 break
-            await deferLater(reactor, 0.1, lambda: None)
-        else:
-            raise AssertionError(
-                "daemon did not start: " + (log.read_text() if log.exists() else "")
-            )
-
-        def run() -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [
-                    "sipp",
-                    f"{HOST}:{port}",
-                    "-sf",
-                    str(SIPP_SCENARIOS / "consent_sender.xml"),
-                    "-i",
-                    HOST,
-                    "-p",
-                    str(sipp_port),
-                    "-m",
-                    "1",
-                    "-timeout",
-                    "20",
-                    "-nostdin",
-                    "-key",
-                    "sender",
-                    "alice",
-                    "-auth_uri",
-                    f"solo@{HOST}",
-                    "-au",
-                    "alice",
-                    "-ap",
-                    USERS["alice"],
-                    "-s",
-                    "solo",
-                    "-trace_err",
-                    "-error_file",
-                    str(tmp_path / "sipp_errors.log"),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=40,
-                cwd=tmp_path,
-                check=False,
-            )
-
-        result = await deferToThread(run)
-        errors = tmp_path / "sipp_errors.log"
-        assert result.returncode == 0, (
-            result.stdout[-2000:]
-            + result.stderr[-2000:]
-            + (errors.read_text() if errors.exists() else "")
-        )
-        assert f"470 to {ALICE} for sip:solo@{HOST}" in log.read_text(encoding="utf-8")
+            await deferLater(reactor, 0.02, lambda: None)
     finally:
-        daemon.terminate()
-        await deferToThread(daemon.wait, 15)
+        globalLogPublisher.removeObserver(observer)
+    fingerprint = redact(permission.rsplit("/p-", 1)[1].removesuffix(".xml"))
+    lines = [formatEvent(e) or "" for e in events]
+    pending = [line for line in lines if " pending: " in line]
+    answered = [line for line in lines if "CONSENT to sip:bob@" in line]
+    granted = [line for line in lines if "XCAP PUT" in line]
+    assert pending and answered and granted, lines
+    for line in pending + answered + granted:
+        assert fingerprint in line, (fingerprint, line)
 
 
 class _Stopped:
@@ -757,3 +620,33 @@ async def test_waiting_subscriber_is_told_the_truth_after_a_restart(start: Start
     assert await second.xcap.call("PUT", moved, grant_document()) == 201
     granted = await alice_again.next_request("NOTIFY", renewed.call_id)
     assert [e["state"] for e in status_entries(granted)] == ["granted"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_abandons_an_unanswered_notify(start: Start) -> None:
+    """A NOTIFY still unanswered when the relay stops ends with its client transaction;
+    a retransmission after the listeners closed could only fail (and log a traceback)."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, f"sip:solo@{HOST}"))
+    await subscribe(alice, call_info_uri(await ask_consent(alice, target)))
+    permission = ((await bob.next_request("CONSENT")).headers.get("permission") or "")[1:-1]
+    closed = alice.close()
+    assert isinstance(closed, Deferred)
+    await closed  # alice is gone: the NOTIFY of the grant goes unanswered
+    relay.uas.remove(alice)
+    grant = grant_document(target=f"sip:solo@{HOST}")
+    assert await relay.xcap.call("PUT", permission, grant) == 201
+    failures: list[LogEvent] = []
+    observer = cast(ILogObserver, lambda e: failures.append(e) if "log_failure" in e else None)
+    globalLogPublisher.addObserver(observer)
+    try:
+        await relay.service.stopService()
+        relay.service = _Stopped()
+        # Timer E (T1 = 0.5 s) would have retransmitted the NOTIFY by now.
+        await deferLater(reactor, 0.6, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [formatEvent(e) for e in failures] == []

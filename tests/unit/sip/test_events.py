@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
 from relayd.sip.events import Grant, SubscriptionLimits, SubscriptionManager
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus, make_response
@@ -149,3 +150,50 @@ def test_unchanged_state_is_not_notified_again(setup: Any) -> None:
     package.value = "granted"
     manager.resource_changed("wait-permission", "k")
     assert len(sender.sent) == 2 and sender.sent[-1].body == b"r1 granted v2"
+
+
+def test_stop_abandons_notifies_in_flight(setup: Any) -> None:
+    """A NOTIFY awaiting its answer at service stop is cancelled, which ends its client
+    transaction: no retransmission once the listeners are closed, and nothing logged."""
+    clock, _, manager, _ = setup
+    pending: list[Deferred[SIPResponse]] = []
+    cancelled: list[Deferred[SIPResponse]] = []
+
+    def unanswered(request: SIPRequest, destination: object) -> Deferred[SIPResponse]:
+        pending.append(Deferred(cancelled.append))
+        return pending[-1]
+
+    manager.send = unanswered
+    run(manager, subscribe())
+    clock.advance(0)
+    assert len(pending) == 1 and not cancelled
+    errors: list[LogEvent] = []
+    observer = cast(ILogObserver, lambda e: errors.append(e) if e.get("log_failure") else None)
+    globalLogPublisher.addObserver(observer)
+    try:
+        manager.stop()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert cancelled == pending and manager.count == 0
+    assert errors == []
+
+
+def test_stop_while_the_state_is_read_sends_nothing(setup: Any) -> None:
+    clock, sender, manager, package = setup
+    run(manager, subscribe())
+    clock.advance(0)
+    reads: list[Deferred[tuple[bytes, str | None]]] = []
+
+    async def slow_state(resource: str, version: int) -> tuple[bytes, str | None]:
+        if reads:  # only the first read is slow
+            return f"changed v{version}".encode(), None
+        reads.append(Deferred())
+        return await reads[-1]
+
+    package.state = slow_state
+    manager.resource_changed("wait-permission", "k")
+    (read,) = reads
+    manager.stop()
+    if not read.called:  # had stop() left the read running, the store answers now
+        read.callback((b"changed", None))
+    assert len(sender.sent) == 1
