@@ -41,10 +41,17 @@ __all__ = [
     "ServerTransaction",
     "TransactionLayer",
     "TransactionState",
+    "TransportError",
     "new_branch",
 ]
 
 log = Logger()
+
+
+class TransportError(Exception):
+    """A message could not be handed to the network (no listener, connect failed...):
+    what ``Send`` raises."""
+
 
 Send = Callable[[SIPRequest | SIPResponse, object], None]
 """``send(message, destination)``: hand a message to the transport. For server
@@ -329,6 +336,15 @@ class ClientTransaction:
     def _transmit(self) -> None:
         try:
             self._layer._send(self.request, self.destination)
+        except TransportError as e:
+            log.warn(
+                "cannot send {method} to {peer}: {reason}",
+                method=self.request.method,
+                peer=self.destination,
+                reason=str(e),
+            )
+            if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+                self._finish(make_response(self.request, 503))
         except Exception:
             log.failure(
                 "transport error sending {method} to {peer}",
@@ -448,7 +464,12 @@ class TransactionLayer:
         return self.clock.callLater(seconds, function)
 
     def stop(self) -> None:
-        """Drop every pending timer (the service is stopping)."""
+        """The service is stopping: end every transaction quietly (no retransmission
+        may reach a closed listener) and drop every pending timer."""
+        for client in list(self._client.values()):
+            client._terminate()
+        for server in list(self._server.values()):
+            server._terminate()
         for queue in self._queues.values():
             queue.stop()
 

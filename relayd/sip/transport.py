@@ -61,7 +61,7 @@ from relayd.sip.parser import (
     parse_datagram,
 )
 from relayd.sip.resolve import DEFAULT_PORTS, Target
-from relayd.sip.transaction import TransactionLayer
+from relayd.sip.transaction import TransactionLayer, TransportError
 
 __all__ = [
     "UDP_MAX_REQUEST_BYTES",
@@ -83,10 +83,6 @@ UDP_MAX_DATAGRAM_BYTES = 65535
 
 ConnectionKey = tuple[str, str, int]
 """``(transport, host, port)``: how stream connections are found for reuse."""
-
-
-class TransportError(Exception):
-    """A message could not be handed to the network (no listener, connect failed...)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)

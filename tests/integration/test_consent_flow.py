@@ -285,10 +285,13 @@ async def start(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[Start]:
                 await closed
         await item.service.stopService()
     await deferLater(reactor, 0.05, lambda: None)
-    for call in reactor.getDelayedCalls():
-        name = getattr(call.func, "__qualname__", "")
-        if name.startswith(("ServerTransaction", "ClientTransaction")):
-            call.cancel()
+    # Stopping ends every transaction: nothing of theirs may still be scheduled.
+    left = [
+        name
+        for name in (getattr(call.func, "__qualname__", "") for call in reactor.getDelayedCalls())
+        if name.startswith(("ServerTransaction", "ClientTransaction", "DelayQueue"))
+    ]
+    assert not left
 
 
 def consent_uris(response: SIPResponse) -> list[str]:

@@ -21,6 +21,7 @@ from relayd.sip.transaction import (
     SIPTimers,
     TransactionLayer,
     TransactionState,
+    TransportError,
     new_branch,
 )
 from relayd.sip.uri import SIPURI
@@ -471,3 +472,33 @@ def test_find_invite_transaction_for_cancel() -> None:
     assert txn is not None
     assert txn.is_invite
     assert layer.find_invite_transaction(_request("CANCEL", branch="z9hG4bKzzz")) is None
+
+
+def test_stop_ends_every_transaction_and_timer() -> None:
+    clock, send, _tu, layer = _layer(RecordingTU())
+    layer.request_received(_request(branch="z9hG4bK-server"), PEER, reliable=False)
+    layer.client_request(_request(branch="z9hG4bK-stop-1"), PEER, reliable=False)
+    layer.client_request(_request(branch="z9hG4bK-stop-2"), PEER, reliable=True)
+    assert layer.client_transaction_count == 2 and layer.server_transaction_count == 1
+    assert clock.getDelayedCalls()
+    layer.stop()
+    assert layer.client_transaction_count == 0
+    assert layer.server_transaction_count == 0
+    assert not clock.getDelayedCalls()
+    before = len(send.sent)
+    clock.advance(64)
+    assert len(send.sent) == before  # no retransmission after stop
+
+
+def test_transport_error_ends_the_client_transaction_with_503() -> None:
+    clock = Clock()
+
+    def refuse(message: SIPRequest | SIPResponse, destination: object) -> None:
+        raise TransportError("no UDP listener to send from")
+
+    layer = TransactionLayer(clock, refuse, RecordingTU())
+    results: list[SIPResponse] = []
+    d = layer.client_request(_request(branch="z9hG4bK-refused"), PEER, reliable=False)
+    d.addCallback(results.append)
+    assert [r.status for r in results] == [503]
+    assert layer.client_transaction_count == 0
