@@ -34,6 +34,7 @@ from relayd.ctl.xcap import make_rule, new_ruleset
 from relayd.sip.auth import client_authorization
 from relayd.sip.message import SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
+from relayd.tap import tune_garbage_collector
 from relayd.testing import make_pki, prepared_relay, relay_config_overrides, write_users
 from relayd.xcap.usages import CONSENT_RULES_AUID
 
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="relayd-sip-cycle-") as folder:
         harness = Harness(Path(folder), args.members)
         harness.setup()
+        tune_garbage_collector()  # as twistd's makeService does
         user = STRANGER if args.stranger else SENDER
         want = 470 if args.stranger else 200
         for n in range(50):  # warm caches the way a steady load has them warm

@@ -393,6 +393,14 @@ SCHEMA: tuple[Key, ...] = (
         "Server transactions kept at once; beyond it requests get 503 with Retry-After",
     ),
     Key(
+        "sip",
+        "overload_lag_ms",
+        "50",
+        _integer(0, 10_000),
+        "Shed load: while the event loop runs this many milliseconds late on average,"
+        " new requests get 503 with Retry-After instead of queueing (0 turns it off)",
+    ),
+    Key(
         "store",
         "backend",
         "sqlite",
@@ -469,6 +477,7 @@ class SIPConfig:
     subscription_expires_max_seconds: int
     max_subscriptions_per_user: int
     max_server_transactions: int
+    overload_lag_ms: int
 
 
 @dataclass(frozen=True)

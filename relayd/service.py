@@ -34,6 +34,7 @@ from relayd.sip.consent import (
     PermissionCache,
 )
 from relayd.sip.events import SubscriptionLimits
+from relayd.sip.overload import LagMonitor, any_of
 from relayd.sip.registrar import Registrar
 from relayd.sip.relay import ConsentRelay, owners_from_users
 from relayd.sip.transaction import TransactionLayer
@@ -338,10 +339,12 @@ class SIPService(Service):
         registrar: Registrar,
         reactor: Any,
         prepared: Prepared,
+        overload: LagMonitor | None = None,
     ) -> None:
         self.relay = relay
         self.transport = transport
         self.registrar = registrar
+        self.overload = overload
         self.reactor = reactor
         self.prepared = prepared
         self.ports: list[Any] = []
@@ -419,8 +422,12 @@ class SIPService(Service):
         )
         d = defer.ensureDeferred(self.relay.start(owners))
         d.addErrback(lambda f: self.log.failure("SIP consent relay failed to start", f))
+        if self.overload is not None:
+            self.overload.start()
 
     async def _stop(self) -> None:
+        if self.overload is not None:
+            self.overload.stop()
         self.relay.stop()
         self.registrar.stop()
         self.transport.close_connections()
@@ -460,7 +467,10 @@ def build_sip(
     transactions = TransactionLayer(
         reactor, transport.send, uas, max_server_transactions=sip.max_server_transactions
     )
+    overload = LagMonitor(reactor, sip.overload_lag_ms / 1000) if sip.overload_lag_ms else None
     uas.overloaded = transaction_pressure(transactions)
+    if overload is not None:
+        uas.overloaded = any_of(uas.overloaded, overload.overloaded)
     transport.attach(transactions)
     uas.attach(transactions)
     directory = ListDirectory(store, domain, local_hosts, prepared.sip_lists)
@@ -494,7 +504,7 @@ def build_sip(
         ),
         loop_detector=detector,
     )
-    return SIPService(relay, transport, registrar, reactor, prepared)
+    return SIPService(relay, transport, registrar, reactor, prepared, overload)
 
 
 def _origin(kind: str, hostname: str, port: int) -> str:

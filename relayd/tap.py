@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any, ClassVar
 
 from twisted.python import usage
@@ -67,4 +68,22 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     prepared: Prepared = options["prepared"]
-    return build_service(prepared, reactor)
+    service = build_service(prepared, reactor)
+    tune_garbage_collector()
+    return service
+
+
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_garbage_collector() -> None:
+    """A relay allocates a few dozen short-lived objects per message and keeps a large,
+    stable heap (config, schemas, tables). The default collector runs a young-generation
+    pass every 700 allocations and rescans that heap; measured by ``bench/sip_cycle.py``
+    that cost about a fifth of the relay's CPU. Everything built at start-up is moved out
+    of the collector's view (it lives as long as the process) and collections run less
+    often; cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)

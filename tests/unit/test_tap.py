@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import stat
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.python import usage
 
+import relayd.tap
 from relayd.service import MSRPService, Prepared
 from relayd.tap import Options, makeService
 from relayd.testing import make_pki, write_users
@@ -209,9 +211,12 @@ def test_bad_trust_roots_are_a_usage_error(tmp_path: Path) -> None:
     assert "[msrp] ca_certificates" in message
 
 
-def test_make_service_has_named_msrp_child(tmp_path: Path) -> None:
+def test_make_service_has_named_msrp_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tuned: list[bool] = []
+    monkeypatch.setattr(relayd.tap, "tune_garbage_collector", lambda: tuned.append(True))
     options = parse(tmp_path, "--msrp-listen", LISTEN)
     service = makeService(options)
+    assert tuned == [True]
     assert isinstance(service, MultiService)
     assert IServiceCollection.providedBy(service)
     msrp = service.getServiceNamed("msrp")
@@ -221,3 +226,15 @@ def test_make_service_has_named_msrp_child(tmp_path: Path) -> None:
     assert not service.running
     assert not msrp.running
     assert msrp.ports == []
+
+
+def test_garbage_collector_tuning_freezes_the_start_up_heap() -> None:
+    threshold = gc.get_threshold()
+    try:
+        relayd.tap.tune_garbage_collector()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == relayd.tap.GC_GEN0_THRESHOLD
+        assert gc.get_threshold()[1:] == threshold[1:]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
