@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             harness.call(1_000_000 + n, user)
         harness.elapsed = 0.0
         harness.datagrams = 0
-        profile = cProfile.Profile(time.thread_time) if args.profile else None
+        profile = cProfile.Profile() if args.profile else None
         if profile is not None:
             profile.enable()
         statuses = [harness.call(n, user) for n in range(args.calls)]
