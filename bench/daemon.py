@@ -64,3 +64,15 @@ def stop_sync(
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(5)
+
+
+def wait_idle(cpu_seconds: Callable[[], float], limit: float = 35.0) -> float:
+    """Seconds until a process (tree) uses < 2 % CPU over 1 s, at most ``limit``: the
+    backlog of a step is drained (and its retransmissions over) before the next one."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = cpu_seconds()
+        time.sleep(1.0)
+        if cpu_seconds() - before < 0.02:
+            break
+    return time.monotonic() - started

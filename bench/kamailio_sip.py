@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.daemon import wait_idle
 from relayd.digest import ha1
 
 TEMPLATE = Path(__file__).resolve().parent / "kamailio" / "sip-fork.cfg"
@@ -257,14 +258,8 @@ class Kamailio:
         return total
 
     def wait_idle(self, limit: float = 35.0) -> float:
-        """Until the tree uses < 2 % CPU over 1 s (as ``Relay.wait_idle``)."""
-        started = time.monotonic()
-        while time.monotonic() - started < limit:
-            before = self.cpu()
-            time.sleep(1.0)
-            if self.cpu() - before < 0.02:
-                break
-        return time.monotonic() - started
+        """Until the whole tree is idle (``bench.daemon.wait_idle``)."""
+        return wait_idle(self.cpu, limit)
 
     def stop(self) -> None:
         """SIGTERM to the main process (it ends its children), SIGKILL after 10 s; then

@@ -55,7 +55,7 @@ from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, 
 from relayd.sip.parser import parse_datagram
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI
-from relayd.testing import RelayPKI, make_pki, write_users
+from relayd.testing import RelayPKI, grant_document, make_pki, write_users
 
 HOST = "127.0.0.1"
 REALM = "relayd-bench"
@@ -118,15 +118,6 @@ def lists_xml(work: Sequence[Job]) -> str:
     )
     head = f'<?xml version="1.0" encoding="UTF-8"?>\n<resource-lists xmlns="{RL}">\n'
     return head + lists + "</resource-lists>\n"
-
-
-def grant_document(sender: str, target: str) -> bytes:
-    return (
-        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
-        f'<rule id="a"><conditions><identity><one id="{sender}"/></identity>'
-        f'<cr:target uri="{target}"/></conditions>'
-        "<actions><cr:trans-handling>grant</cr:trans-handling></actions></rule></ruleset>"
-    ).encode()
 
 
 def states(body: bytes) -> list[str]:

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.daemon import spawn_twistd, stop_sync
+from bench.daemon import spawn_twistd, stop_sync, wait_idle
 from bench.kamailio_sip import Kamailio, find_kamailio, kamailio_version
 from relayd.sip.auth import client_authorization
 from relayd.testing import RelayPKI, make_pki, write_users
@@ -228,15 +228,9 @@ class Relay:
         stop_sync(self.process)
 
     def wait_idle(self, limit: float = 35.0) -> float:
-        """Until the relay uses < 2 % CPU over 1 s (backlog drained, and the client
-        transactions' retransmissions (Timer E/F, 32 s) of an overloaded step gone)."""
-        started = time.monotonic()
-        while time.monotonic() - started < limit:
-            before = self.cpu()
-            time.sleep(1.0)
-            if self.cpu() - before < 0.02:
-                break
-        return time.monotonic() - started
+        """Until the relay is idle: the backlog drained, and the client transactions'
+        retransmissions (Timer E/F, 32 s) of an overloaded step gone."""
+        return wait_idle(self.cpu, limit)
 
 
 # -- provisioning -----------------------------------------------------------------------

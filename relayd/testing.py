@@ -15,6 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 from relayd.config import load_config
 from relayd.digest import ha1
@@ -155,3 +158,28 @@ def prepared_relay(overrides: dict[tuple[str, str], str]) -> Prepared:
 
 def relay_service(prepared: Prepared, reactor: Any) -> Any:
     return build_service(prepared, reactor)
+
+
+_CP = "urn:ietf:params:xml:ns:common-policy"
+_CR = "urn:relayd:params:xml:ns:consent-policy"
+
+
+def grant_document(sender: str, target: str) -> bytes:
+    """A consent-rules document: ``sender`` may reach its owner through list ``target``."""
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{_CP}" xmlns:cr="{_CR}">'
+        f'<rule id="a"><conditions><identity><one id="{sender}"/></identity>'
+        f'<cr:target uri="{target}"/></conditions>'
+        "<actions><cr:trans-handling>grant</cr:trans-handling></actions></rule></ruleset>"
+    ).encode()
+
+
+@implementer(IPolicyForHTTPS)
+class TrustTestCA:
+    """HTTPS client policy that trusts only the test CA (the relay's IP SAN is checked)."""
+
+    def __init__(self, ca_pem: bytes) -> None:
+        self._trust = Certificate.loadPEM(ca_pem)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)

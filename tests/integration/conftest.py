@@ -11,11 +11,8 @@ import pytest_twisted
 from treq import content
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
-from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers as HTTPHeaders
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
 from relayd.msrp.client import AuthResult, MSRPClientProtocol, connect
 from relayd.msrp.message import ByteRange, MSRPRequest
@@ -23,6 +20,7 @@ from relayd.msrp.transport import MSRPRelay
 from relayd.service import MSRPService
 from relayd.testing import (
     RelayPKI,
+    TrustTestCA,
     make_pki,
     prepared_relay,
     relay_config_overrides,
@@ -168,35 +166,13 @@ def path_to(protocol: MSRPClientProtocol, auth: AuthResult) -> list[str]:
 
 # -- consent: what a recipient does over HTTPS with its Permission URI ------------------
 
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
-
-
-def consent_rules(sender: str, target: str) -> bytes:
-    """A common-policy document granting ``sender`` the list ``target``."""
-    return (
-        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
-        f'<rule id="a"><conditions><identity><one id="{sender}"/></identity>'
-        f'<cr:target uri="{target}"/></conditions>'
-        "<actions><cr:trans-handling>grant</cr:trans-handling></actions></rule></ruleset>"
-    ).encode()
-
-
-@implementer(IPolicyForHTTPS)
-class _TrustTestCA:
-    def __init__(self, ca_pem: bytes) -> None:
-        self._trust = Certificate.loadPEM(ca_pem)
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
-
 
 class Capability:
     """HTTP client for a Permission URI (no account: the URI is the capability)."""
 
     def __init__(self, ca_pem: bytes, timeout: float = 5.0) -> None:
         pool = HTTPConnectionPool(reactor, persistent=False)
-        self.http = HTTPClient(Agent(reactor, contextFactory=_TrustTestCA(ca_pem), pool=pool))
+        self.http = HTTPClient(Agent(reactor, contextFactory=TrustTestCA(ca_pem), pool=pool))
         self.timeout = timeout
 
     async def call(self, method: str, url: str, body: bytes | None = None) -> int:

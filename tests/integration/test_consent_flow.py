@@ -38,10 +38,11 @@ from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
+from relayd.testing import grant_document as granting_rules
 from relayd.testing import write_users as write_users_file
 from relayd.tokens import redact
 
-from .conftest import Capability, consent_rules
+from .conftest import Capability
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +73,7 @@ LISTS_XML = f"""<?xml version="1.0" encoding="UTF-8"?>
 
 
 def grant_document(sender: str = ALICE, target: str = LIST) -> bytes:
-    return consent_rules(sender, target)
+    return granting_rules(sender, target)
 
 
 # -- a small UA -------------------------------------------------------------------------

@@ -37,9 +37,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from relayd.testing import RelayPKI, write_users
+from relayd.testing import RelayPKI, grant_document, write_users
 
-from .conftest import Capability, consent_rules
+from .conftest import Capability
 
 SIPP = shutil.which("sipp")
 
@@ -359,7 +359,7 @@ async def test_sipp_sender_and_members_through_consent(relay: Relay, players: Pl
     }
     for user, watcher in watchers.items():
         await watcher.wait_logged("NOTIFY pending")
-        assert await relay.xcap.call("PUT", permission[user], consent_rules(ALICE, LIST)) == 201
+        assert await relay.xcap.call("PUT", permission[user], grant_document(ALICE, LIST)) == 201
     for watcher in watchers.values():
         assert await watcher.finished() == ["NOTIFY pending", "NOTIFY granted"]
 

@@ -19,16 +19,14 @@ from lxml import etree
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
 from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.service import XCAPService
 from relayd.testing import (
     RelayPKI,
+    TrustTestCA,
     prepared_relay,
     relay_config_overrides,
     relay_service,
@@ -78,17 +76,6 @@ def ruleset(*rules: str) -> bytes:
     ).encode()
 
 
-@implementer(IPolicyForHTTPS)
-class _TrustTestCA:
-    """Verify the relay's certificate against the test CA (and its IP SAN)."""
-
-    def __init__(self, ca_pem: bytes) -> None:
-        self._trust = Certificate.loadPEM(ca_pem)
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
-
-
 @dataclass
 class Reply:
     code: int
@@ -135,7 +122,7 @@ class XCAPClient:
     def __init__(self, base: str, ca_pem: bytes, scheme: str = "https") -> None:
         self.base = base
         pool = HTTPConnectionPool(reactor, persistent=False)
-        agent = Agent(reactor, contextFactory=_TrustTestCA(ca_pem), pool=pool)
+        agent = Agent(reactor, contextFactory=TrustTestCA(ca_pem), pool=pool)
         self.http = HTTPClient(agent)
 
     @staticmethod
