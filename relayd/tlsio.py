@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
+from relayd.eager import write_now
+
 _READ_BYTES = 262144
 
 
@@ -114,7 +116,7 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
             data = self._outgoing.read()
             transport: Any = self.transport
             if transport is not None:
-                transport.write(data)
+                write_now(transport, data)
 
     def write(self, data: bytes) -> None:
         if self.disconnecting or not data:

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.config import MSRPConfig
+from relayd.eager import write_now
 from relayd.msrp.message import (
     ByteRange,
     Headers,
@@ -109,6 +110,9 @@ class MSRPRelay:
         self._resolver = resolver or _srv_resolver
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
+        #: While input is handled: the connections with output held back until
+        #: the end of that read (see MSRPConnection.dataReceived); else None.
+        self.batch: list[MSRPConnection] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -799,6 +803,7 @@ class MSRPConnection(Protocol):
         self._peer_certificate: x509.Certificate | None = None
         self._routes: dict[tuple[str, str], Route] | None = None
         self._expiry: IDelayedCall | None = None
+        self._out: list[bytes] | None = None
         self.last_activity = relay.clock.seconds()
         self.peer = "?"
 
@@ -835,8 +840,27 @@ class MSRPConnection(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        """Handle one read; everything it makes us write goes out at its end.
+
+        One read often holds several frames (a 200 and a REPORT, or several
+        SENDs), so the frames each connection gets from it are joined into
+        one write: one TLS record and one ``send`` instead of one per frame.
+        """
         if self._closing:
             return
+        relay = self.relay
+        if relay.batch is not None:
+            self._receive(data)
+            return
+        batch = relay.batch = []
+        try:
+            self._receive(data)
+        finally:
+            relay.batch = None
+            for connection in batch:
+                connection.flush()
+
+    def _receive(self, data: bytes) -> None:
         self.relay.touch(self)
         try:
             events = self.parser.feed(data)
@@ -870,6 +894,7 @@ class MSRPConnection(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
+        self._out = None
         if not reason.check(error.ConnectionDone):
             self.log.info(
                 "MSRP connection {peer} lost: {reason}",
@@ -1051,12 +1076,34 @@ class MSRPConnection(Protocol):
         """Write a whole frame of our own, cutting any open stream frame first."""
         if self.frame_owner is not None:
             self.frame_owner.cut()
-        transport: Any = self.transport
-        transport.write(data)
+        self.write_raw(data)
 
     def write_raw(self, data: bytes) -> None:
-        transport: Any = self.transport
-        transport.write(data)
+        """Write now, or at the end of the read being handled (MSRPRelay.batch)."""
+        out = self._out
+        if out is not None:
+            out.append(data)
+            return
+        batch = self.relay.batch
+        if batch is None:
+            write_now(self.transport, data)
+            return
+        self._out = [data]
+        batch.append(self)
+
+    def flush(self) -> None:
+        """Write out what the current read held back for this connection."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        if not self.connected:
+            return
+        try:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+        except Exception:
+            self.log.failure("Internal error writing to {peer}", peer=self.peer)
+            self.close("internal error", abort=True)
 
     # -- flow control and accounting -------------------------------------------------------
 
@@ -1123,6 +1170,10 @@ class MSRPConnection(Protocol):
         if not self.connected or self._closing:
             return
         self._closing = True
+        if abort:
+            self._out = None
+        else:
+            self.flush()
         transport: Any = self.transport
         # A registered producer would hold a TLS shutdown back forever.
         transport.unregisterProducer()

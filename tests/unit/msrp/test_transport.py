@@ -410,6 +410,62 @@ def test_send_between_clients_is_rewritten_streamed_and_answered(h: Harness) -> 
     assert not b.connection.transactions
 
 
+def test_frames_caused_by_one_read_leave_in_one_write_per_connection(h: Harness) -> None:
+    a, b = h.client("alice"), h.client("bob")
+    writes: dict[str, list[bytes]] = {"alice": [], "bob": []}
+    for client in (a, b):
+        original = client.transport.write
+
+        def write(data: bytes, name: str = client.name, original: Any = original) -> None:
+            writes[name].append(data)
+            original(data)
+
+        client.transport.write = write  # type: ignore[method-assign]
+    a.feed(
+        send_bytes(a, b, "batch001", b"one", message_id="m1")
+        + send_bytes(a, b, "batch002", b"two", message_id="m2")
+    )
+    assert len(writes["bob"]) == 1
+    assert [frame.body for frame in parse_frames(writes["bob"][0])] == [b"one", b"two"]
+    assert len(writes["alice"]) == 1
+    oks = parse_frames(writes["alice"][0])
+    assert [(as_response(f).tid, as_response(f).code) for f in oks] == [
+        ("batch001", 200),
+        ("batch002", 200),
+    ]
+    # Outside a read (here: a timer), frames are written at once.
+    h.clock.advance(h.config.transaction_timeout_seconds + 1)
+    assert [len(writes["alice"]), len(writes["bob"])] == [3, 1]
+    reports = a.take()[2:]
+    assert [(as_request(f).method, header(f, "Status")) for f in reports] == [
+        ("REPORT", "000 408 Request Timeout"),
+        ("REPORT", "000 408 Request Timeout"),
+    ]
+
+
+def test_output_held_for_a_read_is_written_before_a_close(h: Harness) -> None:
+    a = h.connect("alice")
+    # On probation, the third failed request closes the connection: the 400s
+    # for all three, written during the same read, must still go out first.
+    bad = b"".join(
+        f"MSRP bad{n:05d} SEND\r\nTo-Path: {RELAY_URI}\r\nFrom-Path: {a.uri}\r\nX\r\n"
+        f"-------bad{n:05d}$\r\n".encode()
+        for n in range(h.config.probation_max_failures)
+    )
+    original = a.transport.write
+    written_while_closing: list[bool] = []
+
+    def write(data: bytes) -> None:
+        written_while_closing.append(bool(a.transport.disconnecting))
+        original(data)
+
+    a.transport.write = write  # type: ignore[method-assign]
+    a.feed(bad)
+    assert a.closed
+    assert written_while_closing == [False]
+    assert [as_response(f).code for f in a.take()] == [400] * h.config.probation_max_failures
+
+
 def test_send_without_byte_range_gets_one_after_the_paths(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     data = (
