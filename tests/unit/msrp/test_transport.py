@@ -1127,6 +1127,62 @@ def test_report_is_forwarded_and_never_answered(h: Harness) -> None:
     assert a.transport.value() == b""
 
 
+def _forwarded_head(h: Harness, request: bytes) -> bytes:
+    """What the relay writes to B for ``request`` from A, tid blanked, and A's answer codes."""
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(request.replace(b"{PATH}", path_to(a, b).encode()).replace(b"{FROM}", a.uri.encode()))
+    data: bytes = b.transport.value()
+    (frame,) = parse_frames(data)
+    tid = as_request(frame).tid.encode()
+    return (
+        data.replace(tid, b"TID")
+        .replace(b.use_path.encode(), b"B")
+        .replace(a.use_path.encode(), b"A")
+    )
+
+
+_CANONICAL_SEND = (
+    b"MSRP fwd00001 SEND\r\nTo-Path: {PATH}\r\nFrom-Path: {FROM}\r\nMessage-ID: m1\r\n"
+    b"Success-Report: yes\r\nByte-Range: 1-5/5\r\nX-Colon: a: b\r\nContent-Type: text/plain\r\n"
+    b"\r\nhello\r\n-------fwd00001$\r\n"
+)
+_CANONICAL_REPORT = (
+    b"MSRP fwd00002 REPORT\r\nTo-Path: {PATH}\r\nFrom-Path: {FROM}\r\nMessage-ID: m1\r\n"
+    b"Byte-Range: 1-5/5\r\nStatus: 000 200 OK\r\n-------fwd00002$\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("canonical", "variant"),
+    [
+        (_CANONICAL_SEND, _CANONICAL_SEND.replace(b"Message-ID: m1", b"Message-ID:m1")),
+        (
+            _CANONICAL_SEND,
+            _CANONICAL_SEND.replace(b"Success-Report: yes", b"Success-Report:\tyes "),
+        ),
+        (_CANONICAL_SEND, _CANONICAL_SEND.replace(b"To-Path: ", b"to-path:  ")),
+        (_CANONICAL_REPORT, _CANONICAL_REPORT.replace(b"Status: 000", b"Status:  000")),
+        (_CANONICAL_REPORT, _CANONICAL_REPORT.replace(b"From-Path: ", b"From-Path:")),
+    ],
+)
+def test_forwarded_bytes_do_not_depend_on_how_the_headers_were_spaced(
+    canonical: bytes, variant: bytes
+) -> None:
+    # The canonical request is forwarded from its own bytes, the variant from
+    # parsed pairs: the relay must write the same frame either way.
+    assert _forwarded_head(Harness(), canonical) == _forwarded_head(Harness(), variant)
+
+
+def test_forwarded_send_keeps_header_order_around_the_new_byte_range(h: Harness) -> None:
+    head = _forwarded_head(h, _CANONICAL_SEND)
+    assert head == (
+        b"MSRP TID SEND\r\nTo-Path: msrps://bob.example.com:7000/bobs1;tcp\r\n"
+        b"From-Path: B A msrps://alice.example.com:7000/alices1;tcp\r\nMessage-ID: m1\r\n"
+        b"Success-Report: yes\r\nByte-Range: 1-5/5\r\nX-Colon: a: b\r\n"
+        b"Content-Type: text/plain\r\n\r\nhello\r\n-------TID$\r\n"
+    )
+
+
 def _nickname(sender: Client, recipient: Client, tid: str) -> bytes:
     return (
         f"MSRP {tid} NICKNAME\r\nTo-Path: {path_to(sender, recipient)}\r\n"
