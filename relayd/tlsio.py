@@ -53,6 +53,7 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
             return
         chunks: list[bytes] = []
         tls = self._tls
+        incoming = self._incoming
         while True:
             try:
                 chunk = tls.read(_READ_BYTES)
@@ -72,6 +73,10 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
                 self.loseConnection()
                 return
             chunks.append(chunk)
+            if not incoming.pending and not tls.pending():
+                # All input decrypted: reading again would only raise
+                # SSLWantReadError, and an exception per read is not free.
+                break
         self._flush()  # post-handshake messages (tickets, key updates)
         self._deliver(chunks)
 

@@ -169,9 +169,11 @@ class MSRPParser:
         tid_bytes, code, comment, method, paths, _ = match.groups()
         head_end = match.end()
         block = buf[match.start(5) : head_end]
+        lines = block.count(b"\n")
         if (
             head_end - pos > self._head_limit
-            or block.count(b"\n") > self._limits.max_header_count
+            or lines > self._limits.max_header_count
+            or block.count(b"\r") != lines
             or _HYPHENS in block  # a line starting "-------tid" is this message's end-line
             or not (block.isascii() or _is_utf8(block))
         ):
@@ -484,11 +486,15 @@ _CANONICAL_BLOCK = re.compile(
 
 
 # _START_LINE and its CRLF, then as many canonical header lines as follow.
-_VALUE = rb"(?:[^ \t\r\n](?:[^\r\n]*[^ \t\r\n])?)?\r\n"
+# _START_LINE with its CRLF, To-Path and From-Path, then the header lines
+# that follow, canonical: one SP, no SP or HTAB at either end of a value.
+# A value is matched as "anything up to LF" (much faster than "neither CR
+# nor LF"), so _parse_head checks that the block has no CR but its CRLFs.
+_VALUE = rb" (?![ \t])[^\n]*(?<![ \t])\r\n"
 _HEAD = re.compile(
     rb"MSRP ([A-Za-z0-9][A-Za-z0-9.+%=-]{3,31}) (?:(\d{3})(?: ([^\r\n]*))?|([A-Z]+))\r\n"
-    rb"((?i:to-path): " + _VALUE + rb"(?i:from-path): " + _VALUE + rb")"
-    rb"((?:[A-Za-z0-9!#$%&'*+.^_`|~-]+: " + _VALUE + rb")*)"
+    rb"((?i:to-path):" + _VALUE + rb"(?i:from-path):" + _VALUE + rb")"
+    rb"((?:[A-Za-z0-9!#$%&'*+.^_`|~-]+:" + _VALUE + rb")*)"
 )
 #: Longest body _parse_head looks for the end-line of (see there).
 _INLINE_BODY = 16384
