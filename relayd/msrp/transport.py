@@ -408,10 +408,14 @@ class _Plan:
     200's path lines (make_response's rule) are then built once per session.
     """
 
-    __slots__ = ("forward_paths", "ok_paths", "report_to", "route")
+    __slots__ = ("expires_at", "forward_paths", "generation", "ok_paths", "report_to", "route")
 
-    def __init__(self, route: Route, request: MSRPRequest) -> None:
+    def __init__(self, route: Route, request: MSRPRequest, generation: int) -> None:
         self.route = route
+        #: RelayCore.still_valid holds while no session left the table since
+        #: (SessionTable.generation) and none of those relied on has expired.
+        self.generation = generation
+        self.expires_at = min([s.expires_at for s in route.relied_on], default=0.0)
         self.forward_paths = (
             f"To-Path: {route.to_path}\r\nFrom-Path: {route.from_path}\r\n".encode()
         )
@@ -1027,9 +1031,15 @@ class MSRPConnection(Protocol):
         cache = self._plans
         plan = cache.get(key) if cache is not None else None
         core = self.relay.core
-        if plan is not None and core.still_valid(plan.route):
-            return plan
-        plan = _Plan(core.route(request, self, self), request)
+        if plan is not None:
+            sessions = core.sessions
+            if plan.generation == sessions.generation:
+                if self.relay.clock.seconds() < plan.expires_at:
+                    return plan
+            elif core.still_valid(plan.route):
+                plan.generation = sessions.generation
+                return plan
+        plan = _Plan(core.route(request, self, self), request, core.sessions.generation)
         if cache is None:
             cache = self._plans = {}
         elif len(cache) >= _ROUTE_CACHE_SIZE:

@@ -1056,6 +1056,35 @@ def test_expired_sessions_are_refused(h: Harness) -> None:
     assert b.transport.value() == b""
 
 
+def test_a_remembered_route_ends_when_its_session_expires(h: Harness) -> None:
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(send_bytes(a, b, "live0001", b"in time"))
+    (frame,) = b.take()
+    answer(b, frame)
+    assert [as_response(f).code for f in a.take()] == [200]
+    # Nothing has left the session table: only the clock ends the route.
+    h.clock.advance(h.config.session_expires_seconds)
+    a.feed(send_bytes(a, b, "live0002", b"too late"))
+    assert [as_response(f).code for f in a.take()] == [481]
+    assert b.transport.value() == b""
+
+
+def test_a_remembered_route_ends_when_its_target_session_goes(h: Harness) -> None:
+    a, b, c = h.client("alice"), h.client("bob"), h.client("carol")
+    a.feed(send_bytes(a, b, "gone0001", b"first"))
+    (frame,) = b.take()
+    answer(b, frame)
+    c.hang_up()  # another session leaves: the route is checked again, and holds
+    a.feed(send_bytes(a, b, "gone0002", b"second"))
+    (frame,) = b.take()
+    assert frame.body == b"second"
+    answer(b, frame)
+    assert [as_response(f).code for f in a.take()] == [200, 200]
+    b.hang_up()
+    a.feed(send_bytes(a, b, "gone0003", b"third"))
+    assert [as_response(f).code for f in a.take()] == [481]
+
+
 def test_oversized_non_send_request_is_413() -> None:
     h = Harness({("msrp", "max_request_body_bytes"): "10"})
     a, b = h.client("alice"), h.client("bob")
