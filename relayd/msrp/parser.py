@@ -146,6 +146,10 @@ class MSRPParser:
                     break
             elif not self._open_body(events):
                 break
+        if self._pos >= len(self._buf):
+            # Nothing left to look at: an idle connection keeps no input.
+            self._buf = b""
+            self._pos = self._scan = 0
         return events
 
     # -- the common case in one step --------------------------------------
@@ -207,7 +211,6 @@ class MSRPParser:
             message = MSRPResponse(tid, int(code), text, headers)
         self._leading_crlf = 0
         self._tid = tid
-        self._message = message
         self._scan = 0
         if flag:
             self._pos = next_pos
@@ -354,6 +357,7 @@ class MSRPParser:
             return self._reject(events, "response with a body", pos)
         self._pos = next_pos
         message.headers = headers
+        self._message = None  # only needed to describe a rejected head
         events.append(MessageStart(message, has_body))
         if has_body:
             self._state = _BODY_OPEN

@@ -112,9 +112,9 @@ class MSRPRelay:
         self._resolver = resolver or _srv_resolver
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
-        #: While input is handled: the connections with output held back until
-        #: the end of that read (see MSRPConnection.dataReceived); else None.
-        self.batch: list[MSRPConnection] | None = None
+        #: While input is handled: the output held back until the end of that
+        #: read, per connection (see MSRPConnection.dataReceived); else None.
+        self.batch: dict[MSRPConnection, list[bytes]] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -864,7 +864,6 @@ class MSRPConnection(Protocol):
         self._peer_certificate: x509.Certificate | None = None
         self._plans: dict[bytes | tuple[str, str], _Plan] | None = None
         self._expiry: IDelayedCall | None = None
-        self._out: list[bytes] | None = None
         self.last_activity = relay.clock.seconds()
         self.peer = "?"
 
@@ -913,13 +912,13 @@ class MSRPConnection(Protocol):
         if relay.batch is not None:
             self._receive(data)
             return
-        batch = relay.batch = []
+        batch = relay.batch = {}
         try:
             self._receive(data)
         finally:
             relay.batch = None
-            for connection in batch:
-                connection.flush()
+            for connection, out in batch.items():
+                connection._write_out(out)
 
     def _receive(self, data: bytes) -> None:
         self.relay.touch(self)
@@ -955,7 +954,6 @@ class MSRPConnection(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
-        self._out = None
         if not reason.check(error.ConnectionDone):
             self.log.info(
                 "MSRP connection {peer} lost: {reason}",
@@ -1149,23 +1147,24 @@ class MSRPConnection(Protocol):
 
     def write_raw(self, data: bytes) -> None:
         """Write now, or at the end of the read being handled (MSRPRelay.batch)."""
-        out = self._out
-        if out is not None:
-            out.append(data)
-            return
         batch = self.relay.batch
         if batch is None:
             write_now(self.transport, data)
             return
-        self._out = [data]
-        batch.append(self)
+        out = batch.get(self)
+        if out is None:
+            batch[self] = [data]
+        else:
+            out.append(data)
 
     def flush(self) -> None:
-        """Write out what the current read held back for this connection."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
+        """Write out now what the current read held back for this connection."""
+        batch = self.relay.batch
+        out = batch.pop(self, None) if batch is not None else None
+        if out is not None:
+            self._write_out(out)
+
+    def _write_out(self, out: list[bytes]) -> None:
         if not self.connected:
             return
         try:
@@ -1240,7 +1239,8 @@ class MSRPConnection(Protocol):
             return
         self._closing = True
         if abort:
-            self._out = None
+            if self.relay.batch is not None:
+                self.relay.batch.pop(self, None)
         else:
             self.flush()
         transport: Any = self.transport

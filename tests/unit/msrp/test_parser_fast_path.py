@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from relayd.msrp.message import MSRPRequest
 from relayd.msrp.parser import (
     BodyChunk,
+    MessageEnd,
     MessageRejected,
     MessageStart,
     MSRPLimits,
@@ -233,3 +234,16 @@ def test_rejections_carry_the_same_details() -> None:
     assert isinstance(fast[0], MessageRejected)
     assert fast[0].to_path == TO.decode()
     assert fast == GeneralOnly().feed(data)
+
+
+@pytest.mark.parametrize("parser_class", [MSRPParser, GeneralOnly])
+def test_an_idle_parser_keeps_neither_input_nor_message(parser_class: type[MSRPParser]) -> None:
+    # Thousands of idle connections each hold a parser: after a whole
+    # message it must not pin the last read or the last message's headers.
+    parser = parser_class()
+    parser.feed(send(PATHS + REST))
+    assert (parser._buf, parser._message, parser.in_message) == (b"", None, False)
+    parser.feed(send(PATHS + REST, tid=b"tid00002")[:-3])
+    assert parser.in_message
+    assert parser.feed(b"$\r\n")[-1] == MessageEnd("tid00002", b"$")
+    assert (parser._buf, parser._message) == (b"", None)
