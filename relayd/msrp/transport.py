@@ -917,8 +917,13 @@ class MSRPConnection(Protocol):
             self._receive(data)
         finally:
             relay.batch = None
+            # Forwarded frames first: the next hop's work is what the
+            # sender waits for; our own answers to this sender can follow.
+            own = batch.pop(self, None)
             for connection, out in batch.items():
                 connection._write_out(out)
+            if own is not None:
+                self._write_out(own)
 
     def _receive(self, data: bytes) -> None:
         self.relay.touch(self)
