@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
+from relayd.eager import write_now
+
 _READ_BYTES = 262144
 
 
@@ -51,6 +53,7 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
             return
         chunks: list[bytes] = []
         tls = self._tls
+        incoming = self._incoming
         while True:
             try:
                 chunk = tls.read(_READ_BYTES)
@@ -70,6 +73,10 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
                 self.loseConnection()
                 return
             chunks.append(chunk)
+            if not incoming.pending and not tls.pending():
+                # All input decrypted: reading again would only raise
+                # SSLWantReadError, and an exception per read is not free.
+                break
         self._flush()  # post-handshake messages (tickets, key updates)
         self._deliver(chunks)
 
@@ -114,7 +121,7 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
             data = self._outgoing.read()
             transport: Any = self.transport
             if transport is not None:
-                transport.write(data)
+                write_now(transport, data)
 
     def write(self, data: bytes) -> None:
         if self.disconnecting or not data:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 STATUS_COMMENTS: dict[int, str] = {
     200: "OK",
@@ -49,72 +50,174 @@ class Headers:
 
     RFC 4975 fixes the first two (To-Path, From-Path); the relay needs
     first-occurrence lookup and in-place rewrite, so a name index is kept.
+
+    Headers from the network are usually in canonical form already (each
+    line ``Name: value`` with one space and nothing around the value), and
+    most of them are only forwarded.  Those keep the parser's bytes
+    (:meth:`from_block`): lookups search the bytes, forwarding slices them
+    (:func:`forwarded_lines`), and the list of pairs is only built if asked for.
     """
 
-    __slots__ = ("_index", "_items")
+    __slots__ = ("_block", "_index", "_items", "_lower", "_paths_end")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items: list[tuple[str, str]] = list(items)
+        self._items: list[tuple[str, str]] | None = list(items)
         # Built on first lookup: most headers we build are only ever written.
         self._index: dict[str, int] | None = None
+        self._block: bytes | None = None
+        self._lower: bytes | None = None
+        self._paths_end = 0
+
+    @classmethod
+    def from_block(cls, block: bytes, paths_end: int = 0) -> Headers:
+        """Headers backed by a canonical, UTF-8 header block (every line ends in CRLF).
+
+        The block starts with the To-Path and From-Path lines (the parser
+        checks that); ``paths_end`` is the offset after them, if known.
+        """
+        headers = cls.__new__(cls)
+        headers._items = None
+        headers._index = None
+        headers._block = block
+        headers._lower = None
+        if not paths_end:
+            paths_end = block.index(b"\r\n", block.index(b"\r\n") + 2) + 2
+        headers._paths_end = paths_end
+        return headers
+
+    @property
+    def block(self) -> bytes | None:
+        """The canonical bytes these headers came from, while unmodified."""
+        return self._block
+
+    def _list(self) -> list[tuple[str, str]]:
+        items = self._items
+        if items is None:
+            assert self._block is not None
+            lines = self._block.decode("utf-8").split("\r\n")
+            lines.pop()  # after the last CRLF
+            items = self._items = [(n, v) for n, _, v in [x.partition(": ") for x in lines]]
+        return items
 
     def _lookup(self) -> dict[str, int]:
         index: dict[str, int] = {}
-        for position, (name, _) in enumerate(self._items):
+        for position, (name, _) in enumerate(self._list()):
             lname = name.lower()
             if lname not in index:
                 index[lname] = position
         self._index = index
         return index
 
+    def _find(self, name: str) -> int:
+        """Offset of the value of ``name`` in the block, or -1: no list needed."""
+        lower = self._lower
+        if lower is None:
+            assert self._block is not None
+            lower = self._lower = b"\r\n" + self._block.lower()
+        key = b"\r\n" + name.lower().encode("utf-8") + b": "
+        at = lower.find(key)
+        return at if at < 0 else at + len(key) - 2
+
     def get(self, name: str, default: str | None = None) -> str | None:
+        block = self._block
+        if block is not None and self._index is None:
+            start = self._find(name)
+            if start < 0:
+                return default
+            return block[start : block.index(b"\r\n", start)].decode("utf-8")
         index = self._index
         if index is None:
             index = self._lookup()
         position = index.get(name.lower())
-        return default if position is None else self._items[position][1]
+        return default if position is None else self._list()[position][1]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
+        if self._block is not None and self._index is None:
+            return self._find(name) >= 0
         index = self._index if self._index is not None else self._lookup()
         return name.lower() in index
 
     def set(self, name: str, value: str) -> None:
         """Replace the first occurrence in place (keeping position) or append."""
+        items = self._list()
         index = self._index if self._index is not None else self._lookup()
+        self._block = self._lower = None
         lname = name.lower()
         position = index.get(lname)
         if position is None:
-            index[lname] = len(self._items)
-            self._items.append((name, value))
+            index[lname] = len(items)
+            items.append((name, value))
         else:
-            self._items[position] = (self._items[position][0], value)
+            items[position] = (items[position][0], value)
 
     def remove(self, name: str) -> None:
         lname = name.lower()
-        self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+        self._items = [(k, v) for k, v in self._list() if k.lower() != lname]
         self._index = None
+        self._block = self._lower = None
 
     def copy(self) -> Headers:
-        return Headers(self._items)
+        if self._block is not None:
+            return Headers.from_block(self._block)
+        return Headers(self._list())
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self._items)
+        return iter(self._list())
 
     def __len__(self) -> int:
-        return len(self._items)
+        block = self._block
+        if block is not None and self._items is None:
+            return block.count(b"\n")
+        return len(self._list())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Headers) and self._items == other._items
+        return isinstance(other, Headers) and self._list() == other._list()
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({self._list()!r})"
 
     def to_bytes(self) -> bytes:
-        return "".join([f"{k}: {v}\r\n" for k, v in self._items]).encode("utf-8")
+        if self._block is not None:
+            return self._block
+        return "".join([f"{k}: {v}\r\n" for k, v in self._list()]).encode("utf-8")
+
+
+def path_lines(headers: Headers) -> bytes | None:
+    """The To-Path and From-Path lines as received (a cache key for routes), or None."""
+    block = headers._block
+    return None if block is None else block[: headers._paths_end]
+
+
+def forwarded_lines(headers: Headers, skip_byte_range: bool) -> tuple[bytes, bytes] | None:
+    """The header lines a forwarded copy keeps after its new To-Path and From-Path.
+
+    The relay drops the received path headers (any To-Path or From-Path) and,
+    for SEND, the Byte-Range it rewrites per frame.  Returns the lines before
+    and after that Byte-Range line (all lines come "before" when it is not
+    dropped, all "after" when it is absent), sliced from the block.  None
+    when the headers have no canonical block or repeat a header the slicing
+    would have to drop: the caller then builds them from the pairs.
+    """
+    block = headers._block
+    if block is None:
+        return None
+    rest = block[headers._paths_end :]
+    lower = b"\r\n" + rest.lower()
+    if b"\r\nto-path:" in lower or b"\r\nfrom-path:" in lower:
+        return None
+    if not skip_byte_range:
+        return rest, b""
+    at = lower.find(b"\r\nbyte-range:")
+    if at < 0:
+        return b"", rest
+    end = rest.index(b"\r\n", at) + 2
+    if lower.find(b"\r\nbyte-range:", end) >= 0:
+        return None
+    return rest[:at], rest[end:]
 
 
 @dataclass(slots=True)
@@ -188,6 +291,11 @@ class ByteRange:
 
     @classmethod
     def parse(cls, value: str) -> ByteRange:
+        """Raise ValueError unless ``value`` is a valid Byte-Range."""
+        return _parse_byte_range(value)
+
+    @classmethod
+    def _parse(cls, value: str) -> ByteRange:
         start_text, dash, rest = value.strip().partition("-")
         end_text, slash, total_text = rest.partition("/")
         if not (dash and slash) or not _is_number(start_text):
@@ -209,6 +317,10 @@ class ByteRange:
         end = "*" if self.end is None else str(self.end)
         total = "*" if self.total is None else str(self.total)
         return f"{self.start}-{end}/{total}"
+
+
+# A sender's messages repeat the same few ranges ("1-100/100"): parse each once.
+_parse_byte_range = lru_cache(maxsize=512)(ByteRange._parse)
 
 
 def _is_number(text: str) -> bool:

@@ -92,6 +92,7 @@ class MSRPParser:
     __slots__ = (
         "_boundary",
         "_buf",
+        "_head_limit",
         "_leading_crlf",
         "_limits",
         "_message",
@@ -103,6 +104,7 @@ class MSRPParser:
 
     def __init__(self, limits: MSRPLimits = DEFAULT_LIMITS) -> None:
         self._limits = limits
+        self._head_limit = min(limits.max_line_bytes, limits.max_header_bytes)
         self._buf = b""
         self._pos = 0
         self._scan = 0
@@ -129,18 +131,112 @@ class MSRPParser:
         events: list[ParseEvent] = []
         while True:
             state = self._state
-            if state in (_BODY, _SKIP):
+            if state == _START:
+                if self._pos >= len(self._buf):
+                    break
+                if self._scan <= self._pos and self._parse_head(events):
+                    continue
+                if not self._parse_start_line():
+                    break
+            elif state in (_BODY, _SKIP):
                 if not self._scan_body(events):
                     break
             elif state == _HEADERS:
                 if not self._parse_header_block(events):
                     break
-            elif state == _START:
-                if self._pos >= len(self._buf) or not self._parse_start_line():
-                    break
             elif not self._open_body(events):
                 break
+        if self._pos >= len(self._buf):
+            # Nothing left to look at: an idle connection keeps no input.
+            self._buf = b""
+            self._pos = self._scan = 0
         return events
+
+    # -- the common case in one step --------------------------------------
+
+    def _parse_head(self, events: list[ParseEvent]) -> bool:
+        """A whole message head (and a short body) at once, when canonical.
+
+        Does exactly what _parse_start_line, _parse_header_block and
+        _scan_body would do for such input, with one regular expression and
+        one search.  Anything else (partial input, leading CRLFs,
+        non-canonical or invalid headers, limits) returns False and takes
+        that general path, which also says what is wrong.  Only tried while
+        no partial line is pending (``_scan``), so input arriving in small
+        pieces is not matched over and over.
+        """
+        buf = self._buf
+        pos = self._pos
+        match = _HEAD.match(buf, pos)
+        if match is None:
+            return False
+        tid_bytes, code, comment, method, paths, _ = match.groups()
+        head_end = match.end()
+        block = buf[match.start(5) : head_end]
+        lines = block.count(b"\n")
+        if (
+            head_end - pos > self._head_limit
+            or lines > self._limits.max_header_count
+            or block.count(b"\r") != lines
+            or _HYPHENS in block  # a line starting "-------tid" is this message's end-line
+            or not (block.isascii() or _is_utf8(block))
+        ):
+            return False
+        terminator = buf[head_end : head_end + 2]
+        if terminator == b"--":
+            after = head_end + 7 + len(tid_bytes)
+            flag = buf[after : after + 1]
+            if (
+                buf[head_end:after] != _HYPHENS + tid_bytes
+                or flag not in _FLAG_SET
+                or buf[after + 1 : after + 3] != b"\r\n"
+            ):
+                return False
+            next_pos = after + 3
+        elif terminator != b"\r\n" or method is None:
+            return False  # incomplete, not a header line, or a response with a body
+        else:
+            flag = b""
+            next_pos = head_end + 2
+        tid = tid_bytes.decode("ascii")
+        headers = Headers.from_block(block, len(paths))
+        message: MSRPRequest | MSRPResponse
+        if method is not None:
+            message = MSRPRequest(tid, method.decode("ascii"), headers)
+        else:
+            try:
+                text = comment.decode("utf-8") if comment is not None else ""
+            except UnicodeDecodeError:
+                return False
+            message = MSRPResponse(tid, int(code), text, headers)
+        self._leading_crlf = 0
+        self._tid = tid
+        self._scan = 0
+        if flag:
+            self._pos = next_pos
+            events.append(MessageStart(message, False))
+            events.append(MessageEnd(tid, flag))
+            return True
+        boundary = self._boundary = b"\r\n" + _HYPHENS + tid_bytes
+        events.append(MessageStart(message, True))
+        self._pos = next_pos
+        if buf[next_pos : next_pos + 1] in (b"-", b""):
+            self._state = _BODY_OPEN  # the body might be a bare end-line
+            return True
+        self._state = _BODY
+        # A short body whose end-line is here too: done without _scan_body.
+        # The search is bounded, so a long body is not scanned twice.
+        end = buf.find(boundary, next_pos, next_pos + _INLINE_BODY)
+        if end >= 0:
+            after = end + len(boundary)
+            flag = buf[after : after + 1]
+            if flag in _FLAG_SET and buf[after + 1 : after + 3] == b"\r\n":
+                if end > next_pos:
+                    events.append(BodyChunk(buf[next_pos:end]))
+                events.append(MessageEnd(tid, flag))
+                self._pos = after + 3
+                self._state = _START
+        return True
 
     # -- start line -------------------------------------------------------
 
@@ -246,32 +342,22 @@ class MSRPParser:
         if stop - pos > limits.max_header_bytes:
             return self._reject(events, "header block too large", pos)
         self._scan = 0
-        try:
-            text = buf[pos : stop + 2].decode("utf-8")
-        except UnicodeDecodeError:
-            return self._reject(events, "header field is not UTF-8", pos)
-        # One pass both splits and validates: findall skips anything that is
-        # not a header line, so the pieces cover the block only if all are.
-        pairs = _HEADER_LINE.findall(text)
-        if sum([len(name) + len(value) for name, value in pairs]) + 3 * len(pairs) != len(text):
-            return self._reject(events, _header_problem(text, limits), pos)
-        if len(pairs) > limits.max_header_count:
-            return self._reject(events, "too many header fields", pos)
-        if len(text) > limits.max_line_bytes:
-            for name, value in pairs:
-                if len(name) + len(value) + 1 > limits.max_line_bytes:
-                    return self._reject(events, "header line too long", pos)
-        items = [(name, value.strip(" \t")) for name, value in pairs]
-        if not _paths_first(items):
-            # RFC 4975 §7.1: To-Path then From-Path come first.
-            return self._reject(events, "To-Path and From-Path must come first", pos)
+        block = buf[pos : stop + 2]
+        if _is_canonical(block, limits):
+            headers = Headers.from_block(block)
+        else:
+            parsed = self._headers_from_text(events, block, pos)
+            if parsed is None:
+                return True
+            headers = parsed
         message = self._message
         assert message is not None
         if has_body and type(message) is MSRPResponse:
             self._pos = next_pos
             return self._reject(events, "response with a body", pos)
         self._pos = next_pos
-        message.headers = Headers(items)
+        message.headers = headers
+        self._message = None  # only needed to describe a rejected head
         events.append(MessageStart(message, has_body))
         if has_body:
             self._state = _BODY_OPEN
@@ -279,6 +365,37 @@ class MSRPParser:
             self._state = _START
             events.append(MessageEnd(self._tid, flag))
         return True
+
+    def _headers_from_text(
+        self, events: list[ParseEvent], block: bytes, pos: int
+    ) -> Headers | None:
+        """Validate and normalise a block that is not in canonical form; None if rejected."""
+        limits = self._limits
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reject(events, "header field is not UTF-8", pos)
+            return None
+        # One pass both splits and validates: findall skips anything that is
+        # not a header line, so the pieces cover the block only if all are.
+        pairs = _HEADER_LINE.findall(text)
+        reason = None
+        if sum([len(name) + len(value) for name, value in pairs]) + 3 * len(pairs) != len(text):
+            reason = _header_problem(text, limits)
+        elif len(pairs) > limits.max_header_count:
+            reason = "too many header fields"
+        elif len(text) > limits.max_line_bytes and any(
+            len(name) + len(value) + 1 > limits.max_line_bytes for name, value in pairs
+        ):
+            reason = "header line too long"
+        items = [(name, value.strip(" \t")) for name, value in pairs]
+        if reason is None and not _paths_first(items):
+            # RFC 4975 §7.1: To-Path then From-Path come first.
+            reason = "To-Path and From-Path must come first"
+        if reason is not None:
+            self._reject(events, reason, pos)
+            return None
+        return Headers(items)
 
     def _reject(self, events: list[ParseEvent], reason: str, line_start: int) -> bool:
         """Skip the rest of this message up to its end-line; stay in sync."""
@@ -365,6 +482,55 @@ class MSRPParser:
 
 
 _HEADER_LINE = re.compile(r"([A-Za-z0-9!#$%&'*+.^_`|~-]+):([^\r\n]*)\r\n")
+# Header lines exactly as the relay writes them: one SP after the colon, no
+# SP or HTAB around the value.  Linear: a value cannot cross its CRLF.
+_CANONICAL_BLOCK = re.compile(
+    rb"(?:[A-Za-z0-9!#$%&'*+.^_`|~-]+: (?:[^ \t\r\n](?:[^\r\n]*[^ \t\r\n])?)?\r\n)*"
+)
+
+
+# _START_LINE and its CRLF, then as many canonical header lines as follow.
+# _START_LINE with its CRLF, To-Path and From-Path, then the header lines
+# that follow, canonical: one SP, no SP or HTAB at either end of a value.
+# A value is matched as "anything up to LF" (much faster than "neither CR
+# nor LF"), so _parse_head checks that the block has no CR but its CRLFs.
+_VALUE = rb" (?![ \t])[^\n]*(?<![ \t])\r\n"
+_HEAD = re.compile(
+    rb"MSRP ([A-Za-z0-9][A-Za-z0-9.+%=-]{3,31}) (?:(\d{3})(?: ([^\r\n]*))?|([A-Z]+))\r\n"
+    rb"((?i:to-path):" + _VALUE + rb"(?i:from-path):" + _VALUE + rb")"
+    rb"((?:[A-Za-z0-9!#$%&'*+.^_`|~-]+:" + _VALUE + rb")*)"
+)
+#: Longest body _parse_head looks for the end-line of (see there).
+_INLINE_BODY = 16384
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_canonical(block: bytes, limits: MSRPLimits) -> bool:
+    """Can ``block`` be kept as bytes (Headers.from_block) and forwarded as is?
+
+    True only for a block the normalising path would accept and write back
+    byte for byte: UTF-8, canonical lines, To-Path then From-Path first, and
+    within the limits.  Anything else takes that path, which also names the
+    problem when there is one.
+    """
+    if len(block) > limits.max_line_bytes or block[:8].lower() != b"to-path:":
+        return False
+    second = block.find(b"\r\n") + 2
+    if block[second : second + 10].lower() != b"from-path:":
+        return False
+    if not (block.isascii() or _is_utf8(block)):
+        return False
+    return (
+        block.count(b"\n") <= limits.max_header_count
+        and _CANONICAL_BLOCK.fullmatch(block) is not None
+    )
 
 
 def _start_line_problem(line: bytes) -> str:

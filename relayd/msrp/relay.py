@@ -298,7 +298,7 @@ class RelayCore:
         those is still the live session under its id.
         """
         lookup = self.sessions.lookup
-        return all(lookup(session.session_id) is session for session in route.relied_on)
+        return all([lookup(session.session_id) is session for session in route.relied_on])
 
     def _session(self, uri: MSRPURI) -> Session:
         if not uri.session_id:

@@ -37,6 +37,9 @@ class SessionTable:
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._by_connection: dict[object, set[str]] = {}
+        #: Grows whenever a session leaves the table: while it has not changed,
+        #: every session seen earlier is still here (until it expires).
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -76,6 +79,8 @@ class SessionTable:
         ids = self._by_connection.pop(connection, set())
         for session_id in ids:
             self._sessions.pop(session_id, None)
+        if ids:
+            self.generation += 1
         return len(ids)
 
     def sweep(self) -> int:
@@ -87,6 +92,7 @@ class SessionTable:
         return len(expired)
 
     def _remove(self, session: Session) -> None:
+        self.generation += 1
         self._sessions.pop(session.session_id, None)
         if session.owner_connection is not None:
             ids = self._by_connection.get(session.owner_connection)

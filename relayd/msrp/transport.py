@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.config import MSRPConfig
+from relayd.eager import write_now
 from relayd.msrp.message import (
     ByteRange,
     Headers,
@@ -47,8 +48,10 @@ from relayd.msrp.message import (
     MSRPResponse,
     MSRPStatus,
     end_line,
+    forwarded_lines,
     make_response,
     parse_report_mode,
+    path_lines,
 )
 from relayd.msrp.parser import (
     BodyChunk,
@@ -109,6 +112,9 @@ class MSRPRelay:
         self._resolver = resolver or _srv_resolver
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
+        #: While input is handled: the output held back until the end of that
+        #: read, per connection (see MSRPConnection.dataReceived); else None.
+        self.batch: dict[MSRPConnection, list[bytes]] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -394,6 +400,32 @@ class _EndToEndTransaction:
             self.source.write_atomic(response.to_bytes())
 
 
+class _Plan:
+    """A routing decision and the header bytes every request on those paths reuses.
+
+    Cached per connection under the request's To-Path and From-Path, like the
+    decision itself: the forwarded copy's new path lines and the hop-by-hop
+    200's path lines (make_response's rule) are then built once per session.
+    """
+
+    __slots__ = ("expires_at", "forward_paths", "generation", "ok_paths", "report_to", "route")
+
+    def __init__(self, route: Route, request: MSRPRequest, generation: int) -> None:
+        self.route = route
+        #: RelayCore.still_valid holds while no session left the table since
+        #: (SessionTable.generation) and none of those relied on has expired.
+        self.generation = generation
+        self.expires_at = min([s.expires_at for s in route.relied_on], default=0.0)
+        self.forward_paths = (
+            f"To-Path: {route.to_path}\r\nFrom-Path: {route.from_path}\r\n".encode()
+        )
+        #: Where failure REPORTs for a SEND go (§7.1.2): the whole From-Path.
+        self.report_to = request.headers.get("From-Path") or ""
+        previous = self.report_to.split(" ", 1)[0]
+        addressed = (request.headers.get("To-Path") or "").split(" ", 1)[0]
+        self.ok_paths = f"To-Path: {previous}\r\nFrom-Path: {addressed}\r\n".encode()
+
+
 # -- message consumers: what happens to the body of the current inbound message ------
 
 
@@ -443,14 +475,15 @@ class _LocalAuth:
 class _BufferedForward:
     """A request other than SEND: small, forwarded whole, never split (§6.4.2)."""
 
-    __slots__ = ("body", "has_body", "oversized", "request", "route", "size", "source")
+    __slots__ = ("body", "has_body", "oversized", "plan", "request", "route", "size", "source")
 
     def __init__(
-        self, source: MSRPConnection, request: MSRPRequest, route: Route, has_body: bool
+        self, source: MSRPConnection, request: MSRPRequest, plan: _Plan, has_body: bool
     ) -> None:
         self.source = source
         self.request = request
-        self.route = route
+        self.plan = plan
+        self.route = plan.route
         self.has_body = has_body
         self.body: list[bytes] = []
         self.size = 0
@@ -468,25 +501,42 @@ class _BufferedForward:
         if self.oversized:
             self.source.refuse(self.request, MSRPStatus(413, "request body too large"))
             return
-        headers = Headers(
-            [("To-Path", self.route.to_path), ("From-Path", self.route.from_path)]
-            + [(k, v) for k, v in self.request.headers if k.lower() not in _PATH_HEADERS]
-        )
-        forwarded = MSRPRequest(new_transaction_id(), self.request.method, headers)
-        frame = forwarded.to_bytes(b"".join(self.body) if self.has_body else None, flag)
+        tid = new_transaction_id()
+        frame = self._frame(tid, flag)
         relay = self.source.relay
         target = self.route.connection
         if isinstance(target, MSRPConnection):
-            self._send(target, forwarded.tid, frame)
+            self._send(target, tid, frame)
             return
         pending = relay.connection_for(self.route.next_uri)
         pending.addCallbacks(
-            lambda connection: self._send(connection, forwarded.tid, frame),
+            lambda connection: self._send(connection, tid, frame),
             lambda failure: self._unreachable(failure),
         )
         pending.addErrback(
             lambda f: relay.log.failure("forwarding {method}", f, method=self.request.method)
         )
+
+    def _frame(self, tid: str, flag: bytes) -> bytes:
+        """The request with its new paths: header bytes sliced when they allow it."""
+        request = self.request
+        body = b"".join(self.body) if self.has_body else None
+        lines = forwarded_lines(request.headers, skip_byte_range=False)
+        if lines is None:
+            headers = Headers(
+                [("To-Path", self.route.to_path), ("From-Path", self.route.from_path)]
+                + [(k, v) for k, v in request.headers if k.lower() not in _PATH_HEADERS]
+            )
+            return MSRPRequest(tid, request.method, headers).to_bytes(body, flag)
+        head = b"MSRP %s %s\r\n%s%s" % (
+            tid.encode(),
+            request.method.encode(),
+            self.plan.forward_paths,
+            lines[0],
+        )
+        if body is None:
+            return head + end_line(tid, flag)
+        return b"%s\r\n%s\r\n%s" % (head, body, end_line(tid, flag))
 
     def _send(self, target: MSRPConnection, tid: str, frame: bytes) -> None:
         if not target.connected:
@@ -523,6 +573,7 @@ class SendStream:
         "held",
         "message_id",
         "offset",
+        "ok_paths",
         "original_range",
         "pending",
         "relay",
@@ -535,8 +586,9 @@ class SendStream:
     )
 
     def __init__(
-        self, source: MSRPConnection, request: MSRPRequest, route: Route, has_body: bool
+        self, source: MSRPConnection, request: MSRPRequest, plan: _Plan, has_body: bool
     ) -> None:
+        route = plan.route
         headers = request.headers
         message_id = headers.get("Message-ID")
         if not message_id:
@@ -556,22 +608,16 @@ class SendStream:
         self.total = "*" if byte_range.total is None else str(byte_range.total)
         self.original_range = range_text or byte_range.format()
         self.byte_range_known = byte_range.end is not None
-        self.report_to = headers.get("From-Path") or ""
+        self.report_to = plan.report_to
         self.report_from = route.local_uri
-        before = [f"To-Path: {route.to_path}\r\nFrom-Path: {route.from_path}\r\n"]
-        after: list[str] = []
-        seen_range = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == "byte-range":
-                seen_range = True
-            elif lname not in _STREAM_SKIP:
-                (after if seen_range else before).append(f"{name}: {value}\r\n")
-        if not seen_range:
-            # Content-Type must stay last before the body: put Byte-Range first.
-            after, before = before[1:], before[:1]
-        self.head_before = "".join(before)
-        self.head_after = "".join(after) + ("\r\n" if has_body else "")
+        self.ok_paths = plan.ok_paths
+        # Content-Type must stay last before the body: without a Byte-Range
+        # to replace, the new one goes first after the paths.
+        lines = forwarded_lines(headers, skip_byte_range=True)
+        if lines is None:
+            lines = _stream_lines(headers)
+        self.head_before = plan.forward_paths + lines[0]
+        self.head_after = lines[1] + b"\r\n" if has_body else lines[1]
         self.held: bytes | None = None
         self.frame_tid: str | None = None
         self.frame_first = 0
@@ -608,9 +654,9 @@ class SendStream:
     def end(self, flag: bytes) -> None:
         source = self.source
         if self.failure_report == "yes" and source.connected:
-            # Hop-by-hop success: we have the chunk (§6.4.1).
-            response = make_response(self.request, 200, "OK")
-            source.write_atomic(response.to_bytes())
+            # Hop-by-hop success: we have the chunk (§6.4.1); make_response's paths.
+            tid = self.request.tid.encode()
+            source.write_atomic(b"MSRP %s 200 OK\r\n%s-------%s$\r\n" % (tid, self.ok_paths, tid))
         if self.failed:
             return
         if self.pending is not None:
@@ -714,9 +760,12 @@ class SendStream:
             byte_range = f"{self.offset}-{self.offset + exact_length - 1}/{self.total}"
         else:
             byte_range = f"{self.offset}-*/{self.total}"
-        return (
-            f"MSRP {tid} SEND\r\n{self.head_before}Byte-Range: {byte_range}\r\n{self.head_after}"
-        ).encode()
+        return b"MSRP %s SEND\r\n%sByte-Range: %s\r\n%s" % (
+            tid.encode(),
+            self.head_before,
+            byte_range.encode(),
+            self.head_after,
+        )
 
     def _close_frame(self, flag: bytes) -> bytes:
         target = self.target
@@ -771,6 +820,22 @@ class SendStream:
             )
 
 
+def _stream_lines(headers: Headers) -> tuple[bytes, bytes]:
+    """forwarded_lines(headers, True) built from the pairs, for any headers."""
+    before: list[str] = []
+    after: list[str] = []
+    seen_range = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "byte-range":
+            seen_range = True
+        elif lname not in _STREAM_SKIP:
+            (after if seen_range else before).append(f"{name}: {value}\r\n")
+    if not seen_range:
+        after, before = before, []
+    return "".join(before).encode(), "".join(after).encode()
+
+
 @implementer(IHandshakeListener, IPushProducer)
 class MSRPConnection(Protocol):
     """One MSRP connection, inbound (listener) or outbound (next hop)."""
@@ -797,7 +862,7 @@ class MSRPConnection(Protocol):
         self._succeeded = not inbound
         self._closing = False
         self._peer_certificate: x509.Certificate | None = None
-        self._routes: dict[tuple[str, str], Route] | None = None
+        self._plans: dict[bytes | tuple[str, str], _Plan] | None = None
         self._expiry: IDelayedCall | None = None
         self.last_activity = relay.clock.seconds()
         self.peer = "?"
@@ -835,8 +900,32 @@ class MSRPConnection(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        """Handle one read; everything it makes us write goes out at its end.
+
+        One read often holds several frames (a 200 and a REPORT, or several
+        SENDs), so the frames each connection gets from it are joined into
+        one write: one TLS record and one ``send`` instead of one per frame.
+        """
         if self._closing:
             return
+        relay = self.relay
+        if relay.batch is not None:
+            self._receive(data)
+            return
+        batch = relay.batch = {}
+        try:
+            self._receive(data)
+        finally:
+            relay.batch = None
+            # Forwarded frames first: the next hop's work is what the
+            # sender waits for; our own answers to this sender can follow.
+            own = batch.pop(self, None)
+            for connection, out in batch.items():
+                connection._write_out(out)
+            if own is not None:
+                self._write_out(own)
+
+    def _receive(self, data: bytes) -> None:
         self.relay.touch(self)
         try:
             events = self.parser.feed(data)
@@ -848,9 +937,7 @@ class MSRPConnection(Protocol):
             return
         try:
             for event in events:
-                if isinstance(event, BodyChunk):
-                    self.consumer.data(event.data)
-                elif isinstance(event, MessageStart):
+                if isinstance(event, MessageStart):
                     message = event.message
                     if isinstance(message, MSRPRequest):
                         self._request(message, event.has_body)
@@ -860,6 +947,8 @@ class MSRPConnection(Protocol):
                     consumer = self.consumer
                     self.consumer = _DISCARD
                     consumer.end(event.flag)
+                elif isinstance(event, BodyChunk):
+                    self.consumer.data(event.data)
                 else:
                     self._rejected(event)
                 if self._closing:
@@ -926,32 +1015,40 @@ class MSRPConnection(Protocol):
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = _LocalAuth(self, request)
                 return
-            route = self._route(request)
+            plan = self._plan(request)
             if method == "SEND":
-                self.consumer = SendStream(self, request, route, has_body)
+                self.consumer = SendStream(self, request, plan, has_body)
             else:
-                self.consumer = _BufferedForward(self, request, route, has_body)
+                self.consumer = _BufferedForward(self, request, plan, has_body)
             self.succeeded()
         except MSRPStatus as status:
             self.consumer = _DISCARD
             self.refuse(request, status)
 
-    def _route(self, request: MSRPRequest) -> Route:
+    def _plan(self, request: MSRPRequest) -> _Plan:
         """RelayCore.route, remembered per connection: a session's paths repeat."""
         headers = request.headers
-        key = (headers.get("To-Path") or "", headers.get("From-Path") or "")
-        cache = self._routes
-        route = cache.get(key) if cache is not None else None
+        key: bytes | tuple[str, str] | None = path_lines(headers)
+        if key is None:
+            key = (headers.get("To-Path") or "", headers.get("From-Path") or "")
+        cache = self._plans
+        plan = cache.get(key) if cache is not None else None
         core = self.relay.core
-        if route is not None and core.still_valid(route):
-            return route
-        route = core.route(request, self, self)
+        if plan is not None:
+            sessions = core.sessions
+            if plan.generation == sessions.generation:
+                if self.relay.clock.seconds() < plan.expires_at:
+                    return plan
+            elif core.still_valid(plan.route):
+                plan.generation = sessions.generation
+                return plan
+        plan = _Plan(core.route(request, self, self), request, core.sessions.generation)
         if cache is None:
-            cache = self._routes = {}
+            cache = self._plans = {}
         elif len(cache) >= _ROUTE_CACHE_SIZE:
             cache.clear()
-        cache[key] = route
-        return route
+        cache[key] = plan
+        return plan
 
     def refuse(self, request: MSRPRequest, status: MSRPStatus, count: bool = True) -> None:
         """Answer a request with an error, as its method allows, and count the failure."""
@@ -1051,12 +1148,35 @@ class MSRPConnection(Protocol):
         """Write a whole frame of our own, cutting any open stream frame first."""
         if self.frame_owner is not None:
             self.frame_owner.cut()
-        transport: Any = self.transport
-        transport.write(data)
+        self.write_raw(data)
 
     def write_raw(self, data: bytes) -> None:
-        transport: Any = self.transport
-        transport.write(data)
+        """Write now, or at the end of the read being handled (MSRPRelay.batch)."""
+        batch = self.relay.batch
+        if batch is None:
+            write_now(self.transport, data)
+            return
+        out = batch.get(self)
+        if out is None:
+            batch[self] = [data]
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        """Write out now what the current read held back for this connection."""
+        batch = self.relay.batch
+        out = batch.pop(self, None) if batch is not None else None
+        if out is not None:
+            self._write_out(out)
+
+    def _write_out(self, out: list[bytes]) -> None:
+        if not self.connected:
+            return
+        try:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+        except Exception:
+            self.log.failure("Internal error writing to {peer}", peer=self.peer)
+            self.close("internal error", abort=True)
 
     # -- flow control and accounting -------------------------------------------------------
 
@@ -1123,6 +1243,11 @@ class MSRPConnection(Protocol):
         if not self.connected or self._closing:
             return
         self._closing = True
+        if abort:
+            if self.relay.batch is not None:
+                self.relay.batch.pop(self, None)
+        else:
+            self.flush()
         transport: Any = self.transport
         # A registered producer would hold a TLS shutdown back forever.
         transport.unregisterProducer()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
+from relayd import tokens
 from relayd.msrp.uri import MSRPURI
 from relayd.tokens import (
     MIN_TOKEN_BITS,
@@ -59,6 +61,24 @@ def test_new_transaction_id_is_unique_and_64_bits() -> None:
     ids = {new_transaction_id() for _ in range(10_000)}
     assert len(ids) == 10_000
     assert all(len(tid) * 4 >= 64 for tid in ids)
+
+
+def test_new_transaction_id_draws_randomness_in_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_urandom = os.urandom
+
+    def urandom(size: int) -> bytes:
+        calls.append(size)
+        return real_urandom(size)
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    tokens._forget_tid_pool()
+    ids = [new_transaction_id() for _ in range(1024)]
+    assert calls == [4096, 4096]  # 512 ids of 8 random bytes per pool
+    assert len(set(ids)) == 1024
+    tokens._forget_tid_pool()
+    new_transaction_id()
+    assert len(calls) == 3
 
 
 def test_redact_is_short_stable_and_does_not_leak() -> None:

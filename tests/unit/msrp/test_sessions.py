@@ -152,3 +152,20 @@ def test_sessions_compare_by_identity() -> None:
     b = Session("x", "alice", 1.0)
     assert a != b
     assert a == a
+
+
+def test_generation_changes_only_when_a_session_leaves(table: SessionTable, clock: Clock) -> None:
+    connection = object()
+    start = table.generation
+    kept = table.create_for_client(connection, "alice", 60)
+    short = table.create_for_relay("relay1.example.com", "bob", 10)
+    assert table.lookup(kept.session_id) is kept
+    assert table.generation == start  # creating and finding change nothing
+    clock.advance(10)
+    assert table.lookup(short.session_id) is None  # expired, removed on sight
+    after_expiry = table.generation
+    assert after_expiry > start
+    assert table.drop_connection(object()) == 0
+    assert table.generation == after_expiry  # nothing left
+    assert table.drop_connection(connection) == 1
+    assert table.generation > after_expiry

@@ -410,6 +410,65 @@ def test_send_between_clients_is_rewritten_streamed_and_answered(h: Harness) -> 
     assert not b.connection.transactions
 
 
+def test_frames_caused_by_one_read_leave_in_one_write_per_connection(h: Harness) -> None:
+    a, b = h.client("alice"), h.client("bob")
+    writes: dict[str, list[bytes]] = {"alice": [], "bob": []}
+    order: list[str] = []
+    for client in (a, b):
+        original = client.transport.write
+
+        def write(data: bytes, name: str = client.name, original: Any = original) -> None:
+            writes[name].append(data)
+            order.append(name)
+            original(data)
+
+        client.transport.write = write  # type: ignore[method-assign]
+    a.feed(
+        send_bytes(a, b, "batch001", b"one", message_id="m1")
+        + send_bytes(a, b, "batch002", b"two", message_id="m2")
+    )
+    # The forwarded frames go out before the sender's own 200s.
+    assert order == ["bob", "alice"]
+    assert [frame.body for frame in parse_frames(writes["bob"][0])] == [b"one", b"two"]
+    assert len(writes["alice"]) == 1
+    oks = parse_frames(writes["alice"][0])
+    assert [(as_response(f).tid, as_response(f).code) for f in oks] == [
+        ("batch001", 200),
+        ("batch002", 200),
+    ]
+    # Outside a read (here: a timer), frames are written at once.
+    h.clock.advance(h.config.transaction_timeout_seconds + 1)
+    assert [len(writes["alice"]), len(writes["bob"])] == [3, 1]
+    reports = a.take()[2:]
+    assert [(as_request(f).method, header(f, "Status")) for f in reports] == [
+        ("REPORT", "000 408 Request Timeout"),
+        ("REPORT", "000 408 Request Timeout"),
+    ]
+
+
+def test_output_held_for_a_read_is_written_before_a_close(h: Harness) -> None:
+    a = h.connect("alice")
+    # On probation, the third failed request closes the connection: the 400s
+    # for all three, written during the same read, must still go out first.
+    bad = b"".join(
+        f"MSRP bad{n:05d} SEND\r\nTo-Path: {RELAY_URI}\r\nFrom-Path: {a.uri}\r\nX\r\n"
+        f"-------bad{n:05d}$\r\n".encode()
+        for n in range(h.config.probation_max_failures)
+    )
+    original = a.transport.write
+    written_while_closing: list[bool] = []
+
+    def write(data: bytes) -> None:
+        written_while_closing.append(bool(a.transport.disconnecting))
+        original(data)
+
+    a.transport.write = write  # type: ignore[method-assign]
+    a.feed(bad)
+    assert a.closed
+    assert written_while_closing == [False]
+    assert [as_response(f).code for f in a.take()] == [400] * h.config.probation_max_failures
+
+
 def test_send_without_byte_range_gets_one_after_the_paths(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     data = (
@@ -1000,6 +1059,35 @@ def test_expired_sessions_are_refused(h: Harness) -> None:
     assert b.transport.value() == b""
 
 
+def test_a_remembered_route_ends_when_its_session_expires(h: Harness) -> None:
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(send_bytes(a, b, "live0001", b"in time"))
+    (frame,) = b.take()
+    answer(b, frame)
+    assert [as_response(f).code for f in a.take()] == [200]
+    # Nothing has left the session table: only the clock ends the route.
+    h.clock.advance(h.config.session_expires_seconds)
+    a.feed(send_bytes(a, b, "live0002", b"too late"))
+    assert [as_response(f).code for f in a.take()] == [481]
+    assert b.transport.value() == b""
+
+
+def test_a_remembered_route_ends_when_its_target_session_goes(h: Harness) -> None:
+    a, b, c = h.client("alice"), h.client("bob"), h.client("carol")
+    a.feed(send_bytes(a, b, "gone0001", b"first"))
+    (frame,) = b.take()
+    answer(b, frame)
+    c.hang_up()  # another session leaves: the route is checked again, and holds
+    a.feed(send_bytes(a, b, "gone0002", b"second"))
+    (frame,) = b.take()
+    assert frame.body == b"second"
+    answer(b, frame)
+    assert [as_response(f).code for f in a.take()] == [200, 200]
+    b.hang_up()
+    a.feed(send_bytes(a, b, "gone0003", b"third"))
+    assert [as_response(f).code for f in a.take()] == [481]
+
+
 def test_oversized_non_send_request_is_413() -> None:
     h = Harness({("msrp", "max_request_body_bytes"): "10"})
     a, b = h.client("alice"), h.client("bob")
@@ -1069,6 +1157,62 @@ def test_report_is_forwarded_and_never_answered(h: Harness) -> None:
     assert not b.connection.transactions
     h.clock.advance(h.config.transaction_timeout_seconds * 2)
     assert a.transport.value() == b""
+
+
+def _forwarded_head(h: Harness, request: bytes) -> bytes:
+    """What the relay writes to B for ``request`` from A, tid blanked, and A's answer codes."""
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(request.replace(b"{PATH}", path_to(a, b).encode()).replace(b"{FROM}", a.uri.encode()))
+    data: bytes = b.transport.value()
+    (frame,) = parse_frames(data)
+    tid = as_request(frame).tid.encode()
+    return (
+        data.replace(tid, b"TID")
+        .replace(b.use_path.encode(), b"B")
+        .replace(a.use_path.encode(), b"A")
+    )
+
+
+_CANONICAL_SEND = (
+    b"MSRP fwd00001 SEND\r\nTo-Path: {PATH}\r\nFrom-Path: {FROM}\r\nMessage-ID: m1\r\n"
+    b"Success-Report: yes\r\nByte-Range: 1-5/5\r\nX-Colon: a: b\r\nContent-Type: text/plain\r\n"
+    b"\r\nhello\r\n-------fwd00001$\r\n"
+)
+_CANONICAL_REPORT = (
+    b"MSRP fwd00002 REPORT\r\nTo-Path: {PATH}\r\nFrom-Path: {FROM}\r\nMessage-ID: m1\r\n"
+    b"Byte-Range: 1-5/5\r\nStatus: 000 200 OK\r\n-------fwd00002$\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("canonical", "variant"),
+    [
+        (_CANONICAL_SEND, _CANONICAL_SEND.replace(b"Message-ID: m1", b"Message-ID:m1")),
+        (
+            _CANONICAL_SEND,
+            _CANONICAL_SEND.replace(b"Success-Report: yes", b"Success-Report:\tyes "),
+        ),
+        (_CANONICAL_SEND, _CANONICAL_SEND.replace(b"To-Path: ", b"to-path:  ")),
+        (_CANONICAL_REPORT, _CANONICAL_REPORT.replace(b"Status: 000", b"Status:  000")),
+        (_CANONICAL_REPORT, _CANONICAL_REPORT.replace(b"From-Path: ", b"From-Path:")),
+    ],
+)
+def test_forwarded_bytes_do_not_depend_on_how_the_headers_were_spaced(
+    canonical: bytes, variant: bytes
+) -> None:
+    # The canonical request is forwarded from its own bytes, the variant from
+    # parsed pairs: the relay must write the same frame either way.
+    assert _forwarded_head(Harness(), canonical) == _forwarded_head(Harness(), variant)
+
+
+def test_forwarded_send_keeps_header_order_around_the_new_byte_range(h: Harness) -> None:
+    head = _forwarded_head(h, _CANONICAL_SEND)
+    assert head == (
+        b"MSRP TID SEND\r\nTo-Path: msrps://bob.example.com:7000/bobs1;tcp\r\n"
+        b"From-Path: B A msrps://alice.example.com:7000/alices1;tcp\r\nMessage-ID: m1\r\n"
+        b"Success-Report: yes\r\nByte-Range: 1-5/5\r\nX-Colon: a: b\r\n"
+        b"Content-Type: text/plain\r\n\r\nhello\r\n-------TID$\r\n"
+    )
 
 
 def _nickname(sender: Client, recipient: Client, tid: str) -> bytes:
