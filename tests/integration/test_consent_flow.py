@@ -378,7 +378,10 @@ async def test_figure_2_online_recipients(start: Start, transport: str) -> None:
         put_done = time.monotonic()
         assert code == 201
         granted = await alice.next_request("NOTIFY", ok.call_id)
-        assert time.monotonic() - put_done < 0.1
+        # Pushed by the change, not found by a poll. The 100 ms target itself is a
+        # benchmark figure (bench/notify_bench.py): a timed assertion here failed on
+        # a saturated machine, and the suite must be deterministic.
+        assert time.monotonic() - put_done < 2.0
         assert [e["state"] for e in status_entries(granted)] == ["granted"]
 
     relayed = await send_message(alice, text=b"now it works")
