@@ -127,6 +127,13 @@ SCHEMA: tuple[Key, ...] = (
         "Directory for generated certificates, the users file and the store (created 0700)",
     ),
     Key(
+        "relay",
+        "log_level",
+        "info",
+        _choice(("debug", "info", "warn", "error")),
+        "Least important log events written: debug adds a line per relayed request",
+    ),
+    Key(
         "msrp",
         "listen",
         "ssl:2855:interface=127.0.0.1",
@@ -497,6 +504,7 @@ class RelaydConfig:
     store: StoreConfig
     sip: SIPConfig
     source: str = "<defaults>"
+    log_level: str = "info"
 
 
 def load_config(
@@ -565,6 +573,7 @@ def _build(values: Mapping[tuple[str, str], Any], source: str) -> RelaydConfig:
     return RelaydConfig(
         hostname=relay["hostname"],
         data_dir=data_dir,
+        log_level=relay["log_level"],
         msrp=MSRPConfig(**section("msrp")),
         auth=AuthConfig(**section("auth")),
         tls=TLSConfig(**section("tls")),

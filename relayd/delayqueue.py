@@ -13,11 +13,12 @@ from collections import deque
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+
+from relayd.logs import logger
 
 __all__ = ["DelayQueue", "QueuedCall"]
 
-log = Logger()
+log = logger()
 
 
 class QueuedCall:

@@ -17,12 +17,12 @@ from OpenSSL import crypto
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.config import ConfigError, RelaydConfig
 from relayd.digest import DigestAuthenticator
 from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
+from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPRelay
 from relayd.sip.auth import SIPAuthenticator
@@ -55,7 +55,7 @@ from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
 
-log = Logger()
+log = logger()
 
 GENERATED_USER = "relayd"
 
@@ -180,7 +180,7 @@ def listener_identity(prepared: Prepared, spec: EndpointSpec) -> ServerIdentity:
 class MSRPService(Service):
     """Starts the MSRP listeners and records their bound ports as ours."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, relay: MSRPRelay, reactor: Any, prepared: Prepared) -> None:
         self.relay = relay
@@ -242,7 +242,7 @@ class XCAPService(Service):
     ``store`` is shared with the SIP side; it is closed when this service stops.
     """
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self, site: XCAPSite, store: IPermissionStore, reactor: Any, prepared: Prepared
@@ -330,7 +330,7 @@ class SIPService(Service):
     mints Permission URIs through it.
     """
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from twisted.python import usage
 
 from relayd.config import ConfigError, load_config
+from relayd.logs import set_level
 from relayd.service import Prepared, build_service, prepare
 
 
@@ -68,6 +69,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     prepared: Prepared = options["prepared"]
+    set_level(prepared.config.log_level)
     service = build_service(prepared, reactor)
     tune_garbage_collector()
     return service

@@ -29,9 +29,10 @@ from service_identity.cryptography import (
 )
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.logger import Logger
 
-log = Logger()
+from relayd.logs import logger
+
+log = logger()
 
 SELF_SIGNED_NAMES = ("localhost", "127.0.0.1", "::1")
 

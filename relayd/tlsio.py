@@ -19,11 +19,11 @@ from typing import Any
 
 from cryptography import x509
 from twisted.internet.interfaces import IHandshakeListener, IProtocol, IProtocolFactory
-from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
 from relayd.eager import write_now
+from relayd.logs import logger
 
 _READ_BYTES = 262144
 
@@ -33,7 +33,7 @@ class TLSFailed(Exception):
 
 
 class StdlibTLSServerProtocol(ProtocolWrapper):
-    log = Logger()
+    log = logger()
 
     def __init__(self, factory: StdlibTLSServerFactory, wrappedProtocol: IProtocol) -> None:
         super().__init__(factory, wrappedProtocol)  # type: ignore[arg-type]

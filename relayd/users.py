@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from relayd.digest import ha1
+from relayd.logs import logger
 
 RELOAD_CHECK_INTERVAL_SECONDS = 1.0
 """Least time between two stats of the users file."""
@@ -103,7 +103,7 @@ class UsersFile:
     so a half-edited file does not lock every user out.
     """
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, path: str | os.PathLike[str], clock: IReactorTime | None = None) -> None:
         self.path = os.fspath(path)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from relayd.digest import DigestAuthenticator, DigestError, DigestSuccess, parse_credentials
+from relayd.logs import logger
 from relayd.msrp.message import (
     MSRPRequest,
     MSRPResponse,
@@ -79,7 +79,7 @@ class AuthOutcome:
 
 
 class RelayCore:
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

@@ -35,12 +35,12 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.config import MSRPConfig
 from relayd.eager import write_now
+from relayd.logs import logger
 from relayd.msrp.message import (
     ByteRange,
     Headers,
@@ -84,7 +84,7 @@ _NO_STREAMS: set[SendStream] = set()
 class MSRPRelay:
     """State shared by every MSRP connection of one relay process."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,
@@ -840,7 +840,7 @@ def _stream_lines(headers: Headers) -> tuple[bytes, bytes]:
 class MSRPConnection(Protocol):
     """One MSRP connection, inbound (listener) or outbound (next hop)."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, relay: MSRPRelay, inbound: bool, tls: bool) -> None:
         self.relay = relay

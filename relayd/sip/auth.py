@@ -12,8 +12,6 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from twisted.logger import Logger
-
 from relayd.digest import (
     DigestAuthenticator,
     DigestCredentials,
@@ -23,6 +21,7 @@ from relayd.digest import (
     parse_credentials,
     request_digest,
 )
+from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPStatus
 from relayd.sip.uri import SIPURI, SIPURIError
 
@@ -44,7 +43,7 @@ class SIPAuthenticator:
     name that already contains ``@`` keeps its own host).
     """
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, digest: DigestAuthenticator, domain: str) -> None:
         self.digest = digest

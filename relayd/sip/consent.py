@@ -37,8 +37,8 @@ from lxml import etree
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
+from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI
 from relayd.sip.urilist import (
@@ -137,7 +137,7 @@ RecipientObserver = Callable[[str], object]
 class PermissionCache:
     """Parsed consent-rules documents per recipient, kept current by store changes."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, store: IPermissionStore, clock: IReactorTime) -> None:
         self.store = store
@@ -348,7 +348,7 @@ async def _wait(d: Deferred[None]) -> None:
 class ListDirectory:
     """List URI → :class:`URIList`; requests name lists by user part on a local host."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,
@@ -493,7 +493,7 @@ class RateLimiter:
 class ConsentLedger:
     """Pending consents: open/refresh with rate limits, expire on time (module doc)."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

@@ -27,9 +27,9 @@ from lxml import etree
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.logs import logger
 from relayd.sip.consent import ConsentURIs, PermissionCache, identity_key
 from relayd.sip.message import (
     Headers,
@@ -197,7 +197,7 @@ def _expires_of(request: SIPRequest) -> int | None:
 class SubscriptionManager:
     """The notifier for every registered package (module doc)."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

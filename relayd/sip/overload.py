@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+
+from relayd.logs import logger
 
 __all__ = ["LagMonitor", "any_of"]
 
@@ -25,7 +26,7 @@ __all__ = ["LagMonitor", "any_of"]
 class LagMonitor:
     """Sustained reactor lag, sampled by a timer on ``clock`` every ``interval``."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

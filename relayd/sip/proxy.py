@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, unstamped_via
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import ResolveError, SIPResolver, Target
@@ -70,7 +70,7 @@ class Branch:
 class Proxy:
     """Locates members and forks requests to them (module doc)."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
+from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
@@ -99,7 +99,7 @@ class Registrar:
     Request-URI instead of the domain name). ``authenticator`` None means open
     registration (tests, closed networks)."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

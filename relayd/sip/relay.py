@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
+from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import (
     ConsentLedger,
@@ -103,7 +103,7 @@ class _Delivery:
 class ConsentRelay:
     """The transaction user's MESSAGE/CONSENT/SUBSCRIBE handlers (module doc)."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
+from relayd.logs import logger
 from relayd.sip.uri import SIPURI
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "order_srv",
 ]
 
-log = Logger()
+log = logger()
 
 DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "TLS": 5061}
 """RFC 3261 §19.1.2 default ports per transport."""

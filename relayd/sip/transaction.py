@@ -19,9 +19,9 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
 from relayd.delayqueue import DelayQueue, QueuedCall
+from relayd.logs import logger
 from relayd.sip.message import (
     MAGIC_COOKIE,
     SIPHeaderError,
@@ -45,7 +45,7 @@ __all__ = [
     "new_branch",
 ]
 
-log = Logger()
+log = logger()
 
 
 class TransportError(Exception):

@@ -38,10 +38,10 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.endpoints import EndpointSpec
+from relayd.logs import logger
 from relayd.sip.message import (
     SIPHeaderError,
     SIPRequest,
@@ -162,7 +162,7 @@ def response_address(via: Via) -> tuple[str, int]:
 class SIPDatagramProtocol(DatagramProtocol):
     """One UDP listener. Parses each datagram and feeds the transport layer."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, layer: SIPTransportLayer) -> None:
         self.layer = layer
@@ -222,7 +222,7 @@ class SIPStreamProtocol(Protocol):
     unknown. An idle connection (no bytes either way for ``idle_timeout_seconds``) closes.
     """
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, layer: SIPTransportLayer, transport_name: str) -> None:
         self.layer = layer
@@ -324,7 +324,7 @@ class SIPTransportLayer:
     (tests use it with a MemoryReactor or iosim).
     """
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.logs import logger
 from relayd.sip.message import (
     MAGIC_COOKIE,
     SIPHeaderError,
@@ -175,7 +175,7 @@ def transaction_pressure(layer: TransactionLayer, fraction: float = 0.9) -> Call
 class UASCore:
     """The transaction user (``ITransactionUser``) for requests addressed to the relay."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,

@@ -27,7 +27,6 @@ from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import defer, error
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http import RESPONSES
@@ -36,6 +35,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from relayd.digest import DigestError, ha1, parse_challenge, request_digest
+from relayd.logs import logger
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 XCAP_ERROR_MIME_TYPE = "application/xcap-error+xml"
@@ -45,7 +45,7 @@ SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
 # Node selectors (RFC 4825 §6.3) keep "/" and "@"; "[", "]" and '"' are escaped.
 SELECTOR_SAFE = "/!$&'()*+,;=:@-._~"
 
-log = Logger()
+log = logger()
 
 
 class XCAPClientError(Exception):

@@ -43,11 +43,11 @@ from xml.sax.saxutils import escape
 from lxml import etree
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from relayd.logs import logger
 from relayd.tokens import redact
 from relayd.xcap import selector as sel
 from relayd.xcap.auth import (
@@ -194,7 +194,7 @@ class XCAPResource(Resource):
     """
 
     isLeaf = True
-    log = Logger()
+    log = logger()
 
     def __init__(
         self,
@@ -713,7 +713,7 @@ class XCAPRequest(Request):
     worth the bandwidth, and the connection is dropped without an answer.
     """
 
-    log = Logger()
+    log = logger()
     body_too_large = False
     _body_bytes = 0
 

@@ -37,8 +37,9 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.logger import Logger
 from zope.interface import Interface, implementer
+
+from relayd.logs import logger
 
 GLOBAL_XUI = ""
 SCHEMA_VERSION = 1
@@ -216,7 +217,7 @@ class _Listeners:
     """Listener registry shared by both stores; one failing listener never stops
     the others or the write that triggered it."""
 
-    log = Logger()
+    log = logger()
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
@@ -511,7 +512,7 @@ class SQLitePermissionStore:
     it is atomic even if another process opens the same file.
     """
 
-    log = Logger()
+    log = logger()
 
     def __init__(self, path: str, reactor: IReactorThreads | IReactorTime) -> None:
         self._path = path

@@ -213,10 +213,13 @@ def test_bad_trust_roots_are_a_usage_error(tmp_path: Path) -> None:
 
 def test_make_service_has_named_msrp_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tuned: list[bool] = []
+    levels: list[str] = []
     monkeypatch.setattr(relayd.tap, "tune_garbage_collector", lambda: tuned.append(True))
-    options = parse(tmp_path, "--msrp-listen", LISTEN)
+    monkeypatch.setattr(relayd.tap, "set_level", levels.append)
+    options = parse(tmp_path, "--msrp-listen", LISTEN, "--set", "relay.log_level=warn")
     service = makeService(options)
     assert tuned == [True]
+    assert levels == ["warn"]
     assert isinstance(service, MultiService)
     assert IServiceCollection.providedBy(service)
     msrp = service.getServiceNamed("msrp")
