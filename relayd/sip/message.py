@@ -19,6 +19,7 @@ from relayd.sip.uri import (
     format_params,
     param_value,
     parse_params,
+    split_outside_quotes,
 )
 
 __all__ = [
@@ -167,30 +168,7 @@ def split_header_values(value: str) -> list[str]:
     if '"' not in value and "<" not in value:
         # Every comma separates values (the usual multi-value Via row): no scan needed.
         return [p for p in (part.strip() for part in value.split(",")) if p]
-    parts: list[str] = []
-    start = 0
-    in_quotes = False
-    in_angle = False
-    i = 0
-    n = len(value)
-    while i < n:
-        c = value[i]
-        if in_quotes:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_quotes = False
-        elif c == '"':
-            in_quotes = True
-        elif c == "<":
-            in_angle = True
-        elif c == ">":
-            in_angle = False
-        elif c == "," and not in_angle:
-            parts.append(value[start:i])
-            start = i + 1
-        i += 1
-    parts.append(value[start:])
+    parts, _ = split_outside_quotes(value, ",", angles=True)
     return [p for p in (part.strip() for part in parts) if p]
 
 

@@ -321,13 +321,13 @@ class SIPURI:
 # Header parameters (generic-param, §25.1) shared by name-addr, Via and friends.
 
 
-def _split_unquoted(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside quoted-strings (with backslash escapes)."""
-    if '"' not in text:
-        return text.split(sep)
+def split_outside_quotes(text: str, sep: str, *, angles: bool = False) -> tuple[list[str], bool]:
+    """Split on ``sep`` outside quoted-strings (with backslash escapes) and, with
+    ``angles``, outside ``<...>``. Also says whether a quoted-string was left open."""
     parts: list[str] = []
     start = 0
     in_quotes = False
+    in_angle = False
     i = 0
     n = len(text)
     while i < n:
@@ -339,13 +339,25 @@ def _split_unquoted(text: str, sep: str) -> list[str]:
                 in_quotes = False
         elif c == '"':
             in_quotes = True
-        elif c == sep:
+        elif angles and c == "<":
+            in_angle = True
+        elif angles and c == ">":
+            in_angle = False
+        elif c == sep and not in_angle:
             parts.append(text[start:i])
             start = i + 1
         i += 1
-    if in_quotes:
-        raise SIPURIError(f"unterminated quoted-string: {text!r}")
     parts.append(text[start:])
+    return parts, in_quotes
+
+
+def _split_unquoted(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside quoted-strings (with backslash escapes)."""
+    if '"' not in text:
+        return text.split(sep)
+    parts, unterminated = split_outside_quotes(text, sep)
+    if unterminated:
+        raise SIPURIError(f"unterminated quoted-string: {text!r}")
     return parts
 
 
