@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from lxml import etree
 from twisted.internet.address import IPv4Address
@@ -31,6 +30,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.testing import MemoryReactorClock
 
 from relayd.ctl.xcap import make_rule, new_ruleset
+from relayd.service import build_service
 from relayd.sip.auth import client_authorization
 from relayd.sip.message import SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
@@ -116,7 +116,7 @@ class Harness:
         overrides[("sip", "lists")] = str(lists)
         overrides[("sip", "domain")] = HOST
         self.reactor = MemoryReactorClock()
-        service = _build(prepared_relay(overrides), self.reactor)
+        service = build_service(prepared_relay(overrides), self.reactor)
         self.sip = service.getServiceNamed("sip")
         self.udp = RecordingUDP()
         self.protocol = self.sip.transport.datagram_protocol()
@@ -182,12 +182,6 @@ class Harness:
         if n % 200 == 0:
             self.reactor.advance(1.0)  # let transaction timers run as time passes
         return _status(final)
-
-
-def _build(prepared: Any, reactor: Any) -> Any:
-    from relayd.service import build_service
-
-    return build_service(prepared, reactor)
 
 
 def _parsed(sent: list[tuple[bytes, tuple[str, int]]]) -> SIPResponse:

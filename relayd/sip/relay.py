@@ -88,6 +88,19 @@ def _destination(source: object) -> Target:
     raise ValueError(f"no destination for {source!r}")
 
 
+def _new_request_headers(method: str, sender: str, recipient: str) -> Headers:
+    """The §8.1.1 headers of a request the relay starts itself (a new dialog-less
+    transaction on behalf of ``sender``); the transport stamps the Via."""
+    headers = Headers()
+    headers.add("Via", unstamped_via(new_branch()))
+    headers.add("Max-Forwards", "70")
+    headers.add("From", f"<{sender}>;tag={new_tag()}")
+    headers.add("To", f"<{recipient}>")
+    headers.add("Call-ID", new_tag() + new_tag())
+    headers.add("CSeq", f"1 {method}")
+    return headers
+
+
 @dataclass(frozen=True, slots=True)
 class _Delivery:
     """A MESSAGE that passed authentication, waiting for its permission decision."""
@@ -331,13 +344,7 @@ class ConsentRelay:
         """RFC 5365 §4: a new MESSAGE per recipient; results are only logged."""
 
         def build(branch: Branch) -> SIPRequest:
-            headers = Headers()
-            headers.add("Via", unstamped_via(new_branch()))
-            headers.add("Max-Forwards", "70")
-            headers.add("From", f"<{sender}>;tag={new_tag()}")
-            headers.add("To", f"<{branch.member}>")
-            headers.add("Call-ID", new_tag() + new_tag())
-            headers.add("CSeq", "1 MESSAGE")
+            headers = _new_request_headers("MESSAGE", sender, branch.member)
             headers.add("P-Asserted-Identity", f"<{sender}>")
             headers.add("Trigger-Consent", self._trigger_consent(branch.member, list_uri))
             headers.add("Content-Type", content_type)
@@ -429,13 +436,7 @@ class ConsentRelay:
         """Seed §6: the CONSENT towards the recipient, with the Permission URI."""
 
         def build(branch: Branch) -> SIPRequest:
-            headers = Headers()
-            headers.add("Via", unstamped_via(new_branch()))
-            headers.add("Max-Forwards", "70")
-            headers.add("From", f"<{sender}>;tag={new_tag()}")
-            headers.add("To", f"<{member}>")
-            headers.add("Call-ID", new_tag() + new_tag())
-            headers.add("CSeq", "1 CONSENT")
+            headers = _new_request_headers("CONSENT", sender, member)
             headers.add("Consent-Methods", ", ".join(record.methods))
             headers.add("Permission", f"<{permission}>")
             headers.add("P-Asserted-Identity", f"<{sender}>")
