@@ -37,7 +37,6 @@ import asyncio
 import hashlib
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.daemon import spawn_twistd, stop_async
+from bench.report import report_head
 from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.testing import RelayPKI, make_pki, write_users
 
@@ -1557,14 +1557,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results = asyncio.run(run(settings))
     report = {
-        "bench": "msrp",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "note": "loopback; relay, references and load generator share these cores",
-        },
+        **report_head(
+            "msrp", started, "loopback; relay, references and load generator share these cores"
+        ),
         "settings": {
             "quick": settings.quick,
             "only": sorted(settings.only),

@@ -49,7 +49,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import pstats
 import re
 import shutil
@@ -65,6 +64,7 @@ from typing import Any, Protocol
 
 from bench.daemon import spawn_twistd, stop_sync, wait_idle
 from bench.kamailio_sip import Kamailio, find_kamailio, kamailio_version
+from bench.report import report_head
 from relayd.sip.auth import client_authorization
 from relayd.testing import RelayPKI, make_pki, write_users
 
@@ -820,14 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(settings)
     targets = targets_for(results)
     report = {
-        "bench": "sip",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "note": "loopback UDP; relay, 1 SIPp UAC and 10 SIPp UAS share these cores",
-        },
+        **report_head(
+            "sip", started, "loopback UDP; relay, 1 SIPp UAC and 10 SIPp UAS share these cores"
+        ),
         "settings": {
             "quick": settings.quick,
             "rates": settings.rates,
