@@ -2,7 +2,7 @@
 
 Run by hand::
 
-    python -m bench.sip_cycle [--members 10] [--calls 2000] [--profile FILE]
+    python -m bench.sip_cycle [--members 10] [--calls 2000] [--repeat 5] [--profile FILE]
 
 The relay stack is the daemon's (``build_service``), driven through its UDP protocol
 object with a recording transport and a :class:`~twisted.internet.task.Clock`. Each call
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--stranger", action="store_true", help="unpermitted sender: 470s")
+    parser.add_argument("--repeat", type=int, default=1, help="best of this many runs")
     parser.add_argument("--profile", default=None, help="cProfile stats to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="relayd-sip-cycle-") as folder:
@@ -216,18 +217,26 @@ def main(argv: list[str] | None = None) -> int:
         want = 470 if args.stranger else 200
         for n in range(50):  # warm caches the way a steady load has them warm
             harness.call(1_000_000 + n, user)
-        harness.elapsed = 0.0
-        harness.datagrams = 0
         profile = cProfile.Profile() if args.profile else None
-        if profile is not None:
-            profile.enable()
-        statuses = [harness.call(n, user) for n in range(args.calls)]
-        if profile is not None:
-            profile.disable()
-            profile.dump_stats(args.profile)
-        wrong = sum(1 for s in statuses if s != want)
+        best: tuple[float, int] | None = None
+        wrong = 0
+        for run in range(1 if profile is not None else args.repeat):
+            harness.elapsed = 0.0
+            harness.datagrams = 0
+            if profile is not None:
+                profile.enable()
+            first = run * args.calls
+            statuses = [harness.call(n, user) for n in range(first, first + args.calls)]
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(args.profile)
+            wrong += sum(1 for s in statuses if s != want)
+            if best is None or harness.elapsed < best[0]:
+                best = (harness.elapsed, harness.datagrams)
+        assert best is not None
+        elapsed, datagrams = best
         delivered = 0 if args.stranger else args.calls * args.members
-        per = harness.elapsed / (args.calls if args.stranger else delivered) * 1e6
+        per = elapsed / (args.calls if args.stranger else delivered) * 1e6
         print(
             json.dumps(
                 {
@@ -236,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                     "calls": args.calls,
                     "load": "470" if args.stranger else "relay",
                     "wrong_final_status": wrong,
-                    "datagrams_in": harness.datagrams,
+                    "repeat": args.repeat,
+                    "datagrams_in": datagrams,
                     "relay_us_per_" + ("470" if args.stranger else "delivered"): round(per, 1),
-                    "relay_us_per_datagram": round(harness.elapsed / harness.datagrams * 1e6, 1),
+                    "relay_us_per_datagram": round(elapsed / datagrams * 1e6, 1),
                 }
             )
         )

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
+from relayd.tokens import random_bytes
+
 MAX_HEADER_CHARS = 4096
 """Longest Authorization/Proxy-Authorization value parsed."""
 
@@ -371,7 +373,7 @@ class DigestAuthenticator:
 
     def new_nonce(self) -> str:
         """Mint a nonce: creation time (ms), 128 random bits, HMAC-SHA256 tag."""
-        body = _NONCE_TIME.pack(self._now_ms()) + secrets.token_bytes(NONCE_RANDOM_BYTES)
+        body = _NONCE_TIME.pack(self._now_ms()) + random_bytes(NONCE_RANDOM_BYTES)
         raw = body + self._mac(body)
         return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
@@ -382,7 +384,7 @@ class DigestAuthenticator:
 
     def _mac(self, body: bytes) -> bytes:
         msg = b"relayd-digest-nonce\0" + self._realm_bytes + b"\0" + body
-        return hmac.new(self._secret, msg, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
+        return hmac.digest(self._secret, msg, "sha256")[:_NONCE_MAC_BYTES]
 
     def _nonce_time(self, nonce: str) -> int:
         """Creation time (ms) of an authentic nonce; DigestError if not ours."""

@@ -2,21 +2,15 @@
 
 twistd writes whatever reaches its observer, debug events included, and formatting and
 writing a line costs more than relaying a small message. relayd's loggers therefore
-publish through a level filter: below the configured level an event is dropped before
-anything formats it.
+check the level first: below the configured level an event is dropped before anything
+builds or formats it.
 """
 
 from __future__ import annotations
 
 import sys
 
-from twisted.logger import (
-    FilteringLogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogPublisher,
-)
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 __all__ = ["LEVELS", "logger", "set_level"]
 
@@ -27,16 +21,25 @@ LEVELS = {
     "error": LogLevel.error,
 }
 
-_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-_observer = FilteringLogObserver(globalLogPublisher, [_predicate])
+_threshold = [LogLevel.info]
+
+
+class _LevelLogger(Logger):
+    """A Logger that drops events below the configured level before building them:
+    a per-request debug call then costs a comparison, not an event dictionary."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if level < _threshold[0]:
+            return
+        super().emit(level, format, **kwargs)
 
 
 def logger() -> Logger:
     """A Logger named after the calling module (or, as a class attribute, its class)."""
     namespace = sys._getframe(1).f_globals.get("__name__", "relayd")
-    return Logger(namespace=namespace, observer=_observer)
+    return _LevelLogger(namespace=namespace, observer=globalLogPublisher)
 
 
 def set_level(name: str) -> None:
     """Publish events of ``name`` (a key of :data:`LEVELS`) and above."""
-    _predicate.setLogLevelForNamespace("", LEVELS[name])
+    _threshold[0] = LEVELS[name]

@@ -33,35 +33,45 @@ def new_session_id() -> str:
     return new_token()
 
 
-_TID_POOL_BYTES = 4096
-_tid_pool = b""
-_tid_offset = _TID_POOL_BYTES
+_POOL_BYTES = 4096
+_pool = b""
+_pool_offset = _POOL_BYTES
+
+
+def random_bytes(count: int) -> bytes:
+    """``count`` (at most 64) bytes from the OS generator, drawn from a 4 KiB pool.
+
+    Still unpredictable, without a ``getrandom`` system call for every
+    transaction id, branch, tag and nonce a relay mints per message.
+    Capabilities (:func:`new_token`) come from :mod:`secrets` directly.
+    """
+    global _pool, _pool_offset
+    if not 0 < count <= 64:
+        raise ValueError("random_bytes hands out 1 to 64 bytes at a time")
+    offset = _pool_offset
+    if offset + count > _POOL_BYTES:
+        _pool = os.urandom(_POOL_BYTES)
+        offset = 0
+    _pool_offset = offset + count
+    return _pool[offset : offset + count]
 
 
 def new_transaction_id() -> str:
     """A fresh MSRP transaction id (RFC 4975 §7.1, §9 ``transact-id = ident``).
 
     ``ident = ALPHANUM 3*31ident-char``: 16 lower-case hex digits are all
-    ALPHANUM, well inside 4..32 characters.  One is minted for every forwarded
-    frame, so the 64 random bits come from a 4 KiB ``os.urandom`` pool: still
-    unpredictable, without a ``getrandom`` system call per frame.
+    ALPHANUM, well inside 4..32 characters, with 64 random bits.
     """
-    global _tid_pool, _tid_offset
-    offset = _tid_offset
-    if offset >= _TID_POOL_BYTES:
-        _tid_pool = os.urandom(_TID_POOL_BYTES)
-        offset = 0
-    _tid_offset = offset + 8
-    return _tid_pool[offset : offset + 8].hex()
+    return random_bytes(8).hex()
 
 
-def _forget_tid_pool() -> None:
-    """A forked child must not hand out the same ids as its parent."""
-    global _tid_offset
-    _tid_offset = _TID_POOL_BYTES
+def _forget_pool() -> None:
+    """A forked child must not hand out the same bytes as its parent."""
+    global _pool_offset
+    _pool_offset = _POOL_BYTES
 
 
-os.register_at_fork(after_in_child=_forget_tid_pool)
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def redact(secret: str) -> str:

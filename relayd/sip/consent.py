@@ -123,9 +123,21 @@ class ConsentURIs:
         return user[len(WAIT_PREFIX) :] or None
 
 
+_IDENTITY_KEYS: dict[str, str] = {}
+_IDENTITY_KEYS_SIZE = 4096
+
+
 def identity_key(uri: str) -> str:
-    """The key recipients and senders are compared by (scheme/host lower-cased)."""
-    return normalize_identity(uri)
+    """The key recipients and senders are compared by (scheme/host lower-cased).
+
+    Asked for every member of a list on every request: remembered (bounded)."""
+    key = _IDENTITY_KEYS.get(uri)
+    if key is None:
+        key = normalize_identity(uri)
+        if len(_IDENTITY_KEYS) >= _IDENTITY_KEYS_SIZE:
+            _IDENTITY_KEYS.clear()
+        _IDENTITY_KEYS[uri] = key
+    return key
 
 
 MAX_CACHED_DECISIONS = 1024

@@ -6,7 +6,7 @@ reads a handful of headers per message and copies the rest, so eager parsing is 
 
 from __future__ import annotations
 
-import secrets
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Self, overload
@@ -21,6 +21,7 @@ from relayd.sip.uri import (
     parse_params,
     split_outside_quotes,
 )
+from relayd.tokens import random_bytes
 
 __all__ = [
     "REASON_PHRASES",
@@ -236,8 +237,11 @@ class Headers:
             return None
         row = rows[0]
         if key in MULTI_VALUE_HEADERS:
-            if "," in row:
-                return self.get(key)
+            comma = row.find(",")
+            if comma >= 0:
+                if '"' in row or "<" in row:
+                    return self.get(key)
+                row = row[:comma]  # every comma separates: the first value is before it
             row = row.strip()
             return row or self.get(key)
         return row
@@ -321,6 +325,14 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
     return host, port
 
 
+# The usual via-parm, without the LWS, quoting and escapes the general parser allows:
+# what it matches, Via._parse_general would read the same (a property test checks).
+_VIA_FAST = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) (?:([A-Za-z0-9.\-]+)|\[([0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)\])"
+    r"(?::([0-9]{1,5}))?"
+    r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[^;\s\"<>,]+)?)*)"
+)
+
 _VIA_CACHE: dict[str, Via] = {}
 _VIA_CACHE_SIZE = 4096
 
@@ -360,6 +372,24 @@ class Via:
 
     @classmethod
     def _parse(cls, text: str) -> Self:
+        fast = _VIA_FAST.fullmatch(text)
+        if fast is not None:
+            transport, host, v6_host, port_text, param_text = fast.groups()
+            port = int(port_text) if port_text else None
+            if port is None or port <= 65535:
+                params = (
+                    tuple(
+                        (name.lower(), value if eq else None)
+                        for name, eq, value in (p.partition("=") for p in param_text[1:].split(";"))
+                    )
+                    if param_text
+                    else ()
+                )
+                return cls(transport.upper(), host or v6_host, port, params)
+        return cls._parse_general(text)
+
+    @classmethod
+    def _parse_general(cls, text: str) -> Self:
         sent, semi, param_text = text.partition(";")
         parts = sent.split("/", 2)
         if len(parts) != 3:
@@ -495,7 +525,7 @@ def tag_of(value: str | None) -> str | None:
 
 def new_tag() -> str:
     """A From/To tag with well over the 32 random bits RFC 3261 §19.3 asks for."""
-    return secrets.token_hex(8)
+    return random_bytes(8).hex()
 
 
 REASON_PHRASES: dict[int, str] = {

@@ -12,7 +12,7 @@ request and keep only the response they must repeat.
 from __future__ import annotations
 
 import enum
-import secrets
+from base64 import urlsafe_b64encode
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +32,7 @@ from relayd.sip.message import (
     make_response,
     response_for_status,
 )
+from relayd.tokens import random_bytes
 
 __all__ = [
     "ClientTransaction",
@@ -91,7 +92,7 @@ class ITransactionUser(Protocol):
 
 def new_branch() -> str:
     """A globally unique branch with the §8.1.1.7 magic cookie (128 random bits)."""
-    return MAGIC_COOKIE + secrets.token_urlsafe(16)
+    return MAGIC_COOKIE + urlsafe_b64encode(random_bytes(16)).rstrip(b"=").decode()
 
 
 Timer = IDelayedCall | QueuedCall
@@ -288,12 +289,12 @@ class ClientTransaction:
         "_key",
         "_layer",
         "_on_provisional",
+        "_request",
         "_timer_e",
         "_timer_f",
         "_timer_k",
         "destination",
         "reliable",
-        "request",
         "result",
         "state",
     )
@@ -309,7 +310,7 @@ class ClientTransaction:
     ) -> None:
         self._layer = layer
         self._key = key
-        self.request = request
+        self._request: SIPRequest | None = request
         self.destination = destination
         self.reliable = reliable
         self._on_provisional = on_provisional
@@ -320,6 +321,15 @@ class ClientTransaction:
         self._timer_e: Timer | None = None
         self._timer_f: Timer | None = None
         self._timer_k: Timer | None = None
+
+    @property
+    def request(self) -> SIPRequest:
+        """The request; released once a final response arrives: the transaction then
+        only absorbs retransmitted responses (Timer K), and a relay forking to many
+        members would otherwise hold every copy for T4."""
+        if self._request is None:
+            raise RuntimeError("request released after the final response")
+        return self._request
 
     def _start(self) -> None:
         layer = self._layer
@@ -395,6 +405,8 @@ class ClientTransaction:
         _cancel(self._timer_e)
         _cancel(self._timer_f)
         self._timer_e = self._timer_f = None
+        self._request = None
+        self._on_provisional = None
         self.state = TransactionState.COMPLETED
         if self.reliable:
             self._terminate()
@@ -419,6 +431,8 @@ class ClientTransaction:
         for call in (self._timer_e, self._timer_f, self._timer_k):
             _cancel(call)
         self._timer_e = self._timer_f = self._timer_k = None
+        self._request = None
+        self._on_provisional = None
         self._layer._client.pop(self._key, None)
 
 

@@ -38,6 +38,7 @@ from relayd.sip.message import (
 )
 from relayd.sip.registrar import Registrar
 from relayd.sip.transaction import ServerTransaction, TransactionLayer, TransactionState
+from relayd.tokens import random_bytes
 
 __all__ = [
     "HOOK_METHODS",
@@ -141,7 +142,7 @@ class LoopDetector:
 
     def branch_for(self, loop_hash: str) -> str:
         """Branch from a :meth:`loop_hash` already computed (one per fork, not per copy)."""
-        return f"{self.PREFIX}{loop_hash}.{secrets.token_hex(8)}"
+        return f"{self.PREFIX}{loop_hash}.{random_bytes(8).hex()}"
 
     def is_loop(self, request: SIPRequest) -> bool:
         rows = request.headers.get_raw("via")

@@ -78,6 +78,10 @@ def _encode(text: str, safe: str) -> str:
     return quote(text, safe=safe)
 
 
+_PARSED: dict[str, SIPURI] = {}
+_PARSED_SIZE = 4096
+
+
 def _parse_host(text: str) -> tuple[str, int | None]:
     """Split ``host[:port]``; IPv6 references keep no brackets (they come back in format)."""
     port_text: str | None = None
@@ -173,7 +177,23 @@ class SIPURI:
 
     @classmethod
     def parse(cls, text: str) -> Self:
-        """Parse a URI in its bare form (no angle brackets, no surrounding whitespace)."""
+        """Parse a URI in its bare form (no angle brackets, no surrounding whitespace).
+
+        URIs are immutable and a relay meets the same few again and again (the
+        list's Request-URI, senders' and members' addresses), so recent results
+        are remembered by their text.
+        """
+        cached = _PARSED.get(text)
+        if cached is not None and type(cached) is cls:
+            return cached
+        uri = cls._parse(text)
+        if len(_PARSED) >= _PARSED_SIZE:
+            _PARSED.clear()
+        _PARSED[text] = uri
+        return uri
+
+    @classmethod
+    def _parse(cls, text: str) -> Self:
         scheme, sep, rest = text.partition(":")
         scheme = scheme.lower()
         if not sep or not rest:

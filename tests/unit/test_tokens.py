@@ -72,13 +72,41 @@ def test_new_transaction_id_draws_randomness_in_pools(monkeypatch: pytest.Monkey
         return real_urandom(size)
 
     monkeypatch.setattr(os, "urandom", urandom)
-    tokens._forget_tid_pool()
+    tokens._forget_pool()
     ids = [new_transaction_id() for _ in range(1024)]
     assert calls == [4096, 4096]  # 512 ids of 8 random bytes per pool
     assert len(set(ids)) == 1024
-    tokens._forget_tid_pool()
+    tokens._forget_pool()
     new_transaction_id()
     assert len(calls) == 3
+
+
+def test_random_bytes_never_repeats_a_slice_and_refills_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pools: list[bytes] = []
+    real_urandom = os.urandom
+
+    def urandom(size: int) -> bytes:
+        pools.append(real_urandom(size))
+        return pools[-1]
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    tokens._forget_pool()
+    drawn = [tokens.random_bytes(size) for size in (16, 8, 64, 3) * 100]
+    # Each draw is the next unused slice of the current pool; a draw that
+    # does not fit in what is left starts a fresh pool.
+    index, offset = 0, 0
+    for piece in drawn:
+        if offset + len(piece) > 4096:
+            index, offset = index + 1, 0
+        assert piece == pools[index][offset : offset + len(piece)]
+        offset += len(piece)
+    assert len(pools) == index + 1 == 3  # 9,100 bytes: three 4 KiB pools
+    with pytest.raises(ValueError):
+        tokens.random_bytes(0)
+    with pytest.raises(ValueError):
+        tokens.random_bytes(65)
 
 
 def test_redact_is_short_stable_and_does_not_leak() -> None:

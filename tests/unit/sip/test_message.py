@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relayd.sip.message import (
     CSeq,
@@ -334,3 +338,63 @@ def test_sip_status_becomes_response() -> None:
     resp = response_for_status(_request(), error)
     assert (resp.status, resp.reason) == (423, "Interval Too Brief")
     assert resp.headers.get("min-expires") == "60"
+
+
+# Mostly well-formed parts, so that most examples take the fast path, with the
+# odd part the fast path must leave to the general parser.
+_VIA_PROTOCOLS = st.sampled_from(["SIP/2.0/"] * 6 + ["sip/2.0/", "SIP / 2.0 / "])
+_VIA_TRANSPORTS = st.sampled_from(["UDP", "tcp", "TLS", "SCTP", "ws", "UD P", ""])
+_VIA_GAPS = st.sampled_from([" "] * 6 + ["  ", "\t"])
+_VIA_HOSTS = st.sampled_from(
+    ["127.0.0.1", "Proxy.Example.COM", "[::1]", "[2001:db8::5]", "[::1", "a@b", "", "h;x"]
+)
+_VIA_PORTS = st.sampled_from(["", ":5060", ":0", ":65535", ":65536", ":99999", ":", ":5x"])
+_VIA_PARAMS = st.lists(
+    st.tuples(
+        st.sampled_from(["branch", "RPort", "received", "MADDR", "x~y", "", "b r"]),
+        st.sampled_from(
+            [None, "z9hG4bK-1-2", "10.0.0.1", "::1", "a=b", '"q"', "", "é", "x y", "a<b"]
+        ),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=500)
+@given(_VIA_PROTOCOLS, _VIA_TRANSPORTS, _VIA_GAPS, _VIA_HOSTS, _VIA_PORTS, _VIA_PARAMS)
+def test_via_fast_path_reads_what_the_general_parser_reads(
+    protocol: str,
+    transport: str,
+    gap: str,
+    host: str,
+    port: str,
+    params: list[tuple[str, str | None]],
+) -> None:
+    text = protocol + transport + gap + host + port
+    text += "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
+
+    def outcome(parse: Callable[[str], Via]) -> object:
+        try:
+            return parse(text)
+        except SIPHeaderError:
+            return "refused"
+
+    assert outcome(Via._parse) == outcome(Via._parse_general)
+
+
+@given(
+    st.sampled_from(["via", "contact", "route", "allow", "subject"]),
+    st.lists(
+        st.lists(
+            st.sampled_from(
+                ["SIP/2.0/UDP a;branch=x", " ", "", "<sip:a,b@c>", '"x, y" <sip:d>', "b", "c "]
+            ),
+            max_size=3,
+        ).map(",".join),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_first_is_get_for_its_lookup_key(key: str, rows: list[str]) -> None:
+    headers = Headers([(key, row) for row in rows])
+    assert headers.first(key) == headers.get(key)

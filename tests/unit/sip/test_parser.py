@@ -527,7 +527,7 @@ _ROW_VALUES = st.text(alphabet=' \tab,;:=<>"x', max_size=12)
 def test_rows_parse_the_same_with_and_without_the_fast_path(
     rows: list[tuple[str, str, str]], fold: bool
 ) -> None:
-    """The regular-expression pass (names seen before) and the row-by-row loop (first
+    """The one-pass split (names seen before) and the row-by-row loop (first
     sight of a name) must agree on every head, including the ones they refuse."""
     import relayd.sip.parser as parser_module
 
