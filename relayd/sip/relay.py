@@ -55,6 +55,7 @@ from relayd.sip.message import (
     SIPStatus,
     make_response,
     new_tag,
+    response_for_status,
     unstamped_via,
 )
 from relayd.sip.proxy import Branch, Proxy
@@ -170,6 +171,7 @@ class ConsentRelay:
         """Plug the handlers in, listen to the store, index lists of ``owners``."""
         self.store.add_listener(self._store_changed)
         self.uas.set_handler("MESSAGE", self.handle_message)
+        self.uas.set_screen("MESSAGE", self.challenge_message)
         self.uas.set_handler("CONSENT", self.handle_consent)
         self.uas.set_handler("SUBSCRIBE", self.handle_subscribe)
         self._started = True
@@ -184,6 +186,7 @@ class ConsentRelay:
         self.store.remove_listener(self._store_changed)
         for method in ("MESSAGE", "CONSENT", "SUBSCRIBE"):
             self.uas.set_handler(method, None)
+        self.uas.set_screen("MESSAGE", None)
         self.ledger.stop()
         self.subscriptions.stop()
 
@@ -222,6 +225,18 @@ class ConsentRelay:
             raise SIPStatus(400, "Bad From") from None
 
     # -- MESSAGE ------------------------------------------------------------------------
+
+    def challenge_message(self, request: SIPRequest) -> SIPResponse | None:
+        """The 407 for a MESSAGE to one of our lists that carries no proxy credentials,
+        sent without a server transaction, as proxies commonly do (Kamailio's stock
+        configuration): every sender's first request gets it, and keeping 32 s of
+        transaction state for each (Timer J) would double what a steady load holds.
+        :meth:`handle_message` gives the same answer to the same request."""
+        if self.authenticator is None or "proxy-authorization" in request.headers:
+            return None
+        if self.directory.lookup(request.uri) is None:
+            return None
+        return response_for_status(request, self.authenticator.challenge(proxy=True))
 
     def handle_message(
         self, txn: ServerTransaction, request: SIPRequest

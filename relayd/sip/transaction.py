@@ -460,6 +460,9 @@ class TransactionLayer:
         self.overload_retry_after_seconds = overload_retry_after_seconds
         self._server: dict[Hashable, ServerTransaction] = {}
         self._client: dict[Hashable, ClientTransaction] = {}
+        #: Asked about every new request before a transaction is made: a response it
+        #: returns is sent statelessly (``UASCore.stateless``).
+        self.screen: Callable[[SIPRequest], SIPResponse | None] | None = None
         # T1 (first Timer E), T4 (K, I) and 64·T1 (F on streams, J, TU deadline) are
         # armed for nearly every transaction: one FIFO each (relayd.delayqueue).
         self._queues = {
@@ -512,6 +515,12 @@ class TransactionLayer:
             # INVITE, so nothing above us wants it.
             log.debug("dropping unmatched ACK from {peer}", peer=source)
             return
+        screen = self.screen
+        if screen is not None:
+            answer = screen(request)
+            if answer is not None:
+                self._send(answer, source)
+                return
         if len(self._server) >= self.max_server_transactions:
             log.warn(
                 "transaction table full; 503 to {method} from {peer}",

@@ -80,6 +80,9 @@ Handler = Callable[[ServerTransaction, SIPRequest], object]
 handler calls ``txn.respond`` itself, now or later) or an awaitable/Deferred resolving to
 a response. Raising (or failing with) :class:`SIPStatus` answers that status."""
 
+Screen = Callable[[SIPRequest], SIPResponse | None]
+"""A stateless answer for a method's requests, or ``None`` to handle them in a transaction."""
+
 DEFAULT_MAX_FORWARDS = 70
 """§8.1.1.6: what a request we originate starts with."""
 
@@ -195,6 +198,7 @@ class UASCore:
         self.loop_detector = loop_detector
         self.transactions: TransactionLayer | None = None
         self._handlers: dict[str, Handler] = {}
+        self._screens: dict[str, Screen] = {}
         self._table: dict[str, Handler] = {}
         self._allow = ""
         for method, handler in (handlers or {}).items():
@@ -202,8 +206,9 @@ class UASCore:
         self._rebuild()
 
     def attach(self, transactions: TransactionLayer) -> None:
-        """Needed for CANCEL matching (§9.2)."""
+        """Needed for CANCEL matching (§9.2); screens new requests (:meth:`stateless`)."""
         self.transactions = transactions
+        transactions.screen = self.stateless
 
     def set_handler(self, method: str, handler: Handler | None) -> None:
         """Plug (or unplug, with ``None``) the handler for ``method``; Allow follows."""
@@ -215,6 +220,33 @@ class UASCore:
         else:
             self._handlers[method] = handler
         self._rebuild()
+
+    def set_screen(self, method: str, screen: Screen | None) -> None:
+        """Plug (or unplug) a stateless answer for ``method`` (see :meth:`stateless`)."""
+        if screen is None:
+            self._screens.pop(method.upper(), None)
+        else:
+            self._screens[method.upper()] = screen
+
+    def stateless(self, request: SIPRequest) -> SIPResponse | None:
+        """The answer to ``request`` when it needs no server transaction, else ``None``.
+
+        A handler's screen gives it (a digest challenge, which a proxy may send
+        statelessly: a retransmission just gets a fresh one), but only when
+        :meth:`request` would reach that handler: not overloaded, nothing required
+        that we lack, no loop.  Everything else takes the stateful path.
+        """
+        screen = self._screens.get(request.method)
+        if screen is None or request.method not in self._table:
+            return None
+        if self.overloaded is not None and self.overloaded():
+            return None
+        if self._unsupported(request):
+            return None
+        detector = self.loop_detector
+        if detector is not None and detector.is_loop(request):
+            return None
+        return screen(request)
 
     def _rebuild(self) -> None:
         table: dict[str, Handler] = {"OPTIONS": self._options, "CANCEL": self._cancel}

@@ -507,8 +507,12 @@ async def test_abuse_limits_and_hostile_input_relay_nothing(start: Start) -> Non
         hostile,
     )
     assert refused.status == 400
+    transactions = relay.sip.transport.transactions
+    assert transactions is not None
+    before = transactions.server_transaction_count
     unauth = await alice.request("MESSAGE", f"sip:solo@{HOST}", authenticate=False)
-    assert unauth.status == 407
+    assert unauth.status == 407 and unauth.headers.get("proxy-authenticate")
+    assert transactions.server_transaction_count == before  # challenged statelessly
     alice.send_bytes(b"MESSAGE garbage\r\n\r\n")
     await deferLater(reactor, 0.1, lambda: None)
     # The first CONSENT was forwarded, the refresh was not; nothing else reached bob.

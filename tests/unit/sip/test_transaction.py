@@ -167,6 +167,21 @@ def test_client_final_response_fires_once_and_timer_k_absorbs() -> None:
     assert results == [ok]  # no 408 either
 
 
+def test_client_releases_the_request_once_completed() -> None:
+    """Timer K only absorbs responses: the request (one per fork branch) is let go."""
+    clock, _, _, layer = _layer()
+    request = _request(branch=new_branch())
+    layer.client_request(request, PEER, False)
+    (txn,) = layer._client.values()
+    assert txn.request is request
+    layer.response_received(make_response(request, 200), PEER)
+    assert layer.client_transaction_count == 1
+    with pytest.raises(RuntimeError):
+        txn.request  # noqa: B018
+    clock.advance(5)
+    assert layer.client_transaction_count == 0
+
+
 def test_client_reliable_no_retransmission_and_k_is_zero() -> None:
     clock, send, _, layer = _layer()
     request = _request(branch=new_branch())
@@ -282,6 +297,28 @@ def test_server_absorbs_retransmissions_and_resends_final_until_timer_j() -> Non
     assert _state(txn) is TransactionState.TERMINATED
     layer.request_received(_request(), PEER, reliable=False)
     assert len(tu.calls) == 2  # a new transaction once J has fired
+
+
+def test_screened_requests_are_answered_without_a_transaction() -> None:
+    clock, send, tu, layer = _layer()
+    screened: list[SIPRequest] = []
+
+    def screen(request: SIPRequest) -> SIPResponse | None:
+        screened.append(request)
+        return make_response(request, 407) if request.method == "MESSAGE" else None
+
+    layer.screen = screen
+    layer.request_received(_request(), PEER, reliable=False)
+    layer.request_received(_request(), PEER, reliable=False)  # a retransmission: again
+    assert send.statuses() == [407, 407]
+    assert [d for _, _, d in send.sent] == [PEER, PEER]
+    assert tu.calls == [] and layer.server_transaction_count == 0
+    layer.request_received(_request("OPTIONS"), PEER, reliable=False)
+    assert len(tu.calls) == 1 and layer.server_transaction_count == 1  # not screened
+    assert [r.method for r in screened] == ["MESSAGE", "MESSAGE", "OPTIONS"]
+    layer.request_received(_request("OPTIONS"), PEER, reliable=False)
+    assert len(screened) == 3  # a retransmission of a stateful request meets its transaction
+    clock.advance(32)
 
 
 def test_server_reliable_timer_j_is_zero() -> None:

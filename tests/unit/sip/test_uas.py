@@ -202,6 +202,33 @@ def test_loop_detection_with_our_branch() -> None:
     assert stack.send("OPTIONS", ours).status == 200
 
 
+def test_a_screen_answers_statelessly_only_where_the_handler_would_be_reached() -> None:
+    busy = [False]
+    uas = UASCore(CAPS, overloaded=lambda: busy[0])
+    handled: list[SIPRequest] = []
+
+    def handler(txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        handled.append(request)
+        return make_response(request, 200)
+
+    uas.set_handler("MESSAGE", handler)
+    uas.set_screen("MESSAGE", lambda request: make_response(request, 407))
+    stack = Stack(uas)
+    assert stack.send("MESSAGE").status == 407
+    assert stack.layer.server_transaction_count == 0 and handled == []
+    # What the stateful path answers before the handler keeps its answer.
+    assert stack.send("MESSAGE", ("Require", "foo")).status == 420
+    busy[0] = True
+    assert stack.send("MESSAGE").status == 503
+    busy[0] = False
+    uas.set_screen("MESSAGE", lambda request: None)  # the screen passes: the handler answers
+    assert stack.send("MESSAGE").status == 200 and len(handled) == 1
+    uas.set_screen("MESSAGE", None)
+    uas.set_handler("MESSAGE", None)
+    uas.set_screen("MESSAGE", lambda request: make_response(request, 407))
+    assert stack.send("MESSAGE").status == 405  # no handler: the screen is not asked
+
+
 def test_check_max_forwards() -> None:
     def req(value: str | None) -> SIPRequest:
         headers = Headers([("Max-Forwards", value)] if value is not None else [])
