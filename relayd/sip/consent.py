@@ -163,6 +163,13 @@ class PermissionCache:
         # recipient key -> {(sender, list, method): permitted}, valid until _valid_until.
         self._decisions: dict[str, dict[tuple[str, str, str], bool]] = {}
         self._valid_until: dict[str, float] = {}
+        # (sender, list, method, members) -> (generation, valid until, missing members):
+        # a whole list's answer, good while no document changed (generation) and no
+        # member's cp:validity boundary passed.
+        self._generation = 0
+        self._missing: dict[
+            tuple[str, str, str, tuple[str, ...]], tuple[int, float, list[str]]
+        ] = {}
 
     def add_observer(self, observer: RecipientObserver) -> None:
         """``observer(recipient_key)`` after that recipient's documents changed."""
@@ -192,6 +199,7 @@ class PermissionCache:
             self._reload_one(previous, key, change.xui, change.name or "")
         )
         self._updating[key] = update
+        self._generation += 1  # the recipient's decisions wait for the update now
 
         def done(_: object) -> None:
             if self._updating.get(key) is update:
@@ -280,6 +288,7 @@ class PermissionCache:
     def _forget_decisions(self, key: str) -> None:
         self._decisions.pop(key, None)
         self._valid_until.pop(key, None)
+        self._generation += 1
 
     def permitted_now(self, sender: str, list_uri: str, recipient: str, method: str) -> bool | None:
         """The decision without waiting, or ``None`` when the documents of ``recipient``
@@ -317,15 +326,29 @@ class PermissionCache:
     def missing_now(
         self, sender: str, list_uri: str, members: Sequence[str], method: str
     ) -> list[str] | None:
-        """:meth:`missing` without waiting, or ``None`` if some documents must be loaded."""
+        """:meth:`missing` without waiting, or ``None`` if some documents must be loaded.
+
+        Remembered per list, so that a steady load asks one question per request, not
+        one per member."""
+        memo_key = (sender, list_uri, method, tuple(members))
+        memo = self._missing.get(memo_key)
+        if memo is not None and memo[0] == self._generation and self.clock.seconds() < memo[1]:
+            return list(memo[2])
+        generation = self._generation
         out: list[str] = []
+        until = math.inf
         for member in members:
             answer = self.permitted_now(sender, list_uri, member, method)
             if answer is None:
                 return None
             if not answer:
                 out.append(member)
-        return out
+            until = min(until, self._valid_until.get(identity_key(member), math.inf))
+        if generation == self._generation:
+            if len(self._missing) >= MAX_CACHED_DECISIONS:
+                self._missing.clear()
+            self._missing[memo_key] = (generation, until, out)
+        return list(out)
 
     async def permitted(self, sender: str, list_uri: str, recipient: str, method: str) -> bool:
         """RFC 4745 evaluation over every document of ``recipient`` (policy.is_permitted)."""

@@ -237,10 +237,9 @@ def _content_length(headers: Headers, limits: SIPLimits) -> int | None:
     rows = headers._fields.get("content-length")
     if not rows:
         return None
-    values = {row.strip() for row in rows}
-    if len(values) != 1:
+    text = rows[0].strip()
+    if len(rows) > 1 and any(row.strip() != text for row in rows):
         raise SIPParseError("Conflicting Content-Length")
-    text = values.pop()
     if not text.isdigit() or not text.isascii():
         raise SIPParseError("Bad Content-Length")
     if len(text) > 12 or int(text) > limits.max_body_bytes:

@@ -128,7 +128,9 @@ def apply_received(request: SIPRequest, host: str, port: int) -> Via:
     via = via.with_param("received", host)
     if rport_wanted:
         via = via.with_param("rport", str(port))
-    _replace_top_via(request, via)
+    text = via.format()
+    remember_via(text, via)  # read again at once (transaction key, response address)
+    _replace_top_via(request, text)
     return via
 
 

@@ -239,6 +239,9 @@ class UASCore:
         screen = self._screens.get(request.method)
         if screen is None or request.method not in self._table:
             return None
+        answer = screen(request)  # first: it passes most requests, and cheaply
+        if answer is None:
+            return None
         if self.overloaded is not None and self.overloaded():
             return None
         if self._unsupported(request):
@@ -246,7 +249,7 @@ class UASCore:
         detector = self.loop_detector
         if detector is not None and detector.is_loop(request):
             return None
-        return screen(request)
+        return answer
 
     def _rebuild(self) -> None:
         table: dict[str, Handler] = {"OPTIONS": self._options, "CANCEL": self._cancel}

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from lxml import etree
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from relayd.sip.consent import (
@@ -70,6 +70,70 @@ def test_missing_members_follow_store_changes_without_reloading() -> None:
     assert _result(cache.missing("sip:mallory@x.test", LIST, members, "MESSAGE")) == members
     _result(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
     assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members
+
+
+def test_a_lists_answer_is_remembered_until_a_validity_boundary_or_a_change() -> None:
+    store = MemoryPermissionStore()
+    clock = Clock()
+    cache = PermissionCache(store, clock)
+    store.add_listener(cache.store_changed)
+    members = ["sip:bob@x.test", "sip:carol@x.test"]
+    until_100s = grant("sip:alice@x.test").replace(
+        b"</conditions>",
+        b"<validity><from>1970-01-01T00:00:00Z</from>"
+        b"<until>1970-01-01T00:01:40Z</until></validity></conditions>",
+    )
+    for member in members:
+        _result(store.put_document("consent-rules", member, "index", until_100s))
+    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
+    clock.advance(99.9)
+    assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == []
+    clock.advance(0.1)  # the grant's interval ends: the remembered answer must not outlive it
+    assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == members
+    _result(
+        store.put_document("consent-rules", "sip:carol@x.test", "index", grant("sip:alice@x.test"))
+    )
+    assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == ["sip:bob@x.test"]
+
+
+class _SlowReads(MemoryPermissionStore):
+    """Document reads wait until released: a store update in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+        self.slow = False
+
+    def get_document(self, auid: str, xui: str, name: str) -> Deferred[Any]:
+        read = super().get_document(auid, xui, name)
+        if not self.slow:
+            return read
+        later: Deferred[Any] = Deferred()
+        self.held.append((read, later))
+        return later
+
+    def release(self) -> None:
+        for read, later in self.held:
+            read.addCallback(later.callback)
+        self.held.clear()
+
+
+def test_a_remembered_answer_is_not_given_while_a_change_is_being_read() -> None:
+    store = _SlowReads()
+    cache = PermissionCache(store, Clock())
+    store.add_listener(cache.store_changed)
+    members = ["sip:bob@x.test"]
+    _result(
+        store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test"))
+    )
+    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
+    assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == []  # remembered
+    store.slow = True
+    _result(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
+    assert store.held  # the cache is reading the changed document
+    assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") is None
+    store.release()
+    assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == members
 
 
 def test_470_names_consent_uris_in_body_and_header() -> None:
