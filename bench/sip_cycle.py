@@ -32,7 +32,7 @@ from twisted.internet.testing import MemoryReactorClock
 from relayd.ctl.xcap import make_rule, new_ruleset
 from relayd.service import build_service
 from relayd.sip.auth import client_authorization
-from relayd.sip.message import SIPRequest, SIPResponse
+from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.tap import tune_garbage_collector
 from relayd.testing import make_pki, prepared_relay, relay_config_overrides, write_users
@@ -82,19 +82,24 @@ def _request(
 
 
 def _sink_answer(data: bytes) -> bytes:
-    """A 200 as SIPp's UAS writes it: every Via on one line, To with a tag."""
-    request = parse_datagram(data)
-    assert isinstance(request, SIPRequest)
-    h = request.headers
+    """A 200 as SIPp's UAS writes it: every Via on one line, To with a tag.
+
+    Read from the bytes, not with the relay's parser, so that ``bench.instructions``
+    counts as little of the bench's own work as it can."""
+    rows: dict[bytes, bytes] = {}
+    vias: list[bytes] = []
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b": ")
+        name = name.lower()
+        if name == b"via":
+            vias.append(value)
+        else:
+            rows.setdefault(name, value)
     return (
-        "SIP/2.0 200 OK\r\n"
-        f"Via: {', '.join(h.get_all('via'))}\r\n"
-        f"From: {h.get('from')}\r\n"
-        f"To: {h.get('to')};tag=sink\r\n"
-        f"Call-ID: {h.get('call-id')}\r\n"
-        f"CSeq: {h.get('cseq')}\r\n"
-        "Content-Length: 0\r\n\r\n"
-    ).encode()
+        b"SIP/2.0 200 OK\r\nVia: %s\r\nFrom: %s\r\nTo: %s;tag=sink\r\nCall-ID: %s\r\n"
+        b"CSeq: %s\r\nContent-Length: 0\r\n\r\n"
+        % (b", ".join(vias), rows[b"from"], rows[b"to"], rows[b"call-id"], rows[b"cseq"])
+    )
 
 
 class Harness:
