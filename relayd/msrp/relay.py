@@ -14,6 +14,7 @@ from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
+from relayd.bounded import remember
 from relayd.digest import DigestAuthenticator, DigestError, DigestSuccess, parse_credentials
 from relayd.logs import logger
 from relayd.msrp.message import (
@@ -117,9 +118,7 @@ class RelayCore:
         if known is None:
             port = uri.port if uri.port is not None else DEFAULT_PORT
             known = uri.host.lower().strip("[]") in self._local_hosts and port in self._local_ports
-            if len(self._local_cache) > 4096:
-                self._local_cache.clear()
-            self._local_cache[key] = known
+            remember(self._local_cache, 4096, key, known)
         return known
 
     def session_uri(self, session: Session) -> str:

@@ -38,6 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd.bounded import remember
 from relayd.config import MSRPConfig
 from relayd.eager import write_now
 from relayd.logs import logger
@@ -1045,10 +1046,7 @@ class MSRPConnection(Protocol):
         plan = _Plan(core.route(request, self, self), request, core.sessions.generation)
         if cache is None:
             cache = self._plans = {}
-        elif len(cache) >= _ROUTE_CACHE_SIZE:
-            cache.clear()
-        cache[key] = plan
-        return plan
+        return remember(cache, _ROUTE_CACHE_SIZE, key, plan)
 
     def refuse(self, request: MSRPRequest, status: MSRPStatus, count: bool = True) -> None:
         """Answer a request with an error, as its method allows, and count the failure."""

@@ -38,6 +38,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI
@@ -94,9 +95,7 @@ class ConsentURIs:
             payload = base64.urlsafe_b64encode(f"{list_uri}\n{member}".encode()).decode("ascii")
             payload = payload.rstrip("=")
             uri = f"sip:{CONSENT_PREFIX}{payload}.{self._mac(payload)}@{self.domain}"
-            if len(self._minted) >= MAX_CACHED_URIS:
-                self._minted.clear()
-            self._minted[(list_uri, member)] = uri
+            remember(self._minted, MAX_CACHED_URIS, (list_uri, member), uri)
         return uri
 
     def parse_consent_user(self, user: str | None) -> tuple[str, str] | None:
@@ -133,10 +132,7 @@ def identity_key(uri: str) -> str:
     Asked for every member of a list on every request: remembered (bounded)."""
     key = _IDENTITY_KEYS.get(uri)
     if key is None:
-        key = normalize_identity(uri)
-        if len(_IDENTITY_KEYS) >= _IDENTITY_KEYS_SIZE:
-            _IDENTITY_KEYS.clear()
-        _IDENTITY_KEYS[uri] = key
+        key = remember(_IDENTITY_KEYS, _IDENTITY_KEYS_SIZE, uri, normalize_identity(uri))
     return key
 
 
@@ -315,11 +311,12 @@ class PermissionCache:
         question = (sender, list_uri, method)
         answer = decisions.get(question)
         if answer is None:
-            if len(decisions) >= MAX_CACHED_DECISIONS:
-                decisions.clear()
             now = now_from_clock(self.clock)
-            answer = decisions[question] = any(
-                is_permitted(root, sender, list_uri, method, now) for root in docs.values()
+            answer = remember(
+                decisions,
+                MAX_CACHED_DECISIONS,
+                question,
+                any(is_permitted(root, sender, list_uri, method, now) for root in docs.values()),
             )
         return answer
 
@@ -345,9 +342,7 @@ class PermissionCache:
                 out.append(member)
             until = min(until, self._valid_until.get(identity_key(member), math.inf))
         if generation == self._generation:
-            if len(self._missing) >= MAX_CACHED_DECISIONS:
-                self._missing.clear()
-            self._missing[memo_key] = (generation, until, out)
+            remember(self._missing, MAX_CACHED_DECISIONS, memo_key, (generation, until, out))
         return list(out)
 
     async def permitted(self, sender: str, list_uri: str, recipient: str, method: str) -> bool:
@@ -613,10 +608,12 @@ def consent_needed(
     built = _CONSENT_NEEDED.get(targets)
     if built is None:
         # A sender retrying without permission gets the same answer every time.
-        built = (", ".join(f"<{t}>" for t in targets), build_uri_list(list(targets)))
-        if len(_CONSENT_NEEDED) >= MAX_CACHED_URIS:
-            _CONSENT_NEEDED.clear()
-        _CONSENT_NEEDED[targets] = built
+        built = remember(
+            _CONSENT_NEEDED,
+            MAX_CACHED_URIS,
+            targets,
+            (", ".join(f"<{t}>" for t in targets), build_uri_list(list(targets))),
+        )
     missing_header, body = built
     headers = [
         ("Permission-Missing", missing_header),

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Self, overload
 
+from relayd.bounded import parse_once, remember
 from relayd.sip.uri import (
     SIPURI,
     Params,
@@ -333,16 +334,14 @@ _VIA_FAST = re.compile(
     r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[^;\s\"<>,]+)?)*)"
 )
 
-_VIA_CACHE: dict[str, Via] = {}
+_VIA_CACHE: dict[str, object] = {}
 _VIA_CACHE_SIZE = 4096
 
 
 def remember_via(text: str, via: Via) -> None:
     """Record that ``text`` parses as ``via``: the transport does it for the Via it
     stamps, so the responses echoing it are matched without parsing it again."""
-    if len(_VIA_CACHE) >= _VIA_CACHE_SIZE:
-        _VIA_CACHE.clear()
-    _VIA_CACHE[text] = via
+    remember(_VIA_CACHE, _VIA_CACHE_SIZE, text, via)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,12 +362,7 @@ class Via:
         A relay reads the same top Via several times per message (transport, transaction
         matching, response routing), so recent results are remembered by their text.
         """
-        cached = _VIA_CACHE.get(text)
-        if cached is not None and type(cached) is cls:
-            return cached
-        via = cls._parse(text)
-        remember_via(text, via)
-        return via
+        return parse_once(_VIA_CACHE, _VIA_CACHE_SIZE, text, cls, cls._parse)
 
     @classmethod
     def _parse(cls, text: str) -> Self:
@@ -457,7 +451,7 @@ class Via:
         )
 
 
-_CSEQ_CACHE: dict[str, CSeq] = {}
+_CSEQ_CACHE: dict[str, object] = {}
 _CSEQ_CACHE_SIZE = 1024
 
 
@@ -479,14 +473,7 @@ class CSeq:
 
     @classmethod
     def parse(cls, text: str) -> Self:
-        cached = _CSEQ_CACHE.get(text)
-        if cached is not None and type(cached) is cls:
-            return cached
-        cseq = cls._parse(text)
-        if len(_CSEQ_CACHE) >= _CSEQ_CACHE_SIZE:
-            _CSEQ_CACHE.clear()
-        _CSEQ_CACHE[text] = cseq
-        return cseq
+        return parse_once(_CSEQ_CACHE, _CSEQ_CACHE_SIZE, text, cls, cls._parse)
 
     @classmethod
     def _parse(cls, text: str) -> Self:

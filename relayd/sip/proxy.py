@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, unstamped_via
 from relayd.sip.registrar import Registrar
@@ -97,10 +98,7 @@ class Proxy:
             uri: SIPURI | None = SIPURI.parse(member)
         except SIPURIError:
             uri = None
-        if len(self._members) >= MAX_CACHED_MEMBERS:
-            self._members.clear()
-        self._members[member] = uri
-        return uri
+        return remember(self._members, MAX_CACHED_MEMBERS, member, uri)
 
     def is_online(self, member: str) -> bool:
         """Whether ``member`` can be reached now: registered if ours, always if remote."""

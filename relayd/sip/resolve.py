@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
+from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.uri import SIPURI
 
@@ -243,9 +244,7 @@ class SIPResolver:
         name = uri.host if transport == "TLS" or uri.scheme == "sips" else None
         port = uri.port or DEFAULT_PORTS[transport]
         targets = [Target(transport, ipaddress.ip_address(host).compressed, port, name)]
-        if len(self._numeric) >= MAX_CACHED_URIS:
-            self._numeric.clear()
-        self._numeric[key] = targets
+        remember(self._numeric, MAX_CACHED_URIS, key, targets)
         return list(targets)
 
     async def resolve(self, uri: SIPURI) -> list[Target]:

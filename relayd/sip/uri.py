@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Self
 from urllib.parse import quote, unquote
 
+from relayd.bounded import parse_once
+
 __all__ = [
     "SIPURI",
     "NameAddr",
@@ -78,7 +80,7 @@ def _encode(text: str, safe: str) -> str:
     return quote(text, safe=safe)
 
 
-_PARSED: dict[str, SIPURI] = {}
+_PARSED: dict[str, object] = {}
 _PARSED_SIZE = 4096
 
 
@@ -183,14 +185,7 @@ class SIPURI:
         list's Request-URI, senders' and members' addresses), so recent results
         are remembered by their text.
         """
-        cached = _PARSED.get(text)
-        if cached is not None and type(cached) is cls:
-            return cached
-        uri = cls._parse(text)
-        if len(_PARSED) >= _PARSED_SIZE:
-            _PARSED.clear()
-        _PARSED[text] = uri
-        return uri
+        return parse_once(_PARSED, _PARSED_SIZE, text, cls, cls._parse)
 
     @classmethod
     def _parse(cls, text: str) -> Self:
