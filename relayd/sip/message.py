@@ -6,6 +6,7 @@ reads a handful of headers per message and copies the rest, so eager parsing is 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "new_tag",
     "reason_phrase",
     "split_header_values",
+    "stateless_tag",
     "tag_of",
     "unstamped_via",
 ]
@@ -513,6 +515,21 @@ def tag_of(value: str | None) -> str | None:
 def new_tag() -> str:
     """A From/To tag with well over the 32 random bits RFC 3261 §19.3 asks for."""
     return random_bytes(8).hex()
+
+
+def stateless_tag(request: SIPRequest) -> str:
+    """The To tag of a response sent without a transaction: the same for a request and
+    its retransmissions (§8.2.7), and as unique as the sender's branch and Call-ID."""
+    h = request.headers
+    material = "\0".join(
+        (
+            h.first("via") or "",
+            h.first("call-id") or "",
+            request.from_tag or "",
+            h.first("cseq") or "",
+        )
+    )
+    return hashlib.blake2b(material.encode("utf-8"), digest_size=8).hexdigest()
 
 
 REASON_PHRASES: dict[int, str] = {

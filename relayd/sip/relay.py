@@ -55,7 +55,7 @@ from relayd.sip.message import (
     SIPStatus,
     make_response,
     new_tag,
-    response_for_status,
+    stateless_tag,
     unstamped_via,
 )
 from relayd.sip.proxy import Branch, Proxy
@@ -236,7 +236,10 @@ class ConsentRelay:
             return None
         if self.directory.lookup(request.uri) is None:
             return None
-        return response_for_status(request, self.authenticator.challenge(proxy=True))
+        challenge = self.authenticator.challenge(proxy=True)
+        return make_response(
+            request, challenge.status, headers=challenge.headers, to_tag=stateless_tag(request)
+        )
 
     def handle_message(
         self, txn: ServerTransaction, request: SIPRequest

@@ -31,6 +31,7 @@ from relayd.sip.message import (
     Via,
     make_response,
     response_for_status,
+    stateless_tag,
 )
 from relayd.tokens import random_bytes
 
@@ -528,7 +529,10 @@ class TransactionLayer:
                 peer=source,
             )
             retry = str(self.overload_retry_after_seconds)
-            self._send(make_response(request, 503, headers=[("Retry-After", retry)]), source)
+            headers = [("Retry-After", retry)]
+            self._send(
+                make_response(request, 503, headers=headers, to_tag=stateless_tag(request)), source
+            )
             return
         txn = ServerTransaction(self, key, request, source, reliable)
         self._server[key] = txn

@@ -20,6 +20,7 @@ from relayd.sip.message import (
     reason_phrase,
     response_for_status,
     split_header_values,
+    stateless_tag,
     tag_of,
 )
 from relayd.sip.uri import SIPURI
@@ -380,6 +381,18 @@ def test_via_fast_path_reads_what_the_general_parser_reads(
             return "refused"
 
     assert outcome(Via._parse) == outcome(Via._parse_general)
+
+
+def test_stateless_tags_repeat_for_a_retransmission_only() -> None:
+    request = _request()
+    again = _request()
+    assert stateless_tag(request) == stateless_tag(again)
+    assert len(stateless_tag(request)) == 16
+    other = _request()
+    other.headers.set("Via", "SIP/2.0/UDP proxy.example.com;branch=z9hG4bK2")
+    assert stateless_tag(other) != stateless_tag(request)
+    other = _request(CSeq="8 MESSAGE")
+    assert stateless_tag(other) != stateless_tag(request)
 
 
 @given(

@@ -410,6 +410,11 @@ def test_server_overload_answers_503_statelessly() -> None:
     resp = send.sent[0][1]
     assert isinstance(resp, SIPResponse)
     assert resp.headers.get("retry-after") == "5"
+    # §8.2.7: a retransmission of the refused request gets the same To tag.
+    layer.request_received(_request(branch="z9hG4bK2"), PEER, False)
+    again = send.sent[-1][1]
+    assert isinstance(again, SIPResponse) and again.status == 503
+    assert again.to_tag == resp.to_tag is not None
 
 
 def test_server_drops_request_without_via() -> None:
