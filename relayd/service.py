@@ -9,6 +9,7 @@ listens.  ``build_service`` then only connects objects.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -177,17 +178,91 @@ def listener_identity(prepared: Prepared, spec: EndpointSpec) -> ServerIdentity:
     return prepared.identity
 
 
-class MSRPService(Service):
-    """Starts the MSRP listeners and records their bound ports as ours."""
+class _Listeners(Service):
+    """A service that owns listening ports: ``listening`` fires with them once they are
+    bound, and stopping closes them after whatever :meth:`_stop` of the subclass adds."""
 
     log = logger()
 
-    def __init__(self, relay: MSRPRelay, reactor: Any, prepared: Prepared) -> None:
-        self.relay = relay
+    def __init__(self, reactor: Any, prepared: Prepared) -> None:
         self.reactor = reactor
         self.prepared = prepared
         self.ports: list[IListeningPort] = []
         self.listening: defer.Deferred[list[IListeningPort]] = defer.Deferred()
+
+    async def _stop(self) -> None:
+        ports, self.ports = self.ports, []
+        await stop_listening(ports)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+
+class _BoundAtStart(_Listeners):
+    """Listeners bound synchronously in ``privilegedStartService`` (or ``startService``
+    when started without it), so a port that cannot be bound makes starting fail at
+    once (twistd exits) instead of leaving a relay without that surface."""
+
+    label = ""
+    _bound = False
+
+    def _endpoints(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def _bind_one(self, spec: EndpointSpec) -> None:
+        """Bind one listener, append it to ``ports``; raise if it cannot be bound."""
+        raise NotImplementedError
+
+    def _tls_context(self, spec: EndpointSpec) -> Any:
+        return server_context_factory(listener_identity(self.prepared, spec), None)
+
+    def _bind(self) -> None:
+        self._bound = True
+        for text in self._endpoints():
+            try:
+                self._bind_one(parse_endpoint(text))
+            except Exception as e:
+                self.log.critical(
+                    "{label} cannot listen on {endpoint}: {reason}",
+                    label=self.label,
+                    endpoint=text,
+                    reason=str(e),
+                )
+                for port in self.ports:
+                    port.stopListening()
+                self.ports = []
+                raise
+        self.listening.callback(list(self.ports))
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._bind()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._bound:
+            self._bind()
+
+
+def _listen_now(endpoint: Any, factory: Any) -> IListeningPort:
+    """``endpoint.listen(factory)`` for an endpoint that binds synchronously."""
+    outcome: list[object] = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    result = outcome[0] if outcome else None
+    if isinstance(result, Failure):
+        result.raiseException()
+    if result is None:
+        raise RuntimeError("listener did not bind synchronously")
+    return cast(IListeningPort, result)
+
+
+class MSRPService(_Listeners):
+    """Starts the MSRP listeners and records their bound ports as ours."""
+
+    def __init__(self, relay: MSRPRelay, reactor: Any, prepared: Prepared) -> None:
+        super().__init__(reactor, prepared)
+        self.relay = relay
 
     def _tls_context(self, spec: EndpointSpec) -> Any:
         identity = listener_identity(self.prepared, spec)
@@ -225,112 +300,64 @@ class MSRPService(Service):
 
     async def _stop(self) -> None:
         self.relay.stop()
-        ports, self.ports = self.ports, []
-        await stop_listening(ports)
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
+        await super()._stop()
 
 
-class XCAPService(Service):
+class XCAPService(_BoundAtStart):
     """The XCAP HTTP listeners (``[xcap] listen``) and the permission store they serve.
 
-    Ports are bound synchronously in ``privilegedStartService`` (or ``startService``
-    when started without it), so a port that cannot be bound makes starting fail
-    at once (twistd exits) instead of leaving a relay without its XCAP surface.
     ``store`` is shared with the SIP side; it is closed when this service stops.
     """
 
-    log = logger()
+    label = "XCAP"
 
     def __init__(
         self, site: XCAPSite, store: IPermissionStore, reactor: Any, prepared: Prepared
     ) -> None:
+        super().__init__(reactor, prepared)
         self.site = site
         self.store = store
-        self.reactor = reactor
-        self.prepared = prepared
-        self.ports: list[IListeningPort] = []
-        self.listening: defer.Deferred[list[IListeningPort]] = defer.Deferred()
-        self._bound = False
-        xcap = prepared.config.xcap
-        self.public_url = xcap.public_url.rstrip("/")
+        self.public_url = prepared.config.xcap.public_url.rstrip("/")
 
     def permission_uri(self, recipient: str, token: str) -> str:
         """The Permission URI for a consent request (consent spec §(c)); after start."""
         return permission_uri(self.public_url, recipient, token)
 
-    def _tls_context(self, spec: EndpointSpec) -> Any:
-        identity = listener_identity(self.prepared, spec)
-        return server_context_factory(identity, None)
+    def _endpoints(self) -> Sequence[str]:
+        return self.prepared.config.xcap.listen
 
-    def _bind(self) -> None:
-        self._bound = True
+    def _bind_one(self, spec: EndpointSpec) -> None:
         xcap = self.prepared.config.xcap
-        for text in xcap.listen:
-            spec = parse_endpoint(text)
-            endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
-            outcome: list[object] = []
-            endpoint.listen(self.site).addBoth(outcome.append)
-            result = outcome[0] if outcome else None
-            if result is None or isinstance(result, Failure):
-                self.log.critical(
-                    "XCAP cannot listen on {endpoint}: {reason}",
-                    endpoint=text,
-                    reason=result.getErrorMessage() if isinstance(result, Failure) else "pending",
-                )
-                for bound in self.ports:
-                    bound.stopListening()
-                self.ports = []
-                if isinstance(result, Failure):
-                    result.raiseException()
-                raise RuntimeError(f"XCAP listener {text!r} did not bind synchronously")
-            port = cast(IListeningPort, result)
-            self.ports.append(port)
-            address: Any = port.getHost()
-            if not self.public_url:
-                origin = _origin(spec.kind, self.prepared.hostname, address.port)
-                self.public_url = origin + xcap.root.rstrip("/")
-            self.log.info(
-                "XCAP listening on {kind}:{host}:{port}, root {root}",
-                kind=spec.kind,
-                host=address.host,
-                port=address.port,
-                root=xcap.root,
-            )
-        self.listening.callback(list(self.ports))
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._bind()
-
-    def startService(self) -> None:
-        super().startService()
-        if not self._bound:
-            self._bind()
+        endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
+        port = _listen_now(endpoint, self.site)
+        self.ports.append(port)
+        address: Any = port.getHost()
+        if not self.public_url:
+            origin = _origin(spec.kind, self.prepared.hostname, address.port)
+            self.public_url = origin + xcap.root.rstrip("/")
+        self.log.info(
+            "XCAP listening on {kind}:{host}:{port}, root {root}",
+            kind=spec.kind,
+            host=address.host,
+            port=address.port,
+            root=xcap.root,
+        )
 
     async def _stop(self) -> None:
-        ports, self.ports = self.ports, []
         try:
-            await stop_listening(ports)
+            await super()._stop()
         finally:
             await self.store.close()
 
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
 
-
-class SIPService(Service):
+class SIPService(_BoundAtStart):
     """The SIP consent relay (``[sip] listen``): registrar, consent flow, subscriptions.
 
-    Listeners bind synchronously at start like the XCAP ones, so a taken port stops
-    twistd at once. It shares the XCAP service's store (closed by that service) and
-    mints Permission URIs through it.
+    It shares the XCAP service's store (closed by that service) and mints Permission
+    URIs through it.
     """
 
-    log = logger()
+    label = "SIP"
 
     def __init__(
         self,
@@ -341,81 +368,50 @@ class SIPService(Service):
         prepared: Prepared,
         overload: LagMonitor | None = None,
     ) -> None:
+        super().__init__(reactor, prepared)
         self.relay = relay
         self.transport = transport
         self.registrar = registrar
         self.overload = overload
-        self.reactor = reactor
-        self.prepared = prepared
-        self.ports: list[Any] = []
-        self.listening: defer.Deferred[list[Any]] = defer.Deferred()
         self.addresses: list[tuple[str, str, int]] = []
         """``(kind, host, port)`` of each bound listener, for tests and tools."""
-        self._bound = False
 
     def port_of(self, kind: str) -> int:
         """The bound port of the first ``kind`` (udp/tcp/ssl) listener."""
         return next(port for k, _, port in self.addresses if k == kind)
 
-    def _tls_context(self, spec: EndpointSpec) -> Any:
-        identity = listener_identity(self.prepared, spec)
-        return server_context_factory(identity, None)
+    def _endpoints(self) -> Sequence[str]:
+        return self.prepared.config.sip.listen
 
-    def _bind(self) -> None:
-        self._bound = True
+    def _bind_one(self, spec: EndpointSpec) -> None:
         transport = self.transport
-        for text in self.prepared.config.sip.listen:
-            spec = parse_endpoint(text)
-            port: Any
-            try:
-                if spec.kind == "udp":
-                    udp = udp_service(self.reactor, spec, transport.datagram_protocol())
-                    udp.privilegedStartService()
-                    port = udp.port
-                    name = "UDP"
-                else:
-                    name = "TLS" if spec.kind == "ssl" else "TCP"
-                    endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
-                    outcome: list[object] = []
-                    endpoint.listen(transport.stream_factory(name)).addBoth(outcome.append)
-                    result = outcome[0] if outcome else None
-                    if isinstance(result, Failure):
-                        result.raiseException()
-                    if result is None:
-                        raise RuntimeError("listener did not bind synchronously")
-                    port = result
-                    address: Any = port.getHost()
-                    transport.set_listen_port(name, address.port)
-                    self.log.info(
-                        "SIP listening on {kind}:{host}:{port}",
-                        kind=spec.kind,
-                        host=address.host,
-                        port=address.port,
-                    )
-            except Exception as e:
-                self.log.critical(
-                    "SIP cannot listen on {endpoint}: {reason}", endpoint=text, reason=str(e)
-                )
-                for already in self.ports:
-                    already.stopListening()
-                self.ports = []
-                raise
-            self.ports.append(port)
-            bound: Any = port.getHost()
-            self.addresses.append((spec.kind, bound.host, bound.port))
-            if spec.interface:
-                self.relay.directory.add_local_host(spec.interface)
-            self.relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
-        self.listening.callback(list(self.ports))
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._bind()
+        port: IListeningPort
+        if spec.kind == "udp":
+            udp = udp_service(self.reactor, spec, transport.datagram_protocol())
+            udp.privilegedStartService()
+            port = udp.port
+            name = "UDP"
+        else:
+            name = "TLS" if spec.kind == "ssl" else "TCP"
+            endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
+            port = _listen_now(endpoint, transport.stream_factory(name))
+            address: Any = port.getHost()
+            transport.set_listen_port(name, address.port)
+            self.log.info(
+                "SIP listening on {kind}:{host}:{port}",
+                kind=spec.kind,
+                host=address.host,
+                port=address.port,
+            )
+        self.ports.append(port)
+        bound: Any = port.getHost()
+        self.addresses.append((spec.kind, bound.host, bound.port))
+        if spec.interface:
+            self.relay.directory.add_local_host(spec.interface)
+        self.relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
 
     def startService(self) -> None:
         super().startService()
-        if not self._bound:
-            self._bind()
         prepared = self.prepared
         owners = owners_from_users(
             prepared.users.entries(), (prepared.sip_domain, prepared.hostname, prepared.realm)
@@ -433,12 +429,7 @@ class SIPService(Service):
         self.transport.close_connections()
         if self.transport.transactions is not None:
             self.transport.transactions.stop()
-        ports, self.ports = self.ports, []
-        await stop_listening(ports)
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
+        await super()._stop()
 
 
 def build_sip(
