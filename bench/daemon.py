@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+#: The lines the relay logs for its XCAP (TLS) and SIP (UDP) listeners on loopback.
+RELAY_LISTENING = {
+    "xcap": re.compile(rb"XCAP listening on ssl:127\.0\.0\.1:(\d+)"),
+    "sip": re.compile(rb"SIP listening on udp:127\.0\.0\.1:(\d+)"),
+}
 
 
 def spawn_twistd(
@@ -25,6 +32,16 @@ def spawn_twistd(
     if profile:
         command += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
     command += ["-n", "--pidfile=", "msrprelay", "--config", str(config)]
+    return spawn_logged(command, log_path, cwd, preexec_fn)
+
+
+def spawn_logged(
+    command: list[str],
+    log_path: Path,
+    cwd: Path,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``command`` with its stdout and stderr in ``log_path`` and no stdin."""
     with open(log_path, "wb") as output:
         return subprocess.Popen(
             command,
@@ -34,6 +51,55 @@ def spawn_twistd(
             cwd=str(cwd),
             preexec_fn=preexec_fn,
         )
+
+
+Patterns = dict[str, re.Pattern[bytes]]
+
+
+def _logged(
+    process: subprocess.Popen[bytes], log_path: Path, patterns: Patterns
+) -> dict[str, re.Match[bytes]] | None:
+    """Every pattern's match in the log, None while one is missing; an error once the
+    process has exited without them."""
+    text = log_path.read_bytes() if log_path.exists() else b""
+    found = {name: pattern.search(text) for name, pattern in patterns.items()}
+    if all(found.values()):
+        return {name: match for name, match in found.items() if match is not None}
+    if process.poll() is not None:
+        raise _did_not_start(log_path)
+    return None
+
+
+def _did_not_start(log_path: Path) -> RuntimeError:
+    tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+    return RuntimeError(f"{log_path.parent.name}: process did not start:\n{tail}")
+
+
+async def wait_for_log(
+    process: subprocess.Popen[bytes], log_path: Path, patterns: Patterns, seconds: float = 30
+) -> dict[str, re.Match[bytes]]:
+    """Wait until the process has logged a line for every pattern (its listening
+    ports, usually); a RuntimeError with the log's tail if it exits or times out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = _logged(process, log_path, patterns)
+        if found is not None:
+            return found
+        await asyncio.sleep(0.05)
+    raise _did_not_start(log_path)
+
+
+def wait_for_log_sync(
+    process: subprocess.Popen[bytes], log_path: Path, patterns: Patterns, seconds: float = 30
+) -> dict[str, re.Match[bytes]]:
+    """The same as wait_for_log, for code that is not in an event loop."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = _logged(process, log_path, patterns)
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise _did_not_start(log_path)
 
 
 async def stop_async(

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.daemon import spawn_twistd, stop_async
+from bench.daemon import spawn_logged, spawn_twistd, stop_async, wait_for_log
 from bench.report import report_head
 from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.testing import RelayPKI, make_pki, write_users
@@ -142,6 +142,15 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+_MSRP_LISTENING = {
+    kind: re.compile(rb"MSRP listening on " + kind.encode() + rb":127\.0\.0\.1:(\d+)")
+    for kind in ("ssl", "tcp")
+}
+_PIPE_LISTENING = {
+    kind: re.compile(rb"PIPE LISTENING " + kind.encode() + rb" (\d+)") for kind in ("tcp", "tls")
+}
 
 
 def _raise_nofile() -> None:
@@ -274,19 +283,9 @@ class RelayProcess:
         self.process = spawn_twistd(
             config, self.log_path, REPO, self.profile, preexec_fn=_raise_nofile
         )
-        deadline = time.monotonic() + 30
-        pattern = re.compile(rb"MSRP listening on (ssl|tcp):127\.0\.0\.1:(\d+)")
-        while time.monotonic() < deadline:
-            found = dict(pattern.findall(self.log_path.read_bytes()))
-            if b"ssl" in found and b"tcp" in found:
-                self.tls_port, self.tcp_port = int(found[b"ssl"]), int(found[b"tcp"])
-                log(f"relayd pid {self.pid}: TLS {self.tls_port}, TCP {self.tcp_port}")
-                return
-            if self.process.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        tail = self.log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"relayd did not start:\n{tail}")
+        found = await wait_for_log(self.process, self.log_path, _MSRP_LISTENING)
+        self.tls_port, self.tcp_port = int(found["ssl"][1]), int(found["tcp"][1])
+        log(f"relayd pid {self.pid}: TLS {self.tls_port}, TCP {self.tcp_port}")
 
     async def stop(self) -> None:
         await stop_async(self.process)
@@ -312,27 +311,10 @@ class PipeProcess:
         log_path = self.folder / "pipe.log"
         self.folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "bench.pipe", "--cert", cert, "--key", key]
-        with open(log_path, "wb") as output:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=str(REPO),
-                preexec_fn=_raise_nofile,
-            )
-        deadline = time.monotonic() + 20
-        pattern = re.compile(rb"PIPE LISTENING (tcp|tls) (\d+)")
-        while time.monotonic() < deadline:
-            found = dict(pattern.findall(log_path.read_bytes()))
-            if b"tcp" in found and b"tls" in found:
-                self.tcp_port, self.tls_port = int(found[b"tcp"]), int(found[b"tls"])
-                log(f"pipe pid {self.process.pid}: TLS {self.tls_port}, TCP {self.tcp_port}")
-                return
-            if self.process.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"pipe did not start: {log_path.read_text(errors='replace')[-2000:]}")
+        self.process = spawn_logged(command, log_path, REPO, _raise_nofile)
+        found = await wait_for_log(self.process, log_path, _PIPE_LISTENING, seconds=20)
+        self.tcp_port, self.tls_port = int(found["tcp"][1]), int(found["tls"][1])
+        log(f"pipe pid {self.process.pid}: TLS {self.tls_port}, TCP {self.tcp_port}")
 
     async def stop(self) -> None:
         await stop_async(self.process)

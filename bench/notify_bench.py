@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
-from bench.daemon import spawn_twistd, stop_async
+from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_async, wait_for_log
 from relayd.sip.auth import client_authorization
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import parse_datagram
@@ -167,25 +167,9 @@ class Relay:
     async def start(self) -> None:
         config = self.write_config()
         self.process = spawn_twistd(config, self.log_path, REPO)
-        xcap = re.compile(rb"XCAP listening on ssl:127\.0\.0\.1:(\d+)")
-        sip = re.compile(rb"SIP listening on udp:127\.0\.0\.1:(\d+)")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()
-            found_xcap, found_sip = xcap.search(text), sip.search(text)
-            if found_xcap and found_sip:
-                self.xcap_port = int(found_xcap.group(1))
-                self.sip_port = int(found_sip.group(1))
-                log(
-                    f"relayd pid {self.process.pid}: SIP udp {self.sip_port}, XCAP {self.xcap_port}"
-                )
-                return
-            if self.process.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise RuntimeError(
-            "relayd did not start:\n" + self.log_path.read_text(errors="replace")[-2000:]
-        )
+        found = await wait_for_log(self.process, self.log_path, RELAY_LISTENING)
+        self.xcap_port, self.sip_port = int(found["xcap"][1]), int(found["sip"][1])
+        log(f"relayd pid {self.process.pid}: SIP udp {self.sip_port}, XCAP {self.xcap_port}")
 
     async def stop(self) -> None:
         await stop_async(self.process)

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.daemon import spawn_twistd, stop_sync, wait_idle
+from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_sync, wait_for_log_sync, wait_idle
 from bench.kamailio_sip import Kamailio, find_kamailio, kamailio_version
 from bench.report import report_head
 from relayd.sip.auth import client_authorization
@@ -210,19 +210,9 @@ class Relay:
         )
         self.log_path = self.folder / "relayd.log"
         self.process = spawn_twistd(config, self.log_path, REPO, self.profile)
-        deadline = time.monotonic() + 30
-        xcap = re.compile(rb"XCAP listening on ssl:127\.0\.0\.1:(\d+)")
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()
-            found = xcap.search(text)
-            if found and b"SIP listening on udp" in text:
-                self.xcap_port = int(found.group(1))
-                log(f"relayd pid {self.pid}: SIP udp {self.sip_port}, XCAP {self.xcap_port}")
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"relayd did not start:\n{self.log_path.read_text()[-2000:]}")
+        found = wait_for_log_sync(self.process, self.log_path, RELAY_LISTENING)
+        self.xcap_port = int(found["xcap"][1])
+        log(f"relayd pid {self.pid}: SIP udp {self.sip_port}, XCAP {self.xcap_port}")
 
     def stop(self) -> None:
         stop_sync(self.process)

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import secrets
 import ssl
 import subprocess
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.daemon import spawn_twistd, stop_async
+from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_async, wait_for_log
 from relayd.config import SCHEMA
 from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.testing import RelayPKI, make_pki, write_users
@@ -99,18 +98,9 @@ class Relay:
         config = self.write_config()
         log_path = self.folder / "relayd.log"
         self.process = spawn_twistd(config, log_path, REPO)
-        pattern = re.compile(rb"XCAP listening on ssl:127\.0\.0\.1:(\d+)")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            found = pattern.search(log_path.read_bytes())
-            if found:
-                self.port = int(found.group(1))
-                log(f"relayd pid {self.process.pid}: XCAP on {self.port}")
-                return
-            if self.process.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise RuntimeError("relayd did not start:\n" + log_path.read_text(errors="replace")[-2000:])
+        found = await wait_for_log(self.process, log_path, {"xcap": RELAY_LISTENING["xcap"]})
+        self.port = int(found["xcap"][1])
+        log(f"relayd pid {self.process.pid}: XCAP on {self.port}")
 
     async def stop(self) -> None:
         await stop_async(self.process)
