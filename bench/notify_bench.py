@@ -50,12 +50,16 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_async, wait_for_log
-from relayd.sip.auth import client_authorization
-from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, new_tag
+from relayd.sip.message import SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import parse_datagram
-from relayd.sip.transaction import new_branch
-from relayd.sip.uri import SIPURI
-from relayd.testing import RelayPKI, grant_document, make_pki, write_users
+from relayd.testing import (
+    RelayPKI,
+    answer_challenge,
+    grant_document,
+    make_pki,
+    uac_request,
+    write_users,
+)
 
 HOST = "127.0.0.1"
 REALM = "relayd-bench"
@@ -266,39 +270,31 @@ class SIPSocket(asyncio.DatagramProtocol):
         loop = asyncio.get_running_loop()
         for _ in range(3):
             self.cseq += 1
-            h = Headers()
-            branch = new_branch()
-            h.add("Via", f"SIP/2.0/UDP {HOST}:{self.local_port};rport;branch={branch}")
-            h.add("Max-Forwards", "70")
-            h.add("From", f"<{aor(user)}>;tag={from_tag}")
-            h.add("To", to or f"<{uri}>")
-            h.add("Call-ID", call_id)
-            h.add("CSeq", f"{self.cseq} {method}")
-            h.add("Contact", f"<sip:{user}@{HOST}:{self.local_port};transport=udp>")
-            for name, value in headers:
-                h.add(name, value)
-            if authorization is not None:
-                h.add(*authorization)
-            data = SIPRequest(method, SIPURI.parse(uri), h, body).to_bytes()
+            branch, request = uac_request(
+                method,
+                uri,
+                via=f"SIP/2.0/UDP {HOST}:{self.local_port}",
+                aor=aor(user),
+                from_tag=from_tag,
+                to=to,
+                call_id=call_id,
+                cseq=self.cseq,
+                contact=f"<sip:{user}@{HOST}:{self.local_port};transport=udp>",
+                headers=headers,
+                authorization=authorization,
+                body=body,
+            )
             waiter: asyncio.Future[SIPResponse] = loop.create_future()
             self.waiting[branch] = waiter
             try:
-                response = await self._send_with_retransmission(data, waiter)
+                response = await self._send_with_retransmission(request.to_bytes(), waiter)
             finally:
                 self.waiting.pop(branch, None)
-            if response.status in (401, 407):
-                name = "WWW-Authenticate" if response.status == 401 else "Proxy-Authenticate"
-                header = "Authorization" if response.status == 401 else "Proxy-Authorization"
-                value = client_authorization(
-                    response.headers.get(name) or "",
-                    method=method,
-                    uri=uri,
-                    username=user,
-                    password=password(user),
-                )
-                authorization = (header, value)
-                continue
-            return response
+            authorization = answer_challenge(
+                response, method=method, uri=uri, username=user, password=password(user)
+            )
+            if authorization is None:
+                return response
         raise RuntimeError(f"{method} {uri}: authentication loop")
 
     async def _send_with_retransmission(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from zope.interface import implementer
 from relayd.config import load_config
 from relayd.digest import ha1
 from relayd.service import Prepared, build_service, prepare
+from relayd.sip.auth import client_authorization
+from relayd.sip.message import Headers, SIPRequest, SIPResponse
+from relayd.sip.transaction import new_branch
+from relayd.sip.uri import SIPURI
 
 
 @dataclass(frozen=True)
@@ -183,3 +188,52 @@ class TrustTestCA:
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+
+
+def uac_request(
+    method: str,
+    uri: str,
+    *,
+    via: str,
+    aor: str,
+    from_tag: str,
+    to: str | None,
+    call_id: str,
+    cseq: int,
+    contact: str,
+    headers: Iterable[tuple[str, str]] = (),
+    authorization: tuple[str, str] | None = None,
+    body: bytes = b"",
+) -> tuple[str, SIPRequest]:
+    """A test client's request with a fresh branch: ``(branch, request)``.
+
+    ``via`` is the sent-protocol and sent-by (``SIP/2.0/UDP host:port``)."""
+    branch = new_branch()
+    h = Headers()
+    h.add("Via", f"{via};rport;branch={branch}")
+    h.add("Max-Forwards", "70")
+    h.add("From", f"<{aor}>;tag={from_tag}")
+    h.add("To", to or f"<{uri}>")
+    h.add("Call-ID", call_id)
+    h.add("CSeq", f"{cseq} {method}")
+    h.add("Contact", contact)
+    for name, value in headers:
+        h.add(name, value)
+    if authorization is not None:
+        h.add(*authorization)
+    return branch, SIPRequest(method, SIPURI.parse(uri), h, body)
+
+
+def answer_challenge(
+    response: SIPResponse, *, method: str, uri: str, username: str, password: str
+) -> tuple[str, str] | None:
+    """The ``(Authorization or Proxy-Authorization, value)`` answering a 401/407,
+    ``None`` for any other response."""
+    if response.status not in (401, 407):
+        return None
+    proxy = response.status == 407
+    challenge = response.headers.get("Proxy-Authenticate" if proxy else "WWW-Authenticate")
+    value = client_authorization(
+        challenge or "", method=method, uri=uri, username=username, password=password
+    )
+    return ("Proxy-Authorization" if proxy else "Authorization", value)

@@ -24,10 +24,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from relayd.service import SIPService
-from relayd.sip.auth import client_authorization
 from relayd.sip.events import CONSENT_STATUS_NAMESPACE
 from relayd.sip.message import (
-    Headers,
     SIPRequest,
     SIPResponse,
     make_response,
@@ -35,9 +33,15 @@ from relayd.sip.message import (
     tag_of,
 )
 from relayd.sip.parser import StreamFramer, parse_datagram
-from relayd.sip.transaction import new_branch
-from relayd.sip.uri import SIPURI, NameAddr
-from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
+from relayd.sip.uri import NameAddr
+from relayd.testing import (
+    RelayPKI,
+    answer_challenge,
+    prepared_relay,
+    relay_config_overrides,
+    relay_service,
+    uac_request,
+)
 from relayd.testing import grant_document as granting_rules
 from relayd.testing import write_users as write_users_file
 from relayd.tokens import redact
@@ -94,7 +98,6 @@ class UA:
     _write: Callable[[bytes], None] | None = None
     _closer: Callable[[], object] | None = None
     cseq: int = 0
-    nc: int = 0
 
     @property
     def aor(self) -> str:
@@ -138,39 +141,31 @@ class UA:
         authorization: tuple[str, str] | None = None
         for _ in range(3):
             self.cseq += 1
-            h = Headers()
-            branch = new_branch()
-            h.add("Via", f"SIP/2.0/{self.transport} {HOST}:{self.local_port};rport;branch={branch}")
-            h.add("Max-Forwards", "70")
-            h.add("From", f"<{self.aor}>;tag={from_tag}")
-            h.add("To", to or f"<{uri}>")
-            h.add("Call-ID", call_id)
-            h.add("CSeq", f"{self.cseq} {method}")
-            h.add("Contact", self.contact)
-            for name, value in headers:
-                h.add(name, value)
-            if authorization is not None:
-                h.add(*authorization)
-            request = SIPRequest(method, SIPURI.parse(uri), h, body)
+            branch, request = uac_request(
+                method,
+                uri,
+                via=f"SIP/2.0/{self.transport} {HOST}:{self.local_port}",
+                aor=self.aor,
+                from_tag=from_tag,
+                to=to,
+                call_id=call_id,
+                cseq=self.cseq,
+                contact=self.contact,
+                headers=headers,
+                authorization=authorization,
+                body=body,
+            )
             waiter: Deferred[SIPResponse] = Deferred()
             self.waiting[branch] = waiter
             self.send_bytes(request.to_bytes())
             response: SIPResponse = await waiter.addTimeout(TIMEOUT, reactor)
-            if response.status in (401, 407) and authenticate:
-                name = "WWW-Authenticate" if response.status == 401 else "Proxy-Authenticate"
-                self.nc += 1
-                value = client_authorization(
-                    response.headers.get(name) or "",
-                    method=method,
-                    uri=uri,
-                    username=self.user,
-                    password=USERS[self.user],
-                    nc=1,
-                )
-                header = "Authorization" if response.status == 401 else "Proxy-Authorization"
-                authorization = (header, value)
-                continue
-            return response
+            if not authenticate:
+                return response
+            authorization = answer_challenge(
+                response, method=method, uri=uri, username=self.user, password=USERS[self.user]
+            )
+            if authorization is None:
+                return response
         raise AssertionError("authentication loop")
 
     async def register(self) -> None:
