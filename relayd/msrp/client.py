@@ -107,7 +107,6 @@ class MSRPClientProtocol(TwistedProtocol):
         self.connected_deferred: defer.Deferred[MSRPClientProtocol] = defer.Deferred()
         self.handshake: defer.Deferred[None] = defer.Deferred()
         self.lost: defer.Deferred[None] = defer.Deferred()
-        self.lost_reason: Failure | None = None
         self._sink: MessageSink | None = None
         self._incoming: MSRPRequest | None = None
         self._incoming_bytes = 0
@@ -137,7 +136,6 @@ class MSRPClientProtocol(TwistedProtocol):
             self.handshake.callback(None)
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
-        self.lost_reason = reason
         detail = reason.getErrorMessage() if not reason.check(error.ConnectionDone) else ""
         text = "connection to the relay was lost" + (f" ({detail})" if detail else "")
         if not self.handshake.called:

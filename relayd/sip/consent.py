@@ -151,7 +151,6 @@ class PermissionCache:
         self.store = store
         self.clock = clock
         self._docs: dict[str, dict[str, etree._Element]] = {}
-        self._xui: dict[str, str] = {}
         self._loading: dict[str, Deferred[None]] = {}
         self._dirty: set[str] = set()
         self._updating: dict[str, Deferred[None]] = {}
@@ -170,10 +169,6 @@ class PermissionCache:
     def add_observer(self, observer: RecipientObserver) -> None:
         """``observer(recipient_key)`` after that recipient's documents changed."""
         self._observers.append(observer)
-
-    @property
-    def cached_recipients(self) -> int:
-        return len(self._docs)
 
     def store_changed(self, change: StoreChange) -> None:
         """The store listener's share for consent-rules documents.
@@ -437,9 +432,6 @@ class ListDirectory:
         if not uri.user or not self.is_local(uri):
             return None
         return self._by_user.get(uri.user)
-
-    def all_lists(self) -> list[URIList]:
-        return list(self._by_user.values())
 
     def _set_document(self, owner: str, name: str, body: bytes | None) -> None:
         if body is None:
