@@ -13,12 +13,12 @@ import configparser
 import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from relayd.endpoints import EndpointSyntaxError, parse_endpoint
+from relayd.endpoints import EndpointSyntaxError, is_host, parse_endpoint
 
 
 class ConfigError(Exception):
@@ -80,6 +80,21 @@ def _lines(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _hostname(text: str) -> str:
+    """A DNS name or an IP literal: it goes into every Use-Path URI and is compared
+    with To-Path (RFC 4976 §5), so a name no URI can carry would refuse every AUTH."""
+    value = text.strip()
+    if not value:
+        return value
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    brackets_fit = bare == value or ":" in bare  # only around an IPv6 address
+    if not (brackets_fit and is_host(bare)) or value.endswith("."):
+        raise ValueError(
+            f"expected a DNS name or an IP address (without a trailing dot), got {value!r}"
+        )
+    return value
+
+
 def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -115,9 +130,10 @@ SCHEMA: tuple[Key, ...] = (
         "relay",
         "hostname",
         "",
-        _text,
+        _hostname,
         "Name put in Use-Path URIs and checked against To-Path; empty: the first DNS name"
-        " of the TLS certificate",
+        " of the TLS certificate. Give the relay's FQDN: peers cannot verify an IP address"
+        " or localhost, so either draws a warning at start-up when MSRP listens off loopback",
     ),
     Key(
         "relay",
@@ -505,6 +521,13 @@ class RelaydConfig:
     sip: SIPConfig
     source: str = "<defaults>"
     log_level: str = "info"
+    origins: Mapping[tuple[str, str], str] = field(default_factory=dict, compare=False, repr=False)
+    """Where each ``(section, key)`` value came from: the file, "command line" or
+    "<defaults>"; errors found after loading name that, not just the file."""
+
+    def source_of(self, section: str, key: str) -> str:
+        """The origin of one value, for a ``ConfigError`` about it."""
+        return self.origins.get((section, key), self.source)
 
 
 def load_config(
@@ -534,7 +557,7 @@ def load_config(
             values[key] = spec.parse(raw[key])
         except ValueError as e:
             raise ConfigError(origin[key], key[0], key[1], str(e)) from None
-    config = _build(values, source)
+    config = _build(values, source, origin)
     _validate(config, origin)
     return config
 
@@ -564,7 +587,9 @@ def _read_ini(path: str) -> dict[tuple[str, str], str]:
     return found
 
 
-def _build(values: Mapping[tuple[str, str], Any], source: str) -> RelaydConfig:
+def _build(
+    values: Mapping[tuple[str, str], Any], source: str, origin: Mapping[tuple[str, str], str]
+) -> RelaydConfig:
     def section(name: str) -> dict[str, Any]:
         return {k: v for (s, k), v in values.items() if s == name}
 
@@ -581,6 +606,7 @@ def _build(values: Mapping[tuple[str, str], Any], source: str) -> RelaydConfig:
         store=StoreConfig(**section("store")),
         sip=SIPConfig(**section("sip")),
         source=source,
+        origins=dict(origin),
     )
 
 

@@ -8,6 +8,8 @@ and Twisted has no ``udp:`` server endpoint at all.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,13 @@ _KNOWN_OPTIONS: dict[str, frozenset[str]] = {
     ),
     "udp": frozenset({"port", "interface"}),
 }
+
+_REFUSED_OPTIONS = {
+    "sslmethod": "relayd sets the TLS versions itself (TLS 1.2 or later), remove it",
+}
+"""Twisted's options that we parse but refuse: accepting and ignoring them would mislead."""
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 class EndpointSyntaxError(ValueError):
@@ -87,6 +96,10 @@ def parse_endpoint(description: str) -> EndpointSpec:
                 raise EndpointSyntaxError(f"{description!r}: unknown option {key!r} for {kind}:")
             if key in options:
                 raise EndpointSyntaxError(f"{description!r}: option {key!r} given twice")
+            if key in _REFUSED_OPTIONS:
+                raise EndpointSyntaxError(
+                    f"{description!r}: option {key!r} is not supported: {_REFUSED_OPTIONS[key]}"
+                )
             options[key] = value
         else:
             positional.append(part)
@@ -101,7 +114,34 @@ def parse_endpoint(description: str) -> EndpointSpec:
     if backlog is not None and not (backlog.isascii() and backlog.isdigit()):
         raise EndpointSyntaxError(f"{description!r}: backlog must be a number")
     interface = options.pop("interface", "")
+    if interface and not is_host(interface):
+        raise EndpointSyntaxError(
+            f"{description!r}: interface must be an IP address or a host name, got {interface!r}"
+        )
     return EndpointSpec(kind, int(port_text), interface, options, text)
+
+
+def is_host(text: str) -> bool:
+    """An IP literal or a syntactically valid host name (RFC 1123 §2.1).
+
+    Listener interfaces are checked with it so that a typo such as ``999.1.1.1``
+    stops the configuration from loading instead of failing at bind time.  A
+    name whose last label is all digits is refused: it is a mistyped address,
+    never a name (RFC 3696 §2).
+    """
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        return True
+    name = text[:-1] if text.endswith(".") else text
+    labels = name.split(".")
+    return (
+        0 < len(name) <= 253
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
 
 
 def stream_server_endpoint(

@@ -3,13 +3,18 @@
 ``prepare`` does everything that can fail because of the operator's files
 (certificates, users file, trust roots) and turns each failure into a
 ``ConfigError`` naming the key, so twistd stops with one line before anything
-listens.  ``build_service`` then only connects objects.
+listens.  ``build_service`` then only connects objects.  Listeners are bound
+when the services start (``privilegedStartService`` under twistd); one that
+cannot be bound is one critical log line and exit status 1, before the
+reactor runs, so the daemon never serves with a surface missing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -23,6 +28,7 @@ from twisted.python.failure import Failure
 from relayd.config import ConfigError, RelaydConfig
 from relayd.digest import DigestAuthenticator
 from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
+from relayd.keyfile import KeyFileError, load_or_create_key
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPRelay
@@ -45,16 +51,19 @@ from relayd.sip.urilist import URIList, URIListError, parse_lists_document
 from relayd.tls import (
     ServerIdentity,
     TLSSetupError,
+    client_connection_creator,
     ensure_self_signed,
     load_identity,
     load_trust_roots,
     server_context_factory,
     stdlib_server_context,
+    with_extra_chain,
 )
 from relayd.users import UsersFile, UsersFileError, generate_password
 from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
+from relayd.xcap.usages import RESOURCE_LISTS_AUID
 
 log = logger()
 
@@ -72,22 +81,25 @@ class Prepared:
     store_path: str = ""
     sip_domain: str = ""
     sip_lists: tuple[URIList, ...] = ()
+    consent_key: bytes = b""
 
 
 def prepare(config: RelaydConfig) -> Prepared:
     """Check and load the operator's files; create safe defaults on first start."""
+    origin = config.source_of
     data_dir = Path(config.data_dir)
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
-            config.source, "relay", "data_dir", f"cannot create: {e.strerror}"
+            origin("relay", "data_dir"), "relay", "data_dir", f"cannot create: {e.strerror}"
         ) from None
+    _restrict(data_dir, origin("relay", "data_dir"))
     if config.tls.certificate:
         try:
             identity = load_identity(config.tls.certificate, config.tls.private_key)
         except TLSSetupError as e:
-            raise ConfigError(config.source, "tls", "certificate", str(e)) from None
+            raise ConfigError(origin("tls", "certificate"), "tls", "certificate", str(e)) from None
     else:
         cert, key, _ = ensure_self_signed(data_dir / "tls")
         identity = load_identity(cert, key)
@@ -98,28 +110,28 @@ def prepare(config: RelaydConfig) -> Prepared:
     )
     for section, listeners in listener_keys:
         for text in listeners:
-            spec = parse_endpoint(text)
-            if "certKey" in spec.options or "privateKey" in spec.options:
-                try:
-                    load_identity(
-                        spec.options.get("certKey") or spec.options.get("privateKey", ""),
-                        spec.options.get("privateKey") or spec.options.get("certKey", ""),
-                    )
-                except TLSSetupError as e:
-                    raise ConfigError(config.source, section, "listen", str(e)) from None
+            try:
+                _listener_identity(identity, parse_endpoint(text))
+            except TLSSetupError as e:
+                raise ConfigError(origin(section, "listen"), section, "listen", str(e)) from None
     store_path = config.store.path or str(data_dir / "relay.sqlite3")
     if config.store.backend == "sqlite":
         folder = Path(store_path).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(
-                config.source, "store", "path", f"directory {str(folder)!r} is not writable"
+                origin("store", "path"),
+                "store",
+                "path",
+                f"directory {str(folder)!r} is not writable",
             )
     trust_roots = None
     if config.msrp.ca_certificates:
         try:
             trust_roots = load_trust_roots(config.msrp.ca_certificates)
         except TLSSetupError as e:
-            raise ConfigError(config.source, "msrp", "ca_certificates", str(e)) from None
+            raise ConfigError(
+                origin("msrp", "ca_certificates"), "msrp", "ca_certificates", str(e)
+            ) from None
     names = identity.dns_names
     hostname = config.hostname or (names[0] if names else "localhost")
     realm = config.auth.realm or hostname
@@ -127,7 +139,7 @@ def prepare(config: RelaydConfig) -> Prepared:
     try:
         users = UsersFile(users_path)
     except UsersFileError as e:
-        raise ConfigError(config.source, "auth", "users", str(e)) from None
+        raise ConfigError(origin("auth", "users"), "auth", "users", str(e)) from None
     if not config.auth.users and len(users) == 0:
         _generate_user(users, data_dir, realm)
     domain = config.sip.domain or hostname
@@ -138,9 +150,74 @@ def prepare(config: RelaydConfig) -> Prepared:
                 # Oversized lists load; requests to them are refused (403) instead.
                 lists = tuple(parse_lists_document(handle.read(), domain))
         except (OSError, URIListError) as e:
-            raise ConfigError(config.source, "sip", "lists", str(e)) from None
+            raise ConfigError(origin("sip", "lists"), "sip", "lists", str(e)) from None
+    try:
+        consent_key = load_or_create_key(data_dir / "consent.key")
+    except KeyFileError as e:
+        raise ConfigError(origin("relay", "data_dir"), "relay", "data_dir", str(e)) from None
     return Prepared(
-        config, identity, trust_roots, users, hostname, realm, store_path, domain, lists
+        config,
+        identity,
+        trust_roots,
+        users,
+        hostname,
+        realm,
+        store_path,
+        domain,
+        lists,
+        consent_key,
+    )
+
+
+def exposed_listener_host(hostname: str, listener_hosts: Iterable[str]) -> str | None:
+    """The first listener address off loopback, when ``hostname`` is no FQDN; else None.
+
+    RFC 4976 puts the relay's FQDN in Use-Path so that the next hop can check
+    it against the relay's certificate.  An IP literal or "localhost" is fine
+    while every listener is on loopback (the defaults, the tests), so this
+    only warns; it never refuses.
+    """
+    name = hostname.strip("[]").rstrip(".").lower()
+    if name != "localhost":
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return None
+    for host in listener_hosts:
+        if not _is_loopback(host):
+            return host
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    """Loopback only: a wildcard (0.0.0.0, ::) or a name listens beyond this machine."""
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _restrict(data_dir: Path, source: str) -> None:
+    """0700 for a data directory of ours that already existed with a wider mode.
+
+    ``mkdir(mode=0o700)`` only applies to a directory it creates, and this one
+    holds the private key, the users file and the generated password.  A
+    directory owned by someone else is left alone: it is theirs to set.
+    """
+    try:
+        info = data_dir.stat()
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid != os.geteuid() or mode == 0o700:
+            return
+        os.chmod(data_dir, 0o700)
+    except OSError as e:
+        raise ConfigError(
+            source, "relay", "data_dir", f"cannot restrict to mode 0700: {e.strerror}"
+        ) from None
+    log.warn(
+        "Data directory {path} had mode {mode}; changed it to 0700",
+        path=str(data_dir),
+        mode=f"{mode:04o}",
     )
 
 
@@ -170,12 +247,32 @@ async def stop_listening(ports: list[Any]) -> None:
 
 def listener_identity(prepared: Prepared, spec: EndpointSpec) -> ServerIdentity:
     """The certificate for an ``ssl:`` listener: its own keys if given, else the relay's."""
+    return _listener_identity(prepared.identity, spec)
+
+
+def _listener_identity(relay_identity: ServerIdentity, spec: EndpointSpec) -> ServerIdentity:
+    """``certKey``/``privateKey`` replace the relay's keys; ``extraCertChain`` is served
+    after the chain (intermediates kept in a file of their own)."""
+    identity = relay_identity
     if "certKey" in spec.options or "privateKey" in spec.options:
-        return load_identity(
+        identity = load_identity(
             spec.options.get("certKey") or spec.options["privateKey"],
             spec.options.get("privateKey") or spec.options["certKey"],
         )
-    return prepared.identity
+    extra = spec.options.get("extraCertChain")
+    if extra:
+        identity = with_extra_chain(identity, extra)
+    return identity
+
+
+class ListenerError(Exception):
+    """A listener could not be bound; its text names it and says why, in one line.
+
+    Raised out of ``privilegedStartService``, so twistd stops before the reactor
+    runs: it tells a daemon's waiting parent and removes the pid file, then lets
+    the exception end the process with status 1, where ``relayd.tap`` prints
+    this line instead of a traceback.
+    """
 
 
 class _Listeners(Service):
@@ -223,16 +320,12 @@ class _BoundAtStart(_Listeners):
             try:
                 self._bind_one(parse_endpoint(text))
             except Exception as e:
-                self.log.critical(
-                    "{label} cannot listen on {endpoint}: {reason}",
-                    label=self.label,
-                    endpoint=text,
-                    reason=str(e),
-                )
+                message = f"{self.label} cannot listen on {text}: {e}"
+                self.log.critical("{message}", message=message)
                 for port in self.ports:
                     port.stopListening()
                 self.ports = []
-                raise
+                raise ListenerError(message) from None
         self.listening.callback(list(self.ports))
 
     def privilegedStartService(self) -> None:
@@ -257,46 +350,59 @@ def _listen_now(endpoint: Any, factory: Any) -> IListeningPort:
     return cast(IListeningPort, result)
 
 
-class MSRPService(_Listeners):
-    """Starts the MSRP listeners and records their bound ports as ours."""
+class MSRPService(_BoundAtStart):
+    """The MSRP listeners (``[msrp] listen``), their bound ports recorded as ours."""
+
+    label = "MSRP"
 
     def __init__(self, relay: MSRPRelay, reactor: Any, prepared: Prepared) -> None:
         super().__init__(reactor, prepared)
         self.relay = relay
+        self._listener_hosts: list[str] = []
 
     def _tls_context(self, spec: EndpointSpec) -> Any:
         identity = listener_identity(self.prepared, spec)
         # The standard library's TLS: half the memory per idle client (relayd.tlsio).
         return stdlib_server_context(identity, self.prepared.trust_roots)
 
+    def _endpoints(self) -> Sequence[str]:
+        return self.relay.config.listen
+
+    def _bind_one(self, spec: EndpointSpec) -> None:
+        endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
+        tls = spec.kind == "ssl"
+        port = _listen_now(endpoint, self.relay.listener_factory(tls))
+        self.ports.append(port)
+        address: Any = port.getHost()
+        self.relay.core.add_local_address(address.port, tls, spec.interface or None)
+        self._listener_hosts.append(spec.interface or address.host)
+        self.log.info(
+            "MSRP listening on {kind}:{host}:{port}",
+            kind=spec.kind,
+            host=address.host,
+            port=address.port,
+        )
+
+    def _bind(self) -> None:
+        super()._bind()
+        self._check_use_path_host(self._listener_hosts)
+
     def startService(self) -> None:
         super().startService()
         self.relay.start()
-        defer.ensureDeferred(self._listen())
 
-    async def _listen(self) -> None:
-        try:
-            for text in self.relay.config.listen:
-                spec = parse_endpoint(text)
-                endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
-                tls = spec.kind == "ssl"
-                port = await endpoint.listen(self.relay.listener_factory(tls))
-                self.ports.append(port)
-                address: Any = port.getHost()
-                self.relay.core.add_local_address(address.port, tls, spec.interface or None)
-                self.log.info(
-                    "MSRP listening on {kind}:{host}:{port}",
-                    kind=spec.kind,
-                    host=address.host,
-                    port=address.port,
-                )
-        except Exception as e:
-            self.log.critical("MSRP listener failed: {reason}", reason=str(e))
-            self.listening.errback(e)
-            if self.reactor.running:
-                self.reactor.stop()
-            return
-        self.listening.callback(list(self.ports))
+    def _check_use_path_host(self, listener_hosts: list[str]) -> None:
+        """Warn once when peers beyond this machine get a Use-Path host they cannot verify."""
+        hostname = self.prepared.hostname
+        exposed = exposed_listener_host(hostname, listener_hosts)
+        if exposed is not None:
+            self.log.warn(
+                "[relay] hostname {hostname} is not a DNS name, and MSRP listens on {host}:"
+                " peers cannot verify it against a certificate (RFC 4976 Use-Path:"
+                " the relay's FQDN); set [relay] hostname",
+                hostname=hostname,
+                host=exposed,
+            )
 
     async def _stop(self) -> None:
         self.relay.stop()
@@ -445,7 +551,18 @@ def build_sip(
     authenticator = SIPAuthenticator(digest, domain)
     local_hosts = frozenset({prepared.hostname, "127.0.0.1", "localhost"})
     registrar = Registrar(domain, reactor, authenticator, local_hosts=local_hosts)
-    transport = SIPTransportLayer(reactor, advertised_host=None)
+    # A wildcard listener has no address to put in our Via: say the relay's name.
+    wildcards = ("", "0.0.0.0", "::")  # noqa: S104 - compared with, not bound to
+    wildcard = any(parse_endpoint(text).interface in wildcards for text in sip.listen)
+    transport = SIPTransportLayer(
+        reactor,
+        advertised_host=prepared.hostname if wildcard else None,
+        # sips: members and transport=tls targets: the peers' trust roots if configured,
+        # else the platform's; SNI and a service_identity check of the target's name.
+        tls_creator=lambda host: client_connection_creator(
+            host, prepared.identity, prepared.trust_roots
+        ),
+    )
     detector = LoopDetector(transport.own_sent_by)
     uas = UASCore(
         Capabilities(
@@ -464,7 +581,13 @@ def build_sip(
         uas.overloaded = any_of(uas.overloaded, overload.overloaded)
     transport.attach(transactions)
     uas.attach(transactions)
-    directory = ListDirectory(store, domain, local_hosts, prepared.sip_lists)
+    directory = ListDirectory(
+        store,
+        domain,
+        local_hosts,
+        prepared.sip_lists,
+        is_account=lambda user: prepared.users.lookup(user, prepared.realm) is not None,
+    )
     cache = PermissionCache(store, reactor)
     ledger = ConsentLedger(
         store,
@@ -485,7 +608,7 @@ def build_sip(
         directory=directory,
         cache=cache,
         ledger=ledger,
-        uris=ConsentURIs(domain),
+        uris=ConsentURIs(domain, prepared.consent_key or None),
         permission_uri=xcap_service.permission_uri,
         subscription_limits=SubscriptionLimits(
             min_expires_seconds=sip.subscription_expires_min_seconds,
@@ -549,6 +672,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     xcap_service.setServiceParent(top)
 
     sip_service = build_sip(prepared, reactor, digest, store, xcap_service)
+    resource.document_checks[RESOURCE_LISTS_AUID] = sip_service.relay.directory.check_document
     sip_service.setName("sip")
     sip_service.setServiceParent(top)
     return top

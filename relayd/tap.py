@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import gc
+import sys
+from types import TracebackType
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
 from relayd.config import ConfigError, load_config
 from relayd.logs import set_level
-from relayd.service import Prepared, build_service, prepare
+from relayd.service import ListenerError, Prepared, build_service, prepare
+
+
+class ConfigRefused(SystemExit):
+    """A configuration that cannot start: its one line is already on stderr.
+
+    Not a ``usage.UsageError``: twistd would print its whole usage text before
+    the line, and nothing about the command line was wrong.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
 
 
 class Options(usage.Options):
@@ -62,7 +76,9 @@ class Options(usage.Options):
             config = load_config(self["config"], overrides)
             self["prepared"] = prepare(config)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            sys.stderr.write(f"twistd: {e}\n")
+            sys.stderr.flush()
+            raise ConfigRefused(str(e)) from None
 
 
 def makeService(options: Options) -> Any:
@@ -72,7 +88,25 @@ def makeService(options: Options) -> Any:
     set_level(prepared.config.log_level)
     service = build_service(prepared, reactor)
     tune_garbage_collector()
+    report_listener_errors_in_one_line()
     return service
+
+
+def report_listener_errors_in_one_line() -> None:
+    """A port that cannot be bound ends twistd with the ``ListenerError`` escaping
+    ``privilegedStartService`` (that path also answers a daemon's waiting parent and
+    removes the pid file), and Python would then print its traceback.  Its one line
+    is already in the log, where twistd puts everything (stdout with ``-n``), so the
+    exception only sets the exit status (1)."""
+    previous = sys.excepthook
+
+    def hook(
+        kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+    ) -> None:
+        if not isinstance(value, ListenerError):
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook
 
 
 GC_GEN0_THRESHOLD = 50_000

@@ -125,6 +125,67 @@ def _issue(folder: Path, pki: RelayPKI, name: str, names: tuple[str, ...]) -> tu
     return str(cert_path), str(key_path)
 
 
+@dataclass(frozen=True)
+class IntermediatePKI:
+    """Root → intermediate → leaf, with the intermediate in a file of its own
+    (for ``extraCertChain=``): a client trusting the root verifies the leaf only
+    when a server sends the intermediate."""
+
+    root_pem: bytes
+    root_path: str
+    leaf_path: str
+    key_path: str
+    intermediate_path: str
+
+
+def make_intermediate_pki(directory: str | Path, *names: str) -> IntermediatePKI:
+    """Certificates for ``names`` (DNS names or IP addresses) issued by an intermediate."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    root_key, middle_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(subject: str, issuer: str, key: Any, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            alt: list[x509.GeneralName] = []
+            for name in names:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+                except ValueError:
+                    alt.append(x509.DNSName(name))
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    root = issue("relayd test root", "relayd test root", root_key, root_key, True)
+    middle = issue("relayd test intermediate", "relayd test root", middle_key, root_key, True)
+    leaf = issue(names[0], "relayd test intermediate", leaf_key, middle_key, False)
+    pem = serialization.Encoding.PEM
+    paths = {name: folder / f"{name}.pem" for name in ("root", "intermediate", "leaf", "key")}
+    paths["root"].write_bytes(root.public_bytes(pem))
+    paths["intermediate"].write_bytes(middle.public_bytes(pem))
+    paths["leaf"].write_bytes(leaf.public_bytes(pem))
+    paths["key"].write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return IntermediatePKI(
+        root.public_bytes(pem),
+        str(paths["root"]),
+        str(paths["leaf"]),
+        str(paths["key"]),
+        str(paths["intermediate"]),
+    )
+
+
 def write_users(path: str | Path, realm: str, users: dict[str, str]) -> str:
     """An htdigest file with these user → password entries."""
     lines = [f"{user}:{realm}:{ha1(user, realm, password)}" for user, password in users.items()]

@@ -9,11 +9,13 @@ checks of the URI host) with our certificate offered for mutual TLS.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
 import os
 import ssl as stdlib_ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,8 @@ class ServerIdentity:
     private_key_path: str
     private_certificate: ssl.PrivateCertificate
     chain: tuple[crypto.X509, ...]
+    extra_chain_path: str = ""
+    """A listener's ``extraCertChain=`` file, whose certificates end ``chain``."""
 
     @property
     def dns_names(self) -> list[str]:
@@ -118,12 +122,7 @@ def load_identity(certificate_path: str, private_key_path: str) -> ServerIdentit
         key_pem = Path(private_key_path).read_bytes()
     except OSError as e:
         raise TLSSetupError(f"cannot read {e.filename}: {e.strerror}") from None
-    try:
-        chain = _load_pem_certificates(chain_pem)
-    except crypto.Error:
-        raise TLSSetupError(f"{certificate_path}: not a PEM certificate") from None
-    if not chain:
-        raise TLSSetupError(f"{certificate_path}: no certificate found")
+    chain = _certificates_in(chain_pem, certificate_path)
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
@@ -146,6 +145,32 @@ def load_identity(certificate_path: str, private_key_path: str) -> ServerIdentit
     leaf = ssl.Certificate(chain[0])
     private = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, ssl.KeyPair(key))
     return ServerIdentity(certificate_path, private_key_path, private, tuple(chain))
+
+
+def with_extra_chain(identity: ServerIdentity, path: str) -> ServerIdentity:
+    """``identity`` serving the certificates of ``path`` after its own chain.
+
+    This is Twisted's ``extraCertChain=`` listener option: intermediates kept
+    in a file of their own, sent so that clients trusting only the root can
+    verify the leaf.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TLSSetupError(f"extraCertChain: cannot read {path}: {e.strerror}") from None
+    extra = _certificates_in(data, f"extraCertChain: {path}")
+    return dataclasses.replace(identity, chain=(*identity.chain, *extra), extra_chain_path=path)
+
+
+def _certificates_in(data: bytes, source: str) -> list[crypto.X509]:
+    """At least one PEM certificate from ``data``, read from ``source`` (for errors)."""
+    try:
+        certificates = _load_pem_certificates(data)
+    except crypto.Error:
+        raise TLSSetupError(f"{source}: not a PEM certificate") from None
+    if not certificates:
+        raise TLSSetupError(f"{source}: no certificate found")
+    return certificates
 
 
 def _load_pem_certificates(data: bytes) -> list[crypto.X509]:
@@ -206,7 +231,7 @@ def stdlib_server_context(
     """
     context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(identity.certificate_path, identity.private_key_path)
+    _load_served_chain(context, identity)
     context.num_tickets = 0
     context.options |= stdlib_ssl.OP_NO_TICKET
     if trust_roots:
@@ -216,6 +241,22 @@ def stdlib_server_context(
         context.load_verify_locations(cadata=pem.decode("ascii"))
         context.verify_mode = stdlib_ssl.CERT_OPTIONAL
     return context
+
+
+def _load_served_chain(context: stdlib_ssl.SSLContext, identity: ServerIdentity) -> None:
+    """The standard library loads a chain only from one file: with an extra chain, the
+    whole chain goes through a private temporary file (certificates only, no key)."""
+    if not identity.extra_chain_path:
+        context.load_cert_chain(identity.certificate_path, identity.private_key_path)
+        return
+    pem = b"".join(
+        certificate.to_cryptography().public_bytes(serialization.Encoding.PEM)
+        for certificate in identity.chain
+    )
+    with tempfile.TemporaryDirectory(prefix="relayd-chain-") as folder:
+        chain_path = Path(folder) / "chain.pem"
+        chain_path.write_bytes(pem)
+        context.load_cert_chain(chain_path, identity.private_key_path)
 
 
 def certificate_matches(certificate: x509.Certificate, host: str) -> bool:

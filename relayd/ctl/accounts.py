@@ -27,16 +27,25 @@ def add_user(
     username: str,
     password: str | None,
     out: TextIO,
+    create_directory: bool = False,
 ) -> None:
-    """Add or update ``username``; a None password means generate one and print it."""
+    """Add or update ``username``; a None password means generate one and print it.
+
+    ``create_directory`` is for the relay's default data directory only (made
+    0700, as the relay makes it): a missing directory in a path the operator
+    typed is a typo, and creating it would hide the file from the relay.
+    """
     generated = password is None
     secret = generate_password() if password is None else password
     if not secret:
         raise CtlError("empty password")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise CtlError(f"cannot create {path.parent}: {e.strerror}") from None
+    if create_directory:
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise CtlError(f"cannot create {path.parent}: {e.strerror}") from None
+    elif not path.parent.is_dir():
+        raise CtlError(f"cannot write {path}: directory {path.parent} does not exist")
     users = _open(path)
     existed = users.lookup(username, realm) is not None
     try:

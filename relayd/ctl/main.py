@@ -21,6 +21,7 @@ from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from relayd.ctl import accounts, network, xcap
+from relayd.ctl.receiving import check_output
 from relayd.ctl.settings import (
     PASSWORD_ENV,
     CtlError,
@@ -319,7 +320,8 @@ def run_local(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO)
     password = accounts.new_password(
         args.password_stdin, args.generate, stdin, _interactive(), getpass.getpass
     )
-    accounts.add_user(path, realm, args.username, password, out)
+    default_file = not args.users and path == locations.data_dir / "users.htdigest"
+    accounts.add_user(path, realm, args.username, password, out, create_directory=default_file)
 
 
 def relay_access(
@@ -348,16 +350,16 @@ def network_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, 
     if args.command == "auth":
         access = relay_access(args, args.relay, locations)
         return lambda reactor: network.run_auth(reactor, access, out)
-    access = relay_access(args, args.via, locations)
     if args.command == "receive":
         output = Path(args.output) if args.output else None
-        if args.count > 1 and output is not None and not output.is_dir():
-            raise CtlError("--output must be an existing directory when --count is above 1")
+        check_output(output, args.count)  # before any prompt or connection
+        access = relay_access(args, args.via, locations)
         return lambda reactor: network.run_receive(
             reactor, access, output, args.count, args.timeout, out
         )
     to, file_path = split_to_and_file(args.to, args.file)
     network.open_for_sending(file_path)[0].close()  # fail before connecting
+    access = relay_access(args, args.via, locations)
     return lambda reactor: network.run_send(
         reactor,
         access,

@@ -20,7 +20,7 @@ from typing import Any, TextIO, TypeVar
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
 from relayd.ctl.progress import Progress
@@ -35,6 +35,9 @@ AUTH_TIMEOUT_SECONDS = 30.0
 
 CLOSE_TIMEOUT_SECONDS = 5.0
 """Longest wait for a clean TLS close before the connection is aborted."""
+
+CONNECT_TIMEOUT_SECONDS = 10.0
+"""Longest wait for the TCP connection to the first relay, and again for its TLS handshake."""
 
 _T = TypeVar("_T")
 
@@ -103,7 +106,13 @@ async def open_session(
     """Connect to the first relay and AUTH with each relay in turn."""
     first = access.relays[0]
     try:
-        protocol = await connect(reactor, first, access.trust_pem, sink_for=sink_for)
+        protocol = await connect(
+            reactor,
+            first,
+            access.trust_pem,
+            sink_for=sink_for,
+            timeout_seconds=CONNECT_TIMEOUT_SECONDS,
+        )
     except MSRPClientError as e:
         if e.reason is None:
             raise CtlError(str(e)) from None
@@ -112,7 +121,7 @@ async def open_session(
     path: list[str] = []
     expires: list[int] = []
     credentials = access.credentials
-    for uri in access.relays:
+    for index, uri in enumerate(access.relays):
         try:
             result = await _within(
                 reactor,
@@ -127,7 +136,14 @@ async def open_session(
             text = str(e)
             if isinstance(e, MSRPClientError) and e.reason is not None:
                 host = MSRPURI.parse(access.relays[0]).host
-                text = f"{uri}: {describe_loss([e.reason], host)}"
+                if index == 0 and e.reason.check(error.ConnectionDone):
+                    # A relay drops an AUTH that does not name it (RFC 4976 §6.3)
+                    # without an answer; the common cause is the host typed.
+                    text = (
+                        f"{uri}: the relay closed the connection: is {host} its [relay] hostname?"
+                    )
+                else:
+                    text = f"{uri}: {describe_loss([e.reason], host)}"
             elif isinstance(e, MSRPClientError):
                 hint = " (wrong user name or password?)" if "refused: 401" in text else ""
                 text = f"{uri}: {text}{hint}"
@@ -295,8 +311,12 @@ async def run_send(
                 progress=progress.update,
             )
         except MSRPClientError as e:
+            progress.end_line()
             await close(reactor, protocol)
             raise delivery_failure(e) from None
+        except BaseException:
+            progress.end_line()  # the error line must not continue a half-drawn bar
+            raise
         progress.finish()
         try:
             report = await protocol.wait_report(result.message_id).addTimeout(

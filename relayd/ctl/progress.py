@@ -73,6 +73,7 @@ class Progress:
         self.done_bytes = 0
         self._last_draw: float | None = None
         self._drawn_chars = 0
+        self._line_open = False
 
     def update(self, done_bytes: int) -> None:
         self.done_bytes = done_bytes
@@ -95,13 +96,21 @@ class Progress:
         self.stream.write("\r" + line + padding)
         self.stream.flush()
         self._drawn_chars = len(line)
+        self._line_open = True
+
+    def end_line(self) -> None:
+        """Leave a half-drawn bar on its own line before anything else is written."""
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
 
     def finish(self) -> None:
         """End the bar's line, or write the one-line summary when not on a terminal."""
         now = self.clock()
         if self.interactive:
             self._draw(now)
-            self.stream.write("\n")
+            self.end_line()
         else:
             self.stream.write(render_summary(self.done_bytes, now - self.started) + "\n")
-        self.stream.flush()
+            self.stream.flush()

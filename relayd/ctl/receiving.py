@@ -73,15 +73,24 @@ class IncomingMessage:
         self._io(lambda: self.handle.write(data))
         self._position += len(data)
 
-    def _io(self, operation: Callable[[], object]) -> None:
-        """Run a file operation; a full disk must not escape into the protocol."""
+    def _io(self, operation: Callable[[], object]) -> bool:
+        """Run a file operation; a full disk must not escape into the protocol.
+
+        False when it failed (and ``on_error`` has been told) or the file was
+        already given up on.
+        """
         if self.handle.closed:
-            return
+            return False
         try:
             operation()
         except OSError as e:
-            self.handle.close()
-            self.on_error(CtlError(f"cannot write {self.path}: {e.strerror}"))
+            try:
+                self.handle.close()
+            except OSError:
+                pass  # the first error is the one to report
+            self.on_error(CtlError(f"cannot write {self.path}: {e.strerror or e}"))
+            return False
+        return True
 
     def _cover(self, start: int, end: int) -> None:
         spans = sorted([*self.covered, (start, end)])
@@ -102,12 +111,38 @@ class IncomingMessage:
         elif flag == b"$" and self.total_bytes is None:
             self.total_bytes = self.covered[-1][1] if self.covered else 0
         if self.aborted or (self.total_bytes is not None and self._has_all(self.total_bytes)):
-            self.handle.close()
+            # Buffered data reaches the disk here: a full disk shows up at close.
+            if not self._io(self.handle.close):
+                return
             self.complete = not self.aborted
             self.on_end(self)
 
     def _has_all(self, total: int) -> bool:
         return total == 0 or (bool(self.covered) and self.covered[0] == (0, total))
+
+
+def check_output(output: Path | None, count: int) -> None:
+    """Refuse an output we could not write before connecting, not when data arrives.
+
+    A directory (or the current one, without ``--output``) must be writable; a
+    file must be writable if it exists, else its directory must be.
+    """
+    if output is None or output.is_dir():
+        folder = output or Path()
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CtlError(f"cannot write to directory {folder.absolute()}: permission denied")
+        return
+    if count > 1:
+        raise CtlError("--output must be an existing directory when --count is above 1")
+    if output.exists():
+        if not os.access(output, os.W_OK):
+            raise CtlError(f"cannot write {output}: permission denied")
+        return
+    folder = output.parent
+    if not folder.is_dir():
+        raise CtlError(f"cannot write {output}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CtlError(f"cannot write {output}: directory {folder} is not writable")
 
 
 class MessageWriter:
@@ -166,4 +201,7 @@ class MessageWriter:
         self.closed = True
         for message in self.messages.values():
             if not message.handle.closed:
-                message.handle.close()
+                try:
+                    message.handle.close()
+                except OSError:
+                    pass  # an unfinished message: the failure already reported wins

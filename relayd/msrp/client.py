@@ -465,7 +465,11 @@ async def connect(
     sink_for: Callable[[MSRPRequest], MessageSink | None] | None = None,
     timeout_seconds: float = 10,
 ) -> MSRPClientProtocol:
-    """Open a connection to the relay named by ``relay_uri`` (TLS for msrps)."""
+    """Open a connection to the relay named by ``relay_uri`` (TLS for msrps).
+
+    ``timeout_seconds`` bounds the TCP connect and then, again, the TLS
+    handshake: a peer that accepts but never speaks TLS must not hang us.
+    """
     uri = MSRPURI.parse(relay_uri)
     host = uri.host.strip("[]")
     endpoint: Any = HostnameEndpoint(reactor, host, uri.effective_port, timeout=timeout_seconds)
@@ -487,7 +491,14 @@ async def connect(
     if uri.scheme == "msrps":
         # Certificate problems show up here, not at the first request.
         try:
-            await protocol.handshake
+            await protocol.handshake.addTimeout(timeout_seconds, reactor)
+        except defer.TimeoutError:
+            transport: Any = protocol.transport
+            transport.abortConnection()
+            raise MSRPClientError(
+                f"TLS handshake with {uri.host}:{uri.effective_port} timed out"
+                f" after {timeout_seconds:g} s"
+            ) from None
         except MSRPClientError as e:
             raise MSRPClientError(f"TLS with {relay_uri} failed: {e}", reason=e.reason) from None
     return protocol

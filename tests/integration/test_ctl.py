@@ -8,6 +8,7 @@ relay keeps serving while they work.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import socket
 import sys
@@ -19,7 +20,15 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-from relayd.testing import RelayPKI
+from relayd.ctl import network
+from relayd.ctl.settings import Credentials, CtlError
+from relayd.testing import (
+    RelayPKI,
+    prepared_relay,
+    relay_config_overrides,
+    relay_service,
+    write_users,
+)
 
 from .conftest import REALM, USERS, RelayFactory, RunningRelay, deferLater
 
@@ -216,6 +225,67 @@ async def test_auth_with_certificate_for_another_name_says_so(
 
 
 @pytest_twisted.ensureDeferred
+async def test_auth_through_a_name_the_relay_does_not_answer_to_gives_a_hint(
+    pki: RelayPKI, tmp_path: Path
+) -> None:
+    # The certificate names localhost too, so TLS succeeds; the relay is 127.0.0.1.
+    cert, key = pki.leaf("localhost", "127.0.0.1")
+    users = write_users(tmp_path / "users.htdigest", REALM, USERS)
+    overrides = relay_config_overrides(str(tmp_path / "data"), "127.0.0.1", cert, key, users)
+    service = relay_service(prepared_relay(overrides), reactor)
+    service.startService()
+    try:
+        ports = await service.getServiceNamed("msrp").listening.addTimeout(5, reactor)
+        uri = f"msrps://localhost:{ports[0].getHost().port};tcp"
+        env = environment(tmp_path, RELAYCTL_PASSWORD=USERS["alice"])
+        out, err, code = await relayctl(env, "auth", uri, "--user", "alice", "--ca", pki.ca_path)
+    finally:
+        await service.stopService()
+    assert (code, out) == (1, "")
+    assert err == (
+        f"relayctl: {uri}: the relay closed the connection: is localhost its [relay] hostname?\n"
+    )
+
+
+class _Silent(protocol.Protocol):
+    """Accepts a connection and never says a word (no TLS ServerHello)."""
+
+    lost: defer.Deferred[None]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_gives_up_on_a_tls_handshake_that_never_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lost: defer.Deferred[None] = defer.Deferred()
+
+    def silent() -> _Silent:
+        server = _Silent()
+        server.lost = lost
+        return server
+
+    factory = protocol.ServerFactory()
+    factory.buildProtocol = lambda address: silent()  # type: ignore[assignment,method-assign]
+    port: Any = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    number = port.getHost().port
+    monkeypatch.setattr(network, "CONNECT_TIMEOUT_SECONDS", 0.3)
+    uri = f"msrps://127.0.0.1:{number};tcp"
+    access = network.RelayAccess([uri], Credentials("alice", "pw"), None)
+    try:
+        with pytest.raises(CtlError) as info:
+            await defer.Deferred.fromCoroutine(
+                network.run_auth(reactor, access, io.StringIO())
+            ).addTimeout(10, reactor)
+        assert str(info.value) == f"TLS handshake with 127.0.0.1:{number} timed out after 0.3 s"
+        await lost.addTimeout(5, reactor)  # and the connection is not left open
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_adduser_then_auth_as_that_user(
     start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
 ) -> None:
@@ -369,6 +439,25 @@ async def test_send_to_unknown_session_reports_delivery_failure(
     assert code == 1
     assert out == ""
     assert err.splitlines()[-1].startswith("relayctl: delivery failed: 481 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_failing_after_the_bar_was_drawn_ends_its_line(
+    start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
+) -> None:
+    relay = await start_relay()
+    source = random_file(tmp_path / "source.bin", 4000)
+    bogus = [f"msrps://127.0.0.1:{relay.port}/nosuchsession;tcp", "msrps://x.invalid:2855/y;tcp"]
+    access = network.RelayAccess([relay.uri], Credentials("alice", USERS["alice"]), pki.ca_pem)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CtlError, match="delivery failed: 481"):
+        await defer.Deferred.fromCoroutine(
+            network.run_send(
+                reactor, access, bogus, str(source), 1000, 2, "text/plain", 5, out, err, True
+            )
+        ).addTimeout(10, reactor)
+    assert err.getvalue().startswith("\r[")  # the bar was drawn...
+    assert err.getvalue().endswith("\n")  # ...and its line ended before the error
 
 
 @pytest_twisted.ensureDeferred

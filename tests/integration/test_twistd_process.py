@@ -130,3 +130,47 @@ async def test_bad_config_stops_startup_with_one_line(tmp_path: Path, pki: Relay
     assert f"{config}: [tls] session_expires_min_seconds: unknown key" in message
     assert "Traceback" not in message
     assert "listening" not in message
+    # Only that line: no twistd usage text (the command line itself was fine).
+    assert out == b""
+    assert "Usage:" not in message
+    assert err.decode().splitlines() == [
+        f"twistd: {config}: [tls] session_expires_min_seconds: unknown key"
+    ]
+
+
+@pytest.mark.parametrize("section", ["msrp", "sip"])
+@pytest_twisted.ensureDeferred
+async def test_busy_port_stops_startup_with_one_line(
+    tmp_path: Path, pki: RelayPKI, section: str
+) -> None:
+    # A port of ours stands in for another program: the daemon must not start without it.
+    busy: Any = reactor.listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+    port = busy.getHost().port
+    listen = f"tcp:{port}:interface=127.0.0.1"
+    config = write_config(tmp_path, pki)
+    text = config.read_text(encoding="utf-8")
+    if section == "msrp":
+        text = text.replace("[msrp]\nlisten = ssl:0:", f"[msrp]\nlisten = {listen}\n#", 1)
+    else:
+        text = text.replace("[sip]\nlisten = ", f"[sip]\nlisten = {listen}\n  ", 1)
+    config.write_text(text, encoding="utf-8")
+    try:
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            [*TWISTD[1:], "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+            path=str(tmp_path),
+        ).addTimeout(60, reactor)
+    finally:
+        await busy.stopListening()
+    assert code == 1
+    output = (out + err).decode()
+    label = section.upper()
+    reason = f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
+    critical = [line for line in output.splitlines() if "#critical]" in line]
+    assert len(critical) == 1, output
+    assert critical[0].endswith(f"{label} cannot listen on {listen}: {reason}")
+    assert err == b""
+    assert "Traceback" not in output
+    assert f"{label} listening" not in output
+    if section == "msrp":  # the first service: nothing else was bound either
+        assert "listening" not in output

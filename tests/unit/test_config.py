@@ -232,6 +232,23 @@ def test_bad_endpoint_string(tmp_path: Path, value: str, fragment: str) -> None:
     assert fragment in message
 
 
+@pytest.mark.parametrize("section", ["msrp", "xcap", "sip"])
+def test_listener_interface_that_is_no_address_is_refused_at_load(
+    tmp_path: Path, section: str
+) -> None:
+    path = write_ini(tmp_path, f"[{section}]\nlisten = tcp:20000:interface=999.1.1.1\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [{section}] listen: ")
+    assert "interface must be an IP address or a host name, got '999.1.1.1'" in message
+
+
+def test_sslmethod_in_a_listener_is_refused_at_load(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[msrp]\nlisten = ssl:20000:sslmethod=TLSv1_METHOD\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] listen: ")
+    assert "'sslmethod' is not supported" in message
+
+
 def test_bad_endpoint_on_second_line(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[msrp]\nlisten = tcp:2855\n  tcp:nope\n")
     message = config_error(path)
@@ -450,3 +467,32 @@ def test_sip_limits_are_validated() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, {("sip", "max_list_size"): "0"})
     assert info.value.key == "max_list_size"
+
+
+@pytest.mark.parametrize(
+    "hostname", ["relay.example.com", "localhost", "127.0.0.1", "::1", "[2001:db8::1]", ""]
+)
+def test_hostname_dns_name_or_ip_address_is_accepted(hostname: str) -> None:
+    assert load_config(None, {("relay", "hostname"): hostname}).hostname == hostname
+
+
+@pytest.mark.parametrize(
+    "hostname", ["bad host!", "relay_1.example", "999.1.1.1", "relay.example.", "[relay]", "a..b"]
+)
+def test_hostname_that_no_uri_can_carry_is_refused_at_load(tmp_path: Path, hostname: str) -> None:
+    path = write_ini(tmp_path, f"[relay]\nhostname = {hostname}\n")
+    message = config_error(path)
+    assert message == (
+        f"{path}: [relay] hostname: expected a DNS name or an IP address"
+        f" (without a trailing dot), got {hostname!r}"
+    )
+
+
+def test_each_value_remembers_where_it_came_from(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[auth]\nrealm = file-realm\n[tls]\ncertificate =\n")
+    config = load_config(path, {("tls", "private_key"): ""})
+    assert config.source == path
+    assert config.source_of("auth", "realm") == path
+    assert config.source_of("tls", "certificate") == path
+    assert config.source_of("tls", "private_key") == "command line"
+    assert config.source_of("msrp", "listen") == "<defaults>"

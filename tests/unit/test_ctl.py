@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from relayd.ctl.progress import (
     render_bar,
     render_summary,
 )
-from relayd.ctl.receiving import IncomingMessage, MessageWriter, file_name_for
+from relayd.ctl.receiving import IncomingMessage, MessageWriter, check_output, file_name_for
 from relayd.ctl.settings import (
     PASSWORD_ENV,
     CtlError,
@@ -211,6 +212,26 @@ def test_progress_redraws_at_most_every_tenth_of_a_second() -> None:
     assert text.endswith("\n")
 
 
+def test_progress_end_line_leaves_a_half_drawn_bar_on_its_own_line() -> None:
+    stream = io.StringIO()
+    progress = Progress(1000, stream, clock=lambda: 0.0, interactive=True)
+    progress.end_line()
+    assert stream.getvalue() == ""  # nothing drawn, nothing to end
+    progress.update(300)
+    progress.end_line()
+    progress.end_line()
+    assert stream.getvalue() == "\r" + render_bar(300, 1000, 0.0) + "\n"
+
+
+def test_progress_finish_ends_the_line_once() -> None:
+    stream = io.StringIO()
+    progress = Progress(10, stream, clock=lambda: 0.0, interactive=True)
+    progress.update(10)
+    progress.finish()
+    progress.end_line()
+    assert stream.getvalue().count("\n") == 1
+
+
 def test_progress_off_a_terminal_writes_one_summary_line() -> None:
     now = [0.0]
     stream = io.StringIO()
@@ -228,6 +249,7 @@ def test_progress_off_a_terminal_writes_one_summary_line() -> None:
 
 def test_adduser_with_password_on_stdin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     users = tmp_path / "state" / "users.htdigest"
+    users.parent.mkdir()
     code = run(
         ["adduser", "--users", str(users), "--realm", "r", "alice", "--password-stdin"], "s3cret\n"
     )
@@ -260,6 +282,28 @@ def test_adduser_defaults_to_the_relays_file_and_realm(
     assert run(["adduser", "--data-dir", str(data), "carol", "--password-stdin"], "pw\n") == 0
     assert (data / "users.htdigest").read_text().startswith("carol:localhost:")
     assert data.stat().st_mode & 0o777 == 0o700
+
+
+def test_adduser_explicit_users_file_in_missing_directory_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = tmp_path / "nonexistent" / "dir" / "users"
+    assert run(["adduser", "eve", "--generate", "--users", str(users)]) == 1
+    assert capsys.readouterr().err == (
+        f"relayctl: cannot write {users}: directory {users.parent} does not exist\n"
+    )
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_adduser_users_file_from_config_is_not_created_either(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = tmp_path / "typo" / "users"
+    ini = tmp_path / "relayd.ini"
+    ini.write_text(f"[auth]\nusers = {users}\n", encoding="utf-8")
+    assert run(["adduser", "--config", str(ini), "eve", "--generate"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not users.parent.exists()
 
 
 def test_adduser_without_terminal_or_source_fails_in_one_line(
@@ -480,6 +524,76 @@ def test_unwritable_output_is_an_error_not_an_exception(tmp_path: Path) -> None:
     writer = MessageWriter(tmp_path / "missing" / "f", _unexpected, errors.append)
     assert writer.sink_for(_send("m", "1-1/1")) is None
     assert str(errors[0]).startswith(f"cannot write {tmp_path / 'missing' / 'f'}")
+
+
+class _FullDisk(io.BytesIO):
+    """Stands in for /dev/full: data is accepted into a buffer, flushing fails."""
+
+    def close(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_write_error_at_close_is_reported_not_a_finished_message(tmp_path: Path) -> None:
+    errors: list[CtlError] = []
+    message = IncomingMessage("m", tmp_path / "m", _FullDisk(), _unexpected, errors.append)
+    message.chunk_started(_send("m", "1-3/3"), ByteRange(1, 3, 3))
+    message.chunk_data(b"abc")
+    message.chunk_ended(b"$")
+    assert [str(e) for e in errors] == [f"cannot write {tmp_path / 'm'}: No space left on device"]
+    assert not message.complete
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_to_dev_full_reports_the_write_error() -> None:
+    errors: list[CtlError] = []
+    writer = MessageWriter(Path("/dev/full"), _unexpected, errors.append)
+    _deliver(writer, "m", 1, b"x" * 100, 100)
+    writer.close()
+    assert [str(e) for e in errors] == ["cannot write /dev/full: No space left on device"]
+
+
+def test_check_output_refuses_a_file_in_a_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(CtlError) as info:
+        check_output(tmp_path / "absent" / "out.bin", 1)
+    assert str(info.value) == (
+        f"cannot write {tmp_path / 'absent' / 'out.bin'}:"
+        f" directory {tmp_path / 'absent'} does not exist"
+    )
+
+
+def test_check_output_accepts_a_new_file_an_existing_file_and_a_directory(
+    tmp_path: Path,
+) -> None:
+    check_output(tmp_path / "new.bin", 1)
+    (tmp_path / "old.bin").write_bytes(b"")
+    check_output(tmp_path / "old.bin", 1)
+    check_output(tmp_path, 3)
+    check_output(None, 1)
+
+
+def test_check_output_wants_a_directory_for_several_messages(tmp_path: Path) -> None:
+    with pytest.raises(CtlError, match="must be an existing directory"):
+        check_output(tmp_path / "out.bin", 2)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes regardless of modes")
+def test_check_output_refuses_a_read_only_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
+    with pytest.raises(CtlError, match="is not writable"):
+        check_output(folder / "out.bin", 1)
+
+
+def test_receive_checks_output_before_anything_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No credentials and no relay: the output check alone decides.
+    output = tmp_path / "absent" / "out.bin"
+    code = run(["receive", "--via", "127.0.0.1:20001", "--output", str(output)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"relayctl: cannot write {output}: directory {output.parent} does not exist\n"
+    )
 
 
 @pytest.mark.parametrize(

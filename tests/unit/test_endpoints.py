@@ -17,6 +17,7 @@ from relayd.endpoints import (
     EndpointSpec,
     EndpointSyntaxError,
     TLSServerEndpoint,
+    is_host,
     parse_endpoint,
     stream_server_endpoint,
 )
@@ -155,6 +156,43 @@ def test_bad_backlog() -> None:
 def test_duplicate_options(text: str, message: str) -> None:
     with pytest.raises(EndpointSyntaxError, match=message):
         parse_endpoint(text)
+
+
+@pytest.mark.parametrize(
+    "interface", ["999.1.1.1", "1.2.3", "bad host!", "a..b", "-relay.example", "relay_1", "."]
+)
+def test_interface_that_is_neither_address_nor_name_is_refused(interface: str) -> None:
+    with pytest.raises(EndpointSyntaxError, match="interface must be an IP address or a host"):
+        parse_endpoint(f"tcp:2855:interface={interface}")
+
+
+@pytest.mark.parametrize(
+    "interface",
+    [
+        "127.0.0.1",
+        "0.0.0.0",  # noqa: S104 - parsed, never bound
+        r"\:\:1",
+        r"fe80\:\:1%lo",
+        "localhost",
+        "relay.example.com.",
+    ],
+)
+def test_interface_addresses_and_names_are_accepted(interface: str) -> None:
+    assert parse_endpoint(f"udp:5060:interface={interface}").interface == interface.replace(
+        "\\", ""
+    )
+
+
+def test_is_host_bounds_label_and_name_lengths() -> None:
+    assert is_host("a" * 63 + ".example")
+    assert not is_host("a" * 64 + ".example")
+    assert not is_host(".".join(["abcdefg"] * 32))  # 255 characters
+    assert not is_host("")
+
+
+def test_sslmethod_is_refused_not_ignored() -> None:
+    with pytest.raises(EndpointSyntaxError, match="'sslmethod' is not supported: relayd sets"):
+        parse_endpoint("ssl:2855:sslmethod=TLSv1_METHOD")
 
 
 def test_error_message_quotes_the_description() -> None:

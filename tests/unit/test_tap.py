@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ from twisted.application.service import IServiceCollection, MultiService
 from twisted.python import usage
 
 import relayd.tap
-from relayd.service import MSRPService, Prepared
-from relayd.tap import Options, makeService
+from relayd.service import ListenerError, MSRPService, Prepared
+from relayd.tap import ConfigRefused, Options, makeService
 from relayd.testing import make_pki, write_users
 
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -34,6 +35,14 @@ def usage_error(tmp_path: Path, *args: str) -> str:
     with pytest.raises(usage.UsageError) as info:
         parse(tmp_path, *args)
     return str(info.value)
+
+
+def config_refused(tmp_path: Path, *args: str) -> str:
+    """The one line a bad configuration writes to stderr; it exits with status 1."""
+    with pytest.raises(ConfigRefused) as info:
+        parse(tmp_path, *args)
+    assert info.value.code == 1
+    return info.value.message
 
 
 def test_defaults_with_data_dir(tmp_path: Path) -> None:
@@ -141,7 +150,7 @@ def test_bad_set_syntax(tmp_path: Path, assignment: str) -> None:
 
 
 def test_set_unknown_key(tmp_path: Path) -> None:
-    message = usage_error(tmp_path, "--set", "msrp.colour=blue")
+    message = config_refused(tmp_path, "--set", "msrp.colour=blue")
     assert message == "command line: [msrp] colour: unknown key"
 
 
@@ -163,14 +172,24 @@ def test_set_unknown_key(tmp_path: Path) -> None:
 def test_bad_values_name_the_key(
     tmp_path: Path, args: tuple[str, ...], where: str, what: str
 ) -> None:
-    message = usage_error(tmp_path, *args)
+    message = config_refused(tmp_path, *args)
     assert message.startswith(f"command line: {where}: ")
     assert what in message
 
 
+def test_config_error_is_one_stderr_line_without_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_refused(tmp_path, "--set", "msrp.max_connections=lots")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("twistd: command line: [msrp] max_connections: ")
+    assert captured.err.count("\n") == 1
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.ini"
-    message = usage_error(tmp_path, "--config", str(missing))
+    message = config_refused(tmp_path, "--config", str(missing))
     assert message.startswith(f"{missing}: ")
     assert "cannot read" in message
 
@@ -178,36 +197,36 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_bad_config_file_value(tmp_path: Path) -> None:
     ini = tmp_path / "relayd.ini"
     ini.write_text("[msrp]\nmax_connections = -1\n", encoding="utf-8")
-    message = usage_error(tmp_path, "--config", str(ini))
+    message = config_refused(tmp_path, "--config", str(ini))
     assert message.startswith(f"{ini}: [msrp] max_connections: ")
 
 
-def test_garbage_certificate_is_a_usage_error(tmp_path: Path) -> None:
+def test_garbage_certificate_stops_start_up(tmp_path: Path) -> None:
     cert = tmp_path / "cert.pem"
     key = tmp_path / "key.pem"
     cert.write_text("not a certificate\n")
     key.write_text("not a key\n")
-    message = usage_error(
+    message = config_refused(
         tmp_path, "--set", f"tls.certificate={cert}", "--set", f"tls.private_key={key}"
     )
     assert "[tls] certificate" in message
     assert str(cert) in message
 
 
-def test_certificate_and_key_mismatch_is_a_usage_error(tmp_path: Path) -> None:
+def test_certificate_and_key_mismatch_stops_start_up(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     cert, _ = pki.leaf("one.example.com")
     _, key = pki.leaf("two.example.com")
-    message = usage_error(
+    message = config_refused(
         tmp_path, "--set", f"tls.certificate={cert}", "--set", f"tls.private_key={key}"
     )
     assert "[tls] certificate" in message
 
 
-def test_bad_trust_roots_are_a_usage_error(tmp_path: Path) -> None:
+def test_bad_trust_roots_stop_start_up(tmp_path: Path) -> None:
     roots = tmp_path / "roots.pem"
     roots.write_text("no certificates in here\n")
-    message = usage_error(tmp_path, "--set", f"msrp.ca_certificates={roots}")
+    message = config_refused(tmp_path, "--set", f"msrp.ca_certificates={roots}")
     assert "[msrp] ca_certificates" in message
 
 
@@ -215,10 +234,15 @@ def test_make_service_has_named_msrp_child(tmp_path: Path, monkeypatch: pytest.M
     tuned: list[bool] = []
     levels: list[str] = []
     monkeypatch.setattr(relayd.tap, "tune_garbage_collector", lambda: tuned.append(True))
+    hooked: list[bool] = []
+    monkeypatch.setattr(
+        relayd.tap, "report_listener_errors_in_one_line", lambda: hooked.append(True)
+    )
     monkeypatch.setattr(relayd.tap, "set_level", levels.append)
     options = parse(tmp_path, "--msrp-listen", LISTEN, "--set", "relay.log_level=warn")
     service = makeService(options)
     assert tuned == [True]
+    assert hooked == [True]
     assert levels == ["warn"]
     assert isinstance(service, MultiService)
     assert IServiceCollection.providedBy(service)
@@ -241,3 +265,17 @@ def test_garbage_collector_tuning_freezes_the_start_up_heap() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_listener_error_ends_twistd_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
+    relayd.tap.report_listener_errors_in_one_line()
+    sys.excepthook(ListenerError, ListenerError("MSRP cannot listen on tcp:1: busy"), None)
+    assert seen == []  # its one line is in the log already
+    assert capsys.readouterr().err == ""
+    other = RuntimeError("a bug")
+    sys.excepthook(RuntimeError, other, None)
+    assert seen == [other]  # anything else keeps its traceback

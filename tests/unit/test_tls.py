@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import stat
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
-from relayd.testing import RelayPKI, make_pki
+from relayd.testing import IntermediatePKI, RelayPKI, make_intermediate_pki, make_pki
 from relayd.tls import (
     SELF_SIGNED_NAMES,
     ServerIdentity,
@@ -27,6 +28,7 @@ from relayd.tls import (
     load_trust_roots,
     server_context_factory,
     stdlib_server_context,
+    with_extra_chain,
 )
 
 
@@ -386,3 +388,89 @@ def test_certificate_matches_dns_and_ip_names(pki: RelayPKI) -> None:
     assert not certificate_matches(leaf, "127.0.0.8")
     assert certificate_ip_names(leaf) == ["127.0.0.7"]
     assert certificate_dns_names(leaf) == ["relay.example.test"]
+
+
+# -- extraCertChain: intermediates in a file of their own -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def intermediate_pki(tmp_path_factory: pytest.TempPathFactory) -> IntermediatePKI:
+    return make_intermediate_pki(tmp_path_factory.mktemp("intermediate"), "relay.example.com")
+
+
+def _stdlib_handshake(context: ssl.SSLContext, client: SSL.Connection) -> None:
+    """Drive the standard library's server side against a pyOpenSSL client in memory."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = context.wrap_bio(incoming, outgoing, server_side=True)
+    client.set_connect_state()
+    for _ in range(20):
+        done = 0
+        try:
+            client.do_handshake()
+            done += 1
+        except SSL.WantReadError:
+            pass
+        try:
+            incoming.write(client.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+        try:
+            server.do_handshake()
+            done += 1
+        except ssl.SSLWantReadError:
+            pass
+        data = outgoing.read()
+        if data:
+            client.bio_write(data)
+        if done == 2:
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def _chain_names(client: SSL.Connection) -> list[str]:
+    return [_cn(certificate) for certificate in client.get_peer_cert_chain() or []]
+
+
+def test_extra_chain_is_appended_to_the_identity(intermediate_pki: IntermediatePKI) -> None:
+    identity = load_identity(intermediate_pki.leaf_path, intermediate_pki.key_path)
+    extended = with_extra_chain(identity, intermediate_pki.intermediate_path)
+    assert [_cn(c) for c in extended.chain] == ["relay.example.com", "relayd test intermediate"]
+    assert extended.extra_chain_path == intermediate_pki.intermediate_path
+    assert identity.chain == extended.chain[:1]  # the shared identity is left alone
+
+
+def test_pyopenssl_listener_serves_the_extra_chain(intermediate_pki: IntermediatePKI) -> None:
+    identity = load_identity(intermediate_pki.leaf_path, intermediate_pki.key_path)
+    extended = with_extra_chain(identity, intermediate_pki.intermediate_path)
+    server = SSL.Connection(server_context_factory(extended, None).getContext(), None)
+    client = _client(intermediate_pki.root_pem)  # trusts the root only
+    _handshake(server, client)
+    assert _chain_names(client) == ["relay.example.com", "relayd test intermediate"]
+
+
+def test_stdlib_listener_serves_the_extra_chain(intermediate_pki: IntermediatePKI) -> None:
+    identity = load_identity(intermediate_pki.leaf_path, intermediate_pki.key_path)
+    extended = with_extra_chain(identity, intermediate_pki.intermediate_path)
+    client = _client(intermediate_pki.root_pem)
+    _stdlib_handshake(stdlib_server_context(extended, None), client)
+    assert _chain_names(client) == ["relay.example.com", "relayd test intermediate"]
+
+
+def test_without_the_extra_chain_a_root_only_client_cannot_verify(
+    intermediate_pki: IntermediatePKI,
+) -> None:
+    identity = load_identity(intermediate_pki.leaf_path, intermediate_pki.key_path)
+    with pytest.raises(SSL.Error):
+        _stdlib_handshake(stdlib_server_context(identity, None), _client(intermediate_pki.root_pem))
+
+
+def test_extra_chain_that_is_not_pem_is_refused(
+    tmp_path: Path, intermediate_pki: IntermediatePKI
+) -> None:
+    identity = load_identity(intermediate_pki.leaf_path, intermediate_pki.key_path)
+    garbage = tmp_path / "chain.pem"
+    garbage.write_text("no certificate here\n")
+    with pytest.raises(TLSSetupError, match=r"extraCertChain: .*no certificate found"):
+        with_extra_chain(identity, str(garbage))
+    with pytest.raises(TLSSetupError, match="extraCertChain: cannot read"):
+        with_extra_chain(identity, str(tmp_path / "absent.pem"))
