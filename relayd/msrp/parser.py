@@ -413,7 +413,12 @@ class MSRPParser:
         limit = 2 * self._limits.max_line_bytes
         lines = self._buf[head_start : head_start + limit].split(b"\r\n", 2)
         to_path = from_path = None
-        if len(lines) == 3 and lines[0][:8] == b"To-Path:" and lines[1][:10] == b"From-Path:":
+        # Header names are case-insensitive (RFC 4975 §9): "to-path" addresses a 400 too.
+        if (
+            len(lines) == 3
+            and lines[0][:8].lower() == b"to-path:"
+            and lines[1][:10].lower() == b"from-path:"
+        ):
             try:
                 to_path = lines[0][8:].decode("utf-8").strip()
                 from_path = lines[1][10:].decode("utf-8").strip()

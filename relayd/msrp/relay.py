@@ -158,10 +158,12 @@ class RelayCore:
         if not self.is_local(target):
             raise MSRPStatus(403, "not addressed to this relay", close=True)
         relay_host: str | None = None
+        relay_port = DEFAULT_PORT
         if hop.peer_names:
             # The previous hop is a relay: its certificate must name the host
             # of the first From-Path URI (§6.3).
             relay_host = from_path[0].host.lower().strip("[]")
+            relay_port = from_path[0].effective_port
             if not hop.certificate_matches(relay_host):
                 return self._auth_refusal(request, 403, "certificate does not match From-Path")
         elif not hop.is_tls:
@@ -187,9 +189,13 @@ class RelayCore:
             return self._auth_refusal(request, 403, "user not allowed to use this relay")
         lifetime = self._lifetime(request)
         if isinstance(lifetime, MSRPResponse):
-            return AuthOutcome(lifetime, failed=True)
+            # A 423 asks for another Expires: the credentials were right, so
+            # it is no failed attempt (one does not close the connection).
+            return AuthOutcome(lifetime, failed=False)
         if relay_host is not None:
-            session = self.sessions.create_for_relay(relay_host, success.username, lifetime)
+            session = self.sessions.create_for_relay(
+                relay_host, success.username, lifetime, relay_port
+            )
         else:
             session = self.sessions.create_for_client(owner, success.username, lifetime)
         # Debug, not info: at hundreds of AUTHs a second the log line would
@@ -251,7 +257,10 @@ class RelayCore:
 
         The first To-Path URI must be a live session we issued.  Then either
         the request comes from that session's owner (it may go anywhere
-        next) or it goes towards the owner (from anyone who knows the URI).
+        next) or it goes towards the owner (from anyone who knows the URI): a
+        client's own connection, or a peer relay at exactly the ``msrps``
+        authority it authenticated from, and that only over TLS, so a plain
+        ``tcp:`` listener reaches nothing but our clients.
         Two clients of this relay reach each other through two of our URIs in
         a row: the sender must own the first, and the request then goes
         towards the owner of the second.
@@ -285,7 +294,11 @@ class RelayCore:
             return Route(
                 new_to, new_from, texts[0], next_uri, target.owner_connection, target, relied_on
             )
-        if target.owner_relay is None or next_uri.host.lower().strip("[]") != target.owner_relay:
+        if not hop.is_tls:
+            # A plain listener only reaches clients connected to us: a relay
+            # session would have us open connections on a stranger's behalf.
+            raise MSRPStatus(403, "relay sessions are not served over plain TCP")
+        if not _is_owning_relay(next_uri, target):
             raise MSRPStatus(403, "next hop is not the relay this session belongs to")
         return Route(new_to, new_from, texts[0], next_uri, None, target, relied_on)
 
@@ -318,6 +331,21 @@ class RelayCore:
         return owner in hop.peer_names or hop.certificate_matches(owner)
 
 
+def _is_owning_relay(uri: MSRPURI, session: Session) -> bool:
+    """Is ``uri`` the relay that AUTHed for ``session``: TLS, same host, same port?
+
+    The host alone is not enough: ``msrp://owner:25`` would have us open a
+    plain connection to any port of that host (RFC 4975 §6.1 compares the
+    authority; an absent port is 2855, §6.2).
+    """
+    return (
+        uri.scheme == "msrps"
+        and session.owner_relay is not None
+        and uri.host.lower().strip("[]") == session.owner_relay
+        and uri.effective_port == session.owner_port
+    )
+
+
 def _end_to_end_response(
     request: MSRPRequest,
     code: int,
@@ -328,6 +356,19 @@ def _end_to_end_response(
     return make_response(
         request, code, comment, extra, to_path=request.headers.get("From-Path") or ""
     )
+
+
+def addressed_to_us(response: MSRPResponse, is_local: Callable[[MSRPURI], bool]) -> bool:
+    """Does the response's first To-Path URI name this relay (§6.4.3)?
+
+    A transaction id alone is not proof: the response must also come back
+    along the path we wrote into the request.
+    """
+    try:
+        to_path = parse_path(response.headers.get("To-Path") or "")
+    except MSRPURIError:
+        return False
+    return is_local(to_path[0])
 
 
 def response_route(

@@ -3,7 +3,8 @@
 A session id is a capability: whoever knows the URI may send *to* its owner.
 Who may send *through* it is tied to the owner: the one client connection
 that authenticated (a reconnect invalidates the URI), or a peer relay
-identified by its certificate (valid over any connection to that relay).
+identified by its certificate (valid over any connection to that relay, and
+sent on only to the ``msrps`` host and port it authenticated from).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
+from relayd.msrp.uri import DEFAULT_PORT
 from relayd.tokens import new_session_id
 
 
@@ -24,6 +26,9 @@ class Session:
     owner_connection: object | None = None
     #: Lower-cased host of the peer relay the session was issued to.
     owner_relay: str | None = None
+    #: That relay's port (its From-Path URI's, 2855 when absent): with the
+    #: host, the only next hop a request towards the session may go to.
+    owner_port: int = DEFAULT_PORT
     created_at: float = field(default=0.0)
 
     def expires_in(self, now: float) -> int:
@@ -50,9 +55,12 @@ class SessionTable:
         self._by_connection.setdefault(connection, set()).add(session.session_id)
         return session
 
-    def create_for_relay(self, relay_host: str, user: str, lifetime_seconds: int) -> Session:
+    def create_for_relay(
+        self, relay_host: str, user: str, lifetime_seconds: int, relay_port: int = DEFAULT_PORT
+    ) -> Session:
         session = self._new(user, lifetime_seconds)
         session.owner_relay = relay_host.lower()
+        session.owner_port = relay_port
         return session
 
     def _new(self, user: str, lifetime_seconds: int) -> Session:

@@ -63,7 +63,7 @@ from relayd.msrp.parser import (
     MSRPParseError,
     MSRPParser,
 )
-from relayd.msrp.relay import KNOWN_METHODS, RelayCore, Route, response_route
+from relayd.msrp.relay import KNOWN_METHODS, RelayCore, Route, addressed_to_us, response_route
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI, MSRPURIError, parse_path
 from relayd.tls import (
     ServerIdentity,
@@ -171,9 +171,12 @@ class MSRPRelay:
             )
 
     def touch(self, connection: MSRPConnection) -> None:
+        """Record use (a read or a write): idle close and LRU eviction go by it (§6.5)."""
         connection.last_activity = self.clock.seconds()
-        if connection in self.connections:
+        try:
             self.connections.move_to_end(connection)
+        except KeyError:  # not registered (yet, or any more)
+            pass
 
     # -- outbound pool ----------------------------------------------------------
 
@@ -340,8 +343,23 @@ class _FrameTransaction:
         self.stream.timed_out(self)
 
     def response(self, response: MSRPResponse) -> bool:
+        stream = self.stream
+        # Usually the To-Path is our URI byte for byte as we wrote it: one
+        # comparison; anything else is parsed and compared as URIs.
+        block = response.headers.block
+        if not (block is not None and block.startswith(stream.response_to)) and not (
+            addressed_to_us(response, stream.relay.core.is_local)
+        ):
+            # §6.4.3: only a response coming back along our own path counts;
+            # the timer still answers for this frame.
+            stream.relay.log.debug(
+                "Response {code} {tid} not addressed to this relay: dropped",
+                code=response.code,
+                tid=response.tid,
+            )
+            return False
         if response.code // 100 != 2:
-            self.stream.fail(response.code, response.comment, self.first_byte, self.last_byte)
+            stream.fail(response.code, response.comment, self.first_byte, self.last_byte)
         return True
 
     def lost(self) -> None:
@@ -409,7 +427,15 @@ class _Plan:
     200's path lines (make_response's rule) are then built once per session.
     """
 
-    __slots__ = ("expires_at", "forward_paths", "generation", "ok_paths", "report_to", "route")
+    __slots__ = (
+        "expires_at",
+        "forward_paths",
+        "generation",
+        "ok_paths",
+        "report_to",
+        "response_to",
+        "route",
+    )
 
     def __init__(self, route: Route, request: MSRPRequest, generation: int) -> None:
         self.route = route
@@ -420,6 +446,8 @@ class _Plan:
         self.forward_paths = (
             f"To-Path: {route.to_path}\r\nFrom-Path: {route.from_path}\r\n".encode()
         )
+        #: How the next hop's responses start: To-Path back to our URI (§6.4.3).
+        self.response_to = f"To-Path: {route.from_path.split(' ', 1)[0]}\r\n".encode()
         #: Where failure REPORTs for a SEND go (§7.1.2): the whole From-Path.
         self.report_to = request.headers.get("From-Path") or ""
         previous = self.report_to.split(" ", 1)[0]
@@ -561,8 +589,9 @@ class SendStream:
     """One inbound SEND chunk on its way to the next hop, cut into frames as needed."""
 
     __slots__ = (
-        "byte_range_known",
         "done",
+        "ended",
+        "error",
         "failed",
         "failure_report",
         "frame_bytes",
@@ -577,10 +606,12 @@ class SendStream:
         "ok_paths",
         "original_range",
         "pending",
+        "range_end",
         "relay",
         "report_from",
         "report_to",
         "request",
+        "response_to",
         "source",
         "target",
         "total",
@@ -608,10 +639,11 @@ class SendStream:
         self.offset = byte_range.start
         self.total = "*" if byte_range.total is None else str(byte_range.total)
         self.original_range = range_text or byte_range.format()
-        self.byte_range_known = byte_range.end is not None
+        self.range_end = byte_range.end
         self.report_to = plan.report_to
         self.report_from = route.local_uri
         self.ok_paths = plan.ok_paths
+        self.response_to = plan.response_to
         # Content-Type must stay last before the body: without a Byte-Range
         # to replace, the new one goes first after the paths.
         lines = forwarded_lines(headers, skip_byte_range=True)
@@ -624,6 +656,9 @@ class SendStream:
         self.frame_first = 0
         self.frame_bytes = 0
         self.failed = False
+        #: Why the stream failed, while its chunk's transaction was unanswered.
+        self.error: tuple[int, str] | None = None
+        self.ended = False
         self.done = False
         self.target: MSRPConnection | None = None
         self.pending: list[tuple[bool, bytes]] | None = None
@@ -654,6 +689,15 @@ class SendStream:
 
     def end(self, flag: bytes) -> None:
         source = self.source
+        self.ended = True
+        error = self.error
+        if error is not None:
+            # Failed before its end-line: the chunk's one response is that
+            # failure, never a 200 after the REPORT (RFC 4975 §7.1.2).
+            if self.failure_report != "no" and source.connected:
+                response = make_response(self.request, error[0], error[1])
+                source.write_atomic(response.to_bytes())
+            return
         if self.failure_report == "yes" and source.connected:
             # Hop-by-hop success: we have the chunk (§6.4.1); make_response's paths.
             tid = self.request.tid.encode()
@@ -688,12 +732,12 @@ class SendStream:
 
     def _connected(self, target: MSRPConnection) -> None:
         pending = self.pending
+        if pending is not None and not self.failed and not target.connected:
+            self._unreachable(None)
+            return
         self.pending = None
         self.source.resume_reading(self)
         if pending is None or self.failed:
-            return
-        if not target.connected:
-            self._unreachable(None)
             return
         self._attach(target)
         for is_end, value in pending:
@@ -703,9 +747,17 @@ class SendStream:
                 self.data(value)
 
     def _unreachable(self, failure: Failure | None) -> None:
+        """Nothing went out: the REPORT covers the whole inbound chunk.
+
+        That is its Byte-Range's end when the sender gave one, else the bytes
+        received so far (all of them when the end-line is already here).
+        """
         self.source.resume_reading(self)
+        pending = self.pending or []
         self.pending = None
-        last = self.offset - 1 if self.byte_range_known else self.offset
+        last = self.range_end
+        if last is None:
+            last = self.offset + sum([len(v) for is_end, v in pending if not is_end]) - 1
         self.fail(481, "next hop unreachable", self.offset, last)
 
     def _finish(self, flag: bytes) -> None:
@@ -796,6 +848,8 @@ class SendStream:
         if self.failed:
             return
         self.failed = True
+        if not self.ended:
+            self.error = (code, comment)
         self.held = None
         target = self.target
         if target is not None:
@@ -899,6 +953,9 @@ class MSRPConnection(Protocol):
             names=sorted(self.peer_names),
             peer=self.peer,
         )
+        if self.peer_names:
+            # Authenticated by its certificate: probation is for unknown clients.
+            self.succeeded()
 
     def dataReceived(self, data: bytes) -> None:
         """Handle one read; everything it makes us write goes out at its end.
@@ -924,7 +981,7 @@ class MSRPConnection(Protocol):
             for connection, out in batch.items():
                 connection._write_out(out)
             if own is not None:
-                self._write_out(own)
+                self._write_out(own, touch=False)  # _receive has just touched it
 
     def _receive(self, data: bytes) -> None:
         self.relay.touch(self)
@@ -1153,6 +1210,7 @@ class MSRPConnection(Protocol):
         batch = self.relay.batch
         if batch is None:
             write_now(self.transport, data)
+            self.relay.touch(self)
             return
         out = batch.get(self)
         if out is None:
@@ -1167,7 +1225,12 @@ class MSRPConnection(Protocol):
         if out is not None:
             self._write_out(out)
 
-    def _write_out(self, out: list[bytes]) -> None:
+    def _write_out(self, out: list[bytes], touch: bool = True) -> None:
+        """Write what one read produced for this connection.
+
+        Sending is use too (RFC 4976 §6.5): a connection that only receives
+        forwarded data must be neither closed as idle nor evicted first.
+        """
         if not self.connected:
             return
         try:
@@ -1175,6 +1238,9 @@ class MSRPConnection(Protocol):
         except Exception:
             self.log.failure("Internal error writing to {peer}", peer=self.peer)
             self.close("internal error", abort=True)
+            return
+        if touch:
+            self.relay.touch(self)
 
     # -- flow control and accounting -------------------------------------------------------
 
@@ -1204,6 +1270,15 @@ class MSRPConnection(Protocol):
             self._probation = None
 
     def _failed(self) -> None:
+        """Count a refused request; on probation, too many close the connection.
+
+        Probation is for unauthenticated clients.  A peer relay proved who it
+        is with its certificate and carries many users' requests, whose
+        mistakes (a malformed Expires, an expired session) say nothing about
+        the relay: nothing counts on its connection.
+        """
+        if self.peer_names:
+            return
         self._failures += 1
         if not self._succeeded and self._failures >= self.relay.config.probation_max_failures:
             self.log.warn(

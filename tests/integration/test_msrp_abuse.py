@@ -165,7 +165,7 @@ async def test_stranger_cannot_use_relay_to_reach_a_third_party(
     witness_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     evil = f"msrp://127.0.0.1:{witness_port.getHost().port}/victim;tcp"
     sink = RecordingSink()
-    _, alice_auth = await client(relay, "alice", sink, trust=pki.ca_pem)
+    alice, alice_auth = await client(relay, "alice", sink, trust=pki.ca_pem)
     bob, bob_auth = await client(relay, "bob", trust=pki.ca_pem)
     stranger = await connectProtocol(
         TCP4ClientEndpoint(reactor, "127.0.0.1", tcp_port),
@@ -180,10 +180,21 @@ async def test_stranger_cannot_use_relay_to_reach_a_third_party(
     # 3. A made-up session: 481.
     with pytest.raises(MSRPClientError, match="481"):
         await send(stranger, [f"msrps://127.0.0.1:{relay.port}/guessed;tcp", evil], b"x")
-    # 4. AUTH over plain TCP is refused (RFC 4976 §9.2).
+    # 4. A session issued to a peer relay (as its AUTH would leave one) at the
+    #    third party's address: reachable only as msrps at that exact
+    #    authority, and never from the plain listener.
+    core = relay.relay.core
+    owner = f"msrps://127.0.0.1:{witness_port.getHost().port}/peer;tcp"
+    peer_session = core.session_uri(
+        core.sessions.create_for_relay("127.0.0.1", "alice", 600, witness_port.getHost().port)
+    )
+    for sender, next_hop in [(stranger, evil), (stranger, owner), (alice, evil)]:
+        with pytest.raises(MSRPClientError, match="403"):
+            await send(sender, [peer_session, next_hop], b"x")
+    # 5. AUTH over plain TCP is refused (RFC 4976 §9.2).
     response = await stranger.request("AUTH", f"msrp://127.0.0.1:{tcp_port};tcp")
     assert response.code == 403
-    # 5. A request for some other host: the connection is dropped (§6.2).
+    # 6. A request for some other host: the connection is dropped (§6.2).
     stranger.request("SEND", f"{evil} {evil}", [("Message-ID", "z")], b"x")
     await stranger.lost.addTimeout(5, reactor)
     await deferLater(0.1)
@@ -245,7 +256,9 @@ async def test_recipient_gone_mid_transfer_becomes_481_report(
     assert (report.headers.get("Status") or "").startswith("000 481")
     first, _, rest = (report.headers.get("Byte-Range") or "").partition("-")
     assert int(first) >= 1 and rest.endswith(f"/{len(data)}")
-    # The sender is still answered for its chunk and may go on.
+    # The chunk failed before its end-line: its one response is that failure.
     with pytest.raises(MSRPClientError, match="481"):
         await sending
+    # Bob's session went with his connection.
+    with pytest.raises(MSRPClientError, match="481"):
         await send(alice, [*alice_auth.use_path, *path_to(bob, bob_auth)], b"more")

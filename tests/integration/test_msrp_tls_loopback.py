@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from relayd.msrp.client import MSRPClientProtocol
+from relayd.msrp.client import MSRPClientError, MSRPClientProtocol
 from relayd.testing import RelayPKI
 
 from .conftest import RecordingSink, RelayFactory, client, deferLater, path_to
@@ -86,10 +86,30 @@ async def test_next_hop_unreachable_becomes_report(
     relay = await start_relay()
     alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
     to_path = [*alice_auth.use_path, "msrp://127.0.0.1:9/nobody;tcp"]
+    # The whole chunk arrives before the connect fails: it is answered 200 (no
+    # error from send), and the failure comes as a REPORT for all its bytes.
     await send(alice, to_path, b"anyone there?", message_id="lost")
     report = await alice.wait_report("lost").addTimeout(15, reactor)
     status = report.headers.get("Status") or ""
     assert status.startswith("000 481")
+    assert report.headers.get("Byte-Range") == "1-13/13"
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_hop_unreachable_mid_chunk_answers_the_chunk_with_481(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    relay = await start_relay()
+    alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+    to_path = [*alice_auth.use_path, "msrp://127.0.0.1:9/nobody;tcp"]
+    # The relay stops reading while it connects: the refusal comes long
+    # before the end of 8 MiB, so the chunk's one response is the failure.
+    data = bytes(8 << 20)
+    with pytest.raises(MSRPClientError, match="481"):
+        await send(alice, to_path, data, chunk_bytes=len(data), message_id="cut")
+    report = await alice.wait_report("cut").addTimeout(15, reactor)
+    assert (report.headers.get("Status") or "").startswith("000 481")
+    assert report.headers.get("Byte-Range") == f"1-{len(data)}/{len(data)}"
 
 
 @pytest_twisted.ensureDeferred

@@ -205,6 +205,32 @@ def test_bad_header_rejects_message_and_parser_recovers() -> None:
     assert isinstance(events[1].message, MSRPResponse)
 
 
+@pytest.mark.parametrize(
+    ("to_name", "from_name"), [(b"to-path", b"from-path"), (b"TO-PATH", b"From-path")]
+)
+def test_rejected_message_keeps_paths_whatever_their_case(to_name: bytes, from_name: bytes) -> None:
+    """Header names are case-insensitive (RFC 4975 §9): the 400 is addressed all the same."""
+    bad = (
+        SEND.replace(b"To-Path:", to_name + b":")
+        .replace(b"From-Path:", from_name + b":")
+        .replace(b"Message-ID: 87652491\r\n", b"Message-ID 87652491\r\n")
+    )
+    stream = bad + RESPONSE
+    expected = MessageRejected(
+        "a786hjs2",
+        "SEND",
+        "malformed header field",
+        "msrp://biloxi.example.com:12763/kjhd37s2s20w2a;tcp",
+        "msrp://atlanta.example.com:7654/jshA7weztas;tcp",
+    )
+    for cut in range(len(stream) + 1):
+        parser = MSRPParser()
+        events = parser.feed(stream[:cut]) + parser.feed(stream[cut:])
+        assert events[0] == expected, cut
+        assert isinstance(events[1], MessageStart), cut
+        assert len(events) == 3, cut
+
+
 def test_paths_must_come_first() -> None:
     bad = AUTH.replace(
         b"To-Path: msrps://alice@intra.example.com;tcp\r\nFrom-Path: msrps://alice.example.com:9892/98cjs;tcp\r\n",

@@ -429,11 +429,14 @@ def test_auth_expires_below_minimum(core: RelayCore) -> None:
     assert outcome.response.headers.get("Max-Expires") is None
     assert outcome.session is None
     assert len(outcome.response.headers) == 3
+    # Right credentials, wrong interval: not a failed attempt (nothing counts).
+    assert outcome.failed is False
 
 
 def test_auth_expires_above_maximum(core: RelayCore) -> None:
     outcome = auth(core, client_hop(), object(), extra=[("Expires", "86401")])
     assert outcome.response.code == 423
+    assert outcome.failed is False
     assert header(outcome.response, "Max-Expires") == "86400"
     assert outcome.response.headers.get("Min-Expires") is None
     assert len(core.sessions) == 0
@@ -784,6 +787,61 @@ def test_relay_session_next_hop_host_is_case_insensitive(
         core, f"{r} msrps://RELAY1.example.net:2855/r1;tcp", BOB_URI, client_hop(), object()
     )
     assert result.connection is None
+
+
+@pytest.mark.parametrize(
+    "next_hop",
+    [
+        # The audit's case: the owning host, but plain TCP to any port.
+        "msrp://relay1.example.net:25;tcp",
+        "msrp://relay1.example.net:2855/r1;tcp",
+        "msrp://relay1.example.net/r1;tcp",
+        "msrps://relay1.example.net:25/r1;tcp",
+        "msrps://relay1.example.net:2856/r1;tcp",
+    ],
+)
+def test_relay_session_next_hop_must_be_the_owners_tls_authority(
+    core: RelayCore, relay_session: Session, next_hop: str
+) -> None:
+    r = core.session_uri(relay_session)
+    status = refused(core, f"{r} {next_hop} {ALICE_URI}", BOB_URI, client_hop(), object())
+    assert status.code == 403
+    assert status.close is False
+
+
+def test_relay_session_next_hop_without_port_is_the_default_port(
+    core: RelayCore, relay_session: Session
+) -> None:
+    r = core.session_uri(relay_session)
+    result = route(core, f"{r} msrps://relay1.example.net/r1;tcp", BOB_URI, client_hop(), object())
+    assert result.next_uri.effective_port == 2855
+
+
+def test_relay_session_remembers_the_port_its_relay_authenticated_from(core: RelayCore) -> None:
+    hop = relay_hop("relay1.example.net")
+    peer = "msrps://relay1.example.net:4000/r1;tcp"
+    outcome = auth(core, hop, object(), from_path=f"{peer} {ALICE_URI}")
+    assert outcome.session is not None
+    assert (outcome.session.owner_relay, outcome.session.owner_port) == ("relay1.example.net", 4000)
+    r = core.session_uri(outcome.session)
+    assert route(core, f"{r} {peer}", BOB_URI, client_hop(), object()).next_uri.port == 4000
+    # The same host on the default port is another relay as far as we know.
+    status = refused(core, f"{r} {PEER_RELAY_URI}", BOB_URI, client_hop(), object())
+    assert status.code == 403
+
+
+def test_relay_session_is_not_served_over_plain_tcp(
+    core: RelayCore, relay_session: Session, clients: Clients
+) -> None:
+    plain = FakeHop(is_tls=False)
+    r = core.session_uri(relay_session)
+    status = refused(core, f"{r} {PEER_RELAY_URI} {ALICE_URI}", BOB_URI, plain, object())
+    assert status.code == 403
+    assert status.close is False
+    # A plain listener still reaches a client of ours, and only that.
+    a = clients.uri(clients.alice)
+    result = route(core, f"{a} {ALICE_URI}", BOB_URI, plain, object())
+    assert result.connection is clients.alice_connection
 
 
 def test_relay_session_elsewhere_is_forbidden(core: RelayCore, relay_session: Session) -> None:

@@ -37,8 +37,14 @@ def test_create_for_client(table: SessionTable, clock: Clock) -> None:
 def test_create_for_relay_lower_cases_the_host(table: SessionTable) -> None:
     session = table.create_for_relay("Relay1.Example.COM", "bob", 60)
     assert session.owner_relay == "relay1.example.com"
+    assert session.owner_port == 2855  # RFC 4975 §6.2: no port is 2855
     assert session.owner_connection is None
     assert table.lookup(session.session_id) is session
+
+
+def test_create_for_relay_keeps_the_relays_port(table: SessionTable) -> None:
+    session = table.create_for_relay("relay1.example.com", "bob", 60, 4000)
+    assert (session.owner_relay, session.owner_port) == ("relay1.example.com", 4000)
 
 
 def test_lookup_unknown_id(table: SessionTable) -> None:

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pytest
+from cryptography import x509
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -29,6 +31,8 @@ from relayd.msrp.message import MSRPRequest, MSRPResponse
 from relayd.msrp.parser import BodyChunk, MessageEnd, MessageStart, MSRPParser
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPConnection, MSRPRelay
+from relayd.msrp.uri import MSRPURI
+from relayd.testing import make_pki
 
 HOST = "relay.example.com"
 REALM = "relay.example.com"
@@ -55,9 +59,13 @@ class FakeTransport(StringTransport):
         self.protocol: MSRPConnection | None = None
         self.no_delay = False
         self.lost = False
+        self.peer_certificate: x509.Certificate | None = None
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         self.no_delay = enabled
+
+    def getPeerCertificate(self) -> x509.Certificate | None:
+        return self.peer_certificate
 
     def unregisterProducer(self) -> None:
         self.producer = None
@@ -193,8 +201,13 @@ class Harness:
         password = PASSWORDS.get(user)
         return None if password is None else ha1(user, realm, password)
 
-    def connect(self, name: str, connection_class: type[MSRPConnection] = MSRPConnection) -> Client:
-        connection = connection_class(self.relay, inbound=True, tls=True)
+    def connect(
+        self,
+        name: str,
+        connection_class: type[MSRPConnection] = MSRPConnection,
+        tls: bool = True,
+    ) -> Client:
+        connection = connection_class(self.relay, inbound=True, tls=tls)
         transport = FakeTransport(self.clock, IPv4Address("TCP", "192.0.2.10", next(self._ports)))
         transport.protocol = connection
         connection.makeConnection(transport)
@@ -207,10 +220,14 @@ class Harness:
         return client
 
 
-def auth_bytes(client: Client, tid: str, authorization: str | None = None) -> bytes:
+def auth_bytes(
+    client: Client, tid: str, authorization: str | None = None, expires: str | None = None
+) -> bytes:
     lines = [f"MSRP {tid} AUTH", f"To-Path: {RELAY_URI}", f"From-Path: {client.uri}"]
     if authorization is not None:
         lines.append(f"Authorization: {authorization}")
+    if expires is not None:
+        lines.append(f"Expires: {expires}")
     return ("\r\n".join(lines) + f"\r\n-------{tid}$\r\n").encode()
 
 
@@ -610,6 +627,45 @@ def test_response_before_timeout_cancels_the_timer(h: Harness) -> None:
     assert not b.connection.transactions
 
 
+@pytest.mark.parametrize(
+    "to_path",
+    [
+        "msrps://elsewhere.example.org:2855/x;tcp",
+        "msrps://relay.example.com:2856/x;tcp",
+        "not a uri",
+    ],
+)
+def test_response_not_addressed_to_us_is_dropped(h: Harness, to_path: str) -> None:
+    """§6.4.3: a matching transaction id is not enough; the To-Path must be ours."""
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(send_bytes(a, b, "addr0001", b"hello", message_id="m-addr"))
+    a.clear()
+    (frame,) = b.take()
+    tid = as_request(frame).tid
+    b.feed(response_bytes(tid, 415, "Unsupported Media Type", to_path, b.uri))
+    assert a.transport.value() == b""
+    assert tid in b.connection.transactions
+    # The next hop's real answer still settles the frame.
+    answer(b, frame, 415, "Unsupported Media Type")
+    (report,) = a.take()
+    assert header(report, "Status") == "000 415 Unsupported Media Type"
+    assert not b.connection.transactions
+
+
+def test_response_to_our_uri_spelled_differently_is_accepted(h: Harness) -> None:
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(send_bytes(a, b, "addr0002", b"hello", message_id="m-case"))
+    a.clear()
+    (frame,) = b.take()
+    ours = (header(frame, "From-Path") or "").split()[0]
+    respelled = ours.replace("msrps://relay.example.com:", "MSRPS://Relay.Example.COM:")
+    assert respelled != ours
+    b.feed(response_bytes(as_request(frame).tid, 403, "Forbidden", respelled, b.uri))
+    (report,) = a.take()
+    assert header(report, "Status") == "000 403 Forbidden"
+    assert not b.connection.transactions
+
+
 def test_partial_failure_report_times_out_silently(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     a.feed(send_bytes(a, b, "tout0003", b"hello", failure_report="partial"))
@@ -628,6 +684,91 @@ def test_next_hop_lost_gives_481_report(h: Harness) -> None:
     (report,) = a.take()
     assert header(report, "Status") == "000 481 next hop connection lost"
     assert header(report, "Byte-Range") == "1-5/5"
+
+
+FAR_HOP = "msrps://far.example.net:9/x;tcp"
+
+
+def hold_next_hop(h: Harness) -> list[defer.Deferred[MSRPConnection]]:
+    """Next-hop connections stay pending until the test fires them."""
+    waiting: list[defer.Deferred[MSRPConnection]] = []
+
+    def connection_for(uri: MSRPURI) -> defer.Deferred[MSRPConnection]:
+        waiting.append(defer.Deferred())
+        return waiting[-1]
+
+    h.relay.connection_for = connection_for  # type: ignore[method-assign]
+    return waiting
+
+
+def refuse_connection(waiting: list[defer.Deferred[MSRPConnection]]) -> None:
+    (pending,) = waiting
+    pending.errback(Failure(ConnectionRefusedError("far.example.net")))
+
+
+def test_unreachable_next_hop_after_the_chunk_reports_all_of_it(h: Harness) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    tid = "unre0001"
+    head = send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, total=13, message_id="m-unr")
+    a.feed(head + b"anyone there?" + body_end(tid))
+    # The whole chunk is here: answered at once (§6.4.1), before the connect fails.
+    (ok,) = a.take()
+    assert (as_response(ok).tid, as_response(ok).code) == (tid, 200)
+    refuse_connection(waiting)
+    (report,) = a.take()
+    assert as_request(report).method == "REPORT"
+    assert header(report, "Status") == "000 481 next hop unreachable"
+    assert header(report, "Message-ID") == "m-unr"
+    assert header(report, "Byte-Range") == "1-13/13"
+
+
+@pytest.mark.parametrize(
+    ("byte_range", "reported"),
+    [("1-13/13", "1-13/13"), ("1-*/13", "1-5/13"), ("1-*/*", "1-5/*"), ("9-21/30", "9-21/30")],
+)
+def test_unreachable_next_hop_before_the_end_line_answers_the_chunk_with_481(
+    h: Harness, byte_range: str, reported: str
+) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    tid = "unre0002"
+    a.feed(send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, byte_range=byte_range) + b"anyon")
+    refuse_connection(waiting)
+    (report,) = a.take()
+    assert header(report, "Status") == "000 481 next hop unreachable"
+    # The inbound chunk's range: its known end, else the bytes received.
+    assert header(report, "Byte-Range") == reported
+    a.feed(b"e there?" + body_end(tid))
+    # One response for the chunk's transaction, and it is the failure.
+    (frame,) = a.take()
+    response = as_response(frame)
+    assert (response.tid, response.code) == (tid, 481)
+    assert header(frame, "To-Path") == a.uri
+    assert header(frame, "From-Path") == a.use_path
+    h.clock.advance(h.config.transaction_timeout_seconds + 1)
+    assert a.transport.value() == b""
+
+
+@pytest.mark.parametrize(("mode", "answered"), [("partial", True), ("no", False)])
+def test_failure_before_the_end_line_with_other_failure_report_modes(
+    h: Harness, mode: str, answered: bool
+) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    tid = "unre0003"
+    path = f"{a.use_path} {FAR_HOP}"
+    a.feed(send_head(tid, path, a.uri, total=13, failure_report=mode) + b"anyon")
+    refuse_connection(waiting)
+    a.feed(b"e there?" + body_end(tid))
+    frames = a.take()
+    if answered:
+        # "partial": errors only, as a REPORT and as the transaction's response.
+        report, frame = frames
+        assert header(report, "Byte-Range") == "1-13/13"
+        assert (as_response(frame).tid, as_response(frame).code) == (tid, 481)
+    else:
+        assert frames == []
 
 
 # -- streaming, cutting and chunk size ---------------------------------------------------------
@@ -932,6 +1073,73 @@ def test_pipelined_failed_auths_stop_at_the_limit() -> None:
     assert len(a.take()) == h.config.max_failed_auth
 
 
+def test_expires_out_of_range_is_not_a_failed_auth(h: Harness) -> None:
+    """A 423 comes with the right credentials: asking again is no attack."""
+    a = h.connect("alice")
+    nonce = challenge(a)
+    attempts = max(h.config.max_failed_auth, h.config.probation_max_failures) + 2
+    for nc in range(1, attempts + 1):
+        tid = f"exp{nc:05d}"
+        a.feed(auth_bytes(a, tid, credentials("alice", PASSWORDS["alice"], nonce, nc), "1"))
+        (frame,) = a.take()
+        assert (as_response(frame).tid, as_response(frame).code) == (tid, 423)
+        assert header(frame, "Min-Expires") == str(h.config.session_expires_min_seconds)
+    assert not a.closed
+    a.feed(auth_bytes(a, "exp99999", credentials("alice", PASSWORDS["alice"], nonce, attempts + 1)))
+    (frame,) = a.take()
+    assert as_response(frame).code == 200
+
+
+def test_refused_auths_never_close_a_peer_relay(h: Harness) -> None:
+    """A user's malformed Expires is refused with 400; the relay carrying it stays."""
+    peer = connect_peer(h)
+    nonce = challenge(peer)
+    attempts = max(h.config.max_failed_auth, h.config.probation_max_failures) * 2
+    for nc in range(1, attempts + 1):
+        credential = credentials("alice", PASSWORDS["alice"], nonce, nc)
+        peer.feed(auth_bytes(peer, f"pexp{nc:04d}", credential, "soon"))
+    assert [as_response(f).code for f in peer.take()] == [400] * attempts
+    assert not peer.closed
+
+
+def test_refused_requests_never_close_a_peer_relay(h: Harness) -> None:
+    peer = connect_peer(h)
+    bogus = "msrps://relay.example.com:2855/nosuchsession;tcp msrps://x.example.com:1/s;tcp"
+    count = h.config.probation_max_failures * 2
+    for n in range(count):
+        tid = f"pgone{n:03d}"
+        peer.feed(send_head(tid, bogus, PEER_FROM_PATH, total=1) + b"x" + body_end(tid))
+    assert [as_response(f).code for f in peer.take()] == [481] * count
+    assert not peer.closed
+
+
+def test_refused_auths_still_count_on_a_client_on_probation(h: Harness) -> None:
+    a = h.connect("alice")
+    nonce = challenge(a)
+    for nc in range(1, h.config.probation_max_failures + 1):
+        credential = credentials("alice", PASSWORDS["alice"], nonce, nc)
+        a.feed(auth_bytes(a, f"cexp{nc:04d}", credential, "soon"))
+        assert a.closed == (nc == h.config.probation_max_failures)
+    assert [as_response(f).code for f in a.take()] == [400] * h.config.probation_max_failures
+
+
+def test_peer_relay_certificate_ends_probation(h: Harness, tmp_path: Any) -> None:
+    cert_path, _ = make_pki(tmp_path).leaf("peer.example.net")
+    with open(cert_path, "rb") as handle:
+        certificate = x509.load_pem_x509_certificate(handle.read())
+    peer = h.connect("peer")
+    peer.transport.peer_certificate = certificate
+    peer.connection.handshakeCompleted()
+    assert "peer.example.net" in peer.connection.peer_names
+    h.clock.advance(h.config.probation_seconds * 3)
+    assert not peer.closed
+    # A client without a certificate is still on probation.
+    client = h.connect("alice")
+    client.connection.handshakeCompleted()
+    h.clock.advance(h.config.probation_seconds)
+    assert client.closed
+
+
 # -- not for us, malformed input ----------------------------------------------------------------
 
 
@@ -982,6 +1190,19 @@ def test_malformed_header_gets_400_and_connection_stays_usable(h: Harness) -> No
     (forwarded,) = b.take()
     assert forwarded.body == b"after the bad one"
     assert [as_response(f).code for f in a.take()] == [200]
+
+
+def test_malformed_message_with_lower_case_paths_gets_400(h: Harness) -> None:
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(
+        f"MSRP low00001 SEND\r\nto-path: {path_to(a, b)}\r\nfrom-path: {a.uri}\r\n"
+        "Message-ID: m1\r\nno colon here\r\n\r\nbody\r\n-------low00001$\r\n".encode()
+    )
+    (frame,) = a.take()
+    assert (as_response(frame).tid, as_response(frame).code) == ("low00001", 400)
+    assert header(frame, "To-Path") == a.uri
+    assert header(frame, "From-Path") == a.use_path
+    assert b.transport.value() == b""
 
 
 @pytest.mark.parametrize("method", ["SEND", "NICKNAME"])
@@ -1115,6 +1336,37 @@ def test_sending_through_someone_elses_session_is_403(h: Harness) -> None:
     (frame,) = c.take()
     assert as_response(frame).code == 403
     assert b.transport.value() == b""
+
+
+@pytest.mark.parametrize(
+    ("tls", "next_hop"),
+    [
+        # The audit's case: a made-up port on the owning relay's host, plain TCP.
+        (True, "msrp://peer.example.net:25;tcp"),
+        (True, "msrps://peer.example.net:25/p1;tcp"),
+        # On the plain listener not even the owning relay itself is reachable.
+        (False, "msrps://peer.example.net:2855/p1;tcp"),
+        (False, "msrp://peer.example.net:25;tcp"),
+    ],
+)
+def test_stranger_cannot_reach_beyond_a_relay_session(h: Harness, tls: bool, next_hop: str) -> None:
+    session = h.core.sessions.create_for_relay("peer.example.net", "alice", 600)
+    stranger = h.connect("stranger", tls=tls)
+    to_path = f"{h.core.session_uri(session)} {next_hop}"
+    stranger.feed(
+        send_head("open0001", to_path, stranger.uri, total=3) + b"abc" + body_end("open0001")
+    )
+    stranger.feed(
+        f"MSRP open0002 NICKNAME\r\nTo-Path: {to_path}\r\nFrom-Path: {stranger.uri}\r\n"
+        "-------open0002$\r\n".encode()
+    )
+    codes = [(as_response(f).tid, as_response(f).code) for f in stranger.take()]
+    assert codes == [("open0001", 403), ("open0002", 403)]
+    # Refused before any next hop was looked for: nothing connects anywhere.
+    assert h.clock.tcpClients == []
+    assert h.clock.sslClients == []
+    assert not h.relay._connecting
+    assert not h.relay._outbound
 
 
 # -- REPORT and other methods ---------------------------------------------------------------------
@@ -1312,6 +1564,50 @@ def test_keepalive_on_one_connection_does_not_spare_idle_ones(h: Harness) -> Non
     assert not a.closed
     assert b.closed
     h.relay.stop()
+
+
+def test_a_connection_that_only_receives_is_not_idle() -> None:
+    # §6.5: forwarded data going out is use too, not only data coming in.
+    h = Harness({("msrp", "idle_timeout_seconds"): "600"})
+    h.relay.start()
+    a, b = h.client("alice"), h.client("bob")
+    h.clock.advance(400)
+    b.feed(send_bytes(b, a, "only0001", b"for alice"))
+    (frame,) = a.take()
+    assert frame.body == b"for alice"
+    assert a.connection.last_activity == 400
+    h.clock.advance(400)  # alice has not sent anything for 800 s
+    assert not a.closed
+    h.clock.advance(600)
+    assert a.closed and b.closed
+    h.relay.stop()
+
+
+def test_a_write_outside_any_read_is_use_too() -> None:
+    # The 408 REPORT of a transaction timeout is written from a timer, not from a read.
+    h = Harness({("msrp", "idle_timeout_seconds"): "600"})
+    h.relay.start()
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(send_bytes(a, b, "tout0001", b"never answered", failure_report="yes"))
+    b.take()
+    assert [as_response(f).code for f in a.take()] == [200]
+    h.clock.advance(h.config.transaction_timeout_seconds)
+    (report,) = a.take()
+    assert as_request(report).method == "REPORT"
+    assert a.connection.last_activity == h.config.transaction_timeout_seconds
+    h.relay.stop()
+
+
+def test_a_connection_that_only_receives_is_not_evicted_first() -> None:
+    h = Harness({("msrp", "max_connections"): "2"})
+    a = h.client("alice")
+    b = h.client("bob")
+    h.clock.advance(1)
+    b.feed(send_bytes(b, a, "only0002", b"for alice"))  # alice only receives
+    c = h.connect("carol")
+    assert b.closed
+    assert not a.closed
+    assert not c.closed
 
 
 def test_connection_limit_closes_least_recently_used() -> None:
