@@ -6,15 +6,21 @@ parallel client transactions (§16.6: Request-URI rewritten, Max-Forwards decrem
 our Via pushed with a loop-detecting branch, our own credentials removed) and picks the
 response for the sender with :func:`select_best` (§16.7 step 6). A 2xx is answered at
 once; the remaining branches still complete (non-INVITE requests are never CANCELled).
+
+A branch whose URI resolved to several targets fails over (RFC 3263 §4.3): after a 503,
+a transport failure or a timeout without any response, the same request with a new
+Via branch goes to the next target, while the branch's time lasts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from relayd.bounded import remember
@@ -22,11 +28,11 @@ from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, unstamped_via
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import ResolveError, SIPResolver, Target
-from relayd.sip.transaction import new_branch
+from relayd.sip.transaction import LocalResponse, local_response, new_branch
 from relayd.sip.uas import LoopDetector
 from relayd.sip.uri import SIPURI, SIPURIError
 
-__all__ = ["Branch", "Proxy", "SendRequest", "select_best"]
+__all__ = ["Branch", "Proxy", "SendRequest", "select_best", "target_failed"]
 
 MAX_CACHED_MEMBERS = 4096
 """Member URIs kept parsed between requests."""
@@ -59,17 +65,31 @@ def select_best(responses: Sequence[SIPResponse]) -> tuple[int, str]:
     return best.status, best.reason
 
 
+def target_failed(response: SIPResponse) -> bool:
+    """RFC 3263 §4.3: the target, not the request, failed: a 503 (the peer's own or ours
+    for a transport failure) or a timeout that saw no response at all."""
+    return response.status == 503 or isinstance(response, LocalResponse)
+
+
 @dataclass(frozen=True, slots=True)
 class Branch:
-    """One destination of a fork: the Request-URI to use and where to send it."""
+    """One destination of a fork: the Request-URI to use and where to send it, with the
+    targets to fail over to, in order (RFC 3263 §4.3)."""
 
     member: str
     uri: SIPURI
     target: Target | None
+    alternates: tuple[Target, ...] = ()
 
 
 class Proxy:
-    """Locates members and forks requests to them (module doc)."""
+    """Locates members and forks requests to them (module doc).
+
+    ``branch_timeout_seconds`` bounds a branch that fails over: no new target is tried
+    after it, and an attempt still running then is abandoned (a 408). It defaults to
+    64·T1, what the sender's own transaction waits. ``clock`` is the reactor's unless
+    given; it is only read when a branch has targets to fail over to.
+    """
 
     log = logger()
 
@@ -80,13 +100,26 @@ class Proxy:
         registrar: Registrar | None,
         is_local: Callable[[SIPURI], bool],
         loop_detector: LoopDetector | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        branch_timeout_seconds: float = 32.0,
     ) -> None:
         self.send = send
         self.resolver = resolver
         self.registrar = registrar
         self.is_local = is_local
         self.loop_detector = loop_detector
+        self.branch_timeout_seconds = branch_timeout_seconds
+        self._clock = clock
         self._members: dict[str, SIPURI | None] = {}
+
+    @property
+    def clock(self) -> IReactorTime:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = cast(IReactorTime, reactor)
+        return self._clock
 
     def _member_uri(self, member: str) -> SIPURI | None:
         """``member`` parsed (``None`` when it is no SIP URI); list members repeat."""
@@ -119,7 +152,11 @@ class Proxy:
         return [uri]
 
     def _branch(self, member: str, uri: SIPURI, targets: list[Target] | None) -> Branch:
-        return Branch(member, uri, targets[0] if targets else None)
+        if not targets:
+            return Branch(member, uri, None)
+        if len(targets) == 1:
+            return Branch(member, uri, targets[0])
+        return Branch(member, uri, targets[0], tuple(targets[1:]))
 
     def branches_now(self, member: str) -> list[Branch] | None:
         """:meth:`branches` when no DNS lookup is needed, else ``None``."""
@@ -189,25 +226,84 @@ class Proxy:
         except Exception:
             self.log.failure("building the request for {uri} failed", uri=branch.member)
             return defer.succeed(SIPResponse(500, "Server Internal Error"))
-        if branch.target is None:
+        target = branch.target
+        if target is None:
             return defer.succeed(
                 make_response(request, 404 if branch.uri.host == "invalid" else 503)
             )
+        if branch.alternates:
+            return defer.ensureDeferred(self._fail_over(request, target, branch.alternates))
+        return self._attempt(request, target)
+
+    def _attempt(self, request: SIPRequest, target: Target) -> Deferred[SIPResponse]:
+        """One client transaction; a send that raises or fails counts as a 503 (§8.1.3.1)."""
         try:
-            d = self.send(request, branch.target)
+            d = self.send(request, target)
         except Exception as e:
             d = defer.fail(e)
 
         def failed(failure: Failure) -> SIPResponse:
+            if failure.check(CancelledError):
+                return local_response(request, 408)  # abandoned: the branch's time ran out
             self.log.warn(
                 "sending {method} to {peer} failed: {reason}",
                 method=request.method,
-                peer=str(branch.target),
+                peer=str(target),
                 reason=str(failure.value),
             )
-            return make_response(request, 503)
+            return local_response(request, 503)
 
         return d.addErrback(failed)
+
+    async def _fail_over(
+        self, request: SIPRequest, first: Target, alternates: tuple[Target, ...]
+    ) -> SIPResponse:
+        """RFC 3263 §4.3: each failed target (:func:`target_failed`) hands the request,
+        as a new transaction, to the next, until one answers or the branch's time is up.
+        The first attempt needs no watch: its own Timer F ends it by then."""
+        clock = self.clock
+        deadline = clock.seconds() + self.branch_timeout_seconds
+        d = self._send_within(request, first, None)
+        for target in alternates:
+            response = await d
+            remaining = deadline - clock.seconds()
+            if not target_failed(response) or remaining <= 0:
+                return response
+            self.log.info(
+                "{method} to {uri} failed with {code}; trying {peer}",
+                method=request.method,
+                uri=request.uri,
+                code=response.status,
+                peer=str(target),
+            )
+            request = self._next_attempt(request)
+            d = self._send_within(request, target, remaining)
+        return await d
+
+    def _send_within(
+        self, request: SIPRequest, target: Target, seconds: float | None
+    ) -> Deferred[SIPResponse]:
+        """:meth:`_attempt`, abandoned (a 408) after ``seconds`` if given."""
+        d = self._attempt(request, target)
+        if seconds is None:
+            return d
+        return d.addTimeout(
+            seconds, self.clock, lambda result, timeout: local_response(request, 408)
+        )
+
+    def _next_attempt(self, request: SIPRequest) -> SIPRequest:
+        """The request again as a new transaction (RFC 3263 §4.3): only the top Via's
+        branch changes; the loop-detection hash in ours stays (§16.6 step 8)."""
+        headers = request.headers.copy()
+        vias = headers.get_all("via")
+        old = request.via.branch or ""
+        detector = self.loop_detector
+        if detector is not None and old.startswith(LoopDetector.PREFIX):
+            branch = detector.branch_for(old[len(LoopDetector.PREFIX) :].partition(".")[0])
+        else:
+            branch = new_branch()
+        headers._fields["via"] = [unstamped_via(branch), *vias[1:]]
+        return SIPRequest(request.method, request.uri, headers, request.body)
 
     def fork(
         self,

@@ -7,13 +7,16 @@ G/H/I) that a relay needs to *reject* INVITEs. Matching follows §17.1.3 (respon
 cookie. Transactions are forgotten as soon as they terminate, so memory is bounded by the
 request rate times the longest timer (64·T1); completed server transactions drop their
 request and keep only the response they must repeat.
+
+Also here, because it needs the open server transactions: merged-request detection
+(§8.2.2.2, 482) and the CANCEL lookup of §9.2, which matches a transaction of any method.
 """
 
 from __future__ import annotations
 
 import enum
 from base64 import urlsafe_b64encode
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,18 +35,21 @@ from relayd.sip.message import (
     make_response,
     response_for_status,
     stateless_tag,
+    tag_of,
 )
 from relayd.tokens import random_bytes
 
 __all__ = [
     "ClientTransaction",
     "ITransactionUser",
+    "LocalResponse",
     "SIPTimers",
     "Send",
     "ServerTransaction",
     "TransactionLayer",
     "TransactionState",
     "TransportError",
+    "local_response",
     "new_branch",
 ]
 
@@ -53,6 +59,21 @@ log = logger()
 class TransportError(Exception):
     """A message could not be handed to the network (no listener, connect failed...):
     what ``Send`` raises."""
+
+
+class LocalResponse(SIPResponse):
+    """A final response made up here because the peer sent none: the 408 of a timeout
+    with no response at all, or the 503 of a transport failure (§8.1.3.1). RFC 3263 §4.3
+    fails over to the next target on exactly these (and on a peer's own 503), so they
+    must be told apart from a 408 a downstream element sent."""
+
+    __slots__ = ()
+
+
+def local_response(request: SIPRequest, status: int) -> LocalResponse:
+    """The :class:`LocalResponse` standing for a timeout (408) or transport failure (503)."""
+    made = make_response(request, status)
+    return LocalResponse(made.status, made.reason, made.headers, made.body)
 
 
 Send = Callable[[SIPRequest | SIPResponse, object], None]
@@ -105,9 +126,11 @@ def _cancel(call: Timer | None) -> None:
         call.cancel()
 
 
-def _server_key(request: SIPRequest, via: Via) -> Hashable:
-    """§17.2.3: branch + sent-by + method, with ACK matching its INVITE."""
-    method = "INVITE" if request.method == "ACK" else request.method
+def _server_key(request: SIPRequest, via: Via, method: str | None = None) -> Hashable:
+    """§17.2.3: branch + sent-by + method, with ACK matching its INVITE; ``method``
+    replaces the request's own (a CANCEL looking for what it cancels, §9.2)."""
+    if method is None:
+        method = "INVITE" if request.method == "ACK" else request.method
     branch = via.branch
     if branch is not None and branch.startswith(MAGIC_COOKIE):
         return (branch, via.sent_by, method)
@@ -134,6 +157,7 @@ class ServerTransaction:
         "_key",
         "_last_response",
         "_layer",
+        "_merge_key",
         "_request",
         "_retransmit_interval",
         "_timer_g",
@@ -166,6 +190,7 @@ class ServerTransaction:
         self._timer_h: IDelayedCall | None = None
         self._timer_i_or_j: Timer | None = None
         self._deadline: Timer | None = None
+        self._merge_key: tuple[str, str, str] | None = None  # registered for §8.2.2.2
 
     @property
     def request(self) -> SIPRequest:
@@ -277,7 +302,22 @@ class ServerTransaction:
             _cancel(call)
         self._timer_g = self._timer_h = self._timer_i_or_j = self._deadline = None
         self._request = None
-        self._layer._server.pop(self._key, None)
+        layer = self._layer
+        layer._server.pop(self._key, None)
+        merge_key = self._merge_key
+        if merge_key is not None and layer._merging.get(merge_key) is self:
+            del layer._merging[merge_key]
+
+    def _spiralled_from(self, request: SIPRequest) -> bool:
+        """Whether ``request`` carries this transaction's branch in a lower Via: it went
+        out through us and came back (a spiral, §16.6 step 8), not a merged copy."""
+        key = self._key
+        if not isinstance(key, tuple):
+            return False
+        branch = key[-1] if key[0] == "2543" else key[0]
+        if not isinstance(branch, str) or not branch:
+            return False
+        return any(branch in row for row in request.headers._fields.get("via", ()))
 
 
 class ClientTransaction:
@@ -355,7 +395,7 @@ class ClientTransaction:
                 reason=str(e),
             )
             if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
-                self._finish(make_response(self.request, 503))
+                self._finish(local_response(self.request, 503))
         except Exception:
             log.failure(
                 "transport error sending {method} to {peer}",
@@ -363,7 +403,7 @@ class ClientTransaction:
                 peer=self.destination,
             )
             if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
-                self._finish(make_response(self.request, 503))
+                self._finish(local_response(self.request, 503))
 
     def _timer_e_fired(self) -> None:
         self._timer_e = None
@@ -383,13 +423,18 @@ class ClientTransaction:
 
     def _timer_f_fired(self) -> None:
         self._timer_f = None
-        if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+        state = self.state
+        if state in (TransactionState.TRYING, TransactionState.PROCEEDING):
             log.debug(
                 "{method} to {peer} timed out (Timer F)",
                 method=self.request.method,
                 peer=self.destination,
             )
-            self._finish(make_response(self.request, 408))
+            # RFC 3263 §4.3: only silence (no provisional either) is a failed target.
+            if state is TransactionState.TRYING:
+                self._finish(local_response(self.request, 408))
+            else:
+                self._finish(make_response(self.request, 408))
 
     def _receive(self, response: SIPResponse) -> None:
         state = self.state
@@ -442,6 +487,10 @@ class TransactionLayer:
 
     ``max_server_transactions`` bounds memory under floods: beyond it new requests get a
     stateless 503 with Retry-After (§21.5.4) instead of a transaction.
+
+    Open server transactions of requests without a To tag are also indexed by From,
+    Call-ID and CSeq, so a merged request (§8.2.2.2: the same request reaching us again
+    by another path, with another branch) is answered 482 in O(1).
     """
 
     def __init__(
@@ -461,6 +510,7 @@ class TransactionLayer:
         self.overload_retry_after_seconds = overload_retry_after_seconds
         self._server: dict[Hashable, ServerTransaction] = {}
         self._client: dict[Hashable, ClientTransaction] = {}
+        self._merging: dict[tuple[str, str, str], ServerTransaction] = {}
         #: Asked about every new request before a transaction is made: a response it
         #: returns is sent statelessly (``UASCore.stateless``).
         self.screen: Callable[[SIPRequest], SIPResponse | None] | None = None
@@ -536,6 +586,26 @@ class TransactionLayer:
             return
         txn = ServerTransaction(self, key, request, source, reliable)
         self._server[key] = txn
+        fields = request.headers._fields
+        to_rows = fields.get("to")
+        if to_rows and tag_of(to_rows[0]) is None:
+            # §8.2.2.2 keyed by the From row (it carries the tag; proxies never change
+            # it), Call-ID and CSeq as received: merged copies are byte-identical there.
+            merge_key = (
+                fields.get("from", ("",))[0],
+                fields.get("call-id", ("",))[0],
+                fields.get("cseq", ("",))[0],
+            )
+            merged = self._merging.get(merge_key)
+            if merged is None:
+                self._merging[merge_key] = txn
+                txn._merge_key = merge_key
+            elif not merged._spiralled_from(request):
+                log.warn(
+                    "merged {method} from {peer} answered 482", method=request.method, peer=source
+                )
+                txn.respond(make_response(request, 482))
+                return
         try:
             self.tu.request(txn, request)
         except SIPStatus as e:
@@ -588,13 +658,28 @@ class TransactionLayer:
         txn._start()
         return txn.result
 
-    def find_invite_transaction(self, cancel: SIPRequest) -> ServerTransaction | None:
-        """The INVITE server transaction a CANCEL targets (§9.2), for the TU's 200/481."""
+    def find_cancelled(
+        self, cancel: SIPRequest, methods: Iterable[str] = ()
+    ) -> ServerTransaction | None:
+        """The server transaction a CANCEL targets (§9.2), for the TU's 200/481: matched
+        as §17.2.3 says but whatever its method (INVITE first, then ``methods``), with
+        the RFC 2543 fallback for branches without the magic cookie."""
         try:
             via = cancel.via
         except SIPHeaderError:
             return None
-        branch = via.branch
-        if branch is None or not branch.startswith(MAGIC_COOKIE):
-            return None
-        return self._server.get((branch, via.sent_by, "INVITE"))
+        server = self._server
+        for method in ("INVITE", *methods):
+            if method in ("CANCEL", "ACK"):
+                continue
+            try:
+                txn = server.get(_server_key(cancel, via, method))
+            except SIPHeaderError:
+                return None
+            if txn is not None:
+                return txn
+        return None
+
+    def find_invite_transaction(self, cancel: SIPRequest) -> ServerTransaction | None:
+        """The INVITE server transaction a CANCEL targets (§9.2)."""
+        return self.find_cancelled(cancel)

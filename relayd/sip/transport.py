@@ -33,12 +33,14 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relayd.endpoints import EndpointSpec
 from relayd.logs import logger
@@ -50,6 +52,7 @@ from relayd.sip.message import (
     make_response,
     remember_via,
     split_header_values,
+    stateless_tag,
 )
 from relayd.sip.parser import (
     DEFAULT_LIMITS,
@@ -61,7 +64,7 @@ from relayd.sip.parser import (
     parse_datagram,
 )
 from relayd.sip.resolve import DEFAULT_PORTS, Target
-from relayd.sip.transaction import TransactionLayer, TransportError
+from relayd.sip.transaction import TransactionLayer, TransportError, local_response
 
 __all__ = [
     "UDP_MAX_REQUEST_BYTES",
@@ -217,11 +220,15 @@ class SIPDatagramProtocol(DatagramProtocol):
         return local
 
 
+@implementer(IHandshakeListener)
 class SIPStreamProtocol(Protocol):
     """One TCP or TLS connection, inbound or outbound (§18.3 framing by Content-Length).
 
     A framing error answers 400 when possible and closes: the next message boundary is
     unknown. An idle connection (no bytes either way for ``idle_timeout_seconds``) closes.
+    ``secured`` (outbound TLS) fires once the handshake completes and fails if the
+    connection ends first: the connection is only used from then on, so a peer whose
+    certificate fails the check answers a 503 at once instead of a timeout.
     """
 
     log = logger()
@@ -235,6 +242,12 @@ class SIPStreamProtocol(Protocol):
         self.connected = False
         self._last_activity = 0.0
         self._idle_call: IDelayedCall | None = None
+        self.secured: Deferred[SIPStreamProtocol] | None = None
+
+    def handshakeCompleted(self) -> None:
+        secured, self.secured = self.secured, None
+        if secured is not None:
+            secured.callback(self)
 
     def connectionMade(self) -> None:
         peer: Any = self.transport.getPeer()  # type: ignore[union-attr]
@@ -250,6 +263,9 @@ class SIPStreamProtocol(Protocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        secured, self.secured = self.secured, None
+        if secured is not None:
+            secured.errback(TransportError(f"TLS handshake failed: {reason.getErrorMessage()}"))
         self.layer._stream_closed(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -360,6 +376,7 @@ class SIPTransportLayer:
         self._listen_ports: dict[str, int] = {}
         self._sent_by: dict[str, tuple[str, int]] = {}
         self._prepared: tuple[SIPRequest, bytes] | None = None
+        self._warned_wildcard = False
 
     def attach(self, transactions: TransactionLayer) -> None:
         """Connect the transaction layer (built with ``send=self.send``)."""
@@ -394,6 +411,14 @@ class SIPTransportLayer:
             host = host or udp_host
             port = port or udp_port
         if host is None or host in ("0.0.0.0", "::", ""):  # noqa: S104 - a comparison
+            if host and not self._warned_wildcard:
+                self._warned_wildcard = True
+                self.log.warn(
+                    "SIP listens on the wildcard {host} and no advertised host is set:"
+                    " our Via says 127.0.0.1, which peers cannot answer to; set [relay]"
+                    " hostname",
+                    host=host,
+                )
             host = "127.0.0.1"
         result = (host, port or DEFAULT_PORTS.get(transport_name, 5060))
         if self._udp:  # stable until a listener comes or goes
@@ -461,7 +486,12 @@ class SIPTransportLayer:
             return
         try:
             apply_received(partial, source.host, source.port)
-            self.send(make_response(partial, error.status, error.reason), source)
+            # Stateless (no transaction for a request we could not read): the tag must
+            # come out the same for each retransmission (§8.2.7).
+            response = make_response(
+                partial, error.status, error.reason, to_tag=stateless_tag(partial)
+            )
+            self.send(response, source)
         except Exception:
             self.log.failure("cannot answer malformed request from {peer}", peer=source)
 
@@ -546,30 +576,33 @@ class SIPTransportLayer:
         """Send ``request`` in a client transaction (the relay's entry point).
 
         The request's top Via must carry a fresh branch (``new_branch()``). A failed
-        connect answers a synthesized 503 at once (§8.1.3.1) rather than a 408 later.
+        connect answers a synthesized 503 at once (§8.1.3.1) rather than a 408 later,
+        unless TCP was only chosen for the request's size: then it goes over UDP after
+        all, as §18.1.1 asks (no transaction had started, so the branch stays).
         """
         transactions = self.transactions
         if transactions is None:
             raise TransportError("no transaction layer attached")
+        asked = target
         target = self.prepare_request(request, target)
         if not target.reliable:
             return transactions.client_request(request, target, False, on_provisional)
 
         async def run() -> SIPResponse:
-            if target.reliable:
-                try:
-                    await self.connection(target)
-                except Exception as e:
-                    self.log.warn(
-                        "cannot connect to {peer} for {method}: {reason}",
-                        peer=str(target),
-                        method=request.method,
-                        reason=str(e),
-                    )
-                    return make_response(request, 503)
-            return await transactions.client_request(
-                request, target, target.reliable, on_provisional
-            )
+            try:
+                await self.connection(target)
+            except Exception as e:
+                self.log.warn(
+                    "cannot connect to {peer} for {method}: {reason}",
+                    peer=str(target),
+                    method=request.method,
+                    reason=str(e),
+                )
+                if asked.reliable:
+                    return local_response(request, 503)
+                self._stamp_via(request, "UDP")
+                return await transactions.client_request(request, asked, False, on_provisional)
+            return await transactions.client_request(request, target, True, on_provisional)
 
         return ensureDeferred(run())
 
@@ -629,10 +662,15 @@ class SIPTransportLayer:
         self._pending.setdefault(key, [])
         try:
             endpoint = self._endpoint_factory(target)
-            d = connectProtocol(endpoint, SIPStreamProtocol(self, target.transport))
+            protocol = SIPStreamProtocol(self, target.transport)
+            d = connectProtocol(endpoint, protocol)
         except Exception as e:
             self._connect_failed(Failure(e), key, target)
             return waiter
+        if target.transport == "TLS":
+            # Nothing is sent until the peer's certificate passed (handshakeCompleted).
+            secured = protocol.secured = Deferred()
+            d.addCallback(lambda connected: secured)
         d.addCallbacks(self._connected, self._connect_failed, (key,), None, (key, target))
         return waiter
 

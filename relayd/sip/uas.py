@@ -201,6 +201,7 @@ class UASCore:
         self._screens: dict[str, Screen] = {}
         self._table: dict[str, Handler] = {}
         self._allow = ""
+        self._cancellable: tuple[str, ...] = ()
         for method, handler in (handlers or {}).items():
             self._handlers[method.upper()] = handler
         self._rebuild()
@@ -258,6 +259,8 @@ class UASCore:
         table.update(self._handlers)
         self._table = table
         self._allow = ", ".join(sorted({*table, "ACK"}))
+        # Methods whose server transactions a CANCEL may find: those we answer at all.
+        self._cancellable = tuple(sorted(KNOWN_METHODS.union(table)))
 
     @property
     def allow(self) -> str:
@@ -324,11 +327,14 @@ class UASCore:
     # -- built-in methods ---------------------------------------------------------------
 
     def _options(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
-        """§11.2: what we accept and support; answered the same in or out of dialog."""
+        """§11.2: what we accept and support; answered the same in or out of dialog.
+        We apply no content coding and write our reason phrases in English."""
         caps = self.capabilities
         headers = [("Allow", self._allow)]
         if caps.accept:
             headers.append(("Accept", ", ".join(caps.accept)))
+        headers.append(("Accept-Encoding", "identity"))
+        headers.append(("Accept-Language", "en"))
         if caps.allow_events:
             headers.append(("Allow-Events", ", ".join(caps.allow_events)))
         headers.append(("Supported", ", ".join(caps.supported)))
@@ -339,12 +345,18 @@ class UASCore:
         return self.registrar.handle(request, peer=txn.source)
 
     def _cancel(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
-        """§9.2: 200 when the CANCEL matches a pending INVITE (which then gets 487), 481
-        otherwise. Non-INVITE requests are answered at once, so CANCEL never affects them."""
+        """§9.2: 200 when the CANCEL matches a server transaction of any method, 481
+        otherwise. A pending INVITE then gets 487; anything else goes on unaffected (a
+        non-INVITE request is never cut short). The 200's To tag is the one of the final
+        response to the cancelled request, as §9.2 asks, when there is one."""
         layer = self.transactions
-        invite = layer.find_invite_transaction(request) if layer is not None else None
-        if invite is None:
+        if layer is None:
             return make_response(request, 481)
-        if invite.state is TransactionState.PROCEEDING:
-            invite.respond(make_response(invite.request, 487))
-        return make_response(request, 200)
+        cancelled = layer.find_cancelled(request, self._cancellable)
+        if cancelled is None:
+            return make_response(request, 481)
+        if cancelled.is_invite and cancelled.state is TransactionState.PROCEEDING:
+            cancelled.respond(make_response(cancelled.request, 487))
+        last = cancelled.last_response
+        tag = last.to_tag if last is not None and last.status >= 200 else None
+        return make_response(request, 200, to_tag=tag)

@@ -211,6 +211,8 @@ async def test_options_over_udp(server: Server) -> None:
         assert response.headers.get_all("allow") == ["ACK", "CANCEL", "OPTIONS", "REGISTER"]
         assert response.headers.get("accept") == "text/plain"
         assert response.headers.get("allow-events") == "wait-permission"
+        assert response.headers.get("accept-encoding") == "identity"
+        assert response.headers.get("accept-language") == "en"
     finally:
         await port.stopListening()
 
@@ -320,3 +322,143 @@ async def test_sipp_register_and_options(server: Server, transport: str, tmp_pat
     errors = (tmp_path / "errors.log").read_text() if (tmp_path / "errors.log").exists() else ""
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:] + errors
     assert server.registrar.is_online("sip:alice@example.com")
+
+
+# -- RFC 4475-style malformed requests: each answered, over UDP and TCP ------------------
+
+
+class RawUDPClient(DatagramProtocol):
+    """Keeps each datagram as bytes: some answers cannot carry a To, so no parser."""
+
+    def __init__(self) -> None:
+        self.queue: DeferredQueue[bytes] = DeferredQueue()
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.queue.put(datagram)
+
+
+class RawTCPClient(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: DeferredQueue[None] = DeferredQueue()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.put(None)
+
+
+def _options(transport: str, local_port: int, branch: str) -> bytes:
+    return (
+        "OPTIONS sip:127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport} 127.0.0.1:{local_port};rport;branch={branch}\r\n"
+        "From: <sip:alice@example.com>;tag=t1\r\n"
+        "To: <sip:127.0.0.1>\r\n"
+        "Call-ID: torture-1\r\n"
+        "CSeq: 8 OPTIONS\r\n"
+        "Max-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+TORTURE = [
+    ("insuf", (b"To: <sip:127.0.0.1>\r\n", b""), b"400 Missing To Header"),
+    ("no-call-id", (b"Call-ID: torture-1\r\n", b""), b"400 Missing Call-ID Header"),
+    ("scalar02", (b"CSeq: 8 OPTIONS", b"CSeq: 36893488147419103232 OPTIONS"), b"400 Bad CSeq"),
+    ("cseq-no-method", (b"CSeq: 8 OPTIONS", b"CSeq: 8"), b"400 Bad CSeq Header"),
+    ("badvers", (b"127.0.0.1 SIP/2.0", b"127.0.0.1 SIP/7.0"), b"505 Version Not Supported"),
+    ("multi01", (b"Call-ID:", b"To: <sip:other@127.0.0.1>\r\nCall-ID:"), b"400 Repeated To"),
+    ("baddn", (b"From: <sip:", b"From: Bell, Alexander <sip:"), b"400 Bad From Header"),
+    ("quotbal", (b"To: <sip:", b'To: "Mr. J. User <sip:'), b"400 Bad To Header"),
+    ("escruri", (b"127.0.0.1 SIP/2.0", b"127.0.0.1?Route=%3Csip:x%3E SIP/2.0"), b"400 Headers"),
+    ("ltgtruri", (b"sip:127.0.0.1 SIP", b"<sip:127.0.0.1> SIP"), b"400 Bad Request-URI"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "status_line"), [t[1:] for t in TORTURE], ids=[t[0] for t in TORTURE]
+)
+@pytest_twisted.ensureDeferred
+async def test_torture_request_is_answered_over_udp(
+    server: Server, edit: tuple[bytes, bytes], status_line: bytes
+) -> None:
+    client = RawUDPClient()
+    port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    try:
+        data = _options("UDP", port.getHost().port, new_branch()).replace(*edit)
+        for _ in range(2):  # and its retransmission
+            port.write(data, ("127.0.0.1", server.udp_port))
+        first = await client.queue.get().addTimeout(5, reactor)
+        second = await client.queue.get().addTimeout(5, reactor)
+        assert first.startswith(b"SIP/2.0 " + status_line), first
+        assert first == second  # stateless, yet the same To tag each time (§8.2.7)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_huge_content_length_in_a_datagram_is_400(server: Server) -> None:
+    client = RawUDPClient()
+    port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    try:
+        data = _options("UDP", port.getHost().port, new_branch()).replace(
+            b"Content-Length: 0", b"Content-Length: 18446744073709551616"
+        )
+        port.write(data, ("127.0.0.1", server.udp_port))
+        answer = await client.queue.get().addTimeout(5, reactor)
+        assert answer.startswith(b"SIP/2.0 400 Content-Length Exceeds Body")
+    finally:
+        await port.stopListening()
+
+
+async def _tcp_client(server: Server) -> RawTCPClient:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = RawTCPClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.tcp_port), client)
+    return client
+
+
+@pytest.mark.parametrize(
+    ("edit", "status_line"),
+    [
+        ((b"Content-Length: 0", b"Content-Length: -3"), b"400 Bad Content-Length"),
+        ((b"Content-Length: 0", b"Content-Length: 0\r\nl: 2"), b"400 Conflicting"),
+        ((b"Content-Length: 0", b"Content-Length: 99999999999"), b"413 Body Too Large"),
+        ((b"OPTIONS sip:127.0.0.1", b"OPTIONS sip:" + b"a" * 5000 + b"@x"), b"414 Start Line"),
+        ((b"Max-Forwards: 70", b"X: y\r\n" * 130 + b"Max-Forwards: 70"), b"513 Too Many"),
+    ],
+    ids=["negative", "conflicting", "too-large", "414", "513"],
+)
+@pytest_twisted.ensureDeferred
+async def test_tcp_framing_error_is_answered_then_closed(
+    server: Server, edit: tuple[bytes, bytes], status_line: bytes
+) -> None:
+    client = await _tcp_client(server)
+    assert client.transport is not None
+    me: int = client.transport.getHost().port  # type: ignore[attr-defined]
+    client.transport.write(_options("TCP", me, new_branch()).replace(*edit))
+    await client.closed.get().addTimeout(5, reactor)
+    assert client.received.startswith(b"SIP/2.0 " + status_line), client.received[:200]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_wrong_version_is_505_and_the_connection_stays(server: Server) -> None:
+    client = await _tcp_client(server)
+    assert client.transport is not None
+    try:
+        me: int = client.transport.getHost().port  # type: ignore[attr-defined]
+        bad = _options("TCP", me, new_branch()).replace(b" SIP/2.0\r\n", b" SIP/7.0\r\n", 1)
+        client.transport.write(bad + _options("TCP", me, new_branch()))
+        framer = StreamFramer()
+        events: list[Any] = []
+        for _ in range(50):
+            events = framer.feed(client.received)
+            if len(events) == 2:
+                break
+            framer = StreamFramer()
+            await deferLater(reactor, 0.05, lambda: None)
+        assert [e.status for e in events] == [505, 200]
+    finally:
+        client.transport.loseConnection()

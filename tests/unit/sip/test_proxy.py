@@ -6,10 +6,13 @@ from collections.abc import Callable
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sip.proxy import Branch, Proxy, select_best
 from relayd.sip.resolve import SIPResolver, SRVRecord, Target
+from relayd.sip.transaction import TransportError, local_response
+from relayd.sip.uas import LoopDetector
 from relayd.sip.uri import SIPURI
 
 
@@ -176,3 +179,89 @@ def test_a_send_that_fails_counts_as_503() -> None:
     results: list[tuple[int, str, list[SIPResponse]]] = []
     proxy.fork(MEMBERS[:1], _build(proxy)).addCallback(results.append)
     assert [r.status for r in results[0][2]] == [503]
+
+
+# -- RFC 3263 §4.3: failover between the targets of one URI ----------------------------
+
+
+class _SRVDNS:
+    """``example.net`` has two SIP servers over UDP, on two loopback addresses."""
+
+    def lookup_srv(self, name: str) -> Deferred[list[SRVRecord]]:
+        if name != "_sip._udp.example.net":
+            return succeed([])
+        return succeed(
+            [SRVRecord(10, 0, 5060, "a.example.net"), SRVRecord(20, 0, 5062, "b.example.net")]
+        )
+
+    def lookup_addresses(self, name: str) -> Deferred[list[str]]:
+        return succeed({"a.example.net": ["127.0.0.2"], "b.example.net": ["127.0.0.3"]}[name])
+
+
+def _failover_proxy(
+    detector: LoopDetector | None = None,
+) -> tuple[Proxy, _Sent, Clock, list[tuple[int, str, list[SIPResponse]]]]:
+    sent = _Sent()
+    clock = Clock()
+    proxy = Proxy(sent, SIPResolver(_SRVDNS()), None, lambda uri: False, detector, clock=clock)
+    results: list[tuple[int, str, list[SIPResponse]]] = []
+    original = _original()
+    proxy.fork(
+        ["sip:d@example.net"], lambda branch: proxy.forward_copy(original, branch.uri, 69)
+    ).addCallback(results.append)
+    return proxy, sent, clock, results
+
+
+def test_503_fails_over_to_the_next_target_as_a_new_transaction() -> None:
+    detector = LoopDetector(lambda: set(), key=b"k" * 32)
+    _, sent, _, results = _failover_proxy(detector)
+    assert [str(t) for _, t, _ in sent.requests] == ["udp:127.0.0.2:5060"]
+    sent.answer(0, 503)
+    assert [str(t) for _, t, _ in sent.requests] == ["udp:127.0.0.2:5060", "udp:127.0.0.3:5062"]
+    first, second = sent.requests[0][0], sent.requests[1][0]
+    assert first.via.branch != second.via.branch
+    # The loop-detection hash stays; only the random part is new (§16.6 step 8).
+    assert (first.via.branch or "").split(".")[0] == (second.via.branch or "").split(".")[0]
+    assert second.headers.get_all("via")[1:] == first.headers.get_all("via")[1:]
+    assert (second.call_id, second.headers.get("cseq"), second.body) == (
+        first.call_id,
+        first.headers.get("cseq"),
+        first.body,
+    )
+    sent.answer(1, 200)
+    assert [status for status, _, _ in results] == [200]
+
+
+def test_transport_failure_and_silence_fail_over_but_a_peers_408_does_not() -> None:
+    _, sent, _, results = _failover_proxy()
+    sent.requests[0][2].errback(TransportError("ICMP port unreachable"))
+    assert len(sent.requests) == 2
+    request, _, d = sent.requests[1]
+    d.callback(make_response(request, 408))  # a downstream element's own answer
+    assert len(sent.requests) == 2
+    assert [status for status, _, _ in results] == [408]
+
+    _, sent, _, results = _failover_proxy()
+    request, _, d = sent.requests[0]
+    d.callback(local_response(request, 408))  # Timer F with no response at all
+    assert len(sent.requests) == 2
+
+
+def test_failover_stops_when_the_branch_time_is_up() -> None:
+    _, sent, clock, results = _failover_proxy()
+    clock.advance(32)
+    sent.answer(0, 503)  # too late for another target
+    assert len(sent.requests) == 1
+    assert [status for status, _, _ in results] == [500]  # a 503 is never passed on
+
+
+def test_an_attempt_running_past_the_branch_time_is_abandoned() -> None:
+    _, sent, clock, results = _failover_proxy()
+    clock.advance(10)
+    sent.answer(0, 503)
+    second = sent.requests[1][2]
+    clock.advance(21.9)
+    assert results == []
+    clock.advance(0.1)
+    assert second.called  # cancelled: its client transaction is forgotten
+    assert [status for status, _, _ in results] == [408]

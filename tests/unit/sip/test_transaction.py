@@ -17,6 +17,7 @@ from relayd.sip.message import (
     make_response,
 )
 from relayd.sip.transaction import (
+    LocalResponse,
     ServerTransaction,
     SIPTimers,
     TransactionLayer,
@@ -366,10 +367,10 @@ def test_server_tu_deadline_frees_unanswered_transactions() -> None:
     ids=["branch", "sent-by", "method"],
 )
 def test_server_matching_distinguishes(other: SIPRequest) -> None:
-    _, _, tu, layer = _layer()
+    _, _, _, layer = _layer(RecordingTU())
     layer.request_received(_request(), PEER, False)
     layer.request_received(other, PEER, False)
-    assert len(tu.calls) == 2
+    assert layer.server_transaction_count == 2  # a new transaction, no retransmission
 
 
 def test_server_matching_sent_by_host_case_insensitive() -> None:
@@ -543,4 +544,101 @@ def test_transport_error_ends_the_client_transaction_with_503() -> None:
     d = layer.client_request(_request(branch="z9hG4bK-refused"), PEER, reliable=False)
     d.addCallback(results.append)
     assert [r.status for r in results] == [503]
+    assert isinstance(results[0], LocalResponse)
     assert layer.client_transaction_count == 0
+
+
+# ------------------------------------------------------------- §8.2.2.2 merged requests
+
+LOOP = "127.0.0.1:5060"
+
+
+def test_merged_request_is_482_in_its_own_transaction() -> None:
+    _, send, tu, layer = _layer(RecordingTU())
+    layer.request_received(_request(sent_by=LOOP, branch="z9hG4bK-path-1"), PEER, False)
+    merged = _request(branch="z9hG4bK-path-2", sent_by="127.0.0.7:5060")
+    layer.request_received(merged, PEER, False)
+    assert len(tu.calls) == 1  # the TU never sees the second copy
+    assert send.statuses() == [482]
+    layer.request_received(merged, PEER, False)  # its retransmission: the same 482
+    assert send.statuses() == [482, 482]
+    assert send.sent[0][1] is send.sent[1][1]
+
+
+def test_merge_check_ignores_other_cseqs_to_tags_and_spirals() -> None:
+    _, send, tu, layer = _layer(RecordingTU())
+    layer.request_received(_request(sent_by=LOOP, branch="z9hG4bK-a"), PEER, False)
+    next_one = _request(sent_by=LOOP, branch="z9hG4bK-b")
+    next_one.headers.set("CSeq", "2 MESSAGE")
+    in_dialog = _request(sent_by=LOOP, branch="z9hG4bK-c")
+    in_dialog.headers.set("To", "<sip:bob@example.com>;tag=b1")
+    # Sent on by us and back (a spiral): the first one's Via is below ours.
+    spiral = _request(sent_by=LOOP, branch="z9hG4bK-d")
+    spiral.headers.add("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-a")
+    for request in (next_one, in_dialog, spiral):
+        layer.request_received(request, PEER, False)
+    assert len(tu.calls) == 4 and send.statuses() == []
+
+
+def test_merge_index_forgets_terminated_transactions() -> None:
+    clock, send, _, layer = _layer()
+    layer.request_received(_request(sent_by=LOOP, branch="z9hG4bK-a"), PEER, False)
+    assert len(layer._merging) == 1
+    clock.advance(32)  # Timer J
+    assert layer.server_transaction_count == 0 and layer._merging == {}
+    layer.request_received(_request(sent_by=LOOP, branch="z9hG4bK-b"), PEER, False)
+    assert send.statuses() == [200, 200]
+
+
+# ----------------------------------------------------------------- §9.2 CANCEL lookup
+
+
+def test_cancel_finds_a_transaction_of_any_method() -> None:
+    _, _, _, layer = _layer(RecordingTU())
+    layer.request_received(_request("MESSAGE", sent_by=LOOP), PEER, False)
+    cancel = _request("CANCEL", sent_by=LOOP)
+    assert layer.find_cancelled(cancel) is None  # INVITE only unless told
+    found = layer.find_cancelled(cancel, ["CANCEL", "MESSAGE"])
+    assert found is not None and found.request.method == "MESSAGE"
+    assert (
+        layer.find_cancelled(_request("CANCEL", sent_by=LOOP, branch="z9hG4bKzzz"), ["MESSAGE"])
+        is None
+    )
+
+
+def test_cancel_finds_an_rfc_2543_transaction() -> None:
+    _, _, _, layer = _layer(RecordingTU())
+    layer.request_received(_request("MESSAGE", sent_by=LOOP, branch="old-style-1"), PEER, False)
+    found = layer.find_cancelled(
+        _request("CANCEL", sent_by=LOOP, branch="old-style-1"), ["MESSAGE"]
+    )
+    assert found is not None
+    assert (
+        layer.find_cancelled(_request("CANCEL", sent_by=LOOP, branch="old-style-2"), ["MESSAGE"])
+        is None
+    )
+
+
+# ------------------------------------------------- responses made up by the transaction
+
+
+def test_timeout_without_any_response_is_a_local_408() -> None:
+    clock, _, _, layer = _layer()
+    results: list[SIPResponse] = []
+    layer.client_request(_request(branch=new_branch()), PEER, reliable=True).addCallback(
+        results.append
+    )
+    clock.advance(32)
+    assert [r.status for r in results] == [408]
+    assert isinstance(results[0], LocalResponse)
+
+
+def test_timeout_after_a_provisional_is_a_plain_408() -> None:
+    clock, _, _, layer = _layer()
+    request = _request(branch=new_branch())
+    results: list[SIPResponse] = []
+    layer.client_request(request, PEER, reliable=True).addCallback(results.append)
+    layer.response_received(make_response(request, 100), PEER)
+    clock.advance(32)
+    assert [r.status for r in results] == [408]
+    assert not isinstance(results[0], LocalResponse)  # the peer is there: no failover

@@ -365,3 +365,135 @@ def test_sources_and_targets_print_for_logs() -> None:
     assert str(protocol.source) == "tls:198.51.100.7:34000"
     assert str(Target("UDP", "2001:db8::1", 5060)) == "udp:[2001:db8::1]:5060"
     assert isinstance(rig.udp, SIPDatagramProtocol)
+
+
+# -- malformed requests: answered where possible ---------------------------------------
+
+LOOPBACK_UA = ("127.0.0.1", 34001)
+
+
+def test_malformed_request_400_repeats_its_to_tag() -> None:
+    """§8.2.7: a stateless answer carries the same tag for every retransmission."""
+    rig = Rig()
+    data = options().replace(b"OPTIONS sip:relay.example.com", b"OPTIONS sip:[bad")
+    [first] = rig.datagram(data, LOOPBACK_UA)
+    [again] = rig.datagram(data, LOOPBACK_UA)
+    assert first.status == again.status == 400
+    assert first.to_tag is not None and first.to_tag == again.to_tag
+    other = data.replace(b"Call-ID: call-1", b"Call-ID: call-2")
+    [different] = rig.datagram(other, LOOPBACK_UA)
+    assert different.to_tag != first.to_tag
+
+
+def test_request_missing_to_gets_400_built_from_what_arrived() -> None:
+    """RFC 4475 insuf: the 400 goes out even though it cannot carry a To."""
+    rig = Rig()
+    rig.udp.datagramReceived(
+        options().replace(b"To: <sip:relay.example.com>\r\n", b""), LOOPBACK_UA
+    )
+    [(data, addr)] = rig.udp_transport.written
+    assert addr == LOOPBACK_UA
+    head = data.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"SIP/2.0 400 Missing To Header"
+    assert b"Call-ID: call-1" in head and b"CSeq: 1 OPTIONS" in head
+    assert not any(row.lower().startswith(b"to:") for row in head)
+
+
+def test_wrong_version_gets_505() -> None:
+    rig = Rig()
+    [response] = rig.datagram(options().replace(b" SIP/2.0\r\n", b" SIP/7.0\r\n", 1), LOOPBACK_UA)
+    assert response.status == 505
+
+
+def test_repeated_from_gets_400_echoing_one_from() -> None:
+    rig = Rig()
+    data = options().replace(b"Call-ID:", b"From: <sip:mallory@example.com>;tag=2\r\nCall-ID:")
+    [response] = rig.datagram(data, LOOPBACK_UA)
+    assert (response.status, response.reason) == (400, "Repeated From Header")
+    assert response.headers.get_raw("from") == ["<sip:alice@example.com>;tag=1"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "status"),
+    [
+        ((b"Content-Length: 0", b"Content-Length: -1"), 400),
+        ((b"Content-Length: 0", b"Content-Length: 99999999999999999999"), 413),
+        ((b"Content-Length: 0", b"Content-Length: 0\r\nl: 3"), 400),
+    ],
+    ids=["negative", "too-large", "conflicting"],
+)
+def test_stream_content_length_errors_are_answered_before_closing(
+    edit: tuple[bytes, bytes], status: int
+) -> None:
+    rig = Rig()
+    protocol, transport = rig.stream()
+    protocol.dataReceived(options("SIP/2.0/TCP 127.0.0.1:5062;branch=z9hG4bKcl").replace(*edit))
+    assert rig.parse(transport.value()).status == status
+    assert transport.disconnecting
+
+
+def test_stream_limits_are_answered_before_closing() -> None:
+    from relayd.sip.parser import SIPLimits
+
+    rig = Rig(limits=SIPLimits(max_start_line_bytes=64, max_header_count=6))
+    protocol, transport = rig.stream()
+    data = options("SIP/2.0/TCP 127.0.0.1:5062;branch=z9hG4bKlim")
+    protocol.dataReceived(data)
+    response = rig.parse(transport.value())
+    assert (response.status, response.reason) == (513, "Too Many Headers")
+    assert transport.disconnecting
+    protocol, transport = rig.stream()
+    protocol.dataReceived(data.replace(b"sip:relay.example.com", b"sip:" + b"r" * 80 + b"@x"))
+    assert rig.parse(transport.value()).status == 414
+    assert transport.disconnecting
+
+
+# -- outbound: §18.1.1 back to UDP, advertised host -------------------------------------
+
+
+def test_size_forced_tcp_that_cannot_connect_retries_over_udp() -> None:
+    rig = Rig()
+    request = outbound("x" * 1400)
+    results: list[SIPResponse] = []
+    rig.layer.request(request, Target("UDP", "127.0.0.1", 5099)).addCallback(results.append)
+    factory = rig.reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(cast(Any, None), Failure(ConnectionRefusedError()))
+    data, addr = rig.udp_transport.written[-1]
+    assert addr == ("127.0.0.1", 5099)
+    sent = parse_datagram(data)
+    assert isinstance(sent, SIPRequest) and len(sent.body) == 1400
+    assert sent.via.transport == "UDP" and sent.via.rport_requested
+    assert results == []  # a UDP client transaction now runs (Timer E retransmits)
+    rig.reactor.advance(0.5)
+    assert rig.udp_transport.written[-1][0] == data
+
+
+def test_request_asked_over_tcp_that_cannot_connect_is_503_not_udp() -> None:
+    rig = Rig()
+    results: list[SIPResponse] = []
+    rig.layer.request(outbound(), Target("TCP", "127.0.0.1", 5099)).addCallback(results.append)
+    factory = rig.reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(cast(Any, None), Failure(ConnectionRefusedError()))
+    assert [r.status for r in results] == [503]
+    assert rig.udp_transport.written == []
+
+
+def test_wildcard_listener_uses_the_advertised_host() -> None:
+    rig = Rig()
+    rig.udp_transport.host = IPv4Address("UDP", "0.0.0.0", 5060)  # noqa: S104 - in memory
+    rig.udp._local = None
+    rig.layer._sent_by.clear()
+    assert rig.layer.sent_by("UDP") == ("relay.example.com", 5060)
+
+
+def test_wildcard_listener_without_advertised_host_warns_once(
+    warnings: list[LogEvent],
+) -> None:
+    reactor = MemoryReactorClock()
+    layer = SIPTransportLayer(reactor)
+    udp = layer.datagram_protocol()
+    udp.makeConnection(FakeUDPTransport("0.0.0.0", 5070))  # type: ignore[arg-type]  # noqa: S104
+    assert layer.sent_by("UDP") == ("127.0.0.1", 5070)
+    assert layer.sent_by("TCP") == ("127.0.0.1", 5070)
+    events = [e for e in warnings if "wildcard" in str(e.get("log_format"))]
+    assert len(events) == 1

@@ -72,6 +72,8 @@ def test_options_lists_capabilities() -> None:
     assert h.get_all("accept") == ["application/resource-lists+xml", "text/plain"]
     assert h.get_all("allow-events") == ["wait-permission"]
     assert h.get_all("supported") == ["100rel"]
+    assert h.get_all("accept-encoding") == ["identity"]  # §11.2 SHOULDs
+    assert h.get_all("accept-language") == ["en"]
 
 
 def test_allow_follows_plugged_handlers() -> None:
@@ -171,10 +173,39 @@ def test_cancel_without_matching_invite_is_481() -> None:
     assert Stack(UASCore(CAPS)).send("CANCEL").status == 481
 
 
-def test_cancel_matching_an_answered_invite_is_200() -> None:
+def test_cancel_matching_an_answered_invite_is_200_with_the_same_to_tag() -> None:
     stack = Stack(UASCore(CAPS))
-    stack.send("INVITE", branch="z9hG4bKinv")
-    assert stack.send("CANCEL", branch="z9hG4bKinv").status == 200
+    invite_final = stack.send("INVITE", branch="z9hG4bKinv")
+    assert invite_final.status == 405 and invite_final.to_tag
+    ok = stack.send("CANCEL", branch="z9hG4bKinv")
+    assert ok.status == 200
+    assert ok.to_tag == invite_final.to_tag  # §9.2
+
+
+def test_cancel_of_a_pending_invite_gets_487_then_200_with_its_tag() -> None:
+    uas = UASCore(CAPS)
+    stack = Stack(uas)
+    uas._table["INVITE"] = lambda txn, request: None  # an INVITE that stays pending
+    stack.deliver("INVITE", branch="z9hG4bKpending")
+    assert [r.status for r in stack.sent] == [100]
+    ok = stack.send("CANCEL", branch="z9hG4bKpending")
+    terminated = stack.sent[-2]
+    assert (terminated.status, ok.status) == (487, 200)
+    assert ok.to_tag == terminated.to_tag
+
+
+def test_cancel_of_a_pending_non_invite_is_200_and_changes_nothing() -> None:
+    """§9.2: a CANCEL matching any server transaction gets 200; a non-INVITE goes on."""
+    uas = UASCore(CAPS)
+    pending: list[ServerTransaction] = []
+    uas.set_handler("MESSAGE", lambda txn, request: pending.append(txn))
+    stack = Stack(uas)
+    stack.deliver("MESSAGE", branch="z9hG4bKmsg")
+    assert stack.send("CANCEL", branch="z9hG4bKmsg").status == 200
+    assert [r.status for r in stack.sent] == [200]  # no 487 for the MESSAGE
+    [txn] = pending
+    txn.respond(make_response(txn.request, 202))  # it is still answered normally
+    assert stack.sent[-1].status == 202
 
 
 def test_loop_detection_with_our_branch() -> None:
