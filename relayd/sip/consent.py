@@ -50,13 +50,14 @@ from relayd.sip.urilist import (
     parse_lists_document,
 )
 from relayd.tokens import new_token, redact
-from relayd.xcap.errors import XCAPError
+from relayd.xcap.errors import CONSTRAINT_FAILURE, UNIQUENESS_FAILURE, Exists, XCAPError
 from relayd.xcap.policy import (
     is_permitted,
     normalize_identity,
     now_from_clock,
     validity_boundaries,
 )
+from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.xcap.usages import CONSENT_RULES_AUID, RESOURCE_LISTS_AUID
 from relayd.xcap.xml import parse_document
@@ -381,13 +382,17 @@ class ListDirectory:
         domain: str,
         local_hosts: Iterable[str] = (),
         file_lists: Iterable[URIList] = (),
+        is_account: Callable[[str], bool] = lambda user: False,
     ) -> None:
         self.store = store
         self.domain = domain.lower()
         self.local_hosts = {self.domain, *(h.lower() for h in local_hosts)}
+        self.is_account = is_account
         self._file: dict[str, URIList] = {}
         self._store_docs: dict[tuple[str, str], list[URIList]] = {}
         self._by_user: dict[str, URIList] = {}
+        self._defined_in: dict[str, tuple[str, str]] = {}
+        self._held: set[tuple[str, str]] = set()
         for item in file_lists:
             user = self._local_user(item.uri)
             if user is None:
@@ -411,8 +416,14 @@ class ListDirectory:
 
     def _rebuild(self) -> None:
         table: dict[str, URIList] = {}
-        for (owner, name), lists in sorted(self._store_docs.items()):
-            for item in lists:
+        defined_in: dict[str, tuple[str, str]] = {}
+        # A document already indexed keeps its lists: the ownership check refuses
+        # a claim on a taken URI, so two documents can only both hold one after a
+        # race, and then the earlier holder must not lose it to sort order.
+        ordered = sorted(self._store_docs, key=lambda doc: (doc not in self._held, doc))
+        for doc in ordered:
+            owner, name = doc
+            for item in self._store_docs[doc]:
                 user = self._local_user(item.uri)
                 if user is None:
                     continue
@@ -425,8 +436,49 @@ class ListDirectory:
                     )
                     continue
                 table[user] = item
+                defined_in[user] = doc
         table.update(self._file)
         self._by_user = table
+        self._defined_in = defined_in
+        self._held = set(defined_in.values())
+
+    def check_document(self, document: DocumentSelector, body: bytes) -> None:
+        """Refuse a resource-lists document that names a list URI it may not hold
+        (an XCAP :data:`~relayd.xcap.resource.DocumentCheck`).
+
+        List URIs share the domain's user namespace: without this check any user
+        could take over another owner's list (or an account's address) by storing a
+        list of the same name. First come, first served; the lists file always wins.
+        """
+        if document.xui is None:
+            return  # global documents define no lists
+        owner, name = document.xui, document.document
+        try:
+            lists = parse_lists_document(body, self.domain, owner=owner)
+        except URIListError:
+            return  # the directory ignores (and logs) a document it cannot use
+        taken: list[Exists] = []
+        for item in lists:
+            user = self._local_user(item.uri)
+            if user is None:
+                raise XCAPError(
+                    409, CONSTRAINT_FAILURE, f"list {item.uri} is not in domain {self.domain}"
+                )
+            holder = self._defined_in.get(user)
+            if user in self._file or self.is_account(user) or holder not in (None, (owner, name)):
+                field = "resource-lists/list/@" + ("name" if item.name == user else "cr:uri")
+                taken.append(Exists(field, (self._free_name(user),)))
+        if taken:
+            raise XCAPError(409, UNIQUENESS_FAILURE, "list URI already in use", exists=taken)
+
+    def _free_name(self, user: str) -> str:
+        counter = 2
+        while self._taken(f"{user}-{counter}"):
+            counter += 1
+        return f"{user}-{counter}"
+
+    def _taken(self, user: str) -> bool:
+        return user in self._by_user or self.is_account(user)
 
     def lookup(self, uri: SIPURI) -> URIList | None:
         if not uri.user or not self.is_local(uri):

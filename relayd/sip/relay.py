@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
+from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import (
@@ -72,7 +73,7 @@ from relayd.sip.urilist import (
     parse_recipient_list,
 )
 from relayd.tokens import redact
-from relayd.xcap.store import IPermissionStore, PendingConsent, StoreChange
+from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 
 __all__ = ["ConsentRelay"]
 
@@ -100,6 +101,53 @@ def _new_request_headers(method: str, sender: str, recipient: str) -> Headers:
     headers.add("Call-ID", new_tag() + new_tag())
     headers.add("CSeq", f"1 {method}")
     return headers
+
+
+_FROM_URIS: dict[str, SIPURI] = {}
+_FROM_URIS_SIZE = 4096
+
+
+def _from_uri(value: str) -> SIPURI:
+    """The URI of a From value; a sender's From recurs with a new tag per request, so
+    it is remembered without the tag (a header parameter, never part of the URI)."""
+    tag = value.rfind(";tag=")
+    key = value[:tag] if tag > value.rfind(">") else value
+    uri = _FROM_URIS.get(key)
+    if uri is None:
+        uri = remember(_FROM_URIS, _FROM_URIS_SIZE, key, NameAddr.parse(key).uri)
+    return uri
+
+
+def _check_proxy_require(request: SIPRequest) -> None:
+    """§16.3 step 5: we forward with no proxy extensions, so any Proxy-Require is 420."""
+    required = request.headers.get_all("proxy-require")
+    if required:
+        raise SIPStatus(420, headers=[("Unsupported", ", ".join(required))])
+
+
+_CHALLENGES = ("www-authenticate", "proxy-authenticate")
+
+
+def carried_headers(status: int, responses: Sequence[SIPResponse]) -> list[tuple[str, str]]:
+    """What the sender's response takes from the members' responses (§16.7 steps 7, 9).
+
+    A 401/407 carries every challenge any member made (step 7: the sender may answer
+    them all at once); a 3xx keeps the chosen response's Contact (its targets) and an
+    error its Retry-After, which a response built afresh would lose. Nothing else of a
+    member's response (a 2xx's Contact least of all) reaches the sender.
+    """
+    out: list[tuple[str, str]] = []
+    if status in (401, 407):
+        for response in responses:
+            if response.status in (401, 407):
+                for name in _CHALLENGES:
+                    out.extend((name, value) for value in response.headers.get_raw(name))
+        return out
+    kept = "contact" if 300 <= status < 400 else "retry-after" if status >= 400 else None
+    chosen = next((r for r in responses if r.status == status), None)
+    if kept is not None and chosen is not None:
+        out.extend((kept, value) for value in chosen.headers.get_raw(kept))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +203,7 @@ class ConsentRelay:
             registrar,
             directory.is_local,
             loop_detector,
+            clock=clock,
         )
         self.subscriptions = SubscriptionManager(
             clock, self._send_in_dialog, self.contact, subscription_limits
@@ -214,15 +263,49 @@ class ConsentRelay:
 
     def _permissions_changed(self, recipient_key: str) -> None:
         self.subscriptions.resource_changed("wait-permission", "r:" + recipient_key)
+        settled = defer.ensureDeferred(self._settle_granted(recipient_key))
+        settled.addErrback(lambda failure: self.log.failure("settling consents failed", failure))
+
+    async def _settle_granted(self, recipient_key: str) -> None:
+        """A recipient may grant through a document of their own rather than the
+        Permission URI: the requests it now lets through are granted, so that the
+        permission server (grant-permission) stops listing them as open."""
+        for record in await self.store.list_consents(state=ConsentState.PENDING):
+            if identity_key(record.recipient) != recipient_key:
+                continue
+            for method in record.methods or ("MESSAGE",):
+                if not await self.cache.permitted(
+                    record.sender, record.list_uri, record.recipient, method
+                ):
+                    break
+            else:
+                await self.store.set_consent_state(record.id, ConsentState.GRANTED)
 
     def _identity(self, request: SIPRequest, *, proxy: bool, peer: object) -> str:
-        """The authenticated sender (seed §5); without an authenticator, the From AOR."""
-        if self.authenticator is not None:
-            return self.authenticator.authenticate(request, proxy=proxy, peer=peer).aor
+        """The authenticated sender (seed §5); without an authenticator, the From AOR.
+
+        An authenticated sender's From must name them (their user at one of our hosts):
+        members see From, so relaying another name next to the asserted identity would
+        let any account put words in someone else's mouth.
+        """
         try:
-            return NameAddr.parse(request.headers.get("from") or "").uri.aor
+            from_uri = _from_uri(request.headers.get("from") or "")
         except SIPURIError:
             raise SIPStatus(400, "Bad From") from None
+        if self.authenticator is None:
+            return from_uri.aor
+        sender = self.authenticator.authenticate(request, proxy=proxy, peer=peer).aor
+        user = sender.partition(":")[2].rpartition("@")[0]
+        if from_uri.user != user or not self.directory.is_local(from_uri):
+            self.log.warn(
+                "{user} at {peer} sent {method} with From {from_uri}",
+                user=sender,
+                peer=peer,
+                method=request.method,
+                from_uri=from_uri.aor,
+            )
+            raise SIPStatus(403, "From Is Not The Authenticated User")
+        return sender
 
     # -- MESSAGE ------------------------------------------------------------------------
 
@@ -236,6 +319,8 @@ class ConsentRelay:
             return None
         if self.directory.lookup(request.uri) is None:
             return None
+        if "proxy-require" in request.headers or request.max_forwards == 0:
+            return None  # §16.3 steps 3 and 5 come before authentication (step 6)
         challenge = self.authenticator.challenge(proxy=True)
         return make_response(
             request, challenge.status, headers=challenge.headers, to_tag=stateless_tag(request)
@@ -265,8 +350,9 @@ class ConsentRelay:
                 raise SIPStatus(400, "Bad Recipient List") from None
             if recipients is None:
                 raise SIPStatus(404, "Not A List Served Here")
-        sender = self._identity(request, proxy=True, peer=txn.source)
         max_forwards = check_max_forwards(request)
+        _check_proxy_require(request)
+        sender = self._identity(request, proxy=True, peer=txn.source)
         if target is not None:
             list_uri, members = target.uri, target.members
         else:
@@ -318,7 +404,7 @@ class ConsentRelay:
             return self._relayed(request, branch, sender, list_uri, max_forwards, loop_hash)
 
         def answer(result: tuple[int, str, list[SIPResponse]]) -> SIPResponse:
-            status, reason, _ = result
+            status, reason, responses = result
             self.log.debug(
                 "{method} from {user} via {uri} relayed to {count} members: {code}",
                 method=request.method,
@@ -327,7 +413,7 @@ class ConsentRelay:
                 count=len(delivery.members),
                 code=status,
             )
-            return make_response(request, status, reason)
+            return make_response(request, status, reason, carried_headers(status, responses))
 
         return self.proxy.fork(delivery.members, build).addCallback(answer)
 
@@ -347,6 +433,7 @@ class ConsentRelay:
         copy = self.proxy.forward_copy(request, branch.uri, max_forwards, loop_hash)
         fields = copy.headers._fields
         fields["p-asserted-identity"] = [f"<{sender}>"]
+        fields.pop("p-preferred-identity", None)  # RFC 3325 §9.1: replaced by the assertion
         fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]
         return copy
 

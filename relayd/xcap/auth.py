@@ -35,10 +35,11 @@ from relayd.xcap.usages import CONSENT_RULES_AUID
 PERMISSION_DOCUMENT = re.compile(r"\Ap-(?P<token>[A-Za-z0-9_-]{16,128})\.xml\Z")
 """Document names minted for consent requests (consent spec §(c), "URI layout")."""
 
-CAPABILITY_STATES = frozenset({ConsentState.PENDING, ConsentState.GRANTED})
+CAPABILITY_STATES = frozenset({ConsentState.PENDING, ConsentState.GRANTED, ConsentState.DENIED})
 """Consent states in which a Permission URI still opens its document.
 
-Granted stays open so the recipient can revoke by DELETE with the same URI."""
+Granted stays open so the recipient can revoke by DELETE with the same URI, denied so
+they can change their mind; only an expired request closes it."""
 
 # RFC 3986 pchar minus "/" and "%": what an XUI may keep unescaped in a path segment.
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"

@@ -59,7 +59,7 @@ from relayd.xcap.auth import (
     redact_document,
 )
 from relayd.xcap.errors import CONSTRAINT_FAILURE, NO_PARENT, XCAP_ERROR_MIME_TYPE, XCAPError
-from relayd.xcap.policy import is_permitted, now_from_clock
+from relayd.xcap.policy import RequestContext, evaluate, now_from_clock
 from relayd.xcap.store import (
     GLOBAL_XUI,
     ConsentState,
@@ -89,6 +89,9 @@ from relayd.xcap.xml import (
     serialize_document,
     serialize_element,
 )
+
+DocumentCheck = Callable[[sel.DocumentSelector, bytes], None]
+"""A check of a document about to be stored, by the application that reads it."""
 
 MAX_WRITE_ATTEMPTS = 3
 """Read-modify-write rounds before a node write gives up with 503 (module docstring)."""
@@ -213,6 +216,9 @@ class XCAPResource(Resource):
         self.root = root.rstrip("/")
         self.max_body_bytes = max_body_bytes
         self.usages = usages
+        self.document_checks: dict[str, DocumentCheck] = {}
+        """Per AUID, checks that need more than the document (the SIP side's list
+        ownership); each raises :class:`XCAPError` to refuse a write."""
         self._caps = xcap_caps_document(usages)
 
     # -- twisted.web boundary --------------------------------------------------------
@@ -461,6 +467,7 @@ class XCAPResource(Resource):
         if uri.node is None:
             root = parse_document(body, self.max_body_bytes)
             self._validate(usage, root, consent)
+            self._check_document(document, body)
             try:
                 write = await self.store.put_document(
                     document.auid,
@@ -514,6 +521,7 @@ class XCAPResource(Resource):
                 raise XCAPError(412, None, "precondition failed") from None
             if not deleted:
                 raise XCAPError(404, None, "no such document")
+            await self._after_write(consent, None)
             return Response(200)
         node = uri.node
 
@@ -569,6 +577,7 @@ class XCAPResource(Resource):
                 raise XCAPError(
                     409, CONSTRAINT_FAILURE, f"document would exceed {self.max_body_bytes} bytes"
                 )
+            self._check_document(document, new_body)
             try:
                 write: DocumentWrite = await self.store.put_document(
                     document.auid, xui, document.document, new_body, if_match=stored.etag
@@ -591,23 +600,53 @@ class XCAPResource(Resource):
         if consent is not None:
             check_consent_scope(root, consent.list_uri)
 
-    async def _after_write(self, consent: PendingConsent | None, root: etree._Element) -> None:
-        """A Permission-URI document that now lets the sender through grants its consent."""
-        if consent is None or consent.state is not ConsentState.PENDING:
+    def _check_document(self, document: sel.DocumentSelector, body: bytes) -> None:
+        check = self.document_checks.get(document.auid)
+        if check is not None:
+            check(document, body)
+
+    async def _after_write(
+        self, consent: PendingConsent | None, root: etree._Element | None
+    ) -> None:
+        """Settle the consent a Permission-URI document answers (``root`` None: deleted).
+
+        Rules that grant the sender every requested method grant the request (as the
+        wait-permission status counts it). An explicit ``deny`` for the
+        sender, or deleting the document, refuses it while it is open, so the sender's
+        wait-permission watch learns of it instead of waiting for expiry. A document
+        that says nothing about this sender leaves it open. A refused request can
+        still be granted later through the same URI; a granted one whose document
+        goes away shows as revoked (the SIP side derives that from the documents).
+        """
+        if consent is None or consent.state not in (ConsentState.PENDING, ConsentState.DENIED):
             return
-        now = now_from_clock(self.clock)
-        methods: Sequence[str] = consent.methods or ("MESSAGE",)
-        if not any(is_permitted(root, consent.sender, consent.list_uri, m, now) for m in methods):
+        answers: set[str | None] = {None}
+        if root is not None:
+            now = now_from_clock(self.clock)
+            answers = {
+                evaluate(
+                    root, RequestContext(consent.sender, consent.list_uri, method, now)
+                ).trans_handling
+                for method in consent.methods or ("MESSAGE",)
+            }
+        if answers == {"grant"}:
+            state = ConsentState.GRANTED
+        elif consent.state is ConsentState.PENDING and (root is None or "deny" in answers):
+            state = ConsentState.DENIED
+        else:
             return
         try:
-            await self.store.set_consent_state(consent.id, ConsentState.GRANTED)
+            await self.store.set_consent_state(consent.id, state)
         except Exception:
-            # The document is stored; the SIP side evaluates documents, so the grant
-            # still takes effect.  Only the consent record lags.
-            self.log.failure("marking consent {consent} granted failed", consent=consent.id)
+            # The document is stored and the SIP side evaluates documents, so the
+            # answer still takes effect; only the consent record lags.
+            self.log.failure(
+                "marking consent {consent} {state} failed", consent=consent.id, state=state
+            )
             return
         self.log.info(
-            "permission granted: {recipient} accepts {sender} via {list_uri}",
+            "permission {state}: {recipient} answered {sender} via {list_uri}",
+            state=state,
             recipient=consent.recipient,
             sender=consent.sender,
             list_uri=consent.list_uri,

@@ -21,6 +21,8 @@ from relayd.sip.consent import (
 from relayd.sip.message import Headers, SIPRequest, SIPStatus
 from relayd.sip.uri import SIPURI
 from relayd.sip.urilist import URIList
+from relayd.xcap.errors import XCAPError
+from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import ConsentState, MemoryPermissionStore
 
 CP = "urn:ietf:params:xml:ns:common-policy"
@@ -202,3 +204,65 @@ def test_directory_file_lists_win_and_store_lists_follow_changes() -> None:
     _result(store.delete_document("resource-lists", "sip:alice@relay.test", "index"))
     assert directory.lookup(SIPURI.parse("sip:club@relay.test")) is None
     assert directory.lookup(SIPURI.parse("sip:friends@elsewhere.test")) is None
+
+
+def _lists(*names: str, uri: str | None = None) -> bytes:
+    cr = ' xmlns:cr="urn:relayd:params:xml:ns:consent-policy"'
+    lists = "".join(
+        f'<list name="{name}"' + (f' cr:uri="{uri}"' if uri else "") + ">"
+        '<entry uri="sip:carol@x.test"/></list>'
+        for name in names
+    )
+    return (
+        f'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"{cr}>{lists}'
+        "</resource-lists>"
+    ).encode()
+
+
+def _refusal(directory: ListDirectory, owner: str, name: str, body: bytes) -> XCAPError | None:
+    try:
+        directory.check_document(DocumentSelector("resource-lists", owner, name), body)
+    except XCAPError as e:
+        return e
+    return None
+
+
+def test_a_list_uri_belongs_to_the_document_that_took_it_first() -> None:
+    store = MemoryPermissionStore()
+    directory = ListDirectory(
+        store,
+        "relay.test",
+        ["127.0.0.1"],
+        [URIList("sip:staff@relay.test", ("sip:bob@x.test",))],
+        is_account=lambda user: user == "bob",
+    )
+    store.add_listener(directory.store_changed)
+    bob, alice = "sip:bob@relay.test", "sip:alice@relay.test"
+    assert _refusal(directory, bob, "index", _lists("club")) is None
+    _result(store.put_document("resource-lists", bob, "index", _lists("club")))
+    # Bob may rewrite his own document; nobody else may name "club".
+    assert _refusal(directory, bob, "index", _lists("club", "chess")) is None
+    taken = _refusal(directory, alice, "index", _lists("club"))
+    assert taken is not None and (taken.status, taken.condition) == (409, "uniqueness-failure")
+    assert [e.alt_values for e in taken.exists] == [("club-2",)]
+    assert _refusal(directory, bob, "other", _lists("club")) is not None
+    # The lists file and accounts' addresses are taken too, by name or by cr:uri.
+    assert _refusal(directory, alice, "index", _lists("staff")) is not None
+    by_uri = _refusal(directory, alice, "index", _lists("x", uri="sip:bob@relay.test"))
+    assert by_uri is not None and by_uri.exists[0].field.endswith("@cr:uri")
+    foreign = _refusal(directory, alice, "index", _lists("x", uri="sip:x@elsewhere.test"))
+    assert foreign is not None and foreign.condition == "constraint-failure"
+    # Once bob lets go of it, the name is free.
+    _result(store.delete_document("resource-lists", bob, "index"))
+    assert _refusal(directory, alice, "index", _lists("club")) is None
+
+
+def test_a_list_held_first_keeps_it_when_a_racing_document_lands() -> None:
+    store = MemoryPermissionStore()
+    directory = ListDirectory(store, "relay.test")
+    store.add_listener(directory.store_changed)
+    zed, alice = "sip:zed@relay.test", "sip:alice@relay.test"
+    _result(store.put_document("resource-lists", zed, "index", _lists("club")))
+    _result(store.put_document("resource-lists", alice, "index", _lists("club")))
+    club = directory.lookup(SIPURI.parse("sip:club@relay.test"))
+    assert club is not None and club.owner == zed

@@ -25,7 +25,7 @@ from relayd.xcap.auth import (
     permission_token,
     permission_uri,
 )
-from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
+from relayd.xcap.errors import XCAP_ERROR_NAMESPACE, Exists, XCAPError
 from relayd.xcap.resource import XCAPResource, XCAPSite, parse_entity_tags
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import (
@@ -52,11 +52,11 @@ ATT = "application/xcap-att+xml"
 MAX_BODY = 8192
 
 
-def rule(rule_id: str, target: str = LIST, identity: str = BOB) -> str:
+def rule(rule_id: str, target: str = LIST, identity: str = BOB, handling: str = "grant") -> str:
     return (
         f'<rule id="{rule_id}"><conditions>'
         f'<identity><one id="{identity}"/></identity><cr:target uri="{target}"/>'
-        "</conditions><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>"
+        f"</conditions><actions><cr:trans-handling>{handling}</cr:trans-handling></actions></rule>"
     )
 
 
@@ -854,11 +854,41 @@ def test_unknown_token_needs_an_account(xcap: Harness) -> None:
     assert xcap.put(doc_path(name=name), ruleset(rule("bob")), user=None).code == 401
 
 
-@pytest.mark.parametrize("state", [ConsentState.DENIED, ConsentState.EXPIRED])
-def test_closed_consent_token_is_no_capability(xcap: Harness, state: ConsentState) -> None:
-    consent = xcap.open_consent(state)
+def test_expired_consent_token_is_no_capability(xcap: Harness) -> None:
+    consent = xcap.open_consent(ConsentState.EXPIRED)
     name = permission_document_name(consent.permission_token)
     assert xcap.put(doc_path(name=name), ruleset(rule("bob")), user=None).code == 401
+
+
+def test_capability_deny_refuses_then_a_grant_still_counts(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    assert xcap.put(path, ruleset(rule("no", handling="deny")), user=None).code == 201
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.DENIED
+    assert [change.kind for change in xcap.changes][-2:] == ["document", "consent"]
+    # The recipient changes their mind through the same URI.
+    assert xcap.put(path, ruleset(rule("yes")), user=None).code == 200
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.GRANTED
+
+
+def test_capability_delete_before_a_grant_refuses(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    xcap.put(path, ruleset(rule("x", identity="sip:carol@x.test")), user=None)
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.PENDING
+    assert xcap.delete(path, user=None).code == 200
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.DENIED
+
+
+def test_capability_rule_delete_before_a_grant_refuses_only_on_deny(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    two = ruleset(rule("other", identity="sip:carol@x.test"), rule("no", handling="deny"))
+    xcap.put(path, two, user=None)
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.DENIED
+    assert xcap.delete(path + '/~~/ruleset/rule[@id="no"]', user=None).code == 200
+    # What is left says nothing about the sender: the refusal stands.
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.DENIED
 
 
 def test_capability_delete_after_grant_revokes(xcap: Harness) -> None:
@@ -867,6 +897,8 @@ def test_capability_delete_after_grant_revokes(xcap: Harness) -> None:
     xcap.put(path, ruleset(rule("bob")), user=None)
     assert xcap.delete(path, user=None).code == 200
     assert xcap.get(path, user=None).code == 404
+    # The record stays granted: the SIP side shows "revoked" from the missing document.
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.GRANTED
 
 
 def test_token_is_never_logged(xcap: Harness, logged: list[LogEvent]) -> None:
@@ -885,6 +917,23 @@ def test_owner_put_to_permission_document_is_also_scope_checked(xcap: Harness) -
     path = doc_path(name=permission_document_name(consent.permission_token))
     reply = xcap.put(path, ruleset(rule("x", target="sip:other@relay.example.test")))
     assert reply.xcap_error() == "constraint-failure"
+
+
+def test_an_applications_document_check_refuses_whole_and_node_writes(xcap: Harness) -> None:
+    seen: list[tuple[str | None, bytes]] = []
+
+    def no_rule_b(document: DocumentSelector, body: bytes) -> None:
+        seen.append((document.xui, body))
+        if b'id="b"' in body:
+            raise XCAPError(409, "uniqueness-failure", "taken", exists=[Exists("x", ("c",))])
+
+    xcap.resource.document_checks["consent-rules"] = no_rule_b
+    assert xcap.put(doc_path(), ruleset(rule("a"))).code == 201
+    assert seen == [(ALICE, ruleset(rule("a")))]
+    assert xcap.put(doc_path(), ruleset(rule("b"))).xcap_error() == "uniqueness-failure"
+    node = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
+    assert (node.code, node.xcap_error()) == (409, "uniqueness-failure")
+    assert xcap.stored() == ruleset(rule("a"))
 
 
 # -- events and failures ----------------------------------------------------------

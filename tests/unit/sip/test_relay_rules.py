@@ -1,0 +1,264 @@
+"""The list relay's request rules (§16.3 order, sender identity, §16.7 response), driven
+in-process: the daemon's SIP stack fed datagrams on a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.testing import MemoryReactorClock
+
+from relayd.service import build_service
+from relayd.sip.message import Headers, SIPRequest, SIPResponse
+from relayd.sip.parser import parse_datagram
+from relayd.sip.relay import carried_headers
+from relayd.testing import (
+    answer_challenge,
+    grant_document,
+    make_pki,
+    prepared_relay,
+    relay_config_overrides,
+    uac_request,
+    write_users,
+)
+from relayd.xcap.errors import XCAPError
+from relayd.xcap.selector import DocumentSelector
+from relayd.xcap.store import ConsentState
+from relayd.xcap.usages import CONSENT_RULES_AUID
+
+HOST = "127.0.0.1"
+LIST = f"sip:club@{HOST}"
+ALICE = f"sip:alice@{HOST}"
+BOB = f"sip:bob@{HOST}"
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+SENDER_PORT, BOB_PORT = 5070, 6000
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", HOST, 5060)
+
+
+class Relay:
+    """The relay with one list (club: bob), bob registered and permitting alice."""
+
+    def __init__(self, folder: Path) -> None:
+        pki = make_pki(folder / "pki")
+        cert, key = pki.leaf("relay", HOST)
+        users = write_users(folder / "users", "relayd-test", PASSWORDS)
+        lists = folder / "lists.xml"
+        lists.write_text(
+            '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+            f'<list name="club"><entry uri="{BOB}"/></list></resource-lists>'
+        )
+        overrides = relay_config_overrides(str(folder / "data"), HOST, cert, key, users)
+        overrides[("store", "backend")] = "memory"
+        overrides[("sip", "lists")] = str(lists)
+        overrides[("sip", "domain")] = HOST
+        self.reactor = MemoryReactorClock()
+        service = build_service(prepared_relay(overrides), self.reactor)
+        sip = service.getServiceNamed("sip")
+        self.wire = _Wire()
+        self.protocol = sip.transport.datagram_protocol()
+        self.protocol.makeConnection(self.wire)
+        ensureDeferred(sip.relay.start())
+        xcap = service.getServiceNamed("xcap")
+        self.document_checks = xcap.site.resource.document_checks
+        store = self.store = xcap.store
+        ensureDeferred(
+            store.put_document(CONSENT_RULES_AUID, BOB, "index", grant_document(ALICE, LIST))
+        )
+        self.calls = 0
+        self.send_authenticated(
+            "REGISTER",
+            f"sip:{HOST}",
+            "bob",
+            BOB_PORT,
+            contact=f"<sip:bob@{HOST}:{BOB_PORT}>",
+            to=f"<{BOB}>",
+        )
+
+    def feed(self, request: SIPRequest, port: int) -> list[tuple[SIPRequest | SIPResponse, int]]:
+        self.protocol.datagramReceived(request.to_bytes(), (HOST, port))
+        sent, self.wire.sent = self.wire.sent, []
+        return [(parse_datagram(data), addr[1]) for data, addr in sent]
+
+    def request(
+        self,
+        method: str,
+        uri: str,
+        user: str,
+        port: int,
+        *,
+        from_aor: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        authorization: tuple[str, str] | None = None,
+        cseq: int = 1,
+        contact: str | None = None,
+        to: str | None = None,
+    ) -> SIPRequest:
+        _, request = uac_request(
+            method,
+            uri,
+            via=f"SIP/2.0/UDP {HOST}:{port}",
+            aor=from_aor or f"sip:{user}@{HOST}",
+            from_tag=f"t{self.calls}",
+            to=to,
+            call_id=f"c{self.calls}@{HOST}",
+            cseq=cseq,
+            contact=contact or f"<sip:{user}@{HOST}:{port}>",
+            headers=headers,
+            authorization=authorization,
+            body=b"hi" if method == "MESSAGE" else b"",
+        )
+        return request
+
+    def send_authenticated(
+        self, method: str, uri: str, user: str, port: int, **kw: Any
+    ) -> list[tuple[SIPRequest | SIPResponse, int]]:
+        """The request, and again with credentials when challenged."""
+        self.calls += 1
+        out = self.feed(self.request(method, uri, user, port, **kw), port)
+        first = out[0][0] if len(out) == 1 else None
+        if not isinstance(first, SIPResponse):
+            return out
+        answer = answer_challenge(
+            first, method=method, uri=uri, username=user, password=PASSWORDS[user]
+        )
+        if answer is None:
+            return out
+        return self.feed(
+            self.request(method, uri, user, port, authorization=answer, cseq=2, **kw), port
+        )
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Relay:
+    return Relay(tmp_path)
+
+
+def _final(out: list[tuple[SIPRequest | SIPResponse, int]]) -> SIPResponse:
+    finals = [m for m, port in out if isinstance(m, SIPResponse) and port == SENDER_PORT]
+    assert len(finals) == 1, out
+    return finals[0]
+
+
+def test_a_permitted_message_reaches_the_member_with_the_asserted_identity(relay: Relay) -> None:
+    out = relay.send_authenticated(
+        "MESSAGE", LIST, "alice", SENDER_PORT, headers=(("P-Preferred-Identity", f"<{BOB}>"),)
+    )
+    copies = [m for m, port in out if isinstance(m, SIPRequest) and port == BOB_PORT]
+    assert len(copies) == 1
+    copy = copies[0]
+    assert copy.headers.get("P-Asserted-Identity") == f"<{ALICE}>"
+    assert "P-Preferred-Identity" not in copy.headers
+
+
+def test_from_must_name_the_authenticated_sender(relay: Relay) -> None:
+    out = relay.send_authenticated("MESSAGE", LIST, "alice", SENDER_PORT, from_aor=BOB)
+    response = _final(out)
+    assert (response.status, response.reason) == (403, "From Is Not The Authenticated User")
+    assert all(port == SENDER_PORT for _, port in out)  # nothing relayed
+
+
+def test_max_forwards_and_proxy_require_come_before_the_challenge(relay: Relay) -> None:
+    """§16.3: steps 3 (Max-Forwards) and 5 (Proxy-Require) precede step 6 (credentials)."""
+    request = relay.request(
+        "MESSAGE", LIST, "alice", SENDER_PORT, headers=(("Proxy-Require", "foo, bar"),)
+    )
+    response = _final(relay.feed(request, SENDER_PORT))
+    assert response.status == 420
+    assert response.headers.get_raw("Unsupported") == ["foo, bar"]
+    relay.calls += 1  # a new request, not a merged copy of the last (§8.2.2.2)
+    request = relay.request("MESSAGE", LIST, "alice", SENDER_PORT)
+    request.headers.set("Max-Forwards", "0")
+    assert _final(relay.feed(request, SENDER_PORT)).status == 483
+
+
+def test_a_members_challenges_all_reach_the_sender() -> None:
+    def response(status: int, *rows: tuple[str, str]) -> SIPResponse:
+        return SIPResponse(status, "", Headers(rows))
+
+    responses = [
+        response(401, ("WWW-Authenticate", 'Digest realm="a"')),
+        response(407, ("Proxy-Authenticate", 'Digest realm="b"'), ("Contact", "<sip:x@h>")),
+        response(486, ("Retry-After", "30")),
+    ]
+    assert carried_headers(407, responses) == [
+        ("www-authenticate", 'Digest realm="a"'),
+        ("proxy-authenticate", 'Digest realm="b"'),
+    ]
+    assert carried_headers(486, responses) == [("retry-after", "30")]
+    redirect = [response(302, ("Contact", "<sip:y@h>")), response(200, ("Contact", "<sip:z@h>"))]
+    assert carried_headers(302, redirect) == [("contact", "<sip:y@h>")]
+    # A member's Contact never leaks into a success.
+    assert carried_headers(200, redirect) == []
+
+
+def _lists_document(name: str) -> bytes:
+    return (
+        '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        f'<list name="{name}"><entry uri="{BOB}"/></list></resource-lists>'
+    ).encode()
+
+
+def test_a_list_stored_over_xcap_is_served_and_its_name_is_its_owners(relay: Relay) -> None:
+    ensureDeferred(
+        relay.store.put_document("resource-lists", BOB, "index", _lists_document("pals"))
+    )
+    # Bob's permission names the club, not his own list: alice is told to ask.
+    out = relay.send_authenticated("MESSAGE", f"sip:pals@{HOST}", "alice", SENDER_PORT)
+    assert _final(out).status == 470
+    check = relay.document_checks["resource-lists"]
+    for taken in ("pals", "club", "alice"):  # bob's list, the lists file's, an account
+        with pytest.raises(XCAPError) as refused:
+            check(DocumentSelector("resource-lists", ALICE, "index"), _lists_document(taken))
+        assert refused.value.condition == "uniqueness-failure"
+    check(DocumentSelector("resource-lists", ALICE, "index"), _lists_document("chess"))
+
+
+def test_a_grant_in_the_recipients_own_document_settles_the_open_request(relay: Relay) -> None:
+    pals = f"sip:pals@{HOST}"
+    ensureDeferred(
+        relay.store.put_document("resource-lists", BOB, "index", _lists_document("pals"))
+    )
+    refused = _final(relay.send_authenticated("MESSAGE", pals, "alice", SENDER_PORT))
+    consent_uri = refused.headers.get("Permission-Missing")
+    assert refused.status == 470 and consent_uri is not None
+    consent_uri = consent_uri.strip("<>")
+    asked = relay.send_authenticated(
+        "CONSENT", consent_uri, "alice", SENDER_PORT, headers=(("Consent-Methods", "MESSAGE"),)
+    )
+    assert _final(asked).status == 202
+    records: list[Any] = []
+    ensureDeferred(relay.store.list_consents()).addCallback(records.extend)
+    assert [r.state for r in records] == [ConsentState.PENDING]
+    # Bob grants in his own tree, not through the Permission URI.
+    ensureDeferred(
+        relay.store.put_document(CONSENT_RULES_AUID, BOB, "pals", grant_document(ALICE, pals))
+    )
+    records.clear()
+    ensureDeferred(relay.store.list_consents()).addCallback(records.extend)
+    assert [r.state for r in records] == [ConsentState.GRANTED]
+
+
+def test_consent_uris_outlive_a_restart(tmp_path: Path) -> None:
+    def consent_uri_of(relay: Relay) -> str | None:
+        ensureDeferred(
+            relay.store.put_document("resource-lists", BOB, "index", _lists_document("pals"))
+        )
+        out = relay.send_authenticated("MESSAGE", f"sip:pals@{HOST}", "alice", SENDER_PORT)
+        return _final(out).headers.get("Permission-Missing")
+
+    first = consent_uri_of(Relay(tmp_path))
+    assert first is not None
+    assert consent_uri_of(Relay(tmp_path)) == first
