@@ -541,6 +541,15 @@ class TransactionLayer:
         for queue in self._queues.values():
             queue.stop()
 
+    def connection_lost(self, used: Callable[[object], bool]) -> None:
+        """A stream connection closed (§18.4): requests sent over it that still wait for
+        a final response get a 503 now, not a 408 at Timer F (``used(destination)``
+        tells whether a transaction's destination went over that connection)."""
+        for client in list(self._client.values()):
+            waiting = client.state in (TransactionState.TRYING, TransactionState.PROCEEDING)
+            if waiting and client.reliable and used(client.destination):
+                client._finish(local_response(client.request, 503))
+
     @property
     def server_transaction_count(self) -> int:
         return len(self._server)

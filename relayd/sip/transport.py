@@ -453,8 +453,25 @@ class SIPTransportLayer:
 
     def _stream_closed(self, protocol: SIPStreamProtocol) -> None:
         self._stream_count -= 1
-        if protocol.key is not None and self._streams.get(protocol.key) is protocol:
-            del self._streams[protocol.key]
+        key = protocol.key
+        registered = False
+        if key is not None and self._streams.get(key) is protocol:
+            del self._streams[key]
+            registered = True
+        if self.transactions is None:
+            return
+
+        def used(destination: object) -> bool:
+            if isinstance(destination, Source):
+                return destination.connection is protocol
+            # Requests to a Target went over the connection registered for its key.
+            return (
+                registered
+                and isinstance(destination, Target)
+                and (destination.transport, destination.host, destination.port) == key
+            )
+
+        self.transactions.connection_lost(used)
 
     def _dispatch(self, message: SIPRequest | SIPResponse, source: Source) -> None:
         transactions = self.transactions

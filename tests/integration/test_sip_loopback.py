@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import DeferredQueue
-from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -25,9 +25,11 @@ from relayd.sip.auth import SIPAuthenticator, client_authorization
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.registrar import Registrar
+from relayd.sip.resolve import Target
 from relayd.sip.transaction import TransactionLayer, new_branch
 from relayd.sip.transport import SIPTransportLayer, udp_service
 from relayd.sip.uas import Capabilities, UASCore
+from relayd.testing import uac_request
 
 pytestmark = pytest.mark.integration
 
@@ -462,3 +464,38 @@ async def test_tcp_wrong_version_is_505_and_the_connection_stays(server: Server)
         assert [e.status for e in events] == [505, 200]
     finally:
         client.transport.loseConnection()
+
+
+class _HangsUpOnRequest(Protocol):
+    """A peer that reads one request and closes without answering."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_whose_connection_drops_gets_503_at_once(server: Server) -> None:
+    """§18.4: the transport error reaches the client transaction (not Timer F's 408)."""
+    factory = ServerFactory.forProtocol(_HangsUpOnRequest)
+    peer = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        port = peer.getHost().port
+        _, request = uac_request(
+            "OPTIONS",
+            f"sip:peer@127.0.0.1:{port};transport=tcp",
+            via="SIP/2.0/TCP 127.0.0.1:5060",
+            aor="sip:relay@127.0.0.1",
+            from_tag="x",
+            to=None,
+            call_id="hangup@127.0.0.1",
+            cseq=1,
+            contact="<sip:relay@127.0.0.1>",
+        )
+        response = await server.layer.request(request, Target("TCP", "127.0.0.1", port))
+        assert response.status == 503
+        assert server.layer.transactions is not None
+        assert server.layer.transactions.client_transaction_count == 0
+    finally:
+        await peer.stopListening()
