@@ -238,11 +238,15 @@ class ServerTransaction:
 
     def _arm_deadline(self) -> None:
         """Not in RFC 3261: a TU that never answers must not pin the transaction forever.
-        After 64·T1 the client has given up anyway (Timer F/B). Armed only when the TU
-        did not answer synchronously, which keeps the common path free of extra timers."""
+        After 64·T1 the client has given up anyway (Timer F/B). T4 more than that, so a
+        TU waiting on its own client transactions, started a moment later, still sends
+        the 408 their Timer F gives (§16.8) instead of being cut off just before it.
+        Armed only when the TU did not answer synchronously, which keeps the common path
+        free of extra timers."""
         if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            timers = self._layer.timers
             self._deadline = self._layer._after(
-                self._layer.timers.timeout_seconds, self._tu_deadline
+                timers.timeout_seconds + timers.t4_seconds, self._tu_deadline
             )
 
     def _retransmission(self, request: SIPRequest) -> None:
@@ -514,14 +518,16 @@ class TransactionLayer:
         #: Asked about every new request before a transaction is made: a response it
         #: returns is sent statelessly (``UASCore.stateless``).
         self.screen: Callable[[SIPRequest], SIPResponse | None] | None = None
-        # T1 (first Timer E), T4 (K, I) and 64·T1 (F on streams, J, TU deadline) are
-        # armed for nearly every transaction: one FIFO each (relayd.delayqueue).
+        # T1 (first Timer E), T4 (K, I), 64·T1 (F on streams, J) and 64·T1 + T4 (TU
+        # deadline) are armed for nearly every transaction: one FIFO each
+        # (relayd.delayqueue).
         self._queues = {
             delay: DelayQueue(clock, delay)
             for delay in (
                 self.timers.t1_seconds,
                 self.timers.t4_seconds,
                 self.timers.timeout_seconds,
+                self.timers.timeout_seconds + self.timers.t4_seconds,
             )
         }
 

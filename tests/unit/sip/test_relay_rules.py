@@ -262,3 +262,20 @@ def test_consent_uris_outlive_a_restart(tmp_path: Path) -> None:
     first = consent_uri_of(Relay(tmp_path))
     assert first is not None
     assert consent_uri_of(Relay(tmp_path)) == first
+
+
+def test_a_member_who_never_answers_gets_the_sender_a_408(relay: Relay) -> None:
+    """§16.8: the branch's Timer F counts as a 408, and the sender's transaction is
+    still there to carry it."""
+    out = relay.send_authenticated("MESSAGE", LIST, "alice", SENDER_PORT)
+    assert [port for _, port in out] == [BOB_PORT]  # relayed; bob stays silent
+    finals: list[SIPResponse] = []
+    for _ in range(40):
+        relay.reactor.advance(1.0)
+        sent, relay.wire.sent = relay.wire.sent, []
+        finals += [
+            message
+            for data, (_, port) in sent
+            if port == SENDER_PORT and isinstance(message := parse_datagram(data), SIPResponse)
+        ]
+    assert [response.status for response in finals] == [408]

@@ -349,9 +349,10 @@ def test_server_trying_absorbs_then_proceeding_resends_provisional() -> None:
 
 
 def test_server_tu_deadline_frees_unanswered_transactions() -> None:
+    """64·T1 + T4: past the TU's own client transactions' Timer F (§16.8 408)."""
     clock, _, _, layer = _layer(RecordingTU())
     layer.request_received(_request(), PEER, False)
-    clock.advance(31.9)
+    clock.advance(36.9)
     assert layer.server_transaction_count == 1
     clock.advance(0.1)
     assert layer.server_transaction_count == 0
