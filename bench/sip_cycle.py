@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from lxml import etree
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.testing import MemoryReactorClock
 
@@ -35,7 +34,13 @@ from relayd.sip.auth import client_authorization
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.tap import tune_garbage_collector
-from relayd.testing import make_pki, prepared_relay, relay_config_overrides, write_users
+from relayd.testing import (
+    RecordingUDP,
+    make_pki,
+    prepared_relay,
+    relay_config_overrides,
+    write_users,
+)
 from relayd.xcap.usages import CONSENT_RULES_AUID
 
 HOST = "127.0.0.1"
@@ -44,23 +49,6 @@ SENDER = "alice"
 STRANGER = "mallory"
 SENDER_PORT = 5070
 MEMBER_PORT = 6000
-
-
-class RecordingUDP:
-    """The datagram transport: keeps what the relay sends, per destination."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, tuple[str, int]]] = []
-
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.sent.append((data, addr))
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("UDP", HOST, 5060)
-
-    def take(self) -> list[tuple[bytes, tuple[str, int]]]:
-        sent, self.sent = self.sent, []
-        return sent
 
 
 def _request(

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.address import IPv4Address
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -230,14 +234,58 @@ _CP = "urn:ietf:params:xml:ns:common-policy"
 _CR = "urn:relayd:params:xml:ns:consent-policy"
 
 
-def grant_document(sender: str, target: str) -> bytes:
-    """A consent-rules document: ``sender`` may reach its owner through list ``target``."""
+def consent_rule(rule_id: str, sender: str, target: str, handling: str = "grant") -> str:
+    """One common-policy rule (RFC 4745/5361): ``sender`` through list ``target``."""
+    return (
+        f'<rule id="{rule_id}"><conditions><identity><one id="{sender}"/></identity>'
+        f'<cr:target uri="{target}"/></conditions>'
+        f"<actions><cr:trans-handling>{handling}</cr:trans-handling></actions></rule>"
+    )
+
+
+def consent_ruleset(*rules: str) -> bytes:
+    """A consent-rules document holding ``rules`` (prefixes ``cr:`` bound)."""
     return (
         f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{_CP}" xmlns:cr="{_CR}">'
-        f'<rule id="a"><conditions><identity><one id="{sender}"/></identity>'
-        f'<cr:target uri="{target}"/></conditions>'
-        "<actions><cr:trans-handling>grant</cr:trans-handling></actions></rule></ruleset>"
+        + "".join(rules)
+        + "</ruleset>"
     ).encode()
+
+
+def grant_document(sender: str, target: str) -> bytes:
+    """A consent-rules document: ``sender`` may reach its owner through list ``target``."""
+    return consent_ruleset(consent_rule("a", sender, target))
+
+
+class RecordingUDP:
+    """A datagram transport that keeps what is sent, for driving the SIP stack
+    in-process (``SIPTransportLayer.datagram_protocol().makeConnection``)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5060) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self._address = IPv4Address("UDP", host, port)
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+    def getHost(self) -> IPv4Address:
+        return self._address
+
+    def take(self) -> list[tuple[bytes, tuple[str, int]]]:
+        """What was sent since the last call."""
+        sent, self.sent = self.sent, []
+        return sent
+
+
+@contextmanager
+def captured_log() -> Iterator[EventLoggingObserver]:
+    """Every ``twisted.logger`` event emitted inside the block."""
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 @implementer(IPolicyForHTTPS)

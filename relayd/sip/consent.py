@@ -392,7 +392,6 @@ class ListDirectory:
         self._store_docs: dict[tuple[str, str], list[URIList]] = {}
         self._by_user: dict[str, URIList] = {}
         self._defined_in: dict[str, tuple[str, str]] = {}
-        self._held: set[tuple[str, str]] = set()
         for item in file_lists:
             user = self._local_user(item.uri)
             if user is None:
@@ -420,7 +419,8 @@ class ListDirectory:
         # A document already indexed keeps its lists: the ownership check refuses
         # a claim on a taken URI, so two documents can only both hold one after a
         # race, and then the earlier holder must not lose it to sort order.
-        ordered = sorted(self._store_docs, key=lambda doc: (doc not in self._held, doc))
+        held = set(self._defined_in.values())
+        ordered = sorted(self._store_docs, key=lambda doc: (doc not in held, doc))
         for doc in ordered:
             owner, name = doc
             for item in self._store_docs[doc]:
@@ -440,7 +440,6 @@ class ListDirectory:
         table.update(self._file)
         self._by_user = table
         self._defined_in = defined_in
-        self._held = set(defined_in.values())
 
     def check_document(self, document: DocumentSelector, body: bytes) -> None:
         """Refuse a resource-lists document that names a list URI it may not hold

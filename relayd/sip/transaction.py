@@ -694,7 +694,3 @@ class TransactionLayer:
             if txn is not None:
                 return txn
         return None
-
-    def find_invite_transaction(self, cancel: SIPRequest) -> ServerTransaction | None:
-        """The INVITE server transaction a CANCEL targets (§9.2)."""
-        return self.find_cancelled(cancel)

@@ -41,10 +41,14 @@ from relayd.sip.uri import NameAddr
 from relayd.testing import (
     RelayPKI,
     answer_challenge,
+    consent_rule,
     prepared_relay,
     relay_config_overrides,
     relay_service,
     uac_request,
+)
+from relayd.testing import (
+    consent_ruleset as ruleset,
 )
 from relayd.testing import grant_document as granting_rules
 from relayd.testing import write_users as write_users_file
@@ -92,20 +96,7 @@ def grant_document(sender: str = ALICE, target: str = LIST) -> bytes:
 
 
 def rule(rule_id: str, sender: str, target: str = SOLO, handling: str = "grant") -> str:
-    """A common-policy rule (RFC 4745) for ``sender`` through list ``target``."""
-    return (
-        f'<rule id="{rule_id}"><conditions><identity><one id="{sender}"/></identity>'
-        f'<cr:target uri="{target}"/></conditions>'
-        f"<actions><cr:trans-handling>{handling}</cr:trans-handling></actions></rule>"
-    )
-
-
-def ruleset(*rules: str) -> bytes:
-    return (
-        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
-        + "".join(rules)
-        + "</ruleset>"
-    ).encode()
+    return consent_rule(rule_id, sender, target, handling)
 
 
 # -- a small UA -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from relayd.config import ConfigError, load_config
 from relayd.endpoints import parse_endpoint
@@ -28,7 +28,7 @@ from relayd.service import (
     listener_identity,
     prepare,
 )
-from relayd.testing import make_intermediate_pki
+from relayd.testing import captured_log, make_intermediate_pki
 
 
 class _UDPPort:
@@ -83,12 +83,8 @@ def overrides(tmp_path: Path, **extra: str) -> dict[tuple[str, str], str]:
 
 @pytest.fixture
 def events() -> Iterator[EventLoggingObserver]:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    try:
+    with captured_log() as observer:
         yield observer
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 def critical_lines(observer: EventLoggingObserver) -> list[str]:

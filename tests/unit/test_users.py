@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 
 from relayd.digest import ha1
+from relayd.testing import captured_log
 from relayd.users import UsersFile, UsersFileError, generate_password
 
 REALM = "relay.example.com"
@@ -39,10 +39,8 @@ def users_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def events() -> Iterator[EventLoggingObserver]:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
+    with captured_log() as observer:
+        yield observer
 
 
 def test_lookup_returns_ha1_per_user_and_realm(users_path: Path) -> None:

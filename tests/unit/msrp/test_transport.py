@@ -22,7 +22,6 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from relayd.config import MSRPConfig, load_config
@@ -32,7 +31,7 @@ from relayd.msrp.parser import BodyChunk, MessageEnd, MessageStart, MSRPParser
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPConnection, MSRPRelay
 from relayd.msrp.uri import MSRPURI
-from relayd.testing import make_pki
+from relayd.testing import captured_log, make_pki
 
 HOST = "relay.example.com"
 REALM = "relay.example.com"
@@ -334,12 +333,8 @@ def answer(recipient: Client, frame: Frame, code: int = 200, comment: str = "OK"
 @contextmanager
 def logged_failures_forbidden() -> Iterator[EventLoggingObserver]:
     """Nothing may escape into log.failure: bad input is never an internal error."""
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    try:
+    with captured_log() as observer:
         yield observer
-    finally:
-        globalLogPublisher.removeObserver(observer)
     failures = [event for event in observer if "log_failure" in event]
     assert not failures, failures
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import globalLogPublisher
 
 from relayd.config import load_config
 from relayd.service import MSRPService, build_service, exposed_listener_host, prepare
+from relayd.testing import captured_log
 
 
 @pytest.mark.parametrize(
@@ -39,12 +39,8 @@ def test_exposed_listener_host(hostname: str, hosts: list[str], exposed: str | N
 
 @pytest.fixture
 def warnings() -> Iterator[EventLoggingObserver]:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    try:
+    with captured_log() as observer:
         yield observer
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 def start_msrp(tmp_path: Path, hostname: str, listen: str) -> MSRPService:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.testing import MemoryReactorClock
 
@@ -16,6 +15,7 @@ from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.sip.relay import carried_headers
 from relayd.testing import (
+    RecordingUDP,
     answer_challenge,
     grant_document,
     make_pki,
@@ -37,17 +37,6 @@ PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
 SENDER_PORT, BOB_PORT = 5070, 6000
 
 
-class _Wire:
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, tuple[str, int]]] = []
-
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.sent.append((data, addr))
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("UDP", HOST, 5060)
-
-
 class Relay:
     """The relay with one list (club: bob), bob registered and permitting alice."""
 
@@ -67,7 +56,7 @@ class Relay:
         self.reactor = MemoryReactorClock()
         service = build_service(prepared_relay(overrides), self.reactor)
         sip = service.getServiceNamed("sip")
-        self.wire = _Wire()
+        self.wire = RecordingUDP()
         self.protocol = sip.transport.datagram_protocol()
         self.protocol.makeConnection(self.wire)
         ensureDeferred(sip.relay.start())
@@ -89,8 +78,7 @@ class Relay:
 
     def feed(self, request: SIPRequest, port: int) -> list[tuple[SIPRequest | SIPResponse, int]]:
         self.protocol.datagramReceived(request.to_bytes(), (HOST, port))
-        sent, self.wire.sent = self.wire.sent, []
-        return [(parse_datagram(data), addr[1]) for data, addr in sent]
+        return [(parse_datagram(data), addr[1]) for data, addr in self.wire.take()]
 
     def request(
         self,
@@ -272,7 +260,7 @@ def test_a_member_who_never_answers_gets_the_sender_a_408(relay: Relay) -> None:
     finals: list[SIPResponse] = []
     for _ in range(40):
         relay.reactor.advance(1.0)
-        sent, relay.wire.sent = relay.wire.sent, []
+        sent = relay.wire.take()
         finals += [
             message
             for data, (_, port) in sent

@@ -508,14 +508,14 @@ def test_unmatched_ack_is_dropped() -> None:
     assert send.sent == []
 
 
-def test_find_invite_transaction_for_cancel() -> None:
+def test_find_cancelled_invite_transaction() -> None:
     _, _, _, layer = _layer(RecordingTU())
     layer.request_received(_request("INVITE"), PEER, False)
     cancel = _request("CANCEL")
-    txn = layer.find_invite_transaction(cancel)
+    txn = layer.find_cancelled(cancel)
     assert txn is not None
     assert txn.is_invite
-    assert layer.find_invite_transaction(_request("CANCEL", branch="z9hG4bKzzz")) is None
+    assert layer.find_cancelled(_request("CANCEL", branch="z9hG4bKzzz")) is None
 
 
 def test_stop_ends_every_transaction_and_timer() -> None:

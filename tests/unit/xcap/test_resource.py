@@ -19,6 +19,8 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
 from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
+from relayd.testing import consent_rule
+from relayd.testing import consent_ruleset as ruleset
 from relayd.xcap.auth import (
     XCAPAuthorizer,
     permission_document_name,
@@ -53,19 +55,7 @@ MAX_BODY = 8192
 
 
 def rule(rule_id: str, target: str = LIST, identity: str = BOB, handling: str = "grant") -> str:
-    return (
-        f'<rule id="{rule_id}"><conditions>'
-        f'<identity><one id="{identity}"/></identity><cr:target uri="{target}"/>'
-        f"</conditions><actions><cr:trans-handling>{handling}</cr:trans-handling></actions></rule>"
-    )
-
-
-def ruleset(*rules: str) -> bytes:
-    return (
-        f'<?xml version="1.0" encoding="UTF-8"?>\n<ruleset xmlns="{CP}" xmlns:cr="{CR}">'
-        + "".join(rules)
-        + "</ruleset>"
-    ).encode()
+    return consent_rule(rule_id, identity, target, handling)
 
 
 def doc_path(xui: str = ALICE, name: str = "index", auid: str = "consent-rules") -> str:
