@@ -58,7 +58,7 @@ from relayd.xcap.policy import (
     validity_boundaries,
 )
 from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
+from relayd.xcap.store import IPermissionStore, PendingConsent, StoreChange
 from relayd.xcap.usages import CONSENT_RULES_AUID, RESOURCE_LISTS_AUID
 from relayd.xcap.xml import parse_document
 
@@ -583,8 +583,7 @@ class ConsentLedger:
 
     async def start(self) -> None:
         """Schedule expiry for the records already pending (restart)."""
-        for record in await self.store.list_consents(state=ConsentState.PENDING):
-            self._schedule(record.expires)
+        await self._schedule_next()
 
     def stop(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -635,8 +634,12 @@ class ConsentLedger:
         now = self.clock.seconds()
         for record in await self.store.expire_consents(now):
             self.log.info("consent {consent} expired", consent=record.id)
-        for record in await self.store.list_consents(state=ConsentState.PENDING):
-            self._schedule(record.expires)
+        await self._schedule_next()
+
+    async def _schedule_next(self) -> None:
+        at = await self.store.next_consent_expiry()
+        if at is not None:
+            self._schedule(at)
 
 
 def consent_needed(

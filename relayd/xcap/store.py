@@ -173,6 +173,12 @@ class IPermissionStore(Interface):
     def expire_consents(now: float) -> Deferred[list[PendingConsent]]:
         """Mark pending records with ``expires <= now`` expired; return them."""
 
+    def next_consent_expiry() -> Deferred[float | None]:
+        """When the earliest pending record expires; None when none is pending.
+
+        What the expiry timer re-arms from, so that each expiry costs a lookup
+        rather than a pass over every pending record."""
+
     def delete_consent(consent_id: str) -> Deferred[bool]:
         """Remove a record; False when the id is unknown."""
 
@@ -402,6 +408,10 @@ class MemoryPermissionStore:
         self._listeners.emit([StoreChange("consent", consent=record) for record in expired])
         return defer.succeed(expired)
 
+    def next_consent_expiry(self) -> Deferred[float | None]:
+        pending = (r.expires for r in self._consents.values() if r.state is ConsentState.PENDING)
+        return defer.succeed(min(pending, default=None))
+
     def delete_consent(self, consent_id: str) -> Deferred[bool]:
         record = self._consents.pop(consent_id, None)
         if record is not None:
@@ -445,6 +455,8 @@ _SCHEMA = (
     """CREATE UNIQUE INDEX IF NOT EXISTS consents_one_open
         ON consents (sender, list_uri, recipient) WHERE state = 'pending'""",
     "CREATE INDEX IF NOT EXISTS consents_recipient ON consents (recipient)",
+    """CREATE INDEX IF NOT EXISTS consents_pending_expiry
+        ON consents (expires) WHERE state = 'pending'""",
 )
 
 _CONSENT_COLUMNS = (
@@ -742,6 +754,14 @@ class SQLitePermissionStore:
             return records, [StoreChange("consent", consent=record) for record in records]
 
         return self._write(expire)
+
+    def next_consent_expiry(self) -> Deferred[float | None]:
+        def read(txn: Any) -> float | None:
+            txn.execute("SELECT MIN(expires) FROM consents WHERE state = 'pending'")
+            row = txn.fetchone()
+            return None if row is None else row[0]
+
+        return self._interact(read)
 
     def delete_consent(self, consent_id: str) -> Deferred[bool]:
         def delete(txn: Any) -> tuple[bool, list[StoreChange]]:

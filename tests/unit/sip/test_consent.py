@@ -185,6 +185,46 @@ def test_ledger_refreshes_rate_limits_and_expires() -> None:
     assert _result(store.get_consent(first.id)).state is ConsentState.EXPIRED
 
 
+class _CountingStore(MemoryPermissionStore):
+    """Counts full listings: the expiry timer must re-arm without one."""
+
+    listings = 0
+
+    def list_consents(self, *args: Any, **kwargs: Any) -> Any:
+        self.listings += 1
+        return super().list_consents(*args, **kwargs)
+
+
+def test_ledger_expires_each_record_at_its_time_without_listing_them() -> None:
+    clock = Clock()
+    store = _CountingStore()
+    # Pending from before a restart: start() arms the timer from the store.
+    alice = "sip:alice@x.test"
+    restored = _result(
+        store.open_consent(alice, LIST, "sip:carol@x.test", ["MESSAGE"], "t0", 0.0, 20.0)
+    )
+    ledger = ConsentLedger(store, clock, ConsentLimits(pending_consent_seconds=30))
+    _result(ledger.start())
+    first = _result(ledger.open(alice, LIST, "sip:bob@x.test", ["MESSAGE"]))
+    clock.advance(10)
+    second = _result(ledger.open(alice, LIST, "sip:dave@x.test", ["MESSAGE"]))
+
+    def states() -> list[ConsentState]:
+        return [_result(store.get_consent(r.id)).state for r in (restored, first, second)]
+
+    pending, expired = ConsentState.PENDING, ConsentState.EXPIRED
+    clock.advance(9.5)
+    assert states() == [pending, pending, pending]
+    clock.advance(0.5)
+    assert states() == [expired, pending, pending]
+    clock.advance(10)
+    assert states() == [expired, expired, pending]
+    clock.advance(10)
+    assert states() == [expired, expired, expired]
+    assert _result(store.next_consent_expiry()) is None
+    assert store.listings == 0
+
+
 def test_directory_file_lists_win_and_store_lists_follow_changes() -> None:
     store = MemoryPermissionStore()
     directory = ListDirectory(

@@ -295,6 +295,20 @@ async def test_expire_consents(store: IPermissionStore) -> None:
 
 
 @async_test
+async def test_next_consent_expiry_is_the_earliest_pending(store: IPermissionStore) -> None:
+    assert await store.next_consent_expiry() is None
+    late = await _open(store, "sip:b@x", expires=500.0)
+    early = await _open(store, "sip:a@x", expires=50.0)
+    assert await store.next_consent_expiry() == 50.0
+    await store.set_consent_state(early.id, ConsentState.GRANTED)
+    assert await store.next_consent_expiry() == 500.0
+    await store.expire_consents(1000.0)
+    assert await store.next_consent_expiry() is None
+    stored = await store.get_consent(late.id)
+    assert stored is not None and stored.state is ConsentState.EXPIRED
+
+
+@async_test
 async def test_delete_consent_and_consent_events(store: IPermissionStore) -> None:
     seen: list[StoreChange] = []
     store.add_listener(seen.append)
