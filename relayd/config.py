@@ -321,7 +321,7 @@ SCHEMA: tuple[Key, ...] = (
         "",
         _text,
         "Base URL of the XCAP root put in minted Permission URIs; empty: https://<hostname>:"
-        "<port of the first listener><root>",
+        "<port of the first listener><root> (http:// when that listener is tcp:)",
     ),
     Key(
         "xcap",
@@ -420,8 +420,9 @@ SCHEMA: tuple[Key, ...] = (
         "overload_lag_ms",
         "50",
         _integer(0, 10_000),
-        "Shed load: while the event loop runs this many milliseconds late on average,"
-        " new requests get 503 with Retry-After instead of queueing (0 turns it off)",
+        "Shed load: while even the least of the event loop's recent delays (sampled every"
+        " 20 ms) exceeds this many milliseconds, new requests get 503 with Retry-After"
+        " instead of queueing, until it falls below half of it (0 turns it off)",
     ),
     Key(
         "store",

@@ -366,6 +366,24 @@ def add_members(root: etree._Element, name: str, uris: Sequence[str]) -> tuple[l
     return added, created
 
 
+def is_list_name(name: str) -> bool:
+    """Whether ``name`` can be the user part of the list's URI (``sip:NAME@DOMAIN``);
+    the relay's own check (409 on PUT) has the last word."""
+    return bool(name) and not any(c in name for c in ':@<>"\\ \t\r\n')
+
+
+def remove_list(root: etree._Element, name: str) -> list[str]:
+    """Remove list ``name`` whole; returns its members. CtlError if there is none."""
+    element = find_list(root, name)
+    if element is None:
+        raise CtlError(f"no list named {name!r}")
+    members = [entry.get("uri", "") for entry in element.iterchildren(_RL + "entry")]
+    parent = element.getparent()
+    assert parent is not None
+    parent.remove(element)
+    return members
+
+
 def remove_members(root: etree._Element, name: str, uris: Sequence[str]) -> list[str]:
     """Remove ``uris`` from list ``name``; CtlError (nothing changed) if any is absent."""
     element = find_list(root, name)
@@ -717,17 +735,29 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
         path,
         tag,
         RESOURCE_LISTS_MIME_TYPE,
-        lambda root: remove_members(root, args.list, members),
+        (lambda root: remove_list(root, args.list))
+        if args.all
+        else (lambda root: remove_members(root, args.list, members)),
         None,
     )
     if args.json:
         out.write(
-            render_json({"owner": owner, "list": args.list, "etag": etag, "removed": removed})
+            render_json(
+                {
+                    "owner": owner,
+                    "list": args.list,
+                    "etag": etag,
+                    "removed": removed,
+                    "list_removed": bool(args.all),
+                }
+            )
         )
     else:
-        out.write(
-            f"removed {len(removed)} member{'s' if len(removed) != 1 else ''} from {args.list}\n"
-        )
+        plural = "s" if len(removed) != 1 else ""
+        if args.all:
+            out.write(f"removed list {args.list} ({len(removed)} member{plural})\n")
+        else:
+            out.write(f"removed {len(removed)} member{plural} from {args.list}\n")
 
 
 async def run_xcap_command(
@@ -810,18 +840,29 @@ def add_parsers(command: Callable[[str, str, list[Any]], Any], parents: list[Any
         ("list", "the owner's lists and their sizes"),
         ("show", "the members of one list"),
         ("add", "add members (the list is created if missing)"),
-        ("remove", "remove members"),
+        ("remove", "remove members, or the whole list with --all"),
     ):
         sub = actions.add_parser(name, help=summary, parents=parents)
         sub.add_argument("--owner", metavar="XUI", help="whose lists (default: the --user's)")
         if name != "list":
-            sub.add_argument("list", metavar="LIST", help="list name")
-        if name in ("add", "remove"):
+            sub.add_argument(
+                "list", metavar="LIST", help="list name, e.g. friends for sip:friends@DOMAIN"
+            )
+        if name == "add":
             sub.add_argument("members", nargs="+", metavar="MEMBER_URI")
+        if name == "remove":
+            sub.add_argument("members", nargs="*", metavar="MEMBER_URI")
+            sub.add_argument("--all", action="store_true", help="remove the whole list")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Combinations argparse cannot express; CtlError before anything connects."""
+    if args.command == "lists" and args.action == "add" and not is_list_name(args.list):
+        raise CtlError(
+            f"LIST is a list's name, such as friends for sip:friends@DOMAIN, not {args.list!r}"
+        )
+    if args.command == "lists" and args.action == "remove" and args.all == bool(args.members):
+        raise CtlError("lists remove takes MEMBER_URI... or --all, one of the two")
     if args.command == "permissions" and args.action == "revoke":
         if args.sender and not args.list:
             raise CtlError("revoke --from needs --list LIST_URI")

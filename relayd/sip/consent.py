@@ -454,8 +454,9 @@ class ListDirectory:
         owner, name = document.xui, document.document
         try:
             lists = parse_lists_document(body, self.domain, owner=owner)
-        except URIListError:
-            return  # the directory ignores (and logs) a document it cannot use
+        except URIListError as e:
+            # Stored, it would be ignored whole: every other list in it would stop too.
+            raise XCAPError(409, CONSTRAINT_FAILURE, f"unusable list: {e}") from e
         taken: list[Exists] = []
         for item in lists:
             user = self._local_user(item.uri)

@@ -177,6 +177,12 @@ async def test_lists_add_show_remove(relay: XCAPRelay) -> None:
     assert [e.get("uri") for e in root.iter("{*}entry")] == ["sip:carol@example.test"]
     missing = await relay.ctl("lists", "remove", "friends", "bob")
     assert missing.code == 1 and missing.err.count("\n") == 1, missing
+    whole = await relay.ctl("lists", "remove", "friends", "--all")
+    assert (whole.code, whole.out) == (0, "removed list friends (1 member)\n"), whole
+    root = await relay.document("resource-lists")
+    assert root is not None and list(root.iter("{*}list")) == []
+    uri = await relay.ctl("lists", "add", "sip:friends@example.test", "bob")
+    assert uri.code != 0 and "list's name" in uri.err and uri.err.count("\n") == 1, uri
 
 
 @async_test

@@ -25,6 +25,7 @@ from relayd.ctl.xcap import (
     new_resource_lists,
     new_ruleset,
     parse_xcap_document,
+    remove_list,
     remove_members,
     remove_rules,
     render_json,
@@ -129,6 +130,23 @@ def test_list_members_added_once_and_removed() -> None:
     with pytest.raises(CtlError, match="no list"):
         remove_members(root, "family", [BOB])
     assert b"<entry" in serialize_document(root)
+    assert remove_list(root, "friends") == ["sip:c@x"]
+    assert describe_lists(root) == []
+    with pytest.raises(CtlError, match="no list"):
+        remove_list(root, "friends")
+
+
+def test_lists_take_a_name_and_remove_members_or_all() -> None:
+    parser = ctl.build_parser()
+    for bad in ("sip:friends@relay.test", "friends@relay.test", "my friends", ""):
+        with pytest.raises(CtlError, match="list's name"):
+            check_arguments(parser.parse_args(["lists", "add", bad, BOB]))
+    check_arguments(parser.parse_args(["lists", "add", "friends", BOB]))
+    check_arguments(parser.parse_args(["lists", "remove", "friends", BOB]))
+    check_arguments(parser.parse_args(["lists", "remove", "friends", "--all"]))
+    for both_or_neither in (["friends"], ["friends", BOB, "--all"]):
+        with pytest.raises(CtlError, match="or --all"):
+            check_arguments(parser.parse_args(["lists", "remove", *both_or_neither]))
 
 
 def test_render_table_aligns_columns() -> None:

@@ -292,6 +292,13 @@ def test_a_list_uri_belongs_to_the_document_that_took_it_first() -> None:
     assert by_uri is not None and by_uri.exists[0].field.endswith("@cr:uri")
     foreign = _refusal(directory, alice, "index", _lists("x", uri="sip:x@elsewhere.test"))
     assert foreign is not None and foreign.condition == "constraint-failure"
+    # A name that makes no list URI would disable the whole document: refused.
+    for bad in ("sip:friends@relay.test", "a@b"):
+        unusable = _refusal(directory, alice, "index", _lists("ok", bad))
+        assert unusable is not None and (unusable.status, unusable.condition) == (
+            409,
+            "constraint-failure",
+        )
     # Once bob lets go of it, the name is free.
     _result(store.delete_document("resource-lists", bob, "index"))
     assert _refusal(directory, alice, "index", _lists("club")) is None
