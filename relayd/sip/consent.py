@@ -240,12 +240,14 @@ class PermissionCache:
         while True:
             self._dirty.discard(key)
             docs: dict[str, etree._Element] = {}
-            for name in await self.store.list_documents(CONSENT_RULES_AUID, recipient):
-                stored = await self.store.get_document(CONSENT_RULES_AUID, recipient, name)
+            # Documents live under the canonical XUI (the XCAP resource writes there),
+            # whatever the case of the list's spelling of the member's scheme and host.
+            for name in await self.store.list_documents(CONSENT_RULES_AUID, key):
+                stored = await self.store.get_document(CONSENT_RULES_AUID, key, name)
                 if stored is not None:
-                    root = self._parse(stored.body, recipient, name)
+                    root = self._parse(stored.body, key, name)
                     if root is not None:
-                        docs[f"{recipient}\0{name}"] = root
+                        docs[f"{key}\0{name}"] = root
             if key not in self._dirty:
                 self._docs[key] = docs
                 self._forget_decisions(key)
@@ -505,6 +507,7 @@ class ListDirectory:
 
     async def load_owner(self, owner: str) -> None:
         """Index every resource-lists document of ``owner`` (startup)."""
+        owner = identity_key(owner)
         for name in await self.store.list_documents(RESOURCE_LISTS_AUID, owner):
             stored = await self.store.get_document(RESOURCE_LISTS_AUID, owner, name)
             self._set_document(owner, name, stored.body if stored is not None else None)

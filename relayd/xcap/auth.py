@@ -63,7 +63,7 @@ def permission_uri(root_url: str, recipient: str, token: str) -> str:
 
     ``root_url`` is the public XCAP root (``https://relay.example:4443/xcap-root``).
     """
-    xui = quote(recipient, safe=_SEGMENT_SAFE)
+    xui = quote(normalize_identity(recipient), safe=_SEGMENT_SAFE)
     name = permission_document_name(token)
     return f"{root_url.rstrip('/')}/{CONSENT_RULES_AUID}/users/{xui}/{name}"
 

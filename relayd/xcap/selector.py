@@ -43,6 +43,7 @@ from relayd.xcap.errors import (
     NOT_XML_ATT_VALUE,
     XCAPError,
 )
+from relayd.xcap.policy import normalize_identity
 
 NODE_SELECTOR_SEPARATOR = "~~"
 
@@ -304,6 +305,10 @@ def parse_xcap_uri(
         raise XCAPError(404, None, "context must be global or users/<xui>")
     if not xui and xui is not None:
         raise XCAPError(404, None, "empty XUI")
+    if xui is not None:
+        # One tree per user: SIP:bob@RELAY.TEST is sip:bob@relay.test's tree, so that
+        # no spelling of an XUI makes a second copy of a document (RFC 3261 §19.1.4).
+        xui = normalize_identity(xui)
     if not rest or any(part in ("", ".", "..") for part in rest):
         raise XCAPError(404, None, "bad document path")
     document = DocumentSelector(auid, xui, "/".join(rest))

@@ -74,6 +74,17 @@ def test_missing_members_follow_store_changes_without_reloading() -> None:
     assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members
 
 
+def test_a_member_spelled_with_another_case_finds_its_documents() -> None:
+    store = MemoryPermissionStore()
+    _result(
+        store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test"))
+    )
+    cache = PermissionCache(store, Clock())
+    store.add_listener(cache.store_changed)
+    members = ["SIP:bob@X.Test"]
+    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
+
+
 def test_a_lists_answer_is_remembered_until_a_validity_boundary_or_a_change() -> None:
     store = MemoryPermissionStore()
     clock = Clock()

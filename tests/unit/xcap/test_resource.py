@@ -781,11 +781,29 @@ def test_permission_uri_round_trip() -> None:
         "https://relay.example:4443/xcap-root/consent-rules/users/"
         "sip:alice@example.test/p-tok_en-123456789012.xml"
     )
+    shouting = permission_uri("https://r.test/x", "SIP:alice@Example.TEST", "tok_en-123456789012")
+    assert "/users/sip:alice@example.test/" in shouting
     document = DocumentSelector("consent-rules", ALICE, "p-tok_en-123456789012.xml")
     assert permission_token(document) == "tok_en-123456789012"
     assert (
         permission_token(DocumentSelector("resource-lists", ALICE, "p-tok_en-12345678.xml")) is None
     )
+
+
+def test_every_spelling_of_an_xui_names_one_document(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    name = permission_document_name(consent.permission_token)
+    shouting = ALICE.replace("sip:", "SIP:").replace("example.test", "EXAMPLE.TEST")
+    assert xcap.put(doc_path(xui=shouting, name=name), ruleset(rule("bob")), user=None).code == 201
+    # The same document, whichever spelling is used; no second copy is made.
+    assert xcap.get(doc_path(name=name), user=None).code == 200
+    assert xcap.stored(name=name) is not None
+    assert _result(xcap.store.list_documents("consent-rules", shouting)) == []
+    assert xcap.delete(doc_path(name=name), user=None).code == 200
+    assert xcap.get(doc_path(xui=shouting, name=name), user=None).code == 404
+    # Its owner's own tree too.
+    assert xcap.put(doc_path(xui=shouting), ruleset(rule("bob"))).code == 201
+    assert xcap.stored() is not None
 
 
 def test_capability_put_grants_consent_without_account(xcap: Harness) -> None:

@@ -62,6 +62,9 @@ def test_parse_user_document_uri() -> None:
     assert uri.document.xui == "sip:carol@example.test"
     assert uri.document.document == "p-abc.xml"
     assert uri.node is None
+    # Scheme and host are case-insensitive (RFC 3261 §19.1.4), the user part is not.
+    shouting = parse_xcap_uri(f"{ROOT}/consent-rules/users/SIP:Carol@EXAMPLE.test/d", root=ROOT)
+    assert shouting.document.xui == "sip:Carol@example.test"
 
 
 def test_parse_global_uri_and_nested_document_path() -> None:
