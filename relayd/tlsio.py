@@ -175,6 +175,11 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
             )
             reason = self._failure
         super().connectionLost(reason)
+        # The protocol may outlive its connection for a while (a route cached by
+        # another connection names it): OpenSSL's buffers, tens of KiB per
+        # connection, need not. Nothing reads or writes TLS once disconnecting.
+        self.disconnecting = True
+        del self._tls, self._incoming, self._outgoing
 
 
 class StdlibTLSServerFactory(WrappingFactory):

@@ -1028,6 +1028,11 @@ class MSRPConnection(Protocol):
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
+        # Cached routes name other connections, and theirs name this one: two
+        # clients that wrote to each other would otherwise keep each other (and
+        # their TLS state) until a full garbage collection, which a busy relay
+        # seldom runs.
+        self._plans = None
         self.relay.unregister(self)
         consumer = self.consumer
         self.consumer = _DISCARD

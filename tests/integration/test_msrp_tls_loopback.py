@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import pytest
 import pytest_twisted
@@ -61,6 +63,37 @@ async def test_two_clients_through_one_relay(start_relay: RelayFactory, pki: Rel
     report = await alice.wait_report("m1").addTimeout(5, reactor)
     assert report.headers.get("Status") == "000 200 OK"
     assert report.headers.get("Byte-Range") == "1-9/9"
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_connections_are_freed_without_waiting_for_the_collector(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    """Two clients that wrote to each other: the relay caches a route on each
+    connection naming the other. Once both are gone, nothing may keep them (nor
+    their TLS state) alive until a full garbage collection: under churn that
+    held hundreds of megabytes."""
+    relay = await start_relay()
+    alice_sink, bob_sink = RecordingSink(), RecordingSink()
+    alice, alice_auth = await client(relay, "alice", alice_sink, trust=pki.ca_pem)
+    bob, bob_auth = await client(relay, "bob", bob_sink, trust=pki.ca_pem)
+    await send(alice, [*alice_auth.use_path, *path_to(bob, bob_auth)], b"hi", message_id="a")
+    await send(bob, [*bob_auth.use_path, *path_to(alice, alice_auth)], b"ho", message_id="b")
+    assert await bob_sink.wait("a") == b"hi" and await alice_sink.wait("b") == b"ho"
+    served = [weakref.ref(connection) for connection in relay.relay.connections]
+    assert len(served) == 2
+    gc.disable()
+    try:
+        for protocol in (alice, bob):
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
+        for _ in range(100):
+            if not relay.relay.connections:
+                break
+            await deferLater(0.02)
+        await deferLater(0.05)  # let the reactor drop its own references
+        assert [ref() for ref in served] == [None, None]
+    finally:
+        gc.enable()
 
 
 @pytest_twisted.ensureDeferred

@@ -111,3 +111,16 @@ def test_a_record_split_across_reads_waits_for_the_rest(pki: RelayPKI) -> None:
     assert pair.app.reads == []
     pair.server.dataReceived(data[10:])
     assert pair.app.reads == [b"split record"]
+
+
+def test_tls_state_is_released_with_the_connection(pki: RelayPKI) -> None:
+    """Something may keep the protocol a while after the connection; OpenSSL's
+    buffers go at once, and writes after it are ignored."""
+    pair = Pair(pki)
+    pair.server.connectionLost(Failure(ConnectionError("gone")))
+    assert pair.app.lost is not None
+    assert not hasattr(pair.server, "_tls")
+    pair.server.write(b"too late")
+    pair.server.loseConnection()
+    assert pair.wire.value() == b""
+    assert pair.server.getPeerCertificate() is None
