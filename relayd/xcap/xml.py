@@ -176,12 +176,36 @@ def serialize_document(root: etree._Element) -> bytes:
 def serialize_element(element: etree._Element) -> bytes:
     """Serialise one element for ``application/xcap-el+xml`` (no tail, no declaration).
 
-    The fragment is made self-contained but minimal: it declares exactly the
-    namespaces its subtree uses, not every binding in scope at its position (clients
-    that want those ask for ``namespace::*``, RFC 4825 §7.10).  An element PUT without
-    unused declarations therefore reads back byte for byte.
+    The element reads as it stands in its document: bindings it inherits from its
+    ancestors are not added (RFC 4825 §8.3 MUST NOT; clients that want them ask for
+    ``namespace::*``, §7.10), and bindings that nothing in it uses are left out. So an
+    element PUT in the document's context reads back byte for byte.
     """
     detached = copy.deepcopy(element)
     detached.tail = None
     etree.cleanup_namespaces(detached)
-    return etree.tostring(detached, encoding="UTF-8", with_tail=False)
+    text = etree.tostring(detached, encoding="UTF-8", with_tail=False)
+    parent = element.getparent()
+    if parent is None:
+        return text
+    # lxml writes every declaration the copy needs in its start tag, which ends at
+    # the first ">" (attribute values have theirs escaped).
+    end = text.index(b">")
+    start_tag = text[:end]
+    for prefix, uri in parent.nsmap.items():
+        name = "xmlns" if prefix is None else f"xmlns:{prefix}"
+        start_tag = start_tag.replace(f' {name}="{_attribute_text(uri)}"'.encode(), b"", 1)
+    return start_tag + text[end:]
+
+
+def _attribute_text(value: str) -> str:
+    """``value`` escaped as libxml2 writes it in a double-quoted attribute."""
+    return (
+        value.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("\t", "&#9;")
+        .replace("\n", "&#10;")
+        .replace("\r", "&#13;")
+    )

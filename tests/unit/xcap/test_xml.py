@@ -170,4 +170,12 @@ def test_attribute_value_not_utf8() -> None:
 def test_serialize_round_trip() -> None:
     root = parse_document(b'<a xmlns="urn:a"><b x="1"/>\n</a>')
     assert serialize_document(root).startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
-    assert serialize_element(root[0]) == b'<b xmlns="urn:a" x="1"/>'
+    # In its document's context: inherited bindings are not added (RFC 4825 §8.3),
+    # its own are kept, unused ones dropped.
+    assert serialize_element(root[0]) == b'<b x="1"/>'
+    nested = parse_document(
+        b'<a xmlns="urn:a" xmlns:p="urn:p"><b xmlns:q="urn:q" xmlns:u="urn:u" p:x="&gt;">'
+        b'<q:c/></b><d xmlns="urn:d"/></a>'
+    )
+    assert serialize_element(nested[0]) == b'<b xmlns:q="urn:q" p:x="&gt;"><q:c/></b>'
+    assert serialize_element(nested[1]) == b'<d xmlns="urn:d"/>'
