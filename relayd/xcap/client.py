@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from relayd.digest import DigestError, ha1, parse_challenge, request_digest
 from relayd.logs import logger
+from relayd.xcap.errors import percent_encoded
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 XCAP_ERROR_MIME_TYPE = "application/xcap-error+xml"
@@ -43,7 +44,6 @@ XCAP_ERROR_MIME_TYPE = "application/xcap-error+xml"
 # RFC 3986 pchar minus "/" and "%": what a path segment (an XUI) may keep unescaped.
 SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
 # Node selectors (RFC 4825 §6.3) keep "/" and "@"; "[", "]" and '"' are escaped.
-SELECTOR_SAFE = "/!$&'()*+,;=:@-._~"
 
 log = logger()
 
@@ -99,7 +99,7 @@ def document_path(root: str, auid: str, xui: str | None, document: str) -> str:
 
 def node_path(document: str, selector: str) -> str:
     """A document path plus ``/~~/`` and the percent-encoded node selector."""
-    return f"{document}/~~/{quote(selector, safe=SELECTOR_SAFE)}"
+    return f"{document}/~~/{percent_encoded(selector)}"
 
 
 def load_trust_root(pem: bytes) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from lxml import etree
 
@@ -42,6 +43,16 @@ CONDITIONS = frozenset(
         NOT_UTF_8,
     }
 )
+
+
+_SELECTOR_SAFE = "/!$&'()*+,;=:@-._~"
+"""RFC 3986 pchar and "/": what a node selector keeps unescaped in a URI."""
+
+
+def percent_encoded(node_selector: str) -> str:
+    """A node selector as it must appear in a URI or an error body (RFC 4825 §6.3,
+    §11.2): brackets, quotes and spaces escaped, so that clients can parse it."""
+    return quote(node_selector, safe=_SELECTOR_SAFE)
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class XCAPError(Exception):
             etree.SubElement(element, ns + "ancestor").text = self.ancestor
         if self.condition == UNIQUENESS_FAILURE:
             for exists in self.exists:
-                node = etree.SubElement(element, ns + "exists", field=exists.field)
+                node = etree.SubElement(element, ns + "exists", field=percent_encoded(exists.field))
                 for value in exists.alt_values:
                     etree.SubElement(node, ns + "alt-value").text = value
         return etree.tostring(root, xml_declaration=True, encoding="UTF-8")

@@ -58,7 +58,13 @@ from relayd.xcap.auth import (
     bound_consent,
     redact_document,
 )
-from relayd.xcap.errors import CONSTRAINT_FAILURE, NO_PARENT, XCAP_ERROR_MIME_TYPE, XCAPError
+from relayd.xcap.errors import (
+    CONSTRAINT_FAILURE,
+    NO_PARENT,
+    XCAP_ERROR_MIME_TYPE,
+    XCAPError,
+    percent_encoded,
+)
 from relayd.xcap.policy import RequestContext, evaluate, now_from_clock
 from relayd.xcap.store import (
     GLOBAL_XUI,
@@ -299,7 +305,7 @@ class XCAPResource(Resource):
         if error.condition is None:
             return Response(error.status)
         if error.condition == NO_PARENT and error.ancestor is not None:
-            suffix = f"/~~/{error.ancestor}" if error.ancestor else ""
+            suffix = f"/~~/{percent_encoded(error.ancestor)}" if error.ancestor else ""
             error.ancestor = state.document_path + suffix
         return Response(error.status, error.to_xml(), XCAP_ERROR_MIME_TYPE)
 

@@ -121,7 +121,8 @@ def _clark(namespace: str, local: str) -> str:
 
 
 def _unique(elements: Iterable[etree._Element], attribute: str, field: str) -> list[Exists]:
-    """Report each repeated value of ``attribute`` once, with a free alternative."""
+    """Report each repeated value of ``attribute`` once, with a free alternative for a
+    name or an id (a URI with a suffix would name some other party: none offered)."""
     seen: set[str] = set()
     values = [value for el in elements if (value := el.get(attribute)) is not None]
     conflicts: list[Exists] = []
@@ -129,7 +130,8 @@ def _unique(elements: Iterable[etree._Element], attribute: str, field: str) -> l
     for value in values:
         if value in seen and value not in reported:
             reported.add(value)
-            conflicts.append(Exists(field, (_alternative(value, set(values)),)))
+            names = attribute in ("id", "name")
+            conflicts.append(Exists(field, (_alternative(value, set(values)),) if names else ()))
         seen.add(value)
     return conflicts
 

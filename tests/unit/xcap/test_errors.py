@@ -32,6 +32,9 @@ def test_uniqueness_failure_lists_exists_and_alternatives() -> None:
     assert exists.tag == NS + "exists"
     assert exists.get("field") == "ruleset/rule/@id"
     assert [alt.text for alt in exists] == ["a-2", "a-3"]
+    nested = XCAPError(409, "uniqueness-failure", exists=[Exists('list[@name="a b"]/@name')])
+    field = etree.fromstring(nested.to_xml())[0][0].get("field")
+    assert field == "list%5B@name=%22a%20b%22%5D/@name"
 
 
 def test_unknown_condition_is_a_programming_error() -> None:

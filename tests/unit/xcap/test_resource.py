@@ -498,6 +498,11 @@ def test_element_put_without_parent_is_409_no_parent(xcap: Harness) -> None:
     assert reply.xcap_error() == "no-parent"
     ancestor = etree.fromstring(reply.body).find(f".//{{{XCAP_ERROR_NAMESPACE}}}ancestor")
     assert ancestor is not None and ancestor.text == doc_path() + "/~~/ruleset"
+    # A node selector in the body is percent-encoded, as in any URI (RFC 4825 §11.2).
+    deeper = xcap.put(doc_path() + '/~~/ruleset/rule[@id="a"]/transformations/x', b"<x/>", EL)
+    ancestor = etree.fromstring(deeper.body).find(f".//{{{XCAP_ERROR_NAMESPACE}}}ancestor")
+    assert ancestor is not None
+    assert ancestor.text == doc_path() + "/~~/ruleset/rule%5B@id=%22a%22%5D"
 
 
 def test_element_put_into_missing_document_is_409_no_parent(xcap: Harness) -> None:

@@ -153,6 +153,8 @@ def test_resource_list_uniqueness(old: bytes, new: bytes, field: str) -> None:
     assert old in LISTS_DOC
     error = _fails(LISTS_DOC.replace(old, new), "uniqueness-failure")
     assert [e.field for e in error.exists] == [field]
+    # A name gets a free alternative; a URI with a suffix would be someone else's.
+    assert bool(error.exists[0].alt_values) == field.endswith("@name")
 
 
 def test_same_entry_in_different_lists_is_fine() -> None:
