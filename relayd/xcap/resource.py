@@ -523,7 +523,11 @@ class XCAPResource(Resource):
                 deleted = await self.store.delete_document(
                     document.auid, xui, document.document, if_match=if_match
                 )
-            except PreconditionFailed:
+            except PreconditionFailed as e:
+                # RFC 9110 §13.2.1: with nothing to delete the answer is 404, whatever
+                # the preconditions say.
+                if e.current_etag is None:
+                    raise XCAPError(404, None, "no such document") from None
                 raise XCAPError(412, None, "precondition failed") from None
             if not deleted:
                 raise XCAPError(404, None, "no such document")
@@ -563,19 +567,20 @@ class XCAPResource(Resource):
         xui = document.xui or GLOBAL_XUI
         for _attempt in range(MAX_WRITE_ATTEMPTS):
             stored = await self._read(document)
+            # RFC 9110 §13.2.1: a DELETE of nothing is 404 whatever the preconditions.
             if stored is None:
-                if conditions.if_match is not None:
-                    raise XCAPError(412, None, "If-Match: the document does not exist")
                 if deleting:
                     raise XCAPError(404, None, "no such document")
+                if conditions.if_match is not None:
+                    raise XCAPError(412, None, "If-Match: the document does not exist")
                 raise XCAPError(409, NO_PARENT, "the document does not exist")
             root = _parse_stored(stored)
             exists = _node_exists(root, node)
+            if deleting and not exists:
+                raise XCAPError(404, None, "node selector selects nothing")
             if_match_ok, if_none_match_ok = _node_conditions_hold(stored.etag, exists, conditions)
             if not (if_match_ok and if_none_match_ok):
                 raise XCAPError(412, None, "precondition failed")
-            if deleting and not exists:
-                raise XCAPError(404, None, "node selector selects nothing")
             root, created = change(root)
             self._validate(usage, root, consent)
             new_body = serialize_document(root)

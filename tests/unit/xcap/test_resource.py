@@ -424,6 +424,17 @@ def test_delete_with_stale_if_match_is_412(xcap: Harness) -> None:
     assert xcap.stored() is not None
 
 
+def test_delete_of_nothing_is_404_whatever_the_preconditions(xcap: Harness) -> None:
+    # RFC 9110 §13.2.1: preconditions only count where the answer would be 2xx/412.
+    for tag in ("*", '"x"'):
+        assert xcap.delete(doc_path(), headers={"If-Match": tag}).code == 404
+    etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
+    missing = doc_path() + "/~~/ruleset/rule%5B9%5D"
+    assert xcap.delete(missing, headers={"If-Match": '"x"'}).code == 404
+    assert xcap.delete(missing + "/@id", headers={"If-Match": '"x"'}).code == 404
+    assert xcap.get(doc_path()).etag == etag
+
+
 def test_delete_with_if_none_match_current_is_412(xcap: Harness) -> None:
     etag = xcap.put(doc_path(), ruleset(rule("a"))).etag
     assert etag is not None
