@@ -569,17 +569,9 @@ async def open_endpoint(
     return protocol
 
 
-async def auth(hub: Hub, endpoint: Endpoint, relay_uri: str, user: str, password: str) -> str:
-    """Digest AUTH (401, then 200); returns the Use-Path."""
-    local = endpoint.local.decode()
-    tid = hub.tid()
-    frame = f"MSRP {tid.decode()} AUTH\r\nTo-Path: {relay_uri}\r\nFrom-Path: {local}\r\n"
-    head = await asyncio.wait_for(
-        endpoint.request(tid, frame.encode() + b"-------" + tid + b"$\r\n"), CONNECT_TIMEOUT
-    )
-    if b" 401" not in head[: head.find(b"\r\n")]:
-        raise RuntimeError(f"AUTH without credentials: {head[:200]!r}")
-    challenge = parse_challenge(_header(head, b"WWW-Authenticate").decode())
+def auth_authorization(challenge_head: bytes, relay_uri: str, user: str, password: str) -> str:
+    """The Authorization value answering the 401 whose head is ``challenge_head``."""
+    challenge = parse_challenge(_header(challenge_head, b"WWW-Authenticate").decode())
     realm, nonce = challenge.get("realm", ""), challenge.get("nonce", "")
     cnonce = secrets.token_hex(8)
     digest = request_digest(
@@ -591,10 +583,23 @@ async def auth(hub: Hub, endpoint: Endpoint, relay_uri: str, user: str, password
         method="AUTH",
         uri=relay_uri,
     )
-    authorization = (
+    return (
         f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{relay_uri}", '
         f'qop=auth, nc=00000001, cnonce="{cnonce}", response="{digest}"'
     )
+
+
+async def auth(hub: Hub, endpoint: Endpoint, relay_uri: str, user: str, password: str) -> str:
+    """Digest AUTH (401, then 200); returns the Use-Path."""
+    local = endpoint.local.decode()
+    tid = hub.tid()
+    frame = f"MSRP {tid.decode()} AUTH\r\nTo-Path: {relay_uri}\r\nFrom-Path: {local}\r\n"
+    head = await asyncio.wait_for(
+        endpoint.request(tid, frame.encode() + b"-------" + tid + b"$\r\n"), CONNECT_TIMEOUT
+    )
+    if b" 401" not in head[: head.find(b"\r\n")]:
+        raise RuntimeError(f"AUTH without credentials: {head[:200]!r}")
+    authorization = auth_authorization(head, relay_uri, user, password)
     tid = hub.tid()
     frame = (
         f"MSRP {tid.decode()} AUTH\r\nTo-Path: {relay_uri}\r\nFrom-Path: {local}\r\n"

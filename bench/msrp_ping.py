@@ -48,13 +48,13 @@ from bench.msrp_bench import (
     PipeProcess,
     RelayProcess,
     _header,
+    auth_authorization,
     client_context,
     local_uri,
     log,
     percentile,
 )
 from bench.report import report_head
-from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.testing import make_pki
 
 FRAME_END = b"$\r\n"  # every frame here is whole: no body holds a "$"
@@ -111,21 +111,7 @@ def _auth(peer: Peer, relay_uri: str, user: str) -> bytes:
     start = b"AUTH\r\nTo-Path: %s\r\nFrom-Path: %s\r\n" % (relay_uri.encode(), peer.local)
     tid = secrets.token_hex(6).encode()
     head = peer.exchange(b"MSRP %s %s-------%s$\r\n" % (tid, start, tid), tid)
-    challenge = parse_challenge(_header(head, b"WWW-Authenticate").decode())
-    realm, nonce, cnonce = challenge["realm"], challenge["nonce"], secrets.token_hex(8)
-    digest = request_digest(
-        ha1(user, realm, USERS[user]),
-        nonce=nonce,
-        nc="00000001",
-        cnonce=cnonce,
-        qop="auth",
-        method="AUTH",
-        uri=relay_uri,
-    )
-    authorization = (
-        f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{relay_uri}", '
-        f'qop=auth, nc=00000001, cnonce="{cnonce}", response="{digest}"'
-    )
+    authorization = auth_authorization(head, relay_uri, user, USERS[user])
     tid = secrets.token_hex(6).encode()
     frame = b"MSRP %s %sAuthorization: %s\r\n-------%s$\r\n" % (
         tid,
