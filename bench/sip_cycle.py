@@ -26,21 +26,13 @@ from pathlib import Path
 
 from lxml import etree
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.testing import MemoryReactorClock
 
 from relayd.ctl.xcap import make_rule, new_ruleset
-from relayd.service import build_service
 from relayd.sip.auth import client_authorization
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.tap import tune_garbage_collector
-from relayd.testing import (
-    RecordingUDP,
-    make_pki,
-    prepared_relay,
-    relay_config_overrides,
-    write_users,
-)
+from relayd.testing import in_process_sip_relay
 from relayd.xcap.usages import CONSENT_RULES_AUID
 
 HOST = "127.0.0.1"
@@ -92,30 +84,12 @@ def _sink_answer(data: bytes) -> bytes:
 
 class Harness:
     def __init__(self, folder: Path, members: int) -> None:
-        pki = make_pki(folder / "pki")
-        cert, key = pki.leaf("relay", HOST)
         self.passwords = {SENDER: "alice-pw", STRANGER: "mallory-pw"}
         self.passwords.update({f"m{i}": f"m{i}-pw" for i in range(members)})
-        users = write_users(folder / "users", REALM, self.passwords)
-        lists = folder / "lists.xml"
-        entries = "".join(f'<entry uri="sip:m{i}@{HOST}"/>' for i in range(members))
-        lists.write_text(
-            '<?xml version="1.0"?>'
-            '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
-            f'<list name="list">{entries}</list></resource-lists>'
-        )
-        overrides = relay_config_overrides(str(folder / "data"), HOST, cert, key, users)
-        overrides[("store", "backend")] = "memory"
-        overrides[("sip", "lists")] = str(lists)
-        overrides[("sip", "domain")] = HOST
-        self.reactor = MemoryReactorClock()
-        service = build_service(prepared_relay(overrides), self.reactor)
-        self.sip = service.getServiceNamed("sip")
-        self.udp = RecordingUDP()
-        self.protocol = self.sip.transport.datagram_protocol()
-        self.protocol.makeConnection(self.udp)
-        self.store = service.getServiceNamed("xcap").store
-        ensureDeferred(self.sip.relay.start())
+        uris = [f"sip:m{i}@{HOST}" for i in range(members)]
+        relay = in_process_sip_relay(folder, HOST, self.passwords, "list", uris)
+        self.reactor, self.sip, self.store = relay.reactor, relay.sip, relay.store
+        self.udp, self.protocol = relay.wire, relay.protocol
         self.members = [f"m{i}" for i in range(members)]
         self.elapsed = 0.0
         self.datagrams = 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -275,6 +276,48 @@ class RecordingUDP:
         """What was sent since the last call."""
         sent, self.sent = self.sent, []
         return sent
+
+
+@dataclass
+class InProcessSIP:
+    """The daemon's whole service with its SIP stack fed datagrams by hand."""
+
+    reactor: MemoryReactorClock
+    service: Any
+    sip: Any
+    store: Any
+    wire: RecordingUDP
+    protocol: Any
+
+
+def in_process_sip_relay(
+    folder: Path, host: str, passwords: dict[str, str], list_name: str, members: Sequence[str]
+) -> InProcessSIP:
+    """The daemon (``build_service``) on a fake clock: a memory store, the domain
+    ``host``, one list of ``members`` from a lists file, every sent datagram recorded;
+    for tests and in-process benchmarks that need no sockets."""
+    pki = make_pki(folder / "pki")
+    cert, key = pki.leaf("relay", host)
+    users = write_users(folder / "users", "relayd-test", passwords)
+    lists = folder / "lists.xml"
+    entries = "".join(f'<entry uri="{member}"/>' for member in members)
+    lists.write_text(
+        '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        f'<list name="{list_name}">{entries}</list></resource-lists>'
+    )
+    overrides = relay_config_overrides(str(folder / "data"), host, cert, key, users)
+    overrides[("store", "backend")] = "memory"
+    overrides[("sip", "lists")] = str(lists)
+    overrides[("sip", "domain")] = host
+    reactor = MemoryReactorClock()
+    service = build_service(prepared_relay(overrides), reactor)
+    sip = service.getServiceNamed("sip")
+    wire = RecordingUDP()
+    protocol = sip.transport.datagram_protocol()
+    protocol.makeConnection(wire)
+    ensureDeferred(sip.relay.start())
+    store = service.getServiceNamed("xcap").store
+    return InProcessSIP(reactor, service, sip, store, wire, protocol)
 
 
 @contextmanager

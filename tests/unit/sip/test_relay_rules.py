@@ -8,21 +8,15 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.testing import MemoryReactorClock
 
-from relayd.service import build_service
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.sip.relay import carried_headers
 from relayd.testing import (
-    RecordingUDP,
     answer_challenge,
     grant_document,
-    make_pki,
-    prepared_relay,
-    relay_config_overrides,
+    in_process_sip_relay,
     uac_request,
-    write_users,
 )
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
@@ -41,28 +35,12 @@ class Relay:
     """The relay with one list (club: bob), bob registered and permitting alice."""
 
     def __init__(self, folder: Path) -> None:
-        pki = make_pki(folder / "pki")
-        cert, key = pki.leaf("relay", HOST)
-        users = write_users(folder / "users", "relayd-test", PASSWORDS)
-        lists = folder / "lists.xml"
-        lists.write_text(
-            '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
-            f'<list name="club"><entry uri="{BOB}"/></list></resource-lists>'
-        )
-        overrides = relay_config_overrides(str(folder / "data"), HOST, cert, key, users)
-        overrides[("store", "backend")] = "memory"
-        overrides[("sip", "lists")] = str(lists)
-        overrides[("sip", "domain")] = HOST
-        self.reactor = MemoryReactorClock()
-        service = build_service(prepared_relay(overrides), self.reactor)
-        sip = service.getServiceNamed("sip")
-        self.wire = RecordingUDP()
-        self.protocol = sip.transport.datagram_protocol()
-        self.protocol.makeConnection(self.wire)
-        ensureDeferred(sip.relay.start())
-        xcap = service.getServiceNamed("xcap")
+        relay = in_process_sip_relay(folder, HOST, PASSWORDS, "club", [BOB])
+        self.wire, self.protocol, store = relay.wire, relay.protocol, relay.store
+        self.reactor = relay.reactor
+        xcap = relay.service.getServiceNamed("xcap")
         self.document_checks = xcap.site.resource.document_checks
-        store = self.store = xcap.store
+        self.store = store
         ensureDeferred(
             store.put_document(CONSENT_RULES_AUID, BOB, "index", grant_document(ALICE, LIST))
         )
