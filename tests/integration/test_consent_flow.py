@@ -491,25 +491,41 @@ async def test_figure_3_permission_server_for_offline_recipient(
     assert (await bob.next_request("MESSAGE")).body == b"hi bob"
 
 
-async def solo_consent(alice: UA, bob: UA) -> tuple[str, str]:
-    """Alice asks registered bob for consent on the solo list: ``(wait URI, Permission URI)``."""
+@dataclass
+class SoloConsent:
+    relay: Running
+    alice: UA
+    bob: UA
+    #: Alice's wait-permission subscription (its 200) and the NOTIFY that opened it.
+    waiting: SIPResponse
+    pending: SIPRequest
+    #: The Permission URI the relay gave bob with the forwarded CONSENT.
+    permission: str
+
+
+async def solo_consent(start: Start) -> SoloConsent:
+    """Bob registered; alice asked him for consent on the solo list and watches it."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
     refused = await send_message(alice, SOLO)
     assert refused.status == 470
     (target,) = consent_uris(refused)
     accepted = await ask_consent(alice, target)
     assert accepted.status == 202
     forwarded = await bob.next_request("CONSENT")
-    return call_info_uri(accepted), (forwarded.headers.get("permission") or "")[1:-1]
+    waiting, pending = await subscribe(alice, call_info_uri(accepted))
+    permission = (forwarded.headers.get("permission") or "")[1:-1]
+    return SoloConsent(relay, alice, bob, waiting, pending, permission)
 
 
 @pytest_twisted.ensureDeferred
 async def test_deny_before_a_grant_refuses_until_a_later_grant(start: Start) -> None:
-    relay = await start()
-    alice = await start_ua("alice", "UDP", relay)
-    bob = await start_ua("bob", "UDP", relay)
-    await bob.register()
-    wait, permission = await solo_consent(alice, bob)
-    waiting, pending = await subscribe(alice, wait)
+    solo = await solo_consent(start)
+    relay, alice, bob = solo.relay, solo.alice, solo.bob
+    waiting, permission = solo.waiting, solo.permission
+    pending = solo.pending
     assert [e["state"] for e in status_entries(pending)] == ["pending"]
     watching, listing = await subscribe(bob, BOB, event="grant-permission")
     assert [(e["sender"], e["state"]) for e in status_entries(listing)] == [(ALICE, "pending")]
@@ -536,12 +552,9 @@ async def test_deny_before_a_grant_refuses_until_a_later_grant(start: Start) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_deleting_an_undecided_permission_document_denies(start: Start) -> None:
-    relay = await start()
-    alice = await start_ua("alice", "UDP", relay)
-    bob = await start_ua("bob", "UDP", relay)
-    await bob.register()
-    wait, permission = await solo_consent(alice, bob)
-    waiting, _ = await subscribe(alice, wait)
+    solo = await solo_consent(start)
+    relay, alice = solo.relay, solo.alice
+    waiting, permission = solo.waiting, solo.permission
     # A rule for someone else says nothing about alice: her request stays open.
     other = ruleset(rule("carol", CAROL))
     assert await relay.xcap.call("PUT", permission, other) == 201
@@ -558,12 +571,9 @@ async def test_deleting_an_undecided_permission_document_denies(start: Start) ->
 @pytest_twisted.ensureDeferred
 async def test_deleting_one_rule_revokes_the_grant(start: Start, via: str) -> None:
     """Seed §10 with an XCAP node selector: only alice's rule goes, the document stays."""
-    relay = await start()
-    alice = await start_ua("alice", "UDP", relay)
-    bob = await start_ua("bob", "UDP", relay)
-    await bob.register()
-    wait, permission = await solo_consent(alice, bob)
-    waiting, _ = await subscribe(alice, wait)
+    solo = await solo_consent(start)
+    relay, alice, bob = solo.relay, solo.alice, solo.bob
+    waiting, permission = solo.waiting, solo.permission
     owner = XCAPClient(
         relay.xcap_root, "bob", USERS["bob"], relay.ca_pem, reactor, persistent=False
     )
