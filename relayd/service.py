@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.failure import Failure
 
+from relayd import __version__
 from relayd.config import ConfigError, RelaydConfig
 from relayd.digest import DigestAuthenticator
 from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
@@ -635,10 +636,44 @@ def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
     return SQLitePermissionStore(prepared.store_path, reactor)
 
 
+class RelayService(MultiService):
+    """The whole daemon.  Its start says first who the relay is, so an operator
+    reading the log sees the names clients must use before the listeners' lines."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        super().__init__()
+        self._prepared = prepared
+        self._introduced = False
+
+    def privilegedStartService(self) -> None:
+        self._introduce()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._introduce()
+        super().startService()
+
+    def _introduce(self) -> None:
+        if self._introduced:
+            return
+        self._introduced = True
+        prepared = self._prepared
+        log.info(
+            "relayd {version} starting: hostname {hostname}, realm {realm},"
+            " SIP domain {domain}, store {store}",
+            version=__version__,
+            hostname=prepared.hostname,
+            realm=prepared.realm,
+            domain=prepared.sip_domain or prepared.hostname,
+            store=prepared.config.store.backend
+            + (f" {prepared.store_path}" if prepared.config.store.backend != "memory" else ""),
+        )
+
+
 def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     """The relay daemon: every part a named child of one MultiService."""
     config = prepared.config
-    top = MultiService()
+    top = RelayService(prepared)
     digest = DigestAuthenticator(
         prepared.realm,
         prepared.users.lookup,
