@@ -298,7 +298,6 @@ def _check_list_references(root: etree._Element) -> None:
                     CONSTRAINT_FAILURE,
                     f"{path}/{local}/@{attribute} {value[:200]!r} {reason}",
                 )
-    _require_sip_uris(root, _RL_ENTRY, "uri", "entry")
 
 
 CONSENT_RULES = ApplicationUsage(
