@@ -45,7 +45,6 @@ from relayd.sip.uri import SIPURI
 from relayd.sip.urilist import (
     LIST_REPORT_MIME_TYPE,
     RESOURCE_LISTS_MIME_TYPE,
-    Unroutable,
     URIList,
     URIListError,
     build_list_report,
@@ -461,27 +460,28 @@ class ListDirectory:
             return None  # global documents define no lists
         owner, name = document.xui, document.document
         try:
-            parsed = parse_lists_document(body, self.domain, owner=owner)
+            parsed = parse_lists_document(body, self.domain, owner=owner, refuse=self._foreign)
         except URIListError as e:
             raise XCAPError(409, CONSTRAINT_FAILURE, f"unusable list: {e}") from e
-        unroutable: list[Unroutable] = []
         taken: list[Exists] = []
         for item in parsed.lists:
             user = self._local_user(item.uri)
             if user is None:
-                reason = f"{item.uri} is not in domain {self.domain}"
-                unroutable.append(Unroutable(item.node, reason, item.name))
-                continue
+                continue  # reported as not in the domain
             holder = self._defined_in.get(user)
             if user in self._file or self.is_account(user) or holder not in (None, (owner, name)):
                 field = "resource-lists/list/@" + ("name" if item.name == user else "cr:uri")
                 taken.append(Exists(field, (self._free_name(user),)))
         if taken:
             raise XCAPError(409, UNIQUENESS_FAILURE, "list URI already in use", exists=taken)
-        unroutable += parsed.unroutable
-        if not unroutable:
+        if not parsed.unroutable:
             return None
-        return build_list_report(unroutable), LIST_REPORT_MIME_TYPE
+        return build_list_report(parsed.unroutable), LIST_REPORT_MIME_TYPE
+
+    def _foreign(self, item: URIList) -> str | None:
+        if self._local_user(item.uri) is None:
+            return f"{item.uri} is not in domain {self.domain}"
+        return None
 
     def _free_name(self, user: str) -> str:
         counter = 2
@@ -503,7 +503,7 @@ class ListDirectory:
         else:
             try:
                 # What is not routable was answered to the PUT: skipped quietly.
-                parsed = parse_lists_document(body, self.domain, owner=owner)
+                parsed = parse_lists_document(body, self.domain, owner=owner, refuse=self._foreign)
                 self._store_docs[(owner, name)] = list(parsed.lists)
             except URIListError as e:
                 self.log.warn(

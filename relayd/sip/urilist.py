@@ -22,7 +22,7 @@ lxml parser (:mod:`relayd.xcap.xml`: no DTDs, no entities, size capped first):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lxml import etree
@@ -48,6 +48,7 @@ __all__ = [
     "parse_list_report",
     "parse_lists_document",
     "parse_recipient_list",
+    "read_lists",
 ]
 
 RESOURCE_LISTS_MIME_TYPE = "application/resource-lists+xml"
@@ -238,6 +239,7 @@ def parse_lists_document(
     owner: str | None = None,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    refuse: Callable[[URIList], str | None] | None = None,
 ) -> ListsDocument:
     """The lists a resource-lists document defines, and what in it the relay skips
     (module doc for naming rules).
@@ -246,19 +248,36 @@ def parse_lists_document(
     ``cr:owner``. Raises :class:`URIListError` only for a document that is no
     resource-lists document at all.  A list as long as the document allows is read;
     requests to one longer than ``[sip] max_list_size`` are refused when they come.
+    ``refuse(list)`` gives the reason a list is not routable for what only the caller
+    knows (the relay's hosts), None to keep it.
     """
-    root = _parse(body, max_bytes)
+    return read_lists(_parse(body, max_bytes), domain, owner, refuse)
+
+
+def read_lists(
+    root: etree._Element,
+    domain: str,
+    owner: str | None = None,
+    refuse: Callable[[URIList], str | None] | None = None,
+) -> ListsDocument:
+    """:func:`parse_lists_document` of a parsed ``resource-lists`` root element."""
     lists: list[URIList] = []
     unroutable: list[Unroutable] = []
     seen: dict[str, str] = {}
     for position, element in enumerate(root.iterchildren(_RL + "list"), 1):
         node = f"resource-lists/{_step(element, 'name', position)}"
         item, skipped = _read_list(element, domain, owner, node)
-        if item is not None and item.uri in seen:
-            skipped.insert(
-                0, Unroutable(node, f"{item.uri} is already the URI of {seen[item.uri]}", item.name)
+        if item is not None:
+            reason = (
+                f"{item.uri} is already the URI of {seen[item.uri]}"
+                if item.uri in seen
+                else refuse(item)
+                if refuse is not None
+                else None
             )
-            item = None
+            if reason is not None:
+                skipped.insert(0, Unroutable(node, reason, item.name))
+                item = None
         if item is not None:
             seen[item.uri] = node
             lists.append(item)
