@@ -154,20 +154,6 @@ def _parse(body: bytes, max_bytes: int) -> etree._Element:
     return root
 
 
-def _entries(container: etree._Element, limit: int) -> list[str]:
-    out: list[str] = []
-    for element in container.iter(_RL + "entry"):
-        uri = element.get("uri")
-        if uri is None:
-            raise URIListError("entry without uri")
-        aor = _aor(uri)
-        if aor not in out:
-            out.append(aor)
-            if len(out) > limit:
-                raise TooManyEntries(f"more than {limit} entries")
-    return out
-
-
 def _step(element: etree._Element, attribute: str, position: int) -> str:
     """One node-selector step for ``element``: by attribute when it can be quoted,
     else by position among its same-named siblings (RFC 4825 §6.3)."""
@@ -205,6 +191,19 @@ def _members(
             continue
         if aor not in members:
             members.append(aor)
+
+
+def _recipients(root: etree._Element, limit: int) -> list[str]:
+    """Every member of a recipient list (RFC 5365): one the relay cannot reach makes
+    the whole list unusable, as the sender would not learn who was left out."""
+    members: list[str] = []
+    skipped: list[Unroutable] = []
+    _members(root, "resource-lists", "", members, skipped)
+    if skipped:
+        raise URIListError(f"entry {skipped[0].uri!r}: {skipped[0].reason}")
+    if len(members) > limit:
+        raise TooManyEntries(f"more than {limit} entries")
+    return members
 
 
 def _read_list(
@@ -425,7 +424,7 @@ def parse_recipient_list(
     if len(lists) > 1:
         raise URIListError("more than one recipient-list part")
     root = _parse(lists[0], max_bytes)
-    recipients = _entries(root, max_entries)
+    recipients = _recipients(root, max_entries)
     if not recipients:
         raise URIListError("empty recipient list")
     if payload is None:
