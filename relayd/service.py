@@ -149,9 +149,17 @@ def prepare(config: RelaydConfig) -> Prepared:
         try:
             with open(config.sip.lists, "rb") as handle:
                 # Oversized lists load; requests to them are refused (403) instead.
-                lists = tuple(parse_lists_document(handle.read(), domain))
+                document = parse_lists_document(handle.read(), domain)
         except (OSError, URIListError) as e:
             raise ConfigError(origin("sip", "lists"), "sip", "lists", str(e)) from None
+        if document.unroutable:
+            # The file exists only to define routes: a list or entry it cannot
+            # route is the operator's mistake, not a document to keep as it is.
+            first = document.unroutable[0]
+            raise ConfigError(
+                origin("sip", "lists"), "sip", "lists", f"{first.node}: {first.reason}"
+            )
+        lists = document.lists
     try:
         consent_key = load_or_create_key(data_dir / "consent.key")
     except KeyFileError as e:

@@ -8,7 +8,11 @@ Documents (consent spec §(c), RFC 4826):
   shows the rules of that one document; ``show`` reads any document of the user
   (``index`` by default, or a minted ``p-<token>.xml``).
 * lists live in ``resource-lists/users/<xui>/index`` as ``<list name=…>`` elements
-  with ``<entry uri=…/>`` members.
+  with ``<entry uri=…/>`` members.  The document may hold lists and entries the relay
+  does not route (other clients share it); ``lists`` shows them and says why, by the
+  relay's own rule (:mod:`relayd.sip.urilist`) for what it reads, and by the relay's
+  answer for what it writes (its list report, docs/consent.md).  Creating a list the
+  relay could not route is refused: a list named here is meant to be a list URI.
 
 Every change is a conditional write: GET the document and its ETag, edit it in
 memory, PUT it back with ``If-Match`` (``If-None-Match: *`` when creating), and on
@@ -37,6 +41,14 @@ from lxml import etree
 from relayd.config import ConfigError, load_config
 from relayd.ctl.settings import Credentials, CtlError, Locations, trust_anchor
 from relayd.endpoints import EndpointSyntaxError, parse_endpoint
+from relayd.sip.urilist import (
+    LIST_REPORT_MIME_TYPE,
+    Unroutable,
+    URIListError,
+    list_uri,
+    parse_list_report,
+    read_lists,
+)
 from relayd.xcap.client import (
     XCAPClient,
     XCAPClientError,
@@ -350,11 +362,23 @@ def find_list(root: etree._Element, name: str) -> etree._Element | None:
     return None
 
 
-def add_members(root: etree._Element, name: str, uris: Sequence[str]) -> tuple[list[str], bool]:
-    """Add ``uris`` to list ``name`` (created if missing); return (added, list created)."""
+def add_members(
+    root: etree._Element, name: str, uris: Sequence[str], domain: str
+) -> tuple[list[str], bool]:
+    """Add ``uris`` to list ``name`` (created if missing); return (added, list created).
+
+    A new list must be one the relay routes (``sip:<name>@<domain>``): CtlError,
+    nothing changed, otherwise.  An existing list is edited whatever its name."""
     element = find_list(root, name)
     created = element is None
     if element is None:
+        try:
+            list_uri(name, domain)
+        except URIListError as e:
+            raise CtlError(
+                f"LIST is a list's name, such as friends for sip:friends@{domain}: {e};"
+                " relayctl creates no list the relay cannot route"
+            ) from None
         element = etree.SubElement(root, _RL + "list", name=name)
     present = {entry.get("uri") for entry in element.iterchildren(_RL + "entry")}
     added: list[str] = []
@@ -366,10 +390,24 @@ def add_members(root: etree._Element, name: str, uris: Sequence[str]) -> tuple[l
     return added, created
 
 
-def is_list_name(name: str) -> bool:
-    """Whether ``name`` can be the user part of the list's URI (``sip:NAME@DOMAIN``);
-    the relay's own check (409 on PUT) has the last word."""
-    return bool(name) and not any(c in name for c in ':@<>"\\ \t\r\n')
+def not_routable(root: etree._Element, domain: str) -> list[Unroutable]:
+    """The lists and entries of ``root`` the relay will not route, by its own rule.
+
+    What only the relay knows (a ``cr:uri`` outside its domain) is in its answer to a
+    write instead (:func:`report_of`)."""
+    return list(read_lists(root, domain).unroutable)
+
+
+def report_of(response: XCAPResponse) -> tuple[list[Unroutable], int]:
+    """The relay's list report in a write's answer: the items and how many more it
+    counted; nothing when it sent none (docs/consent.md)."""
+    media = (response.header("Content-Type") or "").split(";", 1)[0].strip().lower()
+    if media != LIST_REPORT_MIME_TYPE or not response.body:
+        return [], 0
+    try:
+        return parse_list_report(response.body)
+    except URIListError:
+        return [], 0
 
 
 def remove_list(root: etree._Element, name: str) -> list[str]:
@@ -440,8 +478,30 @@ def rules_table(rules: Sequence[RuleView]) -> str:
     return render_table(("RULE", "FROM", "LIST", "METHODS", "UNTIL", "ACTION"), rows)
 
 
+def unroutable_json(items: Sequence[Unroutable], more: int = 0) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"node": i.node, "list": i.list_name, "uri": i.uri, "reason": i.reason} for i in items
+    ]
+    if more:
+        rows.append({"more": more})
+    return rows
+
+
+def unroutable_lines(items: Sequence[Unroutable], more: int = 0) -> str:
+    """One ``not routed:`` line per item: the list (and entry) and the relay's reason."""
+    lines = []
+    for item in items:
+        where = f"list {item.list_name}" if item.list_name else item.node
+        if item.uri is not None:
+            where += f", entry {item.uri}"
+        lines.append(f"not routed: {where}: {item.reason}\n")
+    if more:
+        lines.append(f"not routed: {more} more\n")
+    return "".join(lines)
+
+
 def lists_table(lists: Sequence[ListView]) -> str:
-    rows = [(view.name, str(len(view.members)), view.display_name or "-") for view in lists]
+    rows = [(view.name or "-", str(len(view.members)), view.display_name or "-") for view in lists]
     return render_table(("LIST", "MEMBERS", "DISPLAY NAME"), rows)
 
 
@@ -514,8 +574,9 @@ class Session:
         mime_type: str,
         edit: Callable[[etree._Element], _T],
         new: Callable[[], etree._Element] | None,
-    ) -> tuple[_T, str | None]:
-        """GET, ``edit`` in memory, conditional PUT; start over on 412 (module doc)."""
+    ) -> tuple[_T, XCAPResponse]:
+        """GET, ``edit`` in memory, conditional PUT; start over on 412 (module doc).
+        Returns what ``edit`` returned and the PUT's answer."""
         for _attempt in range(WRITE_ATTEMPTS):
             fetched = await self.fetch(path, root_tag)
             root = fetched.root
@@ -536,7 +597,7 @@ class Session:
                 continue
             if response.status not in (200, 201):
                 raise XCAPRequestError("PUT", path, response)
-            return result, response.etag
+            return result, response
         raise CtlError(f"PUT {path}: gave up after {WRITE_ATTEMPTS} concurrent changes (412)")
 
     async def delete_rules(self, path: str, rule_ids: Callable[[etree._Element], list[str]]) -> int:
@@ -627,9 +688,10 @@ async def run_permissions(session: Session, args: argparse.Namespace, out: TextI
             replaced = grant_rule(ruleset, rule, sender, args.list)
             return replaced, describe_rule(rule)
 
-        (replaced, view), etag = await session.update(
+        (replaced, view), written = await session.update(
             path, _CP + "ruleset", CONSENT_RULES_MIME_TYPE, edit, new_ruleset
         )
+        etag = written.etag
         if args.json:
             out.write(
                 render_json({"xui": xui, "etag": etag, "replaced": replaced, **view.as_json()})
@@ -674,9 +736,11 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
     path = document_path(session.client.root, RESOURCE_LISTS_AUID, owner, DEFAULT_DOCUMENT)
     tag = _RL + "resource-lists"
     action = args.action
+    realm = await session.realm()
     if action in ("list", "show"):
         fetched = await session.fetch(path, tag)
         views = describe_lists(fetched.root) if fetched.root is not None else []
+        skipped = not_routable(fetched.root, realm) if fetched.root is not None else []
         if action == "list":
             if args.json:
                 out.write(
@@ -685,43 +749,55 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
                             "owner": owner,
                             "etag": fetched.etag,
                             "lists": [v.as_json() for v in views],
+                            "not_routable": unroutable_json(skipped),
                         }
                     )
                 )
             elif views:
-                out.write(lists_table(views))
+                out.write(lists_table(views) + unroutable_lines(skipped))
             else:
                 out.write(f"no lists for {owner}\n")
             return
         view = next((v for v in views if v.name == args.list), None)
         if view is None:
             raise CtlError(f"no list named {args.list!r} for {owner}")
+        skipped = [item for item in skipped if item.list_name == view.name]
         if args.json:
-            out.write(render_json({"owner": owner, "etag": fetched.etag, **view.as_json()}))
+            out.write(
+                render_json(
+                    {
+                        "owner": owner,
+                        "etag": fetched.etag,
+                        **view.as_json(),
+                        "not_routable": unroutable_json(skipped),
+                    }
+                )
+            )
         elif view.members:
-            out.write(members_table(view))
+            out.write(members_table(view) + unroutable_lines(skipped))
         else:
-            out.write(f"list {view.name} has no members\n")
+            out.write(f"list {view.name} has no members\n" + unroutable_lines(skipped))
         return
-    realm = await session.realm()
     members = [expand_xui(member, realm) for member in args.members]
     if action == "add":
-        (added, created), etag = await session.update(
+        (added, created), written = await session.update(
             path,
             tag,
             RESOURCE_LISTS_MIME_TYPE,
-            lambda root: add_members(root, args.list, members),
+            lambda root: add_members(root, args.list, members, realm),
             new_resource_lists,
         )
+        skipped, more = report_of(written)
         if args.json:
             out.write(
                 render_json(
                     {
                         "owner": owner,
                         "list": args.list,
-                        "etag": etag,
+                        "etag": written.etag,
                         "added": added,
                         "created": created,
+                        "not_routable": unroutable_json(skipped, more),
                     }
                 )
             )
@@ -729,9 +805,10 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
             note = " (new list)" if created else ""
             out.write(
                 f"added {len(added)} member{'s' if len(added) != 1 else ''} to {args.list}{note}\n"
+                + unroutable_lines(skipped, more)
             )
         return
-    removed, etag = await session.update(
+    removed, written = await session.update(
         path,
         tag,
         RESOURCE_LISTS_MIME_TYPE,
@@ -740,15 +817,17 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
         else (lambda root: remove_members(root, args.list, members)),
         None,
     )
+    skipped, more = report_of(written)
     if args.json:
         out.write(
             render_json(
                 {
                     "owner": owner,
                     "list": args.list,
-                    "etag": etag,
+                    "etag": written.etag,
                     "removed": removed,
                     "list_removed": bool(args.all),
+                    "not_routable": unroutable_json(skipped, more),
                 }
             )
         )
@@ -758,6 +837,7 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
             out.write(f"removed list {args.list} ({len(removed)} member{plural})\n")
         else:
             out.write(f"removed {len(removed)} member{plural} from {args.list}\n")
+        out.write(unroutable_lines(skipped, more))
 
 
 async def run_xcap_command(
@@ -857,10 +937,6 @@ def add_parsers(command: Callable[[str, str, list[Any]], Any], parents: list[Any
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Combinations argparse cannot express; CtlError before anything connects."""
-    if args.command == "lists" and args.action == "add" and not is_list_name(args.list):
-        raise CtlError(
-            f"LIST is a list's name, such as friends for sip:friends@DOMAIN, not {args.list!r}"
-        )
     if args.command == "lists" and args.action == "remove" and args.all == bool(args.members):
         raise CtlError("lists remove takes MEMBER_URI... or --all, one of the two")
     if args.command == "permissions" and args.action == "revoke":

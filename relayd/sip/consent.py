@@ -43,9 +43,11 @@ from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI
 from relayd.sip.urilist import (
+    LIST_REPORT_MIME_TYPE,
     RESOURCE_LISTS_MIME_TYPE,
     URIList,
     URIListError,
+    build_list_report,
     build_uri_list,
     parse_lists_document,
 )
@@ -443,35 +445,43 @@ class ListDirectory:
         self._by_user = table
         self._defined_in = defined_in
 
-    def check_document(self, document: DocumentSelector, body: bytes) -> None:
-        """Refuse a resource-lists document that names a list URI it may not hold
-        (an XCAP :data:`~relayd.xcap.resource.DocumentCheck`).
+    def check_document(self, document: DocumentSelector, body: bytes) -> tuple[bytes, str] | None:
+        """Refuse a resource-lists document that names a list URI it may not hold,
+        else report what in it the relay will not route (an XCAP
+        :data:`~relayd.xcap.resource.DocumentCheck`).
 
-        List URIs share the domain's user namespace: without this check any user
+        List URIs share the domain's user namespace: without the refusal any user
         could take over another owner's list (or an account's address) by storing a
         list of the same name. First come, first served; the lists file always wins.
+        Anything else RFC 4826 allows is stored; lists that are no list URI here and
+        entries that are no member are answered as a list report (docs/consent.md).
         """
         if document.xui is None:
-            return  # global documents define no lists
+            return None  # global documents define no lists
         owner, name = document.xui, document.document
         try:
-            lists = parse_lists_document(body, self.domain, owner=owner)
+            parsed = parse_lists_document(body, self.domain, owner=owner, refuse=self._foreign)
         except URIListError as e:
-            # Stored, it would be ignored whole: every other list in it would stop too.
             raise XCAPError(409, CONSTRAINT_FAILURE, f"unusable list: {e}") from e
         taken: list[Exists] = []
-        for item in lists:
+        for item in parsed.lists:
             user = self._local_user(item.uri)
             if user is None:
-                raise XCAPError(
-                    409, CONSTRAINT_FAILURE, f"list {item.uri} is not in domain {self.domain}"
-                )
+                continue  # reported as not in the domain
             holder = self._defined_in.get(user)
             if user in self._file or self.is_account(user) or holder not in (None, (owner, name)):
                 field = "resource-lists/list/@" + ("name" if item.name == user else "cr:uri")
                 taken.append(Exists(field, (self._free_name(user),)))
         if taken:
             raise XCAPError(409, UNIQUENESS_FAILURE, "list URI already in use", exists=taken)
+        if not parsed.unroutable:
+            return None
+        return build_list_report(parsed.unroutable), LIST_REPORT_MIME_TYPE
+
+    def _foreign(self, item: URIList) -> str | None:
+        if self._local_user(item.uri) is None:
+            return f"{item.uri} is not in domain {self.domain}"
+        return None
 
     def _free_name(self, user: str) -> str:
         counter = 2
@@ -492,9 +502,9 @@ class ListDirectory:
             self._store_docs.pop((owner, name), None)
         else:
             try:
-                self._store_docs[(owner, name)] = parse_lists_document(
-                    body, self.domain, owner=owner
-                )
+                # What is not routable was answered to the PUT: skipped quietly.
+                parsed = parse_lists_document(body, self.domain, owner=owner, refuse=self._foreign)
+                self._store_docs[(owner, name)] = list(parsed.lists)
             except URIListError as e:
                 self.log.warn(
                     "resource-lists {owner}/{name} unusable: {reason}",

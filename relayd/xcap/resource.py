@@ -96,8 +96,13 @@ from relayd.xcap.xml import (
     serialize_element,
 )
 
-DocumentCheck = Callable[[sel.DocumentSelector, bytes], None]
-"""A check of a document about to be stored, by the application that reads it."""
+DocumentNote = tuple[bytes, str]
+"""``(body, content type)`` a successful write is answered with instead of no body."""
+
+DocumentCheck = Callable[[sel.DocumentSelector, bytes], DocumentNote | None]
+"""A check of a document about to be stored, by the application that reads it: it
+raises :class:`XCAPError` to refuse the write, or returns a note on what it will make
+of the document (clients that expect no body on a 200/201 may ignore it)."""
 
 MAX_WRITE_ATTEMPTS = 3
 """Read-modify-write rounds before a node write gives up with 503 (module docstring)."""
@@ -473,7 +478,7 @@ class XCAPResource(Resource):
         if uri.node is None:
             root = parse_document(body, self.max_body_bytes)
             self._validate(usage, root, consent)
-            self._check_document(document, body)
+            note = self._check_document(document, body)
             try:
                 write = await self.store.put_document(
                     document.auid,
@@ -486,7 +491,7 @@ class XCAPResource(Resource):
             except PreconditionFailed:
                 raise XCAPError(412, None, "precondition failed") from None
             await self._after_write(consent, root)
-            return Response(201 if write.created else 200, etag=write.etag)
+            return _written(201 if write.created else 200, write.etag, note)
         node = uri.node
 
         def put_node(root: etree._Element) -> tuple[etree._Element, bool]:
@@ -588,7 +593,7 @@ class XCAPResource(Resource):
                 raise XCAPError(
                     409, CONSTRAINT_FAILURE, f"document would exceed {self.max_body_bytes} bytes"
                 )
-            self._check_document(document, new_body)
+            note = self._check_document(document, new_body)
             try:
                 write: DocumentWrite = await self.store.put_document(
                     document.auid, xui, document.document, new_body, if_match=stored.etag
@@ -600,7 +605,7 @@ class XCAPResource(Resource):
                 )
                 continue
             await self._after_write(consent, root)
-            return Response(201 if created else 200, etag=write.etag)
+            return _written(201 if created else 200, write.etag, note)
         raise XCAPError(503, None, "too many concurrent writers")
 
     def _validate(
@@ -611,10 +616,9 @@ class XCAPResource(Resource):
         if consent is not None:
             check_consent_scope(root, consent.list_uri)
 
-    def _check_document(self, document: sel.DocumentSelector, body: bytes) -> None:
+    def _check_document(self, document: sel.DocumentSelector, body: bytes) -> DocumentNote | None:
         check = self.document_checks.get(document.auid)
-        if check is not None:
-            check(document, body)
+        return check(document, body) if check is not None else None
 
     async def _after_write(
         self, consent: PendingConsent | None, root: etree._Element | None
@@ -705,6 +709,13 @@ def _peer(request: Request) -> str:
 def _parse_stored(stored: StoredDocument) -> etree._Element:
     # Stored documents were validated on the way in; only the size bound is relaxed.
     return parse_document(stored.body, max(len(stored.body), 1))
+
+
+def _written(status: int, etag: str, note: DocumentNote | None) -> Response:
+    """A write's success response, carrying the document check's note if it made one."""
+    if note is None:
+        return Response(status, etag=etag)
+    return Response(status, note[0], note[1], etag=etag)
 
 
 def _check_document_conditions(stored: StoredDocument | None, conditions: _Conditions) -> None:

@@ -22,10 +22,13 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
     Rule ``id`` values are unique within the ruleset.
 ``resource-lists``
     RFC 4826 lists (``urn:ietf:params:xml:ns:resource-lists``,
-    ``application/resource-lists+xml``).  Uniqueness per RFC 4826 §3.4.4: ``list``
-    names among siblings, and within one list the ``entry`` URIs, ``entry-ref`` refs
-    and ``external`` anchors.  URIs are compared as exact strings (stricter URI
-    equivalence is left to the SIP side).
+    ``application/resource-lists+xml``).  The constraints of RFC 4826 §3.4.5:
+    uniqueness of ``list`` names among siblings and, within one list, of the ``entry``
+    URIs, ``entry-ref`` refs and ``external`` anchors (compared as exact strings);
+    an ``entry-ref`` is a relative HTTP URI below the XCAP root, an ``external``
+    anchor an absolute HTTP(S) URI.  Nothing more: entries may use any URI scheme
+    and lists need no name.  Which lists the relay routes is the SIP side's business
+    (``relayd.sip.urilist``); it never makes a document unstorable.
 ``xcap-caps``
     RFC 4825 §12 server capabilities, generated from this registry, read-only.
 
@@ -37,6 +40,7 @@ per process.  lxml validators are not shared across threads: validate on one thr
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +178,7 @@ def _list_path(element: etree._Element) -> str:
 
 
 def _check_resource_lists(root: etree._Element) -> None:
-    """RFC 4826 §3.4.4 uniqueness constraints."""
+    """RFC 4826 §3.4.5 uniqueness constraints."""
     conflicts: list[Exists] = []
     containers = [root, *root.iter(_RL_LIST)]
     for container in containers:
@@ -213,7 +217,6 @@ def check_consent_scope(root: etree._Element, list_uri: str) -> None:
 
 
 _CP_ONE = "{urn:ietf:params:xml:ns:common-policy}one"
-_RL_ENTRY = "{urn:ietf:params:xml:ns:resource-lists}entry"
 
 
 def _require_sip_uris(root: etree._Element, tag: str, attribute: str, what: str) -> None:
@@ -236,8 +239,65 @@ def _check_consent_rules(root: etree._Element) -> None:
     _require_sip_uris(root, _CP_ONE, "id", "identity")
 
 
-def _check_list_entries(root: etree._Element) -> None:
-    _require_sip_uris(root, _RL_ENTRY, "uri", "entry")
+# RFC 3986 §2: unreserved, reserved and percent-encoded octets; nothing else.
+_URI_TEXT = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+\Z")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _entry_ref_problem(ref: str) -> str | None:
+    """Why ``ref`` is not a relative HTTP URI resolving below the XCAP root, or None.
+
+    A scheme, an authority (``//host``) or an absolute path would leave the root,
+    and so would ``..`` segments climbing above it."""
+    if not _URI_TEXT.match(ref):
+        return "is not a URI reference (RFC 3986 characters, percent-encoded)"
+    if _SCHEME.match(ref):
+        return "must be relative to the XCAP root, not an absolute URI"
+    if ref.startswith("/"):
+        return "must be relative to the XCAP root, not start with /"
+    depth = 0
+    for segment in re.split(r"[?#]", ref, maxsplit=1)[0].split("/"):
+        depth += -1 if segment == ".." else 0 if segment in ("", ".") else 1
+        if depth < 0:
+            return "must stay below the XCAP root (.. climbs above it)"
+    return None
+
+
+def _external_problem(anchor: str) -> str | None:
+    """Why ``anchor`` is not an absolute HTTP(S) URI, or None."""
+    if not _URI_TEXT.match(anchor):
+        return "is not a URI (RFC 3986 characters, percent-encoded)"
+    scheme, colon, rest = anchor.partition(":")
+    if not colon or scheme.lower() not in ("http", "https") or not rest.startswith("//"):
+        return "must be an absolute http: or https: URI"
+    if not rest[2:].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]:
+        return "must name a host"
+    return None
+
+
+_RL_REFERENCES = (
+    (_RL_ENTRY_REF, "ref", _entry_ref_problem),
+    (_RL_EXTERNAL, "anchor", _external_problem),
+)
+
+
+def _check_list_references(root: etree._Element) -> None:
+    """RFC 4826 §3.4.5: an ``entry-ref`` ref is a relative HTTP URI whose base is the
+    XCAP root; an ``external`` anchor is an absolute HTTP URI.  Violations are 409
+    ``constraint-failure`` naming the node."""
+    for tag, attribute, problem in _RL_REFERENCES:
+        for element in root.iter(tag):
+            value = element.get(attribute, "")
+            reason = problem(value)
+            if reason is not None:
+                parent = element.getparent()
+                path = _list_path(parent) if parent is not None else ""
+                local = etree.QName(element).localname
+                raise XCAPError(
+                    409,
+                    CONSTRAINT_FAILURE,
+                    f"{path}/{local}/@{attribute} {value[:200]!r} {reason}",
+                )
 
 
 CONSENT_RULES = ApplicationUsage(
@@ -257,7 +317,7 @@ RESOURCE_LISTS = ApplicationUsage(
     root_element=_clark(RESOURCE_LISTS_NAMESPACE, "resource-lists"),
     schema_file="resource-lists.xsd",
     uniqueness_check=_check_resource_lists,
-    constraint_check=_check_list_entries,
+    constraint_check=_check_list_references,
 )
 
 XCAP_CAPS = ApplicationUsage(

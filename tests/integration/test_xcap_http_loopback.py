@@ -415,6 +415,8 @@ async def test_hostile_bodies_are_refused_and_nothing_stored(
     if condition is not None:
         assert reply.xcap_error() == condition
     assert (await running.client.request("GET", path)).code == 404
+    stored = await running.client.put(path, ROUTABLE_LISTS, "application/resource-lists+xml")
+    assert (stored.code, stored.body) == (201, b"")
     assert running.changes == []
 
 
@@ -447,3 +449,87 @@ async def test_plain_http_on_loopback_when_configured(start_xcap: StartXCAP) -> 
     assert running.xcap.public_url.startswith(f"http://{HOST}:")
     reply = await running.client.put(running.path(), ruleset(rule("a")))
     assert reply.code == 201
+
+
+RL = "urn:ietf:params:xml:ns:resource-lists"
+# OpenXCAP's test document (RFC 4826 §3.3's example) plus what the relay cannot route.
+ENTRY_REF = (
+    "resource-lists/users/sip:bill@example.com/index/~~/resource-lists/"
+    "list%5b@name=%22list1%22%5d/entry%5b@uri=%22sip:petri@example.com%22%5d"
+)
+EXTERNAL = (
+    "http://xcap.example.org/resource-lists/users/sip:a@example.org/index/~~/"
+    "resource-lists/list%5b@name=%22mkting%22%5d"
+)
+SHARED_LISTS = f"""<?xml version="1.0" encoding="UTF-8"?>
+<resource-lists xmlns="{RL}">
+  <list name="friends">
+    <entry uri="sip:bill@example.com"><display-name>Bill Doe</display-name></entry>
+    <entry uri="mailto:bill@example.com"/>
+    <entry-ref ref="{ENTRY_REF}"/>
+    <list name="close-friends">
+      <entry uri="tel:+15551234"/>
+      <external anchor="{EXTERNAL}"/>
+    </list>
+  </list>
+  <list><entry uri="sip:joe@example.com"/></list>
+  <list name="work mates"><entry uri="http://example.com/~joe"/></list>
+</resource-lists>""".encode()
+
+ROUTABLE_LISTS = (
+    (SHARED_LISTS.split(b"\n  <list><entry")[0] + b"\n</resource-lists>")
+    .replace(b'\n    <entry uri="mailto:bill@example.com"/>', b"")
+    .replace(b'\n      <entry uri="tel:+15551234"/>', b"")
+)
+
+
+@async_test
+async def test_any_rfc4826_lists_document_is_stored_and_served(start_xcap: StartXCAP) -> None:
+    """Lists and entries the relay cannot route are kept; the PUT says which and why."""
+    running = await start_xcap()
+    client = running.client
+    path = running.path(auid="resource-lists")
+    put = await client.put(path, SHARED_LISTS, "application/resource-lists+xml")
+    assert put.code == 201, put
+    assert put.header("Content-Type") == "application/vnd.relayd.list-report+xml"
+    report = etree.fromstring(put.body)
+    items = [(item.get("node"), item.get("uri")) for item in report]
+    assert items == [
+        (
+            'resource-lists/list[@name="friends"]/entry[@uri="mailto:bill@example.com"]',
+            "mailto:bill@example.com",
+        ),
+        (
+            'resource-lists/list[@name="friends"]/list[@name="close-friends"]/entry[@uri="tel:+15551234"]',
+            "tel:+15551234",
+        ),
+        ("resource-lists/list[2]", None),
+        ('resource-lists/list[@name="work mates"]', None),
+        (
+            'resource-lists/list[@name="work mates"]/entry[@uri="http://example.com/~joe"]',
+            "http://example.com/~joe",
+        ),
+    ]
+    assert all(item.get("reason") for item in report)
+    get = await client.request("GET", path)
+    assert (get.code, get.body, get.etag) == (200, SHARED_LISTS, put.etag)
+    # A document the relay routes whole is answered as before: no body.
+    again = await client.put(path, ROUTABLE_LISTS, "application/resource-lists+xml")
+    assert (again.code, again.body, again.header("Content-Type")) == (200, b"", None)
+
+
+@async_test
+async def test_list_references_outside_the_root_are_refused(start_xcap: StartXCAP) -> None:
+    """RFC 4826 §3.4.5: entry-ref relative to the XCAP root, external absolute HTTP."""
+    running = await start_xcap()
+    path = running.path(auid="resource-lists")
+    for old, new in (
+        (b'ref="resource-lists/', b'ref="http://xcap.example.org/resource-lists/'),
+        (b'anchor="http://xcap.example.org/', b'anchor="resource-lists/'),
+    ):
+        body = ROUTABLE_LISTS.replace(old, new)
+        refused = await running.client.put(path, body, "application/resource-lists+xml")
+        assert (refused.code, refused.xcap_error()) == (409, "constraint-failure")
+    assert (await running.client.request("GET", path)).code == 404
+    stored = await running.client.put(path, ROUTABLE_LISTS, "application/resource-lists+xml")
+    assert (stored.code, stored.body) == (201, b"")

@@ -21,19 +21,25 @@ from relayd.ctl.xcap import (
     find_rules,
     grant_rule,
     http_error_line,
+    lists_table,
     make_rule,
     new_resource_lists,
     new_ruleset,
+    not_routable,
     parse_xcap_document,
     remove_list,
     remove_members,
     remove_rules,
     render_json,
     render_table,
+    report_of,
     rule_id_for,
     rules_table,
+    unroutable_json,
+    unroutable_lines,
     xcap_trust,
 )
+from relayd.sip.urilist import Unroutable, build_list_report
 from relayd.xcap.client import XCAPResponse, document_path, node_path
 from relayd.xcap.errors import SCHEMA_VALIDATION_ERROR, XCAPError
 from relayd.xcap.policy import is_permitted
@@ -41,6 +47,8 @@ from relayd.xcap.usages import CONSENT_RULES, RESOURCE_LISTS
 from relayd.xcap.xml import serialize_document
 
 LIST = "sip:friends@relay.example.test"
+DOMAIN = "relay.example.test"
+RL_ROOT = "{urn:ietf:params:xml:ns:resource-lists}resource-lists"
 BOB = "sip:bob@example.test"
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -119,8 +127,8 @@ def test_parse_refuses_a_document_of_another_kind() -> None:
 
 def test_list_members_added_once_and_removed() -> None:
     root = new_resource_lists()
-    assert add_members(root, "friends", [BOB, BOB, "sip:c@x"]) == ([BOB, "sip:c@x"], True)
-    assert add_members(root, "friends", [BOB]) == ([], False)
+    assert add_members(root, "friends", [BOB, BOB, "sip:c@x"], DOMAIN) == ([BOB, "sip:c@x"], True)
+    assert add_members(root, "friends", [BOB], DOMAIN) == ([], False)
     RESOURCE_LISTS.validate(root)
     assert remove_members(root, "friends", [BOB]) == [BOB]
     [view] = describe_lists(root)
@@ -136,11 +144,61 @@ def test_list_members_added_once_and_removed() -> None:
         remove_list(root, "friends")
 
 
-def test_lists_take_a_name_and_remove_members_or_all() -> None:
+def test_lists_creates_only_lists_the_relay_routes_but_edits_any() -> None:
+    """A list relayctl is asked to create is meant to be a list URI: refused, nothing
+    changed, when its name cannot make one; one another client made is still edited."""
+    shared = parse_xcap_document(
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        b'<list name="my friends"><entry uri="mailto:bob@x.test"/></list></resource-lists>',
+        RL_ROOT,
+    )
+    before = serialize_document(shared)
+    for bad in ("sip:friends@relay.test", "friends@relay.test", "new friends", ""):
+        with pytest.raises(CtlError, match=r"list's name.*creates no list the relay cannot route"):
+            add_members(shared, bad, [BOB], DOMAIN)
+        assert serialize_document(shared) == before
+    assert add_members(shared, "my friends", [BOB], DOMAIN) == ([BOB], False)
+    RESOURCE_LISTS.validate(shared)
+
+
+def test_lists_say_what_the_relay_does_not_route() -> None:
+    shared = parse_xcap_document(
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        b'<list name="my friends"><entry uri="sip:bob@x.test"/></list>'
+        b'<list name="ok"><entry uri="mailto:bob@x.test"/><entry uri="sip:c@x.test"/></list>'
+        b"<list/></resource-lists>",
+        RL_ROOT,
+    )
+    skipped = not_routable(shared, DOMAIN)
+    assert unroutable_lines(skipped).splitlines() == [
+        "not routed: list my friends: the name 'my friends' cannot be the user part of a list URI",
+        "not routed: list ok, entry mailto:bob@x.test: mailto: URIs are not relayed"
+        " (only sip: and sips:)",
+        "not routed: resource-lists/list[3]: a list without a name (or cr:uri) has no list URI",
+    ]
+    assert unroutable_json(skipped[1:2], more=3) == [
+        {
+            "node": 'resource-lists/list[@name="ok"]/entry[@uri="mailto:bob@x.test"]',
+            "list": "ok",
+            "uri": "mailto:bob@x.test",
+            "reason": "mailto: URIs are not relayed (only sip: and sips:)",
+        },
+        {"more": 3},
+    ]
+    assert lists_table(describe_lists(shared)).splitlines()[3].split() == ["-", "0", "-"]
+
+
+def test_the_relays_list_report_is_read_from_a_write_answer() -> None:
+    items = [Unroutable("resource-lists/list[2]", "no name")]
+    report = build_list_report(items)
+    answer = _response(200, report, "application/vnd.relayd.list-report+xml")
+    assert report_of(answer) == (items, 0)
+    assert report_of(_response(200)) == ([], 0)
+    assert report_of(_response(200, report, "text/plain")) == ([], 0)
+
+
+def test_lists_remove_takes_members_or_all() -> None:
     parser = ctl.build_parser()
-    for bad in ("sip:friends@relay.test", "friends@relay.test", "my friends", ""):
-        with pytest.raises(CtlError, match="list's name"):
-            check_arguments(parser.parse_args(["lists", "add", bad, BOB]))
     check_arguments(parser.parse_args(["lists", "add", "friends", BOB]))
     check_arguments(parser.parse_args(["lists", "remove", "friends", BOB]))
     check_arguments(parser.parse_args(["lists", "remove", "friends", "--all"]))

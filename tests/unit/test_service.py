@@ -218,3 +218,19 @@ def test_extra_cert_chain_without_certificates_is_refused_by_prepare(tmp_path: P
     assert str(info.value) == (
         f"command line: [msrp] listen: extraCertChain: {garbage}: no certificate found"
     )
+
+
+def test_a_lists_file_entry_the_relay_cannot_route_stops_start(tmp_path: Path) -> None:
+    """The store keeps such entries (docs/consent.md); the file only defines routes."""
+    lists = tmp_path / "lists.xml"
+    lists.write_bytes(
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        b'<list name="staff"><entry uri="sip:bob@x.test"/><entry uri="mailto:bob@x.test"/>'
+        b"</list></resource-lists>"
+    )
+    with pytest.raises(ConfigError) as info:
+        prepare(load_config(None, overrides(tmp_path, sip__lists=str(lists))))
+    assert str(info.value).endswith(
+        '[sip] lists: resource-lists/list[@name="staff"]/entry[@uri="mailto:bob@x.test"]:'
+        " mailto: URIs are not relayed (only sip: and sips:)"
+    )

@@ -20,7 +20,7 @@ from relayd.sip.consent import (
 )
 from relayd.sip.message import Headers, SIPRequest, SIPStatus
 from relayd.sip.uri import SIPURI
-from relayd.sip.urilist import URIList
+from relayd.sip.urilist import URIList, parse_list_report
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import ConsentState, MemoryPermissionStore
@@ -301,18 +301,41 @@ def test_a_list_uri_belongs_to_the_document_that_took_it_first() -> None:
     assert _refusal(directory, alice, "index", _lists("staff")) is not None
     by_uri = _refusal(directory, alice, "index", _lists("x", uri="sip:bob@relay.test"))
     assert by_uri is not None and by_uri.exists[0].field.endswith("@cr:uri")
-    foreign = _refusal(directory, alice, "index", _lists("x", uri="sip:x@elsewhere.test"))
-    assert foreign is not None and foreign.condition == "constraint-failure"
-    # A name that makes no list URI would disable the whole document: refused.
-    for bad in ("sip:friends@relay.test", "a@b"):
-        unusable = _refusal(directory, alice, "index", _lists("ok", bad))
-        assert unusable is not None and (unusable.status, unusable.condition) == (
-            409,
-            "constraint-failure",
-        )
     # Once bob lets go of it, the name is free.
     _result(store.delete_document("resource-lists", bob, "index"))
     assert _refusal(directory, alice, "index", _lists("club")) is None
+
+
+def test_lists_the_relay_cannot_route_are_stored_and_reported() -> None:
+    store = MemoryPermissionStore()
+    directory = ListDirectory(store, "relay.test", ["127.0.0.1"])
+    store.add_listener(directory.store_changed)
+    alice = "sip:alice@relay.test"
+    body = _lists("ok", "sip:friends@relay.test", "a@b")[: -len("</resource-lists>")] + (
+        b'<list cr:uri="sip:x@elsewhere.test"/><list name="mixed">'
+        b'<entry uri="mailto:bob@x.test"/><entry uri="sip:bob@x.test"/></list></resource-lists>'
+    )
+    selector = DocumentSelector("resource-lists", alice, "index")
+    note = directory.check_document(selector, body)
+    assert note is not None and note[1] == "application/vnd.relayd.list-report+xml"
+    items, more = parse_list_report(note[0])
+    assert more == 0
+    assert [(item.node, item.uri) for item in items] == [
+        ('resource-lists/list[@name="sip:friends@relay.test"]', None),
+        ('resource-lists/list[@name="a@b"]', None),
+        ("resource-lists/list[4]", None),
+        ('resource-lists/list[@name="mixed"]/entry[@uri="mailto:bob@x.test"]', "mailto:bob@x.test"),
+    ]
+    assert items[2].reason == "sip:x@elsewhere.test is not in domain relay.test"
+    # Stored, the routable lists work and the rest is skipped without a word.
+    _result(store.put_document("resource-lists", alice, "index", body))
+    ok = directory.lookup(SIPURI.parse("sip:ok@relay.test"))
+    assert ok is not None and ok.members == ("sip:carol@x.test",)
+    mixed = directory.lookup(SIPURI.parse("sip:mixed@relay.test"))
+    assert mixed is not None and mixed.members == ("sip:bob@x.test",)
+    assert directory.lookup(SIPURI.parse("sip:x@elsewhere.test")) is None
+    # A document the relay routes whole gets no note.
+    assert directory.check_document(selector, _lists("ok")) is None
 
 
 def test_a_list_held_first_keeps_it_when_a_racing_document_lands() -> None:

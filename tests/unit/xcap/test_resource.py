@@ -959,6 +959,24 @@ def test_an_applications_document_check_refuses_whole_and_node_writes(xcap: Harn
     assert xcap.stored() == ruleset(rule("a"))
 
 
+def test_a_document_checks_note_is_the_body_of_the_write_response(xcap: Harness) -> None:
+    def note_on_b(document: DocumentSelector, body: bytes) -> tuple[bytes, str] | None:
+        return (b"<note/>", "application/x-note+xml") if b'id="b"' in body else None
+
+    xcap.resource.document_checks["consent-rules"] = note_on_b
+    plain = xcap.put(doc_path(), ruleset(rule("a")))
+    assert (plain.code, plain.body, plain.header("Content-Type")) == (201, b"", None)
+    node = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
+    assert (node.code, node.body, node.header("Content-Type")) == (
+        201,
+        b"<note/>",
+        "application/x-note+xml",
+    )
+    assert node.etag == xcap.get(doc_path()).etag
+    whole = xcap.put(doc_path(), ruleset(rule("a"), rule("b")))
+    assert (whole.code, whole.body) == (200, b"<note/>")
+
+
 # -- events and failures ----------------------------------------------------------
 
 

@@ -208,7 +208,93 @@ def test_consent_rule_uris_must_be_sip_uris(old: bytes, new: bytes) -> None:
     assert "is not a SIP URI" in (error.detail or "")
 
 
-def test_list_entries_must_be_sip_uris() -> None:
-    bad = LISTS_DOC.replace(b'uri="sip:carol@example.test"', b'uri="carol at home"')
-    error = _fails(bad, "constraint-failure")
-    assert "carol at home" in (error.detail or "")
+@pytest.mark.parametrize(
+    "uri", [b"mailto:carol@example.test", b"http://example.test/carol", b"tel:+15551234"]
+)
+def test_list_entries_may_use_any_uri_scheme(uri: bytes) -> None:
+    """RFC 4826 types entry/@uri as anyURI: what the relay routes is not the store's rule."""
+    RESOURCE_LISTS.validate(
+        parse_document(LISTS_DOC.replace(b'uri="sip:carol@example.test"', b'uri="' + uri + b'"'))
+    )
+
+
+def test_lists_need_no_name() -> None:
+    RESOURCE_LISTS.validate(parse_document(LISTS_DOC.replace(b'<list name="family"/>', b"<list/>")))
+
+
+ENTRY_REF = b'ref="resource-lists/users/sip:a@x/index/~~/resource-lists/list/entry"'
+EXTERNAL = b'anchor="http://xcap.example.test/resource-lists/users/sip:a@x/index"'
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        b"resource-lists/users/sip:bill@example.com/index/~~/resource-lists/"
+        b"list%5b@name=%22list1%22%5d/entry%5b@uri=%22sip:petri@example.com%22%5d",
+        b"resource-lists/users/sip:a@x/../sip:b@x/index/~~/resource-lists/list/entry",
+    ],
+)
+def test_entry_ref_relative_to_the_xcap_root_is_accepted(ref: bytes) -> None:
+    RESOURCE_LISTS.validate(parse_document(LISTS_DOC.replace(ENTRY_REF, b'ref="' + ref + b'"')))
+
+
+@pytest.mark.parametrize(
+    ("ref", "reason"),
+    [
+        (b"http://xcap.example.test/resource-lists/users/sip:a@x/index", "absolute URI"),
+        (b"sip:bob@example.test", "absolute URI"),
+        (b"//evil.test/resource-lists/users/sip:a@x/index", "not start with /"),
+        (b"/xcap-root/resource-lists/users/sip:a@x/index", "not start with /"),
+        (b"../../etc/passwd", "below the XCAP root"),
+        (b"resource-lists/../../outside", "below the XCAP root"),
+        (b"resource-lists/users/sip:a@x/my index", "RFC 3986"),
+    ],
+)
+def test_entry_ref_must_be_relative_below_the_root(ref: bytes, reason: str) -> None:
+    doc = LISTS_DOC.replace(ENTRY_REF, b"ref='" + ref + b"'")
+    error = _fails(doc, "constraint-failure")
+    detail = error.detail or ""
+    assert 'resource-lists/list[@name="friends"]/entry-ref/@ref' in detail
+    assert reason in detail
+
+
+@pytest.mark.parametrize(
+    "anchor",
+    [
+        b"https://xcap.example.test/resource-lists/users/sip:a@x/index",
+        b"HTTP://xcap.example.test:8080/resource-lists/users/sip:a@x/index/~~/resource-lists/"
+        b"list%5b@name=%22mkting%22%5d",
+    ],
+)
+def test_external_absolute_http_uri_is_accepted(anchor: bytes) -> None:
+    RESOURCE_LISTS.validate(
+        parse_document(LISTS_DOC.replace(EXTERNAL, b'anchor="' + anchor + b'"'))
+    )
+
+
+@pytest.mark.parametrize(
+    ("anchor", "reason"),
+    [
+        (b"resource-lists/users/sip:a@x/index", "absolute http: or https: URI"),
+        (b"/resource-lists/users/sip:a@x/index", "absolute http: or https: URI"),
+        (b"ftp://xcap.example.test/index", "absolute http: or https: URI"),
+        (b"sip:friends@example.test", "absolute http: or https: URI"),
+        (b"http:/resource-lists/users/sip:a@x/index", "absolute http: or https: URI"),
+        (b"http:///resource-lists/users/sip:a@x/index", "must name a host"),
+        (b"http://xcap.example.test/a b", "RFC 3986"),
+    ],
+)
+def test_external_must_be_an_absolute_http_uri(anchor: bytes, reason: str) -> None:
+    doc = LISTS_DOC.replace(EXTERNAL, b'anchor="' + anchor + b'"')
+    error = _fails(doc, "constraint-failure")
+    detail = error.detail or ""
+    assert 'resource-lists/list[@name="friends"]/external/@anchor' in detail
+    assert reason in detail
+
+
+def test_reference_constraints_apply_in_nested_lists() -> None:
+    doc = LISTS_DOC.replace(
+        b'<list name="inner">', b'<list name="inner"><external anchor="urn:x:y"/>'
+    )
+    error = _fails(doc, "constraint-failure")
+    assert 'list[@name="friends"]/list[@name="inner"]/external/@anchor' in (error.detail or "")
