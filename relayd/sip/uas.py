@@ -340,9 +340,9 @@ class UASCore:
         headers.append(("Supported", ", ".join(caps.supported)))
         return make_response(request, 200, headers=headers)
 
-    def _register(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+    def _register(self, txn: ServerTransaction, request: SIPRequest) -> Deferred[SIPResponse]:
         assert self.registrar is not None
-        return self.registrar.handle(request, peer=txn.source)
+        return ensureDeferred(self.registrar.handle(request, peer=txn.source))
 
     def _cancel(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         """§9.2: 200 when the CANCEL matches a server transaction of any method, 481
