@@ -103,19 +103,37 @@ def _new_request_headers(method: str, sender: str, recipient: str) -> Headers:
     return headers
 
 
-_FROM_URIS: dict[str, SIPURI] = {}
-_FROM_URIS_SIZE = 4096
+_FROMS: dict[str, NameAddr] = {}
+_FROMS_SIZE = 4096
+
+
+def _split_from(value: str) -> tuple[NameAddr, str]:
+    """A From value parsed without its tag, and the tag part (``;tag=…`` or empty).
+
+    A sender's From recurs with a new tag per request, so it is remembered without
+    the tag (a header parameter, never part of the URI)."""
+    tag = value.rfind(";tag=")
+    key, rest = (value[:tag], value[tag:]) if tag > value.rfind(">") else (value, "")
+    addr = _FROMS.get(key)
+    if addr is None:
+        addr = remember(_FROMS, _FROMS_SIZE, key, NameAddr.parse(key))
+    return addr, rest
 
 
 def _from_uri(value: str) -> SIPURI:
-    """The URI of a From value; a sender's From recurs with a new tag per request, so
-    it is remembered without the tag (a header parameter, never part of the URI)."""
-    tag = value.rfind(";tag=")
-    key = value[:tag] if tag > value.rfind(">") else value
-    uri = _FROM_URIS.get(key)
-    if uri is None:
-        uri = remember(_FROM_URIS, _FROM_URIS_SIZE, key, NameAddr.parse(key).uri)
-    return uri
+    return _split_from(value)[0].uri
+
+
+def _relayed_from(value: str) -> str:
+    """The From of a relayed copy: the sender's, without its display name.
+
+    The display name is the sender's own words, which nothing checks (the users file
+    has no names to put in its place), so relaying it would let any account appear as
+    someone else next to its asserted identity."""
+    addr, tag = _split_from(value)
+    if addr.display_name is None:
+        return value
+    return NameAddr(addr.uri, None, addr.params).format() + tag
 
 
 def _check_proxy_require(request: SIPRequest) -> None:
@@ -432,6 +450,7 @@ class ConsentRelay:
         """The proxied copy for one branch (§16.6 plus the consent headers)."""
         copy = self.proxy.forward_copy(request, branch.uri, max_forwards, loop_hash)
         fields = copy.headers._fields
+        fields["from"] = [_relayed_from(request.headers.get("from") or "")]
         fields["p-asserted-identity"] = [f"<{sender}>"]
         fields.pop("p-preferred-identity", None)  # RFC 3325 §9.1: replaced by the assertion
         fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]

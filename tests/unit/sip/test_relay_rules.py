@@ -71,6 +71,7 @@ class Relay:
         cseq: int = 1,
         contact: str | None = None,
         to: str | None = None,
+        from_display: str | None = None,
     ) -> SIPRequest:
         _, request = uac_request(
             method,
@@ -86,6 +87,8 @@ class Relay:
             authorization=authorization,
             body=b"hi" if method == "MESSAGE" else b"",
         )
+        if from_display is not None:
+            request.headers.set("From", f"{from_display} {request.headers.get('from')}")
         return request
 
     def send_authenticated(
@@ -127,6 +130,14 @@ def test_a_permitted_message_reaches_the_member_with_the_asserted_identity(relay
     copy = copies[0]
     assert copy.headers.get("P-Asserted-Identity") == f"<{ALICE}>"
     assert "P-Preferred-Identity" not in copy.headers
+
+
+def test_the_senders_display_name_is_not_relayed(relay: Relay) -> None:
+    out = relay.send_authenticated(
+        "MESSAGE", LIST, "alice", SENDER_PORT, from_display='"bob@127.0.0.1 (Bob Admin)"'
+    )
+    (copy,) = [m for m, port in out if isinstance(m, SIPRequest) and port == BOB_PORT]
+    assert copy.headers.get("From") == f"<{ALICE}>;tag=t{relay.calls}"
 
 
 def test_from_must_name_the_authenticated_sender(relay: Relay) -> None:
