@@ -533,6 +533,8 @@ class SIPService(_BoundAtStart):
         )
         d = defer.ensureDeferred(self.relay.start(owners))
         d.addErrback(lambda f: self.log.failure("SIP consent relay failed to start", f))
+        loaded = defer.ensureDeferred(self.registrar.load())
+        loaded.addErrback(lambda f: self.log.failure("restoring registrations failed", f))
         if self.overload is not None:
             self.overload.start()
 
@@ -559,7 +561,7 @@ def build_sip(
     domain = prepared.sip_domain or prepared.hostname
     authenticator = SIPAuthenticator(digest, domain)
     local_hosts = frozenset({prepared.hostname, "127.0.0.1", "localhost"})
-    registrar = Registrar(domain, reactor, authenticator, local_hosts=local_hosts)
+    registrar = Registrar(domain, reactor, authenticator, local_hosts=local_hosts, store=store)
     # A wildcard listener has no address to put in our Via: say the relay's name.
     wildcards = ("", "0.0.0.0", "::")  # noqa: S104 - compared with, not bound to
     wildcard = any(parse_endpoint(text).interface in wildcards for text in sip.listen)

@@ -6,7 +6,9 @@ transaction layer runs the INVITE server transaction that carries the 405), and 
 CONSENT, SUBSCRIBE (and any other method the consent relay adds) go to handlers plugged in
 with :meth:`UASCore.set_handler`. A known method without a handler gets 405 + Allow, an
 unknown one 501 (§8.2.1). Before dispatch: load shedding (503 + Retry-After, §21.5.4),
-``Require`` (420 + Unsupported, §8.2.2.3) and loop detection (482, §16.3 step 4).
+the Request-URI (416 for a scheme other than sip/sips, then the composer's
+:attr:`UASCore.request_uri_check`, 404, §8.2.2.1), ``Require`` (420 + Unsupported,
+§8.2.2.3) and loop detection (482, §16.3 step 4).
 
 Also here, for the relay that forwards requests: :func:`check_max_forwards` (§16.3 step 3,
 483) and :class:`LoopDetector`, whose branch values carry a keyed hash of the request so a
@@ -46,6 +48,7 @@ __all__ = [
     "Capabilities",
     "Handler",
     "LoopDetector",
+    "RequestURICheck",
     "UASCore",
     "check_max_forwards",
     "transaction_pressure",
@@ -79,6 +82,9 @@ Handler = Callable[[ServerTransaction, SIPRequest], object]
 """``handler(txn, request)`` returns a :class:`SIPResponse` (sent at once), ``None`` (the
 handler calls ``txn.respond`` itself, now or later) or an awaitable/Deferred resolving to
 a response. Raising (or failing with) :class:`SIPStatus` answers that status."""
+
+RequestURICheck = Callable[[SIPRequest], None]
+"""Raises :class:`SIPStatus` (404) when a request's Request-URI names nothing served here."""
 
 Screen = Callable[[SIPRequest], SIPResponse | None]
 """A stateless answer for a method's requests, or ``None`` to handle them in a transaction."""
@@ -196,6 +202,7 @@ class UASCore:
         self.overloaded = overloaded
         self.retry_after_seconds = retry_after_seconds
         self.loop_detector = loop_detector
+        self.request_uri_check: RequestURICheck | None = None
         self.transactions: TransactionLayer | None = None
         self._handlers: dict[str, Handler] = {}
         self._screens: dict[str, Screen] = {}
@@ -245,6 +252,10 @@ class UASCore:
             return None
         if self.overloaded is not None and self.overloaded():
             return None
+        try:
+            self._check_request_uri(request)
+        except SIPStatus:
+            return None
         if self._unsupported(request):
             return None
         detector = self.loop_detector
@@ -278,7 +289,8 @@ class UASCore:
             if method in KNOWN_METHODS:
                 raise SIPStatus(405, headers=[("Allow", self._allow)])
             raise SIPStatus(501)
-        if method != "CANCEL":
+        if method != "CANCEL":  # §9.2: matched to its request, whatever it names
+            self._check_request_uri(request)
             unsupported = self._unsupported(request)
             if unsupported:
                 raise SIPStatus(420, headers=[("Unsupported", ", ".join(unsupported))])
@@ -287,6 +299,14 @@ class UASCore:
                 self.log.warn("loop detected for {method} {uri}", method=method, uri=request.uri)
                 raise SIPStatus(482)
         self._finish(txn, request, handler(txn, request))
+
+    def _check_request_uri(self, request: SIPRequest) -> None:
+        """§8.2.2.1: 416 for a scheme we do not support, else whatever the composer's
+        check says (404 for an address nothing here accepts requests for)."""
+        if request.uri.scheme not in ("sip", "sips"):
+            raise SIPStatus(416)
+        if self.request_uri_check is not None:
+            self.request_uri_check(request)
 
     def _unsupported(self, request: SIPRequest) -> list[str]:
         required = request.headers.get_all("require")
@@ -340,9 +360,9 @@ class UASCore:
         headers.append(("Supported", ", ".join(caps.supported)))
         return make_response(request, 200, headers=headers)
 
-    def _register(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+    def _register(self, txn: ServerTransaction, request: SIPRequest) -> Deferred[SIPResponse]:
         assert self.registrar is not None
-        return self.registrar.handle(request, peer=txn.source)
+        return ensureDeferred(self.registrar.handle(request, peer=txn.source))
 
     def _cancel(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         """§9.2: 200 when the CANCEL matches a server transaction of any method, 481

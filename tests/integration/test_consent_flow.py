@@ -54,6 +54,7 @@ from relayd.testing import grant_document as granting_rules
 from relayd.testing import write_users as write_users_file
 from relayd.tokens import redact
 from relayd.xcap.client import XCAPClient, document_path, node_path
+from relayd.xcap.usages import CONSENT_RULES_AUID
 
 from .conftest import Capability
 
@@ -840,6 +841,28 @@ async def test_waiting_subscriber_is_told_the_truth_after_a_restart(start: Start
     assert await second.xcap.call("PUT", moved, grant_document()) == 201
     granted = await alice_again.next_request("NOTIFY", renewed.call_id)
     assert [e["state"] for e in status_entries(granted)] == ["granted"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_registration_made_before_a_restart_delivers_after_it(start: Start) -> None:
+    first = await start()
+    bob = await start_ua("bob", "UDP", first)
+    await bob.register()
+    store = first.service.getServiceNamed("xcap").store
+    await store.put_document(CONSENT_RULES_AUID, BOB, "index", grant_document(target=SOLO))
+    await first.service.stopService()
+    first.service = _Stopped()
+
+    # Same data directory and UDP port, new store and registrar; bob stays silent.
+    listen = f"udp:{first.udp_port}:interface={HOST}\n" + "\n".join(
+        f"{kind}:0:interface={HOST}" for kind in ("tcp", "ssl")
+    )
+    second = await start(sip__listen=listen)
+    alice = await start_ua("alice", "UDP", second)
+    delivered = await send_message(alice, SOLO, b"after the restart")
+    assert delivered.status == 200, delivered
+    message = await bob.next_request("MESSAGE")
+    assert message.body == b"after the restart"
 
 
 @pytest_twisted.ensureDeferred

@@ -76,10 +76,9 @@ async def server() -> AsyncIterator[Server]:
     await udp.stopService()
     await tcp.stopListening()
     registrar.stop()
-    # Pending Timer J/K calls hold no sockets; cancel them so the reactor stays clean.
-    for call in reactor.getDelayedCalls():
-        if call.func.__qualname__.startswith(("ServerTransaction", "ClientTransaction")):
-            call.cancel()
+    # As the service stops it: every transaction and timer queue (Timer J/K) ends, so
+    # the reactor is clean for the next module's checks.
+    transactions.stop()
     await deferLater(reactor, 0.01, lambda: None)
 
 

@@ -41,11 +41,23 @@ class Stack:
         assert isinstance(message, SIPResponse)
         self.sent.append(message)
 
-    def send(self, method: str, *extra: tuple[str, str], branch: str | None = None) -> SIPResponse:
-        self.deliver(method, *extra, branch=branch)
+    def send(
+        self,
+        method: str,
+        *extra: tuple[str, str],
+        branch: str | None = None,
+        uri: str = "sip:relay@example.com",
+    ) -> SIPResponse:
+        self.deliver(method, *extra, branch=branch, uri=uri)
         return self.sent[-1]
 
-    def deliver(self, method: str, *extra: tuple[str, str], branch: str | None = None) -> None:
+    def deliver(
+        self,
+        method: str,
+        *extra: tuple[str, str],
+        branch: str | None = None,
+        uri: str = "sip:relay@example.com",
+    ) -> None:
         self._branch += 1
         headers = Headers(
             [
@@ -58,9 +70,7 @@ class Stack:
                 *extra,
             ]
         )
-        self.layer.request_received(
-            SIPRequest(method, SIPURI.parse("sip:relay@example.com"), headers), PEER, False
-        )
+        self.layer.request_received(SIPRequest(method, SIPURI.parse(uri), headers), PEER, False)
 
 
 def test_options_lists_capabilities() -> None:
@@ -258,6 +268,25 @@ def test_a_screen_answers_statelessly_only_where_the_handler_would_be_reached() 
     uas.set_handler("MESSAGE", None)
     uas.set_screen("MESSAGE", lambda request: make_response(request, 407))
     assert stack.send("MESSAGE").status == 405  # no handler: the screen is not asked
+
+
+def test_request_uri_is_checked_after_the_method_and_before_require() -> None:
+    """§8.2.1, then §8.2.2.1 (416 for the scheme, the composer's 404), then §8.2.2.3."""
+    uas = UASCore(CAPS)
+    stack = Stack(uas)
+    assert stack.send("OPTIONS", uri="tel:+15551234").status == 416
+    assert stack.send("INFO", uri="tel:+15551234").status == 405
+
+    def not_ours(request: SIPRequest) -> None:
+        if request.uri.host != "example.com":
+            raise SIPStatus(404, "Not Served Here")
+
+    uas.request_uri_check = not_ours
+    uas.set_screen("OPTIONS", lambda request: make_response(request, 407))
+    elsewhere = stack.send("OPTIONS", ("Require", "foo"), uri="sip:example.org")
+    assert (elsewhere.status, elsewhere.reason) == (404, "Not Served Here")  # not the 407
+    assert stack.send("OPTIONS", ("Require", "foo")).status == 420
+    assert stack.send("OPTIONS").status == 407
 
 
 def test_check_max_forwards() -> None:
