@@ -574,7 +574,28 @@ def test_element_get_missing_is_404(xcap: Harness) -> None:
 
 def test_bad_selector_is_400(xcap: Harness) -> None:
     xcap.put(doc_path(), ruleset(rule("a")))
-    assert xcap.get(doc_path() + "/~~/ruleset/rule[0]").code == 400
+    assert xcap.get(doc_path() + "/~~/ruleset/rule[-1]").code == 400
+
+
+@pytest.mark.parametrize("step", ["rule[0]", "*[0]", 'rule[0][@id="a"]'])
+def test_position_zero_selects_nothing(xcap: Harness, step: str) -> None:
+    # RFC 4825 §6.3 allows position 0; it selects nothing, so no write can succeed.
+    xcap.put(doc_path(), ruleset(rule("a")))
+    path = doc_path() + "/~~/ruleset/" + step
+    assert xcap.get(path).code == 404
+    assert xcap.delete(path).code == 404
+    put = xcap.put(path, b'<rule id="a"/>', EL)
+    assert (put.code, put.xcap_error()) == (409, "cannot-insert")
+    assert xcap.stored() == ruleset(rule("a"))
+
+
+def test_not_xml_frag_phrase_points_into_the_body(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    body = b'<rule id="b">\n  <conditions>\n</rule>'
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', body, EL)
+    assert reply.xcap_error() == "not-xml-frag"
+    phrase = etree.fromstring(reply.body)[0].get("phrase")
+    assert phrase is not None and phrase.endswith("at line 3, column 8"), phrase
 
 
 def test_attribute_get_put_delete(xcap: Harness) -> None:
@@ -929,7 +950,7 @@ def test_token_is_never_logged(xcap: Harness, logged: list[LogEvent]) -> None:
     path = doc_path(name=permission_document_name(consent.permission_token))
     xcap.put(path, ruleset(rule("bob")), user=None)
     xcap.put(path, b"<broken", user=None)
-    xcap.get(path + "/~~/ruleset/rule[0]", user=None)
+    xcap.get(path + "/~~/ruleset/rule[-1]", user=None)
     xcap.get(path + "/~~/ruleset/%ff", user=None)
     assert logged
     assert not any(consent.permission_token in repr(event) for event in logged)
