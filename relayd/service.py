@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from lxml import etree
 from OpenSSL import crypto
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -64,7 +65,7 @@ from relayd.users import UsersFile, UsersFileError, generate_password
 from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
-from relayd.xcap.usages import RESOURCE_LISTS_AUID
+from relayd.xcap.usages import RESOURCE_LISTS_AUID, load_schemas
 
 log = logger()
 
@@ -432,6 +433,17 @@ class XCAPService(_BoundAtStart):
 
     def _endpoints(self) -> Sequence[str]:
         return self.prepared.config.xcap.listen
+
+    def _bind(self) -> None:
+        """Compile the schemas before serving (relayd.xcap.usages): a request never
+        reads a package file, and an installation without them does not start."""
+        try:
+            load_schemas(cast(XCAPResource, self.site.resource).usages.values())
+        except (OSError, etree.LxmlError) as e:
+            message = f"XCAP cannot load its XML schemas: {e}"
+            self.log.critical("{message}", message=message)
+            raise ListenerError(message) from None
+        super()._bind()
 
     def _bind_one(self, spec: EndpointSpec) -> None:
         xcap = self.prepared.config.xcap

@@ -32,6 +32,7 @@ from relayd.testing import (
     relay_service,
     write_users,
 )
+from relayd.xcap import usages
 from relayd.xcap.auth import permission_document_name
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
 from relayd.xcap.store import ConsentState, SQLitePermissionStore, StoreChange
@@ -251,6 +252,22 @@ async def test_service_uses_sqlite_store_in_data_dir(start_xcap: StartXCAP, tmp_
     address: Any = running.xcap.ports[0].getHost()
     port = address.port
     assert running.xcap.public_url == f"https://{HOST}:{port}/xcap-root"
+
+
+@async_test
+async def test_put_after_schema_files_are_gone(
+    start_xcap: StartXCAP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editable reinstall removes the installed .xsd files under a running daemon."""
+    usages.load_schema.cache_clear()  # as in a fresh process
+    running = await start_xcap()
+    monkeypatch.setattr(usages, "SCHEMA_DIR", tmp_path / "removed")
+    assert (await running.client.put(running.path(), ruleset(rule("a")))).code == 201
+    lists = b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"/>'
+    put = await running.client.put(
+        running.path(auid="resource-lists"), lists, "application/resource-lists+xml"
+    )
+    assert put.code == 201
 
 
 @async_test
