@@ -713,7 +713,14 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     resource = XCAPResource(
         store, authorizer, reactor, root=xcap.root, max_body_bytes=xcap.max_body_bytes
     )
-    site = XCAPSite(resource, max_body_bytes=xcap.max_body_bytes)
+    site = XCAPSite(
+        resource,
+        max_body_bytes=xcap.max_body_bytes,
+        max_header_bytes=xcap.max_header_bytes,
+        header_timeout_seconds=xcap.header_timeout_seconds,
+        max_connections=xcap.max_connections,
+        reactor=reactor,
+    )
     xcap_service = XCAPService(site, store, reactor, prepared)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)
