@@ -338,6 +338,29 @@ SCHEMA: tuple[Key, ...] = (
         "Largest XCAP request body and stored document (413 above it)",
     ),
     Key(
+        "xcap",
+        "max_header_bytes",
+        "16384",
+        _integer(1024, 1024 * 1024),
+        "Largest XCAP request line or header block (414 or 431 above it, and the"
+        " connection is closed)",
+    ),
+    Key(
+        "xcap",
+        "header_timeout_seconds",
+        "10",
+        _integer(1, 3600),
+        "Time a client has to send a request's line and headers, from connecting or from"
+        " the previous response (408 and close after it)",
+    ),
+    Key(
+        "xcap",
+        "max_connections",
+        "256",
+        _integer(1, 1_000_000),
+        "Most XCAP connections open at once; a new one beyond it is closed at once",
+    ),
+    Key(
         "sip",
         "listen",
         "udp:5060:interface=127.0.0.1\n    tcp:5060:interface=127.0.0.1",
@@ -486,6 +509,9 @@ class XCAPConfig:
     public_url: str
     admins: tuple[str, ...]
     max_body_bytes: int
+    max_header_bytes: int
+    header_timeout_seconds: int
+    max_connections: int
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from lxml import etree
 from OpenSSL import crypto
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -64,7 +65,7 @@ from relayd.users import UsersFile, UsersFileError, generate_password
 from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
-from relayd.xcap.usages import RESOURCE_LISTS_AUID
+from relayd.xcap.usages import RESOURCE_LISTS_AUID, load_schemas
 
 log = logger()
 
@@ -441,6 +442,17 @@ class XCAPService(_BoundAtStart):
     def _endpoints(self) -> Sequence[str]:
         return self.prepared.config.xcap.listen
 
+    def _bind(self) -> None:
+        """Compile the schemas before serving (relayd.xcap.usages): a request never
+        reads a package file, and an installation without them does not start."""
+        try:
+            load_schemas(cast(XCAPResource, self.site.resource).usages.values())
+        except (OSError, etree.LxmlError) as e:
+            message = f"XCAP cannot load its XML schemas: {e}"
+            self.log.critical("{message}", message=message)
+            raise ListenerError(message) from None
+        super()._bind()
+
     def _bind_one(self, spec: EndpointSpec) -> None:
         xcap = self.prepared.config.xcap
         endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
@@ -711,7 +723,14 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     resource = XCAPResource(
         store, authorizer, reactor, root=xcap.root, max_body_bytes=xcap.max_body_bytes
     )
-    site = XCAPSite(resource, max_body_bytes=xcap.max_body_bytes)
+    site = XCAPSite(
+        resource,
+        max_body_bytes=xcap.max_body_bytes,
+        max_header_bytes=xcap.max_header_bytes,
+        header_timeout_seconds=xcap.header_timeout_seconds,
+        max_connections=xcap.max_connections,
+        reactor=reactor,
+    )
     xcap_service = XCAPService(site, store, reactor, prepared)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)

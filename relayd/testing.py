@@ -18,10 +18,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -340,6 +343,37 @@ class TrustTestCA:
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+
+
+class RawProtocol(Protocol):
+    """A client that records every byte it receives; ``closed`` fires when the
+    connection is gone (for tests that speak a protocol by hand)."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed.callback(None)
+
+
+async def raw_tls(reactor: Any, host: str, port: int, ca_pem: bytes) -> RawProtocol:
+    """A :class:`RawProtocol` connected over TLS to ``host:port``, trusting ``ca_pem``."""
+    options = optionsForClientTLS(host, Certificate.loadPEM(ca_pem))
+    raw = RawProtocol()
+    await connectProtocol(SSL4ClientEndpoint(reactor, host, port, options), raw)
+    return raw
 
 
 def uac_request(

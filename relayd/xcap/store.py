@@ -31,8 +31,10 @@ working copy on disk, not documents: their writes announce no :class:`StoreChang
 from __future__ import annotations
 
 import enum
+import os
 import secrets
 import sqlite3
+import stat
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -604,6 +606,7 @@ class SQLitePermissionStore:
 
     def __init__(self, path: str, reactor: IReactorThreads | IReactorTime) -> None:
         self._path = path
+        self._restrict_files()
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
@@ -615,6 +618,37 @@ class SQLitePermissionStore:
             cp_reactor=reactor,
         )
         self._listeners = _Listeners()
+
+    def _restrict_files(self) -> None:
+        """The store and its ``-wal``/``-shm`` files are 0600: they hold every user's
+        rules and lists and the Permission-URI tokens.
+
+        The database is created here, 0600 and empty, before SQLite opens it; SQLite
+        gives the ``-wal`` and ``-shm`` files it creates the database's mode.  Files of
+        ours left wider by an older relayd are tightened, with a log line; files of
+        another owner are theirs to set.  Runs once, before anything is served.
+        """
+        try:
+            descriptor = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.fchmod(descriptor, 0o600)  # whatever the umask
+            os.close(descriptor)
+        for name in (self._path, self._path + "-wal", self._path + "-shm"):
+            try:
+                info = os.stat(name)
+            except FileNotFoundError:
+                continue
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & 0o077 == 0 or info.st_uid != os.geteuid():
+                continue
+            os.chmod(name, 0o600)
+            self.log.warn(
+                "Store file {path} had mode {mode}; changed it to 0600",
+                path=name,
+                mode=f"{mode:04o}",
+            )
 
     def _interact(self, interaction: Callable[..., _T], *args: object) -> Deferred[_T]:
         result: Deferred[_T] = self._pool.runInteraction(interaction, *args)

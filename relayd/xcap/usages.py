@@ -33,8 +33,10 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
     RFC 4825 §12 server capabilities, generated from this registry, read-only.
 
 Schemas live in ``relayd/xcap/schemas`` (see the README there) and are compiled once
-per process.  lxml validators are not shared across threads: validate on one thread
-(the reactor's).
+per process, when the XCAP service starts (:func:`load_schemas`): a reinstall that
+replaces the package's files under a running daemon must not break validation, and an
+installation without them must not start.  lxml validators are not shared across
+threads: validate on one thread (the reactor's).
 """
 
 from __future__ import annotations
@@ -81,6 +83,16 @@ def load_schema(file_name: str) -> etree.XMLSchema:
     """Compile a shipped schema; imports resolve only to files next to it."""
     document = etree.parse(str(SCHEMA_DIR / file_name), make_parser())
     return etree.XMLSchema(document)
+
+
+def load_schemas(usages: Iterable[ApplicationUsage]) -> None:
+    """Compile every schema ``usages`` validate with, now (see the module docstring).
+
+    Raises OSError or :class:`lxml.etree.LxmlError` for a missing or broken file.
+    """
+    for usage in usages:
+        if usage.schema_file is not None:
+            load_schema(usage.schema_file)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
+from relayd import testing
 from relayd.msrp.client import MSRPClientError, MSRPClientProtocol, connect
-from relayd.testing import RelayPKI
+from relayd.testing import RawProtocol, RelayPKI
 
 from .conftest import USERS, RecordingSink, RelayFactory, client, deferLater, path_to
 
@@ -26,27 +27,8 @@ def send(
     ).addTimeout(30, reactor)
 
 
-class RawProtocol(protocol.Protocol):
-    def __init__(self) -> None:
-        self.received = b""
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(None)
-
-
 async def raw_tls(relay: Any, pki: RelayPKI) -> RawProtocol:
-    from twisted.internet.endpoints import SSL4ClientEndpoint
-    from twisted.internet.ssl import Certificate, optionsForClientTLS
-
-    options = optionsForClientTLS("127.0.0.1", Certificate.loadPEM(pki.ca_pem))
-    endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", relay.port, options)
-    raw = RawProtocol()
-    await connectProtocol(endpoint, raw)
-    return raw
+    return await testing.raw_tls(reactor, "127.0.0.1", relay.port, pki.ca_pem)
 
 
 @pytest_twisted.ensureDeferred

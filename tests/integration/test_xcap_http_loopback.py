@@ -19,19 +19,23 @@ from lxml import etree
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from relayd.digest import ha1, parse_challenge, request_digest
 from relayd.service import XCAPService
 from relayd.testing import (
+    RawProtocol,
     RelayPKI,
     TrustTestCA,
     prepared_relay,
+    raw_tls,
     relay_config_overrides,
     relay_service,
     write_users,
 )
+from relayd.xcap import usages
 from relayd.xcap.auth import permission_document_name
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
 from relayd.xcap.store import ConsentState, SQLitePermissionStore, StoreChange
@@ -189,6 +193,12 @@ class RunningXCAP:
     client: XCAPClient
     root: str
     changes: list[StoreChange]
+    port: int
+    ca_pem: bytes
+
+    async def raw(self) -> RawProtocol:
+        """A TLS connection on which the test speaks HTTP by hand."""
+        return await raw_tls(reactor, HOST, self.port, self.ca_pem)
 
     def path(self, xui: str = ALICE, name: str = "index", auid: str = "consent-rules") -> str:
         return f"{self.root}/{auid}/users/{xui}/{name}"
@@ -204,7 +214,9 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
     users = write_users(tmp_path / "users.htdigest", REALM, USERS)
 
     async def factory(
-        data_dir: str = "data", listen: str = f"ssl:0:interface={HOST}"
+        data_dir: str = "data",
+        listen: str = f"ssl:0:interface={HOST}",
+        **xcap_keys: str,
     ) -> RunningXCAP:
         overrides = relay_config_overrides(
             str(tmp_path / data_dir),
@@ -216,6 +228,7 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
                 ("xcap", "listen"): listen,
                 ("xcap", "admins"): "root",
                 ("xcap", "max_body_bytes"): str(MAX_BODY),
+                **{("xcap", name): value for name, value in xcap_keys.items()},
             },
         )
         service = relay_service(prepared_relay(overrides), reactor)
@@ -230,7 +243,7 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
         client = XCAPClient(f"{scheme}://{HOST}:{port}", pki.ca_pem)
         changes: list[StoreChange] = []
         xcap.store.add_listener(changes.append)
-        return RunningXCAP(service, xcap, client, "/xcap-root", changes)
+        return RunningXCAP(service, xcap, client, "/xcap-root", changes, port, pki.ca_pem)
 
     yield factory
     for service in running:
@@ -251,6 +264,22 @@ async def test_service_uses_sqlite_store_in_data_dir(start_xcap: StartXCAP, tmp_
     address: Any = running.xcap.ports[0].getHost()
     port = address.port
     assert running.xcap.public_url == f"https://{HOST}:{port}/xcap-root"
+
+
+@async_test
+async def test_put_after_schema_files_are_gone(
+    start_xcap: StartXCAP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editable reinstall removes the installed .xsd files under a running daemon."""
+    usages.load_schema.cache_clear()  # as in a fresh process
+    running = await start_xcap()
+    monkeypatch.setattr(usages, "SCHEMA_DIR", tmp_path / "removed")
+    assert (await running.client.put(running.path(), ruleset(rule("a")))).code == 201
+    lists = b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"/>'
+    put = await running.client.put(
+        running.path(auid="resource-lists"), lists, "application/resource-lists+xml"
+    )
+    assert put.code == 201
 
 
 @async_test
@@ -415,8 +444,6 @@ async def test_hostile_bodies_are_refused_and_nothing_stored(
     if condition is not None:
         assert reply.xcap_error() == condition
     assert (await running.client.request("GET", path)).code == 404
-    stored = await running.client.put(path, ROUTABLE_LISTS, "application/resource-lists+xml")
-    assert (stored.code, stored.body) == (201, b"")
     assert running.changes == []
 
 
@@ -533,3 +560,92 @@ async def test_list_references_outside_the_root_are_refused(start_xcap: StartXCA
     assert (await running.client.request("GET", path)).code == 404
     stored = await running.client.put(path, ROUTABLE_LISTS, "application/resource-lists+xml")
     assert (stored.code, stored.body) == (201, b"")
+
+
+# -- limits on the wire: answered at once, over real sockets -------------------------
+
+
+async def closed_within(raw: RawProtocol, seconds: float = TIMEOUT_SECONDS) -> bytes:
+    await raw.closed.addTimeout(seconds, reactor)
+    return raw.received
+
+
+def put_head(path: str, length: int) -> bytes:
+    return (
+        f"PUT {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {AUTH_POLICY}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+@async_test
+async def test_declared_oversized_body_is_413_before_it_is_sent(start_xcap: StartXCAP) -> None:
+    running = await start_xcap()
+    raw = await running.raw()
+    raw.send(put_head(running.path(), 100_000_000))  # and no body at all
+    started = reactor.seconds()
+    received = await closed_within(raw)
+    assert received.startswith(b"HTTP/1.1 413 "), received
+    assert reactor.seconds() - started < 2  # at once, not after a timeout
+    assert (await running.client.request("GET", running.path())).code == 404
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"X-Big: " + b"a" * 20_000 + b"\r\n", b"431"),
+        (b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 40) for i in range(400)), b"431"),
+    ],
+    ids=["one-long-line", "many-lines"],
+)
+@async_test
+async def test_oversized_header_block_is_answered_and_closed(
+    start_xcap: StartXCAP, head: bytes, status: bytes
+) -> None:
+    running = await start_xcap()
+    raw = await running.raw()
+    raw.send(f"GET {running.path()} HTTP/1.1\r\nHost: {HOST}\r\n".encode() + head)
+    received = await closed_within(raw)
+    assert received.startswith(b"HTTP/1.1 " + status + b" "), received
+
+
+@async_test
+async def test_trickling_head_is_cut_off(start_xcap: StartXCAP) -> None:
+    running = await start_xcap(header_timeout_seconds="1")
+    raw = await running.raw()
+    raw.send(f"GET {running.path()} HTTP/1.1\r\n".encode())
+    started = reactor.seconds()
+    sent = 0
+    while not raw.closed.called and reactor.seconds() - started < TIMEOUT_SECONDS:
+        await deferLater(reactor, 0.2, lambda: None)
+        if not raw.closed.called:
+            raw.send(b"X-Slow-%d: v\r\n" % sent)  # well inside the idle timeout
+            sent += 1
+    assert raw.closed.called
+    assert raw.received.startswith(b"HTTP/1.1 408 "), raw.received
+    assert 1 <= reactor.seconds() - started < 4
+    assert sent >= 3
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(int(TIMEOUT_SECONDS / 0.05)):
+        if condition():
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("condition not reached")
+
+
+@async_test
+async def test_connection_beyond_the_cap_is_closed(start_xcap: StartXCAP) -> None:
+    running = await start_xcap(max_connections="2")
+    site = running.xcap.site
+    first, second = await running.raw(), await running.raw()
+    await until(lambda: site.connections == 2)
+    third = await running.raw()
+    assert await closed_within(third) == b""
+    assert not first.closed.called and not second.closed.called
+    assert site.connections == 2
+
+    first.close()
+    await closed_within(first)
+    await until(lambda: site.connections == 1)
+    assert (await running.client.request("GET", running.path(), user=None)).code == 401

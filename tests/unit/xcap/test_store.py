@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from relayd.testing import captured_log
 from relayd.xcap.store import (
     SCHEMA_VERSION,
     ConsentState,
@@ -394,6 +396,56 @@ async def test_sqlite_file_uses_wal_and_versioned_schema(tmp_path: Path) -> None
         ]
     finally:
         connection.close()
+
+
+def _modes(path: Path) -> dict[str, int]:
+    return {
+        suffix: stat.S_IMODE(Path(f"{path}{suffix}").stat().st_mode)
+        for suffix in ("", "-wal", "-shm")
+    }
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@async_test
+async def test_sqlite_files_are_created_0600(tmp_path: Path, open_umask: None) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLitePermissionStore(str(path), reactor)
+    try:
+        await store.put_document(AUID, XUI, "index", DOC)
+        assert _modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    finally:
+        await store.close()
+
+
+@async_test
+async def test_sqlite_files_left_wider_are_tightened_at_open(
+    tmp_path: Path, open_umask: None
+) -> None:
+    path = tmp_path / "store.sqlite"
+    older = sqlite3.connect(path)  # an older relayd, still holding -wal and -shm open
+    older.execute("PRAGMA journal_mode=WAL")
+    older.execute("CREATE TABLE t (x)")
+    older.commit()
+    for name in _modes(path):
+        os.chmod(f"{path}{name}", 0o644)  # the too-open mode under test
+    with captured_log() as events:
+        store = SQLitePermissionStore(str(path), reactor)
+    try:
+        assert _modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+        tightened = [e for e in events if "had mode" in (e.get("log_format") or "")]
+        assert [(e["path"], e["mode"]) for e in tightened] == [
+            (f"{path}{suffix}", "0644") for suffix in ("", "-wal", "-shm")
+        ]
+        await store.put_document(AUID, XUI, "index", DOC)
+    finally:
+        older.close()
+        await store.close()
 
 
 @async_test
