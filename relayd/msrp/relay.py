@@ -15,7 +15,13 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
-from relayd.digest import DigestAuthenticator, DigestError, DigestSuccess, parse_credentials
+from relayd.digest import (
+    DigestAuthenticator,
+    DigestCredentials,
+    DigestError,
+    DigestSuccess,
+    parse_credentials,
+)
 from relayd.logs import logger
 from relayd.msrp.message import (
     MSRPRequest,
@@ -36,6 +42,10 @@ class Hop(Protocol):
 
     @property
     def is_tls(self) -> bool: ...
+
+    @property
+    def peer(self) -> str:
+        """The remote address, for log lines."""
 
     @property
     def peer_names(self) -> frozenset[str]:
@@ -152,7 +162,7 @@ class RelayCore:
 
         ``owner`` is the connection object a client session is bound to.
         """
-        to_path, _, from_text = self.paths(request)
+        to_path, to_text, from_text = self.paths(request)
         target = to_path[0]
         from_path = parse_path(from_text)
         if not self.is_local(target):
@@ -165,14 +175,20 @@ class RelayCore:
             relay_host = from_path[0].host.lower().strip("[]")
             relay_port = from_path[0].effective_port
             if not hop.certificate_matches(relay_host):
-                return self._auth_refusal(request, 403, "certificate does not match From-Path")
+                return self._auth_refusal(
+                    request, hop, None, 403, "certificate does not match From-Path"
+                )
         elif not hop.is_tls:
-            return self._auth_refusal(request, 403, "AUTH requires TLS")
+            return self._auth_refusal(request, hop, None, 403, "AUTH requires TLS")
         header = request.headers.get("Authorization")
         if header is None:
             return AuthOutcome(self._challenge(request, stale=False), failed=False)
+        credentials: DigestCredentials | None = None
         try:
-            credentials = parse_credentials(header)
+            # Without uri= the digest-uri is the To-Path URI as sent (RFC 4976
+            # §5.1's example, and the clients that follow it); with it, the
+            # two must be the same URI (RFC 4975 §6.1).
+            credentials = parse_credentials(header, default_uri=to_text.split()[0])
             if credentials.realm != self.policy.realm:
                 raise DigestError("wrong realm")
             try:
@@ -183,10 +199,19 @@ class RelayCore:
                 raise DigestError("digest uri does not match To-Path")
             success = self.digest.verify("AUTH", credentials, expected_uri=credentials.uri)
         except DigestError as e:
-            self.log.warn("AUTH failed: {reason}", reason=e.reason)
+            # Who and from where, never the digest response or the nonce (they
+            # are not in the reason); the logger escapes the peer's user name.
+            self.log.warn(
+                "AUTH from {peer} failed for user {user}: {reason}",
+                peer=hop.peer,
+                user=credentials.username if credentials is not None else None,
+                reason=e.reason,
+            )
             return AuthOutcome(self._challenge(request, stale=e.stale), failed=not e.stale)
         if self.policy.allowed_users and success.username not in self.policy.allowed_users:
-            return self._auth_refusal(request, 403, "user not allowed to use this relay")
+            return self._auth_refusal(
+                request, hop, success.username, 403, "user not allowed to use this relay"
+            )
         lifetime = self._lifetime(request)
         if isinstance(lifetime, MSRPResponse):
             # A 423 asks for another Expires: the credentials were right, so
@@ -228,8 +253,15 @@ class RelayCore:
         challenge = self.digest.challenge(stale=stale)
         return _end_to_end_response(request, 401, extra=[("WWW-Authenticate", challenge)])
 
-    def _auth_refusal(self, request: MSRPRequest, code: int, comment: str) -> AuthOutcome:
-        self.log.warn("AUTH refused: {reason}", reason=comment)
+    def _auth_refusal(
+        self, request: MSRPRequest, hop: Hop, user: str | None, code: int, comment: str
+    ) -> AuthOutcome:
+        self.log.warn(
+            "AUTH from {peer} refused for user {user}: {reason}",
+            peer=hop.peer,
+            user=user,
+            reason=comment,
+        )
         return AuthOutcome(_end_to_end_response(request, code, comment), failed=True)
 
     def _auth_ok(

@@ -16,6 +16,7 @@ from relayd.msrp.message import Headers, MSRPRequest, MSRPResponse, MSRPStatus
 from relayd.msrp.relay import AuthOutcome, AuthPolicy, RelayCore, Route, response_route
 from relayd.msrp.sessions import Session
 from relayd.msrp.uri import MSRPURI
+from relayd.testing import captured_log
 
 HOST = "relay.example.com"
 REALM = "example"
@@ -33,6 +34,7 @@ class FakeHop:
 
     is_tls: bool = True
     peer_names: frozenset[str] = frozenset()
+    peer: str = "192.0.2.7:40000"
     #: Names the certificate would match; defaults to peer_names.
     matches: Iterable[str] | None = None
     asked: list[str] = field(default_factory=list)
@@ -377,6 +379,86 @@ def test_auth_wrong_digest_uri(core: RelayCore, uri: str) -> None:
 def test_auth_digest_uri_compared_as_msrp_uri(core: RelayCore) -> None:
     outcome = auth(core, client_hop(), object(), uri="MSRPS://RELAY.EXAMPLE.COM:2855;TCP")
     assert outcome.response.code == 200
+
+
+def _without_uri(header_value: str) -> str:
+    return ", ".join(p for p in header_value.split(", ") if not p.startswith("uri="))
+
+
+@pytest.mark.parametrize("to_path", [RELAY_URI, "msrps://alice@RELAY.example.com:2855;tcp"])
+def test_auth_without_digest_uri_uses_the_to_path_uri(core: RelayCore, to_path: str) -> None:
+    # RFC 4976 §5.1's example and Blink-style clients send no uri=: the
+    # digest-uri is then the To-Path URI exactly as the AUTH spells it.
+    hop, owner = client_hop(), object()
+    challenge = challenge_for(core, hop, owner)
+    nonce = parse_challenge(challenge)["nonce"]
+    credentials = _without_uri(authorization(challenge, "alice", "wonderland", uri=to_path))
+    assert "uri=" not in credentials
+    outcome = core.handle_auth(
+        request("AUTH", to_path, ALICE_URI, [("Authorization", credentials)]), hop, owner
+    )
+    assert outcome.response.code == 200
+    assert outcome.session is not None
+    # rspauth is over the same digest-uri: the client can check it.
+    info = parse_auth_info(header(outcome.response, "Authentication-Info"))
+    ha1_hex = _md5(f"alice:{REALM}:wonderland")
+    ha2 = _md5(":" + to_path)
+    assert info["rspauth"] == _md5(f"{ha1_hex}:{nonce}:00000001:0a4f113b:auth:{ha2}")
+
+
+def test_auth_without_digest_uri_but_digest_over_another_uri_fails(core: RelayCore) -> None:
+    hop, owner = client_hop(), object()
+    challenge = challenge_for(core, hop, owner)
+    other = "msrps://relay.example.com:2856;tcp"
+    credentials = _without_uri(authorization(challenge, "alice", "wonderland", uri=other))
+    outcome = core.handle_auth(
+        request("AUTH", RELAY_URI, ALICE_URI, [("Authorization", credentials)]), hop, owner
+    )
+    assert (outcome.response.code, outcome.failed) == (401, True)
+
+
+@pytest.mark.parametrize(
+    ("user", "shown"),
+    [
+        ("alice", "alice"),
+        # Line breaks of every kind come out escaped (relayd.logs): no forged line.
+        ("eve\u2028AUTH accepted for root", "eve\\u2028AUTH accepted for root"),
+        ("eve\x85root", "eve\\x85root"),
+    ],
+)
+def test_failed_auth_logs_user_and_peer_escaped_never_the_secrets(
+    core: RelayCore, user: str, shown: str
+) -> None:
+    hop = client_hop()
+    challenge = challenge_for(core, hop, object())
+    credentials = authorization(challenge, "alice", "not-her-password").replace(
+        'username="alice"', f'username="{user}"'
+    )
+    response = credentials.split('response="')[1][:32]
+    with captured_log() as events:
+        outcome = core.handle_auth(
+            request("AUTH", RELAY_URI, ALICE_URI, [("Authorization", credentials)]), hop, object()
+        )
+    assert outcome.response.code == 401
+    (event,) = [e for e in events if e.get("log_format", "").startswith("AUTH from")]
+    text = event["log_format"].format(**event)
+    assert text == (
+        f"AUTH from 192.0.2.7:40000 failed for user {shown}: invalid username or password"
+    )
+    assert response not in repr(event)
+    assert "not-her-password" not in repr(event)
+    assert parse_challenge(challenge)["nonce"] not in repr(event)
+
+
+def test_auth_of_a_user_not_allowed_logs_user_and_peer(core: RelayCore) -> None:
+    with captured_log() as events:
+        outcome = auth(core, client_hop(), object(), "mallory")
+    assert outcome.response.code == 403
+    texts = [e["log_format"].format(**e) for e in events if "log_format" in e]
+    assert (
+        "AUTH from 192.0.2.7:40000 refused for user mallory: user not allowed to use this relay"
+        in texts
+    )
 
 
 def test_auth_wrong_realm(core: RelayCore) -> None:
