@@ -218,7 +218,7 @@ def test_session_uri_brackets_ipv6_hostnames(clock: Clock) -> None:
     policy = AuthPolicy(REALM, 1800, 60, 86400)
     core = RelayCore(clock, "::1", policy, DigestAuthenticator(REALM, _lookup, clock))
     core.add_local_address(4000, tls=True)
-    session = core.sessions.create_for_client(object(), "alice", 60)
+    session = core.sessions.create_for_client(object(), MSRPURI.parse(ALICE_URI), "alice", 60)
     uri = core.session_uri(session)
     assert uri == f"msrps://[::1]:4000/{session.session_id};tcp"
     assert core.is_local(MSRPURI.parse(uri))
@@ -295,6 +295,8 @@ def test_auth_with_correct_credentials(core: RelayCore, clock: Clock) -> None:
     assert session.user == "alice"
     assert session.owner_connection is owner
     assert session.owner_relay is None
+    # The From-Path URI of the AUTH: the one next hop towards alice (§6.4).
+    assert session.owner_uri == MSRPURI.parse(ALICE_URI)
     assert session.expires_at == clock.seconds() + 1800
     assert core.sessions.lookup(session.session_id) is session
 
@@ -577,6 +579,7 @@ def test_auth_from_matching_relay_gives_relay_session(core: RelayCore) -> None:
     session = outcome.session
     assert session is not None
     assert session.owner_relay == "relay1.example.net"
+    assert session.owner_uri == MSRPURI.parse(PEER_RELAY_URI)
     assert session.owner_connection is None
     # Bound to the relay, not to this connection: it survives the connection.
     assert core.sessions.drop_connection(connection) == 0
@@ -620,7 +623,7 @@ def test_ipv6_relay_session_towards_its_owner(core: RelayCore) -> None:
 
 
 def test_wildcard_relay_is_not_owner_of_another_domain(core: RelayCore) -> None:
-    session = core.sessions.create_for_relay("relay1.example.net", "alice", 600)
+    session = core.sessions.create_for_relay(MSRPURI.parse(PEER_RELAY_URI), "alice", 600)
     hop = IPAwareHop(is_tls=True, peer_names=frozenset({"*.example.org"}))
     r = core.session_uri(session)
     status = refused(core, f"{r} {BOB_URI}", PEER_RELAY_URI, hop, object())
@@ -651,8 +654,13 @@ class Clients:
     bob_connection: object = field(default_factory=object)
 
     def __post_init__(self) -> None:
-        self.alice = self.core.sessions.create_for_client(self.alice_connection, "alice", 600)
-        self.bob = self.core.sessions.create_for_client(self.bob_connection, "bob", 600)
+        sessions = self.core.sessions
+        self.alice = sessions.create_for_client(
+            self.alice_connection, MSRPURI.parse(ALICE_URI), "alice", 600
+        )
+        self.bob = sessions.create_for_client(
+            self.bob_connection, MSRPURI.parse(BOB_URI), "bob", 600
+        )
 
     def uri(self, session: Session) -> str:
         return self.core.session_uri(session)
@@ -788,9 +796,49 @@ def test_session_of_closed_connection_is_481(clients: Clients) -> None:
 
 def test_reconnected_owner_is_a_stranger(clients: Clients) -> None:
     a = clients.uri(clients.alice)
-    result = route(clients.core, f"{a} {BOB_URI}", ALICE_URI, client_hop(), object())
-    # Not the owner any more: the request can only go to the owner's connection.
+    # Not the owner any more: the request can only go back to the owner.
+    status = refused(clients.core, f"{a} {BOB_URI}", ALICE_URI, client_hop(), object())
+    assert (status.code, status.close) == (403, False)
+    result = route(clients.core, f"{a} {ALICE_URI}", BOB_URI, client_hop(), object())
     assert result.connection is clients.alice_connection
+
+
+@pytest.mark.parametrize(
+    "next_uri",
+    [
+        BOB_URI,
+        # RFC 4975 §6.1: another session id, port, scheme or host is another URI.
+        "msrps://alice.example.org:40001/a2;tcp",
+        "msrps://alice.example.org:40002/a1;tcp",
+        "msrps://alice.example.org/a1;tcp",
+        "msrp://alice.example.org:40001/a1;tcp",
+        "msrps://mallory.example.org:40001/a1;tcp",
+    ],
+)
+def test_towards_a_client_session_the_next_uri_must_be_its_owners(
+    clients: Clients, next_uri: str
+) -> None:
+    # RFC 4976 §6.4: a request from anyone but the owner goes only to the URI
+    # the owner authenticated from (the From-Path URI of its AUTH).
+    a = clients.uri(clients.alice)
+    status = refused(clients.core, f"{a} {next_uri}", BOB_URI, client_hop(), object())
+    assert (status.code, status.close) == (403, False)
+
+
+def test_towards_a_client_session_its_owners_uri_in_another_spelling(clients: Clients) -> None:
+    a = clients.uri(clients.alice)
+    odd = "MSRPS://someone@Alice.Example.ORG:40001/a1;TCP;x=1"
+    result = route(clients.core, f"{a} {odd}", BOB_URI, client_hop(), object())
+    assert result.connection is clients.alice_connection
+    assert result.to_path == odd
+
+
+def test_between_two_clients_the_next_uri_must_be_the_second_owners(clients: Clients) -> None:
+    a, b = clients.uri(clients.alice), clients.uri(clients.bob)
+    status = refused(
+        clients.core, f"{a} {b} {ALICE_URI}", ALICE_URI, client_hop(), clients.alice_connection
+    )
+    assert status.code == 403
 
 
 @pytest.mark.parametrize(
@@ -847,7 +895,7 @@ def test_path_rewriting_keeps_other_uris_verbatim(clients: Clients) -> None:
 
 @pytest.fixture
 def relay_session(core: RelayCore) -> Session:
-    return core.sessions.create_for_relay("relay1.example.net", "alice", 600)
+    return core.sessions.create_for_relay(MSRPURI.parse(PEER_RELAY_URI), "alice", 600)
 
 
 def test_relay_session_towards_owning_relay(core: RelayCore, relay_session: Session) -> None:
@@ -891,12 +939,17 @@ def test_relay_session_next_hop_must_be_the_owners_tls_authority(
     assert status.close is False
 
 
-def test_relay_session_next_hop_without_port_is_the_default_port(
-    core: RelayCore, relay_session: Session
-) -> None:
-    r = core.session_uri(relay_session)
-    result = route(core, f"{r} msrps://relay1.example.net/r1;tcp", BOB_URI, client_hop(), object())
+def test_relay_session_next_hop_port_compares_as_rfc_4975_says(core: RelayCore) -> None:
+    # RFC 4975 §6.1: an explicit port never equals an absent one, even 2855.
+    hop = relay_hop("relay1.example.net")
+    peer = "msrps://relay1.example.net/r1;tcp"
+    outcome = auth(core, hop, object(), from_path=f"{peer} {ALICE_URI}")
+    assert outcome.session is not None
+    r = core.session_uri(outcome.session)
+    result = route(core, f"{r} {peer}", BOB_URI, client_hop(), object())
     assert result.next_uri.effective_port == 2855
+    status = refused(core, f"{r} {PEER_RELAY_URI}", BOB_URI, client_hop(), object())
+    assert status.code == 403
 
 
 def test_relay_session_remembers_the_port_its_relay_authenticated_from(core: RelayCore) -> None:
@@ -904,7 +957,8 @@ def test_relay_session_remembers_the_port_its_relay_authenticated_from(core: Rel
     peer = "msrps://relay1.example.net:4000/r1;tcp"
     outcome = auth(core, hop, object(), from_path=f"{peer} {ALICE_URI}")
     assert outcome.session is not None
-    assert (outcome.session.owner_relay, outcome.session.owner_port) == ("relay1.example.net", 4000)
+    assert outcome.session.owner_relay == "relay1.example.net"
+    assert outcome.session.owner_uri == MSRPURI.parse(peer)
     r = core.session_uri(outcome.session)
     assert route(core, f"{r} {peer}", BOB_URI, client_hop(), object()).next_uri.port == 4000
     # The same host on the default port is another relay as far as we know.

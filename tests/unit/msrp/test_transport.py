@@ -1345,7 +1345,8 @@ def test_sending_through_someone_elses_session_is_403(h: Harness) -> None:
     ],
 )
 def test_stranger_cannot_reach_beyond_a_relay_session(h: Harness, tls: bool, next_hop: str) -> None:
-    session = h.core.sessions.create_for_relay("peer.example.net", "alice", 600)
+    owner = MSRPURI.parse("msrps://peer.example.net:2855/p1;tcp")
+    session = h.core.sessions.create_for_relay(owner, "alice", 600)
     stranger = h.connect("stranger", tls=tls)
     to_path = f"{h.core.session_uri(session)} {next_hop}"
     stranger.feed(
