@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
@@ -29,6 +28,7 @@ from relayd.ctl.settings import Credentials, CtlError
 from relayd.msrp.client import MessageSink, MSRPClientError, MSRPClientProtocol, connect
 from relayd.msrp.message import MSRPRequest
 from relayd.msrp.uri import MSRPURI
+from relayd.tls import tls_failure
 
 AUTH_TIMEOUT_SECONDS = 30.0
 """Longest wait for one AUTH transaction (two round trips through the relays)."""
@@ -83,10 +83,8 @@ def describe_loss(reasons: list[Failure], host: str) -> str:
     value = reasons[0].value
     if isinstance(value, VerificationError):
         return f"TLS failed: the relay's certificate is not valid for {host}"
-    if isinstance(value, SSL.Error):
-        parts = value.args[0] if value.args and isinstance(value.args[0], list) else []
-        details = [str(part[-1]) for part in parts if isinstance(part, tuple) and part]
-        text = ", ".join(d for d in details if d) or str(value) or "handshake failed"
+    text = tls_failure(value)
+    if text is not None:
         return f"TLS failed: {text} (wrong or missing --ca?)"
     return f"connection to the relay was lost: {reasons[0].getErrorMessage()}"
 
