@@ -374,9 +374,9 @@ class DigestAuthenticator:
         # untracked nonces no newer than this might be replays, so are stale.
         self._forgotten_until = -1
 
-    def challenge(self, stale: bool = False) -> str:
-        """A fresh ``WWW-Authenticate`` value with a new nonce."""
-        return format_challenge(self.realm, self.new_nonce(), stale=stale)
+    def challenge(self, stale: bool = False, opaque: str | None = None) -> str:
+        """A fresh ``WWW-Authenticate`` value with a new nonce (and ``opaque``, if given)."""
+        return format_challenge(self.realm, self.new_nonce(), stale=stale, opaque=opaque)
 
     def new_nonce(self) -> str:
         """Mint a nonce: creation time (ms), 128 random bits, HMAC-SHA256 tag."""

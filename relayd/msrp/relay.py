@@ -36,6 +36,12 @@ from relayd.tokens import redact
 
 KNOWN_METHODS = frozenset({"SEND", "REPORT", "AUTH"})
 
+AUTH_OPAQUE = "msrp"
+"""The ``opaque`` of our AUTH challenges (RFC 2617 §3.2.1: the server's choice,
+returned unchanged).  We keep nothing in it, but the Blink / SIP SIMPLE client
+stack (msrplib) copies it into its credentials unconditionally and fails on a
+challenge without one.  It is not checked."""
+
 
 class Hop(Protocol):
     """What the core needs to know about the connection a request came in on."""
@@ -248,7 +254,7 @@ class RelayCore:
         return expires
 
     def _challenge(self, request: MSRPRequest, stale: bool) -> MSRPResponse:
-        challenge = self.digest.challenge(stale=stale)
+        challenge = self.digest.challenge(stale=stale, opaque=AUTH_OPAQUE)
         return _end_to_end_response(request, 401, extra=[("WWW-Authenticate", challenge)])
 
     def _auth_refusal(

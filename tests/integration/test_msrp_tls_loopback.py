@@ -66,9 +66,11 @@ async def test_auth_without_digest_uri_as_blink_sends_it(
     realm, nonce, cnonce, nc = challenge["realm"], challenge["nonce"], "85a0dca8", "00000001"
     secret = ha1("alice", realm, USERS["alice"])
     digest = {"nonce": nonce, "nc": nc, "cnonce": cnonce, "qop": "auth", "uri": relay.uri}
+    # As msrplib does: it copies the challenge's opaque unconditionally.
     authorization = (
         f'Digest username="alice", realm="{realm}", nonce="{nonce}", qop=auth, nc={nc}, '
-        f'cnonce="{cnonce}", response="{request_digest(secret, method="AUTH", **digest)}"'
+        f'cnonce="{cnonce}", response="{request_digest(secret, method="AUTH", **digest)}", '
+        f'opaque="{challenge["opaque"]}"'
     )
     second = await protocol.request(
         "AUTH", relay.uri, [("Authorization", authorization)]

@@ -246,11 +246,12 @@ def test_auth_without_authorization_is_challenged(core: RelayCore) -> None:
     assert header(response, "From-Path") == RELAY_URI
     challenge = header(response, "WWW-Authenticate")
     assert challenge.startswith(f'Digest realm="{REALM}", nonce="')
-    assert challenge.endswith('", qop="auth"')
+    # An opaque, because the Blink client stack (msrplib) cannot do without one.
+    assert challenge.endswith('", qop="auth", opaque="msrp"')
     assert "domain" not in challenge.lower()
     assert "stale" not in challenge.lower()
     params = parse_challenge(challenge)
-    assert set(params) == {"realm", "nonce", "qop"}
+    assert set(params) == {"realm", "nonce", "qop", "opaque"}
     assert len(params["nonce"]) >= 22
     assert len(core.sessions) == 0
 
