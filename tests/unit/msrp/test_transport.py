@@ -787,32 +787,6 @@ def report_logged(events: EventLoggingObserver) -> str:
     return str(event["log_format"].format(**event))
 
 
-@pytest.mark.parametrize(
-    ("reason", "status", "cause"),
-    [
-        (ConnectionRefusedError("far.example.net"), "481 next hop unreachable", "refused"),
-        (ConnectTimeoutError(), "408 next hop did not answer", "User timeout"),
-    ],
-)
-def test_each_connect_failure_has_its_own_report(
-    h: Harness, reason: Exception, status: str, cause: str
-) -> None:
-    waiting = hold_next_hop(h)
-    a = h.client("alice")
-    tid = "conn0001"
-    head = send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, total=2, message_id="m-c")
-    a.feed(head + b"hi" + body_end(tid))
-    a.take()
-    with captured_log() as events:
-        waiting[0].errback(Failure(reason))
-    (report,) = a.take()
-    assert header(report, "Status") == f"000 {status}"
-    assert header(report, "Byte-Range") == "1-2/2"
-    logged = report_logged(events)
-    assert logged.startswith(f"REPORT {status} sent for message m-c: ")
-    assert cause in logged
-
-
 def _open_next_hop(h: Harness, waiting: list[defer.Deferred[MSRPConnection]]) -> Client:
     """The outbound TLS connection the relay asked for, handed to it (handshake pending)."""
     connection = MSRPConnection(h.relay, inbound=False, tls=True)
@@ -824,31 +798,38 @@ def _open_next_hop(h: Harness, waiting: list[defer.Deferred[MSRPConnection]]) ->
 
 
 @pytest.mark.parametrize(
-    ("reason", "status", "cause"),
+    ("reason", "opened", "status", "cause"),
     [
-        (_UNTRUSTED, "403 next hop failed TLS verification", "certificate verify failed"),
-        (_WRONG_NAME, "403 next hop failed TLS verification", "does not name the host"),
-        (ConnectionLost(), "481 next hop connection lost", "Connection to the other side"),
+        # The connect fails...
+        (ConnectionRefusedError("far"), False, "481 next hop unreachable", "refused"),
+        (ConnectTimeoutError(), False, "408 next hop did not answer", "User timeout"),
+        # ...or the connection opened, the SEND went out, and then it ends.
+        (_UNTRUSTED, True, "403 next hop failed TLS verification", "certificate verify failed"),
+        (_WRONG_NAME, True, "403 next hop failed TLS verification", "does not name the host"),
+        (ConnectionLost(), True, "481 next hop connection lost", "Connection to the other side"),
     ],
 )
-def test_each_way_an_open_next_hop_fails_has_its_own_report(
-    h: Harness, reason: Exception, status: str, cause: str
+def test_each_way_a_next_hop_fails_has_its_own_report(
+    h: Harness, reason: Exception, opened: bool, status: str, cause: str
 ) -> None:
     waiting = hold_next_hop(h)
     a = h.client("alice")
-    tid = "tls00001"
-    head = send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, total=5, message_id="m-t")
+    tid = "fail0001"
+    head = send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, total=5, message_id="m-f")
     a.feed(head + b"hello" + body_end(tid))
     a.take()
-    far = _open_next_hop(h, waiting)
-    assert as_request(far.take()[0]).method == "SEND"
     with captured_log() as events:
-        far.connection.connectionLost(Failure(reason))
+        if opened:
+            far = _open_next_hop(h, waiting)
+            assert as_request(far.take()[0]).method == "SEND"
+            far.connection.connectionLost(Failure(reason))
+        else:
+            waiting[0].errback(Failure(reason))
     (report,) = a.take()
     assert header(report, "Status") == f"000 {status}"
     assert header(report, "Byte-Range") == "1-5/5"
     logged = report_logged(events)
-    assert logged.startswith(f"REPORT {status} sent for message m-t: ")
+    assert logged.startswith(f"REPORT {status} sent for message m-f: ")
     assert cause in logged
 
 
