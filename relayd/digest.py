@@ -161,13 +161,18 @@ def format_authentication_info(
     return ", ".join(parts)
 
 
-def parse_credentials(header_value: str) -> DigestCredentials:
+def parse_credentials(header_value: str, default_uri: str | None = None) -> DigestCredentials:
     """Parse ``Digest k=v, k="quoted", ...`` (RFC 2617 §3.2.2).
 
     Raises :class:`DigestError` for anything malformed: a scheme other than
     Digest, syntax errors, control characters, duplicate or missing
     parameters, an over-long header or too many parameters.  Unknown
     parameters are ignored, as RFC 2617 asks, but still count to the limit.
+
+    ``default_uri`` stands in for an absent ``uri``: an MSRP AUTH may leave it
+    out (RFC 4976 §5.1's own example does, and so do deployed clients), the
+    digest-uri then being the AUTH's To-Path URI.  Without it ``uri`` is
+    required, as RFC 2617 has it for SIP and HTTP.
     """
     if len(header_value) > MAX_HEADER_CHARS:
         raise DigestError("credentials header too long")
@@ -178,6 +183,8 @@ def parse_credentials(header_value: str) -> DigestCredentials:
     if scheme.lower() != "digest":
         raise DigestError("credentials scheme is not Digest")
     params = _parse_params(rest)
+    if default_uri is not None:
+        params.setdefault("uri", default_uri)
     missing = [name for name in _REQUIRED if name not in params]
     if missing:
         raise DigestError("credentials lack " + ", ".join(missing))
@@ -367,9 +374,9 @@ class DigestAuthenticator:
         # untracked nonces no newer than this might be replays, so are stale.
         self._forgotten_until = -1
 
-    def challenge(self, stale: bool = False) -> str:
-        """A fresh ``WWW-Authenticate`` value with a new nonce."""
-        return format_challenge(self.realm, self.new_nonce(), stale=stale)
+    def challenge(self, stale: bool = False, opaque: str | None = None) -> str:
+        """A fresh ``WWW-Authenticate`` value with a new nonce (and ``opaque``, if given)."""
+        return format_challenge(self.realm, self.new_nonce(), stale=stale, opaque=opaque)
 
     def new_nonce(self) -> str:
         """Mint a nonce: creation time (ms), 128 random bits, HMAC-SHA256 tag."""

@@ -66,6 +66,9 @@ class MSRPClientError(Exception):
 class AuthResult:
     use_path: tuple[str, ...]
     expires_seconds: int
+    #: The relay proved it knows the password (rspauth, RFC 2617 §3.2.3); False
+    #: when its 200 had no Authentication-Info, which RFC 2617 makes optional.
+    relay_proved: bool = True
 
 
 @dataclass
@@ -344,12 +347,23 @@ class MSRPClientProtocol(TwistedProtocol):
                 "AUTH", to_path, [*extra, ("Authorization", authorization)]
             )
             if response.code == 200:
-                info = parse_auth_info(response.headers.get("Authentication-Info") or "")
+                # Authentication-Info is optional (RFC 2617 §3.2.3): without it
+                # the relay proved nothing, which the caller may tell its user;
+                # with it, rspauth must be right.
+                header = response.headers.get("Authentication-Info")
+                try:
+                    info = parse_auth_info(header) if header is not None else {}
+                except DigestError as e:
+                    raise MSRPClientError(
+                        f"relay sent a bad Authentication-Info: {e.reason}"
+                    ) from None
                 expected = request_digest(
                     secret, nonce=nonce, nc=nc, cnonce=cnonce, qop="auth", method="", uri=target
                 )
-                if info.get("rspauth") != expected:
-                    raise MSRPClientError("relay's rspauth is wrong: it does not know the password")
+                if header is not None and info.get("rspauth") != expected:
+                    raise MSRPClientError(
+                        "relay's rspauth does not match: it did not prove it knows the password"
+                    )
                 self.last_auth_info = info
                 use_path = tuple((response.headers.get("Use-Path") or "").split())
                 if not use_path:
@@ -357,7 +371,7 @@ class MSRPClientProtocol(TwistedProtocol):
                 for uri in use_path:
                     MSRPURI.parse(uri)
                 expires = int(response.headers.get("Expires") or "0")
-                return AuthResult(use_path, expires)
+                return AuthResult(use_path, expires, relay_proved=header is not None)
             if (
                 response.code == 401
                 and "stale=true"

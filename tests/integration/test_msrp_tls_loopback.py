@@ -10,10 +10,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from relayd.msrp.client import MSRPClientError, MSRPClientProtocol
+from relayd.digest import ha1, parse_auth_info, parse_challenge, request_digest
+from relayd.msrp.client import MSRPClientError, MSRPClientProtocol, connect
 from relayd.testing import RelayPKI
 
-from .conftest import RecordingSink, RelayFactory, client, deferLater, path_to
+from .conftest import USERS, RecordingSink, RelayFactory, client, deferLater, path_to
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,36 @@ async def test_auth_returns_use_path_and_expires(start_relay: RelayFactory, pki:
     assert auth.use_path[0].startswith(f"msrps://127.0.0.1:{relay.port}/")
     assert auth.expires_seconds == 1800
     assert "nextnonce" in protocol.last_auth_info
+    protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_without_digest_uri_as_blink_sends_it(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    # RFC 4976 §5.1's example and the Blink / SIP SIMPLE client stack send no
+    # uri=: the digest-uri is the To-Path URI, for the response and rspauth.
+    relay = await start_relay()
+    protocol = await connect(reactor, relay.uri, pki.ca_pem)
+    first = await protocol.request("AUTH", relay.uri).addTimeout(5, reactor)
+    assert first.code == 401
+    challenge = parse_challenge(first.headers.get("WWW-Authenticate") or "")
+    realm, nonce, cnonce, nc = challenge["realm"], challenge["nonce"], "85a0dca8", "00000001"
+    secret = ha1("alice", realm, USERS["alice"])
+    digest = {"nonce": nonce, "nc": nc, "cnonce": cnonce, "qop": "auth", "uri": relay.uri}
+    # As msrplib does: it copies the challenge's opaque unconditionally.
+    authorization = (
+        f'Digest username="alice", realm="{realm}", nonce="{nonce}", qop=auth, nc={nc}, '
+        f'cnonce="{cnonce}", response="{request_digest(secret, method="AUTH", **digest)}", '
+        f'opaque="{challenge["opaque"]}"'
+    )
+    second = await protocol.request(
+        "AUTH", relay.uri, [("Authorization", authorization)]
+    ).addTimeout(5, reactor)
+    assert (second.code, second.comment) == (200, "OK")
+    assert (second.headers.get("Use-Path") or "").startswith(f"msrps://127.0.0.1:{relay.port}/")
+    info = parse_auth_info(second.headers.get("Authentication-Info") or "")
+    assert info["rspauth"] == request_digest(secret, method="", **digest)
     protocol.transport.loseConnection()  # type: ignore[union-attr]
 
 

@@ -62,6 +62,16 @@ def test_rfc2617_example_parses_to_expected_fields() -> None:
     )
 
 
+def test_uri_is_required_unless_the_protocol_supplies_one() -> None:
+    # RFC 4976 §5.1's AUTH example has no uri=: MSRP passes the To-Path URI.
+    header = RFC_HEADER.replace('uri="/dir/index.html", ', "")
+    with pytest.raises(DigestError, match="lack uri"):
+        parse_credentials(header)
+    assert parse_credentials(header, default_uri=URI).uri == URI
+    # A uri= that is there is never replaced.
+    assert parse_credentials(RFC_HEADER, default_uri=URI).uri == "/dir/index.html"
+
+
 def test_rfc2617_example_response_vector() -> None:
     h1 = ha1("Mufasa", "testrealm@host.com", "Circle Of Life")
     assert h1 == _md5("Mufasa:testrealm@host.com:Circle Of Life")
