@@ -389,6 +389,7 @@ class ListDirectory:
         self.store = store
         self.domain = domain.lower()
         self.local_hosts = {self.domain, *(h.lower() for h in local_hosts)}
+        self.local_ports: set[int] = set()
         self.is_account = is_account
         self._file: dict[str, URIList] = {}
         self._store_docs: dict[tuple[str, str], list[URIList]] = {}
@@ -403,10 +404,19 @@ class ListDirectory:
         self._rebuild()
 
     def is_local(self, uri: SIPURI) -> bool:
-        return uri.host.lower() in self.local_hosts
+        """Whether ``uri`` names the relay: one of its hosts, with no port or one it
+        listens on. A port names a server (RFC 3261 §19.1.1), so ``sip:bob@<our
+        host>:25180`` is someone else's server on our host: it is routed to (RFC 3263),
+        never looked up in our registrar or lists."""
+        return uri.host.lower() in self.local_hosts and (
+            uri.port is None or uri.port in self.local_ports
+        )
 
     def add_local_host(self, host: str) -> None:
         self.local_hosts.add(host.lower())
+
+    def add_local_port(self, port: int) -> None:
+        self.local_ports.add(port)
 
     def _local_user(self, uri_text: str) -> str | None:
         try:

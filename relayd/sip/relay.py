@@ -488,8 +488,9 @@ class ConsentRelay:
             found = self.directory.lookup(SIPURI.parse((params.get("target-uri") or "").strip('"')))
         except SIPURIError:
             raise SIPStatus(400, "Bad Trigger-Consent") from None
-        member = request.uri.aor
-        if found is None or member not in found.members:
+        key = identity_key(request.uri.format())
+        member = next((m for m in found.members if identity_key(m) == key), None) if found else None
+        if found is None or member is None:
             raise SIPStatus(404, "Not A List Member")
         return found.uri, member
 

@@ -25,6 +25,7 @@ from lxml import etree
 
 from relayd.sip.uri import SIPURI, SIPURIError
 from relayd.xcap.errors import XCAPError
+from relayd.xcap.policy import normalize_identity
 from relayd.xcap.usages import CONSENT_POLICY_NAMESPACE, RESOURCE_LISTS_NAMESPACE
 from relayd.xcap.xml import parse_document
 
@@ -57,7 +58,8 @@ class TooManyEntries(URIListError):
 
 @dataclass(frozen=True, slots=True)
 class URIList:
-    """One translation (seed §2): the list URI, its owner and its member URIs (AORs)."""
+    """One translation (seed §2): the list URI, its owner and its member URIs (as the
+    list writes them)."""
 
     uri: str
     members: tuple[str, ...]
@@ -74,16 +76,31 @@ class RecipientList:
     body: bytes
 
 
-def _aor(text: str) -> str:
-    """A member URI as an AOR (``sip:user@host``): what registrations and permission
-    documents are keyed by. Only sip/sips URIs are relayable."""
+def _user_uri(text: str) -> SIPURI:
+    """Only sip/sips URIs with a user part are relayable."""
     try:
         uri = SIPURI.parse(text.strip())
     except SIPURIError as e:
         raise URIListError(f"bad entry URI: {e}") from None
     if uri.scheme not in ("sip", "sips") or not uri.user:
         raise URIListError(f"entry is not a sip user URI: {text[:80]!r}")
-    return uri.aor
+    return uri
+
+
+def _aor(text: str) -> str:
+    """A list or owner URI as an AOR (``sip:user@host``): lists are ours, and owners
+    are the XUIs their documents live under."""
+    return _user_uri(text).aor
+
+
+def _member(text: str) -> str:
+    """A member URI exactly as the list writes it (seed §2: the translation's output).
+
+    Routing, consent URIs and consent records use it unchanged, so a port or a
+    parameter that says where the member is reached survives; only comparisons use the
+    canonical form (:func:`~relayd.xcap.policy.normalize_identity`)."""
+    _user_uri(text)
+    return text.strip()
 
 
 def _parse(body: bytes, max_bytes: int) -> etree._Element:
@@ -98,13 +115,16 @@ def _parse(body: bytes, max_bytes: int) -> etree._Element:
 
 def _entries(container: etree._Element, limit: int) -> list[str]:
     out: list[str] = []
+    seen: set[str] = set()
     for element in container.iter(_RL + "entry"):
         uri = element.get("uri")
         if uri is None:
             raise URIListError("entry without uri")
-        aor = _aor(uri)
-        if aor not in out:
-            out.append(aor)
+        member = _member(uri)
+        key = normalize_identity(member)
+        if key not in seen:
+            seen.add(key)
+            out.append(member)
             if len(out) > limit:
                 raise TooManyEntries(f"more than {limit} entries")
     return out

@@ -90,11 +90,17 @@ def now_from_clock(clock: IReactorTime) -> datetime:
 
 
 def normalize_identity(uri: str) -> str:
-    """Lower-case the scheme and host of ``scheme:user@host;params`` (see module doc)."""
+    """``scheme:user@host[:port]`` of a URI, scheme and host lower-cased (module doc).
+
+    The canonical form identities, recipients and XUIs are compared by: parameters
+    and headers after the host are dropped (they say how to reach a party, not who
+    it is); a port stays, since it names another server."""
     scheme, colon, rest = uri.strip().partition(":")
     if not colon:
         return uri.strip()
     user, at, host = rest.rpartition("@")
+    for separator in (";", "?"):
+        host = host.partition(separator)[0]
     return f"{scheme.lower()}:{user}{at}{host.lower()}"
 
 

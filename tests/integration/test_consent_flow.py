@@ -252,6 +252,22 @@ async def start_ua(user: str, transport: str, relay: Running, **kw: Any) -> UA:
     return ua
 
 
+def bind_udp_ua(user: str) -> UA:
+    """A UA on its own UDP port before any relay runs, so that a list can name it by
+    that port; :func:`attach_ua` points it at the relay once one is started."""
+    ua = UA(user, "UDP", 0)
+    listening = reactor.listenUDP(0, _UDP(ua), interface=HOST)
+    ua.local_port = listening.getHost().port
+    ua._write = lambda data: listening.write(data, (HOST, ua.relay_port))
+    ua._closer = listening.stopListening
+    return ua
+
+
+def attach_ua(ua: UA, relay: Running) -> None:
+    ua.relay_port = relay.udp_port
+    relay.uas.append(ua)
+
+
 # -- the relay --------------------------------------------------------------------------
 
 
@@ -489,6 +505,45 @@ async def test_figure_3_permission_server_for_offline_recipient(
     relayed = await send_message(alice, f"sip:solo@{HOST}", b"hi bob")
     assert relayed.status == 200
     assert (await bob.next_request("MESSAGE")).body == b"hi bob"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_with_a_port_is_reached_at_that_port(start: Start, tmp_path: Path) -> None:
+    """A member written with a port is someone else's server on our host: its consent
+    URI, its record and every request keep the URI as the list writes it, and it is
+    routed to (RFC 3263), never looked up in our registrar."""
+    dave = bind_udp_ua("dave")
+    far_member = f"sip:dave@{HOST}:{dave.local_port}"
+    far = f"sip:far@{HOST}"
+    lists = tmp_path / "far.xml"
+    lists.write_text(
+        f'<resource-lists xmlns="{RL}"><list name="far"><entry uri="{far_member}"/></list>'
+        "</resource-lists>",
+        encoding="utf-8",
+    )
+    relay = await start(sip__lists=str(lists))
+    attach_ua(dave, relay)
+    alice = await start_ua("alice", "UDP", relay)
+
+    refused = await send_message(alice, far)
+    assert refused.status == 470
+    (target,) = consent_uris(refused)
+    assert relay.sip.relay.uris.parse_consent_user(NameAddr.parse(f"<{target}>").uri.user) == (
+        far,
+        far_member,
+    )
+    accepted = await ask_consent(alice, target)
+    assert accepted.status == 202
+    forwarded = await dave.next_request("CONSENT")
+    assert forwarded.uri.format() == far_member
+    permission = (forwarded.headers.get("permission") or "")[1:-1]
+    assert f"/consent-rules/users/{far_member}/p-" in permission
+    assert await relay.xcap.call("PUT", permission, grant_document(target=far)) == 201
+
+    relayed = await send_message(alice, far, b"hi dave")
+    assert relayed.status == 200, relayed
+    message = await dave.next_request("MESSAGE")
+    assert message.body == b"hi dave" and message.uri.format() == far_member
 
 
 @dataclass

@@ -257,6 +257,15 @@ def test_directory_file_lists_win_and_store_lists_follow_changes() -> None:
     assert directory.lookup(SIPURI.parse("sip:friends@elsewhere.test")) is None
 
 
+def test_a_uri_with_a_port_we_do_not_listen_on_is_not_ours() -> None:
+    directory = ListDirectory(MemoryPermissionStore(), "relay.test", ["127.0.0.1"])
+    directory.add_local_port(5060)
+    assert directory.is_local(SIPURI.parse("sip:bob@127.0.0.1"))
+    assert directory.is_local(SIPURI.parse("sip:bob@RELAY.test:5060"))
+    assert not directory.is_local(SIPURI.parse("sip:bob@127.0.0.1:25180"))
+    assert not directory.is_local(SIPURI.parse("sip:bob@elsewhere.test"))
+
+
 def _lists(*names: str, uri: str | None = None) -> bytes:
     cr = ' xmlns:cr="urn:relayd:params:xml:ns:consent-policy"'
     lists = "".join(

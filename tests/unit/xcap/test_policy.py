@@ -207,6 +207,8 @@ def test_now_from_injected_clock() -> None:
     [
         ("SIP:Alice@Example.TEST", "sip:Alice@example.test"),
         ("sip:example.test", "sip:example.test"),
+        ("sip:bob@Example.TEST:25180;transport=TCP?x=y", "sip:bob@example.test:25180"),
+        ("sip:+1;phone-context=x@Example.TEST", "sip:+1;phone-context=x@example.test"),
         ("not-a-uri", "not-a-uri"),
     ],
 )
