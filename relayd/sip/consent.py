@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
-from relayd.sip.uri import SIPURI
+from relayd.sip.uri import SIPURI, NameAddr
 from relayd.sip.urilist import (
     RESOURCE_LISTS_MIME_TYPE,
     URIList,
@@ -657,23 +657,37 @@ class ConsentLedger:
 
 
 def consent_needed(
-    request: SIPRequest, list_uri: str, missing: Sequence[str], uris: ConsentURIs
+    request: SIPRequest,
+    list_uri: str,
+    missing: Sequence[str],
+    uris: ConsentURIs,
+    *,
+    name_members: bool = False,
 ) -> SIPResponse:
     """470 (seed §5; RFC 5360 §5.9.1): nothing was relayed; here is whom to ask.
 
     Each URI is a relay-local consent URI for one member; the body and the
     ``Permission-Missing`` header carry the same URIs (consent spec §(a) step 2).
+    The URIs stay opaque; with ``name_members`` (the sender may know the members: it
+    owns the list or wrote it into the request) each also names its member, as the
+    header's display-name (``"sip:bob@example.com" <sip:consent-…>``) and the body
+    entry's ``<display-name>``, so the sender sees who is missing.
     """
     targets = tuple(uris.consent_uri(list_uri, member) for member in missing)
-    built = _CONSENT_NEEDED.get(targets)
+    key = (targets, name_members)
+    built = _CONSENT_NEEDED.get(key)
     if built is None:
         # A sender retrying without permission gets the same answer every time.
-        built = remember(
-            _CONSENT_NEEDED,
-            MAX_CACHED_URIS,
-            targets,
-            (", ".join(f"<{t}>" for t in targets), build_uri_list(list(targets))),
-        )
+        if name_members:
+            header = ", ".join(
+                NameAddr(SIPURI.parse(target), member).format()
+                for target, member in zip(targets, missing, strict=True)
+            )
+            body = build_uri_list(targets, missing)
+        else:
+            header = ", ".join(f"<{t}>" for t in targets)
+            body = build_uri_list(targets)
+        built = remember(_CONSENT_NEEDED, MAX_CACHED_URIS, key, (header, body))
     missing_header, body = built
     headers = [
         ("Permission-Missing", missing_header),
@@ -682,4 +696,4 @@ def consent_needed(
     return make_response(request, 470, headers=headers, body=body)
 
 
-_CONSENT_NEEDED: dict[tuple[str, ...], tuple[str, bytes]] = {}
+_CONSENT_NEEDED: dict[tuple[tuple[str, ...], bool], tuple[str, bytes]] = {}

@@ -160,6 +160,8 @@ class _Delivery:
     members: Sequence[str]
     recipients: RecipientList | None
     max_forwards: int
+    #: The sender may see who is missing in a 470: it owns the list, or wrote it.
+    name_members: bool = False
 
 
 class ConsentRelay:
@@ -355,15 +357,20 @@ class ConsentRelay:
         sender = self._identity(request, proxy=True, peer=txn.source)
         if target is not None:
             list_uri, members = target.uri, target.members
+            owner = target.owner
+            name_members = owner is not None and identity_key(owner) == identity_key(sender)
         else:
             assert recipients is not None
             list_uri, members = request.uri.aor, recipients.recipients
+            name_members = True
         if len(members) > self.max_list_size:
             self.log.warn("list {uri} exceeds max_list_size", uri=list_uri)
             raise SIPStatus(403, "List Too Large")
         if not members:
             raise SIPStatus(480, "Empty List")
-        delivery = _Delivery(request, sender, list_uri, members, recipients, max_forwards)
+        delivery = _Delivery(
+            request, sender, list_uri, members, recipients, max_forwards, name_members
+        )
         missing = self.cache.missing_now(sender, list_uri, members, request.method)
         if missing is None:
             d = defer.ensureDeferred(self.cache.missing(sender, list_uri, members, request.method))
@@ -384,7 +391,9 @@ class ConsentRelay:
                 count=len(missing),
                 total=len(delivery.members),
             )
-            return consent_needed(request, list_uri, missing, self.uris)
+            return consent_needed(
+                request, list_uri, missing, self.uris, name_members=delivery.name_members
+            )
         recipients = delivery.recipients
         if recipients is not None:
             self._explode(

@@ -163,12 +163,16 @@ def parse_lists_document(
     return lists
 
 
-def build_uri_list(uris: Iterable[str]) -> bytes:
-    """An ``application/resource-lists+xml`` body with one entry per URI (470 body)."""
+def build_uri_list(uris: Iterable[str], display_names: Iterable[str] | None = None) -> bytes:
+    """An ``application/resource-lists+xml`` body with one entry per URI (470 body),
+    each with its ``<display-name>`` (RFC 4826 §3.2) when ``display_names`` are given."""
     root = etree.Element(_RL + "resource-lists", nsmap={None: RESOURCE_LISTS_NAMESPACE})  # type: ignore[dict-item]
     holder = etree.SubElement(root, _RL + "list")
+    names = iter(display_names) if display_names is not None else None
     for uri in uris:
-        etree.SubElement(holder, _RL + "entry", uri=uri)
+        entry = etree.SubElement(holder, _RL + "entry", uri=uri)
+        if names is not None:
+            etree.SubElement(entry, _RL + "display-name").text = next(names)
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
 
 

@@ -420,6 +420,8 @@ async def test_figure_2_online_recipients(start: Start, transport: str) -> None:
     assert len(targets) == 2
     missing = first.headers.get_all("permission-missing")
     assert [NameAddr.parse(v).uri.format() for v in missing] == targets
+    # Alice owns the list: each consent URI names its member.
+    assert [NameAddr.parse(v).display_name for v in missing] == [BOB, CAROL]
     assert not [r for r in bob.received + carol.received if r.method == "MESSAGE"]
 
     permission: dict[str, str] = {}
@@ -567,6 +569,9 @@ async def solo_consent(start: Start) -> SoloConsent:
     refused = await send_message(alice, SOLO)
     assert refused.status == 470
     (target,) = consent_uris(refused)
+    # The solo list is not alice's: who is on it stays hidden.
+    assert b"display-name" not in refused.body
+    assert NameAddr.parse(refused.headers.get("permission-missing") or "").display_name is None
     accepted = await ask_consent(alice, target)
     assert accepted.status == 202
     forwarded = await bob.next_request("CONSENT")

@@ -19,7 +19,7 @@ from relayd.sip.consent import (
     consent_needed,
 )
 from relayd.sip.message import Headers, SIPRequest, SIPStatus
-from relayd.sip.uri import SIPURI
+from relayd.sip.uri import SIPURI, NameAddr
 from relayd.sip.urilist import URIList
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
@@ -168,6 +168,37 @@ def test_470_names_consent_uris_in_body_and_header() -> None:
     assert response.headers.get("permission-missing") == f"<{entry.get('uri')}>"
     user = SIPURI.parse(entry.get("uri") or "").user
     assert uris.parse_consent_user(user) == (LIST, "sip:bob@x.test")
+
+
+def test_470_names_the_missing_members_only_when_asked() -> None:
+    uris = ConsentURIs("relay.test")
+    headers = Headers(
+        [
+            ("Via", "SIP/2.0/UDP a.test;branch=z9hG4bK1"),
+            ("From", "<sip:alice@x.test>;tag=1"),
+            ("To", f"<{LIST}>"),
+            ("Call-ID", "c"),
+            ("CSeq", "1 MESSAGE"),
+        ]
+    )
+    request = SIPRequest("MESSAGE", SIPURI.parse(LIST), headers)
+    members = ["sip:bob@x.test:5070", 'sip:o"d\\d,e@x.test']
+    named = consent_needed(request, LIST, members, uris, name_members=True)
+    rl = "{urn:ietf:params:xml:ns:resource-lists}"
+    entries = list(etree.fromstring(named.body).iter(rl + "entry"))
+    assert [e.findtext(rl + "display-name") for e in entries] == members
+    (raw,) = named.headers.get_raw("permission-missing")
+    # RFC 3261 §25.1 quoted-string: '"' and '\' go as quoted-pairs.
+    first, second = (e.get("uri") for e in entries)
+    assert raw == rf'"sip:bob@x.test:5070" <{first}>, "sip:o\"d\\d,e@x.test" <{second}>'
+    values = named.headers.get_all("permission-missing")
+    parsed = [NameAddr.parse(value) for value in values]
+    assert [p.display_name for p in parsed] == members
+    assert [p.uri.format() for p in parsed] == [e.get("uri") for e in entries]
+
+    hidden = consent_needed(request, LIST, members, uris)
+    assert b"display-name" not in hidden.body
+    assert '"' not in (hidden.headers.get("permission-missing") or "")
 
 
 def test_rate_limiter_window() -> None:
