@@ -580,6 +580,52 @@ async def solo_consent(start: Start) -> SoloConsent:
     return SoloConsent(relay, alice, bob, waiting, pending, permission)
 
 
+PLAIN_PERMISSION = f"""<?xml version="1.0" encoding="UTF-8"?>
+<ruleset xmlns="{CP}">
+  <rule id="alice">
+    <conditions>
+      <identity><one id="{ALICE}"/></identity>
+      <validity><from>2020-01-01T00:00:00Z</from><until>2100-01-01T00:00:00Z</until></validity>
+    </conditions>
+  </rule>
+</ruleset>
+"""
+RFC5361_PERMISSION = f"""<?xml version="1.0" encoding="UTF-8"?>
+<cp:ruleset xmlns="urn:ietf:params:xml:ns:consent-rules" xmlns:cp="{CP}">
+  <cp:rule id="alice">
+    <cp:conditions>
+      <cp:identity><cp:one id="{ALICE}"/></cp:identity>
+      <recipient><cp:one id="{BOB}"/></recipient>
+      <target><cp:one id="{SOLO}"/></target>
+    </cp:conditions>
+    <cp:actions><trans-handling>grant</trans-handling></cp:actions>
+  </cp:rule>
+</cp:ruleset>
+"""
+
+
+@pytest.mark.parametrize("document", [PLAIN_PERMISSION, RFC5361_PERMISSION], ids=["seed", "5361"])
+@pytest_twisted.ensureDeferred
+async def test_the_seeds_plain_permission_at_the_permission_uri_delivers(
+    start: Start, document: str
+) -> None:
+    """Seed §4, §8: a permission names the sender; the Permission URI was minted for
+    bob, the solo list and MESSAGE, so that is what the plain form grants."""
+    solo = await solo_consent(start)
+    put = solo.relay.xcap.call("PUT", solo.permission, document.encode())
+    code, granted = await notify_after(solo.alice, solo.waiting.call_id, put)
+    assert code == 201
+    assert [e["state"] for e in status_entries(granted)] == ["granted"]
+    relayed = await send_message(solo.alice, SOLO, b"plainly permitted")
+    assert relayed.status == 200, relayed
+    assert (await solo.bob.next_request("MESSAGE")).body == b"plainly permitted"
+    # Only through the list it was minted for: on alice's friends list bob is missing.
+    friends = await send_message(solo.alice, LIST)
+    assert friends.status == 470
+    names = [NameAddr.parse(v).display_name for v in friends.headers.get_all("permission-missing")]
+    assert names == [BOB, CAROL]
+
+
 @pytest_twisted.ensureDeferred
 async def test_deny_before_a_grant_refuses_until_a_later_grant(start: Start) -> None:
     solo = await solo_consent(start)

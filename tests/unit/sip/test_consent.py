@@ -74,6 +74,34 @@ def test_missing_members_follow_store_changes_without_reloading() -> None:
     assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members
 
 
+def test_a_plain_permission_reads_its_scope_from_the_permission_uri() -> None:
+    """Seed §4, §8: the plain form names the sender only; the document's Permission URI
+    gives recipient, list and methods, and a refresh that adds a method widens it."""
+    store = MemoryPermissionStore()
+    cache = PermissionCache(store, Clock())
+    store.add_listener(cache.store_changed)
+    bob, alice = "sip:bob@x.test:5070", "sip:alice@x.test"
+    token = "t" * 22
+    record = _result(store.open_consent(alice, LIST, bob, ["MESSAGE"], token, 0, 100))
+    plain = (
+        f'<ruleset xmlns="{CP}"><rule id="p"><conditions><identity><one id="{alice}"/>'
+        "</identity></conditions></rule></ruleset>"
+    ).encode()
+    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
+    _result(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
+    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == []
+    assert _result(cache.missing(alice, "sip:other@relay.test", [bob], "MESSAGE")) == [bob]
+    assert _result(cache.missing(alice, LIST, [bob], "INVITE")) == [bob]
+    # The same document under a name no Permission URI was minted for grants nothing.
+    _result(store.put_document("consent-rules", bob, "index", plain))
+    _result(store.delete_document("consent-rules", bob, f"p-{token}.xml"))
+    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
+    _result(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
+    refreshed = _result(store.open_consent(alice, LIST, bob, ["INVITE"], "u" * 22, 1, 200))
+    assert refreshed.id == record.id and set(refreshed.methods) == {"MESSAGE", "INVITE"}
+    assert _result(cache.missing(alice, LIST, [bob], "INVITE")) == []
+
+
 def test_a_member_spelled_with_another_case_finds_its_documents() -> None:
     store = MemoryPermissionStore()
     _result(
