@@ -536,6 +536,7 @@ class SIPService(_BoundAtStart):
         if spec.interface:
             self.relay.directory.add_local_host(spec.interface)
         self.relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
+        self.relay.directory.add_local_port(bound.port)
 
     def startService(self) -> None:
         super().startService()

@@ -65,6 +65,7 @@ CONSENT_RULES_MIME_TYPE = "application/auth-policy+xml"
 RESOURCE_LISTS_MIME_TYPE = "application/resource-lists+xml"
 CP = "urn:ietf:params:xml:ns:common-policy"
 CR = "urn:relayd:params:xml:ns:consent-policy"
+CF = "urn:ietf:params:xml:ns:consent-rules"
 RL = "urn:ietf:params:xml:ns:resource-lists"
 DEFAULT_DOCUMENT = "index"
 DEFAULT_METHODS = ("MESSAGE",)
@@ -75,6 +76,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 
 _CP = f"{{{CP}}}"
 _CR = f"{{{CR}}}"
+_CF = f"{{{CF}}}"
 _RL = f"{{{RL}}}"
 _T = TypeVar("_T")
 
@@ -218,7 +220,10 @@ def _sender_of(rule: etree._Element) -> tuple[str, ...]:
 
 
 def describe_rule(rule: etree._Element) -> RuleView:
-    lists = tuple(t.get("uri", "") for t in rule.iterfind(f"{_CP}conditions/{_CR}target"))
+    # relayd's spellings and RFC 5361's (target of cp:one ids, trans-handling).
+    lists = tuple(t.get("uri", "") for t in rule.iterfind(f"{_CP}conditions/{_CR}target")) + tuple(
+        one.get("id", "") for one in rule.iterfind(f"{_CP}conditions/{_CF}target/{_CP}one")
+    )
     methods = tuple(
         (m.text or "").strip() for m in rule.iterfind(f"{_CP}conditions/{_CR}methods/{_CR}method")
     )
@@ -230,7 +235,9 @@ def describe_rule(rule: etree._Element) -> RuleView:
                 start = (child.text or "").strip()
             elif child.tag == _CP + "until":
                 validity.append((start, (child.text or "").strip()))
-    action = rule.findtext(f"{_CP}actions/{_CR}trans-handling")
+    action = rule.findtext(f"{_CP}actions/{_CR}trans-handling") or rule.findtext(
+        f"{_CP}actions/{_CF}trans-handling"
+    )
     return RuleView(
         rule.get("id", ""),
         _sender_of(rule),

@@ -180,6 +180,8 @@ class _Delivery:
     members: Sequence[str]
     recipients: RecipientList | None
     max_forwards: int
+    #: The sender may see who is missing in a 470: it owns the list, or wrote it.
+    name_members: bool = False
 
 
 class ConsentRelay:
@@ -319,9 +321,7 @@ class ConsentRelay:
         decides what its URIs may name.
         """
         uri = request.uri
-        if not self.directory.is_local(uri) or (
-            uri.port is not None and uri.port not in self._ports()
-        ):
+        if not self.directory.is_local(uri):
             if request.method == "CONSENT" and "trigger-consent" in request.headers:
                 return
             raise SIPStatus(404, "Not Served Here")
@@ -338,10 +338,6 @@ class ConsentRelay:
         if self.directory.is_account(user):
             raise SIPStatus(480)
         raise SIPStatus(404)
-
-    def _ports(self) -> set[int | None]:
-        """The ports we listen on (the sent-by of each transport)."""
-        return {port for _, port in self.transport.own_sent_by()}
 
     def _identity(self, request: SIPRequest, *, proxy: bool, peer: object) -> str:
         """The authenticated sender (seed §5); without an authenticator, the From AOR.
@@ -417,15 +413,20 @@ class ConsentRelay:
         sender = self._identity(request, proxy=True, peer=txn.source)
         if target is not None:
             list_uri, members = target.uri, target.members
+            owner = target.owner
+            name_members = owner is not None and identity_key(owner) == identity_key(sender)
         else:
             assert recipients is not None
             list_uri, members = request.uri.aor, recipients.recipients
+            name_members = True
         if len(members) > self.max_list_size:
             self.log.warn("list {uri} exceeds max_list_size", uri=list_uri)
             raise SIPStatus(403, "List Too Large")
         if not members:
             raise SIPStatus(480, "Empty List")
-        delivery = _Delivery(request, sender, list_uri, members, recipients, max_forwards)
+        delivery = _Delivery(
+            request, sender, list_uri, members, recipients, max_forwards, name_members
+        )
         missing = self.cache.missing_now(sender, list_uri, members, request.method)
         if missing is None:
             d = defer.ensureDeferred(self.cache.missing(sender, list_uri, members, request.method))
@@ -446,7 +447,9 @@ class ConsentRelay:
                 count=len(missing),
                 total=len(delivery.members),
             )
-            return consent_needed(request, list_uri, missing, self.uris)
+            return consent_needed(
+                request, list_uri, missing, self.uris, name_members=delivery.name_members
+            )
         recipients = delivery.recipients
         if recipients is not None:
             self._explode(
@@ -551,8 +554,9 @@ class ConsentRelay:
             found = self.directory.lookup(SIPURI.parse((params.get("target-uri") or "").strip('"')))
         except SIPURIError:
             raise SIPStatus(400, "Bad Trigger-Consent") from None
-        member = request.uri.aor
-        if found is None or member not in found.members:
+        key = identity_key(request.uri.format())
+        member = next((m for m in found.members if identity_key(m) == key), None) if found else None
+        if found is None or member is None:
             raise SIPStatus(404, "Not A List Member")
         return found.uri, member
 

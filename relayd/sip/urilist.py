@@ -29,6 +29,7 @@ from lxml import etree
 
 from relayd.sip.uri import SIPURI, SIPURIError
 from relayd.xcap.errors import XCAPError
+from relayd.xcap.policy import normalize_identity
 from relayd.xcap.usages import CONSENT_POLICY_NAMESPACE, RESOURCE_LISTS_NAMESPACE
 from relayd.xcap.xml import parse_document
 
@@ -73,7 +74,8 @@ class TooManyEntries(URIListError):
 
 @dataclass(frozen=True, slots=True)
 class URIList:
-    """One translation (seed §2): the list URI, its owner and its member URIs (AORs)."""
+    """One translation (seed §2): the list URI, its owner and its member URIs (as the
+    list writes them)."""
 
     uri: str
     members: tuple[str, ...]
@@ -114,10 +116,8 @@ class RecipientList:
     body: bytes
 
 
-def _aor(text: str) -> str:
-    """A member URI as an AOR (``sip:user@host``): what registrations and permission
-    documents are keyed by. Only sip/sips user URIs are relayable; the error says why
-    any other URI is not."""
+def _user_uri(text: str) -> SIPURI:
+    """Only sip/sips user URIs are relayable; the error says why any other URI is not."""
     scheme, colon, _ = text.strip().partition(":")
     if colon and scheme.lower() not in ("sip", "sips") and _SCHEME.fullmatch(scheme):
         raise URIListError(f"{scheme.lower()}: URIs are not relayed (only sip: and sips:)")
@@ -127,7 +127,23 @@ def _aor(text: str) -> str:
         raise URIListError(f"not a SIP URI: {e}") from None
     if uri.scheme not in ("sip", "sips") or not uri.user:
         raise URIListError(f"not a SIP user URI: {text[:80]!r}")
-    return uri.aor
+    return uri
+
+
+def _aor(text: str) -> str:
+    """A list or owner URI as an AOR (``sip:user@host``): lists are ours, and owners
+    are the XUIs their documents live under."""
+    return _user_uri(text).aor
+
+
+def _member(text: str) -> str:
+    """A member URI exactly as the list writes it (seed §2: the translation's output).
+
+    Routing, consent URIs and consent records use it unchanged, so a port or a
+    parameter that says where the member is reached survives; only comparisons use the
+    canonical form (:func:`~relayd.xcap.policy.normalize_identity`)."""
+    _user_uri(text)
+    return text.strip()
 
 
 def list_uri(name: str, domain: str) -> str:
@@ -172,25 +188,30 @@ def _members(
     list_name: str,
     members: list[str],
     skipped: list[Unroutable],
+    seen: set[str] | None = None,
 ) -> None:
-    """The member AORs of ``container`` and its nested lists, in document order; each
-    entry that is not a sip/sips user URI goes to ``skipped`` instead."""
+    """The members of ``container`` and its nested lists as written, in document order,
+    each once (compared canonically); an entry that is not a sip/sips user URI goes to
+    ``skipped`` instead."""
+    seen = set() if seen is None else seen
     positions = {"entry": 0, "list": 0}
     for child in container.iterchildren(_RL + "entry", _RL + "list"):
         local = etree.QName(child).localname
         positions[local] += 1
         node = f"{path}/{_step(child, 'uri' if local == 'entry' else 'name', positions[local])}"
         if local == "list":
-            _members(child, node, list_name, members, skipped)
+            _members(child, node, list_name, members, skipped, seen)
             continue
         uri = child.get("uri", "")
         try:
-            aor = _aor(uri)
+            member = _member(uri)
         except URIListError as e:
             skipped.append(Unroutable(node, str(e), list_name, uri))
             continue
-        if aor not in members:
-            members.append(aor)
+        key = normalize_identity(member)
+        if key not in seen:
+            seen.add(key)
+            members.append(member)
 
 
 def _recipients(root: etree._Element, limit: int) -> list[str]:
@@ -321,12 +342,16 @@ def parse_list_report(body: bytes) -> tuple[list[Unroutable], int]:
     return items, int(more) if more.isdigit() else 0
 
 
-def build_uri_list(uris: Iterable[str]) -> bytes:
-    """An ``application/resource-lists+xml`` body with one entry per URI (470 body)."""
+def build_uri_list(uris: Iterable[str], display_names: Iterable[str] | None = None) -> bytes:
+    """An ``application/resource-lists+xml`` body with one entry per URI (470 body),
+    each with its ``<display-name>`` (RFC 4826 §3.2) when ``display_names`` are given."""
     root = etree.Element(_RL + "resource-lists", nsmap={None: RESOURCE_LISTS_NAMESPACE})  # type: ignore[dict-item]
     holder = etree.SubElement(root, _RL + "list")
+    names = iter(display_names) if display_names is not None else None
     for uri in uris:
-        etree.SubElement(holder, _RL + "entry", uri=uri)
+        entry = etree.SubElement(holder, _RL + "entry", uri=uri)
+        if names is not None:
+            etree.SubElement(entry, _RL + "display-name").text = next(names)
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
 
 

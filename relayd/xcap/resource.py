@@ -57,6 +57,7 @@ from relayd.xcap.auth import (
     Unauthorized,
     XCAPAuthorizer,
     bound_consent,
+    consent_scope,
     redact_document,
 )
 from relayd.xcap.errors import (
@@ -66,7 +67,7 @@ from relayd.xcap.errors import (
     XCAPError,
     percent_encoded,
 )
-from relayd.xcap.policy import RequestContext, evaluate, now_from_clock
+from relayd.xcap.policy import RequestContext, check_scope, evaluate, now_from_clock
 from relayd.xcap.store import (
     GLOBAL_XUI,
     ConsentState,
@@ -85,7 +86,6 @@ from relayd.xcap.usages import (
     XCAP_ELEMENT_MIME_TYPE,
     XCAP_NAMESPACE_MIME_TYPE,
     ApplicationUsage,
-    check_consent_scope,
     xcap_caps_document,
 )
 from relayd.xcap.xml import (
@@ -610,7 +610,7 @@ class XCAPResource(Resource):
         """Usage rules (RFC 4825 §5), plus the Permission-URI scope (consent spec §(c))."""
         usage.validate(root)
         if consent is not None:
-            check_consent_scope(root, consent.list_uri)
+            check_scope(root, consent_scope(consent))
 
     def _check_document(self, document: sel.DocumentSelector, body: bytes) -> DocumentNote | None:
         check = self.document_checks.get(document.auid)
@@ -634,11 +634,16 @@ class XCAPResource(Resource):
         answers: set[str | None] = {None}
         if root is not None:
             now = now_from_clock(self.clock)
+            scope = consent_scope(consent)
             answers = {
                 evaluate(
-                    root, RequestContext(consent.sender, consent.list_uri, method, now)
+                    root,
+                    RequestContext(
+                        consent.sender, scope.list_uri, method, now, recipient=scope.recipient
+                    ),
+                    scope,
                 ).trans_handling
-                for method in consent.methods or ("MESSAGE",)
+                for method in scope.methods
             }
         if answers == {"grant"}:
             state = ConsentState.GRANTED

@@ -8,16 +8,18 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
 ``consent-rules``
     Permission documents of the consent relay: Common Policy (RFC 4745,
     ``urn:ietf:params:xml:ns:common-policy``, ``application/auth-policy+xml``, as
-    RFC 5025 pres-rules) extended by relayd's namespace
-    ``urn:relayd:params:xml:ns:consent-policy`` (prefix ``cr`` by convention):
+    RFC 5025 pres-rules) with RFC 5361's elements
+    (``urn:ietf:params:xml:ns:consent-rules``: conditions ``recipient`` and ``target``,
+    action ``trans-handling``) and relayd's namespace
+    ``urn:relayd:params:xml:ns:consent-policy`` (prefix ``cr`` by convention) for
+    what the RFCs do not cover:
 
-    * condition ``<cr:target uri="sip:friends@relay.example"/>``: the request is sent
-      to that list URI;
     * condition ``<cr:methods><cr:method>MESSAGE</cr:method></cr:methods>``: the
       request method is one of those listed;
-    * action ``<cr:trans-handling>grant</cr:trans-handling>`` (``deny`` < ``grant``):
-      relaying is permitted when the combined value is ``grant``; modelled on the
-      RFC 5361 action of the same name.
+    * ``<cr:target uri="…"/>`` and ``<cr:trans-handling>``: relayd's spellings from
+      before RFC 5361 support, read as the RFC's ``target`` and ``trans-handling``.
+
+    What a document at a Permission URI may say is :func:`relayd.xcap.policy.check_scope`.
 
     Rule ``id`` values are unique within the ruleset.
 ``resource-lists``
@@ -62,6 +64,8 @@ from relayd.xcap.xml import make_parser
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 COMMON_POLICY_NAMESPACE = "urn:ietf:params:xml:ns:common-policy"
+CONSENT_FORMAT_NAMESPACE = "urn:ietf:params:xml:ns:consent-rules"
+"""RFC 5361's permission document elements (recipient, target, trans-handling)."""
 CONSENT_POLICY_NAMESPACE = "urn:relayd:params:xml:ns:consent-policy"
 RESOURCE_LISTS_NAMESPACE = "urn:ietf:params:xml:ns:resource-lists"
 XCAP_CAPS_NAMESPACE = "urn:ietf:params:xml:ns:xcap-caps"
@@ -207,27 +211,6 @@ def _check_resource_lists(root: etree._Element) -> None:
 
 
 _CR_TARGET = _clark(CONSENT_POLICY_NAMESPACE, "target")
-_CP_CONDITIONS = _clark(COMMON_POLICY_NAMESPACE, "conditions")
-
-
-def check_consent_scope(root: etree._Element, list_uri: str) -> None:
-    """Refuse a permission document that reaches beyond the list it was minted for.
-
-    A Permission URI (consent spec §(c)) authorises one (recipient, list) pair, so
-    every rule must carry a ``cr:target`` naming exactly that list; a rule without
-    one would grant relaying through every list.  409 ``constraint-failure``.
-    """
-    for rule in root.iterchildren(_CP_RULE):
-        conditions = rule.find(_CP_CONDITIONS)
-        targets = [] if conditions is None else list(conditions.iterchildren(_CR_TARGET))
-        if not targets or any(t.get("uri") != list_uri for t in targets):
-            raise XCAPError(
-                409,
-                CONSTRAINT_FAILURE,
-                f"rule {rule.get('id')!r} must be limited to target {list_uri}",
-            )
-
-
 _CP_ONE = "{urn:ietf:params:xml:ns:common-policy}one"
 
 
@@ -371,7 +354,7 @@ def xcap_caps_document(usages: Mapping[str, ApplicationUsage] = USAGES) -> bytes
     namespaces = etree.SubElement(root, ns + "namespaces")
     known = {usage.default_namespace for usage in usages.values()}
     if CONSENT_RULES_AUID in usages:
-        known.add(CONSENT_POLICY_NAMESPACE)
+        known |= {CONSENT_FORMAT_NAMESPACE, CONSENT_POLICY_NAMESPACE}
     for namespace in sorted(known):
         etree.SubElement(namespaces, ns + "namespace").text = namespace
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8")

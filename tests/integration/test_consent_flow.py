@@ -253,6 +253,22 @@ async def start_ua(user: str, transport: str, relay: Running, **kw: Any) -> UA:
     return ua
 
 
+def bind_udp_ua(user: str) -> UA:
+    """A UA on its own UDP port before any relay runs, so that a list can name it by
+    that port; :func:`attach_ua` points it at the relay once one is started."""
+    ua = UA(user, "UDP", 0)
+    listening = reactor.listenUDP(0, _UDP(ua), interface=HOST)
+    ua.local_port = listening.getHost().port
+    ua._write = lambda data: listening.write(data, (HOST, ua.relay_port))
+    ua._closer = listening.stopListening
+    return ua
+
+
+def attach_ua(ua: UA, relay: Running) -> None:
+    ua.relay_port = relay.udp_port
+    relay.uas.append(ua)
+
+
 # -- the relay --------------------------------------------------------------------------
 
 
@@ -405,6 +421,8 @@ async def test_figure_2_online_recipients(start: Start, transport: str) -> None:
     assert len(targets) == 2
     missing = first.headers.get_all("permission-missing")
     assert [NameAddr.parse(v).uri.format() for v in missing] == targets
+    # Alice owns the list: each consent URI names its member.
+    assert [NameAddr.parse(v).display_name for v in missing] == [BOB, CAROL]
     assert not [r for r in bob.received + carol.received if r.method == "MESSAGE"]
 
     permission: dict[str, str] = {}
@@ -492,6 +510,45 @@ async def test_figure_3_permission_server_for_offline_recipient(
     assert (await bob.next_request("MESSAGE")).body == b"hi bob"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_member_with_a_port_is_reached_at_that_port(start: Start, tmp_path: Path) -> None:
+    """A member written with a port is someone else's server on our host: its consent
+    URI, its record and every request keep the URI as the list writes it, and it is
+    routed to (RFC 3263), never looked up in our registrar."""
+    dave = bind_udp_ua("dave")
+    far_member = f"sip:dave@{HOST}:{dave.local_port}"
+    far = f"sip:far@{HOST}"
+    lists = tmp_path / "far.xml"
+    lists.write_text(
+        f'<resource-lists xmlns="{RL}"><list name="far"><entry uri="{far_member}"/></list>'
+        "</resource-lists>",
+        encoding="utf-8",
+    )
+    relay = await start(sip__lists=str(lists))
+    attach_ua(dave, relay)
+    alice = await start_ua("alice", "UDP", relay)
+
+    refused = await send_message(alice, far)
+    assert refused.status == 470
+    (target,) = consent_uris(refused)
+    assert relay.sip.relay.uris.parse_consent_user(NameAddr.parse(f"<{target}>").uri.user) == (
+        far,
+        far_member,
+    )
+    accepted = await ask_consent(alice, target)
+    assert accepted.status == 202
+    forwarded = await dave.next_request("CONSENT")
+    assert forwarded.uri.format() == far_member
+    permission = (forwarded.headers.get("permission") or "")[1:-1]
+    assert f"/consent-rules/users/{far_member}/p-" in permission
+    assert await relay.xcap.call("PUT", permission, grant_document(target=far)) == 201
+
+    relayed = await send_message(alice, far, b"hi dave")
+    assert relayed.status == 200, relayed
+    message = await dave.next_request("MESSAGE")
+    assert message.body == b"hi dave" and message.uri.format() == far_member
+
+
 @dataclass
 class SoloConsent:
     relay: Running
@@ -513,12 +570,61 @@ async def solo_consent(start: Start) -> SoloConsent:
     refused = await send_message(alice, SOLO)
     assert refused.status == 470
     (target,) = consent_uris(refused)
+    # The solo list is not alice's: who is on it stays hidden.
+    assert b"display-name" not in refused.body
+    assert NameAddr.parse(refused.headers.get("permission-missing") or "").display_name is None
     accepted = await ask_consent(alice, target)
     assert accepted.status == 202
     forwarded = await bob.next_request("CONSENT")
     waiting, pending = await subscribe(alice, call_info_uri(accepted))
     permission = (forwarded.headers.get("permission") or "")[1:-1]
     return SoloConsent(relay, alice, bob, waiting, pending, permission)
+
+
+PLAIN_PERMISSION = f"""<?xml version="1.0" encoding="UTF-8"?>
+<ruleset xmlns="{CP}">
+  <rule id="alice">
+    <conditions>
+      <identity><one id="{ALICE}"/></identity>
+      <validity><from>2020-01-01T00:00:00Z</from><until>2100-01-01T00:00:00Z</until></validity>
+    </conditions>
+  </rule>
+</ruleset>
+"""
+RFC5361_PERMISSION = f"""<?xml version="1.0" encoding="UTF-8"?>
+<cp:ruleset xmlns="urn:ietf:params:xml:ns:consent-rules" xmlns:cp="{CP}">
+  <cp:rule id="alice">
+    <cp:conditions>
+      <cp:identity><cp:one id="{ALICE}"/></cp:identity>
+      <recipient><cp:one id="{BOB}"/></recipient>
+      <target><cp:one id="{SOLO}"/></target>
+    </cp:conditions>
+    <cp:actions><trans-handling>grant</trans-handling></cp:actions>
+  </cp:rule>
+</cp:ruleset>
+"""
+
+
+@pytest.mark.parametrize("document", [PLAIN_PERMISSION, RFC5361_PERMISSION], ids=["seed", "5361"])
+@pytest_twisted.ensureDeferred
+async def test_the_seeds_plain_permission_at_the_permission_uri_delivers(
+    start: Start, document: str
+) -> None:
+    """Seed §4, §8: a permission names the sender; the Permission URI was minted for
+    bob, the solo list and MESSAGE, so that is what the plain form grants."""
+    solo = await solo_consent(start)
+    put = solo.relay.xcap.call("PUT", solo.permission, document.encode())
+    code, granted = await notify_after(solo.alice, solo.waiting.call_id, put)
+    assert code == 201
+    assert [e["state"] for e in status_entries(granted)] == ["granted"]
+    relayed = await send_message(solo.alice, SOLO, b"plainly permitted")
+    assert relayed.status == 200, relayed
+    assert (await solo.bob.next_request("MESSAGE")).body == b"plainly permitted"
+    # Only through the list it was minted for: on alice's friends list bob is missing.
+    friends = await send_message(solo.alice, LIST)
+    assert friends.status == 470
+    names = [NameAddr.parse(v).display_name for v in friends.headers.get_all("permission-missing")]
+    assert names == [BOB, CAROL]
 
 
 @pytest_twisted.ensureDeferred

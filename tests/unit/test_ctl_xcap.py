@@ -118,6 +118,22 @@ def test_describe_rules_reads_the_spec_example() -> None:
     assert "any" in rules_table([view])
 
 
+def test_describe_rules_reads_rfc_5361_documents() -> None:
+    body = (
+        b'<cp:ruleset xmlns="urn:ietf:params:xml:ns:consent-rules"'
+        b' xmlns:cp="urn:ietf:params:xml:ns:common-policy"><cp:rule id="a"><cp:conditions>'
+        b'<cp:identity><cp:one id="sip:alice@x.test"/></cp:identity>'
+        b'<target><cp:one id="sip:friends@relay.example.test"/></target></cp:conditions>'
+        b'<cp:actions><trans-handling perm-uri="sip:p@x.test">grant</trans-handling>'
+        b"</cp:actions></cp:rule></cp:ruleset>"
+    )
+    ruleset = parse_xcap_document(body, "{urn:ietf:params:xml:ns:common-policy}ruleset")
+    [view] = describe_rules(ruleset)
+    assert view.senders == ("sip:alice@x.test",)
+    assert view.lists == ("sip:friends@relay.example.test",)
+    assert view.action == "grant"
+
+
 def test_parse_refuses_a_document_of_another_kind() -> None:
     with pytest.raises(CtlError, match="expected"):
         parse_xcap_document(b"<a/>", "{urn:ietf:params:xml:ns:common-policy}ruleset")

@@ -34,8 +34,24 @@ def test_lists_named_by_cr_uri_or_name_with_owner() -> None:
     assert document.unroutable == ()
     assert first.uri == "sip:friends@example.test"
     assert first.owner == "sip:alice@example.test"
-    assert first.members == ("sip:bob@example.test", "sip:carol@example.test")
+    assert first.members == ("sip:bob@Example.TEST;transport=tcp", "sip:carol@example.test")
     assert second.uri == "sip:team@example.test" and second.owner is None
+
+
+def test_members_are_kept_as_written_and_compared_canonically() -> None:
+    body = (
+        f'<resource-lists xmlns="{RL}"><list name="far">'
+        '<entry uri=" sip:bob@127.0.0.1:25180 "/><entry uri="SIP:bob@127.0.0.1:25180"/>'
+        '<entry uri="sip:bob@127.0.0.1"/><entry uri="sips:dan@remote.example:5071"/>'
+        "</list></resource-lists>"
+    ).encode()
+    (far,) = parse_lists_document(body, "127.0.0.1").lists
+    # The port says where the member is reached; the second spelling is the same member.
+    assert far.members == (
+        "sip:bob@127.0.0.1:25180",
+        "sip:bob@127.0.0.1",
+        "sips:dan@remote.example:5071",
+    )
 
 
 @pytest.mark.parametrize(

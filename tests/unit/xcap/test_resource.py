@@ -873,11 +873,21 @@ def test_capability_put_beyond_the_list_is_constraint_failure(xcap: Harness) -> 
     reply = xcap.put(path, ruleset(rule("x", target="sip:other@relay.example.test")), user=None)
     assert reply.code == 409
     assert reply.xcap_error() == "constraint-failure"
-    untargeted = ruleset(
-        '<rule id="all"><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>'
-    )
-    assert xcap.put(path, untargeted, user=None).xcap_error() == "constraint-failure"
     assert xcap.stored(name=permission_document_name(consent.permission_token)) is None
+
+
+def test_capability_put_of_the_seeds_plain_form_grants_the_consent(xcap: Harness) -> None:
+    """Seed §4, §8: the permission names the sender; the Permission URI already fixes
+    recipient, list and methods."""
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    plain = ruleset(
+        f'<rule id="p"><conditions><identity><one id="{BOB}"/></identity>'
+        "<validity><from>2000-01-01T00:00:00Z</from><until>2100-01-01T00:00:00Z</until>"
+        "</validity></conditions></rule>"
+    )
+    assert xcap.put(path, plain, user=None).code == 201
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.GRANTED
 
 
 def test_capability_element_put_is_scope_checked(xcap: Harness) -> None:

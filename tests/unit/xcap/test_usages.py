@@ -11,7 +11,6 @@ from relayd.xcap.usages import (
     RESOURCE_LISTS,
     USAGES,
     XCAP_CAPS,
-    check_consent_scope,
     default_namespace,
     get_usage,
     xcap_caps_document,
@@ -167,19 +166,28 @@ def test_entry_without_uri_is_schema_error() -> None:
     _fails(doc, "schema-validation-error")
 
 
-def test_consent_scope_accepts_rules_limited_to_the_list() -> None:
-    check_consent_scope(parse_document(CONSENT_DOC), "sip:friends@relay.example.test")
+RFC5361_DOC = b"""<cp:ruleset xmlns="urn:ietf:params:xml:ns:consent-rules"
+    xmlns:cp="urn:ietf:params:xml:ns:common-policy">
+  <cp:rule id="a">
+    <cp:conditions>
+      <cp:identity><cp:one id="sip:alice@example.test"/></cp:identity>
+      <recipient><cp:one id="sip:bob@example.test"/></recipient>
+      <target><cp:one id="sip:friends@relay.example.test"/></target>
+    </cp:conditions>
+    <cp:actions>
+      <trans-handling perm-uri="sip:perm-1@relay.example.test">grant</trans-handling>
+    </cp:actions>
+  </cp:rule>
+</cp:ruleset>"""
 
 
-def test_consent_scope_rejects_other_list_or_missing_target() -> None:
-    root = parse_document(CONSENT_DOC)
-    with pytest.raises(XCAPError) as info:
-        check_consent_scope(root, "sip:family@relay.example.test")
-    assert info.value.condition == "constraint-failure"
-    doc = CONSENT_DOC.replace(b'<cr:target uri="sip:friends@relay.example.test"/>\n    </c', b"</c")
-    assert doc != CONSENT_DOC
-    with pytest.raises(XCAPError):
-        check_consent_scope(parse_document(doc), "sip:friends@relay.example.test")
+def test_rfc_5361_elements_are_validated() -> None:
+    CONSENT_RULES.validate(parse_document(RFC5361_DOC))
+    _fails(RFC5361_DOC.replace(b">grant<", b">granted<"), "schema-validation-error")
+    _fails(
+        RFC5361_DOC.replace(b'<cp:one id="sip:bob', b'<cp:none id="sip:bob'),
+        "schema-validation-error",
+    )
 
 
 def test_xcap_caps_document() -> None:
