@@ -299,3 +299,36 @@ def test_check_max_forwards() -> None:
     with pytest.raises(SIPStatus) as info:
         check_max_forwards(req("0"))
     assert info.value.status == 483
+
+
+def test_a_burst_of_options_leaves_no_server_transaction() -> None:
+    """Each OPTIONS of a UDP flood used to be kept for Timer J (64·T1): 32 s of the flood."""
+    stack = Stack(UASCore(CAPS), max_server_transactions=100_000)
+    for _ in range(5000):
+        stack.deliver("OPTIONS")
+    assert stack.layer.server_transaction_count == 0
+    assert len(stack.sent) == 5000 and {r.status for r in stack.sent} == {200}
+    # A retransmission gets the same answer, To tag included (§8.2.7).
+    stack._branch = 0
+    first = stack.send("OPTIONS", branch="z9hG4bKsame")
+    stack._branch = 0  # the same CSeq too
+    again = stack.send("OPTIONS", branch="z9hG4bKsame")
+    assert first.to_tag and again.to_tag == first.to_tag
+
+
+def test_shedding_keeps_server_transactions_at_what_they_were() -> None:
+    """Under overload new requests get a 503 without a transaction: state stops growing."""
+    busy = [False]
+    uas = UASCore(CAPS, overloaded=lambda: busy[0], retry_after_seconds=3)
+    uas.set_handler("MESSAGE", lambda txn, request: None)  # keeps transactions open
+    stack = Stack(uas, max_server_transactions=100_000)
+    for _ in range(10):
+        stack.deliver("MESSAGE")
+    busy[0] = True
+    for method in ("MESSAGE", "SUBSCRIBE", "INVITE", "OPTIONS") * 1000:
+        stack.deliver(method)
+    assert stack.layer.server_transaction_count == 10
+    assert {r.status for r in stack.sent} == {503}
+    assert {r.headers.get("retry-after") for r in stack.sent} == {"3"}
+    stack.clock.advance(64 * 0.5 + 5 + 1)  # the open ones reach their TU deadline
+    assert stack.layer.server_transaction_count == 0
