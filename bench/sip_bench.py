@@ -176,6 +176,8 @@ class Relay:
     pki: RelayPKI
     sip_port: int
     profile: str | None = None
+    sip_settings: str = ""
+    """More ``[sip]`` lines (``key = value``) for the relay's configuration."""
     process: subprocess.Popen[bytes] | None = None
     xcap_port: int = 0
     log_path: Path = field(default_factory=Path)
@@ -202,7 +204,8 @@ class Relay:
             f"[msrp]\nlisten = ssl:0:interface={HOST}\n\n"
             f"[xcap]\nlisten = ssl:0:interface={HOST}\nadmins = {ADMIN}\n\n"
             f"[sip]\nlisten = udp:{self.sip_port}:interface={HOST}\ndomain = {HOST}\n"
-            f"lists = {lists}\nmax_list_size = 20\nconsent_requests_per_hour = 1000000\n\n"
+            f"lists = {lists}\nmax_list_size = 20\nconsent_requests_per_hour = 1000000\n"
+            f"{self.sip_settings}\n"
             f"[store]\nbackend = memory\n\n"
             f"[auth]\nrealm = {REALM}\nusers = {users}\n\n"
             f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",
@@ -525,7 +528,10 @@ def profile_top(path: str, count: int = 25) -> list[list[Any]]:
 def run_relayd(settings: argparse.Namespace, root: Path, sinks: Sinks) -> dict[str, Any]:
     results: dict[str, Any] = {"steps": [], "errors": []}
     pki = make_pki(root / "pki")
-    relay = Relay(root / "relay", pki, free_udp_port(), settings.profile)
+    # One SIPp socket sends every request of a step: no per-source datagram budget.
+    relay = Relay(
+        root / "relay", pki, free_udp_port(), settings.profile, "max_datagrams_per_source = 0\n"
+    )
     relay.folder.mkdir(parents=True)
     try:
         relay.start()

@@ -448,6 +448,39 @@ SCHEMA: tuple[Key, ...] = (
         " instead of queueing, until it falls below half of it (0 turns it off)",
     ),
     Key(
+        "sip",
+        "max_datagrams_per_source",
+        "1000",
+        _integer(0, 10_000_000),
+        "UDP datagrams taken per second from one source address and port; the rest are"
+        " dropped unread, so a flood from a few sources leaves the others answered (0: no"
+        " limit)",
+    ),
+    Key(
+        "sip",
+        "idle_timeout_seconds",
+        "60",
+        _integer(1),
+        "A TCP/TLS connection that has carried no request (nor a TLS handshake) closes"
+        " after this long without traffic",
+    ),
+    Key(
+        "sip",
+        "request_idle_timeout_seconds",
+        "300",
+        _integer(1),
+        "A TCP/TLS connection that has carried a request closes after this long without"
+        " traffic; one a registration was made over stays open while it is valid",
+    ),
+    Key(
+        "sip",
+        "max_connections",
+        "10000",
+        _integer(1, 1_000_000),
+        "Most TCP/TLS connections open at once; at the limit the one idle the longest"
+        " closes to make room (one carrying a valid registration never does)",
+    ),
+    Key(
         "store",
         "backend",
         "sqlite",
@@ -528,6 +561,10 @@ class SIPConfig:
     max_subscriptions_per_user: int
     max_server_transactions: int
     overload_lag_ms: int
+    max_datagrams_per_source: int
+    idle_timeout_seconds: int
+    request_idle_timeout_seconds: int
+    max_connections: int
 
 
 @dataclass(frozen=True)

@@ -581,6 +581,10 @@ def build_sip(
     transport = SIPTransportLayer(
         reactor,
         advertised_host=prepared.hostname if wildcard else None,
+        idle_timeout_seconds=sip.idle_timeout_seconds,
+        request_idle_timeout_seconds=sip.request_idle_timeout_seconds,
+        max_connections=sip.max_connections,
+        max_datagrams_per_source=sip.max_datagrams_per_source,
         # sips: members and transport=tls targets: the peers' trust roots if configured,
         # else the platform's; SNI and a service_identity check of the target's name.
         tls_creator=lambda host: client_connection_creator(
@@ -605,6 +609,7 @@ def build_sip(
         uas.overloaded = any_of(uas.overloaded, overload.overloaded)
     transport.attach(transactions)
     uas.attach(transactions)
+    uas.registered = transport.bind_flows
     directory = ListDirectory(
         store,
         domain,

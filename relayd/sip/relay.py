@@ -226,6 +226,7 @@ class ConsentRelay:
             directory.is_local,
             loop_detector,
             clock=clock,
+            flows=transport.flow_target,
         )
         self.subscriptions = SubscriptionManager(
             clock, self._send_in_dialog, self.contact, subscription_limits

@@ -205,6 +205,9 @@ class UASCore:
         self.retry_after_seconds = retry_after_seconds
         self.loop_detector = loop_detector
         self.request_uri_check: RequestURICheck | None = None
+        #: Told of every REGISTER the registrar accepted, with its source: the transport
+        #: keeps the connection it came over as the way to its contacts (RFC 5626 §5).
+        self.registered: Callable[[SIPRequest, SIPResponse, object], object] | None = None
         self.transactions: TransactionLayer | None = None
         self._handlers: dict[str, Handler] = {}
         self._screens: dict[str, Screen] = {"OPTIONS": self._options_stateless}
@@ -376,7 +379,14 @@ class UASCore:
 
     def _register(self, txn: ServerTransaction, request: SIPRequest) -> Deferred[SIPResponse]:
         assert self.registrar is not None
-        return ensureDeferred(self.registrar.handle(request, peer=txn.source))
+        return ensureDeferred(self._registered(txn, request))
+
+    async def _registered(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        assert self.registrar is not None
+        response = await self.registrar.handle(request, peer=txn.source)
+        if self.registered is not None:
+            self.registered(request, response, txn.source)
+        return response
 
     def _cancel(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         """§9.2: 200 when the CANCEL matches a server transaction of any method, 481

@@ -8,6 +8,7 @@ account) or with its own digest credentials on its own documents.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
@@ -115,6 +116,8 @@ class UA:
     incoming: DeferredQueue[SIPRequest] = field(default_factory=DeferredQueue)
     waiting: dict[str, Deferred[SIPResponse]] = field(default_factory=dict)
     local_port: int = 0
+    contact_port: int = 0
+    """The port its Contact names, when not the one it sends from (a UA behind a NAT)."""
     _write: Callable[[bytes], None] | None = None
     _closer: Callable[[], object] | None = None
     cseq: int = 0
@@ -125,7 +128,8 @@ class UA:
 
     @property
     def contact(self) -> str:
-        return f"<sip:{self.user}@{HOST}:{self.local_port};transport={self.transport.lower()}>"
+        port = self.contact_port or self.local_port
+        return f"<sip:{self.user}@{HOST}:{port};transport={self.transport.lower()}>"
 
     def feed(self, message: SIPRequest | SIPResponse) -> None:
         if isinstance(message, SIPResponse):
@@ -999,3 +1003,100 @@ async def test_stop_abandons_an_unanswered_notify(start: Start) -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert [formatEvent(e) for e in failures] == []
+
+
+class _Answering(Protocol):
+    """A connection accepted for a UA: the UA now answers over it."""
+
+    def __init__(self, ua: UA) -> None:
+        self.stream = _TCP(ua)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.stream.ua._write = self.transport.write
+
+    def dataReceived(self, data: bytes) -> None:
+        self.stream.dataReceived(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_behind_a_nat_is_reached_over_its_registering_connection(
+    start: Start,
+) -> None:
+    """RFC 5626 §5: requests for a contact registered over TCP take that connection while
+    it is open, the contact's own address (unreachable behind a NAT) only after."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    with socket.socket() as probe:  # a port where nothing listens, for now
+        probe.bind((HOST, 0))
+        unreachable = probe.getsockname()[1]
+    bob = await start_ua("bob", "TCP", relay, contact_port=unreachable)
+    await bob.register()
+    refused = await send_message(alice, SOLO)
+    assert refused.status == 470
+    (target,) = consent_uris(refused)
+    assert (await ask_consent(alice, target)).status == 202
+    consent = await bob.next_request("CONSENT")
+    permission = (consent.headers.get("permission") or "")[1:-1]
+    assert await relay.xcap.call("PUT", permission, grant_document(target=SOLO)) == 201
+    await deferLater(reactor, 0.05, lambda: None)
+    relayed = await send_message(alice, SOLO, b"through the flow")
+    assert relayed.status == 200, relayed
+    assert (await bob.next_request("MESSAGE")).body == b"through the flow"
+
+    # The connection is gone: the Contact is used, as for any registration.
+    closed = bob.close()
+    assert isinstance(closed, Deferred) or closed is None
+    await deferLater(reactor, 0.1, lambda: None)
+    factory = ServerFactory.forProtocol(lambda: _Answering(bob))
+    listening = reactor.listenTCP(unreachable, factory, interface=HOST)
+    try:
+        again = await send_message(alice, SOLO, b"to the contact")
+        assert again.status == 200, again
+        assert (await bob.next_request("MESSAGE")).body == b"to the contact"
+    finally:
+        await listening.stopListening()
+
+
+class _Silent(Protocol):
+    """A client that connects and says nothing (not even a TLS ClientHello)."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[float] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(time.monotonic())
+
+
+async def _connect_silent(port: int) -> _Silent:
+    client = _Silent()
+    await connectProtocol(TCP4ClientEndpoint(reactor, HOST, port), client)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_connect_that_never_handshakes_is_closed(start: Start) -> None:
+    relay = await start(sip__idle_timeout_seconds="1")
+    started = time.monotonic()
+    client = await _connect_silent(relay.tls_port)
+    closed_at = await client.lost.addTimeout(TIMEOUT, reactor)
+    assert 0.9 <= closed_at - started < 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_the_connection_cap_the_one_idle_the_longest_closes(start: Start) -> None:
+    relay = await start(sip__max_connections="2")
+    first = await _connect_silent(relay.tcp_port)
+    second = await _connect_silent(relay.tls_port)
+    await deferLater(reactor, 0.05, lambda: None)
+    assert first.transport is not None
+    first.transport.write(b"\r\n\r\n")  # a keep-alive (RFC 5626 §3.5.1): first is busy
+    await deferLater(reactor, 0.05, lambda: None)
+    third = await _connect_silent(relay.tcp_port)
+    await second.lost.addTimeout(TIMEOUT, reactor)
+    await deferLater(reactor, 0.1, lambda: None)
+    assert not first.lost.called and not third.lost.called
+    for client in (first, third):
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost
