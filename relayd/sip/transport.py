@@ -625,12 +625,18 @@ class SIPTransportLayer:
                 granted[contact.uri] = float(contact.param("expires") or 0)
             except (SIPURIError, ValueError):
                 continue
+        rows = request.headers.get_all("contact")
+        if rows == ["*"]:  # §10.2.2: every binding removed, this connection's too
+            contacts = list(connection.flow_expiry)
+        else:
+            contacts = []
+            for row in rows:
+                try:
+                    contacts.append(NameAddr.parse(row).uri)
+                except SIPURIError:
+                    continue
         now = self.clock.seconds()
-        for row in request.headers.get_all("contact"):
-            try:
-                uri = NameAddr.parse(row).uri
-            except SIPURIError:
-                continue  # "*" and the like: the bindings just expire here too
+        for uri in contacts:
             expires = granted.get(uri, 0.0)
             if expires > 0:
                 self._flows[uri] = connection

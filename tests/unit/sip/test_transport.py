@@ -382,6 +382,10 @@ def test_a_flow_ends_with_its_registration() -> None:
     assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is not None
     rig.reactor.advance(60)
     assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is None
+    protocol.dataReceived(register(expires=600, cseq=4))
+    protocol.dataReceived(register(contact="*", expires=0, cseq=5).replace(b"<*>", b"*"))
+    assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is None
+    assert protocol.flow_until() == 0.0
 
 
 def test_udp_registrations_make_no_flow() -> None:
