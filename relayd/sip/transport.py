@@ -544,8 +544,8 @@ class SIPTransportLayer:
         :data:`SOURCE_WINDOW_SECONDS`. Parsing and answering a flood costs far more than
         this dictionary look-up; dropping the excess unread keeps the socket buffer
         drained, so every other source is still read (and answered, if only 503) within
-        a window, and no state grows for the flood (RFC 6357 §4: overload control that
-        a non-cooperating sender cannot defeat has to act per source)."""
+        a window, and no state grows for the flood. A 503's Retry-After only holds back
+        senders that honour it; this holds back the ones that do not."""
         limit = self.max_datagrams_per_source
         if not limit:
             return True
