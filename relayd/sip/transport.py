@@ -405,6 +405,7 @@ class SIPTransportLayer:
         self._window_counts: dict[Any, int] = {}
         self._window_end = 0.0
         self._window_dropped = 0
+        self._next_drop_log = 0.0
         self._tls_creator = tls_creator
         self._endpoint_factory = endpoint_factory or self._default_endpoint
         self.transactions: TransactionLayer | None = None
@@ -552,13 +553,14 @@ class SIPTransportLayer:
         counts = self._window_counts
         now = self.clock.seconds()
         if now >= self._window_end:
-            if self._window_dropped:
+            if self._window_dropped and now >= self._next_drop_log:  # a line a second
                 self.log.warn(
                     "SIP flood: dropped {count} datagrams from sources over {limit} a second",
                     count=self._window_dropped,
                     limit=limit,
                 )
                 self._window_dropped = 0
+                self._next_drop_log = now + 1.0
             counts.clear()
             self._window_end = now + SOURCE_WINDOW_SECONDS
         count = counts.get(addr, 0)

@@ -182,6 +182,20 @@ def test_a_flooding_source_is_read_only_up_to_its_budget() -> None:
     assert rig.datagram(options("SIP/2.0/UDP 198.51.100.9:40000;branch=z9hG4bKn"), flood)
 
 
+def test_dropped_datagrams_are_logged_once_a_second(warnings: list[LogEvent]) -> None:
+    rig = Rig(max_datagrams_per_source=10)
+    for _ in range(30):  # 3 s of a source sending twice its budget
+        for _ in range(2):
+            rig.datagram(b"\r\n\r\n")
+        rig.reactor.advance(0.1)
+    lines = [e for e in warnings if "SIP flood" in e.get("log_format", "")]
+    assert len(lines) == 3  # at 0.1 s, then at most once a second
+    rig.reactor.advance(1)
+    rig.datagram(b"\r\n\r\n")  # the first datagram after the flood says the rest
+    lines = [e for e in warnings if "SIP flood" in e.get("log_format", "")]
+    assert len(lines) == 4 and sum(e["count"] for e in lines) == 30
+
+
 def test_malformed_but_answerable_request_gets_400(warnings: list[LogEvent]) -> None:
     rig = Rig()
     data = options().replace(b"OPTIONS sip:relay.example.com", b"OPTIONS sip:[bad")
