@@ -461,8 +461,8 @@ SCHEMA: tuple[Key, ...] = (
         "idle_timeout_seconds",
         "60",
         _integer(1),
-        "A TCP/TLS connection that has carried no request (nor a TLS handshake) closes"
-        " after this long without traffic",
+        "A TCP/TLS connection over which no request has come closes after this long"
+        " without traffic (so does a TLS connect that never starts its handshake)",
     ),
     Key(
         "sip",
