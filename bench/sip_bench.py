@@ -65,7 +65,7 @@ from typing import Any, Protocol
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_sync, wait_for_log_sync, wait_idle
 from bench.kamailio_sip import Kamailio, find_kamailio, kamailio_version
 from bench.report import report_head
-from relayd.sip.auth import client_authorization
+from relayd.digest import answer_challenge
 from relayd.testing import RelayPKI, make_pki, write_users
 
 HOST = "127.0.0.1"
@@ -280,13 +280,13 @@ def register(relay_port: int, user: str, contact_port: int) -> None:
             found = re.search(r"(?im)^WWW-Authenticate:\s*(.+?)\r?$", text)
             if status != 401 or found is None:
                 raise RuntimeError(f"REGISTER {user}: {text[:300]}")
-            value = client_authorization(
+            value = answer_challenge(
                 found.group(1),
                 method="REGISTER",
                 uri=f"sip:{HOST}",
                 username=user,
                 password=USERS[user],
-            )
+            ).authorization
             authorization = f"Authorization: {value}\r\n"
         raise RuntimeError(f"REGISTER {user}: authentication loop")
 

@@ -1,5 +1,9 @@
 """HTTP Digest authentication (RFC 2617), MD5 with qop="auth" only.
 
+Both sides live here: :class:`DigestAuthenticator` for the relay, and
+:func:`answer_challenge` for every client (relayctl's MSRP and XCAP clients,
+tests and benchmarks).
+
 One implementation serves three protocols that reuse RFC 2617 unchanged:
 MSRP AUTH (RFC 4976: 401 + WWW-Authenticate, 200 + Authentication-Info, no
 auth-int, no MD5-sess, no domain), SIP (RFC 3261 §22: 401/407) and HTTP for
@@ -234,6 +238,113 @@ def parse_challenge(header_value: str) -> dict[str, str]:
     if scheme.lower() != "digest":
         raise DigestError("challenge scheme is not Digest")
     return _parse_params(rest, keep=None)
+
+
+@dataclass
+class Challenge:
+    """A server's Digest challenge as a client keeps it between requests.
+
+    ``uses`` counts the requests answered with this nonce, so reusing it sends
+    nonce-counts 1, 2, 3… (RFC 2617 §3.2.2); ``qop`` is False when the server
+    offered none, and the answer then takes the RFC 2069 form.
+    """
+
+    realm: str
+    nonce: str
+    opaque: str | None = None
+    stale: bool = False
+    qop: bool = True
+    uses: int = 0
+
+
+def read_challenge(header_value: str) -> Challenge:
+    """The :class:`Challenge` in a ``WWW-Authenticate``/``Proxy-Authenticate`` value.
+
+    :class:`DigestError` when it is not Digest, lacks realm or nonce, offers
+    qop values without ``auth`` (auth-int needs the body), or names an
+    algorithm other than MD5.
+    """
+    params = parse_challenge(header_value)
+    if "realm" not in params or "nonce" not in params:
+        raise DigestError("challenge lacks realm or nonce")
+    algorithm = params.get("algorithm", "MD5")
+    if algorithm.lower() != "md5":
+        raise DigestError(f"unsupported algorithm {algorithm!r}")
+    qop = params.get("qop")
+    if qop is not None and "auth" not in [q.strip().lower() for q in qop.split(",")]:
+        raise DigestError('challenge offers no qop="auth"')
+    return Challenge(
+        params["realm"],
+        params["nonce"],
+        params.get("opaque"),
+        params.get("stale", "").lower() == "true",
+        qop is not None,
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An ``Authorization``/``Proxy-Authorization`` value, and the ``rspauth`` a
+    server that knows the password sends back with it (RFC 2617 §3.2.3)."""
+
+    authorization: str
+    rspauth: str
+
+
+def answer_challenge(
+    challenge: Challenge | str,
+    *,
+    username: str,
+    password: str,
+    method: str,
+    uri: str,
+    cnonce: str | None = None,
+    nc: int | None = None,
+) -> Answer:
+    """Credentials answering ``challenge`` for a ``method`` request to ``uri``.
+
+    The digest-uri is the request's own: the Request-URI (SIP, RFC 3261
+    §22.4), the path (HTTP), the AUTH's To-Path URI (MSRP, RFC 4976 §5.1).
+    The nonce-count is the next of the challenge's ``uses`` unless ``nc``
+    says otherwise; ``opaque`` is echoed as RFC 2617 §3.2.2 requires. Tests
+    pin ``cnonce`` and ``nc``; everyone else leaves them out.
+    """
+    if isinstance(challenge, str):
+        challenge = read_challenge(challenge)
+    if nc is None:
+        challenge.uses += 1
+        nc = challenge.uses
+    secret = ha1(username, challenge.realm, password)
+    parts = [
+        f"Digest username={_quote(username)}",
+        f"realm={_quote(challenge.realm)}",
+        f"nonce={_quote(challenge.nonce)}",
+        f"uri={_quote(uri)}",
+    ]
+    if challenge.qop:
+        nc_text, cnonce = f"{nc:08x}", cnonce or secrets.token_hex(8)
+        response = request_digest(
+            secret,
+            nonce=challenge.nonce,
+            nc=nc_text,
+            cnonce=cnonce,
+            qop="auth",
+            method=method,
+            uri=uri,
+        )
+        rspauth = request_digest(
+            secret, nonce=challenge.nonce, nc=nc_text, cnonce=cnonce, qop="auth", method="", uri=uri
+        )
+        parts += [f"response={_quote(response)}", "algorithm=MD5", "qop=auth", f"nc={nc_text}"]
+        parts.append(f"cnonce={_quote(cnonce)}")
+    else:
+        # RFC 2069 compatibility (RFC 2617 §3.2.2.1): no qop, nc or cnonce.
+        response = _md5_hex(f"{secret}:{challenge.nonce}:{_md5_hex(f'{method}:{uri}')}")
+        rspauth = _md5_hex(f"{secret}:{challenge.nonce}:{_md5_hex(f':{uri}')}")
+        parts += [f"response={_quote(response)}", "algorithm=MD5"]
+    if challenge.opaque is not None:
+        parts.append(f"opaque={_quote(challenge.opaque)}")
+    return Answer(", ".join(parts), rspauth)
 
 
 def parse_auth_info(header_value: str) -> dict[str, str]:

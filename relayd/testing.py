@@ -29,9 +29,8 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from relayd.config import load_config
-from relayd.digest import ha1
+from relayd.digest import answer_challenge, ha1
 from relayd.service import Prepared, build_service, prepare
-from relayd.sip.auth import client_authorization
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI
@@ -411,16 +410,16 @@ def uac_request(
     return branch, SIPRequest(method, SIPURI.parse(uri), h, body)
 
 
-def answer_challenge(
+def sip_credentials(
     response: SIPResponse, *, method: str, uri: str, username: str, password: str
 ) -> tuple[str, str] | None:
-    """The ``(Authorization or Proxy-Authorization, value)`` answering a 401/407,
-    ``None`` for any other response."""
+    """The ``(Authorization or Proxy-Authorization, value)`` answering a 401/407
+    (RFC 3261 §22.2, §22.3), ``None`` for any other response."""
     if response.status not in (401, 407):
         return None
     proxy = response.status == 407
     challenge = response.headers.get("Proxy-Authenticate" if proxy else "WWW-Authenticate")
-    value = client_authorization(
+    answer = answer_challenge(
         challenge or "", method=method, uri=uri, username=username, password=password
     )
-    return ("Proxy-Authorization" if proxy else "Authorization", value)
+    return ("Proxy-Authorization" if proxy else "Authorization", answer.authorization)

@@ -22,13 +22,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFrom
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd.digest import (
-    DigestError,
-    ha1,
-    parse_auth_info,
-    parse_challenge,
-    request_digest,
-)
+from relayd.digest import DigestError, answer_challenge, parse_auth_info, read_challenge
 from relayd.msrp.message import STATUS_COMMENTS, ByteRange, Headers, MSRPRequest, MSRPResponse
 from relayd.msrp.parser import (
     BodyChunk,
@@ -326,25 +320,18 @@ class MSRPClientProtocol(TwistedProtocol):
                 f"AUTH without credentials answered {response.code} {response.comment}"
             )
         for _attempt in range(2):
-            challenge_text = response.headers.get("WWW-Authenticate") or ""
             try:
-                challenge = parse_challenge(challenge_text)
+                answer = answer_challenge(
+                    response.headers.get("WWW-Authenticate") or "",
+                    username=username,
+                    password=password,
+                    method="AUTH",
+                    uri=target,
+                )
             except DigestError as e:
                 raise MSRPClientError(f"relay sent a bad challenge: {e.reason}") from None
-            realm = challenge.get("realm", "")
-            nonce = challenge.get("nonce", "")
-            cnonce = secrets.token_hex(8)
-            nc = "00000001"
-            secret = ha1(username, realm, password)
-            digest = request_digest(
-                secret, nonce=nonce, nc=nc, cnonce=cnonce, qop="auth", method="AUTH", uri=target
-            )
-            authorization = (
-                f'Digest username="{username}", realm="{realm}", nonce="{nonce}", '
-                f'uri="{target}", qop=auth, nc={nc}, cnonce="{cnonce}", response="{digest}"'
-            )
             response = await self.request(
-                "AUTH", to_path, [*extra, ("Authorization", authorization)]
+                "AUTH", to_path, [*extra, ("Authorization", answer.authorization)]
             )
             if response.code == 200:
                 # Authentication-Info is optional (RFC 2617 §3.2.3): without it
@@ -357,10 +344,7 @@ class MSRPClientProtocol(TwistedProtocol):
                     raise MSRPClientError(
                         f"relay sent a bad Authentication-Info: {e.reason}"
                     ) from None
-                expected = request_digest(
-                    secret, nonce=nonce, nc=nc, cnonce=cnonce, qop="auth", method="", uri=target
-                )
-                if header is not None and info.get("rspauth") != expected:
+                if header is not None and info.get("rspauth") != answer.rspauth:
                     raise MSRPClientError(
                         "relay's rspauth does not match: it did not prove it knows the password"
                     )
@@ -372,11 +356,7 @@ class MSRPClientProtocol(TwistedProtocol):
                     MSRPURI.parse(uri)
                 expires = int(response.headers.get("Expires") or "0")
                 return AuthResult(use_path, expires, relay_proved=header is not None)
-            if (
-                response.code == 401
-                and "stale=true"
-                in (response.headers.get("WWW-Authenticate") or "").replace(" ", "").lower()
-            ):
+            if response.code == 401 and _is_stale(response.headers.get("WWW-Authenticate")):
                 continue
             break
         detail = response.headers.get("Min-Expires") or response.headers.get("Max-Expires")
@@ -443,6 +423,14 @@ class MSRPClientProtocol(TwistedProtocol):
                 response.code,
                 response.comment,
             )
+
+
+def _is_stale(challenge: str | None) -> bool:
+    """Does a 401 say only the nonce was old (RFC 2617 §3.2.1), so one retry is due?"""
+    try:
+        return challenge is not None and read_challenge(challenge).stale
+    except DigestError:
+        return False
 
 
 def _chunks(source: BinaryIO | bytes, total: int, size: int) -> Iterator[bytes]:

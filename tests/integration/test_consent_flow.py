@@ -41,11 +41,11 @@ from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.uri import NameAddr
 from relayd.testing import (
     RelayPKI,
-    answer_challenge,
     consent_rule,
     prepared_relay,
     relay_config_overrides,
     relay_service,
+    sip_credentials,
     uac_request,
 )
 from relayd.testing import (
@@ -185,7 +185,7 @@ class UA:
             response: SIPResponse = await waiter.addTimeout(TIMEOUT, reactor)
             if not authenticate:
                 return response
-            authorization = answer_challenge(
+            authorization = sip_credentials(
                 response, method=method, uri=uri, username=self.user, password=USERS[self.user]
             )
             if authorization is None:

@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from relayd.digest import DigestAuthenticator, ha1
-from relayd.sip.auth import SIPAuthenticator, client_authorization
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1
+from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
 from relayd.sip.registrar import Registrar, RegistrarLimits
 from relayd.sip.uri import SIPURI, NameAddr
@@ -197,23 +197,23 @@ def test_digest_authentication_and_own_aor_only(clock: Clock) -> None:
     request = register("<sip:alice@192.0.2.1>")
     challenge = status_of(registrar, request)
     assert challenge.status == 401
-    credentials = client_authorization(
+    credentials = answer_challenge(
         challenge.headers[0][1],
         method="REGISTER",
         uri="sip:example.com",
         username="bob",
         password="secret",
-    )
+    ).authorization
     request.headers.set("Authorization", credentials)
     assert status_of(registrar, request).status == 403
-    credentials = client_authorization(
+    credentials = answer_challenge(
         challenge.headers[0][1],
         method="REGISTER",
         uri="sip:example.com",
         username="alice",
         password="secret",
         nc=2,
-    )
+    ).authorization
     request.headers.set("Authorization", credentials)
     assert handle(registrar, request).status == 200
     assert registrar.is_online(AOR)

@@ -13,9 +13,9 @@ from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.sip.relay import carried_headers
 from relayd.testing import (
-    answer_challenge,
     grant_document,
     in_process_sip_relay,
+    sip_credentials,
     uac_request,
 )
 from relayd.xcap.errors import XCAPError
@@ -100,7 +100,7 @@ class Relay:
         first = out[0][0] if len(out) == 1 else None
         if not isinstance(first, SIPResponse):
             return out
-        answer = answer_challenge(
+        answer = sip_credentials(
             first, method=method, uri=uri, username=user, password=PASSWORDS[user]
         )
         if answer is None:
