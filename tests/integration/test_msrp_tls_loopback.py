@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from relayd.digest import ha1, parse_auth_info, parse_challenge, request_digest
+from relayd.digest import answer_challenge, parse_auth_info
 from relayd.msrp.client import MSRPClientError, MSRPClientProtocol, connect
 from relayd.testing import RelayPKI
 
@@ -62,23 +62,23 @@ async def test_auth_without_digest_uri_as_blink_sends_it(
     protocol = await connect(reactor, relay.uri, pki.ca_pem)
     first = await protocol.request("AUTH", relay.uri).addTimeout(5, reactor)
     assert first.code == 401
-    challenge = parse_challenge(first.headers.get("WWW-Authenticate") or "")
-    realm, nonce, cnonce, nc = challenge["realm"], challenge["nonce"], "85a0dca8", "00000001"
-    secret = ha1("alice", realm, USERS["alice"])
-    digest = {"nonce": nonce, "nc": nc, "cnonce": cnonce, "qop": "auth", "uri": relay.uri}
-    # As msrplib does: it copies the challenge's opaque unconditionally.
-    authorization = (
-        f'Digest username="alice", realm="{realm}", nonce="{nonce}", qop=auth, nc={nc}, '
-        f'cnonce="{cnonce}", response="{request_digest(secret, method="AUTH", **digest)}", '
-        f'opaque="{challenge["opaque"]}"'
+    answer = answer_challenge(
+        first.headers.get("WWW-Authenticate") or "",
+        username="alice",
+        password=USERS["alice"],
+        method="AUTH",
+        uri=relay.uri,
     )
+    # As msrplib does: no uri=, and the challenge's opaque copied unconditionally.
+    authorization = answer.authorization.replace(f'uri="{relay.uri}", ', "")
+    assert "uri=" not in authorization and "opaque=" in authorization
     second = await protocol.request(
         "AUTH", relay.uri, [("Authorization", authorization)]
     ).addTimeout(5, reactor)
     assert (second.code, second.comment) == (200, "OK")
     assert (second.headers.get("Use-Path") or "").startswith(f"msrps://127.0.0.1:{relay.port}/")
     info = parse_auth_info(second.headers.get("Authentication-Info") or "")
-    assert info["rspauth"] == request_digest(secret, method="", **digest)
+    assert info["rspauth"] == answer.rspauth
     protocol.transport.loseConnection()  # type: ignore[union-attr]
 
 

@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from relayd.digest import ha1, parse_challenge, request_digest
+from relayd.digest import answer_challenge, parse_challenge
 from relayd.service import XCAPService
 from relayd.testing import (
     RawProtocol,
@@ -103,21 +103,9 @@ class Reply:
 
 def digest_authorization(challenge: str, method: str, uri: str, user: str, password: str) -> str:
     """Answer a ``WWW-Authenticate: Digest`` challenge (RFC 2617 §3.2.2, qop=auth)."""
-    params = parse_challenge(challenge)
-    cnonce = secrets.token_hex(8)
-    response = request_digest(
-        ha1(user, params["realm"], password),
-        nonce=params["nonce"],
-        nc="00000001",
-        cnonce=cnonce,
-        qop="auth",
-        method=method,
-        uri=uri,
-    )
-    return (
-        f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}",'
-        f' uri="{uri}", response="{response}", qop=auth, nc=00000001, cnonce="{cnonce}"'
-    )
+    return answer_challenge(
+        challenge, username=user, password=password, method=method, uri=uri
+    ).authorization
 
 
 class XCAPClient:

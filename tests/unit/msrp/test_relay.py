@@ -11,7 +11,15 @@ from fnmatch import fnmatch
 import pytest
 from twisted.internet.task import Clock
 
-from relayd.digest import DigestAuthenticator, ha1, parse_auth_info, parse_challenge, request_digest
+from relayd.digest import (
+    Challenge,
+    DigestAuthenticator,
+    answer_challenge,
+    ha1,
+    parse_auth_info,
+    parse_challenge,
+    read_challenge,
+)
 from relayd.msrp.message import Headers, MSRPRequest, MSRPResponse, MSRPStatus
 from relayd.msrp.relay import AuthOutcome, AuthPolicy, RelayCore, Route, response_route
 from relayd.msrp.sessions import Session
@@ -130,21 +138,17 @@ def authorization(
     cnonce: str = "0a4f113b",
     realm: str = REALM,
 ) -> str:
-    if nonce is None:
-        nonce = parse_challenge(challenge)["nonce"]
-    response = request_digest(
-        ha1(user, realm, password),
-        nonce=nonce,
-        nc=nc,
-        cnonce=cnonce,
-        qop="auth",
+    kept = Challenge(realm, nonce if nonce is not None else read_challenge(challenge).nonce)
+    answer = answer_challenge(
+        kept,
+        username=user,
+        password=password,
         method="AUTH",
         uri=uri,
+        cnonce=cnonce,
+        nc=int(nc, 16),
     )
-    return (
-        f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}",'
-        f' response="{response}", qop=auth, nc={nc}, cnonce="{cnonce}"'
-    )
+    return answer.authorization
 
 
 def challenge_for(core: RelayCore, hop: FakeHop, owner: object, from_path: str = ALICE_URI) -> str:

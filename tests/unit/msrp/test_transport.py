@@ -35,7 +35,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, S
 from twisted.python.failure import Failure
 
 from relayd.config import MSRPConfig, load_config
-from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
+from relayd.digest import Challenge, DigestAuthenticator, answer_challenge, ha1, parse_challenge
 from relayd.msrp.message import MSRPRequest, MSRPResponse
 from relayd.msrp.parser import BodyChunk, MessageEnd, MessageStart, MSRPParser
 from relayd.msrp.relay import AuthPolicy, RelayCore
@@ -251,21 +251,16 @@ def challenge(client: Client) -> str:
 
 
 def credentials(user: str, password: str, nonce: str, nc: int = 1) -> str:
-    cnonce = "0a4f113b"
-    nc_text = f"{nc:08x}"
-    response = request_digest(
-        ha1(user, REALM, password),
-        nonce=nonce,
-        nc=nc_text,
-        cnonce=cnonce,
-        qop="auth",
+    answer = answer_challenge(
+        Challenge(REALM, nonce),
+        username=user,
+        password=password,
         method="AUTH",
         uri=RELAY_URI,
+        cnonce="0a4f113b",
+        nc=nc,
     )
-    return (
-        f'Digest username="{user}", realm="{REALM}", nonce="{nonce}", uri="{RELAY_URI}", '
-        f'response="{response}", qop=auth, nc={nc_text}, cnonce="{cnonce}"'
-    )
+    return answer.authorization
 
 
 def authenticate(client: Client, user: str | None = None) -> None:

@@ -19,7 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
-from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1, parse_challenge
 from relayd.testing import consent_rule
 from relayd.testing import consent_ruleset as ruleset
 from relayd.xcap.auth import (
@@ -70,21 +70,9 @@ def doc_path(xui: str = ALICE, name: str = "index", auid: str = "consent-rules")
 
 def authorization(challenge: str, method: str, uri: str, user: str, password: str) -> str:
     """A Digest Authorization value answering ``challenge`` (RFC 2617 §3.2.2)."""
-    params = parse_challenge(challenge)
-    cnonce = secrets.token_hex(8)
-    response = request_digest(
-        ha1(user, params["realm"], password),
-        nonce=params["nonce"],
-        nc="00000001",
-        cnonce=cnonce,
-        qop="auth",
-        method=method,
-        uri=uri,
-    )
-    return (
-        f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}",'
-        f' uri="{uri}", response="{response}", qop=auth, nc=00000001, cnonce="{cnonce}"'
-    )
+    return answer_challenge(
+        challenge, username=user, password=password, method=method, uri=uri
+    ).authorization
 
 
 def wire_path(path: str) -> str:
