@@ -27,7 +27,7 @@ from pathlib import Path
 from lxml import etree
 from twisted.internet.defer import ensureDeferred
 
-from relayd.ctl.xcap import make_rule, new_ruleset
+from relayd.ctl.documents import make_rule, new_ruleset
 from relayd.digest import answer_challenge
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
