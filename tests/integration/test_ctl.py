@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 
 from relayd.ctl import network
@@ -33,8 +34,9 @@ from relayd.testing import (
     relay_service,
     write_users,
 )
+from relayd.users import RELOAD_CHECK_INTERVAL_SECONDS
 
-from .conftest import REALM, USERS, RelayFactory, RunningRelay, deferLater
+from .conftest import REALM, USERS, RelayFactory, RunningRelay
 
 pytestmark = pytest.mark.integration
 
@@ -376,6 +378,8 @@ async def test_adduser_then_auth_as_that_user(
     start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
 ) -> None:
     relay = await start_relay()
+    clock = Clock()
+    relay.users.use_clock(clock)
     env = environment(tmp_path)
     users = ["--users", users_path(relay), "--realm", REALM]
     out, err, code = await relayctl(env, "adduser", *users, "dave", "--generate")
@@ -388,7 +392,7 @@ async def test_adduser_then_auth_as_that_user(
     listed, _, _ = await relayctl(env, "users", "--users", users_path(relay))
     assert f"dave\t{REALM}\nerin\t{REALM}\n" in listed
     # The running relay picks the file up by itself (it re-stats at most once a second).
-    await deferLater(1.1)
+    clock.advance(RELOAD_CHECK_INTERVAL_SECONDS)
     for user, secret in (("dave", password), ("erin", "e1")):
         env_user = environment(tmp_path, RELAYCTL_PASSWORD=secret)
         out, err, code = await relayctl(
@@ -397,7 +401,7 @@ async def test_adduser_then_auth_as_that_user(
         assert (code, err) == (0, ""), user
     out, err, code = await relayctl(env, "deluser", *users, "dave")
     assert code == 0
-    await deferLater(1.1)
+    clock.advance(RELOAD_CHECK_INTERVAL_SECONDS)
     env_user = environment(tmp_path, RELAYCTL_PASSWORD=password)
     out, err, code = await relayctl(
         env_user, "auth", relay.uri, "--user", "dave", "--ca", pki.ca_path
