@@ -282,6 +282,15 @@ def read_challenge(header_value: str) -> Challenge:
     )
 
 
+def is_stale(header_value: str | None) -> bool:
+    """Does this challenge say only the nonce was old (``stale=true``, RFC 2617
+    §3.2.1), so the credentials are worth one more try with the new nonce?"""
+    try:
+        return header_value is not None and read_challenge(header_value).stale
+    except DigestError:
+        return False
+
+
 @dataclass(frozen=True)
 class Answer:
     """An ``Authorization``/``Proxy-Authorization`` value, and the ``rspauth`` a

@@ -22,7 +22,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFrom
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd.digest import DigestError, answer_challenge, parse_auth_info, read_challenge
+from relayd.digest import DigestError, answer_challenge, is_stale, parse_auth_info
 from relayd.msrp.message import STATUS_COMMENTS, ByteRange, Headers, MSRPRequest, MSRPResponse
 from relayd.msrp.parser import (
     BodyChunk,
@@ -356,7 +356,7 @@ class MSRPClientProtocol(TwistedProtocol):
                     MSRPURI.parse(uri)
                 expires = int(response.headers.get("Expires") or "0")
                 return AuthResult(use_path, expires, relay_proved=header is not None)
-            if response.code == 401 and _is_stale(response.headers.get("WWW-Authenticate")):
+            if response.code == 401 and is_stale(response.headers.get("WWW-Authenticate")):
                 continue
             break
         detail = response.headers.get("Min-Expires") or response.headers.get("Max-Expires")
@@ -423,14 +423,6 @@ class MSRPClientProtocol(TwistedProtocol):
                 response.code,
                 response.comment,
             )
-
-
-def _is_stale(challenge: str | None) -> bool:
-    """Does a 401 say only the nonce was old (RFC 2617 §3.2.1), so one retry is due?"""
-    try:
-        return challenge is not None and read_challenge(challenge).stale
-    except DigestError:
-        return False
 
 
 def _chunks(source: BinaryIO | bytes, total: int, size: int) -> Iterator[bytes]:

@@ -24,6 +24,7 @@ from relayd.digest import (
     format_authentication_info,
     format_challenge,
     ha1,
+    is_stale,
     parse_credentials,
     read_challenge,
     request_digest,
@@ -183,9 +184,11 @@ def test_read_challenge_refuses_what_it_cannot_answer(challenge: str, reason: st
 
 
 def test_read_challenge_notes_stale() -> None:
-    assert read_challenge('Digest realm="r", nonce="n", qop="auth", stale=TRUE') == Challenge(
-        "r", "n", None, True, True
-    )
+    stale = 'Digest realm="r", nonce="n", qop="auth", stale=TRUE'
+    assert read_challenge(stale) == Challenge("r", "n", None, True, True)
+    assert is_stale(stale)
+    assert not is_stale(stale.replace("TRUE", "false"))
+    assert not is_stale('Basic realm="r", stale=true') and not is_stale(None)
 
 
 # Header formatting.
