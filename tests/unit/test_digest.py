@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -108,19 +109,9 @@ def test_answer_challenge_gives_the_rfc2617_example_response() -> None:
         uri="/dir/index.html",
         cnonce="0a4f113b",
     )
-    cred = parse_credentials(answer.authorization)
-    assert cred == DigestCredentials(
-        username="Mufasa",
-        realm="testrealm@host.com",
-        nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093",
-        uri="/dir/index.html",
-        response="6629fae49393a05397450978507c4ef1",
-        qop="auth",
-        nc="00000001",
-        cnonce="0a4f113b",
-        algorithm="MD5",
-        opaque="5ccc069c403ebaf9f0171e9517f40e41",
-    )
+    # The RFC's own credentials, with the algorithm named.
+    expected = replace(parse_credentials(RFC_HEADER), algorithm="MD5")
+    assert parse_credentials(answer.authorization) == expected
     h1 = _md5("Mufasa:testrealm@host.com:Circle Of Life")
     ha2 = _md5(":/dir/index.html")
     assert answer.rspauth == _md5(
