@@ -29,11 +29,22 @@ from twisted.python.failure import Failure
 from relayd import __version__
 from relayd.config import ConfigError, RelaydConfig
 from relayd.digest import DigestAuthenticator
-from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
 from relayd.keyfile import KeyFileError, load_or_create_key
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPRelay
+from relayd.net.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
+from relayd.net.tls import (
+    ServerIdentity,
+    TLSSetupError,
+    client_connection_creator,
+    ensure_self_signed,
+    load_identity,
+    load_trust_roots,
+    server_context_factory,
+    stdlib_server_context,
+    with_extra_chain,
+)
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import (
     ConsentLedger,
@@ -50,17 +61,6 @@ from relayd.sip.transaction import TransactionLayer
 from relayd.sip.transport import SIPTransportLayer, udp_service
 from relayd.sip.uas import Capabilities, LoopDetector, UASCore, transaction_pressure
 from relayd.sip.urilist import URIList, URIListError, parse_lists_document
-from relayd.tls import (
-    ServerIdentity,
-    TLSSetupError,
-    client_connection_creator,
-    ensure_self_signed,
-    load_identity,
-    load_trust_roots,
-    server_context_factory,
-    stdlib_server_context,
-    with_extra_chain,
-)
 from relayd.users import UsersFile, UsersFileError, generate_password
 from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
@@ -372,7 +372,7 @@ class MSRPService(_BoundAtStart):
 
     def _tls_context(self, spec: EndpointSpec) -> Any:
         identity = listener_identity(self.prepared, spec)
-        # The standard library's TLS: half the memory per idle client (relayd.tlsio).
+        # The standard library's TLS: half the memory per idle client (relayd.net.tlsio).
         return stdlib_server_context(identity, self.prepared.trust_roots)
 
     def _endpoints(self) -> Sequence[str]:

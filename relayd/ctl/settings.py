@@ -17,7 +17,7 @@ from pathlib import Path
 
 from relayd.config import ConfigError, RelaydConfig, load_config
 from relayd.msrp.uri import MSRPURI, MSRPURIError
-from relayd.tls import SELF_SIGNED_NAMES, TLSSetupError, load_identity
+from relayd.net.tls import SELF_SIGNED_NAMES, TLSSetupError, load_identity
 
 PASSWORD_ENV = "RELAYCTL_PASSWORD"  # noqa: S105  (a variable name, not a secret)
 """Environment variable holding the password (for scripts without a password file)."""

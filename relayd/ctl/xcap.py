@@ -40,7 +40,7 @@ from lxml import etree
 
 from relayd.config import ConfigError, load_config
 from relayd.ctl.settings import Credentials, CtlError, Locations, trust_anchor
-from relayd.endpoints import EndpointSyntaxError, parse_endpoint
+from relayd.net.endpoints import EndpointSyntaxError, parse_endpoint
 from relayd.sip.urilist import (
     LIST_REPORT_MIME_TYPE,
     Unroutable,

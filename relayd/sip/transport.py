@@ -43,8 +43,8 @@ from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd.endpoints import EndpointSpec
 from relayd.logs import logger
+from relayd.net.endpoints import EndpointSpec
 from relayd.sip.message import (
     SIPHeaderError,
     SIPRequest,
@@ -370,7 +370,7 @@ class SIPTransportLayer:
 
     ``advertised_host`` is what goes in our Via sent-by (and should be reachable by
     peers); without it the bound address of the listener is used. ``tls_creator`` builds
-    the client TLS options for a server name (``relayd.tls.client_connection_creator``);
+    the client TLS options for a server name (``relayd.net.tls.client_connection_creator``);
     without it TLS targets fail. ``endpoint_factory`` replaces the whole outbound connect
     (tests use it with a MemoryReactor or iosim).
     """

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from relayd.digest import DigestAuthenticator, ha1
-from relayd.endpoints import parse_endpoint
+from relayd.net.endpoints import parse_endpoint
 from relayd.sip.auth import SIPAuthenticator, client_authorization
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import StreamFramer, parse_datagram

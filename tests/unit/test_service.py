@@ -20,7 +20,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel
 
 from relayd.config import ConfigError, load_config
-from relayd.endpoints import parse_endpoint
+from relayd.net.endpoints import parse_endpoint
 from relayd.service import (
     ListenerError,
     MSRPService,

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from relayd.endpoints import parse_endpoint
+from relayd.net.endpoints import parse_endpoint
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, Via, make_response
 from relayd.sip.parser import parse_datagram
 from relayd.sip.registrar import Registrar

@@ -1,4 +1,4 @@
-"""Tests for relayd.tls: generated certificates, loading, trust roots and contexts."""
+"""Tests for relayd.net.tls: generated certificates, loading, trust roots and contexts."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
-from relayd.testing import IntermediatePKI, RelayPKI, make_intermediate_pki, make_pki
-from relayd.tls import (
+from relayd.net.tls import (
     SELF_SIGNED_NAMES,
     ServerIdentity,
     TLSSetupError,
@@ -30,6 +29,7 @@ from relayd.tls import (
     stdlib_server_context,
     with_extra_chain,
 )
+from relayd.testing import IntermediatePKI, RelayPKI, make_intermediate_pki, make_pki
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from relayd.tlsio import StdlibTLSServerFactory
+from relayd.net.tlsio import StdlibTLSServerFactory
 
 _KNOWN_OPTIONS: dict[str, frozenset[str]] = {
     "tcp": frozenset({"port", "interface", "backlog"}),
@@ -183,7 +183,7 @@ class TLSServerEndpoint:
     """TLS over a TCP endpoint, writing through on every write.
 
     With an ``ssl.SSLContext`` the standard library's TLS is used (less memory
-    per idle connection, see relayd.tlsio); with a pyOpenSSL context factory,
+    per idle connection, see relayd.net.tlsio); with a pyOpenSSL context factory,
     Twisted's plain TLSMemoryBIOProtocol, without the small-write aggregator
     that would add a ``callLater(0)`` and two copies per write: our protocols
     already write one whole frame per call.

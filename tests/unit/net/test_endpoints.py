@@ -1,4 +1,4 @@
-"""Tests for relayd.endpoints: listener string parsing and server endpoints."""
+"""Tests for relayd.net.endpoints: listener string parsing and server endpoints."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from relayd.endpoints import (
+from relayd.net.endpoints import (
     EndpointSpec,
     EndpointSyntaxError,
     TLSServerEndpoint,
@@ -283,7 +283,7 @@ def test_udp_is_not_a_stream_listener() -> None:
 def test_ssl_listener_with_stdlib_context_uses_the_stdlib_tls_wrapper() -> None:
     import ssl
 
-    from relayd.tlsio import StdlibTLSServerFactory
+    from relayd.net.tlsio import StdlibTLSServerFactory
 
     reactor = MemoryReactor()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -1,4 +1,4 @@
-"""relayd.eager.write_now: send at once when nothing is queued, never out of order."""
+"""relayd.net.eager.write_now: send at once when nothing is queued, never out of order."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from relayd.eager import write_now
+from relayd.net.eager import write_now
 
 
 class FakeSocket(FileDescriptor):

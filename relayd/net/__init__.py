@@ -1,0 +1,1 @@
+"""Networking shared by every surface: listener strings, TLS contexts, the TLS transport."""
