@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from relayd.bootstrap import Prepared, prepare
 from relayd.config import SCHEMA, ConfigError, example_ini, load_config
 from relayd.logs import set_level
-from relayd.service import ListenerError, Prepared, build_service, prepare
+from relayd.service import ListenerError, build_service
 
 
 class ConfigRefused(SystemExit):

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from relayd.net.tls import ServerIdentity, load_identity, with_extra_chain
 from relayd.net.tlsio import StdlibTLSServerFactory
 
 _KNOWN_OPTIONS: dict[str, frozenset[str]] = {
@@ -203,3 +204,18 @@ class TLSServerEndpoint:
             factory = TLSMemoryBIOFactory(self._context, False, protocolFactory)
             factory.protocol = TLSMemoryBIOProtocol
         return self._tcp.listen(factory)
+
+
+def listener_identity(relay_identity: ServerIdentity, spec: EndpointSpec) -> ServerIdentity:
+    """``certKey``/``privateKey`` replace the relay's keys; ``extraCertChain`` is served
+    after the chain (intermediates kept in a file of their own)."""
+    identity = relay_identity
+    if "certKey" in spec.options or "privateKey" in spec.options:
+        identity = load_identity(
+            spec.options.get("certKey") or spec.options["privateKey"],
+            spec.options.get("privateKey") or spec.options["certKey"],
+        )
+    extra = spec.options.get("extraCertChain")
+    if extra:
+        identity = with_extra_chain(identity, extra)
+    return identity

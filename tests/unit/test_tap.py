@@ -12,8 +12,9 @@ from twisted.application.service import IServiceCollection, MultiService
 from twisted.python import usage
 
 import relayd.tap
+from relayd.bootstrap import Prepared
 from relayd.config import example_ini
-from relayd.service import ListenerError, MSRPService, Prepared
+from relayd.service import ListenerError, MSRPService
 from relayd.tap import ConfigRefused, Options, makeService
 from relayd.testing import make_pki, write_users
 
