@@ -1,26 +1,30 @@
 """Wiring: a prepared config in (relayd.bootstrap), a ``MultiService`` out.
 
 ``build_service`` only connects objects: everything that can fail because of
-the operator's files failed earlier, in ``prepare``.  Listeners are bound
-when the services start (``privilegedStartService`` under twistd); one that
-cannot be bound is one critical log line and exit status 1, before the
+the operator's files failed earlier, in ``prepare``.  Each surface's
+listeners are Twisted's listener services, bound together when the services
+start (``privilegedStartService`` under twistd, relayd.net.listeners); one
+that cannot be bound is one critical log line and exit status 1, before the
 reactor runs, so the daemon never serves with a surface missing.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+import ssl
+from collections.abc import Iterable
 from typing import Any, cast
 
 from lxml import etree
-from twisted.application.service import MultiService, Service
+from OpenSSL import crypto
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
-from twisted.python.failure import Failure
+from twisted.internet.ssl import CertificateOptions
 
 from relayd import __version__
 from relayd.bootstrap import Prepared
+from relayd.config import XCAPConfig
 from relayd.digest import DigestAuthenticator
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
@@ -31,7 +35,9 @@ from relayd.net.endpoints import (
     parse_endpoint,
     stream_server_endpoint,
 )
+from relayd.net.listeners import Listeners
 from relayd.net.tls import (
+    ServerIdentity,
     client_connection_creator,
     server_context_factory,
     stdlib_server_context,
@@ -87,124 +93,34 @@ def _is_loopback(host: str) -> bool:
         return host.lower() == "localhost"
 
 
-async def stop_listening(ports: list[Any]) -> None:
-    """Stop every listener, waiting for those that close asynchronously."""
-    for port in ports:
-        stopped = port.stopListening()
-        if stopped is not None:
-            await stopped
-
-
-class ListenerError(Exception):
-    """A listener could not be bound; its text names it and says why, in one line.
-
-    Raised out of ``privilegedStartService``, so twistd stops before the reactor
-    runs: it tells a daemon's waiting parent and removes the pid file, then lets
-    the exception end the process with status 1, where ``relayd.tap`` prints
-    this line instead of a traceback.
-    """
-
-
-class _Listeners(Service):
-    """A service that owns listening ports: ``listening`` fires with them once they are
-    bound, and stopping closes them after whatever :meth:`_stop` of the subclass adds."""
-
-    log = logger()
-
-    def __init__(self, reactor: Any, prepared: Prepared) -> None:
-        self.reactor = reactor
-        self.prepared = prepared
-        self.ports: list[IListeningPort] = []
-        self.listening: defer.Deferred[list[IListeningPort]] = defer.Deferred()
-
-    async def _stop(self) -> None:
-        ports, self.ports = self.ports, []
-        await stop_listening(ports)
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
-
-
-class _BoundAtStart(_Listeners):
-    """Listeners bound synchronously in ``privilegedStartService`` (or ``startService``
-    when started without it), so a port that cannot be bound makes starting fail at
-    once (twistd exits) instead of leaving a relay without that surface."""
-
-    label = ""
-    _bound = False
-
-    def _endpoints(self) -> Sequence[str]:
-        raise NotImplementedError
-
-    def _bind_one(self, spec: EndpointSpec) -> None:
-        """Bind one listener, append it to ``ports``; raise if it cannot be bound."""
-        raise NotImplementedError
-
-    def _tls_context(self, spec: EndpointSpec) -> Any:
-        return server_context_factory(listener_identity(self.prepared.identity, spec), None)
-
-    def _bind(self) -> None:
-        self._bound = True
-        for text in self._endpoints():
-            try:
-                self._bind_one(parse_endpoint(text))
-            except Exception as e:
-                message = f"{self.label} cannot listen on {text}: {e}"
-                self.log.critical("{message}", message=message)
-                for port in self.ports:
-                    port.stopListening()
-                self.ports = []
-                raise ListenerError(message) from None
-        self.listening.callback(list(self.ports))
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._bind()
-
-    def startService(self) -> None:
-        super().startService()
-        if not self._bound:
-            self._bind()
-
-
-def _listen_now(endpoint: Any, factory: Any) -> IListeningPort:
-    """``endpoint.listen(factory)`` for an endpoint that binds synchronously."""
-    outcome: list[object] = []
-    endpoint.listen(factory).addBoth(outcome.append)
-    result = outcome[0] if outcome else None
-    if isinstance(result, Failure):
-        result.raiseException()
-    if result is None:
-        raise RuntimeError("listener did not bind synchronously")
-    return cast(IListeningPort, result)
-
-
-class MSRPService(_BoundAtStart):
+class MSRPService(Listeners):
     """The MSRP listeners (``[msrp] listen``), their bound ports recorded as ours."""
 
-    label = "MSRP"
-
-    def __init__(self, relay: MSRPRelay, reactor: Any, prepared: Prepared) -> None:
-        super().__init__(reactor, prepared)
+    def __init__(
+        self,
+        relay: MSRPRelay,
+        reactor: Any,
+        identity: ServerIdentity,
+        trust_roots: list[crypto.X509] | None,
+        hostname: str,
+    ) -> None:
+        super().__init__("MSRP")
         self.relay = relay
+        self.hostname = hostname
         self._listener_hosts: list[str] = []
 
-    def _tls_context(self, spec: EndpointSpec) -> Any:
-        identity = listener_identity(self.prepared.identity, spec)
-        # The standard library's TLS: half the memory per idle client (relayd.net.tlsio).
-        return stdlib_server_context(identity, self.prepared.trust_roots)
+        def tls_context(spec: EndpointSpec) -> ssl.SSLContext:
+            # The standard library's TLS: half the memory per idle client (relayd.net.tlsio).
+            return stdlib_server_context(listener_identity(identity, spec), trust_roots)
 
-    def _endpoints(self) -> Sequence[str]:
-        return self.relay.config.listen
+        for text in relay.config.listen:
+            spec = parse_endpoint(text)
+            endpoint = stream_server_endpoint(reactor, spec, tls_context)
+            self.add_stream(spec, endpoint, relay.listener_factory(spec.kind == "ssl"))
 
-    def _bind_one(self, spec: EndpointSpec) -> None:
-        endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
-        tls = spec.kind == "ssl"
-        port = _listen_now(endpoint, self.relay.listener_factory(tls))
-        self.ports.append(port)
+    def bound(self, spec: EndpointSpec, port: IListeningPort) -> None:
         address: Any = port.getHost()
-        self.relay.core.add_local_address(address.port, tls, spec.interface or None)
+        self.relay.core.add_local_address(address.port, spec.kind == "ssl", spec.interface or None)
         self._listener_hosts.append(spec.interface or address.host)
         self.log.info(
             "MSRP listening on {kind}:{host}:{port}",
@@ -213,98 +129,99 @@ class MSRPService(_BoundAtStart):
             port=address.port,
         )
 
-    def _bind(self) -> None:
-        super()._bind()
-        self._check_use_path_host(self._listener_hosts)
-
-    def startService(self) -> None:
-        super().startService()
-        self.relay.start()
-
-    def _check_use_path_host(self, listener_hosts: list[str]) -> None:
+    def all_bound(self) -> None:
         """Warn once when peers beyond this machine get a Use-Path host they cannot verify."""
-        hostname = self.prepared.hostname
-        exposed = exposed_listener_host(hostname, listener_hosts)
+        exposed = exposed_listener_host(self.hostname, self._listener_hosts)
         if exposed is not None:
             self.log.warn(
                 "[relay] hostname {hostname} is not a DNS name, and MSRP listens on {host}:"
                 " peers cannot verify it against a certificate (RFC 4976 Use-Path:"
                 " the relay's FQDN); set [relay] hostname",
-                hostname=hostname,
+                hostname=self.hostname,
                 host=exposed,
             )
 
-    async def _stop(self) -> None:
+    def startService(self) -> None:
+        super().startService()
+        self.relay.start()
+
+    def stopService(self) -> defer.Deferred[None]:
         self.relay.stop()
-        await super()._stop()
+        return super().stopService()
 
 
-class XCAPService(_BoundAtStart):
+class XCAPService(Listeners):
     """The XCAP HTTP listeners (``[xcap] listen``) and the permission store they serve.
 
     ``store`` is shared with the SIP side; it is closed when this service stops.
     """
 
-    label = "XCAP"
-
     def __init__(
-        self, site: XCAPSite, store: IPermissionStore, reactor: Any, prepared: Prepared
+        self,
+        site: XCAPSite,
+        store: IPermissionStore,
+        reactor: Any,
+        config: XCAPConfig,
+        identity: ServerIdentity,
+        hostname: str,
     ) -> None:
-        super().__init__(reactor, prepared)
+        super().__init__("XCAP")
         self.site = site
         self.store = store
-        self.public_url = prepared.config.xcap.public_url.rstrip("/")
+        self.root = config.root
+        self.hostname = hostname
+        self.public_url = config.public_url.rstrip("/")
+
+        def tls_context(spec: EndpointSpec) -> CertificateOptions:
+            return server_context_factory(listener_identity(identity, spec), None)
+
+        for text in config.listen:
+            spec = parse_endpoint(text)
+            self.add_stream(spec, stream_server_endpoint(reactor, spec, tls_context), site)
 
     def permission_uri(self, recipient: str, token: str) -> str:
         """The Permission URI for a consent request (consent spec §(c)); after start."""
         return permission_uri(self.public_url, recipient, token)
 
-    def _endpoints(self) -> Sequence[str]:
-        return self.prepared.config.xcap.listen
-
-    def _bind(self) -> None:
+    def before_binding(self) -> None:
         """Compile the schemas before serving (relayd.xcap.usages): a request never
         reads a package file, and an installation without them does not start."""
         try:
             load_schemas(cast(XCAPResource, self.site.resource).usages.values())
         except (OSError, etree.LxmlError) as e:
-            message = f"XCAP cannot load its XML schemas: {e}"
-            self.log.critical("{message}", message=message)
-            raise ListenerError(message) from None
-        super()._bind()
+            self._fail(f"XCAP cannot load its XML schemas: {e}")
 
-    def _bind_one(self, spec: EndpointSpec) -> None:
-        xcap = self.prepared.config.xcap
-        endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
-        port = _listen_now(endpoint, self.site)
-        self.ports.append(port)
+    def bound(self, spec: EndpointSpec, port: IListeningPort) -> None:
         address: Any = port.getHost()
         if not self.public_url:
-            origin = _origin(spec.kind, self.prepared.hostname, address.port)
-            self.public_url = origin + xcap.root.rstrip("/")
+            origin = _origin(spec.kind, self.hostname, address.port)
+            self.public_url = origin + self.root.rstrip("/")
         self.log.info(
             "XCAP listening on {kind}:{host}:{port}, root {root}",
             kind=spec.kind,
             host=address.host,
             port=address.port,
-            root=xcap.root,
+            root=self.root,
         )
 
-    async def _stop(self) -> None:
-        try:
-            await super()._stop()
-        finally:
-            await self.store.close()
+    def stopService(self) -> defer.Deferred[None]:
+        listeners = super().stopService()
+
+        async def stop() -> None:
+            try:
+                await listeners
+            finally:
+                await self.store.close()
+
+        return defer.ensureDeferred(stop())
 
 
-class SIPService(_BoundAtStart):
+class SIPService(Listeners):
     """The SIP consent relay (``[sip] listen``): registrar, consent flow, subscriptions.
 
     It shares the XCAP service's store (closed by that service) and mints Permission
     URIs through it.
     """
-
-    label = "SIP"
 
     def __init__(
         self,
@@ -315,34 +232,37 @@ class SIPService(_BoundAtStart):
         prepared: Prepared,
         overload: LagMonitor | None = None,
     ) -> None:
-        super().__init__(reactor, prepared)
+        super().__init__("SIP")
         self.relay = relay
         self.transport = transport
         self.registrar = registrar
+        self.prepared = prepared
         self.overload = overload
         self.addresses: list[tuple[str, str, int]] = []
         """``(kind, host, port)`` of each bound listener, for tests and tools."""
+
+        def tls_context(spec: EndpointSpec) -> CertificateOptions:
+            return server_context_factory(listener_identity(prepared.identity, spec), None)
+
+        for text in prepared.config.sip.listen:
+            spec = parse_endpoint(text)
+            if spec.kind == "udp":
+                protocol = transport.datagram_protocol()
+                self.add_datagram(spec, udp_service(reactor, spec, protocol), protocol)
+            else:
+                endpoint = stream_server_endpoint(reactor, spec, tls_context)
+                name = "TLS" if spec.kind == "ssl" else "TCP"
+                self.add_stream(spec, endpoint, transport.stream_factory(name))
 
     def port_of(self, kind: str) -> int:
         """The bound port of the first ``kind`` (udp/tcp/ssl) listener."""
         return next(port for k, _, port in self.addresses if k == kind)
 
-    def _endpoints(self) -> Sequence[str]:
-        return self.prepared.config.sip.listen
-
-    def _bind_one(self, spec: EndpointSpec) -> None:
+    def bound(self, spec: EndpointSpec, port: IListeningPort) -> None:
         transport = self.transport
-        port: IListeningPort
-        if spec.kind == "udp":
-            udp = udp_service(self.reactor, spec, transport.datagram_protocol())
-            udp.privilegedStartService()
-            port = udp.port
-            name = "UDP"
-        else:
-            name = "TLS" if spec.kind == "ssl" else "TCP"
-            endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
-            port = _listen_now(endpoint, transport.stream_factory(name))
-            address: Any = port.getHost()
+        address: Any = port.getHost()
+        name = {"udp": "UDP", "ssl": "TLS"}.get(spec.kind, "TCP")
+        if spec.kind != "udp":  # a UDP listener says so itself, and records its port
             transport.set_listen_port(name, address.port)
             self.log.info(
                 "SIP listening on {kind}:{host}:{port}",
@@ -350,13 +270,11 @@ class SIPService(_BoundAtStart):
                 host=address.host,
                 port=address.port,
             )
-        self.ports.append(port)
-        bound: Any = port.getHost()
-        self.addresses.append((spec.kind, bound.host, bound.port))
+        self.addresses.append((spec.kind, address.host, address.port))
         if spec.interface:
             self.relay.directory.add_local_host(spec.interface)
         self.relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
-        self.relay.directory.add_local_port(bound.port)
+        self.relay.directory.add_local_port(address.port)
 
     def startService(self) -> None:
         super().startService()
@@ -371,7 +289,7 @@ class SIPService(_BoundAtStart):
         if self.overload is not None:
             self.overload.start()
 
-    async def _stop(self) -> None:
+    def stopService(self) -> defer.Deferred[None]:
         if self.overload is not None:
             self.overload.stop()
         self.relay.stop()
@@ -379,7 +297,7 @@ class SIPService(_BoundAtStart):
         self.transport.close_connections()
         if self.transport.transactions is not None:
             self.transport.transactions.stop()
-        await super()._stop()
+        return super().stopService()
 
 
 def build_sip(
@@ -538,7 +456,9 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     )
     core = RelayCore(reactor, prepared.hostname, policy, digest)
     relay = MSRPRelay(reactor, core, msrp, prepared.identity, prepared.trust_roots)
-    service = MSRPService(relay, reactor, prepared)
+    service = MSRPService(
+        relay, reactor, prepared.identity, prepared.trust_roots, prepared.hostname
+    )
     service.setName("msrp")
     service.setServiceParent(top)
 
@@ -557,7 +477,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         max_connections=xcap.max_connections,
         reactor=reactor,
     )
-    xcap_service = XCAPService(site, store, reactor, prepared)
+    xcap_service = XCAPService(site, store, reactor, xcap, prepared.identity, prepared.hostname)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)
 

@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers as HTTPHeaders
 
+from relayd.bootstrap import Prepared
 from relayd.msrp.client import AuthResult, MSRPClientProtocol, connect
 from relayd.msrp.message import ByteRange, MSRPRequest
 from relayd.msrp.transport import MSRPRelay
@@ -41,6 +42,7 @@ class RunningRelay:
     relay: MSRPRelay
     host: str
     port: int
+    prepared: Prepared
 
     @property
     def uri(self) -> str:
@@ -81,7 +83,7 @@ async def start_relay(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[RelayFacto
         msrp = service.getServiceNamed("msrp")
         ports = await msrp.listening.addTimeout(5, reactor)
         address: Any = ports[0].getHost()
-        instance = RunningRelay(service, msrp, msrp.relay, host, address.port)
+        instance = RunningRelay(service, msrp, msrp.relay, host, address.port, prepared)
         running.append(instance)
         return instance
 

@@ -126,7 +126,7 @@ def random_file(path: Path, size: int) -> Path:
 
 
 def users_path(relay: RunningRelay) -> str:
-    return str(relay.msrp.prepared.users.path)
+    return str(relay.prepared.users.path)
 
 
 def closed_port() -> int:

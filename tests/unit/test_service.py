@@ -19,8 +19,8 @@ from twisted.logger import LogLevel
 
 from relayd.bootstrap import prepare
 from relayd.config import load_config
+from relayd.net.listeners import ListenerError
 from relayd.service import (
-    ListenerError,
     MSRPService,
     SIPService,
     build_service,
@@ -60,7 +60,9 @@ class BusyPorts(MemoryReactorClock):
         if port in self.busy:
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
         self.udpServers.append((port, interface))
-        return _UDPPort(port, interface)
+        bound = _UDPPort(port, interface)
+        protocol.makeConnection(bound)  # as a real port does once bound
+        return bound
 
 
 LISTENERS = {
