@@ -17,8 +17,8 @@ from twisted.web.http_headers import Headers as HTTPHeaders
 from relayd.bootstrap import Prepared
 from relayd.msrp.client import AuthResult, MSRPClientProtocol, connect
 from relayd.msrp.message import ByteRange, MSRPRequest
+from relayd.msrp.service import MSRPService
 from relayd.msrp.transport import MSRPRelay
-from relayd.service import MSRPService
 from relayd.testing import (
     RelayPKI,
     TrustTestCA,

@@ -19,12 +19,10 @@ from twisted.logger import LogLevel
 
 from relayd.bootstrap import prepare
 from relayd.config import load_config
+from relayd.msrp.service import MSRPService
 from relayd.net.listeners import ListenerError
-from relayd.service import (
-    MSRPService,
-    SIPService,
-    build_service,
-)
+from relayd.service import build_service
+from relayd.sip.stack import SIPService
 from relayd.testing import captured_log, consent_rule, consent_ruleset
 from relayd.xcap import usages
 

@@ -13,7 +13,7 @@ from twisted.python import usage
 import relayd.tap
 from relayd.bootstrap import Prepared
 from relayd.config import example_ini
-from relayd.service import MSRPService
+from relayd.msrp.service import MSRPService
 from relayd.tap import ConfigRefused, Options, makeService
 from relayd.testing import make_pki, write_users
 
