@@ -2,8 +2,14 @@
 
 We parse the strings ourselves (same grammar as Twisted's, backslash escapes
 included) because ``ssl:`` listeners need our own TLS context (optional
-client certificates for peer relays, TLS 1.2 minimum, idle buffer release)
-and Twisted has no ``udp:`` server endpoint at all.
+client certificates for peer relays, TLS 1.2 minimum, idle buffer release),
+and Twisted's ``serverFromString`` cannot give them one: its ``ssl:`` parser
+builds its own context from key files, and a parser plugin cannot replace a
+built-in prefix.  Twisted's tokenizer is private (``endpoints._parse``) and it
+has no ``udp:`` server endpoint at all.  Parsing once, at configuration load,
+also lets a bad string stop start-up with a message naming the key.
+tests/unit/net/test_endpoints.py checks that ``tcp:`` strings bind where
+Twisted's own parser would bind them.
 """
 
 from __future__ import annotations

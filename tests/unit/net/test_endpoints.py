@@ -6,7 +6,7 @@ from typing import cast
 
 import pytest
 from OpenSSL import SSL
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
@@ -250,6 +250,25 @@ def test_tcp_server_endpoint_ipv6_interface_and_backlog() -> None:
     endpoint.listen(_factory())
     port, _, backlog, interface = reactor.tcpServers[0]
     assert (port, backlog, interface) == (0, 7, "::1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tcp:2855",
+        "tcp:2855:interface=127.0.0.1",
+        r"tcp:0:interface=\:\:1:backlog=7",
+        "tcp:port=2856:backlog=3:interface=localhost",
+        "tcp:interface=127.0.0.1:port=2857",
+    ],
+)
+def test_tcp_strings_bind_where_twisteds_own_parser_binds_them(text: str) -> None:
+    ours, twisteds = MemoryReactor(), MemoryReactor()
+    stream_server_endpoint(ours, parse_endpoint(text)).listen(_factory())
+    serverFromString(twisteds, text).listen(_factory())
+    port, _, backlog, interface = ours.tcpServers[0]
+    expected_port, _, expected_backlog, expected_interface = twisteds.tcpServers[0]
+    assert (port, backlog, interface) == (expected_port, expected_backlog, expected_interface)
 
 
 def test_ssl_server_endpoint_uses_the_given_context() -> None:
