@@ -886,22 +886,17 @@ async def _value(value: SIPStreamProtocol) -> SIPStreamProtocol:
     return value
 
 
-class SIPUDPService(UDPServer):
-    """``internet.UDPServer`` that exposes the bound port (``port``, for tests and logs)."""
-
-    @property
-    def port(self) -> Any:
-        return self._port
-
-
 UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
-def udp_service(reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol) -> SIPUDPService:
-    """A Service listening on a ``udp:PORT[:interface=ADDR]`` spec (STYLE 2.2 gap 1)."""
+def udp_service(reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol) -> UDPServer:
+    """A Service listening on a ``udp:PORT[:interface=ADDR]`` spec (STYLE 2.2 gap 1).
+
+    Once bound, ``protocol.transport`` is the port.
+    """
     if spec.kind != "udp":
         raise ValueError(f"{spec.kind}: is not a UDP listener")
-    return SIPUDPService(
+    return UDPServer(
         spec.port,
         protocol,
         interface=spec.interface,

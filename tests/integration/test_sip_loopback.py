@@ -65,13 +65,13 @@ async def server() -> AsyncIterator[Server]:
     transactions = TransactionLayer(reactor, layer.send, uas)
     layer.attach(transactions)
     uas.attach(transactions)
-    udp = udp_service(
-        reactor, parse_endpoint("udp:0:interface=127.0.0.1"), layer.datagram_protocol()
-    )
+    datagrams = layer.datagram_protocol()
+    udp = udp_service(reactor, parse_endpoint("udp:0:interface=127.0.0.1"), datagrams)
     udp.startService()
+    udp_port: Any = datagrams.transport
     tcp = reactor.listenTCP(0, layer.stream_factory("TCP"), interface="127.0.0.1")
     layer.set_listen_port("TCP", tcp.getHost().port)
-    yield Server(layer, registrar, udp.port.getHost().port, tcp.getHost().port)
+    yield Server(layer, registrar, udp_port.getHost().port, tcp.getHost().port)
     layer.close_connections()
     await udp.stopService()
     await tcp.stopListening()
