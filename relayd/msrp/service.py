@@ -19,10 +19,7 @@ from relayd.net.endpoints import (
     stream_server_endpoint,
 )
 from relayd.net.listeners import Listeners
-from relayd.net.tls import (
-    ServerIdentity,
-    stdlib_server_context,
-)
+from relayd.net.tls import ServerIdentity, stdlib_server_context
 
 
 def exposed_listener_host(hostname: str, listener_hosts: Iterable[str]) -> str | None:

@@ -87,12 +87,12 @@ class Listeners(MultiService):
         self, spec: EndpointSpec, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
     ) -> None:
         """Listen on ``endpoint`` (built from ``spec``) with ``factory``."""
-        port: list[IListeningPort] = []
-        service = StreamServerEndpointService(_Recorded(endpoint, port.append), factory)
+        bound: list[IListeningPort] = []
+        service = StreamServerEndpointService(_Recorded(endpoint, bound.append), factory)
         # As strports.service does: a port that cannot be bound raises at once,
         # out of privilegedStartService, instead of only being logged.
         service._raiseSynchronously = True
-        self._add(spec, service, lambda: port[0] if port else None)
+        self._add(spec, service, lambda: bound[0] if bound else None)
 
     def add_datagram(
         self, spec: EndpointSpec, service: UDPServer, protocol: DatagramProtocol
@@ -106,7 +106,7 @@ class Listeners(MultiService):
         self._listeners.append((spec, service, port_of))
 
     def before_binding(self) -> None:
-        """What must hold before any port is bound; raise ListenerError if it does not."""
+        """Check what must hold before any port is bound; :meth:`cannot_start` if it does not."""
 
     def bound(self, spec: EndpointSpec, port: IListeningPort) -> None:
         """One listener is bound (log it, note its address)."""
@@ -124,13 +124,13 @@ class Listeners(MultiService):
                 if port is None:
                     raise RuntimeError("listener did not bind synchronously")
             except Exception as e:
-                self._fail(f"{self.label} cannot listen on {spec.text}: {e}")
+                self.cannot_start(f"{self.label} cannot listen on {spec.text}: {e}")
             self.ports.append(port)
             self.bound(spec, port)
         self.all_bound()
         self.listening.callback(list(self.ports))
 
-    def _fail(self, message: str) -> NoReturn:
+    def cannot_start(self, message: str) -> NoReturn:
         """Log ``message`` once, close what this surface had bound, and stop start-up."""
         self.log.critical("{message}", message=message)
         ports, self.ports = self.ports, []

@@ -17,10 +17,7 @@ from relayd.net.endpoints import (
     stream_server_endpoint,
 )
 from relayd.net.listeners import Listeners
-from relayd.net.tls import (
-    ServerIdentity,
-    server_context_factory,
-)
+from relayd.net.tls import ServerIdentity, server_context_factory
 from relayd.xcap.auth import permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.store import IPermissionStore
@@ -66,7 +63,7 @@ class XCAPService(Listeners):
         try:
             load_schemas(cast(XCAPResource, self.site.resource).usages.values())
         except (OSError, etree.LxmlError) as e:
-            self._fail(f"XCAP cannot load its XML schemas: {e}")
+            self.cannot_start(f"XCAP cannot load its XML schemas: {e}")
 
     def bound(self, spec: EndpointSpec, port: IListeningPort) -> None:
         address: Any = port.getHost()
