@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from relayd.bootstrap import SELF_SIGNED_NAMES
 from relayd.config import ConfigError, RelaydConfig, load_config
 from relayd.msrp.uri import MSRPURI, MSRPURIError
-from relayd.net.tls import SELF_SIGNED_NAMES, TLSSetupError, load_identity
+from relayd.net.tls import TLSSetupError, load_identity
 
 PASSWORD_ENV = "RELAYCTL_PASSWORD"  # noqa: S105  (a variable name, not a secret)
 """Environment variable holding the password (for scripts without a password file)."""

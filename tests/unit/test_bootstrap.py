@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel
 
-from relayd.bootstrap import prepare
+from relayd.bootstrap import SELF_SIGNED_NAMES, ensure_self_signed, prepare
 from relayd.config import ConfigError, load_config
 from relayd.net.endpoints import listener_identity, parse_endpoint
+from relayd.net.tls import load_identity
 from relayd.testing import captured_log, make_intermediate_pki
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 def overrides(tmp_path: Path, **extra: str) -> dict[tuple[str, str], str]:
@@ -114,3 +121,61 @@ def test_a_lists_file_entry_the_relay_cannot_route_stops_start(tmp_path: Path) -
         '[sip] lists: resource-lists/list[@name="staff"]/entry[@uri="mailto:bob@x.test"]:'
         " mailto: URIs are not relayed (only sip: and sips:)"
     )
+
+
+# -- ensure_self_signed ---------------------------------------------------------------
+
+
+def test_self_signed_files_and_permissions(tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "tls"
+    cert, key, created = ensure_self_signed(folder)
+    assert created is True
+    assert Path(cert).parent == folder
+    assert Path(key).parent == folder
+    assert _mode(folder) == 0o700
+    assert _mode(Path(key)) == 0o600
+    assert Path(cert).read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+def test_self_signed_tightens_an_existing_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "tls"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    ensure_self_signed(folder)
+    assert _mode(folder) == 0o700
+
+
+def test_self_signed_is_idempotent(tmp_path: Path) -> None:
+    cert, key, created = ensure_self_signed(tmp_path / "tls")
+    before = (Path(cert).read_bytes(), Path(key).read_bytes())
+    again = ensure_self_signed(tmp_path / "tls")
+    assert again == (cert, key, False)
+    assert (Path(cert).read_bytes(), Path(key).read_bytes()) == before
+    assert created is True
+
+
+def test_self_signed_regenerates_when_the_key_is_gone(tmp_path: Path) -> None:
+    cert, key, _ = ensure_self_signed(tmp_path / "tls")
+    old = Path(cert).read_bytes()
+    Path(key).unlink()
+    _, _, created = ensure_self_signed(tmp_path / "tls")
+    assert created is True
+    assert Path(cert).read_bytes() != old
+    load_identity(cert, key)
+
+
+def test_self_signed_names_and_usability(tmp_path: Path) -> None:
+    cert_path, key_path, _ = ensure_self_signed(tmp_path / "tls")
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+    assert SELF_SIGNED_NAMES == ("localhost", "127.0.0.1", "::1")
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert basic.ca is False
+    identity = load_identity(cert_path, key_path)
+    assert identity.dns_names == ["localhost"]
+    assert len(identity.chain) == 1
