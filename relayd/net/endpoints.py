@@ -33,7 +33,12 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from relayd.net.tls import ServerIdentity, load_identity, with_extra_chain
+from relayd.net.tls import (
+    ServerIdentity,
+    load_identity,
+    server_context_factory,
+    with_extra_chain,
+)
 from relayd.net.tlsio import StdlibTLSServerFactory
 
 _KNOWN_OPTIONS: dict[str, frozenset[str]] = {
@@ -225,3 +230,9 @@ def listener_identity(relay_identity: ServerIdentity, spec: EndpointSpec) -> Ser
     if extra:
         identity = with_extra_chain(identity, extra)
     return identity
+
+
+def listener_tls(identity: ServerIdentity) -> Callable[[EndpointSpec], IOpenSSLContextFactory]:
+    """The pyOpenSSL TLS of ``ssl:`` listeners: each one's own keys if it names them,
+    else ``identity`` (the ``[tls]`` one); TLS 1.2 at least, no client certificate asked."""
+    return lambda spec: server_context_factory(listener_identity(identity, spec), None)

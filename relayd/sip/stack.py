@@ -15,18 +15,17 @@ from typing import Any
 from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.ssl import CertificateOptions
 
 from relayd.config import SIPConfig
 from relayd.digest import DigestAuthenticator
 from relayd.net.endpoints import (
     EndpointSpec,
-    listener_identity,
+    listener_tls,
     parse_endpoint,
     stream_server_endpoint,
 )
 from relayd.net.listeners import Listeners
-from relayd.net.tls import ServerIdentity, client_connection_creator, server_context_factory
+from relayd.net.tls import ServerIdentity, client_connection_creator
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import (
     ConsentLedger,
@@ -77,9 +76,7 @@ class SIPService(Listeners):
         self.addresses: list[tuple[str, str, int]] = []
         """``(kind, host, port)`` of each bound listener, for tests and tools."""
 
-        def tls_context(spec: EndpointSpec) -> CertificateOptions:
-            return server_context_factory(listener_identity(identity, spec), None)
-
+        tls_context = listener_tls(identity)
         for text in config.listen:
             spec = parse_endpoint(text)
             if spec.kind == "udp":

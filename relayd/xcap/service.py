@@ -7,17 +7,16 @@ from typing import Any, cast
 from lxml import etree
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.ssl import CertificateOptions
 
 from relayd.config import XCAPConfig
 from relayd.net.endpoints import (
     EndpointSpec,
-    listener_identity,
+    listener_tls,
     parse_endpoint,
     stream_server_endpoint,
 )
 from relayd.net.listeners import Listeners
-from relayd.net.tls import ServerIdentity, server_context_factory
+from relayd.net.tls import ServerIdentity
 from relayd.xcap.auth import permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.store import IPermissionStore
@@ -46,9 +45,7 @@ class XCAPService(Listeners):
         self.hostname = hostname
         self.public_url = config.public_url.rstrip("/")
 
-        def tls_context(spec: EndpointSpec) -> CertificateOptions:
-            return server_context_factory(listener_identity(identity, spec), None)
-
+        tls_context = listener_tls(identity)
         for text in config.listen:
             spec = parse_endpoint(text)
             self.add_stream(spec, stream_server_endpoint(reactor, spec, tls_context), site)

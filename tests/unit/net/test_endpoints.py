@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -18,9 +19,12 @@ from relayd.net.endpoints import (
     EndpointSyntaxError,
     TLSServerEndpoint,
     is_host,
+    listener_tls,
     parse_endpoint,
     stream_server_endpoint,
 )
+from relayd.net.tls import certificate_dns_names, load_identity
+from relayd.testing import make_pki
 
 
 def test_tcp_positional_port() -> None:
@@ -314,3 +318,29 @@ def test_ssl_listener_with_stdlib_context_uses_the_stdlib_tls_wrapper() -> None:
     assert isinstance(tls_factory, StdlibTLSServerFactory)
     assert tls_factory.context is context
     assert tls_factory.wrappedFactory is factory
+
+
+def test_ssl_listener_without_keys_serves_the_relay_identity_over_tls12(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    relay_identity = load_identity(*pki.leaf("relay.example.com"))
+    own_identity = load_identity(*pki.leaf("own.example.com"))
+    tls = listener_tls(relay_identity)
+    without_keys = tls(parse_endpoint("ssl:2855")).getContext()
+    options = without_keys.set_options(0)
+    assert options & SSL.OP_NO_TLSv1_1 and not options & SSL.OP_NO_TLSv1_2
+    own = parse_endpoint(
+        f"ssl:2855:certKey={own_identity.certificate_path}"
+        f":privateKey={own_identity.private_key_path}"
+    )
+    served = {
+        "without keys": _served_names(without_keys),
+        "with its own": _served_names(tls(own).getContext()),
+    }
+    assert served == {"without keys": ["relay.example.com"], "with its own": ["own.example.com"]}
+
+
+def _served_names(context: SSL.Context) -> list[str]:
+    connection = SSL.Connection(context, None)
+    certificate = connection.get_certificate()
+    assert certificate is not None
+    return certificate_dns_names(certificate)
