@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.application.internet import UDPServer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import (
@@ -30,6 +31,7 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IStreamServerEndpoint,
 )
+from twisted.internet.protocol import DatagramProtocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -188,6 +190,23 @@ def stream_server_endpoint(
         tcp = TCP4ServerEndpoint(reactor, spec.port, backlog, spec.interface)
         return TLSServerEndpoint(tcp, tls_context(spec))
     raise ValueError(f"{spec.kind}: is not a stream listener")
+
+
+def datagram_server(
+    reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol, max_packet_bytes: int
+) -> UDPServer:
+    """Twisted's ``UDPServer`` for a ``udp:PORT[:interface=ADDR]`` spec: Twisted has
+    no datagram endpoints, so no ``udp:`` string of its own.  Once bound,
+    ``protocol.transport`` is the port."""
+    if spec.kind != "udp":
+        raise ValueError(f"{spec.kind}: is not a UDP listener")
+    return UDPServer(
+        spec.port,
+        protocol,
+        interface=spec.interface,
+        maxPacketSize=max_packet_bytes,
+        reactor=reactor,
+    )
 
 
 @implementer(IStreamServerEndpoint)

@@ -20,6 +20,7 @@ from relayd.config import SIPConfig
 from relayd.digest import DigestAuthenticator
 from relayd.net.endpoints import (
     EndpointSpec,
+    datagram_server,
     listener_tls,
     parse_endpoint,
     stream_server_endpoint,
@@ -39,7 +40,7 @@ from relayd.sip.overload import LagMonitor, any_of
 from relayd.sip.registrar import Registrar
 from relayd.sip.relay import ConsentRelay, owners_from_users
 from relayd.sip.transaction import TransactionLayer
-from relayd.sip.transport import SIPTransportLayer, udp_service
+from relayd.sip.transport import UDP_MAX_DATAGRAM_BYTES, SIPTransportLayer
 from relayd.sip.uas import Capabilities, LoopDetector, UASCore, transaction_pressure
 from relayd.sip.urilist import URIList
 from relayd.users import UsersFile
@@ -81,7 +82,8 @@ class SIPService(Listeners):
             spec = parse_endpoint(text)
             if spec.kind == "udp":
                 protocol = transport.datagram_protocol()
-                self.add_datagram(spec, udp_service(reactor, spec, protocol), protocol)
+                udp = datagram_server(reactor, spec, protocol, UDP_MAX_DATAGRAM_BYTES)
+                self.add_datagram(spec, udp, protocol)
             else:
                 endpoint = stream_server_endpoint(reactor, spec, tls_context)
                 name = "TLS" if spec.kind == "ssl" else "TCP"

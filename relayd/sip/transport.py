@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.internet import UDPServer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -44,7 +43,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.logs import logger
-from relayd.net.endpoints import EndpointSpec
 from relayd.sip.message import (
     SIPHeaderError,
     SIPRequest,
@@ -69,6 +67,7 @@ from relayd.sip.transaction import TransactionLayer, TransportError, local_respo
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
 
 __all__ = [
+    "UDP_MAX_DATAGRAM_BYTES",
     "UDP_MAX_REQUEST_BYTES",
     "SIPDatagramProtocol",
     "SIPStreamFactory",
@@ -78,7 +77,6 @@ __all__ = [
     "TransportError",
     "apply_received",
     "response_address",
-    "udp_service",
 ]
 
 UDP_MAX_REQUEST_BYTES = 1300
@@ -887,19 +885,3 @@ async def _value(value: SIPStreamProtocol) -> SIPStreamProtocol:
 
 
 UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-
-
-def udp_service(reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol) -> UDPServer:
-    """A Service listening on a ``udp:PORT[:interface=ADDR]`` spec (STYLE 2.2 gap 1).
-
-    Once bound, ``protocol.transport`` is the port.
-    """
-    if spec.kind != "udp":
-        raise ValueError(f"{spec.kind}: is not a UDP listener")
-    return UDPServer(
-        spec.port,
-        protocol,
-        interface=spec.interface,
-        maxPacketSize=UDP_MAX_DATAGRAM_BYTES,
-        reactor=reactor,
-    )

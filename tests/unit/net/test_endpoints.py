@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from OpenSSL import SSL
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IOpenSSLContextFactory
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -18,6 +18,7 @@ from relayd.net.endpoints import (
     EndpointSpec,
     EndpointSyntaxError,
     TLSServerEndpoint,
+    datagram_server,
     is_host,
     listener_tls,
     parse_endpoint,
@@ -344,3 +345,21 @@ def _served_names(context: SSL.Context) -> list[str]:
     certificate = connection.get_certificate()
     assert certificate is not None
     return certificate_dns_names(certificate)
+
+
+def test_datagram_server_listens_with_interface() -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    class Reactor:
+        def listenUDP(self, *args: Any, **kwargs: Any) -> object:
+            calls.append((args, kwargs))
+            return object()
+
+    protocol = DatagramProtocol()
+    service = datagram_server(
+        Reactor(), parse_endpoint("udp:5070:interface=127.0.0.1"), protocol, 65535
+    )
+    service.startService()
+    assert calls == [((5070, protocol), {"interface": "127.0.0.1", "maxPacketSize": 65535})]
+    with pytest.raises(ValueError):
+        datagram_server(Reactor(), parse_endpoint("tcp:5070"), protocol, 65535)
