@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from relayd.endpoints import EndpointSyntaxError, is_host, parse_endpoint
+from relayd.net.endpoints import EndpointSyntaxError, is_host, parse_endpoint
 
 
 class ConfigError(Exception):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import gc
 import sys
-from types import TracebackType
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from relayd.bootstrap import Prepared, prepare
 from relayd.config import SCHEMA, ConfigError, example_ini, load_config
 from relayd.logs import set_level
-from relayd.service import ListenerError, Prepared, build_service, prepare
+from relayd.service import build_service
 
 
 class ConfigRefused(SystemExit):
@@ -110,25 +110,7 @@ def makeService(options: Options) -> Any:
     set_level(prepared.config.log_level)
     service = build_service(prepared, reactor)
     tune_garbage_collector()
-    report_listener_errors_in_one_line()
     return service
-
-
-def report_listener_errors_in_one_line() -> None:
-    """A port that cannot be bound ends twistd with the ``ListenerError`` escaping
-    ``privilegedStartService`` (that path also answers a daemon's waiting parent and
-    removes the pid file), and Python would then print its traceback.  Its one line
-    is already in the log, where twistd puts everything (stdout with ``-n``), so the
-    exception only sets the exit status (1)."""
-    previous = sys.excepthook
-
-    def hook(
-        kind: type[BaseException], value: BaseException, traceback: TracebackType | None
-    ) -> None:
-        if not isinstance(value, ListenerError):
-            previous(kind, value, traceback)
-
-    sys.excepthook = hook
 
 
 GC_GEN0_THRESHOLD = 50_000

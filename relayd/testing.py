@@ -28,9 +28,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from relayd.bootstrap import Prepared, prepare
 from relayd.config import load_config
 from relayd.digest import answer_challenge, ha1
-from relayd.service import Prepared, build_service, prepare
+from relayd.service import build_service
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI

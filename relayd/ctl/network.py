@@ -31,7 +31,7 @@ from relayd.ctl.settings import Credentials, CtlError
 from relayd.msrp.client import MessageSink, MSRPClientError, MSRPClientProtocol, connect
 from relayd.msrp.message import MSRPRequest
 from relayd.msrp.uri import MSRPURI
-from relayd.tls import tls_failure
+from relayd.net.tls import tls_failure
 
 AUTH_TIMEOUT_SECONDS = 30.0
 """Longest wait for one AUTH transaction (two round trips through the relays)."""

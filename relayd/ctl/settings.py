@@ -3,7 +3,7 @@
 A newcomer runs ``twistd -n msrprelay`` on defaults, which creates a data
 directory with a self-signed certificate, a users file and the generated
 user's ``credentials.txt``.  relayctl derives every default path and the realm
-exactly as ``relayd.service.prepare`` does (from ``relayd.config``, optionally
+exactly as ``relayd.bootstrap.prepare`` does (from ``relayd.config``, optionally
 from the same INI file), so ``relayctl auth msrps://localhost:2855`` then works
 without options.
 """
@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from relayd.bootstrap import SELF_SIGNED_NAMES
 from relayd.config import ConfigError, RelaydConfig, load_config
 from relayd.msrp.uri import MSRPURI, MSRPURIError
-from relayd.tls import SELF_SIGNED_NAMES, TLSSetupError, load_identity
+from relayd.net.tls import TLSSetupError, load_identity
 
 PASSWORD_ENV = "RELAYCTL_PASSWORD"  # noqa: S105  (a variable name, not a secret)
 """Environment variable holding the password (for scripts without a password file)."""
@@ -54,7 +55,7 @@ class Locations:
 
 
 def locate(config_path: str | None, data_dir: str | None) -> Locations:
-    """Mirror ``relayd.service.prepare``: data_dir, users file and realm."""
+    """Mirror ``relayd.bootstrap.prepare``: data_dir, users file and realm."""
     try:
         config = load_config(config_path)
     except ConfigError as e:

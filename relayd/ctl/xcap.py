@@ -67,7 +67,7 @@ from relayd.ctl.render import (
     unroutable_lines,
 )
 from relayd.ctl.settings import Credentials, CtlError, Locations, trust_anchor
-from relayd.endpoints import EndpointSyntaxError, parse_endpoint
+from relayd.net.endpoints import EndpointSyntaxError, parse_endpoint
 from relayd.xcap.client import (
     XCAPClient,
     XCAPClientError,

@@ -40,7 +40,6 @@ from zope.interface import implementer
 
 from relayd.bounded import remember
 from relayd.config import MSRPConfig
-from relayd.eager import write_now
 from relayd.logs import logger
 from relayd.msrp.message import (
     ByteRange,
@@ -65,14 +64,15 @@ from relayd.msrp.parser import (
 )
 from relayd.msrp.relay import KNOWN_METHODS, RelayCore, Route, addressed_to_us, response_route
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI, MSRPURIError, parse_path
-from relayd.tls import (
+from relayd.net.eager import write_now
+from relayd.net.tls import (
     ServerIdentity,
     certificate_dns_names,
     certificate_ip_names,
     client_connection_creator,
     tls_failure,
 )
-from relayd.tls import certificate_matches as _certificate_matches
+from relayd.net.tls import certificate_matches as _certificate_matches
 from relayd.tokens import new_transaction_id
 
 _PATH_HEADERS = frozenset({"to-path", "from-path"})

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.internet import UDPServer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -43,7 +42,6 @@ from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd.endpoints import EndpointSpec
 from relayd.logs import logger
 from relayd.sip.message import (
     SIPHeaderError,
@@ -69,6 +67,7 @@ from relayd.sip.transaction import TransactionLayer, TransportError, local_respo
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
 
 __all__ = [
+    "UDP_MAX_DATAGRAM_BYTES",
     "UDP_MAX_REQUEST_BYTES",
     "SIPDatagramProtocol",
     "SIPStreamFactory",
@@ -78,7 +77,6 @@ __all__ = [
     "TransportError",
     "apply_received",
     "response_address",
-    "udp_service",
 ]
 
 UDP_MAX_REQUEST_BYTES = 1300
@@ -370,7 +368,7 @@ class SIPTransportLayer:
 
     ``advertised_host`` is what goes in our Via sent-by (and should be reachable by
     peers); without it the bound address of the listener is used. ``tls_creator`` builds
-    the client TLS options for a server name (``relayd.tls.client_connection_creator``);
+    the client TLS options for a server name (``relayd.net.tls.client_connection_creator``);
     without it TLS targets fail. ``endpoint_factory`` replaces the whole outbound connect
     (tests use it with a MemoryReactor or iosim).
     """
@@ -886,25 +884,4 @@ async def _value(value: SIPStreamProtocol) -> SIPStreamProtocol:
     return value
 
 
-class SIPUDPService(UDPServer):
-    """``internet.UDPServer`` that exposes the bound port (``port``, for tests and logs)."""
-
-    @property
-    def port(self) -> Any:
-        return self._port
-
-
 UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-
-
-def udp_service(reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol) -> SIPUDPService:
-    """A Service listening on a ``udp:PORT[:interface=ADDR]`` spec (STYLE 2.2 gap 1)."""
-    if spec.kind != "udp":
-        raise ValueError(f"{spec.kind}: is not a UDP listener")
-    return SIPUDPService(
-        spec.port,
-        protocol,
-        interface=spec.interface,
-        maxPacketSize=UDP_MAX_DATAGRAM_BYTES,
-        reactor=reactor,
-    )

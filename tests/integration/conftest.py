@@ -14,10 +14,11 @@ from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers as HTTPHeaders
 
+from relayd.bootstrap import Prepared
 from relayd.msrp.client import AuthResult, MSRPClientProtocol, connect
 from relayd.msrp.message import ByteRange, MSRPRequest
+from relayd.msrp.service import MSRPService
 from relayd.msrp.transport import MSRPRelay
-from relayd.service import MSRPService
 from relayd.testing import (
     RelayPKI,
     TrustTestCA,
@@ -27,7 +28,6 @@ from relayd.testing import (
     relay_service,
     write_users,
 )
-from relayd.users import UsersFile
 
 USERS = {"alice": "wonderland", "bob": "builder", "carol": "singer", "mallory": "evil"}
 REALM = "relayd-test"
@@ -42,7 +42,7 @@ class RunningRelay:
     relay: MSRPRelay
     host: str
     port: int
-    users: UsersFile
+    prepared: Prepared
 
     @property
     def uri(self) -> str:
@@ -83,7 +83,7 @@ async def start_relay(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[RelayFacto
         msrp = service.getServiceNamed("msrp")
         ports = await msrp.listening.addTimeout(5, reactor)
         address: Any = ports[0].getHost()
-        instance = RunningRelay(service, msrp, msrp.relay, host, address.port, prepared.users)
+        instance = RunningRelay(service, msrp, msrp.relay, host, address.port, prepared)
         running.append(instance)
         return instance
 

@@ -28,7 +28,6 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
-from relayd.service import SIPService
 from relayd.sip.events import CONSENT_STATUS_NAMESPACE
 from relayd.sip.message import (
     SIPRequest,
@@ -38,6 +37,7 @@ from relayd.sip.message import (
     tag_of,
 )
 from relayd.sip.parser import StreamFramer, parse_datagram
+from relayd.sip.stack import SIPService
 from relayd.sip.uri import NameAddr
 from relayd.testing import (
     RelayPKI,

@@ -128,7 +128,7 @@ def random_file(path: Path, size: int) -> Path:
 
 
 def users_path(relay: RunningRelay) -> str:
-    return str(relay.msrp.prepared.users.path)
+    return str(relay.prepared.users.path)
 
 
 def closed_port() -> int:
@@ -379,7 +379,7 @@ async def test_adduser_then_auth_as_that_user(
 ) -> None:
     relay = await start_relay()
     clock = Clock()
-    relay.users.use_clock(clock)
+    relay.prepared.users.use_clock(clock)
     env = environment(tmp_path)
     users = ["--users", users_path(relay), "--realm", REALM]
     out, err, code = await relayctl(env, "adduser", *users, "dave", "--generate")

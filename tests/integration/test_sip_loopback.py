@@ -20,14 +20,14 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
-from relayd.endpoints import parse_endpoint
+from relayd.net.endpoints import datagram_server, parse_endpoint
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import Target
 from relayd.sip.transaction import TransactionLayer, new_branch
-from relayd.sip.transport import SIPTransportLayer, udp_service
+from relayd.sip.transport import UDP_MAX_DATAGRAM_BYTES, SIPTransportLayer
 from relayd.sip.uas import Capabilities, UASCore
 from relayd.testing import uac_request
 
@@ -65,13 +65,15 @@ async def server() -> AsyncIterator[Server]:
     transactions = TransactionLayer(reactor, layer.send, uas)
     layer.attach(transactions)
     uas.attach(transactions)
-    udp = udp_service(
-        reactor, parse_endpoint("udp:0:interface=127.0.0.1"), layer.datagram_protocol()
+    datagrams = layer.datagram_protocol()
+    udp = datagram_server(
+        reactor, parse_endpoint("udp:0:interface=127.0.0.1"), datagrams, UDP_MAX_DATAGRAM_BYTES
     )
     udp.startService()
+    udp_port: Any = datagrams.transport
     tcp = reactor.listenTCP(0, layer.stream_factory("TCP"), interface="127.0.0.1")
     layer.set_listen_port("TCP", tcp.getHost().port)
-    yield Server(layer, registrar, udp.port.getHost().port, tcp.getHost().port)
+    yield Server(layer, registrar, udp_port.getHost().port, tcp.getHost().port)
     layer.close_connections()
     await udp.stopService()
     await tcp.stopListening()

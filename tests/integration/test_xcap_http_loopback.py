@@ -24,7 +24,6 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from relayd.digest import answer_challenge, parse_challenge
-from relayd.service import XCAPService
 from relayd.testing import (
     RawProtocol,
     RelayPKI,
@@ -38,6 +37,7 @@ from relayd.testing import (
 from relayd.xcap import usages
 from relayd.xcap.auth import permission_document_name
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
+from relayd.xcap.service import XCAPService
 from relayd.xcap.store import ConsentState, SQLitePermissionStore, StoreChange
 
 pytestmark = pytest.mark.integration

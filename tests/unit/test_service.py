@@ -1,4 +1,4 @@
-"""Tests for relayd.service: prepare's checks and the listeners bound at start.
+"""Tests for relayd.service: the listeners bound at start.
 
 Listeners are bound on a ``MemoryReactorClock`` whose ``listenTCP``/``listenUDP``
 can be made to fail, as a busy port or a missing address would.
@@ -6,8 +6,6 @@ can be made to fail, as a busy port or a missing address would.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,13 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel
 
-from relayd.config import ConfigError, load_config
-from relayd.endpoints import parse_endpoint
-from relayd.service import (
-    ListenerError,
-    MSRPService,
-    SIPService,
-    build_service,
-    listener_identity,
-    prepare,
-)
-from relayd.testing import captured_log, consent_rule, consent_ruleset, make_intermediate_pki
+from relayd.bootstrap import prepare
+from relayd.config import load_config
+from relayd.msrp.service import MSRPService
+from relayd.net.listeners import ListenerError
+from relayd.service import build_service
+from relayd.sip.stack import SIPService
+from relayd.testing import captured_log, consent_rule, consent_ruleset
 from relayd.xcap import usages
 
 
@@ -64,7 +58,9 @@ class BusyPorts(MemoryReactorClock):
         if port in self.busy:
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
         self.udpServers.append((port, interface))
-        return _UDPPort(port, interface)
+        bound = _UDPPort(port, interface)
+        protocol.makeConnection(bound)  # as a real port does once bound
+        return bound
 
 
 LISTENERS = {
@@ -187,91 +183,3 @@ def test_missing_xcap_schemas_stop_start_in_one_line(
         top.privilegedStartService()
     assert critical_lines(events) == [str(info.value)]
     assert [port for port, *_ in reactor.tcpServers] == [22855]  # MSRP only; closed by twistd
-
-
-# -- prepare ---------------------------------------------------------------------------------
-
-
-def test_existing_data_dir_is_tightened_once(tmp_path: Path, events: EventLoggingObserver) -> None:
-    data = tmp_path / "data"
-    data.mkdir(mode=0o755)
-    os.chmod(data, 0o755)  # noqa: S103 - the too-open mode under test
-    config = load_config(None, overrides(tmp_path))
-    prepare(config)
-    assert stat.S_IMODE(data.stat().st_mode) == 0o700
-    changed = [e for e in events if "had mode" in (e.get("log_format") or "")]
-    assert [(e["path"], e["mode"], e["log_level"]) for e in changed] == [
-        (str(data), "0755", LogLevel.warn)
-    ]
-    prepare(config)  # already 0700: nothing to say
-    assert len([e for e in events if "had mode" in (e.get("log_format") or "")]) == 1
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
-def test_data_dir_of_another_owner_keeps_its_mode(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    os.chmod(data, 0o755)  # noqa: S103 - the too-open mode under test
-    os.chown(data, 65534, 65534)
-    prepare(load_config(None, overrides(tmp_path)))
-    assert stat.S_IMODE(data.stat().st_mode) == 0o755
-
-
-def test_file_errors_name_the_command_line_when_the_value_came_from_it(tmp_path: Path) -> None:
-    ini = tmp_path / "good.ini"
-    ini.write_text("[auth]\nrealm = good\n", encoding="utf-8")
-    garbage = tmp_path / "not-a-certificate"
-    garbage.write_text("hello\n")
-    values = overrides(tmp_path, tls__certificate=str(garbage), tls__private_key=str(garbage))
-    with pytest.raises(ConfigError) as info:
-        prepare(load_config(str(ini), values))
-    assert str(info.value).startswith("command line: [tls] certificate: ")
-
-
-def test_file_errors_name_the_file_when_the_value_came_from_it(tmp_path: Path) -> None:
-    garbage = tmp_path / "not-a-certificate"
-    garbage.write_text("hello\n")
-    ini = tmp_path / "good.ini"
-    ini.write_text(f"[tls]\ncertificate = {garbage}\nprivate_key = {garbage}\n", encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        prepare(load_config(str(ini), overrides(tmp_path)))
-    assert str(info.value).startswith(f"{ini}: [tls] certificate: ")
-
-
-def test_extra_cert_chain_is_served_by_the_listener(tmp_path: Path) -> None:
-    pki = make_intermediate_pki(tmp_path / "pki", "127.0.0.1")
-    listen = (
-        f"ssl:22855:interface=127.0.0.1:certKey={pki.leaf_path}:privateKey={pki.key_path}"
-        f":extraCertChain={pki.intermediate_path}"
-    )
-    prepared = prepare(load_config(None, overrides(tmp_path, msrp__listen=listen)))
-    identity = listener_identity(prepared, parse_endpoint(listen))
-    subjects = [c.to_cryptography().subject.rfc4514_string() for c in identity.chain]
-    assert subjects == ["CN=127.0.0.1", "CN=relayd test intermediate"]
-
-
-def test_extra_cert_chain_without_certificates_is_refused_by_prepare(tmp_path: Path) -> None:
-    garbage = tmp_path / "chain.pem"
-    garbage.write_text("hello\n")
-    listen = f"ssl:22855:interface=127.0.0.1:extraCertChain={garbage}"
-    with pytest.raises(ConfigError) as info:
-        prepare(load_config(None, overrides(tmp_path, msrp__listen=listen)))
-    assert str(info.value) == (
-        f"command line: [msrp] listen: extraCertChain: {garbage}: no certificate found"
-    )
-
-
-def test_a_lists_file_entry_the_relay_cannot_route_stops_start(tmp_path: Path) -> None:
-    """The store keeps such entries (docs/consent.md); the file only defines routes."""
-    lists = tmp_path / "lists.xml"
-    lists.write_bytes(
-        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
-        b'<list name="staff"><entry uri="sip:bob@x.test"/><entry uri="mailto:bob@x.test"/>'
-        b"</list></resource-lists>"
-    )
-    with pytest.raises(ConfigError) as info:
-        prepare(load_config(None, overrides(tmp_path, sip__lists=str(lists))))
-    assert str(info.value).endswith(
-        '[sip] lists: resource-lists/list[@name="staff"]/entry[@uri="mailto:bob@x.test"]:'
-        " mailto: URIs are not relayed (only sip: and sips:)"
-    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,9 @@ from twisted.application.service import IServiceCollection, MultiService
 from twisted.python import usage
 
 import relayd.tap
+from relayd.bootstrap import Prepared
 from relayd.config import example_ini
-from relayd.service import ListenerError, MSRPService, Prepared
+from relayd.msrp.service import MSRPService
 from relayd.tap import ConfigRefused, Options, makeService
 from relayd.testing import make_pki, write_users
 
@@ -235,21 +235,16 @@ def test_make_service_has_named_msrp_child(tmp_path: Path, monkeypatch: pytest.M
     tuned: list[bool] = []
     levels: list[str] = []
     monkeypatch.setattr(relayd.tap, "tune_garbage_collector", lambda: tuned.append(True))
-    hooked: list[bool] = []
-    monkeypatch.setattr(
-        relayd.tap, "report_listener_errors_in_one_line", lambda: hooked.append(True)
-    )
     monkeypatch.setattr(relayd.tap, "set_level", levels.append)
     options = parse(tmp_path, "--msrp-listen", LISTEN, "--set", "relay.log_level=warn")
     service = makeService(options)
     assert tuned == [True]
-    assert hooked == [True]
     assert levels == ["warn"]
     assert isinstance(service, MultiService)
     assert IServiceCollection.providedBy(service)
     msrp = service.getServiceNamed("msrp")
     assert isinstance(msrp, MSRPService)
-    assert msrp.prepared is options["prepared"]
+    assert msrp.hostname == prepared(options).hostname
     assert msrp.relay.config.listen == (LISTEN,)
     assert not service.running
     assert not msrp.running
@@ -266,20 +261,6 @@ def test_garbage_collector_tuning_freezes_the_start_up_heap() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
-
-
-def test_listener_error_ends_twistd_without_a_traceback(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    seen: list[BaseException] = []
-    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
-    relayd.tap.report_listener_errors_in_one_line()
-    sys.excepthook(ListenerError, ListenerError("MSRP cannot listen on tcp:1: busy"), None)
-    assert seen == []  # its one line is in the log already
-    assert capsys.readouterr().err == ""
-    other = RuntimeError("a bug")
-    sys.excepthook(RuntimeError, other, None)
-    assert seen == [other]  # anything else keeps its traceback
 
 
 def test_help_names_the_three_services_and_their_default_listeners() -> None:

@@ -54,7 +54,7 @@ class FakeHop:
 
 
 class IPAwareHop(FakeHop):
-    """Matches like relayd.tls.peer_certificate_matches: IP literals by address."""
+    """Matches like relayd.net.tls.peer_certificate_matches: IP literals by address."""
 
     def certificate_matches(self, host: str) -> bool:
         self.asked.append(host)

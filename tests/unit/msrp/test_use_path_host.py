@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 
+from relayd.bootstrap import prepare
 from relayd.config import load_config
-from relayd.service import MSRPService, build_service, exposed_listener_host, prepare
+from relayd.msrp.service import MSRPService, exposed_listener_host
+from relayd.service import build_service
 from relayd.testing import captured_log
 
 

@@ -8,12 +8,10 @@ from typing import Any, cast
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from relayd.endpoints import parse_endpoint
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, Via, make_response
 from relayd.sip.parser import parse_datagram
 from relayd.sip.registrar import Registrar
@@ -25,7 +23,6 @@ from relayd.sip.transport import (
     SIPTransportLayer,
     apply_received,
     response_address,
-    udp_service,
 )
 from relayd.sip.uas import Capabilities, UASCore
 from relayd.sip.uri import SIPURI
@@ -224,22 +221,6 @@ def test_nothing_escapes_datagram_received(warnings: list[LogEvent]) -> None:
     rig.udp.datagramReceived(options(), UA)
     rig.udp.datagramReceived(options(), None)
     assert sum(1 for e in warnings if "log_failure" in e) == 2
-
-
-def test_udp_service_listens_with_interface() -> None:
-    calls: list[tuple[Any, ...]] = []
-
-    class Reactor:
-        def listenUDP(self, *args: Any, **kwargs: Any) -> object:
-            calls.append((args, kwargs))
-            return object()
-
-    protocol = DatagramProtocol()
-    service = udp_service(Reactor(), parse_endpoint("udp:5070:interface=127.0.0.1"), protocol)
-    service.startService()
-    assert calls == [((5070, protocol), {"interface": "127.0.0.1", "maxPacketSize": 65535})]
-    with pytest.raises(ValueError):
-        udp_service(Reactor(), parse_endpoint("tcp:5070"), protocol)
 
 
 # -- streams ----------------------------------------------------------------------------

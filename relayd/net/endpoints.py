@@ -2,8 +2,14 @@
 
 We parse the strings ourselves (same grammar as Twisted's, backslash escapes
 included) because ``ssl:`` listeners need our own TLS context (optional
-client certificates for peer relays, TLS 1.2 minimum, idle buffer release)
-and Twisted has no ``udp:`` server endpoint at all.
+client certificates for peer relays, TLS 1.2 minimum, idle buffer release),
+and Twisted's ``serverFromString`` cannot give them one: its ``ssl:`` parser
+builds its own context from key files, and a parser plugin cannot replace a
+built-in prefix.  Twisted's tokenizer is private (``endpoints._parse``) and it
+has no ``udp:`` server endpoint at all.  Parsing once, at configuration load,
+also lets a bad string stop start-up with a message naming the key.
+tests/unit/net/test_endpoints.py checks that ``tcp:`` strings bind where
+Twisted's own parser would bind them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.application.internet import UDPServer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import (
@@ -24,10 +31,17 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IStreamServerEndpoint,
 )
+from twisted.internet.protocol import DatagramProtocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from relayd.tlsio import StdlibTLSServerFactory
+from relayd.net.tls import (
+    ServerIdentity,
+    load_identity,
+    server_context_factory,
+    with_extra_chain,
+)
+from relayd.net.tlsio import StdlibTLSServerFactory
 
 _KNOWN_OPTIONS: dict[str, frozenset[str]] = {
     "tcp": frozenset({"port", "interface", "backlog"}),
@@ -178,12 +192,29 @@ def stream_server_endpoint(
     raise ValueError(f"{spec.kind}: is not a stream listener")
 
 
+def datagram_server(
+    reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol, max_packet_bytes: int
+) -> UDPServer:
+    """Twisted's ``UDPServer`` for a ``udp:PORT[:interface=ADDR]`` spec: Twisted has
+    no datagram endpoints, so no ``udp:`` string of its own.  Once bound,
+    ``protocol.transport`` is the port."""
+    if spec.kind != "udp":
+        raise ValueError(f"{spec.kind}: is not a UDP listener")
+    return UDPServer(
+        spec.port,
+        protocol,
+        interface=spec.interface,
+        maxPacketSize=max_packet_bytes,
+        reactor=reactor,
+    )
+
+
 @implementer(IStreamServerEndpoint)
 class TLSServerEndpoint:
     """TLS over a TCP endpoint, writing through on every write.
 
     With an ``ssl.SSLContext`` the standard library's TLS is used (less memory
-    per idle connection, see relayd.tlsio); with a pyOpenSSL context factory,
+    per idle connection, see relayd.net.tlsio); with a pyOpenSSL context factory,
     Twisted's plain TLSMemoryBIOProtocol, without the small-write aggregator
     that would add a ``callLater(0)`` and two copies per write: our protocols
     already write one whole frame per call.
@@ -203,3 +234,24 @@ class TLSServerEndpoint:
             factory = TLSMemoryBIOFactory(self._context, False, protocolFactory)
             factory.protocol = TLSMemoryBIOProtocol
         return self._tcp.listen(factory)
+
+
+def listener_identity(relay_identity: ServerIdentity, spec: EndpointSpec) -> ServerIdentity:
+    """``certKey``/``privateKey`` replace the relay's keys; ``extraCertChain`` is served
+    after the chain (intermediates kept in a file of their own)."""
+    identity = relay_identity
+    if "certKey" in spec.options or "privateKey" in spec.options:
+        identity = load_identity(
+            spec.options.get("certKey") or spec.options["privateKey"],
+            spec.options.get("privateKey") or spec.options["certKey"],
+        )
+    extra = spec.options.get("extraCertChain")
+    if extra:
+        identity = with_extra_chain(identity, extra)
+    return identity
+
+
+def listener_tls(identity: ServerIdentity) -> Callable[[EndpointSpec], IOpenSSLContextFactory]:
+    """The pyOpenSSL TLS of ``ssl:`` listeners: each one's own keys if it names them,
+    else ``identity`` (the ``[tls]`` one); TLS 1.2 at least, no client certificate asked."""
+    return lambda spec: server_context_factory(listener_identity(identity, spec), None)

@@ -1,26 +1,31 @@
-"""Tests for relayd.endpoints: listener string parsing and server endpoints."""
+"""Tests for relayd.net.endpoints: listener string parsing and server endpoints."""
 
 from __future__ import annotations
 
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from OpenSSL import SSL
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IOpenSSLContextFactory
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from relayd.endpoints import (
+from relayd.net.endpoints import (
     EndpointSpec,
     EndpointSyntaxError,
     TLSServerEndpoint,
+    datagram_server,
     is_host,
+    listener_tls,
     parse_endpoint,
     stream_server_endpoint,
 )
+from relayd.net.tls import certificate_dns_names, load_identity
+from relayd.testing import make_pki
 
 
 def test_tcp_positional_port() -> None:
@@ -252,6 +257,25 @@ def test_tcp_server_endpoint_ipv6_interface_and_backlog() -> None:
     assert (port, backlog, interface) == (0, 7, "::1")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tcp:2855",
+        "tcp:2855:interface=127.0.0.1",
+        r"tcp:0:interface=\:\:1:backlog=7",
+        "tcp:port=2856:backlog=3:interface=localhost",
+        "tcp:interface=127.0.0.1:port=2857",
+    ],
+)
+def test_tcp_strings_bind_where_twisteds_own_parser_binds_them(text: str) -> None:
+    ours, twisteds = MemoryReactor(), MemoryReactor()
+    stream_server_endpoint(ours, parse_endpoint(text)).listen(_factory())
+    serverFromString(twisteds, text).listen(_factory())
+    port, _, backlog, interface = ours.tcpServers[0]
+    expected_port, _, expected_backlog, expected_interface = twisteds.tcpServers[0]
+    assert (port, backlog, interface) == (expected_port, expected_backlog, expected_interface)
+
+
 def test_ssl_server_endpoint_uses_the_given_context() -> None:
     reactor = MemoryReactor()
     contexts = _ContextFactory()
@@ -283,7 +307,7 @@ def test_udp_is_not_a_stream_listener() -> None:
 def test_ssl_listener_with_stdlib_context_uses_the_stdlib_tls_wrapper() -> None:
     import ssl
 
-    from relayd.tlsio import StdlibTLSServerFactory
+    from relayd.net.tlsio import StdlibTLSServerFactory
 
     reactor = MemoryReactor()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -295,3 +319,47 @@ def test_ssl_listener_with_stdlib_context_uses_the_stdlib_tls_wrapper() -> None:
     assert isinstance(tls_factory, StdlibTLSServerFactory)
     assert tls_factory.context is context
     assert tls_factory.wrappedFactory is factory
+
+
+def test_ssl_listener_without_keys_serves_the_relay_identity_over_tls12(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    relay_identity = load_identity(*pki.leaf("relay.example.com"))
+    own_identity = load_identity(*pki.leaf("own.example.com"))
+    tls = listener_tls(relay_identity)
+    without_keys = tls(parse_endpoint("ssl:2855")).getContext()
+    options = without_keys.set_options(0)
+    assert options & SSL.OP_NO_TLSv1_1 and not options & SSL.OP_NO_TLSv1_2
+    own = parse_endpoint(
+        f"ssl:2855:certKey={own_identity.certificate_path}"
+        f":privateKey={own_identity.private_key_path}"
+    )
+    served = {
+        "without keys": _served_names(without_keys),
+        "with its own": _served_names(tls(own).getContext()),
+    }
+    assert served == {"without keys": ["relay.example.com"], "with its own": ["own.example.com"]}
+
+
+def _served_names(context: SSL.Context) -> list[str]:
+    connection = SSL.Connection(context, None)
+    certificate = connection.get_certificate()
+    assert certificate is not None
+    return certificate_dns_names(certificate)
+
+
+def test_datagram_server_listens_with_interface() -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    class Reactor:
+        def listenUDP(self, *args: Any, **kwargs: Any) -> object:
+            calls.append((args, kwargs))
+            return object()
+
+    protocol = DatagramProtocol()
+    service = datagram_server(
+        Reactor(), parse_endpoint("udp:5070:interface=127.0.0.1"), protocol, 65535
+    )
+    service.startService()
+    assert calls == [((5070, protocol), {"interface": "127.0.0.1", "maxPacketSize": 65535})]
+    with pytest.raises(ValueError):
+        datagram_server(Reactor(), parse_endpoint("tcp:5070"), protocol, 65535)

@@ -1,13 +1,15 @@
-"""relayd.eager.write_now: send at once when nothing is queued, never out of order."""
+"""relayd.net.eager.write_now: send at once when nothing is queued, never out of order."""
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from relayd.eager import write_now
+from relayd.net import eager
+from relayd.net.eager import write_now
 
 
 class FakeSocket(FileDescriptor):
@@ -79,3 +81,15 @@ def test_other_transports_get_a_plain_write() -> None:
     transport = StringTransport()
     write_now(transport, b"frame")
     assert transport.value() == b"frame"
+
+
+def test_without_twisteds_queue_counter_every_write_is_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Twisted release that renames ``_tempDataLen`` costs the fast path, never the order."""
+    assert FakeSocket()._tempDataLen == 0  # the installed Twisted still has it
+    monkeypatch.setattr(eager, "_WRITES_SINCE_LAST_SEND", "_renamedByTwisted")
+    fd = FakeSocket()
+    write_now(fd, b"frame")
+    assert fd.sent == []
+    assert fd.queued() == b"frame"

@@ -1,8 +1,7 @@
-"""Tests for relayd.tls: generated certificates, loading, trust roots and contexts."""
+"""Tests for relayd.net.tls: generated certificates, loading, trust roots and contexts."""
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import stat
 from pathlib import Path
@@ -14,15 +13,12 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
-from relayd.testing import IntermediatePKI, RelayPKI, make_intermediate_pki, make_pki
-from relayd.tls import (
-    SELF_SIGNED_NAMES,
+from relayd.net.tls import (
     ServerIdentity,
     TLSSetupError,
     certificate_dns_names,
     certificate_ip_names,
     certificate_matches,
-    ensure_self_signed,
     fingerprint,
     load_identity,
     load_trust_roots,
@@ -30,6 +26,7 @@ from relayd.tls import (
     stdlib_server_context,
     with_extra_chain,
 )
+from relayd.testing import IntermediatePKI, RelayPKI, make_intermediate_pki, make_pki
 
 
 @pytest.fixture(scope="module")
@@ -60,64 +57,6 @@ def _write_key(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     )
     return str(path)
-
-
-# -- ensure_self_signed ---------------------------------------------------------------
-
-
-def test_self_signed_files_and_permissions(tmp_path: Path) -> None:
-    folder = tmp_path / "data" / "tls"
-    cert, key, created = ensure_self_signed(folder)
-    assert created is True
-    assert Path(cert).parent == folder
-    assert Path(key).parent == folder
-    assert _mode(folder) == 0o700
-    assert _mode(Path(key)) == 0o600
-    assert Path(cert).read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
-
-
-def test_self_signed_tightens_an_existing_directory(tmp_path: Path) -> None:
-    folder = tmp_path / "tls"
-    folder.mkdir(mode=0o755)
-    folder.chmod(0o755)
-    ensure_self_signed(folder)
-    assert _mode(folder) == 0o700
-
-
-def test_self_signed_is_idempotent(tmp_path: Path) -> None:
-    cert, key, created = ensure_self_signed(tmp_path / "tls")
-    before = (Path(cert).read_bytes(), Path(key).read_bytes())
-    again = ensure_self_signed(tmp_path / "tls")
-    assert again == (cert, key, False)
-    assert (Path(cert).read_bytes(), Path(key).read_bytes()) == before
-    assert created is True
-
-
-def test_self_signed_regenerates_when_the_key_is_gone(tmp_path: Path) -> None:
-    cert, key, _ = ensure_self_signed(tmp_path / "tls")
-    old = Path(cert).read_bytes()
-    Path(key).unlink()
-    _, _, created = ensure_self_signed(tmp_path / "tls")
-    assert created is True
-    assert Path(cert).read_bytes() != old
-    load_identity(cert, key)
-
-
-def test_self_signed_names_and_usability(tmp_path: Path) -> None:
-    cert_path, key_path, _ = ensure_self_signed(tmp_path / "tls")
-    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [
-        ipaddress.ip_address("127.0.0.1"),
-        ipaddress.ip_address("::1"),
-    ]
-    assert SELF_SIGNED_NAMES == ("localhost", "127.0.0.1", "::1")
-    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    assert basic.ca is False
-    identity = load_identity(cert_path, key_path)
-    assert identity.dns_names == ["localhost"]
-    assert len(identity.chain) == 1
 
 
 # -- load_identity ---------------------------------------------------------------------

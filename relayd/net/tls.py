@@ -10,7 +10,6 @@ checks of the URI host) with our certificate offered for mutual TLS.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import ipaddress
 import os
@@ -20,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
@@ -31,12 +29,6 @@ from service_identity.cryptography import (
 )
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-
-from relayd.logs import logger
-
-log = logger()
-
-SELF_SIGNED_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class TLSSetupError(Exception):
@@ -57,62 +49,6 @@ class ServerIdentity:
     @property
     def dns_names(self) -> list[str]:
         return certificate_dns_names(self.private_certificate.original)
-
-
-def ensure_self_signed(
-    directory: str | os.PathLike[str], names: tuple[str, ...] = SELF_SIGNED_NAMES
-) -> tuple[str, str, bool]:
-    """Generate a self-signed certificate for loopback use on first start.
-
-    Returns (certificate path, key path, created).  ECDSA P-256 keeps
-    handshakes cheap; the key file is 0600 and its directory 0700.
-    """
-    folder = Path(directory)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    cert_path = folder / "selfsigned-cert.pem"
-    key_path = folder / "selfsigned-key.pem"
-    if cert_path.exists() and key_path.exists():
-        os.chmod(key_path, 0o600)
-        return str(cert_path), str(key_path), False
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    alt_names: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt_names.append(x509.DNSName(name))
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_bytes = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key_bytes)
-    os.chmod(key_path, 0o600)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    fingerprint = certificate.fingerprint(hashes.SHA256()).hex(":")
-    log.info(
-        "Generated a self-signed certificate {path} (SHA-256 {fingerprint})",
-        path=str(cert_path),
-        fingerprint=fingerprint,
-    )
-    return str(cert_path), str(key_path), True
 
 
 def load_identity(certificate_path: str, private_key_path: str) -> ServerIdentity:

@@ -1,4 +1,4 @@
-"""relayd.tlsio over in-memory transports: reads of several records, close_notify, writes."""
+"""relayd.net.tlsio over in-memory transports: reads of several records, close_notify, writes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from relayd.net.tls import load_identity, stdlib_server_context
+from relayd.net.tlsio import StdlibTLSServerFactory, StdlibTLSServerProtocol
 from relayd.testing import RelayPKI, make_pki
-from relayd.tls import load_identity, stdlib_server_context
-from relayd.tlsio import StdlibTLSServerFactory, StdlibTLSServerProtocol
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from twisted.internet.interfaces import IHandshakeListener, IProtocol, IProtocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
-from relayd.eager import write_now
 from relayd.logs import logger
+from relayd.net.eager import write_now
 
 _READ_BYTES = 262144
 

@@ -1,0 +1,107 @@
+"""The MSRP listeners (``[msrp] listen``) and the relay they serve, started and stopped together."""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+from OpenSSL import crypto
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+
+from relayd.msrp.transport import MSRPRelay
+from relayd.net.endpoints import (
+    EndpointSpec,
+    listener_identity,
+    parse_endpoint,
+    stream_server_endpoint,
+)
+from relayd.net.listeners import Listeners
+from relayd.net.tls import ServerIdentity, stdlib_server_context
+
+
+def exposed_listener_host(hostname: str, listener_hosts: Iterable[str]) -> str | None:
+    """The first listener address off loopback, when ``hostname`` is no FQDN; else None.
+
+    RFC 4976 puts the relay's FQDN in Use-Path so that the next hop can check
+    it against the relay's certificate.  An IP literal or "localhost" is fine
+    while every listener is on loopback (the defaults, the tests), so this
+    only warns; it never refuses.
+    """
+    name = hostname.strip("[]").rstrip(".").lower()
+    if name != "localhost":
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return None
+    for host in listener_hosts:
+        if not _is_loopback(host):
+            return host
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    """Loopback only: a wildcard (0.0.0.0, ::) or a name listens beyond this machine."""
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+class MSRPService(Listeners):
+    """The MSRP listeners (``[msrp] listen``), their bound ports recorded as ours."""
+
+    def __init__(
+        self,
+        relay: MSRPRelay,
+        reactor: Any,
+        identity: ServerIdentity,
+        trust_roots: list[crypto.X509] | None,
+        hostname: str,
+    ) -> None:
+        super().__init__("MSRP")
+        self.relay = relay
+        self.hostname = hostname
+        self._listener_hosts: list[str] = []
+
+        def tls_context(spec: EndpointSpec) -> ssl.SSLContext:
+            # The standard library's TLS: half the memory per idle client (relayd.net.tlsio).
+            return stdlib_server_context(listener_identity(identity, spec), trust_roots)
+
+        for text in relay.config.listen:
+            spec = parse_endpoint(text)
+            endpoint = stream_server_endpoint(reactor, spec, tls_context)
+            self.add_stream(spec, endpoint, relay.listener_factory(spec.kind == "ssl"))
+
+    def bound(self, spec: EndpointSpec, port: IListeningPort) -> None:
+        address: Any = port.getHost()
+        self.relay.core.add_local_address(address.port, spec.kind == "ssl", spec.interface or None)
+        self._listener_hosts.append(spec.interface or address.host)
+        self.log.info(
+            "MSRP listening on {kind}:{host}:{port}",
+            kind=spec.kind,
+            host=address.host,
+            port=address.port,
+        )
+
+    def all_bound(self) -> None:
+        """Warn once when peers beyond this machine get a Use-Path host they cannot verify."""
+        exposed = exposed_listener_host(self.hostname, self._listener_hosts)
+        if exposed is not None:
+            self.log.warn(
+                "[relay] hostname {hostname} is not a DNS name, and MSRP listens on {host}:"
+                " peers cannot verify it against a certificate (RFC 4976 Use-Path:"
+                " the relay's FQDN); set [relay] hostname",
+                hostname=self.hostname,
+                host=exposed,
+            )
+
+    def startService(self) -> None:
+        super().startService()
+        self.relay.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.relay.stop()
+        return super().stopService()

@@ -1,0 +1,1 @@
+"""Networking shared by every surface: listener strings and services, TLS contexts and transport."""
