@@ -235,6 +235,14 @@ SCHEMA: tuple[Key, ...] = (
     ),
     Key(
         "msrp",
+        "send_queue_bytes",
+        "16384",
+        _integer(4096, 1048576),
+        "Unsent bytes (in the relay and the kernel) towards one connection before large"
+        " transfers wait: what a new message may queue behind",
+    ),
+    Key(
+        "msrp",
         "block_unknown_methods",
         "no",
         _boolean,
@@ -457,6 +465,7 @@ class MSRPConfig:
     idle_timeout_seconds: int
     max_connections: int
     max_chunk_bytes: int
+    send_queue_bytes: int
     block_unknown_methods: bool
     connect_timeout_seconds: int
     max_request_body_bytes: int

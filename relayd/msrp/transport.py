@@ -14,12 +14,18 @@ outbound pool.  Design points (RFC 4976 §6.4):
   messages are never combined.
 * A stream always holds back its latest piece of body, so every frame it
   cuts, and its final frame, carries at least one byte.
-* Back-pressure: when a next hop's socket buffer fills, Twisted pauses that
-  connection's producer, which pauses every connection streaming into it.
+* Back-pressure: when more than ``send_queue_bytes`` wait towards a next
+  hop, its streams keep the rest in their own backlog and every connection
+  streaming into it is paused until the kernel wants more.  Frames of our own
+  (responses, REPORTs, whole small requests) never wait in a backlog, so they
+  queue behind at most ``send_queue_bytes`` in user space and as many unsent
+  in the kernel (TCP_NOTSENT_LOWAT); backlogs drain in turn, a slice each, so
+  a small SEND to a slow reader overtakes a large one at a frame boundary.
 """
 
 from __future__ import annotations
 
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +46,7 @@ from zope.interface import implementer
 
 from relayd.bounded import remember
 from relayd.config import MSRPConfig
-from relayd.eager import write_now
+from relayd.eager import pause_until_writable, socket_transport, unsent_bytes, write_now
 from relayd.logs import logger
 from relayd.msrp.message import (
     ByteRange,
@@ -77,9 +83,13 @@ from relayd.tokens import new_transaction_id
 _PATH_HEADERS = frozenset({"to-path", "from-path"})
 _STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
 _READ_BUFFER_BYTES = 262144
+#: Linux's TCP_NOTSENT_LOWAT (the socket module has it from Python 3.12 on).
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _ROUTE_CACHE_SIZE = 32
 #: Shared by every connection that nothing is streaming into (never added to).
 _NO_STREAMS: set[SendStream] = set()
+#: Likewise for connections without backlogged streams.
+_NO_BACKLOGS: dict[MSRPConnection, list[SendStream]] = {}
 
 
 class MSRPRelay:
@@ -589,6 +599,9 @@ class SendStream:
     """One inbound SEND chunk on its way to the next hop, cut into frames as needed."""
 
     __slots__ = (
+        "backlog",
+        "backlog_at",
+        "backlog_flag",
         "done",
         "ended",
         "error",
@@ -662,6 +675,11 @@ class SendStream:
         self.done = False
         self.target: MSRPConnection | None = None
         self.pending: list[tuple[bool, bytes]] | None = None
+        #: Output the next hop had no room for yet (from backlog_at on), and
+        #: the end-line flag that follows it once the chunk has ended.
+        self.backlog: bytes | None = None
+        self.backlog_at = 0
+        self.backlog_flag: bytes | None = None
         target = route.connection
         if target is not None:
             if not isinstance(target, MSRPConnection) or not target.connected:
@@ -717,7 +735,11 @@ class SendStream:
             self.pending = None
             self.failed = True
             return
-        if self.held is not None or (self.target is not None and self.target.frame_owner is self):
+        if (
+            self.held is not None
+            or self.backlog is not None
+            or (self.target is not None and self.target.frame_owner is self)
+        ):
             self._finish(b"#")
 
     # -- outbound side -----------------------------------------------------------------
@@ -765,17 +787,62 @@ class SendStream:
         self.held = None
         self._emit(data, flag)
         self.done = True
-        if self.target is not None:
-            self.target.incoming.discard(self)
-            if self.target.congested:
-                self.source.resume_reading(self.target)
+        target = self.target
+        if target is not None:
+            # The sender may go on: its next chunk to this next hop waits
+            # behind this one's backlog (MSRPConnection.waiting) anyway.
+            target.incoming.discard(self)
+            self.source.resume_reading(target)
 
     def _emit(self, data: bytes, final: bytes | None) -> None:
+        """Write what the next hop has room for now; keep the rest in the backlog."""
         target = self.target
         assert target is not None
         if not target.connected:
             self.fail(481, "next hop connection lost", self.offset, self.offset + len(data) - 1)
             return
+        backlog = self.backlog
+        if backlog is None:
+            # Behind an earlier chunk of the same sender: wait for it (order).
+            room = 0 if self.source in target.waiting else target.room()
+            if room > 0 and room >= len(data):
+                self._write(data, final)
+                return
+            if room > 0:
+                # The rest is at least one byte: the frame that carries the
+                # end-line is never empty.
+                self._write(data[:room], None)
+                data = data[room:]
+            self.backlog = data
+            self.backlog_at = 0
+            target.wait(self)
+        else:
+            self.backlog = backlog[self.backlog_at :] + data
+            self.backlog_at = 0
+        self.backlog_flag = final
+        self.source.pause_reading(target)
+
+    def send_backlog(self, room: int) -> bool:
+        """Write up to ``room`` bytes of the backlog; True while some is left."""
+        backlog = self.backlog
+        assert backlog is not None
+        at = self.backlog_at
+        if len(backlog) - at > room:
+            self.backlog_at = at + room
+            self._write(backlog[at : at + room], None)
+            return True
+        final = self.backlog_flag
+        self.backlog = None
+        self.backlog_flag = None
+        data = backlog[at:] if at else backlog
+        if data or final is not None:
+            self._write(data, final)
+        return False
+
+    def _write(self, data: bytes, final: bytes | None) -> None:
+        """Frame ``data`` (and the end-line when ``final``) onto the wire now."""
+        target = self.target
+        assert target is not None
         max_chunk = self.relay.config.max_chunk_bytes
         out: list[bytes] = []
         while True:
@@ -833,6 +900,12 @@ class SendStream:
         tail = end_line(tid, flag)
         return b"\r\n" + tail if self.has_body else tail
 
+    def unconfirmed(self) -> tuple[int, int]:
+        """The bytes a lost next hop leaves unanswered: the open frame's and the backlog's."""
+        first = self.frame_first if self.frame_tid is not None else self.offset
+        unsent = len(self.backlog) - self.backlog_at if self.backlog is not None else 0
+        return first, max(first, self.offset + unsent - 1)
+
     def cut(self) -> None:
         """Someone else needs the wire: end our open frame with '+'."""
         target = self.target
@@ -851,17 +924,18 @@ class SendStream:
         if not self.ended:
             self.error = (code, comment)
         self.held = None
+        self.backlog = None
         target = self.target
         if target is not None:
             target.incoming.discard(self)
+            target.unwait(self)
             if target.frame_owner is self and target.connected:
                 target.frame_owner = None
                 assert self.frame_tid is not None
                 tail = end_line(self.frame_tid, b"#")
                 target.write_raw(b"\r\n" + tail if self.has_body else tail)
                 self.frame_tid = None
-            if target.congested:
-                self.source.resume_reading(target)
+            self.source.resume_reading(target)
         if self.failure_report in ("yes", "partial"):
             last_text = str(last) if last >= first else str(first)
             self.relay.send_report(
@@ -909,7 +983,12 @@ class MSRPConnection(Protocol):
         self.transactions: dict[str, _FrameTransaction | _EndToEndTransaction] = {}
         # Empty on an idle connection, so shared until first needed (memory).
         self.incoming: set[SendStream] = _NO_STREAMS
+        #: Streams with a backlog towards this connection, by sender in turn
+        #: order; each sender's in the order its chunks came.
+        self.waiting: dict[MSRPConnection, list[SendStream]] = _NO_BACKLOGS
         self.congested = False
+        #: The socket transport under any TLS layer (None for a test double).
+        self._wire: Any = None
         self._pause_reasons: set[object] | None = None
         self._probation: IDelayedCall | None = None
         self._failures = 0
@@ -927,7 +1006,7 @@ class MSRPConnection(Protocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         self.peer = _describe(transport.getPeer())
-        _set_nodelay(transport)
+        self._wire = _tune_socket(transport, self.relay.config.send_queue_bytes // 2)
         transport.registerProducer(self, True)
         self.relay.register(self)
         if self.inbound:
@@ -1041,10 +1120,11 @@ class MSRPConnection(Protocol):
         self.transactions.clear()
         for transaction in transactions:
             transaction.lost()
+        backlogged = [stream for queue in self.waiting.values() for stream in queue]
+        self.waiting = _NO_BACKLOGS
         incoming, self.incoming = self.incoming, _NO_STREAMS
-        for stream in list(incoming):
-            first = stream.frame_first if stream.frame_tid is not None else stream.offset
-            stream.fail(481, "next hop connection lost", first, max(first, stream.offset - 1))
+        for stream in [*incoming, *[s for s in backlogged if s not in incoming]]:
+            stream.fail(481, "next hop connection lost", *stream.unconfirmed())
 
     # -- IPushProducer: our socket buffer filled up or drained ---------------------------
 
@@ -1055,8 +1135,67 @@ class MSRPConnection(Protocol):
 
     def resumeProducing(self) -> None:
         self.congested = False
+        if self.waiting:
+            self._drain()
+            if self.congested:
+                return
         for stream in list(self.incoming):
             stream.source.resume_reading(self)
+
+    # -- how much stream data may go out now ------------------------------------------
+
+    def room(self) -> int:
+        """Bytes a stream may write now: ``send_queue_bytes`` less what is still unsent.
+
+        Unsent bytes, ours and the kernel's, are what a frame of our own
+        (a response, a REPORT, another sender's small SEND) queues behind.
+        """
+        if self.congested:
+            return 0
+        wire = self._wire
+        if wire is None:
+            return 1 << 62
+        waiting = unsent_bytes(wire)
+        batch = self.relay.batch
+        out = batch.get(self) if batch is not None else None
+        if out:
+            waiting += sum([len(piece) for piece in out])
+        return self.relay.config.send_queue_bytes - waiting
+
+    def wait(self, stream: SendStream) -> None:
+        """``stream`` has a backlog: it gets its turn when the kernel wants more."""
+        if self.waiting is _NO_BACKLOGS:
+            self.waiting = {}
+        queue = self.waiting.get(stream.source)
+        if queue is None:
+            self.waiting[stream.source] = [stream]
+        else:
+            queue.append(stream)
+        if not self.congested:
+            pause_until_writable(self._wire)
+
+    def unwait(self, stream: SendStream) -> None:
+        queue = self.waiting.get(stream.source)
+        if queue is not None and stream in queue:
+            queue.remove(stream)
+            if not queue:
+                del self.waiting[stream.source]
+
+    def _drain(self) -> None:
+        """Give each sender's backlog a slice of the room in turn: none starves the others."""
+        waiting = self.waiting
+        while waiting and self.connected:
+            room = self.room()
+            if room <= 0:
+                if not self.congested:
+                    pause_until_writable(self._wire)
+                return
+            source = next(iter(waiting))
+            queue = waiting.pop(source)
+            if not queue[0].send_backlog(room):
+                del queue[0]
+            if queue:
+                waiting[source] = queue
 
     def stopProducing(self) -> None:
         pass
@@ -1350,23 +1489,31 @@ def _describe(address: Any) -> str:
     return f"{host}:{port}" if host is not None else str(address)
 
 
-def _set_nodelay(transport: Any) -> None:
-    """Tune the TCP connection under any TLS layers.
+def _tune_socket(transport: Any, low_water: int) -> Any:
+    """Tune the TCP connection under any TLS layers; return its socket transport.
 
     Nagle would hold small frames back ~40 ms behind an unacknowledged
     segment; and bigger reads (256 KiB instead of Twisted's 64 KiB) mean
     fewer passes through the parser for large chunks.  The read buffer is
     only a temporary while reading, so idle connections do not pay for it.
+    TCP_NOTSENT_LOWAT makes the socket writable only once fewer than
+    ``low_water`` bytes wait in the kernel (MSRPConnection.room counts them): an
+    autotuned send buffer towards a slow reader would otherwise hold
+    megabytes, seconds that a new message waits behind.
     """
-    inner = transport
-    while inner is not None:
-        setter = getattr(inner, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except OSError:
-                pass
-            if hasattr(inner, "bufferSize"):
-                inner.bufferSize = _READ_BUFFER_BYTES
-            return
-        inner = getattr(inner, "transport", None)
+    setter = getattr(transport, "setTcpNoDelay", None)  # TLS layers pass it down
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+    wire: Any = socket_transport(transport)
+    if wire is None:
+        return None
+    # On the socket transport itself: set on a TLS layer it would change nothing.
+    wire.bufferSize = _READ_BUFFER_BYTES
+    try:
+        wire.getHandle().setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, low_water)
+    except (AttributeError, OSError):  # not TCP, or a kernel without the option
+        pass
+    return wire
