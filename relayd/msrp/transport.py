@@ -1297,6 +1297,12 @@ class MSRPConnection(Protocol):
             )
             headers = Headers([("To-Path", to_path), ("From-Path", event.to_path.split(" ", 1)[0])])
             self.write_atomic(MSRPResponse(event.tid, 400, event.reason, headers).to_bytes())
+        if event.fatal:
+            # The 400 is out; skipping an oversized head to its end-line
+            # could mean reading without bound.
+            self.log.warn("Closing {peer}: {reason}", peer=self.peer, reason=event.reason)
+            self.close(event.reason)
+            return
         self._failed()
 
     def _response(self, response: MSRPResponse) -> None:

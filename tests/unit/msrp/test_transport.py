@@ -1187,6 +1187,28 @@ def test_malformed_header_gets_400_and_connection_stays_usable(h: Harness) -> No
     assert [as_response(f).code for f in a.take()] == [200]
 
 
+@pytest.mark.parametrize("huge", ["X-Big: " + "v" * 70000, "X-H: v\r\n" * 5000])
+def test_oversized_header_block_gets_400_then_close(h: Harness, huge: str) -> None:
+    """Skipping it to an end-line that may never come would read without bound."""
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(f"MSRP huge0001 SEND\r\nTo-Path: {path_to(a, b)}\r\nFrom-Path: {a.uri}\r\n".encode())
+    for offset in range(0, len(huge), 16384):
+        a.feed(huge[offset : offset + 16384].encode())
+    (frame,) = a.take()
+    response = as_response(frame)
+    assert (response.tid, response.code) == ("huge0001", 400)
+    assert header(frame, "To-Path") == a.uri
+    assert a.closed
+    assert b.transport.value() == b""
+
+
+def test_oversized_first_header_line_closes_without_answer(h: Harness) -> None:
+    a = h.client("alice")
+    a.feed(b"MSRP huge0002 SEND\r\nTo-Path: " + b"x" * 70000)
+    assert a.take() == []
+    assert a.closed
+
+
 def test_malformed_message_with_lower_case_paths_gets_400(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     a.feed(
