@@ -379,22 +379,31 @@ class _FrameTransaction:
 class _EndToEndTransaction:
     """A forwarded AUTH or other request whose response travels back (§6.4.3)."""
 
-    __slots__ = ("deadline", "relay", "request", "source")
+    __slots__ = ("deadline", "hop", "local_uri", "relay", "request", "source")
 
-    def __init__(self, relay: MSRPRelay, source: MSRPConnection, request: MSRPRequest) -> None:
-        self.relay = relay
+    def __init__(
+        self, hop: MSRPConnection, source: MSRPConnection, request: MSRPRequest, local_uri: str
+    ) -> None:
+        self.relay = hop.relay
+        self.hop = hop
         self.source = source
         self.request = request
+        #: Our URI as the forwarded request's From-Path began with it.
+        self.local_uri = local_uri
         self.deadline = 0.0
 
     def response(self, response: MSRPResponse) -> bool:
         rewritten = response_route(response, self.relay.core.is_local)
-        if rewritten is None:
-            self.relay.log.warn(
-                "Response {code} not addressed through this relay: dropped", code=response.code
-            )
-            return False  # keep waiting: the timer still answers the sender
-        to_path, from_path = rewritten
+        if rewritten is not None:
+            to_path, from_path = rewritten
+        else:
+            # §6.4.3 has the response come back along the request's path; some
+            # relays (Kamailio's 401 to a forwarded AUTH) name only us. The
+            # transaction id is ours, sent to this hop alone: the answer goes
+            # back along the path the request came by, rather than a 408 later.
+            self.hop.deviating_response(response)
+            to_path = self.request.headers.get("From-Path") or ""
+            from_path = f"{self.local_uri} {response.headers.get('From-Path') or ''}".rstrip()
         headers = Headers(
             [("To-Path", to_path), ("From-Path", from_path)]
             + [(k, v) for k, v in response.headers if k.lower() not in _PATH_HEADERS]
@@ -583,7 +592,7 @@ class _BufferedForward:
             return
         if self.request.method != "REPORT":
             target.add_transaction(
-                tid, _EndToEndTransaction(target.relay, self.source, self.request)
+                tid, _EndToEndTransaction(target, self.source, self.request, self.route.local_uri)
             )
         target.write_atomic(frame)
 
@@ -995,6 +1004,7 @@ class MSRPConnection(Protocol):
         self._auth_failures = 0
         self._succeeded = not inbound
         self._closing = False
+        self._deviation_logged = False
         self._peer_certificate: x509.Certificate | None = None
         self._plans: dict[bytes | tuple[str, str], _Plan] | None = None
         self._expiry: IDelayedCall | None = None
@@ -1312,6 +1322,19 @@ class MSRPConnection(Protocol):
             return
         if transaction.response(response):
             self.transactions.pop(response.tid, None)
+
+    def deviating_response(self, response: MSRPResponse) -> None:
+        """Log, once per connection, a next hop whose responses skip the path back."""
+        if self._deviation_logged:
+            return
+        self._deviation_logged = True
+        self.log.warn(
+            "Next hop {peer} answered {code} with To-Path {to_path!r}, not the request's"
+            " path back (RFC 4976 §6.4.3); routed back by transaction id",
+            peer=self.peer,
+            code=response.code,
+            to_path=response.headers.get("To-Path") or "",
+        )
 
     def add_transaction(
         self, tid: str, transaction: _FrameTransaction | _EndToEndTransaction

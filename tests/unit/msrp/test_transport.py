@@ -718,6 +718,35 @@ def test_unreachable_next_hop_after_the_chunk_reports_all_of_it(h: Harness) -> N
     assert header(report, "Byte-Range") == "1-13/13"
 
 
+def test_peer_answer_with_short_to_path_goes_back_to_the_sender(h: Harness) -> None:
+    """Kamailio answers an AUTH forwarded to it with To-Path naming only us (§6.4.3)."""
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    peer = h.connect("far")
+    auth = (
+        f"MSRP fwda0001 AUTH\r\nTo-Path: {a.use_path} {FAR_HOP}\r\nFrom-Path: {a.uri}\r\n"
+        "-------fwda0001$\r\n"
+    ).encode()
+    with captured_log() as observer:
+        for number in (1, 2):
+            a.feed(auth.replace(b"fwda0001", b"fwda000%d" % number))
+            waiting[-1].callback(peer.connection)
+            (forwarded,) = peer.take()
+            ours = (header(forwarded, "From-Path") or "").split()[0]
+            challenge = response_bytes(
+                as_request(forwarded).tid, 401, "Unauthorized", ours, FAR_HOP
+            )
+            peer.feed(challenge)
+            (frame,) = a.take()
+            response = as_response(frame)
+            assert (response.tid, response.code) == (f"fwda000{number}", 401)
+            assert header(frame, "To-Path") == a.uri
+            assert header(frame, "From-Path") == f"{ours} {FAR_HOP}"
+            assert not peer.connection.transactions
+    warnings = [e for e in observer if "not the request's path back" in e.get("log_format", "")]
+    assert len(warnings) == 1
+
+
 @pytest.mark.parametrize(
     ("byte_range", "reported"),
     [("1-13/13", "1-13/13"), ("1-*/13", "1-5/13"), ("1-*/*", "1-5/*"), ("9-21/30", "9-21/30")],
