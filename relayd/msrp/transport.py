@@ -81,6 +81,13 @@ from relayd.tls import certificate_matches as _certificate_matches
 from relayd.tokens import new_transaction_id
 
 _PATH_HEADERS = frozenset({"to-path", "from-path"})
+#: Put by relayd on the AUTHs it forwards and on its answers to them: "this
+#: relay takes chunks of any size" (it re-chunks them itself).  Other relays
+#: may not: Kamailio drops the connection above about 10 KiB of body.
+_CHUNK_LIMIT = "Relay-Chunk-Limit"
+#: Said by each hop for itself: never forwarded.
+_HOP_HEADERS = _PATH_HEADERS | {_CHUNK_LIMIT.lower()}
+_RELAYD_PEERS_SIZE = 1024
 _STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
 _READ_BUFFER_BYTES = 262144
 #: Linux's TCP_NOTSENT_LOWAT (the socket module has it from Python 3.12 on).
@@ -121,6 +128,8 @@ class MSRPRelay:
         self._outbound: dict[tuple[str, str, int], MSRPConnection] = {}
         self._connecting: dict[tuple[str, str, int], list[defer.Deferred[MSRPConnection]]] = {}
         self._resolver = resolver or _srv_resolver
+        #: Next hops (outbound keys) that said they are relayd (_CHUNK_LIMIT).
+        self.relayd_peers: dict[tuple[str, str, int], None] = {}
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         #: While input is handled: the output held back until the end of that
@@ -258,6 +267,22 @@ class MSRPRelay:
         assert isinstance(protocol, MSRPConnection)
         return protocol
 
+    def peer_chunk_bytes(self, names: frozenset[str], port: int | None) -> int:
+        """The longest SEND body towards this peer relay: listed, else the safe default.
+
+        Other relays may refuse what relayd takes (Kamailio drops the
+        connection above about 10 KiB); a relayd peer says what it is on
+        forwarded AUTHs (_CHUNK_LIMIT) and then gets max_chunk_bytes.
+        """
+        config = self.config
+        size = config.peer_chunk_bytes
+        for host, listed_port, listed_size in config.peer_chunk_overrides:
+            if host in names and listed_port in (None, port):
+                size = listed_size
+                if listed_port is not None:
+                    break
+        return min(size, config.max_chunk_bytes)
+
     # -- REPORTs -----------------------------------------------------------------
 
     def send_report(
@@ -331,6 +356,9 @@ class _OutboundFactory(Factory):
     def buildProtocol(self, addr: Any) -> MSRPConnection:
         connection = MSRPConnection(self.relay, inbound=False, tls=self.tls)
         connection.outbound_key = self.key
+        if self.key not in self.relay.relayd_peers:
+            _, host, port = self.key
+            connection.chunk_bytes = self.relay.peer_chunk_bytes(frozenset({host}), port or None)
         if self.tls:
             # Verified by service_identity during the handshake.
             connection.peer_names = frozenset({self.name})
@@ -406,8 +434,10 @@ class _EndToEndTransaction:
             from_path = f"{self.local_uri} {response.headers.get('From-Path') or ''}".rstrip()
         headers = Headers(
             [("To-Path", to_path), ("From-Path", from_path)]
-            + [(k, v) for k, v in response.headers if k.lower() not in _PATH_HEADERS]
+            + [(k, v) for k, v in response.headers if k.lower() not in _HOP_HEADERS]
         )
+        if self.request.method == "AUTH" and _CHUNK_LIMIT in response.headers:
+            self.hop.takes_any_chunk()
         if not self.source.connected:
             return True  # §6.4.3: the connection is gone, drop quietly
         forwarded = MSRPResponse(self.request.tid, response.code, response.comment, headers)
@@ -510,7 +540,12 @@ class _LocalAuth:
         except MSRPStatus as status:
             connection.refuse(self.request, status)
             return
-        connection.write_atomic(outcome.response.to_bytes())
+        response = outcome.response
+        if _CHUNK_LIMIT in self.request.headers:
+            # A relayd peer forwarded it: answer in kind.
+            headers = Headers([*response.headers, (_CHUNK_LIMIT, "none")])
+            response = MSRPResponse(response.tid, response.code, response.comment, headers)
+        connection.write_atomic(response.to_bytes())
         if outcome.session is not None:
             connection.succeeded()
         elif outcome.failed:
@@ -570,10 +605,11 @@ class _BufferedForward:
         request = self.request
         body = b"".join(self.body) if self.has_body else None
         lines = forwarded_lines(request.headers, skip_byte_range=False)
-        if lines is None:
+        if lines is None or request.method == "AUTH":
+            own = [(_CHUNK_LIMIT, "none")] if request.method == "AUTH" else []
             headers = Headers(
-                [("To-Path", self.route.to_path), ("From-Path", self.route.from_path)]
-                + [(k, v) for k, v in request.headers if k.lower() not in _PATH_HEADERS]
+                [("To-Path", self.route.to_path), ("From-Path", self.route.from_path), *own]
+                + [(k, v) for k, v in request.headers if k.lower() not in _HOP_HEADERS]
             )
             return MSRPRequest(tid, request.method, headers).to_bytes(body, flag)
         head = b"MSRP %s %s\r\n%s%s" % (
@@ -852,7 +888,7 @@ class SendStream:
         """Frame ``data`` (and the end-line when ``final``) onto the wire now."""
         target = self.target
         assert target is not None
-        max_chunk = self.relay.config.max_chunk_bytes
+        max_chunk = target.chunk_bytes
         out: list[bytes] = []
         while True:
             if target.frame_owner is not self:
@@ -987,6 +1023,8 @@ class MSRPConnection(Protocol):
         self.peer_names: frozenset[str] = frozenset()
         self.outbound_key: tuple[str, str, int] | None = None
         self.parser = MSRPParser(relay.limits)
+        #: Longest SEND body per frame we write here: less towards other relays.
+        self.chunk_bytes = relay.config.max_chunk_bytes
         self.consumer: Any = _DISCARD
         self.frame_owner: SendStream | None = None
         self.transactions: dict[str, _FrameTransaction | _EndToEndTransaction] = {}
@@ -1037,6 +1075,8 @@ class MSRPConnection(Protocol):
         self._peer_certificate = certificate
         names = [*certificate_dns_names(certificate), *certificate_ip_names(certificate)]
         self.peer_names = frozenset(name.lower() for name in names)
+        if self.peer_names:
+            self.chunk_bytes = self.relay.peer_chunk_bytes(self.peer_names, None)
         self.log.info(
             "Peer relay {names} connected from {peer}",
             names=sorted(self.peer_names),
@@ -1224,6 +1264,8 @@ class MSRPConnection(Protocol):
         try:
             if method not in KNOWN_METHODS and relay.config.block_unknown_methods:
                 raise MSRPStatus(501)
+            if method == "AUTH" and _CHUNK_LIMIT in request.headers:
+                self.takes_any_chunk()  # forwarded by a relayd peer
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = _LocalAuth(self, request)
                 return
@@ -1322,6 +1364,13 @@ class MSRPConnection(Protocol):
             return
         if transaction.response(response):
             self.transactions.pop(response.tid, None)
+
+    def takes_any_chunk(self) -> None:
+        """The peer is relayd (_CHUNK_LIMIT): chunks go to it as long as we cut them."""
+        self.chunk_bytes = self.relay.config.max_chunk_bytes
+        key = self.outbound_key
+        if key is not None:
+            remember(self.relay.relayd_peers, _RELAYD_PEERS_SIZE, key, None)
 
     def deviating_response(self, response: MSRPResponse) -> None:
         """Log, once per connection, a next hop whose responses skip the path back."""

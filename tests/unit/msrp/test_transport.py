@@ -1164,6 +1164,81 @@ def test_peer_relay_certificate_ends_probation(h: Harness, tmp_path: Any) -> Non
     assert client.closed
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ("", 8192),
+        ("peer.example.net=65536", 65536),
+        ("peer.example.net:2855=65536 other.example.net=32768", 8192),
+        ("peer.example.net=4194304", 1048576),  # never above max_chunk_bytes
+    ],
+)
+def test_chunk_limit_towards_a_peer_relay(tmp_path: Any, overrides: str, expected: int) -> None:
+    """Kamailio drops the connection above ~10 KiB of body; relayd peers take anything."""
+    h = Harness({("msrp", "peer_chunk_overrides"): overrides})
+    cert_path, _ = make_pki(tmp_path).leaf("peer.example.net")
+    with open(cert_path, "rb") as handle:
+        certificate = x509.load_pem_x509_certificate(handle.read())
+    peer = h.connect("peer")
+    assert peer.connection.chunk_bytes == h.config.max_chunk_bytes  # a client, so far
+    peer.transport.peer_certificate = certificate
+    peer.connection.handshakeCompleted()
+    assert peer.connection.chunk_bytes == expected
+    # A relayd peer says so on the AUTHs it forwards, and is answered in kind.
+    peer.feed(
+        f"MSRP pauth001 AUTH\r\nTo-Path: {RELAY_URI}\r\n"
+        "From-Path: msrps://peer.example.net:2855/p;tcp msrps://a.example.net:9/a;tcp\r\n"
+        "Relay-Chunk-Limit: none\r\n-------pauth001$\r\n".encode()
+    )
+    (challenge,) = peer.take()
+    assert as_response(challenge).code == 401
+    assert header(challenge, "Relay-Chunk-Limit") == "none"
+    assert peer.connection.chunk_bytes == h.config.max_chunk_bytes
+
+
+def test_forwarded_auth_tells_the_next_hop_we_are_relayd(h: Harness) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    peer = h.connect("far")
+    peer.connection.chunk_bytes = 8192
+    a.feed(
+        f"MSRP fwdc0001 AUTH\r\nTo-Path: {a.use_path} {FAR_HOP}\r\nFrom-Path: {a.uri}\r\n"
+        "Relay-Chunk-Limit: none\r\n-------fwdc0001$\r\n".encode()
+    )
+    waiting[-1].callback(peer.connection)
+    (forwarded,) = peer.take()
+    assert forwarded.message.headers.to_bytes().count(b"Relay-Chunk-Limit: none\r\n") == 1
+    ours = (header(forwarded, "From-Path") or "").split()[0]
+    reply = response_bytes(
+        as_request(forwarded).tid, 401, "Unauthorized", f"{ours} {a.uri}", FAR_HOP
+    )
+    peer.feed(reply.replace(b"\r\n---", b"\r\nRelay-Chunk-Limit: none\r\n---"))
+    (answer,) = a.take()
+    assert as_response(answer).code == 401
+    assert header(answer, "Relay-Chunk-Limit") is None  # hop by hop: not for the client
+    assert peer.connection.chunk_bytes == h.config.max_chunk_bytes
+
+
+def test_send_towards_a_peer_relay_is_cut_at_its_chunk_limit(h: Harness) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    peer = h.connect("far")
+    peer.connection.chunk_bytes = h.relay.peer_chunk_bytes(frozenset({"far.example.net"}), 9)
+    data = bytes(range(256)) * 80
+    tid = "peer0001"
+    a.feed(send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, total=len(data)) + data[:5000])
+    waiting[-1].callback(peer.connection)
+    a.feed(data[5000:] + body_end(tid))
+    frames = peer.take()
+    assert [len(f.body) for f in frames] == [8192, 8192, 4096]
+    assert [header(f, "Byte-Range") for f in frames] == [
+        "1-*/20480",
+        "8193-*/20480",
+        "16385-20480/20480",
+    ]
+    assert b"".join(f.body for f in frames) == data
+
+
 # -- not for us, malformed input ----------------------------------------------------------------
 
 
