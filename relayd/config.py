@@ -267,7 +267,7 @@ SCHEMA: tuple[Key, ...] = (
     Key(
         "msrp",
         "send_queue_bytes",
-        "16384",
+        "32768",
         _integer(4096, 1048576),
         "Unsent bytes (in the relay and the kernel) towards one connection before large"
         " transfers wait: what a new message may queue behind",
