@@ -833,9 +833,10 @@ class SendStream:
         self._emit(data, flag)
         self.done = True
         target = self.target
-        if target is not None:
-            # The sender may go on: its next chunk to this next hop waits
-            # behind this one's backlog (MSRPConnection.waiting) anyway.
+        if target is not None and self.backlog is None:
+            # All of it is out: the sender may go on. With a backlog it waits
+            # until that drains (MSRPConnection._drain), or backlogs would
+            # hold a fast sender's every chunk.
             target.incoming.discard(self)
             self.source.resume_reading(target)
 
@@ -1242,8 +1243,13 @@ class MSRPConnection(Protocol):
                 return
             source = next(iter(waiting))
             queue = waiting.pop(source)
-            if not queue[0].send_backlog(room):
+            stream = queue[0]
+            if not stream.send_backlog(room):
                 del queue[0]
+                if stream.done:
+                    self.incoming.discard(stream)
+                    if not queue:
+                        source.resume_reading(self)
             if queue:
                 waiting[source] = queue
 

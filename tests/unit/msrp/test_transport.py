@@ -943,6 +943,70 @@ def test_sender_gone_mid_chunk_ends_forwarded_frame_with_hash(h: Harness) -> Non
 # -- back-pressure --------------------------------------------------------------------------------
 
 
+class SlowWire:
+    """The socket under a client's transport, for MSRPConnection.room: what the relay
+    wrote stays unsent until the test lets the reader take it (``drain``)."""
+
+    dataBuffer = b""
+    offset = 0
+    streamingProducer = True
+    connected = True
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.taken = 0
+        self.producer = client.connection
+        self.producerPaused = False
+
+    @property
+    def _tempDataLen(self) -> int:
+        return len(self.client.transport.value()) - self.taken
+
+    def fileno(self) -> int:
+        raise ValueError("no socket: no kernel queue")
+
+    def startWriting(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        """The reader took everything: the transport resumes its producer (doWrite)."""
+        self.taken = len(self.client.transport.value())
+        if self.producerPaused:
+            self.producerPaused = False
+            self.producer.resumeProducing()
+
+
+def test_small_send_overtakes_a_backlogged_transfer_at_a_frame_boundary() -> None:
+    h = Harness({("msrp", "send_queue_bytes"): "4096"})
+    a, b, c = h.client("alice"), h.client("bob"), h.client("carol")
+    wire = b.connection._wire = SlowWire(b)
+    big = bytes(range(256)) * 80
+    a.feed(send_head("big00001", path_to(a, b), a.uri, total=len(big)) + big[:10000])
+    a.feed(big[10000:] + body_end("big00001"))
+    # Only send_queue_bytes went out; the rest waits in the stream, not on the wire.
+    assert len(b.transport.value()) < 4096 + 400
+    # The chunk has ended, but most of it waits in its stream: so does alice.
+    assert a.transport.producerState == "paused"
+    a.feed(send_bytes(a, b, "big00002", b"next message", message_id="next"))
+    wire.drain()
+    before = len(b.transport.value())
+    c.feed(send_bytes(c, b, "small001", b"small message!!", message_id="small"))
+    for _ in range(20):
+        wire.drain()
+    written = b.transport.value()
+    assert written.index(b"small message!!") - before < 4096 + 1000
+    frames = parse_frames(written)
+    bodies: dict[str, bytes] = {}
+    for frame in frames:
+        message_id = header(frame, "Message-ID") or ""
+        start = int((header(frame, "Byte-Range") or "").split("-")[0])
+        assert start == len(bodies.get(message_id, b"")) + 1  # each sender's bytes in order
+        bodies[message_id] = bodies.get(message_id, b"") + frame.body
+    assert bodies == {"msg-1": big, "next": b"next message", "small": b"small message!!"}
+    assert [f.flag for f in frames if header(f, "Message-ID") == "small"] == [b"$"]
+    assert a.transport.producerState == "producing"
+
+
 def test_congested_recipient_pauses_the_sender(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     a.feed(send_head("bp000001", path_to(a, b), a.uri, byte_range="1-*/*"), b"x" * 100)
@@ -960,11 +1024,12 @@ def test_stream_into_congested_recipient_starts_paused_and_ends_resumed(h: Harne
     c.feed(send_head("bp000003", path_to(c, b), c.uri, byte_range="1-*/*"), b"y" * 10)
     assert a.transport.producerState == "paused"
     assert c.transport.producerState == "paused"
-    # A's message is complete: A may read its next request while B drains.
+    # A's message is complete, but waits for B in A's stream: A waits with it.
     a.feed(body_end("bp000002"))
-    assert a.transport.producerState == "producing"
+    assert a.transport.producerState == "paused"
     assert c.transport.producerState == "paused"
     b.connection.resumeProducing()
+    assert a.transport.producerState == "producing"
     assert c.transport.producerState == "producing"
     c.feed(body_end("bp000003"))
     assert [f.body for f in b.take()] == [b"x" * 10, b"y" * 10]
