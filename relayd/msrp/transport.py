@@ -18,9 +18,10 @@ outbound pool.  Design points (RFC 4976 §6.4):
   hop, its streams keep the rest in their own backlog and every connection
   streaming into it is paused until the kernel wants more.  Frames of our own
   (responses, REPORTs, whole small requests) never wait in a backlog, so they
-  queue behind at most ``send_queue_bytes`` in user space and as many unsent
-  in the kernel (TCP_NOTSENT_LOWAT); backlogs drain in turn, a slice each, so
-  a small SEND to a slow reader overtakes a large one at a frame boundary.
+  queue behind at most ``send_queue_bytes`` unsent, ours and the kernel's
+  together (TCP_NOTSENT_LOWAT wakes us at half of it); backlogs drain in turn,
+  a slice each, so a small SEND to a slow reader overtakes a large one at a
+  frame boundary.
 """
 
 from __future__ import annotations
