@@ -82,3 +82,12 @@ def pause_until_writable(transport: FileDescriptor) -> bool:
         producer.pauseProducing()
     transport.startWriting()
     return True
+
+
+def resume_if_writable(transport: FileDescriptor, low_water: int) -> None:
+    """Now what ``doWrite`` would do on the next reactor turn: resume the producer
+    paused by pause_until_writable once fewer than ``low_water`` bytes are unsent."""
+    producer: Any = transport.producer
+    if producer is not None and transport.producerPaused and unsent_bytes(transport) < low_water:
+        transport.producerPaused = False
+        producer.resumeProducing()

@@ -47,7 +47,13 @@ from zope.interface import implementer
 
 from relayd.bounded import remember
 from relayd.config import MSRPConfig
-from relayd.eager import pause_until_writable, socket_transport, unsent_bytes, write_now
+from relayd.eager import (
+    pause_until_writable,
+    resume_if_writable,
+    socket_transport,
+    unsent_bytes,
+    write_now,
+)
 from relayd.logs import logger
 from relayd.msrp.message import (
     ByteRange,
@@ -136,6 +142,7 @@ class MSRPRelay:
         #: While input is handled: the output held back until the end of that
         #: read, per connection (see MSRPConnection.dataReceived); else None.
         self.batch: dict[MSRPConnection, list[bytes]] | None = None
+        self.batch_number = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -1045,6 +1052,13 @@ class MSRPConnection(Protocol):
         self._succeeded = not inbound
         self._closing = False
         self._deviation_logged = False
+        #: Bytes held for this connection in MSRPRelay.batch, and the unsent
+        #: bytes measured during that batch (room()).
+        self.batched = 0
+        self._unsent = 0
+        self._unsent_batch = -1
+        self._draining = False
+        self._drain_again = False
         self._peer_certificate: x509.Certificate | None = None
         self._plans: dict[bytes | tuple[str, str], _Plan] | None = None
         self._expiry: IDelayedCall | None = None
@@ -1102,6 +1116,7 @@ class MSRPConnection(Protocol):
             self._receive(data)
             return
         batch = relay.batch = {}
+        relay.batch_number += 1
         try:
             self._receive(data)
         finally:
@@ -1189,7 +1204,7 @@ class MSRPConnection(Protocol):
         self.congested = False
         if self.waiting:
             self._drain()
-            if self.congested:
+            if self.congested or self.waiting:
                 return
         for stream in list(self.incoming):
             stream.source.resume_reading(self)
@@ -1207,12 +1222,14 @@ class MSRPConnection(Protocol):
         wire = self._wire
         if wire is None:
             return 1 << 62
-        waiting = unsent_bytes(wire)
         batch = self.relay.batch
-        out = batch.get(self) if batch is not None else None
-        if out:
-            waiting += sum([len(piece) for piece in out])
-        return self.relay.config.send_queue_bytes - waiting
+        if batch is None:
+            return self.relay.config.send_queue_bytes - unsent_bytes(wire)
+        # Within one read nothing of ours reaches the socket: ask the kernel once.
+        if self._unsent_batch != self.relay.batch_number:
+            self._unsent_batch = self.relay.batch_number
+            self._unsent = unsent_bytes(wire)
+        return self.relay.config.send_queue_bytes - self._unsent - self.batched
 
     def wait(self, stream: SendStream) -> None:
         """``stream`` has a backlog: it gets its turn when the kernel wants more."""
@@ -1234,6 +1251,37 @@ class MSRPConnection(Protocol):
                 del self.waiting[stream.source]
 
     def _drain(self) -> None:
+        """Write out backlogs while the kernel takes them, one write per room's worth.
+
+        Outside a read, the slices are batched like a read's output (many
+        small chunks make one send); a write the kernel takes at once resumes
+        us from _write_out, which here only asks for another round.
+        """
+        relay = self.relay
+        if relay.batch is not None:
+            self._fill()  # the read's end writes it
+            return
+        if self._draining:
+            self._drain_again = True
+            return
+        self._draining = True
+        try:
+            again = True
+            while again:
+                self._drain_again = False
+                batch = relay.batch = {}
+                relay.batch_number += 1
+                try:
+                    self._fill()
+                finally:
+                    relay.batch = None
+                    for connection, out in batch.items():
+                        connection._write_out(out)
+                again = self._drain_again
+        finally:
+            self._draining = False
+
+    def _fill(self) -> None:
         """Give each sender's backlog a slice of the room in turn: none starves the others."""
         waiting = self.waiting
         while waiting and self.connected:
@@ -1441,6 +1489,7 @@ class MSRPConnection(Protocol):
             write_now(self.transport, data)
             self.relay.touch(self)
             return
+        self.batched += len(data)
         out = batch.get(self)
         if out is None:
             batch[self] = [data]
@@ -1460,6 +1509,7 @@ class MSRPConnection(Protocol):
         Sending is use too (RFC 4976 §6.5): a connection that only receives
         forwarded data must be neither closed as idle nor evicted first.
         """
+        self.batched = 0
         if not self.connected:
             return
         try:
@@ -1470,6 +1520,10 @@ class MSRPConnection(Protocol):
             return
         if touch:
             self.relay.touch(self)
+        if self.waiting and self._wire is not None:
+            # When the kernel took the read's output at once, the backlogs
+            # need not wait for the next reactor turn.
+            resume_if_writable(self._wire, self.relay.config.send_queue_bytes // 2)
 
     # -- flow control and accounting -------------------------------------------------------
 
@@ -1548,6 +1602,7 @@ class MSRPConnection(Protocol):
         if abort:
             if self.relay.batch is not None:
                 self.relay.batch.pop(self, None)
+                self.batched = 0
         else:
             self.flush()
         transport: Any = self.transport
