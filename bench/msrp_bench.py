@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 from bench.daemon import spawn_logged, spawn_twistd, stop_async, wait_for_log
 from bench.report import report_head
-from relayd.digest import ha1, parse_challenge, request_digest
+from relayd.digest import answer_challenge
 from relayd.testing import RelayPKI, make_pki, write_users
 
 HOST = "127.0.0.1"
@@ -571,22 +571,10 @@ async def open_endpoint(
 
 def auth_authorization(challenge_head: bytes, relay_uri: str, user: str, password: str) -> str:
     """The Authorization value answering the 401 whose head is ``challenge_head``."""
-    challenge = parse_challenge(_header(challenge_head, b"WWW-Authenticate").decode())
-    realm, nonce = challenge.get("realm", ""), challenge.get("nonce", "")
-    cnonce = secrets.token_hex(8)
-    digest = request_digest(
-        ha1(user, realm, password),
-        nonce=nonce,
-        nc="00000001",
-        cnonce=cnonce,
-        qop="auth",
-        method="AUTH",
-        uri=relay_uri,
-    )
-    return (
-        f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{relay_uri}", '
-        f'qop=auth, nc=00000001, cnonce="{cnonce}", response="{digest}"'
-    )
+    challenge = _header(challenge_head, b"WWW-Authenticate").decode()
+    return answer_challenge(
+        challenge, username=user, password=password, method="AUTH", uri=relay_uri
+    ).authorization
 
 
 async def auth(hub: Hub, endpoint: Endpoint, relay_uri: str, user: str, password: str) -> str:

@@ -24,13 +24,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from relayd.config import load_config
-from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPConnection, MSRPRelay
 
 HOST = "relay.example.com"
 RELAY_URI = f"msrps://{HOST}:2855;tcp"
 BODY = b"x" * 100
+PASSWORD = "pw"  # noqa: S105 - every in-process client's
 
 
 class _Transport(StringTransport):
@@ -49,7 +50,7 @@ class Cycle:
     def __init__(self) -> None:
         clock = MemoryReactorClock()
         config = load_config(None, None).msrp
-        digest = DigestAuthenticator(HOST, lambda user, realm: ha1(user, realm, "pw"), clock)
+        digest = DigestAuthenticator(HOST, lambda user, realm: ha1(user, realm, PASSWORD), clock)
         policy = AuthPolicy(HOST, 600, 60, 3600)
         core = RelayCore(clock, HOST, policy, digest)
         core.add_local_address(2855, tls=True)
@@ -68,20 +69,14 @@ class Cycle:
         connection.dataReceived(f"{head}-------a1{user}$\r\n".encode())
         challenge = _header(transport.value(), b"WWW-Authenticate").decode()
         transport.clear()
-        nonce = parse_challenge(challenge)["nonce"]
-        response = request_digest(
-            ha1(user, HOST, "pw"),
-            nonce=nonce,
-            nc="00000001",
-            cnonce="c0ffee",
-            qop="auth",
+        authorization = answer_challenge(
+            challenge,
+            username=user,
+            password=PASSWORD,
             method="AUTH",
             uri=RELAY_URI,
-        )
-        authorization = (
-            f'Digest username="{user}", realm="{HOST}", nonce="{nonce}", uri="{RELAY_URI}", '
-            f'response="{response}", qop=auth, nc=00000001, cnonce="c0ffee"'
-        )
+            cnonce="c0ffee",
+        ).authorization
         connection.dataReceived(
             f"{head}Authorization: {authorization}\r\n-------a1{user}$\r\n".encode()
         )

@@ -54,9 +54,9 @@ from relayd.sip.message import SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import parse_datagram
 from relayd.testing import (
     RelayPKI,
-    answer_challenge,
     grant_document,
     make_pki,
+    sip_credentials,
     uac_request,
     write_users,
 )
@@ -290,7 +290,7 @@ class SIPSocket(asyncio.DatagramProtocol):
                 response = await self._send_with_retransmission(request.to_bytes(), waiter)
             finally:
                 self.waiting.pop(branch, None)
-            authorization = answer_challenge(
+            authorization = sip_credentials(
                 response, method=method, uri=uri, username=user, password=password(user)
             )
             if authorization is None:

@@ -65,7 +65,7 @@ from typing import Any, Protocol
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_sync, wait_for_log_sync, wait_idle
 from bench.kamailio_sip import Kamailio, find_kamailio, kamailio_version
 from bench.report import report_head
-from relayd.sip.auth import client_authorization
+from relayd.digest import answer_challenge
 from relayd.testing import RelayPKI, make_pki, write_users
 
 HOST = "127.0.0.1"
@@ -176,6 +176,8 @@ class Relay:
     pki: RelayPKI
     sip_port: int
     profile: str | None = None
+    sip_settings: str = ""
+    """More ``[sip]`` lines (``key = value``) for the relay's configuration."""
     process: subprocess.Popen[bytes] | None = None
     xcap_port: int = 0
     log_path: Path = field(default_factory=Path)
@@ -202,7 +204,8 @@ class Relay:
             f"[msrp]\nlisten = ssl:0:interface={HOST}\n\n"
             f"[xcap]\nlisten = ssl:0:interface={HOST}\nadmins = {ADMIN}\n\n"
             f"[sip]\nlisten = udp:{self.sip_port}:interface={HOST}\ndomain = {HOST}\n"
-            f"lists = {lists}\nmax_list_size = 20\nconsent_requests_per_hour = 1000000\n\n"
+            f"lists = {lists}\nmax_list_size = 20\nconsent_requests_per_hour = 1000000\n"
+            f"{self.sip_settings}\n"
             f"[store]\nbackend = memory\n\n"
             f"[auth]\nrealm = {REALM}\nusers = {users}\n\n"
             f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",
@@ -277,13 +280,13 @@ def register(relay_port: int, user: str, contact_port: int) -> None:
             found = re.search(r"(?im)^WWW-Authenticate:\s*(.+?)\r?$", text)
             if status != 401 or found is None:
                 raise RuntimeError(f"REGISTER {user}: {text[:300]}")
-            value = client_authorization(
+            value = answer_challenge(
                 found.group(1),
                 method="REGISTER",
                 uri=f"sip:{HOST}",
                 username=user,
                 password=USERS[user],
-            )
+            ).authorization
             authorization = f"Authorization: {value}\r\n"
         raise RuntimeError(f"REGISTER {user}: authentication loop")
 
@@ -525,7 +528,10 @@ def profile_top(path: str, count: int = 25) -> list[list[Any]]:
 def run_relayd(settings: argparse.Namespace, root: Path, sinks: Sinks) -> dict[str, Any]:
     results: dict[str, Any] = {"steps": [], "errors": []}
     pki = make_pki(root / "pki")
-    relay = Relay(root / "relay", pki, free_udp_port(), settings.profile)
+    # One SIPp socket sends every request of a step: no per-source datagram budget.
+    relay = Relay(
+        root / "relay", pki, free_udp_port(), settings.profile, "max_datagrams_per_source = 0\n"
+    )
     relay.folder.mkdir(parents=True)
     try:
         relay.start()

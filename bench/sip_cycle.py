@@ -27,8 +27,8 @@ from pathlib import Path
 from lxml import etree
 from twisted.internet.defer import ensureDeferred
 
-from relayd.ctl.xcap import make_rule, new_ruleset
-from relayd.sip.auth import client_authorization
+from relayd.ctl.documents import make_rule, new_ruleset
+from relayd.digest import answer_challenge
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.tap import tune_garbage_collector
@@ -108,13 +108,13 @@ class Harness:
             aor = f"sip:{member}@{HOST}"
             first = self.feed(_request("REGISTER", uri, member, i, 1, contact, aor), SENDER_PORT)
             challenge = _header(first, "www-authenticate")
-            auth = client_authorization(
+            auth = answer_challenge(
                 challenge,
                 method="REGISTER",
                 uri=uri,
                 username=member,
                 password=self.passwords[member],
-            )
+            ).authorization
             extra = contact + f"Authorization: {auth}\r\n"
             answer = self.feed(_request("REGISTER", uri, member, i, 2, extra, aor), SENDER_PORT)
             assert _status(answer) == 200, answer
@@ -131,13 +131,13 @@ class Harness:
         """One sender call; returns the final status the sender got."""
         uri = f"sip:list@{HOST}"
         first = self.feed(_request("MESSAGE", uri, user, n, 1), SENDER_PORT)
-        auth = client_authorization(
+        auth = answer_challenge(
             _header(first, "proxy-authenticate"),
             method="MESSAGE",
             uri=uri,
             username=user,
             password=self.passwords[user],
-        )
+        ).authorization
         extra = f"Proxy-Authorization: {auth}\r\n"
         out = self.feed(_request("MESSAGE", uri, user, n, 2, extra), SENDER_PORT)
         final: list[tuple[bytes, tuple[str, int]]] = []

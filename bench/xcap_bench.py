@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import ssl
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_async, wait_for_log
 from relayd.config import SCHEMA
-from relayd.digest import ha1, parse_challenge, request_digest
+from relayd.digest import Challenge, answer_challenge, read_challenge
 from relayd.testing import RelayPKI, make_pki, write_users
 
 HOST = "127.0.0.1"
@@ -114,8 +113,7 @@ class Client:
     password: str
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    nonce: str = ""
-    nc: int = 0
+    challenge: Challenge | None = None
     etag: str = ""
     latencies_us: list[int] = field(default_factory=list)
 
@@ -124,28 +122,20 @@ class Client:
         return f"{ROOT}/consent-rules/users/sip:{self.user}@{REALM}/index"
 
     def _authorization(self, method: str) -> str:
-        self.nc += 1
-        nc = f"{self.nc:08x}"
-        cnonce = secrets.token_hex(8)
-        digest = request_digest(
-            ha1(self.user, REALM, self.password),
-            nonce=self.nonce,
-            nc=nc,
-            cnonce=cnonce,
-            qop="auth",
+        assert self.challenge is not None
+        return answer_challenge(
+            self.challenge,
+            username=self.user,
+            password=self.password,
             method=method,
             uri=self.path,
-        )
-        return (
-            f'Digest username="{self.user}", realm="{REALM}", nonce="{self.nonce}",'
-            f' uri="{self.path}", response="{digest}", qop=auth, nc={nc}, cnonce="{cnonce}"'
-        )
+        ).authorization
 
     async def request(
         self, method: str, body: bytes = b"", headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
         lines = [f"{method} {self.path} HTTP/1.1", f"Host: {HOST}"]
-        if self.nonce:
+        if self.challenge is not None:
             lines.append(f"Authorization: {self._authorization(method)}")
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         lines.append(f"Content-Length: {len(body)}")
@@ -161,7 +151,7 @@ class Client:
         length = int(found.get("content-length", "0"))
         content = await self.reader.readexactly(length) if length else b""
         if status == 401:
-            self.nonce, self.nc = parse_challenge(found["www-authenticate"])["nonce"], 0
+            self.challenge = read_challenge(found["www-authenticate"])
             return await self.request(method, body, headers)
         return status, found, content
 

@@ -377,6 +377,29 @@ SCHEMA: tuple[Key, ...] = (
         "Largest XCAP request body and stored document (413 above it)",
     ),
     Key(
+        "xcap",
+        "max_header_bytes",
+        "16384",
+        _integer(1024, 1024 * 1024),
+        "Largest XCAP request line or header block (414 or 431 above it, and the"
+        " connection is closed)",
+    ),
+    Key(
+        "xcap",
+        "header_timeout_seconds",
+        "10",
+        _integer(1, 3600),
+        "Time a client has to send a request's line and headers, from connecting or from"
+        " the previous response (408 and close after it)",
+    ),
+    Key(
+        "xcap",
+        "max_connections",
+        "256",
+        _integer(1, 1_000_000),
+        "Most XCAP connections open at once; a new one beyond it is closed at once",
+    ),
+    Key(
         "sip",
         "listen",
         "udp:5060:interface=127.0.0.1\n    tcp:5060:interface=127.0.0.1",
@@ -464,6 +487,39 @@ SCHEMA: tuple[Key, ...] = (
         " instead of queueing, until it falls below half of it (0 turns it off)",
     ),
     Key(
+        "sip",
+        "max_datagrams_per_source",
+        "1000",
+        _integer(0, 10_000_000),
+        "UDP datagrams taken per second from one source address and port; the rest are"
+        " dropped unread, so a flood from a few sources leaves the others answered (0: no"
+        " limit)",
+    ),
+    Key(
+        "sip",
+        "idle_timeout_seconds",
+        "60",
+        _integer(1),
+        "A TCP/TLS connection over which no request has come closes after this long"
+        " without traffic (so does a TLS connect that never starts its handshake)",
+    ),
+    Key(
+        "sip",
+        "request_idle_timeout_seconds",
+        "300",
+        _integer(1),
+        "A TCP/TLS connection that has carried a request closes after this long without"
+        " traffic; one a registration was made over stays open while it is valid",
+    ),
+    Key(
+        "sip",
+        "max_connections",
+        "10000",
+        _integer(1, 1_000_000),
+        "Most TCP/TLS connections open at once; at the limit the one idle the longest"
+        " closes to make room (one carrying a valid registration never does)",
+    ),
+    Key(
         "store",
         "backend",
         "sqlite",
@@ -528,6 +584,9 @@ class XCAPConfig:
     public_url: str
     admins: tuple[str, ...]
     max_body_bytes: int
+    max_header_bytes: int
+    header_timeout_seconds: int
+    max_connections: int
 
 
 @dataclass(frozen=True)
@@ -544,6 +603,10 @@ class SIPConfig:
     max_subscriptions_per_user: int
     max_server_transactions: int
     overload_lag_ms: int
+    max_datagrams_per_source: int
+    idle_timeout_seconds: int
+    request_idle_timeout_seconds: int
+    max_connections: int
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """HTTP Digest authentication (RFC 2617), MD5 with qop="auth" only.
 
+Both sides live here: :class:`DigestAuthenticator` for the relay, and
+:func:`answer_challenge` for every client (relayctl's MSRP and XCAP clients,
+tests and benchmarks).
+
 One implementation serves three protocols that reuse RFC 2617 unchanged:
 MSRP AUTH (RFC 4976: 401 + WWW-Authenticate, 200 + Authentication-Info, no
 auth-int, no MD5-sess, no domain), SIP (RFC 3261 §22: 401/407) and HTTP for
@@ -161,13 +165,18 @@ def format_authentication_info(
     return ", ".join(parts)
 
 
-def parse_credentials(header_value: str) -> DigestCredentials:
+def parse_credentials(header_value: str, default_uri: str | None = None) -> DigestCredentials:
     """Parse ``Digest k=v, k="quoted", ...`` (RFC 2617 §3.2.2).
 
     Raises :class:`DigestError` for anything malformed: a scheme other than
     Digest, syntax errors, control characters, duplicate or missing
     parameters, an over-long header or too many parameters.  Unknown
     parameters are ignored, as RFC 2617 asks, but still count to the limit.
+
+    ``default_uri`` stands in for an absent ``uri``: an MSRP AUTH may leave it
+    out (RFC 4976 §5.1's own example does, and so do deployed clients), the
+    digest-uri then being the AUTH's To-Path URI.  Without it ``uri`` is
+    required, as RFC 2617 has it for SIP and HTTP.
     """
     if len(header_value) > MAX_HEADER_CHARS:
         raise DigestError("credentials header too long")
@@ -178,6 +187,8 @@ def parse_credentials(header_value: str) -> DigestCredentials:
     if scheme.lower() != "digest":
         raise DigestError("credentials scheme is not Digest")
     params = _parse_params(rest)
+    if default_uri is not None:
+        params.setdefault("uri", default_uri)
     missing = [name for name in _REQUIRED if name not in params]
     if missing:
         raise DigestError("credentials lack " + ", ".join(missing))
@@ -227,6 +238,122 @@ def parse_challenge(header_value: str) -> dict[str, str]:
     if scheme.lower() != "digest":
         raise DigestError("challenge scheme is not Digest")
     return _parse_params(rest, keep=None)
+
+
+@dataclass
+class Challenge:
+    """A server's Digest challenge as a client keeps it between requests.
+
+    ``uses`` counts the requests answered with this nonce, so reusing it sends
+    nonce-counts 1, 2, 3… (RFC 2617 §3.2.2); ``qop`` is False when the server
+    offered none, and the answer then takes the RFC 2069 form.
+    """
+
+    realm: str
+    nonce: str
+    opaque: str | None = None
+    stale: bool = False
+    qop: bool = True
+    uses: int = 0
+
+
+def read_challenge(header_value: str) -> Challenge:
+    """The :class:`Challenge` in a ``WWW-Authenticate``/``Proxy-Authenticate`` value.
+
+    :class:`DigestError` when it is not Digest, lacks realm or nonce, offers
+    qop values without ``auth`` (auth-int needs the body), or names an
+    algorithm other than MD5.
+    """
+    params = parse_challenge(header_value)
+    if "realm" not in params or "nonce" not in params:
+        raise DigestError("challenge lacks realm or nonce")
+    algorithm = params.get("algorithm", "MD5")
+    if algorithm.lower() != "md5":
+        raise DigestError(f"unsupported algorithm {algorithm!r}")
+    qop = params.get("qop")
+    if qop is not None and "auth" not in [q.strip().lower() for q in qop.split(",")]:
+        raise DigestError('challenge offers no qop="auth"')
+    return Challenge(
+        params["realm"],
+        params["nonce"],
+        params.get("opaque"),
+        params.get("stale", "").lower() == "true",
+        qop is not None,
+    )
+
+
+def is_stale(header_value: str | None) -> bool:
+    """Does this challenge say only the nonce was old (``stale=true``, RFC 2617
+    §3.2.1), so the credentials are worth one more try with the new nonce?"""
+    try:
+        return header_value is not None and read_challenge(header_value).stale
+    except DigestError:
+        return False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An ``Authorization``/``Proxy-Authorization`` value, and the ``rspauth`` a
+    server that knows the password sends back with it (RFC 2617 §3.2.3)."""
+
+    authorization: str
+    rspauth: str
+
+
+def answer_challenge(
+    challenge: Challenge | str,
+    *,
+    username: str,
+    password: str,
+    method: str,
+    uri: str,
+    cnonce: str | None = None,
+    nc: int | None = None,
+) -> Answer:
+    """Credentials answering ``challenge`` for a ``method`` request to ``uri``.
+
+    The digest-uri is the request's own: the Request-URI (SIP, RFC 3261
+    §22.4), the path (HTTP), the AUTH's To-Path URI (MSRP, RFC 4976 §5.1).
+    The nonce-count is the next of the challenge's ``uses`` unless ``nc``
+    says otherwise; ``opaque`` is echoed as RFC 2617 §3.2.2 requires. Tests
+    pin ``cnonce`` and ``nc``; everyone else leaves them out.
+    """
+    if isinstance(challenge, str):
+        challenge = read_challenge(challenge)
+    if nc is None:
+        challenge.uses += 1
+        nc = challenge.uses
+    secret = ha1(username, challenge.realm, password)
+    parts = [
+        f"Digest username={_quote(username)}",
+        f"realm={_quote(challenge.realm)}",
+        f"nonce={_quote(challenge.nonce)}",
+        f"uri={_quote(uri)}",
+    ]
+    if challenge.qop:
+        nc_text, cnonce = f"{nc:08x}", cnonce or secrets.token_hex(8)
+        response = request_digest(
+            secret,
+            nonce=challenge.nonce,
+            nc=nc_text,
+            cnonce=cnonce,
+            qop="auth",
+            method=method,
+            uri=uri,
+        )
+        rspauth = request_digest(
+            secret, nonce=challenge.nonce, nc=nc_text, cnonce=cnonce, qop="auth", method="", uri=uri
+        )
+        parts += [f"response={_quote(response)}", "algorithm=MD5", "qop=auth", f"nc={nc_text}"]
+        parts.append(f"cnonce={_quote(cnonce)}")
+    else:
+        # RFC 2069 compatibility (RFC 2617 §3.2.2.1): no qop, nc or cnonce.
+        response = _md5_hex(f"{secret}:{challenge.nonce}:{_md5_hex(f'{method}:{uri}')}")
+        rspauth = _md5_hex(f"{secret}:{challenge.nonce}:{_md5_hex(f':{uri}')}")
+        parts += [f"response={_quote(response)}", "algorithm=MD5"]
+    if challenge.opaque is not None:
+        parts.append(f"opaque={_quote(challenge.opaque)}")
+    return Answer(", ".join(parts), rspauth)
 
 
 def parse_auth_info(header_value: str) -> dict[str, str]:
@@ -367,9 +494,9 @@ class DigestAuthenticator:
         # untracked nonces no newer than this might be replays, so are stale.
         self._forgotten_until = -1
 
-    def challenge(self, stale: bool = False) -> str:
-        """A fresh ``WWW-Authenticate`` value with a new nonce."""
-        return format_challenge(self.realm, self.new_nonce(), stale=stale)
+    def challenge(self, stale: bool = False, opaque: str | None = None) -> str:
+        """A fresh ``WWW-Authenticate`` value with a new nonce (and ``opaque``, if given)."""
+        return format_challenge(self.realm, self.new_nonce(), stale=stale, opaque=opaque)
 
     def new_nonce(self) -> str:
         """Mint a nonce: creation time (ms), 128 random bits, HMAC-SHA256 tag."""

@@ -114,11 +114,28 @@ def parse_endpoint(description: str) -> EndpointSpec:
     if backlog is not None and not (backlog.isascii() and backlog.isdigit()):
         raise EndpointSyntaxError(f"{description!r}: backlog must be a number")
     interface = options.pop("interface", "")
-    if interface and not is_host(interface):
+    if interface and not is_interface(interface):
         raise EndpointSyntaxError(
-            f"{description!r}: interface must be an IP address or a host name, got {interface!r}"
+            f"{description!r}: interface must be an IP address or localhost, got {interface!r}"
         )
     return EndpointSpec(kind, int(port_text), interface, options, text)
+
+
+def is_interface(text: str) -> bool:
+    """An address a listener can bind without a DNS look-up.
+
+    A host name here would be resolved only at bind time, after the listeners
+    before it were already bound, so a typo such as ``0.0.0.0x`` (a valid host
+    name) would stop start-up half-way.  ``localhost`` always names the
+    loopback interface (RFC 6761 §6.3); every other interface is an IP literal.
+    """
+    if text.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_host(text: str) -> bool:

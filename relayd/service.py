@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from lxml import etree
 from OpenSSL import crypto
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.failure import Failure
 
+from relayd import __version__
 from relayd.config import ConfigError, RelaydConfig
 from relayd.digest import DigestAuthenticator
 from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
@@ -63,7 +65,7 @@ from relayd.users import UsersFile, UsersFileError, generate_password
 from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
-from relayd.xcap.usages import RESOURCE_LISTS_AUID
+from relayd.xcap.usages import RESOURCE_LISTS_AUID, load_schemas
 
 log = logger()
 
@@ -148,9 +150,17 @@ def prepare(config: RelaydConfig) -> Prepared:
         try:
             with open(config.sip.lists, "rb") as handle:
                 # Oversized lists load; requests to them are refused (403) instead.
-                lists = tuple(parse_lists_document(handle.read(), domain))
+                document = parse_lists_document(handle.read(), domain)
         except (OSError, URIListError) as e:
             raise ConfigError(origin("sip", "lists"), "sip", "lists", str(e)) from None
+        if document.unroutable:
+            # The file exists only to define routes: a list or entry it cannot
+            # route is the operator's mistake, not a document to keep as it is.
+            first = document.unroutable[0]
+            raise ConfigError(
+                origin("sip", "lists"), "sip", "lists", f"{first.node}: {first.reason}"
+            )
+        lists = document.lists
     try:
         consent_key = load_or_create_key(data_dir / "consent.key")
     except KeyFileError as e:
@@ -432,6 +442,17 @@ class XCAPService(_BoundAtStart):
     def _endpoints(self) -> Sequence[str]:
         return self.prepared.config.xcap.listen
 
+    def _bind(self) -> None:
+        """Compile the schemas before serving (relayd.xcap.usages): a request never
+        reads a package file, and an installation without them does not start."""
+        try:
+            load_schemas(cast(XCAPResource, self.site.resource).usages.values())
+        except (OSError, etree.LxmlError) as e:
+            message = f"XCAP cannot load its XML schemas: {e}"
+            self.log.critical("{message}", message=message)
+            raise ListenerError(message) from None
+        super()._bind()
+
     def _bind_one(self, spec: EndpointSpec) -> None:
         xcap = self.prepared.config.xcap
         endpoint = stream_server_endpoint(self.reactor, spec, self._tls_context)
@@ -515,6 +536,7 @@ class SIPService(_BoundAtStart):
         if spec.interface:
             self.relay.directory.add_local_host(spec.interface)
         self.relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
+        self.relay.directory.add_local_port(bound.port)
 
     def startService(self) -> None:
         super().startService()
@@ -524,6 +546,8 @@ class SIPService(_BoundAtStart):
         )
         d = defer.ensureDeferred(self.relay.start(owners))
         d.addErrback(lambda f: self.log.failure("SIP consent relay failed to start", f))
+        loaded = defer.ensureDeferred(self.registrar.load())
+        loaded.addErrback(lambda f: self.log.failure("restoring registrations failed", f))
         if self.overload is not None:
             self.overload.start()
 
@@ -550,13 +574,17 @@ def build_sip(
     domain = prepared.sip_domain or prepared.hostname
     authenticator = SIPAuthenticator(digest, domain)
     local_hosts = frozenset({prepared.hostname, "127.0.0.1", "localhost"})
-    registrar = Registrar(domain, reactor, authenticator, local_hosts=local_hosts)
+    registrar = Registrar(domain, reactor, authenticator, local_hosts=local_hosts, store=store)
     # A wildcard listener has no address to put in our Via: say the relay's name.
     wildcards = ("", "0.0.0.0", "::")  # noqa: S104 - compared with, not bound to
     wildcard = any(parse_endpoint(text).interface in wildcards for text in sip.listen)
     transport = SIPTransportLayer(
         reactor,
         advertised_host=prepared.hostname if wildcard else None,
+        idle_timeout_seconds=sip.idle_timeout_seconds,
+        request_idle_timeout_seconds=sip.request_idle_timeout_seconds,
+        max_connections=sip.max_connections,
+        max_datagrams_per_source=sip.max_datagrams_per_source,
         # sips: members and transport=tls targets: the peers' trust roots if configured,
         # else the platform's; SNI and a service_identity check of the target's name.
         tls_creator=lambda host: client_connection_creator(
@@ -581,6 +609,7 @@ def build_sip(
         uas.overloaded = any_of(uas.overloaded, overload.overloaded)
     transport.attach(transactions)
     uas.attach(transactions)
+    uas.registered = transport.bind_flows
     directory = ListDirectory(
         store,
         domain,
@@ -635,10 +664,44 @@ def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
     return SQLitePermissionStore(prepared.store_path, reactor)
 
 
+class RelayService(MultiService):
+    """The whole daemon.  Its start says first who the relay is, so an operator
+    reading the log sees the names clients must use before the listeners' lines."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        super().__init__()
+        self._prepared = prepared
+        self._introduced = False
+
+    def privilegedStartService(self) -> None:
+        self._introduce()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._introduce()
+        super().startService()
+
+    def _introduce(self) -> None:
+        if self._introduced:
+            return
+        self._introduced = True
+        prepared = self._prepared
+        log.info(
+            "relayd {version} starting: hostname {hostname}, realm {realm},"
+            " SIP domain {domain}, store {store}",
+            version=__version__,
+            hostname=prepared.hostname,
+            realm=prepared.realm,
+            domain=prepared.sip_domain or prepared.hostname,
+            store=prepared.config.store.backend
+            + (f" {prepared.store_path}" if prepared.config.store.backend != "memory" else ""),
+        )
+
+
 def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     """The relay daemon: every part a named child of one MultiService."""
     config = prepared.config
-    top = MultiService()
+    top = RelayService(prepared)
     digest = DigestAuthenticator(
         prepared.realm,
         prepared.users.lookup,
@@ -666,7 +729,14 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     resource = XCAPResource(
         store, authorizer, reactor, root=xcap.root, max_body_bytes=xcap.max_body_bytes
     )
-    site = XCAPSite(resource, max_body_bytes=xcap.max_body_bytes)
+    site = XCAPSite(
+        resource,
+        max_body_bytes=xcap.max_body_bytes,
+        max_header_bytes=xcap.max_header_bytes,
+        header_timeout_seconds=xcap.header_timeout_seconds,
+        max_connections=xcap.max_connections,
+        reactor=reactor,
+    )
     xcap_service = XCAPService(site, store, reactor, prepared)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
-from relayd.config import ConfigError, load_config
+from relayd.config import SCHEMA, ConfigError, example_ini, load_config
 from relayd.logs import set_level
 from relayd.service import ListenerError, Prepared, build_service, prepare
 
@@ -26,15 +26,31 @@ class ConfigRefused(SystemExit):
         self.message = message
 
 
+def _default(section: str, name: str) -> str:
+    return next(k.default for k in SCHEMA if (k.section, k.name) == (section, name))
+
+
+def _describe() -> str:
+    """The long help: the three services and where each listens by default."""
+    return (
+        "Runs relayd: an MSRP relay (RFC 4976) with digest AUTH, listening on"
+        f" {_default('msrp', 'listen')}; a SIP consent relay (URI lists that reach"
+        " only members who consented) on"
+        f" {' and '.join(_default('sip', 'listen').split())}; and a permission"
+        " store over HTTP (XCAP, RFC 4825) for permission and list documents on"
+        f" {_default('xcap', 'listen')}.  Without --config it starts on these"
+        " loopback defaults with a generated self-signed certificate, an embedded"
+        " SQLite store and one generated user (see the data directory).  "
+        "--example-config prints a configuration file with every key and its"
+        " default; every key can also be set with --set."
+    )
+
+
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = (
-        "Runs the relayd MSRP relay.  Without --config it starts on loopback with a"
-        " generated self-signed certificate and one generated user (see the data"
-        " directory).  Every key of the INI file can also be set with --set."
-    )
+    longdesc = _describe()
     optParameters: ClassVar[list[list[str | None]]] = [
-        ["config", "c", None, "INI configuration file (see etc/relayd.ini.example)."],
+        ["config", "c", None, "INI configuration file (see --example-config)."],
         ["data-dir", None, None, "Overrides [relay] data_dir."],
         ["hostname", None, None, "Overrides [relay] hostname."],
         ["realm", None, None, "Overrides [auth] realm."],
@@ -49,6 +65,12 @@ class Options(usage.Options):
     def opt_msrp_listen(self, description: str) -> None:
         """MSRP listener endpoint string; repeat for several (replaces [msrp] listen)."""
         self["msrp-listen"].append(description)
+
+    def opt_example_config(self) -> None:
+        """Print an example configuration file (every key, its default) and exit."""
+        sys.stdout.write(example_ini())
+        sys.stdout.flush()
+        raise SystemExit(0)
 
     def opt_set(self, assignment: str) -> None:
         """Set any key: --set section.key=value (repeatable)."""

@@ -18,17 +18,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from relayd.config import load_config
-from relayd.digest import ha1
+from relayd.digest import answer_challenge, ha1
 from relayd.service import Prepared, build_service, prepare
-from relayd.sip.auth import client_authorization
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI
@@ -315,6 +317,7 @@ def in_process_sip_relay(
     wire = RecordingUDP()
     protocol = sip.transport.datagram_protocol()
     protocol.makeConnection(wire)
+    sip.relay.directory.add_local_port(wire.getHost().port)  # as binding a listener does
     ensureDeferred(sip.relay.start())
     store = service.getServiceNamed("xcap").store
     return InProcessSIP(reactor, service, sip, store, wire, protocol)
@@ -340,6 +343,37 @@ class TrustTestCA:
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+
+
+class RawProtocol(Protocol):
+    """A client that records every byte it receives; ``closed`` fires when the
+    connection is gone (for tests that speak a protocol by hand)."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed.callback(None)
+
+
+async def raw_tls(reactor: Any, host: str, port: int, ca_pem: bytes) -> RawProtocol:
+    """A :class:`RawProtocol` connected over TLS to ``host:port``, trusting ``ca_pem``."""
+    options = optionsForClientTLS(host, Certificate.loadPEM(ca_pem))
+    raw = RawProtocol()
+    await connectProtocol(SSL4ClientEndpoint(reactor, host, port, options), raw)
+    return raw
 
 
 def uac_request(
@@ -376,16 +410,16 @@ def uac_request(
     return branch, SIPRequest(method, SIPURI.parse(uri), h, body)
 
 
-def answer_challenge(
+def sip_credentials(
     response: SIPResponse, *, method: str, uri: str, username: str, password: str
 ) -> tuple[str, str] | None:
-    """The ``(Authorization or Proxy-Authorization, value)`` answering a 401/407,
-    ``None`` for any other response."""
+    """The ``(Authorization or Proxy-Authorization, value)`` answering a 401/407
+    (RFC 3261 §22.2, §22.3), ``None`` for any other response."""
     if response.status not in (401, 407):
         return None
     proxy = response.status == 407
     challenge = response.headers.get("Proxy-Authenticate" if proxy else "WWW-Authenticate")
-    value = client_authorization(
+    answer = answer_challenge(
         challenge or "", method=method, uri=uri, username=username, password=password
     )
-    return ("Proxy-Authorization" if proxy else "Authorization", value)
+    return ("Proxy-Authorization" if proxy else "Authorization", answer.authorization)

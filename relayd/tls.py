@@ -318,6 +318,22 @@ def client_connection_creator(
     )
 
 
+def tls_failure(reason: BaseException | None) -> str | None:
+    """What went wrong, when a connection ended because TLS failed; else None.
+
+    A certificate that does not name the host (service_identity) and an
+    OpenSSL handshake error (an untrusted chain, no common protocol) read as
+    one short line, OpenSSL's reasons without their library codes.
+    """
+    if isinstance(reason, VerificationError):
+        return "the certificate does not name the host"
+    if isinstance(reason, SSL.Error):
+        parts = reason.args[0] if reason.args and isinstance(reason.args[0], list) else []
+        details = [str(part[-1]) for part in parts if isinstance(part, tuple) and part]
+        return ", ".join(d for d in details if d) or str(reason) or "handshake failed"
+    return None
+
+
 def fingerprint(certificate: crypto.X509) -> str:
     return hashlib.sha256(
         certificate.to_cryptography().public_bytes(serialization.Encoding.DER)

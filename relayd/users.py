@@ -115,6 +115,12 @@ class UsersFile:
         self._next_check = 0.0
         self.reload()
 
+    def use_clock(self, clock: IReactorTime) -> None:
+        """Time the re-stats by ``clock`` from now on: the daemon's reactor once it has
+        one (the file is read before), a ``task.Clock`` in tests."""
+        self._clock = clock
+        self._next_check = clock.seconds() + RELOAD_CHECK_INTERVAL_SECONDS
+
     def _stat_signature(self) -> _Signature | None:
         try:
             st = os.stat(self.path)

@@ -12,15 +12,17 @@ import hashlib
 import io
 import os
 import re
+import ssl
 import stat
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from relayd.ctl.progress import Progress
@@ -29,6 +31,7 @@ from relayd.ctl.settings import Credentials, CtlError
 from relayd.msrp.client import MessageSink, MSRPClientError, MSRPClientProtocol, connect
 from relayd.msrp.message import MSRPRequest
 from relayd.msrp.uri import MSRPURI
+from relayd.tls import tls_failure
 
 AUTH_TIMEOUT_SECONDS = 30.0
 """Longest wait for one AUTH transaction (two round trips through the relays)."""
@@ -57,6 +60,9 @@ class Session:
     protocol: MSRPClientProtocol
     use_path: list[str]
     expires_seconds: int
+    #: Relays whose 200 carried no Authentication-Info (RFC 2617 makes it
+    #: optional): they did not prove they know the password.
+    unproved: list[str] = field(default_factory=list)
 
 
 def merge_use_path(so_far: list[str], returned: list[str]) -> list[str]:
@@ -83,10 +89,8 @@ def describe_loss(reasons: list[Failure], host: str) -> str:
     value = reasons[0].value
     if isinstance(value, VerificationError):
         return f"TLS failed: the relay's certificate is not valid for {host}"
-    if isinstance(value, SSL.Error):
-        parts = value.args[0] if value.args and isinstance(value.args[0], list) else []
-        details = [str(part[-1]) for part in parts if isinstance(part, tuple) and part]
-        text = ", ".join(d for d in details if d) or str(value) or "handshake failed"
+    text = tls_failure(value)
+    if text is not None:
         return f"TLS failed: {text} (wrong or missing --ca?)"
     return f"connection to the relay was lost: {reasons[0].getErrorMessage()}"
 
@@ -120,6 +124,7 @@ async def open_session(
         raise CtlError(f"{first}: {describe_loss([e.reason], host)}") from None
     path: list[str] = []
     expires: list[int] = []
+    unproved: list[str] = []
     credentials = access.credentials
     for index, uri in enumerate(access.relays):
         try:
@@ -134,6 +139,18 @@ async def open_session(
         except (MSRPClientError, CtlError) as e:
             await close(reactor, protocol)
             text = str(e)
+            plain = MSRPURI.parse(first)
+            if (
+                index == 0
+                and plain.scheme == "msrp"
+                and (isinstance(e, CtlError) or e.reason is not None)
+                and await speaks_tls(reactor, plain.host.strip("[]"), plain.effective_port)
+            ):
+                # A TLS listener drops a plain AUTH without a word (no TLS
+                # alert either): ask the port itself what it speaks.
+                raise CtlError(
+                    f"{first}: that port speaks TLS: use {replace(plain, scheme='msrps')}"
+                ) from None
             if isinstance(e, MSRPClientError) and e.reason is not None:
                 host = MSRPURI.parse(access.relays[0]).host
                 if index == 0 and e.reason.check(error.ConnectionDone):
@@ -150,7 +167,60 @@ async def open_session(
             raise CtlError(text) from None
         path = merge_use_path(path, list(result.use_path))
         expires.append(result.expires_seconds)
-    return Session(protocol, path, min(expires))
+        if not result.relay_proved:
+            unproved.append(uri)
+    return Session(protocol, path, min(expires), unproved)
+
+
+class _TLSProbe(Protocol):
+    """Sends a TLS ClientHello; tells whether the answer is a TLS record."""
+
+    def __init__(self, hello: bytes, answer: defer.Deferred[bool]) -> None:
+        self.hello = hello
+        self.answer = answer
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.write(self.hello)
+
+    def dataReceived(self, data: bytes) -> None:
+        # A handshake (22) or alert (21) record of TLS 1.x: a TLS server.
+        if not self.answer.called:
+            self.answer.callback(len(data) >= 2 and data[0] in (21, 22) and data[1] == 3)
+        transport: Any = self.transport
+        transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        if not self.answer.called:
+            self.answer.callback(False)
+
+
+def _client_hello(host: str) -> bytes:
+    """The first flight of a TLS client, to see what a port answers (nothing more is sent)."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+async def speaks_tls(reactor: Any, host: str, port: int) -> bool:
+    """Does ``host:port`` answer a TLS ClientHello in TLS?  Bounded by CONNECT_TIMEOUT_SECONDS."""
+    answer: defer.Deferred[bool] = defer.Deferred()
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT_SECONDS)
+    hello = _client_hello(host)
+    try:
+        probe: Any = await endpoint.connect(Factory.forProtocol(lambda: _TLSProbe(hello, answer)))
+    except Exception:
+        return False
+    try:
+        return await answer.addTimeout(CONNECT_TIMEOUT_SECONDS, reactor)
+    except defer.TimeoutError:
+        probe.transport.abortConnection()
+        return False
 
 
 async def close(reactor: Any, protocol: MSRPClientProtocol) -> None:
@@ -177,6 +247,11 @@ async def run_auth(reactor: Any, access: RelayAccess, out: TextIO) -> None:
     """Check the relays and credentials; show what a session would get."""
     session = await open_session(reactor, access)
     out.write(f"Use-Path: {' '.join(session.use_path)}\nExpires: {session.expires_seconds}\n")
+    for uri in session.unproved:
+        out.write(
+            f"Note: {uri} sent no Authentication-Info (optional in RFC 2617),"
+            " so it did not prove it knows the password\n"
+        )
     out.flush()
     await close(reactor, session.protocol)
 

@@ -8,13 +8,18 @@ Documents (consent spec §(c), RFC 4826):
   shows the rules of that one document; ``show`` reads any document of the user
   (``index`` by default, or a minted ``p-<token>.xml``).
 * lists live in ``resource-lists/users/<xui>/index`` as ``<list name=…>`` elements
-  with ``<entry uri=…/>`` members.
+  with ``<entry uri=…/>`` members.  The document may hold lists and entries the relay
+  does not route (other clients share it); ``lists`` shows them and says why, by the
+  relay's own rule (:mod:`relayd.sip.urilist`) for what it reads, and by the relay's
+  answer for what it writes (its list report, docs/consent.md).  Creating a list the
+  relay could not route is refused: a list named here is meant to be a list URI.
 
 Every change is a conditional write: GET the document and its ETag, edit it in
 memory, PUT it back with ``If-Match`` (``If-None-Match: *`` when creating), and on
 412 start over from a fresh GET, a few times.  Revoking one rule is an element
-DELETE with ``If-Match``.  The edits are pure functions on lxml trees, parsed with
-relayd's safe parser, so they are unit-tested without a server.
+DELETE with ``If-Match``; all of it goes through :meth:`Session.read_modify_write`.
+The edits are pure (:mod:`relayd.ctl.documents`), and so is their display
+(:mod:`relayd.ctl.render`); this module is the network and argparse glue.
 
 A name without a scheme (``carol`` or ``carol@example.test``) becomes a ``sip:`` URI
 in the realm the server announces in its digest challenge, which is the domain the
@@ -24,17 +29,43 @@ relay gives digest users (relayd.xcap.auth).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 from lxml import etree
 
 from relayd.config import ConfigError, load_config
+from relayd.ctl.documents import (
+    DEFAULT_METHODS,
+    RuleView,
+    add_members,
+    describe_lists,
+    describe_rule,
+    describe_rules,
+    find_rules,
+    grant_rule,
+    make_rule,
+    new_resource_lists,
+    new_ruleset,
+    not_routable,
+    parse_xcap_document,
+    remove_list,
+    remove_members,
+    report_of,
+    rule_id_for,
+)
+from relayd.ctl.render import (
+    http_error_line,
+    lists_table,
+    members_table,
+    render_json,
+    rules_table,
+    unroutable_json,
+    unroutable_lines,
+)
 from relayd.ctl.settings import Credentials, CtlError, Locations, trust_anchor
 from relayd.endpoints import EndpointSyntaxError, parse_endpoint
 from relayd.xcap.client import (
@@ -44,8 +75,7 @@ from relayd.xcap.client import (
     document_path,
     node_path,
 )
-from relayd.xcap.errors import XCAPError
-from relayd.xcap.xml import parse_document, serialize_document
+from relayd.xcap.xml import serialize_document
 
 CONSENT_RULES_AUID = "consent-rules"
 RESOURCE_LISTS_AUID = "resource-lists"
@@ -53,42 +83,27 @@ CONSENT_RULES_MIME_TYPE = "application/auth-policy+xml"
 RESOURCE_LISTS_MIME_TYPE = "application/resource-lists+xml"
 CP = "urn:ietf:params:xml:ns:common-policy"
 CR = "urn:relayd:params:xml:ns:consent-policy"
+CF = "urn:ietf:params:xml:ns:consent-rules"
 RL = "urn:ietf:params:xml:ns:resource-lists"
 DEFAULT_DOCUMENT = "index"
-DEFAULT_METHODS = ("MESSAGE",)
 WRITE_ATTEMPTS = 5
 """GET + conditional write rounds before a change gives up (each 412 costs one)."""
-CLOCK_SKEW = timedelta(minutes=5)
-"""``--until`` rules start this long before now, so a slow relay clock still sees them."""
 
 _CP = f"{{{CP}}}"
-_CR = f"{{{CR}}}"
 _RL = f"{{{RL}}}"
 _T = TypeVar("_T")
 
 
 class XCAPRequestError(CtlError):
-    """An HTTP error answer, as one line (see :func:`http_error_line`)."""
+    """An HTTP error answer, as one line (see :func:`relayd.ctl.render.http_error_line`)."""
 
     def __init__(self, method: str, path: str, response: XCAPResponse) -> None:
         super().__init__(http_error_line(method, path, response))
         self.status = response.status
 
 
-def http_error_line(method: str, path: str, response: XCAPResponse) -> str:
-    """``<METHOD> <path>: <status> <reason>[: <condition> (<phrase>)]``."""
-    line = f"{method} {path}: {response.status} {response.reason}".rstrip()
-    found = response.xcap_error()
-    if found is not None:
-        condition, phrase = found
-        line += f": {condition}"
-        if phrase:
-            line += f" ({' '.join(phrase.split())[:160]})"
-    elif response.status == 401:
-        line += ": wrong user name or password"
-    elif response.status == 403:
-        line += ": not your document (use the owner's account or an admin's)"
-    return line
+class _Changed(Exception):
+    """A conditional request was answered 412: the document changed since the GET."""
 
 
 # -- names and defaults -------------------------------------------------------------
@@ -138,316 +153,6 @@ def xcap_trust(ca: str | None, url: str, locations: Locations) -> bytes | None:
     host = parts.hostname
     host = f"[{host}]" if ":" in host else host
     return trust_anchor(ca, f"msrps://{host}:{parts.port or 443};tcp", locations)
-
-
-# -- consent rules (pure) -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RuleView:
-    """One rule of a consent-rules document, flattened for display."""
-
-    id: str
-    senders: tuple[str, ...]
-    lists: tuple[str, ...]
-    methods: tuple[str, ...]
-    validity: tuple[tuple[str, str], ...]
-    action: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "from": list(self.senders),
-            "lists": list(self.lists),
-            "methods": list(self.methods),
-            "validity": [{"from": f, "until": u} for f, u in self.validity],
-            "action": self.action,
-        }
-
-
-def new_ruleset() -> etree._Element:
-    nsmap: Any = {None: CP, "cr": CR}
-    return etree.Element(_CP + "ruleset", nsmap=nsmap)
-
-
-def parse_xcap_document(body: bytes, root_tag: str) -> etree._Element:
-    """Parse a document fetched from the server with relayd's safe parser."""
-    try:
-        root = parse_document(body, max(len(body), 1))
-    except XCAPError as e:
-        raise CtlError(f"the server sent an unreadable document: {e}") from None
-    if root.tag != root_tag:
-        raise CtlError(f"the server sent a {root.tag} document, expected {root_tag}")
-    return root
-
-
-def rule_id_for(sender: str, list_uri: str) -> str:
-    """A stable rule id (an xs:ID) for the (sender, list) pair."""
-    digest = hashlib.sha256(f"{sender}\n{list_uri}".encode()).hexdigest()[:12]
-    user = sender.partition(":")[2].partition("@")[0]
-    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in user)[:24]
-    return f"grant-{stem}-{digest}" if stem else f"grant-{digest}"
-
-
-def _sender_of(rule: etree._Element) -> tuple[str, ...]:
-    senders: list[str] = []
-    for identity in rule.iterfind(f"{_CP}conditions/{_CP}identity"):
-        for child in identity:
-            if child.tag == _CP + "one":
-                senders.append(child.get("id", ""))
-            elif child.tag == _CP + "many":
-                domain = child.get("domain")
-                excepted = [e.get("id") or e.get("domain") or "" for e in child]
-                text = f"anyone@{domain}" if domain else "anyone"
-                if excepted:
-                    text += " except " + ",".join(excepted)
-                senders.append(text)
-    return tuple(senders)
-
-
-def describe_rule(rule: etree._Element) -> RuleView:
-    lists = tuple(t.get("uri", "") for t in rule.iterfind(f"{_CP}conditions/{_CR}target"))
-    methods = tuple(
-        (m.text or "").strip() for m in rule.iterfind(f"{_CP}conditions/{_CR}methods/{_CR}method")
-    )
-    validity: list[tuple[str, str]] = []
-    for block in rule.iterfind(f"{_CP}conditions/{_CP}validity"):
-        start = ""
-        for child in block:
-            if child.tag == _CP + "from":
-                start = (child.text or "").strip()
-            elif child.tag == _CP + "until":
-                validity.append((start, (child.text or "").strip()))
-    action = rule.findtext(f"{_CP}actions/{_CR}trans-handling")
-    return RuleView(
-        rule.get("id", ""),
-        _sender_of(rule),
-        lists,
-        methods,
-        tuple(validity),
-        (action or "").strip() or "-",
-    )
-
-
-def describe_rules(ruleset: etree._Element) -> list[RuleView]:
-    return [describe_rule(rule) for rule in ruleset.iterchildren(_CP + "rule")]
-
-
-def make_rule(
-    rule_id: str,
-    sender: str,
-    list_uri: str,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    until: datetime | None = None,
-    now: datetime | None = None,
-) -> etree._Element:
-    """``<rule>``: ``sender`` may reach us via ``list_uri`` with ``methods`` (README)."""
-    nsmap: Any = {None: CP, "cr": CR}
-    rule = etree.Element(_CP + "rule", nsmap=nsmap, id=rule_id)
-    conditions = etree.SubElement(rule, _CP + "conditions")
-    identity = etree.SubElement(conditions, _CP + "identity")
-    etree.SubElement(identity, _CP + "one", id=sender)
-    if until is not None:
-        start = (now or datetime.now(UTC)) - CLOCK_SKEW
-        validity = etree.SubElement(conditions, _CP + "validity")
-        etree.SubElement(validity, _CP + "from").text = _timestamp(start)
-        etree.SubElement(validity, _CP + "until").text = _timestamp(until)
-    etree.SubElement(conditions, _CR + "target", uri=list_uri)
-    if methods:
-        listed = etree.SubElement(conditions, _CR + "methods")
-        for method in methods:
-            etree.SubElement(listed, _CR + "method").text = method
-    actions = etree.SubElement(rule, _CP + "actions")
-    etree.SubElement(actions, _CR + "trans-handling").text = "grant"
-    return rule
-
-
-def _timestamp(value: datetime) -> str:
-    return value.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def find_rules(ruleset: etree._Element, sender: str, list_uri: str) -> list[etree._Element]:
-    """Rules whose only identity is ``<one id=sender>`` and whose targets are ``list_uri``."""
-    found = []
-    for rule in ruleset.iterchildren(_CP + "rule"):
-        view = describe_rule(rule)
-        if view.senders == (sender,) and view.lists == (list_uri,):
-            found.append(rule)
-    return found
-
-
-def grant_rule(ruleset: etree._Element, rule: etree._Element, sender: str, list_uri: str) -> bool:
-    """Put ``rule`` in place of the rules for the same (sender, list), else append it.
-
-    Returns True when an existing rule was replaced.
-    """
-    existing = find_rules(ruleset, sender, list_uri)
-    for old in existing[1:]:
-        ruleset.remove(old)
-    if existing:
-        rule.set("id", existing[0].get("id", rule.get("id", "")))
-        ruleset.replace(existing[0], rule)
-        return True
-    taken = {r.get("id") for r in ruleset.iterchildren(_CP + "rule")}
-    base = rule.get("id", "rule")
-    candidate, counter = base, 2
-    while candidate in taken:
-        candidate, counter = f"{base}-{counter}", counter + 1
-    rule.set("id", candidate)
-    ruleset.append(rule)
-    return False
-
-
-def remove_rules(ruleset: etree._Element, rule_ids: Iterable[str]) -> list[str]:
-    """Remove the rules with these ids; return the ids that were not there."""
-    wanted = set(rule_ids)
-    for rule in list(ruleset.iterchildren(_CP + "rule")):
-        if rule.get("id") in wanted:
-            ruleset.remove(rule)
-            wanted.discard(rule.get("id", ""))
-    return sorted(wanted)
-
-
-# -- resource lists (pure) ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ListView:
-    name: str
-    display_name: str
-    members: tuple[tuple[str, str], ...]
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "display_name": self.display_name,
-            "members": [{"uri": uri, "display_name": name} for uri, name in self.members],
-        }
-
-
-def new_resource_lists() -> etree._Element:
-    nsmap: Any = {None: RL}
-    return etree.Element(_RL + "resource-lists", nsmap=nsmap)
-
-
-def describe_list(element: etree._Element) -> ListView:
-    members = tuple(
-        (entry.get("uri", ""), (entry.findtext(_RL + "display-name") or "").strip())
-        for entry in element.iterchildren(_RL + "entry")
-    )
-    display = (element.findtext(_RL + "display-name") or "").strip()
-    return ListView(element.get("name", ""), display, members)
-
-
-def describe_lists(root: etree._Element) -> list[ListView]:
-    return [describe_list(element) for element in root.iterchildren(_RL + "list")]
-
-
-def find_list(root: etree._Element, name: str) -> etree._Element | None:
-    for element in root.iterchildren(_RL + "list"):
-        if element.get("name") == name:
-            return element
-    return None
-
-
-def add_members(root: etree._Element, name: str, uris: Sequence[str]) -> tuple[list[str], bool]:
-    """Add ``uris`` to list ``name`` (created if missing); return (added, list created)."""
-    element = find_list(root, name)
-    created = element is None
-    if element is None:
-        element = etree.SubElement(root, _RL + "list", name=name)
-    present = {entry.get("uri") for entry in element.iterchildren(_RL + "entry")}
-    added: list[str] = []
-    for uri in uris:
-        if uri not in present:
-            etree.SubElement(element, _RL + "entry", uri=uri)
-            present.add(uri)
-            added.append(uri)
-    return added, created
-
-
-def is_list_name(name: str) -> bool:
-    """Whether ``name`` can be the user part of the list's URI (``sip:NAME@DOMAIN``);
-    the relay's own check (409 on PUT) has the last word."""
-    return bool(name) and not any(c in name for c in ':@<>"\\ \t\r\n')
-
-
-def remove_list(root: etree._Element, name: str) -> list[str]:
-    """Remove list ``name`` whole; returns its members. CtlError if there is none."""
-    element = find_list(root, name)
-    if element is None:
-        raise CtlError(f"no list named {name!r}")
-    members = [entry.get("uri", "") for entry in element.iterchildren(_RL + "entry")]
-    parent = element.getparent()
-    assert parent is not None
-    parent.remove(element)
-    return members
-
-
-def remove_members(root: etree._Element, name: str, uris: Sequence[str]) -> list[str]:
-    """Remove ``uris`` from list ``name``; CtlError (nothing changed) if any is absent."""
-    element = find_list(root, name)
-    if element is None:
-        raise CtlError(f"no list named {name!r}")
-    entries = {entry.get("uri"): entry for entry in element.iterchildren(_RL + "entry")}
-    missing = [uri for uri in uris if uri not in entries]
-    if missing:
-        raise CtlError(f"not in list {name!r}: {', '.join(missing)}")
-    removed = []
-    for uri in dict.fromkeys(uris):
-        element.remove(entries[uri])
-        removed.append(uri)
-    return removed
-
-
-# -- rendering ----------------------------------------------------------------------
-
-
-def render_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces; no trailing blanks."""
-    body = [[str(cell) for cell in row] for row in rows]
-    widths = [len(c) for c in columns]
-    for row in body:
-        for index, cell in enumerate(row):
-            widths[index] = max(widths[index], len(cell))
-    lines = []
-    for row in [list(columns), *body]:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines) + "\n"
-
-
-def render_json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
-
-
-def _joined(values: Sequence[str], empty: str) -> str:
-    return ",".join(values) if values else empty
-
-
-def rules_table(rules: Sequence[RuleView]) -> str:
-    rows = [
-        (
-            rule.id,
-            _joined(rule.senders, "-"),
-            _joined(rule.lists, "any list"),
-            _joined(rule.methods, "any"),
-            _joined([u for _, u in rule.validity], "forever"),
-            rule.action,
-        )
-        for rule in rules
-    ]
-    return render_table(("RULE", "FROM", "LIST", "METHODS", "UNTIL", "ACTION"), rows)
-
-
-def lists_table(lists: Sequence[ListView]) -> str:
-    rows = [(view.name, str(len(view.members)), view.display_name or "-") for view in lists]
-    return render_table(("LIST", "MEMBERS", "DISPLAY NAME"), rows)
-
-
-def members_table(view: ListView) -> str:
-    rows = [(uri, name or "-") for uri, name in view.members]
-    return render_table(("MEMBER", "DISPLAY NAME"), rows)
 
 
 # -- talking to the server ----------------------------------------------------------
@@ -507,6 +212,30 @@ class Session:
             raise XCAPRequestError("GET", path, response)
         return Fetched(parse_xcap_document(response.body, root_tag), response.etag)
 
+    async def read_modify_write(
+        self, path: str, root_tag: str, method: str, write: Callable[[Fetched], Awaitable[_T]]
+    ) -> _T:
+        """GET the document, then ``write`` it with conditional requests (If-Match the
+        ETag, RFC 4825 §7.11); when one is answered 412, someone changed the document
+        in between: start over from a fresh GET, at most WRITE_ATTEMPTS times."""
+        for _attempt in range(WRITE_ATTEMPTS):
+            fetched = await self.fetch(path, root_tag)
+            try:
+                return await write(fetched)
+            except _Changed:
+                continue
+        raise CtlError(f"{method} {path}: gave up after {WRITE_ATTEMPTS} concurrent changes (412)")
+
+    async def conditional(self, method: str, path: str, **kw: Any) -> XCAPResponse:
+        """A PUT or DELETE inside :meth:`read_modify_write`: 412 starts over, any
+        other failure is the command's error."""
+        response = await self.call(method, path, **kw)
+        if response.status == 412:
+            raise _Changed()
+        if response.status not in (200, 201):
+            raise XCAPRequestError(method, path, response)
+        return response
+
     async def update(
         self,
         path: str,
@@ -514,17 +243,18 @@ class Session:
         mime_type: str,
         edit: Callable[[etree._Element], _T],
         new: Callable[[], etree._Element] | None,
-    ) -> tuple[_T, str | None]:
-        """GET, ``edit`` in memory, conditional PUT; start over on 412 (module doc)."""
-        for _attempt in range(WRITE_ATTEMPTS):
-            fetched = await self.fetch(path, root_tag)
+    ) -> tuple[_T, XCAPResponse]:
+        """``edit`` the document in memory and PUT it back (``new`` makes a missing
+        one, ``If-None-Match: *``). Returns what ``edit`` returned and the PUT's answer."""
+
+        async def put(fetched: Fetched) -> tuple[_T, XCAPResponse]:
             root = fetched.root
             if root is None:
                 if new is None:
                     raise CtlError(f"GET {path}: 404 Not Found: no such document")
                 root = new()
             result = edit(root)
-            response = await self.call(
+            response = await self.conditional(
                 "PUT",
                 path,
                 body=serialize_document(root),
@@ -532,34 +262,35 @@ class Session:
                 if_match=fetched.etag,
                 if_none_match=None if fetched.etag else "*",
             )
-            if response.status == 412:
-                continue
-            if response.status not in (200, 201):
-                raise XCAPRequestError("PUT", path, response)
-            return result, response.etag
-        raise CtlError(f"PUT {path}: gave up after {WRITE_ATTEMPTS} concurrent changes (412)")
+            return result, response
+
+        return await self.read_modify_write(path, root_tag, "PUT", put)
 
     async def delete_rules(self, path: str, rule_ids: Callable[[etree._Element], list[str]]) -> int:
-        """Element DELETE of each selected rule with If-Match; start over on 412."""
-        for _attempt in range(WRITE_ATTEMPTS):
-            fetched = await self.fetch(path, _CP + "ruleset")
+        """Element DELETE of each selected rule, each If-Match the previous ETag."""
+
+        async def delete(fetched: Fetched) -> int:
             if fetched.root is None:
                 raise CtlError(f"GET {path}: 404 Not Found: no such document")
             ids = rule_ids(fetched.root)
             etag = fetched.etag
-            raced = False
             for rule_id in ids:
                 target = node_path(path, f'ruleset/rule[@id="{rule_id}"]')
-                response = await self.call("DELETE", target, if_match=etag)
-                if response.status == 412:
-                    raced = True
-                    break
-                if response.status != 200:
-                    raise XCAPRequestError("DELETE", target, response)
-                etag = response.etag
-            if not raced:
-                return len(ids)
-        raise CtlError(f"DELETE {path}: gave up after {WRITE_ATTEMPTS} concurrent changes (412)")
+                etag = (await self.conditional("DELETE", target, if_match=etag)).etag
+            return len(ids)
+
+        return await self.read_modify_write(path, _CP + "ruleset", "DELETE", delete)
+
+    async def delete_document(self, path: str) -> int:
+        """DELETE the whole consent-rules document If-Match its ETag; how many rules it had."""
+
+        async def delete(fetched: Fetched) -> int:
+            if fetched.root is None:
+                raise CtlError(f"GET {path}: 404 Not Found: no such document")
+            await self.conditional("DELETE", path, if_match=fetched.etag)
+            return len(describe_rules(fetched.root))
+
+        return await self.read_modify_write(path, _CP + "ruleset", "DELETE", delete)
 
 
 def _parse_until(text: str) -> datetime:
@@ -627,9 +358,10 @@ async def run_permissions(session: Session, args: argparse.Namespace, out: TextI
             replaced = grant_rule(ruleset, rule, sender, args.list)
             return replaced, describe_rule(rule)
 
-        (replaced, view), etag = await session.update(
+        (replaced, view), written = await session.update(
             path, _CP + "ruleset", CONSENT_RULES_MIME_TYPE, edit, new_ruleset
         )
+        etag = written.etag
         if args.json:
             out.write(
                 render_json({"xui": xui, "etag": etag, "replaced": replaced, **view.as_json()})
@@ -640,13 +372,7 @@ async def run_permissions(session: Session, args: argparse.Namespace, out: TextI
         return
     # revoke
     if args.all:
-        fetched = await session.fetch(path, _CP + "ruleset")
-        if fetched.root is None:
-            raise CtlError(f"GET {path}: 404 Not Found: no such document")
-        response = await session.call("DELETE", path, if_match=fetched.etag)
-        if response.status != 200:
-            raise XCAPRequestError("DELETE", path, response)
-        count = len(describe_rules(fetched.root))
+        count = await session.delete_document(path)
     else:
         revoked = expand_xui(args.sender, await session.realm()) if args.sender else None
 
@@ -674,9 +400,11 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
     path = document_path(session.client.root, RESOURCE_LISTS_AUID, owner, DEFAULT_DOCUMENT)
     tag = _RL + "resource-lists"
     action = args.action
+    realm = await session.realm()
     if action in ("list", "show"):
         fetched = await session.fetch(path, tag)
         views = describe_lists(fetched.root) if fetched.root is not None else []
+        skipped = not_routable(fetched.root, realm) if fetched.root is not None else []
         if action == "list":
             if args.json:
                 out.write(
@@ -685,43 +413,55 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
                             "owner": owner,
                             "etag": fetched.etag,
                             "lists": [v.as_json() for v in views],
+                            "not_routable": unroutable_json(skipped),
                         }
                     )
                 )
             elif views:
-                out.write(lists_table(views))
+                out.write(lists_table(views) + unroutable_lines(skipped))
             else:
                 out.write(f"no lists for {owner}\n")
             return
         view = next((v for v in views if v.name == args.list), None)
         if view is None:
             raise CtlError(f"no list named {args.list!r} for {owner}")
+        skipped = [item for item in skipped if item.list_name == view.name]
         if args.json:
-            out.write(render_json({"owner": owner, "etag": fetched.etag, **view.as_json()}))
+            out.write(
+                render_json(
+                    {
+                        "owner": owner,
+                        "etag": fetched.etag,
+                        **view.as_json(),
+                        "not_routable": unroutable_json(skipped),
+                    }
+                )
+            )
         elif view.members:
-            out.write(members_table(view))
+            out.write(members_table(view) + unroutable_lines(skipped))
         else:
-            out.write(f"list {view.name} has no members\n")
+            out.write(f"list {view.name} has no members\n" + unroutable_lines(skipped))
         return
-    realm = await session.realm()
     members = [expand_xui(member, realm) for member in args.members]
     if action == "add":
-        (added, created), etag = await session.update(
+        (added, created), written = await session.update(
             path,
             tag,
             RESOURCE_LISTS_MIME_TYPE,
-            lambda root: add_members(root, args.list, members),
+            lambda root: add_members(root, args.list, members, realm),
             new_resource_lists,
         )
+        skipped, more = report_of(written)
         if args.json:
             out.write(
                 render_json(
                     {
                         "owner": owner,
                         "list": args.list,
-                        "etag": etag,
+                        "etag": written.etag,
                         "added": added,
                         "created": created,
+                        "not_routable": unroutable_json(skipped, more),
                     }
                 )
             )
@@ -729,9 +469,10 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
             note = " (new list)" if created else ""
             out.write(
                 f"added {len(added)} member{'s' if len(added) != 1 else ''} to {args.list}{note}\n"
+                + unroutable_lines(skipped, more)
             )
         return
-    removed, etag = await session.update(
+    removed, written = await session.update(
         path,
         tag,
         RESOURCE_LISTS_MIME_TYPE,
@@ -740,15 +481,17 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
         else (lambda root: remove_members(root, args.list, members)),
         None,
     )
+    skipped, more = report_of(written)
     if args.json:
         out.write(
             render_json(
                 {
                     "owner": owner,
                     "list": args.list,
-                    "etag": etag,
+                    "etag": written.etag,
                     "removed": removed,
                     "list_removed": bool(args.all),
+                    "not_routable": unroutable_json(skipped, more),
                 }
             )
         )
@@ -758,6 +501,7 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
             out.write(f"removed list {args.list} ({len(removed)} member{plural})\n")
         else:
             out.write(f"removed {len(removed)} member{plural} from {args.list}\n")
+        out.write(unroutable_lines(skipped, more))
 
 
 async def run_xcap_command(
@@ -857,10 +601,6 @@ def add_parsers(command: Callable[[str, str, list[Any]], Any], parents: list[Any
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Combinations argparse cannot express; CtlError before anything connects."""
-    if args.command == "lists" and args.action == "add" and not is_list_name(args.list):
-        raise CtlError(
-            f"LIST is a list's name, such as friends for sip:friends@DOMAIN, not {args.list!r}"
-        )
     if args.command == "lists" and args.action == "remove" and args.all == bool(args.members):
         raise CtlError("lists remove takes MEMBER_URI... or --all, one of the two")
     if args.command == "permissions" and args.action == "revoke":

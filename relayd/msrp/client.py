@@ -22,13 +22,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFrom
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd.digest import (
-    DigestError,
-    ha1,
-    parse_auth_info,
-    parse_challenge,
-    request_digest,
-)
+from relayd.digest import DigestError, answer_challenge, is_stale, parse_auth_info
 from relayd.msrp.message import STATUS_COMMENTS, ByteRange, Headers, MSRPRequest, MSRPResponse
 from relayd.msrp.parser import (
     BodyChunk,
@@ -66,6 +60,9 @@ class MSRPClientError(Exception):
 class AuthResult:
     use_path: tuple[str, ...]
     expires_seconds: int
+    #: The relay proved it knows the password (rspauth, RFC 2617 §3.2.3); False
+    #: when its 200 had no Authentication-Info, which RFC 2617 makes optional.
+    relay_proved: bool = True
 
 
 @dataclass
@@ -323,33 +320,34 @@ class MSRPClientProtocol(TwistedProtocol):
                 f"AUTH without credentials answered {response.code} {response.comment}"
             )
         for _attempt in range(2):
-            challenge_text = response.headers.get("WWW-Authenticate") or ""
             try:
-                challenge = parse_challenge(challenge_text)
+                answer = answer_challenge(
+                    response.headers.get("WWW-Authenticate") or "",
+                    username=username,
+                    password=password,
+                    method="AUTH",
+                    uri=target,
+                )
             except DigestError as e:
                 raise MSRPClientError(f"relay sent a bad challenge: {e.reason}") from None
-            realm = challenge.get("realm", "")
-            nonce = challenge.get("nonce", "")
-            cnonce = secrets.token_hex(8)
-            nc = "00000001"
-            secret = ha1(username, realm, password)
-            digest = request_digest(
-                secret, nonce=nonce, nc=nc, cnonce=cnonce, qop="auth", method="AUTH", uri=target
-            )
-            authorization = (
-                f'Digest username="{username}", realm="{realm}", nonce="{nonce}", '
-                f'uri="{target}", qop=auth, nc={nc}, cnonce="{cnonce}", response="{digest}"'
-            )
             response = await self.request(
-                "AUTH", to_path, [*extra, ("Authorization", authorization)]
+                "AUTH", to_path, [*extra, ("Authorization", answer.authorization)]
             )
             if response.code == 200:
-                info = parse_auth_info(response.headers.get("Authentication-Info") or "")
-                expected = request_digest(
-                    secret, nonce=nonce, nc=nc, cnonce=cnonce, qop="auth", method="", uri=target
-                )
-                if info.get("rspauth") != expected:
-                    raise MSRPClientError("relay's rspauth is wrong: it does not know the password")
+                # Authentication-Info is optional (RFC 2617 §3.2.3): without it
+                # the relay proved nothing, which the caller may tell its user;
+                # with it, rspauth must be right.
+                header = response.headers.get("Authentication-Info")
+                try:
+                    info = parse_auth_info(header) if header is not None else {}
+                except DigestError as e:
+                    raise MSRPClientError(
+                        f"relay sent a bad Authentication-Info: {e.reason}"
+                    ) from None
+                if header is not None and info.get("rspauth") != answer.rspauth:
+                    raise MSRPClientError(
+                        "relay's rspauth does not match: it did not prove it knows the password"
+                    )
                 self.last_auth_info = info
                 use_path = tuple((response.headers.get("Use-Path") or "").split())
                 if not use_path:
@@ -357,12 +355,8 @@ class MSRPClientProtocol(TwistedProtocol):
                 for uri in use_path:
                     MSRPURI.parse(uri)
                 expires = int(response.headers.get("Expires") or "0")
-                return AuthResult(use_path, expires)
-            if (
-                response.code == 401
-                and "stale=true"
-                in (response.headers.get("WWW-Authenticate") or "").replace(" ", "").lower()
-            ):
+                return AuthResult(use_path, expires, relay_proved=header is not None)
+            if response.code == 401 and is_stale(response.headers.get("WWW-Authenticate")):
                 continue
             break
         detail = response.headers.get("Min-Expires") or response.headers.get("Max-Expires")

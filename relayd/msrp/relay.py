@@ -15,7 +15,13 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
-from relayd.digest import DigestAuthenticator, DigestError, DigestSuccess, parse_credentials
+from relayd.digest import (
+    DigestAuthenticator,
+    DigestCredentials,
+    DigestError,
+    DigestSuccess,
+    parse_credentials,
+)
 from relayd.logs import logger
 from relayd.msrp.message import (
     MSRPRequest,
@@ -30,12 +36,22 @@ from relayd.tokens import redact
 
 KNOWN_METHODS = frozenset({"SEND", "REPORT", "AUTH"})
 
+AUTH_OPAQUE = "msrp"
+"""The ``opaque`` of our AUTH challenges (RFC 2617 §3.2.1: the server's choice,
+returned unchanged).  We keep nothing in it, but the Blink / SIP SIMPLE client
+stack (msrplib) copies it into its credentials unconditionally and fails on a
+challenge without one.  It is not checked."""
+
 
 class Hop(Protocol):
     """What the core needs to know about the connection a request came in on."""
 
     @property
     def is_tls(self) -> bool: ...
+
+    @property
+    def peer(self) -> str:
+        """The remote address, for log lines."""
 
     @property
     def peer_names(self) -> frozenset[str]:
@@ -152,27 +168,30 @@ class RelayCore:
 
         ``owner`` is the connection object a client session is bound to.
         """
-        to_path, _, from_text = self.paths(request)
+        to_path, to_text, from_text = self.paths(request)
         target = to_path[0]
         from_path = parse_path(from_text)
         if not self.is_local(target):
             raise MSRPStatus(403, "not addressed to this relay", close=True)
-        relay_host: str | None = None
-        relay_port = DEFAULT_PORT
-        if hop.peer_names:
+        from_relay = bool(hop.peer_names)
+        if from_relay:
             # The previous hop is a relay: its certificate must name the host
             # of the first From-Path URI (§6.3).
-            relay_host = from_path[0].host.lower().strip("[]")
-            relay_port = from_path[0].effective_port
-            if not hop.certificate_matches(relay_host):
-                return self._auth_refusal(request, 403, "certificate does not match From-Path")
+            if not hop.certificate_matches(from_path[0].host.lower().strip("[]")):
+                return self._auth_refusal(
+                    request, hop, None, 403, "certificate does not match From-Path"
+                )
         elif not hop.is_tls:
-            return self._auth_refusal(request, 403, "AUTH requires TLS")
+            return self._auth_refusal(request, hop, None, 403, "AUTH requires TLS")
         header = request.headers.get("Authorization")
         if header is None:
             return AuthOutcome(self._challenge(request, stale=False), failed=False)
+        credentials: DigestCredentials | None = None
         try:
-            credentials = parse_credentials(header)
+            # Without uri= the digest-uri is the To-Path URI as sent (RFC 4976
+            # §5.1's example, and the clients that follow it); with it, the
+            # two must be the same URI (RFC 4975 §6.1).
+            credentials = parse_credentials(header, default_uri=to_text.split()[0])
             if credentials.realm != self.policy.realm:
                 raise DigestError("wrong realm")
             try:
@@ -183,21 +202,31 @@ class RelayCore:
                 raise DigestError("digest uri does not match To-Path")
             success = self.digest.verify("AUTH", credentials, expected_uri=credentials.uri)
         except DigestError as e:
-            self.log.warn("AUTH failed: {reason}", reason=e.reason)
+            # Who and from where, never the digest response or the nonce (they
+            # are not in the reason); the logger escapes the peer's user name.
+            self.log.warn(
+                "AUTH from {peer} failed for user {user}: {reason}",
+                peer=hop.peer,
+                user=credentials.username if credentials is not None else None,
+                reason=e.reason,
+            )
             return AuthOutcome(self._challenge(request, stale=e.stale), failed=not e.stale)
         if self.policy.allowed_users and success.username not in self.policy.allowed_users:
-            return self._auth_refusal(request, 403, "user not allowed to use this relay")
+            return self._auth_refusal(
+                request, hop, success.username, 403, "user not allowed to use this relay"
+            )
         lifetime = self._lifetime(request)
         if isinstance(lifetime, MSRPResponse):
             # A 423 asks for another Expires: the credentials were right, so
             # it is no failed attempt (one does not close the connection).
             return AuthOutcome(lifetime, failed=False)
-        if relay_host is not None:
-            session = self.sessions.create_for_relay(
-                relay_host, success.username, lifetime, relay_port
-            )
+        # The previous hop's URI: where requests towards the session go (§6.4).
+        if from_relay:
+            session = self.sessions.create_for_relay(from_path[0], success.username, lifetime)
         else:
-            session = self.sessions.create_for_client(owner, success.username, lifetime)
+            session = self.sessions.create_for_client(
+                owner, from_path[0], success.username, lifetime
+            )
         # Debug, not info: at hundreds of AUTHs a second the log line would
         # cost more than the AUTH; refusals are logged as warnings.
         self.log.debug(
@@ -225,11 +254,18 @@ class RelayCore:
         return expires
 
     def _challenge(self, request: MSRPRequest, stale: bool) -> MSRPResponse:
-        challenge = self.digest.challenge(stale=stale)
+        challenge = self.digest.challenge(stale=stale, opaque=AUTH_OPAQUE)
         return _end_to_end_response(request, 401, extra=[("WWW-Authenticate", challenge)])
 
-    def _auth_refusal(self, request: MSRPRequest, code: int, comment: str) -> AuthOutcome:
-        self.log.warn("AUTH refused: {reason}", reason=comment)
+    def _auth_refusal(
+        self, request: MSRPRequest, hop: Hop, user: str | None, code: int, comment: str
+    ) -> AuthOutcome:
+        self.log.warn(
+            "AUTH from {peer} refused for user {user}: {reason}",
+            peer=hop.peer,
+            user=user,
+            reason=comment,
+        )
         return AuthOutcome(_end_to_end_response(request, code, comment), failed=True)
 
     def _auth_ok(
@@ -257,10 +293,12 @@ class RelayCore:
 
         The first To-Path URI must be a live session we issued.  Then either
         the request comes from that session's owner (it may go anywhere
-        next) or it goes towards the owner (from anyone who knows the URI): a
-        client's own connection, or a peer relay at exactly the ``msrps``
-        authority it authenticated from, and that only over TLS, so a plain
-        ``tcp:`` listener reaches nothing but our clients.
+        next) or it goes towards the owner (from anyone who knows the URI,
+        §6.4): the next URI must then be the one the owner authenticated
+        from, compared per RFC 4975 §6.1, and the request goes down the
+        client's own connection or to the peer relay at that ``msrps`` URI,
+        the latter only over TLS, so a plain ``tcp:`` listener reaches
+        nothing but our clients.
         Two clients of this relay reach each other through two of our URIs in
         a row: the sender must own the first, and the request then goes
         towards the owner of the second.
@@ -290,6 +328,8 @@ class RelayCore:
             # Sent by the owner: on to whatever the next hop is.
             return Route(new_to, new_from, texts[0], next_uri, None, first, relied_on)
         # Towards the owner of ``target``, and nowhere else.
+        if not _leads_to_owner(next_uri, target):
+            raise MSRPStatus(403, "next hop is not this session's owner")
         if target.owner_connection is not None:
             return Route(
                 new_to, new_from, texts[0], next_uri, target.owner_connection, target, relied_on
@@ -298,8 +338,6 @@ class RelayCore:
             # A plain listener only reaches clients connected to us: a relay
             # session would have us open connections on a stranger's behalf.
             raise MSRPStatus(403, "relay sessions are not served over plain TCP")
-        if not _is_owning_relay(next_uri, target):
-            raise MSRPStatus(403, "next hop is not the relay this session belongs to")
         return Route(new_to, new_from, texts[0], next_uri, None, target, relied_on)
 
     def still_valid(self, route: Route) -> bool:
@@ -331,19 +369,15 @@ class RelayCore:
         return owner in hop.peer_names or hop.certificate_matches(owner)
 
 
-def _is_owning_relay(uri: MSRPURI, session: Session) -> bool:
-    """Is ``uri`` the relay that AUTHed for ``session``: TLS, same host, same port?
+def _leads_to_owner(uri: MSRPURI, session: Session) -> bool:
+    """Is ``uri`` the next hop back towards the owner of ``session`` (RFC 4976 §6.4)?
 
-    The host alone is not enough: ``msrp://owner:25`` would have us open a
-    plain connection to any port of that host (RFC 4975 §6.1 compares the
-    authority; an absent port is 2855, §6.2).
+    It must be the URI the owner authenticated from, equal per RFC 4975 §6.1
+    (scheme, host, port, session id, transport): a host alone would let
+    ``msrp://owner:25`` have us open a plain connection to any port of it.
+    A peer relay is reached only over TLS.
     """
-    return (
-        uri.scheme == "msrps"
-        and session.owner_relay is not None
-        and uri.host.lower().strip("[]") == session.owner_relay
-        and uri.effective_port == session.owner_port
-    )
+    return uri == session.owner_uri and (session.owner_relay is None or uri.scheme == "msrps")
 
 
 def _end_to_end_response(

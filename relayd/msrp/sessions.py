@@ -1,10 +1,11 @@
 """Use-Path sessions handed out by AUTH (RFC 4976 §6.3).
 
-A session id is a capability: whoever knows the URI may send *to* its owner.
-Who may send *through* it is tied to the owner: the one client connection
-that authenticated (a reconnect invalidates the URI), or a peer relay
-identified by its certificate (valid over any connection to that relay, and
-sent on only to the ``msrps`` host and port it authenticated from).
+A session id is a capability: whoever knows the URI may send *to* its owner,
+and only to the URI the owner authenticated from (the first From-Path URI of
+its AUTH, RFC 4976 §6.4).  Who may send *through* it is tied to the owner:
+the one client connection that authenticated (a reconnect invalidates the
+URI), or a peer relay identified by its certificate (valid over any
+connection to that relay).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
-from relayd.msrp.uri import DEFAULT_PORT
+from relayd.msrp.uri import MSRPURI
 from relayd.tokens import new_session_id
 
 
@@ -22,13 +23,13 @@ class Session:
     session_id: str
     user: str
     expires_at: float
+    #: The first From-Path URI of the AUTH: the next hop back towards the
+    #: owner, and the only next URI a request towards the session may name.
+    owner_uri: MSRPURI
     #: The client connection that did the AUTH, for client sessions.
     owner_connection: object | None = None
     #: Lower-cased host of the peer relay the session was issued to.
     owner_relay: str | None = None
-    #: That relay's port (its From-Path URI's, 2855 when absent): with the
-    #: host, the only next hop a request towards the session may go to.
-    owner_port: int = DEFAULT_PORT
     created_at: float = field(default=0.0)
 
     def expires_in(self, now: float) -> int:
@@ -49,26 +50,26 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create_for_client(self, connection: object, user: str, lifetime_seconds: int) -> Session:
-        session = self._new(user, lifetime_seconds)
+    def create_for_client(
+        self, connection: object, owner_uri: MSRPURI, user: str, lifetime_seconds: int
+    ) -> Session:
+        session = self._new(owner_uri, user, lifetime_seconds)
         session.owner_connection = connection
         self._by_connection.setdefault(connection, set()).add(session.session_id)
         return session
 
-    def create_for_relay(
-        self, relay_host: str, user: str, lifetime_seconds: int, relay_port: int = DEFAULT_PORT
-    ) -> Session:
-        session = self._new(user, lifetime_seconds)
-        session.owner_relay = relay_host.lower()
-        session.owner_port = relay_port
+    def create_for_relay(self, owner_uri: MSRPURI, user: str, lifetime_seconds: int) -> Session:
+        """A session for the peer relay named by ``owner_uri`` (its certificate's host)."""
+        session = self._new(owner_uri, user, lifetime_seconds)
+        session.owner_relay = owner_uri.host.lower().strip("[]")
         return session
 
-    def _new(self, user: str, lifetime_seconds: int) -> Session:
+    def _new(self, owner_uri: MSRPURI, user: str, lifetime_seconds: int) -> Session:
         now = self._clock.seconds()
         session_id = new_session_id()
         while session_id in self._sessions:  # pragma: no cover - 128 random bits
             session_id = new_session_id()
-        session = Session(session_id, user, now + lifetime_seconds, created_at=now)
+        session = Session(session_id, user, now + lifetime_seconds, owner_uri, created_at=now)
         self._sessions[session_id] = session
         return session
 

@@ -83,6 +83,7 @@ from relayd.tls import (
     certificate_dns_names,
     certificate_ip_names,
     client_connection_creator,
+    tls_failure,
 )
 from relayd.tls import certificate_matches as _certificate_matches
 from relayd.tokens import new_transaction_id
@@ -302,8 +303,13 @@ class MSRPRelay:
         byte_range: str,
         code: int,
         comment: str,
+        cause: str | None = None,
     ) -> None:
-        """A failure REPORT towards the original sender (RFC 4975 §7.1.2, RFC 4976 §6.4.1)."""
+        """A failure REPORT towards the original sender (RFC 4975 §7.1.2, RFC 4976 §6.4.1).
+
+        ``cause`` says what happened in more words than the status (an
+        OpenSSL reason, say): it goes to the log line, not to the sender.
+        """
         if not connection.connected:
             self.log.info("REPORT {code} dropped: previous hop is gone", code=code)
             return
@@ -317,7 +323,13 @@ class MSRPRelay:
             ]
         )
         report = MSRPRequest(new_transaction_id(), "REPORT", headers)
-        self.log.info("REPORT {code} sent for message {message}", code=code, message=message_id)
+        self.log.info(
+            "REPORT {code} {comment} sent for message {message}: {cause}",
+            code=code,
+            comment=comment,
+            message=message_id,
+            cause=cause or comment,
+        )
         connection.write_atomic(report.to_bytes())
 
 
@@ -339,6 +351,32 @@ async def _srv_lookup(service: str, host: str) -> list[tuple[str, int]]:
 
 def _srv_resolver(service: str, host: str) -> defer.Deferred[list[tuple[str, int]]]:
     return defer.ensureDeferred(_srv_lookup(service, host))
+
+
+def _hop_failure(reason: Failure | None, connected: bool) -> tuple[int, str, str]:
+    """The status a failed next hop is reported with (RFC 4975 §10), and its cause.
+
+    * 403: TLS with it failed (its certificate refused, RFC 4976 §9.2): we
+      do not forward to a hop we cannot authenticate.  MSRP has no 5xx for
+      an unavailable hop; 403 is its "action not allowed".
+    * 408: it never answered the connect (the code RFC 4975 §10 gives a
+      downstream transaction that did not complete in time).
+    * 481: it refused the connection or has no address (``connected``
+      false), or the connection dropped: the session is gone that way.
+
+    The cause (the error text) is for the log line; the sender gets the code
+    and a short comment.
+    """
+    value = reason.value if reason is not None else None
+    cause = reason.getErrorMessage() if reason is not None else "connection closed"
+    tls = tls_failure(value)
+    if tls is not None:
+        return 403, "next hop failed TLS verification", f"TLS failed: {tls}"
+    if isinstance(value, error.TimeoutError):
+        return 408, "next hop did not answer", cause
+    if connected:
+        return 481, "next hop connection lost", cause
+    return 481, "next hop unreachable", cause
 
 
 class _ListenerFactory(Factory):
@@ -408,8 +446,8 @@ class _FrameTransaction:
             stream.fail(response.code, response.comment, self.first_byte, self.last_byte)
         return True
 
-    def lost(self) -> None:
-        self.stream.fail(481, "next hop connection lost", self.first_byte, self.last_byte)
+    def lost(self, code: int, comment: str, cause: str) -> None:
+        self.stream.fail(code, comment, self.first_byte, self.last_byte, cause)
 
 
 class _EndToEndTransaction:
@@ -465,8 +503,15 @@ class _EndToEndTransaction:
     def timeout(self) -> None:
         self._answer(408, "Request Timeout")
 
-    def lost(self) -> None:
-        self._answer(481, "next hop connection lost")
+    def lost(self, code: int, comment: str, cause: str) -> None:
+        self.relay.log.info(
+            "{method} answered {code} {comment}: {cause}",
+            method=self.request.method,
+            code=code,
+            comment=comment,
+            cause=cause,
+        )
+        self._answer(code, comment)
 
     def _answer(self, code: int, comment: str) -> None:
         if self.source.connected:
@@ -642,7 +687,8 @@ class _BufferedForward:
 
     def _unreachable(self, failure: Failure | None) -> None:
         if self.request.method != "REPORT" and self.source.connected:
-            self.source.refuse(self.request, MSRPStatus(481, "next hop unreachable"), count=False)
+            code, comment, _ = _hop_failure(failure, connected=False)
+            self.source.refuse(self.request, MSRPStatus(code, comment), count=False)
 
     def abort(self) -> None:
         pass
@@ -833,7 +879,8 @@ class SendStream:
         last = self.range_end
         if last is None:
             last = self.offset + sum([len(v) for is_end, v in pending if not is_end]) - 1
-        self.fail(481, "next hop unreachable", self.offset, last)
+        code, comment, cause = _hop_failure(failure, connected=False)
+        self.fail(code, comment, self.offset, last, cause)
 
     def _finish(self, flag: bytes) -> None:
         data = self.held or b""
@@ -970,7 +1017,9 @@ class SendStream:
         if self.failure_report == "yes":
             self.fail(408, "Request Timeout", transaction.first_byte, transaction.last_byte)
 
-    def fail(self, code: int, comment: str, first: int, last: int) -> None:
+    def fail(
+        self, code: int, comment: str, first: int, last: int, cause: str | None = None
+    ) -> None:
         """Report a failure once to the original sender and stop forwarding."""
         if self.failed:
             return
@@ -1000,6 +1049,7 @@ class SendStream:
                 f"{first}-{last_text}/{self.total}",
                 code,
                 comment,
+                cause,
             )
 
 
@@ -1185,13 +1235,17 @@ class MSRPConnection(Protocol):
         consumer.abort()
         transactions = list(self.transactions.values())
         self.transactions.clear()
+        # What reaches the senders of what was on its way here: a TLS failure
+        # is not a lost connection (RFC 4975 §10 codes, _hop_failure).
+        code, comment, cause = _hop_failure(reason, connected=True)
         for transaction in transactions:
-            transaction.lost()
+            transaction.lost(code, comment, cause)
         backlogged = [stream for queue in self.waiting.values() for stream in queue]
         self.waiting = _NO_BACKLOGS
         incoming, self.incoming = self.incoming, _NO_STREAMS
         for stream in [*incoming, *[s for s in backlogged if s not in incoming]]:
-            stream.fail(481, "next hop connection lost", *stream.unconfirmed())
+            first, last = stream.unconfirmed()
+            stream.fail(code, comment, first, last, cause)
 
     # -- IPushProducer: our socket buffer filled up or drained ---------------------------
 

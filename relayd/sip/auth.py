@@ -9,23 +9,19 @@ replay check and ``stale=true`` come from the digest module (stateless HMAC nonc
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 from relayd.digest import (
     DigestAuthenticator,
     DigestCredentials,
     DigestError,
-    ha1,
-    parse_challenge,
     parse_credentials,
-    request_digest,
 )
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPStatus
 from relayd.sip.uri import SIPURI, SIPURIError
 
-__all__ = ["SIPAuthenticator", "SIPIdentity", "client_authorization"]
+__all__ = ["SIPAuthenticator", "SIPIdentity"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,34 +120,3 @@ def _same_uri(digest_uri: str, request_uri: SIPURI) -> bool:
         return SIPURI.parse(digest_uri) == request_uri
     except SIPURIError:
         return False
-
-
-def client_authorization(
-    challenge: str,
-    *,
-    method: str,
-    uri: str,
-    username: str,
-    password: str,
-    nc: int = 1,
-    cnonce: str | None = None,
-) -> str:
-    """The client side (§22.2): an ``Authorization``/``Proxy-Authorization`` value
-    answering a Digest ``challenge`` with qop=auth. For our own UAC requests and tests."""
-    params = parse_challenge(challenge)
-    realm, nonce = params["realm"], params["nonce"]
-    nc_text = f"{nc:08x}"
-    cnonce = cnonce or secrets.token_hex(8)
-    response = request_digest(
-        ha1(username, realm, password),
-        nonce=nonce,
-        nc=nc_text,
-        cnonce=cnonce,
-        qop="auth",
-        method=method,
-        uri=uri,
-    )
-    return (
-        f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-        f'response="{response}", qop=auth, nc={nc_text}, cnonce="{cnonce}", algorithm=MD5'
-    )

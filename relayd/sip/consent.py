@@ -5,6 +5,8 @@ Everything here is about *who may reach whom through which list*, without socket
 * :class:`PermissionCache`: the parsed ``consent-rules`` documents of each recipient,
   loaded from the permission store on first use and kept current by the store's change
   listener, so relaying a MESSAGE costs no store round-trip once a recipient is known.
+  A document at a Permission URI is kept with the scope it was minted for
+  (:class:`~relayd.xcap.policy.PermissionScope`), which it is evaluated within.
   Observers hear about every change of a recipient's documents (wait-permission NOTIFYs).
 * :class:`ListDirectory`: list URI → :class:`~relayd.sip.urilist.URIList`, from the
   ``[sip] lists`` file and from ``resource-lists`` documents in the store (XUI = owner),
@@ -41,17 +43,21 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
-from relayd.sip.uri import SIPURI
+from relayd.sip.uri import SIPURI, NameAddr
 from relayd.sip.urilist import (
+    LIST_REPORT_MIME_TYPE,
     RESOURCE_LISTS_MIME_TYPE,
     URIList,
     URIListError,
+    build_list_report,
     build_uri_list,
     parse_lists_document,
 )
 from relayd.tokens import new_token, redact
+from relayd.xcap.auth import permission_document_name, permission_scope
 from relayd.xcap.errors import CONSTRAINT_FAILURE, UNIQUENESS_FAILURE, Exists, XCAPError
 from relayd.xcap.policy import (
+    PermissionScope,
     is_permitted,
     normalize_identity,
     now_from_clock,
@@ -141,6 +147,8 @@ MAX_CACHED_DECISIONS = 1024
 """Per recipient: (sender, list, method) answers kept between document changes."""
 
 RecipientObserver = Callable[[str], object]
+Ruleset = tuple[etree._Element, PermissionScope | None]
+"""A parsed document and, for one stored at a Permission URI, its scope."""
 
 
 class PermissionCache:
@@ -151,7 +159,7 @@ class PermissionCache:
     def __init__(self, store: IPermissionStore, clock: IReactorTime) -> None:
         self.store = store
         self.clock = clock
-        self._docs: dict[str, dict[str, etree._Element]] = {}
+        self._docs: dict[str, dict[str, Ruleset]] = {}
         self._loading: dict[str, Deferred[None]] = {}
         self._dirty: set[str] = set()
         self._updating: dict[str, Deferred[None]] = {}
@@ -172,14 +180,24 @@ class PermissionCache:
         self._observers.append(observer)
 
     def store_changed(self, change: StoreChange) -> None:
-        """The store listener's share for consent-rules documents.
+        """The store listener's share for consent-rules documents, and for the consent
+        records that scope Permission-URI documents (a refresh adds methods).
 
         Updates of one recipient run one after another; :meth:`rulesets` waits for the
         ones in flight, so a reader never sees a document older than the last change.
         """
+        record = change.consent
+        if change.kind == "consent" and record is not None:
+            key = identity_key(record.recipient)
+            name = permission_document_name(record.permission_token)
+            if f"{key}\0{name}" in self._docs.get(key, {}):
+                self._reload(key, key, name)
+            return
         if change.kind != "document" or change.auid != CONSENT_RULES_AUID or not change.xui:
             return
-        key = identity_key(change.xui)
+        self._reload(identity_key(change.xui), change.xui, change.name or "")
+
+    def _reload(self, key: str, xui: str, name: str) -> None:
         if key in self._loading:
             self._dirty.add(key)
             return
@@ -187,9 +205,7 @@ class PermissionCache:
             self._notify(key)
             return
         previous = self._updating.get(key)
-        update = defer.ensureDeferred(
-            self._reload_one(previous, key, change.xui, change.name or "")
-        )
+        update = defer.ensureDeferred(self._reload_one(previous, key, xui, name))
         self._updating[key] = update
         self._generation += 1  # the recipient's decisions wait for the update now
 
@@ -205,15 +221,23 @@ class PermissionCache:
     ) -> None:
         if previous is not None:
             await _wait(previous)
-        stored = await self.store.get_document(CONSENT_RULES_AUID, xui, name)
+        ruleset = await self._read(xui, name)
         docs = self._docs.get(key)
         if docs is not None:
-            root = self._parse(stored.body, xui, name) if stored is not None else None
-            if root is None:
+            if ruleset is None:
                 docs.pop(f"{xui}\0{name}", None)
             else:
-                docs[f"{xui}\0{name}"] = root
+                docs[f"{xui}\0{name}"] = ruleset
         self._notify(key)
+
+    async def _read(self, xui: str, name: str) -> Ruleset | None:
+        """A stored document, parsed, with its scope; None when absent or unusable."""
+        stored = await self.store.get_document(CONSENT_RULES_AUID, xui, name)
+        root = self._parse(stored.body, xui, name) if stored is not None else None
+        if root is None:
+            return None
+        selector = DocumentSelector(CONSENT_RULES_AUID, xui, name)
+        return root, await permission_scope(self.store, selector)
 
     def _notify(self, key: str) -> None:
         self._forget_decisions(key)
@@ -239,21 +263,19 @@ class PermissionCache:
         key = identity_key(recipient)
         while True:
             self._dirty.discard(key)
-            docs: dict[str, etree._Element] = {}
+            docs: dict[str, Ruleset] = {}
             # Documents live under the canonical XUI (the XCAP resource writes there),
             # whatever the case of the list's spelling of the member's scheme and host.
             for name in await self.store.list_documents(CONSENT_RULES_AUID, key):
-                stored = await self.store.get_document(CONSENT_RULES_AUID, key, name)
-                if stored is not None:
-                    root = self._parse(stored.body, key, name)
-                    if root is not None:
-                        docs[f"{key}\0{name}"] = root
+                ruleset = await self._read(key, name)
+                if ruleset is not None:
+                    docs[f"{key}\0{name}"] = ruleset
             if key not in self._dirty:
                 self._docs[key] = docs
                 self._forget_decisions(key)
                 return
 
-    async def rulesets(self, recipient: str) -> list[etree._Element]:
+    async def rulesets(self, recipient: str) -> list[Ruleset]:
         key = identity_key(recipient)
         updating = self._updating.get(key)
         if updating is not None:
@@ -303,7 +325,7 @@ class PermissionCache:
         if decisions is None or seconds >= self._valid_until[key]:
             decisions = self._decisions[key] = {}
             self._valid_until[key] = min(
-                (b for root in docs.values() for b in validity_boundaries(root) if b > seconds),
+                (b for root, _ in docs.values() for b in validity_boundaries(root) if b > seconds),
                 default=math.inf,
             )
         question = (sender, list_uri, method)
@@ -314,7 +336,12 @@ class PermissionCache:
                 decisions,
                 MAX_CACHED_DECISIONS,
                 question,
-                any(is_permitted(root, sender, list_uri, method, now) for root in docs.values()),
+                any(
+                    is_permitted(
+                        root, sender, list_uri, method, now, recipient=recipient, scope=scope
+                    )
+                    for root, scope in docs.values()
+                ),
             )
         return answer
 
@@ -347,8 +374,8 @@ class PermissionCache:
         """RFC 4745 evaluation over every document of ``recipient`` (policy.is_permitted)."""
         now = now_from_clock(self.clock)
         return any(
-            is_permitted(root, sender, list_uri, method, now)
-            for root in await self.rulesets(recipient)
+            is_permitted(root, sender, list_uri, method, now, recipient=recipient, scope=scope)
+            for root, scope in await self.rulesets(recipient)
         )
 
     async def missing(
@@ -389,6 +416,7 @@ class ListDirectory:
         self.store = store
         self.domain = domain.lower()
         self.local_hosts = {self.domain, *(h.lower() for h in local_hosts)}
+        self.local_ports: set[int] = set()
         self.is_account = is_account
         self._file: dict[str, URIList] = {}
         self._store_docs: dict[tuple[str, str], list[URIList]] = {}
@@ -403,10 +431,19 @@ class ListDirectory:
         self._rebuild()
 
     def is_local(self, uri: SIPURI) -> bool:
-        return uri.host.lower() in self.local_hosts
+        """Whether ``uri`` names the relay: one of its hosts, with no port or one it
+        listens on. A port names a server (RFC 3261 §19.1.1), so ``sip:bob@<our
+        host>:25180`` is someone else's server on our host: it is routed to (RFC 3263),
+        never looked up in our registrar or lists."""
+        return uri.host.lower() in self.local_hosts and (
+            uri.port is None or uri.port in self.local_ports
+        )
 
     def add_local_host(self, host: str) -> None:
         self.local_hosts.add(host.lower())
+
+    def add_local_port(self, port: int) -> None:
+        self.local_ports.add(port)
 
     def _local_user(self, uri_text: str) -> str | None:
         try:
@@ -443,35 +480,43 @@ class ListDirectory:
         self._by_user = table
         self._defined_in = defined_in
 
-    def check_document(self, document: DocumentSelector, body: bytes) -> None:
-        """Refuse a resource-lists document that names a list URI it may not hold
-        (an XCAP :data:`~relayd.xcap.resource.DocumentCheck`).
+    def check_document(self, document: DocumentSelector, body: bytes) -> tuple[bytes, str] | None:
+        """Refuse a resource-lists document that names a list URI it may not hold,
+        else report what in it the relay will not route (an XCAP
+        :data:`~relayd.xcap.resource.DocumentCheck`).
 
-        List URIs share the domain's user namespace: without this check any user
+        List URIs share the domain's user namespace: without the refusal any user
         could take over another owner's list (or an account's address) by storing a
         list of the same name. First come, first served; the lists file always wins.
+        Anything else RFC 4826 allows is stored; lists that are no list URI here and
+        entries that are no member are answered as a list report (docs/consent.md).
         """
         if document.xui is None:
-            return  # global documents define no lists
+            return None  # global documents define no lists
         owner, name = document.xui, document.document
         try:
-            lists = parse_lists_document(body, self.domain, owner=owner)
+            parsed = parse_lists_document(body, self.domain, owner=owner, refuse=self._foreign)
         except URIListError as e:
-            # Stored, it would be ignored whole: every other list in it would stop too.
             raise XCAPError(409, CONSTRAINT_FAILURE, f"unusable list: {e}") from e
         taken: list[Exists] = []
-        for item in lists:
+        for item in parsed.lists:
             user = self._local_user(item.uri)
             if user is None:
-                raise XCAPError(
-                    409, CONSTRAINT_FAILURE, f"list {item.uri} is not in domain {self.domain}"
-                )
+                continue  # reported as not in the domain
             holder = self._defined_in.get(user)
             if user in self._file or self.is_account(user) or holder not in (None, (owner, name)):
                 field = "resource-lists/list/@" + ("name" if item.name == user else "cr:uri")
                 taken.append(Exists(field, (self._free_name(user),)))
         if taken:
             raise XCAPError(409, UNIQUENESS_FAILURE, "list URI already in use", exists=taken)
+        if not parsed.unroutable:
+            return None
+        return build_list_report(parsed.unroutable), LIST_REPORT_MIME_TYPE
+
+    def _foreign(self, item: URIList) -> str | None:
+        if self._local_user(item.uri) is None:
+            return f"{item.uri} is not in domain {self.domain}"
+        return None
 
     def _free_name(self, user: str) -> str:
         counter = 2
@@ -492,9 +537,9 @@ class ListDirectory:
             self._store_docs.pop((owner, name), None)
         else:
             try:
-                self._store_docs[(owner, name)] = parse_lists_document(
-                    body, self.domain, owner=owner
-                )
+                # What is not routable was answered to the PUT: skipped quietly.
+                parsed = parse_lists_document(body, self.domain, owner=owner, refuse=self._foreign)
+                self._store_docs[(owner, name)] = list(parsed.lists)
             except URIListError as e:
                 self.log.warn(
                     "resource-lists {owner}/{name} unusable: {reason}",
@@ -647,23 +692,37 @@ class ConsentLedger:
 
 
 def consent_needed(
-    request: SIPRequest, list_uri: str, missing: Sequence[str], uris: ConsentURIs
+    request: SIPRequest,
+    list_uri: str,
+    missing: Sequence[str],
+    uris: ConsentURIs,
+    *,
+    name_members: bool = False,
 ) -> SIPResponse:
     """470 (seed §5; RFC 5360 §5.9.1): nothing was relayed; here is whom to ask.
 
     Each URI is a relay-local consent URI for one member; the body and the
     ``Permission-Missing`` header carry the same URIs (consent spec §(a) step 2).
+    The URIs stay opaque; with ``name_members`` (the sender may know the members: it
+    owns the list or wrote it into the request) each also names its member, as the
+    header's display-name (``"sip:bob@example.com" <sip:consent-…>``) and the body
+    entry's ``<display-name>``, so the sender sees who is missing.
     """
     targets = tuple(uris.consent_uri(list_uri, member) for member in missing)
-    built = _CONSENT_NEEDED.get(targets)
+    key = (targets, name_members)
+    built = _CONSENT_NEEDED.get(key)
     if built is None:
         # A sender retrying without permission gets the same answer every time.
-        built = remember(
-            _CONSENT_NEEDED,
-            MAX_CACHED_URIS,
-            targets,
-            (", ".join(f"<{t}>" for t in targets), build_uri_list(list(targets))),
-        )
+        if name_members:
+            header = ", ".join(
+                NameAddr(SIPURI.parse(target), member).format()
+                for target, member in zip(targets, missing, strict=True)
+            )
+            body = build_uri_list(targets, missing)
+        else:
+            header = ", ".join(f"<{t}>" for t in targets)
+            body = build_uri_list(targets)
+        built = remember(_CONSENT_NEEDED, MAX_CACHED_URIS, key, (header, body))
     missing_header, body = built
     headers = [
         ("Permission-Missing", missing_header),
@@ -672,4 +731,4 @@ def consent_needed(
     return make_response(request, 470, headers=headers, body=body)
 
 
-_CONSENT_NEEDED: dict[tuple[str, ...], tuple[str, bytes]] = {}
+_CONSENT_NEEDED: dict[tuple[tuple[str, ...], bool], tuple[str, bytes]] = {}

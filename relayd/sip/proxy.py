@@ -103,6 +103,7 @@ class Proxy:
         *,
         clock: IReactorTime | None = None,
         branch_timeout_seconds: float = 32.0,
+        flows: Callable[[SIPURI], Target | None] | None = None,
     ) -> None:
         self.send = send
         self.resolver = resolver
@@ -110,6 +111,7 @@ class Proxy:
         self.is_local = is_local
         self.loop_detector = loop_detector
         self.branch_timeout_seconds = branch_timeout_seconds
+        self.flows = flows
         self._clock = clock
         self._members: dict[str, SIPURI | None] = {}
 
@@ -151,6 +153,12 @@ class Proxy:
             return [binding.uri for binding in contacts]
         return [uri]
 
+    def _flow(self, member: str, contact: SIPURI) -> Branch | None:
+        """The branch over the connection ``contact`` was registered on, while it is
+        open (RFC 5626 §5.3): behind a NAT the contact itself cannot be reached."""
+        target = self.flows(contact) if self.flows is not None else None
+        return None if target is None else Branch(member, contact, target)
+
     def _branch(self, member: str, uri: SIPURI, targets: list[Target] | None) -> Branch:
         if not targets:
             return Branch(member, uri, None)
@@ -165,6 +173,10 @@ class Proxy:
             return [Branch(member, SIPURI("sip", "invalid"), None)]
         out: list[Branch] = []
         for each in uris:
+            flow = self._flow(member, each)
+            if flow is not None:
+                out.append(flow)
+                continue
             try:
                 targets = self.resolver.resolve_now(each)
             except ResolveError as e:
@@ -184,6 +196,10 @@ class Proxy:
         uris = self._contact_uris(member) or []
         out: list[Branch] = []
         for each in uris:
+            flow = self._flow(member, each)
+            if flow is not None:
+                out.append(flow)
+                continue
             try:
                 targets = await self.resolver.resolve(each)
             except ResolveError as e:

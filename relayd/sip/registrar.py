@@ -2,9 +2,12 @@
 
 The relay reaches list members through the contacts bound here; the consent permission
 server later watches online/offline transitions through :meth:`Registrar.add_listener`.
-Bindings live in memory (a restart asks UAs to re-register, as any registrar's expiry
-does) and are bounded per AOR and in total. Expiry is driven by the injected clock with
-one timer per AOR, set for its earliest binding.
+Bindings are looked up in memory, bounded per AOR and in total, and written through to
+the permission store when one is given: a REGISTER is answered once its change is
+committed (one row per contact it changes), and a restarted registrar starts from the
+unexpired bindings (:meth:`Registrar.load`), so members stay reachable without
+re-registering. Expiry is driven by the injected clock with one timer per AOR, set for
+its earliest binding; an expired binding is never used, before or after a restart.
 
 Not implemented: Path (RFC 3327), GRUU (RFC 5627), outbound flows (RFC 5626) and
 third-party registration (a user registers only their own AOR, else 403).
@@ -12,15 +15,17 @@ third-party registration (a user registers only their own AOR, else 403).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
+from relayd.xcap.store import IPermissionStore, StoredBinding
 
 __all__ = ["Binding", "PresenceListener", "Registrar", "RegistrarLimits"]
 
@@ -64,6 +69,20 @@ class Binding:
     def remaining_seconds(self, now: float) -> int:
         return max(0, int(self.expires_at - now + 0.5))
 
+    @property
+    def key(self) -> str:
+        """The contact URI as the store keys the binding within its AOR."""
+        return self.uri.format()
+
+    def stored(self, aor: str) -> StoredBinding:
+        return StoredBinding(
+            aor, self.key, self.contact.format(), self.expires_at, self.call_id, self.cseq, self.q
+        )
+
+    @classmethod
+    def from_stored(cls, row: StoredBinding) -> Binding:
+        return cls(NameAddr.parse(row.contact), row.expires, row.call_id, row.cseq, row.q)
+
 
 @dataclass(slots=True)
 class _Update:
@@ -97,7 +116,7 @@ def _parse_delta(text: str | None, what: str) -> int | None:
 class Registrar:
     """REGISTER for one domain (plus ``local_hosts``: addresses UAs may put in the
     Request-URI instead of the domain name). ``authenticator`` None means open
-    registration (tests, closed networks)."""
+    registration (tests, closed networks); ``store`` None keeps bindings in memory only."""
 
     log = logger()
 
@@ -108,10 +127,12 @@ class Registrar:
         authenticator: SIPAuthenticator | None,
         limits: RegistrarLimits | None = None,
         local_hosts: frozenset[str] = frozenset(),
+        store: IPermissionStore | None = None,
     ) -> None:
         self.domain = domain.lower()
         self._clock = clock
         self._auth = authenticator
+        self._store = store
         self.limits = limits or RegistrarLimits()
         self._hosts = frozenset({self.domain, *(h.lower() for h in local_hosts)})
         self._bindings: dict[str, list[Binding]] = {}
@@ -142,14 +163,71 @@ class Registrar:
     def remove_listener(self, listener: PresenceListener) -> None:
         self._listeners.remove(listener)
 
+    async def load(self) -> None:
+        """Start from the store's unexpired bindings (service start).
+
+        An AOR that registered while this ran keeps what it registered: that is newer.
+        The table's bounds hold: past them, stored bindings are left out (and logged).
+        """
+        if self._store is None:
+            return
+        now = self._clock.seconds()
+        await self._store.expire_bindings(now)
+        rows = await self._store.list_bindings(now, self.limits.max_bindings)
+        by_aor: dict[str, list[Binding]] = {}
+        skipped = 0
+        for row in rows:
+            try:
+                binding = Binding.from_stored(row)
+            except SIPURIError:
+                skipped += 1
+                continue
+            by_aor.setdefault(row.aor, []).append(binding)
+        for aor, bindings in by_aor.items():
+            room = self.limits.max_bindings - self._count
+            if aor in self._bindings or room <= 0:
+                skipped += len(bindings)
+                continue
+            kept = sorted(bindings, key=lambda b: -b.q)[
+                : min(room, self.limits.max_contacts_per_aor)
+            ]
+            skipped += len(bindings) - len(kept)
+            self._replace(aor, kept)
+        self.log.info(
+            "{count} registered contacts restored from the store ({skipped} left out)",
+            count=self._count,
+            skipped=skipped,
+        )
+
     # -- REGISTER -----------------------------------------------------------------------
 
-    def handle(self, request: SIPRequest, peer: object = None) -> SIPResponse:
-        """Process a REGISTER (§10.3 steps 1-8); raises :class:`SIPStatus` on failure.
+    async def handle(self, request: SIPRequest, peer: object = None) -> SIPResponse:
+        """Process a REGISTER (§10.3 steps 1-8); fails with :class:`SIPStatus`.
 
         Everything is validated before the location table changes, so a rejected
-        request leaves no partial update behind.
+        request leaves no partial update behind. The table changes at once (a request
+        that follows sees it); the 200 waits for the store to commit the change, and a
+        store failure is a 500, the UA's cue to register again.
         """
+        response, aor, old = self._update(request, peer)
+        if self._store is not None and old is not None:
+            new = self._bindings.get(aor, [])
+            kept = {id(b) for b in old}
+            changed = [b.stored(aor) for b in new if id(b) not in kept]
+            removed = sorted({b.key for b in old} - {b.key for b in new})
+            if changed or removed:
+                try:
+                    await self._store.save_bindings(aor, changed, removed)
+                except Exception:
+                    self.log.failure("storing the bindings of {aor} failed", aor=aor)
+                    raise SIPStatus(500, "Location Store Failed") from None
+        return response
+
+    def _update(
+        self, request: SIPRequest, peer: object
+    ) -> tuple[SIPResponse, str, list[Binding] | None]:
+        """The table update of :meth:`handle`: its 200, the AOR and the AOR's bindings
+        before it (None when nothing changed)."""
         if request.uri.scheme not in ("sip", "sips") or request.uri.host.lower() not in self._hosts:
             raise SIPStatus(404, "Domain Not Served")  # step 1
         aor = self._aor_of_to(request)  # step 5
@@ -168,20 +246,22 @@ class Registrar:
         contacts = request.headers.get_all("contact")
         expires_header = _parse_delta(request.headers.get("expires"), "Expires")
         now = self._clock.seconds()
+        old = self._bindings.get(aor, [])
         if contacts == ["*"]:  # step 6
             if expires_header != 0:
                 raise SIPStatus(400, "Wildcard Contact Needs Expires 0")
-            self._check_order(aor, call_id, cseq, self._bindings.get(aor, []))
+            self._check_order(aor, call_id, cseq, old)
             self._replace(aor, [])
             self.log.info("all bindings of {aor} removed", aor=aor)
-            return make_response(request, 200)
+            return make_response(request, 200), aor, old
         if "*" in contacts:
             raise SIPStatus(400, "Wildcard Contact Must Be Alone")
-        if contacts:
-            updates = self._updates(contacts, expires_header)
-            new = self._apply(aor, updates, call_id, cseq, now)
-            self._replace(aor, new)
-        return self._ok(request, aor, now)
+        if not contacts:
+            return self._ok(request, aor, now), aor, None
+        updates = self._updates(contacts, expires_header)
+        new = self._apply(aor, updates, call_id, cseq, now)
+        self._replace(aor, new)
+        return self._ok(request, aor, now), aor, old
 
     def _aor_of_to(self, request: SIPRequest) -> str:
         to = request.headers.get("to")
@@ -279,11 +359,25 @@ class Registrar:
     def _expire(self, aor: str) -> None:
         self._timers.pop(aor, None)
         now = self._clock.seconds()
-        live = [b for b in self._bindings.get(aor, []) if b.expires_at > now]
+        bindings = self._bindings.get(aor, [])
+        live = [b for b in bindings if b.expires_at > now]
         self._replace(aor, live)
+        self._forget(aor, [b.key for b in bindings if b.expires_at <= now])
+
+    def _forget(self, aor: str, keys: Sequence[str]) -> None:
+        """Delete expired bindings from the store too (a later load skips them anyway)."""
+        if self._store is None or not keys:
+            return
+        d: Deferred[None] = self._store.save_bindings(aor, [], keys)
+        d.addErrback(
+            lambda failure: self.log.failure(
+                "forgetting expired bindings of {aor}", failure, aor=aor
+            )
+        )
 
     def stop(self) -> None:
-        """Cancel expiry timers (service shutdown); bindings are dropped."""
+        """Cancel expiry timers (service shutdown); the memory table is dropped, the
+        store keeps the bindings for the next start."""
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

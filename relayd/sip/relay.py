@@ -22,6 +22,8 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   :class:`~relayd.sip.events.SubscriptionManager`.
 * Store changes (XCAP PUT/DELETE, consent records opened/granted/expired) reach the
   caches and the subscriptions through one store listener.
+* Every request first passes :meth:`ConsentRelay.check_request_uri`: a Request-URI
+  that names no host and port of ours is 404 (RFC 3261 §8.2.2.1), before any handler.
 """
 
 from __future__ import annotations
@@ -103,19 +105,37 @@ def _new_request_headers(method: str, sender: str, recipient: str) -> Headers:
     return headers
 
 
-_FROM_URIS: dict[str, SIPURI] = {}
-_FROM_URIS_SIZE = 4096
+_FROMS: dict[str, NameAddr] = {}
+_FROMS_SIZE = 4096
+
+
+def _split_from(value: str) -> tuple[NameAddr, str]:
+    """A From value parsed without its tag, and the tag part (``;tag=…`` or empty).
+
+    A sender's From recurs with a new tag per request, so it is remembered without
+    the tag (a header parameter, never part of the URI)."""
+    tag = value.rfind(";tag=")
+    key, rest = (value[:tag], value[tag:]) if tag > value.rfind(">") else (value, "")
+    addr = _FROMS.get(key)
+    if addr is None:
+        addr = remember(_FROMS, _FROMS_SIZE, key, NameAddr.parse(key))
+    return addr, rest
 
 
 def _from_uri(value: str) -> SIPURI:
-    """The URI of a From value; a sender's From recurs with a new tag per request, so
-    it is remembered without the tag (a header parameter, never part of the URI)."""
-    tag = value.rfind(";tag=")
-    key = value[:tag] if tag > value.rfind(">") else value
-    uri = _FROM_URIS.get(key)
-    if uri is None:
-        uri = remember(_FROM_URIS, _FROM_URIS_SIZE, key, NameAddr.parse(key).uri)
-    return uri
+    return _split_from(value)[0].uri
+
+
+def _relayed_from(value: str) -> str:
+    """The From of a relayed copy: the sender's, without its display name.
+
+    The display name is the sender's own words, which nothing checks (the users file
+    has no names to put in its place), so relaying it would let any account appear as
+    someone else next to its asserted identity."""
+    addr, tag = _split_from(value)
+    if addr.display_name is None:
+        return value
+    return NameAddr(addr.uri, None, addr.params).format() + tag
 
 
 def _check_proxy_require(request: SIPRequest) -> None:
@@ -160,6 +180,8 @@ class _Delivery:
     members: Sequence[str]
     recipients: RecipientList | None
     max_forwards: int
+    #: The sender may see who is missing in a 470: it owns the list, or wrote it.
+    name_members: bool = False
 
 
 class ConsentRelay:
@@ -204,6 +226,7 @@ class ConsentRelay:
             directory.is_local,
             loop_detector,
             clock=clock,
+            flows=transport.flow_target,
         )
         self.subscriptions = SubscriptionManager(
             clock, self._send_in_dialog, self.contact, subscription_limits
@@ -219,6 +242,7 @@ class ConsentRelay:
     async def start(self, owners: Sequence[str] = ()) -> None:
         """Plug the handlers in, listen to the store, index lists of ``owners``."""
         self.store.add_listener(self._store_changed)
+        self.uas.request_uri_check = self.check_request_uri
         self.uas.set_handler("MESSAGE", self.handle_message)
         self.uas.set_screen("MESSAGE", self.challenge_message)
         self.uas.set_handler("CONSENT", self.handle_consent)
@@ -233,6 +257,7 @@ class ConsentRelay:
             return
         self._started = False
         self.store.remove_listener(self._store_changed)
+        self.uas.request_uri_check = None
         for method in ("MESSAGE", "CONSENT", "SUBSCRIBE"):
             self.uas.set_handler(method, None)
         self.uas.set_screen("MESSAGE", None)
@@ -280,6 +305,40 @@ class ConsentRelay:
                     break
             else:
                 await self.store.set_consent_state(record.id, ConsentState.GRANTED)
+
+    # -- the Request-URI (§8.2.2.1) -------------------------------------------------------
+
+    def check_request_uri(self, request: SIPRequest) -> None:
+        """404 for a Request-URI nothing here accepts requests for (RFC 3261 §8.2.2.1).
+
+        Ours are the relay's hosts (:meth:`ListDirectory.is_local`) with no port or a
+        port we listen on: another port is another server. Elsewhere is a domain we
+        are not responsible for, and the relay forwards nothing there (§16.5 would),
+        so it is 404 too; the one exception is a CONSENT about a member of our list
+        who lives elsewhere (``Trigger-Consent`` names the list, RFC 5360 §5.11.2).
+        An OPTIONS asks about its Request-URI itself (§11), so a user there must name
+        a list, a consent-flow URI or a registered AOR; an account not registered now
+        is 480 (§16.5: no target), anyone else 404. Each other method's handler
+        decides what its URIs may name.
+        """
+        uri = request.uri
+        if not self.directory.is_local(uri):
+            if request.method == "CONSENT" and "trigger-consent" in request.headers:
+                return
+            raise SIPStatus(404, "Not Served Here")
+        if request.method != "OPTIONS" or not uri.user:
+            return
+        user = uri.user
+        if (
+            self.directory.lookup(uri) is not None
+            or self.uris.parse_consent_user(user) is not None
+            or self.uris.wait_id(user) is not None
+            or self.registrar.is_online(f"sip:{user}@{self.registrar.domain}")
+        ):
+            return
+        if self.directory.is_account(user):
+            raise SIPStatus(480)
+        raise SIPStatus(404)
 
     def _identity(self, request: SIPRequest, *, proxy: bool, peer: object) -> str:
         """The authenticated sender (seed §5); without an authenticator, the From AOR.
@@ -355,15 +414,20 @@ class ConsentRelay:
         sender = self._identity(request, proxy=True, peer=txn.source)
         if target is not None:
             list_uri, members = target.uri, target.members
+            owner = target.owner
+            name_members = owner is not None and identity_key(owner) == identity_key(sender)
         else:
             assert recipients is not None
             list_uri, members = request.uri.aor, recipients.recipients
+            name_members = True
         if len(members) > self.max_list_size:
             self.log.warn("list {uri} exceeds max_list_size", uri=list_uri)
             raise SIPStatus(403, "List Too Large")
         if not members:
             raise SIPStatus(480, "Empty List")
-        delivery = _Delivery(request, sender, list_uri, members, recipients, max_forwards)
+        delivery = _Delivery(
+            request, sender, list_uri, members, recipients, max_forwards, name_members
+        )
         missing = self.cache.missing_now(sender, list_uri, members, request.method)
         if missing is None:
             d = defer.ensureDeferred(self.cache.missing(sender, list_uri, members, request.method))
@@ -384,7 +448,9 @@ class ConsentRelay:
                 count=len(missing),
                 total=len(delivery.members),
             )
-            return consent_needed(request, list_uri, missing, self.uris)
+            return consent_needed(
+                request, list_uri, missing, self.uris, name_members=delivery.name_members
+            )
         recipients = delivery.recipients
         if recipients is not None:
             self._explode(
@@ -432,6 +498,7 @@ class ConsentRelay:
         """The proxied copy for one branch (§16.6 plus the consent headers)."""
         copy = self.proxy.forward_copy(request, branch.uri, max_forwards, loop_hash)
         fields = copy.headers._fields
+        fields["from"] = [_relayed_from(request.headers.get("from") or "")]
         fields["p-asserted-identity"] = [f"<{sender}>"]
         fields.pop("p-preferred-identity", None)  # RFC 3325 §9.1: replaced by the assertion
         fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]
@@ -488,8 +555,9 @@ class ConsentRelay:
             found = self.directory.lookup(SIPURI.parse((params.get("target-uri") or "").strip('"')))
         except SIPURIError:
             raise SIPStatus(400, "Bad Trigger-Consent") from None
-        member = request.uri.aor
-        if found is None or member not in found.members:
+        key = identity_key(request.uri.format())
+        member = next((m for m in found.members if identity_key(m) == key), None) if found else None
+        if found is None or member is None:
             raise SIPStatus(404, "Not A List Member")
         return found.uri, member
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,7 @@ from relayd.sip.parser import (
 )
 from relayd.sip.resolve import DEFAULT_PORTS, Target
 from relayd.sip.transaction import TransactionLayer, TransportError, local_response
+from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
 
 __all__ = [
     "UDP_MAX_REQUEST_BYTES",
@@ -83,6 +85,13 @@ UDP_MAX_REQUEST_BYTES = 1300
 """§18.1.1: larger requests go over TCP when the path MTU is unknown."""
 
 UDP_MAX_DATAGRAM_BYTES = 65535
+
+SOURCE_WINDOW_SECONDS = 0.1
+"""The per-source datagram budget is counted over windows this long: a flood's share is
+read in bursts short enough that the socket buffer does not fill meanwhile."""
+
+MAX_TRACKED_SOURCES = 100_000
+"""Sources counted per window (memory bound); further sources go uncounted."""
 
 ConnectionKey = tuple[str, str, int]
 """``(transport, host, port)``: how stream connections are found for reuse."""
@@ -193,6 +202,8 @@ class SIPDatagramProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
+            if not self.layer._admit(addr):
+                return
             host, port = addr[0], addr[1]
             if is_keepalive(datagram):
                 return
@@ -225,10 +236,14 @@ class SIPStreamProtocol(Protocol):
     """One TCP or TLS connection, inbound or outbound (§18.3 framing by Content-Length).
 
     A framing error answers 400 when possible and closes: the next message boundary is
-    unknown. An idle connection (no bytes either way for ``idle_timeout_seconds``) closes.
-    ``secured`` (outbound TLS) fires once the handshake completes and fails if the
-    connection ends first: the connection is only used from then on, so a peer whose
-    certificate fails the check answers a 503 at once instead of a timeout.
+    unknown. An idle connection closes (no bytes either way for ``idle_timeout_seconds``,
+    or ``request_idle_timeout_seconds`` once a request went over it either way; a TLS
+    connect that never starts its handshake is idle from the start), unless it carries
+    the flow of a registration that has not expired (RFC 5626 §5: the registrar reaches
+    the UA over that flow, and the UA keeps it up). ``secured`` (outbound TLS) fires once
+    the handshake completes and fails if the connection ends first: the connection is
+    only used from then on, so a peer whose certificate fails the check answers a 503
+    at once instead of a timeout.
     """
 
     log = logger()
@@ -240,6 +255,9 @@ class SIPStreamProtocol(Protocol):
         self.source: Source | None = None
         self.key: ConnectionKey | None = None
         self.connected = False
+        self.carried_request = False
+        self.flow_expiry: dict[SIPURI, float] = {}
+        """Contacts registered over this connection, and until when (RFC 5626 flows)."""
         self._last_activity = 0.0
         self._idle_call: IDelayedCall | None = None
         self.secured: Deferred[SIPStreamProtocol] | None = None
@@ -282,6 +300,8 @@ class SIPStreamProtocol(Protocol):
                         if event.framing_lost:
                             self.transport.loseConnection()  # type: ignore[union-attr]
                     else:
+                        if isinstance(event, SIPRequest):
+                            self.carried_request = True
                         self.layer._dispatch(event, source)
                 except Exception:
                     self.log.failure("unhandled error on message from {peer}", peer=source)
@@ -294,11 +314,15 @@ class SIPStreamProtocol(Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def _touch(self) -> None:
-        self._last_activity = self.layer.clock.seconds()
+        self._last_activity = self.layer._touched(self)
 
     def _arm_idle(self, seconds: float) -> None:
         if seconds > 0:
             self._idle_call = self.layer.clock.callLater(seconds, self._idle_check)
+
+    def flow_until(self) -> float:
+        """When the last registration over this connection expires (0: none)."""
+        return max(self.flow_expiry.values(), default=0.0)
 
     def _idle_check(self) -> None:
         """One timer per connection, re-armed for the remaining time, instead of a
@@ -306,27 +330,36 @@ class SIPStreamProtocol(Protocol):
         self._idle_call = None
         if not self.connected:
             return
-        timeout = self.layer.idle_timeout_seconds
-        idle = self.layer.clock.seconds() - self._last_activity
-        if idle >= timeout:
+        layer = self.layer
+        timeout = (
+            layer.request_idle_timeout_seconds
+            if self.carried_request
+            else layer.idle_timeout_seconds
+        )
+        now = layer.clock.seconds()
+        remaining = max(self._last_activity + timeout, self.flow_until()) - now
+        if remaining <= 0:
             self.log.info("closing idle connection to {peer}", peer=self.source)
             self.transport.loseConnection()  # type: ignore[union-attr]
         else:
-            self._arm_idle(timeout - idle)
+            self._arm_idle(remaining)
 
 
 class SIPStreamFactory(ServerFactory):
-    """Server factory for ``tcp:``/``ssl:`` listeners; refuses past ``max_connections``."""
+    """Server factory for ``tcp:``/``ssl:`` listeners. At ``max_connections`` the
+    connection idle the longest closes to make room (none that carries a live
+    registration flow); when every one does, the new connection is refused."""
 
     def __init__(self, layer: SIPTransportLayer, transport_name: str = "TCP") -> None:
         self.layer = layer
         self.transport_name = transport_name
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        if self.layer.stream_count >= self.layer.max_connections:
-            self.layer.log.warn("refusing SIP connection from {peer}: at limit", peer=addr)
+        layer = self.layer
+        if layer.stream_count >= layer.max_connections and not layer._close_idlest():
+            layer.log.warn("refusing SIP connection from {peer}: at limit", peer=addr)
             return None
-        return SIPStreamProtocol(self.layer, self.transport_name)
+        return SIPStreamProtocol(layer, self.transport_name)
 
 
 EndpointFactory = Callable[[Target], IStreamClientEndpoint]
@@ -351,9 +384,11 @@ class SIPTransportLayer:
         limits: SIPLimits = DEFAULT_LIMITS,
         advertised_host: str | None = None,
         udp_max_request_bytes: int = UDP_MAX_REQUEST_BYTES,
-        idle_timeout_seconds: float = 300.0,
+        idle_timeout_seconds: float = 60.0,
+        request_idle_timeout_seconds: float = 300.0,
         max_connections: int = 10_000,
         max_pending_per_connection: int = 1_000,
+        max_datagrams_per_source: int = 1_000,
         tls_creator: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
         endpoint_factory: EndpointFactory | None = None,
     ) -> None:
@@ -363,14 +398,22 @@ class SIPTransportLayer:
         self.advertised_host = advertised_host
         self.udp_max_request_bytes = udp_max_request_bytes
         self.idle_timeout_seconds = idle_timeout_seconds
+        self.request_idle_timeout_seconds = request_idle_timeout_seconds
         self.max_connections = max_connections
         self.max_pending_per_connection = max_pending_per_connection
+        self.max_datagrams_per_source = max_datagrams_per_source
+        self._window_counts: dict[Any, int] = {}
+        self._window_end = 0.0
+        self._window_dropped = 0
+        self._next_drop_log = 0.0
         self._tls_creator = tls_creator
         self._endpoint_factory = endpoint_factory or self._default_endpoint
         self.transactions: TransactionLayer | None = None
         self._udp: list[SIPDatagramProtocol] = []
         self._streams: dict[ConnectionKey, SIPStreamProtocol] = {}
-        self._stream_count = 0
+        # Every open connection, the one idle the longest first (closed first at the cap).
+        self._by_activity: OrderedDict[SIPStreamProtocol, None] = OrderedDict()
+        self._flows: dict[SIPURI, SIPStreamProtocol] = {}
         self._pending: dict[ConnectionKey, list[bytes]] = {}
         self._waiters: dict[ConnectionKey, list[Deferred[SIPStreamProtocol]]] = {}
         self._listen_ports: dict[str, int] = {}
@@ -397,7 +440,8 @@ class SIPTransportLayer:
 
     @property
     def stream_count(self) -> int:
-        return self._stream_count
+        """Open connections, less those closing to make room."""
+        return len(self._by_activity)
 
     def sent_by(self, transport_name: str) -> tuple[str, int]:
         """Our Via sent-by for a transport (§18.1.1: where we listen for it)."""
@@ -447,12 +491,34 @@ class SIPTransportLayer:
 
     def _stream_opened(self, protocol: SIPStreamProtocol) -> None:
         assert protocol.key is not None
-        self._stream_count += 1
+        self._by_activity[protocol] = None
         # The newest connection to an address wins (RFC 5923 style reuse of inbound ones).
         self._streams[protocol.key] = protocol
 
+    def _touched(self, protocol: SIPStreamProtocol) -> float:
+        """Traffic on ``protocol``: it becomes the last to close at the cap; the time."""
+        if protocol in self._by_activity:
+            self._by_activity.move_to_end(protocol)
+        return self.clock.seconds()
+
+    def _close_idlest(self) -> bool:
+        """Close the connection idle the longest that carries no live registration flow
+        (RFC 5626 §5: the flow is how the UA is reached); whether one was found."""
+        now = self.clock.seconds()
+        for protocol in self._by_activity:
+            if protocol.flow_until() <= now:
+                del self._by_activity[protocol]
+                self.log.info("closing idle connection to {peer}: at limit", peer=protocol.source)
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()  # type: ignore[attr-defined]
+                return True
+        return False
+
     def _stream_closed(self, protocol: SIPStreamProtocol) -> None:
-        self._stream_count -= 1
+        self._by_activity.pop(protocol, None)
+        for uri in protocol.flow_expiry:
+            if self._flows.get(uri) is protocol:
+                del self._flows[uri]
         key = protocol.key
         registered = False
         if key is not None and self._streams.get(key) is protocol:
@@ -472,6 +538,38 @@ class SIPTransportLayer:
             )
 
         self.transactions.connection_lost(used)
+
+    def _admit(self, addr: Any) -> bool:
+        """Whether to read a datagram from ``addr``: at most ``max_datagrams_per_source``
+        a second from each source address and port, counted over windows of
+        :data:`SOURCE_WINDOW_SECONDS`. Parsing and answering a flood costs far more than
+        this dictionary look-up; dropping the excess unread keeps the socket buffer
+        drained, so every other source is still read (and answered, if only 503) within
+        a window, and no state grows for the flood. A 503's Retry-After only holds back
+        senders that honour it; this holds back the ones that do not."""
+        limit = self.max_datagrams_per_source
+        if not limit:
+            return True
+        counts = self._window_counts
+        now = self.clock.seconds()
+        if now >= self._window_end:
+            if self._window_dropped and now >= self._next_drop_log:  # a line a second
+                self.log.warn(
+                    "SIP flood: dropped {count} datagrams from sources over {limit} a second",
+                    count=self._window_dropped,
+                    limit=limit,
+                )
+                self._window_dropped = 0
+                self._next_drop_log = now + 1.0
+            counts.clear()
+            self._window_end = now + SOURCE_WINDOW_SECONDS
+        count = counts.get(addr, 0)
+        if count >= limit * SOURCE_WINDOW_SECONDS:
+            self._window_dropped += 1
+            return False
+        if count or len(counts) < MAX_TRACKED_SOURCES:
+            counts[addr] = count + 1
+        return True
 
     def _dispatch(self, message: SIPRequest | SIPResponse, source: Source) -> None:
         transactions = self.transactions
@@ -511,6 +609,57 @@ class SIPTransportLayer:
             self.send(response, source)
         except Exception:
             self.log.failure("cannot answer malformed request from {peer}", peer=source)
+
+    # -- registration flows (RFC 5626 §5) ----------------------------------------------
+
+    def bind_flows(self, request: SIPRequest, response: SIPResponse, source: object) -> None:
+        """A REGISTER was answered: the contacts it bound over a TCP/TLS connection are
+        reached over that connection while it is open and the binding lives (RFC 5626
+        §5.3, without its instance-id and reg-id: a UA behind a NAT can be reached no
+        other way). The expiry of each is the one the 200 lists for it (§10.3 step 8)."""
+        connection = source.connection if isinstance(source, Source) else None
+        if connection is None or not 200 <= response.status < 300:
+            return
+        granted: dict[SIPURI, float] = {}
+        for row in response.headers.get_all("contact"):
+            try:
+                contact = NameAddr.parse(row)
+                granted[contact.uri] = float(contact.param("expires") or 0)
+            except (SIPURIError, ValueError):
+                continue
+        rows = request.headers.get_all("contact")
+        if rows == ["*"]:  # §10.2.2: every binding removed, this connection's too
+            contacts = list(connection.flow_expiry)
+        else:
+            contacts = []
+            for row in rows:
+                try:
+                    contacts.append(NameAddr.parse(row).uri)
+                except SIPURIError:
+                    continue
+        now = self.clock.seconds()
+        for uri in contacts:
+            expires = granted.get(uri, 0.0)
+            if expires > 0:
+                self._flows[uri] = connection
+                connection.flow_expiry[uri] = now + expires
+            else:
+                connection.flow_expiry.pop(uri, None)
+                if self._flows.get(uri) is connection:
+                    del self._flows[uri]
+
+    def flow_target(self, contact: SIPURI) -> Target | None:
+        """Where to send to a registered ``contact``: the connection it was registered
+        over while that is open and the registration lives, else ``None`` (then its
+        URI, as RFC 3263 resolves it)."""
+        connection = self._flows.get(contact)
+        if connection is None or not connection.connected or connection.key is None:
+            return None
+        if connection.flow_expiry.get(contact, 0.0) <= self.clock.seconds():
+            return None
+        transport_name, host, port = connection.key
+        self._streams[connection.key] = connection  # the flow is the way to that address
+        return Target(transport_name, host, port)
 
     # -- outbound -----------------------------------------------------------------------
 
@@ -680,6 +829,7 @@ class SIPTransportLayer:
         try:
             endpoint = self._endpoint_factory(target)
             protocol = SIPStreamProtocol(self, target.transport)
+            protocol.carried_request = True  # opened to send requests
             d = connectProtocol(endpoint, protocol)
         except Exception as e:
             self._connect_failed(Failure(e), key, target)

@@ -5,8 +5,11 @@ to the :class:`~relayd.sip.registrar.Registrar`, INVITE is refused with 405 (the
 transaction layer runs the INVITE server transaction that carries the 405), and MESSAGE,
 CONSENT, SUBSCRIBE (and any other method the consent relay adds) go to handlers plugged in
 with :meth:`UASCore.set_handler`. A known method without a handler gets 405 + Allow, an
-unknown one 501 (§8.2.1). Before dispatch: load shedding (503 + Retry-After, §21.5.4),
-``Require`` (420 + Unsupported, §8.2.2.3) and loop detection (482, §16.3 step 4).
+unknown one 501 (§8.2.1). Before dispatch: load shedding (a stateless 503 + Retry-After,
+§21.5.4), the Request-URI (416 for a scheme other than sip/sips, then the composer's
+:attr:`UASCore.request_uri_check`, 404, §8.2.2.1), ``Require`` (420 + Unsupported,
+§8.2.2.3) and loop detection (482, §16.3 step 4). OPTIONS and load shedding leave no
+server transaction behind (:meth:`UASCore.stateless`).
 
 Also here, for the relay that forwards requests: :func:`check_max_forwards` (§16.3 step 3,
 483) and :class:`LoopDetector`, whose branch values carry a keyed hash of the request so a
@@ -35,6 +38,7 @@ from relayd.sip.message import (
     SIPStatus,
     make_response,
     response_for_status,
+    stateless_tag,
 )
 from relayd.sip.registrar import Registrar
 from relayd.sip.transaction import ServerTransaction, TransactionLayer, TransactionState
@@ -46,6 +50,7 @@ __all__ = [
     "Capabilities",
     "Handler",
     "LoopDetector",
+    "RequestURICheck",
     "UASCore",
     "check_max_forwards",
     "transaction_pressure",
@@ -79,6 +84,9 @@ Handler = Callable[[ServerTransaction, SIPRequest], object]
 """``handler(txn, request)`` returns a :class:`SIPResponse` (sent at once), ``None`` (the
 handler calls ``txn.respond`` itself, now or later) or an awaitable/Deferred resolving to
 a response. Raising (or failing with) :class:`SIPStatus` answers that status."""
+
+RequestURICheck = Callable[[SIPRequest], None]
+"""Raises :class:`SIPStatus` (404) when a request's Request-URI names nothing served here."""
 
 Screen = Callable[[SIPRequest], SIPResponse | None]
 """A stateless answer for a method's requests, or ``None`` to handle them in a transaction."""
@@ -170,7 +178,7 @@ class LoopDetector:
 
 def transaction_pressure(layer: TransactionLayer, fraction: float = 0.9) -> Callable[[], bool]:
     """An ``overloaded`` hook: true above ``fraction`` of the layer's transaction cap, so
-    the UAS sheds load (503 within a transaction that absorbs retransmissions) before the
+    the UAS sheds load (a stateless 503, :meth:`UASCore.stateless`) before the
     layer's own stateless 503 at the hard limit."""
     threshold = int(layer.max_server_transactions * fraction)
     return lambda: layer.server_transaction_count > threshold
@@ -196,9 +204,13 @@ class UASCore:
         self.overloaded = overloaded
         self.retry_after_seconds = retry_after_seconds
         self.loop_detector = loop_detector
+        self.request_uri_check: RequestURICheck | None = None
+        #: Told of every REGISTER the registrar accepted, with its source: the transport
+        #: keeps the connection it came over as the way to its contacts (RFC 5626 §5).
+        self.registered: Callable[[SIPRequest, SIPResponse, object], object] | None = None
         self.transactions: TransactionLayer | None = None
         self._handlers: dict[str, Handler] = {}
-        self._screens: dict[str, Screen] = {}
+        self._screens: dict[str, Screen] = {"OPTIONS": self._options_stateless}
         self._table: dict[str, Handler] = {}
         self._allow = ""
         self._cancellable: tuple[str, ...] = ()
@@ -232,18 +244,30 @@ class UASCore:
     def stateless(self, request: SIPRequest) -> SIPResponse | None:
         """The answer to ``request`` when it needs no server transaction, else ``None``.
 
-        A handler's screen gives it (a digest challenge, which a proxy may send
-        statelessly: a retransmission just gets a fresh one), but only when
-        :meth:`request` would reach that handler: not overloaded, nothing required
-        that we lack, no loop.  Everything else takes the stateful path.
+        While overloaded, every new request but CANCEL gets its 503 here: shedding that
+        made a transaction per shed request would grow, for 64·T1 each, exactly the
+        state an overload (or a flood) must not grow (§21.5.4; a retransmission just
+        gets another 503). Otherwise a method's screen gives it: OPTIONS has one from
+        the start (§11: the answer depends on nothing but the request, and the To tag
+        comes out the same for a retransmission, §8.2.7), a handler may bring one (a
+        digest challenge, which a proxy may send statelessly), asked only when
+        :meth:`request` would reach that handler. Each of them only when the Request-URI
+        passes, nothing is required that we lack and the request is no loop; everything
+        else takes the stateful path.
         """
-        screen = self._screens.get(request.method)
-        if screen is None or request.method not in self._table:
+        method = request.method
+        if method != "CANCEL" and self.overloaded is not None and self.overloaded():
+            retry = [("Retry-After", str(self.retry_after_seconds))]
+            return make_response(request, 503, headers=retry, to_tag=stateless_tag(request))
+        screen = self._screens.get(method)
+        if screen is None or method not in self._table:
             return None
         answer = screen(request)  # first: it passes most requests, and cheaply
         if answer is None:
             return None
-        if self.overloaded is not None and self.overloaded():
+        try:
+            self._check_request_uri(request)
+        except SIPStatus:
             return None
         if self._unsupported(request):
             return None
@@ -271,14 +295,13 @@ class UASCore:
 
     def request(self, txn: ServerTransaction, request: SIPRequest) -> None:
         method = request.method
-        if self.overloaded is not None and method != "CANCEL" and self.overloaded():
-            raise SIPStatus(503, headers=[("Retry-After", str(self.retry_after_seconds))])
         handler = self._table.get(method)
         if handler is None:
             if method in KNOWN_METHODS:
                 raise SIPStatus(405, headers=[("Allow", self._allow)])
             raise SIPStatus(501)
-        if method != "CANCEL":
+        if method != "CANCEL":  # §9.2: matched to its request, whatever it names
+            self._check_request_uri(request)
             unsupported = self._unsupported(request)
             if unsupported:
                 raise SIPStatus(420, headers=[("Unsupported", ", ".join(unsupported))])
@@ -287,6 +310,14 @@ class UASCore:
                 self.log.warn("loop detected for {method} {uri}", method=method, uri=request.uri)
                 raise SIPStatus(482)
         self._finish(txn, request, handler(txn, request))
+
+    def _check_request_uri(self, request: SIPRequest) -> None:
+        """§8.2.2.1: 416 for a scheme we do not support, else whatever the composer's
+        check says (404 for an address nothing here accepts requests for)."""
+        if request.uri.scheme not in ("sip", "sips"):
+            raise SIPStatus(416)
+        if self.request_uri_check is not None:
+            self.request_uri_check(request)
 
     def _unsupported(self, request: SIPRequest) -> list[str]:
         required = request.headers.get_all("require")
@@ -327,6 +358,12 @@ class UASCore:
     # -- built-in methods ---------------------------------------------------------------
 
     def _options(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        return self._options_response(request)
+
+    def _options_stateless(self, request: SIPRequest) -> SIPResponse:
+        return self._options_response(request, stateless_tag(request))
+
+    def _options_response(self, request: SIPRequest, to_tag: str | None = None) -> SIPResponse:
         """§11.2: what we accept and support; answered the same in or out of dialog.
         We apply no content coding and write our reason phrases in English."""
         caps = self.capabilities
@@ -338,11 +375,18 @@ class UASCore:
         if caps.allow_events:
             headers.append(("Allow-Events", ", ".join(caps.allow_events)))
         headers.append(("Supported", ", ".join(caps.supported)))
-        return make_response(request, 200, headers=headers)
+        return make_response(request, 200, headers=headers, to_tag=to_tag)
 
-    def _register(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+    def _register(self, txn: ServerTransaction, request: SIPRequest) -> Deferred[SIPResponse]:
         assert self.registrar is not None
-        return self.registrar.handle(request, peer=txn.source)
+        return ensureDeferred(self._registered(txn, request))
+
+    async def _registered(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        assert self.registrar is not None
+        response = await self.registrar.handle(request, peer=txn.source)
+        if self.registered is not None:
+            self.registered(request, response, txn.source)
+        return response
 
     def _cancel(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         """§9.2: 200 when the CANCEL matches a server transaction of any method, 481

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from relayd.digest import DigestAuthenticator, DigestError, parse_credentials
 from relayd.tokens import redact
-from relayd.xcap.policy import normalize_identity
+from relayd.xcap.policy import PermissionScope, normalize_identity
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent
 from relayd.xcap.usages import CONSENT_RULES_AUID
@@ -187,3 +187,18 @@ async def bound_consent(
     if normalize_identity(consent.recipient) != normalize_identity(document.xui):
         return None
     return consent
+
+
+def consent_scope(consent: PendingConsent) -> PermissionScope:
+    """What the Permission URI of ``consent`` was minted for (seed §4, §8); a record
+    without methods asked for MESSAGE, the one method the relay relays."""
+    return PermissionScope(consent.recipient, consent.list_uri, consent.methods or ("MESSAGE",))
+
+
+async def permission_scope(
+    store: IPermissionStore, document: DocumentSelector
+) -> PermissionScope | None:
+    """The scope a consent-rules document is read within: its consent's when it is a
+    Permission-URI document (:func:`bound_consent`), else None (the owner's own)."""
+    consent = await bound_consent(store, document)
+    return consent_scope(consent) if consent is not None else None

@@ -16,8 +16,6 @@ for both.  Every request, body included, is bounded by ``timeout_seconds``.
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
@@ -34,7 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from relayd.digest import DigestError, ha1, parse_challenge, request_digest
+from relayd.digest import Challenge, DigestError, answer_challenge, read_challenge
 from relayd.logs import logger
 from relayd.xcap.errors import percent_encoded
 
@@ -122,14 +120,6 @@ class PinnedTrustPolicy:
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
 
 
-@dataclass
-class _Nonce:
-    realm: str
-    nonce: str
-    opaque: str | None
-    count: int = 0
-
-
 def describe_failure(failure: Failure) -> str:
     """One line for a request that got no HTTP answer."""
     value = failure.value
@@ -186,8 +176,7 @@ class XCAPClient:
             reactor, contextFactory=policy, pool=self.pool, connectTimeout=timeout_seconds
         )
         self.http = HTTPClient(agent)
-        self._nonce: _Nonce | None = None
-        self._ha1: tuple[str, str] | None = None
+        self._nonce: Challenge | None = None
 
     @property
     def realm(self) -> str | None:
@@ -262,45 +251,20 @@ class XCAPClient:
     # -- internals -----------------------------------------------------------------
 
     @staticmethod
-    def _challenge_of(response: XCAPResponse) -> _Nonce | None:
+    def _challenge_of(response: XCAPResponse) -> Challenge | None:
         for value in response.headers.getRawHeaders("WWW-Authenticate") or []:
             try:
-                params = parse_challenge(value)
+                return read_challenge(value)
             except DigestError:
                 continue
-            if "nonce" not in params or "realm" not in params:
-                continue
-            if "auth" not in [q.strip() for q in params.get("qop", "auth").split(",")]:
-                continue
-            return _Nonce(params["realm"], params["nonce"], params.get("opaque"))
         return None
 
     def _authorization(self, method: str, target: str) -> str | None:
-        nonce = self._nonce
-        if nonce is None:
+        if self._nonce is None:
             return None
-        if self._ha1 is None or self._ha1[0] != nonce.realm:
-            self._ha1 = (nonce.realm, ha1(self.username, nonce.realm, self._password))
-        ha1_hex = self._ha1[1]
-        nonce.count += 1
-        nc = f"{nonce.count:08x}"
-        cnonce = secrets.token_hex(8)
-        response = request_digest(
-            ha1_hex, nonce=nonce.nonce, nc=nc, cnonce=cnonce, qop="auth", method=method, uri=target
-        )
-        parts = [
-            f"Digest username={_quote(self.username)}",
-            f"realm={_quote(nonce.realm)}",
-            f"nonce={_quote(nonce.nonce)}",
-            f"uri={_quote(target)}",
-            f"response={_quote(response)}",
-            "qop=auth",
-            f"nc={nc}",
-            f"cnonce={_quote(cnonce)}",
-        ]
-        if nonce.opaque is not None:
-            parts.append(f"opaque={_quote(nonce.opaque)}")
-        return ", ".join(parts)
+        return answer_challenge(
+            self._nonce, username=self.username, password=self._password, method=method, uri=target
+        ).authorization
 
     async def _send(
         self,
@@ -335,9 +299,3 @@ class XCAPClient:
                 "XCAP {method} {uri} failed: {reason}", method=method, uri=url, reason=message
             )
             raise XCAPClientError(f"{method} {url.to_text()}: {message}") from None
-
-
-def _quote(value: str) -> str:
-    if any(ch in value for ch in "\r\n\0"):
-        raise ValueError("header parameter value contains a control character")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

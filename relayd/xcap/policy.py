@@ -10,17 +10,30 @@ empty ``<conditions>`` always matches, §10.1).  Conditions understood here:
 * ``cp:validity`` (§7.2): true when ``from <= now < until`` for one of its
   intervals; a timestamp without a timezone never matches.
 * ``cp:sphere`` (§7.3): never true; the relay knows no presentity sphere.
-* ``cr:target`` (relayd extension): the request goes to that list URI.
-* ``cr:methods`` (relayd extension): the request method is listed (case-sensitive,
-  as SIP method names are).
+* ``target`` (RFC 5361 §3.1.3): the list URI the request goes to matches its
+  ``cp:one``/``cp:many`` children, as ``cp:identity`` matches the sender.
+* ``recipient`` (RFC 5361 §3.1.1): likewise the document's recipient (its owner).
+* ``cr:target`` (relayd extension, the older spelling of ``target``): the request
+  goes to that list URI.
+* ``cr:methods`` (relayd extension; RFC 5361 has no method condition): the request
+  method is listed (case-sensitive, as SIP method names are).
 
 Any other condition element is not understood and makes its rule not apply: a
 document can only ever grant what the relay fully understands (§10.1's safe default).
 
 Permissions combine positively (§10.2): boolean actions/transformations are OR-ed,
-integers take the maximum, ``cr:trans-handling`` takes the largest of
-``deny < grant``.  Without a matching rule nothing is permitted; revocation is
-deleting the granting rule, never adding a deny rule.
+integers take the maximum, ``trans-handling`` (RFC 5361 §3.2, or ``cr:trans-handling``:
+one action, two spellings) takes the largest of ``deny < grant``.  Without a matching
+rule nothing is permitted; revocation is deleting the granting rule, never adding a
+deny rule.
+
+A document stored at a Permission URI is read within the :class:`PermissionScope`
+that URI was minted for (seed §4, §8): a permission names sender, recipient and
+methods, and the URI already fixes the recipient, the list and the methods the
+CONSENT asked for. Such a document speaks only for that list, those methods and that
+recipient, and a rule of it that matches and says nothing about ``trans-handling``
+grants: the seed's plain form, a common-policy rule with the sender's identity (and a
+validity), is a complete permission there.
 
 Identities are compared after lower-casing the URI scheme and the host part, so that
 ``SIP:alice@Example.TEST`` is ``sip:alice@example.test``; the user part stays
@@ -36,13 +49,22 @@ from datetime import UTC, datetime
 from lxml import etree
 from twisted.internet.interfaces import IReactorTime
 
-from relayd.xcap.usages import COMMON_POLICY_NAMESPACE, CONSENT_POLICY_NAMESPACE
+from relayd.xcap.errors import CONSTRAINT_FAILURE, XCAPError
+from relayd.xcap.usages import (
+    COMMON_POLICY_NAMESPACE,
+    CONSENT_FORMAT_NAMESPACE,
+    CONSENT_POLICY_NAMESPACE,
+)
 
 _CP = f"{{{COMMON_POLICY_NAMESPACE}}}"
 _CR = f"{{{CONSENT_POLICY_NAMESPACE}}}"
+_CF = f"{{{CONSENT_FORMAT_NAMESPACE}}}"
 
 TRANS_HANDLING = _CR + "trans-handling"
+"""The key :class:`Permissions` combines both spellings of trans-handling under."""
+TRANS_HANDLING_TAGS = frozenset({TRANS_HANDLING, _CF + "trans-handling"})
 TRANS_HANDLING_ORDER: Mapping[str, int] = {"deny": 0, "grant": 1}
+_SCOPED_CONDITIONS = frozenset({_CR + "target", _CF + "target", _CF + "recipient", _CR + "methods"})
 
 PermissionValue = bool | int | str
 
@@ -60,6 +82,7 @@ class RequestContext:
     method: str | None
     now: datetime
     sender_domain: str | None = None
+    recipient: str | None = None
 
     def domain(self) -> str | None:
         if self.sender_domain is not None:
@@ -84,17 +107,43 @@ class Permissions:
         return value if isinstance(value, str) else None
 
 
+@dataclass(frozen=True)
+class PermissionScope:
+    """What a Permission URI was minted for (seed §4, §8): one recipient, one list,
+    the methods its CONSENT asked for. See the module doc."""
+
+    recipient: str
+    list_uri: str
+    methods: tuple[str, ...]
+
+    def covers(self, context: RequestContext) -> bool:
+        """Whether ``context`` is a request this scope speaks for."""
+        if context.target_list is None or context.method not in self.methods:
+            return False
+        if normalize_identity(context.target_list) != normalize_identity(self.list_uri):
+            return False
+        return context.recipient is None or normalize_identity(
+            context.recipient
+        ) == normalize_identity(self.recipient)
+
+
 def now_from_clock(clock: IReactorTime) -> datetime:
     """``now`` for :class:`RequestContext` from an injectable Twisted clock."""
     return datetime.fromtimestamp(clock.seconds(), UTC)
 
 
 def normalize_identity(uri: str) -> str:
-    """Lower-case the scheme and host of ``scheme:user@host;params`` (see module doc)."""
+    """``scheme:user@host[:port]`` of a URI, scheme and host lower-cased (module doc).
+
+    The canonical form identities, recipients and XUIs are compared by: parameters
+    and headers after the host are dropped (they say how to reach a party, not who
+    it is); a port stays, since it names another server."""
     scheme, colon, rest = uri.strip().partition(":")
     if not colon:
         return uri.strip()
     user, at, host = rest.rpartition("@")
+    for separator in (";", "?"):
+        host = host.partition(separator)[0]
     return f"{scheme.lower()}:{user}{at}{host.lower()}"
 
 
@@ -113,12 +162,21 @@ def _domain_of(uri: str) -> str | None:
 def _identity_matches(identity: etree._Element, context: RequestContext) -> bool:
     if context.sender is None:
         return False
-    sender = normalize_identity(context.sender)
-    domain = context.domain()
+    return _one_of(identity, context.sender, context.domain())
+
+
+def _uri_matches(identity: etree._Element, uri: str | None) -> bool:
+    """An RFC 5361 ``recipient``/``target``: ``cp:one``/``cp:many`` against ``uri``."""
+    return uri is not None and _one_of(identity, uri, _domain_of(uri))
+
+
+def _one_of(identity: etree._Element, uri: str, domain: str | None) -> bool:
+    """Whether a ``cp:identity``-typed element's children admit ``uri``."""
+    wanted = normalize_identity(uri)
     for child in identity:
-        if child.tag == _CP + "one" and normalize_identity(child.get("id", "")) == sender:
+        if child.tag == _CP + "one" and normalize_identity(child.get("id", "")) == wanted:
             return True
-        if child.tag == _CP + "many" and _many_matches(child, sender, domain):
+        if child.tag == _CP + "many" and _many_matches(child, wanted, domain):
             return True
         # Anything else (comments, extensions) does not match.
     return False
@@ -187,6 +245,10 @@ def _condition_matches(condition: etree._Element, context: RequestContext) -> bo
         return _identity_matches(condition, context)
     if tag == _CP + "validity":
         return _validity_matches(condition, context.now)
+    if tag == _CF + "target":
+        return _uri_matches(condition, context.target_list)
+    if tag == _CF + "recipient":
+        return _uri_matches(condition, context.recipient)
     if tag == _CR + "target":
         uri = condition.get("uri")
         return (
@@ -214,7 +276,7 @@ def rule_matches(rule: etree._Element, context: RequestContext) -> bool:
 
 def _value_of(element: etree._Element) -> PermissionValue | None:
     text = (element.text or "").strip()
-    if element.tag == TRANS_HANDLING:
+    if element.tag in TRANS_HANDLING_TAGS:
         return text if text in TRANS_HANDLING_ORDER else None
     if text in ("", "true"):
         return True  # an empty element is a boolean permission that is present
@@ -238,9 +300,12 @@ def _combine(name: str, old: PermissionValue | None, new: PermissionValue) -> Pe
     return old  # mismatched types: keep the first value seen
 
 
-def evaluate(ruleset: etree._Element, context: RequestContext) -> Permissions:
-    """Combine the permissions of every rule that matches ``context`` (RFC 4745 §10)."""
-    if ruleset.tag != _CP + "ruleset":
+def evaluate(
+    ruleset: etree._Element, context: RequestContext, scope: PermissionScope | None = None
+) -> Permissions:
+    """Combine the permissions of every rule that matches ``context`` (RFC 4745 §10),
+    within ``scope`` for a document stored at a Permission URI (module doc)."""
+    if ruleset.tag != _CP + "ruleset" or (scope is not None and not scope.covers(context)):
         return Permissions()
     values: dict[str, PermissionValue] = {}
     matched: list[str] = []
@@ -248,6 +313,7 @@ def evaluate(ruleset: etree._Element, context: RequestContext) -> Permissions:
         if not rule_matches(rule, context):
             continue
         matched.append(rule.get("id", ""))
+        handled = False
         for container in ("actions", "transformations"):
             section = rule.find(_CP + container)
             if section is None:
@@ -256,10 +322,13 @@ def evaluate(ruleset: etree._Element, context: RequestContext) -> Permissions:
                 if not isinstance(permission.tag, str):
                     continue
                 value = _value_of(permission)
-                if value is not None:
-                    values[permission.tag] = _combine(
-                        permission.tag, values.get(permission.tag), value
-                    )
+                if value is None:
+                    continue
+                name = TRANS_HANDLING if permission.tag in TRANS_HANDLING_TAGS else permission.tag
+                handled = handled or name == TRANS_HANDLING
+                values[name] = _combine(name, values.get(name), value)
+        if scope is not None and not handled:
+            values[TRANS_HANDLING] = _combine(TRANS_HANDLING, values.get(TRANS_HANDLING), "grant")
     return Permissions(values, tuple(matched))
 
 
@@ -269,11 +338,46 @@ def is_permitted(
     target_list: str | None,
     method: str | None,
     now: datetime,
+    *,
+    recipient: str | None = None,
+    scope: PermissionScope | None = None,
 ) -> bool:
-    """May ``sender`` reach the document owner through ``target_list`` with ``method``?
+    """May ``sender`` reach ``recipient`` (the document owner) through ``target_list``
+    with ``method``?
 
-    True when the combined ``cr:trans-handling`` is ``grant``.  This is the one call
-    the SIP consent check needs.
+    True when the combined trans-handling is ``grant``.  This is the one call the SIP
+    consent check needs; ``scope`` is that of a Permission-URI document.
     """
-    context = RequestContext(sender, target_list, method, now)
-    return evaluate(ruleset, context).trans_handling == "grant"
+    context = RequestContext(sender, target_list, method, now, recipient=recipient)
+    return evaluate(ruleset, context, scope).trans_handling == "grant"
+
+
+def check_scope(root: etree._Element, scope: PermissionScope) -> None:
+    """Refuse a Permission-URI document with a rule that could never apply there.
+
+    Everything such a document says is read within ``scope`` (module doc), so the
+    plain form needs no target, recipient or methods. A rule whose ``target``,
+    ``recipient`` or ``cr:methods`` names another list, another recipient or only
+    methods that were not asked for would silently grant nothing: its writer meant
+    something this URI cannot give, so it is a 409 ``constraint-failure``.
+    """
+    contexts = [
+        RequestContext(None, scope.list_uri, method, _EPOCH, recipient=scope.recipient)
+        for method in scope.methods
+    ]
+    for rule in root.iterchildren(_CP + "rule"):
+        conditions = rule.find(_CP + "conditions")
+        for condition in () if conditions is None else conditions:
+            if condition.tag not in _SCOPED_CONDITIONS:
+                continue
+            if not any(_condition_matches(condition, context) for context in contexts):
+                what = etree.QName(condition).localname
+                raise XCAPError(
+                    409,
+                    CONSTRAINT_FAILURE,
+                    f"rule {rule.get('id')!r}: its {what} is not what this Permission URI"
+                    f" was minted for ({scope.list_uri}; {' '.join(scope.methods)})",
+                )
+
+
+_EPOCH = datetime.fromtimestamp(0, UTC)

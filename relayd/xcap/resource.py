@@ -33,7 +33,6 @@ thread-safe, usages.py); bodies are bounded by ``max_body_bytes`` first.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +41,10 @@ from xml.sax.saxutils import escape
 
 from lxml import etree
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -56,6 +57,7 @@ from relayd.xcap.auth import (
     Unauthorized,
     XCAPAuthorizer,
     bound_consent,
+    consent_scope,
     redact_document,
 )
 from relayd.xcap.errors import (
@@ -65,7 +67,7 @@ from relayd.xcap.errors import (
     XCAPError,
     percent_encoded,
 )
-from relayd.xcap.policy import RequestContext, evaluate, now_from_clock
+from relayd.xcap.policy import RequestContext, check_scope, evaluate, now_from_clock
 from relayd.xcap.store import (
     GLOBAL_XUI,
     ConsentState,
@@ -84,7 +86,6 @@ from relayd.xcap.usages import (
     XCAP_ELEMENT_MIME_TYPE,
     XCAP_NAMESPACE_MIME_TYPE,
     ApplicationUsage,
-    check_consent_scope,
     xcap_caps_document,
 )
 from relayd.xcap.xml import (
@@ -96,16 +97,18 @@ from relayd.xcap.xml import (
     serialize_element,
 )
 
-DocumentCheck = Callable[[sel.DocumentSelector, bytes], None]
-"""A check of a document about to be stored, by the application that reads it."""
+DocumentNote = tuple[bytes, str]
+"""``(body, content type)`` a successful write is answered with instead of no body."""
+
+DocumentCheck = Callable[[sel.DocumentSelector, bytes], DocumentNote | None]
+"""A check of a document about to be stored, by the application that reads it: it
+raises :class:`XCAPError` to refuse the write, or returns a note on what it will make
+of the document (clients that expect no body on a 200/201 may ignore it)."""
 
 MAX_WRITE_ATTEMPTS = 3
 """Read-modify-write rounds before a node write gives up with 503 (module docstring)."""
 
 RETRY_AFTER_SECONDS = 1
-
-DISCARD_FACTOR = 16
-"""Oversized bodies up to this multiple of the limit are read (and dropped) for a 413."""
 
 READ_METHODS = ("GET", "HEAD")
 WRITE_METHODS = ("PUT", "DELETE")
@@ -386,8 +389,6 @@ class XCAPResource(Resource):
     def _read_body(self, request: Request, usage: ApplicationUsage, uri: sel.XCAPURI) -> bytes:
         """The request body after the 413 and 415 checks (RFC 4825 §§8.2.1-8.2.4)."""
         limit = self.max_body_bytes
-        if getattr(request, "body_too_large", False):
-            raise XCAPError(413, None, f"body exceeds {limit} bytes")
         length = _header(request, "Content-Length")
         if length is not None:
             try:
@@ -473,7 +474,7 @@ class XCAPResource(Resource):
         if uri.node is None:
             root = parse_document(body, self.max_body_bytes)
             self._validate(usage, root, consent)
-            self._check_document(document, body)
+            note = self._check_document(document, body)
             try:
                 write = await self.store.put_document(
                     document.auid,
@@ -486,7 +487,7 @@ class XCAPResource(Resource):
             except PreconditionFailed:
                 raise XCAPError(412, None, "precondition failed") from None
             await self._after_write(consent, root)
-            return Response(201 if write.created else 200, etag=write.etag)
+            return _written(201 if write.created else 200, write.etag, note)
         node = uri.node
 
         def put_node(root: etree._Element) -> tuple[etree._Element, bool]:
@@ -588,7 +589,7 @@ class XCAPResource(Resource):
                 raise XCAPError(
                     409, CONSTRAINT_FAILURE, f"document would exceed {self.max_body_bytes} bytes"
                 )
-            self._check_document(document, new_body)
+            note = self._check_document(document, new_body)
             try:
                 write: DocumentWrite = await self.store.put_document(
                     document.auid, xui, document.document, new_body, if_match=stored.etag
@@ -600,7 +601,7 @@ class XCAPResource(Resource):
                 )
                 continue
             await self._after_write(consent, root)
-            return Response(201 if created else 200, etag=write.etag)
+            return _written(201 if created else 200, write.etag, note)
         raise XCAPError(503, None, "too many concurrent writers")
 
     def _validate(
@@ -609,12 +610,11 @@ class XCAPResource(Resource):
         """Usage rules (RFC 4825 §5), plus the Permission-URI scope (consent spec §(c))."""
         usage.validate(root)
         if consent is not None:
-            check_consent_scope(root, consent.list_uri)
+            check_scope(root, consent_scope(consent))
 
-    def _check_document(self, document: sel.DocumentSelector, body: bytes) -> None:
+    def _check_document(self, document: sel.DocumentSelector, body: bytes) -> DocumentNote | None:
         check = self.document_checks.get(document.auid)
-        if check is not None:
-            check(document, body)
+        return check(document, body) if check is not None else None
 
     async def _after_write(
         self, consent: PendingConsent | None, root: etree._Element | None
@@ -634,11 +634,16 @@ class XCAPResource(Resource):
         answers: set[str | None] = {None}
         if root is not None:
             now = now_from_clock(self.clock)
+            scope = consent_scope(consent)
             answers = {
                 evaluate(
-                    root, RequestContext(consent.sender, consent.list_uri, method, now)
+                    root,
+                    RequestContext(
+                        consent.sender, scope.list_uri, method, now, recipient=scope.recipient
+                    ),
+                    scope,
                 ).trans_handling
-                for method in consent.methods or ("MESSAGE",)
+                for method in scope.methods
             }
         if answers == {"grant"}:
             state = ConsentState.GRANTED
@@ -697,7 +702,10 @@ def _redact_path(path: str) -> str:
 
 
 def _peer(request: Request) -> str:
-    address: Any = request.getClientAddress()
+    return _address_text(request.getClientAddress())
+
+
+def _address_text(address: Any) -> str:
     host = getattr(address, "host", None)
     return f"{host}:{getattr(address, 'port', '?')}" if host is not None else str(address)
 
@@ -705,6 +713,13 @@ def _peer(request: Request) -> str:
 def _parse_stored(stored: StoredDocument) -> etree._Element:
     # Stored documents were validated on the way in; only the size bound is relaxed.
     return parse_document(stored.body, max(len(stored.body), 1))
+
+
+def _written(status: int, etag: str, note: DocumentNote | None) -> Response:
+    """A write's success response, carrying the document check's note if it made one."""
+    if note is None:
+        return Response(status, etag=etag)
+    return Response(status, note[0], note[1], etag=etag)
 
 
 def _check_document_conditions(stored: StoredDocument | None, conditions: _Conditions) -> None:
@@ -753,66 +768,228 @@ def _scope_namespaces(root: etree._Element, node: sel.NodeSelector) -> dict[str 
 
 # -- the Site ------------------------------------------------------------------------
 
+DEFAULT_MAX_HEADER_BYTES = 16384
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10
+DEFAULT_MAX_CONNECTIONS = 256
+
+REFUSAL_LINGER_SECONDS = 2
+"""How long a refused connection may stay open for the client to read its answer."""
+
 
 class XCAPRequest(Request):
     """A request that buffers at most the site's ``max_body_bytes`` of body.
 
-    twisted.web reads the whole body before rendering.  Up to
-    :data:`DISCARD_FACTOR` times the limit is read and thrown away, so the client
-    gets a proper 413 from the resource; a body declared or sent beyond that is not
-    worth the bandwidth, and the connection is dropped without an answer.
+    A declared ``Content-Length`` over the limit never gets here (the channel answers
+    413 at once); a chunked body is counted as it arrives and refused the same way the
+    moment it passes the limit.
     """
 
-    log = logger()
-    body_too_large = False
+    channel: XCAPChannel
     _body_bytes = 0
 
-    def _limit(self) -> int:
-        site = getattr(self.channel, "site", None)
-        return int(getattr(site, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
-
-    def _too_large(self, size: int) -> None:
-        if not self.body_too_large:
-            self.body_too_large = True
-            self.content = io.BytesIO()
-        if size > DISCARD_FACTOR * self._limit():
-            transport = self.channel.transport if self.channel is not None else None
-            if transport is not None and not getattr(transport, "disconnecting", False):
-                self.log.warn(
-                    "XCAP request body of {size} bytes from {peer}: connection dropped",
-                    size=size,
-                    peer=_peer(self),
-                )
-                transport.loseConnection()
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit():
-            self._too_large(length)
-            return
-        super().gotLength(length)
-
     def handleContentChunk(self, data: bytes) -> None:
+        if self.channel.refused:
+            return
         self._body_bytes += len(data)
-        if self.body_too_large or self._body_bytes > self._limit():
-            self._too_large(self._body_bytes)
+        if self._body_bytes > self.channel.site.max_body_bytes:
+            self.channel.refuse(413, f"body of more than {self.channel.site.max_body_bytes} bytes")
             return
         super().handleContentChunk(data)
 
 
-class XCAPSite(Site):
-    """The XCAP site: bounded bodies, idle timeout, no access log.
+class XCAPChannel(HTTPChannel):
+    """HTTP/1.1 for the XCAP site, with an answer at once for every limit.
 
-    twisted.web's access log would write every request path, Permission-URI tokens
-    included; the resource logs each request itself with the token redacted.
+    twisted.web closes an over-long header line without a word, reads a body it is
+    going to refuse, and lets a client trickle its request head one byte per idle
+    timeout for ever.  Here, with the :class:`XCAPSite`'s limits:
+
+    * a ``Content-Length`` above ``max_body_bytes`` is 413 as soon as the head is
+      read, before any of the body (RFC 9110 §15.5.14); a chunked body, the moment
+      it passes the limit;
+    * a request line or header block above ``max_header_bytes`` is 414 or 431
+      (RFC 9110 §15.5.15, RFC 6585 §5);
+    * the request head must be complete ``header_timeout_seconds`` after the
+      connection opens or the previous response went out, else 408 (RFC 9110
+      §15.5.9); a connection that sent nothing of a next request is just closed;
+    * beyond ``max_connections`` open connections, a new one is aborted at once.
+
+    A refused connection is closed: what follows on it cannot be framed.  Its
+    answer goes first, the client's further bytes are read and dropped for up to
+    :data:`REFUSAL_LINGER_SECONDS` so that a close with unread data (a TCP reset)
+    does not destroy the answer, then it is aborted.
     """
 
+    site: XCAPSite
+    log = logger()
+    refused = False
+    _admitted = False
+    _head_started = False
+    _head_timer: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        if not self.site.admit():
+            self.refused = True
+            self._transport.abortConnection()
+            return
+        self._admitted = True
+        self.MAX_LENGTH = self.totalHeadersSize = self.site.max_header_bytes
+        super().connectionMade()
+        self._await_head()
+
+    @property
+    def _transport(self) -> Any:
+        return self.transport
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_head_timer()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        if self._admitted:
+            self._admitted = False
+            self.site.release()
+        super().connectionLost(reason)
+
+    # -- the request head ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self._head_timer is not None:
+            self._head_started = True
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse_head()
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        limit = self.site.max_header_bytes
+        if self._receivedHeaderSize == 0:
+            self.refuse(414, f"request line of more than {limit} bytes")
+        else:
+            self.refuse(431, f"request head of more than {limit} bytes")
+
+    def allHeadersReceived(self) -> None:
+        self._stop_head_timer()
+        limit = self.site.max_body_bytes
+        if self.length is not None and self.length > limit:
+            self.refuse(413, f"Content-Length {self.length} above {limit}")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self.refused:
+            super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # Before the base class replays what the client pipelined: that may be the
+        # next head already, which stops the timer again.
+        if self.persistent and not self.refused:
+            self._await_head()
+        super().requestDone(request)
+
+    def _await_head(self) -> None:
+        self._stop_head_timer()
+        self._head_started = False
+        self._head_timer = self.callLater(self.site.header_timeout_seconds, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._head_started:
+            self.refuse(408, f"no request head in {self.site.header_timeout_seconds} s")
+        else:
+            self.loseConnection()  # idle between requests: nothing to answer
+
+    # -- refusing --------------------------------------------------------------------
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` with ``Connection: close`` and close (class docstring)."""
+        if self.refused:
+            return
+        self.refused = True
+        self._stop_head_timer()
+        self.log.warn(
+            "XCAP request from {peer} refused {status}: {reason}",
+            peer=_address_text(self._transport.getPeer()),
+            status=status,
+            reason=reason,
+        )
+        phrase = RESPONSES.get(status, b"Refused")
+        self._transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, phrase)
+        )
+        half_close = getattr(self._transport, "loseWriteConnection", None)
+        if self.isSecure() or half_close is None:
+            self.loseConnection()  # TLS: close_notify, and reads go on until the peer's
+        else:
+            half_close()
+        self._linger = self.callLater(REFUSAL_LINGER_SECONDS, self._transport.abortConnection)
+
+
+class XCAPSite(Site):
+    """The XCAP site: bounded bodies, heads and connections; no access log.
+
+    HTTP/1.1 only (:class:`XCAPChannel`; no HTTP/2 upgrade, whose framing would
+    bypass these limits).  twisted.web's access log would write every request path,
+    Permission-URI tokens included; the resource logs each request itself with the
+    token redacted.
+    """
+
+    protocol = XCAPChannel  # type: ignore[assignment]
     requestFactory: ClassVar[Any] = XCAPRequest  # type: ignore[misc]
+    events = logger()  # ``log`` is the access log, switched off below
 
     def __init__(
-        self, resource: XCAPResource, *, timeout_seconds: float = 60, max_body_bytes: int
+        self,
+        resource: XCAPResource,
+        *,
+        max_body_bytes: int,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        timeout_seconds: float = 60,
+        reactor: IReactorTime | None = None,
     ) -> None:
-        super().__init__(resource, timeout=timeout_seconds)
+        super().__init__(resource, timeout=timeout_seconds, reactor=reactor)
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout_seconds = header_timeout_seconds
+        self.max_connections = max_connections
+        self.connections = 0
+        self._full = False
+
+    def admit(self) -> bool:
+        """Count a new connection in, or say it is one too many (logged once per spell)."""
+        if self.connections >= self.max_connections:
+            if not self._full:
+                self._full = True
+                self.events.warn(
+                    "XCAP has {count} connections open, its limit: refusing new ones",
+                    count=self.connections,
+                )
+            return False
+        self.connections += 1
+        return True
+
+    def release(self) -> None:
+        self.connections -= 1
+        if self._full and self.connections < self.max_connections:
+            self._full = False
+            self.events.info("XCAP accepts connections again")
 
     def log(self, request: Any) -> None:
         pass

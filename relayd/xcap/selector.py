@@ -15,7 +15,10 @@ Node selector grammar implemented (§6.3)::
 
 Unprefixed element names are in the application usage's default namespace (§6.3),
 unprefixed attribute names in no namespace.  Positions count element siblings that
-pass the name test, before the attribute test is applied, as in XPath.
+pass the name test, before the attribute test is applied, as in XPath.  ``position``
+is ``1*DIGIT`` in §6.3, so ``[0]`` is valid syntax; like XPath's ``[0]`` it selects
+nothing (404 for GET and DELETE, 409 ``cannot-insert`` for PUT: no write can make
+the URI select what was written, §8.2.5).
 
 The operations enforce the idempotency rule of §8.2.5: after a PUT the same URI must
 select exactly what was written (else 409 ``cannot-insert``), after a DELETE it must
@@ -256,8 +259,6 @@ def parse_node_selector(
             raise _bad_request(f"unsupported node selector step {part!r}")
         name = match["name"]
         position = int(match["position"]) if match["position"] is not None else None
-        if position == 0:
-            raise _bad_request("positions start at 1")
         test = None
         if match["attr"] is not None:
             test = AttributeTest(
@@ -323,6 +324,8 @@ def parse_xcap_uri(
 
 
 def _apply_step(parent: etree._Element, step: Step) -> list[etree._Element]:
+    if step.position == 0:
+        return []
     candidates = [child for child in parent.iterchildren() if step.name_matches(child)]
     if step.position is not None:
         candidates = candidates[step.position - 1 : step.position]
@@ -399,6 +402,12 @@ def render_namespace_bindings(element: etree._Element) -> bytes:
 # -- modification ------------------------------------------------------------------
 
 
+def _check_can_select(selector: NodeSelector) -> None:
+    """A step at position 0 selects nothing, whatever is written (§8.2.5)."""
+    if any(step.position == 0 for step in selector.steps):
+        raise XCAPError(409, CANNOT_INSERT, "position 0 selects nothing")
+
+
 def _no_parent(root: etree._Element, steps: tuple[Step, ...]) -> XCAPError:
     """409 no-parent naming the deepest prefix of ``steps`` that selects one element."""
     ancestor = ""
@@ -449,6 +458,7 @@ def put_element(root: etree._Element, selector: NodeSelector, element: etree._El
         raise XCAPError(405, None, "namespace bindings are read-only")
     if selector.attribute is not None:
         raise XCAPError(409, CANNOT_INSERT, "attribute selector used for an element")
+    _check_can_select(selector)
     matches = _evaluate(root, selector.steps)
     if len(matches) > 1:
         raise XCAPError(404, None, "node selector selects more than one element")
@@ -516,6 +526,7 @@ def put_attribute(root: etree._Element, selector: NodeSelector, value: str) -> b
     name = selector.attribute
     if name is None:
         raise XCAPError(409, CANNOT_INSERT, "not an attribute selector")
+    _check_can_select(selector)
     matches = _evaluate(root, selector.steps)
     if not matches:
         raise _no_parent(root, selector.steps)

@@ -22,13 +22,19 @@ wins and the other fails with :class:`PreconditionFailed` (HTTP 412).
 Pending consents (consent spec §(b) rate limits): at most one *open* (``pending``)
 record per (sender, list, recipient); opening it again refreshes it, keeping its id
 and permission token so the sender gets the same wait-permission URI.
+
+Registrations (RFC 3261 §10.3) are kept here too, one row per contact of an AOR, so
+that a restarted relay still reaches every registered UA. They are the registrar's
+working copy on disk, not documents: their writes announce no :class:`StoreChange`.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import secrets
 import sqlite3
+import stat
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -42,7 +48,8 @@ from zope.interface import Interface, implementer
 from relayd.logs import logger
 
 GLOBAL_XUI = ""
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: documents and consents; 2: registrations (``bindings``)."""
 
 ETagCondition = str | Collection[str] | None
 _T = TypeVar("_T")
@@ -75,6 +82,23 @@ class PendingConsent:
     created: float
     expires: float
     state: ConsentState = ConsentState.PENDING
+
+
+@dataclass(frozen=True)
+class StoredBinding:
+    """One contact registered for ``aor`` (RFC 3261 §10.3), keyed by its URI.
+
+    ``contact`` is the Contact value without ``expires``; ``expires`` is POSIX seconds
+    from the registrar's clock, which the store never reads itself.
+    """
+
+    aor: str
+    uri: str
+    contact: str
+    expires: float
+    call_id: str
+    cseq: int
+    q: float = 1.0
 
 
 class StoredDocument(NamedTuple):
@@ -182,6 +206,20 @@ class IPermissionStore(Interface):
     def delete_consent(consent_id: str) -> Deferred[bool]:
         """Remove a record; False when the id is unknown."""
 
+    def save_bindings(
+        aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
+    ) -> Deferred[None]:
+        """In one transaction, write ``bindings`` (of ``aor``; a contact URI already
+        stored is replaced) and delete the contacts of ``aor`` whose URIs are ``removed``.
+        A refresh of one contact is one row written."""
+
+    def list_bindings(now: float, limit: int) -> Deferred[list[StoredBinding]]:
+        """At most ``limit`` bindings with ``expires > now``, by AOR: what a restarted
+        registrar starts from. An expired binding is never returned."""
+
+    def expire_bindings(now: float) -> Deferred[int]:
+        """Delete the bindings with ``expires <= now``; how many there were."""
+
     def add_listener(listener: Listener) -> None:
         """Call ``listener(change)`` after each committed change."""
 
@@ -251,6 +289,7 @@ class MemoryPermissionStore:
     def __init__(self) -> None:
         self._documents: dict[tuple[str, str, str], StoredDocument] = {}
         self._consents: dict[str, PendingConsent] = {}
+        self._bindings: dict[tuple[str, str], StoredBinding] = {}
         self._listeners = _Listeners()
 
     @staticmethod
@@ -418,6 +457,27 @@ class MemoryPermissionStore:
             self._listeners.emit([StoreChange("consent", consent=record)])
         return defer.succeed(record is not None)
 
+    def save_bindings(
+        self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
+    ) -> Deferred[None]:
+        for uri in removed:
+            self._bindings.pop((aor, uri), None)
+        for binding in bindings:
+            self._bindings[(aor, binding.uri)] = replace(binding, aor=aor)
+        return defer.succeed(None)
+
+    def list_bindings(self, now: float, limit: int) -> Deferred[list[StoredBinding]]:
+        live = sorted(
+            (b for b in self._bindings.values() if b.expires > now), key=lambda b: (b.aor, b.uri)
+        )
+        return defer.succeed(live[: max(0, limit)])
+
+    def expire_bindings(self, now: float) -> Deferred[int]:
+        expired = [key for key, b in self._bindings.items() if b.expires <= now]
+        for key in expired:
+            del self._bindings[key]
+        return defer.succeed(len(expired))
+
     def add_listener(self, listener: Listener) -> None:
         self._listeners.add(listener)
 
@@ -457,6 +517,18 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS consents_recipient ON consents (recipient)",
     """CREATE INDEX IF NOT EXISTS consents_pending_expiry
         ON consents (expires) WHERE state = 'pending'""",
+    # Version 2.
+    """CREATE TABLE IF NOT EXISTS bindings (
+        aor TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        contact TEXT NOT NULL,
+        expires REAL NOT NULL,
+        call_id TEXT NOT NULL,
+        cseq INTEGER NOT NULL,
+        q REAL NOT NULL,
+        PRIMARY KEY (aor, uri)
+    )""",
+    "CREATE INDEX IF NOT EXISTS bindings_expiry ON bindings (expires)",
 )
 
 _CONSENT_COLUMNS = (
@@ -473,6 +545,10 @@ def _open_connection(connection: sqlite3.Connection) -> None:
 
     WAL plus ``synchronous=FULL`` makes every committed transaction durable (the WAL
     is fsynced at commit), so a crash or ``kill -9`` loses nothing acknowledged.
+
+    Schema changes are additive: every table and index is created if missing, so an
+    older file gains what a newer version added and is then marked with its number;
+    a file marked newer than this code is refused.
     """
     connection.execute("PRAGMA journal_mode=WAL").fetchone()
     connection.execute("PRAGMA synchronous=FULL")
@@ -487,6 +563,8 @@ def _open_connection(connection: sqlite3.Connection) -> None:
             connection.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
         elif version > SCHEMA_VERSION:
             raise StoreSchemaError(f"database schema {version} is newer than {SCHEMA_VERSION}")
+        elif version < SCHEMA_VERSION:
+            connection.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
@@ -528,6 +606,7 @@ class SQLitePermissionStore:
 
     def __init__(self, path: str, reactor: IReactorThreads | IReactorTime) -> None:
         self._path = path
+        self._restrict_files()
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
@@ -539,6 +618,37 @@ class SQLitePermissionStore:
             cp_reactor=reactor,
         )
         self._listeners = _Listeners()
+
+    def _restrict_files(self) -> None:
+        """The store and its ``-wal``/``-shm`` files are 0600: they hold every user's
+        rules and lists and the Permission-URI tokens.
+
+        The database is created here, 0600 and empty, before SQLite opens it; SQLite
+        gives the ``-wal`` and ``-shm`` files it creates the database's mode.  Files of
+        ours left wider by an older relayd are tightened, with a log line; files of
+        another owner are theirs to set.  Runs once, before anything is served.
+        """
+        try:
+            descriptor = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.fchmod(descriptor, 0o600)  # whatever the umask
+            os.close(descriptor)
+        for name in (self._path, self._path + "-wal", self._path + "-shm"):
+            try:
+                info = os.stat(name)
+            except FileNotFoundError:
+                continue
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & 0o077 == 0 or info.st_uid != os.geteuid():
+                continue
+            os.chmod(name, 0o600)
+            self.log.warn(
+                "Store file {path} had mode {mode}; changed it to 0600",
+                path=name,
+                mode=f"{mode:04o}",
+            )
 
     def _interact(self, interaction: Callable[..., _T], *args: object) -> Deferred[_T]:
         result: Deferred[_T] = self._pool.runInteraction(interaction, *args)
@@ -772,6 +882,44 @@ class SQLitePermissionStore:
             return True, [StoreChange("consent", consent=record)]
 
         return self._write(delete)
+
+    def save_bindings(
+        self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
+    ) -> Deferred[None]:
+        rows = [(aor, b.uri, b.contact, b.expires, b.call_id, b.cseq, b.q) for b in bindings]
+
+        def save(txn: Any) -> tuple[None, list[StoreChange]]:
+            for uri in removed:
+                txn.execute("DELETE FROM bindings WHERE aor = ? AND uri = ?", (aor, uri))
+            for row in rows:
+                txn.execute(
+                    "INSERT INTO bindings (aor, uri, contact, expires, call_id, cseq, q)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (aor, uri) DO UPDATE"
+                    " SET contact = excluded.contact, expires = excluded.expires,"
+                    " call_id = excluded.call_id, cseq = excluded.cseq, q = excluded.q",
+                    row,
+                )
+            return None, []
+
+        return self._write(save)
+
+    def list_bindings(self, now: float, limit: int) -> Deferred[list[StoredBinding]]:
+        def read(txn: Any) -> list[StoredBinding]:
+            txn.execute(
+                "SELECT aor, uri, contact, expires, call_id, cseq, q FROM bindings"
+                " WHERE expires > ? ORDER BY aor, uri LIMIT ?",
+                (now, max(0, limit)),
+            )
+            return [StoredBinding(*row) for row in txn.fetchall()]
+
+        return self._interact(read)
+
+    def expire_bindings(self, now: float) -> Deferred[int]:
+        def expire(txn: Any) -> tuple[int, list[StoreChange]]:
+            txn.execute("DELETE FROM bindings WHERE expires <= ?", (now,))
+            return int(txn.rowcount), []
+
+        return self._write(expire)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.add(listener)

@@ -8,35 +8,43 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
 ``consent-rules``
     Permission documents of the consent relay: Common Policy (RFC 4745,
     ``urn:ietf:params:xml:ns:common-policy``, ``application/auth-policy+xml``, as
-    RFC 5025 pres-rules) extended by relayd's namespace
-    ``urn:relayd:params:xml:ns:consent-policy`` (prefix ``cr`` by convention):
+    RFC 5025 pres-rules) with RFC 5361's elements
+    (``urn:ietf:params:xml:ns:consent-rules``: conditions ``recipient`` and ``target``,
+    action ``trans-handling``) and relayd's namespace
+    ``urn:relayd:params:xml:ns:consent-policy`` (prefix ``cr`` by convention) for
+    what the RFCs do not cover:
 
-    * condition ``<cr:target uri="sip:friends@relay.example"/>``: the request is sent
-      to that list URI;
     * condition ``<cr:methods><cr:method>MESSAGE</cr:method></cr:methods>``: the
       request method is one of those listed;
-    * action ``<cr:trans-handling>grant</cr:trans-handling>`` (``deny`` < ``grant``):
-      relaying is permitted when the combined value is ``grant``; modelled on the
-      RFC 5361 action of the same name.
+    * ``<cr:target uri="…"/>`` and ``<cr:trans-handling>``: relayd's spellings from
+      before RFC 5361 support, read as the RFC's ``target`` and ``trans-handling``.
+
+    What a document at a Permission URI may say is :func:`relayd.xcap.policy.check_scope`.
 
     Rule ``id`` values are unique within the ruleset.
 ``resource-lists``
     RFC 4826 lists (``urn:ietf:params:xml:ns:resource-lists``,
-    ``application/resource-lists+xml``).  Uniqueness per RFC 4826 §3.4.4: ``list``
-    names among siblings, and within one list the ``entry`` URIs, ``entry-ref`` refs
-    and ``external`` anchors.  URIs are compared as exact strings (stricter URI
-    equivalence is left to the SIP side).
+    ``application/resource-lists+xml``).  The constraints of RFC 4826 §3.4.5:
+    uniqueness of ``list`` names among siblings and, within one list, of the ``entry``
+    URIs, ``entry-ref`` refs and ``external`` anchors (compared as exact strings);
+    an ``entry-ref`` is a relative HTTP URI below the XCAP root, an ``external``
+    anchor an absolute HTTP(S) URI.  Nothing more: entries may use any URI scheme
+    and lists need no name.  Which lists the relay routes is the SIP side's business
+    (``relayd.sip.urilist``); it never makes a document unstorable.
 ``xcap-caps``
     RFC 4825 §12 server capabilities, generated from this registry, read-only.
 
 Schemas live in ``relayd/xcap/schemas`` (see the README there) and are compiled once
-per process.  lxml validators are not shared across threads: validate on one thread
-(the reactor's).
+per process, when the XCAP service starts (:func:`load_schemas`): a reinstall that
+replaces the package's files under a running daemon must not break validation, and an
+installation without them must not start.  lxml validators are not shared across
+threads: validate on one thread (the reactor's).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +64,8 @@ from relayd.xcap.xml import make_parser
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 COMMON_POLICY_NAMESPACE = "urn:ietf:params:xml:ns:common-policy"
+CONSENT_FORMAT_NAMESPACE = "urn:ietf:params:xml:ns:consent-rules"
+"""RFC 5361's permission document elements (recipient, target, trans-handling)."""
 CONSENT_POLICY_NAMESPACE = "urn:relayd:params:xml:ns:consent-policy"
 RESOURCE_LISTS_NAMESPACE = "urn:ietf:params:xml:ns:resource-lists"
 XCAP_CAPS_NAMESPACE = "urn:ietf:params:xml:ns:xcap-caps"
@@ -77,6 +87,16 @@ def load_schema(file_name: str) -> etree.XMLSchema:
     """Compile a shipped schema; imports resolve only to files next to it."""
     document = etree.parse(str(SCHEMA_DIR / file_name), make_parser())
     return etree.XMLSchema(document)
+
+
+def load_schemas(usages: Iterable[ApplicationUsage]) -> None:
+    """Compile every schema ``usages`` validate with, now (see the module docstring).
+
+    Raises OSError or :class:`lxml.etree.LxmlError` for a missing or broken file.
+    """
+    for usage in usages:
+        if usage.schema_file is not None:
+            load_schema(usage.schema_file)
 
 
 @dataclass(frozen=True)
@@ -174,7 +194,7 @@ def _list_path(element: etree._Element) -> str:
 
 
 def _check_resource_lists(root: etree._Element) -> None:
-    """RFC 4826 §3.4.4 uniqueness constraints."""
+    """RFC 4826 §3.4.5 uniqueness constraints."""
     conflicts: list[Exists] = []
     containers = [root, *root.iter(_RL_LIST)]
     for container in containers:
@@ -191,29 +211,7 @@ def _check_resource_lists(root: etree._Element) -> None:
 
 
 _CR_TARGET = _clark(CONSENT_POLICY_NAMESPACE, "target")
-_CP_CONDITIONS = _clark(COMMON_POLICY_NAMESPACE, "conditions")
-
-
-def check_consent_scope(root: etree._Element, list_uri: str) -> None:
-    """Refuse a permission document that reaches beyond the list it was minted for.
-
-    A Permission URI (consent spec §(c)) authorises one (recipient, list) pair, so
-    every rule must carry a ``cr:target`` naming exactly that list; a rule without
-    one would grant relaying through every list.  409 ``constraint-failure``.
-    """
-    for rule in root.iterchildren(_CP_RULE):
-        conditions = rule.find(_CP_CONDITIONS)
-        targets = [] if conditions is None else list(conditions.iterchildren(_CR_TARGET))
-        if not targets or any(t.get("uri") != list_uri for t in targets):
-            raise XCAPError(
-                409,
-                CONSTRAINT_FAILURE,
-                f"rule {rule.get('id')!r} must be limited to target {list_uri}",
-            )
-
-
 _CP_ONE = "{urn:ietf:params:xml:ns:common-policy}one"
-_RL_ENTRY = "{urn:ietf:params:xml:ns:resource-lists}entry"
 
 
 def _require_sip_uris(root: etree._Element, tag: str, attribute: str, what: str) -> None:
@@ -236,8 +234,65 @@ def _check_consent_rules(root: etree._Element) -> None:
     _require_sip_uris(root, _CP_ONE, "id", "identity")
 
 
-def _check_list_entries(root: etree._Element) -> None:
-    _require_sip_uris(root, _RL_ENTRY, "uri", "entry")
+# RFC 3986 §2: unreserved, reserved and percent-encoded octets; nothing else.
+_URI_TEXT = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+\Z")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _entry_ref_problem(ref: str) -> str | None:
+    """Why ``ref`` is not a relative HTTP URI resolving below the XCAP root, or None.
+
+    A scheme, an authority (``//host``) or an absolute path would leave the root,
+    and so would ``..`` segments climbing above it."""
+    if not _URI_TEXT.match(ref):
+        return "is not a URI reference (RFC 3986 characters, percent-encoded)"
+    if _SCHEME.match(ref):
+        return "must be relative to the XCAP root, not an absolute URI"
+    if ref.startswith("/"):
+        return "must be relative to the XCAP root, not start with /"
+    depth = 0
+    for segment in re.split(r"[?#]", ref, maxsplit=1)[0].split("/"):
+        depth += -1 if segment == ".." else 0 if segment in ("", ".") else 1
+        if depth < 0:
+            return "must stay below the XCAP root (.. climbs above it)"
+    return None
+
+
+def _external_problem(anchor: str) -> str | None:
+    """Why ``anchor`` is not an absolute HTTP(S) URI, or None."""
+    if not _URI_TEXT.match(anchor):
+        return "is not a URI (RFC 3986 characters, percent-encoded)"
+    scheme, colon, rest = anchor.partition(":")
+    if not colon or scheme.lower() not in ("http", "https") or not rest.startswith("//"):
+        return "must be an absolute http: or https: URI"
+    if not rest[2:].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]:
+        return "must name a host"
+    return None
+
+
+_RL_REFERENCES = (
+    (_RL_ENTRY_REF, "ref", _entry_ref_problem),
+    (_RL_EXTERNAL, "anchor", _external_problem),
+)
+
+
+def _check_list_references(root: etree._Element) -> None:
+    """RFC 4826 §3.4.5: an ``entry-ref`` ref is a relative HTTP URI whose base is the
+    XCAP root; an ``external`` anchor is an absolute HTTP URI.  Violations are 409
+    ``constraint-failure`` naming the node."""
+    for tag, attribute, problem in _RL_REFERENCES:
+        for element in root.iter(tag):
+            value = element.get(attribute, "")
+            reason = problem(value)
+            if reason is not None:
+                parent = element.getparent()
+                path = _list_path(parent) if parent is not None else ""
+                local = etree.QName(element).localname
+                raise XCAPError(
+                    409,
+                    CONSTRAINT_FAILURE,
+                    f"{path}/{local}/@{attribute} {value[:200]!r} {reason}",
+                )
 
 
 CONSENT_RULES = ApplicationUsage(
@@ -257,7 +312,7 @@ RESOURCE_LISTS = ApplicationUsage(
     root_element=_clark(RESOURCE_LISTS_NAMESPACE, "resource-lists"),
     schema_file="resource-lists.xsd",
     uniqueness_check=_check_resource_lists,
-    constraint_check=_check_list_entries,
+    constraint_check=_check_list_references,
 )
 
 XCAP_CAPS = ApplicationUsage(
@@ -299,7 +354,7 @@ def xcap_caps_document(usages: Mapping[str, ApplicationUsage] = USAGES) -> bytes
     namespaces = etree.SubElement(root, ns + "namespaces")
     known = {usage.default_namespace for usage in usages.values()}
     if CONSENT_RULES_AUID in usages:
-        known.add(CONSENT_POLICY_NAMESPACE)
+        known |= {CONSENT_FORMAT_NAMESPACE, CONSENT_POLICY_NAMESPACE}
     for namespace in sorted(known):
         etree.SubElement(namespaces, ns + "namespace").text = namespace
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8")

@@ -87,6 +87,27 @@ def _syntax_detail(exc: etree.XMLSyntaxError) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else "parse error"
 
 
+_POSITION_SUFFIX = re.compile(r",? line \d+, column \d+\Z")
+
+
+def _fragment_detail(exc: etree.XMLSyntaxError, body: bytes, opening: int) -> str:
+    """libxml2's message with the position in the client's own body.
+
+    The body was parsed after an ``opening`` of that many bytes on its first line
+    (quoteattr keeps it to one line), so only first-line columns move; an error in
+    the closing wrapper is reported at the end of the body.  Columns count bytes,
+    from 1, as libxml2 does.
+    """
+    line, column = exc.position if exc.position else (1, 1)
+    if line == 1:
+        column = max(column - opening, 1)
+    end = (body.count(b"\n") + 1, len(body) - body.rfind(b"\n"))
+    line, column = min((line, column), end)
+    message = _POSITION_SUFFIX.sub("", exc.msg or "parse error")
+    message = message.replace(_FRAGMENT_WRAPPER, "the end of the body")
+    return f"{message[:160]} at line {line}, column {column}"
+
+
 def parse_document(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> etree._Element:
     """Parse a whole XCAP document body and return its root element.
 
@@ -121,11 +142,13 @@ def parse_fragment(
     _check_size(body, max_bytes)
     _check_utf8(body)
     _check_no_dtd(body, NOT_XML_FRAG)
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]  # libxml2 does not count it in columns either
+    # A declaration may not appear inside the wrapper; blanking it keeps every byte
+    # of the client's body where it was, so errors point into it.
     declaration = _XML_DECLARATION.match(body)
     if declaration is not None:
-        body = body[declaration.end() :]
-    elif body.startswith(b"\xef\xbb\xbf"):
-        body = body[3:]
+        body = b" " * declaration.end() + body[declaration.end() :]
     declarations = []
     for prefix, uri in (namespaces or {}).items():
         attr = "xmlns" if prefix is None else f"xmlns:{prefix}"
@@ -135,7 +158,7 @@ def parse_fragment(
     try:
         wrapper = etree.fromstring(opening + body + closing, make_parser())
     except etree.XMLSyntaxError as exc:
-        raise XCAPError(409, NOT_XML_FRAG, _syntax_detail(exc)) from None
+        raise XCAPError(409, NOT_XML_FRAG, _fragment_detail(exc, body, len(opening))) from None
     elements = [child for child in wrapper if isinstance(child.tag, str)]
     texts = [wrapper.text, *(child.tail for child in wrapper)]
     if len(elements) != 1 or any(text and text.strip() for text in texts):

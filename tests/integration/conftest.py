@@ -27,6 +27,7 @@ from relayd.testing import (
     relay_service,
     write_users,
 )
+from relayd.users import UsersFile
 
 USERS = {"alice": "wonderland", "bob": "builder", "carol": "singer", "mallory": "evil"}
 REALM = "relayd-test"
@@ -41,6 +42,7 @@ class RunningRelay:
     relay: MSRPRelay
     host: str
     port: int
+    users: UsersFile
 
     @property
     def uri(self) -> str:
@@ -81,7 +83,7 @@ async def start_relay(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[RelayFacto
         msrp = service.getServiceNamed("msrp")
         ports = await msrp.listening.addTimeout(5, reactor)
         address: Any = ports[0].getHost()
-        instance = RunningRelay(service, msrp, msrp.relay, host, address.port)
+        instance = RunningRelay(service, msrp, msrp.relay, host, address.port, prepared.users)
         running.append(instance)
         return instance
 

@@ -8,6 +8,7 @@ account) or with its own digest credentials on its own documents.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
@@ -40,11 +41,11 @@ from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.uri import NameAddr
 from relayd.testing import (
     RelayPKI,
-    answer_challenge,
     consent_rule,
     prepared_relay,
     relay_config_overrides,
     relay_service,
+    sip_credentials,
     uac_request,
 )
 from relayd.testing import (
@@ -54,6 +55,7 @@ from relayd.testing import grant_document as granting_rules
 from relayd.testing import write_users as write_users_file
 from relayd.tokens import redact
 from relayd.xcap.client import XCAPClient, document_path, node_path
+from relayd.xcap.usages import CONSENT_RULES_AUID
 
 from .conftest import Capability
 
@@ -114,6 +116,8 @@ class UA:
     incoming: DeferredQueue[SIPRequest] = field(default_factory=DeferredQueue)
     waiting: dict[str, Deferred[SIPResponse]] = field(default_factory=dict)
     local_port: int = 0
+    contact_port: int = 0
+    """The port its Contact names, when not the one it sends from (a UA behind a NAT)."""
     _write: Callable[[bytes], None] | None = None
     _closer: Callable[[], object] | None = None
     cseq: int = 0
@@ -124,7 +128,8 @@ class UA:
 
     @property
     def contact(self) -> str:
-        return f"<sip:{self.user}@{HOST}:{self.local_port};transport={self.transport.lower()}>"
+        port = self.contact_port or self.local_port
+        return f"<sip:{self.user}@{HOST}:{port};transport={self.transport.lower()}>"
 
     def feed(self, message: SIPRequest | SIPResponse) -> None:
         if isinstance(message, SIPResponse):
@@ -180,7 +185,7 @@ class UA:
             response: SIPResponse = await waiter.addTimeout(TIMEOUT, reactor)
             if not authenticate:
                 return response
-            authorization = answer_challenge(
+            authorization = sip_credentials(
                 response, method=method, uri=uri, username=self.user, password=USERS[self.user]
             )
             if authorization is None:
@@ -250,6 +255,22 @@ async def start_ua(user: str, transport: str, relay: Running, **kw: Any) -> UA:
         ua._closer = stream.transport.loseConnection
     relay.uas.append(ua)
     return ua
+
+
+def bind_udp_ua(user: str) -> UA:
+    """A UA on its own UDP port before any relay runs, so that a list can name it by
+    that port; :func:`attach_ua` points it at the relay once one is started."""
+    ua = UA(user, "UDP", 0)
+    listening = reactor.listenUDP(0, _UDP(ua), interface=HOST)
+    ua.local_port = listening.getHost().port
+    ua._write = lambda data: listening.write(data, (HOST, ua.relay_port))
+    ua._closer = listening.stopListening
+    return ua
+
+
+def attach_ua(ua: UA, relay: Running) -> None:
+    ua.relay_port = relay.udp_port
+    relay.uas.append(ua)
 
 
 # -- the relay --------------------------------------------------------------------------
@@ -404,6 +425,8 @@ async def test_figure_2_online_recipients(start: Start, transport: str) -> None:
     assert len(targets) == 2
     missing = first.headers.get_all("permission-missing")
     assert [NameAddr.parse(v).uri.format() for v in missing] == targets
+    # Alice owns the list: each consent URI names its member.
+    assert [NameAddr.parse(v).display_name for v in missing] == [BOB, CAROL]
     assert not [r for r in bob.received + carol.received if r.method == "MESSAGE"]
 
     permission: dict[str, str] = {}
@@ -491,6 +514,45 @@ async def test_figure_3_permission_server_for_offline_recipient(
     assert (await bob.next_request("MESSAGE")).body == b"hi bob"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_member_with_a_port_is_reached_at_that_port(start: Start, tmp_path: Path) -> None:
+    """A member written with a port is someone else's server on our host: its consent
+    URI, its record and every request keep the URI as the list writes it, and it is
+    routed to (RFC 3263), never looked up in our registrar."""
+    dave = bind_udp_ua("dave")
+    far_member = f"sip:dave@{HOST}:{dave.local_port}"
+    far = f"sip:far@{HOST}"
+    lists = tmp_path / "far.xml"
+    lists.write_text(
+        f'<resource-lists xmlns="{RL}"><list name="far"><entry uri="{far_member}"/></list>'
+        "</resource-lists>",
+        encoding="utf-8",
+    )
+    relay = await start(sip__lists=str(lists))
+    attach_ua(dave, relay)
+    alice = await start_ua("alice", "UDP", relay)
+
+    refused = await send_message(alice, far)
+    assert refused.status == 470
+    (target,) = consent_uris(refused)
+    assert relay.sip.relay.uris.parse_consent_user(NameAddr.parse(f"<{target}>").uri.user) == (
+        far,
+        far_member,
+    )
+    accepted = await ask_consent(alice, target)
+    assert accepted.status == 202
+    forwarded = await dave.next_request("CONSENT")
+    assert forwarded.uri.format() == far_member
+    permission = (forwarded.headers.get("permission") or "")[1:-1]
+    assert f"/consent-rules/users/{far_member}/p-" in permission
+    assert await relay.xcap.call("PUT", permission, grant_document(target=far)) == 201
+
+    relayed = await send_message(alice, far, b"hi dave")
+    assert relayed.status == 200, relayed
+    message = await dave.next_request("MESSAGE")
+    assert message.body == b"hi dave" and message.uri.format() == far_member
+
+
 @dataclass
 class SoloConsent:
     relay: Running
@@ -512,12 +574,61 @@ async def solo_consent(start: Start) -> SoloConsent:
     refused = await send_message(alice, SOLO)
     assert refused.status == 470
     (target,) = consent_uris(refused)
+    # The solo list is not alice's: who is on it stays hidden.
+    assert b"display-name" not in refused.body
+    assert NameAddr.parse(refused.headers.get("permission-missing") or "").display_name is None
     accepted = await ask_consent(alice, target)
     assert accepted.status == 202
     forwarded = await bob.next_request("CONSENT")
     waiting, pending = await subscribe(alice, call_info_uri(accepted))
     permission = (forwarded.headers.get("permission") or "")[1:-1]
     return SoloConsent(relay, alice, bob, waiting, pending, permission)
+
+
+PLAIN_PERMISSION = f"""<?xml version="1.0" encoding="UTF-8"?>
+<ruleset xmlns="{CP}">
+  <rule id="alice">
+    <conditions>
+      <identity><one id="{ALICE}"/></identity>
+      <validity><from>2020-01-01T00:00:00Z</from><until>2100-01-01T00:00:00Z</until></validity>
+    </conditions>
+  </rule>
+</ruleset>
+"""
+RFC5361_PERMISSION = f"""<?xml version="1.0" encoding="UTF-8"?>
+<cp:ruleset xmlns="urn:ietf:params:xml:ns:consent-rules" xmlns:cp="{CP}">
+  <cp:rule id="alice">
+    <cp:conditions>
+      <cp:identity><cp:one id="{ALICE}"/></cp:identity>
+      <recipient><cp:one id="{BOB}"/></recipient>
+      <target><cp:one id="{SOLO}"/></target>
+    </cp:conditions>
+    <cp:actions><trans-handling>grant</trans-handling></cp:actions>
+  </cp:rule>
+</cp:ruleset>
+"""
+
+
+@pytest.mark.parametrize("document", [PLAIN_PERMISSION, RFC5361_PERMISSION], ids=["seed", "5361"])
+@pytest_twisted.ensureDeferred
+async def test_the_seeds_plain_permission_at_the_permission_uri_delivers(
+    start: Start, document: str
+) -> None:
+    """Seed §4, §8: a permission names the sender; the Permission URI was minted for
+    bob, the solo list and MESSAGE, so that is what the plain form grants."""
+    solo = await solo_consent(start)
+    put = solo.relay.xcap.call("PUT", solo.permission, document.encode())
+    code, granted = await notify_after(solo.alice, solo.waiting.call_id, put)
+    assert code == 201
+    assert [e["state"] for e in status_entries(granted)] == ["granted"]
+    relayed = await send_message(solo.alice, SOLO, b"plainly permitted")
+    assert relayed.status == 200, relayed
+    assert (await solo.bob.next_request("MESSAGE")).body == b"plainly permitted"
+    # Only through the list it was minted for: on alice's friends list bob is missing.
+    friends = await send_message(solo.alice, LIST)
+    assert friends.status == 470
+    names = [NameAddr.parse(v).display_name for v in friends.headers.get_all("permission-missing")]
+    assert names == [BOB, CAROL]
 
 
 @pytest_twisted.ensureDeferred
@@ -843,6 +954,28 @@ async def test_waiting_subscriber_is_told_the_truth_after_a_restart(start: Start
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_registration_made_before_a_restart_delivers_after_it(start: Start) -> None:
+    first = await start()
+    bob = await start_ua("bob", "UDP", first)
+    await bob.register()
+    store = first.service.getServiceNamed("xcap").store
+    await store.put_document(CONSENT_RULES_AUID, BOB, "index", grant_document(target=SOLO))
+    await first.service.stopService()
+    first.service = _Stopped()
+
+    # Same data directory and UDP port, new store and registrar; bob stays silent.
+    listen = f"udp:{first.udp_port}:interface={HOST}\n" + "\n".join(
+        f"{kind}:0:interface={HOST}" for kind in ("tcp", "ssl")
+    )
+    second = await start(sip__listen=listen)
+    alice = await start_ua("alice", "UDP", second)
+    delivered = await send_message(alice, SOLO, b"after the restart")
+    assert delivered.status == 200, delivered
+    message = await bob.next_request("MESSAGE")
+    assert message.body == b"after the restart"
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_abandons_an_unanswered_notify(start: Start) -> None:
     """A NOTIFY still unanswered when the relay stops ends with its client transaction;
     a retransmission after the listeners closed could only fail (and log a traceback)."""
@@ -870,3 +1003,100 @@ async def test_stop_abandons_an_unanswered_notify(start: Start) -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert [formatEvent(e) for e in failures] == []
+
+
+class _Answering(Protocol):
+    """A connection accepted for a UA: the UA now answers over it."""
+
+    def __init__(self, ua: UA) -> None:
+        self.stream = _TCP(ua)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.stream.ua._write = self.transport.write
+
+    def dataReceived(self, data: bytes) -> None:
+        self.stream.dataReceived(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_behind_a_nat_is_reached_over_its_registering_connection(
+    start: Start,
+) -> None:
+    """RFC 5626 §5: requests for a contact registered over TCP take that connection while
+    it is open, the contact's own address (unreachable behind a NAT) only after."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    with socket.socket() as probe:  # a port where nothing listens, for now
+        probe.bind((HOST, 0))
+        unreachable = probe.getsockname()[1]
+    bob = await start_ua("bob", "TCP", relay, contact_port=unreachable)
+    await bob.register()
+    refused = await send_message(alice, SOLO)
+    assert refused.status == 470
+    (target,) = consent_uris(refused)
+    assert (await ask_consent(alice, target)).status == 202
+    consent = await bob.next_request("CONSENT")
+    permission = (consent.headers.get("permission") or "")[1:-1]
+    assert await relay.xcap.call("PUT", permission, grant_document(target=SOLO)) == 201
+    await deferLater(reactor, 0.05, lambda: None)
+    relayed = await send_message(alice, SOLO, b"through the flow")
+    assert relayed.status == 200, relayed
+    assert (await bob.next_request("MESSAGE")).body == b"through the flow"
+
+    # The connection is gone: the Contact is used, as for any registration.
+    closed = bob.close()
+    assert isinstance(closed, Deferred) or closed is None
+    await deferLater(reactor, 0.1, lambda: None)
+    factory = ServerFactory.forProtocol(lambda: _Answering(bob))
+    listening = reactor.listenTCP(unreachable, factory, interface=HOST)
+    try:
+        again = await send_message(alice, SOLO, b"to the contact")
+        assert again.status == 200, again
+        assert (await bob.next_request("MESSAGE")).body == b"to the contact"
+    finally:
+        await listening.stopListening()
+
+
+class _Silent(Protocol):
+    """A client that connects and says nothing (not even a TLS ClientHello)."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[float] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(time.monotonic())
+
+
+async def _connect_silent(port: int) -> _Silent:
+    client = _Silent()
+    await connectProtocol(TCP4ClientEndpoint(reactor, HOST, port), client)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_connect_that_never_handshakes_is_closed(start: Start) -> None:
+    relay = await start(sip__idle_timeout_seconds="1")
+    started = time.monotonic()
+    client = await _connect_silent(relay.tls_port)
+    closed_at = await client.lost.addTimeout(TIMEOUT, reactor)
+    assert 0.9 <= closed_at - started < 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_the_connection_cap_the_one_idle_the_longest_closes(start: Start) -> None:
+    relay = await start(sip__max_connections="2")
+    first = await _connect_silent(relay.tcp_port)
+    second = await _connect_silent(relay.tls_port)
+    await deferLater(reactor, 0.05, lambda: None)
+    assert first.transport is not None
+    first.transport.write(b"\r\n\r\n")  # a keep-alive (RFC 5626 §3.5.1): first is busy
+    await deferLater(reactor, 0.05, lambda: None)
+    third = await _connect_silent(relay.tcp_port)
+    await second.lost.addTimeout(TIMEOUT, reactor)
+    await deferLater(reactor, 0.1, lambda: None)
+    assert not first.lost.called and not third.lost.called
+    for client in (first, third):
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost

@@ -18,10 +18,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 
 from relayd.ctl import network
 from relayd.ctl.settings import Credentials, CtlError
+from relayd.digest import format_authentication_info, format_challenge
+from relayd.msrp.message import MSRPRequest, make_response
+from relayd.msrp.parser import MessageStart, MSRPParser
 from relayd.testing import (
     RelayPKI,
     prepared_relay,
@@ -29,8 +34,9 @@ from relayd.testing import (
     relay_service,
     write_users,
 )
+from relayd.users import RELOAD_CHECK_INTERVAL_SECONDS
 
-from .conftest import REALM, USERS, RelayFactory, RunningRelay, deferLater
+from .conftest import REALM, USERS, RelayFactory, RunningRelay
 
 pytestmark = pytest.mark.integration
 
@@ -247,6 +253,88 @@ async def test_auth_through_a_name_the_relay_does_not_answer_to_gives_a_hint(
     )
 
 
+@pytest_twisted.ensureDeferred
+async def test_auth_with_msrp_scheme_against_a_tls_port_says_use_msrps(
+    start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
+) -> None:
+    relay = await start_relay()
+    uri = f"msrp://127.0.0.1:{relay.port};tcp"
+    out, err, code = await relayctl(
+        environment(tmp_path), "auth", uri, *access(tmp_path, pki, "alice")
+    )
+    assert (code, out) == (1, "")
+    assert err == f"relayctl: {uri}: that port speaks TLS: use msrps://127.0.0.1:{relay.port};tcp\n"
+
+
+class _TerseRelay(protocol.Protocol):
+    """A relay that answers AUTH with a 401, then a 200 whose Authentication-Info
+    is ``info`` (None: no header at all, which RFC 2617 §3.2.3 allows)."""
+
+    def __init__(self, info: str | None) -> None:
+        self.info = info
+        self.parser = MSRPParser()
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.parser.feed(data):
+            if isinstance(event, MessageStart) and isinstance(event.message, MSRPRequest):
+                request = event.message
+                back = request.headers.get("From-Path") or ""
+                if "Authorization" not in request.headers:
+                    challenge = format_challenge(REALM, "bm9uY2U")
+                    response = make_response(
+                        request, 401, None, [("WWW-Authenticate", challenge)], to_path=back
+                    )
+                else:
+                    here = request.headers.get("To-Path") or ""
+                    extra = [("Use-Path", here.replace(";tcp", "/s1;tcp")), ("Expires", "600")]
+                    if self.info is not None:
+                        extra.append(("Authentication-Info", self.info))
+                    response = make_response(request, 200, None, extra, to_path=back)
+                transport: Any = self.transport
+                transport.write(response.to_bytes())
+
+
+async def _auth_against_terse_relay(pki: RelayPKI, info: str | None) -> str:
+    cert, key = pki.leaf("127.0.0.1")
+    factory = protocol.Factory.forProtocol(lambda: _TerseRelay(info))
+    endpoint = serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    )
+    port: Any = await endpoint.listen(factory)
+    uri = f"msrps://127.0.0.1:{port.getHost().port};tcp"
+    access = network.RelayAccess([uri], Credentials("alice", "pw"), pki.ca_pem)
+    out = io.StringIO()
+    try:
+        await defer.Deferred.fromCoroutine(network.run_auth(reactor, access, out)).addTimeout(
+            10, reactor
+        )
+    finally:
+        await port.stopListening()
+    return out.getvalue().replace(uri, "URI")
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_accepts_a_200_without_authentication_info_and_says_so(
+    pki: RelayPKI,
+) -> None:
+    out = await _auth_against_terse_relay(pki, None)
+    assert lines(out, "Expires: ") == ["600"]
+    assert lines(out, "Note: ") == [
+        "URI sent no Authentication-Info (optional in RFC 2617),"
+        " so it did not prove it knows the password"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_refuses_a_wrong_rspauth_in_one_line(pki: RelayPKI) -> None:
+    wrong = format_authentication_info(rspauth="0" * 32, cnonce="c", nc="00000001")
+    with pytest.raises(CtlError) as info:
+        await _auth_against_terse_relay(pki, wrong)
+    assert str(info.value).endswith(
+        ": relay's rspauth does not match: it did not prove it knows the password"
+    )
+
+
 class _Silent(protocol.Protocol):
     """Accepts a connection and never says a word (no TLS ServerHello)."""
 
@@ -290,6 +378,8 @@ async def test_adduser_then_auth_as_that_user(
     start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
 ) -> None:
     relay = await start_relay()
+    clock = Clock()
+    relay.users.use_clock(clock)
     env = environment(tmp_path)
     users = ["--users", users_path(relay), "--realm", REALM]
     out, err, code = await relayctl(env, "adduser", *users, "dave", "--generate")
@@ -302,7 +392,7 @@ async def test_adduser_then_auth_as_that_user(
     listed, _, _ = await relayctl(env, "users", "--users", users_path(relay))
     assert f"dave\t{REALM}\nerin\t{REALM}\n" in listed
     # The running relay picks the file up by itself (it re-stats at most once a second).
-    await deferLater(1.1)
+    clock.advance(RELOAD_CHECK_INTERVAL_SECONDS)
     for user, secret in (("dave", password), ("erin", "e1")):
         env_user = environment(tmp_path, RELAYCTL_PASSWORD=secret)
         out, err, code = await relayctl(
@@ -311,7 +401,7 @@ async def test_adduser_then_auth_as_that_user(
         assert (code, err) == (0, ""), user
     out, err, code = await relayctl(env, "deluser", *users, "dave")
     assert code == 0
-    await deferLater(1.1)
+    clock.advance(RELOAD_CHECK_INTERVAL_SECONDS)
     env_user = environment(tmp_path, RELAYCTL_PASSWORD=password)
     out, err, code = await relayctl(
         env_user, "auth", relay.uri, "--user", "dave", "--ca", pki.ca_path

@@ -22,7 +22,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
-from relayd.ctl.xcap import CONSENT_RULES_MIME_TYPE, CP, Session, make_rule, new_ruleset
+from relayd.ctl.documents import make_rule, new_ruleset
+from relayd.ctl.xcap import CONSENT_RULES_MIME_TYPE, CP, Session
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
 from relayd.testing import write_users as write_htdigest
 from relayd.xcap.client import XCAPClient, XCAPResponse
@@ -278,3 +279,54 @@ async def test_update_retries_after_412(relay: XCAPRelay) -> None:
     root = await relay.document("consent-rules")
     assert root is not None
     assert [r.get("id") for r in root] == ["rival", "mine"]
+
+
+SHARED = (
+    b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"'
+    b' xmlns:cr="urn:relayd:params:xml:ns:consent-policy">'
+    b'<list name="buddies"><entry uri="mailto:carol@example.test"/>'
+    b'<entry uri="sip:dave@example.test"/></list>'
+    b'<list><entry uri="sip:erin@example.test"/></list>'
+    b'<list name="far" cr:uri="sip:far@elsewhere.test"/></resource-lists>'
+)
+
+
+@async_test
+async def test_lists_say_what_the_relay_does_not_route(relay: XCAPRelay) -> None:
+    """A document another client shares is kept whole; relayctl says what is not routed."""
+    path = f"/xcap-root/resource-lists/users/{ALICE}/index"
+    other = relay.client()
+    try:
+        stored = await other.put(path, SHARED, "application/resource-lists+xml")
+    finally:
+        await other.close()
+    assert stored.status == 201, stored
+    listing = await relay.ctl("lists", "list")
+    assert listing.code == 0, listing
+    assert listing.out.splitlines()[4:] == [
+        "not routed: list buddies, entry mailto:carol@example.test:"
+        " mailto: URIs are not relayed (only sip: and sips:)",
+        "not routed: resource-lists/list[2]: a list without a name (or cr:uri) has no list URI",
+    ]
+    # Only the relay knows its domain: its answer to the write says the rest.
+    add = await relay.ctl("lists", "add", "buddies", "bob")
+    assert add.code == 0, add
+    assert add.out.splitlines() == [
+        "added 1 member to buddies",
+        "not routed: list buddies, entry mailto:carol@example.test:"
+        " mailto: URIs are not relayed (only sip: and sips:)",
+        "not routed: resource-lists/list[2]: a list without a name (or cr:uri) has no list URI",
+        f"not routed: list far: sip:far@elsewhere.test is not in domain {HOST}",
+    ]
+    shown = json.loads((await relay.ctl("lists", "show", "buddies", "--json")).out)
+    assert [m["uri"] for m in shown["members"]] == [
+        "mailto:carol@example.test",
+        "sip:dave@example.test",
+        BOB,
+    ]
+    assert [item["uri"] for item in shown["not_routable"]] == ["mailto:carol@example.test"]
+    refused = await relay.ctl("lists", "add", "new buddies", "bob")
+    assert refused.code == 1 and refused.err.count("\n") == 1, refused
+    assert "creates no list the relay cannot route" in refused.err
+    root = await relay.document("resource-lists")
+    assert root is not None and len(list(root.iter("{*}list"))) == 3

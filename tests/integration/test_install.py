@@ -1,8 +1,8 @@
 """twistd finds the ``msrprelay`` plugin after a plain and after an editable install.
 
-Each install goes into a fresh virtual environment (with the system site
-packages, for Twisted and friends) from a copy of the working tree, so the
-repository itself is never touched.  The system setuptools may be older than
+Each install goes into a fresh virtual environment (with the packages of the
+environment running the tests, for Twisted and friends) from a copy of the working
+tree, so the repository itself is never touched.  The system setuptools may be older than
 ``pyproject.toml`` asks for; pip then builds in an isolated environment with
 setuptools from the package index.
 """
@@ -67,7 +67,24 @@ def _venv(path: Path) -> Path:
         capture_output=True,
         timeout=60,
     )
-    return path / "bin" / "python"
+    python = path / "bin" / "python"
+    if sys.prefix != sys.base_prefix:
+        # Run from a virtual environment, "system" means the base interpreter, which
+        # lacks Twisted; the tests' own environment is appended instead.  Entries of a
+        # .pth file are added as they are: the .pth files inside them (an editable
+        # install of this repository) are not read.
+        inherited = {p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")}
+        site = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+        Path(site, "outer-environment.pth").write_text(
+            "".join(f"{entry}\n" for entry in sorted(inherited)), encoding="utf-8"
+        )
+    return python
 
 
 def _pip_install(python: Path, *target: str, cwd: Path) -> None:

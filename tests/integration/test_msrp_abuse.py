@@ -10,8 +10,10 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
+from relayd import testing
 from relayd.msrp.client import MSRPClientError, MSRPClientProtocol, connect
-from relayd.testing import RelayPKI
+from relayd.msrp.uri import MSRPURI
+from relayd.testing import RawProtocol, RelayPKI
 
 from .conftest import USERS, RecordingSink, RelayFactory, client, deferLater, path_to
 
@@ -26,27 +28,8 @@ def send(
     ).addTimeout(30, reactor)
 
 
-class RawProtocol(protocol.Protocol):
-    def __init__(self) -> None:
-        self.received = b""
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(None)
-
-
 async def raw_tls(relay: Any, pki: RelayPKI) -> RawProtocol:
-    from twisted.internet.endpoints import SSL4ClientEndpoint
-    from twisted.internet.ssl import Certificate, optionsForClientTLS
-
-    options = optionsForClientTLS("127.0.0.1", Certificate.loadPEM(pki.ca_pem))
-    endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", relay.port, options)
-    raw = RawProtocol()
-    await connectProtocol(endpoint, raw)
-    return raw
+    return await testing.raw_tls(reactor, "127.0.0.1", relay.port, pki.ca_pem)
 
 
 @pytest_twisted.ensureDeferred
@@ -171,9 +154,14 @@ async def test_stranger_cannot_use_relay_to_reach_a_third_party(
         TCP4ClientEndpoint(reactor, "127.0.0.1", tcp_port),
         MSRPClientProtocol("msrp://stranger.invalid:2855/s;tcp"),
     )
-    # 1. Through Alice's session towards a third party: goes to Alice, never out.
-    await send(stranger, [*alice_auth.use_path, evil], b"spam", message_id="s1")
-    await sink.wait("s1")
+    # 1. Through Alice's session towards a third party: refused and delivered
+    #    to nobody, neither out nor to Alice (RFC 4976 §6.4); towards the URI
+    #    Alice authenticated from, it reaches her.
+    with pytest.raises(MSRPClientError, match="403"):
+        await send(stranger, [*alice_auth.use_path, evil], b"spam", message_id="s1")
+    await send(stranger, path_to(alice, alice_auth), b"hello", message_id="s2")
+    assert await sink.wait("s2") == b"hello"
+    assert "s1" not in sink.messages
     # 2. Through two of the relay's sessions without owning the first: refused.
     with pytest.raises(MSRPClientError, match="403"):
         await send(stranger, [*alice_auth.use_path, *path_to(bob, bob_auth)], b"x")
@@ -186,7 +174,7 @@ async def test_stranger_cannot_use_relay_to_reach_a_third_party(
     core = relay.relay.core
     owner = f"msrps://127.0.0.1:{witness_port.getHost().port}/peer;tcp"
     peer_session = core.session_uri(
-        core.sessions.create_for_relay("127.0.0.1", "alice", 600, witness_port.getHost().port)
+        core.sessions.create_for_relay(MSRPURI.parse(owner), "alice", 600)
     )
     for sender, next_hop in [(stranger, evil), (stranger, owner), (alice, evil)]:
         with pytest.raises(MSRPClientError, match="403"):

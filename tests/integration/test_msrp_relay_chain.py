@@ -72,17 +72,37 @@ async def test_peer_relay_with_untrusted_certificate_cannot_forward(
     start_relay: RelayFactory, pki: RelayPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     # extra only trusts another CA: intra's client certificate fails the
-    # handshake, so the AUTH never reaches extra and Alice gets an error.
+    # handshake, so the AUTH never reaches extra and Alice gets an error that
+    # says TLS failed, not that a connection was lost (RFC 4975 §10: 403).
     other = make_pki(tmp_path_factory.mktemp("other-ca"))
     intra = await start_relay("127.0.0.1")
     extra = await start_relay("127.0.0.2", trust_peers=other.ca_path)
     alice = await connect(reactor, intra.uri, pki.ca_pem)
     first = await defer.Deferred.fromCoroutine(alice.auth([intra.uri], "alice", USERS["alice"]))
-    with pytest.raises(MSRPClientError, match="481"):
+    with pytest.raises(MSRPClientError, match="403 next hop failed TLS verification"):
         await defer.Deferred.fromCoroutine(
             alice.auth([*first.use_path, extra.uri], "alice", USERS["alice"])
         ).addTimeout(10, reactor)
     assert not [c for c in extra.relay.connections if c.peer_names]
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_hop_whose_certificate_we_refuse_is_reported_as_such(
+    start_relay: RelayFactory, pki: RelayPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # intra trusts only another CA: extra's certificate fails intra's check.
+    # The sender's REPORT says TLS failed (403), not "connection lost" (481).
+    other = make_pki(tmp_path_factory.mktemp("other-ca"))
+    intra = await start_relay("127.0.0.1", trust_peers=other.ca_path)
+    extra = await start_relay("127.0.0.2")
+    alice, alice_auth = await client(intra, "alice", trust=pki.ca_pem)
+    to_path = [*alice_auth.use_path, f"msrps://127.0.0.2:{extra.port}/x;tcp"]
+    await defer.Deferred.fromCoroutine(
+        alice.send_message(" ".join(to_path), b"hello", 5, message_id="tls")
+    ).addTimeout(10, reactor)
+    report = await alice.wait_report("tls").addTimeout(10, reactor)
+    assert report.headers.get("Status") == "000 403 next hop failed TLS verification"
+    assert report.headers.get("Byte-Range") == "1-5/5"
 
 
 @pytest_twisted.ensureDeferred

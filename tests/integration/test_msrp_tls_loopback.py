@@ -10,10 +10,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from relayd.msrp.client import MSRPClientError, MSRPClientProtocol
+from relayd.digest import answer_challenge, parse_auth_info
+from relayd.msrp.client import MSRPClientError, MSRPClientProtocol, connect
 from relayd.testing import RelayPKI
 
-from .conftest import RecordingSink, RelayFactory, client, deferLater, path_to
+from .conftest import USERS, RecordingSink, RelayFactory, client, deferLater, path_to
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,36 @@ async def test_auth_returns_use_path_and_expires(start_relay: RelayFactory, pki:
     assert auth.use_path[0].startswith(f"msrps://127.0.0.1:{relay.port}/")
     assert auth.expires_seconds == 1800
     assert "nextnonce" in protocol.last_auth_info
+    protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_without_digest_uri_as_blink_sends_it(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    # RFC 4976 §5.1's example and the Blink / SIP SIMPLE client stack send no
+    # uri=: the digest-uri is the To-Path URI, for the response and rspauth.
+    relay = await start_relay()
+    protocol = await connect(reactor, relay.uri, pki.ca_pem)
+    first = await protocol.request("AUTH", relay.uri).addTimeout(5, reactor)
+    assert first.code == 401
+    answer = answer_challenge(
+        first.headers.get("WWW-Authenticate") or "",
+        username="alice",
+        password=USERS["alice"],
+        method="AUTH",
+        uri=relay.uri,
+    )
+    # As msrplib does: no uri=, and the challenge's opaque copied unconditionally.
+    authorization = answer.authorization.replace(f'uri="{relay.uri}", ', "")
+    assert "uri=" not in authorization and "opaque=" in authorization
+    second = await protocol.request(
+        "AUTH", relay.uri, [("Authorization", authorization)]
+    ).addTimeout(5, reactor)
+    assert (second.code, second.comment) == (200, "OK")
+    assert (second.headers.get("Use-Path") or "").startswith(f"msrps://127.0.0.1:{relay.port}/")
+    info = parse_auth_info(second.headers.get("Authentication-Info") or "")
+    assert info["rspauth"] == answer.rspauth
     protocol.transport.loseConnection()  # type: ignore[union-attr]
 
 

@@ -19,9 +19,9 @@ from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from relayd.digest import DigestAuthenticator, ha1
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.endpoints import parse_endpoint
-from relayd.sip.auth import SIPAuthenticator, client_authorization
+from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.registrar import Registrar
@@ -76,10 +76,9 @@ async def server() -> AsyncIterator[Server]:
     await udp.stopService()
     await tcp.stopListening()
     registrar.stop()
-    # Pending Timer J/K calls hold no sockets; cancel them so the reactor stays clean.
-    for call in reactor.getDelayedCalls():
-        if call.func.__qualname__.startswith(("ServerTransaction", "ClientTransaction")):
-            call.cancel()
+    # As the service stops it: every transaction and timer queue (Timer J/K) ends, so
+    # the reactor is clean for the next module's checks.
+    transactions.stop()
     await deferLater(reactor, 0.01, lambda: None)
 
 
@@ -136,14 +135,14 @@ def register(
 def answer(challenge: SIPResponse, server_port: int, user: str = "alice", nc: int = 1) -> str:
     value = challenge.headers.get("www-authenticate")
     assert value is not None
-    return client_authorization(
+    return answer_challenge(
         value,
         method="REGISTER",
         uri=f"sip:127.0.0.1:{server_port}",
         username=user,
         password=PASSWORDS[user],
         nc=nc,
-    )
+    ).authorization
 
 
 async def next_response(queue: DeferredQueue[SIPResponse]) -> SIPResponse:

@@ -27,12 +27,12 @@ from twisted.python.failure import Failure
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.testing import (
-    answer_challenge,
     grant_document,
     make_pki,
     prepared_relay,
     relay_config_overrides,
     relay_service,
+    sip_credentials,
     uac_request,
     write_users,
 )
@@ -192,7 +192,7 @@ class UDPAgent(DatagramProtocol):
             response: SIPResponse = await waiter.addTimeout(TIMEOUT_SECONDS, reactor)
             if authorization is not None:
                 return response
-            authorization = answer_challenge(
+            authorization = sip_credentials(
                 response,
                 method=method,
                 uri=uri,

@@ -326,6 +326,7 @@ async def test_sipp_sender_and_members_through_consent(relay: Relay, players: Pl
     assert first.startswith("470 "), first
     consent = uris(first)
     assert len(consent) == 2 and all(uri.startswith("sip:consent-") for uri in consent)
+    assert re.findall(r'"([^"]+)" <', first) == [f"sip:{user}@{HOST}" for user in MEMBERS]
 
     # 3. CONSENT to each: 202 with a wait-permission URI. The relay forwards a CONSENT to
     #    the member with a Permission URI and Trigger-Consent (the consent URI).

@@ -109,6 +109,12 @@ async def test_twistd_runs_relay_from_config(tmp_path: Path, pki: RelayPKI) -> N
     assert code == 0 or signal_number == signal.SIGTERM, output
     assert "Server Shut Down" in output
     assert "Traceback" not in output
+    # Who the relay is comes first, then every listener.
+    introduction = output.index(
+        f"starting: hostname 127.0.0.1, realm {REALM}, SIP domain 127.0.0.1, store sqlite"
+    )
+    for listener in ("MSRP listening on ssl:", "XCAP listening on ssl:", "SIP listening on udp:"):
+        assert output.index(listener) > introduction, listener
 
 
 @pytest_twisted.ensureDeferred

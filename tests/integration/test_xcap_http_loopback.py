@@ -19,19 +19,23 @@ from lxml import etree
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from relayd.digest import ha1, parse_challenge, request_digest
+from relayd.digest import answer_challenge, parse_challenge
 from relayd.service import XCAPService
 from relayd.testing import (
+    RawProtocol,
     RelayPKI,
     TrustTestCA,
     prepared_relay,
+    raw_tls,
     relay_config_overrides,
     relay_service,
     write_users,
 )
+from relayd.xcap import usages
 from relayd.xcap.auth import permission_document_name
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
 from relayd.xcap.store import ConsentState, SQLitePermissionStore, StoreChange
@@ -99,21 +103,9 @@ class Reply:
 
 def digest_authorization(challenge: str, method: str, uri: str, user: str, password: str) -> str:
     """Answer a ``WWW-Authenticate: Digest`` challenge (RFC 2617 §3.2.2, qop=auth)."""
-    params = parse_challenge(challenge)
-    cnonce = secrets.token_hex(8)
-    response = request_digest(
-        ha1(user, params["realm"], password),
-        nonce=params["nonce"],
-        nc="00000001",
-        cnonce=cnonce,
-        qop="auth",
-        method=method,
-        uri=uri,
-    )
-    return (
-        f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}",'
-        f' uri="{uri}", response="{response}", qop=auth, nc=00000001, cnonce="{cnonce}"'
-    )
+    return answer_challenge(
+        challenge, username=user, password=password, method=method, uri=uri
+    ).authorization
 
 
 class XCAPClient:
@@ -189,6 +181,12 @@ class RunningXCAP:
     client: XCAPClient
     root: str
     changes: list[StoreChange]
+    port: int
+    ca_pem: bytes
+
+    async def raw(self) -> RawProtocol:
+        """A TLS connection on which the test speaks HTTP by hand."""
+        return await raw_tls(reactor, HOST, self.port, self.ca_pem)
 
     def path(self, xui: str = ALICE, name: str = "index", auid: str = "consent-rules") -> str:
         return f"{self.root}/{auid}/users/{xui}/{name}"
@@ -204,7 +202,9 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
     users = write_users(tmp_path / "users.htdigest", REALM, USERS)
 
     async def factory(
-        data_dir: str = "data", listen: str = f"ssl:0:interface={HOST}"
+        data_dir: str = "data",
+        listen: str = f"ssl:0:interface={HOST}",
+        **xcap_keys: str,
     ) -> RunningXCAP:
         overrides = relay_config_overrides(
             str(tmp_path / data_dir),
@@ -216,6 +216,7 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
                 ("xcap", "listen"): listen,
                 ("xcap", "admins"): "root",
                 ("xcap", "max_body_bytes"): str(MAX_BODY),
+                **{("xcap", name): value for name, value in xcap_keys.items()},
             },
         )
         service = relay_service(prepared_relay(overrides), reactor)
@@ -230,7 +231,7 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
         client = XCAPClient(f"{scheme}://{HOST}:{port}", pki.ca_pem)
         changes: list[StoreChange] = []
         xcap.store.add_listener(changes.append)
-        return RunningXCAP(service, xcap, client, "/xcap-root", changes)
+        return RunningXCAP(service, xcap, client, "/xcap-root", changes, port, pki.ca_pem)
 
     yield factory
     for service in running:
@@ -251,6 +252,22 @@ async def test_service_uses_sqlite_store_in_data_dir(start_xcap: StartXCAP, tmp_
     address: Any = running.xcap.ports[0].getHost()
     port = address.port
     assert running.xcap.public_url == f"https://{HOST}:{port}/xcap-root"
+
+
+@async_test
+async def test_put_after_schema_files_are_gone(
+    start_xcap: StartXCAP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editable reinstall removes the installed .xsd files under a running daemon."""
+    usages.load_schema.cache_clear()  # as in a fresh process
+    running = await start_xcap()
+    monkeypatch.setattr(usages, "SCHEMA_DIR", tmp_path / "removed")
+    assert (await running.client.put(running.path(), ruleset(rule("a")))).code == 201
+    lists = b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"/>'
+    put = await running.client.put(
+        running.path(auid="resource-lists"), lists, "application/resource-lists+xml"
+    )
+    assert put.code == 201
 
 
 @async_test
@@ -447,3 +464,176 @@ async def test_plain_http_on_loopback_when_configured(start_xcap: StartXCAP) -> 
     assert running.xcap.public_url.startswith(f"http://{HOST}:")
     reply = await running.client.put(running.path(), ruleset(rule("a")))
     assert reply.code == 201
+
+
+RL = "urn:ietf:params:xml:ns:resource-lists"
+# OpenXCAP's test document (RFC 4826 §3.3's example) plus what the relay cannot route.
+ENTRY_REF = (
+    "resource-lists/users/sip:bill@example.com/index/~~/resource-lists/"
+    "list%5b@name=%22list1%22%5d/entry%5b@uri=%22sip:petri@example.com%22%5d"
+)
+EXTERNAL = (
+    "http://xcap.example.org/resource-lists/users/sip:a@example.org/index/~~/"
+    "resource-lists/list%5b@name=%22mkting%22%5d"
+)
+SHARED_LISTS = f"""<?xml version="1.0" encoding="UTF-8"?>
+<resource-lists xmlns="{RL}">
+  <list name="friends">
+    <entry uri="sip:bill@example.com"><display-name>Bill Doe</display-name></entry>
+    <entry uri="mailto:bill@example.com"/>
+    <entry-ref ref="{ENTRY_REF}"/>
+    <list name="close-friends">
+      <entry uri="tel:+15551234"/>
+      <external anchor="{EXTERNAL}"/>
+    </list>
+  </list>
+  <list><entry uri="sip:joe@example.com"/></list>
+  <list name="work mates"><entry uri="http://example.com/~joe"/></list>
+</resource-lists>""".encode()
+
+ROUTABLE_LISTS = (
+    (SHARED_LISTS.split(b"\n  <list><entry")[0] + b"\n</resource-lists>")
+    .replace(b'\n    <entry uri="mailto:bill@example.com"/>', b"")
+    .replace(b'\n      <entry uri="tel:+15551234"/>', b"")
+)
+
+
+@async_test
+async def test_any_rfc4826_lists_document_is_stored_and_served(start_xcap: StartXCAP) -> None:
+    """Lists and entries the relay cannot route are kept; the PUT says which and why."""
+    running = await start_xcap()
+    client = running.client
+    path = running.path(auid="resource-lists")
+    put = await client.put(path, SHARED_LISTS, "application/resource-lists+xml")
+    assert put.code == 201, put
+    assert put.header("Content-Type") == "application/vnd.relayd.list-report+xml"
+    report = etree.fromstring(put.body)
+    items = [(item.get("node"), item.get("uri")) for item in report]
+    assert items == [
+        (
+            'resource-lists/list[@name="friends"]/entry[@uri="mailto:bill@example.com"]',
+            "mailto:bill@example.com",
+        ),
+        (
+            'resource-lists/list[@name="friends"]/list[@name="close-friends"]/entry[@uri="tel:+15551234"]',
+            "tel:+15551234",
+        ),
+        ("resource-lists/list[2]", None),
+        ('resource-lists/list[@name="work mates"]', None),
+        (
+            'resource-lists/list[@name="work mates"]/entry[@uri="http://example.com/~joe"]',
+            "http://example.com/~joe",
+        ),
+    ]
+    assert all(item.get("reason") for item in report)
+    get = await client.request("GET", path)
+    assert (get.code, get.body, get.etag) == (200, SHARED_LISTS, put.etag)
+    # A document the relay routes whole is answered as before: no body.
+    again = await client.put(path, ROUTABLE_LISTS, "application/resource-lists+xml")
+    assert (again.code, again.body, again.header("Content-Type")) == (200, b"", None)
+
+
+@async_test
+async def test_list_references_outside_the_root_are_refused(start_xcap: StartXCAP) -> None:
+    """RFC 4826 §3.4.5: entry-ref relative to the XCAP root, external absolute HTTP."""
+    running = await start_xcap()
+    path = running.path(auid="resource-lists")
+    for old, new in (
+        (b'ref="resource-lists/', b'ref="http://xcap.example.org/resource-lists/'),
+        (b'anchor="http://xcap.example.org/', b'anchor="resource-lists/'),
+    ):
+        body = ROUTABLE_LISTS.replace(old, new)
+        refused = await running.client.put(path, body, "application/resource-lists+xml")
+        assert (refused.code, refused.xcap_error()) == (409, "constraint-failure")
+    assert (await running.client.request("GET", path)).code == 404
+    stored = await running.client.put(path, ROUTABLE_LISTS, "application/resource-lists+xml")
+    assert (stored.code, stored.body) == (201, b"")
+
+
+# -- limits on the wire: answered at once, over real sockets -------------------------
+
+
+async def closed_within(raw: RawProtocol, seconds: float = TIMEOUT_SECONDS) -> bytes:
+    await raw.closed.addTimeout(seconds, reactor)
+    return raw.received
+
+
+def put_head(path: str, length: int) -> bytes:
+    return (
+        f"PUT {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {AUTH_POLICY}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+@async_test
+async def test_declared_oversized_body_is_413_before_it_is_sent(start_xcap: StartXCAP) -> None:
+    running = await start_xcap()
+    raw = await running.raw()
+    raw.send(put_head(running.path(), 100_000_000))  # and no body at all
+    started = reactor.seconds()
+    received = await closed_within(raw)
+    assert received.startswith(b"HTTP/1.1 413 "), received
+    assert reactor.seconds() - started < 2  # at once, not after a timeout
+    assert (await running.client.request("GET", running.path())).code == 404
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"X-Big: " + b"a" * 20_000 + b"\r\n", b"431"),
+        (b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 40) for i in range(400)), b"431"),
+    ],
+    ids=["one-long-line", "many-lines"],
+)
+@async_test
+async def test_oversized_header_block_is_answered_and_closed(
+    start_xcap: StartXCAP, head: bytes, status: bytes
+) -> None:
+    running = await start_xcap()
+    raw = await running.raw()
+    raw.send(f"GET {running.path()} HTTP/1.1\r\nHost: {HOST}\r\n".encode() + head)
+    received = await closed_within(raw)
+    assert received.startswith(b"HTTP/1.1 " + status + b" "), received
+
+
+@async_test
+async def test_trickling_head_is_cut_off(start_xcap: StartXCAP) -> None:
+    running = await start_xcap(header_timeout_seconds="1")
+    raw = await running.raw()
+    raw.send(f"GET {running.path()} HTTP/1.1\r\n".encode())
+    started = reactor.seconds()
+    sent = 0
+    while not raw.closed.called and reactor.seconds() - started < TIMEOUT_SECONDS:
+        await deferLater(reactor, 0.2, lambda: None)
+        if not raw.closed.called:
+            raw.send(b"X-Slow-%d: v\r\n" % sent)  # well inside the idle timeout
+            sent += 1
+    assert raw.closed.called
+    assert raw.received.startswith(b"HTTP/1.1 408 "), raw.received
+    assert 1 <= reactor.seconds() - started < 4
+    assert sent >= 3
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(int(TIMEOUT_SECONDS / 0.05)):
+        if condition():
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("condition not reached")
+
+
+@async_test
+async def test_connection_beyond_the_cap_is_closed(start_xcap: StartXCAP) -> None:
+    running = await start_xcap(max_connections="2")
+    site = running.xcap.site
+    first, second = await running.raw(), await running.raw()
+    await until(lambda: site.connections == 2)
+    third = await running.raw()
+    assert await closed_within(third) == b""
+    assert not first.closed.called and not second.closed.called
+    assert site.connections == 2
+
+    first.close()
+    await closed_within(first)
+    await until(lambda: site.connections == 1)
+    assert (await running.client.request("GET", running.path(), user=None)).code == 401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -14,15 +15,19 @@ from twisted.internet.task import Clock
 from relayd.digest import (
     MAX_HEADER_CHARS,
     MAX_PARAMS,
+    Challenge,
     DigestAuthenticator,
     DigestCredentials,
     DigestError,
     _parse_params_checked,
     _parse_params_fast,
+    answer_challenge,
     format_authentication_info,
     format_challenge,
     ha1,
+    is_stale,
     parse_credentials,
+    read_challenge,
     request_digest,
 )
 
@@ -62,6 +67,16 @@ def test_rfc2617_example_parses_to_expected_fields() -> None:
     )
 
 
+def test_uri_is_required_unless_the_protocol_supplies_one() -> None:
+    # RFC 4976 §5.1's AUTH example has no uri=: MSRP passes the To-Path URI.
+    header = RFC_HEADER.replace('uri="/dir/index.html", ', "")
+    with pytest.raises(DigestError, match="lack uri"):
+        parse_credentials(header)
+    assert parse_credentials(header, default_uri=URI).uri == URI
+    # A uri= that is there is never replaced.
+    assert parse_credentials(RFC_HEADER, default_uri=URI).uri == "/dir/index.html"
+
+
 def test_rfc2617_example_response_vector() -> None:
     h1 = ha1("Mufasa", "testrealm@host.com", "Circle Of Life")
     assert h1 == _md5("Mufasa:testrealm@host.com:Circle Of Life")
@@ -75,6 +90,96 @@ def test_rfc2617_example_response_vector() -> None:
         uri="/dir/index.html",
     )
     assert response == "6629fae49393a05397450978507c4ef1"
+
+
+# The client side.
+
+RFC_CHALLENGE = (
+    'Digest realm="testrealm@host.com", qop="auth,auth-int", '
+    'nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", opaque="5ccc069c403ebaf9f0171e9517f40e41"'
+)
+
+
+def test_answer_challenge_gives_the_rfc2617_example_response() -> None:
+    answer = answer_challenge(
+        RFC_CHALLENGE,
+        username="Mufasa",
+        password="Circle Of Life",
+        method="GET",
+        uri="/dir/index.html",
+        cnonce="0a4f113b",
+    )
+    # The RFC's own credentials, with the algorithm named.
+    expected = replace(parse_credentials(RFC_HEADER), algorithm="MD5")
+    assert parse_credentials(answer.authorization) == expected
+    h1 = _md5("Mufasa:testrealm@host.com:Circle Of Life")
+    ha2 = _md5(":/dir/index.html")
+    assert answer.rspauth == _md5(
+        f"{h1}:dcd98b7102dd2f0e8b11d0f600bfb0c093:00000001:0a4f113b:auth:{ha2}"
+    )
+
+
+def test_a_kept_challenge_counts_its_nonce_uses() -> None:
+    challenge = read_challenge(RFC_CHALLENGE)
+    counts = [
+        parse_credentials(
+            answer_challenge(
+                challenge, username="u", password="p", method="GET", uri="/"
+            ).authorization
+        ).nc
+        for _ in range(3)
+    ]
+    assert counts == ["00000001", "00000002", "00000003"] and challenge.uses == 3
+    pinned = answer_challenge(challenge, username="u", password="p", method="GET", uri="/", nc=9)
+    assert parse_credentials(pinned.authorization).nc == "00000009" and challenge.uses == 3
+
+
+def test_answers_are_accepted_by_the_authenticator_and_match_its_rspauth() -> None:
+    clock = Clock()
+    auth = _authenticator(clock)
+    challenge = read_challenge(auth.challenge(opaque="op"))
+    assert challenge.opaque == "op" and challenge.qop and not challenge.stale
+    for _ in range(2):
+        answer = answer_challenge(
+            challenge, username=USER, password=PASSWORD, method="AUTH", uri=URI
+        )
+        success = auth.verify("AUTH", parse_credentials(answer.authorization), expected_uri=URI)
+        info = auth.authentication_info(success)
+        assert f'rspauth="{answer.rspauth}"' in info
+    wrong = answer_challenge(challenge, username=USER, password="nope", method="AUTH", uri=URI)
+    with pytest.raises(DigestError):
+        auth.verify("AUTH", parse_credentials(wrong.authorization), expected_uri=URI)
+
+
+def test_a_challenge_without_qop_is_answered_the_rfc2069_way() -> None:
+    answer = answer_challenge(
+        'Digest realm="r", nonce="n"', username="u", password="p", method="GET", uri="/x"
+    )
+    cred = parse_credentials(answer.authorization)
+    assert (cred.qop, cred.nc, cred.cnonce, cred.opaque) == (None, None, None, None)
+    assert cred.response == _md5(f"{_md5('u:r:p')}:n:{_md5('GET:/x')}")
+
+
+@pytest.mark.parametrize(
+    ("challenge", "reason"),
+    [
+        ('Basic realm="r"', "not Digest"),
+        ('Digest realm="r"', "realm or nonce"),
+        ('Digest realm="r", nonce="n", algorithm=SHA-256', "unsupported algorithm"),
+        ('Digest realm="r", nonce="n", qop="auth-int"', "qop"),
+    ],
+)
+def test_read_challenge_refuses_what_it_cannot_answer(challenge: str, reason: str) -> None:
+    with pytest.raises(DigestError, match=reason):
+        read_challenge(challenge)
+
+
+def test_read_challenge_notes_stale() -> None:
+    stale = 'Digest realm="r", nonce="n", qop="auth", stale=TRUE'
+    assert read_challenge(stale) == Challenge("r", "n", None, True, True)
+    assert is_stale(stale)
+    assert not is_stale(stale.replace("TRUE", "false"))
+    assert not is_stale('Basic realm="r", stale=true') and not is_stale(None)
 
 
 # Header formatting.

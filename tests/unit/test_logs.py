@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import cast
 
 import pytest
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from relayd import logs
 
@@ -47,3 +47,37 @@ def test_the_level_applies_to_every_relayd_logger(events: list[LogEvent]) -> Non
 def test_unknown_level_is_refused() -> None:
     with pytest.raises(KeyError):
         logs.set_level("chatty")
+
+
+class _Forged:
+    """An object whose text carries what a client sent (as a parsed URI would)."""
+
+    def __str__(self) -> str:
+        return "sip:x@y\r\nforged"
+
+
+def test_control_characters_in_fields_are_escaped(events: list[LogEvent]) -> None:
+    log = logs.logger()
+    log.warn(
+        "{user} {uri} {header} {count} {raw}",
+        user="alice\r\n2026-01-01 [relayd] admin logged in",
+        uri=_Forged(),
+        header="a\x00b\x1b[31mred\x7f\u2028",
+        count=3,
+        raw=b"\r\n",
+    )
+    text = formatEvent(events[0])
+    assert "\n" not in text and "\r" not in text and "\x00" not in text and "\x1b" not in text
+    assert text == (
+        "alice\\r\\n2026-01-01 [relayd] admin logged in sip:x@y\\r\\nforged"
+        " a\\x00b\\x1b[31mred\\x7f\\u2028 3 b'\\r\\n'"
+    )
+    assert events[0]["count"] == 3
+
+
+def test_plain_fields_keep_their_type(events: list[LogEvent]) -> None:
+    log = logs.logger()
+    owner = _Owner()
+    log.info("{owner} {name}", owner=owner, name="bob")
+    assert events[0]["owner"] is owner
+    assert events[0]["name"] == "bob"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -28,7 +29,8 @@ from relayd.service import (
     listener_identity,
     prepare,
 )
-from relayd.testing import captured_log, make_intermediate_pki
+from relayd.testing import captured_log, consent_rule, consent_ruleset, make_intermediate_pki
+from relayd.xcap import usages
 
 
 class _UDPPort:
@@ -148,6 +150,45 @@ def test_busy_sip_port_closes_what_sip_had_bound(
     assert sip.ports == []  # the first SIP port was closed again
 
 
+# -- XCAP schemas ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_schemas() -> None:
+    """Nothing compiled yet, as in a new process."""
+    usages.load_schema.cache_clear()
+
+
+def test_xcap_schemas_are_compiled_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_schemas: None
+) -> None:
+    top = build_service(prepare(load_config(None, overrides(tmp_path))), BusyPorts())
+    top.privilegedStartService()
+    # A reinstall removes the package's files under the running daemon.
+    monkeypatch.setattr(usages, "SCHEMA_DIR", tmp_path / "removed")
+    document = etree.fromstring(consent_ruleset(consent_rule("a", "sip:b@x.test", "sip:l@x.test")))
+    usages.CONSENT_RULES.validate(document)
+    usages.RESOURCE_LISTS.validate(
+        etree.fromstring(b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"/>')
+    )
+    top.stopService()
+
+
+def test_missing_xcap_schemas_stop_start_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_schemas: None,
+    events: EventLoggingObserver,
+) -> None:
+    monkeypatch.setattr(usages, "SCHEMA_DIR", tmp_path / "removed")
+    reactor = BusyPorts()
+    top = build_service(prepare(load_config(None, overrides(tmp_path))), reactor)
+    with pytest.raises(ListenerError, match=r"^XCAP cannot load its XML schemas: ") as info:
+        top.privilegedStartService()
+    assert critical_lines(events) == [str(info.value)]
+    assert [port for port, *_ in reactor.tcpServers] == [22855]  # MSRP only; closed by twistd
+
+
 # -- prepare ---------------------------------------------------------------------------------
 
 
@@ -217,4 +258,20 @@ def test_extra_cert_chain_without_certificates_is_refused_by_prepare(tmp_path: P
         prepare(load_config(None, overrides(tmp_path, msrp__listen=listen)))
     assert str(info.value) == (
         f"command line: [msrp] listen: extraCertChain: {garbage}: no certificate found"
+    )
+
+
+def test_a_lists_file_entry_the_relay_cannot_route_stops_start(tmp_path: Path) -> None:
+    """The store keeps such entries (docs/consent.md); the file only defines routes."""
+    lists = tmp_path / "lists.xml"
+    lists.write_bytes(
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        b'<list name="staff"><entry uri="sip:bob@x.test"/><entry uri="mailto:bob@x.test"/>'
+        b"</list></resource-lists>"
+    )
+    with pytest.raises(ConfigError) as info:
+        prepare(load_config(None, overrides(tmp_path, sip__lists=str(lists))))
+    assert str(info.value).endswith(
+        '[sip] lists: resource-lists/list[@name="staff"]/entry[@uri="mailto:bob@x.test"]:'
+        " mailto: URIs are not relayed (only sip: and sips:)"
     )

@@ -12,6 +12,7 @@ from twisted.application.service import IServiceCollection, MultiService
 from twisted.python import usage
 
 import relayd.tap
+from relayd.config import example_ini
 from relayd.service import ListenerError, MSRPService, Prepared
 from relayd.tap import ConfigRefused, Options, makeService
 from relayd.testing import make_pki, write_users
@@ -279,3 +280,32 @@ def test_listener_error_ends_twistd_without_a_traceback(
     other = RuntimeError("a bug")
     sys.excepthook(RuntimeError, other, None)
     assert seen == [other]  # anything else keeps its traceback
+
+
+def test_help_names_the_three_services_and_their_default_listeners() -> None:
+    text = " ".join(str(Options()).split())
+    for fragment in (
+        "MSRP relay (RFC 4976)",
+        "ssl:2855:interface=127.0.0.1",
+        "SIP consent relay",
+        "udp:5060:interface=127.0.0.1 and tcp:5060:interface=127.0.0.1",
+        "permission store over HTTP (XCAP, RFC 4825)",
+        "ssl:4443:interface=127.0.0.1",
+        "--example-config",
+    ):
+        assert fragment in text, fragment
+
+
+def test_example_config_is_printed_and_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        Options().parseOptions(["--example-config"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed == example_ini()
+    # What it prints is a configuration the relay accepts as it is.
+    config = tmp_path / "relayd.ini"
+    config.write_text(printed, encoding="utf-8")
+    options = parse(tmp_path, "--config", str(config))
+    assert prepared(options).config.msrp.listen == ("ssl:2855:interface=127.0.0.1",)

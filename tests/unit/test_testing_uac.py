@@ -8,7 +8,7 @@ from relayd.digest import DigestAuthenticator, ha1
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, make_response
 from relayd.sip.parser import parse_datagram
-from relayd.testing import answer_challenge, uac_request
+from relayd.testing import sip_credentials, uac_request
 
 REALM = "relay.test"
 
@@ -46,11 +46,11 @@ def test_a_407_is_answered_with_credentials_the_relay_accepts() -> None:
     _, first = _request()
     challenge = relay.challenge(proxy=True)
     response = make_response(first, challenge.status, headers=challenge.headers)
-    answer = answer_challenge(
+    answer = sip_credentials(
         response, method="MESSAGE", uri="sip:list@relay.test", username="alice", password="pw"
     )
     assert answer is not None and answer[0] == "Proxy-Authorization"
     _, second = _request(answer)
     assert relay.authenticate(second, proxy=True).aor == "sip:alice@relay.test"
     ok = make_response(second, 200)
-    assert answer_challenge(ok, method="MESSAGE", uri="x", username="alice", password="pw") is None
+    assert sip_credentials(ok, method="MESSAGE", uri="x", username="alice", password="pw") is None

@@ -102,6 +102,18 @@ def test_external_change_seen_after_one_second(users_path: Path) -> None:
     assert users.lookup("carol", REALM) == _ha1("carol", REALM, "pw-c")
 
 
+def test_a_clock_given_later_times_the_checks(users_path: Path) -> None:
+    users = UsersFile(users_path)
+    clock = Clock()
+    clock.advance(100)
+    users.use_clock(clock)
+    UsersFile(users_path, clock).add_or_update("carol", REALM, "pw-c")
+    clock.advance(0.9)
+    assert users.lookup("carol", REALM) is None
+    clock.advance(0.1)
+    assert users.lookup("carol", REALM) == _ha1("carol", REALM, "pw-c")
+
+
 def test_external_in_place_edit_is_seen(users_path: Path) -> None:
     clock = Clock()
     users = UsersFile(users_path, clock)

@@ -11,11 +11,20 @@ from fnmatch import fnmatch
 import pytest
 from twisted.internet.task import Clock
 
-from relayd.digest import DigestAuthenticator, ha1, parse_auth_info, parse_challenge, request_digest
+from relayd.digest import (
+    Challenge,
+    DigestAuthenticator,
+    answer_challenge,
+    ha1,
+    parse_auth_info,
+    parse_challenge,
+    read_challenge,
+)
 from relayd.msrp.message import Headers, MSRPRequest, MSRPResponse, MSRPStatus
 from relayd.msrp.relay import AuthOutcome, AuthPolicy, RelayCore, Route, response_route
 from relayd.msrp.sessions import Session
 from relayd.msrp.uri import MSRPURI
+from relayd.testing import captured_log
 
 HOST = "relay.example.com"
 REALM = "example"
@@ -33,6 +42,7 @@ class FakeHop:
 
     is_tls: bool = True
     peer_names: frozenset[str] = frozenset()
+    peer: str = "192.0.2.7:40000"
     #: Names the certificate would match; defaults to peer_names.
     matches: Iterable[str] | None = None
     asked: list[str] = field(default_factory=list)
@@ -128,21 +138,17 @@ def authorization(
     cnonce: str = "0a4f113b",
     realm: str = REALM,
 ) -> str:
-    if nonce is None:
-        nonce = parse_challenge(challenge)["nonce"]
-    response = request_digest(
-        ha1(user, realm, password),
-        nonce=nonce,
-        nc=nc,
-        cnonce=cnonce,
-        qop="auth",
+    kept = Challenge(realm, nonce if nonce is not None else read_challenge(challenge).nonce)
+    answer = answer_challenge(
+        kept,
+        username=user,
+        password=password,
         method="AUTH",
         uri=uri,
+        cnonce=cnonce,
+        nc=int(nc, 16),
     )
-    return (
-        f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}",'
-        f' response="{response}", qop=auth, nc={nc}, cnonce="{cnonce}"'
-    )
+    return answer.authorization
 
 
 def challenge_for(core: RelayCore, hop: FakeHop, owner: object, from_path: str = ALICE_URI) -> str:
@@ -216,7 +222,7 @@ def test_session_uri_brackets_ipv6_hostnames(clock: Clock) -> None:
     policy = AuthPolicy(REALM, 1800, 60, 86400)
     core = RelayCore(clock, "::1", policy, DigestAuthenticator(REALM, _lookup, clock))
     core.add_local_address(4000, tls=True)
-    session = core.sessions.create_for_client(object(), "alice", 60)
+    session = core.sessions.create_for_client(object(), MSRPURI.parse(ALICE_URI), "alice", 60)
     uri = core.session_uri(session)
     assert uri == f"msrps://[::1]:4000/{session.session_id};tcp"
     assert core.is_local(MSRPURI.parse(uri))
@@ -244,11 +250,12 @@ def test_auth_without_authorization_is_challenged(core: RelayCore) -> None:
     assert header(response, "From-Path") == RELAY_URI
     challenge = header(response, "WWW-Authenticate")
     assert challenge.startswith(f'Digest realm="{REALM}", nonce="')
-    assert challenge.endswith('", qop="auth"')
+    # An opaque, because the Blink client stack (msrplib) cannot do without one.
+    assert challenge.endswith('", qop="auth", opaque="msrp"')
     assert "domain" not in challenge.lower()
     assert "stale" not in challenge.lower()
     params = parse_challenge(challenge)
-    assert set(params) == {"realm", "nonce", "qop"}
+    assert set(params) == {"realm", "nonce", "qop", "opaque"}
     assert len(params["nonce"]) >= 22
     assert len(core.sessions) == 0
 
@@ -293,6 +300,8 @@ def test_auth_with_correct_credentials(core: RelayCore, clock: Clock) -> None:
     assert session.user == "alice"
     assert session.owner_connection is owner
     assert session.owner_relay is None
+    # The From-Path URI of the AUTH: the one next hop towards alice (§6.4).
+    assert session.owner_uri == MSRPURI.parse(ALICE_URI)
     assert session.expires_at == clock.seconds() + 1800
     assert core.sessions.lookup(session.session_id) is session
 
@@ -377,6 +386,86 @@ def test_auth_wrong_digest_uri(core: RelayCore, uri: str) -> None:
 def test_auth_digest_uri_compared_as_msrp_uri(core: RelayCore) -> None:
     outcome = auth(core, client_hop(), object(), uri="MSRPS://RELAY.EXAMPLE.COM:2855;TCP")
     assert outcome.response.code == 200
+
+
+def _without_uri(header_value: str) -> str:
+    return ", ".join(p for p in header_value.split(", ") if not p.startswith("uri="))
+
+
+@pytest.mark.parametrize("to_path", [RELAY_URI, "msrps://alice@RELAY.example.com:2855;tcp"])
+def test_auth_without_digest_uri_uses_the_to_path_uri(core: RelayCore, to_path: str) -> None:
+    # RFC 4976 §5.1's example and Blink-style clients send no uri=: the
+    # digest-uri is then the To-Path URI exactly as the AUTH spells it.
+    hop, owner = client_hop(), object()
+    challenge = challenge_for(core, hop, owner)
+    nonce = parse_challenge(challenge)["nonce"]
+    credentials = _without_uri(authorization(challenge, "alice", "wonderland", uri=to_path))
+    assert "uri=" not in credentials
+    outcome = core.handle_auth(
+        request("AUTH", to_path, ALICE_URI, [("Authorization", credentials)]), hop, owner
+    )
+    assert outcome.response.code == 200
+    assert outcome.session is not None
+    # rspauth is over the same digest-uri: the client can check it.
+    info = parse_auth_info(header(outcome.response, "Authentication-Info"))
+    ha1_hex = _md5(f"alice:{REALM}:wonderland")
+    ha2 = _md5(":" + to_path)
+    assert info["rspauth"] == _md5(f"{ha1_hex}:{nonce}:00000001:0a4f113b:auth:{ha2}")
+
+
+def test_auth_without_digest_uri_but_digest_over_another_uri_fails(core: RelayCore) -> None:
+    hop, owner = client_hop(), object()
+    challenge = challenge_for(core, hop, owner)
+    other = "msrps://relay.example.com:2856;tcp"
+    credentials = _without_uri(authorization(challenge, "alice", "wonderland", uri=other))
+    outcome = core.handle_auth(
+        request("AUTH", RELAY_URI, ALICE_URI, [("Authorization", credentials)]), hop, owner
+    )
+    assert (outcome.response.code, outcome.failed) == (401, True)
+
+
+@pytest.mark.parametrize(
+    ("user", "shown"),
+    [
+        ("alice", "alice"),
+        # Line breaks of every kind come out escaped (relayd.logs): no forged line.
+        ("eve\u2028AUTH accepted for root", "eve\\u2028AUTH accepted for root"),
+        ("eve\x85root", "eve\\x85root"),
+    ],
+)
+def test_failed_auth_logs_user_and_peer_escaped_never_the_secrets(
+    core: RelayCore, user: str, shown: str
+) -> None:
+    hop = client_hop()
+    challenge = challenge_for(core, hop, object())
+    credentials = authorization(challenge, "alice", "not-her-password").replace(
+        'username="alice"', f'username="{user}"'
+    )
+    response = credentials.split('response="')[1][:32]
+    with captured_log() as events:
+        outcome = core.handle_auth(
+            request("AUTH", RELAY_URI, ALICE_URI, [("Authorization", credentials)]), hop, object()
+        )
+    assert outcome.response.code == 401
+    (event,) = [e for e in events if e.get("log_format", "").startswith("AUTH from")]
+    text = event["log_format"].format(**event)
+    assert text == (
+        f"AUTH from 192.0.2.7:40000 failed for user {shown}: invalid username or password"
+    )
+    assert response not in repr(event)
+    assert "not-her-password" not in repr(event)
+    assert parse_challenge(challenge)["nonce"] not in repr(event)
+
+
+def test_auth_of_a_user_not_allowed_logs_user_and_peer(core: RelayCore) -> None:
+    with captured_log() as events:
+        outcome = auth(core, client_hop(), object(), "mallory")
+    assert outcome.response.code == 403
+    texts = [e["log_format"].format(**e) for e in events if "log_format" in e]
+    assert (
+        "AUTH from 192.0.2.7:40000 refused for user mallory: user not allowed to use this relay"
+        in texts
+    )
 
 
 def test_auth_wrong_realm(core: RelayCore) -> None:
@@ -495,6 +584,7 @@ def test_auth_from_matching_relay_gives_relay_session(core: RelayCore) -> None:
     session = outcome.session
     assert session is not None
     assert session.owner_relay == "relay1.example.net"
+    assert session.owner_uri == MSRPURI.parse(PEER_RELAY_URI)
     assert session.owner_connection is None
     # Bound to the relay, not to this connection: it survives the connection.
     assert core.sessions.drop_connection(connection) == 0
@@ -538,7 +628,7 @@ def test_ipv6_relay_session_towards_its_owner(core: RelayCore) -> None:
 
 
 def test_wildcard_relay_is_not_owner_of_another_domain(core: RelayCore) -> None:
-    session = core.sessions.create_for_relay("relay1.example.net", "alice", 600)
+    session = core.sessions.create_for_relay(MSRPURI.parse(PEER_RELAY_URI), "alice", 600)
     hop = IPAwareHop(is_tls=True, peer_names=frozenset({"*.example.org"}))
     r = core.session_uri(session)
     status = refused(core, f"{r} {BOB_URI}", PEER_RELAY_URI, hop, object())
@@ -569,8 +659,13 @@ class Clients:
     bob_connection: object = field(default_factory=object)
 
     def __post_init__(self) -> None:
-        self.alice = self.core.sessions.create_for_client(self.alice_connection, "alice", 600)
-        self.bob = self.core.sessions.create_for_client(self.bob_connection, "bob", 600)
+        sessions = self.core.sessions
+        self.alice = sessions.create_for_client(
+            self.alice_connection, MSRPURI.parse(ALICE_URI), "alice", 600
+        )
+        self.bob = sessions.create_for_client(
+            self.bob_connection, MSRPURI.parse(BOB_URI), "bob", 600
+        )
 
     def uri(self, session: Session) -> str:
         return self.core.session_uri(session)
@@ -706,9 +801,49 @@ def test_session_of_closed_connection_is_481(clients: Clients) -> None:
 
 def test_reconnected_owner_is_a_stranger(clients: Clients) -> None:
     a = clients.uri(clients.alice)
-    result = route(clients.core, f"{a} {BOB_URI}", ALICE_URI, client_hop(), object())
-    # Not the owner any more: the request can only go to the owner's connection.
+    # Not the owner any more: the request can only go back to the owner.
+    status = refused(clients.core, f"{a} {BOB_URI}", ALICE_URI, client_hop(), object())
+    assert (status.code, status.close) == (403, False)
+    result = route(clients.core, f"{a} {ALICE_URI}", BOB_URI, client_hop(), object())
     assert result.connection is clients.alice_connection
+
+
+@pytest.mark.parametrize(
+    "next_uri",
+    [
+        BOB_URI,
+        # RFC 4975 §6.1: another session id, port, scheme or host is another URI.
+        "msrps://alice.example.org:40001/a2;tcp",
+        "msrps://alice.example.org:40002/a1;tcp",
+        "msrps://alice.example.org/a1;tcp",
+        "msrp://alice.example.org:40001/a1;tcp",
+        "msrps://mallory.example.org:40001/a1;tcp",
+    ],
+)
+def test_towards_a_client_session_the_next_uri_must_be_its_owners(
+    clients: Clients, next_uri: str
+) -> None:
+    # RFC 4976 §6.4: a request from anyone but the owner goes only to the URI
+    # the owner authenticated from (the From-Path URI of its AUTH).
+    a = clients.uri(clients.alice)
+    status = refused(clients.core, f"{a} {next_uri}", BOB_URI, client_hop(), object())
+    assert (status.code, status.close) == (403, False)
+
+
+def test_towards_a_client_session_its_owners_uri_in_another_spelling(clients: Clients) -> None:
+    a = clients.uri(clients.alice)
+    odd = "MSRPS://someone@Alice.Example.ORG:40001/a1;TCP;x=1"
+    result = route(clients.core, f"{a} {odd}", BOB_URI, client_hop(), object())
+    assert result.connection is clients.alice_connection
+    assert result.to_path == odd
+
+
+def test_between_two_clients_the_next_uri_must_be_the_second_owners(clients: Clients) -> None:
+    a, b = clients.uri(clients.alice), clients.uri(clients.bob)
+    status = refused(
+        clients.core, f"{a} {b} {ALICE_URI}", ALICE_URI, client_hop(), clients.alice_connection
+    )
+    assert status.code == 403
 
 
 @pytest.mark.parametrize(
@@ -765,7 +900,7 @@ def test_path_rewriting_keeps_other_uris_verbatim(clients: Clients) -> None:
 
 @pytest.fixture
 def relay_session(core: RelayCore) -> Session:
-    return core.sessions.create_for_relay("relay1.example.net", "alice", 600)
+    return core.sessions.create_for_relay(MSRPURI.parse(PEER_RELAY_URI), "alice", 600)
 
 
 def test_relay_session_towards_owning_relay(core: RelayCore, relay_session: Session) -> None:
@@ -809,12 +944,17 @@ def test_relay_session_next_hop_must_be_the_owners_tls_authority(
     assert status.close is False
 
 
-def test_relay_session_next_hop_without_port_is_the_default_port(
-    core: RelayCore, relay_session: Session
-) -> None:
-    r = core.session_uri(relay_session)
-    result = route(core, f"{r} msrps://relay1.example.net/r1;tcp", BOB_URI, client_hop(), object())
+def test_relay_session_next_hop_port_compares_as_rfc_4975_says(core: RelayCore) -> None:
+    # RFC 4975 §6.1: an explicit port never equals an absent one, even 2855.
+    hop = relay_hop("relay1.example.net")
+    peer = "msrps://relay1.example.net/r1;tcp"
+    outcome = auth(core, hop, object(), from_path=f"{peer} {ALICE_URI}")
+    assert outcome.session is not None
+    r = core.session_uri(outcome.session)
+    result = route(core, f"{r} {peer}", BOB_URI, client_hop(), object())
     assert result.next_uri.effective_port == 2855
+    status = refused(core, f"{r} {PEER_RELAY_URI}", BOB_URI, client_hop(), object())
+    assert status.code == 403
 
 
 def test_relay_session_remembers_the_port_its_relay_authenticated_from(core: RelayCore) -> None:
@@ -822,7 +962,8 @@ def test_relay_session_remembers_the_port_its_relay_authenticated_from(core: Rel
     peer = "msrps://relay1.example.net:4000/r1;tcp"
     outcome = auth(core, hop, object(), from_path=f"{peer} {ALICE_URI}")
     assert outcome.session is not None
-    assert (outcome.session.owner_relay, outcome.session.owner_port) == ("relay1.example.net", 4000)
+    assert outcome.session.owner_relay == "relay1.example.net"
+    assert outcome.session.owner_uri == MSRPURI.parse(peer)
     r = core.session_uri(outcome.session)
     assert route(core, f"{r} {peer}", BOB_URI, client_hop(), object()).next_uri.port == 4000
     # The same host on the default port is another relay as far as we know.

@@ -8,6 +8,10 @@ import pytest
 from twisted.internet.task import Clock
 
 from relayd.msrp.sessions import Session, SessionTable
+from relayd.msrp.uri import MSRPURI
+
+ALICE = MSRPURI.parse("msrps://alice.example.org:40001/a1;tcp")
+PEER = MSRPURI.parse("msrps://relay.example.com/r;tcp")
 
 
 @pytest.fixture
@@ -24,9 +28,10 @@ def table(clock: Clock) -> SessionTable:
 
 def test_create_for_client(table: SessionTable, clock: Clock) -> None:
     connection = object()
-    session = table.create_for_client(connection, "alice", 60)
+    session = table.create_for_client(connection, ALICE, "alice", 60)
     assert session.user == "alice"
     assert session.owner_connection is connection
+    assert session.owner_uri is ALICE
     assert session.owner_relay is None
     assert session.created_at == 1000
     assert session.expires_at == 1060
@@ -35,16 +40,17 @@ def test_create_for_client(table: SessionTable, clock: Clock) -> None:
 
 
 def test_create_for_relay_lower_cases_the_host(table: SessionTable) -> None:
-    session = table.create_for_relay("Relay1.Example.COM", "bob", 60)
+    owner = MSRPURI.parse("msrps://Relay1.Example.COM:4000/r1;tcp")
+    session = table.create_for_relay(owner, "bob", 60)
     assert session.owner_relay == "relay1.example.com"
-    assert session.owner_port == 2855  # RFC 4975 §6.2: no port is 2855
+    assert session.owner_uri is owner
     assert session.owner_connection is None
     assert table.lookup(session.session_id) is session
 
 
-def test_create_for_relay_keeps_the_relays_port(table: SessionTable) -> None:
-    session = table.create_for_relay("relay1.example.com", "bob", 60, 4000)
-    assert (session.owner_relay, session.owner_port) == ("relay1.example.com", 4000)
+def test_create_for_relay_strips_ipv6_brackets(table: SessionTable) -> None:
+    session = table.create_for_relay(MSRPURI.parse("msrps://[::1]:2855/r1;tcp"), "bob", 60)
+    assert session.owner_relay == "::1"
 
 
 def test_lookup_unknown_id(table: SessionTable) -> None:
@@ -53,14 +59,14 @@ def test_lookup_unknown_id(table: SessionTable) -> None:
 
 
 def test_lookup_is_case_sensitive(table: SessionTable) -> None:
-    session = table.create_for_client(object(), "alice", 60)
+    session = table.create_for_client(object(), ALICE, "alice", 60)
     changed = session.session_id.swapcase()
     if changed != session.session_id:
         assert table.lookup(changed) is None
 
 
 def test_session_ids_have_at_least_128_bits_and_are_url_safe(table: SessionTable) -> None:
-    session = table.create_for_client(object(), "alice", 60)
+    session = table.create_for_client(object(), ALICE, "alice", 60)
     # token_urlsafe(16): 22 base64url characters carry 128 random bits.
     assert len(session.session_id) >= 22
     assert re.fullmatch(r"[A-Za-z0-9_-]+", session.session_id)
@@ -68,13 +74,13 @@ def test_session_ids_have_at_least_128_bits_and_are_url_safe(table: SessionTable
 
 def test_session_ids_are_unique(table: SessionTable) -> None:
     connection = object()
-    ids = {table.create_for_client(connection, "alice", 60).session_id for _ in range(2000)}
+    ids = {table.create_for_client(connection, ALICE, "alice", 60).session_id for _ in range(2000)}
     assert len(ids) == 2000
     assert len(table) == 2000
 
 
 def test_session_expires_on_the_clock(table: SessionTable, clock: Clock) -> None:
-    session = table.create_for_client(object(), "alice", 60)
+    session = table.create_for_client(object(), ALICE, "alice", 60)
     clock.advance(59.9)
     assert table.lookup(session.session_id) is session
     clock.advance(0.1)
@@ -84,7 +90,7 @@ def test_session_expires_on_the_clock(table: SessionTable, clock: Clock) -> None
 
 def test_expired_session_is_removed_on_lookup(table: SessionTable, clock: Clock) -> None:
     connection = object()
-    session = table.create_for_client(connection, "alice", 10)
+    session = table.create_for_client(connection, ALICE, "alice", 10)
     clock.advance(11)
     assert table.lookup(session.session_id) is None
     # Its connection no longer has anything to drop.
@@ -92,7 +98,7 @@ def test_expired_session_is_removed_on_lookup(table: SessionTable, clock: Clock)
 
 
 def test_expires_in_rounds_to_whole_seconds(table: SessionTable, clock: Clock) -> None:
-    session = table.create_for_client(object(), "alice", 60)
+    session = table.create_for_client(object(), ALICE, "alice", 60)
     assert session.expires_in(clock.seconds()) == 60
     clock.advance(0.6)
     assert session.expires_in(clock.seconds()) == 59
@@ -101,10 +107,10 @@ def test_expires_in_rounds_to_whole_seconds(table: SessionTable, clock: Clock) -
 
 def test_drop_connection_removes_only_its_sessions(table: SessionTable) -> None:
     mine, other = object(), object()
-    first = table.create_for_client(mine, "alice", 60)
-    second = table.create_for_client(mine, "alice", 60)
-    kept = table.create_for_client(other, "bob", 60)
-    relay = table.create_for_relay("relay.example.com", "carol", 60)
+    first = table.create_for_client(mine, ALICE, "alice", 60)
+    second = table.create_for_client(mine, ALICE, "alice", 60)
+    kept = table.create_for_client(other, ALICE, "bob", 60)
+    relay = table.create_for_relay(PEER, "carol", 60)
     assert table.drop_connection(mine) == 2
     assert table.lookup(first.session_id) is None
     assert table.lookup(second.session_id) is None
@@ -120,15 +126,15 @@ def test_drop_unknown_connection(table: SessionTable) -> None:
 
 def test_drop_connection_twice(table: SessionTable) -> None:
     connection = object()
-    table.create_for_client(connection, "alice", 60)
+    table.create_for_client(connection, ALICE, "alice", 60)
     assert table.drop_connection(connection) == 1
     assert table.drop_connection(connection) == 0
 
 
 def test_drop_connection_after_partial_expiry(table: SessionTable, clock: Clock) -> None:
     connection = object()
-    table.create_for_client(connection, "alice", 10)
-    live = table.create_for_client(connection, "alice", 100)
+    table.create_for_client(connection, ALICE, "alice", 10)
+    live = table.create_for_client(connection, ALICE, "alice", 100)
     clock.advance(20)
     assert table.sweep() == 1
     assert table.drop_connection(connection) == 1
@@ -137,9 +143,9 @@ def test_drop_connection_after_partial_expiry(table: SessionTable, clock: Clock)
 
 def test_sweep_removes_expired_sessions(table: SessionTable, clock: Clock) -> None:
     connection = object()
-    short = table.create_for_client(connection, "alice", 10)
-    relay_short = table.create_for_relay("relay.example.com", "bob", 10)
-    long = table.create_for_client(connection, "alice", 100)
+    short = table.create_for_client(connection, ALICE, "alice", 10)
+    relay_short = table.create_for_relay(PEER, "bob", 10)
+    long = table.create_for_client(connection, ALICE, "alice", 100)
     assert table.sweep() == 0
     clock.advance(10)
     assert table.sweep() == 2
@@ -154,8 +160,8 @@ def test_sweep_removes_expired_sessions(table: SessionTable, clock: Clock) -> No
 
 
 def test_sessions_compare_by_identity() -> None:
-    a = Session("x", "alice", 1.0)
-    b = Session("x", "alice", 1.0)
+    a = Session("x", "alice", 1.0, ALICE)
+    b = Session("x", "alice", 1.0, ALICE)
     assert a != b
     assert a == a
 
@@ -163,8 +169,8 @@ def test_sessions_compare_by_identity() -> None:
 def test_generation_changes_only_when_a_session_leaves(table: SessionTable, clock: Clock) -> None:
     connection = object()
     start = table.generation
-    kept = table.create_for_client(connection, "alice", 60)
-    short = table.create_for_relay("relay1.example.com", "bob", 10)
+    kept = table.create_for_client(connection, ALICE, "alice", 60)
+    short = table.create_for_relay(MSRPURI.parse("msrps://relay1.example.com/r;tcp"), "bob", 10)
     assert table.lookup(kept.session_id) is kept
     assert table.generation == start  # creating and finding change nothing
     clock.advance(10)

@@ -18,14 +18,24 @@ import pytest
 from cryptography import x509
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.exceptions import DNSMismatch
+from service_identity.hazmat import DNS_ID
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from relayd.config import MSRPConfig, load_config
-from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
+from relayd.digest import Challenge, DigestAuthenticator, answer_challenge, ha1, parse_challenge
 from relayd.msrp.message import MSRPRequest, MSRPResponse
 from relayd.msrp.parser import BodyChunk, MessageEnd, MessageStart, MSRPParser
 from relayd.msrp.relay import AuthPolicy, RelayCore
@@ -241,21 +251,16 @@ def challenge(client: Client) -> str:
 
 
 def credentials(user: str, password: str, nonce: str, nc: int = 1) -> str:
-    cnonce = "0a4f113b"
-    nc_text = f"{nc:08x}"
-    response = request_digest(
-        ha1(user, REALM, password),
-        nonce=nonce,
-        nc=nc_text,
-        cnonce=cnonce,
-        qop="auth",
+    answer = answer_challenge(
+        Challenge(REALM, nonce),
+        username=user,
+        password=password,
         method="AUTH",
         uri=RELAY_URI,
+        cnonce="0a4f113b",
+        nc=nc,
     )
-    return (
-        f'Digest username="{user}", realm="{REALM}", nonce="{nonce}", uri="{RELAY_URI}", '
-        f'response="{response}", qop=auth, nc={nc_text}, cnonce="{cnonce}"'
-    )
+    return answer.authorization
 
 
 def authenticate(client: Client, user: str | None = None) -> None:
@@ -793,6 +798,93 @@ def test_failure_before_the_end_line_with_other_failure_report_modes(
         assert (as_response(frame).tid, as_response(frame).code) == (tid, 481)
     else:
         assert frames == []
+
+
+# Each way a next hop can fail, as the sender's REPORT and the relay's log say it
+# (RFC 4975 §10 codes; the cause in the log line only).
+_UNTRUSTED = SSL.Error([("SSL routines", "", "certificate verify failed")])
+_WRONG_NAME = VerificationError(errors=[DNSMismatch(DNS_ID("far.example.net"))])
+
+
+def report_logged(events: EventLoggingObserver) -> str:
+    (event,) = [e for e in events if e.get("log_format", "").startswith("REPORT ")]
+    return str(event["log_format"].format(**event))
+
+
+def _open_next_hop(h: Harness, waiting: list[defer.Deferred[MSRPConnection]]) -> Client:
+    """The outbound TLS connection the relay asked for, handed to it (handshake pending)."""
+    connection = MSRPConnection(h.relay, inbound=False, tls=True)
+    transport = FakeTransport(h.clock, IPv4Address("TCP", "198.51.100.9", 9))
+    transport.protocol = connection
+    connection.makeConnection(transport)
+    waiting.pop().callback(connection)
+    return Client("far", connection, transport, FAR_HOP)
+
+
+@pytest.mark.parametrize(
+    ("reason", "opened", "status", "cause"),
+    [
+        # The connect fails...
+        (ConnectionRefusedError("far"), False, "481 next hop unreachable", "refused"),
+        (ConnectTimeoutError(), False, "408 next hop did not answer", "User timeout"),
+        # ...or the connection opened, the SEND went out, and then it ends.
+        (_UNTRUSTED, True, "403 next hop failed TLS verification", "certificate verify failed"),
+        (_WRONG_NAME, True, "403 next hop failed TLS verification", "does not name the host"),
+        (ConnectionLost(), True, "481 next hop connection lost", "Connection to the other side"),
+    ],
+)
+def test_each_way_a_next_hop_fails_has_its_own_report(
+    h: Harness, reason: Exception, opened: bool, status: str, cause: str
+) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    tid = "fail0001"
+    head = send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, total=5, message_id="m-f")
+    a.feed(head + b"hello" + body_end(tid))
+    a.take()
+    with captured_log() as events:
+        if opened:
+            far = _open_next_hop(h, waiting)
+            assert as_request(far.take()[0]).method == "SEND"
+            far.connection.connectionLost(Failure(reason))
+        else:
+            waiting[0].errback(Failure(reason))
+    (report,) = a.take()
+    assert header(report, "Status") == f"000 {status}"
+    assert header(report, "Byte-Range") == "1-5/5"
+    logged = report_logged(events)
+    assert logged.startswith(f"REPORT {status} sent for message m-f: ")
+    assert cause in logged
+
+
+def test_a_request_forwarded_whole_is_answered_403_when_tls_fails(h: Harness) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    a.feed(
+        f"MSRP nick0009 NICKNAME\r\nTo-Path: {a.use_path} {FAR_HOP}\r\n"
+        f"From-Path: {a.uri}\r\n-------nick0009$\r\n".encode()
+    )
+    far = _open_next_hop(h, waiting)
+    far.take()
+    far.connection.connectionLost(Failure(_UNTRUSTED))
+    (frame,) = a.take()
+    response = as_response(frame)
+    assert (response.tid, response.code) == ("nick0009", 403)
+    assert response.comment == "next hop failed TLS verification"
+
+
+def test_a_request_forwarded_whole_is_answered_408_when_the_connect_times_out(
+    h: Harness,
+) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    a.feed(
+        f"MSRP nick0010 NICKNAME\r\nTo-Path: {a.use_path} {FAR_HOP}\r\n"
+        f"From-Path: {a.uri}\r\n-------nick0010$\r\n".encode()
+    )
+    waiting[0].errback(Failure(ConnectTimeoutError()))
+    (frame,) = a.take()
+    assert (as_response(frame).tid, as_response(frame).code) == ("nick0010", 408)
 
 
 # -- streaming, cutting and chunk size ---------------------------------------------------------
@@ -1536,7 +1628,8 @@ def test_sending_through_someone_elses_session_is_403(h: Harness) -> None:
     ],
 )
 def test_stranger_cannot_reach_beyond_a_relay_session(h: Harness, tls: bool, next_hop: str) -> None:
-    session = h.core.sessions.create_for_relay("peer.example.net", "alice", 600)
+    owner = MSRPURI.parse("msrps://peer.example.net:2855/p1;tcp")
+    session = h.core.sessions.create_for_relay(owner, "alice", 600)
     stranger = h.connect("stranger", tls=tls)
     to_path = f"{h.core.session_uri(session)} {next_hop}"
     stranger.feed(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from relayd.digest import DigestAuthenticator, ha1, parse_challenge
-from relayd.sip.auth import SIPAuthenticator, client_authorization
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1, parse_challenge
+from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPStatus
 from relayd.sip.uri import SIPURI
 
@@ -53,14 +53,14 @@ def answer(
     header = "Proxy-Authorization" if challenge_header == "Proxy-Authenticate" else "Authorization"
     req.headers.set(
         header,
-        client_authorization(
+        answer_challenge(
             challenge,
             method=req.method,
             uri=uri or req.uri.format(),
             username="alice",
             password=password,
             nc=nc,
-        ),
+        ).authorization,
     )
     return req
 

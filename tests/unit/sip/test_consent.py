@@ -19,8 +19,8 @@ from relayd.sip.consent import (
     consent_needed,
 )
 from relayd.sip.message import Headers, SIPRequest, SIPStatus
-from relayd.sip.uri import SIPURI
-from relayd.sip.urilist import URIList
+from relayd.sip.uri import SIPURI, NameAddr
+from relayd.sip.urilist import URIList, parse_list_report
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import ConsentState, MemoryPermissionStore
@@ -72,6 +72,34 @@ def test_missing_members_follow_store_changes_without_reloading() -> None:
     assert _result(cache.missing("sip:mallory@x.test", LIST, members, "MESSAGE")) == members
     _result(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
     assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members
+
+
+def test_a_plain_permission_reads_its_scope_from_the_permission_uri() -> None:
+    """Seed §4, §8: the plain form names the sender only; the document's Permission URI
+    gives recipient, list and methods, and a refresh that adds a method widens it."""
+    store = MemoryPermissionStore()
+    cache = PermissionCache(store, Clock())
+    store.add_listener(cache.store_changed)
+    bob, alice = "sip:bob@x.test:5070", "sip:alice@x.test"
+    token = "t" * 22
+    record = _result(store.open_consent(alice, LIST, bob, ["MESSAGE"], token, 0, 100))
+    plain = (
+        f'<ruleset xmlns="{CP}"><rule id="p"><conditions><identity><one id="{alice}"/>'
+        "</identity></conditions></rule></ruleset>"
+    ).encode()
+    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
+    _result(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
+    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == []
+    assert _result(cache.missing(alice, "sip:other@relay.test", [bob], "MESSAGE")) == [bob]
+    assert _result(cache.missing(alice, LIST, [bob], "INVITE")) == [bob]
+    # The same document under a name no Permission URI was minted for grants nothing.
+    _result(store.put_document("consent-rules", bob, "index", plain))
+    _result(store.delete_document("consent-rules", bob, f"p-{token}.xml"))
+    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
+    _result(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
+    refreshed = _result(store.open_consent(alice, LIST, bob, ["INVITE"], "u" * 22, 1, 200))
+    assert refreshed.id == record.id and set(refreshed.methods) == {"MESSAGE", "INVITE"}
+    assert _result(cache.missing(alice, LIST, [bob], "INVITE")) == []
 
 
 def test_a_member_spelled_with_another_case_finds_its_documents() -> None:
@@ -170,6 +198,37 @@ def test_470_names_consent_uris_in_body_and_header() -> None:
     assert uris.parse_consent_user(user) == (LIST, "sip:bob@x.test")
 
 
+def test_470_names_the_missing_members_only_when_asked() -> None:
+    uris = ConsentURIs("relay.test")
+    headers = Headers(
+        [
+            ("Via", "SIP/2.0/UDP a.test;branch=z9hG4bK1"),
+            ("From", "<sip:alice@x.test>;tag=1"),
+            ("To", f"<{LIST}>"),
+            ("Call-ID", "c"),
+            ("CSeq", "1 MESSAGE"),
+        ]
+    )
+    request = SIPRequest("MESSAGE", SIPURI.parse(LIST), headers)
+    members = ["sip:bob@x.test:5070", 'sip:o"d\\d,e@x.test']
+    named = consent_needed(request, LIST, members, uris, name_members=True)
+    rl = "{urn:ietf:params:xml:ns:resource-lists}"
+    entries = list(etree.fromstring(named.body).iter(rl + "entry"))
+    assert [e.findtext(rl + "display-name") for e in entries] == members
+    (raw,) = named.headers.get_raw("permission-missing")
+    # RFC 3261 §25.1 quoted-string: '"' and '\' go as quoted-pairs.
+    first, second = (e.get("uri") for e in entries)
+    assert raw == rf'"sip:bob@x.test:5070" <{first}>, "sip:o\"d\\d,e@x.test" <{second}>'
+    values = named.headers.get_all("permission-missing")
+    parsed = [NameAddr.parse(value) for value in values]
+    assert [p.display_name for p in parsed] == members
+    assert [p.uri.format() for p in parsed] == [e.get("uri") for e in entries]
+
+    hidden = consent_needed(request, LIST, members, uris)
+    assert b"display-name" not in hidden.body
+    assert '"' not in (hidden.headers.get("permission-missing") or "")
+
+
 def test_rate_limiter_window() -> None:
     limiter = RateLimiter(2, window_seconds=10)
     assert limiter.check("a", 0) is None and limiter.check("a", 1) is None
@@ -257,6 +316,15 @@ def test_directory_file_lists_win_and_store_lists_follow_changes() -> None:
     assert directory.lookup(SIPURI.parse("sip:friends@elsewhere.test")) is None
 
 
+def test_a_uri_with_a_port_we_do_not_listen_on_is_not_ours() -> None:
+    directory = ListDirectory(MemoryPermissionStore(), "relay.test", ["127.0.0.1"])
+    directory.add_local_port(5060)
+    assert directory.is_local(SIPURI.parse("sip:bob@127.0.0.1"))
+    assert directory.is_local(SIPURI.parse("sip:bob@RELAY.test:5060"))
+    assert not directory.is_local(SIPURI.parse("sip:bob@127.0.0.1:25180"))
+    assert not directory.is_local(SIPURI.parse("sip:bob@elsewhere.test"))
+
+
 def _lists(*names: str, uri: str | None = None) -> bytes:
     cr = ' xmlns:cr="urn:relayd:params:xml:ns:consent-policy"'
     lists = "".join(
@@ -301,18 +369,41 @@ def test_a_list_uri_belongs_to_the_document_that_took_it_first() -> None:
     assert _refusal(directory, alice, "index", _lists("staff")) is not None
     by_uri = _refusal(directory, alice, "index", _lists("x", uri="sip:bob@relay.test"))
     assert by_uri is not None and by_uri.exists[0].field.endswith("@cr:uri")
-    foreign = _refusal(directory, alice, "index", _lists("x", uri="sip:x@elsewhere.test"))
-    assert foreign is not None and foreign.condition == "constraint-failure"
-    # A name that makes no list URI would disable the whole document: refused.
-    for bad in ("sip:friends@relay.test", "a@b"):
-        unusable = _refusal(directory, alice, "index", _lists("ok", bad))
-        assert unusable is not None and (unusable.status, unusable.condition) == (
-            409,
-            "constraint-failure",
-        )
     # Once bob lets go of it, the name is free.
     _result(store.delete_document("resource-lists", bob, "index"))
     assert _refusal(directory, alice, "index", _lists("club")) is None
+
+
+def test_lists_the_relay_cannot_route_are_stored_and_reported() -> None:
+    store = MemoryPermissionStore()
+    directory = ListDirectory(store, "relay.test", ["127.0.0.1"])
+    store.add_listener(directory.store_changed)
+    alice = "sip:alice@relay.test"
+    body = _lists("ok", "sip:friends@relay.test", "a@b")[: -len("</resource-lists>")] + (
+        b'<list cr:uri="sip:x@elsewhere.test"/><list name="mixed">'
+        b'<entry uri="mailto:bob@x.test"/><entry uri="sip:bob@x.test"/></list></resource-lists>'
+    )
+    selector = DocumentSelector("resource-lists", alice, "index")
+    note = directory.check_document(selector, body)
+    assert note is not None and note[1] == "application/vnd.relayd.list-report+xml"
+    items, more = parse_list_report(note[0])
+    assert more == 0
+    assert [(item.node, item.uri) for item in items] == [
+        ('resource-lists/list[@name="sip:friends@relay.test"]', None),
+        ('resource-lists/list[@name="a@b"]', None),
+        ("resource-lists/list[4]", None),
+        ('resource-lists/list[@name="mixed"]/entry[@uri="mailto:bob@x.test"]', "mailto:bob@x.test"),
+    ]
+    assert items[2].reason == "sip:x@elsewhere.test is not in domain relay.test"
+    # Stored, the routable lists work and the rest is skipped without a word.
+    _result(store.put_document("resource-lists", alice, "index", body))
+    ok = directory.lookup(SIPURI.parse("sip:ok@relay.test"))
+    assert ok is not None and ok.members == ("sip:carol@x.test",)
+    mixed = directory.lookup(SIPURI.parse("sip:mixed@relay.test"))
+    assert mixed is not None and mixed.members == ("sip:bob@x.test",)
+    assert directory.lookup(SIPURI.parse("sip:x@elsewhere.test")) is None
+    # A document the relay routes whole gets no note.
+    assert directory.check_document(selector, _lists("ok")) is None
 
 
 def test_a_list_held_first_keeps_it_when_a_racing_document_lands() -> None:

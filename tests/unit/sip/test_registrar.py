@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
-from twisted.internet.task import Clock
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-from relayd.digest import DigestAuthenticator, ha1
-from relayd.sip.auth import SIPAuthenticator, client_authorization
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1
+from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
 from relayd.sip.registrar import Registrar, RegistrarLimits
 from relayd.sip.uri import SIPURI, NameAddr
+from relayd.testing import captured_log
+from relayd.xcap.store import MemoryPermissionStore, SQLitePermissionStore, StoredBinding
 
 DOMAIN = "example.com"
 AOR = "sip:alice@example.com"
@@ -36,9 +46,20 @@ def register(
     return SIPRequest("REGISTER", SIPURI.parse(uri), Headers(rows))
 
 
+def handle(registrar: Registrar, request: SIPRequest) -> SIPResponse:
+    """The answer of a registrar whose store (if any) answers at once."""
+    outcome: list[SIPResponse | Failure] = []
+    ensureDeferred(registrar.handle(request)).addBoth(outcome.append)
+    (result,) = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    assert isinstance(result, SIPResponse)
+    return result
+
+
 def status_of(registrar: Registrar, request: SIPRequest) -> SIPStatus:
     with pytest.raises(SIPStatus) as info:
-        registrar.handle(request)
+        handle(registrar, request)
     return info.value
 
 
@@ -67,24 +88,24 @@ def registrar(clock: Clock) -> Registrar:
 
 
 def test_binding_with_default_and_clamped_expiry(registrar: Registrar) -> None:
-    response = registrar.handle(register("<sip:alice@192.0.2.1:5060>"))
+    response = handle(registrar, register("<sip:alice@192.0.2.1:5060>"))
     assert response.status == 200
     assert expires_of(response) == {"sip:alice@192.0.2.1:5060": "600"}
-    response = registrar.handle(register("<sip:a2@192.0.2.1>;expires=99999", cseq=2))
+    response = handle(registrar, register("<sip:a2@192.0.2.1>;expires=99999", cseq=2))
     assert expires_of(response)["sip:a2@192.0.2.1"] == "3600"
     assert registrar.is_online(AOR) and len(registrar.contacts(AOR)) == 2
 
 
 def test_contact_expires_param_beats_expires_header(registrar: Registrar) -> None:
-    response = registrar.handle(register("<sip:alice@192.0.2.1>;expires=120", expires=900))
+    response = handle(registrar, register("<sip:alice@192.0.2.1>;expires=120", expires=900))
     assert expires_of(response) == {"sip:alice@192.0.2.1": "120"}
 
 
 def test_expiry_is_clock_driven_and_notifies(clock: Clock, registrar: Registrar) -> None:
     events: list[tuple[str, bool]] = []
     registrar.add_listener(lambda aor, online: events.append((aor, online)))
-    registrar.handle(register("<sip:alice@192.0.2.1>", expires=60))
-    registrar.handle(register("<sip:alice@192.0.2.2>", expires=120, cseq=2))
+    handle(registrar, register("<sip:alice@192.0.2.1>", expires=60))
+    handle(registrar, register("<sip:alice@192.0.2.2>", expires=120, cseq=2))
     assert events == [(AOR, True)]
     clock.advance(61)
     assert [b.uri.host for b in registrar.contacts(AOR)] == ["192.0.2.2"]
@@ -103,14 +124,14 @@ def test_interval_too_brief_names_min_expires(registrar: Registrar) -> None:
 
 
 def test_expires_zero_removes_one_binding(registrar: Registrar) -> None:
-    registrar.handle(register("<sip:alice@192.0.2.1>", "<sip:alice@192.0.2.2>"))
-    response = registrar.handle(register("<sip:alice@192.0.2.1>;expires=0", cseq=2))
+    handle(registrar, register("<sip:alice@192.0.2.1>", "<sip:alice@192.0.2.2>"))
+    response = handle(registrar, register("<sip:alice@192.0.2.1>;expires=0", cseq=2))
     assert list(expires_of(response)) == ["sip:alice@192.0.2.2"]
 
 
 def test_wildcard_removes_everything(registrar: Registrar) -> None:
-    registrar.handle(register("<sip:alice@192.0.2.1>", "<sip:alice@192.0.2.2>"))
-    response = registrar.handle(register("*", expires=0, cseq=2))
+    handle(registrar, register("<sip:alice@192.0.2.1>", "<sip:alice@192.0.2.2>"))
+    response = handle(registrar, register("*", expires=0, cseq=2))
     assert response.status == 200 and not response.headers.get_all("contact")
     assert not registrar.is_online(AOR)
 
@@ -122,19 +143,19 @@ def test_wildcard_needs_expires_zero_and_to_be_alone(registrar: Registrar) -> No
 
 
 def test_cseq_ordering_within_one_call_id(registrar: Registrar) -> None:
-    registrar.handle(register("<sip:alice@192.0.2.1>", cseq=5))
+    handle(registrar, register("<sip:alice@192.0.2.1>", cseq=5))
     old = status_of(registrar, register("<sip:alice@192.0.2.1>;expires=0", cseq=5))
     assert old.status == 500
     assert registrar.is_online(AOR)
     assert status_of(registrar, register("*", expires=0, cseq=4)).status == 500
     # Another Call-ID (a rebooted UA) may replace the binding whatever its CSeq.
-    registrar.handle(register("<sip:alice@192.0.2.1>;expires=0", call_id="reg-2", cseq=1))
+    handle(registrar, register("<sip:alice@192.0.2.1>;expires=0", call_id="reg-2", cseq=1))
     assert not registrar.is_online(AOR)
 
 
 def test_query_without_contact_lists_bindings(registrar: Registrar) -> None:
-    registrar.handle(register("<sip:alice@192.0.2.1>"))
-    response = registrar.handle(register(cseq=2))
+    handle(registrar, register("<sip:alice@192.0.2.1>"))
+    response = handle(registrar, register(cseq=2))
     assert list(expires_of(response)) == ["sip:alice@192.0.2.1"]
 
 
@@ -143,20 +164,20 @@ def test_domain_checks(registrar: Registrar) -> None:
     to_elsewhere = register("<sip:a@h>", to="<sip:alice@other.org>")
     assert status_of(registrar, to_elsewhere).status == 404
     by_address = register("<sip:alice@192.0.2.1>", uri="sip:192.0.2.100")
-    assert registrar.handle(by_address).status == 200
+    assert handle(registrar, by_address).status == 200
 
 
 def test_limits_per_aor_and_in_total(registrar: Registrar) -> None:
     many = [f"<sip:alice@192.0.2.{i}>" for i in range(1, 5)]
     assert status_of(registrar, register(*many)).status == 403
-    registrar.handle(register(*many[:3]))
-    registrar.handle(register("<sip:bob@192.0.2.9>", to="<sip:bob@example.com>"))
+    handle(registrar, register(*many[:3]))
+    handle(registrar, register("<sip:bob@192.0.2.9>", to="<sip:bob@example.com>"))
     two = register("<sip:c@192.0.2.9>", "<sip:d@192.0.2.9>", to="<sip:c@example.com>")
     full = status_of(registrar, two)
     assert full.status == 503 and ("Retry-After", "60") in full.headers
     assert registrar.binding_count == 4 and not registrar.is_online("sip:c@example.com")
     # Replacing a binding does not grow the table, so it still works when full.
-    registrar.handle(register("<sip:bob@192.0.2.9>", to="<sip:bob@example.com>", cseq=2))
+    handle(registrar, register("<sip:bob@192.0.2.9>", to="<sip:bob@example.com>", cseq=2))
 
 
 def test_bad_values_are_400_and_leave_no_trace(registrar: Registrar) -> None:
@@ -176,29 +197,123 @@ def test_digest_authentication_and_own_aor_only(clock: Clock) -> None:
     request = register("<sip:alice@192.0.2.1>")
     challenge = status_of(registrar, request)
     assert challenge.status == 401
-    credentials = client_authorization(
+    credentials = answer_challenge(
         challenge.headers[0][1],
         method="REGISTER",
         uri="sip:example.com",
         username="bob",
         password="secret",
-    )
+    ).authorization
     request.headers.set("Authorization", credentials)
     assert status_of(registrar, request).status == 403
-    credentials = client_authorization(
+    credentials = answer_challenge(
         challenge.headers[0][1],
         method="REGISTER",
         uri="sip:example.com",
         username="alice",
         password="secret",
         nc=2,
-    )
+    ).authorization
     request.headers.set("Authorization", credentials)
-    assert registrar.handle(request).status == 200
+    assert handle(registrar, request).status == 200
     assert registrar.is_online(AOR)
 
 
 def test_stop_cancels_timers(clock: Clock, registrar: Registrar) -> None:
-    registrar.handle(register("<sip:alice@192.0.2.1>"))
+    handle(registrar, register("<sip:alice@192.0.2.1>"))
     registrar.stop()
     assert not clock.getDelayedCalls() and not registrar.is_online(AOR)
+
+
+# -- bindings in the store: written through, restored after a restart ------------------
+
+
+class _RecordingStore(MemoryPermissionStore):
+    """The memory store, recording what each write carries (or failing them all)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.writes: list[tuple[str, list[str], list[str]]] = []
+
+    def save_bindings(
+        self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
+    ) -> Deferred[None]:
+        if self.fail:
+            return fail(RuntimeError("disk full"))
+        self.writes.append((aor, [b.uri for b in bindings], list(removed)))
+        return super().save_bindings(aor, bindings, removed)
+
+
+def test_each_register_writes_only_the_contacts_it_changes(clock: Clock) -> None:
+    store = _RecordingStore()
+    registrar = Registrar(DOMAIN, clock, None, store=store)
+    handle(registrar, register("<sip:alice@192.0.2.1>", "<sip:alice@192.0.2.2>", expires=600))
+    handle(registrar, register("<sip:alice@192.0.2.1>", expires=600, cseq=2))  # a refresh
+    handle(registrar, register(cseq=3))  # a query
+    handle(registrar, register("<sip:alice@192.0.2.2>;expires=0", cseq=4))
+    assert store.writes == [
+        (AOR, ["sip:alice@192.0.2.1", "sip:alice@192.0.2.2"], []),
+        (AOR, ["sip:alice@192.0.2.1"], []),
+        (AOR, [], ["sip:alice@192.0.2.2"]),
+    ]
+    clock.advance(601)
+    assert store.writes[-1] == (AOR, [], ["sip:alice@192.0.2.1"])
+    handle(registrar, register("<sip:alice@192.0.2.3>", cseq=5))
+    handle(registrar, register("*", expires=0, cseq=6))
+    assert store.writes[-1] == (AOR, [], ["sip:alice@192.0.2.3"])
+
+
+def test_a_register_the_store_cannot_keep_is_500(clock: Clock) -> None:
+    registrar = Registrar(DOMAIN, clock, None, store=_RecordingStore(fail=True))
+    with captured_log():
+        assert status_of(registrar, register("<sip:alice@192.0.2.1>")).status == 500
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """A store each call: the same memory store, or a new one on the same SQLite file."""
+    memory = MemoryPermissionStore()
+    opened: list[SQLitePermissionStore] = []
+
+    def open_store() -> Any:
+        if request.param == "memory":
+            return memory
+        opened.append(SQLitePermissionStore(str(tmp_path / "relay.sqlite3"), reactor))
+        return opened[-1]
+
+    yield open_store
+    for store in opened:
+        pytest_twisted.blockon(store.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_bindings_outlive_a_restart_until_they_expire(
+    reopen: Callable[[], Any], clock: Clock
+) -> None:
+    clock.advance(1_800_000_000)  # the registrar's times are POSIX seconds
+    first = Registrar(DOMAIN, clock, None, store=reopen())
+    await first.handle(register("<sip:alice@192.0.2.1>;q=0.5", expires=600))
+    await first.handle(register("<sip:bob@192.0.2.2>", expires=60, to="<sip:bob@example.com>"))
+    first.stop()
+    assert not first.is_online(AOR)
+
+    clock.advance(120)  # down for two minutes: bob's binding expired meanwhile
+    second = Registrar(DOMAIN, clock, None, store=reopen())
+    online: list[tuple[str, bool]] = []
+    second.add_listener(lambda aor, state: online.append((aor, state)))
+    await second.load()
+    (binding,) = second.contacts(AOR)
+    assert binding.contact.format() == "<sip:alice@192.0.2.1>;q=0.5"
+    assert binding.q == 0.5 and binding.remaining_seconds(clock.seconds()) == 480
+    assert not second.is_online("sip:bob@example.com")
+    assert online == [(AOR, True)] and second.binding_count == 1
+    # The refresh after the restart is ordered against the stored Call-ID and CSeq.
+    assert status_of(second, register("<sip:alice@192.0.2.1>", cseq=1)).status == 500
+    clock.advance(481)
+    assert not second.is_online(AOR) and online[-1] == (AOR, False)
+    second.stop()
+
+    third = Registrar(DOMAIN, clock, None, store=reopen())
+    await third.load()
+    assert third.binding_count == 0

@@ -13,9 +13,9 @@ from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.sip.relay import carried_headers
 from relayd.testing import (
-    answer_challenge,
     grant_document,
     in_process_sip_relay,
+    sip_credentials,
     uac_request,
 )
 from relayd.xcap.errors import XCAPError
@@ -71,6 +71,7 @@ class Relay:
         cseq: int = 1,
         contact: str | None = None,
         to: str | None = None,
+        from_display: str | None = None,
     ) -> SIPRequest:
         _, request = uac_request(
             method,
@@ -86,6 +87,8 @@ class Relay:
             authorization=authorization,
             body=b"hi" if method == "MESSAGE" else b"",
         )
+        if from_display is not None:
+            request.headers.set("From", f"{from_display} {request.headers.get('from')}")
         return request
 
     def send_authenticated(
@@ -97,7 +100,7 @@ class Relay:
         first = out[0][0] if len(out) == 1 else None
         if not isinstance(first, SIPResponse):
             return out
-        answer = answer_challenge(
+        answer = sip_credentials(
             first, method=method, uri=uri, username=user, password=PASSWORDS[user]
         )
         if answer is None:
@@ -129,11 +132,62 @@ def test_a_permitted_message_reaches_the_member_with_the_asserted_identity(relay
     assert "P-Preferred-Identity" not in copy.headers
 
 
+def test_the_senders_display_name_is_not_relayed(relay: Relay) -> None:
+    out = relay.send_authenticated(
+        "MESSAGE", LIST, "alice", SENDER_PORT, from_display='"bob@127.0.0.1 (Bob Admin)"'
+    )
+    (copy,) = [m for m, port in out if isinstance(m, SIPRequest) and port == BOB_PORT]
+    assert copy.headers.get("From") == f"<{ALICE}>;tag=t{relay.calls}"
+
+
 def test_from_must_name_the_authenticated_sender(relay: Relay) -> None:
     out = relay.send_authenticated("MESSAGE", LIST, "alice", SENDER_PORT, from_aor=BOB)
     response = _final(out)
     assert (response.status, response.reason) == (403, "From Is Not The Authenticated User")
     assert all(port == SENDER_PORT for _, port in out)  # nothing relayed
+
+
+@pytest.mark.parametrize(
+    ("method", "uri", "status"),
+    [
+        ("OPTIONS", f"sip:{HOST}:9999", 404),  # another port is another server
+        ("OPTIONS", "sip:example.org", 404),  # a domain we do not serve
+        ("OPTIONS", f"sip:nobody@{HOST}", 404),  # no list, account or registration
+        ("OPTIONS", f"sip:alice@{HOST}", 480),  # an account, not registered
+        ("OPTIONS", "tel:+15551234", 416),
+        ("MESSAGE", f"sip:club@{HOST}:9999", 404),
+        ("MESSAGE", "tel:+15551234", 416),
+        ("REGISTER", f"sip:{HOST}:9999", 404),
+        ("SUBSCRIBE", "sip:bob@example.org", 404),
+    ],
+)
+def test_a_request_uri_not_served_here_is_refused(
+    relay: Relay, method: str, uri: str, status: int
+) -> None:
+    """RFC 3261 §8.2.2.1: 416 for the scheme, 404 for an address nothing here serves."""
+    out = relay.send_authenticated(method, uri, "alice", SENDER_PORT, to=f"<{ALICE}>")
+    assert _final(out).status == status
+    assert all(port == SENDER_PORT for _, port in out)  # nothing relayed
+
+
+@pytest.mark.parametrize("uri", [f"sip:{HOST}", f"sip:{HOST}:5060", LIST, BOB])
+def test_options_to_the_relay_a_list_or_a_registered_member_is_200(relay: Relay, uri: str) -> None:
+    assert _final(relay.send_authenticated("OPTIONS", uri, "alice", SENDER_PORT)).status == 200
+
+
+def test_a_list_uri_with_our_own_port_is_relayed(relay: Relay) -> None:
+    out = relay.send_authenticated("MESSAGE", f"sip:club@{HOST}:5060", "alice", SENDER_PORT)
+    assert [port for _, port in out] == [BOB_PORT]
+
+
+def test_consent_about_a_member_elsewhere_reaches_its_handler(relay: Relay) -> None:
+    """RFC 5360 §5.11.2: the one request for a URI not ours (the handler then finds
+    that this member is not on the list)."""
+    trigger = ("Trigger-Consent", f'<sip:zoe@example.org>;target-uri="{LIST}"')
+    out = relay.send_authenticated(
+        "CONSENT", "sip:zoe@example.org", "alice", SENDER_PORT, headers=(trigger,)
+    )
+    assert (_final(out).status, _final(out).reason) == (404, "Not A List Member")
 
 
 def test_max_forwards_and_proxy_require_come_before_the_challenge(relay: Relay) -> None:

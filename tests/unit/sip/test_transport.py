@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from relayd.endpoints import parse_endpoint
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, Via, make_response
 from relayd.sip.parser import parse_datagram
+from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import Target
 from relayd.sip.transaction import TransactionLayer, new_branch
 from relayd.sip.transport import (
@@ -161,7 +162,38 @@ def test_retransmission_resends_same_response() -> None:
     rig = Rig()
     first = rig.datagram(options())
     second = rig.datagram(options())
-    assert first == second and rig.transactions.server_transaction_count == 1
+    # OPTIONS is answered statelessly, the same each time (§8.2.7).
+    assert first == second and rig.transactions.server_transaction_count == 0
+
+
+def test_a_flooding_source_is_read_only_up_to_its_budget() -> None:
+    """1000 a second per source, per 100 ms window: the excess is dropped unparsed, and
+    another source is answered all the same."""
+    rig = Rig(max_datagrams_per_source=1000)
+    flood = ("198.51.100.9", 40000)
+    answered = [
+        rig.datagram(options(f"SIP/2.0/UDP 198.51.100.9:40000;branch=z9hG4bKf{i}"), flood)
+        for i in range(5000)
+    ]
+    assert sum(len(a) for a in answered) == 100
+    [polite] = rig.datagram(options())
+    assert polite.status == 200
+    rig.reactor.advance(0.1)  # the next window
+    assert rig.datagram(options("SIP/2.0/UDP 198.51.100.9:40000;branch=z9hG4bKn"), flood)
+
+
+def test_dropped_datagrams_are_logged_once_a_second(warnings: list[LogEvent]) -> None:
+    rig = Rig(max_datagrams_per_source=10)
+    for _ in range(30):  # 3 s of a source sending twice its budget
+        for _ in range(2):
+            rig.datagram(b"\r\n\r\n")
+        rig.reactor.advance(0.1)
+    lines = [e for e in warnings if "SIP flood" in e.get("log_format", "")]
+    assert len(lines) == 3  # at 0.1 s, then at most once a second
+    rig.reactor.advance(1)
+    rig.datagram(b"\r\n\r\n")  # the first datagram after the flood says the rest
+    lines = [e for e in warnings if "SIP flood" in e.get("log_format", "")]
+    assert len(lines) == 4 and sum(e["count"] for e in lines) == 30
 
 
 def test_malformed_but_answerable_request_gets_400(warnings: list[LogEvent]) -> None:
@@ -255,10 +287,25 @@ def test_stream_response_after_close_reconnects_to_sent_by() -> None:
     assert (host, port) == ("198.51.100.7", 5099)
 
 
-def test_connection_limit() -> None:
-    rig = Rig(max_connections=1)
-    rig.stream()
+def test_connection_limit_closes_the_connection_idle_the_longest() -> None:
+    rig = Rig(max_connections=2)
+    first, first_transport = rig.stream()
+    rig.reactor.advance(1)
+    _, second_transport = rig.stream()
+    rig.reactor.advance(1)
+    first.dataReceived(b"\r\n\r\n")  # the first is busy again: the second is idlest
+    _, third_transport = rig.stream()
+    assert second_transport.disconnected and not first_transport.disconnecting
+    assert not third_transport.disconnecting and rig.layer.stream_count == 2
+
+
+def test_connection_limit_spares_registration_flows() -> None:
+    rig = registering_rig(max_connections=1)
+    protocol, _ = rig.stream()
+    protocol.dataReceived(register())
     assert rig.layer.stream_factory().buildProtocol(None) is None
+    rig.reactor.advance(601)  # the registration has expired: the connection may go
+    assert rig.layer.stream_factory().buildProtocol(None) is not None
 
 
 def test_idle_connection_is_closed() -> None:
@@ -270,6 +317,96 @@ def test_idle_connection_is_closed() -> None:
     assert not transport.disconnecting
     rig.reactor.advance(11)
     assert transport.disconnecting
+
+
+def test_connection_without_a_request_closes_after_the_short_timeout() -> None:
+    rig = Rig()  # the defaults: 60 s, 300 s once a request came
+    _, silent = rig.stream()
+    used, busy = rig.stream()
+    used.dataReceived(options("SIP/2.0/TCP 198.51.100.7:5062;branch=z9hG4bKidle"))
+    rig.reactor.advance(60)
+    assert silent.disconnecting and not busy.disconnecting
+    rig.reactor.advance(239)
+    assert not busy.disconnecting
+    rig.reactor.advance(1)
+    assert busy.disconnecting
+
+
+def test_connection_carrying_a_registration_stays_while_it_is_valid() -> None:
+    rig = registering_rig()
+    protocol, transport = rig.stream()
+    protocol.dataReceived(register(expires=600))
+    rig.reactor.advance(599)
+    assert not transport.disconnecting  # idle for far longer than 300 s
+    rig.reactor.advance(1)
+    assert transport.disconnecting
+
+
+# -- registration flows (RFC 5626 §5) ------------------------------------------------------
+
+NAT_CONTACT = "sip:alice@10.0.0.5:5070;transport=tcp"
+
+
+def registering_rig(**kwargs: Any) -> Rig:
+    rig = Rig(**kwargs)
+    rig.uas.registrar = Registrar("example.com", rig.reactor, None)
+    rig.uas.set_handler("MESSAGE", None)  # rebuilds the method table with REGISTER
+    rig.uas.registered = rig.layer.bind_flows
+    return rig
+
+
+def register(contact: str = NAT_CONTACT, expires: int = 600, cseq: int = 1) -> bytes:
+    return (
+        "REGISTER sip:example.com SIP/2.0\r\n"
+        f"Via: SIP/2.0/TCP 10.0.0.5:5070;branch=z9hG4bKreg{cseq}\r\n"
+        "From: <sip:alice@example.com>;tag=1\r\n"
+        "To: <sip:alice@example.com>\r\n"
+        "Call-ID: reg-1\r\n"
+        f"CSeq: {cseq} REGISTER\r\n"
+        f"Contact: <{contact}>\r\n"
+        f"Expires: {expires}\r\n"
+        "Max-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def test_a_contact_registered_over_a_connection_is_reached_over_it() -> None:
+    rig = registering_rig()
+    protocol, transport = rig.stream()
+    protocol.dataReceived(register())
+    assert rig.parse(transport.value()).status == 200
+    transport.clear()
+    target = rig.layer.flow_target(SIPURI.parse(NAT_CONTACT))
+    assert target == Target("TCP", *UA)
+    rig.layer.send(outbound("hi"), target)
+    assert transport.value().startswith(b"MESSAGE sip:bob@192.0.2.50 SIP/2.0")
+    assert rig.reactor.tcpClients == []  # no connect to the contact's address
+    protocol.connectionLost()
+    assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is None
+
+
+def test_a_flow_ends_with_its_registration() -> None:
+    rig = registering_rig()
+    protocol, _ = rig.stream()
+    protocol.dataReceived(register(expires=600))
+    rig.reactor.advance(300)
+    protocol.dataReceived(register(expires=0, cseq=2))  # unregistered
+    assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is None
+    protocol.dataReceived(register(expires=60, cseq=3))
+    assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is not None
+    rig.reactor.advance(60)
+    assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is None
+    protocol.dataReceived(register(expires=600, cseq=4))
+    protocol.dataReceived(register(contact="*", expires=0, cseq=5).replace(b"<*>", b"*"))
+    assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is None
+    assert protocol.flow_until() == 0.0
+
+
+def test_udp_registrations_make_no_flow() -> None:
+    rig = registering_rig()
+    [ok] = rig.datagram(register().replace(b"SIP/2.0/TCP", b"SIP/2.0/UDP"))
+    assert ok.status == 200
+    assert rig.layer.flow_target(SIPURI.parse(NAT_CONTACT)) is None
 
 
 # -- outbound ---------------------------------------------------------------------------

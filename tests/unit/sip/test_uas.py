@@ -41,11 +41,23 @@ class Stack:
         assert isinstance(message, SIPResponse)
         self.sent.append(message)
 
-    def send(self, method: str, *extra: tuple[str, str], branch: str | None = None) -> SIPResponse:
-        self.deliver(method, *extra, branch=branch)
+    def send(
+        self,
+        method: str,
+        *extra: tuple[str, str],
+        branch: str | None = None,
+        uri: str = "sip:relay@example.com",
+    ) -> SIPResponse:
+        self.deliver(method, *extra, branch=branch, uri=uri)
         return self.sent[-1]
 
-    def deliver(self, method: str, *extra: tuple[str, str], branch: str | None = None) -> None:
+    def deliver(
+        self,
+        method: str,
+        *extra: tuple[str, str],
+        branch: str | None = None,
+        uri: str = "sip:relay@example.com",
+    ) -> None:
         self._branch += 1
         headers = Headers(
             [
@@ -58,9 +70,7 @@ class Stack:
                 *extra,
             ]
         )
-        self.layer.request_received(
-            SIPRequest(method, SIPURI.parse("sip:relay@example.com"), headers), PEER, False
-        )
+        self.layer.request_received(SIPRequest(method, SIPURI.parse(uri), headers), PEER, False)
 
 
 def test_options_lists_capabilities() -> None:
@@ -260,6 +270,25 @@ def test_a_screen_answers_statelessly_only_where_the_handler_would_be_reached() 
     assert stack.send("MESSAGE").status == 405  # no handler: the screen is not asked
 
 
+def test_request_uri_is_checked_after_the_method_and_before_require() -> None:
+    """§8.2.1, then §8.2.2.1 (416 for the scheme, the composer's 404), then §8.2.2.3."""
+    uas = UASCore(CAPS)
+    stack = Stack(uas)
+    assert stack.send("OPTIONS", uri="tel:+15551234").status == 416
+    assert stack.send("INFO", uri="tel:+15551234").status == 405
+
+    def not_ours(request: SIPRequest) -> None:
+        if request.uri.host != "example.com":
+            raise SIPStatus(404, "Not Served Here")
+
+    uas.request_uri_check = not_ours
+    uas.set_screen("OPTIONS", lambda request: make_response(request, 407))
+    elsewhere = stack.send("OPTIONS", ("Require", "foo"), uri="sip:example.org")
+    assert (elsewhere.status, elsewhere.reason) == (404, "Not Served Here")  # not the 407
+    assert stack.send("OPTIONS", ("Require", "foo")).status == 420
+    assert stack.send("OPTIONS").status == 407
+
+
 def test_check_max_forwards() -> None:
     def req(value: str | None) -> SIPRequest:
         headers = Headers([("Max-Forwards", value)] if value is not None else [])
@@ -270,3 +299,36 @@ def test_check_max_forwards() -> None:
     with pytest.raises(SIPStatus) as info:
         check_max_forwards(req("0"))
     assert info.value.status == 483
+
+
+def test_a_burst_of_options_leaves_no_server_transaction() -> None:
+    """Each OPTIONS of a UDP flood used to be kept for Timer J (64·T1): 32 s of the flood."""
+    stack = Stack(UASCore(CAPS), max_server_transactions=100_000)
+    for _ in range(5000):
+        stack.deliver("OPTIONS")
+    assert stack.layer.server_transaction_count == 0
+    assert len(stack.sent) == 5000 and {r.status for r in stack.sent} == {200}
+    # A retransmission gets the same answer, To tag included (§8.2.7).
+    stack._branch = 0
+    first = stack.send("OPTIONS", branch="z9hG4bKsame")
+    stack._branch = 0  # the same CSeq too
+    again = stack.send("OPTIONS", branch="z9hG4bKsame")
+    assert first.to_tag and again.to_tag == first.to_tag
+
+
+def test_shedding_keeps_server_transactions_at_what_they_were() -> None:
+    """Under overload new requests get a 503 without a transaction: state stops growing."""
+    busy = [False]
+    uas = UASCore(CAPS, overloaded=lambda: busy[0], retry_after_seconds=3)
+    uas.set_handler("MESSAGE", lambda txn, request: None)  # keeps transactions open
+    stack = Stack(uas, max_server_transactions=100_000)
+    for _ in range(10):
+        stack.deliver("MESSAGE")
+    busy[0] = True
+    for method in ("MESSAGE", "SUBSCRIBE", "INVITE", "OPTIONS") * 1000:
+        stack.deliver(method)
+    assert stack.layer.server_transaction_count == 10
+    assert {r.status for r in stack.sent} == {503}
+    assert {r.headers.get("retry-after") for r in stack.sent} == {"3"}
+    stack.clock.advance(64 * 0.5 + 5 + 1)  # the open ones reach their TU deadline
+    assert stack.layer.server_transaction_count == 0

@@ -8,9 +8,12 @@ import pytest
 from lxml import etree
 from twisted.internet.task import Clock
 
+from relayd.xcap.errors import XCAPError
 from relayd.xcap.policy import (
     Permissions,
+    PermissionScope,
     RequestContext,
+    check_scope,
     evaluate,
     is_permitted,
     normalize_identity,
@@ -24,6 +27,7 @@ NOW = datetime(2027, 1, 1, tzinfo=UTC)
 HEAD = (
     '<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"'
     ' xmlns:cr="urn:relayd:params:xml:ns:consent-policy"'
+    ' xmlns:f="urn:ietf:params:xml:ns:consent-rules"'
     ' xmlns:x="urn:example:other">'
 )
 GRANT = "<actions><cr:trans-handling>grant</cr:trans-handling></actions>"
@@ -207,8 +211,126 @@ def test_now_from_injected_clock() -> None:
     [
         ("SIP:Alice@Example.TEST", "sip:Alice@example.test"),
         ("sip:example.test", "sip:example.test"),
+        ("sip:bob@Example.TEST:25180;transport=TCP?x=y", "sip:bob@example.test:25180"),
+        ("sip:+1;phone-context=x@Example.TEST", "sip:+1;phone-context=x@example.test"),
         ("not-a-uri", "not-a-uri"),
     ],
 )
 def test_normalize_identity(uri: str, normal: str) -> None:
     assert normalize_identity(uri) == normal
+
+
+# -- the seed's plain form at a Permission URI, and RFC 5361's elements ----------------
+
+BOB = "sip:bob@relay.example.test"
+SCOPE = PermissionScope(BOB, LIST, ("MESSAGE",))
+PLAIN = ruleset(
+    rule(
+        '<identity><one id="sip:alice@example.test"/></identity>'
+        "<validity><from>2026-11-24T00:00:00Z</from><until>2027-11-24T00:00:00Z</until>"
+        "</validity>",
+        actions="",
+    )
+)
+
+
+def scoped(
+    root: etree._Element,
+    target: str = LIST,
+    method: str = "MESSAGE",
+    recipient: str | None = BOB,
+    scope: PermissionScope | None = SCOPE,
+) -> bool:
+    return is_permitted(
+        root, "sip:alice@example.test", target, method, NOW, recipient=recipient, scope=scope
+    )
+
+
+def test_plain_form_grants_what_its_permission_uri_was_minted_for() -> None:
+    assert scoped(PLAIN)
+    assert scoped(PLAIN, recipient="SIP:bob@Relay.Example.TEST")
+    # Only that list, those methods, that recipient; nothing at all outside a scope.
+    assert not scoped(PLAIN, target="sip:family@relay.example.test")
+    assert not scoped(PLAIN, method="INVITE")
+    assert not scoped(PLAIN, recipient="sip:carol@relay.example.test")
+    assert not scoped(PLAIN, scope=None)
+    # Its conditions still hold: another sender, or after the validity, gets nothing.
+    assert not is_permitted(PLAIN, "sip:eve@x.test", LIST, "MESSAGE", NOW, scope=SCOPE)
+    later = datetime(2028, 1, 1, tzinfo=UTC)
+    assert not is_permitted(PLAIN, "sip:alice@example.test", LIST, "MESSAGE", later, scope=SCOPE)
+
+
+def test_an_explicit_deny_in_scope_is_not_a_grant() -> None:
+    for spelling in (
+        "<cr:trans-handling>deny</cr:trans-handling>",
+        "<f:trans-handling>deny</f:trans-handling>",
+    ):
+        root = ruleset(
+            rule(
+                '<identity><one id="sip:alice@example.test"/></identity>',
+                f"<actions>{spelling}</actions>",
+            )
+        )
+        assert not scoped(root)
+
+
+RFC5361 = (
+    '<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"'
+    ' xmlns:f="urn:ietf:params:xml:ns:consent-rules">'
+    '<rule id="a"><conditions><identity><one id="sip:alice@example.test"/></identity>'
+    f'<f:recipient><one id="{BOB}"/></f:recipient><f:target><one id="{LIST}"/></f:target>'
+    "</conditions><actions>"
+    '<f:trans-handling perm-uri="sip:perm@relay.example.test">{handling}</f:trans-handling>'
+    "</actions></rule></ruleset>"
+)
+
+
+def test_rfc_5361_recipient_target_and_trans_handling() -> None:
+    root = parse_document(RFC5361.format(handling="grant").encode())
+    assert scoped(root, scope=None)
+    assert not scoped(root, scope=None, recipient="sip:carol@relay.example.test")
+    assert not scoped(root, scope=None, recipient=None)
+    assert not scoped(root, scope=None, target="sip:family@relay.example.test")
+    both = evaluate(root, RequestContext("sip:alice@example.test", LIST, "MESSAGE", NOW))
+    assert both.matched_rules == ()  # no recipient known: the condition does not hold
+    denied = parse_document(RFC5361.format(handling="deny").encode())
+    assert not scoped(denied) and not scoped(denied, scope=None)
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        "",
+        f'<cr:target uri="{LIST}"/>',
+        f'<f:target><one id="{LIST}"/></f:target><f:recipient><one id="{BOB}"/></f:recipient>',
+        '<f:target><many domain="relay.example.test"/></f:target>',
+        "<cr:methods><cr:method>MESSAGE</cr:method><cr:method>INVITE</cr:method></cr:methods>",
+    ],
+)
+def test_a_permission_uri_takes_rules_that_can_apply_under_it(conditions: str) -> None:
+    check_scope(_scope_doc(conditions), SCOPE)
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        '<cr:target uri="sip:family@relay.example.test"/>',
+        '<f:target><one id="sip:family@relay.example.test"/></f:target>',
+        '<f:recipient><one id="sip:carol@relay.example.test"/></f:recipient>',
+        "<cr:methods><cr:method>INVITE</cr:method></cr:methods>",
+    ],
+)
+def test_a_permission_uri_refuses_rules_that_never_apply_under_it(conditions: str) -> None:
+    with pytest.raises(XCAPError) as info:
+        check_scope(_scope_doc(conditions), SCOPE)
+    assert (info.value.status, info.value.condition) == (409, "constraint-failure")
+
+
+def _scope_doc(conditions: str) -> etree._Element:
+    return parse_document(
+        (
+            HEAD
+            + rule('<identity><one id="sip:alice@example.test"/></identity>' + conditions, "")
+            + "</ruleset>"
+        ).encode()
+    )

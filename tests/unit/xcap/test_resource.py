@@ -13,12 +13,13 @@ from lxml import etree
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
-from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1, parse_challenge
 from relayd.testing import consent_rule
 from relayd.testing import consent_ruleset as ruleset
 from relayd.xcap.auth import (
@@ -28,7 +29,12 @@ from relayd.xcap.auth import (
     permission_uri,
 )
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE, Exists, XCAPError
-from relayd.xcap.resource import XCAPResource, XCAPSite, parse_entity_tags
+from relayd.xcap.resource import (
+    REFUSAL_LINGER_SECONDS,
+    XCAPResource,
+    XCAPSite,
+    parse_entity_tags,
+)
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import (
     ConsentState,
@@ -64,21 +70,9 @@ def doc_path(xui: str = ALICE, name: str = "index", auid: str = "consent-rules")
 
 def authorization(challenge: str, method: str, uri: str, user: str, password: str) -> str:
     """A Digest Authorization value answering ``challenge`` (RFC 2617 §3.2.2)."""
-    params = parse_challenge(challenge)
-    cnonce = secrets.token_hex(8)
-    response = request_digest(
-        ha1(user, params["realm"], password),
-        nonce=params["nonce"],
-        nc="00000001",
-        cnonce=cnonce,
-        qop="auth",
-        method=method,
-        uri=uri,
-    )
-    return (
-        f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}",'
-        f' uri="{uri}", response="{response}", qop=auth, nc=00000001, cnonce="{cnonce}"'
-    )
+    return answer_challenge(
+        challenge, username=user, password=password, method=method, uri=uri
+    ).authorization
 
 
 def wire_path(path: str) -> str:
@@ -574,7 +568,28 @@ def test_element_get_missing_is_404(xcap: Harness) -> None:
 
 def test_bad_selector_is_400(xcap: Harness) -> None:
     xcap.put(doc_path(), ruleset(rule("a")))
-    assert xcap.get(doc_path() + "/~~/ruleset/rule[0]").code == 400
+    assert xcap.get(doc_path() + "/~~/ruleset/rule[-1]").code == 400
+
+
+@pytest.mark.parametrize("step", ["rule[0]", "*[0]", 'rule[0][@id="a"]'])
+def test_position_zero_selects_nothing(xcap: Harness, step: str) -> None:
+    # RFC 4825 §6.3 allows position 0; it selects nothing, so no write can succeed.
+    xcap.put(doc_path(), ruleset(rule("a")))
+    path = doc_path() + "/~~/ruleset/" + step
+    assert xcap.get(path).code == 404
+    assert xcap.delete(path).code == 404
+    put = xcap.put(path, b'<rule id="a"/>', EL)
+    assert (put.code, put.xcap_error()) == (409, "cannot-insert")
+    assert xcap.stored() == ruleset(rule("a"))
+
+
+def test_not_xml_frag_phrase_points_into_the_body(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    body = b'<rule id="b">\n  <conditions>\n</rule>'
+    reply = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', body, EL)
+    assert reply.xcap_error() == "not-xml-frag"
+    phrase = etree.fromstring(reply.body)[0].get("phrase")
+    assert phrase is not None and phrase.endswith("at line 3, column 8"), phrase
 
 
 def test_attribute_get_put_delete(xcap: Harness) -> None:
@@ -846,11 +861,21 @@ def test_capability_put_beyond_the_list_is_constraint_failure(xcap: Harness) -> 
     reply = xcap.put(path, ruleset(rule("x", target="sip:other@relay.example.test")), user=None)
     assert reply.code == 409
     assert reply.xcap_error() == "constraint-failure"
-    untargeted = ruleset(
-        '<rule id="all"><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>'
-    )
-    assert xcap.put(path, untargeted, user=None).xcap_error() == "constraint-failure"
     assert xcap.stored(name=permission_document_name(consent.permission_token)) is None
+
+
+def test_capability_put_of_the_seeds_plain_form_grants_the_consent(xcap: Harness) -> None:
+    """Seed §4, §8: the permission names the sender; the Permission URI already fixes
+    recipient, list and methods."""
+    consent = xcap.open_consent()
+    path = doc_path(name=permission_document_name(consent.permission_token))
+    plain = ruleset(
+        f'<rule id="p"><conditions><identity><one id="{BOB}"/></identity>'
+        "<validity><from>2000-01-01T00:00:00Z</from><until>2100-01-01T00:00:00Z</until>"
+        "</validity></conditions></rule>"
+    )
+    assert xcap.put(path, plain, user=None).code == 201
+    assert _result(xcap.store.get_consent(consent.id)).state is ConsentState.GRANTED
 
 
 def test_capability_element_put_is_scope_checked(xcap: Harness) -> None:
@@ -929,7 +954,7 @@ def test_token_is_never_logged(xcap: Harness, logged: list[LogEvent]) -> None:
     path = doc_path(name=permission_document_name(consent.permission_token))
     xcap.put(path, ruleset(rule("bob")), user=None)
     xcap.put(path, b"<broken", user=None)
-    xcap.get(path + "/~~/ruleset/rule[0]", user=None)
+    xcap.get(path + "/~~/ruleset/rule[-1]", user=None)
     xcap.get(path + "/~~/ruleset/%ff", user=None)
     assert logged
     assert not any(consent.permission_token in repr(event) for event in logged)
@@ -957,6 +982,24 @@ def test_an_applications_document_check_refuses_whole_and_node_writes(xcap: Harn
     node = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
     assert (node.code, node.xcap_error()) == (409, "uniqueness-failure")
     assert xcap.stored() == ruleset(rule("a"))
+
+
+def test_a_document_checks_note_is_the_body_of_the_write_response(xcap: Harness) -> None:
+    def note_on_b(document: DocumentSelector, body: bytes) -> tuple[bytes, str] | None:
+        return (b"<note/>", "application/x-note+xml") if b'id="b"' in body else None
+
+    xcap.resource.document_checks["consent-rules"] = note_on_b
+    plain = xcap.put(doc_path(), ruleset(rule("a")))
+    assert (plain.code, plain.body, plain.header("Content-Type")) == (201, b"", None)
+    node = xcap.put(doc_path() + '/~~/ruleset/rule[@id="b"]', b'<rule id="b"/>', EL)
+    assert (node.code, node.body, node.header("Content-Type")) == (
+        201,
+        b"<note/>",
+        "application/x-note+xml",
+    )
+    assert node.etag == xcap.get(doc_path()).etag
+    whole = xcap.put(doc_path(), ruleset(rule("a"), rule("b")))
+    assert (whole.code, whole.body) == (200, b"<note/>")
 
 
 # -- events and failures ----------------------------------------------------------
@@ -990,17 +1033,48 @@ def test_store_failure_is_500_and_logged(xcap: Harness, logged: list[LogEvent]) 
     assert any(event.get("log_failure") is not None for event in logged)
 
 
-# -- the Site: bounded request bodies ----------------------------------------------
+# -- the Site: bounded bodies, heads, waits and connections --------------------------
+
+HEAD_LIMIT = 2048
+HEAD_TIMEOUT = 5
 
 
-def _site_exchange(xcap: Harness, raw: bytes) -> StringTransport:
-    site = XCAPSite(xcap.resource, max_body_bytes=MAX_BODY)
-    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+@dataclass
+class Connection:
+    protocol: Any
+    transport: StringTransport
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    @property
+    def received(self) -> bytes:
+        value: bytes = self.transport.value()
+        return value
+
+
+def _site(xcap: Harness, **limits: Any) -> XCAPSite:
+    limits = {
+        "max_header_bytes": HEAD_LIMIT,
+        "header_timeout_seconds": HEAD_TIMEOUT,
+        "reactor": xcap.clock,
+        **limits,
+    }
+    return XCAPSite(xcap.resource, max_body_bytes=MAX_BODY, **limits)
+
+
+def _connect(site: XCAPSite, port: int = 40000) -> Connection:
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
     assert protocol is not None
     transport = StringTransport()
     protocol.makeConnection(transport)
-    protocol.dataReceived(raw)
-    return transport
+    return Connection(protocol, transport)
+
+
+def _site_exchange(xcap: Harness, raw: bytes) -> StringTransport:
+    connection = _connect(_site(xcap))
+    connection.send(raw)
+    return connection.transport
 
 
 def _capability_path(xcap: Harness) -> bytes:
@@ -1010,16 +1084,32 @@ def _capability_path(xcap: Harness) -> bytes:
     return doc_path(name=permission_document_name(consent.permission_token)).encode()
 
 
-def test_site_answers_413_for_moderately_oversized_body(xcap: Harness) -> None:
-    body = b"x" * (MAX_BODY + 1)
+def _refused(transport: StringTransport, status: int) -> bool:
+    return transport.value().startswith(b"HTTP/1.1 %d " % status) and transport.disconnecting
+
+
+def test_site_answers_413_before_the_body_for_a_declared_oversized_body(xcap: Harness) -> None:
     transport = _site_exchange(
         xcap,
         b"PUT " + _capability_path(xcap) + b" HTTP/1.1\r\nHost: x\r\n"
         b"Content-Type: application/auth-policy+xml\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body,
+        b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1),
     )
-    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert _refused(transport, 413)
+    assert b"Connection: close\r\n" in transport.value()
     assert [change.kind for change in xcap.changes] == ["consent"]
+
+
+def test_site_answers_413_for_an_absurd_content_length_without_reading_on(
+    xcap: Harness,
+) -> None:
+    transport = _site_exchange(
+        xcap,
+        b"PUT " + doc_path().encode() + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 999999999999\r\n\r\nxxxx",
+    )
+    assert _refused(transport, 413)
+    assert b"100 Continue" not in transport.value()
 
 
 def test_site_answers_413_for_oversized_chunked_body(xcap: Harness) -> None:
@@ -1031,18 +1121,92 @@ def test_site_answers_413_for_oversized_chunked_body(xcap: Harness) -> None:
         b"Content-Type: application/auth-policy+xml\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
     )
-    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert _refused(transport, 413)
+    assert transport.value().count(b"HTTP/1.1") == 1  # the resource never answered
+    assert [change.kind for change in xcap.changes] == ["consent"]
 
 
-def test_site_drops_connection_for_absurd_content_length(xcap: Harness) -> None:
+def test_site_answers_431_for_a_long_header_line(xcap: Harness) -> None:
     transport = _site_exchange(
-        xcap,
-        b"PUT " + doc_path().encode() + b" HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/auth-policy+xml\r\n"
-        b"Content-Length: 999999999999\r\n\r\nxxxx",
+        xcap, b"GET " + doc_path().encode() + b" HTTP/1.1\r\nX-Big: " + b"a" * HEAD_LIMIT
     )
-    assert transport.disconnecting
-    assert transport.value() == b""
+    assert _refused(transport, 431)
+
+
+def test_site_answers_431_for_a_header_block_of_many_short_lines(xcap: Harness) -> None:
+    lines = b"".join(b"X-H%d: v\r\n" % index for index in range(HEAD_LIMIT // 5))
+    transport = _site_exchange(xcap, b"GET " + doc_path().encode() + b" HTTP/1.1\r\n" + lines)
+    assert _refused(transport, 431)
+
+
+def test_site_answers_414_for_a_long_request_line(xcap: Harness) -> None:
+    transport = _site_exchange(xcap, b"GET /" + b"a" * HEAD_LIMIT + b" HTTP/1.1\r\n")
+    assert _refused(transport, 414)
+
+
+def test_refused_connection_is_aborted_after_the_linger(xcap: Harness) -> None:
+    connection = _connect(_site(xcap))
+    connection.send(b"GET /" + b"a" * HEAD_LIMIT)
+    assert _refused(connection.transport, 414)
+    connection.send(b"more bytes are dropped")
+    assert connection.received.count(b"HTTP/1.1") == 1
+    assert not connection.transport.disconnected
+    xcap.clock.advance(REFUSAL_LINGER_SECONDS)
+    assert connection.transport.disconnected
+
+
+def test_trickled_head_is_cut_off_with_408(xcap: Harness) -> None:
+    connection = _connect(_site(xcap))
+    connection.send(b"GET " + doc_path().encode() + b" HTTP/1.1\r\n")
+    for index in range(HEAD_TIMEOUT - 1):
+        xcap.clock.advance(1)
+        connection.send(b"X-Slow-%d: v\r\n" % index)  # each byte resets the idle timeout
+    assert connection.received == b""
+    xcap.clock.advance(1)
+    assert _refused(connection.transport, 408)
+
+
+def test_silent_connection_is_closed_without_an_answer(xcap: Harness) -> None:
+    connection = _connect(_site(xcap))
+    xcap.clock.advance(HEAD_TIMEOUT)
+    assert connection.transport.disconnecting
+    assert connection.received == b""
+
+
+def test_head_timeout_restarts_after_each_response_and_spares_the_body(xcap: Harness) -> None:
+    connection = _connect(_site(xcap))
+    path = _capability_path(xcap)
+    connection.send(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert connection.received.startswith(b"HTTP/1.1 404 ")
+    connection.transport.clear()
+    xcap.clock.advance(HEAD_TIMEOUT - 1)
+    body = ruleset(rule("bob"))
+    connection.send(
+        b"PUT " + path + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/auth-policy+xml\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    xcap.clock.advance(HEAD_TIMEOUT)  # the head came in time; the body may take longer
+    connection.send(body)
+    assert connection.received.startswith(b"HTTP/1.1 201 ")
+    assert not connection.transport.disconnecting
+    xcap.clock.advance(HEAD_TIMEOUT)
+    assert connection.transport.disconnecting
+
+
+def test_connections_beyond_the_cap_are_aborted(xcap: Harness, logged: list[LogEvent]) -> None:
+    site = _site(xcap, max_connections=2)
+    first, second = _connect(site, 40001), _connect(site, 40002)
+    third = _connect(site, 40003)
+    assert third.transport.disconnected
+    assert not first.transport.disconnecting and not second.transport.disconnecting
+    assert _connect(site, 40004).transport.disconnected
+    warnings = [e for e in logged if "refusing new ones" in (e.get("log_format") or "")]
+    assert len(warnings) == 1  # once per spell, not per connection
+    third.protocol.connectionLost(connectionDone)  # an aborted one frees no slot
+    first.protocol.connectionLost(connectionDone)
+    fourth = _connect(site, 40005)
+    assert not fourth.transport.disconnecting
+    assert site.connections == 2
 
 
 def test_site_does_not_write_an_access_log(xcap: Harness, logged: list[LogEvent]) -> None:

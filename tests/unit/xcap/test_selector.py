@@ -153,7 +153,7 @@ def test_bad_document_selectors_are_404(path: str) -> None:
     [
         "",
         "a//b",
-        "a[0]",
+        "a[-1]",
         "a[@b=c]",
         "a[@b='c'][1]",
         "p:a",
@@ -283,6 +283,29 @@ def test_positional_insert_at_end_plus_one() -> None:
     selector = sel("resource-lists/list[1]/entry[4]")
     assert put_element(root, selector, fragment('<entry uri="sip:fourth@x"/>')).created
     assert select_attribute(root, sel("resource-lists/list[1]/entry[4]/@uri")) == "sip:fourth@x"
+
+
+@pytest.mark.parametrize(
+    "selector",
+    ["resource-lists/list[1]/entry[0]", "resource-lists/*[0]", "resource-lists[0]"],
+)
+def test_position_zero_selects_nothing_and_cannot_be_written(selector: str) -> None:
+    # RFC 4825 §6.3: position = 1*DIGIT, so [0] is valid and, as in XPath, empty.
+    root = doc()
+    before = etree.tostring(root)
+    parsed = sel(selector)
+    assert parsed.steps[-1].position == 0
+    for read in (select_element, delete_element):
+        with pytest.raises(XCAPError) as info:
+            read(root, parsed)
+        assert status(info) == (404, None)
+    with pytest.raises(XCAPError) as info:
+        put_element(root, parsed, fragment('<entry uri="sip:zero@x"/>'))
+    assert status(info) == (409, "cannot-insert")
+    with pytest.raises(XCAPError) as info:
+        put_attribute(root, sel(selector + "/@uri"), "sip:zero@x")
+    assert status(info) == (409, "cannot-insert")
+    assert etree.tostring(root) == before
 
 
 def test_positional_insert_past_the_end_is_cannot_insert() -> None:

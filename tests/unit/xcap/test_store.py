@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from relayd.testing import captured_log
 from relayd.xcap.store import (
+    SCHEMA_VERSION,
     ConsentState,
     IPermissionStore,
     MemoryPermissionStore,
@@ -27,6 +30,7 @@ from relayd.xcap.store import (
     PreconditionFailed,
     SQLitePermissionStore,
     StoreChange,
+    StoredBinding,
     StoredDocument,
 )
 
@@ -327,6 +331,37 @@ async def test_delete_consent_and_consent_events(store: IPermissionStore) -> Non
 # -- SQLite only --------------------------------------------------------------------
 
 
+BOB = "sip:bob@example.test"
+
+
+def _binding(uri: str, expires: float, cseq: int = 1, aor: str = BOB) -> StoredBinding:
+    return StoredBinding(aor, uri, f"<{uri}>", expires, "call-1", cseq, 0.5)
+
+
+@async_test
+async def test_bindings_are_keyed_by_aor_and_contact(store: IPermissionStore) -> None:
+    one, two = _binding("sip:bob@192.0.2.1", 300.0), _binding("sip:bob@192.0.2.2", 400.0)
+    await store.save_bindings(BOB, [one, two], [])
+    await store.save_bindings("sip:carol@example.test", [_binding("sip:c@h", 300.0)], [])
+    refreshed = _binding("sip:bob@192.0.2.1", 900.0, cseq=2)
+    await store.save_bindings(BOB, [refreshed], ["sip:bob@192.0.2.2"])
+    assert await store.list_bindings(100.0, 10) == [
+        refreshed,
+        StoredBinding("sip:carol@example.test", "sip:c@h", "<sip:c@h>", 300.0, "call-1", 1, 0.5),
+    ]
+    assert await store.list_bindings(100.0, 1) == [refreshed]
+
+
+@async_test
+async def test_expired_bindings_are_never_listed(store: IPermissionStore) -> None:
+    await store.save_bindings(BOB, [_binding("sip:a@h", 300.0), _binding("sip:b@h", 600.0)], [])
+    assert [b.uri for b in await store.list_bindings(300.0, 10)] == ["sip:b@h"]
+    assert await store.expire_bindings(300.0) == 1
+    assert await store.expire_bindings(300.0) == 0
+    assert [b.uri for b in await store.list_bindings(0.0, 10)] == ["sip:b@h"]
+    assert await store.list_bindings(600.0, 10) == []
+
+
 @async_test
 async def test_sqlite_survives_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "store.sqlite")
@@ -356,9 +391,100 @@ async def test_sqlite_file_uses_wal_and_versioned_schema(tmp_path: Path) -> None
     connection = sqlite3.connect(path)
     try:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert connection.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert connection.execute("SELECT version FROM schema_version").fetchall() == [
+            (SCHEMA_VERSION,)
+        ]
     finally:
         connection.close()
+
+
+def _modes(path: Path) -> dict[str, int]:
+    return {
+        suffix: stat.S_IMODE(Path(f"{path}{suffix}").stat().st_mode)
+        for suffix in ("", "-wal", "-shm")
+    }
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@async_test
+async def test_sqlite_files_are_created_0600(tmp_path: Path, open_umask: None) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLitePermissionStore(str(path), reactor)
+    try:
+        await store.put_document(AUID, XUI, "index", DOC)
+        assert _modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    finally:
+        await store.close()
+
+
+@async_test
+async def test_sqlite_files_left_wider_are_tightened_at_open(
+    tmp_path: Path, open_umask: None
+) -> None:
+    path = tmp_path / "store.sqlite"
+    older = sqlite3.connect(path)  # an older relayd, still holding -wal and -shm open
+    older.execute("PRAGMA journal_mode=WAL")
+    older.execute("CREATE TABLE t (x)")
+    older.commit()
+    for name in _modes(path):
+        os.chmod(f"{path}{name}", 0o644)  # the too-open mode under test
+    with captured_log() as events:
+        store = SQLitePermissionStore(str(path), reactor)
+    try:
+        assert _modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+        tightened = [e for e in events if "had mode" in (e.get("log_format") or "")]
+        assert [(e["path"], e["mode"]) for e in tightened] == [
+            (f"{path}{suffix}", "0644") for suffix in ("", "-wal", "-shm")
+        ]
+        await store.put_document(AUID, XUI, "index", DOC)
+    finally:
+        older.close()
+        await store.close()
+
+
+@async_test
+async def test_sqlite_version_1_file_gains_bindings(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLitePermissionStore(str(path), reactor)
+    await store.put_document(AUID, XUI, "index", DOC)
+    await store.close()
+    connection = sqlite3.connect(path)
+    connection.execute("DROP TABLE bindings")  # what version 1 wrote
+    connection.execute("UPDATE schema_version SET version = 1")
+    connection.commit()
+    connection.close()
+    reopened = SQLitePermissionStore(str(path), reactor)
+    try:
+        assert (await reopened.get_document(AUID, XUI, "index") or (b"",))[0] == DOC
+        await reopened.save_bindings(BOB, [_binding("sip:bob@h", 300.0)], [])
+        assert [b.uri for b in await reopened.list_bindings(0.0, 10)] == ["sip:bob@h"]
+    finally:
+        await reopened.close()
+    connection = sqlite3.connect(path)
+    try:
+        assert connection.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    finally:
+        connection.close()
+
+
+@async_test
+async def test_sqlite_bindings_survive_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "store.sqlite")
+    store = SQLitePermissionStore(path, reactor)
+    binding = _binding("sip:bob@192.0.2.1;transport=tcp", 300.0)
+    await store.save_bindings(BOB, [binding], [])
+    await store.close()
+    reopened = SQLitePermissionStore(path, reactor)
+    try:
+        assert await reopened.list_bindings(100.0, 10) == [binding]
+    finally:
+        await reopened.close()
 
 
 @async_test

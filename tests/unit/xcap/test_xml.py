@@ -130,6 +130,33 @@ def test_fragment_not_one_element_rejected(body: bytes) -> None:
     assert info.value.condition == "not-xml-frag"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<a x=1/>",
+        b'<?xml version="1.0" encoding="UTF-8"?><a><b></c></a>',
+        b"\xef\xbb\xbf<a><b></c></a>",
+        b"<a>\n  <b></c>\n</a>",
+    ],
+)
+def test_fragment_error_positions_are_the_bodys_own(body: bytes) -> None:
+    with pytest.raises(etree.XMLSyntaxError) as alone:
+        etree.fromstring(body, make_parser())
+    line, column = alone.value.position
+    with pytest.raises(XCAPError) as info:
+        parse_fragment(body, namespaces={None: CP, "cr": "urn:relayd:params:xml:ns:x"})
+    assert info.value.condition == "not-xml-frag"
+    assert str(info.value.detail).endswith(f" at line {line}, column {column}")
+
+
+def test_unclosed_fragment_error_is_at_the_end_of_the_body() -> None:
+    with pytest.raises(XCAPError) as info:
+        parse_fragment(b'<rule id="a">\n  <x/>', namespaces={None: CP})
+    detail = str(info.value.detail)
+    assert detail.endswith(" at line 2, column 7")
+    assert "relayd" not in detail
+
+
 def test_fragment_with_doctype_rejected() -> None:
     with pytest.raises(XCAPError) as info:
         parse_fragment(b'<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><a>&x;</a>')
