@@ -76,6 +76,22 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(text.replace(",", " ").split())
 
 
+def _chunk_overrides(text: str) -> tuple[tuple[str, int | None, int], ...]:
+    """``host[:port]=bytes`` words as (host, port or None, bytes); IPv6 in brackets."""
+    overrides = []
+    for word in _words(text):
+        target, equals, size = word.rpartition("=")
+        host, port = target, None
+        if target.rfind(":") > target.rfind("]"):
+            host, _, port_text = target.rpartition(":")
+            port = _integer(1, 65535)(port_text)
+        host = host.strip("[]").lower()
+        if not equals or not host:
+            raise ValueError(f"expected host[:port]=bytes, got {word!r}")
+        overrides.append((host, port, _integer(1024)(size)))
+    return tuple(overrides)
+
+
 def _lines(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
@@ -232,6 +248,29 @@ SCHEMA: tuple[Key, ...] = (
         "1048576",
         _integer(1024),
         "Longest body a forwarded SEND carries before the relay splits it",
+    ),
+    Key(
+        "msrp",
+        "peer_chunk_bytes",
+        "8192",
+        _integer(1024),
+        "Longest body per forwarded SEND towards a peer relay not known to take more"
+        " (Kamailio: about 10 KiB); relayd peers are recognised and get max_chunk_bytes",
+    ),
+    Key(
+        "msrp",
+        "peer_chunk_overrides",
+        "",
+        _chunk_overrides,
+        "Peer relays known to take larger chunks: host[:port]=bytes, space separated",
+    ),
+    Key(
+        "msrp",
+        "send_queue_bytes",
+        "32768",
+        _integer(4096, 1048576),
+        "Unsent bytes (in the relay and the kernel) towards one connection before large"
+        " transfers wait: what a new message may queue behind",
     ),
     Key(
         "msrp",
@@ -513,6 +552,9 @@ class MSRPConfig:
     idle_timeout_seconds: int
     max_connections: int
     max_chunk_bytes: int
+    peer_chunk_bytes: int
+    peer_chunk_overrides: tuple[tuple[str, int | None, int], ...]
+    send_queue_bytes: int
     block_unknown_methods: bool
     connect_timeout_seconds: int
     max_request_body_bytes: int

@@ -70,6 +70,9 @@ class MessageRejected:
     #: The first two header values when they parsed, so a 400 can be addressed.
     to_path: str | None = None
     from_path: str | None = None
+    #: Over a size limit before the head was even complete: skipping to the
+    #: end-line could mean reading without bound, so the connection closes.
+    fatal: bool = False
 
 
 ParseEvent = MessageStart | BodyChunk | MessageEnd | MessageRejected
@@ -317,7 +320,7 @@ class MSRPParser:
             after = end_line + len(boundary)
             if len(buf) < after + 3:
                 if stop - pos > limits.max_header_bytes:
-                    return self._reject(events, "header block too large", pos)
+                    return self._reject(events, "header block too large", pos, fatal=True)
                 self._scan = end_line
                 return False
             flag = buf[after : after + 1]
@@ -332,15 +335,15 @@ class MSRPParser:
         else:
             waiting = len(buf) - pos
             if waiting > limits.max_header_bytes:
-                return self._reject(events, "header block too large", pos)
+                return self._reject(events, "header block too large", pos, fatal=True)
             if waiting > limits.max_line_bytes:
                 line_start = buf.rfind(b"\r\n", pos) + 2
                 if len(buf) - max(line_start, pos) > limits.max_line_bytes:
-                    return self._reject(events, "header line too long", pos)
+                    return self._reject(events, "header line too long", pos, fatal=True)
             self._scan = len(buf) - len(boundary)
             return False
         if stop - pos > limits.max_header_bytes:
-            return self._reject(events, "header block too large", pos)
+            return self._reject(events, "header block too large", pos, fatal=True)
         self._scan = 0
         block = buf[pos : stop + 2]
         if _is_canonical(block, limits):
@@ -397,9 +400,13 @@ class MSRPParser:
             return None
         return Headers(items)
 
-    def _reject(self, events: list[ParseEvent], reason: str, line_start: int) -> bool:
+    def _reject(
+        self, events: list[ParseEvent], reason: str, line_start: int, fatal: bool = False
+    ) -> bool:
         """Skip the rest of this message up to its end-line; stay in sync."""
-        events.append(self._rejection(reason, line_start))
+        rejection = self._rejection(reason, line_start)
+        rejection.fatal = fatal
+        events.append(rejection)
         # Rescan from the CRLF that ended the start line so that an end-line
         # directly after the bad header block is still recognised.
         self._pos = max(line_start - 2, 0)

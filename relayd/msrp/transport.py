@@ -14,12 +14,19 @@ outbound pool.  Design points (RFC 4976 §6.4):
   messages are never combined.
 * A stream always holds back its latest piece of body, so every frame it
   cuts, and its final frame, carries at least one byte.
-* Back-pressure: when a next hop's socket buffer fills, Twisted pauses that
-  connection's producer, which pauses every connection streaming into it.
+* Back-pressure: when more than ``send_queue_bytes`` wait towards a next
+  hop, its streams keep the rest in their own backlog and every connection
+  streaming into it is paused until the kernel wants more.  Frames of our own
+  (responses, REPORTs, whole small requests) never wait in a backlog, so they
+  queue behind at most ``send_queue_bytes`` unsent, ours and the kernel's
+  together (TCP_NOTSENT_LOWAT wakes us at half of it); backlogs drain in turn,
+  a slice each, so a small SEND to a slow reader overtakes a large one at a
+  frame boundary.
 """
 
 from __future__ import annotations
 
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +71,13 @@ from relayd.msrp.parser import (
 )
 from relayd.msrp.relay import KNOWN_METHODS, RelayCore, Route, addressed_to_us, response_route
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI, MSRPURIError, parse_path
-from relayd.net.eager import write_now
+from relayd.net.eager import (
+    pause_until_writable,
+    resume_if_writable,
+    socket_transport,
+    unsent_bytes,
+    write_now,
+)
 from relayd.net.tls import (
     ServerIdentity,
     certificate_dns_names,
@@ -76,11 +89,22 @@ from relayd.net.tls import certificate_matches as _certificate_matches
 from relayd.tokens import new_transaction_id
 
 _PATH_HEADERS = frozenset({"to-path", "from-path"})
+#: Put by relayd on the AUTHs it forwards and on its answers to them: "this
+#: relay takes chunks of any size" (it re-chunks them itself).  Other relays
+#: may not: Kamailio drops the connection above about 10 KiB of body.
+_CHUNK_LIMIT = "Relay-Chunk-Limit"
+#: Said by each hop for itself: never forwarded.
+_HOP_HEADERS = _PATH_HEADERS | {_CHUNK_LIMIT.lower()}
+_RELAYD_PEERS_SIZE = 1024
 _STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
 _READ_BUFFER_BYTES = 262144
+#: Linux's TCP_NOTSENT_LOWAT (the socket module has it from Python 3.12 on).
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _ROUTE_CACHE_SIZE = 32
 #: Shared by every connection that nothing is streaming into (never added to).
 _NO_STREAMS: set[SendStream] = set()
+#: Likewise for connections without backlogged streams.
+_NO_BACKLOGS: dict[MSRPConnection, list[SendStream]] = {}
 
 
 class MSRPRelay:
@@ -112,11 +136,14 @@ class MSRPRelay:
         self._outbound: dict[tuple[str, str, int], MSRPConnection] = {}
         self._connecting: dict[tuple[str, str, int], list[defer.Deferred[MSRPConnection]]] = {}
         self._resolver = resolver or _srv_resolver
+        #: Next hops (outbound keys) that said they are relayd (_CHUNK_LIMIT).
+        self.relayd_peers: dict[tuple[str, str, int], None] = {}
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         #: While input is handled: the output held back until the end of that
         #: read, per connection (see MSRPConnection.dataReceived); else None.
         self.batch: dict[MSRPConnection, list[bytes]] | None = None
+        self.batch_number = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -249,6 +276,22 @@ class MSRPRelay:
         assert isinstance(protocol, MSRPConnection)
         return protocol
 
+    def peer_chunk_bytes(self, names: frozenset[str], port: int | None) -> int:
+        """The longest SEND body towards this peer relay: listed, else the safe default.
+
+        Other relays may refuse what relayd takes (Kamailio drops the
+        connection above about 10 KiB); a relayd peer says what it is on
+        forwarded AUTHs (_CHUNK_LIMIT) and then gets max_chunk_bytes.
+        """
+        config = self.config
+        size = config.peer_chunk_bytes
+        for host, listed_port, listed_size in config.peer_chunk_overrides:
+            if host in names and listed_port in (None, port):
+                size = listed_size
+                if listed_port is not None:
+                    break
+        return min(size, config.max_chunk_bytes)
+
     # -- REPORTs -----------------------------------------------------------------
 
     def send_report(
@@ -359,6 +402,9 @@ class _OutboundFactory(Factory):
     def buildProtocol(self, addr: Any) -> MSRPConnection:
         connection = MSRPConnection(self.relay, inbound=False, tls=self.tls)
         connection.outbound_key = self.key
+        if self.key not in self.relay.relayd_peers:
+            _, host, port = self.key
+            connection.chunk_bytes = self.relay.peer_chunk_bytes(frozenset({host}), port or None)
         if self.tls:
             # Verified by service_identity during the handshake.
             connection.peer_names = frozenset({self.name})
@@ -407,26 +453,37 @@ class _FrameTransaction:
 class _EndToEndTransaction:
     """A forwarded AUTH or other request whose response travels back (§6.4.3)."""
 
-    __slots__ = ("deadline", "relay", "request", "source")
+    __slots__ = ("deadline", "hop", "local_uri", "relay", "request", "source")
 
-    def __init__(self, relay: MSRPRelay, source: MSRPConnection, request: MSRPRequest) -> None:
-        self.relay = relay
+    def __init__(
+        self, hop: MSRPConnection, source: MSRPConnection, request: MSRPRequest, local_uri: str
+    ) -> None:
+        self.relay = hop.relay
+        self.hop = hop
         self.source = source
         self.request = request
+        #: Our URI as the forwarded request's From-Path began with it.
+        self.local_uri = local_uri
         self.deadline = 0.0
 
     def response(self, response: MSRPResponse) -> bool:
         rewritten = response_route(response, self.relay.core.is_local)
-        if rewritten is None:
-            self.relay.log.warn(
-                "Response {code} not addressed through this relay: dropped", code=response.code
-            )
-            return False  # keep waiting: the timer still answers the sender
-        to_path, from_path = rewritten
+        if rewritten is not None:
+            to_path, from_path = rewritten
+        else:
+            # §6.4.3 has the response come back along the request's path; some
+            # relays (Kamailio's 401 to a forwarded AUTH) name only us. The
+            # transaction id is ours, sent to this hop alone: the answer goes
+            # back along the path the request came by, rather than a 408 later.
+            self.hop.deviating_response(response)
+            to_path = self.request.headers.get("From-Path") or ""
+            from_path = f"{self.local_uri} {response.headers.get('From-Path') or ''}".rstrip()
         headers = Headers(
             [("To-Path", to_path), ("From-Path", from_path)]
-            + [(k, v) for k, v in response.headers if k.lower() not in _PATH_HEADERS]
+            + [(k, v) for k, v in response.headers if k.lower() not in _HOP_HEADERS]
         )
+        if self.request.method == "AUTH" and _CHUNK_LIMIT in response.headers:
+            self.hop.takes_any_chunk()
         if not self.source.connected:
             return True  # §6.4.3: the connection is gone, drop quietly
         forwarded = MSRPResponse(self.request.tid, response.code, response.comment, headers)
@@ -536,7 +593,12 @@ class _LocalAuth:
         except MSRPStatus as status:
             connection.refuse(self.request, status)
             return
-        connection.write_atomic(outcome.response.to_bytes())
+        response = outcome.response
+        if _CHUNK_LIMIT in self.request.headers:
+            # A relayd peer forwarded it: answer in kind.
+            headers = Headers([*response.headers, (_CHUNK_LIMIT, "none")])
+            response = MSRPResponse(response.tid, response.code, response.comment, headers)
+        connection.write_atomic(response.to_bytes())
         if outcome.session is not None:
             connection.succeeded()
         elif outcome.failed:
@@ -596,10 +658,11 @@ class _BufferedForward:
         request = self.request
         body = b"".join(self.body) if self.has_body else None
         lines = forwarded_lines(request.headers, skip_byte_range=False)
-        if lines is None:
+        if lines is None or request.method == "AUTH":
+            own = [(_CHUNK_LIMIT, "none")] if request.method == "AUTH" else []
             headers = Headers(
-                [("To-Path", self.route.to_path), ("From-Path", self.route.from_path)]
-                + [(k, v) for k, v in request.headers if k.lower() not in _PATH_HEADERS]
+                [("To-Path", self.route.to_path), ("From-Path", self.route.from_path), *own]
+                + [(k, v) for k, v in request.headers if k.lower() not in _HOP_HEADERS]
             )
             return MSRPRequest(tid, request.method, headers).to_bytes(body, flag)
         head = b"MSRP %s %s\r\n%s%s" % (
@@ -618,7 +681,7 @@ class _BufferedForward:
             return
         if self.request.method != "REPORT":
             target.add_transaction(
-                tid, _EndToEndTransaction(target.relay, self.source, self.request)
+                tid, _EndToEndTransaction(target, self.source, self.request, self.route.local_uri)
             )
         target.write_atomic(frame)
 
@@ -635,6 +698,9 @@ class SendStream:
     """One inbound SEND chunk on its way to the next hop, cut into frames as needed."""
 
     __slots__ = (
+        "backlog",
+        "backlog_at",
+        "backlog_flag",
         "done",
         "ended",
         "error",
@@ -708,6 +774,11 @@ class SendStream:
         self.done = False
         self.target: MSRPConnection | None = None
         self.pending: list[tuple[bool, bytes]] | None = None
+        #: Output the next hop had no room for yet (from backlog_at on), and
+        #: the end-line flag that follows it once the chunk has ended.
+        self.backlog: bytes | None = None
+        self.backlog_at = 0
+        self.backlog_flag: bytes | None = None
         target = route.connection
         if target is not None:
             if not isinstance(target, MSRPConnection) or not target.connected:
@@ -763,7 +834,11 @@ class SendStream:
             self.pending = None
             self.failed = True
             return
-        if self.held is not None or (self.target is not None and self.target.frame_owner is self):
+        if (
+            self.held is not None
+            or self.backlog is not None
+            or (self.target is not None and self.target.frame_owner is self)
+        ):
             self._finish(b"#")
 
     # -- outbound side -----------------------------------------------------------------
@@ -812,18 +887,64 @@ class SendStream:
         self.held = None
         self._emit(data, flag)
         self.done = True
-        if self.target is not None:
-            self.target.incoming.discard(self)
-            if self.target.congested:
-                self.source.resume_reading(self.target)
+        target = self.target
+        if target is not None and self.backlog is None:
+            # All of it is out: the sender may go on. With a backlog it waits
+            # until that drains (MSRPConnection._drain), or backlogs would
+            # hold a fast sender's every chunk.
+            target.incoming.discard(self)
+            self.source.resume_reading(target)
 
     def _emit(self, data: bytes, final: bytes | None) -> None:
+        """Write what the next hop has room for now; keep the rest in the backlog."""
         target = self.target
         assert target is not None
         if not target.connected:
             self.fail(481, "next hop connection lost", self.offset, self.offset + len(data) - 1)
             return
-        max_chunk = self.relay.config.max_chunk_bytes
+        backlog = self.backlog
+        if backlog is None:
+            # Behind an earlier chunk of the same sender: wait for it (order).
+            room = 0 if self.source in target.waiting else target.room()
+            if room > 0 and room >= len(data):
+                self._write(data, final)
+                return
+            if room > 0:
+                # The rest is at least one byte: the frame that carries the
+                # end-line is never empty.
+                self._write(data[:room], None)
+                data = data[room:]
+            self.backlog = data
+            self.backlog_at = 0
+            target.wait(self)
+        else:
+            self.backlog = backlog[self.backlog_at :] + data
+            self.backlog_at = 0
+        self.backlog_flag = final
+        self.source.pause_reading(target)
+
+    def send_backlog(self, room: int) -> bool:
+        """Write up to ``room`` bytes of the backlog; True while some is left."""
+        backlog = self.backlog
+        assert backlog is not None
+        at = self.backlog_at
+        if len(backlog) - at > room:
+            self.backlog_at = at + room
+            self._write(backlog[at : at + room], None)
+            return True
+        final = self.backlog_flag
+        self.backlog = None
+        self.backlog_flag = None
+        data = backlog[at:] if at else backlog
+        if data or final is not None:
+            self._write(data, final)
+        return False
+
+    def _write(self, data: bytes, final: bytes | None) -> None:
+        """Frame ``data`` (and the end-line when ``final``) onto the wire now."""
+        target = self.target
+        assert target is not None
+        max_chunk = target.chunk_bytes
         out: list[bytes] = []
         while True:
             if target.frame_owner is not self:
@@ -880,6 +1001,12 @@ class SendStream:
         tail = end_line(tid, flag)
         return b"\r\n" + tail if self.has_body else tail
 
+    def unconfirmed(self) -> tuple[int, int]:
+        """The bytes a lost next hop leaves unanswered: the open frame's and the backlog's."""
+        first = self.frame_first if self.frame_tid is not None else self.offset
+        unsent = len(self.backlog) - self.backlog_at if self.backlog is not None else 0
+        return first, max(first, self.offset + unsent - 1)
+
     def cut(self) -> None:
         """Someone else needs the wire: end our open frame with '+'."""
         target = self.target
@@ -900,17 +1027,18 @@ class SendStream:
         if not self.ended:
             self.error = (code, comment)
         self.held = None
+        self.backlog = None
         target = self.target
         if target is not None:
             target.incoming.discard(self)
+            target.unwait(self)
             if target.frame_owner is self and target.connected:
                 target.frame_owner = None
                 assert self.frame_tid is not None
                 tail = end_line(self.frame_tid, b"#")
                 target.write_raw(b"\r\n" + tail if self.has_body else tail)
                 self.frame_tid = None
-            if target.congested:
-                self.source.resume_reading(target)
+            self.source.resume_reading(target)
         if self.failure_report in ("yes", "partial"):
             last_text = str(last) if last >= first else str(first)
             self.relay.send_report(
@@ -954,18 +1082,33 @@ class MSRPConnection(Protocol):
         self.peer_names: frozenset[str] = frozenset()
         self.outbound_key: tuple[str, str, int] | None = None
         self.parser = MSRPParser(relay.limits)
+        #: Longest SEND body per frame we write here: less towards other relays.
+        self.chunk_bytes = relay.config.max_chunk_bytes
         self.consumer: Any = _DISCARD
         self.frame_owner: SendStream | None = None
         self.transactions: dict[str, _FrameTransaction | _EndToEndTransaction] = {}
         # Empty on an idle connection, so shared until first needed (memory).
         self.incoming: set[SendStream] = _NO_STREAMS
+        #: Streams with a backlog towards this connection, by sender in turn
+        #: order; each sender's in the order its chunks came.
+        self.waiting: dict[MSRPConnection, list[SendStream]] = _NO_BACKLOGS
         self.congested = False
+        #: The socket transport under any TLS layer (None for a test double).
+        self._wire: Any = None
         self._pause_reasons: set[object] | None = None
         self._probation: IDelayedCall | None = None
         self._failures = 0
         self._auth_failures = 0
         self._succeeded = not inbound
         self._closing = False
+        self._deviation_logged = False
+        #: Bytes held for this connection in MSRPRelay.batch, and the unsent
+        #: bytes measured during that batch (room()).
+        self.batched = 0
+        self._unsent = 0
+        self._unsent_batch = -1
+        self._draining = False
+        self._drain_again = False
         self._peer_certificate: x509.Certificate | None = None
         self._plans: dict[bytes | tuple[str, str], _Plan] | None = None
         self._expiry: IDelayedCall | None = None
@@ -977,7 +1120,7 @@ class MSRPConnection(Protocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         self.peer = _describe(transport.getPeer())
-        _set_nodelay(transport)
+        self._wire = _tune_socket(transport, self.relay.config.send_queue_bytes // 2)
         transport.registerProducer(self, True)
         self.relay.register(self)
         if self.inbound:
@@ -998,6 +1141,8 @@ class MSRPConnection(Protocol):
         self._peer_certificate = certificate
         names = [*certificate_dns_names(certificate), *certificate_ip_names(certificate)]
         self.peer_names = frozenset(name.lower() for name in names)
+        if self.peer_names:
+            self.chunk_bytes = self.relay.peer_chunk_bytes(self.peer_names, None)
         self.log.info(
             "Peer relay {names} connected from {peer}",
             names=sorted(self.peer_names),
@@ -1021,6 +1166,7 @@ class MSRPConnection(Protocol):
             self._receive(data)
             return
         batch = relay.batch = {}
+        relay.batch_number += 1
         try:
             self._receive(data)
         finally:
@@ -1094,10 +1240,12 @@ class MSRPConnection(Protocol):
         code, comment, cause = _hop_failure(reason, connected=True)
         for transaction in transactions:
             transaction.lost(code, comment, cause)
+        backlogged = [stream for queue in self.waiting.values() for stream in queue]
+        self.waiting = _NO_BACKLOGS
         incoming, self.incoming = self.incoming, _NO_STREAMS
-        for stream in list(incoming):
-            first = stream.frame_first if stream.frame_tid is not None else stream.offset
-            stream.fail(code, comment, first, max(first, stream.offset - 1), cause)
+        for stream in [*incoming, *[s for s in backlogged if s not in incoming]]:
+            first, last = stream.unconfirmed()
+            stream.fail(code, comment, first, last, cause)
 
     # -- IPushProducer: our socket buffer filled up or drained ---------------------------
 
@@ -1108,8 +1256,105 @@ class MSRPConnection(Protocol):
 
     def resumeProducing(self) -> None:
         self.congested = False
+        if self.waiting:
+            self._drain()
+            if self.congested or self.waiting:
+                return
         for stream in list(self.incoming):
             stream.source.resume_reading(self)
+
+    # -- how much stream data may go out now ------------------------------------------
+
+    def room(self) -> int:
+        """Bytes a stream may write now: ``send_queue_bytes`` less what is still unsent.
+
+        Unsent bytes, ours and the kernel's, are what a frame of our own
+        (a response, a REPORT, another sender's small SEND) queues behind.
+        """
+        if self.congested:
+            return 0
+        wire = self._wire
+        if wire is None:
+            return 1 << 62
+        batch = self.relay.batch
+        if batch is None:
+            return self.relay.config.send_queue_bytes - unsent_bytes(wire)
+        # Within one read nothing of ours reaches the socket: ask the kernel once.
+        if self._unsent_batch != self.relay.batch_number:
+            self._unsent_batch = self.relay.batch_number
+            self._unsent = unsent_bytes(wire)
+        return self.relay.config.send_queue_bytes - self._unsent - self.batched
+
+    def wait(self, stream: SendStream) -> None:
+        """``stream`` has a backlog: it gets its turn when the kernel wants more."""
+        if self.waiting is _NO_BACKLOGS:
+            self.waiting = {}
+        queue = self.waiting.get(stream.source)
+        if queue is None:
+            self.waiting[stream.source] = [stream]
+        else:
+            queue.append(stream)
+        if not self.congested:
+            pause_until_writable(self._wire)
+
+    def unwait(self, stream: SendStream) -> None:
+        queue = self.waiting.get(stream.source)
+        if queue is not None and stream in queue:
+            queue.remove(stream)
+            if not queue:
+                del self.waiting[stream.source]
+
+    def _drain(self) -> None:
+        """Write out backlogs while the kernel takes them, one write per room's worth.
+
+        Outside a read, the slices are batched like a read's output (many
+        small chunks make one send); a write the kernel takes at once resumes
+        us from _write_out, which here only asks for another round.
+        """
+        relay = self.relay
+        if relay.batch is not None:
+            self._fill()  # the read's end writes it
+            return
+        if self._draining:
+            self._drain_again = True
+            return
+        self._draining = True
+        try:
+            again = True
+            while again:
+                self._drain_again = False
+                batch = relay.batch = {}
+                relay.batch_number += 1
+                try:
+                    self._fill()
+                finally:
+                    relay.batch = None
+                    for connection, out in batch.items():
+                        connection._write_out(out)
+                again = self._drain_again
+        finally:
+            self._draining = False
+
+    def _fill(self) -> None:
+        """Give each sender's backlog a slice of the room in turn: none starves the others."""
+        waiting = self.waiting
+        while waiting and self.connected:
+            room = self.room()
+            if room <= 0:
+                if not self.congested:
+                    pause_until_writable(self._wire)
+                return
+            source = next(iter(waiting))
+            queue = waiting.pop(source)
+            stream = queue[0]
+            if not stream.send_backlog(room):
+                del queue[0]
+                if stream.done:
+                    self.incoming.discard(stream)
+                    if not queue:
+                        source.resume_reading(self)
+            if queue:
+                waiting[source] = queue
 
     def stopProducing(self) -> None:
         pass
@@ -1128,6 +1373,8 @@ class MSRPConnection(Protocol):
         try:
             if method not in KNOWN_METHODS and relay.config.block_unknown_methods:
                 raise MSRPStatus(501)
+            if method == "AUTH" and _CHUNK_LIMIT in request.headers:
+                self.takes_any_chunk()  # forwarded by a relayd peer
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = _LocalAuth(self, request)
                 return
@@ -1211,6 +1458,12 @@ class MSRPConnection(Protocol):
             )
             headers = Headers([("To-Path", to_path), ("From-Path", event.to_path.split(" ", 1)[0])])
             self.write_atomic(MSRPResponse(event.tid, 400, event.reason, headers).to_bytes())
+        if event.fatal:
+            # The 400 is out; skipping an oversized head to its end-line
+            # could mean reading without bound.
+            self.log.warn("Closing {peer}: {reason}", peer=self.peer, reason=event.reason)
+            self.close(event.reason)
+            return
         self._failed()
 
     def _response(self, response: MSRPResponse) -> None:
@@ -1220,6 +1473,26 @@ class MSRPConnection(Protocol):
             return
         if transaction.response(response):
             self.transactions.pop(response.tid, None)
+
+    def takes_any_chunk(self) -> None:
+        """The peer is relayd (_CHUNK_LIMIT): chunks go to it as long as we cut them."""
+        self.chunk_bytes = self.relay.config.max_chunk_bytes
+        key = self.outbound_key
+        if key is not None:
+            remember(self.relay.relayd_peers, _RELAYD_PEERS_SIZE, key, None)
+
+    def deviating_response(self, response: MSRPResponse) -> None:
+        """Log, once per connection, a next hop whose responses skip the path back."""
+        if self._deviation_logged:
+            return
+        self._deviation_logged = True
+        self.log.warn(
+            "Next hop {peer} answered {code} with To-Path {to_path!r}, not the request's"
+            " path back (RFC 4976 §6.4.3); routed back by transaction id",
+            peer=self.peer,
+            code=response.code,
+            to_path=response.headers.get("To-Path") or "",
+        )
 
     def add_transaction(
         self, tid: str, transaction: _FrameTransaction | _EndToEndTransaction
@@ -1270,6 +1543,7 @@ class MSRPConnection(Protocol):
             write_now(self.transport, data)
             self.relay.touch(self)
             return
+        self.batched += len(data)
         out = batch.get(self)
         if out is None:
             batch[self] = [data]
@@ -1289,6 +1563,7 @@ class MSRPConnection(Protocol):
         Sending is use too (RFC 4976 §6.5): a connection that only receives
         forwarded data must be neither closed as idle nor evicted first.
         """
+        self.batched = 0
         if not self.connected:
             return
         try:
@@ -1299,6 +1574,10 @@ class MSRPConnection(Protocol):
             return
         if touch:
             self.relay.touch(self)
+        if self.waiting and self._wire is not None:
+            # When the kernel took the read's output at once, the backlogs
+            # need not wait for the next reactor turn.
+            resume_if_writable(self._wire, self.relay.config.send_queue_bytes // 2)
 
     # -- flow control and accounting -------------------------------------------------------
 
@@ -1377,6 +1656,7 @@ class MSRPConnection(Protocol):
         if abort:
             if self.relay.batch is not None:
                 self.relay.batch.pop(self, None)
+                self.batched = 0
         else:
             self.flush()
         transport: Any = self.transport
@@ -1403,23 +1683,31 @@ def _describe(address: Any) -> str:
     return f"{host}:{port}" if host is not None else str(address)
 
 
-def _set_nodelay(transport: Any) -> None:
-    """Tune the TCP connection under any TLS layers.
+def _tune_socket(transport: Any, low_water: int) -> Any:
+    """Tune the TCP connection under any TLS layers; return its socket transport.
 
     Nagle would hold small frames back ~40 ms behind an unacknowledged
     segment; and bigger reads (256 KiB instead of Twisted's 64 KiB) mean
     fewer passes through the parser for large chunks.  The read buffer is
     only a temporary while reading, so idle connections do not pay for it.
+    TCP_NOTSENT_LOWAT makes the socket writable only once fewer than
+    ``low_water`` bytes wait in the kernel (MSRPConnection.room counts them): an
+    autotuned send buffer towards a slow reader would otherwise hold
+    megabytes, seconds that a new message waits behind.
     """
-    inner = transport
-    while inner is not None:
-        setter = getattr(inner, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except OSError:
-                pass
-            if hasattr(inner, "bufferSize"):
-                inner.bufferSize = _READ_BUFFER_BYTES
-            return
-        inner = getattr(inner, "transport", None)
+    setter = getattr(transport, "setTcpNoDelay", None)  # TLS layers pass it down
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+    wire: Any = socket_transport(transport)
+    if wire is None:
+        return None
+    # On the socket transport itself: set on a TLS layer it would change nothing.
+    wire.bufferSize = _READ_BUFFER_BYTES
+    try:
+        wire.getHandle().setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, low_water)
+    except (AttributeError, OSError):  # not TCP, or a kernel without the option
+        pass
+    return wire

@@ -23,12 +23,17 @@ fails, saying the fast path is gone.
 
 from __future__ import annotations
 
+import fcntl
+import sys
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 
 _WRITES_SINCE_LAST_SEND = "_tempDataLen"
 """The length of ``FileDescriptor``'s list of queued writes (see above)."""
+
+#: Linux ioctl: bytes in a TCP socket's send queue not yet sent.
+_SIOCOUTQNSD = 0x894B
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -49,3 +54,58 @@ def write_now(transport: Any, data: bytes) -> None:
         # A lost connection: queue it anyway, so that Twisted's next write
         # attempt meets the same error and closes the connection its usual way.
     transport.write(data)
+
+
+def socket_transport(transport: Any) -> FileDescriptor | None:
+    """The socket transport under any TLS wrappers, or None (a test double)."""
+    inner = transport
+    while inner is not None and not isinstance(inner, FileDescriptor):
+        inner = getattr(inner, "__dict__", {}).get("transport")
+    return inner
+
+
+def unsent_bytes(transport: FileDescriptor) -> int:
+    """Bytes written but not sent yet: in the transport's queue and, on Linux, the kernel's.
+
+    The kernel's part is what a receiver that reads slowly lets pile up in
+    an autotuned send buffer (megabytes); TCP_NOTSENT_LOWAT alone does not
+    bound it, as a write may still fill the last segment up to 64 KiB.
+    """
+    queued = (
+        len(transport.dataBuffer)
+        - transport.offset
+        + getattr(transport, _WRITES_SINCE_LAST_SEND, 0)
+    )
+    try:
+        raw = fcntl.ioctl(transport.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
+    except (OSError, ValueError):  # not Linux, not TCP, or already closed
+        return queued
+    return queued + int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+def pause_until_writable(transport: FileDescriptor) -> bool:
+    """Pause the registered streaming producer until the kernel wants more data.
+
+    Twisted does this by itself only once ``bufferSize`` bytes wait in user
+    space; this is the same pause taken earlier, for a producer that keeps its
+    own queue short.  The producer's ``resumeProducing`` comes from the
+    transport's ``doWrite`` when the socket is writable and nothing is queued
+    (with TCP_NOTSENT_LOWAT: when the kernel's unsent bytes fell below it).
+    """
+    producer: Any = transport.producer
+    if producer is None or not transport.streamingProducer or not transport.connected:
+        return False
+    if not transport.producerPaused:
+        transport.producerPaused = True
+        producer.pauseProducing()
+    transport.startWriting()
+    return True
+
+
+def resume_if_writable(transport: FileDescriptor, low_water: int) -> None:
+    """Now what ``doWrite`` would do on the next reactor turn: resume the producer
+    paused by pause_until_writable once fewer than ``low_water`` bytes are unsent."""
+    producer: Any = transport.producer
+    if producer is not None and transport.producerPaused and unsent_bytes(transport) < low_water:
+        transport.producerPaused = False
+        producer.resumeProducing()

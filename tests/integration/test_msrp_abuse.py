@@ -250,3 +250,25 @@ async def test_recipient_gone_mid_transfer_becomes_481_report(
     # Bob's session went with his connection.
     with pytest.raises(MSRPClientError, match="481"):
         await send(alice, [*alice_auth.use_path, *path_to(bob, bob_auth)], b"more")
+
+
+@pytest.mark.parametrize("paths_first", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_eight_mib_header_gets_400_then_close(
+    start_relay: RelayFactory, pki: RelayPKI, paths_first: bool
+) -> None:
+    relay = await start_relay()
+    raw = await raw_tls(relay, pki)
+    ours = f"msrps://127.0.0.1:{relay.port}/doesnotexist;tcp"
+    head = b"MSRP huge0001 SEND\r\n"
+    if paths_first:
+        head += f"To-Path: {ours}\r\nFrom-Path: msrps://127.0.0.1:9/c;tcp\r\nX-Big: ".encode()
+    else:
+        head += b"To-Path: "
+    raw.transport.write(head + b"v" * (8 << 20) + b"\r\n\r\n")  # type: ignore[union-attr]
+    await raw.closed.addTimeout(10, reactor)
+    if paths_first:
+        assert raw.received.startswith(b"MSRP huge0001 400 header block too large\r\n")
+        assert b"To-Path: msrps://127.0.0.1:9/c;tcp\r\n" in raw.received
+    else:
+        assert raw.received == b""  # nothing to address a 400 with

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor, ssl
 
 from relayd.msrp.client import MSRPClientError, connect
+from relayd.msrp.message import MSRPRequest
+from relayd.msrp.parser import BodyChunk, MessageEnd, MessageStart, MSRPParser
 from relayd.testing import RelayPKI, make_pki
 
-from .conftest import USERS, RecordingSink, RelayFactory, client, path_to
+from .conftest import USERS, RecordingSink, RelayFactory, client, deferLater, path_to
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +53,8 @@ async def test_client_through_two_relays_with_auth_chain(
         )
     ).addTimeout(10, reactor)
     assert await sink.wait("chain") == data
+    # relayd knows relayd (ALPN): the chunks cross both relays uncut.
+    assert [r.start for m, r, _ in sink.ranges if m == "chain"] == [1, 50_001, 100_001, 150_001]
     report = await alice.wait_report("chain").addTimeout(5, reactor)
     assert report.headers.get("Status") == "000 200 OK"
     # And back: Bob answers through extra and intra to Alice's path (reverse of hers).
@@ -114,3 +121,78 @@ async def test_relay_without_peer_trust_treats_relays_as_clients(
     session = extra.relay.core.sessions.lookup(session_id)
     assert session is not None
     assert session.owner_relay is None and session.owner_connection is not None
+
+
+class SmallChunkPeer(protocol.Protocol):
+    """A peer relay like Kamailio's msrp module: more than 10 KiB of body in one
+    chunk and it drops the connection; otherwise every SEND chunk gets its 200."""
+
+    LIMIT = 10240
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.parser = MSRPParser()
+        self.bodies: list[int] = []
+        self.received = 0
+        self.dropped = False
+        self._request: MSRPRequest | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.parser.feed(data):
+            if isinstance(event, MessageStart) and isinstance(event.message, MSRPRequest):
+                self._request = event.message
+                self.bodies.append(0)
+            elif isinstance(event, BodyChunk):
+                self.bodies[-1] += len(event.data)
+                self.received += len(event.data)
+                if self.bodies[-1] > self.LIMIT:
+                    self.dropped = True
+                    self.transport.abortConnection()  # type: ignore[union-attr]
+                    return
+            elif isinstance(event, MessageEnd) and self._request is not None:
+                request, self._request = self._request, None
+                back = (request.headers.get("From-Path") or "").split()[0]
+                self.transport.write(  # type: ignore[union-attr]
+                    f"MSRP {request.tid} 200 OK\r\nTo-Path: {back}\r\n"
+                    f"From-Path: {self.uri}\r\n-------{request.tid}$\r\n".encode()
+                )
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunks_towards_a_small_chunk_peer_relay_fit_its_limit(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    relay = await start_relay("127.0.0.1")
+    cert, key = pki.leaf("127.0.0.3")
+    pem = Path(cert).read_text() + Path(key).read_text()
+    options = ssl.PrivateCertificate.loadPEM(pem).options()
+    peers: list[SmallChunkPeer] = []
+
+    def build() -> SmallChunkPeer:
+        peers.append(SmallChunkPeer(uri))
+        return peers[-1]
+
+    factory = protocol.Factory.forProtocol(build)
+    port = reactor.listenSSL(0, factory, options, interface="127.0.0.3")  # type: ignore[attr-defined]
+    uri = f"msrps://127.0.0.3:{port.getHost().port}/kamailio;tcp"
+    try:
+        alice, alice_auth = await client(relay, "alice", trust=pki.ca_pem)
+        data = os.urandom(200_000)
+        await defer.Deferred.fromCoroutine(
+            alice.send_message(
+                " ".join([*alice_auth.use_path, uri, "msrps://127.0.0.9:1/bob;tcp"]),
+                data,
+                len(data),
+                chunk_bytes=65536,
+                message_id="to-kamailio",
+            )
+        ).addTimeout(10, reactor)
+        for _ in range(100):
+            if (peers and peers[0].received == len(data)) or any(p.dropped for p in peers):
+                break
+            await deferLater(0.02)
+        assert not any(p.dropped for p in peers), "the peer dropped an oversized chunk"
+        assert peers[0].received == len(data)
+        assert max(peers[0].bodies) <= 8192
+    finally:
+        await port.stopListening()

@@ -177,6 +177,36 @@ def test_out_of_range_integer(tmp_path: Path, key: str, value: str, bounds: str)
     assert f"got {value}" in message
 
 
+def test_peer_chunk_overrides(tmp_path: Path) -> None:
+    path = write_ini(
+        tmp_path,
+        "[msrp]\npeer_chunk_overrides = relay.example.com:2855=65536, 192.0.2.1=1048576"
+        " [2001:db8::1]:2855=32768 [2001:db8::2]=16384\n",
+    )
+    assert load_config(path).msrp.peer_chunk_overrides == (
+        ("relay.example.com", 2855, 65536),
+        ("192.0.2.1", None, 1048576),
+        ("2001:db8::1", 2855, 32768),
+        ("2001:db8::2", None, 16384),
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("relay.example.com", "expected host[:port]=bytes, got 'relay.example.com'"),
+        ("=65536", "expected host[:port]=bytes, got '=65536'"),
+        ("relay.example.com=100", "between 1024 and"),
+        ("relay.example.com:http=65536", "expected a whole number, got 'http'"),
+    ],
+)
+def test_bad_peer_chunk_overrides(tmp_path: Path, value: str, problem: str) -> None:
+    path = write_ini(tmp_path, f"[msrp]\npeer_chunk_overrides = {value}\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [msrp] peer_chunk_overrides: ")
+    assert problem in message
+
+
 def test_bad_boolean(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[msrp]\nblock_unknown_methods = maybe\n")
     message = config_error(path)

@@ -264,12 +264,26 @@ def test_header_line_without_crlf_beyond_limit_is_rejected_and_skipped() -> None
     limits = MSRPLimits(max_line_bytes=64)
     parser = MSRPParser(limits)
     events = parser.feed(b"MSRP abcd SEND\r\nTo-Path: " + b"x" * 1000)
-    assert events == [MessageRejected("abcd", "SEND", "header line too long")]
+    assert events == [MessageRejected("abcd", "SEND", "header line too long", fatal=True)]
     rejected = events[0]
     assert isinstance(rejected, MessageRejected)
     assert rejected.to_path is None
     events = parser.feed(b"y" * 100000 + b"\r\n-------abcd$\r\n" + RESPONSE)
     assert isinstance(events[0], MessageStart)
+
+
+def test_only_heads_over_a_size_limit_are_fatal() -> None:
+    """Past a size limit the end-line may never come: the connection must not wait for it."""
+    limits = MSRPLimits(max_line_bytes=256, max_header_bytes=1024)
+    paths = (
+        b"MSRP abcd SEND\r\nTo-Path: msrps://a.example.com/s;tcp\r\nFrom-Path: msrps://b/c;tcp\r\n"
+    )
+    for head in (paths + b"X-Big: " + b"v" * 300, paths + (b"X-H: " + b"v" * 200 + b"\r\n") * 6):
+        (event,) = MSRPParser(limits).feed(head)
+        assert isinstance(event, MessageRejected) and event.fatal, event
+        assert event.to_path == "msrps://a.example.com/s;tcp"
+    (event, *_) = MSRPParser(limits).feed(paths + b"no colon\r\n\r\nx\r\n-------abcd$\r\n")
+    assert isinstance(event, MessageRejected) and not event.fatal
 
 
 def test_response_with_body_is_rejected() -> None:

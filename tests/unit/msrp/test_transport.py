@@ -723,6 +723,35 @@ def test_unreachable_next_hop_after_the_chunk_reports_all_of_it(h: Harness) -> N
     assert header(report, "Byte-Range") == "1-13/13"
 
 
+def test_peer_answer_with_short_to_path_goes_back_to_the_sender(h: Harness) -> None:
+    """Kamailio answers an AUTH forwarded to it with To-Path naming only us (§6.4.3)."""
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    peer = h.connect("far")
+    auth = (
+        f"MSRP fwda0001 AUTH\r\nTo-Path: {a.use_path} {FAR_HOP}\r\nFrom-Path: {a.uri}\r\n"
+        "-------fwda0001$\r\n"
+    ).encode()
+    with captured_log() as observer:
+        for number in (1, 2):
+            a.feed(auth.replace(b"fwda0001", b"fwda000%d" % number))
+            waiting[-1].callback(peer.connection)
+            (forwarded,) = peer.take()
+            ours = (header(forwarded, "From-Path") or "").split()[0]
+            challenge = response_bytes(
+                as_request(forwarded).tid, 401, "Unauthorized", ours, FAR_HOP
+            )
+            peer.feed(challenge)
+            (frame,) = a.take()
+            response = as_response(frame)
+            assert (response.tid, response.code) == (f"fwda000{number}", 401)
+            assert header(frame, "To-Path") == a.uri
+            assert header(frame, "From-Path") == f"{ours} {FAR_HOP}"
+            assert not peer.connection.transactions
+    warnings = [e for e in observer if "not the request's path back" in e.get("log_format", "")]
+    assert len(warnings) == 1
+
+
 @pytest.mark.parametrize(
     ("byte_range", "reported"),
     [("1-13/13", "1-13/13"), ("1-*/13", "1-5/13"), ("1-*/*", "1-5/*"), ("9-21/30", "9-21/30")],
@@ -1006,6 +1035,70 @@ def test_sender_gone_mid_chunk_ends_forwarded_frame_with_hash(h: Harness) -> Non
 # -- back-pressure --------------------------------------------------------------------------------
 
 
+class SlowWire:
+    """The socket under a client's transport, for MSRPConnection.room: what the relay
+    wrote stays unsent until the test lets the reader take it (``drain``)."""
+
+    dataBuffer = b""
+    offset = 0
+    streamingProducer = True
+    connected = True
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.taken = 0
+        self.producer = client.connection
+        self.producerPaused = False
+
+    @property
+    def _tempDataLen(self) -> int:
+        return len(self.client.transport.value()) - self.taken
+
+    def fileno(self) -> int:
+        raise ValueError("no socket: no kernel queue")
+
+    def startWriting(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        """The reader took everything: the transport resumes its producer (doWrite)."""
+        self.taken = len(self.client.transport.value())
+        if self.producerPaused:
+            self.producerPaused = False
+            self.producer.resumeProducing()
+
+
+def test_small_send_overtakes_a_backlogged_transfer_at_a_frame_boundary() -> None:
+    h = Harness({("msrp", "send_queue_bytes"): "4096"})
+    a, b, c = h.client("alice"), h.client("bob"), h.client("carol")
+    wire = b.connection._wire = SlowWire(b)
+    big = bytes(range(256)) * 80
+    a.feed(send_head("big00001", path_to(a, b), a.uri, total=len(big)) + big[:10000])
+    a.feed(big[10000:] + body_end("big00001"))
+    # Only send_queue_bytes went out; the rest waits in the stream, not on the wire.
+    assert len(b.transport.value()) < 4096 + 400
+    # The chunk has ended, but most of it waits in its stream: so does alice.
+    assert a.transport.producerState == "paused"
+    a.feed(send_bytes(a, b, "big00002", b"next message", message_id="next"))
+    wire.drain()
+    before = len(b.transport.value())
+    c.feed(send_bytes(c, b, "small001", b"small message!!", message_id="small"))
+    for _ in range(20):
+        wire.drain()
+    written = b.transport.value()
+    assert written.index(b"small message!!") - before < 4096 + 1000
+    frames = parse_frames(written)
+    bodies: dict[str, bytes] = {}
+    for frame in frames:
+        message_id = header(frame, "Message-ID") or ""
+        start = int((header(frame, "Byte-Range") or "").split("-")[0])
+        assert start == len(bodies.get(message_id, b"")) + 1  # each sender's bytes in order
+        bodies[message_id] = bodies.get(message_id, b"") + frame.body
+    assert bodies == {"msg-1": big, "next": b"next message", "small": b"small message!!"}
+    assert [f.flag for f in frames if header(f, "Message-ID") == "small"] == [b"$"]
+    assert a.transport.producerState == "producing"
+
+
 def test_congested_recipient_pauses_the_sender(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     a.feed(send_head("bp000001", path_to(a, b), a.uri, byte_range="1-*/*"), b"x" * 100)
@@ -1023,11 +1116,12 @@ def test_stream_into_congested_recipient_starts_paused_and_ends_resumed(h: Harne
     c.feed(send_head("bp000003", path_to(c, b), c.uri, byte_range="1-*/*"), b"y" * 10)
     assert a.transport.producerState == "paused"
     assert c.transport.producerState == "paused"
-    # A's message is complete: A may read its next request while B drains.
+    # A's message is complete, but waits for B in A's stream: A waits with it.
     a.feed(body_end("bp000002"))
-    assert a.transport.producerState == "producing"
+    assert a.transport.producerState == "paused"
     assert c.transport.producerState == "paused"
     b.connection.resumeProducing()
+    assert a.transport.producerState == "producing"
     assert c.transport.producerState == "producing"
     c.feed(body_end("bp000003"))
     assert [f.body for f in b.take()] == [b"x" * 10, b"y" * 10]
@@ -1227,6 +1321,81 @@ def test_peer_relay_certificate_ends_probation(h: Harness, tmp_path: Any) -> Non
     assert client.closed
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ("", 8192),
+        ("peer.example.net=65536", 65536),
+        ("peer.example.net:2855=65536 other.example.net=32768", 8192),
+        ("peer.example.net=4194304", 1048576),  # never above max_chunk_bytes
+    ],
+)
+def test_chunk_limit_towards_a_peer_relay(tmp_path: Any, overrides: str, expected: int) -> None:
+    """Kamailio drops the connection above ~10 KiB of body; relayd peers take anything."""
+    h = Harness({("msrp", "peer_chunk_overrides"): overrides})
+    cert_path, _ = make_pki(tmp_path).leaf("peer.example.net")
+    with open(cert_path, "rb") as handle:
+        certificate = x509.load_pem_x509_certificate(handle.read())
+    peer = h.connect("peer")
+    assert peer.connection.chunk_bytes == h.config.max_chunk_bytes  # a client, so far
+    peer.transport.peer_certificate = certificate
+    peer.connection.handshakeCompleted()
+    assert peer.connection.chunk_bytes == expected
+    # A relayd peer says so on the AUTHs it forwards, and is answered in kind.
+    peer.feed(
+        f"MSRP pauth001 AUTH\r\nTo-Path: {RELAY_URI}\r\n"
+        "From-Path: msrps://peer.example.net:2855/p;tcp msrps://a.example.net:9/a;tcp\r\n"
+        "Relay-Chunk-Limit: none\r\n-------pauth001$\r\n".encode()
+    )
+    (challenge,) = peer.take()
+    assert as_response(challenge).code == 401
+    assert header(challenge, "Relay-Chunk-Limit") == "none"
+    assert peer.connection.chunk_bytes == h.config.max_chunk_bytes
+
+
+def test_forwarded_auth_tells_the_next_hop_we_are_relayd(h: Harness) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    peer = h.connect("far")
+    peer.connection.chunk_bytes = 8192
+    a.feed(
+        f"MSRP fwdc0001 AUTH\r\nTo-Path: {a.use_path} {FAR_HOP}\r\nFrom-Path: {a.uri}\r\n"
+        "Relay-Chunk-Limit: none\r\n-------fwdc0001$\r\n".encode()
+    )
+    waiting[-1].callback(peer.connection)
+    (forwarded,) = peer.take()
+    assert forwarded.message.headers.to_bytes().count(b"Relay-Chunk-Limit: none\r\n") == 1
+    ours = (header(forwarded, "From-Path") or "").split()[0]
+    reply = response_bytes(
+        as_request(forwarded).tid, 401, "Unauthorized", f"{ours} {a.uri}", FAR_HOP
+    )
+    peer.feed(reply.replace(b"\r\n---", b"\r\nRelay-Chunk-Limit: none\r\n---"))
+    (answer,) = a.take()
+    assert as_response(answer).code == 401
+    assert header(answer, "Relay-Chunk-Limit") is None  # hop by hop: not for the client
+    assert peer.connection.chunk_bytes == h.config.max_chunk_bytes
+
+
+def test_send_towards_a_peer_relay_is_cut_at_its_chunk_limit(h: Harness) -> None:
+    waiting = hold_next_hop(h)
+    a = h.client("alice")
+    peer = h.connect("far")
+    peer.connection.chunk_bytes = h.relay.peer_chunk_bytes(frozenset({"far.example.net"}), 9)
+    data = bytes(range(256)) * 80
+    tid = "peer0001"
+    a.feed(send_head(tid, f"{a.use_path} {FAR_HOP}", a.uri, total=len(data)) + data[:5000])
+    waiting[-1].callback(peer.connection)
+    a.feed(data[5000:] + body_end(tid))
+    frames = peer.take()
+    assert [len(f.body) for f in frames] == [8192, 8192, 4096]
+    assert [header(f, "Byte-Range") for f in frames] == [
+        "1-*/20480",
+        "8193-*/20480",
+        "16385-20480/20480",
+    ]
+    assert b"".join(f.body for f in frames) == data
+
+
 # -- not for us, malformed input ----------------------------------------------------------------
 
 
@@ -1277,6 +1446,28 @@ def test_malformed_header_gets_400_and_connection_stays_usable(h: Harness) -> No
     (forwarded,) = b.take()
     assert forwarded.body == b"after the bad one"
     assert [as_response(f).code for f in a.take()] == [200]
+
+
+@pytest.mark.parametrize("huge", ["X-Big: " + "v" * 70000, "X-H: v\r\n" * 5000])
+def test_oversized_header_block_gets_400_then_close(h: Harness, huge: str) -> None:
+    """Skipping it to an end-line that may never come would read without bound."""
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(f"MSRP huge0001 SEND\r\nTo-Path: {path_to(a, b)}\r\nFrom-Path: {a.uri}\r\n".encode())
+    for offset in range(0, len(huge), 16384):
+        a.feed(huge[offset : offset + 16384].encode())
+    (frame,) = a.take()
+    response = as_response(frame)
+    assert (response.tid, response.code) == ("huge0001", 400)
+    assert header(frame, "To-Path") == a.uri
+    assert a.closed
+    assert b.transport.value() == b""
+
+
+def test_oversized_first_header_line_closes_without_answer(h: Harness) -> None:
+    a = h.client("alice")
+    a.feed(b"MSRP huge0002 SEND\r\nTo-Path: " + b"x" * 70000)
+    assert a.take() == []
+    assert a.closed
 
 
 def test_malformed_message_with_lower_case_paths_gets_400(h: Harness) -> None:
