@@ -29,6 +29,8 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from relayd.config import load_config
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as _CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as _CR
 from relayd.digest import ha1
 from relayd.service import Prepared, build_service, prepare
 from relayd.sip.auth import client_authorization
@@ -232,10 +234,6 @@ def prepared_relay(overrides: dict[tuple[str, str], str]) -> Prepared:
 
 def relay_service(prepared: Prepared, reactor: Any) -> Any:
     return build_service(prepared, reactor)
-
-
-_CP = "urn:ietf:params:xml:ns:common-policy"
-_CR = "urn:relayd:params:xml:ns:consent-policy"
 
 
 def consent_rule(rule_id: str, sender: str, target: str, handling: str = "grant") -> str:

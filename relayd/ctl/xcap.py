@@ -39,16 +39,20 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from relayd.config import ConfigError, load_config
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_FORMAT_NAMESPACE as CF
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import (
+    CONSENT_RULES_AUID,
+    CONSENT_RULES_MIME_TYPE,
+    LIST_REPORT_MIME_TYPE,
+    RESOURCE_LISTS_AUID,
+    RESOURCE_LISTS_MIME_TYPE,
+)
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl.settings import Credentials, CtlError, Locations, trust_anchor
 from relayd.endpoints import EndpointSyntaxError, parse_endpoint
-from relayd.sip.urilist import (
-    LIST_REPORT_MIME_TYPE,
-    Unroutable,
-    URIListError,
-    list_uri,
-    parse_list_report,
-    read_lists,
-)
+from relayd.sip.urilist import Unroutable, URIListError, list_uri, parse_list_report, read_lists
 from relayd.xcap.client import (
     XCAPClient,
     XCAPClientError,
@@ -59,14 +63,6 @@ from relayd.xcap.client import (
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.xml import parse_document, serialize_document
 
-CONSENT_RULES_AUID = "consent-rules"
-RESOURCE_LISTS_AUID = "resource-lists"
-CONSENT_RULES_MIME_TYPE = "application/auth-policy+xml"
-RESOURCE_LISTS_MIME_TYPE = "application/resource-lists+xml"
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
-CF = "urn:ietf:params:xml:ns:consent-rules"
-RL = "urn:ietf:params:xml:ns:resource-lists"
 DEFAULT_DOCUMENT = "index"
 DEFAULT_METHODS = ("MESSAGE",)
 WRITE_ATTEMPTS = 5

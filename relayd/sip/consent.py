@@ -41,12 +41,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.vocabulary import (
+    CONSENT_RULES_AUID,
+    LIST_REPORT_MIME_TYPE,
+    RESOURCE_LISTS_AUID,
+    RESOURCE_LISTS_MIME_TYPE,
+)
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.sip.urilist import (
-    LIST_REPORT_MIME_TYPE,
-    RESOURCE_LISTS_MIME_TYPE,
     URIList,
     URIListError,
     build_list_report,
@@ -65,7 +69,6 @@ from relayd.xcap.policy import (
 )
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import IPermissionStore, PendingConsent, StoreChange
-from relayd.xcap.usages import CONSENT_RULES_AUID, RESOURCE_LISTS_AUID
 from relayd.xcap.xml import parse_document
 
 __all__ = [

@@ -27,15 +27,18 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from relayd.consent.vocabulary import (
+    CONSENT_POLICY_NAMESPACE,
+    LIST_REPORT_NAMESPACE,
+    RESOURCE_LISTS_MIME_TYPE,
+    RESOURCE_LISTS_NAMESPACE,
+)
 from relayd.sip.uri import SIPURI, SIPURIError
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.policy import normalize_identity
-from relayd.xcap.usages import CONSENT_POLICY_NAMESPACE, RESOURCE_LISTS_NAMESPACE
 from relayd.xcap.xml import parse_document
 
 __all__ = [
-    "LIST_REPORT_MIME_TYPE",
-    "RESOURCE_LISTS_MIME_TYPE",
     "ListsDocument",
     "RecipientList",
     "TooManyEntries",
@@ -52,9 +55,6 @@ __all__ = [
     "read_lists",
 ]
 
-RESOURCE_LISTS_MIME_TYPE = "application/resource-lists+xml"
-LIST_REPORT_MIME_TYPE = "application/vnd.relayd.list-report+xml"
-LIST_REPORT_NAMESPACE = "urn:relayd:params:xml:ns:list-report"
 MAX_REPORTED = 100
 """Items a list report names; it counts the rest (``more``)."""
 DEFAULT_MAX_BYTES = 256 * 1024

@@ -49,12 +49,12 @@ from datetime import UTC, datetime
 from lxml import etree
 from twisted.internet.interfaces import IReactorTime
 
-from relayd.xcap.errors import CONSTRAINT_FAILURE, XCAPError
-from relayd.xcap.usages import (
+from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
     CONSENT_FORMAT_NAMESPACE,
     CONSENT_POLICY_NAMESPACE,
 )
+from relayd.xcap.errors import CONSTRAINT_FAILURE, XCAPError
 
 _CP = f"{{{COMMON_POLICY_NAMESPACE}}}"
 _CR = f"{{{CONSENT_POLICY_NAMESPACE}}}"

@@ -51,6 +51,16 @@ from pathlib import Path
 
 from lxml import etree
 
+from relayd.consent.vocabulary import (
+    COMMON_POLICY_NAMESPACE,
+    CONSENT_FORMAT_NAMESPACE,
+    CONSENT_POLICY_NAMESPACE,
+    CONSENT_RULES_AUID,
+    CONSENT_RULES_MIME_TYPE,
+    RESOURCE_LISTS_AUID,
+    RESOURCE_LISTS_MIME_TYPE,
+    RESOURCE_LISTS_NAMESPACE,
+)
 from relayd.sip.uri import SIPURI, SIPURIError
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
@@ -63,15 +73,8 @@ from relayd.xcap.xml import make_parser
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
-COMMON_POLICY_NAMESPACE = "urn:ietf:params:xml:ns:common-policy"
-CONSENT_FORMAT_NAMESPACE = "urn:ietf:params:xml:ns:consent-rules"
-"""RFC 5361's permission document elements (recipient, target, trans-handling)."""
-CONSENT_POLICY_NAMESPACE = "urn:relayd:params:xml:ns:consent-policy"
-RESOURCE_LISTS_NAMESPACE = "urn:ietf:params:xml:ns:resource-lists"
 XCAP_CAPS_NAMESPACE = "urn:ietf:params:xml:ns:xcap-caps"
 
-CONSENT_RULES_AUID = "consent-rules"
-RESOURCE_LISTS_AUID = "resource-lists"
 XCAP_CAPS_AUID = "xcap-caps"
 
 # MIME types of node resources (RFC 4825 §§15.2.1-15.2.3) and xcap-caps (§12.3).
@@ -297,7 +300,7 @@ def _check_list_references(root: etree._Element) -> None:
 
 CONSENT_RULES = ApplicationUsage(
     auid=CONSENT_RULES_AUID,
-    mime_type="application/auth-policy+xml",
+    mime_type=CONSENT_RULES_MIME_TYPE,
     default_namespace=COMMON_POLICY_NAMESPACE,
     root_element=_clark(COMMON_POLICY_NAMESPACE, "ruleset"),
     schema_file="consent-rules.xsd",
@@ -307,7 +310,7 @@ CONSENT_RULES = ApplicationUsage(
 
 RESOURCE_LISTS = ApplicationUsage(
     auid=RESOURCE_LISTS_AUID,
-    mime_type="application/resource-lists+xml",
+    mime_type=RESOURCE_LISTS_MIME_TYPE,
     default_namespace=RESOURCE_LISTS_NAMESPACE,
     root_element=_clark(RESOURCE_LISTS_NAMESPACE, "resource-lists"),
     schema_file="resource-lists.xsd",

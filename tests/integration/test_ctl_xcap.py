@@ -22,7 +22,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
-from relayd.ctl.xcap import CONSENT_RULES_MIME_TYPE, CP, Session, make_rule, new_ruleset
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE
+from relayd.ctl.xcap import Session, make_rule, new_ruleset
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
 from relayd.testing import write_users as write_htdigest
 from relayd.xcap.client import XCAPClient, XCAPResponse

@@ -9,6 +9,8 @@ from lxml import etree
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.sip.consent import (
     ConsentLedger,
     ConsentLimits,
@@ -25,8 +27,6 @@ from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.store import ConsentState, MemoryPermissionStore
 
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
 LIST = "sip:friends@relay.test"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.sip.urilist import (
     TooManyEntries,
     Unroutable,
@@ -15,9 +17,6 @@ from relayd.sip.urilist import (
     parse_lists_document,
     parse_recipient_list,
 )
-
-RL = "urn:ietf:params:xml:ns:resource-lists"
-CR = "urn:relayd:params:xml:ns:consent-policy"
 
 
 def test_lists_named_by_cr_uri_or_name_with_owner() -> None:

@@ -19,6 +19,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as AUTH_POLICY
 from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
 from relayd.testing import consent_rule
 from relayd.testing import consent_ruleset as ruleset
@@ -49,12 +52,9 @@ from relayd.xcap.usages import xcap_caps_document
 REALM = "example.test"
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
 ROOT = "/xcap-root"
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
 ALICE = "sip:alice@example.test"
 BOB = "sip:bob@example.test"
 LIST = "sip:friends@relay.example.test"
-AUTH_POLICY = "application/auth-policy+xml"
 EL = "application/xcap-el+xml"
 ATT = "application/xcap-att+xml"
 MAX_BODY = 8192

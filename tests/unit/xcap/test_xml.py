@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.xml import (
     make_parser,
@@ -14,8 +15,6 @@ from relayd.xcap.xml import (
     serialize_document,
     serialize_element,
 )
-
-CP = "urn:ietf:params:xml:ns:common-policy"
 
 BILLION_LAUGHS = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [
