@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from relayd import __version__
 from relayd.config import ConfigError, RelaydConfig
+from relayd.consent.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
 from relayd.digest import DigestAuthenticator
 from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
@@ -65,7 +66,6 @@ from relayd.tls import (
 from relayd.users import UsersFile, UsersFileError, generate_password
 from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
-from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
 from relayd.xcap.usages import load_schemas
 
 log = logger()

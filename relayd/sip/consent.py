@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.store import IPermissionStore, PendingConsent, StoreChange
 from relayd.consent.vocabulary import (
     CONSENT_RULES_AUID,
     LIST_REPORT_MIME_TYPE,
@@ -68,7 +69,6 @@ from relayd.xcap.policy import (
     validity_boundaries,
 )
 from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import IPermissionStore, PendingConsent, StoreChange
 from relayd.xcap.xml import parse_document
 
 __all__ = [

@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
 from relayd.consent.vocabulary import CONSENT_STATUS_MIME_TYPE, CONSENT_STATUS_NAMESPACE
 from relayd.logs import logger
 from relayd.sip.consent import ConsentURIs, PermissionCache, identity_key
@@ -44,7 +45,6 @@ from relayd.sip.message import (
 )
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
-from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent
 
 __all__ = [
     "ConsentStatusEntry",

@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import (
@@ -75,7 +76,6 @@ from relayd.sip.urilist import (
     parse_recipient_list,
 )
 from relayd.tokens import redact
-from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 
 __all__ = ["ConsentRelay"]
 

@@ -2,7 +2,7 @@
 
 One leaf resource answers every request below the site: it parses the request URI
 (:func:`relayd.xcap.selector.parse_xcap_uri`), authorises (:mod:`relayd.xcap.auth`),
-and reads or writes the :class:`~relayd.xcap.store.IPermissionStore`.  Failures are
+and reads or writes the :class:`~relayd.consent.store.IPermissionStore`.  Failures are
 :class:`~relayd.xcap.errors.XCAPError`\\ s turned into responses in one place;
 anything unexpected is logged and answered 500.
 
@@ -16,7 +16,7 @@ Node writes are read-modify-write: read the document and its ETag, check the cli
 preconditions against that state, apply the change in memory, validate the whole
 document with its application usage, then store it with ``if_match=<that ETag>``.
 The store's compare-and-set turns a concurrent writer between our read and our write
-into :class:`~relayd.xcap.store.PreconditionFailed` on *our internal* tag.  That is
+into :class:`~relayd.consent.store.PreconditionFailed` on *our internal* tag.  That is
 not the client's failure, so the whole operation is retried on the fresh document
 (re-checking the client's preconditions there): a client that sent
 ``If-Match: "<old>"`` then gets its 412, because the document changed under it,
@@ -48,6 +48,17 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from relayd.consent.store import (
+    GLOBAL_XUI,
+    ConsentState,
+    DocumentWrite,
+    ETagCondition,
+    IPermissionStore,
+    PendingConsent,
+    PreconditionFailed,
+    StoredDocument,
+    check_preconditions,
+)
 from relayd.logs import logger
 from relayd.tokens import redact
 from relayd.xcap import selector as sel
@@ -68,17 +79,6 @@ from relayd.xcap.errors import (
     percent_encoded,
 )
 from relayd.xcap.policy import RequestContext, check_scope, evaluate, now_from_clock
-from relayd.xcap.store import (
-    GLOBAL_XUI,
-    ConsentState,
-    DocumentWrite,
-    ETagCondition,
-    IPermissionStore,
-    PendingConsent,
-    PreconditionFailed,
-    StoredDocument,
-    check_preconditions,
-)
 from relayd.xcap.usages import (
     USAGES,
     XCAP_ATTRIBUTE_MIME_TYPE,

@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from relayd.consent.store import ConsentState, SQLitePermissionStore, StoreChange
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as AUTH_POLICY
@@ -42,7 +43,6 @@ from relayd.testing import (
 from relayd.xcap import usages
 from relayd.xcap.auth import permission_document_name
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
-from relayd.xcap.store import ConsentState, SQLitePermissionStore, StoreChange
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,7 @@ from lxml import etree
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
+from relayd.consent.store import ConsentState, MemoryPermissionStore
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.sip.consent import (
@@ -25,7 +26,6 @@ from relayd.sip.uri import SIPURI, NameAddr
 from relayd.sip.urilist import URIList, parse_list_report
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import ConsentState, MemoryPermissionStore
 
 LIST = "sip:friends@relay.test"
 

@@ -13,13 +13,13 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from relayd.consent.store import MemoryPermissionStore, SQLitePermissionStore, StoredBinding
 from relayd.digest import DigestAuthenticator, ha1
 from relayd.sip.auth import SIPAuthenticator, client_authorization
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
 from relayd.sip.registrar import Registrar, RegistrarLimits
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.testing import captured_log
-from relayd.xcap.store import MemoryPermissionStore, SQLitePermissionStore, StoredBinding
 
 DOMAIN = "example.com"
 AOR = "sip:alice@example.com"

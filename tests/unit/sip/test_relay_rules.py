@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import ensureDeferred
 
+from relayd.consent.store import ConsentState
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
@@ -21,7 +22,6 @@ from relayd.testing import (
 )
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import ConsentState
 
 HOST = "127.0.0.1"
 LIST = f"sip:club@{HOST}"

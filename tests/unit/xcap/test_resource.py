@@ -19,6 +19,14 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
+from relayd.consent.store import (
+    ConsentState,
+    DocumentWrite,
+    ETagCondition,
+    MemoryPermissionStore,
+    PendingConsent,
+    StoreChange,
+)
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as AUTH_POLICY
@@ -39,14 +47,6 @@ from relayd.xcap.resource import (
     parse_entity_tags,
 )
 from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import (
-    ConsentState,
-    DocumentWrite,
-    ETagCondition,
-    MemoryPermissionStore,
-    PendingConsent,
-    StoreChange,
-)
 from relayd.xcap.usages import xcap_caps_document
 
 REALM = "example.test"

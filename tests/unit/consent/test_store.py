@@ -20,8 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from relayd.testing import captured_log
-from relayd.xcap.store import (
+from relayd.consent.store import (
     SCHEMA_VERSION,
     ConsentState,
     IPermissionStore,
@@ -33,6 +32,7 @@ from relayd.xcap.store import (
     StoredBinding,
     StoredDocument,
 )
+from relayd.testing import captured_log
 
 _P = ParamSpec("_P")
 
@@ -507,7 +507,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from twisted.internet import defer, task
-    from relayd.xcap.store import SQLitePermissionStore
+    from relayd.consent.store import SQLitePermissionStore
 
     async def main(reactor):
         store = SQLitePermissionStore(sys.argv[1], reactor)
