@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 
 from relayd import __version__
 from relayd.config import ConfigError, RelaydConfig
-from relayd.consent.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.store import IPermissionStore, MemoryPermissionStore
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
 from relayd.digest import DigestAuthenticator
 from relayd.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint

@@ -23,7 +23,8 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from relayd.consent.store import ConsentState, SQLitePermissionStore, StoreChange
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.store import ConsentState, StoreChange
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as AUTH_POLICY

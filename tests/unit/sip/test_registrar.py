@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from relayd.consent.store import MemoryPermissionStore, SQLitePermissionStore, StoredBinding
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.store import MemoryPermissionStore, StoredBinding
 from relayd.digest import DigestAuthenticator, ha1
 from relayd.sip.auth import SIPAuthenticator, client_authorization
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
