@@ -16,9 +16,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from zope.interface import implementer
 
+from relayd.consent.documents import DocumentKey
 from relayd.consent.store import (
     ConsentState,
-    DocumentKey,
     IPermissionStore,
     PendingConsent,
     Rows,

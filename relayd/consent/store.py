@@ -6,9 +6,10 @@ a :class:`StoreChange`, on the reactor thread, *after* the commit, so a listener
 re-reads the store sees the change (this is how a PUT of a permission document wakes
 wait-permission subscribers, consent spec §(a) step 9).
 
-Documents are keyed by (AUID, XUI, name); documents of the ``global`` tree use
-:data:`GLOBAL_XUI`.  Resource lists are documents of the ``resource-lists`` AUID, so a
-list change is a ``document`` change with that AUID.
+Documents are keyed by (AUID, XUI, name) (:class:`~relayd.consent.documents.DocumentKey`);
+documents of the ``global`` tree use :data:`~relayd.consent.documents.GLOBAL_XUI`.
+Resource lists are documents of the ``resource-lists`` AUID, so a list change is a
+``document`` change with that AUID.
 
 ETags are strong and opaque: ``"<24 hex digits>"`` drawn from :mod:`secrets` on every
 write.  A fresh random tag per write (rather than a content hash or a per-document
@@ -45,9 +46,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import Interface, implementer
 
+from relayd.consent.documents import DocumentKey
 from relayd.logs import logger
-
-GLOBAL_XUI = ""
 
 ETagCondition = str | Collection[str] | None
 _T = TypeVar("_T")
@@ -97,15 +97,6 @@ class StoredBinding:
     call_id: str
     cseq: int
     q: float = 1.0
-
-
-class DocumentKey(NamedTuple):
-    """Where a document is stored: AUID, XUI (:data:`GLOBAL_XUI` for the global tree)
-    and document name."""
-
-    auid: str
-    xui: str
-    name: str
 
 
 class StoredDocument(NamedTuple):

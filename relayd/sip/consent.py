@@ -6,7 +6,7 @@ Everything here is about *who may reach whom through which list*, without socket
   loaded from the permission store on first use and kept current by the store's change
   listener, so relaying a MESSAGE costs no store round-trip once a recipient is known.
   A document at a Permission URI is kept with the scope it was minted for
-  (:class:`~relayd.xcap.policy.PermissionScope`), which it is evaluated within.
+  (:class:`~relayd.consent.policy.PermissionScope`), which it is evaluated within.
   Observers hear about every change of a recipient's documents (wait-permission NOTIFYs).
 * :class:`ListDirectory`: list URI → :class:`~relayd.sip.urilist.URIList`, from the
   ``[sip] lists`` file and from ``resource-lists`` documents in the store (XUI = owner),
@@ -41,6 +41,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.policy import (
+    PermissionScope,
+    is_permitted,
+    normalize_identity,
+    now_from_clock,
+    validity_boundaries,
+)
 from relayd.consent.store import IPermissionStore, PendingConsent, StoreChange
 from relayd.consent.vocabulary import (
     CONSENT_RULES_AUID,
@@ -61,13 +68,6 @@ from relayd.sip.urilist import (
 from relayd.tokens import new_token, redact
 from relayd.xcap.auth import permission_document_name, permission_scope
 from relayd.xcap.errors import CONSTRAINT_FAILURE, UNIQUENESS_FAILURE, Exists, XCAPError
-from relayd.xcap.policy import (
-    PermissionScope,
-    is_permitted,
-    normalize_identity,
-    now_from_clock,
-    validity_boundaries,
-)
 from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.xml import parse_document
 

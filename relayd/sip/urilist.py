@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from relayd.consent.policy import normalize_identity
 from relayd.consent.vocabulary import (
     CONSENT_POLICY_NAMESPACE,
     LIST_REPORT_NAMESPACE,
@@ -35,7 +36,6 @@ from relayd.consent.vocabulary import (
 )
 from relayd.sip.uri import SIPURI, SIPURIError
 from relayd.xcap.errors import XCAPError
-from relayd.xcap.policy import normalize_identity
 from relayd.xcap.xml import parse_document
 
 __all__ = [
@@ -141,7 +141,7 @@ def _member(text: str) -> str:
 
     Routing, consent URIs and consent records use it unchanged, so a port or a
     parameter that says where the member is reached survives; only comparisons use the
-    canonical form (:func:`~relayd.xcap.policy.normalize_identity`)."""
+    canonical form (:func:`~relayd.consent.policy.normalize_identity`)."""
     _user_uri(text)
     return text.strip()
 

@@ -25,11 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from relayd.consent.policy import PermissionScope, normalize_identity
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.digest import DigestAuthenticator, DigestError, parse_credentials
 from relayd.tokens import redact
-from relayd.xcap.policy import PermissionScope, normalize_identity
 from relayd.xcap.selector import DocumentSelector
 
 PERMISSION_DOCUMENT = re.compile(r"\Ap-(?P<token>[A-Za-z0-9_-]{16,128})\.xml\Z")

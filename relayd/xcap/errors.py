@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 from lxml import etree
 
+from relayd.consent.documents import DocumentRejected
+
 XCAP_ERROR_NAMESPACE = "urn:ietf:params:xml:ns:xcap-error"
 XCAP_ERROR_MIME_TYPE = "application/xcap-error+xml"
 
@@ -136,3 +138,9 @@ class XCAPError(Exception):
                 for value in exists.alt_values:
                     etree.SubElement(node, ns + "alt-value").text = value
         return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def rejected(error: DocumentRejected) -> XCAPError:
+    """The 409 that answers a document consent refuses (RFC 4825 §11.2)."""
+    taken = [Exists(item.field, item.alternatives) for item in error.taken]
+    return XCAPError(409, error.fault, error.reason, exists=taken)

@@ -48,8 +48,9 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from relayd.consent.documents import GLOBAL_XUI, DocumentRejected
+from relayd.consent.policy import RequestContext, check_scope, evaluate, now_from_clock
 from relayd.consent.store import (
-    GLOBAL_XUI,
     ConsentState,
     DocumentWrite,
     ETagCondition,
@@ -77,8 +78,8 @@ from relayd.xcap.errors import (
     XCAP_ERROR_MIME_TYPE,
     XCAPError,
     percent_encoded,
+    rejected,
 )
-from relayd.xcap.policy import RequestContext, check_scope, evaluate, now_from_clock
 from relayd.xcap.usages import (
     USAGES,
     XCAP_ATTRIBUTE_MIME_TYPE,
@@ -273,6 +274,8 @@ class XCAPResource(Resource):
             response = await self._respond(request, state)
         except XCAPError as e:
             response = self._error(e, state)
+        except DocumentRejected as e:
+            response = self._error(rejected(e), state)
         except Unauthorized as e:
             if state.had_credentials:
                 self.log.warn(

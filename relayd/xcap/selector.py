@@ -38,6 +38,7 @@ from urllib.parse import unquote
 
 from lxml import etree
 
+from relayd.consent.policy import normalize_identity
 from relayd.xcap import usages
 from relayd.xcap.errors import (
     CANNOT_DELETE,
@@ -46,7 +47,6 @@ from relayd.xcap.errors import (
     NOT_XML_ATT_VALUE,
     XCAPError,
 )
-from relayd.xcap.policy import normalize_identity
 
 NODE_SELECTOR_SEPARATOR = "~~"
 

@@ -19,7 +19,7 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
     * ``<cr:target uri="…"/>`` and ``<cr:trans-handling>``: relayd's spellings from
       before RFC 5361 support, read as the RFC's ``target`` and ``trans-handling``.
 
-    What a document at a Permission URI may say is :func:`relayd.xcap.policy.check_scope`.
+    What a document at a Permission URI may say is :func:`relayd.consent.policy.check_scope`.
 
     Rule ``id`` values are unique within the ruleset.
 ``resource-lists``

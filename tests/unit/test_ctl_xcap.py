@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from twisted.web.http_headers import Headers
 
+from relayd.consent.policy import is_permitted
 from relayd.ctl import main as ctl
 from relayd.ctl.settings import CtlError, Locations
 from relayd.ctl.xcap import (
@@ -42,7 +43,6 @@ from relayd.ctl.xcap import (
 from relayd.sip.urilist import Unroutable, build_list_report
 from relayd.xcap.client import XCAPResponse, document_path, node_path
 from relayd.xcap.errors import SCHEMA_VALIDATION_ERROR, XCAPError
-from relayd.xcap.policy import is_permitted
 from relayd.xcap.usages import CONSENT_RULES, RESOURCE_LISTS
 from relayd.xcap.xml import serialize_document
 

@@ -8,8 +8,8 @@ import pytest
 from lxml import etree
 from twisted.internet.task import Clock
 
-from relayd.xcap.errors import XCAPError
-from relayd.xcap.policy import (
+from relayd.consent.documents import DocumentRejected
+from relayd.consent.policy import (
     Permissions,
     PermissionScope,
     RequestContext,
@@ -321,9 +321,9 @@ def test_a_permission_uri_takes_rules_that_can_apply_under_it(conditions: str) -
     ],
 )
 def test_a_permission_uri_refuses_rules_that_never_apply_under_it(conditions: str) -> None:
-    with pytest.raises(XCAPError) as info:
+    with pytest.raises(DocumentRejected) as info:
         check_scope(_scope_doc(conditions), SCOPE)
-    assert (info.value.status, info.value.condition) == (409, "constraint-failure")
+    assert info.value.fault == "constraint-failure"
 
 
 def _scope_doc(conditions: str) -> etree._Element:

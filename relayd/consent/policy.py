@@ -49,12 +49,12 @@ from datetime import UTC, datetime
 from lxml import etree
 from twisted.internet.interfaces import IReactorTime
 
+from relayd.consent.documents import DocumentRejected
 from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
     CONSENT_FORMAT_NAMESPACE,
     CONSENT_POLICY_NAMESPACE,
 )
-from relayd.xcap.errors import CONSTRAINT_FAILURE, XCAPError
 
 _CP = f"{{{COMMON_POLICY_NAMESPACE}}}"
 _CR = f"{{{CONSENT_POLICY_NAMESPACE}}}"
@@ -359,7 +359,7 @@ def check_scope(root: etree._Element, scope: PermissionScope) -> None:
     plain form needs no target, recipient or methods. A rule whose ``target``,
     ``recipient`` or ``cr:methods`` names another list, another recipient or only
     methods that were not asked for would silently grant nothing: its writer meant
-    something this URI cannot give, so it is a 409 ``constraint-failure``.
+    something this URI cannot give: a ``constraint-failure``.
     """
     contexts = [
         RequestContext(None, scope.list_uri, method, _EPOCH, recipient=scope.recipient)
@@ -372,9 +372,8 @@ def check_scope(root: etree._Element, scope: PermissionScope) -> None:
                 continue
             if not any(_condition_matches(condition, context) for context in contexts):
                 what = etree.QName(condition).localname
-                raise XCAPError(
-                    409,
-                    CONSTRAINT_FAILURE,
+                raise DocumentRejected(
+                    "constraint-failure",
                     f"rule {rule.get('id')!r}: its {what} is not what this Permission URI"
                     f" was minted for ({scope.list_uri}; {' '.join(scope.methods)})",
                 )
