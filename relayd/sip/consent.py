@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.documents import DocumentRejected, parse_document
 from relayd.consent.policy import (
     PermissionScope,
     is_permitted,
@@ -69,7 +70,6 @@ from relayd.tokens import new_token, redact
 from relayd.xcap.auth import permission_document_name, permission_scope
 from relayd.xcap.errors import CONSTRAINT_FAILURE, UNIQUENESS_FAILURE, Exists, XCAPError
 from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.xml import parse_document
 
 __all__ = [
     "ConsentLedger",
@@ -253,7 +253,7 @@ class PermissionCache:
     def _parse(self, body: bytes, xui: str, name: str) -> etree._Element | None:
         try:
             return parse_document(body)
-        except XCAPError as e:
+        except DocumentRejected as e:
             self.log.warn(
                 "unusable consent-rules document {name} of {recipient}: {reason}",
                 name=name[:2] + "…" if name.startswith("p-") else name,

@@ -1,7 +1,7 @@
 """URI lists: the relay's list definitions and request-contained recipient lists.
 
 Three uses of RFC 4826 ``resource-lists`` documents, all parsed with the shared safe
-lxml parser (:mod:`relayd.xcap.xml`: no DTDs, no entities, size capped first):
+lxml parser (:mod:`relayd.consent.documents`: no DTDs, no entities, size capped first):
 
 * list definitions, from the ``[sip] lists`` file or from ``resource-lists`` documents in
   the permission store (XUI = owner). Each top-level ``<list>`` is one list; its URI is
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from relayd.consent.documents import DocumentRejected, parse_document
 from relayd.consent.policy import normalize_identity
 from relayd.consent.vocabulary import (
     CONSENT_POLICY_NAMESPACE,
@@ -35,8 +36,6 @@ from relayd.consent.vocabulary import (
     RESOURCE_LISTS_NAMESPACE,
 )
 from relayd.sip.uri import SIPURI, SIPURIError
-from relayd.xcap.errors import XCAPError
-from relayd.xcap.xml import parse_document
 
 __all__ = [
     "ListsDocument",
@@ -163,8 +162,8 @@ def list_uri(name: str, domain: str) -> str:
 def _parse(body: bytes, max_bytes: int) -> etree._Element:
     try:
         root = parse_document(body, max_bytes)
-    except XCAPError as e:
-        raise URIListError(f"{e.condition or e.status}: {e}") from None
+    except DocumentRejected as e:
+        raise URIListError(f"{e.fault}: {e}") from None
     if root.tag != _RL + "resource-lists":
         raise URIListError("root element is not resource-lists")
     return root
@@ -325,7 +324,7 @@ def parse_list_report(body: bytes) -> tuple[list[Unroutable], int]:
     """The items of a list report and how many more it left out."""
     try:
         root = parse_document(body, DEFAULT_MAX_BYTES)
-    except XCAPError as e:
+    except DocumentRejected as e:
         raise URIListError(f"list report: {e}") from None
     if root.tag != _LR + "list-report":
         raise URIListError("not a list report")

@@ -141,6 +141,9 @@ class XCAPError(Exception):
 
 
 def rejected(error: DocumentRejected) -> XCAPError:
-    """The 409 that answers a document consent refuses (RFC 4825 §11.2)."""
+    """What answers a document consent refuses: 413 for a body too large, else the
+    RFC 4825 §11.2 409 it names."""
+    if error.fault == "too-large":
+        return XCAPError(413, None, error.reason)
     taken = [Exists(item.field, item.alternatives) for item in error.taken]
     return XCAPError(409, error.fault, error.reason, exists=taken)

@@ -48,7 +48,7 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from relayd.consent.documents import GLOBAL_XUI, DocumentRejected
+from relayd.consent.documents import DEFAULT_MAX_BODY_BYTES, GLOBAL_XUI, DocumentRejected
 from relayd.consent.policy import RequestContext, check_scope, evaluate, now_from_clock
 from relayd.consent.store import (
     ConsentState,
@@ -90,7 +90,6 @@ from relayd.xcap.usages import (
     xcap_caps_document,
 )
 from relayd.xcap.xml import (
-    DEFAULT_MAX_BODY_BYTES,
     parse_attribute_value,
     parse_document,
     parse_fragment,

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from relayd.consent.documents import make_parser
 from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
     CONSENT_FORMAT_NAMESPACE,
@@ -69,7 +70,6 @@ from relayd.xcap.errors import (
     Exists,
     XCAPError,
 )
-from relayd.xcap.xml import make_parser
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 

@@ -8,7 +8,7 @@ import pytest
 from lxml import etree
 from twisted.internet.task import Clock
 
-from relayd.consent.documents import DocumentRejected
+from relayd.consent.documents import DocumentRejected, parse_document
 from relayd.consent.policy import (
     Permissions,
     PermissionScope,
@@ -20,7 +20,6 @@ from relayd.consent.policy import (
     now_from_clock,
     rule_matches,
 )
-from relayd.xcap.xml import parse_document
 
 LIST = "sip:friends@relay.example.test"
 NOW = datetime(2027, 1, 1, tzinfo=UTC)
