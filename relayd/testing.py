@@ -322,6 +322,15 @@ def in_process_sip_relay(
     return InProcessSIP(reactor, service, sip, store, wire, protocol)
 
 
+def fired(awaitable: Any) -> Any:
+    """The result (or Failure) of a Deferred or coroutine that completes at once, as
+    everything over a MemoryPermissionStore and a task.Clock does."""
+    out: list[Any] = []
+    ensureDeferred(awaitable).addBoth(out.append)
+    assert out, "deferred did not fire"
+    return out[0]
+
+
 @contextmanager
 def captured_log() -> Iterator[EventLoggingObserver]:
     """Every ``twisted.logger`` event emitted inside the block."""

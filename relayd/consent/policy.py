@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from lxml import etree
 from twisted.internet.interfaces import IReactorTime
 
+from relayd.bounded import remember
 from relayd.consent.documents import DocumentRejected
 from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
@@ -145,6 +146,20 @@ def normalize_identity(uri: str) -> str:
     for separator in (";", "?"):
         host = host.partition(separator)[0]
     return f"{scheme.lower()}:{user}{at}{host.lower()}"
+
+
+_IDENTITY_KEYS: dict[str, str] = {}
+_IDENTITY_KEYS_SIZE = 4096
+
+
+def identity_key(uri: str) -> str:
+    """The key recipients and senders are compared by (scheme/host lower-cased).
+
+    Asked for every member of a list on every request: remembered (bounded)."""
+    key = _IDENTITY_KEYS.get(uri)
+    if key is None:
+        key = remember(_IDENTITY_KEYS, _IDENTITY_KEYS_SIZE, uri, normalize_identity(uri))
+    return key
 
 
 def _domain_of(uri: str) -> str | None:

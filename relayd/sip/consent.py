@@ -16,9 +16,6 @@ Everything here is about *who may reach whom through which list*, without socket
   needs no server state to find its list (consent spec gap 11), and the MAC keeps a
   sender from making the relay forward CONSENTs to arbitrary URIs. Wait-permission URIs
   are ``sip:wp-<consent id>@domain``.
-* :class:`ConsentLedger`: opens pending consents (one per sender, list, recipient;
-  a repeat refreshes), enforces the per-sender hourly rate, and expires records on a
-  timer set for the earliest expiry (no polling); expiry is a store change like any other.
 * :func:`consent_needed`: the 470 response (resource-lists body + ``Permission-Missing``,
   RFC 5360 §5.9.1).
 """
@@ -31,25 +28,23 @@ import hashlib
 import hmac
 import math
 import secrets
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from lxml import etree
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
 from relayd.consent.documents import DocumentRejected, parse_document
 from relayd.consent.policy import (
     PermissionScope,
+    identity_key,
     is_permitted,
-    normalize_identity,
     now_from_clock,
     validity_boundaries,
 )
-from relayd.consent.store import IPermissionStore, PendingConsent, StoreChange
+from relayd.consent.store import IPermissionStore, StoreChange
 from relayd.consent.vocabulary import (
     CONSENT_RULES_AUID,
     LIST_REPORT_MIME_TYPE,
@@ -57,7 +52,7 @@ from relayd.consent.vocabulary import (
     RESOURCE_LISTS_MIME_TYPE,
 )
 from relayd.logs import logger
-from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
+from relayd.sip.message import SIPRequest, SIPResponse, make_response
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.sip.urilist import (
     URIList,
@@ -66,18 +61,14 @@ from relayd.sip.urilist import (
     build_uri_list,
     parse_lists_document,
 )
-from relayd.tokens import new_token, redact
 from relayd.xcap.auth import permission_document_name, permission_scope
 from relayd.xcap.errors import CONSTRAINT_FAILURE, UNIQUENESS_FAILURE, Exists, XCAPError
 from relayd.xcap.selector import DocumentSelector
 
 __all__ = [
-    "ConsentLedger",
-    "ConsentLimits",
     "ConsentURIs",
     "ListDirectory",
     "PermissionCache",
-    "RateLimiter",
     "consent_needed",
 ]
 
@@ -130,20 +121,6 @@ class ConsentURIs:
         if not user or not user.startswith(WAIT_PREFIX):
             return None
         return user[len(WAIT_PREFIX) :] or None
-
-
-_IDENTITY_KEYS: dict[str, str] = {}
-_IDENTITY_KEYS_SIZE = 4096
-
-
-def identity_key(uri: str) -> str:
-    """The key recipients and senders are compared by (scheme/host lower-cased).
-
-    Asked for every member of a list on every request: remembered (bounded)."""
-    key = _IDENTITY_KEYS.get(uri)
-    if key is None:
-        key = remember(_IDENTITY_KEYS, _IDENTITY_KEYS_SIZE, uri, normalize_identity(uri))
-    return key
 
 
 MAX_CACHED_DECISIONS = 1024
@@ -574,124 +551,6 @@ class ListDirectory:
 
         d = defer.ensureDeferred(fetch())
         d.addErrback(lambda f: self.log.failure("list index update failed", f))
-
-
-@dataclass(frozen=True, slots=True)
-class ConsentLimits:
-    """Abuse limits of the consent flow (seed §6, consent spec §(b) "Rate limits")."""
-
-    max_list_size: int = 100
-    consent_requests_per_hour: int = 30
-    pending_consent_seconds: int = 86400
-
-
-class RateLimiter:
-    """At most ``limit`` events per key in any sliding ``window_seconds``."""
-
-    def __init__(self, limit: int, window_seconds: float = 3600.0, max_keys: int = 100_000) -> None:
-        self.limit = limit
-        self.window_seconds = window_seconds
-        self.max_keys = max_keys
-        self._events: dict[str, deque[float]] = {}
-
-    def check(self, key: str, now: float) -> float | None:
-        """Record an event and return None, or return the seconds until one is allowed."""
-        events = self._events.get(key)
-        if events is None:
-            if len(self._events) >= self.max_keys:
-                self._purge(now)
-            events = self._events[key] = deque()
-        while events and events[0] <= now - self.window_seconds:
-            events.popleft()
-        if len(events) >= self.limit:
-            return max(1.0, events[0] + self.window_seconds - now)
-        events.append(now)
-        return None
-
-    def _purge(self, now: float) -> None:
-        for key in [
-            k for k, v in self._events.items() if not v or v[-1] <= now - self.window_seconds
-        ]:
-            del self._events[key]
-
-
-class ConsentLedger:
-    """Pending consents: open/refresh with rate limits, expire on time (module doc)."""
-
-    log = logger()
-
-    def __init__(
-        self,
-        store: IPermissionStore,
-        clock: IReactorTime,
-        limits: ConsentLimits,
-    ) -> None:
-        self.store = store
-        self.clock = clock
-        self.limits = limits
-        self.rate = RateLimiter(limits.consent_requests_per_hour)
-        self._timer: IDelayedCall | None = None
-        self._timer_at: float | None = None
-
-    async def start(self) -> None:
-        """Schedule expiry for the records already pending (restart)."""
-        await self._schedule_next()
-
-    def stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._timer_at = None
-
-    async def open(
-        self, sender: str, list_uri: str, recipient: str, methods: Sequence[str]
-    ) -> PendingConsent:
-        """Open or refresh the record; raises SIPStatus 503 + Retry-After past the rate."""
-        now = self.clock.seconds()
-        wait = self.rate.check(identity_key(sender), now)
-        if wait is not None:
-            self.log.warn("consent rate limit hit by {user}", user=sender)
-            raise SIPStatus(
-                503, "Consent Request Rate Exceeded", headers=[("Retry-After", str(int(wait)))]
-            )
-        expires = now + self.limits.pending_consent_seconds
-        record = await self.store.open_consent(
-            sender, list_uri, recipient, list(methods), new_token(), now, expires
-        )
-        self.log.info(
-            "consent {consent} pending: {sender} asks {recipient} via {list_uri}"
-            " (permission {token})",
-            consent=record.id,
-            sender=sender,
-            recipient=recipient,
-            list_uri=list_uri,
-            token=redact(record.permission_token),
-        )
-        self._schedule(record.expires)
-        return record
-
-    def _schedule(self, at: float) -> None:
-        if self._timer_at is not None and self._timer_at <= at and self._timer is not None:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = self._timer_at = None
-        d = defer.ensureDeferred(self._expire())
-        d.addErrback(lambda f: self.log.failure("consent expiry failed", f))
-
-    async def _expire(self) -> None:
-        now = self.clock.seconds()
-        for record in await self.store.expire_consents(now):
-            self.log.info("consent {consent} expired", consent=record.id)
-        await self._schedule_next()
-
-    async def _schedule_next(self) -> None:
-        at = await self.store.next_consent_expiry()
-        if at is not None:
-            self._schedule(at)
 
 
 def consent_needed(

@@ -29,10 +29,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from relayd.consent.policy import identity_key
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
 from relayd.consent.vocabulary import CONSENT_STATUS_MIME_TYPE, CONSENT_STATUS_NAMESPACE
 from relayd.logs import logger
-from relayd.sip.consent import ConsentURIs, PermissionCache, identity_key
+from relayd.sip.consent import ConsentURIs, PermissionCache
 from relayd.sip.message import (
     Headers,
     SIPHeaderError,

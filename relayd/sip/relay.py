@@ -35,17 +35,12 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.ledger import ConsentLedger, RateExceeded
+from relayd.consent.policy import identity_key
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import (
-    ConsentLedger,
-    ConsentURIs,
-    ListDirectory,
-    PermissionCache,
-    consent_needed,
-    identity_key,
-)
+from relayd.sip.consent import ConsentURIs, ListDirectory, PermissionCache, consent_needed
 from relayd.sip.events import (
     GrantPermissionPackage,
     SubscriptionLimits,
@@ -578,7 +573,11 @@ class ConsentRelay:
         if len(request.body) > MAX_CONSENT_NOTE_BYTES:
             raise SIPStatus(413, "Consent Note Too Large")
         opened_at = self.clock.seconds()
-        record = await self.ledger.open(sender, list_uri, member, methods)
+        try:
+            record = await self.ledger.open(sender, list_uri, member, methods)
+        except RateExceeded as e:
+            retry = [("Retry-After", str(e.retry_after))]
+            raise SIPStatus(503, "Consent Request Rate Exceeded", headers=retry) from None
         permission = self.permission_uri(member, record.permission_token)
         if record.created < opened_at:
             # A refresh (one open record per sender, list, recipient): the recipient

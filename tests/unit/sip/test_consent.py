@@ -4,37 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from lxml import etree
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from relayd.consent.store import ConsentState, MemoryPermissionStore
+from relayd.consent.store import MemoryPermissionStore
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.sip.consent import (
-    ConsentLedger,
-    ConsentLimits,
     ConsentURIs,
     ListDirectory,
     PermissionCache,
-    RateLimiter,
     consent_needed,
 )
-from relayd.sip.message import Headers, SIPRequest, SIPStatus
+from relayd.sip.message import Headers, SIPRequest
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.sip.urilist import URIList, parse_list_report
+from relayd.testing import fired
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import DocumentSelector
 
 LIST = "sip:friends@relay.test"
-
-
-def _result(d: Any) -> Any:
-    out: list[Any] = []
-    ensureDeferred(d).addBoth(out.append)
-    assert out, "deferred did not fire"
-    return out[0]
 
 
 def grant(sender: str) -> bytes:
@@ -61,17 +51,15 @@ def test_missing_members_follow_store_changes_without_reloading() -> None:
     changed: list[str] = []
     cache.add_observer(changed.append)
     members = ["sip:bob@x.test", "sip:carol@x.test"]
-    missing = _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE"))
+    missing = fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE"))
     assert missing == members
-    _result(
-        store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test"))
-    )
+    fired(store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test")))
     assert changed == ["sip:bob@x.test"]
-    missing = _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE"))
+    missing = fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE"))
     assert missing == ["sip:carol@x.test"]
-    assert _result(cache.missing("sip:mallory@x.test", LIST, members, "MESSAGE")) == members
-    _result(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
-    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members
+    assert fired(cache.missing("sip:mallory@x.test", LIST, members, "MESSAGE")) == members
+    fired(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
+    assert fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members
 
 
 def test_a_plain_permission_reads_its_scope_from_the_permission_uri() -> None:
@@ -82,35 +70,33 @@ def test_a_plain_permission_reads_its_scope_from_the_permission_uri() -> None:
     store.add_listener(cache.store_changed)
     bob, alice = "sip:bob@x.test:5070", "sip:alice@x.test"
     token = "t" * 22
-    record = _result(store.open_consent(alice, LIST, bob, ["MESSAGE"], token, 0, 100))
+    record = fired(store.open_consent(alice, LIST, bob, ["MESSAGE"], token, 0, 100))
     plain = (
         f'<ruleset xmlns="{CP}"><rule id="p"><conditions><identity><one id="{alice}"/>'
         "</identity></conditions></rule></ruleset>"
     ).encode()
-    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
-    _result(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
-    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == []
-    assert _result(cache.missing(alice, "sip:other@relay.test", [bob], "MESSAGE")) == [bob]
-    assert _result(cache.missing(alice, LIST, [bob], "INVITE")) == [bob]
+    assert fired(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
+    fired(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
+    assert fired(cache.missing(alice, LIST, [bob], "MESSAGE")) == []
+    assert fired(cache.missing(alice, "sip:other@relay.test", [bob], "MESSAGE")) == [bob]
+    assert fired(cache.missing(alice, LIST, [bob], "INVITE")) == [bob]
     # The same document under a name no Permission URI was minted for grants nothing.
-    _result(store.put_document("consent-rules", bob, "index", plain))
-    _result(store.delete_document("consent-rules", bob, f"p-{token}.xml"))
-    assert _result(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
-    _result(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
-    refreshed = _result(store.open_consent(alice, LIST, bob, ["INVITE"], "u" * 22, 1, 200))
+    fired(store.put_document("consent-rules", bob, "index", plain))
+    fired(store.delete_document("consent-rules", bob, f"p-{token}.xml"))
+    assert fired(cache.missing(alice, LIST, [bob], "MESSAGE")) == [bob]
+    fired(store.put_document("consent-rules", bob, f"p-{token}.xml", plain))
+    refreshed = fired(store.open_consent(alice, LIST, bob, ["INVITE"], "u" * 22, 1, 200))
     assert refreshed.id == record.id and set(refreshed.methods) == {"MESSAGE", "INVITE"}
-    assert _result(cache.missing(alice, LIST, [bob], "INVITE")) == []
+    assert fired(cache.missing(alice, LIST, [bob], "INVITE")) == []
 
 
 def test_a_member_spelled_with_another_case_finds_its_documents() -> None:
     store = MemoryPermissionStore()
-    _result(
-        store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test"))
-    )
+    fired(store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test")))
     cache = PermissionCache(store, Clock())
     store.add_listener(cache.store_changed)
     members = ["SIP:bob@X.Test"]
-    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
+    assert fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
 
 
 def test_a_lists_answer_is_remembered_until_a_validity_boundary_or_a_change() -> None:
@@ -125,13 +111,13 @@ def test_a_lists_answer_is_remembered_until_a_validity_boundary_or_a_change() ->
         b"<until>1970-01-01T00:01:40Z</until></validity></conditions>",
     )
     for member in members:
-        _result(store.put_document("consent-rules", member, "index", until_100s))
-    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
+        fired(store.put_document("consent-rules", member, "index", until_100s))
+    assert fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
     clock.advance(99.9)
     assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == []
     clock.advance(0.1)  # the grant's interval ends: the remembered answer must not outlive it
     assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == members
-    _result(
+    fired(
         store.put_document("consent-rules", "sip:carol@x.test", "index", grant("sip:alice@x.test"))
     )
     assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == ["sip:bob@x.test"]
@@ -164,13 +150,11 @@ def test_a_remembered_answer_is_not_given_while_a_change_is_being_read() -> None
     cache = PermissionCache(store, Clock())
     store.add_listener(cache.store_changed)
     members = ["sip:bob@x.test"]
-    _result(
-        store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test"))
-    )
-    assert _result(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
+    fired(store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test")))
+    assert fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
     assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == []  # remembered
     store.slow = True
-    _result(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
+    fired(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
     assert store.held  # the cache is reading the changed document
     assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") is None
     store.release()
@@ -229,72 +213,6 @@ def test_470_names_the_missing_members_only_when_asked() -> None:
     assert '"' not in (hidden.headers.get("permission-missing") or "")
 
 
-def test_rate_limiter_window() -> None:
-    limiter = RateLimiter(2, window_seconds=10)
-    assert limiter.check("a", 0) is None and limiter.check("a", 1) is None
-    assert limiter.check("a", 2) == pytest.approx(8)
-    assert limiter.check("b", 2) is None
-    assert limiter.check("a", 10.5) is None
-
-
-def test_ledger_refreshes_rate_limits_and_expires() -> None:
-    clock = Clock()
-    store = MemoryPermissionStore()
-    ledger = ConsentLedger(
-        store, clock, ConsentLimits(consent_requests_per_hour=2, pending_consent_seconds=30)
-    )
-    first = _result(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
-    clock.advance(5)
-    again = _result(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
-    assert again.id == first.id and again.expires == 35
-    failure = _result(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
-    assert isinstance(failure.value, SIPStatus) and failure.value.status == 503
-    clock.advance(29)
-    assert _result(store.get_consent(first.id)).state is ConsentState.PENDING
-    clock.advance(1)
-    assert _result(store.get_consent(first.id)).state is ConsentState.EXPIRED
-
-
-class _CountingStore(MemoryPermissionStore):
-    """Counts full listings: the expiry timer must re-arm without one."""
-
-    listings = 0
-
-    def list_consents(self, *args: Any, **kwargs: Any) -> Any:
-        self.listings += 1
-        return super().list_consents(*args, **kwargs)
-
-
-def test_ledger_expires_each_record_at_its_time_without_listing_them() -> None:
-    clock = Clock()
-    store = _CountingStore()
-    # Pending from before a restart: start() arms the timer from the store.
-    alice = "sip:alice@x.test"
-    restored = _result(
-        store.open_consent(alice, LIST, "sip:carol@x.test", ["MESSAGE"], "t0", 0.0, 20.0)
-    )
-    ledger = ConsentLedger(store, clock, ConsentLimits(pending_consent_seconds=30))
-    _result(ledger.start())
-    first = _result(ledger.open(alice, LIST, "sip:bob@x.test", ["MESSAGE"]))
-    clock.advance(10)
-    second = _result(ledger.open(alice, LIST, "sip:dave@x.test", ["MESSAGE"]))
-
-    def states() -> list[ConsentState]:
-        return [_result(store.get_consent(r.id)).state for r in (restored, first, second)]
-
-    pending, expired = ConsentState.PENDING, ConsentState.EXPIRED
-    clock.advance(9.5)
-    assert states() == [pending, pending, pending]
-    clock.advance(0.5)
-    assert states() == [expired, pending, pending]
-    clock.advance(10)
-    assert states() == [expired, expired, pending]
-    clock.advance(10)
-    assert states() == [expired, expired, expired]
-    assert _result(store.next_consent_expiry()) is None
-    assert store.listings == 0
-
-
 def test_directory_file_lists_win_and_store_lists_follow_changes() -> None:
     store = MemoryPermissionStore()
     directory = ListDirectory(
@@ -306,12 +224,12 @@ def test_directory_file_lists_win_and_store_lists_follow_changes() -> None:
         b'<list name="friends"><entry uri="sip:eve@x.test"/></list>'
         b'<list name="club"><entry uri="sip:carol@x.test"/></list></resource-lists>'
     )
-    _result(store.put_document("resource-lists", "sip:alice@relay.test", "index", doc))
+    fired(store.put_document("resource-lists", "sip:alice@relay.test", "index", doc))
     found = directory.lookup(SIPURI.parse("sip:friends@127.0.0.1"))
     assert found is not None and found.members == ("sip:bob@x.test",)
     club = directory.lookup(SIPURI.parse("sip:club@relay.test"))
     assert club is not None and club.owner == "sip:alice@relay.test"
-    _result(store.delete_document("resource-lists", "sip:alice@relay.test", "index"))
+    fired(store.delete_document("resource-lists", "sip:alice@relay.test", "index"))
     assert directory.lookup(SIPURI.parse("sip:club@relay.test")) is None
     assert directory.lookup(SIPURI.parse("sip:friends@elsewhere.test")) is None
 
@@ -358,7 +276,7 @@ def test_a_list_uri_belongs_to_the_document_that_took_it_first() -> None:
     store.add_listener(directory.store_changed)
     bob, alice = "sip:bob@relay.test", "sip:alice@relay.test"
     assert _refusal(directory, bob, "index", _lists("club")) is None
-    _result(store.put_document("resource-lists", bob, "index", _lists("club")))
+    fired(store.put_document("resource-lists", bob, "index", _lists("club")))
     # Bob may rewrite his own document; nobody else may name "club".
     assert _refusal(directory, bob, "index", _lists("club", "chess")) is None
     taken = _refusal(directory, alice, "index", _lists("club"))
@@ -370,7 +288,7 @@ def test_a_list_uri_belongs_to_the_document_that_took_it_first() -> None:
     by_uri = _refusal(directory, alice, "index", _lists("x", uri="sip:bob@relay.test"))
     assert by_uri is not None and by_uri.exists[0].field.endswith("@cr:uri")
     # Once bob lets go of it, the name is free.
-    _result(store.delete_document("resource-lists", bob, "index"))
+    fired(store.delete_document("resource-lists", bob, "index"))
     assert _refusal(directory, alice, "index", _lists("club")) is None
 
 
@@ -396,7 +314,7 @@ def test_lists_the_relay_cannot_route_are_stored_and_reported() -> None:
     ]
     assert items[2].reason == "sip:x@elsewhere.test is not in domain relay.test"
     # Stored, the routable lists work and the rest is skipped without a word.
-    _result(store.put_document("resource-lists", alice, "index", body))
+    fired(store.put_document("resource-lists", alice, "index", body))
     ok = directory.lookup(SIPURI.parse("sip:ok@relay.test"))
     assert ok is not None and ok.members == ("sip:carol@x.test",)
     mixed = directory.lookup(SIPURI.parse("sip:mixed@relay.test"))
@@ -411,7 +329,7 @@ def test_a_list_held_first_keeps_it_when_a_racing_document_lands() -> None:
     directory = ListDirectory(store, "relay.test")
     store.add_listener(directory.store_changed)
     zed, alice = "sip:zed@relay.test", "sip:alice@relay.test"
-    _result(store.put_document("resource-lists", zed, "index", _lists("club")))
-    _result(store.put_document("resource-lists", alice, "index", _lists("club")))
+    fired(store.put_document("resource-lists", zed, "index", _lists("club")))
+    fired(store.put_document("resource-lists", alice, "index", _lists("club")))
     club = directory.lookup(SIPURI.parse("sip:club@relay.test"))
     assert club is not None and club.owner == zed
