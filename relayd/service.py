@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from relayd import __version__
 from relayd.config import ConfigError, RelaydConfig
 from relayd.consent.ledger import ConsentLedger, ConsentLimits
+from relayd.consent.permissions import PermissionCache
 from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import IPermissionStore, MemoryPermissionStore
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
@@ -39,7 +40,7 @@ from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPRelay
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import ConsentURIs, ListDirectory, PermissionCache
+from relayd.sip.consent import ConsentURIs, ListDirectory
 from relayd.sip.events import SubscriptionLimits
 from relayd.sip.overload import LagMonitor, any_of
 from relayd.sip.registrar import Registrar

@@ -29,11 +29,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from relayd.consent.permissions import PermissionCache
 from relayd.consent.policy import identity_key
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
 from relayd.consent.vocabulary import CONSENT_STATUS_MIME_TYPE, CONSENT_STATUS_NAMESPACE
 from relayd.logs import logger
-from relayd.sip.consent import ConsentURIs, PermissionCache
+from relayd.sip.consent import ConsentURIs
 from relayd.sip.message import (
     Headers,
     SIPHeaderError,

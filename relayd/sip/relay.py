@@ -36,11 +36,12 @@ from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
 from relayd.consent.ledger import ConsentLedger, RateExceeded
+from relayd.consent.permissions import PermissionCache
 from relayd.consent.policy import identity_key
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import ConsentURIs, ListDirectory, PermissionCache, consent_needed
+from relayd.sip.consent import ConsentURIs, ListDirectory, consent_needed
 from relayd.sip.events import (
     GrantPermissionPackage,
     SubscriptionLimits,

@@ -49,6 +49,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relayd.consent.documents import DEFAULT_MAX_BODY_BYTES, GLOBAL_XUI, DocumentRejected
+from relayd.consent.permissions import bound_consent, consent_scope
 from relayd.consent.policy import RequestContext, check_scope, evaluate, now_from_clock
 from relayd.consent.store import (
     ConsentState,
@@ -68,8 +69,6 @@ from relayd.xcap.auth import (
     Principal,
     Unauthorized,
     XCAPAuthorizer,
-    bound_consent,
-    consent_scope,
     redact_document,
 )
 from relayd.xcap.errors import (
@@ -334,7 +333,7 @@ class XCAPResource(Resource):
         allowed = self._allowed_methods(usage, uri)
         if method not in allowed:
             raise _MethodNotAllowed(allowed)
-        consent = await bound_consent(self.store, document)
+        consent = await bound_consent(self.store, document.key)
         principal = self._authorize(request, request_uri, method, document, consent, state)
         state.principal_label = principal.label
         conditions = _Conditions(

@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from relayd.consent.permissions import permission_document_name
 from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import ConsentState, StoreChange
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
@@ -42,7 +43,6 @@ from relayd.testing import (
     write_users,
 )
 from relayd.xcap import usages
-from relayd.xcap.auth import permission_document_name
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
 
 pytestmark = pytest.mark.integration

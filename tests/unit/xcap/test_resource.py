@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
+from relayd.consent.permissions import permission_document_name
 from relayd.consent.store import (
     ConsentState,
     DocumentWrite,
@@ -33,12 +34,7 @@ from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as AUTH_POLICY
 from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_digest
 from relayd.testing import consent_rule
 from relayd.testing import consent_ruleset as ruleset
-from relayd.xcap.auth import (
-    XCAPAuthorizer,
-    permission_document_name,
-    permission_token,
-    permission_uri,
-)
+from relayd.xcap.auth import XCAPAuthorizer, permission_uri
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE, Exists, XCAPError
 from relayd.xcap.resource import (
     REFUSAL_LINGER_SECONDS,
@@ -825,11 +821,6 @@ def test_permission_uri_round_trip() -> None:
     )
     shouting = permission_uri("https://r.test/x", "SIP:alice@Example.TEST", "tok_en-123456789012")
     assert "/users/sip:alice@example.test/" in shouting
-    document = DocumentSelector("consent-rules", ALICE, "p-tok_en-123456789012.xml")
-    assert permission_token(document) == "tok_en-123456789012"
-    assert (
-        permission_token(DocumentSelector("resource-lists", ALICE, "p-tok_en-12345678.xml")) is None
-    )
 
 
 def test_every_spelling_of_an_xui_names_one_document(xcap: Harness) -> None:
