@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from relayd import __version__
 from relayd.config import ConfigError, RelaydConfig
 from relayd.consent.ledger import ConsentLedger, ConsentLimits
+from relayd.consent.lists import ListDirectory, URIList, URIListError, parse_lists_document
 from relayd.consent.permissions import PermissionCache
 from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import IPermissionStore, MemoryPermissionStore
@@ -40,7 +41,7 @@ from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.transport import MSRPRelay
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import ConsentURIs, ListDirectory
+from relayd.sip.consent import ConsentURIs
 from relayd.sip.events import SubscriptionLimits
 from relayd.sip.overload import LagMonitor, any_of
 from relayd.sip.registrar import Registrar
@@ -48,7 +49,6 @@ from relayd.sip.relay import ConsentRelay, owners_from_users
 from relayd.sip.transaction import TransactionLayer
 from relayd.sip.transport import SIPTransportLayer, udp_service
 from relayd.sip.uas import Capabilities, LoopDetector, UASCore, transaction_pressure
-from relayd.sip.urilist import URIList, URIListError, parse_lists_document
 from relayd.tls import (
     ServerIdentity,
     TLSSetupError,

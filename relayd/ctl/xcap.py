@@ -10,7 +10,7 @@ Documents (consent spec §(c), RFC 4826):
 * lists live in ``resource-lists/users/<xui>/index`` as ``<list name=…>`` elements
   with ``<entry uri=…/>`` members.  The document may hold lists and entries the relay
   does not route (other clients share it); ``lists`` shows them and says why, by the
-  relay's own rule (:mod:`relayd.sip.urilist`) for what it reads, and by the relay's
+  relay's own rule (:mod:`relayd.consent.lists`) for what it reads, and by the relay's
   answer for what it writes (its list report, docs/consent.md).  Creating a list the
   relay could not route is refused: a list named here is meant to be a list URI.
 
@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from relayd.config import ConfigError, load_config
+from relayd.consent.lists import Unroutable, URIListError, list_uri, parse_list_report, read_lists
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_FORMAT_NAMESPACE as CF
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
@@ -52,7 +53,6 @@ from relayd.consent.vocabulary import (
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl.settings import Credentials, CtlError, Locations, trust_anchor
 from relayd.endpoints import EndpointSyntaxError, parse_endpoint
-from relayd.sip.urilist import Unroutable, URIListError, list_uri, parse_list_report, read_lists
 from relayd.xcap.client import (
     XCAPClient,
     XCAPClientError,

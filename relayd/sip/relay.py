@@ -36,12 +36,13 @@ from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
 from relayd.consent.ledger import ConsentLedger, RateExceeded
+from relayd.consent.lists import ListDirectory, URIListError
 from relayd.consent.permissions import PermissionCache
 from relayd.consent.policy import identity_key
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import ConsentURIs, ListDirectory, consent_needed
+from relayd.sip.consent import ConsentURIs, consent_needed
 from relayd.sip.events import (
     GrantPermissionPackage,
     SubscriptionLimits,
@@ -65,12 +66,7 @@ from relayd.sip.transaction import ServerTransaction, new_branch
 from relayd.sip.transport import SIPTransportLayer, Source
 from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
-from relayd.sip.urilist import (
-    RecipientList,
-    TooManyEntries,
-    URIListError,
-    parse_recipient_list,
-)
+from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
 from relayd.tokens import redact
 
 __all__ = ["ConsentRelay"]

@@ -48,7 +48,12 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from relayd.consent.documents import DEFAULT_MAX_BODY_BYTES, GLOBAL_XUI, DocumentRejected
+from relayd.consent.documents import (
+    DEFAULT_MAX_BODY_BYTES,
+    GLOBAL_XUI,
+    DocumentKey,
+    DocumentRejected,
+)
 from relayd.consent.permissions import bound_consent, consent_scope
 from relayd.consent.policy import RequestContext, check_scope, evaluate, now_from_clock
 from relayd.consent.store import (
@@ -99,10 +104,11 @@ from relayd.xcap.xml import (
 DocumentNote = tuple[bytes, str]
 """``(body, content type)`` a successful write is answered with instead of no body."""
 
-DocumentCheck = Callable[[sel.DocumentSelector, bytes], DocumentNote | None]
+DocumentCheck = Callable[[DocumentKey, bytes], DocumentNote | None]
 """A check of a document about to be stored, by the application that reads it: it
-raises :class:`XCAPError` to refuse the write, or returns a note on what it will make
-of the document (clients that expect no body on a 200/201 may ignore it)."""
+raises :class:`~relayd.consent.documents.DocumentRejected` to refuse the write, or
+returns a note on what it will make of the document (clients that expect no body on a
+200/201 may ignore it)."""
 
 MAX_WRITE_ATTEMPTS = 3
 """Read-modify-write rounds before a node write gives up with 503 (module docstring)."""
@@ -226,7 +232,7 @@ class XCAPResource(Resource):
         self.usages = usages
         self.document_checks: dict[str, DocumentCheck] = {}
         """Per AUID, checks that need more than the document (the SIP side's list
-        ownership); each raises :class:`XCAPError` to refuse a write."""
+        ownership); each raises DocumentRejected to refuse a write."""
         self._caps = xcap_caps_document(usages)
 
     # -- twisted.web boundary --------------------------------------------------------
@@ -615,7 +621,7 @@ class XCAPResource(Resource):
 
     def _check_document(self, document: sel.DocumentSelector, body: bytes) -> DocumentNote | None:
         check = self.document_checks.get(document.auid)
-        return check(document, body) if check is not None else None
+        return check(document.key, body) if check is not None else None
 
     async def _after_write(
         self, consent: PendingConsent | None, root: etree._Element | None

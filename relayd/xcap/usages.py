@@ -30,7 +30,7 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
     an ``entry-ref`` is a relative HTTP URI below the XCAP root, an ``external``
     anchor an absolute HTTP(S) URI.  Nothing more: entries may use any URI scheme
     and lists need no name.  Which lists the relay routes is the SIP side's business
-    (``relayd.sip.urilist``); it never makes a document unstorable.
+    (``relayd.consent.lists``); it never makes a document unstorable.
 ``xcap-caps``
     RFC 4825 §12 server capabilities, generated from this registry, read-only.
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from twisted.web.http_headers import Headers
 
+from relayd.consent.lists import Unroutable, build_list_report
 from relayd.consent.policy import is_permitted
 from relayd.ctl import main as ctl
 from relayd.ctl.settings import CtlError, Locations
@@ -40,7 +41,6 @@ from relayd.ctl.xcap import (
     unroutable_lines,
     xcap_trust,
 )
-from relayd.sip.urilist import Unroutable, build_list_report
 from relayd.xcap.client import XCAPResponse, document_path, node_path
 from relayd.xcap.errors import SCHEMA_VALIDATION_ERROR, XCAPError
 from relayd.xcap.usages import CONSENT_RULES, RESOURCE_LISTS

@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
+from relayd.consent.documents import DocumentKey, DocumentRejected, Taken
 from relayd.consent.permissions import permission_document_name
 from relayd.consent.store import (
     ConsentState,
@@ -35,14 +36,13 @@ from relayd.digest import DigestAuthenticator, ha1, parse_challenge, request_dig
 from relayd.testing import consent_rule
 from relayd.testing import consent_ruleset as ruleset
 from relayd.xcap.auth import XCAPAuthorizer, permission_uri
-from relayd.xcap.errors import XCAP_ERROR_NAMESPACE, Exists, XCAPError
+from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
 from relayd.xcap.resource import (
     REFUSAL_LINGER_SECONDS,
     XCAPResource,
     XCAPSite,
     parse_entity_tags,
 )
-from relayd.xcap.selector import DocumentSelector
 from relayd.xcap.usages import xcap_caps_document
 
 REALM = "example.test"
@@ -973,10 +973,10 @@ def test_owner_put_to_permission_document_is_also_scope_checked(xcap: Harness) -
 def test_an_applications_document_check_refuses_whole_and_node_writes(xcap: Harness) -> None:
     seen: list[tuple[str | None, bytes]] = []
 
-    def no_rule_b(document: DocumentSelector, body: bytes) -> None:
+    def no_rule_b(document: DocumentKey, body: bytes) -> None:
         seen.append((document.xui, body))
         if b'id="b"' in body:
-            raise XCAPError(409, "uniqueness-failure", "taken", exists=[Exists("x", ("c",))])
+            raise DocumentRejected("uniqueness-failure", "taken", [Taken("x", ("c",))])
 
     xcap.resource.document_checks["consent-rules"] = no_rule_b
     assert xcap.put(doc_path(), ruleset(rule("a"))).code == 201
@@ -988,7 +988,7 @@ def test_an_applications_document_check_refuses_whole_and_node_writes(xcap: Harn
 
 
 def test_a_document_checks_note_is_the_body_of_the_write_response(xcap: Harness) -> None:
-    def note_on_b(document: DocumentSelector, body: bytes) -> tuple[bytes, str] | None:
+    def note_on_b(document: DocumentKey, body: bytes) -> tuple[bytes, str] | None:
         return (b"<note/>", "application/x-note+xml") if b'id="b"' in body else None
 
     xcap.resource.document_checks["consent-rules"] = note_on_b
