@@ -56,6 +56,7 @@ from relayd.consent.vocabulary import (
     CONSENT_FORMAT_NAMESPACE,
     CONSENT_POLICY_NAMESPACE,
 )
+from relayd.sip.uri import SIPURI, SIPURIError
 
 _CP = f"{{{COMMON_POLICY_NAMESPACE}}}"
 _CR = f"{{{CONSENT_POLICY_NAMESPACE}}}"
@@ -395,3 +396,24 @@ def check_scope(root: etree._Element, scope: PermissionScope) -> None:
 
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def _require_sip_uris(root: etree._Element, tag: str, attribute: str, what: str) -> None:
+    """XML Schema's anyURI accepts "sip:x y"; a rule that can never match anything
+    must be refused, not stored (a ``constraint-failure``)."""
+    for element in root.iter(tag):
+        value = element.get(attribute)
+        if value is None:
+            continue
+        try:
+            SIPURI.parse(value)
+        except SIPURIError as e:
+            raise DocumentRejected(
+                "constraint-failure", f"{what} {value!r} is not a SIP URI: {e}"
+            ) from None
+
+
+def check_rule_uris(root: etree._Element) -> None:
+    """Refuse a ruleset whose ``cr:target`` or ``cp:one`` identity is no SIP URI."""
+    _require_sip_uris(root, _CR + "target", "uri", "target")
+    _require_sip_uris(root, _CP + "one", "id", "identity")

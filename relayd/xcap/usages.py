@@ -51,7 +51,8 @@ from pathlib import Path
 
 from lxml import etree
 
-from relayd.consent.documents import make_parser
+from relayd.consent.documents import DocumentRejected, make_parser
+from relayd.consent.policy import check_rule_uris
 from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
     CONSENT_FORMAT_NAMESPACE,
@@ -62,13 +63,13 @@ from relayd.consent.vocabulary import (
     RESOURCE_LISTS_MIME_TYPE,
     RESOURCE_LISTS_NAMESPACE,
 )
-from relayd.sip.uri import SIPURI, SIPURIError
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
     SCHEMA_VALIDATION_ERROR,
     UNIQUENESS_FAILURE,
     Exists,
     XCAPError,
+    rejected,
 )
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -136,7 +137,10 @@ class ApplicationUsage:
             except etree.DocumentInvalid as exc:
                 raise XCAPError(409, SCHEMA_VALIDATION_ERROR, str(exc)[:200]) from None
         if self.constraint_check is not None:
-            self.constraint_check(root)
+            try:
+                self.constraint_check(root)
+            except DocumentRejected as e:
+                raise rejected(e) from None
 
 
 def _clark(namespace: str, local: str) -> str:
@@ -213,30 +217,6 @@ def _check_resource_lists(root: etree._Element) -> None:
     _raise_conflicts(conflicts)
 
 
-_CR_TARGET = _clark(CONSENT_POLICY_NAMESPACE, "target")
-_CP_ONE = "{urn:ietf:params:xml:ns:common-policy}one"
-
-
-def _require_sip_uris(root: etree._Element, tag: str, attribute: str, what: str) -> None:
-    """XML Schema's anyURI accepts "sip:x y"; a rule or entry that can never
-    match anything must be refused, not stored (409 ``constraint-failure``)."""
-    for element in root.iter(tag):
-        value = element.get(attribute)
-        if value is None:
-            continue
-        try:
-            SIPURI.parse(value)
-        except SIPURIError as e:
-            raise XCAPError(
-                409, CONSTRAINT_FAILURE, f"{what} {value!r} is not a SIP URI: {e}"
-            ) from None
-
-
-def _check_consent_rules(root: etree._Element) -> None:
-    _require_sip_uris(root, _CR_TARGET, "uri", "target")
-    _require_sip_uris(root, _CP_ONE, "id", "identity")
-
-
 # RFC 3986 §2: unreserved, reserved and percent-encoded octets; nothing else.
 _URI_TEXT = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+\Z")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -305,7 +285,7 @@ CONSENT_RULES = ApplicationUsage(
     root_element=_clark(COMMON_POLICY_NAMESPACE, "ruleset"),
     schema_file="consent-rules.xsd",
     uniqueness_check=_check_rule_ids,
-    constraint_check=_check_consent_rules,
+    constraint_check=check_rule_uris,
 )
 
 RESOURCE_LISTS = ApplicationUsage(

@@ -13,6 +13,7 @@ from relayd.consent.policy import (
     Permissions,
     PermissionScope,
     RequestContext,
+    check_rule_uris,
     check_scope,
     evaluate,
     is_permitted,
@@ -333,3 +334,18 @@ def _scope_doc(conditions: str) -> etree._Element:
             + "</ruleset>"
         ).encode()
     )
+
+
+@pytest.mark.parametrize(
+    ("condition", "what"),
+    [
+        ('<cr:target uri="sip:friends@relay example.test"/>', "target"),
+        ('<identity><one id="not a uri"/></identity>', "identity"),
+    ],
+)
+def test_a_rule_naming_no_sip_uri_is_refused(condition: str, what: str) -> None:
+    check_rule_uris(ruleset(rule(f'<cr:target uri="{LIST}"/>')))
+    with pytest.raises(DocumentRejected) as info:
+        check_rule_uris(ruleset(rule(condition)))
+    assert info.value.fault == "constraint-failure"
+    assert info.value.reason.startswith(what) and "is not a SIP URI" in info.value.reason
