@@ -69,10 +69,15 @@ async def bound_consent(store: IPermissionStore, document: DocumentKey) -> Pendi
     return consent
 
 
+def requested_methods(consent: PendingConsent) -> tuple[str, ...]:
+    """The methods ``consent`` asks for; a record without methods asked for MESSAGE,
+    the one method the relay relays."""
+    return consent.methods or ("MESSAGE",)
+
+
 def consent_scope(consent: PendingConsent) -> PermissionScope:
-    """What the Permission URI of ``consent`` was minted for (seed §4, §8); a record
-    without methods asked for MESSAGE, the one method the relay relays."""
-    return PermissionScope(consent.recipient, consent.list_uri, consent.methods or ("MESSAGE",))
+    """What the Permission URI of ``consent`` was minted for (seed §4, §8)."""
+    return PermissionScope(consent.recipient, consent.list_uri, requested_methods(consent))
 
 
 async def permission_scope(

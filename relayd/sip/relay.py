@@ -37,8 +37,9 @@ from twisted.internet.interfaces import IReactorTime
 from relayd.bounded import remember
 from relayd.consent.ledger import ConsentLedger, RateExceeded
 from relayd.consent.lists import ListDirectory, URIListError
-from relayd.consent.permissions import PermissionCache
+from relayd.consent.permissions import PermissionCache, requested_methods
 from relayd.consent.policy import identity_key
+from relayd.consent.settle import settlement
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
@@ -285,18 +286,23 @@ class ConsentRelay:
 
     async def _settle_granted(self, recipient_key: str) -> None:
         """A recipient may grant through a document of their own rather than the
-        Permission URI: the requests it now lets through are granted, so that the
-        permission server (grant-permission) stops listing them as open."""
+        Permission URI: the requests it now lets through are granted
+        (:func:`relayd.consent.settle.settlement`), so that the permission server
+        (grant-permission) stops listing them as open."""
         for record in await self.store.list_consents(state=ConsentState.PENDING):
             if identity_key(record.recipient) != recipient_key:
                 continue
-            for method in record.methods or ("MESSAGE",):
-                if not await self.cache.permitted(
+            answers = [
+                "grant"
+                if await self.cache.permitted(
                     record.sender, record.list_uri, record.recipient, method
-                ):
-                    break
-            else:
-                await self.store.set_consent_state(record.id, ConsentState.GRANTED)
+                )
+                else None
+                for method in requested_methods(record)
+            ]
+            state = settlement(record, answers)
+            if state is not None:
+                await self.store.set_consent_state(record.id, state)
 
     # -- the Request-URI (§8.2.2.1) -------------------------------------------------------
 

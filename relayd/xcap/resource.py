@@ -55,9 +55,9 @@ from relayd.consent.documents import (
     DocumentRejected,
 )
 from relayd.consent.permissions import bound_consent, consent_scope
-from relayd.consent.policy import RequestContext, check_scope, evaluate, now_from_clock
+from relayd.consent.policy import check_scope, now_from_clock
+from relayd.consent.settle import document_answers, settlement
 from relayd.consent.store import (
-    ConsentState,
     DocumentWrite,
     ETagCondition,
     IPermissionStore,
@@ -626,37 +626,16 @@ class XCAPResource(Resource):
     async def _after_write(
         self, consent: PendingConsent | None, root: etree._Element | None
     ) -> None:
-        """Settle the consent a Permission-URI document answers (``root`` None: deleted).
-
-        Rules that grant the sender every requested method grant the request (as the
-        wait-permission status counts it). An explicit ``deny`` for the
-        sender, or deleting the document, refuses it while it is open, so the sender's
-        wait-permission watch learns of it instead of waiting for expiry. A document
-        that says nothing about this sender leaves it open. A refused request can
-        still be granted later through the same URI; a granted one whose document
-        goes away shows as revoked (the SIP side derives that from the documents).
-        """
-        if consent is None or consent.state not in (ConsentState.PENDING, ConsentState.DENIED):
+        """Settle the consent a Permission-URI document answers (``root`` None: deleted),
+        by the one rule for what a permission change releases
+        (:func:`relayd.consent.settle.settlement`)."""
+        if consent is None:
             return
-        answers: set[str | None] = {None}
-        if root is not None:
-            now = now_from_clock(self.clock)
-            scope = consent_scope(consent)
-            answers = {
-                evaluate(
-                    root,
-                    RequestContext(
-                        consent.sender, scope.list_uri, method, now, recipient=scope.recipient
-                    ),
-                    scope,
-                ).trans_handling
-                for method in scope.methods
-            }
-        if answers == {"grant"}:
-            state = ConsentState.GRANTED
-        elif consent.state is ConsentState.PENDING and (root is None or "deny" in answers):
-            state = ConsentState.DENIED
+        if root is None:
+            state = settlement(consent, (), withdrawn=True)
         else:
+            state = settlement(consent, document_answers(root, consent, now_from_clock(self.clock)))
+        if state is None:
             return
         try:
             await self.store.set_consent_state(consent.id, state)
