@@ -4,7 +4,7 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
 
 * **MESSAGE** to a list URI (or with an RFC 5365 recipient list): digest-authenticate
   the sender as a proxy would (407), expand the list, and ask the
-  :class:`~relayd.sip.consent.PermissionCache` whether every member permits this sender,
+  :class:`~relayd.consent.permissions.PermissionCache` whether every member permits this sender,
   list and method. Anyone missing: **470** naming consent URIs, relayed to nobody.
   Everyone permits: list URIs are *proxied* (parallel branches, §16.7 best response to
   the sender); recipient lists are *exploded* (RFC 5365: one new request per recipient,
