@@ -19,12 +19,8 @@ import secrets
 from collections.abc import Sequence
 
 from relayd.bounded import remember
-from relayd.consent.lists import (
-    build_uri_list,
-)
-from relayd.consent.vocabulary import (
-    RESOURCE_LISTS_MIME_TYPE,
-)
+from relayd.consent.lists import build_uri_list
+from relayd.consent.vocabulary import RESOURCE_LISTS_MIME_TYPE
 from relayd.sip.message import SIPRequest, SIPResponse, make_response
 from relayd.sip.uri import SIPURI, NameAddr
 

@@ -52,9 +52,7 @@ from relayd.testing import (
     relay_service,
     uac_request,
 )
-from relayd.testing import (
-    consent_ruleset as ruleset,
-)
+from relayd.testing import consent_ruleset as ruleset
 from relayd.testing import grant_document as granting_rules
 from relayd.testing import write_users as write_users_file
 from relayd.tokens import redact
