@@ -43,6 +43,8 @@ from relayd.xcap.resource import (
     XCAPSite,
     parse_entity_tags,
 )
+from relayd.xcap.usages import XCAP_ATTRIBUTE_MIME_TYPE as ATT
+from relayd.xcap.usages import XCAP_ELEMENT_MIME_TYPE as EL
 from relayd.xcap.usages import xcap_caps_document
 
 REALM = "example.test"
@@ -51,8 +53,6 @@ ROOT = "/xcap-root"
 ALICE = "sip:alice@example.test"
 BOB = "sip:bob@example.test"
 LIST = "sip:friends@relay.example.test"
-EL = "application/xcap-el+xml"
-ATT = "application/xcap-att+xml"
 MAX_BODY = 8192
 
 
