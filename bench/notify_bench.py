@@ -50,6 +50,9 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_async, wait_for_log
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as MIME
+from relayd.consent.vocabulary import CONSENT_STATUS_NAMESPACE as CS
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import parse_datagram
 from relayd.testing import (
@@ -69,11 +72,6 @@ CONCURRENCY = (1, 10)
 SENDERS = 10
 TIMEOUT = 5.0
 LOAD_DEADLINE = 300.0
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
-RL = "urn:ietf:params:xml:ns:resource-lists"
-CS = "urn:relayd:params:xml:ns:consent-status"
-MIME = "application/auth-policy+xml"
 TARGET_P99_MS = 100.0
 
 _started = time.monotonic()

@@ -65,6 +65,8 @@ from typing import Any, Protocol
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_sync, wait_for_log_sync, wait_idle
 from bench.kamailio_sip import Kamailio, find_kamailio, kamailio_version
 from bench.report import report_head
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.digest import answer_challenge
 from relayd.testing import RelayPKI, make_pki, write_users
 
@@ -84,8 +86,6 @@ LISTS = {"list1": MEMBERS[:1], "list10": MEMBERS}
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = Path(__file__).resolve().parent / "sipp"
 TICKS = os.sysconf("SC_CLK_TCK")
-RL = "urn:ietf:params:xml:ns:resource-lists"
-CR = "urn:relayd:params:xml:ns:consent-policy"
 
 DEFAULT_RATES = {"list1": [100, 200, 400, 800, 1600], "list10": [20, 50, 100, 200, 400]}
 DEFAULT_RATES["470"] = DEFAULT_RATES["list1"]

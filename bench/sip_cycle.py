@@ -27,13 +27,13 @@ from pathlib import Path
 from lxml import etree
 from twisted.internet.defer import ensureDeferred
 
+from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.ctl.documents import make_rule, new_ruleset
 from relayd.digest import answer_challenge
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.tap import tune_garbage_collector
 from relayd.testing import in_process_sip_relay
-from relayd.xcap.usages import CONSENT_RULES_AUID
 
 HOST = "127.0.0.1"
 REALM = "relayd-test"

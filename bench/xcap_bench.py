@@ -37,6 +37,9 @@ from typing import Any
 
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_async, wait_for_log
 from relayd.config import SCHEMA
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as MIME
 from relayd.digest import Challenge, answer_challenge, read_challenge
 from relayd.testing import RelayPKI, make_pki, write_users
 
@@ -46,9 +49,6 @@ ROOT = "/xcap-root"
 REPO = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
 CLIENT_COUNTS = (1, 10)
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
-MIME = "application/auth-policy+xml"
 TARGETS = {"get_per_s": 1000.0, "put_per_s": 300.0, "put_to_notify_p99_ms": 100.0}
 
 _started = time.monotonic()

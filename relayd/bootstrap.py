@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 
 from relayd.config import ConfigError, RelaydConfig
+from relayd.consent.lists import URIList, URIListError, parse_lists_document
 from relayd.keyfile import KeyFileError, load_or_create_key
 from relayd.logs import logger
 from relayd.net.endpoints import listener_identity, parse_endpoint
@@ -33,7 +34,6 @@ from relayd.net.tls import (
     load_identity,
     load_trust_roots,
 )
-from relayd.sip.urilist import URIList, URIListError, parse_lists_document
 from relayd.users import UsersFile, UsersFileError, generate_password
 
 log = logger()

@@ -16,6 +16,9 @@ from twisted.application.service import MultiService
 
 from relayd import __version__
 from relayd.bootstrap import Prepared
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.store import IPermissionStore, MemoryPermissionStore
+from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
 from relayd.digest import DigestAuthenticator
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
@@ -25,8 +28,6 @@ from relayd.sip.stack import build_sip
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.service import XCAPService
-from relayd.xcap.store import IPermissionStore, MemoryPermissionStore, SQLitePermissionStore
-from relayd.xcap.usages import RESOURCE_LISTS_AUID
 
 log = logger()
 

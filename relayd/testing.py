@@ -30,6 +30,8 @@ from zope.interface import implementer
 
 from relayd.bootstrap import Prepared, prepare
 from relayd.config import load_config
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as _CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as _CR
 from relayd.digest import answer_challenge, ha1
 from relayd.service import build_service
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
@@ -234,10 +236,6 @@ def relay_service(prepared: Prepared, reactor: Any) -> Any:
     return build_service(prepared, reactor)
 
 
-_CP = "urn:ietf:params:xml:ns:common-policy"
-_CR = "urn:relayd:params:xml:ns:consent-policy"
-
-
 def consent_rule(rule_id: str, sender: str, target: str, handling: str = "grant") -> str:
     """One common-policy rule (RFC 4745/5361): ``sender`` through list ``target``."""
     return (
@@ -322,6 +320,15 @@ def in_process_sip_relay(
     ensureDeferred(sip.relay.start())
     store = service.getServiceNamed("xcap").store
     return InProcessSIP(reactor, service, sip, store, wire, protocol)
+
+
+def fired(awaitable: Any) -> Any:
+    """The result (or Failure) of a Deferred or coroutine that completes at once, as
+    everything over a MemoryPermissionStore and a task.Clock does."""
+    out: list[Any] = []
+    ensureDeferred(awaitable).addBoth(out.append)
+    assert out, "deferred did not fire"
+    return out[0]
 
 
 @contextmanager

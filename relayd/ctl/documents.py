@@ -16,23 +16,23 @@ from typing import Any
 
 from lxml import etree
 
-from relayd.ctl.settings import CtlError
-from relayd.sip.urilist import (
-    LIST_REPORT_MIME_TYPE,
+from relayd.consent.lists import (
     Unroutable,
     URIListError,
     list_uri,
     parse_list_report,
     read_lists,
 )
-from relayd.xcap.client import XCAPResponse
-from relayd.xcap.errors import XCAPError
-from relayd.xcap.usages import (
+from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
     CONSENT_FORMAT_NAMESPACE,
     CONSENT_POLICY_NAMESPACE,
+    LIST_REPORT_MIME_TYPE,
     RESOURCE_LISTS_NAMESPACE,
 )
+from relayd.ctl.settings import CtlError
+from relayd.xcap.client import XCAPResponse
+from relayd.xcap.errors import XCAPError
 from relayd.xcap.xml import parse_document
 
 DEFAULT_METHODS = ("MESSAGE",)

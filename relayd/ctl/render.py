@@ -6,8 +6,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from relayd.consent.lists import Unroutable
 from relayd.ctl.documents import ListView, RuleView
-from relayd.sip.urilist import Unroutable
 from relayd.xcap.client import XCAPResponse
 
 

@@ -10,7 +10,7 @@ Documents (consent spec §(c), RFC 4826):
 * lists live in ``resource-lists/users/<xui>/index`` as ``<list name=…>`` elements
   with ``<entry uri=…/>`` members.  The document may hold lists and entries the relay
   does not route (other clients share it); ``lists`` shows them and says why, by the
-  relay's own rule (:mod:`relayd.sip.urilist`) for what it reads, and by the relay's
+  relay's own rule (:mod:`relayd.consent.lists`) for what it reads, and by the relay's
   answer for what it writes (its list report, docs/consent.md).  Creating a list the
   relay could not route is refused: a list named here is meant to be a list URI.
 
@@ -38,6 +38,14 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from relayd.config import ConfigError, load_config
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import (
+    CONSENT_RULES_AUID,
+    CONSENT_RULES_MIME_TYPE,
+    RESOURCE_LISTS_AUID,
+    RESOURCE_LISTS_MIME_TYPE,
+)
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl.documents import (
     DEFAULT_METHODS,
     RuleView,
@@ -77,14 +85,6 @@ from relayd.xcap.client import (
 )
 from relayd.xcap.xml import serialize_document
 
-CONSENT_RULES_AUID = "consent-rules"
-RESOURCE_LISTS_AUID = "resource-lists"
-CONSENT_RULES_MIME_TYPE = "application/auth-policy+xml"
-RESOURCE_LISTS_MIME_TYPE = "application/resource-lists+xml"
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
-CF = "urn:ietf:params:xml:ns:consent-rules"
-RL = "urn:ietf:params:xml:ns:resource-lists"
 DEFAULT_DOCUMENT = "index"
 WRITE_ATTEMPTS = 5
 """GET + conditional write rounds before a change gives up (each 412 costs one)."""

@@ -29,8 +29,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from relayd.consent.permissions import PermissionCache
+from relayd.consent.policy import identity_key
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
+from relayd.consent.vocabulary import CONSENT_STATUS_MIME_TYPE, CONSENT_STATUS_NAMESPACE
 from relayd.logs import logger
-from relayd.sip.consent import ConsentURIs, PermissionCache, identity_key
+from relayd.sip.consent import ConsentURIs
 from relayd.sip.message import (
     Headers,
     SIPHeaderError,
@@ -43,11 +47,8 @@ from relayd.sip.message import (
 )
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
-from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent
 
 __all__ = [
-    "CONSENT_STATUS_MIME_TYPE",
-    "CONSENT_STATUS_NAMESPACE",
     "ConsentStatusEntry",
     "EventPackage",
     "Grant",
@@ -58,9 +59,6 @@ __all__ = [
     "WaitPermissionPackage",
     "consent_status_body",
 ]
-
-CONSENT_STATUS_NAMESPACE = "urn:relayd:params:xml:ns:consent-status"
-CONSENT_STATUS_MIME_TYPE = "application/vnd.relayd.consent-status+xml"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from relayd.consent.store import IPermissionStore, StoredBinding
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
-from relayd.xcap.store import IPermissionStore, StoredBinding
 
 __all__ = ["Binding", "PresenceListener", "Registrar", "RegistrarLimits"]
 

@@ -4,7 +4,7 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
 
 * **MESSAGE** to a list URI (or with an RFC 5365 recipient list): digest-authenticate
   the sender as a proxy would (407), expand the list, and ask the
-  :class:`~relayd.sip.consent.PermissionCache` whether every member permits this sender,
+  :class:`~relayd.consent.permissions.PermissionCache` whether every member permits this sender,
   list and method. Anyone missing: **470** naming consent URIs, relayed to nobody.
   Everyone permits: list URIs are *proxied* (parallel branches, §16.7 best response to
   the sender); recipient lists are *exploded* (RFC 5365: one new request per recipient,
@@ -35,16 +35,15 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.ledger import ConsentLedger, RateExceeded
+from relayd.consent.lists import ListDirectory, URIListError
+from relayd.consent.permissions import PermissionCache, requested_methods
+from relayd.consent.policy import identity_key
+from relayd.consent.settle import settlement
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import (
-    ConsentLedger,
-    ConsentURIs,
-    ListDirectory,
-    PermissionCache,
-    consent_needed,
-    identity_key,
-)
+from relayd.sip.consent import ConsentURIs, consent_needed
 from relayd.sip.events import (
     GrantPermissionPackage,
     SubscriptionLimits,
@@ -68,14 +67,8 @@ from relayd.sip.transaction import ServerTransaction, new_branch
 from relayd.sip.transport import SIPTransportLayer, Source
 from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
-from relayd.sip.urilist import (
-    RecipientList,
-    TooManyEntries,
-    URIListError,
-    parse_recipient_list,
-)
+from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
 from relayd.tokens import redact
-from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 
 __all__ = ["ConsentRelay"]
 
@@ -293,18 +286,23 @@ class ConsentRelay:
 
     async def _settle_granted(self, recipient_key: str) -> None:
         """A recipient may grant through a document of their own rather than the
-        Permission URI: the requests it now lets through are granted, so that the
-        permission server (grant-permission) stops listing them as open."""
+        Permission URI: the requests it now lets through are granted
+        (:func:`relayd.consent.settle.settlement`), so that the permission server
+        (grant-permission) stops listing them as open."""
         for record in await self.store.list_consents(state=ConsentState.PENDING):
             if identity_key(record.recipient) != recipient_key:
                 continue
-            for method in record.methods or ("MESSAGE",):
-                if not await self.cache.permitted(
+            answers = [
+                "grant"
+                if await self.cache.permitted(
                     record.sender, record.list_uri, record.recipient, method
-                ):
-                    break
-            else:
-                await self.store.set_consent_state(record.id, ConsentState.GRANTED)
+                )
+                else None
+                for method in requested_methods(record)
+            ]
+            state = settlement(record, answers)
+            if state is not None:
+                await self.store.set_consent_state(record.id, state)
 
     # -- the Request-URI (§8.2.2.1) -------------------------------------------------------
 
@@ -578,7 +576,11 @@ class ConsentRelay:
         if len(request.body) > MAX_CONSENT_NOTE_BYTES:
             raise SIPStatus(413, "Consent Note Too Large")
         opened_at = self.clock.seconds()
-        record = await self.ledger.open(sender, list_uri, member, methods)
+        try:
+            record = await self.ledger.open(sender, list_uri, member, methods)
+        except RateExceeded as e:
+            retry = [("Retry-After", str(e.retry_after))]
+            raise SIPStatus(503, "Consent Request Rate Exceeded", headers=retry) from None
         permission = self.permission_uri(member, record.permission_token)
         if record.created < opened_at:
             # A refresh (one open record per sender, list, recipient): the recipient

@@ -17,6 +17,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
 from relayd.config import SIPConfig
+from relayd.consent.ledger import ConsentLedger, ConsentLimits
+from relayd.consent.lists import ListDirectory, URIList
+from relayd.consent.permissions import PermissionCache
+from relayd.consent.store import IPermissionStore
 from relayd.digest import DigestAuthenticator
 from relayd.net.endpoints import (
     EndpointSpec,
@@ -28,13 +32,7 @@ from relayd.net.endpoints import (
 from relayd.net.listeners import Listeners
 from relayd.net.tls import ServerIdentity, client_connection_creator
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import (
-    ConsentLedger,
-    ConsentLimits,
-    ConsentURIs,
-    ListDirectory,
-    PermissionCache,
-)
+from relayd.sip.consent import ConsentURIs
 from relayd.sip.events import SubscriptionLimits
 from relayd.sip.overload import LagMonitor, any_of
 from relayd.sip.registrar import Registrar
@@ -42,9 +40,7 @@ from relayd.sip.relay import ConsentRelay, owners_from_users
 from relayd.sip.transaction import TransactionLayer
 from relayd.sip.transport import UDP_MAX_DATAGRAM_BYTES, SIPTransportLayer
 from relayd.sip.uas import Capabilities, LoopDetector, UASCore, transaction_pressure
-from relayd.sip.urilist import URIList
 from relayd.users import UsersFile
-from relayd.xcap.store import IPermissionStore
 
 
 class SIPService(Listeners):

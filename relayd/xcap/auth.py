@@ -20,20 +20,17 @@ Tokens are capabilities: compared by the store, only ever logged through
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from relayd.consent.permissions import permission_document_name, permission_token
+from relayd.consent.policy import normalize_identity
+from relayd.consent.store import ConsentState, PendingConsent
+from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.digest import DigestAuthenticator, DigestError, parse_credentials
 from relayd.tokens import redact
-from relayd.xcap.policy import PermissionScope, normalize_identity
 from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import ConsentState, IPermissionStore, PendingConsent
-from relayd.xcap.usages import CONSENT_RULES_AUID
-
-PERMISSION_DOCUMENT = re.compile(r"\Ap-(?P<token>[A-Za-z0-9_-]{16,128})\.xml\Z")
-"""Document names minted for consent requests (consent spec §(c), "URI layout")."""
 
 CAPABILITY_STATES = frozenset({ConsentState.PENDING, ConsentState.GRANTED, ConsentState.DENIED})
 """Consent states in which a Permission URI still opens its document.
@@ -43,19 +40,6 @@ they can change their mind; only an expired request closes it."""
 
 # RFC 3986 pchar minus "/" and "%": what an XUI may keep unescaped in a path segment.
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
-
-
-def permission_token(document: DocumentSelector) -> str | None:
-    """The token of a ``consent-rules/users/<xui>/p-<token>.xml`` document, else None."""
-    if document.auid != CONSENT_RULES_AUID or document.xui is None:
-        return None
-    match = PERMISSION_DOCUMENT.match(document.document)
-    return match["token"] if match is not None else None
-
-
-def permission_document_name(token: str) -> str:
-    """The document name minted for ``token``."""
-    return f"p-{token}.xml"
 
 
 def permission_uri(root_url: str, recipient: str, token: str) -> str:
@@ -70,7 +54,7 @@ def permission_uri(root_url: str, recipient: str, token: str) -> str:
 
 def redact_document(document: DocumentSelector) -> str:
     """``auid/users/xui/name`` for logs, with a Permission URI token redacted."""
-    token = permission_token(document)
+    token = permission_token(document.key)
     name = f"p-<{redact(token)}>.xml" if token is not None else document.document
     tree = "global" if document.xui is None else f"users/{document.xui}"
     return f"{document.auid}/{tree}/{name}"
@@ -168,37 +152,3 @@ class XCAPAuthorizer:
         if document.xui is None:
             return not write
         return self.owns(principal.user, document.xui)
-
-
-async def bound_consent(
-    store: IPermissionStore, document: DocumentSelector
-) -> PendingConsent | None:
-    """The consent a ``p-<token>.xml`` document was minted for, in any state.
-
-    Only a consent whose recipient is the document's XUI counts: a token pasted into
-    another user's tree opens nothing.
-    """
-    token = permission_token(document)
-    if token is None or document.xui is None:
-        return None
-    consent = await store.find_consent_by_token(token)
-    if consent is None:
-        return None
-    if normalize_identity(consent.recipient) != normalize_identity(document.xui):
-        return None
-    return consent
-
-
-def consent_scope(consent: PendingConsent) -> PermissionScope:
-    """What the Permission URI of ``consent`` was minted for (seed §4, §8); a record
-    without methods asked for MESSAGE, the one method the relay relays."""
-    return PermissionScope(consent.recipient, consent.list_uri, consent.methods or ("MESSAGE",))
-
-
-async def permission_scope(
-    store: IPermissionStore, document: DocumentSelector
-) -> PermissionScope | None:
-    """The scope a consent-rules document is read within: its consent's when it is a
-    Permission-URI document (:func:`bound_consent`), else None (the owner's own)."""
-    consent = await bound_consent(store, document)
-    return consent_scope(consent) if consent is not None else None

@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 from lxml import etree
 
+from relayd.consent.documents import DocumentRejected
+
 XCAP_ERROR_NAMESPACE = "urn:ietf:params:xml:ns:xcap-error"
 XCAP_ERROR_MIME_TYPE = "application/xcap-error+xml"
 
@@ -136,3 +138,12 @@ class XCAPError(Exception):
                 for value in exists.alt_values:
                     etree.SubElement(node, ns + "alt-value").text = value
         return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def rejected(error: DocumentRejected) -> XCAPError:
+    """What answers a document consent refuses: 413 for a body too large, else the
+    RFC 4825 §11.2 409 it names."""
+    if error.fault == "too-large":
+        return XCAPError(413, None, error.reason)
+    taken = [Exists(item.field, item.alternatives) for item in error.taken]
+    return XCAPError(409, error.fault, error.reason, exists=taken)

@@ -2,7 +2,7 @@
 
 One leaf resource answers every request below the site: it parses the request URI
 (:func:`relayd.xcap.selector.parse_xcap_uri`), authorises (:mod:`relayd.xcap.auth`),
-and reads or writes the :class:`~relayd.xcap.store.IPermissionStore`.  Failures are
+and reads or writes the :class:`~relayd.consent.store.IPermissionStore`.  Failures are
 :class:`~relayd.xcap.errors.XCAPError`\\ s turned into responses in one place;
 anything unexpected is logged and answered 500.
 
@@ -16,7 +16,7 @@ Node writes are read-modify-write: read the document and its ETag, check the cli
 preconditions against that state, apply the change in memory, validate the whole
 document with its application usage, then store it with ``if_match=<that ETag>``.
 The store's compare-and-set turns a concurrent writer between our read and our write
-into :class:`~relayd.xcap.store.PreconditionFailed` on *our internal* tag.  That is
+into :class:`~relayd.consent.store.PreconditionFailed` on *our internal* tag.  That is
 not the client's failure, so the whole operation is retried on the fresh document
 (re-checking the client's preconditions there): a client that sent
 ``If-Match: "<old>"`` then gets its 412, because the document changed under it,
@@ -48,6 +48,24 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from relayd.consent.documents import (
+    DEFAULT_MAX_BODY_BYTES,
+    GLOBAL_XUI,
+    DocumentKey,
+    DocumentRejected,
+)
+from relayd.consent.permissions import bound_consent, consent_scope
+from relayd.consent.policy import check_scope, now_from_clock
+from relayd.consent.settle import document_answers, settlement
+from relayd.consent.store import (
+    DocumentWrite,
+    ETagCondition,
+    IPermissionStore,
+    PendingConsent,
+    PreconditionFailed,
+    StoredDocument,
+    check_preconditions,
+)
 from relayd.logs import logger
 from relayd.tokens import redact
 from relayd.xcap import selector as sel
@@ -56,8 +74,6 @@ from relayd.xcap.auth import (
     Principal,
     Unauthorized,
     XCAPAuthorizer,
-    bound_consent,
-    consent_scope,
     redact_document,
 )
 from relayd.xcap.errors import (
@@ -66,18 +82,7 @@ from relayd.xcap.errors import (
     XCAP_ERROR_MIME_TYPE,
     XCAPError,
     percent_encoded,
-)
-from relayd.xcap.policy import RequestContext, check_scope, evaluate, now_from_clock
-from relayd.xcap.store import (
-    GLOBAL_XUI,
-    ConsentState,
-    DocumentWrite,
-    ETagCondition,
-    IPermissionStore,
-    PendingConsent,
-    PreconditionFailed,
-    StoredDocument,
-    check_preconditions,
+    rejected,
 )
 from relayd.xcap.usages import (
     USAGES,
@@ -89,7 +94,6 @@ from relayd.xcap.usages import (
     xcap_caps_document,
 )
 from relayd.xcap.xml import (
-    DEFAULT_MAX_BODY_BYTES,
     parse_attribute_value,
     parse_document,
     parse_fragment,
@@ -100,10 +104,11 @@ from relayd.xcap.xml import (
 DocumentNote = tuple[bytes, str]
 """``(body, content type)`` a successful write is answered with instead of no body."""
 
-DocumentCheck = Callable[[sel.DocumentSelector, bytes], DocumentNote | None]
+DocumentCheck = Callable[[DocumentKey, bytes], DocumentNote | None]
 """A check of a document about to be stored, by the application that reads it: it
-raises :class:`XCAPError` to refuse the write, or returns a note on what it will make
-of the document (clients that expect no body on a 200/201 may ignore it)."""
+raises :class:`~relayd.consent.documents.DocumentRejected` to refuse the write, or
+returns a note on what it will make of the document (clients that expect no body on a
+200/201 may ignore it)."""
 
 MAX_WRITE_ATTEMPTS = 3
 """Read-modify-write rounds before a node write gives up with 503 (module docstring)."""
@@ -227,7 +232,7 @@ class XCAPResource(Resource):
         self.usages = usages
         self.document_checks: dict[str, DocumentCheck] = {}
         """Per AUID, checks that need more than the document (the SIP side's list
-        ownership); each raises :class:`XCAPError` to refuse a write."""
+        ownership); each raises DocumentRejected to refuse a write."""
         self._caps = xcap_caps_document(usages)
 
     # -- twisted.web boundary --------------------------------------------------------
@@ -273,6 +278,8 @@ class XCAPResource(Resource):
             response = await self._respond(request, state)
         except XCAPError as e:
             response = self._error(e, state)
+        except DocumentRejected as e:
+            response = self._error(rejected(e), state)
         except Unauthorized as e:
             if state.had_credentials:
                 self.log.warn(
@@ -332,7 +339,7 @@ class XCAPResource(Resource):
         allowed = self._allowed_methods(usage, uri)
         if method not in allowed:
             raise _MethodNotAllowed(allowed)
-        consent = await bound_consent(self.store, document)
+        consent = await bound_consent(self.store, document.key)
         principal = self._authorize(request, request_uri, method, document, consent, state)
         state.principal_label = principal.label
         conditions = _Conditions(
@@ -614,42 +621,21 @@ class XCAPResource(Resource):
 
     def _check_document(self, document: sel.DocumentSelector, body: bytes) -> DocumentNote | None:
         check = self.document_checks.get(document.auid)
-        return check(document, body) if check is not None else None
+        return check(document.key, body) if check is not None else None
 
     async def _after_write(
         self, consent: PendingConsent | None, root: etree._Element | None
     ) -> None:
-        """Settle the consent a Permission-URI document answers (``root`` None: deleted).
-
-        Rules that grant the sender every requested method grant the request (as the
-        wait-permission status counts it). An explicit ``deny`` for the
-        sender, or deleting the document, refuses it while it is open, so the sender's
-        wait-permission watch learns of it instead of waiting for expiry. A document
-        that says nothing about this sender leaves it open. A refused request can
-        still be granted later through the same URI; a granted one whose document
-        goes away shows as revoked (the SIP side derives that from the documents).
-        """
-        if consent is None or consent.state not in (ConsentState.PENDING, ConsentState.DENIED):
+        """Settle the consent a Permission-URI document answers (``root`` None: deleted),
+        by the one rule for what a permission change releases
+        (:func:`relayd.consent.settle.settlement`)."""
+        if consent is None:
             return
-        answers: set[str | None] = {None}
-        if root is not None:
-            now = now_from_clock(self.clock)
-            scope = consent_scope(consent)
-            answers = {
-                evaluate(
-                    root,
-                    RequestContext(
-                        consent.sender, scope.list_uri, method, now, recipient=scope.recipient
-                    ),
-                    scope,
-                ).trans_handling
-                for method in scope.methods
-            }
-        if answers == {"grant"}:
-            state = ConsentState.GRANTED
-        elif consent.state is ConsentState.PENDING and (root is None or "deny" in answers):
-            state = ConsentState.DENIED
+        if root is None:
+            state = settlement(consent, (), withdrawn=True)
         else:
+            state = settlement(consent, document_answers(root, consent, now_from_clock(self.clock)))
+        if state is None:
             return
         try:
             await self.store.set_consent_state(consent.id, state)

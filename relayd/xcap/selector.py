@@ -38,6 +38,8 @@ from urllib.parse import unquote
 
 from lxml import etree
 
+from relayd.consent.documents import GLOBAL_XUI, DocumentKey
+from relayd.consent.policy import normalize_identity
 from relayd.xcap import usages
 from relayd.xcap.errors import (
     CANNOT_DELETE,
@@ -46,7 +48,6 @@ from relayd.xcap.errors import (
     NOT_XML_ATT_VALUE,
     XCAPError,
 )
-from relayd.xcap.policy import normalize_identity
 
 NODE_SELECTOR_SEPARATOR = "~~"
 
@@ -79,6 +80,11 @@ class DocumentSelector:
     @property
     def is_global(self) -> bool:
         return self.xui is None
+
+    @property
+    def key(self) -> DocumentKey:
+        """Where the document is stored."""
+        return DocumentKey(self.auid, self.xui or GLOBAL_XUI, self.document)
 
 
 @dataclass(frozen=True)

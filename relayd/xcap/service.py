@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
 from relayd.config import XCAPConfig
+from relayd.consent.store import IPermissionStore
 from relayd.net.endpoints import (
     EndpointSpec,
     listener_tls,
@@ -19,7 +20,6 @@ from relayd.net.listeners import Listeners
 from relayd.net.tls import ServerIdentity
 from relayd.xcap.auth import permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
-from relayd.xcap.store import IPermissionStore
 from relayd.xcap.usages import load_schemas
 
 

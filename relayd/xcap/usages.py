@@ -19,7 +19,7 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
     * ``<cr:target uri="…"/>`` and ``<cr:trans-handling>``: relayd's spellings from
       before RFC 5361 support, read as the RFC's ``target`` and ``trans-handling``.
 
-    What a document at a Permission URI may say is :func:`relayd.xcap.policy.check_scope`.
+    What a document at a Permission URI may say is :func:`relayd.consent.policy.check_scope`.
 
     Rule ``id`` values are unique within the ruleset.
 ``resource-lists``
@@ -30,7 +30,7 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
     an ``entry-ref`` is a relative HTTP URI below the XCAP root, an ``external``
     anchor an absolute HTTP(S) URI.  Nothing more: entries may use any URI scheme
     and lists need no name.  Which lists the relay routes is the SIP side's business
-    (``relayd.sip.urilist``); it never makes a document unstorable.
+    (``relayd.consent.lists``); it never makes a document unstorable.
 ``xcap-caps``
     RFC 4825 §12 server capabilities, generated from this registry, read-only.
 
@@ -51,27 +51,31 @@ from pathlib import Path
 
 from lxml import etree
 
-from relayd.sip.uri import SIPURI, SIPURIError
+from relayd.consent.documents import DocumentRejected, make_parser
+from relayd.consent.policy import check_rule_uris
+from relayd.consent.vocabulary import (
+    COMMON_POLICY_NAMESPACE,
+    CONSENT_FORMAT_NAMESPACE,
+    CONSENT_POLICY_NAMESPACE,
+    CONSENT_RULES_AUID,
+    CONSENT_RULES_MIME_TYPE,
+    RESOURCE_LISTS_AUID,
+    RESOURCE_LISTS_MIME_TYPE,
+    RESOURCE_LISTS_NAMESPACE,
+)
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
     SCHEMA_VALIDATION_ERROR,
     UNIQUENESS_FAILURE,
     Exists,
     XCAPError,
+    rejected,
 )
-from relayd.xcap.xml import make_parser
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
-COMMON_POLICY_NAMESPACE = "urn:ietf:params:xml:ns:common-policy"
-CONSENT_FORMAT_NAMESPACE = "urn:ietf:params:xml:ns:consent-rules"
-"""RFC 5361's permission document elements (recipient, target, trans-handling)."""
-CONSENT_POLICY_NAMESPACE = "urn:relayd:params:xml:ns:consent-policy"
-RESOURCE_LISTS_NAMESPACE = "urn:ietf:params:xml:ns:resource-lists"
 XCAP_CAPS_NAMESPACE = "urn:ietf:params:xml:ns:xcap-caps"
 
-CONSENT_RULES_AUID = "consent-rules"
-RESOURCE_LISTS_AUID = "resource-lists"
 XCAP_CAPS_AUID = "xcap-caps"
 
 # MIME types of node resources (RFC 4825 §§15.2.1-15.2.3) and xcap-caps (§12.3).
@@ -133,7 +137,10 @@ class ApplicationUsage:
             except etree.DocumentInvalid as exc:
                 raise XCAPError(409, SCHEMA_VALIDATION_ERROR, str(exc)[:200]) from None
         if self.constraint_check is not None:
-            self.constraint_check(root)
+            try:
+                self.constraint_check(root)
+            except DocumentRejected as e:
+                raise rejected(e) from None
 
 
 def _clark(namespace: str, local: str) -> str:
@@ -210,30 +217,6 @@ def _check_resource_lists(root: etree._Element) -> None:
     _raise_conflicts(conflicts)
 
 
-_CR_TARGET = _clark(CONSENT_POLICY_NAMESPACE, "target")
-_CP_ONE = "{urn:ietf:params:xml:ns:common-policy}one"
-
-
-def _require_sip_uris(root: etree._Element, tag: str, attribute: str, what: str) -> None:
-    """XML Schema's anyURI accepts "sip:x y"; a rule or entry that can never
-    match anything must be refused, not stored (409 ``constraint-failure``)."""
-    for element in root.iter(tag):
-        value = element.get(attribute)
-        if value is None:
-            continue
-        try:
-            SIPURI.parse(value)
-        except SIPURIError as e:
-            raise XCAPError(
-                409, CONSTRAINT_FAILURE, f"{what} {value!r} is not a SIP URI: {e}"
-            ) from None
-
-
-def _check_consent_rules(root: etree._Element) -> None:
-    _require_sip_uris(root, _CR_TARGET, "uri", "target")
-    _require_sip_uris(root, _CP_ONE, "id", "identity")
-
-
 # RFC 3986 §2: unreserved, reserved and percent-encoded octets; nothing else.
 _URI_TEXT = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+\Z")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -297,17 +280,17 @@ def _check_list_references(root: etree._Element) -> None:
 
 CONSENT_RULES = ApplicationUsage(
     auid=CONSENT_RULES_AUID,
-    mime_type="application/auth-policy+xml",
+    mime_type=CONSENT_RULES_MIME_TYPE,
     default_namespace=COMMON_POLICY_NAMESPACE,
     root_element=_clark(COMMON_POLICY_NAMESPACE, "ruleset"),
     schema_file="consent-rules.xsd",
     uniqueness_check=_check_rule_ids,
-    constraint_check=_check_consent_rules,
+    constraint_check=check_rule_uris,
 )
 
 RESOURCE_LISTS = ApplicationUsage(
     auid=RESOURCE_LISTS_AUID,
-    mime_type="application/resource-lists+xml",
+    mime_type=RESOURCE_LISTS_MIME_TYPE,
     default_namespace=RESOURCE_LISTS_NAMESPACE,
     root_element=_clark(RESOURCE_LISTS_NAMESPACE, "resource-lists"),
     schema_file="resource-lists.xsd",

@@ -1,19 +1,9 @@
-"""Safe XML parsing for everything XCAP accepts from the network (RFC 4825 §§8.2, 11).
+"""XCAP bodies (RFC 4825 §§8.2, 11): documents, element and attribute fragments.
 
-All untrusted XML in relayd goes through :func:`make_parser`: entities are never
-substituted, no DTD is loaded, nothing is fetched from the network and libxml2's
-"huge tree" limits stay on.  On top of the parser, bodies are checked *before* parsing:
-
-* size first: a body over ``max_bytes`` is refused with **413** (HTTP's own status for
-  an oversized request; RFC 4825 §11 defines no condition for it, so there is no
-  ``xcap-error`` body);
-* UTF-8 next: RFC 4825 §8.2.1 requires UTF-8, so undecodable bytes or an XML
-  declaration naming another encoding give **409 not-utf-8**;
-* any ``<!DOCTYPE`` or ``<!ENTITY`` declaration gives **409 not-well-formed**: XCAP
-  documents are schema-validated and have no use for DTDs, and refusing them outright
-  closes billion-laughs, external-entity (XXE) and external-DTD tricks without relying
-  on parser internals.  The check is a byte scan, so the string also trips it inside
-  a comment or CDATA section; that false positive is accepted.
+Every one is read with the safe parsing of :mod:`relayd.consent.documents` (no DTDs,
+no entities, size and UTF-8 checked first); what that refuses is answered as
+:func:`relayd.xcap.errors.rejected` says: 413, or 409 ``not-utf-8`` or
+``not-well-formed``.
 """
 
 from __future__ import annotations
@@ -25,66 +15,26 @@ from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 
-from relayd.xcap.errors import (
-    NOT_UTF_8,
-    NOT_WELL_FORMED,
-    NOT_XML_ATT_VALUE,
-    NOT_XML_FRAG,
-    XCAPError,
+from relayd.consent import documents
+from relayd.consent.documents import (
+    DEFAULT_MAX_BODY_BYTES,
+    NO_DTD,
+    XML_DECLARATION,
+    DocumentRejected,
+    declares_dtd,
+    make_parser,
+    syntax_detail,
 )
+from relayd.xcap.errors import NOT_XML_ATT_VALUE, NOT_XML_FRAG, XCAPError, rejected
 
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-
-_XML_DECLARATION = re.compile(rb"\A(?:\xef\xbb\xbf)?<\?xml\s[^>]*?\?>")
-_DECLARED_ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
-_FORBIDDEN_MARKUP = (b"<!DOCTYPE", b"<!ENTITY")
 _FRAGMENT_WRAPPER = "relayd-xcap-fragment"
 
 
-def make_parser() -> etree.XMLParser:
-    """The one parser configuration for untrusted XML (STYLE 2.6).
-
-    A fresh parser per call: lxml parsers keep state and must not be shared between
-    threads, and store work may run in a thread pool.
-    """
-    return etree.XMLParser(
-        encoding="utf-8",
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        collect_ids=False,
-        remove_blank_text=False,
-    )
-
-
-def _check_size(body: bytes, max_bytes: int) -> None:
-    if len(body) > max_bytes:
-        raise XCAPError(413, None, f"body of {len(body)} bytes exceeds {max_bytes}")
-
-
-def _check_utf8(body: bytes) -> None:
+def _check_body(body: bytes, max_bytes: int) -> None:
     try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise XCAPError(409, NOT_UTF_8, f"invalid UTF-8 at byte {exc.start}") from None
-    declaration = _XML_DECLARATION.match(body)
-    if declaration is not None:
-        encoding = _DECLARED_ENCODING.search(declaration.group(0))
-        if encoding is not None and encoding.group(1).lower() not in (b"utf-8", b"utf8"):
-            raise XCAPError(409, NOT_UTF_8, "declared encoding is not UTF-8")
-
-
-def _check_no_dtd(body: bytes, condition: str) -> None:
-    for marker in _FORBIDDEN_MARKUP:
-        if marker in body:
-            raise XCAPError(409, condition, "DTDs and entity declarations are not allowed")
-
-
-def _syntax_detail(exc: etree.XMLSyntaxError) -> str:
-    # libxml2 messages can be long and echo input; keep the first line, bounded.
-    return str(exc).splitlines()[0][:200] if str(exc) else "parse error"
+        documents.check_body(body, max_bytes)
+    except DocumentRejected as e:
+        raise rejected(e) from None
 
 
 _POSITION_SUFFIX = re.compile(r",? line \d+, column \d+\Z")
@@ -114,17 +64,10 @@ def parse_document(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> etre
     Raises :class:`XCAPError` 413 (too large), 409 ``not-utf-8`` or 409
     ``not-well-formed`` (syntax errors, DTDs, entity declarations).
     """
-    _check_size(body, max_bytes)
-    _check_utf8(body)
-    _check_no_dtd(body, NOT_WELL_FORMED)
     try:
-        root = etree.fromstring(body, make_parser())
-    except etree.XMLSyntaxError as exc:
-        raise XCAPError(409, NOT_WELL_FORMED, _syntax_detail(exc)) from None
-    if getattr(root.getroottree().docinfo, "doctype", ""):
-        # Unreachable given the byte scan; kept so a future scan bug fails closed.
-        raise XCAPError(409, NOT_WELL_FORMED, "DTDs are not allowed")
-    return root
+        return documents.parse_document(body, max_bytes)
+    except DocumentRejected as e:
+        raise rejected(e) from None
 
 
 def parse_fragment(
@@ -139,14 +82,14 @@ def parse_fragment(
     ``<rule id="a">`` relying on the document's default namespace.  Anything but one
     element (text, several elements, syntax errors) is 409 ``not-xml-frag``.
     """
-    _check_size(body, max_bytes)
-    _check_utf8(body)
-    _check_no_dtd(body, NOT_XML_FRAG)
+    _check_body(body, max_bytes)
+    if declares_dtd(body):
+        raise XCAPError(409, NOT_XML_FRAG, NO_DTD)
     if body.startswith(b"\xef\xbb\xbf"):
         body = body[3:]  # libxml2 does not count it in columns either
     # A declaration may not appear inside the wrapper; blanking it keeps every byte
     # of the client's body where it was, so errors point into it.
-    declaration = _XML_DECLARATION.match(body)
+    declaration = XML_DECLARATION.match(body)
     if declaration is not None:
         body = b" " * declaration.end() + body[declaration.end() :]
     declarations = []
@@ -175,8 +118,7 @@ def parse_attribute_value(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     The body is XML attribute-value content (RFC 4825 §8.2.4): character and predefined
     entity references are decoded, ``<`` and stray ``&`` are 409 ``not-xml-att-value``.
     """
-    _check_size(body, max_bytes)
-    _check_utf8(body)
+    _check_body(body, max_bytes)
     text = body.decode("utf-8").removeprefix("\ufeff")
     if "<" in text:
         raise XCAPError(409, NOT_XML_ATT_VALUE, "'<' is not allowed in an attribute value")
@@ -184,7 +126,7 @@ def parse_attribute_value(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     try:
         element = etree.fromstring(probe.encode("utf-8"), make_parser())
     except etree.XMLSyntaxError as exc:
-        raise XCAPError(409, NOT_XML_ATT_VALUE, _syntax_detail(exc)) from None
+        raise XCAPError(409, NOT_XML_ATT_VALUE, syntax_detail(exc)) from None
     value = element.get("v")
     if value is None or any(isinstance(node, etree._Entity) for node in element.iter()):
         raise XCAPError(409, NOT_XML_ATT_VALUE, "undefined entity reference")

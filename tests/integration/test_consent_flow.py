@@ -28,7 +28,11 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
-from relayd.sip.events import CONSENT_STATUS_NAMESPACE
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import CONSENT_RULES_AUID, CONSENT_STATUS_NAMESPACE
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as POLICY_TYPE
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.sip.message import (
     SIPRequest,
     SIPResponse,
@@ -48,14 +52,11 @@ from relayd.testing import (
     sip_credentials,
     uac_request,
 )
-from relayd.testing import (
-    consent_ruleset as ruleset,
-)
+from relayd.testing import consent_ruleset as ruleset
 from relayd.testing import grant_document as granting_rules
 from relayd.testing import write_users as write_users_file
 from relayd.tokens import redact
 from relayd.xcap.client import XCAPClient, document_path, node_path
-from relayd.xcap.usages import CONSENT_RULES_AUID
 
 from .conftest import Capability
 
@@ -71,10 +72,6 @@ SOLO = f"sip:solo@{HOST}"
 BOB = f"sip:bob@{HOST}"
 CAROL = f"sip:carol@{HOST}"
 ALICE = f"sip:alice@{HOST}"
-CR = "urn:relayd:params:xml:ns:consent-policy"
-RL = "urn:ietf:params:xml:ns:resource-lists"
-CP = "urn:ietf:params:xml:ns:common-policy"
-POLICY_TYPE = "application/auth-policy+xml"
 TIMEOUT = 5.0
 NOTIFY_WITHIN_SECONDS = 1.0
 """From the start of an XCAP write to the NOTIFY it causes. A generous bound that only

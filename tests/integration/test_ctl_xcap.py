@@ -22,13 +22,15 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
+from relayd.consent.policy import is_permitted
+from relayd.consent.store import IPermissionStore
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE
 from relayd.ctl.documents import make_rule, new_ruleset
-from relayd.ctl.xcap import CONSENT_RULES_MIME_TYPE, CP, Session
+from relayd.ctl.xcap import Session
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
 from relayd.testing import write_users as write_htdigest
 from relayd.xcap.client import XCAPClient, XCAPResponse
-from relayd.xcap.policy import is_permitted
-from relayd.xcap.store import IPermissionStore
 from relayd.xcap.xml import parse_document, serialize_document
 
 pytestmark = pytest.mark.integration

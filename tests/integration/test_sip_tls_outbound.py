@@ -24,6 +24,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.testing import (
@@ -36,7 +37,6 @@ from relayd.testing import (
     uac_request,
     write_users,
 )
-from relayd.xcap.usages import CONSENT_RULES_AUID
 
 pytestmark = pytest.mark.integration
 

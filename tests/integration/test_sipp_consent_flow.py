@@ -37,6 +37,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.testing import RelayPKI, grant_document, write_users
 
 from .conftest import Capability
@@ -59,8 +61,6 @@ LIST = f"sip:friends@{HOST}"
 SENDER = "alice"
 ALICE = f"sip:{SENDER}@{HOST}"
 SCENARIOS = Path(__file__).parent / "sipp"
-RL = "urn:ietf:params:xml:ns:resource-lists"
-CR = "urn:relayd:params:xml:ns:consent-policy"
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 SIPP_SECONDS = 10  # a sender run's -timeout
 MEMBER_SECONDS = 30  # a member's -timeout: the whole flow

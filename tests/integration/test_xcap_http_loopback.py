@@ -23,6 +23,13 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from relayd.consent.permissions import permission_document_name
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.store import ConsentState, StoreChange
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as AUTH_POLICY
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.digest import answer_challenge, parse_challenge
 from relayd.testing import (
     RawProtocol,
@@ -35,10 +42,8 @@ from relayd.testing import (
     write_users,
 )
 from relayd.xcap import usages
-from relayd.xcap.auth import permission_document_name
 from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
 from relayd.xcap.service import XCAPService
-from relayd.xcap.store import ConsentState, SQLitePermissionStore, StoreChange
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +55,6 @@ USERS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
 ALICE = f"sip:alice@{REALM}"
 BOB = f"sip:bob@{REALM}"
 LIST = "sip:friends@relay.example.test"
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
-AUTH_POLICY = "application/auth-policy+xml"
 MAX_BODY = 65536
 TIMEOUT_SECONDS = 10
 
@@ -466,7 +468,6 @@ async def test_plain_http_on_loopback_when_configured(start_xcap: StartXCAP) -> 
     assert reply.code == 201
 
 
-RL = "urn:ietf:params:xml:ns:resource-lists"
 # OpenXCAP's test document (RFC 4826 §3.3's example) plus what the relay cannot route.
 ENTRY_REF = (
     "resource-lists/users/sip:bill@example.com/index/~~/resource-lists/"

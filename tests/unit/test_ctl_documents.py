@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 import pytest
 from twisted.web.http_headers import Headers
 
+from relayd.consent.lists import Unroutable, build_list_report
+from relayd.consent.policy import is_permitted
 from relayd.ctl.documents import (
     add_members,
     describe_lists,
@@ -26,10 +28,8 @@ from relayd.ctl.documents import (
 )
 from relayd.ctl.render import lists_table, rules_table, unroutable_json, unroutable_lines
 from relayd.ctl.settings import CtlError
-from relayd.sip.urilist import Unroutable, build_list_report
 from relayd.xcap.client import XCAPResponse
 from relayd.xcap.errors import SCHEMA_VALIDATION_ERROR, XCAPError
-from relayd.xcap.policy import is_permitted
 from relayd.xcap.usages import CONSENT_RULES, RESOURCE_LISTS
 from relayd.xcap.xml import serialize_document
 

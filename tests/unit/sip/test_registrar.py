@@ -13,13 +13,14 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.store import MemoryPermissionStore, StoredBinding
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
 from relayd.sip.registrar import Registrar, RegistrarLimits
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.testing import captured_log
-from relayd.xcap.store import MemoryPermissionStore, SQLitePermissionStore, StoredBinding
 
 DOMAIN = "example.com"
 AOR = "sip:alice@example.com"

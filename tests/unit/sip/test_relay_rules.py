@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 from twisted.internet.defer import ensureDeferred
 
+from relayd.consent.documents import DocumentKey, DocumentRejected
+from relayd.consent.store import ConsentState
+from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.sip.relay import carried_headers
@@ -18,10 +21,6 @@ from relayd.testing import (
     sip_credentials,
     uac_request,
 )
-from relayd.xcap.errors import XCAPError
-from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import ConsentState
-from relayd.xcap.usages import CONSENT_RULES_AUID
 
 HOST = "127.0.0.1"
 LIST = f"sip:club@{HOST}"
@@ -240,10 +239,10 @@ def test_a_list_stored_over_xcap_is_served_and_its_name_is_its_owners(relay: Rel
     assert _final(out).status == 470
     check = relay.document_checks["resource-lists"]
     for taken in ("pals", "club", "alice"):  # bob's list, the lists file's, an account
-        with pytest.raises(XCAPError) as refused:
-            check(DocumentSelector("resource-lists", ALICE, "index"), _lists_document(taken))
-        assert refused.value.condition == "uniqueness-failure"
-    check(DocumentSelector("resource-lists", ALICE, "index"), _lists_document("chess"))
+        with pytest.raises(DocumentRejected) as refused:
+            check(DocumentKey("resource-lists", ALICE, "index"), _lists_document(taken))
+        assert refused.value.fault == "uniqueness-failure"
+    check(DocumentKey("resource-lists", ALICE, "index"), _lists_document("chess"))
 
 
 def test_a_grant_in_the_recipients_own_document_settles_the_open_request(relay: Relay) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
-from relayd.xcap.errors import XCAP_ERROR_NAMESPACE, Exists, XCAPError
+from relayd.consent.documents import DocumentRejected, Taken
+from relayd.xcap.errors import XCAP_ERROR_NAMESPACE, Exists, XCAPError, rejected
 
 NS = f"{{{XCAP_ERROR_NAMESPACE}}}"
 
@@ -48,3 +49,16 @@ def test_error_without_condition_has_no_body() -> None:
     assert str(error) == "404 nothing here"
     with pytest.raises(ValueError, match="condition"):
         error.to_xml()
+
+
+def test_a_document_consent_rejects_is_answered_as_its_409() -> None:
+    taken = [Taken("resource-lists/list/@name", ("friends-2",))]
+    error = rejected(DocumentRejected("uniqueness-failure", "list URI already in use", taken))
+    assert (error.status, error.condition, error.detail) == (
+        409,
+        "uniqueness-failure",
+        "list URI already in use",
+    )
+    assert error.exists == (Exists("resource-lists/list/@name", ("friends-2",)),)
+    scope = rejected(DocumentRejected("constraint-failure", "not for this list"))
+    assert (scope.status, scope.condition, scope.exists) == (409, "constraint-failure", ())

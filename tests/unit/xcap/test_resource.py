@@ -19,24 +19,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
-from relayd.digest import DigestAuthenticator, answer_challenge, ha1, parse_challenge
-from relayd.testing import consent_rule
-from relayd.testing import consent_ruleset as ruleset
-from relayd.xcap.auth import (
-    XCAPAuthorizer,
-    permission_document_name,
-    permission_token,
-    permission_uri,
-)
-from relayd.xcap.errors import XCAP_ERROR_NAMESPACE, Exists, XCAPError
-from relayd.xcap.resource import (
-    REFUSAL_LINGER_SECONDS,
-    XCAPResource,
-    XCAPSite,
-    parse_entity_tags,
-)
-from relayd.xcap.selector import DocumentSelector
-from relayd.xcap.store import (
+from relayd.consent.documents import DocumentKey, DocumentRejected, Taken
+from relayd.consent.permissions import permission_document_name
+from relayd.consent.store import (
     ConsentState,
     DocumentWrite,
     ETagCondition,
@@ -44,19 +29,30 @@ from relayd.xcap.store import (
     PendingConsent,
     StoreChange,
 )
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
+from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as AUTH_POLICY
+from relayd.digest import DigestAuthenticator, answer_challenge, ha1, parse_challenge
+from relayd.testing import consent_rule
+from relayd.testing import consent_ruleset as ruleset
+from relayd.xcap.auth import XCAPAuthorizer, permission_uri
+from relayd.xcap.errors import XCAP_ERROR_NAMESPACE
+from relayd.xcap.resource import (
+    REFUSAL_LINGER_SECONDS,
+    XCAPResource,
+    XCAPSite,
+    parse_entity_tags,
+)
+from relayd.xcap.usages import XCAP_ATTRIBUTE_MIME_TYPE as ATT
+from relayd.xcap.usages import XCAP_ELEMENT_MIME_TYPE as EL
 from relayd.xcap.usages import xcap_caps_document
 
 REALM = "example.test"
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
 ROOT = "/xcap-root"
-CP = "urn:ietf:params:xml:ns:common-policy"
-CR = "urn:relayd:params:xml:ns:consent-policy"
 ALICE = "sip:alice@example.test"
 BOB = "sip:bob@example.test"
 LIST = "sip:friends@relay.example.test"
-AUTH_POLICY = "application/auth-policy+xml"
-EL = "application/xcap-el+xml"
-ATT = "application/xcap-att+xml"
 MAX_BODY = 8192
 
 
@@ -813,11 +809,6 @@ def test_permission_uri_round_trip() -> None:
     )
     shouting = permission_uri("https://r.test/x", "SIP:alice@Example.TEST", "tok_en-123456789012")
     assert "/users/sip:alice@example.test/" in shouting
-    document = DocumentSelector("consent-rules", ALICE, "p-tok_en-123456789012.xml")
-    assert permission_token(document) == "tok_en-123456789012"
-    assert (
-        permission_token(DocumentSelector("resource-lists", ALICE, "p-tok_en-12345678.xml")) is None
-    )
 
 
 def test_every_spelling_of_an_xui_names_one_document(xcap: Harness) -> None:
@@ -970,10 +961,10 @@ def test_owner_put_to_permission_document_is_also_scope_checked(xcap: Harness) -
 def test_an_applications_document_check_refuses_whole_and_node_writes(xcap: Harness) -> None:
     seen: list[tuple[str | None, bytes]] = []
 
-    def no_rule_b(document: DocumentSelector, body: bytes) -> None:
+    def no_rule_b(document: DocumentKey, body: bytes) -> None:
         seen.append((document.xui, body))
         if b'id="b"' in body:
-            raise XCAPError(409, "uniqueness-failure", "taken", exists=[Exists("x", ("c",))])
+            raise DocumentRejected("uniqueness-failure", "taken", [Taken("x", ("c",))])
 
     xcap.resource.document_checks["consent-rules"] = no_rule_b
     assert xcap.put(doc_path(), ruleset(rule("a"))).code == 201
@@ -985,7 +976,7 @@ def test_an_applications_document_check_refuses_whole_and_node_writes(xcap: Harn
 
 
 def test_a_document_checks_note_is_the_body_of_the_write_response(xcap: Harness) -> None:
-    def note_on_b(document: DocumentSelector, body: bytes) -> tuple[bytes, str] | None:
+    def note_on_b(document: DocumentKey, body: bytes) -> tuple[bytes, str] | None:
         return (b"<note/>", "application/x-note+xml") if b'id="b"' in body else None
 
     xcap.resource.document_checks["consent-rules"] = note_on_b

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.selector import (
     AttributeTest,
@@ -25,8 +27,6 @@ from relayd.xcap.selector import (
 )
 from relayd.xcap.xml import parse_document, parse_fragment, serialize_element
 
-CP = "urn:ietf:params:xml:ns:common-policy"
-RL = "urn:ietf:params:xml:ns:resource-lists"
 ROOT = "/xcap-root"
 
 LISTS = b"""<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"

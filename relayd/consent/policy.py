@@ -49,12 +49,14 @@ from datetime import UTC, datetime
 from lxml import etree
 from twisted.internet.interfaces import IReactorTime
 
-from relayd.xcap.errors import CONSTRAINT_FAILURE, XCAPError
-from relayd.xcap.usages import (
+from relayd.bounded import remember
+from relayd.consent.documents import DocumentRejected
+from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
     CONSENT_FORMAT_NAMESPACE,
     CONSENT_POLICY_NAMESPACE,
 )
+from relayd.sip.uri import SIPURI, SIPURIError
 
 _CP = f"{{{COMMON_POLICY_NAMESPACE}}}"
 _CR = f"{{{CONSENT_POLICY_NAMESPACE}}}"
@@ -145,6 +147,20 @@ def normalize_identity(uri: str) -> str:
     for separator in (";", "?"):
         host = host.partition(separator)[0]
     return f"{scheme.lower()}:{user}{at}{host.lower()}"
+
+
+_IDENTITY_KEYS: dict[str, str] = {}
+_IDENTITY_KEYS_SIZE = 4096
+
+
+def identity_key(uri: str) -> str:
+    """The key recipients and senders are compared by (scheme/host lower-cased).
+
+    Asked for every member of a list on every request: remembered (bounded)."""
+    key = _IDENTITY_KEYS.get(uri)
+    if key is None:
+        key = remember(_IDENTITY_KEYS, _IDENTITY_KEYS_SIZE, uri, normalize_identity(uri))
+    return key
 
 
 def _domain_of(uri: str) -> str | None:
@@ -359,7 +375,7 @@ def check_scope(root: etree._Element, scope: PermissionScope) -> None:
     plain form needs no target, recipient or methods. A rule whose ``target``,
     ``recipient`` or ``cr:methods`` names another list, another recipient or only
     methods that were not asked for would silently grant nothing: its writer meant
-    something this URI cannot give, so it is a 409 ``constraint-failure``.
+    something this URI cannot give: a ``constraint-failure``.
     """
     contexts = [
         RequestContext(None, scope.list_uri, method, _EPOCH, recipient=scope.recipient)
@@ -372,12 +388,32 @@ def check_scope(root: etree._Element, scope: PermissionScope) -> None:
                 continue
             if not any(_condition_matches(condition, context) for context in contexts):
                 what = etree.QName(condition).localname
-                raise XCAPError(
-                    409,
-                    CONSTRAINT_FAILURE,
+                raise DocumentRejected(
+                    "constraint-failure",
                     f"rule {rule.get('id')!r}: its {what} is not what this Permission URI"
                     f" was minted for ({scope.list_uri}; {' '.join(scope.methods)})",
                 )
 
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def _require_sip_uris(root: etree._Element, tag: str, attribute: str, what: str) -> None:
+    """XML Schema's anyURI accepts "sip:x y"; a rule that can never match anything
+    must be refused, not stored (a ``constraint-failure``)."""
+    for element in root.iter(tag):
+        value = element.get(attribute)
+        if value is None:
+            continue
+        try:
+            SIPURI.parse(value)
+        except SIPURIError as e:
+            raise DocumentRejected(
+                "constraint-failure", f"{what} {value!r} is not a SIP URI: {e}"
+            ) from None
+
+
+def check_rule_uris(root: etree._Element) -> None:
+    """Refuse a ruleset whose ``cr:target`` or ``cp:one`` identity is no SIP URI."""
+    _require_sip_uris(root, _CR + "target", "uri", "target")
+    _require_sip_uris(root, _CP + "one", "id", "identity")

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import stat
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -20,15 +14,13 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from relayd.testing import captured_log
-from relayd.xcap.store import (
-    SCHEMA_VERSION,
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.store import (
     ConsentState,
     IPermissionStore,
     MemoryPermissionStore,
     PendingConsent,
     PreconditionFailed,
-    SQLitePermissionStore,
     StoreChange,
     StoredBinding,
     StoredDocument,
@@ -360,190 +352,3 @@ async def test_expired_bindings_are_never_listed(store: IPermissionStore) -> Non
     assert await store.expire_bindings(300.0) == 0
     assert [b.uri for b in await store.list_bindings(0.0, 10)] == ["sip:b@h"]
     assert await store.list_bindings(600.0, 10) == []
-
-
-@async_test
-async def test_sqlite_survives_restart(tmp_path: Path) -> None:
-    path = str(tmp_path / "store.sqlite")
-    store = SQLitePermissionStore(path, reactor)
-    write = await store.put_document(AUID, XUI, "index", DOC)
-    await store.put_document("resource-lists", XUI, "index", b"<resource-lists/>")
-    record = await _open(store)
-    await store.close()
-
-    reopened = SQLitePermissionStore(path, reactor)
-    try:
-        assert await reopened.get_document(AUID, XUI, "index") == (DOC, write.etag)
-        assert await reopened.list_documents("resource-lists", XUI) == ["index"]
-        assert await reopened.get_consent(record.id) == record
-        again = await _open(reopened, expires=900.0)
-        assert again.id == record.id
-    finally:
-        await reopened.close()
-
-
-@async_test
-async def test_sqlite_file_uses_wal_and_versioned_schema(tmp_path: Path) -> None:
-    path = tmp_path / "store.sqlite"
-    store = SQLitePermissionStore(str(path), reactor)
-    await store.put_document(AUID, XUI, "index", DOC)
-    await store.close()
-    connection = sqlite3.connect(path)
-    try:
-        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert connection.execute("SELECT version FROM schema_version").fetchall() == [
-            (SCHEMA_VERSION,)
-        ]
-    finally:
-        connection.close()
-
-
-def _modes(path: Path) -> dict[str, int]:
-    return {
-        suffix: stat.S_IMODE(Path(f"{path}{suffix}").stat().st_mode)
-        for suffix in ("", "-wal", "-shm")
-    }
-
-
-@pytest.fixture
-def open_umask() -> Iterator[None]:
-    previous = os.umask(0o022)
-    yield
-    os.umask(previous)
-
-
-@async_test
-async def test_sqlite_files_are_created_0600(tmp_path: Path, open_umask: None) -> None:
-    path = tmp_path / "store.sqlite"
-    store = SQLitePermissionStore(str(path), reactor)
-    try:
-        await store.put_document(AUID, XUI, "index", DOC)
-        assert _modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
-    finally:
-        await store.close()
-
-
-@async_test
-async def test_sqlite_files_left_wider_are_tightened_at_open(
-    tmp_path: Path, open_umask: None
-) -> None:
-    path = tmp_path / "store.sqlite"
-    older = sqlite3.connect(path)  # an older relayd, still holding -wal and -shm open
-    older.execute("PRAGMA journal_mode=WAL")
-    older.execute("CREATE TABLE t (x)")
-    older.commit()
-    for name in _modes(path):
-        os.chmod(f"{path}{name}", 0o644)  # the too-open mode under test
-    with captured_log() as events:
-        store = SQLitePermissionStore(str(path), reactor)
-    try:
-        assert _modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
-        tightened = [e for e in events if "had mode" in (e.get("log_format") or "")]
-        assert [(e["path"], e["mode"]) for e in tightened] == [
-            (f"{path}{suffix}", "0644") for suffix in ("", "-wal", "-shm")
-        ]
-        await store.put_document(AUID, XUI, "index", DOC)
-    finally:
-        older.close()
-        await store.close()
-
-
-@async_test
-async def test_sqlite_version_1_file_gains_bindings(tmp_path: Path) -> None:
-    path = tmp_path / "store.sqlite"
-    store = SQLitePermissionStore(str(path), reactor)
-    await store.put_document(AUID, XUI, "index", DOC)
-    await store.close()
-    connection = sqlite3.connect(path)
-    connection.execute("DROP TABLE bindings")  # what version 1 wrote
-    connection.execute("UPDATE schema_version SET version = 1")
-    connection.commit()
-    connection.close()
-    reopened = SQLitePermissionStore(str(path), reactor)
-    try:
-        assert (await reopened.get_document(AUID, XUI, "index") or (b"",))[0] == DOC
-        await reopened.save_bindings(BOB, [_binding("sip:bob@h", 300.0)], [])
-        assert [b.uri for b in await reopened.list_bindings(0.0, 10)] == ["sip:bob@h"]
-    finally:
-        await reopened.close()
-    connection = sqlite3.connect(path)
-    try:
-        assert connection.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
-    finally:
-        connection.close()
-
-
-@async_test
-async def test_sqlite_bindings_survive_restart(tmp_path: Path) -> None:
-    path = str(tmp_path / "store.sqlite")
-    store = SQLitePermissionStore(path, reactor)
-    binding = _binding("sip:bob@192.0.2.1;transport=tcp", 300.0)
-    await store.save_bindings(BOB, [binding], [])
-    await store.close()
-    reopened = SQLitePermissionStore(path, reactor)
-    try:
-        assert await reopened.list_bindings(100.0, 10) == [binding]
-    finally:
-        await reopened.close()
-
-
-@async_test
-async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
-    path = tmp_path / "store.sqlite"
-    connection = sqlite3.connect(path)
-    connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    connection.execute("INSERT INTO schema_version VALUES (99)")
-    connection.commit()
-    connection.close()
-    store = SQLitePermissionStore(str(path), reactor)
-    try:
-        with pytest.raises(Exception, match="newer"):
-            await store.get_document(AUID, XUI, "index")
-    finally:
-        await store.close()
-
-
-_WRITER = textwrap.dedent(
-    """
-    import sys
-    from twisted.internet import defer, task
-    from relayd.xcap.store import SQLitePermissionStore
-
-    async def main(reactor):
-        store = SQLitePermissionStore(sys.argv[1], reactor)
-        index = 0
-        while True:
-            await store.put_document("a", "u", "d%d" % index, b"<d/>")
-            print(index, flush=True)  # acknowledged only after the commit
-            index += 1
-
-    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
-    """
-)
-
-
-def test_sqlite_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
-    path = tmp_path / "store.sqlite"
-    script = tmp_path / "writer.py"
-    script.write_text(_WRITER)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env, text=True
-    )
-    assert process.stdout is not None
-    acknowledged = -1
-    try:
-        for line in process.stdout:
-            acknowledged = int(line)
-            if acknowledged >= 30:
-                break
-    finally:
-        process.kill()  # SIGKILL, mid-write
-        process.wait()
-    assert acknowledged >= 30
-    connection = sqlite3.connect(path)
-    try:
-        names = {row[0] for row in connection.execute("SELECT name FROM documents")}
-    finally:
-        connection.close()
-    assert {f"d{index}" for index in range(acknowledged + 1)} <= names

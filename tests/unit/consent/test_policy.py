@@ -8,11 +8,12 @@ import pytest
 from lxml import etree
 from twisted.internet.task import Clock
 
-from relayd.xcap.errors import XCAPError
-from relayd.xcap.policy import (
+from relayd.consent.documents import DocumentRejected, parse_document
+from relayd.consent.policy import (
     Permissions,
     PermissionScope,
     RequestContext,
+    check_rule_uris,
     check_scope,
     evaluate,
     is_permitted,
@@ -20,7 +21,6 @@ from relayd.xcap.policy import (
     now_from_clock,
     rule_matches,
 )
-from relayd.xcap.xml import parse_document
 
 LIST = "sip:friends@relay.example.test"
 NOW = datetime(2027, 1, 1, tzinfo=UTC)
@@ -321,9 +321,9 @@ def test_a_permission_uri_takes_rules_that_can_apply_under_it(conditions: str) -
     ],
 )
 def test_a_permission_uri_refuses_rules_that_never_apply_under_it(conditions: str) -> None:
-    with pytest.raises(XCAPError) as info:
+    with pytest.raises(DocumentRejected) as info:
         check_scope(_scope_doc(conditions), SCOPE)
-    assert (info.value.status, info.value.condition) == (409, "constraint-failure")
+    assert info.value.fault == "constraint-failure"
 
 
 def _scope_doc(conditions: str) -> etree._Element:
@@ -334,3 +334,18 @@ def _scope_doc(conditions: str) -> etree._Element:
             + "</ruleset>"
         ).encode()
     )
+
+
+@pytest.mark.parametrize(
+    ("condition", "what"),
+    [
+        ('<cr:target uri="sip:friends@relay example.test"/>', "target"),
+        ('<identity><one id="not a uri"/></identity>', "identity"),
+    ],
+)
+def test_a_rule_naming_no_sip_uri_is_refused(condition: str, what: str) -> None:
+    check_rule_uris(ruleset(rule(f'<cr:target uri="{LIST}"/>')))
+    with pytest.raises(DocumentRejected) as info:
+        check_rule_uris(ruleset(rule(condition)))
+    assert info.value.fault == "constraint-failure"
+    assert info.value.reason.startswith(what) and "is not a SIP URI" in info.value.reason

@@ -1,0 +1,145 @@
+"""Pending consents: who asked whom, how often, until when (consent spec §(b)).
+
+:class:`ConsentLedger` opens pending consents (one per sender, list, recipient; a
+repeat refreshes), enforces the per-sender hourly rate, and expires records on a timer
+set for the earliest expiry (no polling); expiry is a store change like any other.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from relayd.consent.policy import identity_key
+from relayd.consent.store import IPermissionStore, PendingConsent
+from relayd.logs import logger
+from relayd.tokens import new_token, redact
+
+
+class RateExceeded(Exception):
+    """A sender asked for more consents than the hourly rate allows (seed §6): the
+    request is refused (SIP answers 503 with ``Retry-After: retry_after``)."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentLimits:
+    """Abuse limits of the consent flow (seed §6, consent spec §(b) "Rate limits")."""
+
+    max_list_size: int = 100
+    consent_requests_per_hour: int = 30
+    pending_consent_seconds: int = 86400
+
+
+class RateLimiter:
+    """At most ``limit`` events per key in any sliding ``window_seconds``."""
+
+    def __init__(self, limit: int, window_seconds: float = 3600.0, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window_seconds = window_seconds
+        self.max_keys = max_keys
+        self._events: dict[str, deque[float]] = {}
+
+    def check(self, key: str, now: float) -> float | None:
+        """Record an event and return None, or return the seconds until one is allowed."""
+        events = self._events.get(key)
+        if events is None:
+            if len(self._events) >= self.max_keys:
+                self._purge(now)
+            events = self._events[key] = deque()
+        while events and events[0] <= now - self.window_seconds:
+            events.popleft()
+        if len(events) >= self.limit:
+            return max(1.0, events[0] + self.window_seconds - now)
+        events.append(now)
+        return None
+
+    def _purge(self, now: float) -> None:
+        for key in [
+            k for k, v in self._events.items() if not v or v[-1] <= now - self.window_seconds
+        ]:
+            del self._events[key]
+
+
+class ConsentLedger:
+    """Pending consents: open/refresh with rate limits, expire on time (module doc)."""
+
+    log = logger()
+
+    def __init__(
+        self,
+        store: IPermissionStore,
+        clock: IReactorTime,
+        limits: ConsentLimits,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.limits = limits
+        self.rate = RateLimiter(limits.consent_requests_per_hour)
+        self._timer: IDelayedCall | None = None
+        self._timer_at: float | None = None
+
+    async def start(self) -> None:
+        """Schedule expiry for the records already pending (restart)."""
+        await self._schedule_next()
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+
+    async def open(
+        self, sender: str, list_uri: str, recipient: str, methods: Sequence[str]
+    ) -> PendingConsent:
+        """Open or refresh the record; raises :class:`RateExceeded` past the rate."""
+        now = self.clock.seconds()
+        wait = self.rate.check(identity_key(sender), now)
+        if wait is not None:
+            self.log.warn("consent rate limit hit by {user}", user=sender)
+            raise RateExceeded(int(wait))
+        expires = now + self.limits.pending_consent_seconds
+        record = await self.store.open_consent(
+            sender, list_uri, recipient, list(methods), new_token(), now, expires
+        )
+        self.log.info(
+            "consent {consent} pending: {sender} asks {recipient} via {list_uri}"
+            " (permission {token})",
+            consent=record.id,
+            sender=sender,
+            recipient=recipient,
+            list_uri=list_uri,
+            token=redact(record.permission_token),
+        )
+        self._schedule(record.expires)
+        return record
+
+    def _schedule(self, at: float) -> None:
+        if self._timer_at is not None and self._timer_at <= at and self._timer is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = self._timer_at = None
+        d = defer.ensureDeferred(self._expire())
+        d.addErrback(lambda f: self.log.failure("consent expiry failed", f))
+
+    async def _expire(self) -> None:
+        now = self.clock.seconds()
+        for record in await self.store.expire_consents(now):
+            self.log.info("consent {consent} expired", consent=record.id)
+        await self._schedule_next()
+
+    async def _schedule_next(self) -> None:
+        at = await self.store.next_consent_expiry()
+        if at is not None:
+            self._schedule(at)

@@ -1,0 +1,80 @@
+"""Pending consents: the per-sender rate, refreshes and expiry on a task.Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded, RateLimiter
+from relayd.consent.store import ConsentState, MemoryPermissionStore
+from relayd.testing import fired
+
+LIST = "sip:friends@relay.test"
+
+
+def test_rate_limiter_window() -> None:
+    limiter = RateLimiter(2, window_seconds=10)
+    assert limiter.check("a", 0) is None and limiter.check("a", 1) is None
+    assert limiter.check("a", 2) == pytest.approx(8)
+    assert limiter.check("b", 2) is None
+    assert limiter.check("a", 10.5) is None
+
+
+def test_ledger_refreshes_rate_limits_and_expires() -> None:
+    clock = Clock()
+    store = MemoryPermissionStore()
+    ledger = ConsentLedger(
+        store, clock, ConsentLimits(consent_requests_per_hour=2, pending_consent_seconds=30)
+    )
+    first = fired(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
+    clock.advance(5)
+    again = fired(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
+    assert again.id == first.id and again.expires == 35
+    failure = fired(ledger.open("sip:alice@x.test", LIST, "sip:bob@x.test", ["MESSAGE"]))
+    assert isinstance(failure.value, RateExceeded) and failure.value.retry_after == 3595
+    clock.advance(29)
+    assert fired(store.get_consent(first.id)).state is ConsentState.PENDING
+    clock.advance(1)
+    assert fired(store.get_consent(first.id)).state is ConsentState.EXPIRED
+
+
+class _CountingStore(MemoryPermissionStore):
+    """Counts full listings: the expiry timer must re-arm without one."""
+
+    listings = 0
+
+    def list_consents(self, *args: Any, **kwargs: Any) -> Any:
+        self.listings += 1
+        return super().list_consents(*args, **kwargs)
+
+
+def test_ledger_expires_each_record_at_its_time_without_listing_them() -> None:
+    clock = Clock()
+    store = _CountingStore()
+    # Pending from before a restart: start() arms the timer from the store.
+    alice = "sip:alice@x.test"
+    restored = fired(
+        store.open_consent(alice, LIST, "sip:carol@x.test", ["MESSAGE"], "t0", 0.0, 20.0)
+    )
+    ledger = ConsentLedger(store, clock, ConsentLimits(pending_consent_seconds=30))
+    fired(ledger.start())
+    first = fired(ledger.open(alice, LIST, "sip:bob@x.test", ["MESSAGE"]))
+    clock.advance(10)
+    second = fired(ledger.open(alice, LIST, "sip:dave@x.test", ["MESSAGE"]))
+
+    def states() -> list[ConsentState]:
+        return [fired(store.get_consent(r.id)).state for r in (restored, first, second)]
+
+    pending, expired = ConsentState.PENDING, ConsentState.EXPIRED
+    clock.advance(9.5)
+    assert states() == [pending, pending, pending]
+    clock.advance(0.5)
+    assert states() == [expired, pending, pending]
+    clock.advance(10)
+    assert states() == [expired, expired, pending]
+    clock.advance(10)
+    assert states() == [expired, expired, expired]
+    assert fired(store.next_consent_expiry()) is None
+    assert store.listings == 0
