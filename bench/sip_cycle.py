@@ -32,6 +32,7 @@ from relayd.ctl.documents import make_rule, new_ruleset
 from relayd.digest import answer_challenge
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
+from relayd.sip.transport import SOURCE_WINDOW_SECONDS
 from relayd.tap import tune_garbage_collector
 from relayd.testing import in_process_sip_relay
 
@@ -146,8 +147,11 @@ class Harness:
                 final.append((data, (HOST, port)))
                 continue
             final += self.feed(_sink_answer(data), port)
-        if n % 200 == 0:
-            self.reactor.advance(1.0)  # let transaction timers run as time passes
+        if n % 20 == 0:
+            # Time passes (200 calls a second) so transaction timers run, in steps no
+            # longer than the per-source budget's window: every call comes from one
+            # address, which a second-long step would hold to 100 datagrams.
+            self.reactor.advance(SOURCE_WINDOW_SECONDS)
         return _status(final)
 
 
