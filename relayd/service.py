@@ -134,7 +134,9 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         store=store,
         permission_uri=xcap_service.permission_uri,
     )
-    resource.document_checks[RESOURCE_LISTS_AUID] = sip_service.relay.directory.check_document
+    resource.document_checks[RESOURCE_LISTS_AUID] = (
+        sip_service.consent_relay.directory.check_document
+    )
     sip_service.setName("sip")
     sip_service.setServiceParent(top)
     return top

@@ -316,8 +316,8 @@ def in_process_sip_relay(
     wire = RecordingUDP()
     protocol = sip.transport.datagram_protocol()
     protocol.makeConnection(wire)
-    sip.relay.directory.add_local_port(wire.getHost().port)  # as binding a listener does
-    ensureDeferred(sip.relay.start())
+    sip.consent_relay.directory.add_local_port(wire.getHost().port)  # as binding a listener does
+    ensureDeferred(sip.consent_relay.start())
     store = service.getServiceNamed("xcap").store
     return InProcessSIP(reactor, service, sip, store, wire, protocol)
 

@@ -33,10 +33,10 @@ from relayd.net.listeners import Listeners
 from relayd.net.tls import ServerIdentity, client_connection_creator
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import ConsentURIs
+from relayd.sip.consent_relay import ConsentRelay, owners_from_users
 from relayd.sip.events import SubscriptionLimits
 from relayd.sip.overload import LagMonitor, any_of
 from relayd.sip.registrar import Registrar
-from relayd.sip.relay import ConsentRelay, owners_from_users
 from relayd.sip.transaction import TransactionLayer
 from relayd.sip.transport import UDP_MAX_DATAGRAM_BYTES, SIPTransportLayer
 from relayd.sip.uas import Capabilities, LoopDetector, UASCore, transaction_pressure
@@ -52,7 +52,7 @@ class SIPService(Listeners):
 
     def __init__(
         self,
-        relay: ConsentRelay,
+        consent_relay: ConsentRelay,
         transport: SIPTransportLayer,
         registrar: Registrar,
         reactor: Any,
@@ -63,7 +63,7 @@ class SIPService(Listeners):
         overload: LagMonitor | None = None,
     ) -> None:
         super().__init__("SIP")
-        self.relay = relay
+        self.consent_relay = consent_relay
         self.transport = transport
         self.registrar = registrar
         self.users = users
@@ -103,14 +103,14 @@ class SIPService(Listeners):
             )
         self.addresses.append((spec.kind, address.host, address.port))
         if spec.interface:
-            self.relay.directory.add_local_host(spec.interface)
-        self.relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
-        self.relay.directory.add_local_port(address.port)
+            self.consent_relay.directory.add_local_host(spec.interface)
+        self.consent_relay.directory.add_local_host(f"{transport.sent_by(name)[0]}")
+        self.consent_relay.directory.add_local_port(address.port)
 
     def startService(self) -> None:
         super().startService()
         owners = owners_from_users(self.users.entries(), self.names)
-        d = defer.ensureDeferred(self.relay.start(owners))
+        d = defer.ensureDeferred(self.consent_relay.start(owners))
         d.addErrback(lambda f: self.log.failure("SIP consent relay failed to start", f))
         loaded = defer.ensureDeferred(self.registrar.load())
         loaded.addErrback(lambda f: self.log.failure("restoring registrations failed", f))
@@ -120,7 +120,7 @@ class SIPService(Listeners):
     def stopService(self) -> defer.Deferred[None]:
         if self.overload is not None:
             self.overload.stop()
-        self.relay.stop()
+        self.consent_relay.stop()
         self.registrar.stop()
         self.transport.close_connections()
         if self.transport.transactions is not None:
@@ -202,7 +202,7 @@ def build_sip(
             pending_consent_seconds=sip.pending_consent_seconds,
         ),
     )
-    relay = ConsentRelay(
+    consent_relay = ConsentRelay(
         clock=reactor,
         transport=transport,
         uas=uas,
@@ -223,4 +223,6 @@ def build_sip(
         loop_detector=detector,
     )
     names = (domain, hostname, realm)
-    return SIPService(relay, transport, registrar, reactor, sip, identity, users, names, overload)
+    return SIPService(
+        consent_relay, transport, registrar, reactor, sip, identity, users, names, overload
+    )

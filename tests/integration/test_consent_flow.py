@@ -532,7 +532,9 @@ async def test_a_member_with_a_port_is_reached_at_that_port(start: Start, tmp_pa
     refused = await send_message(alice, far)
     assert refused.status == 470
     (target,) = consent_uris(refused)
-    assert relay.sip.relay.uris.parse_consent_user(NameAddr.parse(f"<{target}>").uri.user) == (
+    assert relay.sip.consent_relay.uris.parse_consent_user(
+        NameAddr.parse(f"<{target}>").uri.user
+    ) == (
         far,
         far_member,
     )

@@ -1,4 +1,4 @@
-"""The list relay's request rules (§16.3 order, sender identity, §16.7 response), driven
+"""The consent relay's request rules (§16.3 order, sender identity, §16.7 response), driven
 in-process: the daemon's SIP stack fed datagrams on a fake clock."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from twisted.internet.defer import ensureDeferred
 from relayd.consent.documents import DocumentKey, DocumentRejected
 from relayd.consent.store import ConsentState
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
+from relayd.sip.consent_relay import carried_headers
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.parser import parse_datagram
-from relayd.sip.relay import carried_headers
 from relayd.testing import (
     grant_document,
     in_process_sip_relay,
