@@ -63,8 +63,8 @@ from relayd.sip.message import (
 from relayd.sip.proxy import Branch, Proxy
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import SIPResolver, Target
+from relayd.sip.sending import IRequestSender
 from relayd.sip.transaction import ServerTransaction, new_branch
-from relayd.sip.transport import SIPTransportLayer, Source
 from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
 from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
@@ -74,15 +74,6 @@ __all__ = ["ConsentRelay"]
 
 MAX_CONSENT_METHODS = 8
 MAX_CONSENT_NOTE_BYTES = 4096
-
-
-def _destination(source: object) -> Target:
-    """Where to send an in-dialog request: back along the subscriber's flow."""
-    if isinstance(source, Source):
-        return Target(source.transport, source.host, source.port)
-    if isinstance(source, Target):
-        return source
-    raise ValueError(f"no destination for {source!r}")
 
 
 def _new_request_headers(method: str, sender: str, recipient: str) -> Headers:
@@ -186,7 +177,7 @@ class ConsentRelay:
         self,
         *,
         clock: IReactorTime,
-        transport: SIPTransportLayer,
+        transport: IRequestSender,
         uas: UASCore,
         registrar: Registrar,
         authenticator: SIPAuthenticator | None,
@@ -268,7 +259,7 @@ class ConsentRelay:
         return self.transport.request(request, target)
 
     def _send_in_dialog(self, request: SIPRequest, source: object) -> defer.Deferred[SIPResponse]:
-        return self.transport.request(request, _destination(source))
+        return self.transport.request(request, self.transport.towards(source))
 
     def _store_changed(self, change: StoreChange) -> None:
         self.directory.store_changed(change)

@@ -364,7 +364,9 @@ EndpointFactory = Callable[[Target], IStreamClientEndpoint]
 
 
 class SIPTransportLayer:
-    """Owns listeners and connections; bridges them to one :class:`TransactionLayer`.
+    """Owns listeners and connections; bridges them to one :class:`TransactionLayer`,
+    and sends the consent relay's requests
+    (:class:`~relayd.sip.sending.IRequestSender`).
 
     ``advertised_host`` is what goes in our Via sent-by (and should be reachable by
     peers); without it the bound address of the listener is used. ``tls_creator`` builds
@@ -665,14 +667,20 @@ class SIPTransportLayer:
         """The transaction layer's ``send``; raises :class:`TransportError` on failure."""
         if isinstance(message, SIPResponse):
             self._send_response(message, destination)
-        elif isinstance(destination, Target):
+        elif isinstance(destination, Target):  # every client transaction: spare the call
             self._send_request(message, destination)
-        elif isinstance(destination, Source):
-            self._send_request(
-                message, Target(destination.transport, destination.host, destination.port)
-            )
         else:
-            raise TransportError(f"cannot send to {destination!r}")
+            self._send_request(message, self.towards(destination))
+
+    def towards(self, source: object) -> Target:
+        """Where a request goes to the peer a message came from (a :class:`Source`):
+        back along its flow, to its transport, address and port; a :class:`Target` is
+        already that. In-dialog requests of the consent relay (a NOTIFY) go this way."""
+        if isinstance(source, Target):
+            return source
+        if isinstance(source, Source):
+            return Target(source.transport, source.host, source.port)
+        raise TransportError(f"cannot send to {source!r}")
 
     def _send_response(self, response: SIPResponse, destination: object) -> None:
         data = response.to_bytes()

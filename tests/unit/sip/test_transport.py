@@ -16,11 +16,12 @@ from relayd.sip.message import Headers, SIPRequest, SIPResponse, Via, make_respo
 from relayd.sip.parser import parse_datagram
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import Target
-from relayd.sip.transaction import TransactionLayer, new_branch
+from relayd.sip.transaction import TransactionLayer, TransportError, new_branch
 from relayd.sip.transport import (
     SIPDatagramProtocol,
     SIPStreamProtocol,
     SIPTransportLayer,
+    Source,
     apply_received,
     response_address,
 )
@@ -615,3 +616,12 @@ def test_wildcard_listener_without_advertised_host_warns_once(
     assert layer.sent_by("TCP") == ("127.0.0.1", 5070)
     events = [e for e in warnings if "wildcard" in str(e.get("log_format"))]
     assert len(events) == 1
+
+
+def test_a_request_to_a_peer_goes_back_to_where_it_sent_from() -> None:
+    layer = SIPTransportLayer(MemoryReactorClock())
+    assert layer.towards(Source("TCP", *UA)) == Target("TCP", *UA)
+    target = Target("TLS", "192.0.2.9", 5061, "bob.example.com")
+    assert layer.towards(target) is target
+    with pytest.raises(TransportError, match="cannot send to"):
+        layer.towards(UA)
