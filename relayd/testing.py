@@ -19,7 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
@@ -346,6 +347,29 @@ class RawProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed.callback(None)
+
+
+class ProcessOutput(ProcessProtocol):
+    """A child process's output (stdout and stderr, as they came) so far; ``ended`` fires
+    with its exit status, or minus the signal's number when a signal ended it."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[int] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        assert isinstance(value, ProcessDone | ProcessTerminated)
+        self.ended.callback(value.exitCode if value.exitCode is not None else -(value.signal or 0))
+
+    def text(self, tail: int = 3000) -> str:
+        """The last ``tail`` bytes, for an assertion's message."""
+        return bytes(self.output[-tail:]).decode(errors="replace")
 
 
 async def raw_tls(reactor: Any, host: str, port: int, ca_pem: bytes) -> RawProtocol:
