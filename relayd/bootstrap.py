@@ -11,7 +11,6 @@ password in a 0600 file, and the key consent URIs are signed with.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import stat
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from relayd.net.tls import (
     TLSSetupError,
     load_identity,
     load_trust_roots,
+    private_key_pem,
+    subject_alt_names,
 )
 from relayd.users import UsersFile, UsersFileError, generate_password
 
@@ -208,12 +209,6 @@ def ensure_self_signed(
         return str(cert_path), str(key_path), False
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    alt_names: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt_names.append(x509.DNSName(name))
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -223,18 +218,13 @@ def ensure_self_signed(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(subject_alt_names(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_bytes = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
     descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key_bytes)
+        handle.write(private_key_pem(key))
     os.chmod(key_path, 0o600)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     fingerprint = certificate.fingerprint(hashes.SHA256()).hex(":")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from relayd.net.endpoints import EndpointSyntaxError, is_host, parse_endpoint
+from relayd.net.endpoints import EndpointSpec, EndpointSyntaxError, is_host, parse_endpoint
 
 
 class ConfigError(Exception):
@@ -733,19 +733,7 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
             f" ({msrp.session_expires_min_seconds} > {msrp.session_expires_max_seconds})",
             "session_expires_max_seconds",
         )
-    if not (
-        msrp.session_expires_min_seconds
-        <= msrp.session_expires_seconds
-        <= msrp.session_expires_max_seconds
-    ):
-        fail(
-            "msrp",
-            "session_expires_seconds",
-            f"must lie between session_expires_min_seconds and session_expires_max_seconds"
-            f" ({msrp.session_expires_min_seconds}..{msrp.session_expires_max_seconds})",
-            "session_expires_min_seconds",
-            "session_expires_max_seconds",
-        )
+    _check_within("msrp", msrp, "session_expires", fail)
     if not msrp.listen:
         fail("msrp", "listen", "at least one listener is required")
     if msrp.ca_certificates and not os.access(msrp.ca_certificates, os.R_OK):
@@ -759,11 +747,7 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
         other = "private_key" if missing == "certificate" else "certificate"
         fail("tls", missing, f"must be set together with {other}", other)
     for value in msrp.listen:
-        endpoint = parse_endpoint(value)
-        for option in ("privateKey", "certKey", "extraCertChain"):
-            file_name = endpoint.options.get(option)
-            if file_name and not os.access(file_name, os.R_OK):
-                fail("msrp", "listen", f"{option}: cannot read {file_name!r}")
+        _check_listener_files("msrp", parse_endpoint(value), fail)
     users = config.auth.users
     if users and os.path.exists(users) and not os.access(users, os.R_OK):
         fail("auth", "users", f"cannot read {users!r}")
@@ -771,32 +755,37 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
     _validate_sip(config.sip, fail)
 
 
+def _check_listener_files(
+    section: str, endpoint: EndpointSpec, fail: Callable[[str, str, str], None]
+) -> None:
+    """The files a listener's TLS options name must be readable, whichever service
+    listens: a daemon that cannot read them would fail only when it binds."""
+    for option in ("privateKey", "certKey", "extraCertChain"):
+        file_name = endpoint.options.get(option)
+        if file_name and not os.access(file_name, os.R_OK):
+            fail(section, "listen", f"{option}: cannot read {file_name!r}")
+
+
+def _check_within(section: str, values: Any, prefix: str, fail: Callable[..., None]) -> None:
+    """``<prefix>_seconds``, the expiry used when a peer asks for none, must lie within
+    the ``<prefix>_min_seconds``..``<prefix>_max_seconds`` a peer may ask for."""
+    name, low, high = (
+        f"{prefix}{suffix}" for suffix in ("_seconds", "_min_seconds", "_max_seconds")
+    )
+    least, most = getattr(values, low), getattr(values, high)
+    if not least <= getattr(values, name) <= most:
+        fail(section, name, f"must lie between {low} and {high} ({least}..{most})", low, high)
+
+
 def _validate_sip(sip: SIPConfig, fail: Callable[..., None]) -> None:
     """Expiry bounds in order, readable files, at least one listener."""
     if not sip.listen:
         fail("sip", "listen", "at least one listener is required")
     for value in sip.listen:
-        endpoint = parse_endpoint(value)
-        for option in ("privateKey", "certKey", "extraCertChain"):
-            file_name = endpoint.options.get(option)
-            if file_name and not os.access(file_name, os.R_OK):
-                fail("sip", "listen", f"{option}: cannot read {file_name!r}")
+        _check_listener_files("sip", parse_endpoint(value), fail)
     if sip.lists and not os.access(sip.lists, os.R_OK):
         fail("sip", "lists", f"cannot read {sip.lists!r}")
-    low, default, high = (
-        sip.subscription_expires_min_seconds,
-        sip.subscription_expires_seconds,
-        sip.subscription_expires_max_seconds,
-    )
-    if not low <= default <= high:
-        fail(
-            "sip",
-            "subscription_expires_seconds",
-            f"must lie between subscription_expires_min_seconds and"
-            f" subscription_expires_max_seconds ({low}..{high})",
-            "subscription_expires_min_seconds",
-            "subscription_expires_max_seconds",
-        )
+    _check_within("sip", sip, "subscription_expires", fail)
 
 
 def is_loopback_interface(interface: str) -> bool:
@@ -822,10 +811,7 @@ def _validate_xcap(xcap: XCAPConfig, fail: Callable[[str, str, str], None]) -> N
                 f"{value!r}: plain HTTP (tcp:) is only allowed with a loopback interface"
                 " such as interface=127.0.0.1; use ssl:",
             )
-        for option in ("privateKey", "certKey", "extraCertChain"):
-            file_name = endpoint.options.get(option)
-            if file_name and not os.access(file_name, os.R_OK):
-                fail("xcap", "listen", f"{option}: cannot read {file_name!r}")
+        _check_listener_files("xcap", endpoint, fail)
     root = xcap.root
     if not root.startswith("/") or any(ch in root for ch in "?#% \t") or "/~~" in root:
         fail("xcap", "root", f"must be an absolute path without ?, #, % or ~~, got {root!r}")

@@ -6,7 +6,6 @@ Certificates are generated at test time and never committed.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
@@ -33,6 +33,7 @@ from relayd.config import load_config
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as _CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as _CR
 from relayd.digest import answer_challenge, ha1
+from relayd.net.tls import private_key_pem, subject_alt_names
 from relayd.service import build_service
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.transaction import new_branch
@@ -50,20 +51,33 @@ class RelayPKI:
         return _issue(Path(self.directory), self, name, (name, *alt_names))
 
 
-def make_pki(directory: str | Path) -> RelayPKI:
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayd test CA")])
+def _common_name(name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def _test_certificate(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+) -> x509.CertificateBuilder:
+    """Every test certificate: valid from an hour ago (clock skew) for thirty days."""
     now = datetime.datetime.now(datetime.UTC)
-    certificate = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=30))
+    )
+
+
+def make_pki(directory: str | Path) -> RelayPKI:
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _common_name("relayd test CA")
+    certificate = (
+        _test_certificate(name, name, key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -83,13 +97,7 @@ def make_pki(directory: str | Path) -> RelayPKI:
     )
     ca_pem = certificate.public_bytes(serialization.Encoding.PEM)
     (folder / "ca.pem").write_bytes(ca_pem)
-    (folder / "ca-key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    (folder / "ca-key.pem").write_bytes(private_key_pem(key))
     return RelayPKI(str(folder / "ca.pem"), ca_pem, str(folder))
 
 
@@ -97,22 +105,9 @@ def _issue(folder: Path, pki: RelayPKI, name: str, names: tuple[str, ...]) -> tu
     ca_key = serialization.load_pem_private_key((folder / "ca-key.pem").read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate(pki.ca_pem)
     key = ec.generate_private_key(ec.SECP256R1())
-    alt: list[x509.GeneralName] = []
-    for value in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(value)))
-        except ValueError:
-            alt.append(x509.DNSName(value))
-    now = datetime.datetime.now(datetime.UTC)
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        _test_certificate(_common_name(name), ca_cert.subject, key)
+        .add_extension(subject_alt_names(names), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -125,13 +120,7 @@ def _issue(folder: Path, pki: RelayPKI, name: str, names: tuple[str, ...]) -> tu
     cert_path = folder / f"{safe}-cert.pem"
     key_path = folder / f"{safe}-key.pem"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM) + pki.ca_pem)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key_path.write_bytes(private_key_pem(key))
     return str(cert_path), str(key_path)
 
 
@@ -153,27 +142,13 @@ def make_intermediate_pki(directory: str | Path, *names: str) -> IntermediatePKI
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     root_key, middle_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    now = datetime.datetime.now(datetime.UTC)
 
     def issue(subject: str, issuer: str, key: Any, signer: Any, ca: bool) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        builder = _test_certificate(_common_name(subject), _common_name(issuer), key).add_extension(
+            x509.BasicConstraints(ca=ca, path_length=None), critical=True
         )
         if not ca:
-            alt: list[x509.GeneralName] = []
-            for name in names:
-                try:
-                    alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-                except ValueError:
-                    alt.append(x509.DNSName(name))
-            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            builder = builder.add_extension(subject_alt_names(names), critical=False)
         return builder.sign(signer, hashes.SHA256())
 
     root = issue("relayd test root", "relayd test root", root_key, root_key, True)
@@ -184,9 +159,7 @@ def make_intermediate_pki(directory: str | Path, *names: str) -> IntermediatePKI
     paths["root"].write_bytes(root.public_bytes(pem))
     paths["intermediate"].write_bytes(middle.public_bytes(pem))
     paths["leaf"].write_bytes(leaf.public_bytes(pem))
-    paths["key"].write_bytes(
-        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    paths["key"].write_bytes(private_key_pem(leaf_key))
     return IntermediatePKI(
         root.public_bytes(pem),
         str(paths["root"]),
@@ -374,6 +347,29 @@ class RawProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed.callback(None)
+
+
+class ProcessOutput(ProcessProtocol):
+    """A child process's output (stdout and stderr, as they came) so far; ``ended`` fires
+    with its exit status, or minus the signal's number when a signal ended it."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[int] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        assert isinstance(value, ProcessDone | ProcessTerminated)
+        self.ended.callback(value.exitCode if value.exitCode is not None else -(value.signal or 0))
+
+    def text(self, tail: int = 3000) -> str:
+        """The last ``tail`` bytes, for an assertion's message."""
+        return bytes(self.output[-tail:]).decode(errors="replace")
 
 
 async def raw_tls(reactor: Any, host: str, port: int, ca_pem: bytes) -> RawProtocol:

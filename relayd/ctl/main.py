@@ -24,6 +24,7 @@ from relayd.ctl import accounts, network, xcap
 from relayd.ctl.receiving import check_output
 from relayd.ctl.settings import (
     PASSWORD_ENV,
+    Credentials,
     CtlError,
     Locations,
     locate,
@@ -324,12 +325,10 @@ def run_local(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO)
     accounts.add_user(path, realm, args.username, password, out, create_directory=default_file)
 
 
-def relay_access(
-    args: argparse.Namespace, relays: list[str], locations: Locations
-) -> network.RelayAccess:
-    """Everything a network command needs, resolved before the reactor starts (prompts)."""
-    uris = [relay_uri(text) for text in relays]
-    credentials = resolve_credentials(
+def _credentials(args: argparse.Namespace, locations: Locations) -> Credentials:
+    """The account of a command that talks to the relay, MSRP or XCAP alike: from
+    ``--user``/``--password-file``/``--credentials``, the environment, or a prompt."""
+    return resolve_credentials(
         args.user,
         args.password_file,
         args.credentials,
@@ -338,8 +337,15 @@ def relay_access(
         _interactive(),
         getpass.getpass,
     )
+
+
+def relay_access(
+    args: argparse.Namespace, relays: list[str], locations: Locations
+) -> network.RelayAccess:
+    """Everything a network command needs, resolved before the reactor starts (prompts)."""
+    uris = [relay_uri(text) for text in relays]
     return network.RelayAccess(
-        uris, credentials, trust_anchor(args.ca, uris[0], locations), args.expires
+        uris, _credentials(args, locations), trust_anchor(args.ca, uris[0], locations), args.expires
     )
 
 
@@ -379,17 +385,8 @@ def xcap_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any
     xcap.check_arguments(args)
     locations = locate(args.config, args.data_dir)
     url = args.xcap or xcap.default_xcap_url(args.config)
-    credentials = resolve_credentials(
-        args.user,
-        args.password_file,
-        args.credentials,
-        locations,
-        os.environ,
-        _interactive(),
-        getpass.getpass,
-    )
     access = xcap.XCAPAccess(
-        url, credentials, xcap.xcap_trust(args.ca, url, locations), args.timeout
+        url, _credentials(args, locations), xcap.xcap_trust(args.ca, url, locations), args.timeout
     )
     out = sys.stdout
     return lambda reactor: xcap.run_xcap_command(reactor, access, args, out)

@@ -395,6 +395,34 @@ async def run_permissions(session: Session, args: argparse.Namespace, out: TextI
         out.write(f"revoked {count} rule{'s' if count != 1 else ''} of {xui}\n")
 
 
+def _report_list_write(
+    out: TextIO,
+    args: argparse.Namespace,
+    owner: str,
+    written: XCAPResponse,
+    fields: dict[str, Any],
+    line: str,
+) -> None:
+    """What ``lists add``/``lists remove`` print: the change, then the members the relay
+    will not route (its list report, docs/consent.md); as JSON, the same with the new
+    ETag."""
+    skipped, more = report_of(written)
+    if args.json:
+        out.write(
+            render_json(
+                {
+                    "owner": owner,
+                    "list": args.list,
+                    "etag": written.etag,
+                    **fields,
+                    "not_routable": unroutable_json(skipped, more),
+                }
+            )
+        )
+    else:
+        out.write(line + unroutable_lines(skipped, more))
+
+
 async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> None:
     owner = await session.xui(args.owner)
     path = document_path(session.client.root, RESOURCE_LISTS_AUID, owner, DEFAULT_DOCUMENT)
@@ -451,26 +479,15 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
             lambda root: add_members(root, args.list, members, realm),
             new_resource_lists,
         )
-        skipped, more = report_of(written)
-        if args.json:
-            out.write(
-                render_json(
-                    {
-                        "owner": owner,
-                        "list": args.list,
-                        "etag": written.etag,
-                        "added": added,
-                        "created": created,
-                        "not_routable": unroutable_json(skipped, more),
-                    }
-                )
-            )
-        else:
-            note = " (new list)" if created else ""
-            out.write(
-                f"added {len(added)} member{'s' if len(added) != 1 else ''} to {args.list}{note}\n"
-                + unroutable_lines(skipped, more)
-            )
+        note = " (new list)" if created else ""
+        _report_list_write(
+            out,
+            args,
+            owner,
+            written,
+            {"added": added, "created": created},
+            f"added {len(added)} member{'s' if len(added) != 1 else ''} to {args.list}{note}\n",
+        )
         return
     removed, written = await session.update(
         path,
@@ -481,27 +498,17 @@ async def run_lists(session: Session, args: argparse.Namespace, out: TextIO) -> 
         else (lambda root: remove_members(root, args.list, members)),
         None,
     )
-    skipped, more = report_of(written)
-    if args.json:
-        out.write(
-            render_json(
-                {
-                    "owner": owner,
-                    "list": args.list,
-                    "etag": written.etag,
-                    "removed": removed,
-                    "list_removed": bool(args.all),
-                    "not_routable": unroutable_json(skipped, more),
-                }
-            )
-        )
-    else:
-        plural = "s" if len(removed) != 1 else ""
-        if args.all:
-            out.write(f"removed list {args.list} ({len(removed)} member{plural})\n")
-        else:
-            out.write(f"removed {len(removed)} member{plural} from {args.list}\n")
-        out.write(unroutable_lines(skipped, more))
+    plural = "s" if len(removed) != 1 else ""
+    _report_list_write(
+        out,
+        args,
+        owner,
+        written,
+        {"removed": removed, "list_removed": bool(args.all)},
+        f"removed list {args.list} ({len(removed)} member{plural})\n"
+        if args.all
+        else f"removed {len(removed)} member{plural} from {args.list}\n",
+    )
 
 
 async def run_xcap_command(

@@ -135,6 +135,29 @@ def load_trust_roots(path: str) -> list[crypto.X509]:
     return roots
 
 
+def subject_alt_names(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    """The subjectAltName of a certificate we issue for ``names``: an iPAddress entry
+    for an address, a dNSName otherwise; peers match an IP host only against the
+    former (RFC 6125 §1.7.2, service_identity)."""
+    entries: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A key we generate, as an unencrypted PKCS #8 PEM file (what ``load_identity``
+    reads)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def certificate_dns_names(certificate: crypto.X509 | x509.Certificate) -> list[str]:
     """DNS names of the subjectAltName extension, in certificate order."""
     cert = (

@@ -74,6 +74,22 @@ class ConsentStatusEntry:
     expires: float
     permission_uri: str | None = None
 
+    @classmethod
+    def of(
+        cls, record: PendingConsent, state: str, permission_uri: str | None = None
+    ) -> ConsentStatusEntry:
+        """The entry for a stored consent, in the ``state`` the package reports."""
+        return cls(
+            record.id,
+            record.sender,
+            record.list_uri,
+            record.recipient,
+            record.methods,
+            state,
+            record.expires,
+            permission_uri,
+        )
+
 
 def _timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -531,15 +547,7 @@ class WaitPermissionPackage:
         if record is None:
             return consent_status_body(self.name, version, ()), "noresource"
         status = await self.status(record)
-        entry = ConsentStatusEntry(
-            record.id,
-            record.sender,
-            record.list_uri,
-            record.recipient,
-            record.methods,
-            status,
-            record.expires,
-        )
+        entry = ConsentStatusEntry.of(record, status)
         expired = record.state is ConsentState.EXPIRED and status != "granted"
         gone = "noresource" if expired else None
         return consent_status_body(self.name, version, (entry,)), gone
@@ -570,14 +578,9 @@ class GrantPermissionPackage:
     async def state(self, resource: str, version: int) -> tuple[bytes, str | None]:
         records = await self.store.list_consents(state=ConsentState.PENDING)
         entries = [
-            ConsentStatusEntry(
-                record.id,
-                record.sender,
-                record.list_uri,
-                record.recipient,
-                record.methods,
+            ConsentStatusEntry.of(
+                record,
                 str(record.state),
-                record.expires,
                 self.permission_uri(record.recipient, record.permission_token),
             )
             for record in records

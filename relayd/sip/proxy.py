@@ -166,6 +166,22 @@ class Proxy:
             return Branch(member, uri, targets[0])
         return Branch(member, uri, targets[0], tuple(targets[1:]))
 
+    def _unresolvable(self, member: str, uri: SIPURI, error: ResolveError) -> Branch:
+        self.log.warn("cannot resolve {uri}: {reason}", uri=uri.aor, reason=str(error))
+        return Branch(member, uri, None)
+
+    def _known_branch(self, member: str, uri: SIPURI) -> Branch | None:
+        """The branch to ``uri`` when no DNS lookup is needed: over its registered flow,
+        to its numeric host, or failed; ``None`` when a lookup is."""
+        flow = self._flow(member, uri)
+        if flow is not None:
+            return flow
+        try:
+            targets = self.resolver.resolve_now(uri)
+        except ResolveError as e:
+            return self._unresolvable(member, uri, e)
+        return None if targets is None else self._branch(member, uri, targets)
+
     def branches_now(self, member: str) -> list[Branch] | None:
         """:meth:`branches` when no DNS lookup is needed, else ``None``."""
         uris = self._contact_uris(member)
@@ -173,19 +189,10 @@ class Proxy:
             return [Branch(member, SIPURI("sip", "invalid"), None)]
         out: list[Branch] = []
         for each in uris:
-            flow = self._flow(member, each)
-            if flow is not None:
-                out.append(flow)
-                continue
-            try:
-                targets = self.resolver.resolve_now(each)
-            except ResolveError as e:
-                self.log.warn("cannot resolve {uri}: {reason}", uri=each.aor, reason=str(e))
-                out.append(Branch(member, each, None))
-                continue
-            if targets is None:
+            branch = self._known_branch(member, each)
+            if branch is None:
                 return None
-            out.append(self._branch(member, each, targets))
+            out.append(branch)
         return out
 
     async def branches(self, member: str) -> list[Branch]:
@@ -193,20 +200,15 @@ class Proxy:
         known = self.branches_now(member)
         if known is not None:
             return known
-        uris = self._contact_uris(member) or []
         out: list[Branch] = []
-        for each in uris:
-            flow = self._flow(member, each)
-            if flow is not None:
-                out.append(flow)
-                continue
-            try:
-                targets = await self.resolver.resolve(each)
-            except ResolveError as e:
-                self.log.warn("cannot resolve {uri}: {reason}", uri=each.aor, reason=str(e))
-                out.append(Branch(member, each, None))
-                continue
-            out.append(self._branch(member, each, targets))
+        for each in self._contact_uris(member) or []:
+            branch = self._known_branch(member, each)
+            if branch is None:
+                try:
+                    branch = self._branch(member, each, await self.resolver.resolve(each))
+                except ResolveError as e:
+                    branch = self._unresolvable(member, each, e)
+            out.append(branch)
         return out
 
     def forward_copy(

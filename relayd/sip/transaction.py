@@ -148,25 +148,51 @@ def _server_key(request: SIPRequest, via: Via, method: str | None = None) -> Has
     )
 
 
-class ServerTransaction:
+class _Transaction:
+    """What both kinds hold: their layer, their key in its table, the request and whether
+    the transport is reliable (§17: no retransmissions over a reliable one)."""
+
+    __slots__ = ("_key", "_layer", "_request", "reliable", "state")
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        key: Hashable,
+        request: SIPRequest,
+        reliable: bool,
+        state: TransactionState,
+    ) -> None:
+        self._layer = layer
+        self._key = key
+        self._request: SIPRequest | None = request
+        self.reliable = reliable
+        self.state = state
+
+    @property
+    def request(self) -> SIPRequest:
+        """The request; released at the final response (see the module doc): a server
+        transaction then only repeats its response, a client one only absorbs
+        retransmitted responses (Timer K), and a relay forking to many members would
+        otherwise hold every copy for T4."""
+        if self._request is None:
+            raise RuntimeError("request released after the final response")
+        return self._request
+
+
+class ServerTransaction(_Transaction):
     """A server transaction (§17.2.1 for INVITE, §17.2.2 otherwise); the TU answers with
     :meth:`respond`."""
 
     __slots__ = (
         "_deadline",
-        "_key",
         "_last_response",
-        "_layer",
         "_merge_key",
-        "_request",
         "_retransmit_interval",
         "_timer_g",
         "_timer_h",
         "_timer_i_or_j",
         "is_invite",
-        "reliable",
         "source",
-        "state",
     )
 
     def __init__(
@@ -177,13 +203,10 @@ class ServerTransaction:
         source: object,
         reliable: bool,
     ) -> None:
-        self._layer = layer
-        self._key = key
-        self._request: SIPRequest | None = request
-        self.source = source
-        self.reliable = reliable
         self.is_invite = request.method == "INVITE"
-        self.state = TransactionState.PROCEEDING if self.is_invite else TransactionState.TRYING
+        state = TransactionState.PROCEEDING if self.is_invite else TransactionState.TRYING
+        super().__init__(layer, key, request, reliable, state)
+        self.source = source
         self._last_response: SIPResponse | None = None
         self._retransmit_interval = layer.timers.t1_seconds
         self._timer_g: IDelayedCall | None = None
@@ -191,13 +214,6 @@ class ServerTransaction:
         self._timer_i_or_j: Timer | None = None
         self._deadline: Timer | None = None
         self._merge_key: tuple[str, str, str] | None = None  # registered for §8.2.2.2
-
-    @property
-    def request(self) -> SIPRequest:
-        """The request; released once the final response is sent (memory, see module doc)."""
-        if self._request is None:
-            raise RuntimeError("request released after the final response")
-        return self._request
 
     @property
     def last_response(self) -> SIPResponse | None:
@@ -324,24 +340,19 @@ class ServerTransaction:
         return any(branch in row for row in request.headers._fields.get("via", ()))
 
 
-class ClientTransaction:
+class ClientTransaction(_Transaction):
     """Non-INVITE client transaction (§17.1.2). ``result`` fires with the final response,
     a synthesized 408 on Timer F, or a synthesized 503 when the transport fails (§8.1.3.1)."""
 
     __slots__ = (
         "_give_up_at",
         "_interval",
-        "_key",
-        "_layer",
         "_on_provisional",
-        "_request",
         "_timer_e",
         "_timer_f",
         "_timer_k",
         "destination",
-        "reliable",
         "result",
-        "state",
     )
 
     def __init__(
@@ -353,28 +364,15 @@ class ClientTransaction:
         reliable: bool,
         on_provisional: Callable[[SIPResponse], object] | None,
     ) -> None:
-        self._layer = layer
-        self._key = key
-        self._request: SIPRequest | None = request
+        super().__init__(layer, key, request, reliable, TransactionState.TRYING)
         self.destination = destination
-        self.reliable = reliable
         self._on_provisional = on_provisional
-        self.state = TransactionState.TRYING
         self.result: Deferred[SIPResponse] = Deferred(self._cancelled)
         self._interval = layer.timers.t1_seconds
         self._give_up_at = 0.0
         self._timer_e: Timer | None = None
         self._timer_f: Timer | None = None
         self._timer_k: Timer | None = None
-
-    @property
-    def request(self) -> SIPRequest:
-        """The request; released once a final response arrives: the transaction then
-        only absorbs retransmitted responses (Timer K), and a relay forking to many
-        members would otherwise hold every copy for T4."""
-        if self._request is None:
-            raise RuntimeError("request released after the final response")
-        return self._request
 
     def _start(self) -> None:
         layer = self._layer

@@ -719,26 +719,13 @@ def _check_document_conditions(stored: StoredDocument | None, conditions: _Condi
         raise XCAPError(412, None, "precondition failed") from None
 
 
-def _element_exists(root: etree._Element, node: sel.NodeSelector) -> bool:
-    try:
-        sel.select_element(root, node)
-    except XCAPError:
-        return False
-    return True
-
-
-def _attribute_exists(root: etree._Element, node: sel.NodeSelector) -> bool:
-    try:
-        sel.select_attribute(root, node)
-    except XCAPError:
-        return False
-    return True
-
-
 def _node_exists(root: etree._Element, node: sel.NodeSelector) -> bool:
-    if node.attribute is not None:
-        return _attribute_exists(root, node)
-    return _element_exists(root, node)
+    select = sel.select_attribute if node.attribute is not None else sel.select_element
+    try:
+        select(root, node)
+    except XCAPError:
+        return False
+    return True
 
 
 def _scope_namespaces(root: etree._Element, node: sel.NodeSelector) -> dict[str | None, str]:

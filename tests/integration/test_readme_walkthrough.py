@@ -22,12 +22,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.failure import Failure
+
+from relayd.testing import ProcessOutput
 
 from .conftest import deferLater
 
@@ -53,38 +51,22 @@ BARESIP_CONFIG = (
 SEND = ["-s", "-e", "/message hello friends"]  # the README's alice, less its -t 2
 DELIVERED = b'sip:alice@localhost: "hello friends"'
 SECONDS = 30.0  # for a start, a response, a process to end
+TAIL = 6000  # bytes of a process's output in a failure's message
 LISTENING = re.compile(rb"(SIP|XCAP) listening on (?:udp|ssl):127\.0\.0\.1:(\d+)")
 STATUS = re.compile(rb"^SIP/2\.0 (\d{3} [^\r\n]*)", re.MULTILINE)
 
 
-class Output(ProcessProtocol):
-    """A child's output so far; ``ended`` fires with its exit status (-signal if killed)."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        assert isinstance(value, ProcessDone | ProcessTerminated)
-        self.ended.callback(value.exitCode if value.exitCode is not None else -(value.signal or 0))
-
-    def text(self) -> str:
-        return bytes(self.output[-6000:]).decode(errors="replace")
+class Output(ProcessOutput):
+    """A child's output, and a wait for what it should print."""
 
     async def wait(self, found: Callable[[bytes], bool], what: str) -> None:
         """Until ``found(output)`` is true."""
         for _ in range(int(SECONDS / 0.05)):
             if found(bytes(self.output)):
                 return
-            assert not self.ended.called, f"ended before {what}:\n{self.text()}"
+            assert not self.ended.called, f"ended before {what}:\n{self.text(TAIL)}"
             await deferLater(0.05)
-        raise AssertionError(f"no {what} within {SECONDS} s:\n{self.text()}")
+        raise AssertionError(f"no {what} within {SECONDS} s:\n{self.text(TAIL)}")
 
 
 def environment(home: Path, **extra: str) -> dict[str, str]:
@@ -143,8 +125,8 @@ async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
             process.signalProcess("TERM")
         code = await out.ended.addTimeout(SECONDS, reactor)
     # twistd re-raises the signal that stopped it.
-    assert code in (0, -signal.SIGTERM), out.text()
-    assert "Traceback" not in out.output.decode(errors="replace"), out.text()
+    assert code in (0, -signal.SIGTERM), out.text(TAIL)
+    assert "Traceback" not in out.output.decode(errors="replace"), out.text(TAIL)
 
 
 async def send_to_list(relay: Relay, alice: Path) -> tuple[list[str], bytes]:

@@ -30,16 +30,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
-from relayd.testing import RelayPKI, grant_document, write_users
+from relayd.testing import ProcessOutput, RelayPKI, grant_document, write_users
 
 from .conftest import Capability
 
@@ -77,35 +73,13 @@ LISTS_XML = f"""<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-class _Output(ProcessProtocol):
-    """Collects a child's output; ``ended`` fires with its exit status (-signal if killed)."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        assert isinstance(value, ProcessDone | ProcessTerminated)
-        code = value.exitCode if value.exitCode is not None else -(value.signal or 0)
-        self.ended.callback(code)
-
-    def text(self, tail: int = 3000) -> str:
-        return bytes(self.output[-tail:]).decode(errors="replace")
-
-
 # -- the daemon ---------------------------------------------------------------------------
 
 
 @dataclass
 class Relay:
     process: IProcessTransport
-    out: _Output
+    out: ProcessOutput
     ports: dict[str, int]
     xcap: Capability
 
@@ -129,7 +103,7 @@ async def relay(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[Relay]:
         f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",
         encoding="utf-8",
     )
-    out = _Output()
+    out = ProcessOutput()
     command = [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)]
     process = reactor.spawnProcess(out, sys.executable, command, env=None, path=str(tmp_path))
     ports: dict[str, int] = {}
@@ -162,7 +136,7 @@ class SIPp:
     name: str
     folder: Path
     process: IProcessTransport
-    out: _Output
+    out: ProcessOutput
 
     def logged(self) -> list[str]:
         """The lines of the scenario's ``<log>`` actions so far."""
@@ -247,7 +221,7 @@ class Players:
         command += ["-nostdin", "-timeout", f"{seconds}s", "-timeout_error"]
         command += ["-trace_logs", "-log_file", "log.txt", "-trace_msg"]
         command += ["-message_file", "messages.txt", "-trace_err", "-error_file", "errors.txt"]
-        out = _Output()
+        out = ProcessOutput()
         process = reactor.spawnProcess(
             out, SIPP, [*command, *args], env=dict(os.environ), path=str(folder)
         )

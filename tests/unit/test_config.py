@@ -526,3 +526,27 @@ def test_each_value_remembers_where_it_came_from(tmp_path: Path) -> None:
     assert config.source_of("tls", "certificate") == path
     assert config.source_of("tls", "private_key") == "command line"
     assert config.source_of("msrp", "listen") == "<defaults>"
+
+
+@pytest.mark.parametrize("section", ["msrp", "sip", "xcap"])
+def test_every_listeners_tls_files_must_be_readable(tmp_path: Path, section: str) -> None:
+    missing = tmp_path / "listener-key.pem"
+    message = config_error(None, {(section, "listen"): f"ssl:0:privateKey={missing}"})
+    assert message == (
+        f"command line: [{section}] listen: privateKey: cannot read {str(missing)!r}"
+    )
+
+
+def test_sip_default_subscription_expiry_outside_its_bounds_names_them() -> None:
+    message = config_error(
+        None,
+        {
+            ("sip", "subscription_expires_min_seconds"): "600",
+            ("sip", "subscription_expires_seconds"): "300",
+            ("sip", "subscription_expires_max_seconds"): "900",
+        },
+    )
+    assert message == (
+        "command line: [sip] subscription_expires_seconds: must lie between"
+        " subscription_expires_min_seconds and subscription_expires_max_seconds (600..900)"
+    )

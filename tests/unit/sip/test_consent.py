@@ -11,6 +11,20 @@ from relayd.sip.uri import SIPURI, NameAddr
 LIST = "sip:friends@relay.test"
 
 
+def _message_to_list() -> SIPRequest:
+    """alice's MESSAGE to the list, the request a 470 answers."""
+    headers = Headers(
+        [
+            ("Via", "SIP/2.0/UDP a.test;branch=z9hG4bK1"),
+            ("From", "<sip:alice@x.test>;tag=1"),
+            ("To", f"<{LIST}>"),
+            ("Call-ID", "c"),
+            ("CSeq", "1 MESSAGE"),
+        ]
+    )
+    return SIPRequest("MESSAGE", SIPURI.parse(LIST), headers)
+
+
 def test_consent_uri_round_trip_and_forgery() -> None:
     uris = ConsentURIs("relay.test", key=b"k" * 32)
     uri = SIPURI.parse(uris.consent_uri(LIST, "sip:bob@x.test"))
@@ -22,16 +36,7 @@ def test_consent_uri_round_trip_and_forgery() -> None:
 
 def test_470_names_consent_uris_in_body_and_header() -> None:
     uris = ConsentURIs("relay.test")
-    headers = Headers(
-        [
-            ("Via", "SIP/2.0/UDP a.test;branch=z9hG4bK1"),
-            ("From", "<sip:alice@x.test>;tag=1"),
-            ("To", f"<{LIST}>"),
-            ("Call-ID", "c"),
-            ("CSeq", "1 MESSAGE"),
-        ]
-    )
-    request = SIPRequest("MESSAGE", SIPURI.parse(LIST), headers)
+    request = _message_to_list()
     response = consent_needed(request, LIST, ["sip:bob@x.test"], uris)
     assert response.status == 470
     root = etree.fromstring(response.body)
@@ -43,16 +48,7 @@ def test_470_names_consent_uris_in_body_and_header() -> None:
 
 def test_470_names_the_missing_members_only_when_asked() -> None:
     uris = ConsentURIs("relay.test")
-    headers = Headers(
-        [
-            ("Via", "SIP/2.0/UDP a.test;branch=z9hG4bK1"),
-            ("From", "<sip:alice@x.test>;tag=1"),
-            ("To", f"<{LIST}>"),
-            ("Call-ID", "c"),
-            ("CSeq", "1 MESSAGE"),
-        ]
-    )
-    request = SIPRequest("MESSAGE", SIPURI.parse(LIST), headers)
+    request = _message_to_list()
     members = ["sip:bob@x.test:5070", 'sip:o"d\\d,e@x.test']
     named = consent_needed(request, LIST, members, uris, name_members=True)
     rl = "{urn:ietf:params:xml:ns:resource-lists}"

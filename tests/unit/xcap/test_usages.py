@@ -66,6 +66,15 @@ def _fails(usage_doc: bytes, condition: str) -> XCAPError:
     return info.value
 
 
+def _reference_fails(placeholder: bytes, attribute: bytes, node: str, reason: str) -> None:
+    """The lists document with ``attribute`` in place of ``placeholder`` breaks RFC 4826
+    §3.4.5 at ``node`` in the friends list, for ``reason``."""
+    doc = LISTS_DOC.replace(placeholder, attribute)
+    detail = _fails(doc, "constraint-failure").detail or ""
+    assert f'resource-lists/list[@name="friends"]/{node}' in detail
+    assert reason in detail
+
+
 def test_registry_describes_the_three_usages() -> None:
     assert set(USAGES) == {"consent-rules", "resource-lists", "xcap-caps"}
     assert CONSENT_RULES.mime_type == "application/auth-policy+xml"
@@ -259,11 +268,7 @@ def test_entry_ref_relative_to_the_xcap_root_is_accepted(ref: bytes) -> None:
     ],
 )
 def test_entry_ref_must_be_relative_below_the_root(ref: bytes, reason: str) -> None:
-    doc = LISTS_DOC.replace(ENTRY_REF, b"ref='" + ref + b"'")
-    error = _fails(doc, "constraint-failure")
-    detail = error.detail or ""
-    assert 'resource-lists/list[@name="friends"]/entry-ref/@ref' in detail
-    assert reason in detail
+    _reference_fails(ENTRY_REF, b"ref='" + ref + b"'", "entry-ref/@ref", reason)
 
 
 @pytest.mark.parametrize(
@@ -293,11 +298,7 @@ def test_external_absolute_http_uri_is_accepted(anchor: bytes) -> None:
     ],
 )
 def test_external_must_be_an_absolute_http_uri(anchor: bytes, reason: str) -> None:
-    doc = LISTS_DOC.replace(EXTERNAL, b'anchor="' + anchor + b'"')
-    error = _fails(doc, "constraint-failure")
-    detail = error.detail or ""
-    assert 'resource-lists/list[@name="friends"]/external/@anchor' in detail
-    assert reason in detail
+    _reference_fails(EXTERNAL, b'anchor="' + anchor + b'"', "external/@anchor", reason)
 
 
 def test_reference_constraints_apply_in_nested_lists() -> None:
