@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import cast
 
@@ -81,3 +82,17 @@ def test_plain_fields_keep_their_type(events: list[LogEvent]) -> None:
     log.info("{owner} {name}", owner=owner, name="bob")
     assert events[0]["owner"] is owner
     assert events[0]["name"] == "bob"
+
+
+def test_json_lines_writes_one_object_per_line(
+    events: list[LogEvent], capsys: pytest.CaptureFixture[str]
+) -> None:
+    observer = logs.json_lines()
+    logs.logger().warn("AUTH from {peer} failed for user {user}", peer="127.0.0.1:5", user="a\nb")
+    observer(events[0])
+    line = capsys.readouterr().out
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert record["peer"] == "127.0.0.1:5"
+    assert record["user"] == "a\\nb"
+    assert record["log_level"]["name"] == "warn"
