@@ -428,7 +428,7 @@ class ConsentRelay:
     ) -> SIPResponse | defer.Deferred[SIPResponse]:
         request, sender, list_uri = delivery.request, delivery.sender, delivery.list_uri
         # Per-request outcomes are debug events: at thousands of requests a second
-        # an info line each would cost more than the request (see docs/performance.md).
+        # an info line each would cost more than the request (see docs/performance/diary.md).
         if missing:
             self.log.debug(
                 "470 to {user} for {uri}: {count} of {total} members lack permission",
