@@ -25,8 +25,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from relayd.config import load_config
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
+from relayd.msrp.connection import MSRPConnection
 from relayd.msrp.relay import AuthPolicy, RelayCore
-from relayd.msrp.transport import MSRPConnection, MSRPRelay
+from relayd.msrp.transport import MSRPRelay
 
 HOST = "relay.example.com"
 RELAY_URI = f"msrps://{HOST}:2855;tcp"

@@ -10,8 +10,9 @@ from twisted.internet.testing import MemoryReactorClock
 
 from relayd.config import load_config
 from relayd.digest import DigestAuthenticator
+from relayd.msrp.connection import MSRPConnection
 from relayd.msrp.relay import AuthPolicy, RelayCore
-from relayd.msrp.transport import MSRPConnection, MSRPRelay
+from relayd.msrp.transport import MSRPRelay
 from relayd.msrp.uri import MSRPURI
 
 
