@@ -121,9 +121,9 @@ class MSRPConnection(Protocol):
         self.is_tls = tls
         self.peer_names: frozenset[str] = frozenset()
         self.outbound_key: tuple[str, str, int] | None = None
-        self.parser = MSRPParser(relay.limits)
+        self.parser = MSRPParser(relay.limits.parser)
         #: Longest SEND body per frame we write here: less towards other relays.
-        self.chunk_bytes = relay.config.max_chunk_bytes
+        self.chunk_bytes = relay.limits.max_chunk_bytes
         self.consumer: Any = DISCARD
         self.frame_owner: Stream | None = None
         self.transactions: dict[str, Transaction] = {}
@@ -160,12 +160,12 @@ class MSRPConnection(Protocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         self.peer = _describe(transport.getPeer())
-        self._wire = _tune_socket(transport, self.relay.config.send_queue_bytes // 2)
+        self._wire = _tune_socket(transport, self.relay.limits.send_queue_bytes // 2)
         transport.registerProducer(self, True)
         self.relay.register(self)
         if self.inbound:
             self._probation = self.relay.clock.callLater(
-                self.relay.config.probation_seconds, self._probation_over
+                self.relay.limits.probation_seconds, self._probation_over
             )
 
     def handshakeCompleted(self) -> None:
@@ -318,12 +318,12 @@ class MSRPConnection(Protocol):
             return 1 << 62
         batch = self.relay.batch
         if batch is None:
-            return self.relay.config.send_queue_bytes - unsent_bytes(wire)
+            return self.relay.limits.send_queue_bytes - unsent_bytes(wire)
         # Within one read nothing of ours reaches the socket: ask the kernel once.
         if self._unsent_batch != self.relay.batch_number:
             self._unsent_batch = self.relay.batch_number
             self._unsent = unsent_bytes(wire)
-        return self.relay.config.send_queue_bytes - self._unsent - self.batched
+        return self.relay.limits.send_queue_bytes - self._unsent - self.batched
 
     def wait(self, stream: Stream) -> None:
         """``stream`` has a backlog: it gets its turn when the kernel wants more."""
@@ -411,7 +411,7 @@ class MSRPConnection(Protocol):
         relay = self.relay
         method = request.method
         try:
-            if method not in KNOWN_METHODS and relay.config.block_unknown_methods:
+            if method not in KNOWN_METHODS and relay.limits.block_unknown_methods:
                 raise MSRPStatus(501)
             if method == "AUTH" and CHUNK_LIMIT in request.headers:
                 self.takes_any_chunk()  # forwarded by a relayd peer
@@ -523,7 +523,7 @@ class MSRPConnection(Protocol):
 
     def takes_any_chunk(self) -> None:
         """The peer is relayd (CHUNK_LIMIT): chunks go to it as long as we cut them."""
-        self.chunk_bytes = self.relay.config.max_chunk_bytes
+        self.chunk_bytes = self.relay.limits.max_chunk_bytes
         key = self.outbound_key
         if key is not None:
             remember(self.relay.relayd_peers, _RELAYD_PEERS_SIZE, key, None)
@@ -548,7 +548,7 @@ class MSRPConnection(Protocol):
         deadline order and the oldest entry is always the next to expire.
         """
         clock = self.relay.clock
-        timeout = self.relay.config.transaction_timeout_seconds
+        timeout = self.relay.limits.transaction_timeout_seconds
         transaction.deadline = clock.seconds() + timeout
         self.transactions[tid] = transaction
         if self._expiry is None:
@@ -622,7 +622,7 @@ class MSRPConnection(Protocol):
         if self.waiting and self._wire is not None:
             # When the kernel took the read's output at once, the backlogs
             # need not wait for the next reactor turn.
-            resume_if_writable(self._wire, self.relay.config.send_queue_bytes // 2)
+            resume_if_writable(self._wire, self.relay.limits.send_queue_bytes // 2)
 
     # -- flow control and accounting -------------------------------------------------------
 
@@ -662,7 +662,7 @@ class MSRPConnection(Protocol):
         if self.peer_names:
             return
         self._failures += 1
-        if not self._succeeded and self._failures >= self.relay.config.probation_max_failures:
+        if not self._succeeded and self._failures >= self.relay.limits.probation_max_failures:
             self.log.warn(
                 "Closing {peer}: {count} failed requests on probation",
                 peer=self.peer,
@@ -680,7 +680,7 @@ class MSRPConnection(Protocol):
             return
         self._auth_failures += 1
         self._failed()
-        if self._auth_failures >= self.relay.config.max_failed_auth:
+        if self._auth_failures >= self.relay.limits.max_failed_auth:
             self.log.warn(
                 "Closing {peer}: {count} failed AUTH attempts",
                 peer=self.peer,

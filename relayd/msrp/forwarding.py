@@ -151,7 +151,7 @@ class BufferedForward:
 
     def data(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        if self.size > self.source.relay.config.max_request_body_bytes:
+        if self.size > self.source.relay.limits.max_request_body_bytes:
             self.oversized = True
             self.body = []
         elif not self.oversized:

@@ -9,17 +9,49 @@ link <- transactions <- forwarding <- connection <- transport.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from relayd.config import MSRPConfig
 from relayd.msrp.message import MSRPRequest, MSRPResponse, MSRPStatus
 from relayd.msrp.parser import MSRPLimits
 from relayd.msrp.relay import Hop, RelayCore
 from relayd.msrp.uri import MSRPURI
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    """Every limit and timer of the MSRP relay, as plain values (msrp.service builds them).
+
+    Each bounds something a peer could otherwise make grow or wait without
+    end: parsing, bodies held, unsent output, connections, failures, time.
+    """
+
+    parser: MSRPLimits
+    #: RFC 4976 §6.3: an unauthenticated client must succeed within this time
+    #: and before this many failed requests; this many failed AUTHs close it.
+    probation_seconds: float
+    probation_max_failures: int
+    max_failed_auth: int
+    #: RFC 4975 §7.1.1: a forwarded request's response timer.
+    transaction_timeout_seconds: float
+    #: RFC 4976 §6.5: idle connections close; the least recently used goes first.
+    idle_timeout_seconds: float
+    max_connections: int
+    #: Longest SEND body per frame: towards relayd and clients, towards other
+    #: relays, and per other relay (host, port or None, bytes).
+    max_chunk_bytes: int
+    peer_chunk_bytes: int
+    peer_chunk_overrides: tuple[tuple[str, int | None, int], ...]
+    #: Unsent bytes a connection takes before its streams wait (back-pressure).
+    send_queue_bytes: int
+    block_unknown_methods: bool
+    connect_timeout_seconds: float
+    #: Body of a request other than SEND, which is forwarded whole.
+    max_request_body_bytes: int
 
 
 class Transaction(Protocol):
@@ -48,9 +80,7 @@ class Relaying(Protocol):
     @property
     def log(self) -> Logger: ...
     @property
-    def config(self) -> MSRPConfig: ...
-    @property
-    def limits(self) -> MSRPLimits: ...
+    def limits(self) -> RelayLimits: ...
 
     def connection_for(self, uri: MSRPURI) -> Deferred[Any]:
         """An open connection (a ``Link``) to this next hop."""

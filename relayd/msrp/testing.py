@@ -31,6 +31,7 @@ from relayd.msrp.connection import MSRPConnection
 from relayd.msrp.message import MSRPRequest, MSRPResponse
 from relayd.msrp.parser import BodyChunk, MessageEnd, MessageStart, MSRPParser
 from relayd.msrp.relay import AuthPolicy, RelayCore
+from relayd.msrp.service import relay_limits
 from relayd.msrp.transport import MSRPRelay
 from relayd.msrp.uri import MSRPURI
 from relayd.testing import captured_log
@@ -194,7 +195,7 @@ class Harness:
         )
         self.core = RelayCore(self.clock, HOST, policy, self.digest)
         self.core.add_local_address(2855, tls=True)
-        self.relay = MSRPRelay(self.clock, self.core, self.config)
+        self.relay = MSRPRelay(self.clock, self.core, relay_limits(self.config))
         self._ports = itertools.count(40000)
 
     @staticmethod

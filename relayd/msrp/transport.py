@@ -20,12 +20,10 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from relayd.config import MSRPConfig
 from relayd.logs import logger
 from relayd.msrp.connection import ListenerFactory, MSRPConnection, OutboundFactory
-from relayd.msrp.link import Link
+from relayd.msrp.link import Link, RelayLimits
 from relayd.msrp.message import Headers, MSRPRequest
-from relayd.msrp.parser import MSRPLimits
 from relayd.msrp.relay import RelayCore
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI
 from relayd.net.tls import ServerIdentity, client_connection_creator
@@ -41,7 +39,7 @@ class MSRPRelay:
         self,
         reactor: Any,
         core: RelayCore,
-        config: MSRPConfig,
+        limits: RelayLimits,
         identity: ServerIdentity | None = None,
         trust_roots: list[Any] | None = None,
         resolver: Callable[[str, str], defer.Deferred[list[tuple[str, int]]]] | None = None,
@@ -49,14 +47,9 @@ class MSRPRelay:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.core = core
-        self.config = config
+        self.limits = limits
         self.identity = identity
         self.trust_roots = trust_roots
-        self.limits = MSRPLimits(
-            max_line_bytes=config.max_line_bytes,
-            max_header_count=config.max_header_count,
-            max_header_bytes=config.max_header_bytes,
-        )
         self.connections: OrderedDict[MSRPConnection, None] = OrderedDict()
         self._outbound: dict[tuple[str, str, int], MSRPConnection] = {}
         self._connecting: dict[tuple[str, str, int], list[defer.Deferred[MSRPConnection]]] = {}
@@ -73,7 +66,7 @@ class MSRPRelay:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        interval = max(1.0, min(30.0, self.config.idle_timeout_seconds / 4))
+        interval = max(1.0, min(30.0, self.limits.idle_timeout_seconds / 4))
         self._sweeper.start(interval, now=False)
 
     def stop(self) -> None:
@@ -85,7 +78,7 @@ class MSRPRelay:
     def sweep(self) -> None:
         """Close idle connections (§6.5) and forget expired sessions."""
         now = self.clock.seconds()
-        limit = self.config.idle_timeout_seconds
+        limit = self.limits.idle_timeout_seconds
         for connection in list(self.connections):
             if now - connection.last_activity >= limit:
                 connection.close("idle")
@@ -101,7 +94,7 @@ class MSRPRelay:
 
     def register(self, connection: MSRPConnection) -> None:
         self.connections[connection] = None
-        limit = self.config.max_connections
+        limit = self.limits.max_connections
         while limit and len(self.connections) > limit:
             oldest = next(iter(self.connections))
             if oldest is connection:
@@ -190,7 +183,7 @@ class MSRPRelay:
         self, key: tuple[str, str, int], scheme: str, name: str, host: str, port: int
     ) -> MSRPConnection:
         endpoint: Any = HostnameEndpoint(
-            self.reactor, host, port, timeout=self.config.connect_timeout_seconds
+            self.reactor, host, port, timeout=self.limits.connect_timeout_seconds
         )
         tls = scheme == "msrps"
         if tls:
@@ -208,14 +201,14 @@ class MSRPRelay:
         connection above about 10 KiB); a relayd peer says what it is on
         forwarded AUTHs (message.CHUNK_LIMIT) and then gets max_chunk_bytes.
         """
-        config = self.config
-        size = config.peer_chunk_bytes
-        for host, listed_port, listed_size in config.peer_chunk_overrides:
+        limits = self.limits
+        size = limits.peer_chunk_bytes
+        for host, listed_port, listed_size in limits.peer_chunk_overrides:
             if host in names and listed_port in (None, port):
                 size = listed_size
                 if listed_port is not None:
                     break
-        return min(size, config.max_chunk_bytes)
+        return min(size, limits.max_chunk_bytes)
 
     # -- REPORTs -----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from relayd.config import load_config
 from relayd.digest import DigestAuthenticator
 from relayd.msrp.connection import MSRPConnection
 from relayd.msrp.relay import AuthPolicy, RelayCore
+from relayd.msrp.service import relay_limits
 from relayd.msrp.transport import MSRPRelay
 from relayd.msrp.uri import MSRPURI
 
@@ -32,7 +33,7 @@ def make_relay(recorder: Recorder, tmp_path: Any) -> MSRPRelay:
     config = load_config(None, {("relay", "data_dir"): str(tmp_path)})
     digest = DigestAuthenticator("r", lambda user, realm: None, clock)
     core = RelayCore(clock, "relay.example.com", AuthPolicy("r", 1800, 60, 86400), digest)
-    relay = MSRPRelay(clock, core, config.msrp, resolver=recorder.resolver)
+    relay = MSRPRelay(clock, core, relay_limits(config.msrp), resolver=recorder.resolver)
 
     async def fake_open(key: Any, scheme: str, name: str, host: str, port: int) -> MSRPConnection:
         recorder.tried.append((name, host, port))
