@@ -18,7 +18,6 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-from twisted.python.failure import Failure
 
 from relayd.logs import logger
 from relayd.msrp.connection import ListenerFactory, MSRPConnection, OutboundFactory
@@ -26,6 +25,7 @@ from relayd.msrp.link import Link, RelayLimits
 from relayd.msrp.message import Headers, MSRPRequest
 from relayd.msrp.relay import RelayCore
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI
+from relayd.net.pool import ConnectionPool
 from relayd.net.tls import ServerIdentity, client_connection_creator
 from relayd.tokens import new_transaction_id
 
@@ -51,8 +51,10 @@ class MSRPRelay:
         self.identity = identity
         self.trust_roots = trust_roots
         self.connections: OrderedDict[MSRPConnection, None] = OrderedDict()
-        self._outbound: dict[tuple[str, str, int], MSRPConnection] = {}
-        self._connecting: dict[tuple[str, str, int], list[defer.Deferred[MSRPConnection]]] = {}
+        #: Connections we opened to next hops, by (scheme, host, port or 0).
+        self._outbound: ConnectionPool[tuple[str, str, int], MSRPConnection] = ConnectionPool(
+            self.clock
+        )
         self._resolver = resolver or _srv_resolver
         #: Next hops (outbound keys) that said they are relayd (message.CHUNK_LIMIT).
         self.relayd_peers: dict[tuple[str, str, int], None] = {}
@@ -108,8 +110,8 @@ class MSRPRelay:
     def unregister(self, connection: MSRPConnection) -> None:
         self.connections.pop(connection, None)
         key = connection.outbound_key
-        if key is not None and self._outbound.get(key) is connection:
-            del self._outbound[key]
+        if key is not None:
+            self._outbound.discard(key, connection)
         dropped = self.core.sessions.drop_connection(connection)
         if dropped:
             self.log.info(
@@ -131,23 +133,15 @@ class MSRPRelay:
         host = uri.host.strip("[]").lower()
         key = (uri.scheme, host, uri.port or 0)
         existing = self._outbound.get(key)
-        if existing is not None and existing.connected:
+        if existing is not None:
             return defer.succeed(existing)
         if uri.scheme == "msrps":
             for connection in reversed(self.connections):
                 if connection.connected and host in connection.peer_names:
                     return defer.succeed(connection)
-        waiter: defer.Deferred[MSRPConnection] = defer.Deferred()
-        waiting = self._connecting.get(key)
-        if waiting is not None:
-            waiting.append(waiter)
-            return waiter
-        self._connecting[key] = [waiter]
-        defer.ensureDeferred(self._connect(key, uri, host))
-        return waiter
+        return self._outbound.acquire(key, lambda: self._connect(key, uri, host))
 
-    async def _connect(self, key: tuple[str, str, int], uri: MSRPURI, host: str) -> None:
-        waiters = self._connecting[key]
+    async def _connect(self, key: tuple[str, str, int], uri: MSRPURI, host: str) -> MSRPConnection:
         try:
             if uri.port is not None:
                 targets = [(host, uri.port)]
@@ -170,14 +164,8 @@ class MSRPRelay:
             self.log.warn(
                 "Cannot connect to {host}: {reason}", host=host, reason=str(e) or type(e).__name__
             )
-            del self._connecting[key]
-            for waiter in waiters:
-                waiter.errback(Failure(e))
-            return
-        self._outbound[key] = connection
-        del self._connecting[key]
-        for waiter in waiters:
-            waiter.callback(connection)
+            raise
+        return connection
 
     async def _open(
         self, key: tuple[str, str, int], scheme: str, name: str, host: str, port: int

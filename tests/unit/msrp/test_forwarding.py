@@ -395,8 +395,7 @@ def test_stranger_cannot_reach_beyond_a_relay_session(h: Harness, tls: bool, nex
     # Refused before any next hop was looked for: nothing connects anywhere.
     assert h.clock.tcpClients == []
     assert h.clock.sslClients == []
-    assert not h.relay._connecting
-    assert not h.relay._outbound
+    assert not h.relay._outbound.keys()
 
 
 # -- REPORT and other methods ---------------------------------------------------------------------
