@@ -26,6 +26,7 @@ from relayd.msrp.message import Headers, MSRPRequest
 from relayd.msrp.relay import RelayCore
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI
 from relayd.net.pool import ConnectionPool
+from relayd.net.srv import srv_targets
 from relayd.net.tls import ServerIdentity, client_connection_creator
 from relayd.tokens import new_transaction_id
 
@@ -239,21 +240,6 @@ class MSRPRelay:
         connection.write_atomic(report.to_bytes())
 
 
-async def _srv_lookup(service: str, host: str) -> list[tuple[str, int]]:
-    from twisted.names import client, dns
-
-    try:
-        answers, _, _ = await client.lookupService(f"{service}.{host}")
-    except Exception:
-        return []
-    records = []
-    for answer in answers:
-        if answer.type == dns.SRV:
-            payload = answer.payload
-            records.append((payload.priority, -payload.weight, str(payload.target), payload.port))
-    records.sort()
-    return [(target, port) for _, _, target, port in records if target and target != "."]
-
-
 def _srv_resolver(service: str, host: str) -> defer.Deferred[list[tuple[str, int]]]:
-    return defer.ensureDeferred(_srv_lookup(service, host))
+    """§8: the targets of ``service.host`` in RFC 2782 order (relayd.net.srv)."""
+    return srv_targets(f"{service}.{host}")
