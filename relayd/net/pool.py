@@ -98,6 +98,10 @@ class ConnectionPool(Generic[K, C]):
         )
         return waiter
 
+    def put(self, key: K, connection: C) -> None:
+        """Use ``connection`` for ``key`` from now on (one opened the other way, say)."""
+        self._open[key] = connection
+
     def discard(self, key: K, connection: C) -> None:
         """``connection`` closed: forget it, unless another has taken its key since."""
         if self._open.get(key) is connection:

@@ -164,3 +164,15 @@ def test_nothing_is_left_scheduled_after_an_attempt(wait_seconds: float | None) 
     pool.acquire("a", lambda: dial("a"))
     dial.calls[0][1].errback(Failure(error.ConnectError("a")))
     assert clock.getDelayedCalls() == []
+
+
+def test_a_connection_put_under_a_key_is_reused_and_replaces_the_old() -> None:
+    pool: ConnectionPool[str, Conn] = ConnectionPool(Clock())
+    dial = Dialer()
+    first, inbound = Conn("first"), Conn("inbound")
+    pool.put("a", first)
+    pool.put("a", inbound)
+    assert outcome(pool.acquire("a", lambda: dial("a"))) == [inbound]
+    assert dial.calls == []
+    pool.discard("a", first)
+    assert pool.get("a") is inbound
