@@ -25,8 +25,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from relayd.config import load_config
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
+from relayd.msrp.connection import MSRPConnection
 from relayd.msrp.relay import AuthPolicy, RelayCore
-from relayd.msrp.transport import MSRPConnection, MSRPRelay
+from relayd.msrp.service import relay_limits
+from relayd.msrp.transport import MSRPRelay
 
 HOST = "relay.example.com"
 RELAY_URI = f"msrps://{HOST}:2855;tcp"
@@ -54,7 +56,7 @@ class Cycle:
         policy = AuthPolicy(HOST, 600, 60, 3600)
         core = RelayCore(clock, HOST, policy, digest)
         core.add_local_address(2855, tls=True)
-        self.relay = MSRPRelay(clock, core, config)
+        self.relay = MSRPRelay(clock, core, relay_limits(config))
         self.a, self.a_transport, self.a_uri, a_use = self._client("alice", 40001)
         self.b, self.b_transport, self.b_uri, b_use = self._client("bob", 40002)
         self.to_path = f"{a_use} {b_use} {self.b_uri}".encode()

@@ -22,7 +22,7 @@ from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
 from relayd.digest import DigestAuthenticator
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
-from relayd.msrp.service import MSRPService
+from relayd.msrp.service import MSRPService, relay_limits
 from relayd.msrp.transport import MSRPRelay
 from relayd.sip.stack import build_sip
 from relayd.xcap.auth import XCAPAuthorizer
@@ -93,9 +93,9 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         allowed_users=frozenset(config.auth.allowed_users),
     )
     core = RelayCore(reactor, prepared.hostname, policy, digest)
-    relay = MSRPRelay(reactor, core, msrp, prepared.identity, prepared.trust_roots)
+    relay = MSRPRelay(reactor, core, relay_limits(msrp), prepared.identity, prepared.trust_roots)
     service = MSRPService(
-        relay, reactor, prepared.identity, prepared.trust_roots, prepared.hostname
+        relay, reactor, prepared.identity, prepared.trust_roots, prepared.hostname, msrp.listen
     )
     service.setName("msrp")
     service.setServiceParent(top)

@@ -25,6 +25,13 @@ STATUS_COMMENTS: dict[int, str] = {
 }
 
 CONTINUATION_FLAGS = frozenset(b"$+#")
+#: Put by relayd on the AUTHs it forwards and on its answers to them: "this
+#: relay takes chunks of any size" (it re-chunks them itself).  Other relays
+#: may not: Kamailio drops the connection above about 10 KiB of body.
+CHUNK_LIMIT = "Relay-Chunk-Limit"
+#: Said by each hop for itself: never forwarded.
+HOP_HEADERS = frozenset({"to-path", "from-path", CHUNK_LIMIT.lower()})
+_STREAM_SKIP = frozenset({"to-path", "from-path", "byte-range"})
 
 
 class MSRPStatus(Exception):
@@ -218,6 +225,48 @@ def forwarded_lines(headers: Headers, skip_byte_range: bool) -> tuple[bytes, byt
     if lower.find(b"\r\nbyte-range:", end) >= 0:
         return None
     return rest[:at], rest[end:]
+
+
+def stream_lines(headers: Headers) -> tuple[bytes, bytes]:
+    """forwarded_lines(headers, True) built from the pairs, for any headers."""
+    before: list[str] = []
+    after: list[str] = []
+    seen_range = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "byte-range":
+            seen_range = True
+        elif lname not in _STREAM_SKIP:
+            (after if seen_range else before).append(f"{name}: {value}\r\n")
+    if not seen_range:
+        after, before = before, []
+    return "".join(before).encode(), "".join(after).encode()
+
+
+def send_head(tid: str, head_before: bytes, byte_range: str, head_after: bytes) -> bytes:
+    """A forwarded SEND frame up to its body: its new Byte-Range between the kept lines."""
+    return b"MSRP %s SEND\r\n%sByte-Range: %s\r\n%s" % (
+        tid.encode(),
+        head_before,
+        byte_range.encode(),
+        head_after,
+    )
+
+
+def ok_bytes(tid: str, paths: bytes) -> bytes:
+    """A 200 OK with ready-made To-Path and From-Path lines (make_response's paths)."""
+    raw = tid.encode()
+    return b"MSRP %s 200 OK\r\n%s-------%s$\r\n" % (raw, paths, raw)
+
+
+def request_frame(
+    tid: str, method: str, paths: bytes, lines: bytes, body: bytes | None, flag: bytes
+) -> bytes:
+    """A whole request frame from ready-made path lines and the other header lines."""
+    head = b"MSRP %s %s\r\n%s%s" % (tid.encode(), method.encode(), paths, lines)
+    if body is None:
+        return head + end_line(tid, flag)
+    return b"%s\r\n%s\r\n%s" % (head, body, end_line(tid, flag))
 
 
 @dataclass(slots=True)

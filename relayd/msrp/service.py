@@ -11,6 +11,9 @@ from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
+from relayd.config import MSRPConfig
+from relayd.msrp.link import RelayLimits
+from relayd.msrp.parser import MSRPLimits
 from relayd.msrp.transport import MSRPRelay
 from relayd.net.endpoints import (
     EndpointSpec,
@@ -20,6 +23,30 @@ from relayd.net.endpoints import (
 )
 from relayd.net.listeners import Listeners
 from relayd.net.tls import ServerIdentity, stdlib_server_context
+
+
+def relay_limits(config: MSRPConfig) -> RelayLimits:
+    """The ``[msrp]`` section's limits, as the relay and its connections take them."""
+    return RelayLimits(
+        parser=MSRPLimits(
+            max_line_bytes=config.max_line_bytes,
+            max_header_count=config.max_header_count,
+            max_header_bytes=config.max_header_bytes,
+        ),
+        probation_seconds=config.probation_seconds,
+        probation_max_failures=config.probation_max_failures,
+        max_failed_auth=config.max_failed_auth,
+        transaction_timeout_seconds=config.transaction_timeout_seconds,
+        idle_timeout_seconds=config.idle_timeout_seconds,
+        max_connections=config.max_connections,
+        max_chunk_bytes=config.max_chunk_bytes,
+        peer_chunk_bytes=config.peer_chunk_bytes,
+        peer_chunk_overrides=config.peer_chunk_overrides,
+        send_queue_bytes=config.send_queue_bytes,
+        block_unknown_methods=config.block_unknown_methods,
+        connect_timeout_seconds=config.connect_timeout_seconds,
+        max_request_body_bytes=config.max_request_body_bytes,
+    )
 
 
 def exposed_listener_host(hostname: str, listener_hosts: Iterable[str]) -> str | None:
@@ -60,17 +87,20 @@ class MSRPService(Listeners):
         identity: ServerIdentity,
         trust_roots: list[crypto.X509] | None,
         hostname: str,
+        listen: Iterable[str],
     ) -> None:
         super().__init__("MSRP")
         self.relay = relay
         self.hostname = hostname
+        #: The ``[msrp] listen`` endpoint strings.
+        self.listen = tuple(listen)
         self._listener_hosts: list[str] = []
 
         def tls_context(spec: EndpointSpec) -> ssl.SSLContext:
             # The standard library's TLS: half the memory per idle client (relayd.net.tlsio).
             return stdlib_server_context(listener_identity(identity, spec), trust_roots)
 
-        for text in relay.config.listen:
+        for text in self.listen:
             spec = parse_endpoint(text)
             endpoint = stream_server_endpoint(reactor, spec, tls_context)
             self.add_stream(spec, endpoint, relay.listener_factory(spec.kind == "ssl"))

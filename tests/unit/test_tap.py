@@ -245,7 +245,7 @@ def test_make_service_has_named_msrp_child(tmp_path: Path, monkeypatch: pytest.M
     msrp = service.getServiceNamed("msrp")
     assert isinstance(msrp, MSRPService)
     assert msrp.hostname == prepared(options).hostname
-    assert msrp.relay.config.listen == (LISTEN,)
+    assert msrp.listen == (LISTEN,)
     assert not service.running
     assert not msrp.running
     assert msrp.ports == []

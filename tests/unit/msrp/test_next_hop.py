@@ -10,8 +10,10 @@ from twisted.internet.testing import MemoryReactorClock
 
 from relayd.config import load_config
 from relayd.digest import DigestAuthenticator
+from relayd.msrp.connection import MSRPConnection
 from relayd.msrp.relay import AuthPolicy, RelayCore
-from relayd.msrp.transport import MSRPConnection, MSRPRelay
+from relayd.msrp.service import relay_limits
+from relayd.msrp.transport import MSRPRelay
 from relayd.msrp.uri import MSRPURI
 
 
@@ -31,7 +33,7 @@ def make_relay(recorder: Recorder, tmp_path: Any) -> MSRPRelay:
     config = load_config(None, {("relay", "data_dir"): str(tmp_path)})
     digest = DigestAuthenticator("r", lambda user, realm: None, clock)
     core = RelayCore(clock, "relay.example.com", AuthPolicy("r", 1800, 60, 86400), digest)
-    relay = MSRPRelay(clock, core, config.msrp, resolver=recorder.resolver)
+    relay = MSRPRelay(clock, core, relay_limits(config.msrp), resolver=recorder.resolver)
 
     async def fake_open(key: Any, scheme: str, name: str, host: str, port: int) -> MSRPConnection:
         recorder.tried.append((name, host, port))
@@ -90,3 +92,36 @@ def test_unreachable_next_hop_fails_every_waiter_once(tmp_path: Any) -> None:
     assert len(failures) == 2
     # Three addresses tried once, shared by both waiters.
     assert len(recorder.tried) == 3
+
+
+def test_srv_targets_of_equal_weight_take_turns_first(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 2782 (relayd.net.srv): equal priority and weight is a random order, not by name."""
+    from twisted.names import client, dns
+
+    class Answers:
+        def lookupService(self, name: str) -> defer.Deferred[Any]:
+            records = [dns.Record_SRV(10, 1, 5000, "b1.example.com")]
+            records.append(dns.Record_SRV(10, 1, 5001, "b2.example.com"))
+            answers = [dns.RRHeader(name, dns.SRV, payload=r) for r in records]
+            return defer.succeed((answers, [], []))
+
+    monkeypatch.setattr(client, "getResolver", Answers)
+    firsts = set()
+    for _ in range(40):
+        recorder = Recorder({("b1.example.com", 5000), ("b2.example.com", 5001)})
+        relay = make_relay(recorder, tmp_path)
+        relay._resolver = _default_resolver()
+        relay.connection_for(MSRPURI.parse("msrps://next.example.com/s1;tcp"))
+        firsts.add(recorder.tried[0][1])
+    assert firsts == {"b1.example.com", "b2.example.com"}
+
+
+def _default_resolver() -> Any:
+    """The resolver MSRPRelay uses when it is given none."""
+    clock = MemoryReactorClock()
+    digest = DigestAuthenticator("r", lambda user, realm: None, clock)
+    core = RelayCore(clock, "relay.example.com", AuthPolicy("r", 1800, 60, 86400), digest)
+    config = load_config(None, {})
+    return MSRPRelay(clock, core, relay_limits(config.msrp))._resolver
