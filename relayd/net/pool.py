@@ -102,10 +102,13 @@ class ConnectionPool(Generic[K, C]):
         """Use ``connection`` for ``key`` from now on (one opened the other way, say)."""
         self._open[key] = connection
 
-    def discard(self, key: K, connection: C) -> None:
-        """``connection`` closed: forget it, unless another has taken its key since."""
+    def discard(self, key: K, connection: C) -> bool:
+        """``connection`` closed: forget it, unless another has taken its key since;
+        whether it was the one known for ``key``."""
         if self._open.get(key) is connection:
             del self._open[key]
+            return True
+        return False
 
     def _connected(self, connection: C, key: K, attempt: _Attempt[C]) -> None:
         if self._attempts.get(key) is not attempt:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
 
-log = Logger()
+from relayd.logs import logger
+
+log = logger()
 
 
 @dataclass(frozen=True, slots=True)

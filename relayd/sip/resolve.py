@@ -3,7 +3,7 @@
 Implemented: §4.1 transport selection (``transport=`` parameter, ``sips`` → TLS, numeric
 host or explicit port → UDP/TLS default), §4.2 (explicit port or numeric host → A/AAAA
 only; otherwise SRV ``_sip._udp``/``_sip._tcp``/``_sips._tcp``, then A/AAAA on the default
-port 5060/5061), RFC 2782 SRV ordering (priority, then weighted random), ``maddr``.
+port 5060/5061), RFC 2782 SRV ordering (:mod:`relayd.net.srv`, shared with MSRP), ``maddr``.
 Not implemented: NAPTR (§4.1 step 1). Without NAPTR, §4.1 tells the client to try SRV for
 every transport it supports, which is what :meth:`SIPResolver.resolve` does.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 
 from relayd.bounded import remember
 from relayd.logs import logger
+from relayd.net.srv import SRVRecord, lookup_srv, order_srv
 from relayd.sip.uri import SIPURI
 
 __all__ = [
@@ -75,14 +76,6 @@ class Target:
         return f"{self.transport.lower()}:{host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class SRVRecord:
-    priority: int
-    weight: int
-    port: int
-    target: str
-
-
 class IDNSResolver(Protocol):
     """The two DNS questions RFC 3263 needs. Failures are empty lists, not errors."""
 
@@ -101,29 +94,6 @@ def is_numeric_host(host: str) -> bool:
     return True
 
 
-def order_srv(records: Iterable[SRVRecord], rng: random.Random) -> list[SRVRecord]:
-    """RFC 2782 ordering: ascending priority; inside one priority, weighted random picks
-    (weight-0 records keep a small chance, as the RFC's running-sum algorithm gives them).
-    A single ``.`` target means "service not available" and yields nothing."""
-    usable = [r for r in records if r.target not in ("", ".")]
-    by_priority: dict[int, list[SRVRecord]] = {}
-    for record in usable:
-        by_priority.setdefault(record.priority, []).append(record)
-    ordered: list[SRVRecord] = []
-    for priority in sorted(by_priority):
-        group = sorted(by_priority[priority], key=lambda r: r.weight)  # zeros first
-        while group:
-            total = sum(r.weight for r in group)
-            pick = rng.randint(0, total)
-            running = 0
-            for index, record in enumerate(group):
-                running += record.weight
-                if running >= pick:
-                    ordered.append(group.pop(index))
-                    break
-    return ordered
-
-
 class TwistedNamesResolver:
     """:class:`IDNSResolver` over ``twisted.names`` (the system resolver configuration)."""
 
@@ -135,18 +105,7 @@ class TwistedNamesResolver:
         self._resolver = resolver
 
     def lookup_srv(self, name: str) -> Deferred[list[SRVRecord]]:
-        from twisted.names import dns
-
-        def found(result: tuple[list[Any], list[Any], list[Any]]) -> list[SRVRecord]:
-            out = []
-            for rr in result[0]:
-                if rr.type == dns.SRV:
-                    p = rr.payload
-                    out.append(SRVRecord(p.priority, p.weight, p.port, p.target.name.decode()))
-            return out
-
-        d: Deferred[list[SRVRecord]] = self._resolver.lookupService(name).addCallback(found)
-        return d.addErrback(_empty, name, "SRV")
+        return lookup_srv(name, self._resolver)
 
     def lookup_addresses(self, name: str) -> Deferred[list[str]]:
         from twisted.internet.defer import DeferredList
@@ -166,16 +125,6 @@ class TwistedNamesResolver:
 
         queries = [self._resolver.lookupAddress(name), self._resolver.lookupIPV6Address(name)]
         return DeferredList(queries, consumeErrors=True).addCallback(collect)
-
-
-def _empty(failure: Any, name: str, kind: str) -> list[SRVRecord]:
-    log.debug(
-        "DNS {kind} lookup for {name} failed: {reason}",
-        kind=kind,
-        name=name,
-        reason=failure.getErrorMessage(),
-    )
-    return []
 
 
 MAX_CACHED_URIS = 4096

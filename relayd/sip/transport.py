@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.logs import logger
+from relayd.net.pool import ConnectionPool
 from relayd.sip.message import (
     SIPHeaderError,
     SIPRequest,
@@ -410,12 +411,16 @@ class SIPTransportLayer:
         self._endpoint_factory = endpoint_factory or self._default_endpoint
         self.transactions: TransactionLayer | None = None
         self._udp: list[SIPDatagramProtocol] = []
-        self._streams: dict[ConnectionKey, SIPStreamProtocol] = {}
+        # One connection per (transport, host, port), each connect attempted once
+        # (relayd.net.pool, shared with MSRP); the attempt's waiters give up after
+        # Timer B (64*T1, RFC 3261 §17.1.1.2), which also bounds a TLS handshake.
+        self._pool: ConnectionPool[ConnectionKey, SIPStreamProtocol] = ConnectionPool(
+            reactor, wait_seconds=CONNECT_WAIT_SECONDS
+        )
         # Every open connection, the one idle the longest first (closed first at the cap).
         self._by_activity: OrderedDict[SIPStreamProtocol, None] = OrderedDict()
         self._flows: dict[SIPURI, SIPStreamProtocol] = {}
         self._pending: dict[ConnectionKey, list[bytes]] = {}
-        self._waiters: dict[ConnectionKey, list[Deferred[SIPStreamProtocol]]] = {}
         self._listen_ports: dict[str, int] = {}
         self._sent_by: dict[str, tuple[str, int]] = {}
         self._prepared: tuple[SIPRequest, bytes] | None = None
@@ -493,7 +498,7 @@ class SIPTransportLayer:
         assert protocol.key is not None
         self._by_activity[protocol] = None
         # The newest connection to an address wins (RFC 5923 style reuse of inbound ones).
-        self._streams[protocol.key] = protocol
+        self._pool.put(protocol.key, protocol)
 
     def _touched(self, protocol: SIPStreamProtocol) -> float:
         """Traffic on ``protocol``: it becomes the last to close at the cap; the time."""
@@ -520,10 +525,7 @@ class SIPTransportLayer:
             if self._flows.get(uri) is protocol:
                 del self._flows[uri]
         key = protocol.key
-        registered = False
-        if key is not None and self._streams.get(key) is protocol:
-            del self._streams[key]
-            registered = True
+        registered = key is not None and self._pool.discard(key, protocol)
         if self.transactions is None:
             return
 
@@ -658,7 +660,7 @@ class SIPTransportLayer:
         if connection.flow_expiry.get(contact, 0.0) <= self.clock.seconds():
             return None
         transport_name, host, port = connection.key
-        self._streams[connection.key] = connection  # the flow is the way to that address
+        self._pool.put(connection.key, connection)  # the flow is the way to that address
         return Target(transport_name, host, port)
 
     # -- outbound -----------------------------------------------------------------------
@@ -805,8 +807,8 @@ class SIPTransportLayer:
 
     def _send_stream(self, target: Target, data: bytes) -> None:
         key = (target.transport, target.host, target.port)
-        connection = self._streams.get(key)
-        if connection is not None and connection.connected:
+        connection = self._pool.get(key)
+        if connection is not None:
             connection.write_message(data)
             return
         pending = self._pending.get(key)
@@ -816,58 +818,43 @@ class SIPTransportLayer:
             pending.append(data)
             return
         self._pending[key] = [data]
-        self.connection(target)
+        # A failure is logged by _open, with the messages it dropped.
+        self.connection(target).addErrback(lambda _: None)
 
     def connection(self, target: Target) -> Deferred[SIPStreamProtocol]:
         """An open connection to ``target``: reused when one exists, else connected (one
         connect attempt at a time per key; queued messages are flushed on success)."""
         key = (target.transport, target.host, target.port)
-        existing = self._streams.get(key)
-        if existing is not None and existing.connected:
-            return Deferred.fromCoroutine(_value(existing))
-        waiter: Deferred[SIPStreamProtocol] = Deferred()
-        waiters = self._waiters.get(key)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._waiters[key] = [waiter]
+        return self._pool.acquire(key, lambda: self._open(target, key))
+
+    async def _open(self, target: Target, key: ConnectionKey) -> SIPStreamProtocol:
         self._pending.setdefault(key, [])
         try:
             endpoint = self._endpoint_factory(target)
             protocol = SIPStreamProtocol(self, target.transport)
             protocol.carried_request = True  # opened to send requests
-            d = connectProtocol(endpoint, protocol)
-        except Exception as e:
-            self._connect_failed(Failure(e), key, target)
-            return waiter
-        if target.transport == "TLS":
-            # Nothing is sent until the peer's certificate passed (handshakeCompleted).
-            secured = protocol.secured = Deferred()
-            d.addCallback(lambda connected: secured)
-        d.addCallbacks(self._connected, self._connect_failed, (key,), None, (key, target))
-        return waiter
-
-    def _connected(self, protocol: Protocol, key: ConnectionKey) -> None:
-        assert isinstance(protocol, SIPStreamProtocol)
-        # Register under the key we dialled too (the peer address is the same unless a
+            secured: Deferred[SIPStreamProtocol] | None = None
+            if target.transport == "TLS":
+                # Nothing is sent until the peer's certificate passed (handshakeCompleted).
+                secured = protocol.secured = Deferred()
+            await connectProtocol(endpoint, protocol)
+            if secured is not None:
+                await secured
+        except BaseException as e:
+            dropped = len(self._pending.pop(key, []))
+            self.log.warn(
+                "connect to {peer} failed ({reason}); {count} messages dropped",
+                peer=str(target),
+                reason=Failure(e).getErrorMessage(),
+                count=dropped,
+            )
+            raise TransportError(f"connect to {target} failed") from None
+        # Known under the key we dialled too (the peer address is the same unless a
         # proxy/NAT sits in between).
-        self._streams[key] = protocol
         protocol.key = key
         for data in self._pending.pop(key, []):
             protocol.write_message(data)
-        for waiter in self._waiters.pop(key, []):
-            waiter.callback(protocol)
-
-    def _connect_failed(self, failure: Failure, key: ConnectionKey, target: Target) -> None:
-        dropped = len(self._pending.pop(key, []))
-        self.log.warn(
-            "connect to {peer} failed ({reason}); {count} messages dropped",
-            peer=str(target),
-            reason=failure.getErrorMessage(),
-            count=dropped,
-        )
-        for waiter in self._waiters.pop(key, []):
-            waiter.errback(TransportError(f"connect to {target} failed"))
+        return protocol
 
     def _default_endpoint(self, target: Target) -> IStreamClientEndpoint:
         tcp: IStreamClientEndpoint
@@ -883,13 +870,12 @@ class SIPTransportLayer:
 
     def close_connections(self) -> None:
         """Drop every stream connection (service shutdown)."""
-        for connection in list(self._streams.values()):
+        for connection in list(self._by_activity):
             if connection.transport is not None:
                 connection.transport.loseConnection()
 
 
-async def _value(value: SIPStreamProtocol) -> SIPStreamProtocol:
-    return value
-
+CONNECT_WAIT_SECONDS = 32.0
+"""How long requests wait for a connection (and its TLS handshake): Timer B, 64·T1."""
 
 UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024

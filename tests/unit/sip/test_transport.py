@@ -18,6 +18,7 @@ from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import Target
 from relayd.sip.transaction import TransactionLayer, TransportError, new_branch
 from relayd.sip.transport import (
+    CONNECT_WAIT_SECONDS,
     SIPDatagramProtocol,
     SIPStreamProtocol,
     SIPTransportLayer,
@@ -625,3 +626,19 @@ def test_a_request_to_a_peer_goes_back_to_where_it_sent_from() -> None:
     assert layer.towards(target) is target
     with pytest.raises(TransportError, match="cannot send to"):
         layer.towards(UA)
+
+
+def test_a_connect_that_never_completes_is_given_up_after_timer_b() -> None:
+    rig = Rig()
+    target = Target("TCP", "192.0.2.50", 5060)
+    failures: list[Failure] = []
+    rig.layer.connection(target).addErrback(failures.append)
+    rig.layer.connection(target).addErrback(failures.append)  # waits for the same attempt
+    assert len(rig.reactor.tcpClients) == 1
+    rig.reactor.advance(CONNECT_WAIT_SECONDS - 1)
+    assert failures == []
+    rig.reactor.advance(1)
+    assert len(failures) == 2
+    # The next request tries afresh.
+    rig.layer.connection(target).addErrback(failures.append)
+    assert len(rig.reactor.tcpClients) == 2
