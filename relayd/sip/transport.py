@@ -840,7 +840,7 @@ class SIPTransportLayer:
             await connectProtocol(endpoint, protocol)
             if secured is not None:
                 await secured
-        except BaseException as e:
+        except Exception as e:  # CancelledError too (the pool's wait bound)
             dropped = len(self._pending.pop(key, []))
             self.log.warn(
                 "connect to {peer} failed ({reason}); {count} messages dropped",
