@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -53,7 +54,12 @@ class _TCPTransport(StringTransport):
 class Relay:
     """The daemon on a fake reactor, with its certificate, users and lists files."""
 
-    def __init__(self, folder: Path, self_signed: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        self_signed: bool = False,
+        extra: dict[tuple[str, str], str] | None = None,
+    ) -> None:
         self.pki = make_pki(folder / "pki")
         self.cert = folder / "cert.pem"
         self.key = folder / "key.pem"
@@ -73,6 +79,7 @@ class Relay:
         overrides[("sip", "listen")] = "tcp:0:interface=127.0.0.1"  # no UDP in MemoryReactor
         overrides[("sip", "lists")] = str(self.lists)
         overrides[("sip", "domain")] = "relay.example.com"
+        overrides.update(extra or {})
         self.reactor = MemoryReactorClock()
         self.top = cast(RelayService, relay_service(prepared_relay(overrides), self.reactor))
         self.top.startService()
@@ -106,6 +113,11 @@ class Relay:
         msrp = cast(MSRPService, self.top.getServiceNamed("msrp"))
         assert msrp.relay.identity is not None
         return msrp.relay.identity.dns_names
+
+    def msrp_trust_roots(self) -> list[bytes]:
+        msrp = cast(MSRPService, self.top.getServiceNamed("msrp"))
+        roots = msrp.relay.trust_roots or []
+        return [root.to_cryptography().public_bytes(Encoding.PEM) for root in roots]
 
     def has_list(self, name: str) -> bool:
         sip = cast(SIPService, self.top.getServiceNamed("sip"))
@@ -206,6 +218,46 @@ def test_on_the_generated_certificate_only_users_and_lists_are_reread(
     assert relay.knows("bob")
     [line] = _lines(events, LogLevel.info)
     assert "no [tls] certificate (the generated self-signed one has nothing to reread)" in line
+
+
+def test_peer_relay_trust_roots_are_reread(tmp_path: Path, events: EventLoggingObserver) -> None:
+    roots = tmp_path / "peers.pem"
+    first, second = make_pki(tmp_path / "first"), make_pki(tmp_path / "second")
+    roots.write_bytes(first.ca_pem)
+    relay = Relay(tmp_path, extra={("msrp", "ca_certificates"): str(roots)})
+    try:
+        assert relay.msrp_trust_roots() == [first.ca_pem]
+        roots.write_bytes(second.ca_pem)
+        assert relay.reloader.reload() is True
+        assert relay.msrp_trust_roots() == [second.ca_pem]
+        roots.write_text("not a certificate\n")
+        assert relay.reloader.reload() is False
+        assert relay.msrp_trust_roots() == [second.ca_pem]
+    finally:
+        relay.top.stopService()
+    [line] = _lines(events, LogLevel.error)
+    assert line.endswith(f"{roots}: no certificates found")
+
+
+def test_a_listeners_own_keys_are_reread(tmp_path: Path) -> None:
+    own = make_pki(tmp_path / "own")
+    cert, key = tmp_path / "xcap-cert.pem", tmp_path / "xcap-key.pem"
+
+    def install(name: str) -> None:
+        issued_cert, issued_key = own.leaf(name)
+        cert.write_bytes(Path(issued_cert).read_bytes())
+        key.write_bytes(Path(issued_key).read_bytes())
+
+    install("xcap-old.example.com")
+    listen = f"ssl:0:interface=127.0.0.1:certKey={cert}:privateKey={key}"
+    relay = Relay(tmp_path, extra={("xcap", "listen"): listen})
+    try:
+        assert relay.served_by_xcap() == ["xcap-old.example.com"]
+        install("xcap-new.example.com")
+        assert relay.reloader.reload() is True
+        assert relay.served_by_xcap() == ["xcap-new.example.com"]
+    finally:
+        relay.top.stopService()
 
 
 def test_sighup_is_handled_while_the_relay_runs_and_handed_to_the_reactor(
