@@ -120,19 +120,9 @@ def prepare(config: RelaydConfig) -> Prepared:
     lists: tuple[URIList, ...] = ()
     if config.sip.lists:
         try:
-            with open(config.sip.lists, "rb") as handle:
-                # Oversized lists load; requests to them are refused (403) instead.
-                document = parse_lists_document(handle.read(), domain)
-        except (OSError, URIListError) as e:
+            lists = read_lists(config.sip.lists, domain)
+        except URIListError as e:
             raise ConfigError(origin("sip", "lists"), "sip", "lists", str(e)) from None
-        if document.unroutable:
-            # The file exists only to define routes: a list or entry it cannot
-            # route is the operator's mistake, not a document to keep as it is.
-            first = document.unroutable[0]
-            raise ConfigError(
-                origin("sip", "lists"), "sip", "lists", f"{first.node}: {first.reason}"
-            )
-        lists = document.lists
     try:
         consent_key = load_or_create_key(data_dir / "consent.key")
     except KeyFileError as e:
@@ -149,6 +139,23 @@ def prepare(config: RelaydConfig) -> Prepared:
         lists,
         consent_key,
     )
+
+
+def read_lists(path: str, domain: str) -> tuple[URIList, ...]:
+    """The lists of the ``[sip] lists`` file, at start and on reload; raises
+    :class:`URIListError` saying what is wrong."""
+    try:
+        with open(path, "rb") as handle:
+            # Oversized lists load; requests to them are refused (403) instead.
+            document = parse_lists_document(handle.read(), domain)
+    except OSError as e:
+        raise URIListError(str(e)) from None
+    if document.unroutable:
+        # The file exists only to define routes: a list or entry it cannot
+        # route is the operator's mistake, not a document to keep as it is.
+        first = document.unroutable[0]
+        raise URIListError(f"{first.node}: {first.reason}")
+    return document.lists
 
 
 def _restrict(data_dir: Path, source: str) -> None:

@@ -10,6 +10,9 @@ reactor runs, so the daemon never serves with a surface missing.
 
 from __future__ import annotations
 
+import signal
+import threading
+from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -24,6 +27,8 @@ from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.service import MSRPService, relay_limits
 from relayd.msrp.transport import MSRPRelay
+from relayd.net.tls import TLSMaterial
+from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.resource import XCAPResource, XCAPSite
@@ -41,12 +46,21 @@ def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
 
 class RelayService(MultiService):
     """The whole daemon.  Its start says first who the relay is, so an operator
-    reading the log sees the names clients must use before the listeners' lines."""
+    reading the log sees the names clients must use before the listeners' lines.
 
-    def __init__(self, prepared: Prepared) -> None:
+    While it runs, SIGHUP rereads certificates, keys, users and lists (``reloader``);
+    the reload itself runs in the reactor, not in the signal handler.
+    """
+
+    def __init__(
+        self, prepared: Prepared, reactor: Any = None, reloader: Reloader | None = None
+    ) -> None:
         super().__init__()
         self._prepared = prepared
         self._introduced = False
+        self._reactor = reactor
+        self.reloader = reloader
+        self._previous_hangup: Any = None
 
     def privilegedStartService(self) -> None:
         self._introduce()
@@ -55,6 +69,19 @@ class RelayService(MultiService):
     def startService(self) -> None:
         self._introduce()
         super().startService()
+        # Signal handlers can only be set from the main thread (not so in some tests).
+        if self.reloader is not None and threading.current_thread() is threading.main_thread():
+            self._previous_hangup = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> Any:
+        if self._previous_hangup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hangup)
+            self._previous_hangup = None
+        return super().stopService()
+
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        if self.reloader is not None:
+            self._reactor.callFromThread(self.reloader.reload)
 
     def _introduce(self) -> None:
         if self._introduced:
@@ -76,7 +103,8 @@ class RelayService(MultiService):
 def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     """The relay daemon: every part a named child of one MultiService."""
     config = prepared.config
-    top = RelayService(prepared)
+    top = RelayService(prepared, reactor)
+    tls = TLSMaterial(prepared.identity, prepared.trust_roots)
     prepared.users.use_clock(reactor)  # reloads are timed like every other wait
     digest = DigestAuthenticator(
         prepared.realm,
@@ -94,9 +122,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     )
     core = RelayCore(reactor, prepared.hostname, policy, digest)
     relay = MSRPRelay(reactor, core, relay_limits(msrp), prepared.identity, prepared.trust_roots)
-    service = MSRPService(
-        relay, reactor, prepared.identity, prepared.trust_roots, prepared.hostname, msrp.listen
-    )
+    service = MSRPService(relay, reactor, tls, prepared.hostname, msrp.listen)
     service.setName("msrp")
     service.setServiceParent(top)
 
@@ -115,7 +141,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         max_connections=xcap.max_connections,
         reactor=reactor,
     )
-    xcap_service = XCAPService(site, store, reactor, xcap, prepared.identity, prepared.hostname)
+    xcap_service = XCAPService(site, store, reactor, xcap, tls, prepared.hostname)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)
 
@@ -126,8 +152,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         domain=prepared.sip_domain or prepared.hostname,
         realm=prepared.realm,
         users=prepared.users,
-        identity=prepared.identity,
-        trust_roots=prepared.trust_roots,
+        tls=tls,
         lists=prepared.sip_lists,
         consent_key=prepared.consent_key,
         digest=digest,
@@ -139,4 +164,11 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     )
     sip_service.setName("sip")
     sip_service.setServiceParent(top)
+    top.reloader = Reloader(
+        config,
+        tls,
+        prepared.users,
+        sip_service.consent_relay.directory,
+        prepared.sip_domain or prepared.hostname,
+    )
     return top

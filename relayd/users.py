@@ -15,6 +15,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet.interfaces import IReactorTime
@@ -144,10 +145,20 @@ class UsersFile:
 
     def reload(self) -> None:
         """Read the file now; raises :class:`UsersFileError` if malformed."""
+        self.stage_reload()()
+
+    def stage_reload(self) -> Callable[[], None]:
+        """Read the file now (raises :class:`UsersFileError` if malformed); the
+        returned callable puts what was read in use, so that a reload of several
+        files switches to all of them or to none (relayd.reload)."""
         signature, table = self._read()
-        self._table = table
-        self._signature = signature
-        self._next_check = self._clock.seconds() + RELOAD_CHECK_INTERVAL_SECONDS
+
+        def commit() -> None:
+            self._table = table
+            self._signature = signature
+            self._next_check = self._clock.seconds() + RELOAD_CHECK_INTERVAL_SECONDS
+
+        return commit
 
     def _maybe_reload(self) -> None:
         now = self._clock.seconds()

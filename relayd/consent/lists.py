@@ -374,12 +374,19 @@ class ListDirectory:
         self._store_docs: dict[tuple[str, str], list[URIList]] = {}
         self._by_user: dict[str, URIList] = {}
         self._defined_in: dict[str, tuple[str, str]] = {}
+        self.replace_file_lists(file_lists)
+
+    def replace_file_lists(self, file_lists: Iterable[URIList]) -> None:
+        """The lists of the ``[sip] lists`` file, at start and again on reload; those
+        of XCAP documents stay, and a file list still wins over one of theirs."""
+        found: dict[str, URIList] = {}
         for item in file_lists:
             user = self._local_user(item.uri)
             if user is None:
                 self.log.warn("list {uri} is not in our domain; ignored", uri=item.uri)
             else:
-                self._file[user] = item
+                found[user] = item
+        self._file = found
         self._rebuild()
 
     def is_local(self, uri: SIPURI) -> bool:

@@ -7,7 +7,6 @@ import ssl
 from collections.abc import Iterable
 from typing import Any
 
-from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
@@ -22,7 +21,13 @@ from relayd.net.endpoints import (
     stream_server_endpoint,
 )
 from relayd.net.listeners import Listeners
-from relayd.net.tls import ServerIdentity, stdlib_server_context
+from relayd.net.tls import (
+    ListenerTLS,
+    ServerIdentity,
+    TLSMaterial,
+    TrustRoots,
+    stdlib_server_context,
+)
 
 
 def relay_limits(config: MSRPConfig) -> RelayLimits:
@@ -84,8 +89,7 @@ class MSRPService(Listeners):
         self,
         relay: MSRPRelay,
         reactor: Any,
-        identity: ServerIdentity,
-        trust_roots: list[crypto.X509] | None,
+        tls: TLSMaterial,
         hostname: str,
         listen: Iterable[str],
     ) -> None:
@@ -96,9 +100,17 @@ class MSRPService(Listeners):
         self.listen = tuple(listen)
         self._listener_hosts: list[str] = []
 
-        def tls_context(spec: EndpointSpec) -> ssl.SSLContext:
+        def tls_context(spec: EndpointSpec) -> ListenerTLS:
             # The standard library's TLS: half the memory per idle client (relayd.net.tlsio).
-            return stdlib_server_context(listener_identity(identity, spec), trust_roots)
+            def build(identity: ServerIdentity, trust_roots: TrustRoots) -> ssl.SSLContext:
+                return stdlib_server_context(listener_identity(identity, spec), trust_roots)
+
+            return tls.listener(build)
+
+        def follow() -> None:  # outbound connections to peer relays use the reloaded keys
+            relay.identity, relay.trust_roots = tls.identity, tls.trust_roots
+
+        tls.follow(follow)
 
         for text in self.listen:
             spec = parse_endpoint(text)

@@ -36,7 +36,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from relayd.net.tls import (
+    ListenerTLS,
     ServerIdentity,
+    TLSMaterial,
+    TrustRoots,
     load_identity,
     server_context_factory,
     with_extra_chain,
@@ -178,7 +181,7 @@ def is_host(text: str) -> bool:
 def stream_server_endpoint(
     reactor: IReactorTCP,
     spec: EndpointSpec,
-    tls_context: Callable[[EndpointSpec], IOpenSSLContextFactory | ssl.SSLContext] | None = None,
+    tls_context: Callable[[EndpointSpec], ListenerTLS] | None = None,
 ) -> IStreamServerEndpoint:
     """A Twisted server endpoint for a ``tcp:`` or ``ssl:`` spec."""
     backlog = int(spec.options.get("backlog", "50"))
@@ -220,20 +223,31 @@ class TLSServerEndpoint:
     already write one whole frame per call.
     """
 
-    def __init__(
-        self, tcp: IStreamServerEndpoint, context: IOpenSSLContextFactory | ssl.SSLContext
-    ) -> None:
+    def __init__(self, tcp: IStreamServerEndpoint, tls: ListenerTLS) -> None:
         self._tcp = tcp
-        self._context = context
+        self._tls = tls
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         factory: Any
-        if isinstance(self._context, ssl.SSLContext):
-            factory = StdlibTLSServerFactory(self._context, protocolFactory)
+        tls = self._tls
+        if isinstance(tls.current, ssl.SSLContext):
+            factory = StdlibTLSServerFactory(lambda: tls.current, protocolFactory)
         else:
-            factory = TLSMemoryBIOFactory(self._context, False, protocolFactory)
+            factory = TLSMemoryBIOFactory(_CurrentContext(tls), False, protocolFactory)
             factory.protocol = TLSMemoryBIOProtocol
         return self._tcp.listen(factory)
+
+
+@implementer(IOpenSSLContextFactory)
+class _CurrentContext:
+    """The pyOpenSSL context a listener's keys are now loaded in: Twisted's
+    TLSMemoryBIOFactory asks for one per connection it accepts."""
+
+    def __init__(self, tls: ListenerTLS) -> None:
+        self._tls = tls
+
+    def getContext(self) -> Any:
+        return self._tls.current.getContext()
 
 
 def listener_identity(relay_identity: ServerIdentity, spec: EndpointSpec) -> ServerIdentity:
@@ -251,7 +265,15 @@ def listener_identity(relay_identity: ServerIdentity, spec: EndpointSpec) -> Ser
     return identity
 
 
-def listener_tls(identity: ServerIdentity) -> Callable[[EndpointSpec], IOpenSSLContextFactory]:
+def listener_tls(material: TLSMaterial) -> Callable[[EndpointSpec], ListenerTLS]:
     """The pyOpenSSL TLS of ``ssl:`` listeners: each one's own keys if it names them,
-    else ``identity`` (the ``[tls]`` one); TLS 1.2 at least, no client certificate asked."""
-    return lambda spec: server_context_factory(listener_identity(identity, spec), None)
+    else the ``[tls]`` ones; TLS 1.2 at least, no client certificate asked.  Both are
+    read again on reload."""
+
+    def tls(spec: EndpointSpec) -> ListenerTLS:
+        def build(identity: ServerIdentity, _: TrustRoots) -> IOpenSSLContextFactory:
+            return server_context_factory(listener_identity(identity, spec), None)
+
+        return material.listener(build)
+
+    return tls

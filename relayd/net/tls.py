@@ -15,8 +15,10 @@ import ipaddress
 import os
 import ssl as stdlib_ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -275,6 +277,70 @@ def client_connection_creator(
         trustRoot=trust,
         clientCertificate=identity.private_certificate if identity else None,
     )
+
+
+TrustRoots = list[crypto.X509] | None
+
+
+class ListenerTLS:
+    """One ``ssl:`` listener's TLS context, rebuilt when the relay's keys are reloaded.
+
+    The listener takes ``current`` for each connection it accepts, so a new context
+    reaches new connections only; one already made keeps the context it was made
+    with.  A fresh context, not ``load_cert_chain`` on the running one: the
+    trust roots change with it, and nothing is half-replaced if a file is bad.
+    """
+
+    def __init__(self, build: Callable[[ServerIdentity, TrustRoots], Any], current: Any) -> None:
+        self.build = build
+        self.current = current
+
+
+class TLSMaterial:
+    """The relay's TLS identity and peer-relay trust roots as last (re)loaded.
+
+    Everything that makes or accepts a TLS connection reads them here when it
+    does, so :meth:`stage` followed by its commit switches every listener,
+    outbound connection and peer check at once (relayd.reload).
+    """
+
+    def __init__(self, identity: ServerIdentity, trust_roots: TrustRoots) -> None:
+        self.identity = identity
+        self.trust_roots = trust_roots
+        self._listeners: list[ListenerTLS] = []
+        self._followers: list[Callable[[], None]] = []
+
+    def listener(self, build: Callable[[ServerIdentity, TrustRoots], Any]) -> ListenerTLS:
+        """A listener's context made by ``build`` now, and again on every reload."""
+        tls = ListenerTLS(build, build(self.identity, self.trust_roots))
+        self._listeners.append(tls)
+        return tls
+
+    def follow(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each reload, for holders of a copy of the material."""
+        self._followers.append(callback)
+
+    def client_creator(self, hostname: str) -> IOpenSSLClientConnectionCreator:
+        """Outbound TLS to ``hostname`` with the current identity and trust roots."""
+        return client_connection_creator(hostname, self.identity, self.trust_roots)
+
+    def stage(self, identity: ServerIdentity, trust_roots: TrustRoots) -> Callable[[], None]:
+        """Build every listener's context from new material; the returned callable
+        switches to them.  Raises :class:`TLSSetupError` (nothing switched) if one
+        cannot be built, such as a listener's own ``certKey`` that no longer loads."""
+        try:
+            contexts = [tls.build(identity, trust_roots) for tls in self._listeners]
+        except (OSError, SSL.Error, stdlib_ssl.SSLError) as e:
+            raise TLSSetupError(f"{identity.certificate_path}: {e}") from None
+
+        def commit() -> None:
+            self.identity, self.trust_roots = identity, trust_roots
+            for tls, context in zip(self._listeners, contexts, strict=True):
+                tls.current = context
+            for callback in self._followers:
+                callback()
+
+        return commit
 
 
 def tls_failure(reason: BaseException | None) -> str | None:

@@ -15,6 +15,7 @@ Twisted's pyOpenSSL path, which carries service_identity checks.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -39,7 +40,7 @@ class StdlibTLSServerProtocol(ProtocolWrapper):
         super().__init__(factory, wrappedProtocol)  # type: ignore[arg-type]
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = factory.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._tls = factory.context_of().wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._handshake_done = False
         self._pending: list[bytes] = []
         self._failure: Failure | None = None
@@ -186,9 +187,15 @@ class StdlibTLSServerFactory(WrappingFactory):
     protocol = StdlibTLSServerProtocol
     noisy = False
 
-    def __init__(self, context: ssl.SSLContext, wrappedFactory: IProtocolFactory) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext | Callable[[], ssl.SSLContext],
+        wrappedFactory: IProtocolFactory,
+    ) -> None:
+        """``context``: one context, or where each new connection gets the current one
+        (a listener whose keys can be reloaded, relayd.net.tls.ListenerTLS)."""
         super().__init__(wrappedFactory)
-        self.context = context
+        self.context_of = context if callable(context) else lambda: context
 
 
 def _peer(protocol: StdlibTLSServerProtocol) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
@@ -30,7 +29,7 @@ from relayd.net.endpoints import (
     stream_server_endpoint,
 )
 from relayd.net.listeners import Listeners
-from relayd.net.tls import ServerIdentity, client_connection_creator
+from relayd.net.tls import TLSMaterial
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import ConsentURIs
 from relayd.sip.consent_relay import ConsentRelay, owners_from_users
@@ -57,7 +56,7 @@ class SIPService(Listeners):
         registrar: Registrar,
         reactor: Any,
         config: SIPConfig,
-        identity: ServerIdentity,
+        tls: TLSMaterial,
         users: UsersFile,
         names: tuple[str, ...],
         overload: LagMonitor | None = None,
@@ -73,7 +72,7 @@ class SIPService(Listeners):
         self.addresses: list[tuple[str, str, int]] = []
         """``(kind, host, port)`` of each bound listener, for tests and tools."""
 
-        tls_context = listener_tls(identity)
+        tls_context = listener_tls(tls)
         for text in config.listen:
             spec = parse_endpoint(text)
             if spec.kind == "udp":
@@ -136,8 +135,7 @@ def build_sip(
     domain: str,
     realm: str,
     users: UsersFile,
-    identity: ServerIdentity,
-    trust_roots: list[crypto.X509] | None,
+    tls: TLSMaterial,
     lists: tuple[URIList, ...],
     consent_key: bytes,
     digest: DigestAuthenticator,
@@ -164,7 +162,7 @@ def build_sip(
         max_datagrams_per_source=sip.max_datagrams_per_source,
         # sips: members and transport=tls targets: the peers' trust roots if configured,
         # else the platform's; SNI and a service_identity check of the target's name.
-        tls_creator=lambda host: client_connection_creator(host, identity, trust_roots),
+        tls_creator=tls.client_creator,
     )
     detector = LoopDetector(transport.own_sent_by)
     uas = UASCore(
@@ -224,5 +222,5 @@ def build_sip(
     )
     names = (domain, hostname, realm)
     return SIPService(
-        consent_relay, transport, registrar, reactor, sip, identity, users, names, overload
+        consent_relay, transport, registrar, reactor, sip, tls, users, names, overload
     )

@@ -17,7 +17,7 @@ from relayd.net.endpoints import (
     stream_server_endpoint,
 )
 from relayd.net.listeners import Listeners
-from relayd.net.tls import ServerIdentity
+from relayd.net.tls import TLSMaterial
 from relayd.xcap.auth import permission_uri
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.usages import load_schemas
@@ -35,7 +35,7 @@ class XCAPService(Listeners):
         store: IPermissionStore,
         reactor: Any,
         config: XCAPConfig,
-        identity: ServerIdentity,
+        tls: TLSMaterial,
         hostname: str,
     ) -> None:
         super().__init__("XCAP")
@@ -45,7 +45,7 @@ class XCAPService(Listeners):
         self.hostname = hostname
         self.public_url = config.public_url.rstrip("/")
 
-        tls_context = listener_tls(identity)
+        tls_context = listener_tls(tls)
         for text in config.listen:
             spec = parse_endpoint(text)
             self.add_stream(spec, stream_server_endpoint(reactor, spec, tls_context), site)

@@ -41,6 +41,11 @@ def test_unit_runs_relayd_as_its_own_user_hardened() -> None:
     assert "143" in service["SuccessExitStatus"].split()
 
 
+def test_systemctl_reload_sends_sighup() -> None:
+    # SIGHUP rereads certificates, users and lists (relayd.reload).
+    assert _service_section()["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+
 def test_sysusers_entry_names_the_units_user() -> None:
     line = next(
         entry

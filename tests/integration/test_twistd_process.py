@@ -10,13 +10,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import load_pem_x509_certificate
+from twisted.internet import defer, endpoints, protocol, reactor, ssl
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.utils import getProcessOutputAndValue
+from zope.interface import implementer
 
 from relayd.msrp.client import connect
 from relayd.testing import RelayPKI, write_users
 
-from .conftest import REALM, USERS, RecordingSink, path_to
+from .conftest import REALM, USERS, RecordingSink, deferLater, path_to
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +184,98 @@ async def test_busy_port_stops_startup_with_one_line(
     assert f"{label} listening" not in output
     if section == "msrp":  # the first service: nothing else was bound either
         assert "listening" not in output
+
+
+async def _logged(daemon: Daemon, text: bytes, count: int = 1) -> None:
+    """Wait until the daemon has logged ``text`` ``count`` times (or time out)."""
+    for _ in range(200):
+        if daemon.output.count(text) >= count:
+            return
+        await deferLater(0.05)
+    raise AssertionError(daemon.output.decode(errors="replace"))
+
+
+@implementer(IHandshakeListener)
+class _Handshake(protocol.Protocol):
+    def __init__(self) -> None:
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:
+        transport: Any = self.transport
+        served = transport.getPeerCertificate().to_cryptography().public_bytes(Encoding.DER)
+        self.done.callback(bytes(served))
+        transport.loseConnection()
+
+
+async def _served_certificate(port: int, ca_pem: bytes) -> bytes:
+    """The DER leaf certificate a new TLS connection to ``port`` is given."""
+    options = ssl.optionsForClientTLS("127.0.0.1", ssl.Certificate.loadPEM(ca_pem))
+    endpoint = endpoints.SSL4ClientEndpoint(reactor, "127.0.0.1", port, options)
+    client = await endpoints.connectProtocol(endpoint, _Handshake())
+    served: bytes = await client.done.addTimeout(10, reactor)
+    return served
+
+
+def _leaf_der(path: Path) -> bytes:
+    return load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_serves_a_renewed_certificate_and_refuses_a_bad_one(
+    tmp_path: Path, pki: RelayPKI
+) -> None:
+    config = write_config(tmp_path, pki)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(name: str) -> None:
+        issued_cert, issued_key = pki.leaf(name, "127.0.0.1")
+        cert.write_bytes(Path(issued_cert).read_bytes())
+        key.write_bytes(Path(issued_key).read_bytes())
+
+    install("first.example.com")
+    text = re.sub(r"(?m)^certificate = .*$", f"certificate = {cert}", config.read_text())
+    config.write_text(re.sub(r"(?m)^private_key = .*$", f"private_key = {key}", text))
+    daemon = Daemon()
+    process = reactor.spawnProcess(
+        daemon,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        env=None,
+        path=str(tmp_path),
+    )
+    try:
+        port = await daemon.listening.addTimeout(30, reactor)
+        assert await _served_certificate(port, pki.ca_pem) == _leaf_der(cert)
+        uri = f"msrps://127.0.0.1:{port};tcp"
+        sink = RecordingSink()
+        alice = await connect(reactor, uri, pki.ca_pem)
+        bob = await connect(reactor, uri, pki.ca_pem, sink_for=lambda request: sink)
+        alice_auth = await defer.Deferred.fromCoroutine(alice.auth([uri], "alice", USERS["alice"]))
+        bob_auth = await defer.Deferred.fromCoroutine(bob.auth([uri], "bob", USERS["bob"]))
+        to_path = " ".join([*alice_auth.use_path, *path_to(bob, bob_auth)])
+
+        install("second.example.com")
+        process.signalProcess("HUP")
+        await _logged(daemon, b"Reloaded: certificate " + str(cert).encode())
+        assert await _served_certificate(port, pki.ca_pem) == _leaf_der(cert)
+        # Connections made before the reload carry on with the certificate they had.
+        await defer.Deferred.fromCoroutine(
+            alice.send_message(to_path, b"after the reload", 16, message_id="r1")
+        ).addTimeout(10, reactor)
+        assert await sink.wait("r1") == b"after the reload"
+
+        renewed = _leaf_der(cert)
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        process.signalProcess("HUP")
+        await _logged(daemon, b"Reload refused")
+        assert await _served_certificate(port, pki.ca_pem) == renewed
+        alice.transport.loseConnection()  # type: ignore[union-attr]
+        bob.transport.loseConnection()  # type: ignore[union-attr]
+    finally:
+        if not daemon.ended.called:
+            process.signalProcess(signal.SIGTERM)
+    await daemon.ended.addTimeout(30, reactor)
+    output = daemon.output.decode(errors="replace")
+    refused = [line for line in output.splitlines() if "Reload refused" in line]
+    assert len(refused) == 1 and f"{cert}: not a PEM certificate" in refused[0], output
+    assert "Traceback" not in output

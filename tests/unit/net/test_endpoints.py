@@ -7,10 +7,11 @@ from typing import Any, cast
 
 import pytest
 from OpenSSL import SSL
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -24,7 +25,7 @@ from relayd.net.endpoints import (
     parse_endpoint,
     stream_server_endpoint,
 )
-from relayd.net.tls import certificate_dns_names, load_identity
+from relayd.net.tls import ListenerTLS, TLSMaterial, certificate_dns_names, load_identity
 from relayd.testing import make_pki
 
 
@@ -225,9 +226,9 @@ class _ContextFactory:
     def __init__(self) -> None:
         self.specs: list[EndpointSpec] = []
 
-    def __call__(self, spec: EndpointSpec) -> IOpenSSLContextFactory:
+    def __call__(self, spec: EndpointSpec) -> ListenerTLS:
         self.specs.append(spec)
-        return cast(IOpenSSLContextFactory, self)
+        return ListenerTLS(lambda *_: self, cast(IOpenSSLContextFactory, self))
 
     def getContext(self) -> SSL.Context:
         return SSL.Context(SSL.TLS_METHOD)
@@ -312,12 +313,12 @@ def test_ssl_listener_with_stdlib_context_uses_the_stdlib_tls_wrapper() -> None:
     reactor = MemoryReactor()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     spec = parse_endpoint("ssl:2855:interface=127.0.0.1")
-    endpoint = stream_server_endpoint(reactor, spec, lambda _: context)
+    endpoint = stream_server_endpoint(reactor, spec, lambda _: ListenerTLS(lambda *_: 0, context))
     factory = _factory()
     endpoint.listen(factory)
     _, tls_factory, _, _ = reactor.tcpServers[0]
     assert isinstance(tls_factory, StdlibTLSServerFactory)
-    assert tls_factory.context is context
+    assert tls_factory.context_of() is context
     assert tls_factory.wrappedFactory is factory
 
 
@@ -325,8 +326,8 @@ def test_ssl_listener_without_keys_serves_the_relay_identity_over_tls12(tmp_path
     pki = make_pki(tmp_path / "pki")
     relay_identity = load_identity(*pki.leaf("relay.example.com"))
     own_identity = load_identity(*pki.leaf("own.example.com"))
-    tls = listener_tls(relay_identity)
-    without_keys = tls(parse_endpoint("ssl:2855")).getContext()
+    tls = listener_tls(TLSMaterial(relay_identity, None))
+    without_keys = tls(parse_endpoint("ssl:2855")).current.getContext()
     options = without_keys.set_options(0)
     assert options & SSL.OP_NO_TLSv1_1 and not options & SSL.OP_NO_TLSv1_2
     own = parse_endpoint(
@@ -335,7 +336,7 @@ def test_ssl_listener_without_keys_serves_the_relay_identity_over_tls12(tmp_path
     )
     served = {
         "without keys": _served_names(without_keys),
-        "with its own": _served_names(tls(own).getContext()),
+        "with its own": _served_names(tls(own).current.getContext()),
     }
     assert served == {"without keys": ["relay.example.com"], "with its own": ["own.example.com"]}
 
@@ -363,3 +364,23 @@ def test_datagram_server_listens_with_interface() -> None:
     assert calls == [((5070, protocol), {"interface": "127.0.0.1", "maxPacketSize": 65535})]
     with pytest.raises(ValueError):
         datagram_server(Reactor(), parse_endpoint("tcp:5070"), protocol, 65535)
+
+
+def test_reloaded_keys_reach_new_connections_of_a_listening_endpoint(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    material = TLSMaterial(load_identity(*pki.leaf("old.example.com")), None)
+    reactor = MemoryReactor()
+    spec = parse_endpoint("ssl:2855")
+    stream_server_endpoint(reactor, spec, listener_tls(material)).listen(_factory())
+    _, tls_factory, _, _ = reactor.tcpServers[0]
+
+    def accept() -> SSL.Context:
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        protocol = cast(TLSMemoryBIOProtocol, tls_factory.buildProtocol(address))
+        protocol.makeConnection(StringTransport())
+        return cast(SSL.Context, protocol.getHandle().get_context())
+
+    established = accept()
+    material.stage(load_identity(*pki.leaf("new.example.com")), None)()
+    assert _served_names(established) == ["old.example.com"]
+    assert _served_names(accept()) == ["new.example.com"]
