@@ -29,8 +29,9 @@ that a restarted relay still reaches every registered UA. They are the registrar
 working copy on disk, not documents: their writes announce no :class:`StoreChange`.
 
 These rules are written once, in :class:`RuleStore`, over the :class:`Rows` a backend
-keeps: :class:`MemoryPermissionStore` here, for tests, and the SQLite file of
-:mod:`relayd.consent.sqlite`. A backend only stores and finds rows.
+keeps: :class:`MemoryPermissionStore` here, for tests, the SQLite file of
+:mod:`relayd.consent.sqlite` and the shared database of :mod:`relayd.consent.postgres`.
+A backend only stores and finds rows.
 """
 
 from __future__ import annotations

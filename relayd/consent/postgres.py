@@ -1,0 +1,379 @@
+"""The permission store's PostgreSQL backend: shared by every node that names the same
+database, behind adbapi with psycopg 3.
+
+It keeps rows only; the store's rules are :class:`relayd.consent.store.RuleStore`'s.
+Its schema is built and upgraded by the numbered steps of :data:`MIGRATIONS`, never by
+ad-hoc DDL: each applied step is a row of ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from zope.interface import implementer
+
+from relayd.consent.documents import DocumentKey
+from relayd.consent.store import (
+    ConsentState,
+    IPermissionStore,
+    PendingConsent,
+    Rows,
+    RuleStore,
+    StoreChange,
+    StoredBinding,
+    StoredDocument,
+    Write,
+)
+from relayd.logs import logger
+
+_T = TypeVar("_T")
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: documents, consents and registrations (SQLite's versions 1 and 2).
+    (
+        """CREATE TABLE documents (
+            auid TEXT NOT NULL,
+            xui TEXT NOT NULL,
+            name TEXT COLLATE "C" NOT NULL,
+            body BYTEA NOT NULL,
+            etag TEXT NOT NULL,
+            PRIMARY KEY (auid, xui, name)
+        )""",
+        """CREATE TABLE consents (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            sender TEXT NOT NULL,
+            list_uri TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            methods TEXT[] NOT NULL,
+            permission_token TEXT NOT NULL UNIQUE,
+            created DOUBLE PRECISION NOT NULL,
+            expires DOUBLE PRECISION NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('pending', 'granted', 'denied', 'expired'))
+        )""",
+        """CREATE UNIQUE INDEX consents_one_open
+            ON consents (sender, list_uri, recipient) WHERE state = 'pending'""",
+        "CREATE INDEX consents_recipient ON consents (recipient)",
+        "CREATE INDEX consents_pending_expiry ON consents (expires) WHERE state = 'pending'",
+        """CREATE TABLE bindings (
+            aor TEXT COLLATE "C" NOT NULL,
+            uri TEXT COLLATE "C" NOT NULL,
+            contact TEXT NOT NULL,
+            expires DOUBLE PRECISION NOT NULL,
+            call_id TEXT NOT NULL,
+            cseq INTEGER NOT NULL,
+            q DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (aor, uri)
+        )""",
+        "CREATE INDEX bindings_expiry ON bindings (expires)",
+    ),
+)
+"""Step *n* (from 1) turns schema version *n - 1* into *n*; steps are only ever appended.
+Sorted keys are ``COLLATE "C"``: names and ids sort by code point, as in the other backends."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_MIGRATION_LOCK = 0x72656C6179  # "relay": one node migrates at a time
+_ATTEMPTS = 5
+"""Tries of a transaction that PostgreSQL refused to serialise against another node's."""
+_CONNECT_TIMEOUT = "10"
+"""Seconds to reach the server when the DSN gives no ``connect_timeout``."""
+
+_CONSENT_COLUMNS = (
+    "id, sender, list_uri, recipient, methods, permission_token, created, expires, state"
+)
+
+
+class StoreSchemaError(Exception):
+    """The database was migrated by a newer relayd (schema version too high)."""
+
+
+def connection_string(dsn: str) -> str:
+    """``dsn`` (a libpq connection string) with a connect timeout when it has none:
+    a server that does not answer fails the store's calls instead of hanging them."""
+    if "connect_timeout" in conninfo_to_dict(dsn):
+        return dsn
+    return make_conninfo(dsn, connect_timeout=_CONNECT_TIMEOUT)
+
+
+def describe(dsn: str) -> str:
+    """Where ``dsn`` points, for the log: host, port, database and user, no password."""
+    params = conninfo_to_dict(dsn)
+    where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+    return f"{params.get('user', '')}@{where}/{params.get('dbname', '')}".lstrip("@")
+
+
+def migrate(connection: psycopg.Connection[Any]) -> int:
+    """Apply the steps of :data:`MIGRATIONS` the database lacks; the version it had.
+
+    One transaction under a database-wide advisory lock, in READ COMMITTED so that a
+    node which waited for the lock sees what the node before it applied.  A database
+    migrated by a newer relayd is refused with :class:`StoreSchemaError`.
+    """
+    connection.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY,"
+            " applied TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT now())"
+        )
+        row = connection.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        current = int(row[0]) if row is not None and row[0] is not None else 0
+        if current > SCHEMA_VERSION:
+            raise StoreSchemaError(f"database schema {current} is newer than {SCHEMA_VERSION}")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[version - 1]:
+                connection.execute(statement)
+            connection.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+    return current
+
+
+def _open_connection(connection: psycopg.Connection[Any]) -> None:
+    """adbapi ``cp_openfun``, in the pool thread for each new connection: migrate, then
+    make every transaction SERIALIZABLE, so that a rule's read-then-write (If-Match, one
+    open consent per triple) holds against every node's writes, not only this one's."""
+    try:
+        migrate(connection)
+    except BaseException:
+        connection.close()  # adbapi keeps only connections that opened
+        raise
+    connection.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+
+
+def _consent_from_row(row: Sequence[Any]) -> PendingConsent:
+    return PendingConsent(
+        id=row[0],
+        sender=row[1],
+        list_uri=row[2],
+        recipient=row[3],
+        methods=tuple(row[4]),
+        permission_token=row[5],
+        created=row[6],
+        expires=row[7],
+        state=ConsentState(row[8]),
+    )
+
+
+class _PostgresRows:
+    """:class:`~relayd.consent.store.Rows` in the tables of :data:`MIGRATIONS`, on the
+    pool's thread, inside the transaction ``cursor`` belongs to."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
+        self.cursor = cursor
+
+    def _consent_where(
+        self, where: str, args: Sequence[object] | Mapping[str, object]
+    ) -> list[PendingConsent]:
+        # ``where`` is always one of the literal clauses in this module, never input.
+        self.cursor.execute(
+            f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE {where}",  # noqa: S608
+            args,
+        )
+        return [_consent_from_row(row) for row in self.cursor.fetchall()]
+
+    def _one_consent(self, where: str, args: Sequence[object]) -> PendingConsent | None:
+        found = self._consent_where(where, args)
+        return found[0] if found else None
+
+    def document(self, key: DocumentKey) -> StoredDocument | None:
+        self.cursor.execute(
+            "SELECT body, etag FROM documents WHERE auid = %s AND xui = %s AND name = %s", key
+        )
+        row = self.cursor.fetchone()
+        return StoredDocument(bytes(row[0]), row[1]) if row is not None else None
+
+    def document_etag(self, key: DocumentKey) -> str | None:
+        self.cursor.execute(
+            "SELECT etag FROM documents WHERE auid = %s AND xui = %s AND name = %s", key
+        )
+        row = self.cursor.fetchone()
+        return row[0] if row is not None else None
+
+    def write_document(self, key: DocumentKey, body: bytes, etag: str) -> None:
+        self.cursor.execute(
+            "INSERT INTO documents (auid, xui, name, body, etag) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (auid, xui, name) DO UPDATE"
+            " SET body = excluded.body, etag = excluded.etag",
+            (*key, bytes(body), etag),
+        )
+
+    def remove_document(self, key: DocumentKey) -> None:
+        self.cursor.execute("DELETE FROM documents WHERE auid = %s AND xui = %s AND name = %s", key)
+
+    def document_names(self, auid: str, xui: str) -> list[str]:
+        self.cursor.execute(
+            "SELECT name FROM documents WHERE auid = %s AND xui = %s ORDER BY name",
+            (auid, xui),
+        )
+        return [row[0] for row in self.cursor.fetchall()]
+
+    def consent(self, consent_id: str) -> PendingConsent | None:
+        return self._one_consent("id = %s", (consent_id,))
+
+    def consent_by_token(self, permission_token: str) -> PendingConsent | None:
+        return self._one_consent("permission_token = %s", (permission_token,))
+
+    def open_consent(self, sender: str, list_uri: str, recipient: str) -> PendingConsent | None:
+        return self._one_consent(
+            "sender = %s AND list_uri = %s AND recipient = %s AND state = 'pending'",
+            (sender, list_uri, recipient),
+        )
+
+    def consents(
+        self,
+        recipient: str | None,
+        sender: str | None,
+        list_uri: str | None,
+        state: ConsentState | None,
+    ) -> list[PendingConsent]:
+        return self._consent_where(
+            "(%(r)s::text IS NULL OR recipient = %(r)s) AND (%(s)s::text IS NULL OR sender = %(s)s)"
+            " AND (%(l)s::text IS NULL OR list_uri = %(l)s)"
+            " AND (%(t)s::text IS NULL OR state = %(t)s)"
+            " ORDER BY created, id",
+            {
+                "r": recipient,
+                "s": sender,
+                "l": list_uri,
+                "t": state.value if state is not None else None,
+            },
+        )
+
+    def due_consents(self, now: float) -> list[PendingConsent]:
+        return self._consent_where(
+            "state = 'pending' AND expires <= %s ORDER BY created, id", (now,)
+        )
+
+    def earliest_expiry(self) -> float | None:
+        self.cursor.execute("SELECT min(expires) FROM consents WHERE state = 'pending'")
+        row = self.cursor.fetchone()
+        return None if row is None else row[0]
+
+    def insert_consent(self, record: PendingConsent) -> None:
+        self.cursor.execute(
+            f"INSERT INTO consents ({_CONSENT_COLUMNS})"  # noqa: S608
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                record.id,
+                record.sender,
+                record.list_uri,
+                record.recipient,
+                list(record.methods),
+                record.permission_token,
+                record.created,
+                record.expires,
+                record.state.value,
+            ),
+        )
+
+    def update_consent(self, record: PendingConsent) -> None:
+        self.cursor.execute(
+            "UPDATE consents SET methods = %s, expires = %s, state = %s WHERE id = %s",
+            (list(record.methods), record.expires, record.state.value, record.id),
+        )
+
+    def remove_consent(self, consent_id: str) -> None:
+        self.cursor.execute("DELETE FROM consents WHERE id = %s", (consent_id,))
+
+    def write_bindings(
+        self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
+    ) -> None:
+        for uri in removed:
+            self.cursor.execute("DELETE FROM bindings WHERE aor = %s AND uri = %s", (aor, uri))
+        for b in bindings:
+            self.cursor.execute(
+                "INSERT INTO bindings (aor, uri, contact, expires, call_id, cseq, q)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (aor, uri) DO UPDATE"
+                " SET contact = excluded.contact, expires = excluded.expires,"
+                " call_id = excluded.call_id, cseq = excluded.cseq, q = excluded.q",
+                (aor, b.uri, b.contact, b.expires, b.call_id, b.cseq, b.q),
+            )
+
+    def live_bindings(self, now: float, limit: int) -> list[StoredBinding]:
+        self.cursor.execute(
+            "SELECT aor, uri, contact, expires, call_id, cseq, q FROM bindings"
+            " WHERE expires > %s ORDER BY aor, uri LIMIT %s",
+            (now, limit),
+        )
+        return [StoredBinding(*row) for row in self.cursor.fetchall()]
+
+    def remove_expired_bindings(self, now: float) -> int:
+        self.cursor.execute("DELETE FROM bindings WHERE expires <= %s", (now,))
+        return self.cursor.rowcount
+
+
+def _transaction(connection: Any, work: Callable[[Rows], _T]) -> _T:
+    """Run ``work`` and commit, again from the start when PostgreSQL refused to
+    serialise it against a concurrent transaction (of this or another node); after
+    :data:`_ATTEMPTS` refusals the error is the caller's.  In the pool's thread."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            with connection.cursor() as cursor:
+                outcome = work(_PostgresRows(cursor))
+            connection.commit()
+        except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
+            connection.rollback()
+            if attempt == _ATTEMPTS:
+                raise
+            time.sleep(0.005 * attempt)  # the pool's thread, never the reactor's
+        else:
+            return outcome
+    raise AssertionError("unreachable")
+
+
+@implementer(IPermissionStore)
+class PostgresPermissionStore(RuleStore):
+    """The store every node of a deployment shares: one PostgreSQL database.
+
+    psycopg 3's connections block, so, as with SQLite, all database work (connecting
+    and migrating included) runs in adbapi's worker thread, never on the reactor
+    thread.  One connection per process keeps this node's changes announced in the
+    order they were committed; transactions are SERIALIZABLE, so several nodes'
+    concurrent writes keep the store's compare-and-set rules (a refused transaction
+    is retried from its first read).  A lost connection is reopened on next use.
+    """
+
+    log = logger()
+
+    def __init__(self, dsn: str, reactor: IReactorThreads | IReactorTime) -> None:
+        super().__init__()
+        self._pool = adbapi.ConnectionPool(
+            "psycopg",
+            connection_string(dsn),
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_open_connection,
+            cp_reconnect=True,
+            cp_reactor=reactor,
+        )
+
+    def _transact(self, work: Callable[[Rows], _T]) -> Deferred[_T]:
+        result: Deferred[_T] = self._pool.runWithConnection(_transaction, work)
+        return result
+
+    def _read(self, read: Callable[[Rows], _T]) -> Deferred[_T]:
+        return self._transact(read)
+
+    def _write(self, write: Write[_T]) -> Deferred[_T]:
+        """Run a write transaction, then (on the reactor thread) announce its changes."""
+
+        def committed(outcome: tuple[_T, list[StoreChange]]) -> _T:
+            value, changes = outcome
+            self._listeners.emit(changes)
+            return value
+
+        return self._transact(write).addCallback(committed)
+
+    def close(self) -> Deferred[None]:
+        self._pool.close()
+        return defer.succeed(None)
