@@ -9,7 +9,8 @@ ad-hoc DDL: each applied step is a row of ``schema_migrations``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -138,16 +139,29 @@ def migrate(connection: psycopg.Connection[Any]) -> int:
     return current
 
 
-def _open_connection(connection: psycopg.Connection[Any]) -> None:
+def _open_connection(connection: psycopg.Connection[Any]) -> int:
     """adbapi ``cp_openfun``, in the pool thread for each new connection: migrate, then
     make every transaction SERIALIZABLE, so that a rule's read-then-write (If-Match, one
-    open consent per triple) holds against every node's writes, not only this one's."""
+    open consent per triple) holds against every node's writes, not only this one's.
+    The schema version the database had."""
     try:
-        migrate(connection)
+        before = migrate(connection)
     except BaseException:
         connection.close()  # adbapi keeps only connections that opened
         raise
     connection.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+    return before
+
+
+@contextmanager
+def session(dsn: str) -> Iterator[tuple[Rows, int]]:
+    """The store's rows in one blocking transaction, committed when the block ends
+    (rolled back if it raises), and the schema version the database had before it was
+    brought up to date: for ``relayctl store``, never in the daemon."""
+    with psycopg.connect(connection_string(dsn)) as connection:
+        before = _open_connection(connection)
+        with connection.transaction(), connection.cursor() as cursor:
+            yield _PostgresRows(cursor), before
 
 
 def _consent_from_row(row: Sequence[Any]) -> PendingConsent:
@@ -209,6 +223,15 @@ class _PostgresRows:
 
     def remove_document(self, key: DocumentKey) -> None:
         self.cursor.execute("DELETE FROM documents WHERE auid = %s AND xui = %s AND name = %s", key)
+
+    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
+        self.cursor.execute(
+            "SELECT auid, xui, name, body, etag FROM documents ORDER BY auid, xui, name"
+        )
+        return [
+            (DocumentKey(auid, xui, name), StoredDocument(bytes(body), etag))
+            for auid, xui, name, body, etag in self.cursor.fetchall()
+        ]
 
     def document_names(self, auid: str, xui: str) -> list[str]:
         self.cursor.execute(

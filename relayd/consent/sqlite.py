@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from twisted.enterprise import adbapi
@@ -29,6 +30,8 @@ from relayd.consent.store import (
     Write,
 )
 from relayd.logs import logger
+
+_log = logger()
 
 SCHEMA_VERSION = 2
 """1: documents and consents; 2: registrations (``bindings``)."""
@@ -85,8 +88,9 @@ class StoreSchemaError(Exception):
     """The database was written by a newer relayd (schema version too high)."""
 
 
-def _open_connection(connection: sqlite3.Connection) -> None:
-    """adbapi ``cp_openfun``: runs in the pool thread for each new connection.
+def _open_connection(connection: sqlite3.Connection) -> int:
+    """adbapi ``cp_openfun``: runs in the pool thread for each new connection; the
+    schema version the file had (0 when new).
 
     WAL plus ``synchronous=FULL`` makes every committed transaction durable (the WAL
     is fsynced at commit), so a crash or ``kill -9`` loses nothing acknowledged.
@@ -105,6 +109,7 @@ def _open_connection(connection: sqlite3.Connection) -> None:
         row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
         version = row[0] if row else None
         if version is None:
+            version = 0
             connection.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
         elif version > SCHEMA_VERSION:
             raise StoreSchemaError(f"database schema {version} is newer than {SCHEMA_VERSION}")
@@ -114,6 +119,57 @@ def _open_connection(connection: sqlite3.Connection) -> None:
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+    return int(version)
+
+
+def restrict_files(path: str) -> None:
+    """The store and its ``-wal``/``-shm`` files are 0600: they hold every user's
+    rules and lists and the Permission-URI tokens.
+
+    The database is created here, 0600 and empty, before SQLite opens it; SQLite
+    gives the ``-wal`` and ``-shm`` files it creates the database's mode.  Files of
+    ours left wider by an older relayd are tightened, with a log line; files of
+    another owner are theirs to set.  Runs once, before anything is served.
+    """
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.fchmod(descriptor, 0o600)  # whatever the umask
+        os.close(descriptor)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            info = os.stat(name)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077 == 0 or info.st_uid != os.geteuid():
+            continue
+        os.chmod(name, 0o600)
+        _log.warn(
+            "Store file {path} had mode {mode}; changed it to 0600", path=name, mode=f"{mode:04o}"
+        )
+
+
+@contextmanager
+def session(path: str) -> Iterator[tuple[Rows, int]]:
+    """The store's rows in one blocking ``BEGIN IMMEDIATE`` transaction, committed when
+    the block ends (rolled back if it raises), and the schema version the file had
+    before it was brought up to date: for ``relayctl store``, never in the daemon."""
+    restrict_files(path)
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        before = _open_connection(connection)
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SQLiteRows(connection.cursor()), before
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
 
 
 def _consent_from_row(row: Sequence[Any]) -> PendingConsent:
@@ -168,6 +224,15 @@ class _SQLiteRows:
 
     def remove_document(self, key: DocumentKey) -> None:
         self.txn.execute("DELETE FROM documents WHERE auid = ? AND xui = ? AND name = ?", key)
+
+    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
+        self.txn.execute(
+            "SELECT auid, xui, name, body, etag FROM documents ORDER BY auid, xui, name"
+        )
+        return [
+            (DocumentKey(auid, xui, name), StoredDocument(bytes(body), etag))
+            for auid, xui, name, body, etag in self.txn.fetchall()
+        ]
 
     def document_names(self, auid: str, xui: str) -> list[str]:
         self.txn.execute(
@@ -279,7 +344,7 @@ class SQLitePermissionStore(RuleStore):
     def __init__(self, path: str, reactor: IReactorThreads | IReactorTime) -> None:
         super().__init__()
         self._path = path
-        self._restrict_files()
+        restrict_files(path)
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
@@ -290,37 +355,6 @@ class SQLitePermissionStore(RuleStore):
             cp_openfun=_open_connection,
             cp_reactor=reactor,
         )
-
-    def _restrict_files(self) -> None:
-        """The store and its ``-wal``/``-shm`` files are 0600: they hold every user's
-        rules and lists and the Permission-URI tokens.
-
-        The database is created here, 0600 and empty, before SQLite opens it; SQLite
-        gives the ``-wal`` and ``-shm`` files it creates the database's mode.  Files of
-        ours left wider by an older relayd are tightened, with a log line; files of
-        another owner are theirs to set.  Runs once, before anything is served.
-        """
-        try:
-            descriptor = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            os.fchmod(descriptor, 0o600)  # whatever the umask
-            os.close(descriptor)
-        for name in (self._path, self._path + "-wal", self._path + "-shm"):
-            try:
-                info = os.stat(name)
-            except FileNotFoundError:
-                continue
-            mode = stat.S_IMODE(info.st_mode)
-            if mode & 0o077 == 0 or info.st_uid != os.geteuid():
-                continue
-            os.chmod(name, 0o600)
-            self.log.warn(
-                "Store file {path} had mode {mode}; changed it to 0600",
-                path=name,
-                mode=f"{mode:04o}",
-            )
 
     def _interact(self, interaction: Callable[..., _T], *args: object) -> Deferred[_T]:
         result: Deferred[_T] = self._pool.runInteraction(interaction, *args)

@@ -273,6 +273,9 @@ class Rows(Protocol):
     def document_names(self, auid: str, xui: str) -> list[str]:
         """Sorted."""
 
+    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
+        """Every document of every user: what ``relayctl store copy`` moves."""
+
     def consent(self, consent_id: str) -> PendingConsent | None: ...
 
     def consent_by_token(self, permission_token: str) -> PendingConsent | None: ...
@@ -541,6 +544,9 @@ class _MemoryRows:
 
     def remove_document(self, key: DocumentKey) -> None:
         del self.documents[key]
+
+    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
+        return sorted(self.documents.items())
 
     def document_names(self, auid: str, xui: str) -> list[str]:
         return sorted(key.name for key in self.documents if (key.auid, key.xui) == (auid, xui))
