@@ -336,22 +336,37 @@ class _PostgresRows:
 
 
 def _transaction(connection: Any, work: Callable[[Rows], _T]) -> _T:
-    """Run ``work`` and commit, again from the start when PostgreSQL refused to
-    serialise it against a concurrent transaction (of this or another node); after
-    :data:`_ATTEMPTS` refusals the error is the caller's.  In the pool's thread."""
-    for attempt in range(1, _ATTEMPTS + 1):
+    """Run ``work`` and commit, in the pool's thread.
+
+    Again from the start when PostgreSQL refused to serialise it against a concurrent
+    transaction (of this or another node), up to :data:`_ATTEMPTS` times; and once more
+    on a new connection (adbapi's ``reconnect``) when the server had closed this one
+    (a restart, a failover) before the commit was sent, so nothing can have been
+    written.  A connection lost during the commit is the caller's error: whether the
+    write happened is unknown, and running it twice could apply it twice.
+    """
+    refused = 0
+    reconnected = False
+    while True:
+        committing = False
         try:
             with connection.cursor() as cursor:
                 outcome = work(_PostgresRows(cursor))
+            committing = True
             connection.commit()
         except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
             connection.rollback()
-            if attempt == _ATTEMPTS:
+            refused += 1
+            if refused == _ATTEMPTS:
                 raise
-            time.sleep(0.005 * attempt)  # the pool's thread, never the reactor's
+            time.sleep(0.005 * refused)  # the pool's thread, never the reactor's
+        except psycopg.OperationalError:
+            if committing or reconnected or not connection.closed:
+                raise
+            connection.reconnect()
+            reconnected = True
         else:
             return outcome
-    raise AssertionError("unreachable")
 
 
 @implementer(IPermissionStore)
@@ -363,7 +378,7 @@ class PostgresPermissionStore(RuleStore):
     thread.  One connection per process keeps this node's changes announced in the
     order they were committed; transactions are SERIALIZABLE, so several nodes'
     concurrent writes keep the store's compare-and-set rules (a refused transaction
-    is retried from its first read).  A lost connection is reopened on next use.
+    is retried from its first read).  A connection the server closed is reopened.
     """
 
     log = logger()

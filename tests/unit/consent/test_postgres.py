@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import psycopg
 import pytest
 import pytest_twisted
+from psycopg.conninfo import make_conninfo
 from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
 
@@ -144,3 +146,25 @@ def test_dsn_gains_a_connect_timeout_and_is_logged_without_password() -> None:
     assert connection_string(dsn + " connect_timeout=2") == dsn + " connect_timeout=2"
     assert describe(dsn) == "relayd@db.example.test:5433/relay"
     assert "s3cret" not in describe("postgresql://relayd:s3cret@db.example.test/relay")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_connection_is_reopened_without_failing_a_call(
+    postgres_dsn: str,
+) -> None:
+    """A server restart or failover ends the connection: the next call, found not to
+    have reached the server, runs again on a new one instead of failing."""
+    name = f"relayd-{secrets.token_hex(6)}"
+    store = PostgresPermissionStore(make_conninfo(postgres_dsn, application_name=name), reactor)
+    try:
+        write = await store.put_document(AUID, XUI, "index", DOC)
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (name,),
+            )
+        assert await store.get_document(AUID, XUI, "index") == (DOC, write.etag)
+        assert (await store.put_document(AUID, XUI, "index", DOC, if_match=write.etag)).etag
+    finally:
+        await store.close()
