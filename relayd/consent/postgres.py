@@ -1,7 +1,8 @@
 """The permission store's PostgreSQL backend: shared by every node that names the same
 database, behind adbapi with psycopg 3.
 
-It keeps rows only; the store's rules are :class:`relayd.consent.store.RuleStore`'s.
+It connects, migrates and runs transactions; the rows are :class:`relayd.consent.sqlrows.SQLRows`
+(shared with SQLite) and the store's rules :class:`relayd.consent.store.RuleStore`'s.
 Its schema is built and upgraded by the numbered steps of :data:`MIGRATIONS`, never by
 ad-hoc DDL: each applied step is a row of ``schema_migrations``.
 """
@@ -9,7 +10,7 @@ ad-hoc DDL: each applied step is a row of ``schema_migrations``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -22,19 +23,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from zope.interface import implementer
 
-from relayd.consent.documents import DocumentKey
+from relayd.consent.sqlrows import SQLRows
 from relayd.consent.store import (
-    ConsentState,
     IPermissionStore,
-    PendingConsent,
     Rows,
     RuleStore,
     StoreChange,
-    StoredBinding,
-    StoredDocument,
     Write,
 )
-from relayd.logs import logger
 
 _T = TypeVar("_T")
 
@@ -42,8 +38,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: documents, consents and registrations (SQLite's versions 1 and 2).
     (
         """CREATE TABLE documents (
-            auid TEXT NOT NULL,
-            xui TEXT NOT NULL,
+            auid TEXT COLLATE "C" NOT NULL,
+            xui TEXT COLLATE "C" NOT NULL,
             name TEXT COLLATE "C" NOT NULL,
             body BYTEA NOT NULL,
             etag TEXT NOT NULL,
@@ -54,7 +50,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             sender TEXT NOT NULL,
             list_uri TEXT NOT NULL,
             recipient TEXT NOT NULL,
-            methods TEXT[] NOT NULL,
+            methods TEXT NOT NULL,
             permission_token TEXT NOT NULL UNIQUE,
             created DOUBLE PRECISION NOT NULL,
             expires DOUBLE PRECISION NOT NULL,
@@ -88,10 +84,6 @@ _ATTEMPTS = 5
 """Tries of a transaction that PostgreSQL refused to serialise against another node's."""
 _CONNECT_TIMEOUT = "10"
 """Seconds to reach the server when the DSN gives no ``connect_timeout``."""
-
-_CONSENT_COLUMNS = (
-    "id, sender, list_uri, recipient, methods, permission_token, created, expires, state"
-)
 
 
 class StoreSchemaError(Exception):
@@ -161,178 +153,7 @@ def session(dsn: str) -> Iterator[tuple[Rows, int]]:
     with psycopg.connect(connection_string(dsn)) as connection:
         before = _open_connection(connection)
         with connection.transaction(), connection.cursor() as cursor:
-            yield _PostgresRows(cursor), before
-
-
-def _consent_from_row(row: Sequence[Any]) -> PendingConsent:
-    return PendingConsent(
-        id=row[0],
-        sender=row[1],
-        list_uri=row[2],
-        recipient=row[3],
-        methods=tuple(row[4]),
-        permission_token=row[5],
-        created=row[6],
-        expires=row[7],
-        state=ConsentState(row[8]),
-    )
-
-
-class _PostgresRows:
-    """:class:`~relayd.consent.store.Rows` in the tables of :data:`MIGRATIONS`, on the
-    pool's thread, inside the transaction ``cursor`` belongs to."""
-
-    def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
-        self.cursor = cursor
-
-    def _consent_where(
-        self, where: str, args: Sequence[object] | Mapping[str, object]
-    ) -> list[PendingConsent]:
-        # ``where`` is always one of the literal clauses in this module, never input.
-        self.cursor.execute(
-            f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE {where}",  # noqa: S608
-            args,
-        )
-        return [_consent_from_row(row) for row in self.cursor.fetchall()]
-
-    def _one_consent(self, where: str, args: Sequence[object]) -> PendingConsent | None:
-        found = self._consent_where(where, args)
-        return found[0] if found else None
-
-    def document(self, key: DocumentKey) -> StoredDocument | None:
-        self.cursor.execute(
-            "SELECT body, etag FROM documents WHERE auid = %s AND xui = %s AND name = %s", key
-        )
-        row = self.cursor.fetchone()
-        return StoredDocument(bytes(row[0]), row[1]) if row is not None else None
-
-    def document_etag(self, key: DocumentKey) -> str | None:
-        self.cursor.execute(
-            "SELECT etag FROM documents WHERE auid = %s AND xui = %s AND name = %s", key
-        )
-        row = self.cursor.fetchone()
-        return row[0] if row is not None else None
-
-    def write_document(self, key: DocumentKey, body: bytes, etag: str) -> None:
-        self.cursor.execute(
-            "INSERT INTO documents (auid, xui, name, body, etag) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT (auid, xui, name) DO UPDATE"
-            " SET body = excluded.body, etag = excluded.etag",
-            (*key, bytes(body), etag),
-        )
-
-    def remove_document(self, key: DocumentKey) -> None:
-        self.cursor.execute("DELETE FROM documents WHERE auid = %s AND xui = %s AND name = %s", key)
-
-    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
-        self.cursor.execute(
-            "SELECT auid, xui, name, body, etag FROM documents ORDER BY auid, xui, name"
-        )
-        return [
-            (DocumentKey(auid, xui, name), StoredDocument(bytes(body), etag))
-            for auid, xui, name, body, etag in self.cursor.fetchall()
-        ]
-
-    def document_names(self, auid: str, xui: str) -> list[str]:
-        self.cursor.execute(
-            "SELECT name FROM documents WHERE auid = %s AND xui = %s ORDER BY name",
-            (auid, xui),
-        )
-        return [row[0] for row in self.cursor.fetchall()]
-
-    def consent(self, consent_id: str) -> PendingConsent | None:
-        return self._one_consent("id = %s", (consent_id,))
-
-    def consent_by_token(self, permission_token: str) -> PendingConsent | None:
-        return self._one_consent("permission_token = %s", (permission_token,))
-
-    def open_consent(self, sender: str, list_uri: str, recipient: str) -> PendingConsent | None:
-        return self._one_consent(
-            "sender = %s AND list_uri = %s AND recipient = %s AND state = 'pending'",
-            (sender, list_uri, recipient),
-        )
-
-    def consents(
-        self,
-        recipient: str | None,
-        sender: str | None,
-        list_uri: str | None,
-        state: ConsentState | None,
-    ) -> list[PendingConsent]:
-        return self._consent_where(
-            "(%(r)s::text IS NULL OR recipient = %(r)s) AND (%(s)s::text IS NULL OR sender = %(s)s)"
-            " AND (%(l)s::text IS NULL OR list_uri = %(l)s)"
-            " AND (%(t)s::text IS NULL OR state = %(t)s)"
-            " ORDER BY created, id",
-            {
-                "r": recipient,
-                "s": sender,
-                "l": list_uri,
-                "t": state.value if state is not None else None,
-            },
-        )
-
-    def due_consents(self, now: float) -> list[PendingConsent]:
-        return self._consent_where(
-            "state = 'pending' AND expires <= %s ORDER BY created, id", (now,)
-        )
-
-    def earliest_expiry(self) -> float | None:
-        self.cursor.execute("SELECT min(expires) FROM consents WHERE state = 'pending'")
-        row = self.cursor.fetchone()
-        return None if row is None else row[0]
-
-    def insert_consent(self, record: PendingConsent) -> None:
-        self.cursor.execute(
-            f"INSERT INTO consents ({_CONSENT_COLUMNS})"  # noqa: S608
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                record.id,
-                record.sender,
-                record.list_uri,
-                record.recipient,
-                list(record.methods),
-                record.permission_token,
-                record.created,
-                record.expires,
-                record.state.value,
-            ),
-        )
-
-    def update_consent(self, record: PendingConsent) -> None:
-        self.cursor.execute(
-            "UPDATE consents SET methods = %s, expires = %s, state = %s WHERE id = %s",
-            (list(record.methods), record.expires, record.state.value, record.id),
-        )
-
-    def remove_consent(self, consent_id: str) -> None:
-        self.cursor.execute("DELETE FROM consents WHERE id = %s", (consent_id,))
-
-    def write_bindings(
-        self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
-    ) -> None:
-        for uri in removed:
-            self.cursor.execute("DELETE FROM bindings WHERE aor = %s AND uri = %s", (aor, uri))
-        for b in bindings:
-            self.cursor.execute(
-                "INSERT INTO bindings (aor, uri, contact, expires, call_id, cseq, q)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (aor, uri) DO UPDATE"
-                " SET contact = excluded.contact, expires = excluded.expires,"
-                " call_id = excluded.call_id, cseq = excluded.cseq, q = excluded.q",
-                (aor, b.uri, b.contact, b.expires, b.call_id, b.cseq, b.q),
-            )
-
-    def live_bindings(self, now: float, limit: int) -> list[StoredBinding]:
-        self.cursor.execute(
-            "SELECT aor, uri, contact, expires, call_id, cseq, q FROM bindings"
-            " WHERE expires > %s ORDER BY aor, uri LIMIT %s",
-            (now, limit),
-        )
-        return [StoredBinding(*row) for row in self.cursor.fetchall()]
-
-    def remove_expired_bindings(self, now: float) -> int:
-        self.cursor.execute("DELETE FROM bindings WHERE expires <= %s", (now,))
-        return self.cursor.rowcount
+            yield SQLRows(cursor), before
 
 
 def _transaction(connection: Any, work: Callable[[Rows], _T]) -> _T:
@@ -351,7 +172,7 @@ def _transaction(connection: Any, work: Callable[[Rows], _T]) -> _T:
         committing = False
         try:
             with connection.cursor() as cursor:
-                outcome = work(_PostgresRows(cursor))
+                outcome = work(SQLRows(cursor))
             committing = True
             connection.commit()
         except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
@@ -380,8 +201,6 @@ class PostgresPermissionStore(RuleStore):
     concurrent writes keep the store's compare-and-set rules (a refused transaction
     is retried from its first read).  A connection the server closed is reopened.
     """
-
-    log = logger()
 
     def __init__(self, dsn: str, reactor: IReactorThreads | IReactorTime) -> None:
         super().__init__()

@@ -1,6 +1,7 @@
 """The permission store's SQLite backend: one file in the data directory, behind adbapi.
 
-It keeps rows only; the store's rules are :class:`relayd.consent.store.RuleStore`'s.
+It opens, migrates and runs transactions; the rows are :class:`relayd.consent.sqlrows.SQLRows`
+(shared with PostgreSQL) and the store's rules :class:`relayd.consent.store.RuleStore`'s.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -17,16 +18,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from zope.interface import implementer
 
-from relayd.consent.documents import DocumentKey
+from relayd.consent.sqlrows import SQLRows, qmark
 from relayd.consent.store import (
-    ConsentState,
     IPermissionStore,
-    PendingConsent,
     Rows,
     RuleStore,
     StoreChange,
-    StoredBinding,
-    StoredDocument,
     Write,
 )
 from relayd.logs import logger
@@ -77,10 +74,6 @@ _SCHEMA = (
         PRIMARY KEY (aor, uri)
     )""",
     "CREATE INDEX IF NOT EXISTS bindings_expiry ON bindings (expires)",
-)
-
-_CONSENT_COLUMNS = (
-    "id, sender, list_uri, recipient, methods, permission_token, created, expires, state"
 )
 
 
@@ -163,170 +156,13 @@ def session(path: str) -> Iterator[tuple[Rows, int]]:
         before = _open_connection(connection)
         connection.execute("BEGIN IMMEDIATE")
         try:
-            yield _SQLiteRows(connection.cursor()), before
+            yield SQLRows(connection.cursor(), qmark), before
         except BaseException:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
     finally:
         connection.close()
-
-
-def _consent_from_row(row: Sequence[Any]) -> PendingConsent:
-    return PendingConsent(
-        id=row[0],
-        sender=row[1],
-        list_uri=row[2],
-        recipient=row[3],
-        methods=tuple(method for method in row[4].split(",") if method),
-        permission_token=row[5],
-        created=row[6],
-        expires=row[7],
-        state=ConsentState(row[8]),
-    )
-
-
-class _SQLiteRows:
-    """:class:`~relayd.consent.store.Rows` in the tables of :data:`_SCHEMA`, on the
-    pool's thread, inside the transaction ``txn`` belongs to."""
-
-    def __init__(self, txn: Any) -> None:
-        self.txn = txn
-
-    def _consent_where(self, where: str, args: Sequence[object]) -> list[PendingConsent]:
-        # ``where`` is always one of the literal clauses in this module, never input.
-        self.txn.execute(f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE {where}", args)  # noqa: S608
-        return [_consent_from_row(row) for row in self.txn.fetchall()]
-
-    def _one_consent(self, where: str, args: Sequence[object]) -> PendingConsent | None:
-        found = self._consent_where(where, args)
-        return found[0] if found else None
-
-    def document(self, key: DocumentKey) -> StoredDocument | None:
-        self.txn.execute(
-            "SELECT body, etag FROM documents WHERE auid = ? AND xui = ? AND name = ?", key
-        )
-        row = self.txn.fetchone()
-        return StoredDocument(bytes(row[0]), row[1]) if row is not None else None
-
-    def document_etag(self, key: DocumentKey) -> str | None:
-        self.txn.execute("SELECT etag FROM documents WHERE auid = ? AND xui = ? AND name = ?", key)
-        row = self.txn.fetchone()
-        return row[0] if row is not None else None
-
-    def write_document(self, key: DocumentKey, body: bytes, etag: str) -> None:
-        self.txn.execute(
-            "INSERT INTO documents (auid, xui, name, body, etag) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (auid, xui, name) DO UPDATE"
-            " SET body = excluded.body, etag = excluded.etag",
-            (*key, sqlite3.Binary(body), etag),
-        )
-
-    def remove_document(self, key: DocumentKey) -> None:
-        self.txn.execute("DELETE FROM documents WHERE auid = ? AND xui = ? AND name = ?", key)
-
-    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
-        self.txn.execute(
-            "SELECT auid, xui, name, body, etag FROM documents ORDER BY auid, xui, name"
-        )
-        return [
-            (DocumentKey(auid, xui, name), StoredDocument(bytes(body), etag))
-            for auid, xui, name, body, etag in self.txn.fetchall()
-        ]
-
-    def document_names(self, auid: str, xui: str) -> list[str]:
-        self.txn.execute(
-            "SELECT name FROM documents WHERE auid = ? AND xui = ? ORDER BY name", (auid, xui)
-        )
-        return [row[0] for row in self.txn.fetchall()]
-
-    def consent(self, consent_id: str) -> PendingConsent | None:
-        return self._one_consent("id = ?", (consent_id,))
-
-    def consent_by_token(self, permission_token: str) -> PendingConsent | None:
-        return self._one_consent("permission_token = ?", (permission_token,))
-
-    def open_consent(self, sender: str, list_uri: str, recipient: str) -> PendingConsent | None:
-        return self._one_consent(
-            "sender = ? AND list_uri = ? AND recipient = ? AND state = 'pending'",
-            (sender, list_uri, recipient),
-        )
-
-    def consents(
-        self,
-        recipient: str | None,
-        sender: str | None,
-        list_uri: str | None,
-        state: ConsentState | None,
-    ) -> list[PendingConsent]:
-        return self._consent_where(
-            "(?1 IS NULL OR recipient = ?1) AND (?2 IS NULL OR sender = ?2)"
-            " AND (?3 IS NULL OR list_uri = ?3) AND (?4 IS NULL OR state = ?4)"
-            " ORDER BY created, id",
-            (recipient, sender, list_uri, state.value if state is not None else None),
-        )
-
-    def due_consents(self, now: float) -> list[PendingConsent]:
-        return self._consent_where(
-            "state = 'pending' AND expires <= ? ORDER BY created, id", (now,)
-        )
-
-    def earliest_expiry(self) -> float | None:
-        self.txn.execute("SELECT MIN(expires) FROM consents WHERE state = 'pending'")
-        row = self.txn.fetchone()
-        return None if row is None else row[0]
-
-    def insert_consent(self, record: PendingConsent) -> None:
-        self.txn.execute(
-            f"INSERT INTO consents ({_CONSENT_COLUMNS})"  # noqa: S608
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.id,
-                record.sender,
-                record.list_uri,
-                record.recipient,
-                ",".join(record.methods),
-                record.permission_token,
-                record.created,
-                record.expires,
-                record.state.value,
-            ),
-        )
-
-    def update_consent(self, record: PendingConsent) -> None:
-        self.txn.execute(
-            "UPDATE consents SET methods = ?, expires = ?, state = ? WHERE id = ?",
-            (",".join(record.methods), record.expires, record.state.value, record.id),
-        )
-
-    def remove_consent(self, consent_id: str) -> None:
-        self.txn.execute("DELETE FROM consents WHERE id = ?", (consent_id,))
-
-    def write_bindings(
-        self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
-    ) -> None:
-        for uri in removed:
-            self.txn.execute("DELETE FROM bindings WHERE aor = ? AND uri = ?", (aor, uri))
-        for b in bindings:
-            self.txn.execute(
-                "INSERT INTO bindings (aor, uri, contact, expires, call_id, cseq, q)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (aor, uri) DO UPDATE"
-                " SET contact = excluded.contact, expires = excluded.expires,"
-                " call_id = excluded.call_id, cseq = excluded.cseq, q = excluded.q",
-                (aor, b.uri, b.contact, b.expires, b.call_id, b.cseq, b.q),
-            )
-
-    def live_bindings(self, now: float, limit: int) -> list[StoredBinding]:
-        self.txn.execute(
-            "SELECT aor, uri, contact, expires, call_id, cseq, q FROM bindings"
-            " WHERE expires > ? ORDER BY aor, uri LIMIT ?",
-            (now, limit),
-        )
-        return [StoredBinding(*row) for row in self.txn.fetchall()]
-
-    def remove_expired_bindings(self, now: float) -> int:
-        self.txn.execute("DELETE FROM bindings WHERE expires <= ?", (now,))
-        return int(self.txn.rowcount)
 
 
 @implementer(IPermissionStore)
@@ -338,8 +174,6 @@ class SQLitePermissionStore(RuleStore):
     writes are serialised, and each write is one ``BEGIN IMMEDIATE`` transaction so
     it is atomic even if another process opens the same file.
     """
-
-    log = logger()
 
     def __init__(self, path: str, reactor: IReactorThreads | IReactorTime) -> None:
         super().__init__()
@@ -361,14 +195,14 @@ class SQLitePermissionStore(RuleStore):
         return result
 
     def _read(self, read: Callable[[Rows], _T]) -> Deferred[_T]:
-        return self._interact(lambda txn: read(_SQLiteRows(txn)))
+        return self._interact(lambda txn: read(SQLRows(txn, qmark)))
 
     def _write(self, write: Write[_T]) -> Deferred[_T]:
         """Run a write transaction, then (on the reactor thread) announce its changes."""
 
         def transaction(txn: Any) -> tuple[_T, list[StoreChange]]:
             txn.execute("BEGIN IMMEDIATE")
-            return write(_SQLiteRows(txn))
+            return write(SQLRows(txn, qmark))
 
         def committed(outcome: tuple[_T, list[StoreChange]]) -> _T:
             value, changes = outcome
@@ -383,7 +217,7 @@ class SQLitePermissionStore(RuleStore):
         try:
             await self._interact(_checkpoint)
         except Exception:
-            self.log.failure("WAL checkpoint before closing {path} failed", path=self._path)
+            _log.failure("WAL checkpoint before closing {path} failed", path=self._path)
         finally:
             self._pool.close()
 
