@@ -523,8 +523,9 @@ SCHEMA: tuple[Key, ...] = (
         "store",
         "backend",
         "sqlite",
-        _choice(("sqlite", "memory")),
-        "Permission store: sqlite (durable) or memory (lost on restart; tests only)",
+        _choice(("sqlite", "postgresql", "memory")),
+        "Permission store: sqlite (durable, one host), postgresql (durable, shared by every"
+        " node naming the same database) or memory (lost on restart; tests only)",
     ),
     Key(
         "store",
@@ -532,6 +533,14 @@ SCHEMA: tuple[Key, ...] = (
         "",
         _text,
         "SQLite file of the permission store; empty: relay.sqlite3 in data_dir",
+    ),
+    Key(
+        "store",
+        "dsn",
+        "",
+        _text,
+        "libpq connection string of the postgresql store, such as"
+        " host=db.example.com dbname=relayd user=relayd (required for it, refused otherwise)",
     ),
 )
 
@@ -613,6 +622,7 @@ class SIPConfig:
 class StoreConfig:
     backend: str
     path: str
+    dsn: str
 
 
 @dataclass(frozen=True)
@@ -753,6 +763,7 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
         fail("auth", "users", f"cannot read {users!r}")
     _validate_xcap(config.xcap, fail)
     _validate_sip(config.sip, fail)
+    _validate_store(config.store, fail)
 
 
 def _check_listener_files(
@@ -786,6 +797,27 @@ def _validate_sip(sip: SIPConfig, fail: Callable[..., None]) -> None:
     if sip.lists and not os.access(sip.lists, os.R_OK):
         fail("sip", "lists", f"cannot read {sip.lists!r}")
     _check_within("sip", sip, "subscription_expires", fail)
+
+
+def _validate_store(store: StoreConfig, fail: Callable[..., None]) -> None:
+    """A DSN exactly when the backend is postgresql, one libpq can parse, and the driver
+    (the ``postgresql`` extra) installed: found at load, not at the first request."""
+    if store.backend != "postgresql":
+        if store.dsn:
+            fail("store", "dsn", f"only used with backend = postgresql, not {store.backend}")
+        return
+    if not store.dsn:
+        fail("store", "dsn", "required with backend = postgresql", "backend")
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        fail("store", "backend", "postgresql needs psycopg: pip install 'relayd[postgresql]'")
+        return
+    try:
+        conninfo_to_dict(store.dsn)
+    except ProgrammingError as e:
+        fail("store", "dsn", f"not a libpq connection string: {str(e).strip()}")
 
 
 def is_loopback_interface(interface: str) -> bool:

@@ -39,9 +39,26 @@ log = logger()
 
 def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
     """The configured permission store (``[store] backend``)."""
-    if prepared.config.store.backend == "memory":
+    store = prepared.config.store
+    if store.backend == "memory":
         return MemoryPermissionStore()
+    if store.backend == "postgresql":
+        from relayd.consent.postgres import PostgresPermissionStore  # the postgresql extra
+
+        return PostgresPermissionStore(store.dsn, reactor)
     return SQLitePermissionStore(prepared.store_path, reactor)
+
+
+def _describe_store(prepared: Prepared) -> str:
+    """The backend and where it keeps the store; a DSN is shown without its password."""
+    store = prepared.config.store
+    if store.backend == "postgresql":
+        from relayd.consent.postgres import describe
+
+        return f"postgresql {describe(store.dsn)}"
+    if store.backend == "sqlite":
+        return f"sqlite {prepared.store_path}"
+    return store.backend
 
 
 class RelayService(MultiService):
@@ -95,8 +112,7 @@ class RelayService(MultiService):
             hostname=prepared.hostname,
             realm=prepared.realm,
             domain=prepared.sip_domain or prepared.hostname,
-            store=prepared.config.store.backend
-            + (f" {prepared.store_path}" if prepared.config.store.backend != "memory" else ""),
+            store=_describe_store(prepared),
         )
 
 

@@ -29,8 +29,9 @@ that a restarted relay still reaches every registered UA. They are the registrar
 working copy on disk, not documents: their writes announce no :class:`StoreChange`.
 
 These rules are written once, in :class:`RuleStore`, over the :class:`Rows` a backend
-keeps: :class:`MemoryPermissionStore` here, for tests, and the SQLite file of
-:mod:`relayd.consent.sqlite`. A backend only stores and finds rows.
+keeps: :class:`MemoryPermissionStore` here, for tests, the SQLite file of
+:mod:`relayd.consent.sqlite` and the shared database of :mod:`relayd.consent.postgres`.
+A backend only stores and finds rows.
 """
 
 from __future__ import annotations
@@ -271,6 +272,9 @@ class Rows(Protocol):
 
     def document_names(self, auid: str, xui: str) -> list[str]:
         """Sorted."""
+
+    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
+        """Every document of every user: what ``relayctl store copy`` moves."""
 
     def consent(self, consent_id: str) -> PendingConsent | None: ...
 
@@ -540,6 +544,9 @@ class _MemoryRows:
 
     def remove_document(self, key: DocumentKey) -> None:
         del self.documents[key]
+
+    def all_documents(self) -> list[tuple[DocumentKey, StoredDocument]]:
+        return sorted(self.documents.items())
 
     def document_names(self, auid: str, xui: str) -> list[str]:
         return sorted(key.name for key in self.documents if (key.auid, key.xui) == (auid, xui))

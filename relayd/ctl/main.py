@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from relayd.ctl import accounts, network, xcap
+from relayd.ctl import accounts, network, store, xcap
 from relayd.ctl.receiving import check_output
 from relayd.ctl.settings import (
     PASSWORD_ENV,
@@ -300,6 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for the delivery REPORT after the last chunk (default: 60)",
     )
     xcap.add_parsers(command, [locations, xcap_access])
+
+    stores = command(
+        "store",
+        "Bring the permission store's schema up to date, or copy a store between SQLite"
+        " and PostgreSQL.",
+        [],
+    )
+    actions = stores.add_subparsers(dest="action", metavar="ACTION", required=True)
+    migrate = actions.add_parser(
+        "migrate",
+        help="apply the schema migrations the store lacks (the relay does it at start too)",
+        parents=[locations],
+    )
+    migrate.add_argument(
+        "store", nargs="?", help=f"{store.STORE_HELP} (default: the [store] of --config)"
+    )
+    copy = actions.add_parser(
+        "copy",
+        help="copy every document, consent and registration into an empty store"
+        " (run it while no relay writes the source)",
+    )
+    copy.add_argument("source", help=store.STORE_HELP)
+    copy.add_argument("target", help=store.STORE_HELP)
     return parser
 
 
@@ -308,7 +331,14 @@ def _interactive() -> bool:
 
 
 def run_local(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> None:
-    """The commands that only touch files: no reactor."""
+    """The commands that only touch files or the store's database: no reactor."""
+    if args.command == "store":
+        if args.action == "copy":
+            store.copy(store.parse_store(args.source), store.parse_store(args.target), out)
+        else:
+            spec = args.store and store.parse_store(args.store)
+            store.migrate(spec or store.configured_store(args.config, args.data_dir), out)
+        return
     locations = locate(args.config, args.data_dir)
     path = Path(args.users) if args.users else locations.users_path
     if args.command == "users":
@@ -452,7 +482,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
-        if args.command in ("adduser", "deluser", "users"):
+        if args.command in ("adduser", "deluser", "users", "store"):
             run_local(args, sys.stdin, sys.stdout, sys.stderr)
             return 0
         if args.command in ("permissions", "lists"):

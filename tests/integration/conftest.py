@@ -54,6 +54,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> RelayPKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def durable_store(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The ``[store]`` keys of each durable backend: a test taking them runs on both."""
+    if request.param == "sqlite":
+        return {"backend": "sqlite"}
+    return {"backend": "postgresql", "dsn": request.getfixturevalue("postgres_dsn")}
+
+
 RelayFactory = Callable[..., Awaitable[RunningRelay]]
 
 

@@ -953,8 +953,11 @@ async def test_waiting_subscriber_is_told_the_truth_after_a_restart(start: Start
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_registration_made_before_a_restart_delivers_after_it(start: Start) -> None:
-    first = await start()
+async def test_a_registration_made_before_a_restart_delivers_after_it(
+    start: Start, durable_store: dict[str, str]
+) -> None:
+    store_keys = {f"store__{name}": value for name, value in durable_store.items()}
+    first = await start(**store_keys)
     bob = await start_ua("bob", "UDP", first)
     await bob.register()
     store = first.service.getServiceNamed("xcap").store
@@ -966,7 +969,7 @@ async def test_a_registration_made_before_a_restart_delivers_after_it(start: Sta
     listen = f"udp:{first.udp_port}:interface={HOST}\n" + "\n".join(
         f"{kind}:0:interface={HOST}" for kind in ("tcp", "ssl")
     )
-    second = await start(sip__listen=listen)
+    second = await start(sip__listen=listen, **store_keys)
     alice = await start_ua("alice", "UDP", second)
     delivered = await send_message(alice, SOLO, b"after the restart")
     assert delivered.status == 200, delivered

@@ -206,6 +206,7 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
     async def factory(
         data_dir: str = "data",
         listen: str = f"ssl:0:interface={HOST}",
+        store: dict[str, str] | None = None,
         **xcap_keys: str,
     ) -> RunningXCAP:
         overrides = relay_config_overrides(
@@ -219,6 +220,7 @@ async def start_xcap(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[StartXCAP]:
                 ("xcap", "admins"): "root",
                 ("xcap", "max_body_bytes"): str(MAX_BODY),
                 **{("xcap", name): value for name, value in xcap_keys.items()},
+                **{("store", name): value for name, value in (store or {}).items()},
             },
         )
         service = relay_service(prepared_relay(overrides), reactor)
@@ -383,13 +385,16 @@ async def test_concurrent_element_puts_with_same_if_match(start_xcap: StartXCAP)
 
 
 @async_test
-async def test_restart_keeps_documents_and_etags(start_xcap: StartXCAP) -> None:
-    first = await start_xcap()
+async def test_restart_keeps_documents_and_etags(
+    start_xcap: StartXCAP, durable_store: dict[str, str]
+) -> None:
+    first = await start_xcap(store=durable_store)
     put = await first.client.put(first.path(), ruleset(rule("a")))
     assert put.code == 201
+    assert (await first.client.request("GET", first.path())).etag == put.etag
     await stop(first)
 
-    second = await start_xcap()
+    second = await start_xcap(store=durable_store)
     get = await second.client.request("GET", second.path())
     assert (get.code, get.body, get.etag) == (200, ruleset(rule("a")), put.etag)
 

@@ -456,9 +456,32 @@ def test_xcap_plain_http_on_loopback_is_allowed(tmp_path: Path) -> None:
     assert load_config(str(path)).xcap.listen == ("tcp:8080:interface=127.0.0.1",)
 
 
-def test_store_backend_is_sqlite_or_memory(tmp_path: Path) -> None:
+def test_store_backend_is_sqlite_postgresql_or_memory(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[store]\nbackend = redis\n")
     assert config_error(path).startswith(f"{path}: [store] backend: ")
+
+
+def test_postgresql_store_takes_its_dsn(tmp_path: Path) -> None:
+    dsn = "host=db.example.com dbname=relayd user=relayd"
+    path = write_ini(tmp_path, f"[store]\nbackend = postgresql\ndsn = {dsn}\n")
+    store = load_config(str(path)).store
+    assert (store.backend, store.dsn) == ("postgresql", dsn)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("backend = postgresql\n", "[store] dsn: required with backend = postgresql"),
+        ("backend = postgresql\ndsn = host='db\n", "[store] dsn: not a libpq connection string"),
+        ("dsn = host=db.example.com\n", "[store] dsn: only used with backend = postgresql"),
+        ("backend = memory\ndsn = host=db\n", "[store] dsn: only used with backend = postgresql"),
+    ],
+)
+def test_store_dsn_is_checked_at_load(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_ini(tmp_path, "[store]\n" + text)
+    message = config_error(path)
+    assert message.startswith(f"{path}: {expected}"), message
+    assert "\n" not in message
 
 
 def test_sip_defaults_listen_on_loopback_udp_and_tcp() -> None:

@@ -12,16 +12,18 @@ from typing import Any
 
 import pytest
 from lxml import etree
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 
 from relayd.bootstrap import prepare
 from relayd.config import load_config
+from relayd.consent.postgres import PostgresPermissionStore
 from relayd.msrp.service import MSRPService
 from relayd.net.listeners import ListenerError
-from relayd.service import build_service
+from relayd.service import RelayService, build_service, build_store
 from relayd.sip.stack import SIPService
 from relayd.testing import captured_log, consent_rule, consent_ruleset
 from relayd.xcap import usages
@@ -183,3 +185,23 @@ def test_missing_xcap_schemas_stop_start_in_one_line(
         top.privilegedStartService()
     assert critical_lines(events) == [str(info.value)]
     assert [port for port, *_ in reactor.tcpServers] == [22855]  # MSRP only; closed by twistd
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+def test_postgresql_backend_builds_the_shared_store(
+    tmp_path: Path, events: EventLoggingObserver
+) -> None:
+    dsn = "host=192.0.2.1 dbname=relayd user=relayd password=s3cret"
+    config = load_config(None, overrides(tmp_path, store__backend="postgresql", store__dsn=dsn))
+    prepared = prepare(config)
+    store = build_store(prepared, reactor)
+    try:
+        assert isinstance(store, PostgresPermissionStore)  # nothing connects before use
+    finally:
+        store.close()
+    RelayService(prepared).startService()
+    (line,) = [formatEvent(e) for e in events if "starting:" in formatEvent(e)]
+    assert line.endswith("store postgresql relayd@192.0.2.1:5432/relayd")
+    assert "s3cret" not in line

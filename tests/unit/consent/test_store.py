@@ -1,4 +1,5 @@
-"""One behavioural suite for both IPermissionStore implementations."""
+"""One behavioural suite, the store contract, for every IPermissionStore backend:
+memory, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from relayd.consent.postgres import PostgresPermissionStore
 from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import (
     ConsentState,
@@ -41,24 +43,22 @@ XUI = "sip:carol@example.test"
 DOC = b'<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"/>'
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IPermissionStore]:
+    durable: IPermissionStore
     if request.param == "memory":
         yield MemoryPermissionStore()
         return
-    sqlite_store = SQLitePermissionStore(str(tmp_path / "store.sqlite"), reactor)
-    yield sqlite_store
-    pytest_twisted.blockon(sqlite_store.close())
+    if request.param == "sqlite":
+        durable = SQLitePermissionStore(str(tmp_path / "store.sqlite"), reactor)
+    else:
+        durable = PostgresPermissionStore(request.getfixturevalue("postgres_dsn"), reactor)
+    yield durable
+    pytest_twisted.blockon(durable.close())
 
 
-@async_test
-async def test_implementations_provide_interface(tmp_path: Path) -> None:
-    assert verifyObject(IPermissionStore, MemoryPermissionStore())
-    sqlite_store = SQLitePermissionStore(str(tmp_path / "s.sqlite"), reactor)
-    try:
-        assert verifyObject(IPermissionStore, sqlite_store)
-    finally:
-        await sqlite_store.close()
+def test_implementations_provide_interface(store: IPermissionStore) -> None:
+    assert verifyObject(IPermissionStore, store)
 
 
 @async_test

@@ -1,0 +1,170 @@
+"""The PostgreSQL backend: what a shared server adds to the store's behaviour
+(test_store.py runs the store contract on it too).  Every test gets a fresh schema
+(the ``postgres_dsn`` fixture) and skips, saying why, when no server answers."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_twisted
+from psycopg.conninfo import make_conninfo
+from twisted.internet import defer, reactor
+from twisted.python.failure import Failure
+
+from relayd.consent.postgres import (
+    SCHEMA_VERSION,
+    PostgresPermissionStore,
+    StoreSchemaError,
+    connection_string,
+    describe,
+    migrate,
+)
+from relayd.consent.store import PreconditionFailed, StoredBinding
+from relayd.consent.vocabulary import CONSENT_RULES_AUID as AUID
+
+XUI = "sip:carol@example.test"
+DOC = b'<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"/>'
+BOB = "sip:bob@example.test"
+
+
+def _versions(dsn: str) -> list[int]:
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute("SELECT version FROM schema_migrations ORDER BY version")
+        return [row[0] for row in rows.fetchall()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_survives_restart(postgres_dsn: str) -> None:
+    store = PostgresPermissionStore(postgres_dsn, reactor)
+    write = await store.put_document(AUID, XUI, "index", DOC)
+    uri = "sip:bob@192.0.2.1;transport=tcp"
+    binding = StoredBinding(BOB, uri, f"<{uri}>", 300.0, "call-1", 1, 0.5)
+    await store.save_bindings(BOB, [binding], [])
+    await store.close()
+    reopened = PostgresPermissionStore(postgres_dsn, reactor)
+    try:
+        assert await reopened.get_document(AUID, XUI, "index") == (DOC, write.etag)
+        assert await reopened.list_bindings(100.0, 10) == [binding]
+    finally:
+        await reopened.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_schema_is_built_by_recorded_migrations(postgres_dsn: str) -> None:
+    for _ in range(2):  # a second start applies nothing again
+        store = PostgresPermissionStore(postgres_dsn, reactor)
+        await store.get_document(AUID, XUI, "index")
+        await store.close()
+    assert _versions(postgres_dsn) == list(range(1, SCHEMA_VERSION + 1))
+    with psycopg.connect(postgres_dsn) as connection:
+        assert migrate(connection) == SCHEMA_VERSION
+
+
+def test_postgres_migrate_upgrades_an_empty_database(postgres_dsn: str) -> None:
+    with psycopg.connect(postgres_dsn) as connection:
+        assert migrate(connection) == 0
+    assert _versions(postgres_dsn) == list(range(1, SCHEMA_VERSION + 1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_starting_together_migrate_once(postgres_dsn: str) -> None:
+    nodes = [PostgresPermissionStore(postgres_dsn, reactor) for _ in range(3)]
+    try:
+        await defer.gatherResults([node.list_documents(AUID, XUI) for node in nodes])
+    finally:
+        for node in nodes:
+            await node.close()
+    assert _versions(postgres_dsn) == list(range(1, SCHEMA_VERSION + 1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_refuses_newer_schema(postgres_dsn: str) -> None:
+    with psycopg.connect(postgres_dsn) as connection:
+        connection.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+        connection.execute("INSERT INTO schema_migrations VALUES (99)")
+    store = PostgresPermissionStore(postgres_dsn, reactor)
+    try:
+        with pytest.raises(StoreSchemaError, match="newer"):
+            await store.get_document(AUID, XUI, "index")
+    finally:
+        await store.close()
+    assert _versions(postgres_dsn) == [99]  # nothing applied on top
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_conflicting_writes_exactly_one_wins(postgres_dsn: str) -> None:
+    """Each node has its own connection: PostgreSQL, not the process, must keep
+    If-Match a compare-and-set (RFC 9110 §13.1.1)."""
+    nodes = [PostgresPermissionStore(postgres_dsn, reactor) for _ in range(2)]
+    try:
+        for round_ in range(10):
+            base = await nodes[0].put_document(AUID, XUI, "index", DOC)
+            attempts = [
+                node.put_document(AUID, XUI, "index", b"<v%d/>" % round_, if_match=base.etag)
+                for node in nodes
+            ]
+            results: list[tuple[bool, Any]] = await defer.DeferredList(attempts, consumeErrors=True)
+            winners = [value for ok, value in results if ok]
+            losers: list[Failure] = [value for ok, value in results if not ok]
+            assert len(winners) == 1, results
+            assert losers[0].check(PreconditionFailed), losers[0]
+            stored = await nodes[1].get_document(AUID, XUI, "index")
+            assert stored is not None and stored.etag == winners[0].etag
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_open_one_consent_per_triple(postgres_dsn: str) -> None:
+    nodes = [PostgresPermissionStore(postgres_dsn, reactor) for _ in range(2)]
+    try:
+        for round_ in range(10):
+            sender = f"sip:alice{round_}@example.test"
+            opened = await defer.gatherResults(
+                [
+                    node.open_consent(
+                        sender, "sip:friends@relay.test", XUI, [method], f"t{round_}{method}", 1, 9
+                    )
+                    for node, method in zip(nodes, ("MESSAGE", "INVITE"), strict=True)
+                ]
+            )
+            assert opened[0].id == opened[1].id
+            (record,) = await nodes[0].list_consents(sender=sender)
+            assert set(record.methods) == {"MESSAGE", "INVITE"}
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+def test_dsn_gains_a_connect_timeout_and_is_logged_without_password() -> None:
+    dsn = "host=db.example.test port=5433 dbname=relay user=relayd password=s3cret"
+    assert "connect_timeout=10" in connection_string(dsn)
+    assert connection_string(dsn + " connect_timeout=2") == dsn + " connect_timeout=2"
+    assert describe(dsn) == "relayd@db.example.test:5433/relay"
+    assert "s3cret" not in describe("postgresql://relayd:s3cret@db.example.test/relay")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_connection_is_reopened_without_failing_a_call(
+    postgres_dsn: str,
+) -> None:
+    """A server restart or failover ends the connection: the next call, found not to
+    have reached the server, runs again on a new one instead of failing."""
+    name = f"relayd-{secrets.token_hex(6)}"
+    store = PostgresPermissionStore(make_conninfo(postgres_dsn, application_name=name), reactor)
+    try:
+        write = await store.put_document(AUID, XUI, "index", DOC)
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (name,),
+            )
+        assert await store.get_document(AUID, XUI, "index") == (DOC, write.etag)
+        assert (await store.put_document(AUID, XUI, "index", DOC, if_match=write.etag)).etag
+    finally:
+        await store.close()
