@@ -11,6 +11,13 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   ``202 Accepted`` to the sender at once). Each relayed copy asserts the sender
   (``P-Asserted-Identity``, any incoming one stripped) and carries ``Trigger-Consent``
   with the member's consent URI and ``target-uri`` = the list (RFC 5360 §5.11.2).
+* **INVITE** to a user of our domain who is registered: authenticate the caller as for
+  MESSAGE (407), then proxy it to the user's contacts (RFC 3261 §16, a binding the user
+  made with their own credentials is their own translation, so no consent is asked),
+  with our Record-Route when ``[sip] record_route`` is on; the SDP body is not touched
+  (:class:`~relayd.sip.proxy.InviteContext` carries the responses). An INVITE to a list
+  (or a consent-flow URI) is refused with 405, its Allow naming what that URI takes:
+  consent for INVITE is not asked for yet, so no INVITE reaches a list member.
 * **CONSENT** to a consent URI (or to a member with ``Trigger-Consent: …;target-uri``):
   authenticate (401), open/refresh the pending consent (rate-limited), forward a CONSENT
   with ``Permission: <https Permission URI>`` to the member's registered contacts (or
@@ -60,11 +67,11 @@ from relayd.sip.message import (
     stateless_tag,
     unstamped_via,
 )
-from relayd.sip.proxy import Branch, Proxy
+from relayd.sip.proxy import Branch, InviteContext, Proxy, select_best
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import SIPResolver, Target
 from relayd.sip.sending import IRequestSender
-from relayd.sip.transaction import ServerTransaction, new_branch
+from relayd.sip.transaction import ServerTransaction, TransactionState, new_branch
 from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
 from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
@@ -190,8 +197,10 @@ class ConsentRelay:
         resolver: SIPResolver | None = None,
         subscription_limits: SubscriptionLimits | None = None,
         loop_detector: LoopDetector | None = None,
+        record_route: bool = True,
     ) -> None:
         self.clock = clock
+        self.record_route = record_route
         self.transport = transport
         self.uas = uas
         self.registrar = registrar
@@ -227,6 +236,7 @@ class ConsentRelay:
         """Plug the handlers in, listen to the store, index lists of ``owners``."""
         self.store.add_listener(self._store_changed)
         self.uas.request_uri_check = self.check_request_uri
+        self.uas.set_handler("INVITE", self.handle_invite)
         self.uas.set_handler("MESSAGE", self.handle_message)
         self.uas.set_screen("MESSAGE", self.challenge_message)
         self.uas.set_handler("CONSENT", self.handle_consent)
@@ -242,7 +252,7 @@ class ConsentRelay:
         self._started = False
         self.store.remove_listener(self._store_changed)
         self.uas.request_uri_check = None
-        for method in ("MESSAGE", "CONSENT", "SUBSCRIBE"):
+        for method in ("INVITE", "MESSAGE", "CONSENT", "SUBSCRIBE"):
             self.uas.set_handler(method, None)
         self.uas.set_screen("MESSAGE", None)
         self.ledger.stop()
@@ -317,14 +327,25 @@ class ConsentRelay:
             raise SIPStatus(404, "Not Served Here")
         if request.method != "OPTIONS" or not uri.user:
             return
-        user = uri.user
-        if (
+        if self._relay_uri(uri):
+            return
+        self._registered_aor(uri.user)
+
+    def _relay_uri(self, uri: SIPURI) -> bool:
+        """Whether ``uri`` names a list or a consent-flow URI of ours (not a user)."""
+        user = uri.user or ""
+        return (
             self.directory.lookup(uri) is not None
             or self.uris.parse_consent_user(user) is not None
             or self.uris.wait_id(user) is not None
-            or self.registrar.is_online(f"sip:{user}@{self.registrar.domain}")
-        ):
-            return
+        )
+
+    def _registered_aor(self, user: str) -> str:
+        """The AOR of ``user`` in our domain while registered; an account that is not
+        registered now is 480 (§16.5: no target), anyone else 404."""
+        aor = f"sip:{user}@{self.registrar.domain}"
+        if self.registrar.is_online(aor):
+            return aor
         if self.directory.is_account(user):
             raise SIPStatus(480)
         raise SIPStatus(404)
@@ -485,12 +506,24 @@ class ConsentRelay:
         loop_hash: str | None = None,
     ) -> SIPRequest:
         """The proxied copy for one branch (§16.6 plus the consent headers)."""
+        copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
+        copy.headers._fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]
+        return copy
+
+    def _asserted(
+        self,
+        request: SIPRequest,
+        branch: Branch,
+        sender: str,
+        max_forwards: int,
+        loop_hash: str | None = None,
+    ) -> SIPRequest:
+        """§16.6 for one branch, asserting the authenticated sender (RFC 3325)."""
         copy = self.proxy.forward_copy(request, branch.uri, max_forwards, loop_hash)
         fields = copy.headers._fields
         fields["from"] = [_relayed_from(request.headers.get("from") or "")]
         fields["p-asserted-identity"] = [f"<{sender}>"]
         fields.pop("p-preferred-identity", None)  # RFC 3325 §9.1: replaced by the assertion
-        fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]
         return copy
 
     def _explode(
@@ -521,6 +554,62 @@ class ConsentRelay:
                 code=result[0],
             )
         )
+
+    # -- INVITE -------------------------------------------------------------------------
+
+    def handle_invite(
+        self, txn: ServerTransaction, request: SIPRequest
+    ) -> defer.Deferred[None] | None:
+        """An INVITE to a registered user of ours, proxied to their contacts (module
+        doc); §16.3's checks in its order: Max-Forwards, Proxy-Require, then the
+        caller's credentials, as for MESSAGE."""
+        uri = request.uri
+        if self._relay_uri(uri) or not uri.user:
+            allow = ", ".join(m for m in self.uas.allow.split(", ") if m != "INVITE")
+            raise SIPStatus(405, headers=[("Allow", allow)])
+        max_forwards = check_max_forwards(request)
+        _check_proxy_require(request)
+        sender = self._identity(request, proxy=True, peer=txn.source)
+        aor = self._registered_aor(uri.user)
+        known = self.proxy.branches_now(aor)
+        if known is not None:
+            self._fork_invite(txn, request, sender, max_forwards, known)
+            return None
+        d = defer.ensureDeferred(self.proxy.branches(aor))
+        return d.addCallback(
+            lambda found: self._fork_invite(txn, request, sender, max_forwards, found)
+        )
+
+    def _fork_invite(
+        self,
+        txn: ServerTransaction,
+        request: SIPRequest,
+        sender: str,
+        max_forwards: int,
+        branches: Sequence[Branch],
+    ) -> None:
+        if txn.state is not TransactionState.PROCEEDING:
+            return  # cancelled while the contacts were looked up
+        record_route = f"<{self.contact()};lr>" if self.record_route else None
+        detector = self.proxy.loop_detector
+        loop_hash = detector.loop_hash(request) if detector is not None else None
+        requests = []
+        for branch in branches:
+            if branch.target is None:
+                continue
+            copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
+            if record_route is not None:  # §16.6 step 4
+                copy.headers.add_first("Record-Route", record_route)
+            requests.append((copy, branch.target))
+
+        def final(responses: list[SIPResponse]) -> SIPResponse:
+            status, reason = select_best(responses)
+            return make_response(request, status, reason, carried_headers(status, responses))
+
+        if not requests:  # registered, but no contact can be reached now
+            txn.respond(make_response(request, 480))
+            return
+        InviteContext(self.transport.request, self.clock, txn, final).start(requests)
 
     # -- CONSENT ------------------------------------------------------------------------
 

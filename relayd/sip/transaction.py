@@ -242,6 +242,7 @@ class ServerTransaction(_Transaction):
         "_timer_h",
         "_timer_i_or_j",
         "is_invite",
+        "on_cancel",
         "source",
     )
 
@@ -264,6 +265,9 @@ class ServerTransaction(_Transaction):
         self._timer_i_or_j: Timer | None = None
         self._deadline: Timer | None = None
         self._merge_key: tuple[str, str, str] | None = None  # registered for §8.2.2.2
+        #: Called when a CANCEL ends this pending INVITE (§9.2), before its 487: a
+        #: proxy cancels its branches (§16.10).
+        self.on_cancel: Callable[[], object] | None = None
 
     @property
     def last_response(self) -> SIPResponse | None:
@@ -293,6 +297,7 @@ class ServerTransaction(_Transaction):
         _cancel(self._deadline)
         self._deadline = None
         self._request = None
+        self.on_cancel = None  # a CANCEL after the final changes nothing (§9.2)
         timers = self._layer.timers
         if not self.is_invite:
             self.state = TransactionState.COMPLETED
@@ -382,6 +387,7 @@ class ServerTransaction(_Transaction):
             _cancel(call)
         self._timer_g = self._timer_h = self._timer_i_or_j = self._deadline = None
         self._request = None
+        self.on_cancel = None
         layer = self._layer
         layer._server.pop(self._key, None)
         merge_key = self._merge_key

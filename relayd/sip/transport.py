@@ -744,6 +744,7 @@ class SIPTransportLayer:
         request: SIPRequest,
         target: Target,
         on_provisional: Callable[[SIPResponse], object] | None = None,
+        on_2xx: Callable[[SIPResponse], object] | None = None,
     ) -> Deferred[SIPResponse]:
         """Send ``request`` in a client transaction (the relay's entry point).
 
@@ -758,7 +759,7 @@ class SIPTransportLayer:
         asked = target
         target = self.prepare_request(request, target)
         if not target.reliable:
-            return transactions.client_request(request, target, False, on_provisional)
+            return transactions.client_request(request, target, False, on_provisional, on_2xx)
 
         async def run() -> SIPResponse:
             try:
@@ -773,8 +774,10 @@ class SIPTransportLayer:
                 if asked.reliable:
                     return local_response(request, 503)
                 self._stamp_via(request, "UDP")
-                return await transactions.client_request(request, asked, False, on_provisional)
-            return await transactions.client_request(request, target, True, on_provisional)
+                return await transactions.client_request(
+                    request, asked, False, on_provisional, on_2xx
+                )
+            return await transactions.client_request(request, target, True, on_provisional, on_2xx)
 
         return ensureDeferred(run())
 

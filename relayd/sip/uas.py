@@ -1,10 +1,9 @@
 """UAS core (RFC 3261 §8.2): method dispatch above the transaction layer.
 
 An explicit method table: OPTIONS (§11) and CANCEL (§9.2) are answered here, REGISTER goes
-to the :class:`~relayd.sip.registrar.Registrar`, INVITE is refused with 405 (the
-transaction layer runs the INVITE server transaction that carries the 405), and MESSAGE,
-CONSENT, SUBSCRIBE (and any other method the consent relay adds) go to handlers plugged in
-with :meth:`UASCore.set_handler`. A known method without a handler gets 405 + Allow, an
+to the :class:`~relayd.sip.registrar.Registrar`, and INVITE, MESSAGE, CONSENT, SUBSCRIBE
+(and any other method the consent relay adds) go to handlers plugged in with
+:meth:`UASCore.set_handler`. A known method without a handler gets 405 + Allow, an
 unknown one 501 (§8.2.1). Before dispatch: load shedding (a stateless 503 + Retry-After,
 §21.5.4), the Request-URI (416 for a scheme other than sip/sips, then the composer's
 :attr:`UASCore.request_uri_check`, 404, §8.2.2.1), ``Require`` (420 + Unsupported,
@@ -77,7 +76,7 @@ KNOWN_METHODS = frozenset(
 )
 """Methods we recognise: not having a handler for one is 405, anything else 501."""
 
-HOOK_METHODS = ("MESSAGE", "CONSENT", "SUBSCRIBE")
+HOOK_METHODS = ("INVITE", "MESSAGE", "CONSENT", "SUBSCRIBE")
 """Methods the consent relay plugs in (STYLE 2.4)."""
 
 Handler = Callable[[ServerTransaction, SIPRequest], object]
@@ -226,7 +225,7 @@ class UASCore:
     def set_handler(self, method: str, handler: Handler | None) -> None:
         """Plug (or unplug, with ``None``) the handler for ``method``; Allow follows."""
         method = method.upper()
-        if method in ("OPTIONS", "CANCEL", "ACK", "INVITE"):
+        if method in ("OPTIONS", "CANCEL", "ACK"):
             raise ValueError(f"{method} is handled by the UAS core itself")
         if handler is None:
             self._handlers.pop(method, None)
@@ -400,7 +399,13 @@ class UASCore:
         if cancelled is None:
             return make_response(request, 481)
         if cancelled.is_invite and cancelled.state is TransactionState.PROCEEDING:
-            cancelled.respond(make_response(cancelled.request, 487))
+            if cancelled.on_cancel is not None:
+                try:
+                    cancelled.on_cancel()
+                except Exception:
+                    self.log.failure("cancelling the branches of an INVITE failed")
+            if cancelled.state is TransactionState.PROCEEDING:
+                cancelled.respond(make_response(cancelled.request, 487))
         last = cancelled.last_response
         tag = last.to_tag if last is not None and last.status >= 200 else None
         return make_response(request, 200, to_tag=tag)
