@@ -18,6 +18,11 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   (:class:`~relayd.sip.proxy.InviteContext` carries the responses). An INVITE to a list
   (or a consent-flow URI) is refused with 405, its Allow naming what that URI takes:
   consent for INVITE is not asked for yet, so no INVITE reaches a list member.
+* **In-dialog requests** (the ACK for a 2xx, BYE, re-INVITE, UPDATE, INFO, MESSAGE...)
+  whose top Route is the Record-Route we put into their dialog (its ``rr`` parameter is
+  a MAC of the Call-ID) are forwarded by loose routing (§16.4, §16.6, §16.12) without a
+  consent check: the dialog was set up through us, by a request that passed it. The
+  ACK goes on without a transaction (§16.11), everything else in one.
 * **CONSENT** to a consent URI (or to a member with ``Trigger-Consent: …;target-uri``):
   authenticate (401), open/refresh the pending consent (rate-limited), forward a CONSENT
   with ``Permission: <https Permission URI>`` to the member's registered contacts (or
@@ -35,8 +40,10 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -67,12 +74,17 @@ from relayd.sip.message import (
     stateless_tag,
     unstamped_via,
 )
-from relayd.sip.proxy import Branch, InviteContext, Proxy, select_best
+from relayd.sip.proxy import Branch, InviteContext, Proxy, select_best, upstream
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import SIPResolver, Target
 from relayd.sip.sending import IRequestSender
-from relayd.sip.transaction import ServerTransaction, TransactionState, new_branch
-from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
+from relayd.sip.transaction import (
+    LocalResponse,
+    ServerTransaction,
+    TransactionState,
+    new_branch,
+)
+from relayd.sip.uas import Handler, LoopDetector, UASCore, check_max_forwards
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
 from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
 from relayd.tokens import redact
@@ -236,6 +248,9 @@ class ConsentRelay:
         """Plug the handlers in, listen to the store, index lists of ``owners``."""
         self.store.add_listener(self._store_changed)
         self.uas.request_uri_check = self.check_request_uri
+        self.uas.router = self.routed
+        if self.uas.transactions is not None:
+            self.uas.transactions.ack = self.route_ack
         self.uas.set_handler("INVITE", self.handle_invite)
         self.uas.set_handler("MESSAGE", self.handle_message)
         self.uas.set_screen("MESSAGE", self.challenge_message)
@@ -252,6 +267,9 @@ class ConsentRelay:
         self._started = False
         self.store.remove_listener(self._store_changed)
         self.uas.request_uri_check = None
+        self.uas.router = None
+        if self.uas.transactions is not None:
+            self.uas.transactions.ack = None
         for method in ("INVITE", "MESSAGE", "CONSENT", "SUBSCRIBE"):
             self.uas.set_handler(method, None)
         self.uas.set_screen("MESSAGE", None)
@@ -590,7 +608,10 @@ class ConsentRelay:
     ) -> None:
         if txn.state is not TransactionState.PROCEEDING:
             return  # cancelled while the contacts were looked up
-        record_route = f"<{self.contact()};lr>" if self.record_route else None
+        record_route = None
+        if self.record_route:
+            token = self.uris.route_token(request.call_id or "")
+            record_route = f"<{self.contact()};lr;rr={token}>"
         detector = self.proxy.loop_detector
         loop_hash = detector.loop_hash(request) if detector is not None else None
         requests = []
@@ -602,14 +623,112 @@ class ConsentRelay:
                 copy.headers.add_first("Record-Route", record_route)
             requests.append((copy, branch.target))
 
-        def final(responses: list[SIPResponse]) -> SIPResponse:
-            status, reason = select_best(responses)
-            return make_response(request, status, reason, carried_headers(status, responses))
-
         if not requests:  # registered, but no contact can be reached now
             txn.respond(make_response(request, 480))
             return
+        final = partial(_best, request)
         InviteContext(self.transport.request, self.clock, txn, final).start(requests)
+
+    # -- in-dialog requests on our route (§16.4, §16.12) ---------------------------------
+
+    def _routes_after_ours(self, request: SIPRequest) -> list[str] | None:
+        """The Route values after ours when the top one is the Record-Route this relay
+        put into the request's dialog (an in-dialog request: it has a To tag), else
+        ``None``."""
+        if request.to_tag is None:
+            return None
+        routes = request.headers.get_all("route")
+        if not routes:
+            return None
+        try:
+            top = NameAddr.parse(routes[0]).uri
+        except SIPURIError:
+            return None
+        token = top.param("rr")
+        if token is None or not self.directory.is_local(top):
+            return None
+        if not hmac.compare_digest(token, self.uris.route_token(request.call_id or "")):
+            return None
+        return routes[1:]
+
+    def routed(self, request: SIPRequest) -> Handler | None:
+        """The UAS core's router: in-dialog requests on our route are forwarded."""
+        return self.forward_in_dialog if self._routes_after_ours(request) is not None else None
+
+    def _routed_copy(self, request: SIPRequest, routes: list[str]) -> SIPRequest:
+        """§16.6 for a request on our route: our Route removed (§16.4), the rest and the
+        Request-URI kept (loose routing), Max-Forwards decremented, our Via pushed."""
+        max_forwards = check_max_forwards(request)
+        headers = request.headers.copy()
+        fields = headers._fields
+        if routes:
+            fields["route"] = list(routes)
+        else:
+            fields.pop("route", None)
+        fields["max-forwards"] = [str(max_forwards)]
+        headers.add_first("Via", unstamped_via(new_branch()))
+        return SIPRequest(request.method, request.uri, headers, request.body)
+
+    async def _next_hop(self, request: SIPRequest, routes: list[str]) -> Target:
+        """§16.6 step 7: the next Route's URI if any, else the Request-URI (the remote
+        target), located as a contact is (its flow, its address, RFC 3263)."""
+        uri = request.uri
+        if routes:
+            try:
+                uri = NameAddr.parse(routes[0]).uri
+            except SIPURIError:
+                raise SIPStatus(400, "Bad Route") from None
+        found = self.proxy.branches_now(uri.format())
+        if found is None:
+            found = await self.proxy.branches(uri.format())
+        for branch in found:
+            if branch.target is not None:
+                return branch.target
+        raise SIPStatus(480, "Next Hop Unreachable")
+
+    async def forward_in_dialog(
+        self, txn: ServerTransaction, request: SIPRequest
+    ) -> SIPResponse | None:
+        """A request of a dialog we Record-Routed: proxied, never refused for consent
+        (the dialog-creating request passed it). A re-INVITE gets an INVITE response
+        context (its provisionals, 2xx and CANCEL); anything else one transaction."""
+        routes = self._routes_after_ours(request) or []
+        copy = self._routed_copy(request, routes)
+        target = await self._next_hop(request, routes)
+        if request.method == "INVITE":
+            if txn.state is TransactionState.PROCEEDING:
+                InviteContext(
+                    self.transport.request, self.clock, txn, lambda found: _best(request, found)
+                ).start([(copy, target)])
+            return None
+
+        def provisional(response: SIPResponse) -> None:
+            if response.status > 100 and txn.state is TransactionState.PROCEEDING:
+                txn.respond(upstream(response))
+
+        response = await self.transport.request(copy, target, provisional)
+        if response.status == 503 or isinstance(response, LocalResponse):
+            return _best(request, [response])  # §16.7 step 6: no 503 upstream
+        return upstream(response)
+
+    def route_ack(self, ack: SIPRequest, source: object) -> None:
+        """The transaction layer's ACK hook: an ACK for a 2xx on our route goes on
+        without a transaction (§16.11); any other is dropped."""
+        routes = self._routes_after_ours(ack)
+        if routes is None or (ack.max_forwards is not None and ack.max_forwards <= 0):
+            self.log.debug("dropping an ACK not routed through us from {peer}", peer=source)
+            return
+        copy = self._routed_copy(ack, routes)
+
+        def send(target: Target) -> None:
+            self.transport.forward(copy, target)
+
+        d = defer.ensureDeferred(self._next_hop(ack, routes)).addCallback(send)
+        d.addErrback(
+            lambda failure: self.log.warn(
+                "cannot forward an ACK from {peer}: {reason}", peer=source, reason=failure.value
+            )
+        )
 
     # -- CONSENT ------------------------------------------------------------------------
 
@@ -721,6 +840,12 @@ class ConsentRelay:
     async def handle_subscribe(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         subscriber = self._identity(request, proxy=False, peer=txn.source)
         return await self.subscriptions.handle_subscribe(request, subscriber, txn.source)
+
+
+def _best(request: SIPRequest, responses: Sequence[SIPResponse]) -> SIPResponse:
+    """The caller's final response when no branch answered 2xx (§16.7 steps 6-9)."""
+    status, reason = select_best(responses)
+    return make_response(request, status, reason, carried_headers(status, responses))
 
 
 def owners_from_users(entries: Sequence[tuple[str, str]], domains: Sequence[str]) -> list[str]:

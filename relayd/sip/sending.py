@@ -37,6 +37,10 @@ class IRequestSender(Protocol):
         final response, or a 408/503 made up here (§8.1.3.1). ``on_provisional`` gets
         each 1xx, ``on_2xx`` (INVITE) each 2xx after the first."""
 
+    def forward(self, request: SIPRequest, target: Target) -> None:
+        """Send ``request`` with no transaction (an ACK for a 2xx on our route, §16.11),
+        our Via stamped; raises ``TransportError`` when it cannot be sent."""
+
     def flow_target(self, contact: SIPURI) -> Target | None:
         """The open connection a registered ``contact`` came over, or ``None``."""
 

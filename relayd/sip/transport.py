@@ -781,6 +781,10 @@ class SIPTransportLayer:
 
         return ensureDeferred(run())
 
+    def forward(self, request: SIPRequest, target: Target) -> None:
+        """Send ``request`` outside any transaction (an ACK for a 2xx, §16.11)."""
+        self._send_request(request, self.prepare_request(request, target))
+
     def _send_request(self, request: SIPRequest, target: Target) -> None:
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] is request:

@@ -204,6 +204,10 @@ class UASCore:
         self.retry_after_seconds = retry_after_seconds
         self.loop_detector = loop_detector
         self.request_uri_check: RequestURICheck | None = None
+        #: ``router(request)``: the handler of a request routed through the relay (its
+        #: top Route is ours, §16.4), whatever its method and Request-URI, or ``None``;
+        #: asked before the method table. CANCEL stays hop by hop (§16.10).
+        self.router: Callable[[SIPRequest], Handler | None] | None = None
         #: Told of every REGISTER the registrar accepted, with its source: the transport
         #: keeps the connection it came over as the way to its contacts (RFC 5626 §5).
         self.registered: Callable[[SIPRequest, SIPResponse, object], object] | None = None
@@ -259,7 +263,7 @@ class UASCore:
             retry = [("Retry-After", str(self.retry_after_seconds))]
             return make_response(request, 503, headers=retry, to_tag=stateless_tag(request))
         screen = self._screens.get(method)
-        if screen is None or method not in self._table:
+        if screen is None or method not in self._table or self._routed(request) is not None:
             return None
         answer = screen(request)  # first: it passes most requests, and cheaply
         if answer is None:
@@ -292,8 +296,18 @@ class UASCore:
 
     # -- ITransactionUser ---------------------------------------------------------------
 
+    def _routed(self, request: SIPRequest) -> Handler | None:
+        router = self.router
+        if router is None or request.method == "CANCEL" or "route" not in request.headers:
+            return None
+        return router(request)
+
     def request(self, txn: ServerTransaction, request: SIPRequest) -> None:
         method = request.method
+        routed = self._routed(request)
+        if routed is not None:  # §16.4: ours to forward, not to answer
+            self._finish(txn, request, routed(txn, request))
+            return
         handler = self._table.get(method)
         if handler is None:
             if method in KNOWN_METHODS:

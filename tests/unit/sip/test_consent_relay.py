@@ -15,7 +15,8 @@ from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.sip.consent_relay import carried_headers
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sip.parser import parse_datagram
-from relayd.sip.transaction import cancel_for
+from relayd.sip.transaction import cancel_for, new_branch
+from relayd.sip.uri import SIPURI
 from relayd.testing import (
     grant_document,
     in_process_sip_relay,
@@ -357,17 +358,18 @@ def test_invite_to_a_registered_user_is_proxied_with_record_route_and_sdp_unchan
     assert "proxy-authorization" not in copy.headers
     assert copy.headers.get("P-Asserted-Identity") == f"<{ALICE}>"
     port = relay.wire.getHost().port
-    assert copy.headers.get_all("record-route") == [f"<sip:{HOST}:{port};lr>"]
+    (record_route,) = copy.headers.get_all("record-route")
+    assert record_route.startswith(f"<sip:{HOST}:{port};lr;rr=")
     ringing = make_response(copy, 180, to_tag="bob-1")
     ok = make_response(copy, 200, to_tag="bob-1", body=SDP[::-1])
-    ok.headers.add("Record-Route", f"<sip:{HOST}:{port};lr>")
+    ok.headers.add("Record-Route", record_route)
     up = relay.feed(ringing, BOB_PORT) + relay.feed(ok, BOB_PORT)
     assert _statuses(up) == [180, 200]
     final = _to(up, SENDER_PORT)[-1]
     assert isinstance(final, SIPResponse)
     assert [v.branch for v in final.vias] == [invite.via.branch]  # ours popped (§16.7)
     assert final.body == SDP[::-1] and final.to_tag == "bob-1"
-    assert final.headers.get_all("record-route") == [f"<sip:{HOST}:{port};lr>"]
+    assert final.headers.get_all("record-route") == [record_route]
     # The retransmitted 200 also goes upstream (RFC 6026); the retransmitted INVITE
     # is absorbed, not forked again.
     assert _statuses(relay.feed(ok, BOB_PORT)) == [200]
@@ -435,3 +437,71 @@ def test_an_invite_to_no_registered_user_is_refused(relay: Relay, uri: str, stat
     _, out = _invite(relay, uri)
     assert _final(out).status == status
     assert all(port == SENDER_PORT for _, port in out)
+
+
+# -- in-dialog requests on the relay's route (§16.4, §16.12) --------------------------
+
+
+def _in_dialog(
+    method: str, uri: str, port: int, route: str, from_: str, to: str, call_id: str, cseq: int
+) -> SIPRequest:
+    h = Headers()
+    h.add("Via", f"SIP/2.0/UDP {HOST}:{port};rport;branch={new_branch()}")
+    h.add("Max-Forwards", "70")
+    h.add("Route", route)
+    h.add("From", from_)
+    h.add("To", to)
+    h.add("Call-ID", call_id)
+    h.add("CSeq", f"{cseq} {method}")
+    return SIPRequest(method, SIPURI.parse(uri), h)
+
+
+def _established(relay: Relay) -> tuple[SIPRequest, str]:
+    """A call alice → bob answered 200 through the relay: the INVITE and our route."""
+    invite, out = _invite(relay)
+    copy = _forwarded(out)
+    ok = make_response(copy, 200, to_tag="bob-d", body=SDP)
+    (route,) = copy.headers.get_all("record-route")
+    ok.headers.add("Record-Route", route)
+    assert _statuses(relay.feed(ok, BOB_PORT)) == [200]
+    return invite, route
+
+
+def test_ack_and_bye_of_a_record_routed_dialog_cross_the_relay(relay: Relay) -> None:
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    call_id = invite.call_id or ""
+    bob_contact = f"sip:bob@{HOST}:{BOB_PORT}"
+    ack = _in_dialog("ACK", bob_contact, SENDER_PORT, route, alice, bob, call_id, 2)
+    (forwarded_ack,) = relay.feed(ack, SENDER_PORT)
+    message, port = forwarded_ack
+    assert isinstance(message, SIPRequest) and port == BOB_PORT
+    assert message.method == "ACK" and "route" not in message.headers  # ours removed
+    assert len(message.vias) == 2 and message.max_forwards == 69
+    # Bob hangs up: his BYE goes to alice's contact through us, her 200 back to him.
+    alice_contact = f"sip:alice@{HOST}:{SENDER_PORT}"
+    bye = _in_dialog("BYE", alice_contact, BOB_PORT, route, bob, alice, call_id, 1)
+    out = relay.feed(bye, BOB_PORT)
+    (forwarded_bye,) = _to(out, SENDER_PORT)
+    assert isinstance(forwarded_bye, SIPRequest) and forwarded_bye.method == "BYE"
+    assert forwarded_bye.uri.port == SENDER_PORT
+    back = relay.feed(make_response(forwarded_bye, 200), SENDER_PORT)
+    (ok,) = _to(back, BOB_PORT)
+    assert isinstance(ok, SIPResponse) and ok.status == 200
+    assert [v.branch for v in ok.vias] == [bye.via.branch]
+
+
+def test_a_route_naming_the_relay_for_another_dialog_opens_nothing(relay: Relay) -> None:
+    """The rr MAC binds our Route to its dialog: copying it into another request (to
+    reach anyone, a list member included, without consent) is not forwarded."""
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    target = f"sip:bob@{HOST}:{BOB_PORT}"
+    forged = _in_dialog("BYE", target, SENDER_PORT, route, alice, bob, "other-call", 3)
+    out = relay.feed(forged, SENDER_PORT)
+    assert all(port == SENDER_PORT for _, port in out)
+    assert _final(out).status >= 400
+    ack = _in_dialog("ACK", target, SENDER_PORT, route, alice, bob, "other-call", 3)
+    assert relay.feed(ack, SENDER_PORT) == []
