@@ -20,9 +20,10 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   consent for INVITE is not asked for yet, so no INVITE reaches a list member.
 * **In-dialog requests** (the ACK for a 2xx, BYE, re-INVITE, UPDATE, INFO, MESSAGE...)
   whose top Route is the Record-Route we put into their dialog (its ``rr`` parameter is
-  a MAC of the Call-ID) are forwarded by loose routing (§16.4, §16.6, §16.12) without a
-  consent check: the dialog was set up through us, by a request that passed it. The
-  ACK goes on without a transaction (§16.11), everything else in one.
+  a MAC of the Call-ID and the caller's tag) are forwarded by loose routing (§16.4,
+  §16.6, §16.12) without a consent check: the dialog was set up through us, by a
+  request that passed it. The ACK goes on without a transaction (§16.11), everything
+  else in one.
 * **CONSENT** to a consent URI (or to a member with ``Trigger-Consent: …;target-uri``):
   authenticate (401), open/refresh the pending consent (rate-limited), forward a CONSENT
   with ``Permission: <https Permission URI>`` to the member's registered contacts (or
@@ -610,7 +611,7 @@ class ConsentRelay:
             return  # cancelled while the contacts were looked up
         record_route = None
         if self.record_route:
-            token = self.uris.route_token(request.call_id or "")
+            token = self.uris.route_token(request.call_id or "", request.from_tag or "")
             record_route = f"<{self.contact()};lr;rr={token}>"
         detector = self.proxy.loop_detector
         loop_hash = detector.loop_hash(request) if detector is not None else None
@@ -647,9 +648,11 @@ class ConsentRelay:
         token = top.param("rr")
         if token is None or not self.directory.is_local(top):
             return None
-        if not hmac.compare_digest(token, self.uris.route_token(request.call_id or "")):
-            return None
-        return routes[1:]
+        call_id = request.call_id or ""
+        for tag in (request.from_tag, request.to_tag):  # the caller's, either way
+            if tag and hmac.compare_digest(token, self.uris.route_token(call_id, tag)):
+                return routes[1:]
+        return None
 
     def routed(self, request: SIPRequest) -> Handler | None:
         """The UAS core's router: in-dialog requests on our route are forwarded."""

@@ -505,3 +505,8 @@ def test_a_route_naming_the_relay_for_another_dialog_opens_nothing(relay: Relay)
     assert _final(out).status >= 400
     ack = _in_dialog("ACK", target, SENDER_PORT, route, alice, bob, "other-call", 3)
     assert relay.feed(ack, SENDER_PORT) == []
+    stranger = _in_dialog(
+        "BYE", target, SENDER_PORT, route, "<sip:x@h>;tag=x", bob, invite.call_id or "", 3
+    )
+    out = relay.feed(stranger, SENDER_PORT)  # the dialog's Call-ID, not its caller's tag
+    assert all(port == SENDER_PORT for _, port in out)
