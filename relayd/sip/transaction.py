@@ -293,6 +293,10 @@ class ServerTransaction(_Transaction):
         self._layer._send(response, self.source)
         if response.status < 200:
             self.state = TransactionState.PROCEEDING
+            if self.is_invite and self._deadline is not None:
+                _cancel(self._deadline)  # still ringing: Timer C restarted too (§16.8)
+                self._deadline = None
+                self._arm_deadline()
             return
         _cancel(self._deadline)
         self._deadline = None
@@ -321,7 +325,8 @@ class ServerTransaction(_Transaction):
         TU waiting on its own client transactions, started a moment later, still sends
         the 408 their Timer F gives (§16.8) instead of being cut off just before it.
         An INVITE may ring for minutes: its TU is bounded by Timer C (§16.8) instead,
-        and the deadline comes T4 after that. Armed only when the TU did not answer
+        and the deadline comes T4 after that, counted again from each provisional the
+        TU passes on (each restarts Timer C). Armed only when the TU did not answer
         synchronously, which keeps the common path free of extra timers."""
         if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
             timers = self._layer.timers

@@ -542,6 +542,18 @@ def test_invite_tu_deadline_follows_timer_c() -> None:
     assert layer.server_transaction_count == 0
 
 
+def test_invite_tu_deadline_restarts_with_each_provisional() -> None:
+    clock, send, tu, layer = _layer(RecordingTU())
+    layer.request_received(_request("INVITE"), PEER, False)
+    txn, request = tu.calls[0]
+    clock.advance(150)
+    txn.respond(make_response(request, 180, to_tag="t"))  # still ringing
+    clock.advance(150)
+    assert layer.server_transaction_count == 1
+    txn.respond(make_response(request, 487, to_tag="t"))
+    assert send.statuses() == [100, 180, 487]
+
+
 def test_unmatched_ack_is_dropped() -> None:
     _, send, tu, layer = _layer()
     layer.request_received(_ack("z9hG4bKnone"), PEER, False)
