@@ -697,6 +697,7 @@ class ConsentRelay:
         context (its provisionals, 2xx and CANCEL); anything else one transaction."""
         routes = self._routes_after_ours(request) or []
         copy = self._routed_copy(request, routes)
+        _check_proxy_require(request)  # §16.3 step 5, after Max-Forwards (step 3)
         target = await self._next_hop(request, routes)
         if request.method == "INVITE":
             if txn.state is TransactionState.PROCEEDING:

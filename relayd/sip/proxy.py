@@ -546,7 +546,6 @@ class InviteContext:
             if 200 <= status < 300:
                 self._forward(response)
             elif not self._answered:
-                self._answered = True
                 self._txn.respond(self._final([response]))
             self._answered = True
             for other in self._branches:

@@ -510,3 +510,23 @@ def test_a_route_naming_the_relay_for_another_dialog_opens_nothing(relay: Relay)
     )
     out = relay.feed(stranger, SENDER_PORT)  # the dialog's Call-ID, not its caller's tag
     assert all(port == SENDER_PORT for _, port in out)
+
+
+def test_an_in_dialog_request_on_our_route_with_proxy_require_is_420(relay: Relay) -> None:
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    info = _in_dialog(
+        "INFO",
+        f"sip:bob@{HOST}:{BOB_PORT}",
+        SENDER_PORT,
+        route,
+        alice,
+        bob,
+        invite.call_id or "",
+        3,
+    )
+    info.headers.add("Proxy-Require", "x-unknown")
+    out = relay.feed(info, SENDER_PORT)
+    assert _final(out).status == 420
+    assert all(port == SENDER_PORT for _, port in out)
