@@ -627,8 +627,14 @@ class ConsentRelay:
         if not requests:  # registered, but no contact can be reached now
             txn.respond(make_response(request, 480))
             return
+        self._invite_context(txn, request).start(requests)
+
+    def _invite_context(self, txn: ServerTransaction, request: SIPRequest) -> InviteContext:
+        """The response context of ``request`` (§16.7), on the transaction layer's timers."""
+        layer = self.uas.transactions
+        timers = layer.timers if layer is not None else None
         final = partial(_best, request)
-        InviteContext(self.transport.request, self.clock, txn, final).start(requests)
+        return InviteContext(self.transport.request, self.clock, txn, final, timers=timers)
 
     # -- in-dialog requests on our route (§16.4, §16.12) ---------------------------------
 
@@ -701,9 +707,7 @@ class ConsentRelay:
         target = await self._next_hop(request, routes)
         if request.method == "INVITE":
             if txn.state is TransactionState.PROCEEDING:
-                InviteContext(
-                    self.transport.request, self.clock, txn, lambda found: _best(request, found)
-                ).start([(copy, target)])
+                self._invite_context(txn, request).start([(copy, target)])
             return None
 
         def provisional(response: SIPResponse) -> None:

@@ -37,6 +37,7 @@ from relayd.sip.resolve import ResolveError, SIPResolver, Target
 from relayd.sip.transaction import (
     LocalResponse,
     ServerTransaction,
+    SIPTimers,
     TransactionState,
     cancel_for,
     local_response,
@@ -470,15 +471,15 @@ class InviteContext:
         txn: ServerTransaction,
         final: Callable[[list[SIPResponse]], SIPResponse],
         *,
-        timer_c_seconds: float = 185.0,
-        cancel_wait_seconds: float = 32.0,
+        timers: SIPTimers | None = None,
     ) -> None:
         self._send = send
         self._clock = clock
         self._txn = txn
         self._final = final
-        self._timer_c_seconds = timer_c_seconds
-        self._cancel_wait_seconds = cancel_wait_seconds
+        timers = timers or SIPTimers()
+        self._timer_c_seconds = timers.c_seconds
+        self._cancel_wait_seconds = timers.timeout_seconds
         self._branches: list[_InviteBranch] = []
         self._responses: list[SIPResponse] = []
         self._answered = False  # a final went upstream
