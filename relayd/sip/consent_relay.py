@@ -42,6 +42,7 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
 from __future__ import annotations
 
 import hmac
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -242,6 +243,8 @@ class ConsentRelay:
         self.subscriptions.register(GrantPermissionPackage(store, permission_uri))
         cache.add_observer(self._permissions_changed)
         self._started = False
+        #: Response contexts of INVITEs in progress (their timers hold them alive).
+        self._invites: weakref.WeakSet[InviteContext] = weakref.WeakSet()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -276,6 +279,8 @@ class ConsentRelay:
         self.uas.set_screen("MESSAGE", None)
         self.ledger.stop()
         self.subscriptions.stop()
+        for context in list(self._invites):
+            context.stop()
 
     def contact(self) -> str:
         host, port = self.transport.sent_by("UDP")
@@ -634,7 +639,9 @@ class ConsentRelay:
         layer = self.uas.transactions
         timers = layer.timers if layer is not None else None
         final = partial(_best, request)
-        return InviteContext(self.transport.request, self.clock, txn, final, timers=timers)
+        context = InviteContext(self.transport.request, self.clock, txn, final, timers=timers)
+        self._invites.add(context)
+        return context
 
     # -- in-dialog requests on our route (§16.4, §16.12) ---------------------------------
 

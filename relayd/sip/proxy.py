@@ -597,6 +597,11 @@ class InviteContext:
         if not branch.final and branch.result is not None:
             branch.result.cancel()
 
+    def stop(self) -> None:
+        """The service is stopping: no Timer C or CANCEL wait may fire after it."""
+        for branch in self._branches:
+            self._stop_timer(branch)
+
     @staticmethod
     def _stop_timer(branch: _InviteBranch) -> None:
         timer = branch.timer

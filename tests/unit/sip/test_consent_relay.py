@@ -530,3 +530,15 @@ def test_an_in_dialog_request_on_our_route_with_proxy_require_is_420(relay: Rela
     out = relay.feed(info, SENDER_PORT)
     assert _final(out).status == 420
     assert all(port == SENDER_PORT for _, port in out)
+
+
+def test_stopping_the_relay_leaves_no_invite_timer_behind(relay: Relay) -> None:
+    _, out = _invite(relay)
+    relay.feed(make_response(_forwarded(out), 180, to_tag="bob-s"), BOB_PORT)
+    assert any(
+        "_timer_c" in repr(getattr(call, "func", None)) for call in relay.reactor.getDelayedCalls()
+    )
+    relay.sip.consent_relay.stop()
+    assert not any(
+        "_timer_c" in repr(getattr(call, "func", None)) for call in relay.reactor.getDelayedCalls()
+    )
