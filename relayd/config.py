@@ -520,6 +520,15 @@ SCHEMA: tuple[Key, ...] = (
         " closes to make room (one carrying a valid registration never does)",
     ),
     Key(
+        "sip",
+        "record_route",
+        "yes",
+        _boolean,
+        "Put the relay in the route of the dialogs an INVITE it proxies sets up"
+        " (Record-Route), so the ACK for a 2xx and every in-dialog request cross it;"
+        " with no, they go end to end",
+    ),
+    Key(
         "store",
         "backend",
         "sqlite",
@@ -616,6 +625,7 @@ class SIPConfig:
     idle_timeout_seconds: int
     request_idle_timeout_seconds: int
     max_connections: int
+    record_route: bool = True
 
 
 @dataclass(frozen=True)

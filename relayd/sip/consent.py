@@ -47,6 +47,13 @@ class ConsentURIs:
         digest = hmac.new(self._key, payload.encode("utf-8"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest[:12]).decode("ascii")
 
+    def route_token(self, call_id: str, caller_tag: str) -> str:
+        """The ``rr`` parameter of the Record-Route we put in a dialog: only requests of
+        that dialog (its Call-ID and the caller's tag, which is the From tag one way and
+        the To tag the other) are routed through us (RFC 3261 §16.4), so our Route is
+        no open relay to whoever writes it into a request."""
+        return self._mac(f"rr\0{call_id}\0{caller_tag}")
+
     def consent_uri(self, list_uri: str, member: str) -> str:
         uri = self._minted.get((list_uri, member))
         if uri is None:

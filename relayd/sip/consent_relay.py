@@ -11,6 +11,19 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   ``202 Accepted`` to the sender at once). Each relayed copy asserts the sender
   (``P-Asserted-Identity``, any incoming one stripped) and carries ``Trigger-Consent``
   with the member's consent URI and ``target-uri`` = the list (RFC 5360 §5.11.2).
+* **INVITE** to a user of our domain who is registered: authenticate the caller as for
+  MESSAGE (407), then proxy it to the user's contacts (RFC 3261 §16, a binding the user
+  made with their own credentials is their own translation, so no consent is asked),
+  with our Record-Route when ``[sip] record_route`` is on; the SDP body is not touched
+  (:class:`~relayd.sip.proxy.InviteContext` carries the responses). An INVITE to a list
+  (or a consent-flow URI) is refused with 405, its Allow naming what that URI takes:
+  consent for INVITE is not asked for yet, so no INVITE reaches a list member.
+* **In-dialog requests** (the ACK for a 2xx, BYE, re-INVITE, UPDATE, INFO, MESSAGE...)
+  whose top Route is the Record-Route we put into their dialog (its ``rr`` parameter is
+  a MAC of the Call-ID and the caller's tag) are forwarded by loose routing (§16.4,
+  §16.6, §16.12) without a consent check: the dialog was set up through us, by a
+  request that passed it. The ACK goes on without a transaction (§16.11), everything
+  else in one.
 * **CONSENT** to a consent URI (or to a member with ``Trigger-Consent: …;target-uri``):
   authenticate (401), open/refresh the pending consent (rate-limited), forward a CONSENT
   with ``Permission: <https Permission URI>`` to the member's registered contacts (or
@@ -28,8 +41,11 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
 
 from __future__ import annotations
 
+import hmac
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -60,12 +76,17 @@ from relayd.sip.message import (
     stateless_tag,
     unstamped_via,
 )
-from relayd.sip.proxy import Branch, Proxy
+from relayd.sip.proxy import Branch, InviteContext, Proxy, select_best, upstream
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import SIPResolver, Target
 from relayd.sip.sending import IRequestSender
-from relayd.sip.transaction import ServerTransaction, new_branch
-from relayd.sip.uas import LoopDetector, UASCore, check_max_forwards
+from relayd.sip.transaction import (
+    LocalResponse,
+    ServerTransaction,
+    TransactionState,
+    new_branch,
+)
+from relayd.sip.uas import Handler, LoopDetector, UASCore, check_max_forwards
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
 from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
 from relayd.tokens import redact
@@ -190,8 +211,10 @@ class ConsentRelay:
         resolver: SIPResolver | None = None,
         subscription_limits: SubscriptionLimits | None = None,
         loop_detector: LoopDetector | None = None,
+        record_route: bool = True,
     ) -> None:
         self.clock = clock
+        self.record_route = record_route
         self.transport = transport
         self.uas = uas
         self.registrar = registrar
@@ -220,6 +243,8 @@ class ConsentRelay:
         self.subscriptions.register(GrantPermissionPackage(store, permission_uri))
         cache.add_observer(self._permissions_changed)
         self._started = False
+        #: Response contexts of INVITEs in progress (their timers hold them alive).
+        self._invites: weakref.WeakSet[InviteContext] = weakref.WeakSet()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -227,6 +252,10 @@ class ConsentRelay:
         """Plug the handlers in, listen to the store, index lists of ``owners``."""
         self.store.add_listener(self._store_changed)
         self.uas.request_uri_check = self.check_request_uri
+        self.uas.router = self.routed
+        if self.uas.transactions is not None:
+            self.uas.transactions.ack = self.route_ack
+        self.uas.set_handler("INVITE", self.handle_invite)
         self.uas.set_handler("MESSAGE", self.handle_message)
         self.uas.set_screen("MESSAGE", self.challenge_message)
         self.uas.set_handler("CONSENT", self.handle_consent)
@@ -242,11 +271,16 @@ class ConsentRelay:
         self._started = False
         self.store.remove_listener(self._store_changed)
         self.uas.request_uri_check = None
-        for method in ("MESSAGE", "CONSENT", "SUBSCRIBE"):
+        self.uas.router = None
+        if self.uas.transactions is not None:
+            self.uas.transactions.ack = None
+        for method in ("INVITE", "MESSAGE", "CONSENT", "SUBSCRIBE"):
             self.uas.set_handler(method, None)
         self.uas.set_screen("MESSAGE", None)
         self.ledger.stop()
         self.subscriptions.stop()
+        for context in list(self._invites):
+            context.stop()
 
     def contact(self) -> str:
         host, port = self.transport.sent_by("UDP")
@@ -317,14 +351,25 @@ class ConsentRelay:
             raise SIPStatus(404, "Not Served Here")
         if request.method != "OPTIONS" or not uri.user:
             return
-        user = uri.user
-        if (
+        if self._relay_uri(uri):
+            return
+        self._registered_aor(uri.user)
+
+    def _relay_uri(self, uri: SIPURI) -> bool:
+        """Whether ``uri`` names a list or a consent-flow URI of ours (not a user)."""
+        user = uri.user or ""
+        return (
             self.directory.lookup(uri) is not None
             or self.uris.parse_consent_user(user) is not None
             or self.uris.wait_id(user) is not None
-            or self.registrar.is_online(f"sip:{user}@{self.registrar.domain}")
-        ):
-            return
+        )
+
+    def _registered_aor(self, user: str) -> str:
+        """The AOR of ``user`` in our domain while registered; an account that is not
+        registered now is 480 (§16.5: no target), anyone else 404."""
+        aor = f"sip:{user}@{self.registrar.domain}"
+        if self.registrar.is_online(aor):
+            return aor
         if self.directory.is_account(user):
             raise SIPStatus(480)
         raise SIPStatus(404)
@@ -485,12 +530,24 @@ class ConsentRelay:
         loop_hash: str | None = None,
     ) -> SIPRequest:
         """The proxied copy for one branch (§16.6 plus the consent headers)."""
+        copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
+        copy.headers._fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]
+        return copy
+
+    def _asserted(
+        self,
+        request: SIPRequest,
+        branch: Branch,
+        sender: str,
+        max_forwards: int,
+        loop_hash: str | None = None,
+    ) -> SIPRequest:
+        """§16.6 for one branch, asserting the authenticated sender (RFC 3325)."""
         copy = self.proxy.forward_copy(request, branch.uri, max_forwards, loop_hash)
         fields = copy.headers._fields
         fields["from"] = [_relayed_from(request.headers.get("from") or "")]
         fields["p-asserted-identity"] = [f"<{sender}>"]
         fields.pop("p-preferred-identity", None)  # RFC 3325 §9.1: replaced by the assertion
-        fields["trigger-consent"] = [self._trigger_consent(branch.member, list_uri)]
         return copy
 
     def _explode(
@@ -519,6 +576,172 @@ class ConsentRelay:
                 user=sender,
                 count=len(recipients),
                 code=result[0],
+            )
+        )
+
+    # -- INVITE -------------------------------------------------------------------------
+
+    def handle_invite(
+        self, txn: ServerTransaction, request: SIPRequest
+    ) -> defer.Deferred[None] | None:
+        """An INVITE to a registered user of ours, proxied to their contacts (module
+        doc); §16.3's checks in its order: Max-Forwards, Proxy-Require, then the
+        caller's credentials, as for MESSAGE."""
+        uri = request.uri
+        if self._relay_uri(uri) or not uri.user:
+            allow = ", ".join(m for m in self.uas.allow.split(", ") if m != "INVITE")
+            raise SIPStatus(405, headers=[("Allow", allow)])
+        max_forwards = check_max_forwards(request)
+        _check_proxy_require(request)
+        sender = self._identity(request, proxy=True, peer=txn.source)
+        aor = self._registered_aor(uri.user)
+        known = self.proxy.branches_now(aor)
+        if known is not None:
+            self._fork_invite(txn, request, sender, max_forwards, known)
+            return None
+        d = defer.ensureDeferred(self.proxy.branches(aor))
+        return d.addCallback(
+            lambda found: self._fork_invite(txn, request, sender, max_forwards, found)
+        )
+
+    def _fork_invite(
+        self,
+        txn: ServerTransaction,
+        request: SIPRequest,
+        sender: str,
+        max_forwards: int,
+        branches: Sequence[Branch],
+    ) -> None:
+        if txn.state is not TransactionState.PROCEEDING:
+            return  # cancelled while the contacts were looked up
+        record_route = None
+        if self.record_route:
+            token = self.uris.route_token(request.call_id or "", request.from_tag or "")
+            record_route = f"<{self.contact()};lr;rr={token}>"
+        detector = self.proxy.loop_detector
+        loop_hash = detector.loop_hash(request) if detector is not None else None
+        requests = []
+        for branch in branches:
+            if branch.target is None:
+                continue
+            copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
+            if record_route is not None:  # §16.6 step 4
+                copy.headers.add_first("Record-Route", record_route)
+            requests.append((copy, branch.target))
+
+        if not requests:  # registered, but no contact can be reached now
+            txn.respond(make_response(request, 480))
+            return
+        self._invite_context(txn, request).start(requests)
+
+    def _invite_context(self, txn: ServerTransaction, request: SIPRequest) -> InviteContext:
+        """The response context of ``request`` (§16.7), on the transaction layer's timers."""
+        layer = self.uas.transactions
+        timers = layer.timers if layer is not None else None
+        final = partial(_best, request)
+        context = InviteContext(self.transport.request, self.clock, txn, final, timers=timers)
+        self._invites.add(context)
+        return context
+
+    # -- in-dialog requests on our route (§16.4, §16.12) ---------------------------------
+
+    def _routes_after_ours(self, request: SIPRequest) -> list[str] | None:
+        """The Route values after ours when the top one is the Record-Route this relay
+        put into the request's dialog (an in-dialog request: it has a To tag), else
+        ``None``."""
+        if request.to_tag is None:
+            return None
+        routes = request.headers.get_all("route")
+        if not routes:
+            return None
+        try:
+            top = NameAddr.parse(routes[0]).uri
+        except SIPURIError:
+            return None
+        token = top.param("rr")
+        if token is None or not self.directory.is_local(top):
+            return None
+        call_id = request.call_id or ""
+        for tag in (request.from_tag, request.to_tag):  # the caller's, either way
+            if tag and hmac.compare_digest(token, self.uris.route_token(call_id, tag)):
+                return routes[1:]
+        return None
+
+    def routed(self, request: SIPRequest) -> Handler | None:
+        """The UAS core's router: in-dialog requests on our route are forwarded."""
+        return self.forward_in_dialog if self._routes_after_ours(request) is not None else None
+
+    def _routed_copy(self, request: SIPRequest, routes: list[str]) -> SIPRequest:
+        """§16.6 for a request on our route: our Route removed (§16.4), the rest and the
+        Request-URI kept (loose routing), Max-Forwards decremented, our Via pushed."""
+        max_forwards = check_max_forwards(request)
+        headers = request.headers.copy()
+        fields = headers._fields
+        if routes:
+            fields["route"] = list(routes)
+        else:
+            fields.pop("route", None)
+        fields["max-forwards"] = [str(max_forwards)]
+        headers.add_first("Via", unstamped_via(new_branch()))
+        return SIPRequest(request.method, request.uri, headers, request.body)
+
+    async def _next_hop(self, request: SIPRequest, routes: list[str]) -> Target:
+        """§16.6 step 7: the next Route's URI if any, else the Request-URI (the remote
+        target), located as a contact is (its flow, its address, RFC 3263)."""
+        uri = request.uri
+        if routes:
+            try:
+                uri = NameAddr.parse(routes[0]).uri
+            except SIPURIError:
+                raise SIPStatus(400, "Bad Route") from None
+        found = self.proxy.branches_now(uri.format())
+        if found is None:
+            found = await self.proxy.branches(uri.format())
+        for branch in found:
+            if branch.target is not None:
+                return branch.target
+        raise SIPStatus(480, "Next Hop Unreachable")
+
+    async def forward_in_dialog(
+        self, txn: ServerTransaction, request: SIPRequest
+    ) -> SIPResponse | None:
+        """A request of a dialog we Record-Routed: proxied, never refused for consent
+        (the dialog-creating request passed it). A re-INVITE gets an INVITE response
+        context (its provisionals, 2xx and CANCEL); anything else one transaction."""
+        routes = self._routes_after_ours(request) or []
+        copy = self._routed_copy(request, routes)
+        _check_proxy_require(request)  # §16.3 step 5, after Max-Forwards (step 3)
+        target = await self._next_hop(request, routes)
+        if request.method == "INVITE":
+            if txn.state is TransactionState.PROCEEDING:
+                self._invite_context(txn, request).start([(copy, target)])
+            return None
+
+        def provisional(response: SIPResponse) -> None:
+            if response.status > 100 and txn.state is TransactionState.PROCEEDING:
+                txn.respond(upstream(response))
+
+        response = await self.transport.request(copy, target, provisional)
+        if response.status == 503 or isinstance(response, LocalResponse):
+            return _best(request, [response])  # §16.7 step 6: no 503 upstream
+        return upstream(response)
+
+    def route_ack(self, ack: SIPRequest, source: object) -> None:
+        """The transaction layer's ACK hook: an ACK for a 2xx on our route goes on
+        without a transaction (§16.11); any other is dropped."""
+        routes = self._routes_after_ours(ack)
+        if routes is None or (ack.max_forwards is not None and ack.max_forwards <= 0):
+            self.log.debug("dropping an ACK not routed through us from {peer}", peer=source)
+            return
+        copy = self._routed_copy(ack, routes)
+
+        def send(target: Target) -> None:
+            self.transport.forward(copy, target)
+
+        d = defer.ensureDeferred(self._next_hop(ack, routes)).addCallback(send)
+        d.addErrback(
+            lambda failure: self.log.warn(
+                "cannot forward an ACK from {peer}: {reason}", peer=source, reason=failure.value
             )
         )
 
@@ -632,6 +855,12 @@ class ConsentRelay:
     async def handle_subscribe(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         subscriber = self._identity(request, proxy=False, peer=txn.source)
         return await self.subscriptions.handle_subscribe(request, subscriber, txn.source)
+
+
+def _best(request: SIPRequest, responses: Sequence[SIPResponse]) -> SIPResponse:
+    """The caller's final response when no branch answered 2xx (§16.7 steps 6-9)."""
+    status, reason = select_best(responses)
+    return make_response(request, status, reason, carried_headers(status, responses))
 
 
 def owners_from_users(entries: Sequence[tuple[str, str]], domains: Sequence[str]) -> list[str]:

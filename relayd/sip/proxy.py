@@ -7,6 +7,11 @@ our Via pushed with a loop-detecting branch, our own credentials removed) and pi
 response for the sender with :func:`select_best` (§16.7 step 6). A 2xx is answered at
 once; the remaining branches still complete (non-INVITE requests are never CANCELled).
 
+An INVITE has a response context of its own, :class:`InviteContext` (§16.7-§16.10):
+provisional responses and every 2xx go upstream as they come, the best final when no
+branch answers 2xx, and a CANCEL from the caller (or Timer C, §16.8) cancels the
+branches that are still pending.
+
 A branch whose URI resolved to several targets fails over (RFC 3263 §4.3): after a 503,
 a transport failure or a timeout without any response, the same request with a new
 Via branch goes to the next target, while the branch's time lasts.
@@ -15,12 +20,13 @@ Via branch goes to the next target, while the branch's time lasts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import cast
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from relayd.bounded import remember
@@ -28,16 +34,36 @@ from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, unstamped_via
 from relayd.sip.registrar import Registrar
 from relayd.sip.resolve import ResolveError, SIPResolver, Target
-from relayd.sip.transaction import LocalResponse, local_response, new_branch
+from relayd.sip.transaction import (
+    LocalResponse,
+    ServerTransaction,
+    SIPTimers,
+    TransactionState,
+    cancel_for,
+    local_response,
+    new_branch,
+)
 from relayd.sip.uas import LoopDetector
 from relayd.sip.uri import SIPURI, SIPURIError
 
-__all__ = ["Branch", "Proxy", "SendRequest", "select_best", "target_failed"]
+__all__ = [
+    "Branch",
+    "InviteContext",
+    "Proxy",
+    "SendInvite",
+    "SendRequest",
+    "select_best",
+    "target_failed",
+    "upstream",
+]
 
 MAX_CACHED_MEMBERS = 4096
 """Member URIs kept parsed between requests."""
 
 SendRequest = Callable[[SIPRequest, Target], "Deferred[SIPResponse]"]
+Notify = Callable[[SIPResponse], object]
+SendInvite = Callable[[SIPRequest, Target, Notify, Notify], "Deferred[SIPResponse]"]
+"""``send(request, target, on_provisional, on_2xx)``: an INVITE client transaction."""
 
 
 def _rank(status: int) -> tuple[int, int]:
@@ -399,3 +425,190 @@ class Proxy:
         for d in launched:
             d.addCallbacks(seen, lost)
         return result
+
+
+def upstream(response: SIPResponse) -> SIPResponse:
+    """A branch's response as the caller gets it (§16.7 step 3): our Via removed,
+    everything else (To tag, Record-Route, Contact, the SDP body) unchanged."""
+    headers = response.headers.copy()
+    vias = headers.get_all("via")
+    if len(vias) > 1:
+        headers._fields["via"] = vias[1:]
+    return SIPResponse(response.status, response.reason, headers, response.body)
+
+
+@dataclass(slots=True, eq=False)
+class _InviteBranch:
+    request: SIPRequest
+    target: Target
+    result: Deferred[SIPResponse] | None = None
+    final: bool = False
+    provisional: bool = False
+    cancel_wanted: bool = False
+    cancelled: bool = False
+    timer: IDelayedCall | None = field(default=None)
+
+
+class InviteContext:
+    """The response context of one proxied INVITE (§16.7, Timer C §16.8, CANCEL §16.10).
+
+    Each branch is an INVITE client transaction. A provisional other than 100 goes
+    upstream (step 5) and restarts the branch's Timer C; every 2xx goes upstream at once
+    (step 5, RFC 6026: the server transaction stays Accepted to carry later ones), and
+    the first 2xx or a 6xx cancels the branches still pending (step 10). When every
+    branch ended without a 2xx, ``final(responses)`` is the caller's answer (step 6).
+    A CANCEL of the caller's transaction cancels the pending branches; a branch that has
+    no provisional yet gets its CANCEL when one arrives (§9.1). A cancelled branch that
+    never answers is abandoned after 64·T1 (§9.1) and counts as a 408.
+    """
+
+    log = logger()
+
+    def __init__(
+        self,
+        send: SendInvite,
+        clock: IReactorTime,
+        txn: ServerTransaction,
+        final: Callable[[list[SIPResponse]], SIPResponse],
+        *,
+        timers: SIPTimers | None = None,
+    ) -> None:
+        self._send = send
+        self._clock = clock
+        self._txn = txn
+        self._final = final
+        timers = timers or SIPTimers()
+        self._timer_c_seconds = timers.c_seconds
+        self._cancel_wait_seconds = timers.timeout_seconds
+        self._branches: list[_InviteBranch] = []
+        self._responses: list[SIPResponse] = []
+        self._answered = False  # a final went upstream
+        txn.on_cancel = self.cancel
+
+    def start(self, requests: Sequence[tuple[SIPRequest, Target]]) -> None:
+        """Send one INVITE per ``(request, target)``; every one must end in a final."""
+        branches = [_InviteBranch(request, target) for request, target in requests]
+        self._branches = branches
+        if not branches:
+            self._settle()
+            return
+        for branch in branches:
+            try:
+                d = self._send(
+                    branch.request,
+                    branch.target,
+                    partial(self._provisional, branch),
+                    self._forward,
+                )
+            except Exception as e:
+                d = defer.fail(e)
+            branch.result = d
+            d.addErrback(self._lost, branch)
+            d.addCallback(self._branch_final, branch)
+
+    def _lost(self, failure: Failure, branch: _InviteBranch) -> SIPResponse:
+        if not failure.check(CancelledError):
+            self.log.warn(
+                "INVITE to {peer} failed: {reason}",
+                peer=str(branch.target),
+                reason=str(failure.value),
+            )
+        return local_response(branch.request, 408 if failure.check(CancelledError) else 503)
+
+    def _provisional(self, branch: _InviteBranch, response: SIPResponse) -> None:
+        if branch.final:
+            return
+        branch.provisional = True
+        if branch.cancel_wanted:
+            self._send_cancel(branch)
+            return
+        self._stop_timer(branch)
+        branch.timer = self._clock.callLater(self._timer_c_seconds, self._timer_c, branch)
+        if response.status > 100 and not self._answered:
+            self._forward(response)
+
+    def _timer_c(self, branch: _InviteBranch) -> None:
+        """§16.8: a branch ringing for longer than Timer C is cancelled."""
+        branch.timer = None
+        self.log.info("INVITE to {peer} rang out (Timer C)", peer=str(branch.target))
+        self._cancel_branch(branch)
+
+    def _forward(self, response: SIPResponse) -> None:
+        txn = self._txn
+        if txn.state in (TransactionState.PROCEEDING, TransactionState.ACCEPTED):
+            txn.respond(upstream(response))
+
+    def _branch_final(self, response: SIPResponse, branch: _InviteBranch) -> None:
+        branch.final = True
+        self._stop_timer(branch)
+        self._responses.append(response)
+        status = response.status
+        if 200 <= status < 300 or status >= 600:
+            if 200 <= status < 300:
+                self._forward(response)
+            elif not self._answered:
+                self._txn.respond(self._final([response]))
+            self._answered = True
+            for other in self._branches:
+                if other is not branch:
+                    self._cancel_branch(other)
+            return
+        if all(b.final for b in self._branches):
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._answered:
+            return
+        self._answered = True
+        if self._txn.state is TransactionState.PROCEEDING:
+            self._txn.respond(self._final(self._responses))
+
+    def cancel(self) -> None:
+        """The caller's CANCEL (§16.10): cancel every pending branch."""
+        self._answered = True  # the UAS core answers the caller's INVITE with 487
+        for branch in self._branches:
+            self._cancel_branch(branch)
+
+    def _cancel_branch(self, branch: _InviteBranch) -> None:
+        if branch.final or branch.cancel_wanted:
+            return
+        branch.cancel_wanted = True
+        self._stop_timer(branch)
+        if branch.provisional:
+            self._send_cancel(branch)
+        # §9.1: no CANCEL before a provisional; Timer B ends a branch that never sends one.
+
+    def _send_cancel(self, branch: _InviteBranch) -> None:
+        if branch.cancelled or branch.final:
+            return
+        branch.cancelled = True
+        self._stop_timer(branch)
+        cancel = cancel_for(branch.request)
+        try:
+            d = self._send(cancel, branch.target, _ignore, _ignore)
+        except Exception as e:
+            d = defer.fail(e)
+        d.addErrback(lambda failure: self.log.warn("CANCEL failed: {f}", f=str(failure.value)))
+        # §9.1: no final to the INVITE within 64·T1 of the CANCEL: give the branch up.
+        branch.timer = self._clock.callLater(self._cancel_wait_seconds, self._abandon, branch)
+
+    def _abandon(self, branch: _InviteBranch) -> None:
+        branch.timer = None
+        if not branch.final and branch.result is not None:
+            branch.result.cancel()
+
+    def stop(self) -> None:
+        """The service is stopping: no Timer C or CANCEL wait may fire after it."""
+        for branch in self._branches:
+            self._stop_timer(branch)
+
+    @staticmethod
+    def _stop_timer(branch: _InviteBranch) -> None:
+        timer = branch.timer
+        branch.timer = None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+def _ignore(response: SIPResponse) -> None:
+    return None

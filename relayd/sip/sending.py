@@ -11,6 +11,7 @@ layer is behind its ``send`` callable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -25,9 +26,20 @@ __all__ = ["IRequestSender"]
 class IRequestSender(Protocol):
     """Sends the requests a core starts, and says where they go and come from."""
 
-    def request(self, request: SIPRequest, target: Target) -> Deferred[SIPResponse]:
+    def request(
+        self,
+        request: SIPRequest,
+        target: Target,
+        on_provisional: Callable[[SIPResponse], object] | None = None,
+        on_2xx: Callable[[SIPResponse], object] | None = None,
+    ) -> Deferred[SIPResponse]:
         """Send ``request`` (top Via with a fresh branch) in a client transaction; the
-        final response, or a 408/503 made up here (§8.1.3.1)."""
+        final response, or a 408/503 made up here (§8.1.3.1). ``on_provisional`` gets
+        each 1xx, ``on_2xx`` (INVITE) each 2xx after the first."""
+
+    def forward(self, request: SIPRequest, target: Target) -> None:
+        """Send ``request`` with no transaction (an ACK for a 2xx on our route, §16.11),
+        our Via stamped; raises ``TransportError`` when it cannot be sent."""
 
     def flow_target(self, contact: SIPURI) -> Target | None:
         """The open connection a registered ``contact`` came over, or ``None``."""

@@ -219,6 +219,7 @@ def build_sip(
             max_per_subscriber=sip.max_subscriptions_per_user,
         ),
         loop_detector=detector,
+        record_route=sip.record_route,
     )
     names = (domain, hostname, realm)
     return SIPService(

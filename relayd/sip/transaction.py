@@ -1,12 +1,17 @@
 """RFC 3261 §17 transaction layer, sans-IO: an injected clock and a ``send`` callable.
 
 Implemented: the non-INVITE client transaction (§17.1.2, timers E/F/K), the non-INVITE
-server transaction (§17.2.2, timer J) and the INVITE server transaction (§17.2.1, timers
-G/H/I) that a relay needs to *reject* INVITEs. Matching follows §17.1.3 (responses) and
-§17.2.3 (requests), with a simplified RFC 2543 fallback for branches without the magic
-cookie. Transactions are forgotten as soon as they terminate, so memory is bounded by the
-request rate times the longest timer (64·T1); completed server transactions drop their
-request and keep only the response they must repeat.
+server transaction (§17.2.2, timer J), the INVITE server transaction (§17.2.1, timers
+G/H/I) and the INVITE client transaction (§17.1.1, timers A/B/D, the ACK for a non-2xx
+made here, hop by hop). Both INVITE transactions follow RFC 6026 for a 2xx: they enter
+Accepted (timers L and M) instead of ending at once, so that a retransmitted INVITE is
+absorbed rather than proxied again as a new request, and so that a retransmitted or
+forked 2xx still finds its way upstream through them (RFC 6026 §1, §7.1). Matching
+follows §17.1.3 (responses) and §17.2.3 (requests), with a simplified RFC 2543 fallback
+for branches without the magic cookie. Transactions are forgotten as soon as they
+terminate, so memory is bounded by the request rate times the longest timer (64·T1, and
+Timer C for a ringing INVITE); completed server transactions drop their request and keep
+only the response they must repeat.
 
 Also here, because it needs the open server transactions: merged-request detection
 (§8.2.2.2, 482) and the CANCEL lookup of §9.2, which matches a transaction of any method.
@@ -27,6 +32,7 @@ from relayd.delayqueue import DelayQueue, QueuedCall
 from relayd.logs import logger
 from relayd.sip.message import (
     MAGIC_COOKIE,
+    Headers,
     SIPHeaderError,
     SIPRequest,
     SIPResponse,
@@ -42,6 +48,7 @@ from relayd.tokens import random_bytes
 __all__ = [
     "ClientTransaction",
     "ITransactionUser",
+    "InviteClientTransaction",
     "LocalResponse",
     "SIPTimers",
     "Send",
@@ -49,6 +56,8 @@ __all__ = [
     "TransactionLayer",
     "TransactionState",
     "TransportError",
+    "ack_for",
+    "cancel_for",
     "local_response",
     "new_branch",
 ]
@@ -89,6 +98,9 @@ class SIPTimers:
     t1_seconds: float = 0.5
     t2_seconds: float = 4.0
     t4_seconds: float = 5.0
+    c_seconds: float = 185.0
+    """§16.8 Timer C: a proxied INVITE's branch may ring this long ("larger than 3
+    minutes"); the proxy keeps it, the INVITE server transaction's TU deadline follows."""
 
     @property
     def timeout_seconds(self) -> float:
@@ -97,10 +109,12 @@ class SIPTimers:
 
 
 class TransactionState(enum.Enum):
+    CALLING = "Calling"
     TRYING = "Trying"
     PROCEEDING = "Proceeding"
     COMPLETED = "Completed"
     CONFIRMED = "Confirmed"
+    ACCEPTED = "Accepted"
     TERMINATED = "Terminated"
 
 
@@ -110,6 +124,42 @@ class ITransactionUser(Protocol):
     def request(self, txn: ServerTransaction, request: SIPRequest) -> None:
         """A new request; answer now or later with ``txn.respond``. Raising
         :class:`SIPStatus` answers with that status; any other exception answers 500."""
+
+
+_WAITING = (TransactionState.CALLING, TransactionState.TRYING, TransactionState.PROCEEDING)
+"""Client states that still wait for a final response."""
+
+
+def _copied(request: SIPRequest, method: str) -> Headers:
+    """§9.1 / §17.1.1.3: the headers a CANCEL or an ACK for a non-2xx shares with the
+    request it follows: the top Via only, From, Call-ID, the CSeq number, Route."""
+    src = request.headers
+    headers = Headers([("Via", request.via.format())])
+    for name in ("from", "to", "call-id"):
+        value = src.get(name)
+        if value is not None:
+            headers.add(name, value)
+    headers.add("CSeq", f"{request.cseq.number} {method}")
+    for row in src.get_raw("route"):
+        headers.add("Route", row)
+    headers.add("Max-Forwards", "70")
+    return headers
+
+
+def cancel_for(request: SIPRequest) -> SIPRequest:
+    """The CANCEL of a pending INVITE (§9.1): same Request-URI, top Via (so the same
+    branch, and the same hop), From, To, Call-ID, CSeq number and Route."""
+    return SIPRequest("CANCEL", request.uri, _copied(request, "CANCEL"))
+
+
+def ack_for(request: SIPRequest, response: SIPResponse) -> SIPRequest:
+    """The ACK an INVITE client transaction sends for a non-2xx final (§17.1.1.3): as
+    :func:`cancel_for`, but To is the response's (it carries the tag)."""
+    headers = _copied(request, "ACK")
+    to_value = response.headers.get("to")
+    if to_value is not None:
+        headers.set("To", to_value)
+    return SIPRequest("ACK", request.uri, headers)
 
 
 def new_branch() -> str:
@@ -192,6 +242,7 @@ class ServerTransaction(_Transaction):
         "_timer_h",
         "_timer_i_or_j",
         "is_invite",
+        "on_cancel",
         "source",
     )
 
@@ -214,6 +265,9 @@ class ServerTransaction(_Transaction):
         self._timer_i_or_j: Timer | None = None
         self._deadline: Timer | None = None
         self._merge_key: tuple[str, str, str] | None = None  # registered for §8.2.2.2
+        #: Called when a CANCEL ends this pending INVITE (§9.2), before its 487: a
+        #: proxy cancels its branches (§16.10).
+        self.on_cancel: Callable[[], object] | None = None
 
     @property
     def last_response(self) -> SIPResponse | None:
@@ -222,6 +276,12 @@ class ServerTransaction(_Transaction):
     def respond(self, response: SIPResponse) -> None:
         """Send a response from the TU, driving the state machine."""
         state = self.state
+        if state is TransactionState.ACCEPTED:
+            # RFC 6026 §7.1: a 2xx from the TU (a retransmission, or another fork's)
+            # goes out as is; nothing else may follow a 2xx.
+            if 200 <= response.status < 300:
+                self._layer._send(response, self.source)
+            return
         if state not in (TransactionState.TRYING, TransactionState.PROCEEDING):
             log.debug(
                 "dropping {code} from TU: transaction already {state}",
@@ -233,17 +293,24 @@ class ServerTransaction(_Transaction):
         self._layer._send(response, self.source)
         if response.status < 200:
             self.state = TransactionState.PROCEEDING
+            if self.is_invite and self._deadline is not None:
+                _cancel(self._deadline)  # still ringing: Timer C restarted too (§16.8)
+                self._deadline = None
+                self._arm_deadline()
             return
         _cancel(self._deadline)
         self._deadline = None
         self._request = None
+        self.on_cancel = None  # a CANCEL after the final changes nothing (§9.2)
         timers = self._layer.timers
         if not self.is_invite:
             self.state = TransactionState.COMPLETED
             self._wait_then_terminate(0 if self.reliable else timers.timeout_seconds)  # Timer J
         elif response.status < 300:
-            # §17.2.1: a 2xx ends the transaction; the TU owns 2xx retransmission.
-            self._terminate()
+            # RFC 6026 §7.1: Accepted until Timer L, absorbing retransmitted INVITEs;
+            # the TU owns 2xx retransmission (the UAS core retransmits, a proxy relays).
+            self.state = TransactionState.ACCEPTED
+            self._timer_i_or_j = self._layer._after(timers.timeout_seconds, self._terminate)
         else:
             self.state = TransactionState.COMPLETED
             if not self.reliable:
@@ -257,13 +324,14 @@ class ServerTransaction(_Transaction):
         After 64·T1 the client has given up anyway (Timer F/B). T4 more than that, so a
         TU waiting on its own client transactions, started a moment later, still sends
         the 408 their Timer F gives (§16.8) instead of being cut off just before it.
-        Armed only when the TU did not answer synchronously, which keeps the common path
-        free of extra timers."""
+        An INVITE may ring for minutes: its TU is bounded by Timer C (§16.8) instead,
+        and the deadline comes T4 after that, counted again from each provisional the
+        TU passes on (each restarts Timer C). Armed only when the TU did not answer
+        synchronously, which keeps the common path free of extra timers."""
         if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
             timers = self._layer.timers
-            self._deadline = self._layer._after(
-                timers.timeout_seconds + timers.t4_seconds, self._tu_deadline
-            )
+            wait = timers.c_seconds if self.is_invite else timers.timeout_seconds
+            self._deadline = self._layer._after(wait + timers.t4_seconds, self._tu_deadline)
 
     def _retransmission(self, request: SIPRequest) -> None:
         """A request that matched this transaction (§17.2.1, §17.2.2)."""
@@ -275,6 +343,8 @@ class ServerTransaction(_Transaction):
                 self._timer_g = self._timer_h = None
                 self._wait_then_terminate(0 if self.reliable else self._layer.timers.t4_seconds)
             return  # Timer I absorbs further ACKs
+        if self.state is TransactionState.ACCEPTED:
+            return  # RFC 6026 §7.1: a retransmitted INVITE is absorbed
         in_progress = self.state in (TransactionState.PROCEEDING, TransactionState.COMPLETED)
         if in_progress and self._last_response is not None:
             self._layer._send(self._last_response, self.source)
@@ -322,6 +392,7 @@ class ServerTransaction(_Transaction):
             _cancel(call)
         self._timer_g = self._timer_h = self._timer_i_or_j = self._deadline = None
         self._request = None
+        self.on_cancel = None
         layer = self._layer
         layer._server.pop(self._key, None)
         merge_key = self._merge_key
@@ -396,7 +467,7 @@ class ClientTransaction(_Transaction):
                 peer=self.destination,
                 reason=str(e),
             )
-            if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            if self.state in _WAITING:
                 self._finish(local_response(self.request, 503))
         except Exception:
             log.failure(
@@ -404,7 +475,7 @@ class ClientTransaction(_Transaction):
                 method=self.request.method,
                 peer=self.destination,
             )
-            if self.state in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            if self.state in _WAITING:
                 self._finish(local_response(self.request, 503))
 
     def _timer_e_fired(self) -> None:
@@ -484,6 +555,116 @@ class ClientTransaction(_Transaction):
         self._layer._client.pop(self._key, None)
 
 
+class InviteClientTransaction(ClientTransaction):
+    """INVITE client transaction (§17.1.1, RFC 6026 §8.4 for a 2xx).
+
+    Calling: Timer A retransmits over UDP (T1 doubling, §17.1.1.2), Timer B gives up
+    after 64·T1 with a 408. A provisional moves to Proceeding, where only the TU's
+    Timer C (§16.8) or a CANCEL ends the wait. A 300-699 final is answered with an ACK
+    made here (§17.1.1.3, hop by hop) and again for each retransmission of it until
+    Timer D. A 2xx moves to Accepted until Timer M (64·T1): ``on_2xx`` gets every
+    further 2xx (retransmissions and other forks'), which the TU relays upstream.
+    ``result`` fires with the first final response, as for non-INVITE."""
+
+    __slots__ = ("_ack", "_on_2xx")
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        key: Hashable,
+        request: SIPRequest,
+        destination: object,
+        reliable: bool,
+        on_provisional: Callable[[SIPResponse], object] | None,
+        on_2xx: Callable[[SIPResponse], object] | None,
+    ) -> None:
+        super().__init__(layer, key, request, destination, reliable, on_provisional)
+        self.state = TransactionState.CALLING
+        self._on_2xx = on_2xx
+        self._ack: SIPRequest | None = None
+
+    def _start(self) -> None:
+        layer = self._layer
+        self._timer_f = layer._after(layer.timers.timeout_seconds, self._timer_b_fired)
+        if not self.reliable:
+            self._timer_e = layer.clock.callLater(self._interval, self._timer_a_fired)
+        self._transmit()
+
+    def _timer_a_fired(self) -> None:
+        self._timer_e = None
+        if self.state is not TransactionState.CALLING:
+            return
+        self._interval *= 2  # §17.1.1.2: doubled each time, no T2 cap; B ends it
+        self._timer_e = self._layer.clock.callLater(self._interval, self._timer_a_fired)
+        self._transmit()
+
+    def _timer_b_fired(self) -> None:
+        self._timer_f = None
+        if self.state is TransactionState.CALLING:
+            log.debug("INVITE to {peer} timed out (Timer B)", peer=self.destination)
+            self._finish(local_response(self.request, 408))
+
+    def _receive(self, response: SIPResponse) -> None:
+        state = self.state
+        status = response.status
+        if state is TransactionState.ACCEPTED:
+            if 200 <= status < 300 and self._on_2xx is not None:
+                self._notify(self._on_2xx, response)
+            return
+        if state is TransactionState.COMPLETED:
+            if status >= 300 and self._ack is not None:
+                self._send_ack(self._ack)  # the final again: our ACK was lost
+            return
+        if state not in _WAITING:
+            return
+        _cancel(self._timer_e)
+        self._timer_e = None
+        if status < 200:
+            _cancel(self._timer_f)  # Timer B only runs in Calling
+            self._timer_f = None
+            self.state = TransactionState.PROCEEDING
+            if self._on_provisional is not None:
+                self._notify(self._on_provisional, response)
+            return
+        _cancel(self._timer_f)
+        self._timer_f = None
+        layer = self._layer
+        if status < 300:
+            self.state = TransactionState.ACCEPTED
+            self._timer_k = layer._after(layer.timers.timeout_seconds, self._terminate)  # M
+        else:
+            self.state = TransactionState.COMPLETED
+            self._ack = ack_for(self.request, response)
+            self._send_ack(self._ack)
+            if self.reliable:
+                self._terminate()
+            else:  # Timer D: at least 32 s over UDP
+                self._timer_k = layer._after(
+                    max(32.0, layer.timers.timeout_seconds), self._terminate
+                )
+        self._request = None
+        self._on_provisional = None
+        self.result.callback(response)
+
+    @staticmethod
+    def _notify(callback: Callable[[SIPResponse], object], response: SIPResponse) -> None:
+        try:
+            callback(response)
+        except Exception:
+            log.failure("INVITE response callback failed")
+
+    def _send_ack(self, ack: SIPRequest) -> None:
+        try:
+            self._layer._send(ack, self.destination)
+        except Exception as e:
+            log.warn("cannot send ACK to {peer}: {reason}", peer=self.destination, reason=str(e))
+
+    def _terminate(self) -> None:
+        super()._terminate()
+        self._ack = None
+        self._on_2xx = None
+
+
 class TransactionLayer:
     """Demultiplexes messages from the transport to transactions and new requests to the TU.
 
@@ -516,6 +697,9 @@ class TransactionLayer:
         #: Asked about every new request before a transaction is made: a response it
         #: returns is sent statelessly (``UASCore.stateless``).
         self.screen: Callable[[SIPRequest], SIPResponse | None] | None = None
+        #: Given every ACK no transaction absorbs (``ack(request, source)``): an ACK
+        #: for a 2xx is end to end, and a proxy on its route forwards it (§16.4).
+        self.ack: Callable[[SIPRequest, object], object] | None = None
         # T1 (first Timer E), T4 (K, I), 64·T1 (F on streams, J) and 64·T1 + T4 (TU
         # deadline) are armed for nearly every transaction: one FIFO each
         # (relayd.delayqueue).
@@ -550,8 +734,7 @@ class TransactionLayer:
         a final response get a 503 now, not a 408 at Timer F (``used(destination)``
         tells whether a transaction's destination went over that connection)."""
         for client in list(self._client.values()):
-            waiting = client.state in (TransactionState.TRYING, TransactionState.PROCEEDING)
-            if waiting and client.reliable and used(client.destination):
+            if client.state in _WAITING and client.reliable and used(client.destination):
                 client._finish(local_response(client.request, 503))
 
     @property
@@ -571,13 +754,17 @@ class TransactionLayer:
             log.warn("dropping request without usable Via/CSeq from {peer}", peer=source)
             return
         txn = self._server.get(key)
-        if txn is not None:
+        is_ack = request.method == "ACK"
+        if txn is not None and not (is_ack and txn.state is TransactionState.ACCEPTED):
             txn._retransmission(request)
             return
-        if request.method == "ACK":
-            # ACK for a 2xx (a separate transaction) or a stray one; we never send 2xx to
-            # INVITE, so nothing above us wants it.
-            log.debug("dropping unmatched ACK from {peer}", peer=source)
+        if is_ack:
+            # The ACK for a 2xx (its own transaction, §17.1.1.1; RFC 6026 §7.1 hands one
+            # matching an Accepted transaction up too) or a stray one: the TU's to route.
+            if self.ack is not None:
+                self.ack(request, source)
+            else:
+                log.debug("dropping unmatched ACK from {peer}", peer=source)
             return
         screen = self.screen
         if screen is not None:
@@ -654,19 +841,28 @@ class TransactionLayer:
         destination: object,
         reliable: bool,
         on_provisional: Callable[[SIPResponse], object] | None = None,
+        on_2xx: Callable[[SIPResponse], object] | None = None,
     ) -> Deferred[SIPResponse]:
-        """Start a non-INVITE client transaction; the request's top Via must carry a fresh
-        branch from :func:`new_branch`. Fires with the final response (a synthesized 408
-        after Timer F). Cancelling the Deferred abandons the transaction."""
-        if request.method in ("INVITE", "ACK"):
-            raise ValueError(f"no client transaction for {request.method}")
+        """Start a client transaction (INVITE: :class:`InviteClientTransaction`, which
+        gives ``on_2xx`` every 2xx after the first); the request's top Via must carry a
+        fresh branch from :func:`new_branch`. Fires with the final response (a
+        synthesized 408 after Timer F or B). Cancelling the Deferred abandons the
+        transaction; a pending INVITE is ended with a CANCEL instead (§9.1)."""
+        if request.method == "ACK":
+            raise ValueError("no client transaction for ACK")
         branch = request.via.branch
         if branch is None or not branch.startswith(MAGIC_COOKIE):
             raise ValueError("client requests need an RFC 3261 branch (z9hG4bK...)")
         key = (branch, request.method)
         if key in self._client:
             raise ValueError(f"branch already in use: {branch}")
-        txn = ClientTransaction(self, key, request, destination, reliable, on_provisional)
+        txn: ClientTransaction
+        if request.method == "INVITE":
+            txn = InviteClientTransaction(
+                self, key, request, destination, reliable, on_provisional, on_2xx
+            )
+        else:
+            txn = ClientTransaction(self, key, request, destination, reliable, on_provisional)
         self._client[key] = txn
         txn._start()
         return txn.result

@@ -746,6 +746,7 @@ class SIPTransportLayer:
         request: SIPRequest,
         target: Target,
         on_provisional: Callable[[SIPResponse], object] | None = None,
+        on_2xx: Callable[[SIPResponse], object] | None = None,
     ) -> Deferred[SIPResponse]:
         """Send ``request`` in a client transaction (the relay's entry point).
 
@@ -760,7 +761,7 @@ class SIPTransportLayer:
         asked = target
         target = self.prepare_request(request, target)
         if not target.reliable:
-            return transactions.client_request(request, target, False, on_provisional)
+            return transactions.client_request(request, target, False, on_provisional, on_2xx)
 
         async def run() -> SIPResponse:
             try:
@@ -775,10 +776,16 @@ class SIPTransportLayer:
                 if asked.reliable:
                     return local_response(request, 503)
                 self._stamp_via(request, "UDP")
-                return await transactions.client_request(request, asked, False, on_provisional)
-            return await transactions.client_request(request, target, True, on_provisional)
+                return await transactions.client_request(
+                    request, asked, False, on_provisional, on_2xx
+                )
+            return await transactions.client_request(request, target, True, on_provisional, on_2xx)
 
         return ensureDeferred(run())
+
+    def forward(self, request: SIPRequest, target: Target) -> None:
+        """Send ``request`` outside any transaction (an ACK for a 2xx, §16.11)."""
+        self._send_request(request, self.prepare_request(request, target))
 
     def _send_request(self, request: SIPRequest, target: Target) -> None:
         prepared, self._prepared = self._prepared, None

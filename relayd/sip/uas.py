@@ -1,10 +1,9 @@
 """UAS core (RFC 3261 §8.2): method dispatch above the transaction layer.
 
 An explicit method table: OPTIONS (§11) and CANCEL (§9.2) are answered here, REGISTER goes
-to the :class:`~relayd.sip.registrar.Registrar`, INVITE is refused with 405 (the
-transaction layer runs the INVITE server transaction that carries the 405), and MESSAGE,
-CONSENT, SUBSCRIBE (and any other method the consent relay adds) go to handlers plugged in
-with :meth:`UASCore.set_handler`. A known method without a handler gets 405 + Allow, an
+to the :class:`~relayd.sip.registrar.Registrar`, and INVITE, MESSAGE, CONSENT, SUBSCRIBE
+(and any other method the consent relay adds) go to handlers plugged in with
+:meth:`UASCore.set_handler`. A known method without a handler gets 405 + Allow, an
 unknown one 501 (§8.2.1). Before dispatch: load shedding (a stateless 503 + Retry-After,
 §21.5.4), the Request-URI (416 for a scheme other than sip/sips, then the composer's
 :attr:`UASCore.request_uri_check`, 404, §8.2.2.1), ``Require`` (420 + Unsupported,
@@ -77,7 +76,7 @@ KNOWN_METHODS = frozenset(
 )
 """Methods we recognise: not having a handler for one is 405, anything else 501."""
 
-HOOK_METHODS = ("MESSAGE", "CONSENT", "SUBSCRIBE")
+HOOK_METHODS = ("INVITE", "MESSAGE", "CONSENT", "SUBSCRIBE")
 """Methods the consent relay plugs in (STYLE 2.4)."""
 
 Handler = Callable[[ServerTransaction, SIPRequest], object]
@@ -205,6 +204,10 @@ class UASCore:
         self.retry_after_seconds = retry_after_seconds
         self.loop_detector = loop_detector
         self.request_uri_check: RequestURICheck | None = None
+        #: ``router(request)``: the handler of a request routed through the relay (its
+        #: top Route is ours, §16.4), whatever its method and Request-URI, or ``None``;
+        #: asked before the method table. CANCEL stays hop by hop (§16.10).
+        self.router: Callable[[SIPRequest], Handler | None] | None = None
         #: Told of every REGISTER the registrar accepted, with its source: the transport
         #: keeps the connection it came over as the way to its contacts (RFC 5626 §5).
         self.registered: Callable[[SIPRequest, SIPResponse, object], object] | None = None
@@ -226,7 +229,7 @@ class UASCore:
     def set_handler(self, method: str, handler: Handler | None) -> None:
         """Plug (or unplug, with ``None``) the handler for ``method``; Allow follows."""
         method = method.upper()
-        if method in ("OPTIONS", "CANCEL", "ACK", "INVITE"):
+        if method in ("OPTIONS", "CANCEL", "ACK"):
             raise ValueError(f"{method} is handled by the UAS core itself")
         if handler is None:
             self._handlers.pop(method, None)
@@ -260,7 +263,7 @@ class UASCore:
             retry = [("Retry-After", str(self.retry_after_seconds))]
             return make_response(request, 503, headers=retry, to_tag=stateless_tag(request))
         screen = self._screens.get(method)
-        if screen is None or method not in self._table:
+        if screen is None or method not in self._table or self._routed(request) is not None:
             return None
         answer = screen(request)  # first: it passes most requests, and cheaply
         if answer is None:
@@ -293,8 +296,18 @@ class UASCore:
 
     # -- ITransactionUser ---------------------------------------------------------------
 
+    def _routed(self, request: SIPRequest) -> Handler | None:
+        router = self.router
+        if router is None or request.method == "CANCEL" or "route" not in request.headers:
+            return None
+        return router(request)
+
     def request(self, txn: ServerTransaction, request: SIPRequest) -> None:
         method = request.method
+        routed = self._routed(request)
+        if routed is not None:  # §16.4: ours to forward, not to answer
+            self._finish(txn, request, routed(txn, request))
+            return
         handler = self._table.get(method)
         if handler is None:
             if method in KNOWN_METHODS:
@@ -400,7 +413,13 @@ class UASCore:
         if cancelled is None:
             return make_response(request, 481)
         if cancelled.is_invite and cancelled.state is TransactionState.PROCEEDING:
-            cancelled.respond(make_response(cancelled.request, 487))
+            if cancelled.on_cancel is not None:
+                try:
+                    cancelled.on_cancel()
+                except Exception:
+                    self.log.failure("cancelling the branches of an INVITE failed")
+            if cancelled.state is TransactionState.PROCEEDING:
+                cancelled.respond(make_response(cancelled.request, 487))
         last = cancelled.last_response
         tag = last.to_tag if last is not None and last.status >= 200 else None
         return make_response(request, 200, to_tag=tag)

@@ -13,8 +13,10 @@ from relayd.consent.documents import DocumentKey, DocumentRejected
 from relayd.consent.store import ConsentState
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.sip.consent_relay import carried_headers
-from relayd.sip.message import Headers, SIPRequest, SIPResponse
+from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sip.parser import parse_datagram
+from relayd.sip.transaction import cancel_for, new_branch
+from relayd.sip.uri import SIPURI
 from relayd.testing import (
     grant_document,
     in_process_sip_relay,
@@ -37,6 +39,7 @@ class Relay:
         relay = in_process_sip_relay(folder, HOST, PASSWORDS, "club", [BOB])
         self.wire, self.protocol, store = relay.wire, relay.protocol, relay.store
         self.reactor = relay.reactor
+        self.sip = relay.service.getServiceNamed("sip")
         xcap = relay.service.getServiceNamed("xcap")
         self.document_checks = xcap.site.resource.document_checks
         self.store = store
@@ -53,8 +56,13 @@ class Relay:
             to=f"<{BOB}>",
         )
 
-    def feed(self, request: SIPRequest, port: int) -> list[tuple[SIPRequest | SIPResponse, int]]:
-        self.protocol.datagramReceived(request.to_bytes(), (HOST, port))
+    def feed(
+        self, message: SIPRequest | SIPResponse, port: int
+    ) -> list[tuple[SIPRequest | SIPResponse, int]]:
+        self.protocol.datagramReceived(message.to_bytes(), (HOST, port))
+        return self.wire_take()
+
+    def wire_take(self) -> list[tuple[SIPRequest | SIPResponse, int]]:
         return [(parse_datagram(data), addr[1]) for data, addr in self.wire.take()]
 
     def request(
@@ -71,6 +79,7 @@ class Relay:
         contact: str | None = None,
         to: str | None = None,
         from_display: str | None = None,
+        body: bytes | None = None,
     ) -> SIPRequest:
         _, request = uac_request(
             method,
@@ -84,7 +93,7 @@ class Relay:
             contact=contact or f"<sip:{user}@{HOST}:{port}>",
             headers=headers,
             authorization=authorization,
-            body=b"hi" if method == "MESSAGE" else b"",
+            body=body if body is not None else b"hi" if method == "MESSAGE" else b"",
         )
         if from_display is not None:
             request.headers.set("From", f"{from_display} {request.headers.get('from')}")
@@ -298,3 +307,238 @@ def test_a_member_who_never_answers_gets_the_sender_a_408(relay: Relay) -> None:
             if port == SENDER_PORT and isinstance(message := parse_datagram(data), SIPResponse)
         ]
     assert [response.status for response in finals] == [408]
+
+
+# -- INVITE to a registered user: proxied (RFC 3261 §16), responses per §16.7 ------------
+
+SDP = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+Out = list[tuple[SIPRequest | SIPResponse, int]]
+
+
+def _invite(relay: Relay, uri: str = BOB) -> tuple[SIPRequest, Out]:
+    """Alice's INVITE with SDP, answered to the relay's 407 with credentials: the
+    authenticated INVITE and what the relay sent for it."""
+    relay.calls += 1
+    kw: dict[str, Any] = {"body": SDP, "headers": (("Content-Type", "application/sdp"),)}
+    first = relay.feed(relay.request("INVITE", uri, "alice", SENDER_PORT, **kw), SENDER_PORT)
+    challenge = _final(first)
+    assert challenge.status == 407
+    answer = sip_credentials(
+        challenge, method="INVITE", uri=uri, username="alice", password=PASSWORDS["alice"]
+    )
+    invite = relay.request("INVITE", uri, "alice", SENDER_PORT, authorization=answer, cseq=2, **kw)
+    return invite, relay.feed(invite, SENDER_PORT)
+
+
+def _to(out: Out, port: int) -> list[SIPRequest | SIPResponse]:
+    return [m for m, p in out if p == port]
+
+
+def _forwarded(out: Out) -> SIPRequest:
+    (copy,) = [m for m in _to(out, BOB_PORT) if isinstance(m, SIPRequest)]
+    assert copy.method == "INVITE"
+    return copy
+
+
+def _statuses(out: Out) -> list[int]:
+    return [m.status for m in _to(out, SENDER_PORT) if isinstance(m, SIPResponse)]
+
+
+def test_invite_to_a_registered_user_is_proxied_with_record_route_and_sdp_unchanged(
+    relay: Relay,
+) -> None:
+    invite, out = _invite(relay)
+    assert _statuses(out) == [100]  # §16.2: the proxy's 100 Trying
+    copy = _forwarded(out)
+    assert copy.uri.port == BOB_PORT  # the registered contact (§16.5)
+    assert copy.body == SDP
+    assert copy.headers.get("content-type") == "application/sdp"
+    assert len(copy.vias) == 2 and copy.vias[1].branch == invite.via.branch
+    assert copy.max_forwards == 69
+    assert "proxy-authorization" not in copy.headers
+    assert copy.headers.get("P-Asserted-Identity") == f"<{ALICE}>"
+    port = relay.wire.getHost().port
+    (record_route,) = copy.headers.get_all("record-route")
+    assert record_route.startswith(f"<sip:{HOST}:{port};lr;rr=")
+    ringing = make_response(copy, 180, to_tag="bob-1")
+    ok = make_response(copy, 200, to_tag="bob-1", body=SDP[::-1])
+    ok.headers.add("Record-Route", record_route)
+    up = relay.feed(ringing, BOB_PORT) + relay.feed(ok, BOB_PORT)
+    assert _statuses(up) == [180, 200]
+    final = _to(up, SENDER_PORT)[-1]
+    assert isinstance(final, SIPResponse)
+    assert [v.branch for v in final.vias] == [invite.via.branch]  # ours popped (§16.7)
+    assert final.body == SDP[::-1] and final.to_tag == "bob-1"
+    assert final.headers.get_all("record-route") == [record_route]
+    # The retransmitted 200 also goes upstream (RFC 6026); the retransmitted INVITE
+    # is absorbed, not forked again.
+    assert _statuses(relay.feed(ok, BOB_PORT)) == [200]
+    assert relay.feed(invite, SENDER_PORT) == []
+
+
+def test_invite_record_route_off_leaves_the_dialog_end_to_end(relay: Relay) -> None:
+    relay.sip.consent_relay.record_route = False
+    _, out = _invite(relay)
+    assert "record-route" not in _forwarded(out).headers
+
+
+def test_a_busy_callee_is_acked_hop_by_hop_and_its_final_relayed(relay: Relay) -> None:
+    invite, out = _invite(relay)
+    copy = _forwarded(out)
+    busy = make_response(copy, 486, to_tag="bob-2")
+    back = relay.feed(busy, BOB_PORT)
+    (ack,) = _to(back, BOB_PORT)
+    assert isinstance(ack, SIPRequest) and ack.method == "ACK"
+    assert ack.via.branch == copy.via.branch and ack.to_tag == "bob-2"
+    assert _statuses(back) == [486]
+    # The caller's ACK for it ends at the relay (hop by hop): nothing goes on to bob.
+    caller_ack = cancel_for(invite)
+    caller_ack.method = "ACK"
+    caller_ack.headers.set("CSeq", "2 ACK")
+    assert relay.feed(caller_ack, SENDER_PORT) == []
+
+
+def test_a_cancel_from_the_caller_cancels_the_branch_and_ends_with_487(relay: Relay) -> None:
+    invite, out = _invite(relay)
+    copy = _forwarded(out)
+    relay.feed(make_response(copy, 180, to_tag="bob-3"), BOB_PORT)
+    back = relay.feed(cancel_for(invite), SENDER_PORT)
+    assert sorted(_statuses(back)) == [200, 487]
+    (cancel,) = _to(back, BOB_PORT)
+    assert isinstance(cancel, SIPRequest) and cancel.method == "CANCEL"
+    assert cancel.via.branch == copy.via.branch  # §9.1: the branch's own hop
+    assert cancel.headers.get("cseq") == "2 CANCEL"
+
+
+def test_a_branch_ringing_past_timer_c_is_cancelled(relay: Relay) -> None:
+    _, out = _invite(relay)
+    copy = _forwarded(out)
+    relay.feed(make_response(copy, 180, to_tag="bob-4"), BOB_PORT)
+    relay.reactor.advance(184)
+    assert not [m for m, p in relay.wire_take() if p == BOB_PORT]
+    relay.reactor.advance(2)  # Timer C (§16.8)
+    cancels = [m for m, p in relay.wire_take() if p == BOB_PORT]
+    assert [getattr(m, "method", None) for m in cancels][:1] == ["CANCEL"]
+
+
+def test_an_invite_to_a_list_is_refused_and_reaches_no_member(relay: Relay) -> None:
+    """Consent is not asked for INVITE yet: nothing may open a session to a member."""
+    relay.calls += 1
+    out = relay.feed(relay.request("INVITE", LIST, "alice", SENDER_PORT, body=SDP), SENDER_PORT)
+    response = _final(out)
+    assert response.status == 405
+    assert "INVITE" not in response.headers.get_all("allow")
+    assert "MESSAGE" in response.headers.get_all("allow")
+    assert all(port == SENDER_PORT for _, port in out)
+
+
+@pytest.mark.parametrize(("uri", "status"), [(f"sip:nobody@{HOST}", 404), (ALICE, 480)])
+def test_an_invite_to_no_registered_user_is_refused(relay: Relay, uri: str, status: int) -> None:
+    _, out = _invite(relay, uri)
+    assert _final(out).status == status
+    assert all(port == SENDER_PORT for _, port in out)
+
+
+# -- in-dialog requests on the relay's route (§16.4, §16.12) --------------------------
+
+
+def _in_dialog(
+    method: str, uri: str, port: int, route: str, from_: str, to: str, call_id: str, cseq: int
+) -> SIPRequest:
+    h = Headers()
+    h.add("Via", f"SIP/2.0/UDP {HOST}:{port};rport;branch={new_branch()}")
+    h.add("Max-Forwards", "70")
+    h.add("Route", route)
+    h.add("From", from_)
+    h.add("To", to)
+    h.add("Call-ID", call_id)
+    h.add("CSeq", f"{cseq} {method}")
+    return SIPRequest(method, SIPURI.parse(uri), h)
+
+
+def _established(relay: Relay) -> tuple[SIPRequest, str]:
+    """A call alice → bob answered 200 through the relay: the INVITE and our route."""
+    invite, out = _invite(relay)
+    copy = _forwarded(out)
+    ok = make_response(copy, 200, to_tag="bob-d", body=SDP)
+    (route,) = copy.headers.get_all("record-route")
+    ok.headers.add("Record-Route", route)
+    assert _statuses(relay.feed(ok, BOB_PORT)) == [200]
+    return invite, route
+
+
+def test_ack_and_bye_of_a_record_routed_dialog_cross_the_relay(relay: Relay) -> None:
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    call_id = invite.call_id or ""
+    bob_contact = f"sip:bob@{HOST}:{BOB_PORT}"
+    ack = _in_dialog("ACK", bob_contact, SENDER_PORT, route, alice, bob, call_id, 2)
+    (forwarded_ack,) = relay.feed(ack, SENDER_PORT)
+    message, port = forwarded_ack
+    assert isinstance(message, SIPRequest) and port == BOB_PORT
+    assert message.method == "ACK" and "route" not in message.headers  # ours removed
+    assert len(message.vias) == 2 and message.max_forwards == 69
+    # Bob hangs up: his BYE goes to alice's contact through us, her 200 back to him.
+    alice_contact = f"sip:alice@{HOST}:{SENDER_PORT}"
+    bye = _in_dialog("BYE", alice_contact, BOB_PORT, route, bob, alice, call_id, 1)
+    out = relay.feed(bye, BOB_PORT)
+    (forwarded_bye,) = _to(out, SENDER_PORT)
+    assert isinstance(forwarded_bye, SIPRequest) and forwarded_bye.method == "BYE"
+    assert forwarded_bye.uri.port == SENDER_PORT
+    back = relay.feed(make_response(forwarded_bye, 200), SENDER_PORT)
+    (ok,) = _to(back, BOB_PORT)
+    assert isinstance(ok, SIPResponse) and ok.status == 200
+    assert [v.branch for v in ok.vias] == [bye.via.branch]
+
+
+def test_a_route_naming_the_relay_for_another_dialog_opens_nothing(relay: Relay) -> None:
+    """The rr MAC binds our Route to its dialog: copying it into another request (to
+    reach anyone, a list member included, without consent) is not forwarded."""
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    target = f"sip:bob@{HOST}:{BOB_PORT}"
+    forged = _in_dialog("BYE", target, SENDER_PORT, route, alice, bob, "other-call", 3)
+    out = relay.feed(forged, SENDER_PORT)
+    assert all(port == SENDER_PORT for _, port in out)
+    assert _final(out).status >= 400
+    ack = _in_dialog("ACK", target, SENDER_PORT, route, alice, bob, "other-call", 3)
+    assert relay.feed(ack, SENDER_PORT) == []
+    stranger = _in_dialog(
+        "BYE", target, SENDER_PORT, route, "<sip:x@h>;tag=x", bob, invite.call_id or "", 3
+    )
+    out = relay.feed(stranger, SENDER_PORT)  # the dialog's Call-ID, not its caller's tag
+    assert all(port == SENDER_PORT for _, port in out)
+
+
+def test_an_in_dialog_request_on_our_route_with_proxy_require_is_420(relay: Relay) -> None:
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    info = _in_dialog(
+        "INFO",
+        f"sip:bob@{HOST}:{BOB_PORT}",
+        SENDER_PORT,
+        route,
+        alice,
+        bob,
+        invite.call_id or "",
+        3,
+    )
+    info.headers.add("Proxy-Require", "x-unknown")
+    out = relay.feed(info, SENDER_PORT)
+    assert _final(out).status == 420
+    assert all(port == SENDER_PORT for _, port in out)
+
+
+def test_stopping_the_relay_leaves_no_invite_timer_behind(relay: Relay) -> None:
+    _, out = _invite(relay)
+    relay.feed(make_response(_forwarded(out), 180, to_tag="bob-s"), BOB_PORT)
+    assert any(
+        "_timer_c" in repr(getattr(call, "func", None)) for call in relay.reactor.getDelayedCalls()
+    )
+    relay.sip.consent_relay.stop()
+    assert not any(
+        "_timer_c" in repr(getattr(call, "func", None)) for call in relay.reactor.getDelayedCalls()
+    )

@@ -9,9 +9,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
-from relayd.sip.proxy import Branch, Proxy, select_best
+from relayd.sip.proxy import Branch, InviteContext, Proxy, select_best
 from relayd.sip.resolve import SIPResolver, SRVRecord, Target
-from relayd.sip.transaction import TransportError, local_response
+from relayd.sip.transaction import (
+    ServerTransaction,
+    TransactionLayer,
+    TransportError,
+    local_response,
+)
 from relayd.sip.uas import LoopDetector
 from relayd.sip.uri import SIPURI
 
@@ -265,3 +270,148 @@ def test_an_attempt_running_past_the_branch_time_is_abandoned() -> None:
     clock.advance(0.1)
     assert second.called  # cancelled: its client transaction is forgotten
     assert [status for status, _, _ in results] == [408]
+
+
+# -- InviteContext: §16.7 for INVITE, CANCEL (§9.1, §16.10), Timer C (§16.8) -----------
+
+
+class _Invites:
+    """The INVITE client transactions an :class:`InviteContext` starts (and its CANCELs)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[SIPRequest, Deferred[SIPResponse], Callable[..., object]]] = []
+
+    def __call__(
+        self,
+        request: SIPRequest,
+        target: Target,
+        on_provisional: Callable[[SIPResponse], object],
+        on_2xx: Callable[[SIPResponse], object],
+    ) -> Deferred[SIPResponse]:
+        d: Deferred[SIPResponse] = Deferred()
+        self.sent.append((request, d, on_provisional))
+        return d
+
+    def methods(self) -> list[str]:
+        return [request.method for request, _, _ in self.sent]
+
+    def provisional(self, index: int, status: int = 180) -> None:
+        request, _, on_provisional = self.sent[index]
+        on_provisional(make_response(request, status, to_tag=f"t{index}"))
+
+    def final(self, index: int, status: int) -> None:
+        request, d, _ = self.sent[index]
+        d.callback(make_response(request, status, to_tag=f"t{index}"))
+
+
+class _Caller:
+    """The caller's INVITE server transaction, on a real transaction layer."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.out: list[SIPResponse] = []
+        self.txns: list[ServerTransaction] = []
+        layer = TransactionLayer(self.clock, self.send, self)
+        headers = Headers(
+            [
+                ("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-caller"),
+                ("From", "<sip:alice@example.com>;tag=a"),
+                ("To", "<sip:bob@example.com>"),
+                ("Call-ID", "call-1"),
+                ("CSeq", "1 INVITE"),
+            ]
+        )
+        self.invite = SIPRequest("INVITE", SIPURI.parse("sip:bob@example.com"), headers)
+        layer.request_received(self.invite, ("192.0.2.1", 5060), False)
+        self.txn = self.txns[0]
+
+    def request(self, txn: ServerTransaction, request: SIPRequest) -> None:
+        self.txns.append(txn)
+
+    def send(self, message: SIPRequest | SIPResponse, destination: object) -> None:
+        assert isinstance(message, SIPResponse)
+        self.out.append(message)
+
+    def statuses(self) -> list[int]:
+        return [r.status for r in self.out]
+
+
+def _context(branches: int = 2) -> tuple[_Caller, _Invites, InviteContext]:
+    caller = _Caller()
+    invites = _Invites()
+
+    def final(responses: list[SIPResponse]) -> SIPResponse:
+        return make_response(caller.invite, select_best(responses)[0])
+
+    context = InviteContext(invites, caller.clock, caller.txn, final)
+    copies = []
+    for index in range(branches):
+        copy = caller.invite.headers.copy()
+        copy.add_first("Via", f"SIP/2.0/UDP 192.0.2.9;branch=z9hG4bK-b{index}")
+        target = Target("UDP", f"192.0.2.{10 + index}", 5060)
+        copies.append((SIPRequest("INVITE", caller.invite.uri, copy), target))
+    context.start(copies)
+    return caller, invites, context
+
+
+def test_invite_context_relays_ringing_and_the_best_final_when_no_2xx() -> None:
+    caller, invites, _ = _context()
+    invites.provisional(0, 100)  # §16.7 step 5: a 100 is not passed on
+    invites.provisional(0)
+    invites.final(0, 486)
+    assert caller.statuses() == [100, 180]
+    invites.final(1, 404)
+    assert caller.statuses() == [100, 180, 486]
+    assert caller.out[1].vias[0].branch == "z9hG4bK-caller"  # our Via popped
+
+
+def test_invite_context_2xx_goes_up_and_cancels_ringing_branches() -> None:
+    caller, invites, _ = _context()
+    invites.provisional(1)
+    invites.final(0, 200)
+    assert caller.statuses() == [100, 180, 200]
+    assert invites.methods() == ["INVITE", "INVITE", "CANCEL"]
+    cancel = invites.sent[2][0]
+    assert cancel.via.branch == "z9hG4bK-b1"
+    invites.final(1, 200)  # a 2xx racing the CANCEL still goes up (RFC 6026)
+    assert caller.statuses() == [100, 180, 200, 200]
+
+
+def test_invite_context_6xx_answers_at_once_and_cancels_the_rest() -> None:
+    caller, invites, _ = _context()
+    invites.provisional(1)
+    invites.final(0, 603)
+    assert caller.statuses() == [100, 180, 603]
+    assert invites.methods()[-1] == "CANCEL"
+
+
+def test_a_cancelled_branch_without_provisional_waits_for_one_then_is_cancelled() -> None:
+    caller, invites, context = _context(1)
+    context.cancel()
+    assert invites.methods() == ["INVITE"]  # §9.1: no CANCEL before a provisional
+    invites.provisional(0)
+    assert invites.methods() == ["INVITE", "CANCEL"]
+    assert caller.statuses() == [100]  # the 180 after the CANCEL is not relayed
+
+
+def test_a_cancelled_branch_that_never_answers_is_abandoned() -> None:
+    caller, invites, context = _context(1)
+    invites.provisional(0)
+    context.cancel()
+    outcomes: list[object] = []
+    invites.sent[0][1].addBoth(outcomes.append)
+    caller.clock.advance(32)  # §9.1: 64·T1 after the CANCEL
+    assert len(outcomes) == 1
+
+
+def test_timer_c_cancels_a_branch_that_rings_too_long_and_restarts_on_ringing() -> None:
+    caller, invites, _ = _context(1)
+    invites.provisional(0)
+    caller.clock.advance(100)
+    invites.provisional(0, 183)  # restarts Timer C
+    caller.clock.advance(100)
+    assert invites.methods() == ["INVITE"]
+    caller.clock.advance(86)
+    assert invites.methods() == ["INVITE", "CANCEL"]
+    invites.final(0, 487)
+    assert caller.statuses()[-1] == 487

@@ -23,6 +23,7 @@ from relayd.sip.transaction import (
     TransactionLayer,
     TransactionState,
     TransportError,
+    cancel_for,
     new_branch,
 )
 from relayd.sip.uri import SIPURI
@@ -249,8 +250,8 @@ def test_client_request_validation() -> None:
     _, _, _, layer = _layer()
     with pytest.raises(ValueError, match="branch"):
         layer.client_request(_request(branch="old-style"), PEER, True)
-    with pytest.raises(ValueError, match="INVITE"):
-        layer.client_request(_request("INVITE", branch=new_branch()), PEER, True)
+    with pytest.raises(ValueError, match="ACK"):
+        layer.client_request(_request("ACK", branch=new_branch()), PEER, True)
     request = _request(branch="z9hG4bKdup")
     layer.client_request(request, PEER, True)
     with pytest.raises(ValueError, match="in use"):
@@ -501,6 +502,58 @@ def test_invite_gets_100_trying_when_tu_does_not_answer_at_once() -> None:
     assert send.statuses() == [100, 100, 501]
 
 
+def test_invite_2xx_accepted_absorbs_retransmissions_until_timer_l() -> None:
+    clock, send, tu, layer = _layer(RecordingTU())
+    layer.request_received(_request("INVITE"), PEER, False)
+    txn, request = tu.calls[0]
+    ok = make_response(request, 200, to_tag="callee")
+    txn.respond(ok)
+    assert txn.state is TransactionState.ACCEPTED  # RFC 6026 §7.1, not Terminated
+    layer.request_received(_request("INVITE"), PEER, False)  # absorbed: no new request
+    assert len(tu.calls) == 1
+    other = make_response(request, 200, to_tag="fork-2")
+    txn.respond(other)  # a 2xx from the TU still goes out
+    txn.respond(make_response(request, 486))  # nothing else does
+    assert send.statuses() == [100, 200, 200]
+    clock.advance(4)
+    assert send.statuses() == [100, 200, 200]  # no Timer G for a 2xx
+    clock.advance(28)  # Timer L = 64·T1
+    assert layer.server_transaction_count == 0
+
+
+def test_ack_for_2xx_goes_to_the_ack_hook() -> None:
+    _, _, tu, layer = _layer(RecordingTU())
+    acks: list[SIPRequest] = []
+    layer.ack = lambda request, source: acks.append(request)
+    layer.request_received(_request("INVITE"), PEER, False)
+    txn, request = tu.calls[0]
+    txn.respond(make_response(request, 200, to_tag="t"))
+    layer.request_received(_ack("z9hG4bKnew"), PEER, False)  # its own branch (§17.1.1.1)
+    layer.request_received(_ack(), PEER, False)  # matches the Accepted one: up too
+    assert [a.via.branch for a in acks] == ["z9hG4bKnew", "z9hG4bKabc"]
+
+
+def test_invite_tu_deadline_follows_timer_c() -> None:
+    clock, _, _, layer = _layer(RecordingTU())
+    layer.request_received(_request("INVITE"), PEER, False)
+    clock.advance(64 * 0.5 + 5 + 1)  # a MESSAGE's deadline has passed: still ringing
+    assert layer.server_transaction_count == 1
+    clock.advance(185 + 5)
+    assert layer.server_transaction_count == 0
+
+
+def test_invite_tu_deadline_restarts_with_each_provisional() -> None:
+    clock, send, tu, layer = _layer(RecordingTU())
+    layer.request_received(_request("INVITE"), PEER, False)
+    txn, request = tu.calls[0]
+    clock.advance(150)
+    txn.respond(make_response(request, 180, to_tag="t"))  # still ringing
+    clock.advance(150)
+    assert layer.server_transaction_count == 1
+    txn.respond(make_response(request, 487, to_tag="t"))
+    assert send.statuses() == [100, 180, 487]
+
+
 def test_unmatched_ack_is_dropped() -> None:
     _, send, tu, layer = _layer()
     layer.request_received(_ack("z9hG4bKnone"), PEER, False)
@@ -643,3 +696,119 @@ def test_timeout_after_a_provisional_is_a_plain_408() -> None:
     clock.advance(32)
     assert [r.status for r in results] == [408]
     assert not isinstance(results[0], LocalResponse)  # the peer is there: no failover
+
+
+# ------------------------------------------------------------------ INVITE client
+
+
+def _invite(branch: str = "z9hG4bK-inv-1") -> SIPRequest:
+    invite = _request("INVITE", branch=branch)
+    invite.headers.add("Route", "<sip:next.example.com;lr>")
+    return invite
+
+
+def _answer(request: SIPRequest, status: int, tag: str = "callee") -> SIPResponse:
+    return make_response(request, status, to_tag=tag)
+
+
+def test_invite_client_timer_a_doubles_without_cap_until_timer_b() -> None:
+    clock, send, _, layer = _layer()
+    results: list[SIPResponse] = []
+    layer.client_request(_invite(), PEER, reliable=False).addCallback(results.append)
+    _advance(clock, 40)
+    # A: 0.5, 1, 2, 4, 8, 16 (no T2 cap, unlike E); B = 64·T1 ends it at 32 s.
+    assert send.times() == [0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5]
+    assert [r.status for r in results] == [408]
+    assert isinstance(results[0], LocalResponse)
+    assert layer.client_transaction_count == 0
+
+
+def test_invite_client_provisional_stops_a_and_b() -> None:
+    clock, send, _, layer = _layer()
+    invite = _invite()
+    ringing: list[int] = []
+    results: list[SIPResponse] = []
+    d = layer.client_request(invite, PEER, False, on_provisional=lambda r: ringing.append(r.status))
+    d.addCallback(results.append)
+    layer.response_received(_answer(invite, 180), PEER)
+    _advance(clock, 120)  # Proceeding: no retransmission, no Timer B (Timer C is the TU's)
+    assert send.times() == [0]
+    assert ringing == [180] and results == []
+    assert layer.client_transaction_count == 1
+
+
+def test_invite_client_acks_non_2xx_hop_by_hop_until_timer_d() -> None:
+    clock, send, _, layer = _layer()
+    invite = _invite()
+    results: list[SIPResponse] = []
+    layer.client_request(invite, PEER, False).addCallback(results.append)
+    busy = _answer(invite, 486)
+    layer.response_received(busy, PEER)
+    assert [r.status for r in results] == [486]
+    ack = send.sent[-1][1]
+    assert isinstance(ack, SIPRequest) and ack.method == "ACK"
+    assert ack.uri == invite.uri
+    assert ack.via.branch == invite.via.branch  # §17.1.1.3: same transaction
+    assert ack.headers.get("cseq") == "1 ACK"
+    assert ack.to_tag == "callee"
+    assert ack.headers.get_all("route") == ["<sip:next.example.com;lr>"]
+    layer.response_received(busy, PEER)  # retransmitted final: ACK again, no new result
+    assert [m.method for _, m, _ in send.sent if isinstance(m, SIPRequest)] == [
+        "INVITE",
+        "ACK",
+        "ACK",
+    ]
+    assert len(results) == 1
+    clock.advance(31.9)
+    assert layer.client_transaction_count == 1
+    clock.advance(0.2)  # Timer D: 32 s over UDP
+    assert layer.client_transaction_count == 0
+
+
+def test_invite_client_reliable_non_2xx_terminates_after_ack() -> None:
+    _, send, _, layer = _layer()
+    invite = _invite()
+    layer.client_request(invite, PEER, True)
+    layer.response_received(_answer(invite, 603), PEER)
+    assert [m.method for _, m, _ in send.sent if isinstance(m, SIPRequest)] == ["INVITE", "ACK"]
+    assert layer.client_transaction_count == 0
+
+
+def test_invite_client_2xx_accepted_passes_later_2xx_until_timer_m() -> None:
+    clock, send, _, layer = _layer()
+    invite = _invite()
+    results: list[SIPResponse] = []
+    later: list[str | None] = []
+    d = layer.client_request(invite, PEER, False, on_2xx=lambda r: later.append(r.to_tag))
+    d.addCallback(results.append)
+    layer.response_received(_answer(invite, 200, "one"), PEER)
+    layer.response_received(_answer(invite, 200, "one"), PEER)  # retransmitted
+    layer.response_received(_answer(invite, 200, "two"), PEER)  # another fork
+    layer.response_received(_answer(invite, 486, "three"), PEER)  # absorbed
+    assert [r.to_tag for r in results] == ["one"]
+    assert later == ["one", "two"]
+    # No ACK for a 2xx here: it is end to end (§13.2.2.4), and nothing retransmits.
+    clock.advance(10)
+    assert [m.method for _, m, _ in send.sent if isinstance(m, SIPRequest)] == ["INVITE"]
+    clock.advance(22)  # Timer M = 64·T1
+    assert layer.client_transaction_count == 0
+
+
+def test_invite_client_transport_failure_is_503() -> None:
+    _, send, _, layer = _layer()
+    send.fail = True
+    results: list[SIPResponse] = []
+    layer.client_request(_invite(), PEER, False).addCallback(results.append)
+    assert [r.status for r in results] == [503]
+    assert layer.client_transaction_count == 0
+
+
+def test_cancel_for_matches_the_invite_hop() -> None:
+    invite = _invite()
+    cancel = cancel_for(invite)
+    assert cancel.method == "CANCEL"
+    assert cancel.uri == invite.uri
+    assert cancel.via.branch == invite.via.branch
+    assert cancel.headers.get("cseq") == "1 CANCEL"
+    assert cancel.to_tag is None
+    assert cancel.headers.get_all("route") == invite.headers.get_all("route")

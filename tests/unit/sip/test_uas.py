@@ -92,8 +92,10 @@ def test_allow_follows_plugged_handlers() -> None:
     assert uas.allow == "ACK, CANCEL, MESSAGE, OPTIONS"
     uas.set_handler("MESSAGE", None)
     assert uas.allow == "ACK, CANCEL, OPTIONS"
+    uas.set_handler("INVITE", lambda txn, req: None)  # the proxy plugs INVITE in
+    assert uas.allow == "ACK, CANCEL, INVITE, OPTIONS"
     with pytest.raises(ValueError):
-        uas.set_handler("INVITE", lambda txn, req: None)
+        uas.set_handler("CANCEL", lambda txn, req: None)
 
 
 def test_invite_is_405_with_allow_and_unknown_is_501() -> None:
@@ -202,6 +204,24 @@ def test_cancel_of_a_pending_invite_gets_487_then_200_with_its_tag() -> None:
     terminated = stack.sent[-2]
     assert (terminated.status, ok.status) == (487, 200)
     assert ok.to_tag == terminated.to_tag
+
+
+def test_cancel_of_a_pending_invite_tells_its_tu_before_the_487() -> None:
+    uas = UASCore(CAPS)
+    stack = Stack(uas)
+    seen: list[list[int]] = []
+    pending: list[ServerTransaction] = []
+
+    def handler(txn: ServerTransaction, request: SIPRequest) -> None:
+        pending.append(txn)
+        txn.on_cancel = lambda: seen.append([r.status for r in stack.sent])
+
+    uas.set_handler("INVITE", handler)
+    stack.deliver("INVITE", branch="z9hG4bKhooked")
+    stack.send("CANCEL", branch="z9hG4bKhooked")
+    assert seen == [[100]]  # §16.10: the branches are cancelled, then the 487 goes
+    assert [r.status for r in stack.sent] == [100, 487, 200]
+    assert pending[0].on_cancel is None  # released with the transaction's state
 
 
 def test_cancel_of_a_pending_non_invite_is_200_and_changes_nothing() -> None:
