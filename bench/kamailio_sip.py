@@ -3,7 +3,7 @@
 ``bench/kamailio/sip-fork.cfg`` is a template (see its header); :func:`render_config`
 fills in the UDP listener, the digest realm, the users' HA1 and the lists.
 :class:`Kamailio` runs it in the foreground as the current user (``-DD -E``, the way
-``/work/shared/bench/kamailio-msrp/start.sh`` starts the MSRP reference), only on
+the MSRP reference's ``start.sh`` beside the repository does), only on
 127.0.0.1, in a temporary folder, and measures its CPU summed over the main process
 and every process it forked (utime+stime from /proc).  :meth:`Kamailio.stop` ends the
 main process (which ends its children), kills any child left by pid, and removes the

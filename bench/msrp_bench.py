@@ -60,12 +60,15 @@ from relayd.testing import RelayPKI, make_pki, write_users
 HOST = "127.0.0.1"
 REALM = "relayd-bench"
 USERS = {"alice": "wonderland-bench", "bob": "builder-bench"}
-KAMAILIO_DIR = Path("/work/shared/bench/kamailio-msrp")
+REPO = Path(__file__).resolve().parents[1]
+# The Kamailio MSRP reference configuration lives beside the repository (../shared).
+KAMAILIO_DIR = Path(
+    os.environ.get("KAMAILIO_MSRP_DIR", REPO.parent / "shared" / "bench" / "kamailio-msrp")
+)
 KAMAILIO_RUN = Path(os.environ.get("KAMAILIO_MSRP_RUN", "/tmp/kamailio-msrp-bench"))  # noqa: S108
 KAMAILIO_PORT = 22855
 KAMAILIO_REALM = "msrp-bench"
 KAMAILIO_PASSWORD = "bench123"  # noqa: S105 - the benchmark Kamailio's fixed password
-REPO = Path(__file__).resolve().parents[1]
 SMALL_BODY = b"x" * 99 + b"\n"
 PATTERN_PERIOD = 1_048_583  # 1 MiB + 7: a misplaced chunk of any size 2^k changes the hash
 MIB = 1 << 20
