@@ -695,7 +695,8 @@ class ConsentRelay:
             self.dialogs.caller(call_id, caller_tag, request.headers.get("contact"))
 
             def on_2xx(response: SIPResponse) -> None:
-                self.dialogs.callee(call_id, response.to_tag, response.headers.get("contact"))
+                contact = response.headers.get("contact")
+                self.dialogs.callee(call_id, caller_tag, response.to_tag, contact)
 
         self._invite_context(txn, request, on_2xx).start(requests)
 
@@ -743,7 +744,8 @@ class ConsentRelay:
         """Whether an in-dialog request on our route goes to the remote target its
         dialog was set up with (the To party's, :class:`DialogTargets`); ``None`` when
         we hold no targets for its dialog."""
-        return self.dialogs.allows(request.call_id or "", request.to_tag, request.uri)
+        call_id = request.call_id or ""
+        return self.dialogs.allows(call_id, request.from_tag, request.to_tag, request.uri)
 
     def routed(self, request: SIPRequest) -> Handler | None:
         """The UAS core's router: in-dialog requests on our route are forwarded."""
