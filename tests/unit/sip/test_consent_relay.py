@@ -697,3 +697,16 @@ def test_a_bye_answered_2xx_ends_the_dialogs_targets(relay: Relay) -> None:
     out = relay.feed(again, SENDER_PORT)
     assert _final(out).status == 481
     assert all(port == SENDER_PORT for _, port in out)
+
+
+def test_when_no_member_answers_2xx_the_caller_gets_the_best_final(club: Relay) -> None:
+    """§16.7 step 6: a 486 beats a 408 and a 503 (which a proxy never passes on)."""
+    invite, copies = _granted_invite(club)
+    answers = {BOB_PORT: 503, CAROL_PORT: 486, DAVE_PORT: 408}
+    up: Out = []
+    for port, status in answers.items():
+        up += club.feed(make_response(copies[port], status, to_tag=f"m{port}"), port)
+    acks = sorted(port for m, port in up if isinstance(m, SIPRequest) and m.method == "ACK")
+    assert acks == sorted(answers)  # each branch's final ACKed hop by hop
+    assert _statuses(up) == [486]
+    assert _final(up).via.branch == invite.via.branch
