@@ -15,15 +15,22 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   MESSAGE (407), then proxy it to the user's contacts (RFC 3261 §16, a binding the user
   made with their own credentials is their own translation, so no consent is asked),
   with our Record-Route when ``[sip] record_route`` is on; the SDP body is not touched
-  (:class:`~relayd.sip.proxy.InviteContext` carries the responses). An INVITE to a list
-  (or a consent-flow URI) is refused with 405, its Allow naming what that URI takes:
-  consent for INVITE is not asked for yet, so no INVITE reaches a list member.
+  (:class:`~relayd.sip.proxy.InviteContext` carries the responses).
+* **INVITE** to a list URI: the MESSAGE rules with the method INVITE (a grant for
+  MESSAGE does not cover it): 407, then **470** when any member has not permitted the
+  caller to INVITE through the list, relayed to nobody; else forked in parallel to
+  every member's branches, each copy asserting the caller and carrying
+  ``Trigger-Consent``, responses per §16.7 as above. A consent-flow URI takes no
+  INVITE (405, its Allow naming what it takes).
 * **In-dialog requests** (the ACK for a 2xx, BYE, re-INVITE, UPDATE, INFO, MESSAGE...)
   whose top Route is the Record-Route we put into their dialog (its ``rr`` parameter is
   a MAC of the Call-ID and the caller's tag) are forwarded by loose routing (§16.4,
   §16.6, §16.12) without a consent check: the dialog was set up through us, by a
-  request that passed it. The ACK goes on without a transaction (§16.11), everything
-  else in one.
+  request that passed it. Its Request-URI must be the remote target the dialog was set
+  up with (:class:`~relayd.sip.dialogs.DialogTargets`): any other is 403, a dialog we
+  hold no targets for 481, so the route opens no path to anyone else. The ACK goes on
+  without a transaction (§16.11, dropped when it fails those checks), everything else
+  in one.
 * **CONSENT** to a consent URI (or to a member with ``Trigger-Consent: …;target-uri``):
   authenticate (401), open/refresh the pending consent (rate-limited), forward a CONSENT
   with ``Permission: <https Permission URI>`` to the member's registered contacts (or
@@ -52,7 +59,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
 from relayd.consent.ledger import ConsentLedger, RateExceeded
-from relayd.consent.lists import ListDirectory, URIListError
+from relayd.consent.lists import ListDirectory, URIList, URIListError
 from relayd.consent.permissions import PermissionCache, requested_methods
 from relayd.consent.policy import identity_key
 from relayd.consent.settle import settlement
@@ -60,6 +67,7 @@ from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent,
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import ConsentURIs, consent_needed
+from relayd.sip.dialogs import DialogTargets
 from relayd.sip.events import (
     GrantPermissionPackage,
     SubscriptionLimits,
@@ -245,6 +253,8 @@ class ConsentRelay:
         self._started = False
         #: Response contexts of INVITEs in progress (their timers hold them alive).
         self._invites: weakref.WeakSet[InviteContext] = weakref.WeakSet()
+        #: The remote targets of the dialogs we Record-Routed (in-dialog requests go there only).
+        self.dialogs = DialogTargets(clock)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -448,17 +458,12 @@ class ConsentRelay:
         sender = self._identity(request, proxy=True, peer=txn.source)
         if target is not None:
             list_uri, members = target.uri, target.members
-            owner = target.owner
-            name_members = owner is not None and identity_key(owner) == identity_key(sender)
+            name_members = self._owns(target, sender)
         else:
             assert recipients is not None
             list_uri, members = request.uri.aor, recipients.recipients
             name_members = True
-        if len(members) > self.max_list_size:
-            self.log.warn("list {uri} exceeds max_list_size", uri=list_uri)
-            raise SIPStatus(403, "List Too Large")
-        if not members:
-            raise SIPStatus(480, "Empty List")
+        self._check_members(list_uri, members)
         delivery = _Delivery(
             request, sender, list_uri, members, recipients, max_forwards, name_members
         )
@@ -467,6 +472,19 @@ class ConsentRelay:
             d = defer.ensureDeferred(self.cache.missing(sender, list_uri, members, request.method))
             return d.addCallback(lambda found: self._deliver(delivery, found))
         return self._deliver(delivery, missing)
+
+    @staticmethod
+    def _owns(target: URIList, sender: str) -> bool:
+        """Whether ``sender`` owns ``target`` (and so may see who is missing in a 470)."""
+        owner = target.owner
+        return owner is not None and identity_key(owner) == identity_key(sender)
+
+    def _check_members(self, list_uri: str, members: Sequence[str]) -> None:
+        if len(members) > self.max_list_size:
+            self.log.warn("list {uri} exceeds max_list_size", uri=list_uri)
+            raise SIPStatus(403, "List Too Large")
+        if not members:
+            raise SIPStatus(480, "Empty List")
 
     def _deliver(
         self, delivery: _Delivery, missing: list[str]
@@ -583,17 +601,23 @@ class ConsentRelay:
 
     def handle_invite(
         self, txn: ServerTransaction, request: SIPRequest
-    ) -> defer.Deferred[None] | None:
+    ) -> defer.Deferred[SIPResponse | None] | defer.Deferred[None] | None:
         """An INVITE to a registered user of ours, proxied to their contacts (module
-        doc); §16.3's checks in its order: Max-Forwards, Proxy-Require, then the
-        caller's credentials, as for MESSAGE."""
+        doc), or to a list's consenting members; §16.3's checks in its order:
+        Max-Forwards, Proxy-Require, then the caller's credentials, as for MESSAGE."""
         uri = request.uri
-        if self._relay_uri(uri) or not uri.user:
+        found = self.directory.lookup(uri)
+        if found is None and (self._relay_uri(uri) or not uri.user):
             allow = ", ".join(m for m in self.uas.allow.split(", ") if m != "INVITE")
             raise SIPStatus(405, headers=[("Allow", allow)])
         max_forwards = check_max_forwards(request)
         _check_proxy_require(request)
         sender = self._identity(request, proxy=True, peer=txn.source)
+        if found is not None:
+            return defer.ensureDeferred(
+                self._invite_list(txn, request, sender, max_forwards, found)
+            )
+        assert uri.user  # a URI without a user was 405 above
         aor = self._registered_aor(uri.user)
         known = self.proxy.branches_now(aor)
         if known is not None:
@@ -604,6 +628,33 @@ class ConsentRelay:
             lambda found: self._fork_invite(txn, request, sender, max_forwards, found)
         )
 
+    async def _invite_list(
+        self,
+        txn: ServerTransaction,
+        request: SIPRequest,
+        sender: str,
+        max_forwards: int,
+        found: URIList,
+    ) -> SIPResponse | None:
+        """The MESSAGE consent check with the method INVITE (one grant per method,
+        RFC 5360 §5.10), then one fork to every member's branches; synchronous when the
+        answers are cached and no member needs DNS."""
+        list_uri, members = found.uri, found.members
+        self._check_members(list_uri, members)
+        missing = self.cache.missing_now(sender, list_uri, members, request.method)
+        if missing is None:
+            missing = await self.cache.missing(sender, list_uri, members, request.method)
+        if missing:
+            return consent_needed(
+                request, list_uri, missing, self.uris, name_members=self._owns(found, sender)
+            )
+        branches: list[Branch] = []
+        for member in members:
+            known = self.proxy.branches_now(member)
+            branches.extend(known if known is not None else await self.proxy.branches(member))
+        self._fork_invite(txn, request, sender, max_forwards, branches, list_uri)
+        return None
+
     def _fork_invite(
         self,
         txn: ServerTransaction,
@@ -611,12 +662,16 @@ class ConsentRelay:
         sender: str,
         max_forwards: int,
         branches: Sequence[Branch],
+        list_uri: str | None = None,
     ) -> None:
+        """Every branch with a target gets the INVITE (a list's with its
+        ``Trigger-Consent``); no reachable branch is 480."""
         if txn.state is not TransactionState.PROCEEDING:
             return  # cancelled while the contacts were looked up
         record_route = None
+        call_id, caller_tag = request.call_id or "", request.from_tag or ""
         if self.record_route:
-            token = self.uris.route_token(request.call_id or "", request.from_tag or "")
+            token = self.uris.route_token(call_id, caller_tag)
             record_route = f"<{self.contact()};lr;rr={token}>"
         detector = self.proxy.loop_detector
         loop_hash = detector.loop_hash(request) if detector is not None else None
@@ -624,7 +679,10 @@ class ConsentRelay:
         for branch in branches:
             if branch.target is None:
                 continue
-            copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
+            if list_uri is None:
+                copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
+            else:
+                copy = self._relayed(request, branch, sender, list_uri, max_forwards, loop_hash)
             if record_route is not None:  # §16.6 step 4
                 copy.headers.add_first("Record-Route", record_route)
             requests.append((copy, branch.target))
@@ -632,14 +690,29 @@ class ConsentRelay:
         if not requests:  # registered, but no contact can be reached now
             txn.respond(make_response(request, 480))
             return
-        self._invite_context(txn, request).start(requests)
+        on_2xx = None
+        if record_route is not None and caller_tag:
+            self.dialogs.caller(call_id, caller_tag, request.headers.get("contact"))
 
-    def _invite_context(self, txn: ServerTransaction, request: SIPRequest) -> InviteContext:
+            def on_2xx(response: SIPResponse) -> None:
+                contact = response.headers.get("contact")
+                self.dialogs.callee(call_id, caller_tag, response.to_tag, contact)
+
+        self._invite_context(txn, request, on_2xx).start(requests)
+
+    def _invite_context(
+        self,
+        txn: ServerTransaction,
+        request: SIPRequest,
+        on_2xx: Callable[[SIPResponse], None] | None = None,
+    ) -> InviteContext:
         """The response context of ``request`` (§16.7), on the transaction layer's timers."""
         layer = self.uas.transactions
         timers = layer.timers if layer is not None else None
         final = partial(_best, request)
-        context = InviteContext(self.transport.request, self.clock, txn, final, timers=timers)
+        context = InviteContext(
+            self.transport.request, self.clock, txn, final, timers=timers, on_2xx=on_2xx
+        )
         self._invites.add(context)
         return context
 
@@ -666,6 +739,13 @@ class ConsentRelay:
             if tag and hmac.compare_digest(token, self.uris.route_token(call_id, tag)):
                 return routes[1:]
         return None
+
+    def _to_dialog_target(self, request: SIPRequest) -> bool | None:
+        """Whether an in-dialog request on our route goes to the remote target its
+        dialog was set up with (the To party's, :class:`DialogTargets`); ``None`` when
+        we hold no targets for its dialog."""
+        call_id = request.call_id or ""
+        return self.dialogs.allows(call_id, request.from_tag, request.to_tag, request.uri)
 
     def routed(self, request: SIPRequest) -> Handler | None:
         """The UAS core's router: in-dialog requests on our route are forwarded."""
@@ -711,6 +791,13 @@ class ConsentRelay:
         routes = self._routes_after_ours(request) or []
         copy = self._routed_copy(request, routes)
         _check_proxy_require(request)  # §16.3 step 5, after Max-Forwards (step 3)
+        allowed = self._to_dialog_target(request)
+        if not allowed:
+            raise (
+                SIPStatus(403, "Not This Dialog's Target")
+                if allowed is False
+                else SIPStatus(481, "Dialog Not Routed Here")
+            )
         target = await self._next_hop(request, routes)
         if request.method == "INVITE":
             if txn.state is TransactionState.PROCEEDING:
@@ -722,6 +809,8 @@ class ConsentRelay:
                 txn.respond(upstream(response))
 
         response = await self.transport.request(copy, target, provisional)
+        if request.method == "BYE" and 200 <= response.status < 300:
+            self.dialogs.ended(request.call_id or "", request.from_tag, request.to_tag)
         if response.status == 503 or isinstance(response, LocalResponse):
             return _best(request, [response])  # §16.7 step 6: no 503 upstream
         return upstream(response)
@@ -730,7 +819,11 @@ class ConsentRelay:
         """The transaction layer's ACK hook: an ACK for a 2xx on our route goes on
         without a transaction (§16.11); any other is dropped."""
         routes = self._routes_after_ours(ack)
-        if routes is None or (ack.max_forwards is not None and ack.max_forwards <= 0):
+        if (
+            routes is None
+            or (ack.max_forwards is not None and ack.max_forwards <= 0)
+            or not self._to_dialog_target(ack)
+        ):
             self.log.debug("dropping an ACK not routed through us from {peer}", peer=source)
             return
         copy = self._routed_copy(ack, routes)

@@ -459,7 +459,8 @@ class InviteContext:
     branch ended without a 2xx, ``final(responses)`` is the caller's answer (step 6).
     A CANCEL of the caller's transaction cancels the pending branches; a branch that has
     no provisional yet gets its CANCEL when one arrives (§9.1). A cancelled branch that
-    never answers is abandoned after 64·T1 (§9.1) and counts as a 408.
+    never answers is abandoned after 64·T1 (§9.1) and counts as a 408. ``on_2xx`` sees
+    every 2xx that goes upstream (each sets up a dialog, §12.1.2).
     """
 
     log = logger()
@@ -472,8 +473,10 @@ class InviteContext:
         final: Callable[[list[SIPResponse]], SIPResponse],
         *,
         timers: SIPTimers | None = None,
+        on_2xx: Callable[[SIPResponse], None] | None = None,
     ) -> None:
         self._send = send
+        self._on_2xx = on_2xx
         self._clock = clock
         self._txn = txn
         self._final = final
@@ -536,6 +539,8 @@ class InviteContext:
     def _forward(self, response: SIPResponse) -> None:
         txn = self._txn
         if txn.state in (TransactionState.PROCEEDING, TransactionState.ACCEPTED):
+            if self._on_2xx is not None and 200 <= response.status < 300:
+                self._on_2xx(response)
             txn.respond(upstream(response))
 
     def _branch_final(self, response: SIPResponse, branch: _InviteBranch) -> None:

@@ -1,10 +1,12 @@
 """A call through the relay over real UDP on 127.0.0.1 (RFC 3261 §16): the caller's
 INVITE reaches the callee's registered contact, 100/180/200 come back, and the ACK and
-BYE cross the relay along its Record-Route."""
+BYE cross the relay along its Record-Route; an INVITE to a list waits for every
+member's consent for INVITE, then forks to them all."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,11 +15,12 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 
+from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import parse_datagram
 from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI
-from relayd.testing import sip_credentials
+from relayd.testing import consent_rule, consent_ruleset, sip_credentials
 
 from .test_consent_flow import HOST, TIMEOUT, USERS, Start, start  # noqa: F401 - the fixture
 
@@ -183,3 +186,121 @@ async def test_a_call_through_the_relay_invite_ringing_answer_ack_bye(start: Sta
     finally:
         await alice_socket.stopListening()
         await bob_socket.stopListening()
+
+
+async def _invite_with_credentials(alice: Peer, uri: str, call_id: str) -> SIPRequest:
+    """Alice's INVITE with SDP, sent again with credentials for the relay's 407 (whose
+    ACK ends at the relay); returns the authenticated INVITE as sent."""
+    invite = alice.request("INVITE", uri, call_id, 1)
+    invite.headers.add("Content-Type", "application/sdp")
+    invite = SIPRequest("INVITE", invite.uri, invite.headers, SDP)
+    alice.send(invite)
+    challenge = await alice.next(_final_of(invite.via.branch))
+    assert isinstance(challenge, SIPResponse) and challenge.status == 407
+    answer = sip_credentials(
+        challenge, method="INVITE", uri=uri, username="alice", password=USERS["alice"]
+    )
+    assert answer is not None
+    ack = alice.request("ACK", uri, call_id, 1, to=challenge.headers.get("to") or "")
+    ack.headers.set("Via", invite.headers.get("via") or "")
+    alice.send(ack)
+    again = SIPRequest("INVITE", invite.uri, invite.headers.copy(), SDP)
+    again.headers.set("Via", f"SIP/2.0/UDP {HOST}:{alice.port};rport;branch={new_branch()}")
+    again.headers.set("CSeq", "2 INVITE")
+    again.headers.add(*answer)
+    alice.send(again)
+    return again
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invite_to_a_three_member_list_waits_for_consent_then_forks(
+    start: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    members = ("bob", "carol", "mallory")
+    trio = f"sip:trio@{HOST}"
+    lists = tmp_path / "trio.xml"
+    entries = "".join(f'<entry uri="sip:{m}@{HOST}"/>' for m in members)
+    lists.write_text(
+        '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        f'<list name="trio">{entries}</list></resource-lists>'
+    )
+    relay = await start(sip__lists=str(lists))
+    store = relay.service.getServiceNamed("xcap").store
+    alice_aor = f"sip:alice@{HOST}"
+    message_only = consent_rule("m", alice_aor, trio).replace(
+        "</conditions>", "<cr:methods><cr:method>MESSAGE</cr:method></cr:methods></conditions>"
+    )
+    for member in members:
+        rules = consent_rule("a", alice_aor, trio) if member != "mallory" else message_only
+        await store.put_document(
+            CONSENT_RULES_AUID, f"sip:{member}@{HOST}", "index", consent_ruleset(rules)
+        )
+    alice, alice_socket = await _peer("alice", relay.udp_port)
+    peers: dict[str, Peer] = {}
+    sockets = [alice_socket]
+    try:
+        for member in members:
+            peer, socket = await _peer(member, relay.udp_port)
+            peers[member] = peer
+            sockets.append(socket)
+            register = peer.request(
+                "REGISTER", f"sip:{HOST}", new_tag(), 1, to=f"<sip:{member}@{HOST}>"
+            )
+            assert (await peer.authenticated(register)).status == 200
+
+        # Mallory granted MESSAGE only: the INVITE is 470 and reaches nobody.
+        refused = await _invite_with_credentials(alice, trio, new_tag())
+        consent_needed = await alice.next(_final_of(refused.via.branch))
+        assert isinstance(consent_needed, SIPResponse) and consent_needed.status == 470
+        (missing,) = (consent_needed.headers.get("permission-missing") or "").split(",")
+        uris = relay.sip.consent_relay.uris
+        assert missing.strip() == f"<{uris.consent_uri(trio, f'sip:mallory@{HOST}')}>"
+        assert all(not peer.queue.pending for peer in peers.values())
+
+        await store.put_document(
+            CONSENT_RULES_AUID,
+            f"sip:mallory@{HOST}",
+            "index",
+            consent_ruleset(consent_rule("a", alice_aor, trio)),
+        )
+        call_id = new_tag()
+        invite = await _invite_with_credentials(alice, trio, call_id)
+        arrived: dict[str, SIPRequest] = {}
+        for member, peer in peers.items():
+            got = await peer.next(_request("INVITE"))
+            assert isinstance(got, SIPRequest) and got.body == SDP
+            arrived[member] = got
+            peer.send(make_response(got, 180, to_tag=f"{member}-tag"))
+        for _ in members:
+            ringing = await alice.next(lambda m: isinstance(m, SIPResponse) and m.status == 180)
+            assert ringing.via.branch == invite.via.branch
+        ok = make_response(arrived["carol"], 200, to_tag="carol-tag", body=SDP[::-1])
+        ok.headers.add("Record-Route", arrived["carol"].headers.get("record-route") or "")
+        ok.headers.add("Contact", f"<{peers['carol'].contact}>")
+        peers["carol"].send(ok)
+        answered = await alice.next(_final_of(invite.via.branch))
+        assert isinstance(answered, SIPResponse) and answered.status == 200
+        assert answered.to_tag == "carol-tag"
+        for member in ("bob", "mallory"):  # §16.7 step 10
+            cancel = await peers[member].next(_request("CANCEL"))
+            assert isinstance(cancel, SIPRequest)
+            assert cancel.via.branch == arrived[member].via.branch
+            peers[member].send(make_response(cancel, 200))
+            peers[member].send(make_response(arrived[member], 487, to_tag=f"{member}-tag"))
+
+        # The dialog with carol opens no path to bob: a request at his contact is 403.
+        route = answered.headers.get("record-route") or ""
+        carol_side = answered.headers.get("to") or ""
+        info = alice.request("INFO", peers["bob"].contact, call_id, 3, to=carol_side, route=route)
+        alice.send(info)
+        refused_info = await alice.next(_final_of(info.via.branch))
+        assert isinstance(refused_info, SIPResponse) and refused_info.status == 403
+        assert not [
+            m
+            for m in peers["bob"].queue.pending
+            if isinstance(m, SIPRequest) and m.method == "INFO"
+        ]
+    finally:
+        for socket in sockets:
+            await socket.stopListening()

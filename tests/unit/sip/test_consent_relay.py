@@ -18,6 +18,7 @@ from relayd.sip.parser import parse_datagram
 from relayd.sip.transaction import cancel_for, new_branch
 from relayd.sip.uri import SIPURI
 from relayd.testing import (
+    consent_ruleset,
     grant_document,
     in_process_sip_relay,
     sip_credentials,
@@ -28,15 +29,17 @@ HOST = "127.0.0.1"
 LIST = f"sip:club@{HOST}"
 ALICE = f"sip:alice@{HOST}"
 BOB = f"sip:bob@{HOST}"
-PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+CAROL = f"sip:carol@{HOST}"
+DAVE = f"sip:dave@{HOST}"
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw", "dave": "dave-pw"}
 SENDER_PORT, BOB_PORT = 5070, 6000
 
 
 class Relay:
     """The relay with one list (club: bob), bob registered and permitting alice."""
 
-    def __init__(self, folder: Path) -> None:
-        relay = in_process_sip_relay(folder, HOST, PASSWORDS, "club", [BOB])
+    def __init__(self, folder: Path, members: tuple[str, ...] = (BOB,)) -> None:
+        relay = in_process_sip_relay(folder, HOST, PASSWORDS, "club", members)
         self.wire, self.protocol, store = relay.wire, relay.protocol, relay.store
         self.reactor = relay.reactor
         self.sip = relay.service.getServiceNamed("sip")
@@ -421,15 +424,121 @@ def test_a_branch_ringing_past_timer_c_is_cancelled(relay: Relay) -> None:
     assert [getattr(m, "method", None) for m in cancels][:1] == ["CANCEL"]
 
 
-def test_an_invite_to_a_list_is_refused_and_reaches_no_member(relay: Relay) -> None:
-    """Consent is not asked for INVITE yet: nothing may open a session to a member."""
+def test_an_invite_to_a_consent_uri_is_refused_and_reaches_no_member(relay: Relay) -> None:
+    consent_uri = relay.sip.consent_relay.uris.consent_uri(LIST, BOB)
     relay.calls += 1
-    out = relay.feed(relay.request("INVITE", LIST, "alice", SENDER_PORT, body=SDP), SENDER_PORT)
+    request = relay.request("INVITE", consent_uri, "alice", SENDER_PORT, body=SDP)
+    out = relay.feed(request, SENDER_PORT)
     response = _final(out)
     assert response.status == 405
     assert "INVITE" not in response.headers.get_all("allow")
-    assert "MESSAGE" in response.headers.get_all("allow")
     assert all(port == SENDER_PORT for _, port in out)
+
+
+# -- INVITE to a list: consent per method, then a parallel fork (§16.7) ----------------
+
+CAROL_PORT, DAVE_PORT = 6001, 6002
+MEMBER_PORTS = {BOB: BOB_PORT, CAROL: CAROL_PORT, DAVE: DAVE_PORT}
+
+
+def _message_only(sender: str, target: str) -> bytes:
+    """Consent rules granting ``sender`` MESSAGE (and nothing else) through ``target``."""
+    return consent_ruleset(
+        f'<rule id="m"><conditions><identity><one id="{sender}"/></identity>'
+        f'<cr:target uri="{target}"/><cr:methods><cr:method>MESSAGE</cr:method></cr:methods>'
+        "</conditions><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>"
+    )
+
+
+@pytest.fixture
+def club(tmp_path: Path) -> Relay:
+    """The list of bob, carol and dave, all registered; bob and carol permit alice
+    everything, dave only MESSAGE."""
+    relay = Relay(tmp_path, (BOB, CAROL, DAVE))
+    for user, port in (("carol", CAROL_PORT), ("dave", DAVE_PORT)):
+        relay.send_authenticated(
+            "REGISTER",
+            f"sip:{HOST}",
+            user,
+            port,
+            contact=f"<sip:{user}@{HOST}:{port}>",
+            to=f"<sip:{user}@{HOST}>",
+        )
+    put = relay.store.put_document
+    ensureDeferred(put(CONSENT_RULES_AUID, CAROL, "index", grant_document(ALICE, LIST)))
+    ensureDeferred(put(CONSENT_RULES_AUID, DAVE, "index", _message_only(ALICE, LIST)))
+    return relay
+
+
+def _member_invites(out: Out) -> dict[int, SIPRequest]:
+    return {
+        port: m
+        for m, port in out
+        if isinstance(m, SIPRequest) and m.method == "INVITE" and port != SENDER_PORT
+    }
+
+
+def test_an_invite_to_a_list_needs_each_members_consent_for_invite(club: Relay) -> None:
+    """RFC 5360 §5.10: permission is per method; dave's grant for MESSAGE does not let
+    alice INVITE him, so the INVITE is 470 naming his consent URI and goes nowhere,
+    while a MESSAGE still reaches all three."""
+    _, out = _invite(club, LIST)
+    response = _final(out)
+    assert response.status == 470
+    consent = club.sip.consent_relay.uris.consent_uri(LIST, DAVE)
+    assert response.headers.get_all("permission-missing") == [f"<{consent}>"]
+    assert all(port == SENDER_PORT for _, port in out)
+    out = club.send_authenticated("MESSAGE", LIST, "alice", SENDER_PORT)
+    assert sorted(port for _, port in out) == sorted(MEMBER_PORTS.values())
+
+
+def _granted_invite(club: Relay) -> tuple[SIPRequest, dict[int, SIPRequest]]:
+    """Dave grants alice INVITE too; alice's INVITE to the list, as forked."""
+    put = club.store.put_document
+    ensureDeferred(put(CONSENT_RULES_AUID, DAVE, "index", grant_document(ALICE, LIST)))
+    invite, out = _invite(club, LIST)
+    assert _statuses(out) == [100]
+    return invite, _member_invites(out)
+
+
+def test_a_consented_invite_to_a_list_forks_and_the_first_2xx_cancels_the_rest(
+    club: Relay,
+) -> None:
+    invite, copies = _granted_invite(club)
+    assert sorted(copies) == sorted(MEMBER_PORTS.values())
+    for copy in copies.values():
+        assert copy.headers.get("P-Asserted-Identity") == f"<{ALICE}>"
+        assert f'target-uri="{LIST}"' in (copy.headers.get("trigger-consent") or "")
+        assert copy.body == SDP and copy.headers.get_all("record-route")
+    up: Out = []
+    for port, copy in copies.items():
+        up += club.feed(make_response(copy, 180, to_tag=f"m{port}"), port)
+    assert _statuses(up) == [180, 180, 180]  # §16.7 step 5
+    ok = make_response(copies[CAROL_PORT], 200, to_tag=f"m{CAROL_PORT}", body=SDP)
+    back = club.feed(ok, CAROL_PORT)
+    assert _statuses(back) == [200]
+    cancelled = {port: m for m, port in back if isinstance(m, SIPRequest) and m.method == "CANCEL"}
+    assert sorted(cancelled) == [BOB_PORT, DAVE_PORT]  # step 10: the other branches
+    for port, cancel in cancelled.items():
+        assert cancel.via.branch == copies[port].via.branch
+    # A later 2xx (dave answered before his CANCEL arrived) goes upstream too (§16.7).
+    late = make_response(copies[DAVE_PORT], 200, to_tag=f"m{DAVE_PORT}", body=SDP)
+    assert _statuses(club.feed(late, DAVE_PORT)) == [200]
+    assert invite.call_id
+
+
+def test_a_cancel_of_an_invite_to_a_list_cancels_every_branch_and_ends_with_487(
+    club: Relay,
+) -> None:
+    invite, copies = _granted_invite(club)
+    for port, copy in copies.items():
+        club.feed(make_response(copy, 180, to_tag=f"m{port}"), port)
+    back = club.feed(cancel_for(invite), SENDER_PORT)
+    assert sorted(_statuses(back)) == [200, 487]
+    cancelled = sorted(
+        port for m, port in back if isinstance(m, SIPRequest) and m.method == "CANCEL"
+    )
+    assert cancelled == sorted(MEMBER_PORTS.values())
 
 
 @pytest.mark.parametrize(("uri", "status"), [(f"sip:nobody@{HOST}", 404), (ALICE, 480)])
@@ -461,6 +570,7 @@ def _established(relay: Relay) -> tuple[SIPRequest, str]:
     invite, out = _invite(relay)
     copy = _forwarded(out)
     ok = make_response(copy, 200, to_tag="bob-d", body=SDP)
+    ok.headers.add("Contact", f"<sip:bob@{HOST}:{BOB_PORT}>")  # §12.1.1: the remote target
     (route,) = copy.headers.get_all("record-route")
     ok.headers.add("Record-Route", route)
     assert _statuses(relay.feed(ok, BOB_PORT)) == [200]
@@ -542,3 +652,61 @@ def test_stopping_the_relay_leaves_no_invite_timer_behind(relay: Relay) -> None:
     assert not any(
         "_timer_c" in repr(getattr(call, "func", None)) for call in relay.reactor.getDelayedCalls()
     )
+
+
+def test_an_in_dialog_request_to_another_target_is_403_and_sent_nowhere(relay: Relay) -> None:
+    """Our route opens the dialog's two remote targets only: an in-dialog request (its
+    rr MAC valid) pointed at anyone else is refused, so a caller cannot reach a list
+    member who never consented through a dialog with someone who did."""
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    call_id = invite.call_id or ""
+    elsewhere = f"sip:carol@{HOST}:6001"
+    message = _in_dialog("MESSAGE", elsewhere, SENDER_PORT, route, alice, bob, call_id, 3)
+    out = relay.feed(message, SENDER_PORT)
+    assert _final(out).status == 403
+    assert all(port == SENDER_PORT for _, port in out)
+    ack = _in_dialog("ACK", elsewhere, SENDER_PORT, route, alice, bob, call_id, 2)
+    assert relay.feed(ack, SENDER_PORT) == []
+    # Bob may not use the dialog to reach anyone but alice's contact either.
+    bye = _in_dialog("BYE", elsewhere, BOB_PORT, route, bob, alice, call_id, 1)
+    out = relay.feed(bye, BOB_PORT)
+    assert [port for _, port in out] == [BOB_PORT]
+    # A dialog whose targets the relay does not hold (a tag nobody answered with) is 481.
+    stray = f"<{BOB}>;tag=never"
+    target = f"sip:bob@{HOST}:{BOB_PORT}"
+    info = _in_dialog("INFO", target, SENDER_PORT, route, alice, stray, call_id, 4)
+    out = relay.feed(info, SENDER_PORT)
+    assert _final(out).status == 481
+    assert all(port == SENDER_PORT for _, port in out)
+
+
+def test_a_bye_answered_2xx_ends_the_dialogs_targets(relay: Relay) -> None:
+    invite, route = _established(relay)
+    alice = invite.headers.get("from") or ""
+    bob = f"<{BOB}>;tag=bob-d"
+    call_id = invite.call_id or ""
+    bob_contact = f"sip:bob@{HOST}:{BOB_PORT}"
+    bye = _in_dialog("BYE", bob_contact, SENDER_PORT, route, alice, bob, call_id, 3)
+    (forwarded,) = _to(relay.feed(bye, SENDER_PORT), BOB_PORT)
+    assert isinstance(forwarded, SIPRequest)
+    relay.feed(make_response(forwarded, 200), BOB_PORT)
+    assert len(relay.sip.consent_relay.dialogs) == 0
+    again = _in_dialog("INFO", bob_contact, SENDER_PORT, route, alice, bob, call_id, 4)
+    out = relay.feed(again, SENDER_PORT)
+    assert _final(out).status == 481
+    assert all(port == SENDER_PORT for _, port in out)
+
+
+def test_when_no_member_answers_2xx_the_caller_gets_the_best_final(club: Relay) -> None:
+    """§16.7 step 6: a 486 beats a 408 and a 503 (which a proxy never passes on)."""
+    invite, copies = _granted_invite(club)
+    answers = {BOB_PORT: 503, CAROL_PORT: 486, DAVE_PORT: 408}
+    up: Out = []
+    for port, status in answers.items():
+        up += club.feed(make_response(copies[port], status, to_tag=f"m{port}"), port)
+    acks = sorted(port for m, port in up if isinstance(m, SIPRequest) and m.method == "ACK")
+    assert acks == sorted(answers)  # each branch's final ACKed hop by hop
+    assert _statuses(up) == [486]
+    assert _final(up).via.branch == invite.via.branch
