@@ -76,6 +76,7 @@ from relayd.xcap.auth import (
     XCAPAuthorizer,
     redact_document,
 )
+from relayd.xcap.consent_page import CONSENT_PATH
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
     NO_PARENT,
@@ -938,6 +939,14 @@ class XCAPSite(Site):
         self.max_connections = max_connections
         self.connections = 0
         self._full = False
+
+    consent_pages: Resource | None = None
+    """The grant and deny links (:mod:`relayd.xcap.consent_page`), beside the XCAP root."""
+
+    def getResourceFor(self, request: Any) -> Any:
+        if self.consent_pages is not None and request.path.startswith(CONSENT_PATH):
+            return self.consent_pages
+        return super().getResourceFor(request)
 
     def admit(self) -> bool:
         """Count a new connection in, or say it is one too many (logged once per spell)."""
