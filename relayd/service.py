@@ -176,6 +176,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         digest=digest,
         store=store,
         permission_uri=xcap_service.permission_uri,
+        consent_link=xcap_service.consent_link,
     )
     resource.document_checks[RESOURCE_LISTS_AUID] = (
         sip_service.consent_relay.directory.check_document

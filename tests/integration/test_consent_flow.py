@@ -1102,3 +1102,58 @@ async def test_at_the_connection_cap_the_one_idle_the_longest_closes(start: Star
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
+
+
+def _parts(message: SIPRequest) -> dict[str, bytes]:
+    """The parts of a ``multipart/alternative`` body, by Content-Type (no parameters)."""
+    content_type = message.headers.get("content-type") or ""
+    assert content_type.startswith("multipart/alternative;")
+    boundary = content_type.split('boundary="', 1)[1].rstrip('"').encode()
+    out: dict[str, bytes] = {}
+    for part in message.body.split(b"--" + boundary)[1:-1]:
+        head, _, data = part.strip(b"\r\n").partition(b"\r\n\r\n")
+        out[head.split(b":", 1)[1].strip().split(b";")[0].decode()] = data
+    return out
+
+
+@pytest.mark.parametrize("mode", ["consent", "message"])
+@pytest_twisted.ensureDeferred
+async def test_a_member_that_cannot_take_a_consent_is_asked_by_message(
+    start: Start, mode: str
+) -> None:
+    """RFC 5360 §5.8: bob's UA answers CONSENT 501 (or the relay is told to ask by
+    MESSAGE); the relay sends him a MESSAGE of its own with the grant and deny URIs,
+    once, and his MESSAGE to the SIP grant URI lets alice's MESSAGE through."""
+    relay = await start(sip__consent_request=mode)
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    bob.answer_status = 501
+    assert (await ask_consent(alice, target)).status == 202
+    if mode == "consent":
+        await bob.next_request("CONSENT")
+        bob.answer_status = 200
+    asked = await bob.next_request("MESSAGE")
+    bob.answer_status = 200
+    assert NameAddr.parse((asked.headers.get("from") or "").split(";tag=")[0]).uri.aor == (
+        f"sip:{HOST}"
+    )
+    parts = _parts(asked)
+    note = parts["text/plain"].decode()
+    assert ALICE in note and SOLO in note and "MESSAGE" in note and "https://" in note
+    policy = etree.fromstring(parts[POLICY_TYPE])
+    uris = {
+        (e.text, e.get("perm-uri", "").split(":")[0]): e.get("perm-uri", "")
+        for e in policy.iter("{urn:ietf:params:xml:ns:consent-rules}trans-handling")
+    }
+    assert set(uris) == {("grant", "sip"), ("grant", "https"), ("deny", "sip"), ("deny", "https")}
+    # Asking again refreshes the request and sends bob nothing more.
+    assert (await ask_consent(alice, target)).status == 202
+    granted = await bob.request("MESSAGE", uris["grant", "sip"], to=f"<{uris['grant', 'sip']}>")
+    assert granted.status == 200, granted
+    relayed = await send_message(alice, SOLO, b"asked by message")
+    assert relayed.status == 200, relayed
+    assert (await bob.next_request("MESSAGE")).body == b"asked by message"
+    expected = ["CONSENT", "MESSAGE", "MESSAGE"] if mode == "consent" else ["MESSAGE", "MESSAGE"]
+    assert [r.method for r in bob.received] == expected
