@@ -8,6 +8,7 @@ account) or with its own digest credentials on its own documents.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Any, cast
 import pytest
 import pytest_twisted
 from lxml import etree
+from treq import content
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -1157,3 +1159,59 @@ async def test_a_member_that_cannot_take_a_consent_is_asked_by_message(
     assert (await bob.next_request("MESSAGE")).body == b"asked by message"
     expected = ["CONSENT", "MESSAGE", "MESSAGE"] if mode == "consent" else ["MESSAGE", "MESSAGE"]
     assert [r.method for r in bob.received] == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_https_links_page_grants_only_on_its_form_and_deny_revokes(
+    start: Start,
+) -> None:
+    """The HTTPS links of the consent MESSAGE, over the XCAP listener's real TLS: a GET
+    (what a link preview does) changes nothing, the page's form grants and alice's
+    wait-permission watch hears of it; the deny link later revokes."""
+    relay = await start(sip__consent_request="message")
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    accepted = await ask_consent(alice, target)
+    asked = await bob.next_request("MESSAGE")
+    waiting, pending = await subscribe(alice, call_info_uri(accepted))
+    assert [e["state"] for e in status_entries(pending)] == ["pending"]
+    policy = etree.fromstring(_parts(asked)[POLICY_TYPE])
+    links = {
+        e.text: e.get("perm-uri", "")
+        for e in policy.iter("{urn:ietf:params:xml:ns:consent-rules}trans-handling")
+        if e.get("perm-uri", "").startswith("https:")
+    }
+    assert links["grant"].startswith(relay.xcap_root.split("/xcap-root")[0] + "/consent/grant/")
+    http = relay.xcap.http
+
+    async def fetch(method: str, url: str, **kw: Any) -> tuple[int, bytes]:
+        response = await http.request(method, url, **kw).addTimeout(TIMEOUT, reactor)
+        return int(response.code), await content(response).addTimeout(TIMEOUT, reactor)
+
+    code, page = await fetch("GET", links["grant"])
+    assert code == 200 and ALICE.encode() in page and SOLO.encode() in page
+    assert (await send_message(alice, SOLO)).status == 470  # the GET granted nothing
+    fields = _form_fields(page)
+    posted = fetch("POST", links["grant"], data=fields | {"action": "grant"})
+    code, granted = await notify_after(alice, waiting.call_id, _code(posted))
+    assert code == 200
+    assert [e["state"] for e in status_entries(granted)] == ["granted"]
+    assert (await send_message(alice, SOLO, b"by the page")).status == 200
+    code, page = await fetch("GET", links["deny"])
+    fields = _form_fields(page)
+    assert (await fetch("POST", links["deny"], data=fields | {"action": "deny"}))[0] == 200
+    assert (await send_message(alice, SOLO)).status == 470
+    forged = f"sip:grant-{'A' * 22}.{'B' * 22}@{HOST}"
+    assert (await bob.request("MESSAGE", forged, to=f"<{forged}>")).status == 404
+
+
+def _form_fields(page: bytes) -> dict[str, str]:
+    """The hidden fields of a consent page's form."""
+    found = re.findall(rb'name="(nonce|csrf)" value="([^"]+)"', page)
+    return {k.decode(): v.decode() for k, v in found}
+
+
+async def _code(fetched: Awaitable[tuple[int, bytes]]) -> int:
+    return (await fetched)[0]
