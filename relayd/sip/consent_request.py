@@ -64,7 +64,7 @@ def request_document(record: PendingConsent, links: Links) -> bytes:
         etree.SubElement(parent, cp + "one", id=uri)
     actions = etree.SubElement(rule, cp + "actions")
     for action in ACTIONS:
-        for uri in links[action]:
+        for uri in filter(None, links[action]):
             etree.SubElement(actions, cr + "trans-handling", {"perm-uri": uri}).text = action
     return bytes(etree.tostring(ruleset, xml_declaration=True, encoding="UTF-8"))
 
@@ -72,12 +72,15 @@ def request_document(record: PendingConsent, links: Links) -> bytes:
 def request_note(record: PendingConsent, links: Links) -> str:
     """The ``text/plain`` part: what a person needs to decide and act."""
     methods = ", ".join(requested_methods(record))
+    web = (
+        f"Allow: {links['grant'][1]}\r\nDeny: {links['deny'][1]}\r\n\r\n"
+        if links["grant"][1]
+        else ""
+    )
     return (
         f"{record.sender} asks to send you {methods} requests through the list"
-        f" {record.list_uri}.\r\n\r\n"
-        f"Allow: {links['grant'][1]}\r\n"
-        f"Deny: {links['deny'][1]}\r\n\r\n"
-        f"Or reply with a MESSAGE to {links['grant'][0]} (allow)"
+        f" {record.list_uri}.\r\n\r\n{web}"
+        f"Or send a MESSAGE to {links['grant'][0]} (allow)"
         f" or {links['deny'][0]} (deny).\r\n"
     )
 

@@ -53,3 +53,10 @@ def test_the_body_is_a_note_then_the_rfc_5361_document() -> None:
     assert handling == [("grant", u) for u in LINKS["grant"]] + [("deny", u) for u in LINKS["deny"]]
     (target,) = root.iter(f"{{{CONSENT_FORMAT_NAMESPACE}}}target")
     assert target[0].get("id") == 'sip:a&"b@relay.test'
+
+
+def test_without_https_links_only_the_sip_uris_are_offered() -> None:
+    links: dict[Action, tuple[str, str]] = {a: (u[0], "") for a, u in LINKS.items()}
+    _, body = request_body(RECORD, links)
+    assert b'perm-uri=""' not in body and b"https" not in body
+    assert body.count(b"perm-uri=") == 2 and b"sip:grant-g@relay.test" in body
