@@ -9,6 +9,7 @@ account) or with its own digest credentials on its own documents.
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
@@ -1215,3 +1217,51 @@ def _form_fields(page: bytes) -> dict[str, str]:
 
 async def _code(fetched: Awaitable[tuple[int, bytes]]) -> int:
     return (await fetched)[0]
+
+
+def _click_in_browser(url: str, button: str) -> tuple[str, str]:
+    """Open ``url`` in headless Chromium with JavaScript off and click ``button``;
+    the page text before and after (blocking: run in a thread)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--ignore-certificate-errors")  # the test CA is not the system's
+    options.add_experimental_option(
+        "prefs", {"profile.managed_default_content_settings.javascript": 2}
+    )
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.set_page_load_timeout(TIMEOUT * 4)
+        driver.get(url)
+        before = driver.find_element(By.TAG_NAME, "body").text
+        driver.find_element(By.XPATH, f"//button[text()='{button}']").click()
+        return before, driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
+    reason="needs chromium and chromedriver",
+)
+@pytest_twisted.ensureDeferred
+async def test_a_person_allows_in_a_browser_without_javascript(start: Start) -> None:
+    pytest.importorskip("selenium")
+    relay = await start(sip__consent_request="message")
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    assert (await ask_consent(alice, target)).status == 202
+    asked = await bob.next_request("MESSAGE")
+    link = re.search(r"Allow: (\S+)", _parts(asked)["text/plain"].decode())
+    assert link is not None
+    before, after = await deferToThread(_click_in_browser, link[1], "Allow")
+    assert ALICE in before and SOLO in before and "MESSAGE" in before
+    assert "You allowed" in after
+    relayed = await send_message(alice, SOLO, b"allowed in a browser")
+    assert relayed.status == 200, relayed
