@@ -113,7 +113,7 @@ class ConsentPage(Resource):
             return
         if method == b"POST":
             await self._post(request, record, token)
-        elif CONSENT_RULES_MIME_TYPE in _header(request, b"Accept"):
+        elif method == b"GET" and CONSENT_RULES_MIME_TYPE in _header(request, b"Accept"):
             await answer(self.store, record, action, self.clock)
             self._logged(record, action, "link")
             request.setResponseCode(200)

@@ -103,6 +103,10 @@ def test_a_forged_or_lapsed_link_is_not_found() -> None:
 
 def test_a_client_asking_for_the_auth_policy_document_acts_with_a_get() -> None:
     pages = Pages()
+    accept = {"Accept": [CONSENT_RULES_MIME_TYPE]}
+    path = consent_link_path(pages.record, "grant")
+    assert pages.request("HEAD", path, headers=accept)[0] == 200
+    assert pages.state() is ConsentState.PENDING  # HEAD is safe whatever it accepts
     code, body, headers = pages.request(
         "GET",
         consent_link_path(pages.record, "grant"),
