@@ -31,6 +31,9 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   ``Call-Info: <sip:wp-…>;purpose=wait-permission``. A member of our domain who is not
   registered gets nothing now: the relay keeps the request pending for them (the
   permission server role, seed §8.1) and they find it through ``grant-permission``.
+  A member whose UA answers the CONSENT 405/501 (or every member, with ``[sip]
+  consent_request = message``) is asked by a MESSAGE from the relay with grant and
+  deny URIs (RFC 5360 §5.8); a MESSAGE to ``sip:grant-…``/``sip:deny-…`` answers.
 * **SUBSCRIBE** (``wait-permission``, ``grant-permission``): authenticate (401), then
   :class:`~relayd.sip.events.SubscriptionManager`.
 * Store changes (XCAP PUT/DELETE, consent records opened/granted/expired) reach the
