@@ -1120,10 +1120,10 @@ def _parts(message: SIPRequest) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["consent", "message"])
+@pytest.mark.parametrize(("mode", "refusal"), [("consent", 501), ("consent", 405), ("message", 0)])
 @pytest_twisted.ensureDeferred
 async def test_a_member_that_cannot_take_a_consent_is_asked_by_message(
-    start: Start, mode: str
+    start: Start, mode: str, refusal: int
 ) -> None:
     """RFC 5360 §5.8: bob's UA answers CONSENT 501 (or the relay is told to ask by
     MESSAGE); the relay sends him a MESSAGE of its own with the grant and deny URIs,
@@ -1133,7 +1133,7 @@ async def test_a_member_that_cannot_take_a_consent_is_asked_by_message(
     bob = await start_ua("bob", "UDP", relay)
     await bob.register()
     (target,) = consent_uris(await send_message(alice, SOLO))
-    bob.answer_status = 501
+    bob.answer_status = refusal or 200
     assert (await ask_consent(alice, target)).status == 202
     if mode == "consent":
         await bob.next_request("CONSENT")
