@@ -58,10 +58,18 @@ class XCAPService(Listeners):
         return permission_uri(self.public_url, recipient, token)
 
     def consent_link(self, record: PendingConsent, action: Action) -> str:
-        """The HTTPS grant or deny link of ``record`` (RFC 5360 §5.8), at the origin of
-        ``public_url``; after start."""
-        parts = urlsplit(self.public_url)
-        return f"{parts.scheme}://{parts.netloc}{consent_link_path(record, action)}"
+        """The HTTPS grant or deny link of ``record`` (RFC 5360 §5.8); after start.
+
+        The links sit beside the XCAP root, so ``public_url`` without its root is their
+        base (a reverse proxy's prefix kept); a ``public_url`` not ending in the root
+        leaves only its origin to go by."""
+        root = self.root.rstrip("/")
+        if root and self.public_url.endswith(root):
+            base = self.public_url[: -len(root)]
+        else:
+            parts = urlsplit(self.public_url)
+            base = f"{parts.scheme}://{parts.netloc}"
+        return base + consent_link_path(record, action)
 
     def before_binding(self) -> None:
         """Compile the schemas before serving (relayd.xcap.usages): a request never
