@@ -529,6 +529,15 @@ SCHEMA: tuple[Key, ...] = (
         " with no, they go end to end",
     ),
     Key(
+        "sip",
+        "consent_request",
+        "consent",
+        _choice(("consent", "message")),
+        "How a list member is asked for consent: consent (a CONSENT, and a MESSAGE with"
+        " grant and deny links if the member's UA answers 405 or 501) or message (always"
+        " the MESSAGE)",
+    ),
+    Key(
         "store",
         "backend",
         "sqlite",
@@ -626,6 +635,7 @@ class SIPConfig:
     request_idle_timeout_seconds: int
     max_connections: int
     record_route: bool = True
+    consent_request: str = "consent"
 
 
 @dataclass(frozen=True)

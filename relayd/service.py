@@ -31,6 +31,7 @@ from relayd.net.tls import TLSMaterial
 from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
 from relayd.xcap.auth import XCAPAuthorizer
+from relayd.xcap.consent_page import ConsentPage
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.service import XCAPService
 
@@ -157,6 +158,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         max_connections=xcap.max_connections,
         reactor=reactor,
     )
+    site.consent_pages = ConsentPage(store, reactor)
     xcap_service = XCAPService(site, store, reactor, xcap, tls, prepared.hostname)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)
@@ -174,6 +176,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         digest=digest,
         store=store,
         permission_uri=xcap_service.permission_uri,
+        consent_link=xcap_service.consent_link,
     )
     resource.document_checks[RESOURCE_LISTS_AUID] = (
         sip_service.consent_relay.directory.check_document

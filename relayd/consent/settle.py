@@ -16,7 +16,7 @@ from lxml import etree
 
 from relayd.consent.permissions import consent_scope
 from relayd.consent.policy import RequestContext, evaluate
-from relayd.consent.store import ConsentState, PendingConsent
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
 
 Answer = str | None
 """The combined ``trans-handling`` a requested method now gets: ``grant``, ``deny``, or
@@ -56,3 +56,20 @@ def document_answers(root: etree._Element, record: PendingConsent, now: datetime
         ).trans_handling
         for method in scope.methods
     ]
+
+
+async def settle_document(
+    store: IPermissionStore, record: PendingConsent, root: etree._Element | None, now: datetime
+) -> ConsentState | None:
+    """Mark ``record`` as the document just written at its Permission URI settles it
+    (``root`` None: the document was deleted); the new state, or None when unchanged.
+
+    The one step after every write at a Permission URI, whoever writes it (an XCAP PUT
+    or DELETE, a grant or deny link)."""
+    if root is None:
+        state = settlement(record, (), withdrawn=True)
+    else:
+        state = settlement(record, document_answers(root, record, now))
+    if state is not None:
+        await store.set_consent_state(record.id, state)
+    return state

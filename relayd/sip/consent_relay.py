@@ -38,6 +38,9 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   ``Call-Info: <sip:wp-…>;purpose=wait-permission``. A member of our domain who is not
   registered gets nothing now: the relay keeps the request pending for them (the
   permission server role, seed §8.1) and they find it through ``grant-permission``.
+  A member whose UA answers the CONSENT 405/501 (or every member, with ``[sip]
+  consent_request = message``) is asked by a MESSAGE from the relay with grant and
+  deny URIs (RFC 5360 §5.8); a MESSAGE to ``sip:grant-…``/``sip:deny-…`` answers.
 * **SUBSCRIBE** (``wait-permission``, ``grant-permission``): authenticate (401), then
   :class:`~relayd.sip.events.SubscriptionManager`.
 * Store changes (XCAP PUT/DELETE, consent records opened/granted/expired) reach the
@@ -58,6 +61,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.bounded import remember
+from relayd.consent.answer import ACTIONS, Action, answer, answer_token, find_answer
 from relayd.consent.ledger import ConsentLedger, RateExceeded
 from relayd.consent.lists import ListDirectory, URIList, URIListError
 from relayd.consent.permissions import PermissionCache, requested_methods
@@ -67,6 +71,7 @@ from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent,
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import ConsentURIs, consent_needed
+from relayd.sip.consent_request import answer_uri, parse_answer_user, request_body
 from relayd.sip.dialogs import DialogTargets
 from relayd.sip.events import (
     GrantPermissionPackage,
@@ -100,6 +105,13 @@ from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_li
 from relayd.tokens import redact
 
 __all__ = ["ConsentRelay"]
+
+ConsentLink = Callable[[PendingConsent, Action], str]
+"""The HTTPS grant or deny link of a pending consent (the XCAP site's)."""
+
+ASK_BY_MESSAGE = frozenset({405, 501})
+"""Answers to a forwarded CONSENT that mean the UA cannot take one (RFC 3261 §21.4.6,
+§21.5.2): the member is asked by MESSAGE instead (RFC 5360 §5.8)."""
 
 MAX_CONSENT_METHODS = 8
 MAX_CONSENT_NOTE_BYTES = 4096
@@ -220,8 +232,12 @@ class ConsentRelay:
         subscription_limits: SubscriptionLimits | None = None,
         loop_detector: LoopDetector | None = None,
         record_route: bool = True,
+        consent_link: ConsentLink | None = None,
+        consent_request: str = "consent",
     ) -> None:
         self.clock = clock
+        self.consent_link = consent_link
+        self.consent_request = consent_request
         self.record_route = record_route
         self.transport = transport
         self.uas = uas
@@ -372,6 +388,7 @@ class ConsentRelay:
             self.directory.lookup(uri) is not None
             or self.uris.parse_consent_user(user) is not None
             or self.uris.wait_id(user) is not None
+            or parse_answer_user(user) is not None
         )
 
     def _registered_aor(self, user: str) -> str:
@@ -434,6 +451,9 @@ class ConsentRelay:
     ) -> SIPResponse | defer.Deferred[SIPResponse]:
         """Synchronous whenever the permissions are cached and the members need no DNS,
         which is every request of a steady load."""
+        answered = parse_answer_user(request.uri.user)
+        if answered is not None and self.directory.is_local(request.uri):
+            return defer.ensureDeferred(self._answer_by_uri(request, *answered))
         content_type = request.headers.get("content-type") or ""
         target = self.directory.lookup(request.uri)
         recipients = None
@@ -915,7 +935,12 @@ class ConsentRelay:
         record: PendingConsent,
         permission: str,
     ) -> None:
-        """Seed §6: the CONSENT towards the recipient, with the Permission URI."""
+        """Seed §6: the CONSENT towards the recipient, with the Permission URI; a UA
+        that cannot take one (or ``[sip] consent_request = message``) is asked by
+        :meth:`_ask_by_message`."""
+        if self.consent_request == "message":
+            self._ask_by_message(member, record)
+            return
 
         def build(branch: Branch) -> SIPRequest:
             headers = _new_request_headers("CONSENT", sender, member)
@@ -940,8 +965,50 @@ class ConsentRelay:
                 # The token's fingerprint, as the ledger and XCAP log it (not the URI's).
                 token=redact(record.permission_token),
             )
+            if result[0] in ASK_BY_MESSAGE:
+                self._ask_by_message(member, record)
 
         d.addCallback(done)
+
+    def _ask_by_message(self, member: str, record: PendingConsent) -> None:
+        """RFC 5360 §5.8: a MESSAGE from the relay (never from the sender) with the
+        grant and deny URIs (:mod:`relayd.sip.consent_request`). Sent when the record
+        is opened, like the CONSENT: a refresh sends nothing."""
+        links = {
+            action: (
+                answer_uri(self.uris.domain, action, answer_token(record, action)),
+                self.consent_link(record, action) if self.consent_link is not None else "",
+            )
+            for action in ACTIONS
+        }
+        content_type, body = request_body(record, links)
+
+        def build(branch: Branch) -> SIPRequest:
+            headers = _new_request_headers("MESSAGE", f"sip:{self.uris.domain}", member)
+            headers.add("Content-Type", content_type)
+            return SIPRequest("MESSAGE", branch.uri, headers, body)
+
+        d = self.proxy.fork([member], build)
+        d.addCallback(
+            lambda result: self.log.info(
+                "consent request MESSAGE to {recipient} answered {code} (consent {consent})",
+                recipient=member,
+                code=result[0],
+                consent=record.id,
+            )
+        )
+
+    async def _answer_by_uri(self, request: SIPRequest, action: Action, token: str) -> SIPResponse:
+        """A request to a SIP grant or deny URI answers the consent it names (RFC 5360
+        §5.8); the token is the capability, as the Permission URI is, so no digest."""
+        record = await find_answer(self.store, token, action, self.clock.seconds())
+        if record is None:
+            raise SIPStatus(404, "Unknown Or Expired Consent Link")
+        await answer(self.store, record, action, self.clock)
+        self.log.info(
+            "consent {consent} answered {action} by its SIP link", consent=record.id, action=action
+        )
+        return make_response(request, 200)
 
     # -- SUBSCRIBE ----------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from relayd.net.listeners import Listeners
 from relayd.net.tls import TLSMaterial
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import ConsentURIs
-from relayd.sip.consent_relay import ConsentRelay, owners_from_users
+from relayd.sip.consent_relay import ConsentLink, ConsentRelay, owners_from_users
 from relayd.sip.events import SubscriptionLimits
 from relayd.sip.overload import LagMonitor, any_of
 from relayd.sip.registrar import Registrar
@@ -141,11 +141,13 @@ def build_sip(
     digest: DigestAuthenticator,
     store: IPermissionStore,
     permission_uri: Callable[[str, str], str],
+    consent_link: ConsentLink | None = None,
 ) -> SIPService:
     """The consent relay stack: transport → transactions → UAS core → ConsentRelay.
 
     ``domain`` is the SIP domain of the relay's users, ``hostname`` its own name,
-    ``permission_uri`` mints the Permission URI of a consent request (XCAP's).
+    ``permission_uri`` mints the Permission URI of a consent request (XCAP's),
+    ``consent_link`` its HTTPS grant and deny links.
     """
     authenticator = SIPAuthenticator(digest, domain)
     local_hosts = frozenset({hostname, "127.0.0.1", "localhost"})
@@ -220,6 +222,8 @@ def build_sip(
         ),
         loop_detector=detector,
         record_route=sip.record_route,
+        consent_link=consent_link,
+        consent_request=sip.consent_request,
     )
     names = (domain, hostname, realm)
     return SIPService(

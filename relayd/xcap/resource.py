@@ -56,7 +56,7 @@ from relayd.consent.documents import (
 )
 from relayd.consent.permissions import bound_consent, consent_scope
 from relayd.consent.policy import check_scope, now_from_clock
-from relayd.consent.settle import document_answers, settlement
+from relayd.consent.settle import settle_document
 from relayd.consent.store import (
     DocumentWrite,
     ETagCondition,
@@ -76,6 +76,7 @@ from relayd.xcap.auth import (
     XCAPAuthorizer,
     redact_document,
 )
+from relayd.xcap.consent_page import CONSENT_PATH
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
     NO_PARENT,
@@ -631,20 +632,14 @@ class XCAPResource(Resource):
         (:func:`relayd.consent.settle.settlement`)."""
         if consent is None:
             return
-        if root is None:
-            state = settlement(consent, (), withdrawn=True)
-        else:
-            state = settlement(consent, document_answers(root, consent, now_from_clock(self.clock)))
-        if state is None:
-            return
         try:
-            await self.store.set_consent_state(consent.id, state)
+            state = await settle_document(self.store, consent, root, now_from_clock(self.clock))
         except Exception:
             # The document is stored and the SIP side evaluates documents, so the
             # answer still takes effect; only the consent record lags.
-            self.log.failure(
-                "marking consent {consent} {state} failed", consent=consent.id, state=state
-            )
+            self.log.failure("marking consent {consent} failed", consent=consent.id)
+            return
+        if state is None:
             return
         self.log.info(
             "permission {state}: {recipient} answered {sender} via {list_uri}",
@@ -944,6 +939,14 @@ class XCAPSite(Site):
         self.max_connections = max_connections
         self.connections = 0
         self._full = False
+
+    consent_pages: Resource | None = None
+    """The grant and deny links (:mod:`relayd.xcap.consent_page`), beside the XCAP root."""
+
+    def getResourceFor(self, request: Any) -> Any:
+        if self.consent_pages is not None and request.path.startswith(CONSENT_PATH):
+            return self.consent_pages
+        return super().getResourceFor(request)
 
     def admit(self) -> bool:
         """Count a new connection in, or say it is one too many (logged once per spell)."""

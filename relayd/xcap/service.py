@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from lxml import etree
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
 from relayd.config import XCAPConfig
-from relayd.consent.store import IPermissionStore
+from relayd.consent.answer import Action
+from relayd.consent.store import IPermissionStore, PendingConsent
 from relayd.net.endpoints import (
     EndpointSpec,
     listener_tls,
@@ -19,6 +21,7 @@ from relayd.net.endpoints import (
 from relayd.net.listeners import Listeners
 from relayd.net.tls import TLSMaterial
 from relayd.xcap.auth import permission_uri
+from relayd.xcap.consent_page import consent_link_path
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.usages import load_schemas
 
@@ -53,6 +56,20 @@ class XCAPService(Listeners):
     def permission_uri(self, recipient: str, token: str) -> str:
         """The Permission URI for a consent request (consent spec §(c)); after start."""
         return permission_uri(self.public_url, recipient, token)
+
+    def consent_link(self, record: PendingConsent, action: Action) -> str:
+        """The HTTPS grant or deny link of ``record`` (RFC 5360 §5.8); after start.
+
+        The links sit beside the XCAP root, so ``public_url`` without its root is their
+        base (a reverse proxy's prefix kept); a ``public_url`` not ending in the root
+        leaves only its origin to go by."""
+        root = self.root.rstrip("/")
+        if root and self.public_url.endswith(root):
+            base = self.public_url[: -len(root)]
+        else:
+            parts = urlsplit(self.public_url)
+            base = f"{parts.scheme}://{parts.netloc}"
+        return base + consent_link_path(record, action)
 
     def before_binding(self) -> None:
         """Compile the schemas before serving (relayd.xcap.usages): a request never

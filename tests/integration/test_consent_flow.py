@@ -8,6 +8,8 @@ account) or with its own digest credentials on its own documents.
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +21,7 @@ from typing import Any, cast
 import pytest
 import pytest_twisted
 from lxml import etree
+from treq import content
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -26,6 +29,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
@@ -1102,3 +1106,162 @@ async def test_at_the_connection_cap_the_one_idle_the_longest_closes(start: Star
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
+
+
+def _parts(message: SIPRequest) -> dict[str, bytes]:
+    """The parts of a ``multipart/alternative`` body, by Content-Type (no parameters)."""
+    content_type = message.headers.get("content-type") or ""
+    assert content_type.startswith("multipart/alternative;")
+    boundary = content_type.split('boundary="', 1)[1].rstrip('"').encode()
+    out: dict[str, bytes] = {}
+    for part in message.body.split(b"--" + boundary)[1:-1]:
+        head, _, data = part.strip(b"\r\n").partition(b"\r\n\r\n")
+        out[head.split(b":", 1)[1].strip().split(b";")[0].decode()] = data
+    return out
+
+
+@pytest.mark.parametrize(("mode", "refusal"), [("consent", 501), ("consent", 405), ("message", 0)])
+@pytest_twisted.ensureDeferred
+async def test_a_member_that_cannot_take_a_consent_is_asked_by_message(
+    start: Start, mode: str, refusal: int
+) -> None:
+    """RFC 5360 §5.8: bob's UA answers CONSENT 501 (or the relay is told to ask by
+    MESSAGE); the relay sends him a MESSAGE of its own with the grant and deny URIs,
+    once, and his MESSAGE to the SIP grant URI lets alice's MESSAGE through."""
+    relay = await start(sip__consent_request=mode)
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    bob.answer_status = refusal or 200
+    assert (await ask_consent(alice, target)).status == 202
+    if mode == "consent":
+        await bob.next_request("CONSENT")
+        bob.answer_status = 200
+    asked = await bob.next_request("MESSAGE")
+    bob.answer_status = 200
+    assert NameAddr.parse((asked.headers.get("from") or "").split(";tag=")[0]).uri.aor == (
+        f"sip:{HOST}"
+    )
+    parts = _parts(asked)
+    note = parts["text/plain"].decode()
+    assert ALICE in note and SOLO in note and "MESSAGE" in note and "https://" in note
+    policy = etree.fromstring(parts[POLICY_TYPE])
+    uris = {
+        (e.text, e.get("perm-uri", "").split(":")[0]): e.get("perm-uri", "")
+        for e in policy.iter("{urn:ietf:params:xml:ns:consent-rules}trans-handling")
+    }
+    assert set(uris) == {("grant", "sip"), ("grant", "https"), ("deny", "sip"), ("deny", "https")}
+    # Asking again refreshes the request and sends bob nothing more.
+    assert (await ask_consent(alice, target)).status == 202
+    granted = await bob.request("MESSAGE", uris["grant", "sip"], to=f"<{uris['grant', 'sip']}>")
+    assert granted.status == 200, granted
+    relayed = await send_message(alice, SOLO, b"asked by message")
+    assert relayed.status == 200, relayed
+    assert (await bob.next_request("MESSAGE")).body == b"asked by message"
+    expected = ["CONSENT", "MESSAGE", "MESSAGE"] if mode == "consent" else ["MESSAGE", "MESSAGE"]
+    assert [r.method for r in bob.received] == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_https_links_page_grants_only_on_its_form_and_deny_revokes(
+    start: Start,
+) -> None:
+    """The HTTPS links of the consent MESSAGE, over the XCAP listener's real TLS: a GET
+    (what a link preview does) changes nothing, the page's form grants and alice's
+    wait-permission watch hears of it; the deny link later revokes."""
+    relay = await start(sip__consent_request="message")
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    accepted = await ask_consent(alice, target)
+    asked = await bob.next_request("MESSAGE")
+    waiting, pending = await subscribe(alice, call_info_uri(accepted))
+    assert [e["state"] for e in status_entries(pending)] == ["pending"]
+    policy = etree.fromstring(_parts(asked)[POLICY_TYPE])
+    links = {
+        e.text: e.get("perm-uri", "")
+        for e in policy.iter("{urn:ietf:params:xml:ns:consent-rules}trans-handling")
+        if e.get("perm-uri", "").startswith("https:")
+    }
+    assert links["grant"].startswith(relay.xcap_root.split("/xcap-root")[0] + "/consent/grant/")
+    http = relay.xcap.http
+
+    async def fetch(method: str, url: str, **kw: Any) -> tuple[int, bytes]:
+        response = await http.request(method, url, **kw).addTimeout(TIMEOUT, reactor)
+        return int(response.code), await content(response).addTimeout(TIMEOUT, reactor)
+
+    code, page = await fetch("GET", links["grant"])
+    assert code == 200 and ALICE.encode() in page and SOLO.encode() in page
+    assert (await send_message(alice, SOLO)).status == 470  # the GET granted nothing
+    fields = _form_fields(page)
+    posted = fetch("POST", links["grant"], data=fields | {"action": "grant"})
+    code, granted = await notify_after(alice, waiting.call_id, _code(posted))
+    assert code == 200
+    assert [e["state"] for e in status_entries(granted)] == ["granted"]
+    assert (await send_message(alice, SOLO, b"by the page")).status == 200
+    code, page = await fetch("GET", links["deny"])
+    fields = _form_fields(page)
+    assert (await fetch("POST", links["deny"], data=fields | {"action": "deny"}))[0] == 200
+    assert (await send_message(alice, SOLO)).status == 470
+    forged = f"sip:grant-{'A' * 22}.{'B' * 22}@{HOST}"
+    assert (await bob.request("MESSAGE", forged, to=f"<{forged}>")).status == 404
+
+
+def _form_fields(page: bytes) -> dict[str, str]:
+    """The hidden fields of a consent page's form."""
+    found = re.findall(rb'name="(nonce|csrf)" value="([^"]+)"', page)
+    return {k.decode(): v.decode() for k, v in found}
+
+
+async def _code(fetched: Awaitable[tuple[int, bytes]]) -> int:
+    return (await fetched)[0]
+
+
+def _click_in_browser(url: str, button: str) -> tuple[str, str]:
+    """Open ``url`` in headless Chromium with JavaScript off and click ``button``;
+    the page text before and after (blocking: run in a thread)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--ignore-certificate-errors")  # the test CA is not the system's
+    options.add_experimental_option(
+        "prefs", {"profile.managed_default_content_settings.javascript": 2}
+    )
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.set_page_load_timeout(TIMEOUT * 4)
+        driver.get(url)
+        before = driver.find_element(By.TAG_NAME, "body").text
+        driver.find_element(By.XPATH, f"//button[text()='{button}']").click()
+        return before, driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
+    reason="needs chromium and chromedriver",
+)
+@pytest_twisted.ensureDeferred
+async def test_a_person_allows_in_a_browser_without_javascript(start: Start) -> None:
+    pytest.importorskip("selenium")
+    relay = await start(sip__consent_request="message")
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    assert (await ask_consent(alice, target)).status == 202
+    asked = await bob.next_request("MESSAGE")
+    link = re.search(r"Allow: (\S+)", _parts(asked)["text/plain"].decode())
+    assert link is not None
+    before, after = await deferToThread(_click_in_browser, link[1], "Allow")
+    assert ALICE in before and SOLO in before and "MESSAGE" in before
+    assert "You allowed" in after
+    relayed = await send_message(alice, SOLO, b"allowed in a browser")
+    assert relayed.status == 200, relayed

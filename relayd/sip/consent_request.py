@@ -1,0 +1,100 @@
+"""Asking a recipient by MESSAGE, and the SIP grant and deny URIs (RFC 5360 §5.8).
+
+A recipient whose UA cannot take a CONSENT (it answers 405 or 501, or ``[sip]
+consent_request = message``) is asked by a MESSAGE from the relay itself. Its body is
+``multipart/alternative`` (RFC 2046 §5.1.4): a ``text/plain`` note a person reads (who
+asks, through which list, for which methods, the two HTTPS links), then the RFC 5361
+permission document (``application/auth-policy+xml``) with the grant and deny URIs as
+``perm-uri`` of its ``trans-handling`` actions, in ``sip:`` and ``https:`` forms. The
+richest alternative comes last, as RFC 2046 asks.
+
+The SIP URIs are ``sip:grant-<token>@<domain>`` and ``sip:deny-<token>@<domain>``
+(tokens: :mod:`relayd.consent.answer`); a MESSAGE sent there answers the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from lxml import etree
+
+from relayd.consent.answer import ACTIONS, Action, token_consent_id
+from relayd.consent.permissions import requested_methods
+from relayd.consent.store import PendingConsent
+from relayd.consent.vocabulary import (
+    COMMON_POLICY_NAMESPACE,
+    CONSENT_FORMAT_NAMESPACE,
+    CONSENT_RULES_MIME_TYPE,
+)
+from relayd.tokens import random_bytes
+
+Links = Mapping[Action, tuple[str, str]]
+"""Per action, its (SIP URI, HTTPS URL)."""
+
+
+def answer_uri(domain: str, action: Action, token: str) -> str:
+    """The SIP grant or deny URI of an answer token."""
+    return f"sip:{action}-{token}@{domain}"
+
+
+def parse_answer_user(user: str | None) -> tuple[Action, str] | None:
+    """``(action, token)`` of a grant/deny URI's user part; None for any other user."""
+    for action in ACTIONS:
+        prefix = f"{action}-"
+        if user and user.startswith(prefix):
+            token = user[len(prefix) :]
+            return (action, token) if token_consent_id(token) is not None else None
+    return None
+
+
+def request_document(record: PendingConsent, links: Links) -> bytes:
+    """The RFC 5361 §5 document asking for consent: one rule for the sender, recipient
+    and list, one ``trans-handling`` per grant/deny URI (``perm-uri``)."""
+    cp = f"{{{COMMON_POLICY_NAMESPACE}}}"
+    cr = f"{{{CONSENT_FORMAT_NAMESPACE}}}"
+    nsmap = {"cp": COMMON_POLICY_NAMESPACE, "cr": CONSENT_FORMAT_NAMESPACE}
+    ruleset = etree.Element(cp + "ruleset", nsmap=nsmap)
+    rule = etree.SubElement(ruleset, cp + "rule", id="consent")
+    conditions = etree.SubElement(rule, cp + "conditions")
+    for parent, uri in (
+        (etree.SubElement(conditions, cp + "identity"), record.sender),
+        (etree.SubElement(conditions, cr + "recipient"), record.recipient),
+        (etree.SubElement(conditions, cr + "target"), record.list_uri),
+    ):
+        etree.SubElement(parent, cp + "one", id=uri)
+    actions = etree.SubElement(rule, cp + "actions")
+    for action in ACTIONS:
+        for uri in filter(None, links[action]):
+            etree.SubElement(actions, cr + "trans-handling", {"perm-uri": uri}).text = action
+    return bytes(etree.tostring(ruleset, xml_declaration=True, encoding="UTF-8"))
+
+
+def request_note(record: PendingConsent, links: Links) -> str:
+    """The ``text/plain`` part: what a person needs to decide and act."""
+    methods = ", ".join(requested_methods(record))
+    web = (
+        f"Allow: {links['grant'][1]}\r\nDeny: {links['deny'][1]}\r\n\r\n"
+        if links["grant"][1]
+        else ""
+    )
+    return (
+        f"{record.sender} asks to send you {methods} requests through the list"
+        f" {record.list_uri}.\r\n\r\n{web}"
+        f"Or send a MESSAGE to {links['grant'][0]} (allow)"
+        f" or {links['deny'][0]} (deny).\r\n"
+    )
+
+
+def request_body(record: PendingConsent, links: Links) -> tuple[str, bytes]:
+    """``(Content-Type, body)`` of the MESSAGE asking ``record``'s recipient."""
+    boundary = "consent-" + random_bytes(12).hex()
+    parts = (
+        ("text/plain; charset=utf-8", request_note(record, links).encode("utf-8")),
+        (CONSENT_RULES_MIME_TYPE, request_document(record, links)),
+    )
+    body = b"".join(
+        b"--%s\r\nContent-Type: %s\r\n\r\n%s\r\n" % (boundary.encode(), kind.encode(), data)
+        for kind, data in parts
+    )
+    body += b"--%s--\r\n" % boundary.encode()
+    return f'multipart/alternative;boundary="{boundary}"', body

@@ -1,0 +1,62 @@
+"""The MESSAGE that asks a recipient, and the SIP grant and deny URIs (RFC 5360 §5.8)."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from relayd.consent.answer import Action, answer_token
+from relayd.consent.store import PendingConsent
+from relayd.consent.vocabulary import CONSENT_FORMAT_NAMESPACE, CONSENT_RULES_MIME_TYPE
+from relayd.sip.consent_request import answer_uri, parse_answer_user, request_body
+
+RECORD = PendingConsent(
+    "abcdefghijklmnopqrstuv",
+    "sip:alice@relay.test",
+    'sip:a&"b@relay.test',
+    "sip:bob@relay.test",
+    ("MESSAGE",),
+    "p" * 22,
+    0.0,
+    60.0,
+)
+LINKS: dict[Action, tuple[str, str]] = {
+    "grant": ("sip:grant-g@relay.test", "https://relay.test/consent/grant/g"),
+    "deny": ("sip:deny-d@relay.test", "https://relay.test/consent/deny/d"),
+}
+
+
+def test_grant_and_deny_uris_name_their_action_and_token() -> None:
+    token = answer_token(RECORD, "deny")
+    uri = answer_uri("relay.test", "deny", token)
+    assert uri == f"sip:deny-{token}@relay.test"
+    assert parse_answer_user(uri[4:].split("@")[0]) == ("deny", token)
+    assert parse_answer_user("grant-nonsense") is None
+    assert parse_answer_user("bob") is None and parse_answer_user(None) is None
+
+
+def test_the_body_is_a_note_then_the_rfc_5361_document() -> None:
+    content_type, body = request_body(RECORD, LINKS)
+    boundary = content_type.split('boundary="')[1].rstrip('"').encode()
+    assert content_type.startswith("multipart/alternative;")
+    parts = body.split(b"--" + boundary)
+    assert parts[0] == b"" and parts[-1] == b"--\r\n" and len(parts) == 4
+    note, document = (p.strip(b"\r\n").split(b"\r\n\r\n", 1) for p in parts[1:3])
+    assert note[0] == b"Content-Type: text/plain; charset=utf-8"
+    for text in ("sip:alice@relay.test", 'sip:a&"b@relay.test', "MESSAGE", *LINKS["grant"]):
+        assert text in note[1].decode()
+    assert document[0] == f"Content-Type: {CONSENT_RULES_MIME_TYPE}".encode()
+    root = etree.fromstring(document[1])
+    handling = [
+        (e.text, e.get("perm-uri"))
+        for e in root.iter(f"{{{CONSENT_FORMAT_NAMESPACE}}}trans-handling")
+    ]
+    assert handling == [("grant", u) for u in LINKS["grant"]] + [("deny", u) for u in LINKS["deny"]]
+    (target,) = root.iter(f"{{{CONSENT_FORMAT_NAMESPACE}}}target")
+    assert target[0].get("id") == 'sip:a&"b@relay.test'
+
+
+def test_without_https_links_only_the_sip_uris_are_offered() -> None:
+    links: dict[Action, tuple[str, str]] = {a: (u[0], "") for a, u in LINKS.items()}
+    _, body = request_body(RECORD, links)
+    assert b'perm-uri=""' not in body and b"https" not in body
+    assert body.count(b"perm-uri=") == 2 and b"sip:grant-g@relay.test" in body
