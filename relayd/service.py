@@ -30,6 +30,7 @@ from relayd.msrp.transport import MSRPRelay
 from relayd.net.tls import TLSMaterial
 from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
+from relayd.web.admin import AdminResource
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.service import XCAPService
@@ -156,6 +157,9 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         header_timeout_seconds=xcap.header_timeout_seconds,
         max_connections=xcap.max_connections,
         reactor=reactor,
+    )
+    site.mount(
+        "admin", AdminResource(resource, reactor, domain=prepared.sip_domain or prepared.hostname)
     )
     xcap_service = XCAPService(site, store, reactor, xcap, tls, prepared.hostname)
     xcap_service.setName("xcap")
