@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyRequest
 
 from relayd.consent.documents import DocumentKey, DocumentRejected
 from relayd.consent.store import MemoryPermissionStore, StoreChange
@@ -24,7 +25,7 @@ from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.testing import consent_rule, consent_ruleset
 from relayd.web.admin import CONFLICT_TEXT, CSRF_BUCKET_SECONDS, AdminResource
 from relayd.xcap.auth import XCAPAuthorizer
-from relayd.xcap.resource import DocumentNote, XCAPResource
+from relayd.xcap.resource import DocumentNote, XCAPResource, XCAPSite
 
 REALM = "example.test"
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
@@ -329,3 +330,18 @@ def test_the_stylesheet_is_served_without_login(web: Harness) -> None:
     reply = web.request("GET", "/admin/admin.css", user=None)
     assert reply.code == 200 and reply.header("Content-Type") == "text/css; charset=utf-8"
     assert web.request("GET", "/admin", user=None).header("Location") == "/admin/"
+
+
+def test_the_site_serves_admin_beside_the_xcap_root(web: Harness) -> None:
+    site = XCAPSite(web.xcap, max_body_bytes=8192)
+    site.mount("admin", web.admin)
+    request: Any = DummyRequest([b"admin", b"grant"])
+    assert site.getResourceFor(request) is web.admin
+    assert (request.prepath, request.postpath) == ([b"admin"], [b"grant"])
+    inside = [b"xcap-root", b"consent-rules", b"users", b"admin", b"index"]
+    for postpath in (inside, [b"administrator"]):
+        other: Any = DummyRequest(postpath)
+        assert site.getResourceFor(other) is web.xcap
+    clash = XCAPResource(web.store, web.authorizer, web.clock, root="/admin")
+    with pytest.raises(ValueError, match="inside the XCAP root"):
+        XCAPSite(clash, max_body_bytes=8192).mount("admin", web.admin)
