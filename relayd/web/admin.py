@@ -59,6 +59,8 @@ CSRF_BUCKET_SECONDS = 3600
 
 MAX_FIELD_CHARS = 2048
 MAX_MEMBERS = 100
+MAX_PENDING_SHOWN = 200
+"""Pending consents listed on a page; the count of the others is shown instead."""
 
 _SECURITY_HEADERS = (
     (
@@ -125,6 +127,7 @@ class AdminResource(Resource):
             b"revoke": self._revoke,
             b"add-members": self._add_members,
             b"remove-member": self._remove_member,
+            b"remove-list": self._remove_list,
         }
 
     # -- twisted.web boundary --------------------------------------------------------
@@ -289,7 +292,8 @@ class AdminResource(Resource):
             rules_etag=rules.etag,
             lists=edits.describe_lists(lists.root),
             lists_etag=lists.etag,
-            pending=[_consent_row(c) for c in pending],
+            pending=[_consent_row(c) for c in pending[:MAX_PENDING_SHOWN]],
+            pending_more=max(0, len(pending) - MAX_PENDING_SHOWN),
         )
         self._send(request, status, body.encode("utf-8"), "text/html; charset=utf-8")
 
@@ -407,6 +411,15 @@ class AdminResource(Resource):
         def remove(root: etree._Element) -> str:
             edits.remove_members(root, name, [member])
             return f"removed {member} from {name}"
+
+        return await self._edit(request, xui, RESOURCE_LISTS_AUID, remove)
+
+    async def _remove_list(self, request: Request, xui: str) -> str:
+        name = self._required(request, "list")
+
+        def remove(root: etree._Element) -> str:
+            members = edits.remove_list(root, name)
+            return f"removed list {name} and its {len(members)} member(s)"
 
         return await self._edit(request, xui, RESOURCE_LISTS_AUID, remove)
 

@@ -23,7 +23,12 @@ from relayd.consent.store import MemoryPermissionStore, StoreChange
 from relayd.ctl.documents import describe_lists, describe_rules
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.testing import consent_rule, consent_ruleset
-from relayd.web.admin import CONFLICT_TEXT, CSRF_BUCKET_SECONDS, AdminResource
+from relayd.web.admin import (
+    CONFLICT_TEXT,
+    CSRF_BUCKET_SECONDS,
+    MAX_PENDING_SHOWN,
+    AdminResource,
+)
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.resource import DocumentNote, XCAPResource, XCAPSite
 
@@ -282,6 +287,17 @@ def test_pending_consents_are_the_users_own_or_all_for_admins(web: Harness) -> N
     assert sorted(recipients(web.page(user="root"))) == [ALICE, BOB]
 
 
+def test_the_pending_consents_shown_are_bounded(web: Harness) -> None:
+    for n in range(MAX_PENDING_SHOWN + 3):
+        _result(
+            web.store.open_consent(f"sip:s{n}@x", LIST, ALICE, ["MESSAGE"], f"t{n:021}", 0, 2e9)
+        )
+    page: Any = lxml.html.fromstring(web.page().body)
+    rows = _xpath(page, '//table[@id="pending"]/tbody/tr')
+    assert len(rows) == MAX_PENDING_SHOWN + 1
+    assert rows[-1].text_content() == "and 3 more"
+
+
 def test_members_are_added_and_removed_through_the_document_check(web: Harness) -> None:
     checked: list[DocumentKey] = []
 
@@ -317,6 +333,12 @@ def test_members_are_added_and_removed_through_the_document_check(web: Harness) 
     assert reply.code == 303
     (friends,) = describe_lists(web.stored("resource-lists"))  # type: ignore[arg-type]
     assert [uri for uri, _ in friends.members] == ["sip:carol@example.test"]
+
+    reply = web.post("remove-list", {**web.page().form("add-members"), "list": "friends"})
+    assert reply.code == 303
+    assert describe_lists(web.stored("resource-lists")) == []  # type: ignore[arg-type]
+    reply = web.post("remove-list", {**web.page().form("add-members"), "list": "friends"})
+    assert reply.code == 400 and "no list named" in reply.text
 
 
 def test_get_never_changes_anything(web: Harness) -> None:
