@@ -18,10 +18,18 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 
-from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
+from relayd.testing import (
+    RelayPKI,
+    consent_rule,
+    consent_ruleset,
+    prepared_relay,
+    relay_config_overrides,
+    relay_service,
+)
 from relayd.testing import write_users as write_users_file
+from relayd.web.admin import CONFLICT_TEXT
 from relayd.xcap.service import XCAPService
 
 pytestmark = pytest.mark.integration
@@ -49,8 +57,11 @@ def _chromium() -> tuple[str, str]:
     return browser, driver
 
 
-def _browser_session(browser: str, driver: str, base: str, shots: Path) -> dict[str, Any]:
-    """Log in as alice, grant, find the rule in the table, revoke; return what was seen."""
+def _browser_session(
+    browser: str, driver: str, base: str, shots: Path, interfere: Callable[[], object]
+) -> dict[str, Any]:
+    """Log in as alice, grant, find the rule in the table, revoke, then grant from a
+    page ``interfere`` made stale; return what was seen."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -85,6 +96,18 @@ def _browser_session(browser: str, driver: str, base: str, shots: Path) -> dict[
             row.text for row in chrome.find_elements(By.CSS_SELECTOR, "#rules tbody tr")
         ]
         chrome.save_screenshot(str(shots / "3-revoked.png"))
+
+        interfere()  # another client changes the document behind the page
+        grant = chrome.find_element(By.ID, "grant")
+        grant.find_element(By.NAME, "sender").send_keys("carol")
+        grant.find_element(By.NAME, "list").send_keys(LIST)
+        grant.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        seen["conflict"] = chrome.find_element(By.ID, "error").text
+        seen["rows after conflict"] = [
+            row.find_element(By.TAG_NAME, "td").text
+            for row in chrome.find_elements(By.CSS_SELECTOR, "#rules tbody tr")
+        ]
+        chrome.save_screenshot(str(shots / "4-conflict.png"))
     finally:
         chrome.quit()
     return seen
@@ -114,8 +137,16 @@ async def test_log_in_grant_see_the_rule_and_revoke(tmp_path: Path, pki: RelayPK
         shots = tmp_path / "screenshots"
         shots.mkdir()
         print(f"admin page screenshots: {shots}")
+        theirs = consent_ruleset(consent_rule("theirs", "sip:dave@relayd-test", LIST))
+
+        def interfere() -> object:
+            def put() -> Deferred[Any]:
+                return xcap.store.put_document("consent-rules", ALICE, "index", theirs)
+
+            return blockingCallFromThread(cast(Any, reactor), put)
+
         seen = await deferToThread(
-            _browser_session, browser, driver, f"{HOST}:{address.port}", shots
+            _browser_session, browser, driver, f"{HOST}:{address.port}", shots, interfere
         )
     finally:
         await service.stopService()
@@ -126,10 +157,14 @@ async def test_log_in_grant_see_the_rule_and_revoke(tmp_path: Path, pki: RelayPK
     assert (sender, via, methods) == ("sip:bob@relayd-test", LIST, "MESSAGE INVITE")
     assert seen["notice after revoke"] == f"revoked rule {rule_id}"
     assert seen["rows after revoke"] == [f"No rules: nobody reaches {ALICE} through a list yet."]
-    # Both edits reached the store's listeners, as an XCAP PUT's would.
-    assert [(c.auid, c.xui) for c in changes] == [("consent-rules", ALICE)] * 2
+    assert seen["conflict"] == CONFLICT_TEXT
+    assert seen["rows after conflict"] == ["theirs"]
+    # Both edits reached the store's listeners, as an XCAP PUT's would; the stale
+    # form wrote nothing.
+    assert [(c.auid, c.xui) for c in changes] == [("consent-rules", ALICE)] * 3
     assert sorted(p.name for p in shots.iterdir()) == [
         "1-signed-in.png",
         "2-granted.png",
         "3-revoked.png",
+        "4-conflict.png",
     ]
