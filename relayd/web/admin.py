@@ -73,6 +73,9 @@ _SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),
 )
 
+_REFILLED = ("sender", "list", "methods", "members")
+"""Fields a refused grant or add-members form gets back as they were typed."""
+
 CSRF_TEXT = "The form expired or did not come from this page: reload and try again."
 CONFLICT_TEXT = "The document changed meanwhile (another edit was saved): reload and try again."
 
@@ -192,7 +195,14 @@ class AdminResource(Resource):
             xui = self._target(principal, xui)
             notice = await action(request, xui)
         except _Refused as e:
-            await self._page(request, principal, xui, error=(e.status, e.message))
+            refill = {
+                name: value[:MAX_FIELD_CHARS]
+                for name in _REFILLED
+                if (value := self._arg_value(request, name)) is not None
+            }
+            await self._page(
+                request, principal, xui, error=(e.status, e.message), refill=(path[0], refill)
+            )
             return
         self.log.info(
             "admin {user} {action} for {xui}",
@@ -267,7 +277,10 @@ class AdminResource(Resource):
         *,
         notice: str | None = None,
         error: tuple[int, str] | None = None,
+        refill: tuple[bytes, dict[str, str]] = (b"", {}),
     ) -> None:
+        """Render the page; ``refill`` is a refused form's action and what was typed
+        into it, shown again so that nothing typed is lost."""
         status = 200
         try:
             xui = self._target(principal, requested)
@@ -294,6 +307,8 @@ class AdminResource(Resource):
             lists_etag=lists.etag,
             pending=[_consent_row(c) for c in pending[:MAX_PENDING_SHOWN]],
             pending_more=max(0, len(pending) - MAX_PENDING_SHOWN),
+            refill_action=refill[0].decode("ascii", "replace"),
+            refill=refill[1],
         )
         self._send(request, status, body.encode("utf-8"), "text/html; charset=utf-8")
 

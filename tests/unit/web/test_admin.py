@@ -153,6 +153,11 @@ class Harness:
         return [] if root is None else [view.id for view in describe_rules(root)]
 
 
+def web_etag(web: Harness) -> str:
+    stored = _result(web.store.get_document("consent-rules", ALICE, "index"))
+    return str(stored.etag)
+
+
 @pytest.fixture
 def web() -> Harness:
     return Harness()
@@ -226,6 +231,11 @@ def test_a_form_from_before_another_edit_is_a_conflict(web: Harness) -> None:
     assert CONFLICT_TEXT in reply.text
     assert web.rule_ids() == ["r1", "r2"]
     assert reply.rule_ids() == ["r1", "r2"]  # the page shows the current document
+    page: Any = lxml.html.fromstring(reply.body)
+    typed = {i.get("name"): i.get("value") for i in _xpath(page, '//form[@id="grant"]//input')}
+    assert (typed["sender"], typed["list"]) == ("dave", LIST)  # nothing typed is lost
+    assert reply.form("grant")["etag"] == web_etag(web)  # and it can be sent again
+    assert web.post("grant", {**reply.form("grant"), "sender": "dave", "list": LIST}).code == 303
 
 
 def test_a_write_that_loses_the_race_after_reading_is_a_conflict(web: Harness) -> None:
@@ -273,6 +283,9 @@ def test_everything_shown_is_escaped_and_tokens_are_not(web: Harness) -> None:
     assert token not in reply.text
     reply = web.request("GET", "/admin/?notice=%3Cscript%3E")
     assert "<script>" not in reply.text and "&lt;script&gt;" in reply.text
+    form = reply.form("grant")
+    reply = web.post("grant", {**form, "sender": '"><script>', "list": "x", "etag": "old"})
+    assert reply.code == 409 and "<script>" not in reply.text and "&lt;script&gt;" in reply.text
 
 
 def test_pending_consents_are_the_users_own_or_all_for_admins(web: Harness) -> None:
