@@ -172,6 +172,13 @@ class AdminResource(Resource):
         try:
             principal = self._authenticate(request, method)
         except Unauthorized as e:
+            if request.requestHeaders.hasHeader(b"Authorization"):
+                self.log.warn(
+                    "admin page {uri} from {peer}: authentication failed: {reason}",
+                    uri=request.path.decode("latin-1"),
+                    peer=_peer(request),
+                    reason=e.reason,
+                )
             request.setHeader(b"WWW-Authenticate", e.challenge.encode("latin-1"))
             self._send(request, 401, b"authentication required\n", "text/plain; charset=utf-8")
             return
@@ -437,6 +444,11 @@ class AdminResource(Resource):
             return f"removed list {name} and its {len(members)} member(s)"
 
         return await self._edit(request, xui, RESOURCE_LISTS_AUID, remove)
+
+
+def _peer(request: Request) -> str:
+    address: Any = request.getClientAddress()
+    return f"{getattr(address, 'host', address)}:{getattr(address, 'port', '?')}"
 
 
 def _consent_row(consent: PendingConsent) -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lxml.html
 import pytest
@@ -14,6 +14,7 @@ from lxml import etree
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
@@ -168,6 +169,17 @@ def test_the_page_asks_for_digest_credentials(web: Harness) -> None:
     assert reply.code == 401
     challenge = reply.header("WWW-Authenticate") or ""
     assert challenge.startswith("Digest ") and f'realm="{REALM}"' in challenge
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
+    try:
+        wrong = answer_challenge(
+            challenge, username="alice", password="guess", method="GET", uri="/admin/"
+        )
+        headers = {"Authorization": [wrong.authorization]}
+        assert web._once("GET", "/admin/", None, headers).code == 401
+    finally:
+        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
+    assert any("authentication failed" in formatEvent(event) for event in events)
 
 
 def test_a_user_sees_their_own_documents_with_a_strict_policy(web: Harness) -> None:
