@@ -59,6 +59,7 @@ CSRF_BUCKET_SECONDS = 3600
 
 MAX_FIELD_CHARS = 2048
 MAX_MEMBERS = 100
+MAX_NOTICE_CHARS = 300
 MAX_PENDING_SHOWN = 200
 """Pending consents listed on a page; the count of the others is shown instead."""
 
@@ -184,7 +185,7 @@ class AdminResource(Resource):
             return
         assert principal.user is not None
         if path == [b""] and method in ("GET", "HEAD"):
-            await self._page(request, principal, self._arg(request, "user"), notice=None)
+            await self._page(request, principal, self._arg_value(request, "user"))
             return
         action = self._actions.get(path[0]) if len(path) == 1 else None
         if action is None:
@@ -217,7 +218,10 @@ class AdminResource(Resource):
             action=path[0].decode("ascii"),
             xui=xui,
         )
-        self._redirect(request, "/admin/?" + urlencode({"user": xui, "notice": notice}))
+        # The notice rides in the URL: bounded so that it stays far below the
+        # listener's request-head limit, digest header included.
+        shown = notice if len(notice) <= MAX_NOTICE_CHARS else notice[: MAX_NOTICE_CHARS - 1] + "…"
+        self._redirect(request, "/admin/?" + urlencode({"user": xui, "notice": shown}))
 
     # -- who ---------------------------------------------------------------------------
 
@@ -237,6 +241,8 @@ class AdminResource(Resource):
         there, else 403; none requested means the principal's own."""
         if not requested:
             return self._own_xui(principal)
+        if len(requested) > MAX_FIELD_CHARS:
+            raise _Refused(400, f"user is longer than {MAX_FIELD_CHARS} characters")
         try:
             xui = expand_xui(requested, self.xcap.authorizer.realm)
         except CtlError as e:
@@ -294,7 +300,7 @@ class AdminResource(Resource):
         except _Refused as e:
             xui, error = self._own_xui(principal), (e.status, e.message)
         if notice is None and error is None:
-            notice = (self._arg_value(request, "notice") or "")[:MAX_FIELD_CHARS] or None
+            notice = (self._arg_value(request, "notice") or "")[:MAX_NOTICE_CHARS] or None
         if error is not None:
             status = error[0]
         assert principal.user is not None

@@ -27,6 +27,7 @@ from relayd.testing import consent_rule, consent_ruleset
 from relayd.web.admin import (
     CONFLICT_TEXT,
     CSRF_BUCKET_SECONDS,
+    MAX_FIELD_CHARS,
     MAX_PENDING_SHOWN,
     AdminResource,
 )
@@ -392,3 +393,14 @@ def test_the_site_serves_admin_beside_the_xcap_root(web: Harness) -> None:
     clash = XCAPResource(web.store, web.authorizer, web.clock, root="/admin")
     with pytest.raises(ValueError, match="inside the XCAP root"):
         XCAPSite(clash, max_body_bytes=8192).mount("admin", web.admin)
+
+
+def test_long_input_is_refused_or_shortened_not_an_error(web: Harness) -> None:
+    reply = web.request("GET", "/admin/?user=" + "x" * (MAX_FIELD_CHARS + 1), user="root")
+    assert reply.code == 400 and "longer than" in reply.text
+    long_list = "sip:" + "l" * 1500 + "@relay.example.test"
+    reply = web.post("grant", {**web.page().form("grant"), "sender": "bob", "list": long_list})
+    assert reply.code == 303
+    location = reply.header("Location") or ""
+    assert len(location) < 1000
+    assert "granted rule" in web.request("GET", location).text
