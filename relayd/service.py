@@ -30,6 +30,7 @@ from relayd.msrp.transport import MSRPRelay
 from relayd.net.tls import TLSMaterial
 from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
+from relayd.web.admin import AdminResource
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.consent_page import ConsentPage
 from relayd.xcap.resource import XCAPResource, XCAPSite
@@ -158,7 +159,10 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         max_connections=xcap.max_connections,
         reactor=reactor,
     )
-    site.consent_pages = ConsentPage(store, reactor)
+    site.mount("consent", ConsentPage(store, reactor))
+    site.mount(
+        "admin", AdminResource(resource, reactor, domain=prepared.sip_domain or prepared.hostname)
+    )
     xcap_service = XCAPService(site, store, reactor, xcap, tls, prepared.hostname)
     xcap_service.setName("xcap")
     xcap_service.setServiceParent(top)

@@ -45,7 +45,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relayd.consent.documents import (
@@ -76,7 +76,6 @@ from relayd.xcap.auth import (
     XCAPAuthorizer,
     redact_document,
 )
-from relayd.xcap.consent_page import CONSENT_PATH
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
     NO_PARENT,
@@ -478,24 +477,14 @@ class XCAPResource(Resource):
         conditions: _Conditions,
         consent: PendingConsent | None,
     ) -> Response:
-        document = uri.document
         if uri.node is None:
-            root = parse_document(body, self.max_body_bytes)
-            self._validate(usage, root, consent)
-            note = self._check_document(document, body)
-            try:
-                write = await self.store.put_document(
-                    document.auid,
-                    document.xui or GLOBAL_XUI,
-                    document.document,
-                    body,
-                    if_match=conditions.if_match,
-                    if_none_match=conditions.if_none_match,
-                )
-            except PreconditionFailed:
-                raise XCAPError(412, None, "precondition failed") from None
-            await self._after_write(consent, root)
-            return _written(201 if write.created else 200, write.etag, note)
+            return await self.write_document(
+                uri.document,
+                body,
+                if_match=conditions.if_match,
+                if_none_match=conditions.if_none_match,
+                consent=consent,
+            )
         node = uri.node
 
         def put_node(root: etree._Element) -> tuple[etree._Element, bool]:
@@ -507,6 +496,40 @@ class XCAPResource(Resource):
             return result.root, result.created
 
         return await self._modify(usage, uri, conditions, consent, put_node)
+
+    async def write_document(
+        self,
+        document: sel.DocumentSelector,
+        body: bytes,
+        *,
+        if_match: ETagCondition = None,
+        if_none_match: ETagCondition = None,
+        consent: PendingConsent | None = None,
+    ) -> Response:
+        """Store a whole document the way every XCAP PUT does: parse, validate with
+        its usage (RFC 4825 §8.2.5), the application's own check, compare-and-set on
+        the given conditions (412 when they fail), then settle a Permission-URI
+        consent.  The store announces the change to its listeners (the SIP side).
+
+        Also what the admin pages write through, so the two cannot disagree.
+        """
+        usage = self.usages[document.auid]
+        root = parse_document(body, self.max_body_bytes)
+        self._validate(usage, root, consent)
+        note = self._check_document(document, body)
+        try:
+            write = await self.store.put_document(
+                document.auid,
+                document.xui or GLOBAL_XUI,
+                document.document,
+                body,
+                if_match=if_match,
+                if_none_match=if_none_match,
+            )
+        except PreconditionFailed:
+            raise XCAPError(412, None, "precondition failed") from None
+        await self._after_write(consent, root)
+        return _written(201 if write.created else 200, write.etag, note)
 
     # -- DELETE ----------------------------------------------------------------------
 
@@ -933,20 +956,34 @@ class XCAPSite(Site):
         reactor: IReactorTime | None = None,
     ) -> None:
         super().__init__(resource, timeout=timeout_seconds, reactor=reactor)
+        self.xcap = resource
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.header_timeout_seconds = header_timeout_seconds
         self.max_connections = max_connections
         self.connections = 0
         self._full = False
+        self.mounts: dict[bytes, Resource] = {}
 
-    consent_pages: Resource | None = None
-    """The grant and deny links (:mod:`relayd.xcap.consent_page`), beside the XCAP root."""
+    def mount(self, name: str, resource: Resource) -> None:
+        """Serve ``resource`` at ``/<name>/``, outside the XCAP root (the admin page,
+        the consent links' pages).
 
-    def getResourceFor(self, request: Any) -> Any:
-        if self.consent_pages is not None and request.path.startswith(CONSENT_PATH):
-            return self.consent_pages
-        return super().getResourceFor(request)
+        The XCAP resource is a leaf that parses the whole request URI itself, so other
+        resources sit beside it here rather than as its children."""
+        if self.xcap.root.lstrip("/").split("/", 1)[0] == name:
+            raise ValueError(f"/{name}/ is inside the XCAP root {self.xcap.root}")
+        self.mounts[name.encode("ascii")] = resource
+
+    def getResourceFor(self, request: Request) -> Any:
+        postpath = request.postpath or []
+        mounted = self.mounts.get(postpath[0]) if postpath else None
+        if mounted is None:
+            return super().getResourceFor(request)
+        request.site = self
+        request.sitepath = list(request.prepath or [])  # type: ignore[attr-defined]
+        request.prepath = [*(request.prepath or []), postpath.pop(0)]
+        return getChildForRequest(mounted, request)
 
     def admit(self) -> bool:
         """Count a new connection in, or say it is one too many (logged once per spell)."""

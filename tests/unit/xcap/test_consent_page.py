@@ -121,7 +121,7 @@ def test_the_xcap_site_serves_the_pages_beside_its_root() -> None:
     pages = Pages()
     resource = XCAPResource(pages.store, None, pages.clock)  # type: ignore[arg-type]
     site = XCAPSite(resource, max_body_bytes=10_000, reactor=pages.clock)
-    site.consent_pages = pages.page
+    site.mount("consent", pages.page)
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     assert protocol is not None
     transport = StringTransport()
