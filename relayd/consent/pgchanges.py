@@ -25,7 +25,7 @@ import psycopg
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
-from relayd.consent.store import ConsentState, PendingConsent, StoreChange
+from relayd.consent.store import ConsentState, PendingConsent, StoreChange, StoredBinding
 from relayd.logs import logger
 
 CHANNEL = "relayd_changes"
@@ -38,18 +38,22 @@ _BATCH = 500
 
 def encode(change: StoreChange) -> str:
     """A change as the JSON text of its ``changes`` row."""
-    return json.dumps(asdict(change), separators=(",", ":"))
+    fields = asdict(change)
+    del fields["remote"]
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def decode(text: str) -> StoreChange:
-    """The change :func:`encode` wrote."""
+    """The change :func:`encode` wrote, marked ``remote``: another node committed it."""
     fields: dict[str, Any] = json.loads(text)
     consent = fields.pop("consent", None)
     if consent is not None:
         consent["methods"] = tuple(consent["methods"])
         consent["state"] = ConsentState(consent["state"])
         fields["consent"] = PendingConsent(**consent)
-    return StoreChange(**fields)
+    fields["bindings"] = tuple(StoredBinding(**b) for b in fields.get("bindings", ()))
+    fields["removed"] = tuple(fields.get("removed", ()))
+    return StoreChange(**fields, remote=True)
 
 
 def record(cursor: Any, node: str, changes: Sequence[StoreChange]) -> None:

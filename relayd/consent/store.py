@@ -25,8 +25,8 @@ record per (sender, list, recipient); opening it again refreshes it, keeping its
 and permission token so the sender gets the same wait-permission URI.
 
 Registrations (RFC 3261 §10.3) are kept here too, one row per contact of an AOR, so
-that a restarted relay still reaches every registered UA. They are the registrar's
-working copy on disk, not documents: their writes announce no :class:`StoreChange`.
+that a restarted relay still reaches every registered UA, and announced as ``binding``
+changes, so that every node sharing the store reaches a UA registered at any of them.
 
 These rules are written once, in :class:`RuleStore`, over the :class:`Rows` a backend
 keeps: :class:`MemoryPermissionStore` here, for tests, the SQLite file of
@@ -114,14 +114,23 @@ class DocumentWrite(NamedTuple):
 
 @dataclass(frozen=True)
 class StoreChange:
-    """One committed change.  ``etag`` is None when a document was deleted."""
+    """One committed change.  ``etag`` is None when a document was deleted.
 
-    kind: Literal["document", "consent"]
+    A ``binding`` change is a registration of ``aor``: the ``bindings`` written and the
+    contact URIs ``removed``.  ``remote`` marks a change another node committed (a
+    shared store): the registrar, whose own changes are in its table before they are
+    committed, applies only those."""
+
+    kind: Literal["document", "consent", "binding"]
     auid: str | None = None
     xui: str | None = None
     name: str | None = None
     etag: str | None = None
     consent: PendingConsent | None = None
+    aor: str | None = None
+    bindings: tuple[StoredBinding, ...] = ()
+    removed: tuple[str, ...] = ()
+    remote: bool = False
 
 
 Listener = Callable[[StoreChange], object]
@@ -503,7 +512,8 @@ class RuleStore(abc.ABC):
     ) -> Deferred[None]:
         def save(rows: Rows) -> tuple[None, list[StoreChange]]:
             rows.write_bindings(aor, bindings, removed)
-            return None, []
+            written = tuple(replace(binding, aor=aor) for binding in bindings)
+            return None, [StoreChange("binding", aor=aor, bindings=written, removed=(*removed,))]
 
         return self._write(save)
 

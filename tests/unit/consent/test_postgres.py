@@ -199,12 +199,14 @@ def test_changes_are_recorded_as_text_they_are_rebuilt_from() -> None:
     record = PendingConsent(
         "c1", "sip:a@x.test", "sip:l@x.test", BOB, ("MESSAGE", "INVITE"), "tok", 1.0, 2.0
     )
+    binding = StoredBinding(BOB, "sip:bob@192.0.2.1", "<sip:bob@192.0.2.1>", 9.0, "c", 2, 0.5)
     for change in (
         StoreChange("document", AUID, XUI, "index", '"e1"'),
         StoreChange("document", AUID, XUI, "index", None),
         StoreChange("consent", consent=replace(record, state=ConsentState.GRANTED)),
+        StoreChange("binding", aor=BOB, bindings=(binding,), removed=("sip:bob@192.0.2.2",)),
     ):
-        assert decode(encode(change)) == change
+        assert decode(encode(change)) == replace(change, remote=True)
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +230,7 @@ async def test_a_change_committed_at_one_node_is_announced_at_the_other(
         ]
         await _until(lambda: len(seen_b) == 2)
         await task.deferLater(reactor, 0.3, lambda: None)  # nothing more arrives
-        assert seen_b == expected
+        assert seen_b == [replace(change, remote=True) for change in expected]
         assert seen_a == expected
     finally:
         await a.close()
@@ -264,10 +266,10 @@ async def test_a_node_that_lost_its_connection_catches_up_exactly_once(
         await _until(lambda: len(seen) == 4)
         await task.deferLater(reactor, 0.3, lambda: None)
         assert seen == [
-            StoreChange("document", AUID, XUI, "one", first.etag),
-            StoreChange("document", AUID, XUI, "two", missed.etag),
-            StoreChange("document", AUID, XUI, "one", None),
-            StoreChange("document", AUID, XUI, "three", after.etag),
+            StoreChange("document", AUID, XUI, "one", first.etag, remote=True),
+            StoreChange("document", AUID, XUI, "two", missed.etag, remote=True),
+            StoreChange("document", AUID, XUI, "one", None, remote=True),
+            StoreChange("document", AUID, XUI, "three", after.etag, remote=True),
         ]
         assert await b.get_document(AUID, XUI, "two") == (DOC, missed.etag)
     finally:

@@ -352,3 +352,15 @@ async def test_expired_bindings_are_never_listed(store: IPermissionStore) -> Non
     assert await store.expire_bindings(300.0) == 0
     assert [b.uri for b in await store.list_bindings(0.0, 10)] == ["sip:b@h"]
     assert await store.list_bindings(600.0, 10) == []
+
+
+@async_test
+async def test_saved_bindings_are_announced(store: IPermissionStore) -> None:
+    """What another node's registrar applies to reach a UA registered here."""
+    seen: list[StoreChange] = []
+    store.add_listener(seen.append)
+    one = _binding("sip:bob@192.0.2.1", 300.0)
+    await store.save_bindings(BOB, [one], ["sip:bob@192.0.2.9"])
+    assert seen == [
+        StoreChange("binding", aor=BOB, bindings=(one,), removed=("sip:bob@192.0.2.9",))
+    ]

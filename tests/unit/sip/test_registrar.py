@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from relayd.consent.sqlite import SQLitePermissionStore
@@ -318,3 +318,46 @@ async def test_bindings_outlive_a_restart_until_they_expire(
     third = Registrar(DOMAIN, clock, None, store=reopen())
     await third.load()
     assert third.binding_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_contact_registered_at_one_node_is_reached_from_another(
+    postgres_dsn: str, clock: Clock
+) -> None:
+    """Two relays sharing one PostgreSQL store: B delivers to the UA registered at A,
+    and stops when A removes the binding; A's table is not changed twice."""
+    from relayd.consent.postgres import PostgresPermissionStore
+
+    clock.advance(1_800_000_000)
+    stores = [PostgresPermissionStore(postgres_dsn, reactor) for _ in range(2)]
+    a, b = (Registrar(DOMAIN, clock, None, store=store) for store in stores)
+    online: list[tuple[str, bool]] = []
+    b.add_listener(lambda aor, state: online.append((aor, state)))
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await deferLater(reactor, 0.02, lambda: None)
+        raise AssertionError("node B never saw the registration")
+
+    try:
+        await until(lambda: all(store.feed.connected.is_set() for store in stores))
+        await a.handle(register("<sip:alice@192.0.2.1>;q=0.5", "<sip:alice@192.0.2.2>"))
+        await until(lambda: len(b.contacts(AOR)) == 2)
+        assert [c.contact.format() for c in b.contacts(AOR)] == [
+            "<sip:alice@192.0.2.2>",
+            "<sip:alice@192.0.2.1>;q=0.5",
+        ]
+        assert b.contacts(AOR)[0].remaining_seconds(clock.seconds()) == 3600
+        await a.handle(register("<sip:alice@192.0.2.2>;expires=0", cseq=2))
+        await until(lambda: len(b.contacts(AOR)) == 1)
+        await a.handle(register("*", expires=0, cseq=3))
+        await until(lambda: not b.is_online(AOR))
+        assert online == [(AOR, True), (AOR, False)]
+        assert a.binding_count == b.binding_count == 0
+    finally:
+        a.stop()
+        b.stop()
+        for store in stores:
+            await store.close()
