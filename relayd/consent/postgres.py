@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.consent.pgchanges import ChangeFeed, record
@@ -30,6 +31,7 @@ from relayd.consent.store import (
     Rows,
     RuleStore,
     StoreChange,
+    StoreUnavailable,
     Write,
 )
 
@@ -246,8 +248,16 @@ class PostgresPermissionStore(RuleStore):
         self.feed.start()
 
     def _transact(self, work: Callable[[Any], _T]) -> Deferred[_T]:
+        """Run ``work`` in a transaction; a server that cannot be reached (or that kept
+        refusing to serialise it) fails it with :class:`StoreUnavailable`."""
+
+        def unavailable(failure: Failure) -> Failure:
+            if failure.check(psycopg.OperationalError):
+                raise StoreUnavailable(str(failure.value).strip()) from failure.value
+            return failure
+
         result: Deferred[_T] = self._pool.runWithConnection(_transaction, work)
-        return result
+        return result.addErrback(unavailable)
 
     def _read(self, read: Callable[[Rows], _T]) -> Deferred[_T]:
         return self._transact(lambda cursor: read(SQLRows(cursor)))

@@ -144,6 +144,14 @@ class PreconditionFailed(Exception):
         self.current_etag = current_etag
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (its database connection is lost): a request
+    that needs it is answered 503 with ``Retry-After: retry_after`` (RFC 9110 §15.6.4,
+    RFC 3261 §21.5.4), not 500, while the store reconnects."""
+
+    retry_after = 5
+
+
 class IPermissionStore(Interface):
     """Durable storage for XCAP documents and pending consents."""
 

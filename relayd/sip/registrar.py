@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from relayd.consent.store import IPermissionStore, StoreChange, StoredBinding
+from relayd.consent.store import IPermissionStore, StoreChange, StoredBinding, StoreUnavailable
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
@@ -240,6 +240,9 @@ class Registrar:
             if changed or removed:
                 try:
                     await self._store.save_bindings(aor, changed, removed)
+                except StoreUnavailable:
+                    retry = [("Retry-After", str(StoreUnavailable.retry_after))]
+                    raise SIPStatus(503, "Location Store Unavailable", headers=retry) from None
                 except Exception:
                     self.log.failure("storing the bindings of {aor} failed", aor=aor)
                     raise SIPStatus(500, "Location Store Failed") from None

@@ -31,6 +31,7 @@ from relayd.consent.store import (
     PreconditionFailed,
     StoreChange,
     StoredBinding,
+    StoreUnavailable,
 )
 from relayd.consent.vocabulary import CONSENT_RULES_AUID as AUID
 
@@ -275,3 +276,18 @@ async def test_a_node_that_lost_its_connection_catches_up_exactly_once(
     finally:
         await a.close()
         await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_cannot_be_reached_makes_the_store_unavailable() -> None:
+    """What the relay answers 503 with Retry-After for, while it reconnects."""
+    store = PostgresPermissionStore(
+        "host=127.0.0.1 port=1 dbname=test user=postgres connect_timeout=2", reactor
+    )
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.get_document(AUID, XUI, "index")
+        with pytest.raises(StoreUnavailable):
+            await store.put_document(AUID, XUI, "index", DOC)
+    finally:
+        await store.close()

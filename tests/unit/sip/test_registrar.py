@@ -14,7 +14,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from relayd.consent.sqlite import SQLitePermissionStore
-from relayd.consent.store import MemoryPermissionStore, StoredBinding
+from relayd.consent.store import MemoryPermissionStore, StoredBinding, StoreUnavailable
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
@@ -235,13 +235,14 @@ class _RecordingStore(MemoryPermissionStore):
     def __init__(self, fail: bool = False) -> None:
         super().__init__()
         self.fail = fail
+        self.error: Exception = RuntimeError("disk full")
         self.writes: list[tuple[str, list[str], list[str]]] = []
 
     def save_bindings(
         self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
     ) -> Deferred[None]:
         if self.fail:
-            return fail(RuntimeError("disk full"))
+            return fail(self.error)
         self.writes.append((aor, [b.uri for b in bindings], list(removed)))
         return super().save_bindings(aor, bindings, removed)
 
@@ -269,6 +270,14 @@ def test_a_register_the_store_cannot_keep_is_500(clock: Clock) -> None:
     registrar = Registrar(DOMAIN, clock, None, store=_RecordingStore(fail=True))
     with captured_log():
         assert status_of(registrar, register("<sip:alice@192.0.2.1>")).status == 500
+
+
+def test_a_register_while_the_store_is_unreachable_is_503(clock: Clock) -> None:
+    store = _RecordingStore(fail=True)
+    store.error = StoreUnavailable("connection lost")
+    refused = status_of(Registrar(DOMAIN, clock, None, store=store), register("<sip:a@h>"))
+    assert refused.status == 503
+    assert dict(refused.headers) == {"Retry-After": str(StoreUnavailable.retry_after)}
 
 
 @pytest.fixture(params=["memory", "sqlite"])
