@@ -1,13 +1,13 @@
 """Pending consents: who asked whom, how often, until when (consent spec §(b)).
 
 :class:`ConsentLedger` opens pending consents (one per sender, list, recipient; a
-repeat refreshes), enforces the per-sender hourly rate, and expires records on a timer
+repeat refreshes), enforces the per-sender hourly rate (counted in the store, so every
+node sharing it and every restart count together), and expires records on a timer
 set for the earliest expiry (no polling); expiry is a store change like any other.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +18,9 @@ from relayd.consent.policy import identity_key
 from relayd.consent.store import IPermissionStore, PendingConsent
 from relayd.logs import logger
 from relayd.tokens import new_token, redact
+
+_RATE_WINDOW = 3600.0
+"""The rate's sliding window: consent requests per sender per hour."""
 
 
 class RateExceeded(Exception):
@@ -38,36 +41,6 @@ class ConsentLimits:
     pending_consent_seconds: int = 86400
 
 
-class RateLimiter:
-    """At most ``limit`` events per key in any sliding ``window_seconds``."""
-
-    def __init__(self, limit: int, window_seconds: float = 3600.0, max_keys: int = 100_000) -> None:
-        self.limit = limit
-        self.window_seconds = window_seconds
-        self.max_keys = max_keys
-        self._events: dict[str, deque[float]] = {}
-
-    def check(self, key: str, now: float) -> float | None:
-        """Record an event and return None, or return the seconds until one is allowed."""
-        events = self._events.get(key)
-        if events is None:
-            if len(self._events) >= self.max_keys:
-                self._purge(now)
-            events = self._events[key] = deque()
-        while events and events[0] <= now - self.window_seconds:
-            events.popleft()
-        if len(events) >= self.limit:
-            return max(1.0, events[0] + self.window_seconds - now)
-        events.append(now)
-        return None
-
-    def _purge(self, now: float) -> None:
-        for key in [
-            k for k, v in self._events.items() if not v or v[-1] <= now - self.window_seconds
-        ]:
-            del self._events[key]
-
-
 class ConsentLedger:
     """Pending consents: open/refresh with rate limits, expire on time (module doc)."""
 
@@ -82,7 +55,6 @@ class ConsentLedger:
         self.store = store
         self.clock = clock
         self.limits = limits
-        self.rate = RateLimiter(limits.consent_requests_per_hour)
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
 
@@ -100,7 +72,9 @@ class ConsentLedger:
     ) -> PendingConsent:
         """Open or refresh the record; raises :class:`RateExceeded` past the rate."""
         now = self.clock.seconds()
-        wait = self.rate.check(identity_key(sender), now)
+        wait = await self.store.count_request(
+            identity_key(sender), now, self.limits.consent_requests_per_hour, _RATE_WINDOW
+        )
         if wait is not None:
             self.log.warn("consent rate limit hit by {user}", user=sender)
             raise RateExceeded(int(wait))

@@ -84,6 +84,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             payload TEXT NOT NULL
         )""",
     ),
+    # 3: rate counts, shared by every node (relayd.consent.ledger).
+    (
+        """CREATE TABLE requests (
+            key TEXT COLLATE "C" NOT NULL,
+            at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX requests_by_key ON requests (key, at)",
+        "CREATE INDEX requests_by_time ON requests (at)",
+    ),
 )
 """Step *n* (from 1) turns schema version *n - 1* into *n*; steps are only ever appended.
 Sorted keys are ``COLLATE "C"``: names and ids sort by code point, as in the other backends."""

@@ -236,6 +236,14 @@ class IPermissionStore(Interface):
     def expire_bindings(now: float) -> Deferred[int]:
         """Delete the bindings with ``expires <= now``; how many there were."""
 
+    def count_request(
+        key: str, now: float, limit: int, window_seconds: float
+    ) -> Deferred[float | None]:
+        """Count a request of ``key`` at ``now`` and fire None, or, when ``key`` made
+        ``limit`` in the last ``window_seconds`` already, count nothing and fire the
+        seconds until one is allowed (at least 1).  Counts are shared by every node of
+        the store and outlive a restart (consent spec §(b) rate limits)."""
+
     def add_listener(listener: Listener) -> None:
         """Call ``listener(change)`` after each committed change."""
 
@@ -330,6 +338,14 @@ class Rows(Protocol):
         """At most ``limit`` with ``expires > now``, by AOR and contact URI."""
 
     def remove_expired_bindings(self, now: float) -> int: ...
+
+    def request_times(self, key: str) -> list[float]:
+        """The counted requests of ``key``, oldest first."""
+
+    def add_request(self, key: str, at: float) -> None: ...
+
+    def forget_requests(self, before: float) -> None:
+        """Drop every key's requests counted at or before ``before``."""
 
 
 Write = Callable[[Rows], tuple[_T, list[StoreChange]]]
@@ -531,6 +547,19 @@ class RuleStore(abc.ABC):
     def expire_bindings(self, now: float) -> Deferred[int]:
         return self._write(lambda rows: (rows.remove_expired_bindings(now), []))
 
+    def count_request(
+        self, key: str, now: float, limit: int, window_seconds: float
+    ) -> Deferred[float | None]:
+        def count(rows: Rows) -> tuple[float | None, list[StoreChange]]:
+            rows.forget_requests(now - window_seconds)
+            times = rows.request_times(key)
+            if len(times) >= limit:
+                return max(1.0, times[0] + window_seconds - now), []
+            rows.add_request(key, now)
+            return None, []
+
+        return self._write(count)
+
     def add_listener(self, listener: Listener) -> None:
         self._listeners.add(listener)
 
@@ -549,6 +578,7 @@ class _MemoryRows:
         self.documents: dict[DocumentKey, StoredDocument] = {}
         self.consents_by_id: dict[str, PendingConsent] = {}
         self.bindings: dict[tuple[str, str], StoredBinding] = {}
+        self.requests: dict[str, list[float]] = {}
 
     def document(self, key: DocumentKey) -> StoredDocument | None:
         return self.documents.get(key)
@@ -641,6 +671,20 @@ class _MemoryRows:
         for key in expired:
             del self.bindings[key]
         return len(expired)
+
+    def request_times(self, key: str) -> list[float]:
+        return sorted(self.requests.get(key, ()))
+
+    def add_request(self, key: str, at: float) -> None:
+        self.requests.setdefault(key, []).append(at)
+
+    def forget_requests(self, before: float) -> None:
+        for key, times in list(self.requests.items()):
+            kept = [at for at in times if at > before]
+            if kept:
+                self.requests[key] = kept
+            else:
+                del self.requests[key]
 
 
 @implementer(IPermissionStore)

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from twisted.internet.task import Clock
 
-from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded, RateLimiter
+from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded
 from relayd.consent.store import ConsentState, MemoryPermissionStore
 from relayd.testing import fired
 
 LIST = "sip:friends@relay.test"
-
-
-def test_rate_limiter_window() -> None:
-    limiter = RateLimiter(2, window_seconds=10)
-    assert limiter.check("a", 0) is None and limiter.check("a", 1) is None
-    assert limiter.check("a", 2) == pytest.approx(8)
-    assert limiter.check("b", 2) is None
-    assert limiter.check("a", 10.5) is None
 
 
 def test_ledger_refreshes_rate_limits_and_expires() -> None:

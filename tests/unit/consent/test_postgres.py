@@ -16,6 +16,7 @@ from psycopg.conninfo import make_conninfo
 from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
 
+from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded
 from relayd.consent.pgchanges import decode, encode
 from relayd.consent.postgres import (
     SCHEMA_VERSION,
@@ -291,3 +292,25 @@ async def test_a_server_that_cannot_be_reached_makes_the_store_unavailable() -> 
             await store.put_document(AUID, XUI, "index", DOC)
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_node_counts_a_senders_consent_requests_together(postgres_dsn: str) -> None:
+    """The hourly rate holds for the deployment, not per node (consent spec §(b))."""
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    limits = ConsentLimits(consent_requests_per_hour=2)
+    stores = [PostgresPermissionStore(postgres_dsn, reactor) for _ in range(2)]
+    a, b = (ConsentLedger(store, clock, limits) for store in stores)
+    try:
+        await a.open(BOB, "sip:l@x.test", XUI, ["MESSAGE"])
+        await b.open(BOB, "sip:l@x.test", "sip:dave@example.test", ["MESSAGE"])
+        with pytest.raises(RateExceeded) as refused:
+            await a.open(BOB, "sip:l@x.test", "sip:erin@example.test", ["MESSAGE"])
+        assert refused.value.retry_after == 3600
+        await b.open("sip:frank@example.test", "sip:l@x.test", XUI, ["MESSAGE"])
+    finally:
+        for ledger in (a, b):
+            ledger.stop()
+        for store in stores:
+            await store.close()

@@ -364,3 +364,15 @@ async def test_saved_bindings_are_announced(store: IPermissionStore) -> None:
     assert seen == [
         StoreChange("binding", aor=BOB, bindings=(one,), removed=("sip:bob@192.0.2.9",))
     ]
+
+
+@async_test
+async def test_requests_are_counted_in_a_sliding_window(store: IPermissionStore) -> None:
+    assert await store.count_request("a", 0.0, 2, 10.0) is None
+    assert await store.count_request("a", 1.0, 2, 10.0) is None
+    assert await store.count_request("a", 2.0, 2, 10.0) == pytest.approx(8.0)
+    assert await store.count_request("b", 2.0, 2, 10.0) is None
+    assert await store.count_request("a", 9.5, 2, 10.0) == pytest.approx(1.0)  # at least 1
+    assert await store.count_request("a", 10.5, 2, 10.0) is None  # the one at 0 has left
+    assert await store.count_request("a", 10.6, 2, 10.0) == 1.0  # 0.4 s, at least 1
+    assert await store.count_request("a", 11.5, 2, 10.0) is None
