@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd.consent.policy import identity_key
-from relayd.consent.store import IPermissionStore, PendingConsent
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.tokens import new_token, redact
 
@@ -57,12 +57,21 @@ class ConsentLedger:
         self.limits = limits
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
+        store.add_listener(self._store_changed)
 
     async def start(self) -> None:
         """Schedule expiry for the records already pending (restart)."""
         await self._schedule_next()
 
+    def _store_changed(self, change: StoreChange) -> None:
+        """A consent another node opened expires on time here too, should that node
+        be gone by then (expiring a record twice changes nothing)."""
+        record = change.consent
+        if change.remote and record is not None and record.state is ConsentState.PENDING:
+            self._schedule(record.expires)
+
     def stop(self) -> None:
+        self.store.remove_listener(self._store_changed)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self._timer_at = None
