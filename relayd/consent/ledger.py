@@ -1,13 +1,13 @@
 """Pending consents: who asked whom, how often, until when (consent spec §(b)).
 
 :class:`ConsentLedger` opens pending consents (one per sender, list, recipient; a
-repeat refreshes), enforces the per-sender hourly rate, and expires records on a timer
+repeat refreshes), enforces the per-sender hourly rate (counted in the store, so every
+node sharing it and every restart count together), and expires records on a timer
 set for the earliest expiry (no polling); expiry is a store change like any other.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,9 +15,12 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd.consent.policy import identity_key
-from relayd.consent.store import IPermissionStore, PendingConsent
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.tokens import new_token, redact
+
+_RATE_WINDOW = 3600.0
+"""The rate's sliding window: consent requests per sender per hour."""
 
 
 class RateExceeded(Exception):
@@ -38,36 +41,6 @@ class ConsentLimits:
     pending_consent_seconds: int = 86400
 
 
-class RateLimiter:
-    """At most ``limit`` events per key in any sliding ``window_seconds``."""
-
-    def __init__(self, limit: int, window_seconds: float = 3600.0, max_keys: int = 100_000) -> None:
-        self.limit = limit
-        self.window_seconds = window_seconds
-        self.max_keys = max_keys
-        self._events: dict[str, deque[float]] = {}
-
-    def check(self, key: str, now: float) -> float | None:
-        """Record an event and return None, or return the seconds until one is allowed."""
-        events = self._events.get(key)
-        if events is None:
-            if len(self._events) >= self.max_keys:
-                self._purge(now)
-            events = self._events[key] = deque()
-        while events and events[0] <= now - self.window_seconds:
-            events.popleft()
-        if len(events) >= self.limit:
-            return max(1.0, events[0] + self.window_seconds - now)
-        events.append(now)
-        return None
-
-    def _purge(self, now: float) -> None:
-        for key in [
-            k for k, v in self._events.items() if not v or v[-1] <= now - self.window_seconds
-        ]:
-            del self._events[key]
-
-
 class ConsentLedger:
     """Pending consents: open/refresh with rate limits, expire on time (module doc)."""
 
@@ -82,15 +55,23 @@ class ConsentLedger:
         self.store = store
         self.clock = clock
         self.limits = limits
-        self.rate = RateLimiter(limits.consent_requests_per_hour)
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
+        store.add_listener(self._store_changed)
 
     async def start(self) -> None:
         """Schedule expiry for the records already pending (restart)."""
         await self._schedule_next()
 
+    def _store_changed(self, change: StoreChange) -> None:
+        """A consent another node opened expires on time here too, should that node
+        be gone by then (expiring a record twice changes nothing)."""
+        record = change.consent
+        if change.remote and record is not None and record.state is ConsentState.PENDING:
+            self._schedule(record.expires)
+
     def stop(self) -> None:
+        self.store.remove_listener(self._store_changed)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self._timer_at = None
@@ -100,7 +81,9 @@ class ConsentLedger:
     ) -> PendingConsent:
         """Open or refresh the record; raises :class:`RateExceeded` past the rate."""
         now = self.clock.seconds()
-        wait = self.rate.check(identity_key(sender), now)
+        wait = await self.store.count_request(
+            identity_key(sender), now, self.limits.consent_requests_per_hour, _RATE_WINDOW
+        )
         if wait is not None:
             self.log.warn("consent rate limit hit by {user}", user=sender)
             raise RateExceeded(int(wait))

@@ -9,26 +9,29 @@ ad-hoc DDL: each applied step is a row of ``schema_migrations``.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.enterprise import adbapi
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd.consent.pgchanges import ChangeFeed, record
 from relayd.consent.sqlrows import SQLRows
 from relayd.consent.store import (
     IPermissionStore,
     Rows,
     RuleStore,
     StoreChange,
+    StoreUnavailable,
     Write,
 )
 
@@ -72,6 +75,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (aor, uri)
         )""",
         "CREATE INDEX bindings_expiry ON bindings (expires)",
+    ),
+    # 2: every node's committed changes, for the others (relayd.consent.pgchanges).
+    (
+        """CREATE TABLE changes (
+            seq BIGSERIAL PRIMARY KEY,
+            node TEXT NOT NULL,
+            payload TEXT NOT NULL
+        )""",
+    ),
+    # 3: rate counts, shared by every node (relayd.consent.ledger).
+    (
+        """CREATE TABLE requests (
+            key TEXT COLLATE "C" NOT NULL,
+            at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX requests_by_key ON requests (key, at)",
+        "CREATE INDEX requests_by_time ON requests (at)",
     ),
 )
 """Step *n* (from 1) turns schema version *n - 1* into *n*; steps are only ever appended.
@@ -156,8 +176,8 @@ def session(dsn: str) -> Iterator[tuple[Rows, int]]:
             yield SQLRows(cursor), before
 
 
-def _transaction(connection: Any, work: Callable[[Rows], _T]) -> _T:
-    """Run ``work`` and commit, in the pool's thread.
+def _transaction(connection: Any, work: Callable[[Any], _T]) -> _T:
+    """Run ``work`` on a cursor and commit, in the pool's thread.
 
     Again from the start when PostgreSQL refused to serialise it against a concurrent
     transaction (of this or another node), up to :data:`_ATTEMPTS` times; and once more
@@ -172,7 +192,7 @@ def _transaction(connection: Any, work: Callable[[Rows], _T]) -> _T:
         committing = False
         try:
             with connection.cursor() as cursor:
-                outcome = work(SQLRows(cursor))
+                outcome = work(cursor)
             committing = True
             connection.commit()
         except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
@@ -200,10 +220,23 @@ class PostgresPermissionStore(RuleStore):
     order they were committed; transactions are SERIALIZABLE, so several nodes'
     concurrent writes keep the store's compare-and-set rules (a refused transaction
     is retried from its first read).  A connection the server closed is reopened.
+
+    Other nodes' changes reach this node's listeners too, through a
+    :class:`~relayd.consent.pgchanges.ChangeFeed` (LISTEN/NOTIFY and the ``changes``
+    table): a grant written at one node wakes the wait-permission subscriber held by
+    another.  ``node`` names this process in the table (a fresh random id by default).
     """
 
-    def __init__(self, dsn: str, reactor: IReactorThreads | IReactorTime) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        reactor: IReactorThreads | IReactorTime,
+        node: str | None = None,
+        backoff: float = 0.5,
+    ) -> None:
         super().__init__()
+        self.node = node if node is not None else secrets.token_hex(8)
+        self._closed = False
         self._pool = adbapi.ConnectionPool(
             "psycopg",
             connection_string(dsn),
@@ -213,24 +246,54 @@ class PostgresPermissionStore(RuleStore):
             cp_reconnect=True,
             cp_reactor=reactor,
         )
+        self.feed = ChangeFeed(
+            connection_string(dsn),
+            self.node,
+            self._remote,
+            cast(IReactorFromThreads, reactor),
+            prepare=migrate,
+            backoff=backoff,
+        )
+        self.feed.start()
 
-    def _transact(self, work: Callable[[Rows], _T]) -> Deferred[_T]:
+    def _transact(self, work: Callable[[Any], _T]) -> Deferred[_T]:
+        """Run ``work`` in a transaction; a server that cannot be reached (or that kept
+        refusing to serialise it) fails it with :class:`StoreUnavailable`."""
+
+        def unavailable(failure: Failure) -> Failure:
+            if failure.check(psycopg.OperationalError):
+                raise StoreUnavailable(str(failure.value).strip()) from failure.value
+            return failure
+
         result: Deferred[_T] = self._pool.runWithConnection(_transaction, work)
-        return result
+        return result.addErrback(unavailable)
 
     def _read(self, read: Callable[[Rows], _T]) -> Deferred[_T]:
-        return self._transact(read)
+        return self._transact(lambda cursor: read(SQLRows(cursor)))
 
     def _write(self, write: Write[_T]) -> Deferred[_T]:
-        """Run a write transaction, then (on the reactor thread) announce its changes."""
+        """Run a write transaction that records its changes for the other nodes, then
+        (on the reactor thread) announce them here."""
+        node = self.node
+
+        def recorded(cursor: Any) -> tuple[_T, list[StoreChange]]:
+            value, changes = write(SQLRows(cursor))
+            record(cursor, node, changes)
+            return value, changes
 
         def committed(outcome: tuple[_T, list[StoreChange]]) -> _T:
             value, changes = outcome
             self._listeners.emit(changes)
             return value
 
-        return self._transact(write).addCallback(committed)
+        return self._transact(recorded).addCallback(committed)
+
+    def _remote(self, changes: list[StoreChange]) -> None:
+        """Another node's committed changes, announced as this node's own are."""
+        if not self._closed:
+            self._listeners.emit(changes)
 
     def close(self) -> Deferred[None]:
+        self._closed = True
         self._pool.close()
-        return defer.succeed(None)
+        return self.feed.stop()

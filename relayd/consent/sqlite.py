@@ -30,8 +30,8 @@ from relayd.logs import logger
 
 _log = logger()
 
-SCHEMA_VERSION = 2
-"""1: documents and consents; 2: registrations (``bindings``)."""
+SCHEMA_VERSION = 3
+"""1: documents and consents; 2: registrations (``bindings``); 3: rate counts (``requests``)."""
 
 _T = TypeVar("_T")
 
@@ -74,6 +74,10 @@ _SCHEMA = (
         PRIMARY KEY (aor, uri)
     )""",
     "CREATE INDEX IF NOT EXISTS bindings_expiry ON bindings (expires)",
+    # Version 3.
+    "CREATE TABLE IF NOT EXISTS requests (key TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS requests_by_key ON requests (key, at)",
+    "CREATE INDEX IF NOT EXISTS requests_by_time ON requests (at)",
 )
 
 

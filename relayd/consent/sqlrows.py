@@ -200,3 +200,13 @@ class SQLRows:
     def remove_expired_bindings(self, now: float) -> int:
         self._execute("DELETE FROM bindings WHERE expires <= %s", (now,))
         return int(self._cursor.rowcount)
+
+    def request_times(self, key: str) -> list[float]:
+        self._execute("SELECT at FROM requests WHERE key = %s ORDER BY at", (key,))
+        return [float(row[0]) for row in self._cursor.fetchall()]
+
+    def add_request(self, key: str, at: float) -> None:
+        self._execute("INSERT INTO requests (key, at) VALUES (%s, %s)", (key, at))
+
+    def forget_requests(self, before: float) -> None:
+        self._execute("DELETE FROM requests WHERE at <= %s", (before,))

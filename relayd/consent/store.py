@@ -25,8 +25,8 @@ record per (sender, list, recipient); opening it again refreshes it, keeping its
 and permission token so the sender gets the same wait-permission URI.
 
 Registrations (RFC 3261 §10.3) are kept here too, one row per contact of an AOR, so
-that a restarted relay still reaches every registered UA. They are the registrar's
-working copy on disk, not documents: their writes announce no :class:`StoreChange`.
+that a restarted relay still reaches every registered UA, and announced as ``binding``
+changes, so that every node sharing the store reaches a UA registered at any of them.
 
 These rules are written once, in :class:`RuleStore`, over the :class:`Rows` a backend
 keeps: :class:`MemoryPermissionStore` here, for tests, the SQLite file of
@@ -114,14 +114,23 @@ class DocumentWrite(NamedTuple):
 
 @dataclass(frozen=True)
 class StoreChange:
-    """One committed change.  ``etag`` is None when a document was deleted."""
+    """One committed change.  ``etag`` is None when a document was deleted.
 
-    kind: Literal["document", "consent"]
+    A ``binding`` change is a registration of ``aor``: the ``bindings`` written and the
+    contact URIs ``removed``.  ``remote`` marks a change another node committed (a
+    shared store): the registrar, whose own changes are in its table before they are
+    committed, applies only those."""
+
+    kind: Literal["document", "consent", "binding"]
     auid: str | None = None
     xui: str | None = None
     name: str | None = None
     etag: str | None = None
     consent: PendingConsent | None = None
+    aor: str | None = None
+    bindings: tuple[StoredBinding, ...] = ()
+    removed: tuple[str, ...] = ()
+    remote: bool = False
 
 
 Listener = Callable[[StoreChange], object]
@@ -133,6 +142,14 @@ class PreconditionFailed(Exception):
     def __init__(self, current_etag: str | None) -> None:
         super().__init__(current_etag)
         self.current_etag = current_etag
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (its database connection is lost): a request
+    that needs it is answered 503 with ``Retry-After: retry_after`` (RFC 9110 §15.6.4,
+    RFC 3261 §21.5.4), not 500, while the store reconnects."""
+
+    retry_after = 5
 
 
 class IPermissionStore(Interface):
@@ -218,6 +235,14 @@ class IPermissionStore(Interface):
 
     def expire_bindings(now: float) -> Deferred[int]:
         """Delete the bindings with ``expires <= now``; how many there were."""
+
+    def count_request(
+        key: str, now: float, limit: int, window_seconds: float
+    ) -> Deferred[float | None]:
+        """Count a request of ``key`` at ``now`` and fire None, or, when ``key`` made
+        ``limit`` in the last ``window_seconds`` already, count nothing and fire the
+        seconds until one is allowed (at least 1).  Counts are shared by every node of
+        the store and outlive a restart (consent spec §(b) rate limits)."""
 
     def add_listener(listener: Listener) -> None:
         """Call ``listener(change)`` after each committed change."""
@@ -313,6 +338,14 @@ class Rows(Protocol):
         """At most ``limit`` with ``expires > now``, by AOR and contact URI."""
 
     def remove_expired_bindings(self, now: float) -> int: ...
+
+    def request_times(self, key: str) -> list[float]:
+        """The counted requests of ``key``, oldest first."""
+
+    def add_request(self, key: str, at: float) -> None: ...
+
+    def forget_requests(self, before: float) -> None:
+        """Drop every key's requests counted at or before ``before``."""
 
 
 Write = Callable[[Rows], tuple[_T, list[StoreChange]]]
@@ -503,7 +536,8 @@ class RuleStore(abc.ABC):
     ) -> Deferred[None]:
         def save(rows: Rows) -> tuple[None, list[StoreChange]]:
             rows.write_bindings(aor, bindings, removed)
-            return None, []
+            written = tuple(replace(binding, aor=aor) for binding in bindings)
+            return None, [StoreChange("binding", aor=aor, bindings=written, removed=(*removed,))]
 
         return self._write(save)
 
@@ -512,6 +546,19 @@ class RuleStore(abc.ABC):
 
     def expire_bindings(self, now: float) -> Deferred[int]:
         return self._write(lambda rows: (rows.remove_expired_bindings(now), []))
+
+    def count_request(
+        self, key: str, now: float, limit: int, window_seconds: float
+    ) -> Deferred[float | None]:
+        def count(rows: Rows) -> tuple[float | None, list[StoreChange]]:
+            rows.forget_requests(now - window_seconds)
+            times = rows.request_times(key)
+            if len(times) >= limit:
+                return max(1.0, times[0] + window_seconds - now), []
+            rows.add_request(key, now)
+            return None, []
+
+        return self._write(count)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.add(listener)
@@ -531,6 +578,7 @@ class _MemoryRows:
         self.documents: dict[DocumentKey, StoredDocument] = {}
         self.consents_by_id: dict[str, PendingConsent] = {}
         self.bindings: dict[tuple[str, str], StoredBinding] = {}
+        self.requests: dict[str, list[float]] = {}
 
     def document(self, key: DocumentKey) -> StoredDocument | None:
         return self.documents.get(key)
@@ -623,6 +671,20 @@ class _MemoryRows:
         for key in expired:
             del self.bindings[key]
         return len(expired)
+
+    def request_times(self, key: str) -> list[float]:
+        return sorted(self.requests.get(key, ()))
+
+    def add_request(self, key: str, at: float) -> None:
+        self.requests.setdefault(key, []).append(at)
+
+    def forget_requests(self, before: float) -> None:
+        for key, times in list(self.requests.items()):
+            kept = [at for at in times if at > before]
+            if kept:
+                self.requests[key] = kept
+            else:
+                del self.requests[key]
 
 
 @implementer(IPermissionStore)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from relayd.consent.store import IPermissionStore, StoredBinding
+from relayd.consent.store import IPermissionStore, StoreChange, StoredBinding, StoreUnavailable
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
@@ -139,6 +139,8 @@ class Registrar:
         self._timers: dict[str, IDelayedCall] = {}
         self._count = 0
         self._listeners: list[PresenceListener] = []
+        if store is not None:
+            store.add_listener(self.store_changed)
 
     # -- queries for the relay ----------------------------------------------------------
 
@@ -199,6 +201,26 @@ class Registrar:
             skipped=skipped,
         )
 
+    def store_changed(self, change: StoreChange) -> None:
+        """Apply a registration another node sharing the store committed, so that a
+        UA registered there is reached from here too.  Changes arrive in the order
+        they were committed; this node's own are in the table already."""
+        if change.kind != "binding" or not change.remote or change.aor is None:
+            return
+        aor = change.aor
+        table = {b.key: b for b in self._bindings.get(aor, [])}
+        for key in change.removed:
+            table.pop(key, None)
+        for row in change.bindings:
+            try:
+                binding = Binding.from_stored(row)
+            except SIPURIError:
+                continue
+            table[binding.key] = binding
+        room = self.limits.max_bindings - self._count + len(self._bindings.get(aor, []))
+        kept = sorted(table.values(), key=lambda b: -b.q)
+        self._replace(aor, kept[: max(0, min(room, self.limits.max_contacts_per_aor))])
+
     # -- REGISTER -----------------------------------------------------------------------
 
     async def handle(self, request: SIPRequest, peer: object = None) -> SIPResponse:
@@ -218,6 +240,9 @@ class Registrar:
             if changed or removed:
                 try:
                     await self._store.save_bindings(aor, changed, removed)
+                except StoreUnavailable:
+                    retry = [("Retry-After", str(StoreUnavailable.retry_after))]
+                    raise SIPStatus(503, "Location Store Unavailable", headers=retry) from None
                 except Exception:
                     self.log.failure("storing the bindings of {aor} failed", aor=aor)
                     raise SIPStatus(500, "Location Store Failed") from None
@@ -378,6 +403,8 @@ class Registrar:
     def stop(self) -> None:
         """Cancel expiry timers (service shutdown); the memory table is dropped, the
         store keeps the bindings for the next start."""
+        if self._store is not None:
+            self._store.remove_listener(self.store_changed)
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
+from relayd.consent.store import StoreUnavailable
 from relayd.logs import logger
 from relayd.sip.message import (
     MAGIC_COOKIE,
@@ -357,6 +358,9 @@ class UASCore:
     def _failed(self, txn: ServerTransaction, request: SIPRequest, failure: Failure) -> None:
         if failure.check(SIPStatus):
             response = response_for_status(request, failure.value)  # type: ignore[arg-type]
+        elif failure.check(StoreUnavailable):
+            retry = [("Retry-After", str(StoreUnavailable.retry_after))]
+            response = make_response(request, 503, headers=retry)
         else:
             self.log.failure(
                 "handler failed on {method} from {peer}",

@@ -64,6 +64,7 @@ from relayd.consent.store import (
     PendingConsent,
     PreconditionFailed,
     StoredDocument,
+    StoreUnavailable,
     check_preconditions,
 )
 from relayd.logs import logger
@@ -245,6 +246,11 @@ class XCAPResource(Resource):
         return NOT_DONE_YET
 
     def _internal_error(self, failure: Failure, request: Request, state: _RequestState) -> None:
+        if failure.check(StoreUnavailable):
+            self.log.warn("XCAP {method} {uri}: store unavailable", **state.fields)
+            retry = [("Retry-After", str(StoreUnavailable.retry_after))]
+            self._send(request, state, Response(503, headers=retry))
+            return
         self.log.failure(
             "XCAP {method} {uri} failed",
             failure,

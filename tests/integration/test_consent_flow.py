@@ -1265,3 +1265,45 @@ async def test_a_person_allows_in_a_browser_without_javascript(start: Start) -> 
     assert "You allowed" in after
     relayed = await send_message(alice, SOLO, b"allowed in a browser")
     assert relayed.status == 200, relayed
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_relays_sharing_a_postgresql_store_act_as_one(
+    start: Start, postgres_dsn: str
+) -> None:
+    """Bob registers at relay B and alice talks to relay A: A reaches bob through the
+    registration B stored, and bob's grant PUT through B's XCAP releases alice's
+    MESSAGE held at A and NOTIFYs her wait-permission subscription there."""
+    store_keys = {"store__backend": "postgresql", "store__dsn": postgres_dsn}
+    a = await start(**store_keys)
+    b = await start(**store_keys)
+    bob = bind_udp_ua("bob")
+    attach_ua(bob, b)
+    await bob.register()
+    for _ in range(int(TIMEOUT / 0.02)):
+        if a.sip.registrar.is_online(BOB):
+            break
+        await deferLater(reactor, 0.02, lambda: None)
+    assert a.sip.registrar.is_online(BOB)
+    bob.relay_port = a.udp_port  # bob answers what relay A sends him
+
+    alice = await start_ua("alice", "UDP", a)
+    refused = await send_message(alice, SOLO)
+    assert refused.status == 470
+    (target,) = consent_uris(refused)
+    accepted = await ask_consent(alice, target)
+    assert accepted.status == 202
+    forwarded = await bob.next_request("CONSENT")
+    waiting, pending = await subscribe(alice, call_info_uri(accepted))
+    assert [e["state"] for e in status_entries(pending)] == ["pending"]
+
+    permission = (forwarded.headers.get("permission") or "")[1:-1]
+    at_b = f"{b.xcap_root.split('/xcap-root')[0]}/{permission.split('/', 3)[3]}"
+    code, granted = await notify_after(
+        alice, waiting.call_id, b.xcap.call("PUT", at_b, grant_document(target=SOLO))
+    )
+    assert code == 201
+    assert [e["state"] for e in status_entries(granted)] == ["granted"]
+    delivered = await send_message(alice, SOLO, b"through relay A")
+    assert delivered.status == 200, delivered
+    assert (await bob.next_request("MESSAGE")).body == b"through relay A"

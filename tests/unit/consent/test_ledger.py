@@ -4,22 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from twisted.internet.task import Clock
 
-from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded, RateLimiter
-from relayd.consent.store import ConsentState, MemoryPermissionStore
+from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded
+from relayd.consent.store import ConsentState, MemoryPermissionStore, StoreChange
 from relayd.testing import fired
 
 LIST = "sip:friends@relay.test"
-
-
-def test_rate_limiter_window() -> None:
-    limiter = RateLimiter(2, window_seconds=10)
-    assert limiter.check("a", 0) is None and limiter.check("a", 1) is None
-    assert limiter.check("a", 2) == pytest.approx(8)
-    assert limiter.check("b", 2) is None
-    assert limiter.check("a", 10.5) is None
 
 
 def test_ledger_refreshes_rate_limits_and_expires() -> None:
@@ -78,3 +69,18 @@ def test_ledger_expires_each_record_at_its_time_without_listing_them() -> None:
     assert states() == [expired, expired, expired]
     assert fired(store.next_consent_expiry()) is None
     assert store.listings == 0
+
+
+def test_a_consent_opened_at_another_node_expires_here_on_time() -> None:
+    """Should the node that opened it be gone, its expiry still happens."""
+    clock = Clock()
+    store = MemoryPermissionStore()
+    ledger = ConsentLedger(store, clock, ConsentLimits(pending_consent_seconds=30))
+    record = fired(
+        store.open_consent("sip:a@x.test", LIST, "sip:b@x.test", ["MESSAGE"], "t", 0, 20)
+    )
+    # What the other node's change looks like here (relayd.consent.pgchanges).
+    store._listeners.emit([StoreChange("consent", consent=record, remote=True)])
+    clock.advance(20)
+    assert fired(store.get_consent(record.id)).state is ConsentState.EXPIRED
+    ledger.stop()

@@ -5,15 +5,19 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import psycopg
 import pytest
 import pytest_twisted
 from psycopg.conninfo import make_conninfo
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
 
+from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded
+from relayd.consent.pgchanges import decode, encode
 from relayd.consent.postgres import (
     SCHEMA_VERSION,
     PostgresPermissionStore,
@@ -22,7 +26,14 @@ from relayd.consent.postgres import (
     describe,
     migrate,
 )
-from relayd.consent.store import PreconditionFailed, StoredBinding
+from relayd.consent.store import (
+    ConsentState,
+    PendingConsent,
+    PreconditionFailed,
+    StoreChange,
+    StoredBinding,
+    StoreUnavailable,
+)
 from relayd.consent.vocabulary import CONSENT_RULES_AUID as AUID
 
 XUI = "sip:carol@example.test"
@@ -168,3 +179,138 @@ async def test_a_dropped_connection_is_reopened_without_failing_a_call(
         assert (await store.put_document(AUID, XUI, "index", DOC, if_match=write.etag)).etag
     finally:
         await store.close()
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Let the reactor run until ``condition`` holds (another node's change arrives
+    through a thread and the reactor's queue)."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("condition never held")
+
+
+def _node(dsn: str, name: str = "", backoff: float = 0.5) -> PostgresPermissionStore:
+    if name:
+        dsn = make_conninfo(dsn, application_name=name)
+    return PostgresPermissionStore(dsn, reactor, backoff=backoff)
+
+
+def test_changes_are_recorded_as_text_they_are_rebuilt_from() -> None:
+    record = PendingConsent(
+        "c1", "sip:a@x.test", "sip:l@x.test", BOB, ("MESSAGE", "INVITE"), "tok", 1.0, 2.0
+    )
+    binding = StoredBinding(BOB, "sip:bob@192.0.2.1", "<sip:bob@192.0.2.1>", 9.0, "c", 2, 0.5)
+    for change in (
+        StoreChange("document", AUID, XUI, "index", '"e1"'),
+        StoreChange("document", AUID, XUI, "index", None),
+        StoreChange("consent", consent=replace(record, state=ConsentState.GRANTED)),
+        StoreChange("binding", aor=BOB, bindings=(binding,), removed=("sip:bob@192.0.2.2",)),
+    ):
+        assert decode(encode(change)) == replace(change, remote=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_committed_at_one_node_is_announced_at_the_other(
+    postgres_dsn: str,
+) -> None:
+    """A grant written through node A's XCAP reaches node B's listeners (the
+    wait-permission subscriber B holds), once; A announces its own change once too."""
+    a, b = _node(postgres_dsn), _node(postgres_dsn)
+    seen_a: list[StoreChange] = []
+    seen_b: list[StoreChange] = []
+    a.add_listener(seen_a.append)
+    b.add_listener(seen_b.append)
+    try:
+        await _until(lambda: a.feed.connected.is_set() and b.feed.connected.is_set())
+        write = await a.put_document(AUID, XUI, "index", DOC)
+        record = await a.open_consent(BOB, "sip:l@x.test", XUI, ["MESSAGE"], "tok", 1.0, 9.0)
+        expected = [
+            StoreChange("document", AUID, XUI, "index", write.etag),
+            StoreChange("consent", consent=record),
+        ]
+        await _until(lambda: len(seen_b) == 2)
+        await task.deferLater(reactor, 0.3, lambda: None)  # nothing more arrives
+        assert seen_b == [replace(change, remote=True) for change in expected]
+        assert seen_a == expected
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_lost_its_connection_catches_up_exactly_once(
+    postgres_dsn: str,
+) -> None:
+    """Changes committed while node B was cut off from the server reach B's listeners
+    after it reconnects, in order, none twice."""
+    name = f"relayd-{secrets.token_hex(6)}"
+    a, b = _node(postgres_dsn), _node(postgres_dsn, name, backoff=1.0)
+    seen: list[StoreChange] = []
+    b.add_listener(seen.append)
+    try:
+        await _until(lambda: a.feed.connected.is_set() and b.feed.connected.is_set())
+        first = await a.put_document(AUID, XUI, "one", DOC)
+        await _until(lambda: len(seen) == 1)
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (name,),
+            )
+        await _until(lambda: not b.feed.connected.is_set())
+        missed = await a.put_document(AUID, XUI, "two", DOC)
+        deleted = await a.delete_document(AUID, XUI, "one")
+        assert deleted and len(seen) == 1  # B is still waiting to reconnect
+        await _until(lambda: len(seen) == 3)
+        after = await a.put_document(AUID, XUI, "three", DOC)
+        await _until(lambda: len(seen) == 4)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert seen == [
+            StoreChange("document", AUID, XUI, "one", first.etag, remote=True),
+            StoreChange("document", AUID, XUI, "two", missed.etag, remote=True),
+            StoreChange("document", AUID, XUI, "one", None, remote=True),
+            StoreChange("document", AUID, XUI, "three", after.etag, remote=True),
+        ]
+        assert await b.get_document(AUID, XUI, "two") == (DOC, missed.etag)
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_cannot_be_reached_makes_the_store_unavailable() -> None:
+    """What the relay answers 503 with Retry-After for, while it reconnects."""
+    store = PostgresPermissionStore(
+        "host=127.0.0.1 port=1 dbname=test user=postgres connect_timeout=2", reactor
+    )
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.get_document(AUID, XUI, "index")
+        with pytest.raises(StoreUnavailable):
+            await store.put_document(AUID, XUI, "index", DOC)
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_node_counts_a_senders_consent_requests_together(postgres_dsn: str) -> None:
+    """The hourly rate holds for the deployment, not per node (consent spec §(b))."""
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    limits = ConsentLimits(consent_requests_per_hour=2)
+    stores = [PostgresPermissionStore(postgres_dsn, reactor) for _ in range(2)]
+    a, b = (ConsentLedger(store, clock, limits) for store in stores)
+    try:
+        await a.open(BOB, "sip:l@x.test", XUI, ["MESSAGE"])
+        await b.open(BOB, "sip:l@x.test", "sip:dave@example.test", ["MESSAGE"])
+        with pytest.raises(RateExceeded) as refused:
+            await a.open(BOB, "sip:l@x.test", "sip:erin@example.test", ["MESSAGE"])
+        assert refused.value.retry_after == 3600
+        await b.open("sip:frank@example.test", "sip:l@x.test", XUI, ["MESSAGE"])
+    finally:
+        for ledger in (a, b):
+            ledger.stop()
+        for store in stores:
+            await store.close()

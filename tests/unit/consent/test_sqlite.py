@@ -126,13 +126,14 @@ async def test_sqlite_files_left_wider_are_tightened_at_open(
 
 
 @pytest_twisted.ensureDeferred
-async def test_sqlite_version_1_file_gains_bindings(tmp_path: Path) -> None:
+async def test_sqlite_version_1_file_gains_bindings_and_rate_counts(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite"
     store = SQLitePermissionStore(str(path), reactor)
     await store.put_document(AUID, XUI, "index", DOC)
     await store.close()
     connection = sqlite3.connect(path)
     connection.execute("DROP TABLE bindings")  # what version 1 wrote
+    connection.execute("DROP TABLE requests")
     connection.execute("UPDATE schema_version SET version = 1")
     connection.commit()
     connection.close()
@@ -143,11 +144,12 @@ async def test_sqlite_version_1_file_gains_bindings(tmp_path: Path) -> None:
             BOB, [StoredBinding(BOB, "sip:bob@h", "<sip:bob@h>", 300.0, "call-1", 1)], []
         )
         assert [b.uri for b in await reopened.list_bindings(0.0, 10)] == ["sip:bob@h"]
+        assert await reopened.count_request(BOB, 0.0, 1, 10.0) is None
     finally:
         await reopened.close()
     connection = sqlite3.connect(path)
     try:
-        assert connection.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert connection.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     finally:
         connection.close()
 

@@ -352,3 +352,27 @@ async def test_expired_bindings_are_never_listed(store: IPermissionStore) -> Non
     assert await store.expire_bindings(300.0) == 0
     assert [b.uri for b in await store.list_bindings(0.0, 10)] == ["sip:b@h"]
     assert await store.list_bindings(600.0, 10) == []
+
+
+@async_test
+async def test_saved_bindings_are_announced(store: IPermissionStore) -> None:
+    """What another node's registrar applies to reach a UA registered here."""
+    seen: list[StoreChange] = []
+    store.add_listener(seen.append)
+    one = _binding("sip:bob@192.0.2.1", 300.0)
+    await store.save_bindings(BOB, [one], ["sip:bob@192.0.2.9"])
+    assert seen == [
+        StoreChange("binding", aor=BOB, bindings=(one,), removed=("sip:bob@192.0.2.9",))
+    ]
+
+
+@async_test
+async def test_requests_are_counted_in_a_sliding_window(store: IPermissionStore) -> None:
+    assert await store.count_request("a", 0.0, 2, 10.0) is None
+    assert await store.count_request("a", 1.0, 2, 10.0) is None
+    assert await store.count_request("a", 2.0, 2, 10.0) == pytest.approx(8.0)
+    assert await store.count_request("b", 2.0, 2, 10.0) is None
+    assert await store.count_request("a", 9.5, 2, 10.0) == pytest.approx(1.0)  # at least 1
+    assert await store.count_request("a", 10.5, 2, 10.0) is None  # the one at 0 has left
+    assert await store.count_request("a", 10.6, 2, 10.0) == 1.0  # 0.4 s, at least 1
+    assert await store.count_request("a", 11.5, 2, 10.0) is None

@@ -10,11 +10,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from relayd.consent.sqlite import SQLitePermissionStore
-from relayd.consent.store import MemoryPermissionStore, StoredBinding
+from relayd.consent.store import MemoryPermissionStore, StoredBinding, StoreUnavailable
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
@@ -235,13 +235,14 @@ class _RecordingStore(MemoryPermissionStore):
     def __init__(self, fail: bool = False) -> None:
         super().__init__()
         self.fail = fail
+        self.error: Exception = RuntimeError("disk full")
         self.writes: list[tuple[str, list[str], list[str]]] = []
 
     def save_bindings(
         self, aor: str, bindings: Sequence[StoredBinding], removed: Sequence[str]
     ) -> Deferred[None]:
         if self.fail:
-            return fail(RuntimeError("disk full"))
+            return fail(self.error)
         self.writes.append((aor, [b.uri for b in bindings], list(removed)))
         return super().save_bindings(aor, bindings, removed)
 
@@ -269,6 +270,14 @@ def test_a_register_the_store_cannot_keep_is_500(clock: Clock) -> None:
     registrar = Registrar(DOMAIN, clock, None, store=_RecordingStore(fail=True))
     with captured_log():
         assert status_of(registrar, register("<sip:alice@192.0.2.1>")).status == 500
+
+
+def test_a_register_while_the_store_is_unreachable_is_503(clock: Clock) -> None:
+    store = _RecordingStore(fail=True)
+    store.error = StoreUnavailable("connection lost")
+    refused = status_of(Registrar(DOMAIN, clock, None, store=store), register("<sip:a@h>"))
+    assert refused.status == 503
+    assert dict(refused.headers) == {"Retry-After": str(StoreUnavailable.retry_after)}
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -318,3 +327,46 @@ async def test_bindings_outlive_a_restart_until_they_expire(
     third = Registrar(DOMAIN, clock, None, store=reopen())
     await third.load()
     assert third.binding_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_contact_registered_at_one_node_is_reached_from_another(
+    postgres_dsn: str, clock: Clock
+) -> None:
+    """Two relays sharing one PostgreSQL store: B delivers to the UA registered at A,
+    and stops when A removes the binding; A's table is not changed twice."""
+    from relayd.consent.postgres import PostgresPermissionStore
+
+    clock.advance(1_800_000_000)
+    stores = [PostgresPermissionStore(postgres_dsn, reactor) for _ in range(2)]
+    a, b = (Registrar(DOMAIN, clock, None, store=store) for store in stores)
+    online: list[tuple[str, bool]] = []
+    b.add_listener(lambda aor, state: online.append((aor, state)))
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await deferLater(reactor, 0.02, lambda: None)
+        raise AssertionError("node B never saw the registration")
+
+    try:
+        await until(lambda: all(store.feed.connected.is_set() for store in stores))
+        await a.handle(register("<sip:alice@192.0.2.1>;q=0.5", "<sip:alice@192.0.2.2>"))
+        await until(lambda: len(b.contacts(AOR)) == 2)
+        assert [c.contact.format() for c in b.contacts(AOR)] == [
+            "<sip:alice@192.0.2.2>",
+            "<sip:alice@192.0.2.1>;q=0.5",
+        ]
+        assert b.contacts(AOR)[0].remaining_seconds(clock.seconds()) == 3600
+        await a.handle(register("<sip:alice@192.0.2.2>;expires=0", cseq=2))
+        await until(lambda: len(b.contacts(AOR)) == 1)
+        await a.handle(register("*", expires=0, cseq=3))
+        await until(lambda: not b.is_online(AOR))
+        assert online == [(AOR, True), (AOR, False)]
+        assert a.binding_count == b.binding_count == 0
+    finally:
+        a.stop()
+        b.stop()
+        for store in stores:
+            await store.close()

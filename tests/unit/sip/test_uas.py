@@ -6,6 +6,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from relayd.consent.store import StoreUnavailable
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.registrar import Registrar
 from relayd.sip.transaction import ServerTransaction, TransactionLayer
@@ -149,11 +150,18 @@ def test_failing_async_handler_answers_500_or_its_status() -> None:
     async def refuses(txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         raise SIPStatus(470)
 
+    async def no_store(txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        raise StoreUnavailable("connection lost")
+
     uas.set_handler("MESSAGE", broken)
     uas.set_handler("CONSENT", refuses)
+    uas.set_handler("SUBSCRIBE", no_store)
     stack = Stack(uas)
     assert stack.send("MESSAGE").status == 500
     assert stack.send("CONSENT").status == 470
+    unavailable = stack.send("SUBSCRIBE")
+    assert unavailable.status == 503
+    assert unavailable.headers.get("retry-after") == str(StoreUnavailable.retry_after)
 
 
 def test_overload_hook_sheds_with_retry_after() -> None:

@@ -12,7 +12,7 @@ from hyperlink import EncodedURL
 from lxml import etree
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -28,6 +28,7 @@ from relayd.consent.store import (
     MemoryPermissionStore,
     PendingConsent,
     StoreChange,
+    StoreUnavailable,
 )
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
@@ -1022,6 +1023,18 @@ def test_store_failure_is_500_and_logged(xcap: Harness, logged: list[LogEvent]) 
     reply = xcap.get(doc_path())
     assert reply.code == 500
     assert any(event.get("log_failure") is not None for event in logged)
+
+
+def test_store_unavailable_is_503_with_retry_after(xcap: Harness) -> None:
+    """A node cut off from its database says when to try again (RFC 9110 §15.6.4)."""
+
+    def cut_off(*args: Any, **kwargs: Any) -> Deferred[Any]:
+        return fail(StoreUnavailable("connection lost"))
+
+    xcap.store.get_document = cut_off  # type: ignore[method-assign]
+    reply = xcap.get(doc_path())
+    assert reply.code == 503
+    assert reply.header("Retry-After") == str(StoreUnavailable.retry_after)
 
 
 # -- the Site: bounded bodies, heads, waits and connections --------------------------
