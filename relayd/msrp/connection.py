@@ -202,6 +202,7 @@ class MSRPConnection(Protocol):
         if self._closing:
             return
         relay = self.relay
+        relay.counts.received_bytes += len(data)
         if relay.batch is not None:
             self._receive(data)
             return
@@ -410,6 +411,10 @@ class MSRPConnection(Protocol):
     def _request(self, request: MSRPRequest, has_body: bool) -> None:
         relay = self.relay
         method = request.method
+        counts = relay.counts
+        counts.requests[method if method in KNOWN_METHODS else "other"] += 1
+        if method == "REPORT":
+            counts.reports[_report_status(request)] += 1
         try:
             if method not in KNOWN_METHODS and relay.limits.block_unknown_methods:
                 raise MSRPStatus(501)
@@ -417,12 +422,14 @@ class MSRPConnection(Protocol):
                 self.takes_any_chunk()  # forwarded by a relayd peer
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = LocalAuth(self, request)
+                counts.relayed[method] += 1
                 return
             plan = self._plan(request)
             if method == "SEND":
                 self.consumer = SendStream(self, request, plan, has_body)
             else:
                 self.consumer = BufferedForward(self, request, plan, has_body)
+            counts.relayed[method] += 1
             self.succeeded()
         except MSRPStatus as status:
             self.consumer = DISCARD
@@ -466,6 +473,7 @@ class MSRPConnection(Protocol):
             code=status.code,
             comment=status.comment,
         )
+        self.relay.counts.refusals[status.code] += 1
         if status.close:
             # §6.2: not addressed to us: drop the connection, no answer.
             self.close(status.comment)
@@ -505,6 +513,7 @@ class MSRPConnection(Protocol):
             )
             headers = Headers([("To-Path", to_path), ("From-Path", event.to_path.split(" ", 1)[0])])
             self.write_atomic(MSRPResponse(event.tid, 400, event.reason, headers).to_bytes())
+            self.relay.counts.refusals[400] += 1
         if event.fatal:
             # The 400 is out; skipping an oversized head to its end-line
             # could mean reading without bound.
@@ -514,6 +523,7 @@ class MSRPConnection(Protocol):
         self._failed()
 
     def _response(self, response: MSRPResponse) -> None:
+        self.relay.counts.responses[response.code] += 1
         transaction = self.transactions.get(response.tid)
         if transaction is None:
             self.log.debug("Response {tid} matches no transaction: dropped", tid=response.tid)
@@ -711,6 +721,13 @@ class MSRPConnection(Protocol):
             transport.abortConnection()
         else:
             transport.loseConnection()
+
+
+def _report_status(request: MSRPRequest) -> str:
+    """The code of a REPORT's ``Status: 000 200 OK`` (§7.1.2), "none" without one."""
+    parts = (request.headers.get("Status") or "").split(None, 2)
+    code = parts[1] if len(parts) > 1 else ""
+    return code if len(code) == 3 and code.isdigit() else "none"
 
 
 def _valid_path(text: str) -> bool:

@@ -9,6 +9,7 @@ link <- transactions <- forwarding <- connection <- transport.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,9 +67,30 @@ class Transaction(Protocol):
     def lost(self, code: int, comment: str, cause: str) -> None: ...
 
 
+class MSRPCounts:
+    """What the relay has handled since it started, read by the metrics listener
+    (relayd.web.metrics) when scraped: plain counters, one addition each on the paths."""
+
+    __slots__ = ("received_bytes", "refusals", "relayed", "reports", "requests", "responses")
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        """Requests received, by method."""
+        self.relayed: Counter[str] = Counter()
+        """Requests accepted for forwarding (or answered here, AUTH), by method."""
+        self.refusals: Counter[int] = Counter()
+        """Error responses this relay answered with, by status code."""
+        self.responses: Counter[int] = Counter()
+        """Responses received for requests this relay sent, by status code."""
+        self.reports: Counter[str] = Counter()
+        """REPORT requests received, by the status code in their Status header (§7.1.2)."""
+        self.received_bytes = 0
+
+
 class Relaying(Protocol):
     """The relay process's shared state, as connections and streams use it."""
 
+    counts: MSRPCounts
     batch: dict[Link, list[bytes]] | None
     batch_number: int
     relayd_peers: dict[tuple[str, str, int], None]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -364,6 +364,28 @@ class SIPStreamFactory(ServerFactory):
 EndpointFactory = Callable[[Target], IStreamClientEndpoint]
 
 
+COUNTED_METHODS = frozenset(
+    [
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "INFO",
+        "INVITE",
+        "MESSAGE",
+        "NOTIFY",
+        "OPTIONS",
+        "PRACK",
+        "PUBLISH",
+        "REFER",
+        "REGISTER",
+        "SUBSCRIBE",
+        "UPDATE",
+    ]
+)
+"""Request methods counted by name; any other received is "other", so a peer cannot
+grow the counts (the methods we send are ours)."""
+
+
 class SIPTransportLayer:
     """Owns listeners and connections; bridges them to one :class:`TransactionLayer`,
     and sends the consent relay's requests
@@ -425,6 +447,12 @@ class SIPTransportLayer:
         self._sent_by: dict[str, tuple[str, int]] = {}
         self._prepared: tuple[SIPRequest, bytes] | None = None
         self._warned_wildcard = False
+        # What passed through, by method or status (read by relayd.web.metrics);
+        # retransmissions included: each is a message on the wire.
+        self.requests_received: Counter[str] = Counter()
+        self.responses_received: Counter[int] = Counter()
+        self.requests_sent: Counter[str] = Counter()
+        self.responses_sent: Counter[int] = Counter()
 
     def attach(self, transactions: TransactionLayer) -> None:
         """Connect the transaction layer (built with ``send=self.send``)."""
@@ -579,6 +607,8 @@ class SIPTransportLayer:
             self.log.warn("no transaction layer; dropping message from {peer}", peer=source)
             return
         if isinstance(message, SIPRequest):
+            method = message.method
+            self.requests_received[method if method in COUNTED_METHODS else "other"] += 1
             via = apply_received(message, source.host, source.port)
             if not source.reliable:
                 # Saves re-parsing the Via of every response (they copy the request's).
@@ -591,6 +621,7 @@ class SIPTransportLayer:
                 )
             transactions.request_received(message, source, source.reliable)
         else:
+            self.responses_received[message.status] += 1
             transactions.response_received(message, source)
 
     def _malformed(self, error: SIPParseError, source: Source) -> None:
@@ -668,8 +699,11 @@ class SIPTransportLayer:
     def send(self, message: SIPRequest | SIPResponse, destination: object) -> None:
         """The transaction layer's ``send``; raises :class:`TransportError` on failure."""
         if isinstance(message, SIPResponse):
+            self.responses_sent[message.status] += 1
             self._send_response(message, destination)
-        elif isinstance(destination, Target):  # every client transaction: spare the call
+            return
+        self.requests_sent[message.method] += 1
+        if isinstance(destination, Target):  # every client transaction: spare the call
             self._send_request(message, destination)
         else:
             self._send_request(message, self.towards(destination))
