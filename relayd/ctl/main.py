@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from relayd.ctl import accounts, network, xcap
+from relayd.ctl import accounts, network, status, xcap
 from relayd.ctl.receiving import check_output
 from relayd.ctl.settings import (
     PASSWORD_ENV,
@@ -300,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for the delivery REPORT after the last chunk (default: 60)",
     )
     xcap.add_parsers(command, [locations, xcap_access])
+
+    status_parser = command(
+        "status",
+        "Print the running relay's health, versions, uptime, listeners and main counts"
+        " (from its [metrics] listen); exit 1 when it is not healthy.",
+        [locations],
+    )
+    status_parser.add_argument(
+        "--url",
+        metavar="URL",
+        help="the metrics listener, http://host:port (default: [metrics] listen of --config)",
+    )
+    status_parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on a request after this long (default: 10)",
+    )
+    status_parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -392,6 +412,13 @@ def xcap_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any
     return lambda reactor: xcap.run_xcap_command(reactor, access, args, out)
 
 
+def status_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The coroutine for ``status`` (the URL resolved here: a bad one fails at once)."""
+    url = status.check_url(args.url) if args.url else status.default_url(args.config)
+    out = sys.stdout
+    return lambda reactor: status.run_status(reactor, url, args.timeout, args.json, out)
+
+
 def _fail(message: str) -> int:
     sys.stderr.write(f"{PROG}: {message}\n")
     sys.stderr.flush()
@@ -457,6 +484,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("permissions", "lists"):
             work = xcap_command(args)
+        elif args.command == "status":
+            work = status_command(args)
         else:
             work = network_command(args)
     except (CtlError, OSError) as e:
