@@ -412,7 +412,8 @@ class MSRPConnection(Protocol):
         relay = self.relay
         method = request.method
         counts = relay.counts
-        counts.requests[method if method in KNOWN_METHODS else "other"] += 1
+        label = method if method in KNOWN_METHODS else "other"
+        counts.requests[label] += 1
         if method == "REPORT":
             counts.reports[_report_status(request)] += 1
         try:
@@ -422,14 +423,14 @@ class MSRPConnection(Protocol):
                 self.takes_any_chunk()  # forwarded by a relayd peer
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = LocalAuth(self, request)
-                counts.relayed[method] += 1
+                counts.relayed[label] += 1
                 return
             plan = self._plan(request)
             if method == "SEND":
                 self.consumer = SendStream(self, request, plan, has_body)
             else:
                 self.consumer = BufferedForward(self, request, plan, has_body)
-            counts.relayed[method] += 1
+            counts.relayed[label] += 1
             self.succeeded()
         except MSRPStatus as status:
             self.consumer = DISCARD
@@ -723,11 +724,22 @@ class MSRPConnection(Protocol):
             transport.loseConnection()
 
 
-def _report_status(request: MSRPRequest) -> str:
-    """The code of a REPORT's ``Status: 000 200 OK`` (§7.1.2), "none" without one."""
-    parts = (request.headers.get("Status") or "").split(None, 2)
-    code = parts[1] if len(parts) > 1 else ""
-    return code if len(code) == 3 and code.isdigit() else "none"
+def _report_status(request: MSRPRequest) -> bytes:
+    """The code of a REPORT's ``Status: 000 200 OK`` (§7.1.2), b"none" without one.
+
+    Every REPORT passes here: the canonical header line is found in the parser's
+    bytes, without the lower-casing and decoding of a lookup; any other spelling
+    takes the lookup."""
+    headers = request.headers
+    block = headers.block
+    at = block.find(b"\r\nStatus: 000 ") if block is not None else -1
+    if at >= 0:
+        code = block[at + 14 : at + 18]  # type: ignore[index]
+        code = code[:3] if code[3:] in (b" ", b"\r") else b""
+    else:
+        parts = (headers.get("Status") or "").split(None, 2)
+        code = parts[1].encode() if len(parts) > 1 and parts[1].isascii() else b""
+    return code if len(code) == 3 and code.isdigit() else b"none"
 
 
 def _valid_path(text: str) -> bool:

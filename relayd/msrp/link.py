@@ -82,7 +82,7 @@ class MSRPCounts:
         """Error responses this relay answered with, by status code."""
         self.responses: Counter[int] = Counter()
         """Responses received for requests this relay sent, by status code."""
-        self.reports: Counter[str] = Counter()
+        self.reports: Counter[bytes] = Counter()
         """REPORT requests received, by the status code in their Status header (§7.1.2)."""
         self.received_bytes = 0
 

@@ -213,7 +213,7 @@ class RelayCollector:
             "relayd_msrp_reports",
             "MSRP REPORT requests received, by the code of their Status header",
             ("status",),
-            counts.reports,
+            {code.decode("ascii"): count for code, count in counts.reports.items()},
         )
         received = CounterMetricFamily(
             "relayd_msrp_received_bytes", "Bytes read from MSRP connections"
