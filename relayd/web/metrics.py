@@ -39,12 +39,15 @@ from zope.interface import implementer
 from relayd import __version__
 from relayd.config import MetricsConfig
 from relayd.consent.store import ConsentState, IPermissionStore
+from relayd.logs import logger
 from relayd.msrp.transport import MSRPRelay
 from relayd.net.endpoints import EndpointSpec, parse_endpoint, stream_server_endpoint
 from relayd.net.listeners import Listeners
 from relayd.sip.overload import LagMonitor
 from relayd.sip.stack import SIPService
 from relayd.xcap.resource import XCAPSite
+
+log = logger()
 
 __all__ = ["Health", "Metrics", "MetricsService", "RelayCollector", "TimedStore"]
 
@@ -376,7 +379,7 @@ class _Page(Resource):
         return NOT_DONE_YET
 
     def _failed(self, failure: Any, request: Request, gone: list[object]) -> None:
-        Listeners.log.failure("metrics page", failure)
+        log.failure("answering {path}", failure, path=request.path)
         if not gone:
             request.setResponseCode(500)
             request.finish()
