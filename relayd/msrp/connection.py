@@ -413,9 +413,10 @@ class MSRPConnection(Protocol):
         method = request.method
         counts = relay.counts
         label = method if method in KNOWN_METHODS else "other"
-        counts.requests[label] += 1
+        counts.requests[label] = counts.requests.get(label, 0) + 1
         if method == "REPORT":
-            counts.reports[_report_status(request)] += 1
+            status = _report_status(request)
+            counts.reports[status] = counts.reports.get(status, 0) + 1
         try:
             if method not in KNOWN_METHODS and relay.limits.block_unknown_methods:
                 raise MSRPStatus(501)
@@ -423,14 +424,14 @@ class MSRPConnection(Protocol):
                 self.takes_any_chunk()  # forwarded by a relayd peer
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = LocalAuth(self, request)
-                counts.relayed[label] += 1
+                counts.relayed[label] = counts.relayed.get(label, 0) + 1
                 return
             plan = self._plan(request)
             if method == "SEND":
                 self.consumer = SendStream(self, request, plan, has_body)
             else:
                 self.consumer = BufferedForward(self, request, plan, has_body)
-            counts.relayed[label] += 1
+            counts.relayed[label] = counts.relayed.get(label, 0) + 1
             self.succeeded()
         except MSRPStatus as status:
             self.consumer = DISCARD
@@ -474,7 +475,8 @@ class MSRPConnection(Protocol):
             code=status.code,
             comment=status.comment,
         )
-        self.relay.counts.refusals[status.code] += 1
+        refusals = self.relay.counts.refusals
+        refusals[status.code] = refusals.get(status.code, 0) + 1
         if status.close:
             # §6.2: not addressed to us: drop the connection, no answer.
             self.close(status.comment)
@@ -514,7 +516,8 @@ class MSRPConnection(Protocol):
             )
             headers = Headers([("To-Path", to_path), ("From-Path", event.to_path.split(" ", 1)[0])])
             self.write_atomic(MSRPResponse(event.tid, 400, event.reason, headers).to_bytes())
-            self.relay.counts.refusals[400] += 1
+            refusals = self.relay.counts.refusals
+            refusals[400] = refusals.get(400, 0) + 1
         if event.fatal:
             # The 400 is out; skipping an oversized head to its end-line
             # could mean reading without bound.
@@ -524,7 +527,8 @@ class MSRPConnection(Protocol):
         self._failed()
 
     def _response(self, response: MSRPResponse) -> None:
-        self.relay.counts.responses[response.code] += 1
+        responses, code = self.relay.counts.responses, response.code
+        responses[code] = responses.get(code, 0) + 1
         transaction = self.transactions.get(response.tid)
         if transaction is None:
             self.log.debug("Response {tid} matches no transaction: dropped", tid=response.tid)
