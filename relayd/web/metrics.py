@@ -154,7 +154,7 @@ class RelayCollector:
 
     def collect(self) -> Iterator[Metric]:
         sources = self.sources
-        yield InfoMetricFamily("relayd_build", "relayd's version and platform", value=_versions())
+        yield InfoMetricFamily("relayd_build", "relayd's version and platform", value=versions())
         yield _gauge(
             "relayd_start_time_seconds", "When relayd started (Unix time)", sources.started
         )
@@ -286,7 +286,8 @@ class RelayCollector:
         )
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """relayd's version and its platform's (``relayd_build_info``, ``/healthz``)."""
     return {
         "version": __version__,
         "python": platform.python_version(),
@@ -342,7 +343,7 @@ class Health:
         return {
             "status": "failing" if problems else "ok",
             "problems": problems,
-            **_versions(),
+            **versions(),
             "uptime_seconds": max(0, int(self.reactor.seconds() - self.started)),
             "listeners": listeners,
             "store": {"backend": self.backend, "up": store_up},

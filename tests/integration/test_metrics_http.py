@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from prometheus_client.parser import text_string_to_metric_families
 from treq import content
 from treq.client import HTTPClient
 from twisted.internet import defer
@@ -18,9 +17,11 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from relayd.ctl.status import Samples, parse_samples
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram
 from relayd.testing import RelayPKI, uac_request
+from relayd.web.metrics import versions
 
 from .conftest import Capability, RelayFactory, RunningRelay, client, path_to
 
@@ -39,18 +40,14 @@ async def get(relay: RunningRelay, path: str) -> tuple[int, bytes]:
     return int(response.code), body
 
 
-async def scrape(relay: RunningRelay) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(relay: RunningRelay) -> Samples:
     """Every sample of ``/metrics`` by name and labels, as prometheus_client parses it."""
     code, body = await get(relay, "/metrics")
     assert code == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
+    return parse_samples(body.decode())
 
 
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -124,30 +121,9 @@ async def test_scrape_after_msrp_sip_and_xcap_traffic(
     assert value(after, "relayd_store_seconds_count", operation="list_consents") >= 1
     assert value(after, "relayd_store_up") == 1
     assert value(after, "relayd_consents", state="pending") == 0
-    assert (
-        value(after, "relayd_build_info", version=_version(), python=_python(), twisted=_twisted())
-        == 1
-    )
+    assert value(after, "relayd_build_info", **versions()) == 1
     alice.transport.loseConnection()  # type: ignore[union-attr]
     bob.transport.loseConnection()  # type: ignore[union-attr]
-
-
-def _version() -> str:
-    from relayd import __version__
-
-    return __version__
-
-
-def _python() -> str:
-    import platform
-
-    return platform.python_version()
-
-
-def _twisted() -> str:
-    from twisted.copyright import version
-
-    return version
 
 
 @pytest_twisted.ensureDeferred
