@@ -3,6 +3,8 @@ the consent counts (the whole listener is scraped in tests/integration/test_metr
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from relayd.consent.store import MemoryPermissionStore
 from relayd.msrp.connection import _report_status
 from relayd.msrp.message import Headers, MSRPRequest
 from relayd.net.listeners import Listeners
-from relayd.testing import fired
+from relayd.testing import fired, in_process_sip_relay, uac_request
 from relayd.web.metrics import STORE_TIMEOUT_SECONDS, Health, RelayCollector, TimedStore
 
 
@@ -151,3 +153,49 @@ def test_report_status_is_the_status_code_or_none(line: str, code: bytes) -> Non
     name, _, value = line.partition(": ")
     for headers in (Headers.from_block(block), Headers([(name, value)])):
         assert _report_status(MSRPRequest("t", "REPORT", headers)) == code
+
+
+# -- the collector, on the daemon as build_service wires it (no sockets) -------------------
+
+
+def families(collector: RelayCollector) -> dict[str, dict[tuple[str, ...], float]]:
+    return {
+        family.name: {tuple(s.labels.values()): s.value for s in family.samples}
+        for family in collector.collect()
+    }
+
+
+def test_collector_reads_the_sip_and_xcap_layers(tmp_path: Path) -> None:
+    extra = {("metrics", "listen"): "tcp:9100:interface=127.0.0.1"}
+    relay = in_process_sip_relay(tmp_path, "127.0.0.1", {"alice": "pw"}, "list", [], extra)
+    page = relay.service.getServiceNamed("metrics").site.resource.children[b"metrics"]
+    collector: RelayCollector = page.collector
+    assert isinstance(relay.store, TimedStore)
+    before = families(collector)
+    assert before["relayd_sip_requests"] == {}
+    assert before["relayd_sip_registrations"] == {(): 0}
+    _, options = uac_request(
+        "OPTIONS",
+        "sip:127.0.0.1",
+        via="SIP/2.0/UDP 127.0.0.1:5070",
+        aor="sip:alice@127.0.0.1",
+        from_tag="t",
+        to=None,
+        call_id="c",
+        cseq=1,
+        contact="<sip:alice@127.0.0.1:5070>",
+    )
+    relay.protocol.datagramReceived(options.to_bytes(), ("127.0.0.1", 5070))
+    relay.protocol.datagramReceived(
+        options.to_bytes().replace(b"OPTIONS", b"FROB"), ("127.0.0.1", 5070)
+    )
+    site = relay.service.getServiceNamed("xcap").site
+    site.log(SimpleNamespace(method=b"PUT", code=201))
+    site.log(SimpleNamespace(method=b"BREW", code=405))
+    after = families(collector)
+    assert after["relayd_sip_requests"] == {("received", "OPTIONS"): 1, ("received", "other"): 1}
+    assert after["relayd_sip_responses"][("sent", "200")] == 1
+    assert after["relayd_sip_shed"] == {(): 0}
+    assert after["relayd_xcap_requests"] == {("PUT", "201"): 1, ("other", "405"): 1}
+    assert after["relayd_msrp_sessions"] == {(): 0}
+    assert after["relayd_event_loop_lag_seconds"] == {(): 0.0}
