@@ -2,7 +2,7 @@
 
 Run by hand (needs ``apt-get install valgrind``)::
 
-    python -m bench.instructions sip [--stranger] [--members 10]
+    python -m bench.instructions sip [--stranger] [--members 10] [--metrics]
     python -m bench.instructions msrp [--batch 1]
 
 Timings of ``bench.sip_cycle`` and ``bench.msrp_cycle`` move by ±20 % between runs on
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stranger", action="store_true", help="sip: 470s instead of relaying")
     parser.add_argument("--members", type=int, default=10, help="sip: list size")
     parser.add_argument("--batch", type=int, default=1, help="msrp: SENDs per read")
+    parser.add_argument("--metrics", action="store_true", help="sip: with [metrics] listen set")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--repeat", "1"]
     if args.load == "sip":
         extra += ["--members", str(args.members)] + (["--stranger"] if args.stranger else [])
+        extra += ["--metrics"] if args.metrics else []
     else:
         extra += ["--batch", str(args.batch)]
     counts = [

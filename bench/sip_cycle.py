@@ -84,11 +84,13 @@ def _sink_answer(data: bytes) -> bytes:
 
 
 class Harness:
-    def __init__(self, folder: Path, members: int) -> None:
+    def __init__(self, folder: Path, members: int, metrics: bool = False) -> None:
         self.passwords = {SENDER: "alice-pw", STRANGER: "mallory-pw"}
         self.passwords.update({f"m{i}": f"m{i}-pw" for i in range(members)})
         uris = [f"sip:m{i}@{HOST}" for i in range(members)]
-        relay = in_process_sip_relay(folder, HOST, self.passwords, "list", uris)
+        # With a metrics listener configured (never bound here) the store is timed.
+        extra = {("metrics", "listen"): "tcp:9100:interface=127.0.0.1"} if metrics else None
+        relay = in_process_sip_relay(folder, HOST, self.passwords, "list", uris, extra)
         self.reactor, self.sip, self.store = relay.reactor, relay.sip, relay.store
         self.udp, self.protocol = relay.wire, relay.protocol
         self.members = [f"m{i}" for i in range(members)]
@@ -179,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stranger", action="store_true", help="unpermitted sender: 470s")
     parser.add_argument("--repeat", type=int, default=1, help="best of this many runs")
     parser.add_argument("--profile", default=None, help="cProfile stats to this file")
+    parser.add_argument("--metrics", action="store_true", help="with [metrics] listen set")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="relayd-sip-cycle-") as folder:
-        harness = Harness(Path(folder), args.members)
+        harness = Harness(Path(folder), args.members, args.metrics)
         harness.setup()
         tune_garbage_collector()  # as twistd's makeService does
         user = STRANGER if args.stranger else SENDER
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     "members": args.members,
                     "calls": args.calls,
                     "load": "470" if args.stranger else "relay",
+                    "metrics": args.metrics,
                     "wrong_final_status": wrong,
                     "repeat": args.repeat,
                     "datagrams_in": datagrams,

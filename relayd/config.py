@@ -560,6 +560,23 @@ SCHEMA: tuple[Key, ...] = (
         "libpq connection string of the postgresql store, such as"
         " host=db.example.com dbname=relayd user=relayd (required for it, refused otherwise)",
     ),
+    Key(
+        "metrics",
+        "listen",
+        "",
+        _endpoints(("tcp",)),
+        "Metrics listeners (plain HTTP: Prometheus text on /metrics, GET /healthz), one"
+        " endpoint string per line; empty: none. Loopback interfaces only unless"
+        " allow_remote is set",
+    ),
+    Key(
+        "metrics",
+        "allow_remote",
+        "no",
+        _boolean,
+        "Allow metrics listeners on non-loopback interfaces (the page is unauthenticated"
+        " and shows traffic volumes: put a firewall or a proxy in front)",
+    ),
 )
 
 _KEYS: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in SCHEMA}
@@ -646,6 +663,12 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, ...]
+    allow_remote: bool
+
+
+@dataclass(frozen=True)
 class RelaydConfig:
     hostname: str
     data_dir: str
@@ -655,6 +678,7 @@ class RelaydConfig:
     xcap: XCAPConfig
     store: StoreConfig
     sip: SIPConfig
+    metrics: MetricsConfig
     source: str = "<defaults>"
     log_level: str = "info"
     origins: Mapping[tuple[str, str], str] = field(default_factory=dict, compare=False, repr=False)
@@ -741,6 +765,7 @@ def _build(
         xcap=XCAPConfig(**section("xcap")),
         store=StoreConfig(**section("store")),
         sip=SIPConfig(**section("sip")),
+        metrics=MetricsConfig(**section("metrics")),
         source=source,
         origins=dict(origin),
     )
@@ -784,6 +809,7 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
     _validate_xcap(config.xcap, fail)
     _validate_sip(config.sip, fail)
     _validate_store(config.store, fail)
+    _validate_metrics(config.metrics, fail)
 
 
 def _check_listener_files(
@@ -875,6 +901,21 @@ def _validate_xcap(xcap: XCAPConfig, fail: Callable[[str, str, str], None]) -> N
             fail("xcap", "public_url", f"must be an http(s) URL, got {xcap.public_url!r}")
         if parts.query or parts.fragment:
             fail("xcap", "public_url", "must not have a query or fragment")
+
+
+def _validate_metrics(metrics: MetricsConfig, fail: Callable[..., None]) -> None:
+    """The metrics page has no authentication: loopback only unless the operator says so."""
+    if metrics.allow_remote:
+        return
+    for value in metrics.listen:
+        if not is_loopback_interface(parse_endpoint(value).interface):
+            fail(
+                "metrics",
+                "listen",
+                f"{value!r}: only a loopback interface such as interface=127.0.0.1,"
+                " unless allow_remote = yes",
+                "allow_remote",
+            )
 
 
 def example_ini() -> str:

@@ -31,6 +31,7 @@ from relayd.net.tls import TLSMaterial
 from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
 from relayd.web.admin import AdminResource
+from relayd.web.metrics import Metrics
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.consent_page import ConsentPage
 from relayd.xcap.resource import XCAPResource, XCAPSite
@@ -145,7 +146,10 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     service.setServiceParent(top)
 
     xcap = config.xcap
+    metrics = Metrics(reactor) if config.metrics.listen else None
     store = build_store(prepared, reactor)
+    if metrics is not None:
+        store = metrics.timed(store)
     domains = (prepared.realm, prepared.hostname, prepared.sip_domain)
     authorizer = XCAPAuthorizer(digest, domains, xcap.admins)
     resource = XCAPResource(
@@ -194,4 +198,17 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         sip_service.consent_relay.directory,
         prepared.sip_domain or prepared.hostname,
     )
+    if metrics is not None:
+        # Last: it binds after the others, and its /healthz reports on them.
+        metrics_service = metrics.service(
+            config.metrics,
+            msrp=relay,
+            sip=sip_service,
+            xcap=site,
+            store=store,
+            backend=config.store.backend,
+            surfaces=(service, xcap_service, sip_service),
+        )
+        metrics_service.setName("metrics")
+        metrics_service.setServiceParent(top)
     return top

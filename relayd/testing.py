@@ -265,11 +265,16 @@ class InProcessSIP:
 
 
 def in_process_sip_relay(
-    folder: Path, host: str, passwords: dict[str, str], list_name: str, members: Sequence[str]
+    folder: Path,
+    host: str,
+    passwords: dict[str, str],
+    list_name: str,
+    members: Sequence[str],
+    extra: dict[tuple[str, str], str] | None = None,
 ) -> InProcessSIP:
     """The daemon (``build_service``) on a fake clock: a memory store, the domain
     ``host``, one list of ``members`` from a lists file, every sent datagram recorded;
-    for tests and in-process benchmarks that need no sockets."""
+    for tests and in-process benchmarks that need no sockets.  ``extra``: more config."""
     pki = make_pki(folder / "pki")
     cert, key = pki.leaf("relay", host)
     users = write_users(folder / "users", "relayd-test", passwords)
@@ -283,6 +288,7 @@ def in_process_sip_relay(
     overrides[("store", "backend")] = "memory"
     overrides[("sip", "lists")] = str(lists)
     overrides[("sip", "domain")] = host
+    overrides.update(extra or {})
     reactor = MemoryReactorClock()
     service = build_service(prepared_relay(overrides), reactor)
     sip = service.getServiceNamed("sip")

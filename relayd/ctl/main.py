@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from relayd.ctl import accounts, network, store, xcap
+from relayd.ctl import accounts, network, status, store, xcap
 from relayd.ctl.receiving import check_output
 from relayd.ctl.settings import (
     PASSWORD_ENV,
@@ -323,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy.add_argument("source", help=store.STORE_HELP)
     copy.add_argument("target", help=store.STORE_HELP)
+    status_parser = command(
+        "status",
+        "Print the running relay's health, versions, uptime, listeners and main counts"
+        " (from its [metrics] listen); exit 1 when it is not healthy.",
+        [locations],
+    )
+    status_parser.add_argument(
+        "--url",
+        metavar="URL",
+        help="the metrics listener, http://host:port (default: [metrics] listen of --config)",
+    )
+    status_parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on a request after this long (default: 10)",
+    )
+    status_parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -422,6 +441,13 @@ def xcap_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any
     return lambda reactor: xcap.run_xcap_command(reactor, access, args, out)
 
 
+def status_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The coroutine for ``status`` (the URL resolved here: a bad one fails at once)."""
+    url = status.check_url(args.url) if args.url else status.default_url(args.config)
+    out = sys.stdout
+    return lambda reactor: status.run_status(reactor, url, args.timeout, args.json, out)
+
+
 def _fail(message: str) -> int:
     sys.stderr.write(f"{PROG}: {message}\n")
     sys.stderr.flush()
@@ -487,6 +513,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("permissions", "lists"):
             work = xcap_command(args)
+        elif args.command == "status":
+            work = status_command(args)
         else:
             work = network_command(args)
     except (CtlError, OSError) as e:

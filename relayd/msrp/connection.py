@@ -202,6 +202,7 @@ class MSRPConnection(Protocol):
         if self._closing:
             return
         relay = self.relay
+        relay.counts.received_bytes += len(data)
         if relay.batch is not None:
             self._receive(data)
             return
@@ -410,6 +411,12 @@ class MSRPConnection(Protocol):
     def _request(self, request: MSRPRequest, has_body: bool) -> None:
         relay = self.relay
         method = request.method
+        counts = relay.counts
+        label = method if method in KNOWN_METHODS else "other"
+        counts.requests[label] = counts.requests.get(label, 0) + 1
+        if method == "REPORT":
+            status = _report_status(request)
+            counts.reports[status] = counts.reports.get(status, 0) + 1
         try:
             if method not in KNOWN_METHODS and relay.limits.block_unknown_methods:
                 raise MSRPStatus(501)
@@ -417,12 +424,14 @@ class MSRPConnection(Protocol):
                 self.takes_any_chunk()  # forwarded by a relayd peer
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = LocalAuth(self, request)
+                counts.relayed[label] = counts.relayed.get(label, 0) + 1
                 return
             plan = self._plan(request)
             if method == "SEND":
                 self.consumer = SendStream(self, request, plan, has_body)
             else:
                 self.consumer = BufferedForward(self, request, plan, has_body)
+            counts.relayed[label] = counts.relayed.get(label, 0) + 1
             self.succeeded()
         except MSRPStatus as status:
             self.consumer = DISCARD
@@ -466,6 +475,8 @@ class MSRPConnection(Protocol):
             code=status.code,
             comment=status.comment,
         )
+        refusals = self.relay.counts.refusals
+        refusals[status.code] = refusals.get(status.code, 0) + 1
         if status.close:
             # §6.2: not addressed to us: drop the connection, no answer.
             self.close(status.comment)
@@ -505,6 +516,8 @@ class MSRPConnection(Protocol):
             )
             headers = Headers([("To-Path", to_path), ("From-Path", event.to_path.split(" ", 1)[0])])
             self.write_atomic(MSRPResponse(event.tid, 400, event.reason, headers).to_bytes())
+            refusals = self.relay.counts.refusals
+            refusals[400] = refusals.get(400, 0) + 1
         if event.fatal:
             # The 400 is out; skipping an oversized head to its end-line
             # could mean reading without bound.
@@ -514,6 +527,8 @@ class MSRPConnection(Protocol):
         self._failed()
 
     def _response(self, response: MSRPResponse) -> None:
+        responses, code = self.relay.counts.responses, response.code
+        responses[code] = responses.get(code, 0) + 1
         transaction = self.transactions.get(response.tid)
         if transaction is None:
             self.log.debug("Response {tid} matches no transaction: dropped", tid=response.tid)
@@ -711,6 +726,24 @@ class MSRPConnection(Protocol):
             transport.abortConnection()
         else:
             transport.loseConnection()
+
+
+def _report_status(request: MSRPRequest) -> bytes:
+    """The code of a REPORT's ``Status: 000 200 OK`` (§7.1.2), b"none" without one.
+
+    Every REPORT passes here: the canonical header line is found in the parser's
+    bytes, without the lower-casing and decoding of a lookup; any other spelling
+    takes the lookup."""
+    headers = request.headers
+    block = headers.block
+    at = block.find(b"\r\nStatus: 000 ") if block is not None else -1
+    if at >= 0:
+        code = block[at + 14 : at + 18]  # type: ignore[index]
+        code = code[:3] if code[3:] in (b" ", b"\r") else b""
+    else:
+        parts = (headers.get("Status") or "").split(None, 2)
+        code = parts[1].encode() if len(parts) > 1 and parts[1].isascii() else b""
+    return code if len(code) == 3 and code.isdigit() else b"none"
 
 
 def _valid_path(text: str) -> bool:

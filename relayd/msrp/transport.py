@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 
 from relayd.logs import logger
 from relayd.msrp.connection import ListenerFactory, MSRPConnection, OutboundFactory
-from relayd.msrp.link import Link, RelayLimits
+from relayd.msrp.link import Link, MSRPCounts, RelayLimits
 from relayd.msrp.message import Headers, MSRPRequest
 from relayd.msrp.relay import RelayCore
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI
@@ -52,6 +52,7 @@ class MSRPRelay:
         self.identity = identity
         self.trust_roots = trust_roots
         self.connections: OrderedDict[MSRPConnection, None] = OrderedDict()
+        self.counts = MSRPCounts()
         #: Connections we opened to next hops, by (scheme, host, port or 0).
         self._outbound: ConnectionPool[tuple[str, str, int], MSRPConnection] = ConnectionPool(
             self.clock

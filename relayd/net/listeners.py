@@ -105,6 +105,11 @@ class Listeners(MultiService):
         service.setServiceParent(self)
         self._listeners.append((spec, service, port_of))
 
+    @property
+    def specs(self) -> list[EndpointSpec]:
+        """The listeners' endpoint specs, in the order of ``ports``."""
+        return [spec for spec, _, _ in self._listeners]
+
     def before_binding(self) -> None:
         """Check what must hold before any port is bound; :meth:`cannot_start` if it does not."""
 

@@ -250,6 +250,8 @@ class ConsentRelay:
         self.uris = uris
         self.permission_uri = permission_uri
         self.max_list_size = ledger.limits.max_list_size
+        self.consent_needed = 0
+        """Requests answered 470 (consent spec §(c)): some members lack permission."""
         self.proxy = Proxy(
             self._send,
             resolver or SIPResolver(),
@@ -513,6 +515,7 @@ class ConsentRelay:
         # Per-request outcomes are debug events: at thousands of requests a second
         # an info line each would cost more than the request (see docs/performance/diary.md).
         if missing:
+            self.consent_needed += 1
             self.log.debug(
                 "470 to {user} for {uri}: {count} of {total} members lack permission",
                 user=sender,

@@ -364,6 +364,28 @@ class SIPStreamFactory(ServerFactory):
 EndpointFactory = Callable[[Target], IStreamClientEndpoint]
 
 
+COUNTED_METHODS = frozenset(
+    [
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "INFO",
+        "INVITE",
+        "MESSAGE",
+        "NOTIFY",
+        "OPTIONS",
+        "PRACK",
+        "PUBLISH",
+        "REFER",
+        "REGISTER",
+        "SUBSCRIBE",
+        "UPDATE",
+    ]
+)
+"""Request methods counted by name; any other received is "other", so a peer cannot
+grow the counts (the methods we send are ours)."""
+
+
 class SIPTransportLayer:
     """Owns listeners and connections; bridges them to one :class:`TransactionLayer`,
     and sends the consent relay's requests
@@ -425,6 +447,13 @@ class SIPTransportLayer:
         self._sent_by: dict[str, tuple[str, int]] = {}
         self._prepared: tuple[SIPRequest, bytes] | None = None
         self._warned_wildcard = False
+        # What passed through, by method or status (read by relayd.web.metrics);
+        # retransmissions included: each is a message on the wire.
+        # Plain dicts: a Counter's item access costs twice a dict's.
+        self.requests_received: dict[str, int] = {}
+        self.responses_received: dict[int, int] = {}
+        self.requests_sent: dict[str, int] = {}
+        self.responses_sent: dict[int, int] = {}
 
     def attach(self, transactions: TransactionLayer) -> None:
         """Connect the transaction layer (built with ``send=self.send``)."""
@@ -579,6 +608,9 @@ class SIPTransportLayer:
             self.log.warn("no transaction layer; dropping message from {peer}", peer=source)
             return
         if isinstance(message, SIPRequest):
+            method = message.method if message.method in COUNTED_METHODS else "other"
+            requests = self.requests_received
+            requests[method] = requests.get(method, 0) + 1
             via = apply_received(message, source.host, source.port)
             if not source.reliable:
                 # Saves re-parsing the Via of every response (they copy the request's).
@@ -591,6 +623,8 @@ class SIPTransportLayer:
                 )
             transactions.request_received(message, source, source.reliable)
         else:
+            responses, status = self.responses_received, message.status
+            responses[status] = responses.get(status, 0) + 1
             transactions.response_received(message, source)
 
     def _malformed(self, error: SIPParseError, source: Source) -> None:
@@ -668,8 +702,13 @@ class SIPTransportLayer:
     def send(self, message: SIPRequest | SIPResponse, destination: object) -> None:
         """The transaction layer's ``send``; raises :class:`TransportError` on failure."""
         if isinstance(message, SIPResponse):
+            sent, status = self.responses_sent, message.status
+            sent[status] = sent.get(status, 0) + 1
             self._send_response(message, destination)
-        elif isinstance(destination, Target):  # every client transaction: spare the call
+            return
+        requests, method = self.requests_sent, message.method
+        requests[method] = requests.get(method, 0) + 1
+        if isinstance(destination, Target):  # every client transaction: spare the call
             self._send_request(message, destination)
         else:
             self._send_request(message, self.towards(destination))

@@ -202,6 +202,8 @@ class UASCore:
         self.capabilities = capabilities or Capabilities()
         self.registrar = registrar
         self.overloaded = overloaded
+        self.shed = 0
+        """Requests answered 503 because ``overloaded`` said so (load shed)."""
         self.retry_after_seconds = retry_after_seconds
         self.loop_detector = loop_detector
         self.request_uri_check: RequestURICheck | None = None
@@ -261,6 +263,7 @@ class UASCore:
         """
         method = request.method
         if method != "CANCEL" and self.overloaded is not None and self.overloaded():
+            self.shed += 1
             retry = [("Retry-After", str(self.retry_after_seconds))]
             return make_response(request, 503, headers=retry, to_tag=stateless_tag(request))
         screen = self._screens.get(method)

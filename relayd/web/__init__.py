@@ -1,0 +1,1 @@
+"""HTTP surfaces other than XCAP: the metrics and health listener."""

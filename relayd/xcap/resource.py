@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -937,6 +938,10 @@ class XCAPChannel(HTTPChannel):
         self._linger = self.callLater(REFUSAL_LINGER_SECONDS, self._transport.abortConnection)
 
 
+_COUNTED_METHODS = frozenset(("GET", "PUT", "DELETE", "HEAD", "OPTIONS", "POST"))
+"""Methods counted by name; any other is "other", so a client cannot grow the counts."""
+
+
 class XCAPSite(Site):
     """The XCAP site: bounded bodies, heads and connections; no access log.
 
@@ -969,6 +974,8 @@ class XCAPSite(Site):
         self.max_connections = max_connections
         self.connections = 0
         self._full = False
+        self.requests: Counter[tuple[str, int]] = Counter()
+        """Finished requests by method and status code (read by relayd.web.metrics)."""
         self.mounts: dict[bytes, Resource] = {}
 
     def mount(self, name: str, resource: Resource) -> None:
@@ -1011,4 +1018,6 @@ class XCAPSite(Site):
             self.events.info("XCAP accepts connections again")
 
     def log(self, request: Any) -> None:
-        pass
+        """Called by twisted.web as each request finishes: counted, not logged."""
+        method = request.method.decode("ascii", "replace")
+        self.requests[method if method in _COUNTED_METHODS else "other", request.code] += 1

@@ -569,3 +569,66 @@ async def test_receive_times_out_in_one_line(
     assert code == 1
     assert out.startswith("Path: ")
     assert err == "relayctl: received 0 of 1 messages within 0.5 s\n"
+
+
+# -- status -------------------------------------------------------------------------------
+
+METRICS = {("metrics", "listen"): "tcp:0:interface=127.0.0.1"}
+
+
+def metrics_url(relay: RunningRelay) -> str:
+    port = relay.service.getServiceNamed("metrics").ports[0].getHost().port
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_prints_versions_uptime_listeners_and_counts(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    relay = await start_relay(extra=METRICS)
+    out, err, code = await relayctl(environment(tmp_path), "status", "--url", metrics_url(relay))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].startswith("relayd 0.") and out.splitlines()[0].endswith(": ok")
+    assert lines(out, "uptime: ")[0].startswith("0h 00m")
+    msrp_address = f"ssl:127.0.0.1:{relay.port}"
+    assert lines(out, "listener MSRP: ") == [f"up {msrp_address}"]
+    assert lines(out, "store: ") == ["sqlite, up"]
+    assert lines(out, "MSRP: ")[0].startswith("0 connections, 0 sessions")
+    assert lines(out, "consents: ") == ["0 pending, 0 granted, 0 denied"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_of_an_unhealthy_relay_names_the_problem_and_exits_1(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    relay = await start_relay(extra=METRICS)
+    await relay.service.getServiceNamed("xcap").ports[0].stopListening()
+    out, err, code = await relayctl(environment(tmp_path), "status", "--url", metrics_url(relay))
+    assert code == 1
+    assert lines(out, "listener XCAP: ")[0].startswith("DOWN")
+    assert lines(out, "problem: ") == ["XCAP is not listening"]
+    assert err == "relayctl: the relay is not healthy\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_without_a_metrics_listener_says_so(tmp_path: Path) -> None:
+    ini = tmp_path / "relayd.ini"
+    ini.write_text(f"[relay]\ndata_dir = {tmp_path / 'data'}\n", encoding="utf-8")
+    out, err, code = await relayctl(environment(tmp_path), "status", "--config", str(ini))
+    assert (code, out) == (1, "")
+    assert err == f"relayctl: [metrics] listen is not set in {ini}: give --config or --url\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_of_a_relay_not_running_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    out, err, code = await relayctl(
+        environment(tmp_path), "status", "--url", f"http://127.0.0.1:{port}"
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith(
+        f"relayctl: cannot reach the relay's metrics listener at http://127.0.0.1:{port}"
+    )
+    assert len(err.splitlines()) == 1

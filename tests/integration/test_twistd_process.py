@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,36 @@ async def test_sighup_serves_a_renewed_certificate_and_refuses_a_bad_one(
     refused = [line for line in output.splitlines() if "Reload refused" in line]
     assert len(refused) == 1 and f"{cert}: not a PEM certificate" in refused[0], output
     assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_status_of_the_daemon_from_its_config(tmp_path: Path, pki: RelayPKI) -> None:
+    with socket.socket() as probe:  # a free port, so relayctl can read it from the file
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    config = write_config(tmp_path, pki)
+    listen = f"tcp:{metrics_port}:interface=127.0.0.1"
+    config.write_text(config.read_text() + f"\n[metrics]\nlisten = {listen}\n")
+    daemon = Daemon()
+    process = reactor.spawnProcess(
+        daemon,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        env=None,
+        path=str(tmp_path),
+    )
+    try:
+        await daemon.listening.addTimeout(30, reactor)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "relayd.ctl.main", "status", "--config", str(config)]
+        ).addTimeout(30, reactor)
+    finally:
+        if not daemon.ended.called:
+            process.signalProcess(signal.SIGTERM)
+    await daemon.ended.addTimeout(30, reactor)
+    assert (code, err) == (0, b""), daemon.output.decode(errors="replace")
+    text = out.decode()
+    assert text.splitlines()[0].endswith(": ok")
+    assert f"listener metrics: up tcp:127.0.0.1:{metrics_port}\n" in text
+    assert "store: sqlite, up\n" in text
+    assert f"metrics listening on tcp:127.0.0.1:{metrics_port}" in daemon.output.decode()

@@ -406,6 +406,7 @@ def test_every_schema_key_is_in_the_config() -> None:
         "xcap": config.xcap,
         "store": config.store,
         "sip": config.sip,
+        "metrics": config.metrics,
     }
     for key in SCHEMA:
         assert hasattr(sections[key.section], key.name), (key.section, key.name)
@@ -573,3 +574,31 @@ def test_sip_default_subscription_expiry_outside_its_bounds_names_them() -> None
         "command line: [sip] subscription_expires_seconds: must lie between"
         " subscription_expires_min_seconds and subscription_expires_max_seconds (600..900)"
     )
+
+
+def test_metrics_are_off_by_default() -> None:
+    assert load_config(None).metrics.listen == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("tcp:9100", "only a loopback interface"),
+        ("tcp:9100:interface=192.0.2.1", "only a loopback interface"),
+        ("ssl:9100:interface=127.0.0.1", "not allowed here"),
+    ],
+)
+def test_metrics_listen_is_checked(tmp_path: Path, value: str, expected: str) -> None:
+    path = write_ini(tmp_path, f"[metrics]\nlisten = {value}\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [metrics] listen: ")
+    assert expected in message
+
+
+def test_metrics_listen_off_loopback_when_allowed(tmp_path: Path) -> None:
+    path = write_ini(
+        tmp_path, "[metrics]\nlisten = tcp:9100:interface=192.0.2.1\nallow_remote = yes\n"
+    )
+    config = load_config(str(path))
+    assert config.metrics.listen == ("tcp:9100:interface=192.0.2.1",)
+    assert config.metrics.allow_remote

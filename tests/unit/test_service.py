@@ -26,6 +26,7 @@ from relayd.net.listeners import ListenerError
 from relayd.service import RelayService, build_service, build_store
 from relayd.sip.stack import SIPService
 from relayd.testing import captured_log, consent_rule, consent_ruleset
+from relayd.web.metrics import TimedStore
 from relayd.xcap import usages
 
 
@@ -205,3 +206,35 @@ def test_postgresql_backend_builds_the_shared_store(
     (line,) = [formatEvent(e) for e in events if "starting:" in formatEvent(e)]
     assert line.endswith("store postgresql relayd@192.0.2.1:5432/relayd")
     assert "s3cret" not in line
+
+
+# -- the metrics listener -----------------------------------------------------------------
+
+
+def test_no_metrics_listener_unless_configured(tmp_path: Path) -> None:
+    top = build_service(prepare(load_config(None, overrides(tmp_path))), BusyPorts())
+    assert [child.name for child in top] == ["msrp", "xcap", "sip"]
+
+
+def test_metrics_listener_binds_last_and_times_the_store(tmp_path: Path) -> None:
+    reactor = BusyPorts()
+    values = overrides(tmp_path, metrics__listen="tcp:29100:interface=127.0.0.1")
+    top = build_service(prepare(load_config(None, values)), reactor)
+    top.privilegedStartService()
+    assert [port for port, *_ in reactor.tcpServers] == [22855, 24443, 25060, 29100]
+    assert isinstance(top.getServiceNamed("xcap").store, TimedStore)
+    top.stopService()
+
+
+def test_busy_metrics_port_stops_start_in_one_line(
+    tmp_path: Path, events: EventLoggingObserver
+) -> None:
+    reactor = BusyPorts(29100)
+    values = overrides(tmp_path, metrics__listen="tcp:29100:interface=127.0.0.1")
+    top = build_service(prepare(load_config(None, values)), reactor)
+    with pytest.raises(ListenerError):
+        top.privilegedStartService()
+    assert critical_lines(events) == [
+        "metrics cannot listen on tcp:29100:interface=127.0.0.1: Couldn't listen on"
+        " 127.0.0.1:29100: [Errno 98] Address already in use."
+    ]
