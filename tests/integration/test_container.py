@@ -107,8 +107,11 @@ def container(tmp_path: Path) -> Iterator[tuple[str, str, int]]:
     """The image built from this tree, running on a minimal configuration."""
     tool = _runtime()
     tag = f"relayd-test-{uuid.uuid4().hex[:12]}"
+    # Never pull: podman says so with --pull=never; docker builds from a local base
+    # image without pulling unless --pull is given.
+    never_pull = ["--pull=never"] if tool == "podman" else []
     subprocess.run(
-        [tool, "build", "--pull=never", "-t", tag, "-f", str(CONTAINERFILE), str(ROOT)],
+        [tool, "build", *never_pull, "-t", tag, "-f", str(CONTAINERFILE), str(ROOT)],
         check=True,
         timeout=1800,
     )
