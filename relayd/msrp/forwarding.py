@@ -457,6 +457,7 @@ class SendStream:
         """Frame ``data`` (and the end-line when ``final``) onto the wire now."""
         target = self.target
         assert target is not None
+        target.relay.counts.relayed_bytes += len(data)
         max_chunk = target.chunk_bytes
         out: list[bytes] = []
         while True:

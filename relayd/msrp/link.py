@@ -71,7 +71,15 @@ class MSRPCounts:
     (relayd.web.metrics) when scraped: one addition each on the paths, in plain dicts
     (a ``Counter``'s item access costs twice a dict's)."""
 
-    __slots__ = ("received_bytes", "refusals", "relayed", "reports", "requests", "responses")
+    __slots__ = (
+        "received_bytes",
+        "refusals",
+        "relayed",
+        "relayed_bytes",
+        "reports",
+        "requests",
+        "responses",
+    )
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
@@ -85,6 +93,8 @@ class MSRPCounts:
         self.reports: dict[bytes, int] = {}
         """REPORT requests received, by the status code in their Status header (§7.1.2)."""
         self.received_bytes = 0
+        self.relayed_bytes = 0
+        """Message body bytes written towards next hops (SEND chunks, re-chunked or not)."""
 
 
 class Relaying(Protocol):

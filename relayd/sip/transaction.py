@@ -694,6 +694,8 @@ class TransactionLayer:
         self._server: dict[Hashable, ServerTransaction] = {}
         self._client: dict[Hashable, ClientTransaction] = {}
         self._merging: dict[tuple[str, str, str], ServerTransaction] = {}
+        self.shed = 0
+        """New requests answered 503 because the server transaction table was full."""
         #: Asked about every new request before a transaction is made: a response it
         #: returns is sent statelessly (``UASCore.stateless``).
         self.screen: Callable[[SIPRequest], SIPResponse | None] | None = None
@@ -773,6 +775,7 @@ class TransactionLayer:
                 self._send(answer, source)
                 return
         if len(self._server) >= self.max_server_transactions:
+            self.shed += 1
             log.warn(
                 "transaction table full; 503 to {method} from {peer}",
                 method=request.method,

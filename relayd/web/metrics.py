@@ -223,6 +223,11 @@ class RelayCollector:
         )
         received.add_metric((), counts.received_bytes)
         yield received
+        relayed = CounterMetricFamily(
+            "relayd_msrp_relayed_bytes", "Message body bytes forwarded towards next hops"
+        )
+        relayed.add_metric((), counts.relayed_bytes)
+        yield relayed
         yield _gauge("relayd_msrp_connections", "Open MSRP connections", len(relay.connections))
         yield _gauge("relayd_msrp_sessions", "Live MSRP sessions (AUTH)", len(relay.core.sessions))
 
@@ -263,12 +268,12 @@ class RelayCollector:
         shed = CounterMetricFamily(
             "relayd_sip_shed", "Requests answered 503 to shed load (event loop lag, transactions)"
         )
-        shed.add_metric((), relay.uas.shed)
+        layer = transport.transactions
+        shed.add_metric((), relay.uas.shed + (layer.shed if layer is not None else 0))
         yield shed
         transactions = GaugeMetricFamily(
             "relayd_sip_transactions", "Live SIP transactions, by kind", labels=("kind",)
         )
-        layer = transport.transactions
         if layer is not None:
             transactions.add_metric(("server",), layer.server_transaction_count)
             transactions.add_metric(("client",), layer.client_transaction_count)

@@ -108,6 +108,10 @@ async def test_scrape_after_msrp_sip_and_xcap_traffic(
     assert value(after, "relayd_msrp_requests_total", method="AUTH") >= 4  # challenge + answer
     assert value(after, "relayd_msrp_requests_total", method="SEND") >= 1
     assert value(after, "relayd_msrp_relayed_total", method="SEND") >= 1
+
+    assert value(after, "relayd_msrp_relayed_bytes_total") - value(
+        before, "relayd_msrp_relayed_bytes_total"
+    ) == len(b"Hello Bob")  # written once, towards bob's connection
     # Bob's client sends the success REPORT (RFC 4975 §7.1.2) through the relay.
     assert value(after, "relayd_msrp_reports_total", status="200") >= 1
     assert value(after, "relayd_msrp_received_bytes_total") > value(

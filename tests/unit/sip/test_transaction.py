@@ -418,6 +418,7 @@ def test_server_overload_answers_503_statelessly() -> None:
     again = send.sent[-1][1]
     assert isinstance(again, SIPResponse) and again.status == 503
     assert again.to_tag == resp.to_tag is not None
+    assert layer.shed == 2  # counted for the metrics listener
 
 
 def test_server_drops_request_without_via() -> None:
