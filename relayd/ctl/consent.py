@@ -134,6 +134,23 @@ def verdict(latest: Iterable[list[ConsentState] | None]) -> bool | None:
     return None if undecided else True
 
 
+def change_lines(
+    watched: str, before: list[ConsentState] | None, after: list[ConsentState], as_json: bool
+) -> list[str]:
+    """What a watch prints for one NOTIFY: a line per consent whose state changed, or
+    one saying the consent is gone (a wait-permission body without one)."""
+    if not after:
+        if as_json:
+            return [json.dumps({"watch": watched, "state": "gone"}, sort_keys=True)]
+        return [f"{watched}: no such consent (gone)"]
+    seen = {(s.recipient, s.list_uri): s.state for s in before or []}
+    return [
+        json.dumps(state.as_json(watched), sort_keys=True) if as_json else state.line(watched)
+        for state in after
+        if seen.get((state.recipient, state.list_uri)) != state.state
+    ]
+
+
 def wait_uri(response: SIPResponse) -> str | None:
     """The ``Call-Info`` URI with ``purpose=wait-permission`` of a 202 (seed §5)."""
     for value in response.headers.get_all("call-info"):
@@ -232,19 +249,10 @@ async def _follow(
         if watch is None:
             continue
         states = status_states(notify.body)
-        before = {(s.recipient, s.list_uri): s.state for s in watch.states or []}
-        for state in states:
-            if before.get((state.recipient, state.list_uri)) != state.state:
-                text = (
-                    json.dumps(state.as_json(watch.uri), sort_keys=True)
-                    if as_json
-                    else state.line(watch.uri)
-                )
-                out.write(text + "\n")
+        for line in change_lines(watch.uri, watch.states, states, as_json):
+            out.write(line + "\n")
         out.flush()
         watch.states = states
-        if not states:
-            out.write(f"{watch.uri}: no such consent (expired or withdrawn)\n")
         decided = verdict(w.states for w in watches.values())
         if decided is True:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -10,6 +12,7 @@ from twisted.python.failure import Failure
 from relayd.ctl import main as ctl
 from relayd.ctl.consent import (
     ConsentState,
+    change_lines,
     consent_methods,
     consent_uris,
     status_states,
@@ -92,6 +95,17 @@ def test_state_line_and_json() -> None:
         f"{BOB}: granted (MESSAGE INVITE via {LIST}) [sip:wp-1@relay.test]"
     )
     assert state.as_json("w")["methods"] == ["MESSAGE", "INVITE"]
+
+
+def test_change_lines_print_only_changes() -> None:
+    pending, granted = (ConsentState(BOB, LIST, "MESSAGE", s) for s in ("pending", "granted"))
+    assert change_lines("w", None, [pending], False) == [f"{BOB}: pending (MESSAGE via {LIST}) [w]"]
+    assert change_lines("w", [pending], [pending], False) == []
+    assert [json.loads(x)["state"] for x in change_lines("w", [pending], [granted], True)] == [
+        "granted"
+    ]
+    assert change_lines("w", [granted], [], False) == ["w: no such consent (gone)"]
+    assert json.loads(change_lines("w", [granted], [], True)[0]) == {"watch": "w", "state": "gone"}
 
 
 def _response(status: int, *headers: tuple[str, str]) -> SIPResponse:
