@@ -214,14 +214,10 @@ async def run_watch(
     try:
         for uri in uris:
             watch = _Watch(uri, new_tag(), new_tag())
-            response = await client.request(
-                "SUBSCRIBE",
-                uri,
-                [("Event", "wait-permission"), ("Expires", str(expires))],
-                to=f"<{uri}>",
-                call_id=watch.call_id,
-                from_tag=watch.from_tag,
-            )
+            response = await _subscribe(client, watch, expires)
+            minimum = response.headers.get("min-expires") or ""
+            if response.status == 423 and minimum.isdigit():  # RFC 6665 §4.1.2.1
+                response = await _subscribe(client, watch, int(minimum))
             if not 200 <= response.status < 300:
                 raise CtlError(f"SUBSCRIBE {uri}: {response.status} {response.reason}")
             watch.to = response.headers.get("to")
@@ -231,6 +227,17 @@ async def run_watch(
         await _follow(client, watches, as_json, out)
     finally:
         await _unsubscribe(client, watches.values())
+
+
+async def _subscribe(client: SIPClient, watch: _Watch, expires: int) -> SIPResponse:
+    return await client.request(
+        "SUBSCRIBE",
+        watch.uri,
+        [("Event", "wait-permission"), ("Expires", str(expires))],
+        to=f"<{watch.uri}>",
+        call_id=watch.call_id,
+        from_tag=watch.from_tag,
+    )
 
 
 async def _follow(

@@ -68,6 +68,7 @@ from relayd.tokens import redact
 from relayd.xcap.client import XCAPClient, document_path, node_path
 
 from .conftest import Capability
+from .test_ctl import environment, relayctl
 
 pytestmark = pytest.mark.integration
 
@@ -1406,3 +1407,39 @@ async def test_relayctl_consent_watch_fails_on_denial_and_on_timeout(start: Star
         await watching.addTimeout(TIMEOUT, reactor)
     assert out.getvalue().splitlines()[-1].startswith(f"{BOB}: denied")
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_consent_commands_end_to_end(start: Start, tmp_path: Path) -> None:
+    """The installed commands: the 470 pasted on stdin, then a watch until bob grants."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    refused = await send_message(alice, SOLO)
+    pasted = "".join(
+        f"Permission-Missing: {v}\n" for v in refused.headers.get_all("permission-missing")
+    )
+    secret = tmp_path / "alice.password"
+    secret.write_text("alice-pw\n", encoding="utf-8")
+    sip = ["--relay", f"{HOST}:{relay.udp_port}", "--user", "alice", "--password-file", str(secret)]
+    env = environment(tmp_path)
+    out, err, code = await relayctl(
+        env, "consent", "request", *sip, "--from-470", "-", stdin=pasted.encode()
+    )
+    assert (code, err) == (0, ""), err
+    wait = out.splitlines()[1].removeprefix("  wait-permission: ")
+    permission = ((await bob.next_request("CONSENT")).headers.get("permission") or "")[1:-1]
+    watching = Deferred.fromCoroutine(
+        relayctl(env, "consent", "watch", *sip, "--json", "--timeout", "20", wait)
+    )
+    manager = relay.sip.consent_relay.subscriptions
+    for _ in range(int(20 / 0.05)):
+        if manager.subscriptions("wait-permission") or watching.called:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert not watching.called, watching.result
+    assert await relay.xcap.call("PUT", permission, PLAIN_PERMISSION.encode()) == 201
+    out, err, code = await watching
+    assert (code, err) == (0, ""), err
+    assert [json.loads(line)["state"] for line in out.splitlines()] == ["pending", "granted"]
