@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from relayd.ctl import accounts, network, status, store, xcap
+from relayd.ctl import accounts, consent, network, status, store, xcap
 from relayd.ctl.receiving import check_output
 from relayd.ctl.settings import (
     PASSWORD_ENV,
@@ -33,6 +33,7 @@ from relayd.ctl.settings import (
     split_to_and_file,
     trust_anchor,
 )
+from relayd.ctl.sip import SIPClient, relay_address
 from relayd.msrp.client import MSRPClientError
 
 PROG = "relayctl"
@@ -86,8 +87,8 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _add_access_options(access: Any) -> None:
-    """Digest credentials and TLS trust, shared by the MSRP and XCAP commands."""
+def _add_credential_options(access: Any) -> None:
+    """Digest credentials, shared by the MSRP, XCAP and SIP commands."""
     access.add_argument(
         "--user",
         help="user name for digest AUTH (default: username= of the credentials file)",
@@ -104,6 +105,11 @@ def _add_access_options(access: Any) -> None:
         help="username=/password= file used when --user is not given"
         " (default: credentials.txt in the data directory, written by the relay on first start)",
     )
+
+
+def _add_access_options(access: Any) -> None:
+    """Digest credentials and TLS trust, shared by the MSRP and XCAP commands."""
+    _add_credential_options(access)
     access.add_argument(
         "--ca",
         metavar="PEM",
@@ -300,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for the delivery REPORT after the last chunk (default: 60)",
     )
     xcap.add_parsers(command, [locations, xcap_access])
+    _add_consent_parser(command, [locations])
 
     stores = command(
         "store",
@@ -343,6 +350,95 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status_parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _add_consent_parser(command: Callable[..., Any], parents: list[_Parser]) -> None:
+    """``consent request|watch``: the sender's part of the consent flow over SIP/UDP."""
+    sip_access = _Parser(add_help=False)
+    relay = sip_access.add_argument_group("SIP relay access (UDP)")
+    relay.add_argument(
+        "--relay",
+        required=True,
+        metavar="HOST[:PORT]",
+        help="the relay's SIP UDP listener, e.g. 127.0.0.1:5060 (port default 5060)",
+    )
+    relay.add_argument(
+        "--domain",
+        help="the relay's SIP domain, the host of your address (default: the --relay host)",
+    )
+    _add_credential_options(relay)
+    relay.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="request: wait this long for each answer (at most 32);"
+        " watch: give up when not all are granted by then (default: 600)",
+    )
+    relay.add_argument("--json", action="store_true", help="machine-readable output")
+    group = command(
+        "consent",
+        "Ask list members for consent and wait for it (the sender's part, RFC 5360)."
+        " The relay offers no way to learn who is missing without sending: give"
+        " 'request' the consent URIs of a 470 you got.",
+        [],
+    )
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ask = actions.add_parser(
+        "request",
+        help="send one CONSENT per consent URI and print each answer and wait-permission URI",
+        parents=[*parents, sip_access],
+    )
+    ask.add_argument(
+        "uri",
+        nargs="*",
+        help="consent URIs from a 470's Permission-Missing header",
+    )
+    ask.add_argument(
+        "--from-470",
+        metavar="FILE",
+        help="read the consent URIs from the pasted 470 (its Permission-Missing lines) or"
+        " one URI a line; '-' for standard input",
+    )
+    ask.add_argument(
+        "--methods",
+        default="MESSAGE",
+        help="comma-separated methods to ask consent for (default: MESSAGE)",
+    )
+    watch = actions.add_parser(
+        "watch",
+        help="subscribe to wait-permission URIs and print each change until all are granted",
+        parents=[*parents, sip_access],
+    )
+    watch.add_argument("uri", nargs="+", help="wait-permission URIs printed by 'consent request'")
+
+
+def consent_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The coroutine for ``consent request|watch`` (credentials resolved here: prompts)."""
+    if args.action == "request":
+        text = "\n".join(args.uri)
+        if args.from_470:
+            source = sys.stdin if args.from_470 == "-" else None
+            text += "\n" + (source.read() if source else Path(args.from_470).read_text())
+        uris = consent.consent_uris(text)
+        methods = consent.consent_methods(args.methods)
+    host, port = relay_address(args.relay)
+    credentials = _credentials(args, locate(args.config, args.data_dir))
+    out = sys.stdout
+
+    async def work(reactor: Any) -> None:
+        client = SIPClient(reactor, (host, port), credentials, args.domain or host, args.timeout)
+        client.start()
+        try:
+            if args.action == "request":
+                await consent.run_request(client, uris, methods, args.json, out)
+            else:
+                expires = int(args.timeout) + 1
+                await consent.run_watch(client, args.uri, expires, args.json, out)
+        finally:
+            await client.close()
+
+    return work
 
 
 def _interactive() -> bool:
@@ -515,6 +611,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             work = xcap_command(args)
         elif args.command == "status":
             work = status_command(args)
+        elif args.command == "consent":
+            work = consent_command(args)
         else:
             work = network_command(args)
     except (CtlError, OSError) as e:

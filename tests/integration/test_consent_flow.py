@@ -8,6 +8,8 @@ account) or with its own digest credentials on its own documents.
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import shutil
 import socket
@@ -37,6 +39,9 @@ from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import CONSENT_RULES_AUID, CONSENT_STATUS_NAMESPACE
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as POLICY_TYPE
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
+from relayd.ctl import consent as ctl_consent
+from relayd.ctl.settings import Credentials, CtlError
+from relayd.ctl.sip import SIPClient
 from relayd.sip.message import (
     SIPRequest,
     SIPResponse,
@@ -63,6 +68,7 @@ from relayd.tokens import redact
 from relayd.xcap.client import XCAPClient, document_path, node_path
 
 from .conftest import Capability
+from .test_ctl import environment, relayctl
 
 pytestmark = pytest.mark.integration
 
@@ -1307,3 +1313,133 @@ async def test_two_relays_sharing_a_postgresql_store_act_as_one(
     delivered = await send_message(alice, SOLO, b"through relay A")
     assert delivered.status == 200, delivered
     assert (await bob.next_request("MESSAGE")).body == b"through relay A"
+
+
+# -- relayctl consent: a sender without a consent-aware UA --------------------------------
+
+
+async def _ctl_client(relay: Running, timeout: float = TIMEOUT) -> SIPClient:
+    client = SIPClient(reactor, (HOST, relay.udp_port), Credentials("alice", "alice-pw"), HOST)
+    client.deadline_seconds = timeout
+    client.start()
+    return client
+
+
+async def _printed(out: io.StringIO, lines: int) -> list[str]:
+    """The output once it has ``lines`` lines (the watch runs on; the test waits)."""
+    for _ in range(int(TIMEOUT / 0.02)):
+        if out.getvalue().count("\n") >= lines:
+            return out.getvalue().splitlines()
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"printed only {out.getvalue()!r}")
+
+
+async def _ctl_requested(start: Start) -> tuple[Running, UA, SIPClient, str, str]:
+    """Alice got a 470 for solo and pasted it to ``relayctl consent request``."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    refused = await send_message(alice, SOLO)
+    assert refused.status == 470
+    pasted = "SIP/2.0 470 Consent Needed\n" + "".join(
+        f"Permission-Missing: {value}\n" for value in refused.headers.get_all("permission-missing")
+    )
+    (target,) = ctl_consent.consent_uris(pasted)
+    client = await _ctl_client(relay)
+    out = io.StringIO()
+    await ctl_consent.run_request(client, [target], "MESSAGE", False, out)
+    first, second = out.getvalue().splitlines()
+    assert first == f"{target}: 202 Accepted"
+    wait = second.removeprefix("  wait-permission: ")
+    assert wait.startswith("sip:wp-") and "@" in wait, second
+    forwarded = await bob.next_request("CONSENT")
+    assert forwarded.headers.get("consent-methods") == "MESSAGE"
+    return relay, alice, client, wait, (forwarded.headers.get("permission") or "")[1:-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_consent_request_then_watch_until_granted(start: Start) -> None:
+    relay, alice, client, wait, permission = await _ctl_requested(start)
+    out = io.StringIO()
+    watching = Deferred.fromCoroutine(ctl_consent.run_watch(client, [wait], 600, True, out))
+    (pending,) = [json.loads(line) for line in await _printed(out, 1)]
+    assert pending == {
+        "watch": wait,
+        "recipient": BOB,
+        "list": SOLO,
+        "methods": ["MESSAGE"],
+        "state": "pending",
+    }
+    assert await relay.xcap.call("PUT", permission, PLAIN_PERMISSION.encode()) == 201
+    await watching.addTimeout(TIMEOUT, reactor)  # ends by itself: all granted
+    assert [json.loads(line)["state"] for line in out.getvalue().splitlines()] == [
+        "pending",
+        "granted",
+    ]
+    # It unsubscribed on the way out (RFC 6665 §4.1.2.3): gone once the final NOTIFY
+    # is answered.
+    manager = relay.sip.consent_relay.subscriptions
+    for _ in range(int(TIMEOUT / 0.02)):
+        if not manager.subscriptions("wait-permission"):
+            break
+        await deferLater(reactor, 0.02, lambda: None)
+    assert not manager.subscriptions("wait-permission")
+    assert (await send_message(alice, SOLO)).status == 200
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_consent_watch_fails_on_denial_and_on_timeout(start: Start) -> None:
+    relay, _, client, wait, permission = await _ctl_requested(start)
+    out = io.StringIO()
+    client.deadline_seconds = 0.5
+    with pytest.raises(CtlError, match="timed out"):
+        await ctl_consent.run_watch(client, [wait], 600, False, out)
+    assert out.getvalue() == f"{BOB}: pending (MESSAGE via {SOLO}) [{wait}]\n"
+    client.deadline_seconds = TIMEOUT
+    out = io.StringIO()
+    watching = Deferred.fromCoroutine(ctl_consent.run_watch(client, [wait], 600, False, out))
+    await _printed(out, 1)
+    denial = ruleset(rule("no", ALICE, SOLO, "deny"))
+    assert await relay.xcap.call("PUT", permission, denial) in (200, 201)
+    with pytest.raises(CtlError, match="not granted"):
+        await watching.addTimeout(TIMEOUT, reactor)
+    assert out.getvalue().splitlines()[-1].startswith(f"{BOB}: denied")
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_consent_commands_end_to_end(start: Start, tmp_path: Path) -> None:
+    """The installed commands: the 470 pasted on stdin, then a watch until bob grants."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    refused = await send_message(alice, SOLO)
+    pasted = "".join(
+        f"Permission-Missing: {v}\n" for v in refused.headers.get_all("permission-missing")
+    )
+    secret = tmp_path / "alice.password"
+    secret.write_text("alice-pw\n", encoding="utf-8")
+    sip = ["--relay", f"{HOST}:{relay.udp_port}", "--user", "alice", "--password-file", str(secret)]
+    env = environment(tmp_path)
+    out, err, code = await relayctl(
+        env, "consent", "request", *sip, "--from-470", "-", stdin=pasted.encode()
+    )
+    assert (code, err) == (0, ""), err
+    wait = out.splitlines()[1].removeprefix("  wait-permission: ")
+    permission = ((await bob.next_request("CONSENT")).headers.get("permission") or "")[1:-1]
+    watching = Deferred.fromCoroutine(
+        relayctl(env, "consent", "watch", *sip, "--json", "--timeout", "20", wait)
+    )
+    manager = relay.sip.consent_relay.subscriptions
+    for _ in range(int(20 / 0.05)):
+        if manager.subscriptions("wait-permission") or watching.called:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert not watching.called, watching.result
+    assert await relay.xcap.call("PUT", permission, PLAIN_PERMISSION.encode()) == 201
+    out, err, code = await watching
+    assert (code, err) == (0, ""), err
+    assert [json.loads(line)["state"] for line in out.splitlines()] == ["pending", "granted"]
