@@ -493,6 +493,14 @@ class ListDirectory:
     def _taken(self, user: str) -> bool:
         return user in self._by_user or self.is_account(user)
 
+    def lists_with(self, member_key: str) -> list[str]:
+        """The URIs of the lists that have a member of identity key ``member_key``."""
+        return [
+            item.uri
+            for item in self._by_user.values()
+            if any(identity_key(member) == member_key for member in item.members)
+        ]
+
     def lookup(self, uri: SIPURI) -> URIList | None:
         if not uri.user or not self.is_local(uri):
             return None

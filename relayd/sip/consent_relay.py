@@ -343,7 +343,9 @@ class ConsentRelay:
 
     def _permissions_changed(self, recipient_key: str) -> None:
         self.subscriptions.resource_changed("wait-permission", "r:" + recipient_key)
-        self._lists_changed()
+        for list_uri in self.directory.lists_with(recipient_key):
+            key = PendingAdditionsPackage.list_key(list_uri)
+            self.subscriptions.resource_changed(PendingAdditionsPackage.name, key)
         settled = defer.ensureDeferred(self._settle_granted(recipient_key))
         settled.addErrback(lambda failure: self.log.failure("settling consents failed", failure))
 

@@ -511,6 +511,17 @@ class SubscriptionManager:
 # -- the consent packages ---------------------------------------------------------------
 
 
+async def permits_all(
+    cache: PermissionCache, sender: str, list_uri: str, recipient: str, methods: Iterable[str]
+) -> bool:
+    """Whether ``recipient``'s documents let ``sender`` through ``list_uri`` for every
+    one of ``methods``: what both packages report as ``granted``."""
+    for method in methods:
+        if not await cache.permitted(sender, list_uri, recipient, method):
+            return False
+    return True
+
+
 class WaitPermissionPackage:
     """``wait-permission`` (seed §7): a sender watches one consent it asked for.
 
@@ -540,14 +551,7 @@ class WaitPermissionPackage:
 
     async def status(self, record: PendingConsent) -> str:
         methods = record.methods or ("MESSAGE",)
-        granted = True
-        for method in methods:
-            if not await self.cache.permitted(
-                record.sender, record.list_uri, record.recipient, method
-            ):
-                granted = False
-                break
-        if granted:
+        if await permits_all(self.cache, record.sender, record.list_uri, record.recipient, methods):
             return "granted"
         if record.state is ConsentState.GRANTED:
             return "revoked"
@@ -630,8 +634,9 @@ class PendingAdditionsPackage:
       CONSENT that failed to arrive; an expiry is the failure it knows of);
     * ``pending``: no consent request yet (RFC 5362: none sent).
 
-    Indexed under the list (consent record changes) and under ``*`` (permission and
-    list document changes, which may touch any list): unchanged states are not re-sent.
+    Indexed under the list key (:meth:`list_key`): the relay names the list on a
+    change of a consent record of it or of a member's permissions, and :attr:`ANY`
+    when lists themselves changed. An unchanged state is not re-sent.
     """
 
     name = "consent-pending-additions"
@@ -663,12 +668,7 @@ class PendingAdditionsPackage:
     ) -> str:
         """The RFC 5362 state of ``member`` (class doc)."""
         methods = (latest.methods if latest is not None else ()) or ("MESSAGE",)
-        granted = True
-        for method in methods:
-            if not await self.cache.permitted(owner, list_uri, member, method):
-                granted = False
-                break
-        if granted:
+        if await permits_all(self.cache, owner, list_uri, member, methods):
             return "granted"
         if latest is None:
             return "pending"

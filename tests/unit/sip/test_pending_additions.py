@@ -94,7 +94,12 @@ class World:
         self.store.add_listener(self.directory.store_changed)
         self.directory.add_observer(lambda: self.manager.resource_changed(name, every))
         self.store.add_listener(self.consent_changed)
-        self.cache.add_observer(lambda key: self.manager.resource_changed(name, every))
+        self.cache.add_observer(self.permissions_changed)
+
+    def permissions_changed(self, recipient_key: str) -> None:
+        for list_uri in self.directory.lists_with(recipient_key):
+            key = PendingAdditionsPackage.list_key(list_uri)
+            self.manager.resource_changed(PendingAdditionsPackage.name, key)
 
     def consent_changed(self, change: StoreChange) -> None:
         if change.consent is not None:
