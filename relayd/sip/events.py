@@ -623,7 +623,8 @@ class PendingAdditionsPackage:
     """``consent-pending-additions`` (RFC 5362): a list owner watches its members' consent.
 
     Subscribed at the list URI, by the list's owner only (403 otherwise, 404 for no
-    list). Every NOTIFY lists every member with its state, for the owner as sender
+    list); a list that is gone ends it (``noresource``), one with another owner now
+    too (``rejected``). Every NOTIFY lists every member with its state, for the owner as sender
     (permissions and consent records are per sender, RFC 5360 §5.4):
 
     * ``granted``: the member's documents let the owner through the list for every
@@ -661,7 +662,9 @@ class PendingAdditionsPackage:
             raise SIPStatus(404, "No Such List")
         if found.owner is None or identity_key(found.owner) != identity_key(subscriber):
             raise SIPStatus(403, "Only The List Owner May Subscribe")
-        return Grant(found.uri, frozenset({self.list_key(found.uri), self.ANY}))
+        # The resource names the owner too: a list that changes hands ends it.
+        resource = f"{found.uri} {identity_key(subscriber)}"
+        return Grant(resource, frozenset({self.list_key(found.uri), self.ANY}))
 
     async def member_state(
         self, owner: str, list_uri: str, member: str, latest: PendingConsent | None
@@ -678,23 +681,25 @@ class PendingAdditionsPackage:
         }.get(latest.state, "denied")
 
     async def state(self, resource: str, version: int) -> tuple[bytes, str | None]:
+        list_uri, _, subscriber = resource.partition(" ")
         try:
-            found = self.directory.lookup(SIPURI.parse(resource))
+            found = self.directory.lookup(SIPURI.parse(list_uri))
         except SIPURIError:
             found = None
-        if found is None or found.owner is None:
+        if found is None:
             return pending_additions_body(()), "noresource"
-        owner = identity_key(found.owner)
+        owner = found.owner
+        if owner is None or identity_key(owner) != subscriber:
+            # RFC 6665 §4.2.2: the subscriber is no longer authorized.
+            return pending_additions_body(()), "rejected"
         latest: dict[str, PendingConsent] = {}
         for record in await self.store.list_consents(list_uri=found.uri):
-            if identity_key(record.sender) == owner:
+            if identity_key(record.sender) == subscriber:
                 latest[identity_key(record.recipient)] = record  # oldest first
         entries = [
             (
                 member,
-                await self.member_state(
-                    found.owner, found.uri, member, latest.get(identity_key(member))
-                ),
+                await self.member_state(owner, found.uri, member, latest.get(identity_key(member))),
             )
             for member in found.members
         ]

@@ -198,3 +198,17 @@ def test_a_member_added_to_an_owners_list_document_is_shown(world: World) -> Non
     assert states(world.sender.sent[-1].body) == {BOB: "pending"}
     fired(world.store.put_document("resource-lists", ALICE, "index", lists(BOB, CAROL)))
     assert states(world.sender.sent[-1].body) == {BOB: "pending", CAROL: "pending"}
+    fired(world.store.delete_document("resource-lists", ALICE, "index"))
+    last = world.sender.sent[-1]
+    assert last.headers.get("subscription-state") == "terminated;reason=noresource"
+    assert world.manager.count == 0
+
+
+def test_a_list_that_changes_owner_ends_the_subscription(world: World) -> None:
+    world.run(subscribe())
+    world.clock.advance(0)
+    members = (BOB, CAROL, DAVE, ERIN, FRANK)
+    world.directory.replace_file_lists([URIList(LIST, members, owner=BOB)])
+    last = world.sender.sent[-1]
+    assert last.headers.get("subscription-state") == "terminated;reason=rejected"
+    assert world.manager.count == 0
