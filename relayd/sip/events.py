@@ -511,7 +511,7 @@ class SubscriptionManager:
 # -- the consent packages ---------------------------------------------------------------
 
 
-async def permits_all(
+async def _permits_all(
     cache: PermissionCache, sender: str, list_uri: str, recipient: str, methods: Iterable[str]
 ) -> bool:
     """Whether ``recipient``'s documents let ``sender`` through ``list_uri`` for every
@@ -551,7 +551,9 @@ class WaitPermissionPackage:
 
     async def status(self, record: PendingConsent) -> str:
         methods = record.methods or ("MESSAGE",)
-        if await permits_all(self.cache, record.sender, record.list_uri, record.recipient, methods):
+        if await _permits_all(
+            self.cache, record.sender, record.list_uri, record.recipient, methods
+        ):
             return "granted"
         if record.state is ConsentState.GRANTED:
             return "revoked"
@@ -624,8 +626,8 @@ class PendingAdditionsPackage:
 
     Subscribed at the list URI, by the list's owner only (403 otherwise, 404 for no
     list); a list that is gone ends it (``noresource``), one with another owner now
-    too (``rejected``). Every NOTIFY lists every member with its state, for the owner as sender
-    (permissions and consent records are per sender, RFC 5360 §5.4):
+    too (``rejected``). Every NOTIFY lists every member with its state, for the owner
+    as sender (permissions and consent records are per sender):
 
     * ``granted``: the member's documents let the owner through the list for every
       method of the member's latest consent request (``MESSAGE`` without one);
@@ -671,7 +673,7 @@ class PendingAdditionsPackage:
     ) -> str:
         """The RFC 5362 state of ``member`` (class doc)."""
         methods = (latest.methods if latest is not None else ()) or ("MESSAGE",)
-        if await permits_all(self.cache, owner, list_uri, member, methods):
+        if await _permits_all(self.cache, owner, list_uri, member, methods):
             return "granted"
         if latest is None:
             return "pending"
