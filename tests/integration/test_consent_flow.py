@@ -497,6 +497,8 @@ async def test_the_list_owner_watches_members_consent_as_pending_additions(start
     bob = await start_ua("bob", "UDP", relay)
     await bob.register()
     event = "consent-pending-additions"
+    options = await bob.request("OPTIONS", f"sip:{HOST}")
+    assert event in (options.headers.get("allow-events") or "").split(", ")
     refused = await bob.request("SUBSCRIBE", LIST, [("Event", event)], to=f"<{LIST}>")
     assert refused.status == 403
     watching, first = await subscribe(alice, LIST, event=event)
