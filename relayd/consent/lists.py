@@ -374,7 +374,12 @@ class ListDirectory:
         self._store_docs: dict[tuple[str, str], list[URIList]] = {}
         self._by_user: dict[str, URIList] = {}
         self._defined_in: dict[str, tuple[str, str]] = {}
+        self._observers: list[Callable[[], object]] = []
         self.replace_file_lists(file_lists)
+
+    def add_observer(self, observer: Callable[[], object]) -> None:
+        """Call ``observer`` after every change of the lists (RFC 5362 watchers)."""
+        self._observers.append(observer)
 
     def replace_file_lists(self, file_lists: Iterable[URIList]) -> None:
         """The lists of the ``[sip] lists`` file, at start and again on reload; those
@@ -438,6 +443,8 @@ class ListDirectory:
         table.update(self._file)
         self._by_user = table
         self._defined_in = defined_in
+        for observer in self._observers:
+            observer()
 
     def check_document(self, document: DocumentKey, body: bytes) -> tuple[bytes, str] | None:
         """Refuse a resource-lists document that names a list URI it may not hold,
@@ -485,6 +492,14 @@ class ListDirectory:
 
     def _taken(self, user: str) -> bool:
         return user in self._by_user or self.is_account(user)
+
+    def lists_with(self, member_key: str) -> list[str]:
+        """The URIs of the lists that have a member of identity key ``member_key``."""
+        return [
+            item.uri
+            for item in self._by_user.values()
+            if any(identity_key(member) == member_key for member in item.members)
+        ]
 
     def lookup(self, uri: SIPURI) -> URIList | None:
         if not uri.user or not self.is_local(uri):

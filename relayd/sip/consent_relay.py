@@ -75,6 +75,7 @@ from relayd.sip.consent_request import answer_uri, parse_answer_user, request_bo
 from relayd.sip.dialogs import DialogTargets
 from relayd.sip.events import (
     GrantPermissionPackage,
+    PendingAdditionsPackage,
     SubscriptionLimits,
     SubscriptionManager,
     WaitPermissionPackage,
@@ -267,7 +268,9 @@ class ConsentRelay:
         self.wait_package = WaitPermissionPackage(store, cache)
         self.subscriptions.register(self.wait_package)
         self.subscriptions.register(GrantPermissionPackage(store, permission_uri))
+        self.subscriptions.register(PendingAdditionsPackage(store, cache, directory))
         cache.add_observer(self._permissions_changed)
+        directory.add_observer(self._lists_changed)
         self._started = False
         #: Response contexts of INVITEs in progress (their timers hold them alive).
         self._invites: weakref.WeakSet[InviteContext] = weakref.WeakSet()
@@ -331,9 +334,20 @@ class ConsentRelay:
             self.subscriptions.resource_changed("wait-permission", consent.id)
             recipient = "r:" + identity_key(consent.recipient)
             self.subscriptions.resource_changed("grant-permission", recipient)
+            self.subscriptions.resource_changed(
+                PendingAdditionsPackage.name, PendingAdditionsPackage.list_key(consent.list_uri)
+            )
+
+    def _lists_changed(self) -> None:
+        self.subscriptions.resource_changed(
+            PendingAdditionsPackage.name, PendingAdditionsPackage.ANY
+        )
 
     def _permissions_changed(self, recipient_key: str) -> None:
         self.subscriptions.resource_changed("wait-permission", "r:" + recipient_key)
+        for list_uri in self.directory.lists_with(recipient_key):
+            key = PendingAdditionsPackage.list_key(list_uri)
+            self.subscriptions.resource_changed(PendingAdditionsPackage.name, key)
         settled = defer.ensureDeferred(self._settle_granted(recipient_key))
         settled.addErrback(lambda failure: self.log.failure("settling consents failed", failure))
 

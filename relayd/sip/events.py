@@ -12,8 +12,10 @@ timeout) ends the subscription (RFC 6665 §4.2.2). Expiry sends a final NOTIFY w
 ``Subscription-State: terminated;reason=timeout``.
 
 Packages (:class:`EventPackage`) decide who may subscribe to what and render state.
-NOTIFY bodies of both consent packages are ``application/vnd.relayd.consent-status+xml``
-(:func:`consent_status_body`; format in docs/consent.md).
+NOTIFY bodies of wait-permission and grant-permission are
+``application/vnd.relayd.consent-status+xml`` (:func:`consent_status_body`; format in
+docs/consent.md); those of consent-pending-additions are RFC 5362 §4 resource-lists
+documents (:func:`pending_additions_body`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from relayd.consent.lists import ListDirectory
 from relayd.consent.permissions import PermissionCache
 from relayd.consent.policy import identity_key
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
-from relayd.consent.vocabulary import CONSENT_STATUS_MIME_TYPE, CONSENT_STATUS_NAMESPACE
+from relayd.consent.vocabulary import (
+    CONSENT_STATUS_MIME_TYPE,
+    CONSENT_STATUS_NAMESPACE,
+    PENDING_ADDITIONS_NAMESPACE,
+    RESOURCE_LISTS_MIME_TYPE,
+    RESOURCE_LISTS_NAMESPACE,
+)
 from relayd.logs import logger
 from relayd.sip.consent import ConsentURIs
 from relayd.sip.message import (
@@ -53,11 +62,13 @@ __all__ = [
     "EventPackage",
     "Grant",
     "GrantPermissionPackage",
+    "PendingAdditionsPackage",
     "Subscription",
     "SubscriptionLimits",
     "SubscriptionManager",
     "WaitPermissionPackage",
     "consent_status_body",
+    "pending_additions_body",
 ]
 
 
@@ -500,6 +511,17 @@ class SubscriptionManager:
 # -- the consent packages ---------------------------------------------------------------
 
 
+async def _permits_all(
+    cache: PermissionCache, sender: str, list_uri: str, recipient: str, methods: Iterable[str]
+) -> bool:
+    """Whether ``recipient``'s documents let ``sender`` through ``list_uri`` for every
+    one of ``methods``: what both packages report as ``granted``."""
+    for method in methods:
+        if not await cache.permitted(sender, list_uri, recipient, method):
+            return False
+    return True
+
+
 class WaitPermissionPackage:
     """``wait-permission`` (seed §7): a sender watches one consent it asked for.
 
@@ -529,14 +551,9 @@ class WaitPermissionPackage:
 
     async def status(self, record: PendingConsent) -> str:
         methods = record.methods or ("MESSAGE",)
-        granted = True
-        for method in methods:
-            if not await self.cache.permitted(
-                record.sender, record.list_uri, record.recipient, method
-            ):
-                granted = False
-                break
-        if granted:
+        if await _permits_all(
+            self.cache, record.sender, record.list_uri, record.recipient, methods
+        ):
             return "granted"
         if record.state is ConsentState.GRANTED:
             return "revoked"
@@ -587,3 +604,105 @@ class GrantPermissionPackage:
             if identity_key(record.recipient) == resource
         ]
         return consent_status_body(self.name, version, entries), None
+
+
+def pending_additions_body(entries: Iterable[tuple[str, str]]) -> bytes:
+    """RFC 5362 §4: a resource-lists document, one ``<entry uri>`` per member with a
+    ``<cs:state>`` child (``pending``, ``waiting``, ``error``, ``denied``, ``granted``)."""
+    rl, cs = f"{{{RESOURCE_LISTS_NAMESPACE}}}", f"{{{PENDING_ADDITIONS_NAMESPACE}}}"
+    root = etree.Element(
+        rl + "resource-lists",
+        nsmap={None: RESOURCE_LISTS_NAMESPACE, "cs": PENDING_ADDITIONS_NAMESPACE},  # type: ignore[dict-item]
+    )
+    element = etree.SubElement(root, rl + "list")
+    for uri, state in entries:
+        entry = etree.SubElement(element, rl + "entry", uri=uri)
+        etree.SubElement(entry, cs + "state").text = state
+    return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+
+
+class PendingAdditionsPackage:
+    """``consent-pending-additions`` (RFC 5362): a list owner watches its members' consent.
+
+    Subscribed at the list URI, by the list's owner only (403 otherwise, 404 for no
+    list); a list that is gone ends it (``noresource``), one with another owner now
+    too (``rejected``). Every NOTIFY lists every member with its state, for the owner
+    as sender (permissions and consent records are per sender):
+
+    * ``granted``: the member's documents let the owner through the list for every
+      method of the member's latest consent request (``MESSAGE`` without one);
+    * ``waiting``: a consent request is open (sent, or held for an offline member);
+    * ``denied``: the latest request was refused, or its grant since revoked;
+    * ``error``: the latest request lapsed unanswered (the relay does not record a
+      CONSENT that failed to arrive; an expiry is the failure it knows of);
+    * ``pending``: no consent request yet (RFC 5362: none sent).
+
+    Indexed under the list key (:meth:`list_key`): the relay names the list on a
+    change of a consent record of it or of a member's permissions, and :attr:`ANY`
+    when lists themselves changed. An unchanged state is not re-sent.
+    """
+
+    name = "consent-pending-additions"
+    content_type = RESOURCE_LISTS_MIME_TYPE
+    #: The key every subscription of this package is indexed under as well.
+    ANY = "*"
+
+    def __init__(
+        self, store: IPermissionStore, cache: PermissionCache, directory: ListDirectory
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.directory = directory
+
+    @staticmethod
+    def list_key(list_uri: str) -> str:
+        return "l:" + identity_key(list_uri)
+
+    async def authorize(self, request: SIPRequest, subscriber: str) -> Grant:
+        found = self.directory.lookup(request.uri)
+        if found is None:
+            raise SIPStatus(404, "No Such List")
+        if found.owner is None or identity_key(found.owner) != identity_key(subscriber):
+            raise SIPStatus(403, "Only The List Owner May Subscribe")
+        # The resource names the owner too: a list that changes hands ends it.
+        resource = f"{found.uri} {identity_key(subscriber)}"
+        return Grant(resource, frozenset({self.list_key(found.uri), self.ANY}))
+
+    async def member_state(
+        self, owner: str, list_uri: str, member: str, latest: PendingConsent | None
+    ) -> str:
+        """The RFC 5362 state of ``member`` (class doc)."""
+        methods = (latest.methods if latest is not None else ()) or ("MESSAGE",)
+        if await _permits_all(self.cache, owner, list_uri, member, methods):
+            return "granted"
+        if latest is None:
+            return "pending"
+        return {
+            ConsentState.PENDING: "waiting",
+            ConsentState.EXPIRED: "error",
+        }.get(latest.state, "denied")
+
+    async def state(self, resource: str, version: int) -> tuple[bytes, str | None]:
+        list_uri, _, subscriber = resource.partition(" ")
+        try:
+            found = self.directory.lookup(SIPURI.parse(list_uri))
+        except SIPURIError:
+            found = None
+        if found is None:
+            return pending_additions_body(()), "noresource"
+        owner = found.owner
+        if owner is None or identity_key(owner) != subscriber:
+            # RFC 6665 §4.2.2: the subscriber is no longer authorized.
+            return pending_additions_body(()), "rejected"
+        latest: dict[str, PendingConsent] = {}
+        for record in await self.store.list_consents(list_uri=found.uri):
+            if identity_key(record.sender) == subscriber:
+                latest[identity_key(record.recipient)] = record  # oldest first
+        entries = [
+            (
+                member,
+                await self.member_state(owner, found.uri, member, latest.get(identity_key(member))),
+            )
+            for member in found.members
+        ]
+        return pending_additions_body(entries), None

@@ -10,6 +10,7 @@ stops them in order.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -170,7 +171,6 @@ def build_sip(
     uas = UASCore(
         Capabilities(
             accept=("text/plain", "application/resource-lists+xml", "multipart/mixed"),
-            allow_events=("grant-permission", "wait-permission"),
         ),
         registrar=registrar,
         loop_detector=detector,
@@ -224,6 +224,10 @@ def build_sip(
         record_route=sip.record_route,
         consent_link=consent_link,
         consent_request=sip.consent_request,
+    )
+    # OPTIONS advertises the event packages the subscription manager serves (§11.2).
+    uas.capabilities = replace(
+        uas.capabilities, allow_events=consent_relay.subscriptions.allow_events
     )
     names = (domain, hostname, realm)
     return SIPService(

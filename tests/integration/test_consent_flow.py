@@ -38,6 +38,7 @@ from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import CONSENT_RULES_AUID, CONSENT_STATUS_NAMESPACE
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as POLICY_TYPE
+from relayd.consent.vocabulary import PENDING_ADDITIONS_NAMESPACE as CS
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl import consent as ctl_consent
 from relayd.ctl.settings import Credentials, CtlError
@@ -481,6 +482,47 @@ async def test_figure_2_online_recipients(start: Start, transport: str) -> None:
     assert len(consent_uris(again)) == 1
     await deferLater(reactor, 0.1, lambda: None)
     assert len(carol.received) == before
+
+
+def member_states(notify: SIPRequest) -> dict[str, str]:
+    """An RFC 5362 NOTIFY body: member URI → its consent state."""
+    assert notify.headers.get("content-type") == "application/resource-lists+xml"
+    root = etree.fromstring(notify.body)
+    return {
+        entry.get("uri") or "": entry.findtext(f"{{{CS}}}state") or ""
+        for entry in root.iter(f"{{{RL}}}entry")
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_list_owner_watches_members_consent_as_pending_additions(start: Start) -> None:
+    """RFC 5362: alice owns the friends list and sees bob go pending → waiting →
+    granted as she asks him and he writes his permission; bob may not watch her list."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    event = "consent-pending-additions"
+    options = await bob.request("OPTIONS", f"sip:{HOST}")
+    assert event in (options.headers.get("allow-events") or "").split(", ")
+    refused = await bob.request("SUBSCRIBE", LIST, [("Event", event)], to=f"<{LIST}>")
+    assert refused.status == 403
+    watching, first = await subscribe(alice, LIST, event=event)
+    assert first.headers.get("event") == event
+    assert member_states(first) == {BOB: "pending", CAROL: "pending"}
+
+    refusal = await send_message(alice)
+    target = consent_uris(refusal)[0]
+    assert (await ask_consent(alice, target)).status == 202
+    forwarded = await bob.next_request("CONSENT")
+    waiting = await alice.next_request("NOTIFY", watching.call_id)
+    assert member_states(waiting) == {BOB: "waiting", CAROL: "pending"}
+
+    permission = (forwarded.headers.get("permission") or "")[1:-1]
+    put = relay.xcap.call("PUT", permission, grant_document())
+    code, granted = await notify_after(alice, watching.call_id, put)
+    assert code == 201
+    assert member_states(granted) == {BOB: "granted", CAROL: "pending"}
 
 
 @pytest.mark.parametrize("transport", ["UDP", "TCP", "TLS"])

@@ -278,3 +278,19 @@ def test_a_list_held_first_keeps_it_when_a_racing_document_lands() -> None:
     fired(store.put_document("resource-lists", alice, "index", _lists("club")))
     club = directory.lookup(SIPURI.parse("sip:club@relay.test"))
     assert club is not None and club.owner == zed
+
+
+def test_the_lists_a_member_is_on_and_an_observer_of_list_changes() -> None:
+    friends = URIList("sip:friends@relay.test", ("sip:bob@Relay.Test", "sip:carol@relay.test"))
+    solo = URIList("sip:solo@relay.test", ("sip:carol@relay.test",))
+    directory = ListDirectory(MemoryPermissionStore(), "relay.test", file_lists=[friends])
+    changes: list[None] = []
+    directory.add_observer(lambda: changes.append(None))
+    assert directory.lists_with("sip:bob@relay.test") == ["sip:friends@relay.test"]
+    directory.replace_file_lists([friends, solo])
+    assert len(changes) == 1
+    assert sorted(directory.lists_with("sip:carol@relay.test")) == [
+        "sip:friends@relay.test",
+        "sip:solo@relay.test",
+    ]
+    assert directory.lists_with("sip:zed@relay.test") == []
