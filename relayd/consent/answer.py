@@ -20,6 +20,7 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 from lxml import etree
@@ -89,15 +90,16 @@ async def find_answer(
     return record
 
 
-def answer_document(record: PendingConsent, action: Action) -> bytes:
-    """The RFC 5361 document (§5.1, ``application/auth-policy+xml``) that answers
-    ``record``: one rule for its sender, recipient and list, ``trans-handling``
-    ``action``. Stored at the Permission URI, it speaks for the requested methods."""
+def consent_document(
+    record: PendingConsent, rule_id: str, handlings: Sequence[tuple[Action, str | None]]
+) -> bytes:
+    """An RFC 5361 document about ``record``: one rule (id ``rule_id``) for its sender,
+    recipient and list, one ``trans-handling`` per ``(action, perm-uri or None)``."""
     cp = f"{{{COMMON_POLICY_NAMESPACE}}}"
     cr = f"{{{CONSENT_FORMAT_NAMESPACE}}}"
     nsmap = {"cp": COMMON_POLICY_NAMESPACE, "cr": CONSENT_FORMAT_NAMESPACE}
     ruleset = etree.Element(cp + "ruleset", nsmap=nsmap)
-    rule = etree.SubElement(ruleset, cp + "rule", id=action)
+    rule = etree.SubElement(ruleset, cp + "rule", id=rule_id)
     conditions = etree.SubElement(rule, cp + "conditions")
     for parent, uri in (
         (etree.SubElement(conditions, cp + "identity"), record.sender),
@@ -106,8 +108,17 @@ def answer_document(record: PendingConsent, action: Action) -> bytes:
     ):
         etree.SubElement(parent, cp + "one", id=uri)
     actions = etree.SubElement(rule, cp + "actions")
-    etree.SubElement(actions, cr + "trans-handling").text = action
+    for action, perm_uri in handlings:
+        attributes = {"perm-uri": perm_uri} if perm_uri else {}
+        etree.SubElement(actions, cr + "trans-handling", attributes).text = action
     return bytes(etree.tostring(ruleset, xml_declaration=True, encoding="UTF-8"))
+
+
+def answer_document(record: PendingConsent, action: Action) -> bytes:
+    """The RFC 5361 document (§5.1, ``application/auth-policy+xml``) that answers
+    ``record``: one rule for its sender, recipient and list, ``trans-handling``
+    ``action``. Stored at the Permission URI, it speaks for the requested methods."""
+    return consent_document(record, action, [(action, None)])
 
 
 async def answer(

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lxml import etree
-
-from relayd.consent.answer import ACTIONS, Action, token_consent_id
+from relayd.consent.answer import ACTIONS, Action, consent_document, token_consent_id
 from relayd.consent.permissions import requested_methods
 from relayd.consent.store import PendingConsent
 from relayd.consent.vocabulary import (
-    COMMON_POLICY_NAMESPACE,
-    CONSENT_FORMAT_NAMESPACE,
     CONSENT_RULES_MIME_TYPE,
 )
 from relayd.tokens import random_bytes
@@ -50,23 +46,11 @@ def parse_answer_user(user: str | None) -> tuple[Action, str] | None:
 def request_document(record: PendingConsent, links: Links) -> bytes:
     """The RFC 5361 §5 document asking for consent: one rule for the sender, recipient
     and list, one ``trans-handling`` per grant/deny URI (``perm-uri``)."""
-    cp = f"{{{COMMON_POLICY_NAMESPACE}}}"
-    cr = f"{{{CONSENT_FORMAT_NAMESPACE}}}"
-    nsmap = {"cp": COMMON_POLICY_NAMESPACE, "cr": CONSENT_FORMAT_NAMESPACE}
-    ruleset = etree.Element(cp + "ruleset", nsmap=nsmap)
-    rule = etree.SubElement(ruleset, cp + "rule", id="consent")
-    conditions = etree.SubElement(rule, cp + "conditions")
-    for parent, uri in (
-        (etree.SubElement(conditions, cp + "identity"), record.sender),
-        (etree.SubElement(conditions, cr + "recipient"), record.recipient),
-        (etree.SubElement(conditions, cr + "target"), record.list_uri),
-    ):
-        etree.SubElement(parent, cp + "one", id=uri)
-    actions = etree.SubElement(rule, cp + "actions")
-    for action in ACTIONS:
-        for uri in filter(None, links[action]):
-            etree.SubElement(actions, cr + "trans-handling", {"perm-uri": uri}).text = action
-    return bytes(etree.tostring(ruleset, xml_declaration=True, encoding="UTF-8"))
+    return consent_document(
+        record,
+        "consent",
+        [(action, uri) for action in ACTIONS for uri in filter(None, links[action])],
+    )
 
 
 def request_note(record: PendingConsent, links: Links) -> str:

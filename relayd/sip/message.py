@@ -26,6 +26,7 @@ from relayd.sip.uri import (
 from relayd.tokens import random_bytes
 
 __all__ = [
+    "KNOWN_METHODS",
     "REASON_PHRASES",
     "CSeq",
     "Headers",
@@ -753,3 +754,27 @@ def make_response(
 def response_for_status(request: SIPRequest, error: SIPStatus) -> SIPResponse:
     """The response a :class:`SIPStatus` raised by a handler stands for."""
     return make_response(request, error.status, error.reason, error.headers)
+
+
+KNOWN_METHODS = frozenset(
+    {
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "CONSENT",
+        "INFO",
+        "INVITE",
+        "MESSAGE",
+        "NOTIFY",
+        "OPTIONS",
+        "PRACK",
+        "PUBLISH",
+        "REFER",
+        "REGISTER",
+        "SUBSCRIBE",
+        "UPDATE",
+    }
+)
+"""The request methods relayd recognises (RFC 3261 and the extensions it serves, CONSENT
+of RFC 5360 among them): the UAS answers one it has no handler for 405, anything else
+501 (§8.2.1); counters name these and count any other method as "other"."""

@@ -45,6 +45,7 @@ from zope.interface import implementer
 from relayd.logs import logger
 from relayd.net.pool import ConnectionPool
 from relayd.sip.message import (
+    KNOWN_METHODS,
     SIPHeaderError,
     SIPRequest,
     SIPResponse,
@@ -364,28 +365,6 @@ class SIPStreamFactory(ServerFactory):
 EndpointFactory = Callable[[Target], IStreamClientEndpoint]
 
 
-COUNTED_METHODS = frozenset(
-    [
-        "ACK",
-        "BYE",
-        "CANCEL",
-        "INFO",
-        "INVITE",
-        "MESSAGE",
-        "NOTIFY",
-        "OPTIONS",
-        "PRACK",
-        "PUBLISH",
-        "REFER",
-        "REGISTER",
-        "SUBSCRIBE",
-        "UPDATE",
-    ]
-)
-"""Request methods counted by name; any other received is "other", so a peer cannot
-grow the counts (the methods we send are ours)."""
-
-
 class SIPTransportLayer:
     """Owns listeners and connections; bridges them to one :class:`TransactionLayer`,
     and sends the consent relay's requests
@@ -608,7 +587,7 @@ class SIPTransportLayer:
             self.log.warn("no transaction layer; dropping message from {peer}", peer=source)
             return
         if isinstance(message, SIPRequest):
-            method = message.method if message.method in COUNTED_METHODS else "other"
+            method = message.method if message.method in KNOWN_METHODS else "other"
             requests = self.requests_received
             requests[method] = requests.get(method, 0) + 1
             via = apply_received(message, source.host, source.port)

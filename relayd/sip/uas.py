@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from relayd.consent.store import StoreUnavailable
 from relayd.logs import logger
 from relayd.sip.message import (
+    KNOWN_METHODS,
     MAGIC_COOKIE,
     SIPHeaderError,
     SIPRequest,
@@ -46,7 +47,6 @@ from relayd.tokens import random_bytes
 
 __all__ = [
     "HOOK_METHODS",
-    "KNOWN_METHODS",
     "Capabilities",
     "Handler",
     "LoopDetector",
@@ -56,26 +56,6 @@ __all__ = [
     "transaction_pressure",
 ]
 
-KNOWN_METHODS = frozenset(
-    {
-        "ACK",
-        "BYE",
-        "CANCEL",
-        "CONSENT",
-        "INFO",
-        "INVITE",
-        "MESSAGE",
-        "NOTIFY",
-        "OPTIONS",
-        "PRACK",
-        "PUBLISH",
-        "REFER",
-        "REGISTER",
-        "SUBSCRIBE",
-        "UPDATE",
-    }
-)
-"""Methods we recognise: not having a handler for one is 405, anything else 501."""
 
 HOOK_METHODS = ("INVITE", "MESSAGE", "CONSENT", "SUBSCRIBE")
 """Methods the consent relay plugs in (STYLE 2.4)."""
