@@ -1,0 +1,132 @@
+"""``relayctl chat`` end to end over loopback: REGISTER, INVITE with an MSRP offer whose
+a=path runs through the relay (RFC 4975 §8, RFC 4976 §5.1), lines both ways as SENDs
+through the MSRP relay, BYE; and a call to a list without everyone's consent is 470
+naming who is missing."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+
+from relayd.consent.vocabulary import CONSENT_RULES_AUID
+from relayd.ctl.chat import ChatAccess, queued_lines, run_chat
+from relayd.ctl.network import RelayAccess
+from relayd.ctl.settings import Credentials, CtlError
+from relayd.testing import consent_rule, consent_ruleset
+
+from .test_consent_flow import (  # noqa: F401 - start is the fixture
+    ALICE,
+    BOB,
+    CAROL,
+    HOST,
+    LIST,
+    TIMEOUT,
+    USERS,
+    Running,
+    Start,
+    start,
+)
+
+pytestmark = pytest.mark.integration
+
+reactor: Any = _reactor
+
+
+class Screen(io.StringIO):
+    """A terminal's output that a test can wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: list[tuple[str, defer.Deferred[None]]] = []
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        for wanted, waiter in list(self.waiters):
+            if wanted in self.getvalue() and not waiter.called:
+                self.waiters.remove((wanted, waiter))
+                waiter.callback(None)
+        return written
+
+    async def shows(self, wanted: str) -> None:
+        if wanted in self.getvalue():
+            return
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.waiters.append((wanted, waiter))
+        try:
+            await waiter.addTimeout(TIMEOUT, reactor)
+        except defer.TimeoutError:
+            raise AssertionError(f"{wanted!r} not shown; screen: {self.getvalue()!r}") from None
+
+
+async def _access(relay: Running, user: str) -> ChatAccess:
+    ports = await relay.service.getServiceNamed("msrp").listening.addTimeout(TIMEOUT, reactor)
+    msrp = f"msrps://{HOST}:{ports[0].getHost().port};tcp"
+    credentials = Credentials(user, USERS[user])
+    return ChatAccess(RelayAccess([msrp], credentials, relay.ca_pem), (HOST, relay.udp_port), HOST)
+
+
+class Terminal:
+    """One side of a chat: typed lines in, the screen and the error stream out."""
+
+    def __init__(self) -> None:
+        self.typed: defer.DeferredQueue[str | None] = defer.DeferredQueue()
+        self.out = Screen()
+        self.err = Screen()
+
+    def run(self, access: ChatAccess, target: str | None) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(
+            run_chat(reactor, access, target, queued_lines(self.typed), self.out, self.err, 10)
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chat_call_carries_a_line_each_way_through_the_relays_then_bye(
+    start: Start,  # noqa: F811
+) -> None:
+    relay = await start()
+    alice, bob = Terminal(), Terminal()
+    answering = bob.run(await _access(relay, "bob"), None)
+    await bob.out.shows(f"Waiting for a call to {BOB}")
+    calling = alice.run(await _access(relay, "alice"), BOB)
+    await alice.out.shows(f"Connected to {BOB}")
+    await bob.out.shows(f"Connected to {ALICE}")
+
+    alice.typed.put("hello bob, ünïcode too")
+    await bob.out.shows(f"{ALICE}: hello bob, ünïcode too\n")
+    bob.typed.put("")  # an empty line sends nothing
+    bob.typed.put("hi alice")
+    await alice.out.shows(f"{BOB}: hi alice\n")
+
+    alice.typed.put(None)  # Ctrl-D: BYE
+    await calling.addTimeout(TIMEOUT, reactor)
+    await bob.out.shows(f"{ALICE} hung up\n")
+    await answering.addTimeout(TIMEOUT, reactor)
+    assert f"{BOB}: \n" not in alice.out.getvalue()
+    assert alice.err.getvalue() == bob.err.getvalue() == ""
+    # Both unregistered on the way out: bob is no longer reachable.
+    assert not relay.sip.registrar.is_online(BOB)
+    assert not relay.sip.registrar.is_online(ALICE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_to_a_list_without_everyones_consent_names_who_is_missing(
+    start: Start,  # noqa: F811
+) -> None:
+    relay = await start()
+    store = relay.service.getServiceNamed("xcap").store
+    await store.put_document(
+        CONSENT_RULES_AUID, BOB, "index", consent_ruleset(consent_rule("a", ALICE, LIST))
+    )
+    alice = Terminal()
+    with pytest.raises(CtlError) as refused:
+        await alice.run(await _access(relay, "alice"), LIST).addTimeout(TIMEOUT, reactor)
+    text = str(refused.value)
+    assert text.startswith(f"{LIST}: 470 ")
+    assert f"missing: {CAROL} (sip:" in text
+    assert BOB not in text
+    assert "CONSENT (Consent-Methods: INVITE)" in text
