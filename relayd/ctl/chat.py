@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
+from twisted.internet.stdio import StandardIO
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
@@ -25,7 +26,7 @@ from relayd.ctl.sipua import CallRefused, Dialog, SIPUserAgent, missing_members
 from relayd.msrp.client import MessageSink, MSRPClientError
 from relayd.msrp.message import ByteRange, MSRPRequest
 from relayd.sip.message import SIPRequest, SIPResponse
-from relayd.sip.uri import NameAddr, SIPURIError
+from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
 
 MAX_LINE_BYTES = 65536
 """A chat line longer than this is shown shortened (the rest is not kept)."""
@@ -58,6 +59,24 @@ def sip_address(text: str, default_port: int = 5060) -> tuple[str, int]:
         raise CtlError(f"cannot resolve the SIP relay {host}: {e}") from None
     address = found[0][4]
     return str(address[0]), int(address[1])
+
+
+def host_of(text: str) -> str:
+    """The host of ``host[:port]``, as a SIP URI writes it (IPv6 in brackets)."""
+    if text.startswith("["):
+        return text[: text.find("]") + 1]
+    if text.count(":") == 1:
+        return text.partition(":")[0]
+    return f"[{text}]" if ":" in text else text
+
+
+def target_uri(text: str, domain: str) -> str:
+    """A SIP URI as given, or ``sip:<name>@<domain>`` for a bare user name."""
+    uri = text if text.startswith(("sip:", "sips:")) else f"sip:{text}@{domain}"
+    try:
+        return SIPURI.parse(uri).format()
+    except SIPURIError as e:
+        raise CtlError(f"cannot call {text!r}: {e}") from None
 
 
 def _port(text: str, whole: str) -> int:
@@ -312,3 +331,20 @@ async def _send_line(protocol: Any, to_path: str, line: str, err: TextIO) -> Non
     except MSRPClientError as e:
         err.write(f"not delivered: {network.delivery_failure(e)}\n")
         err.flush()
+
+
+async def run_terminal_chat(
+    reactor: Any,
+    access: ChatAccess,
+    target: str | None,
+    call_timeout: float | None,
+    out: TextIO,
+    err: TextIO,
+) -> None:
+    """:func:`run_chat` with the lines typed on standard input."""
+    typed: defer.DeferredQueue[str | None] = defer.DeferredQueue()
+    terminal = StandardIO(TerminalLines(typed), reactor=reactor)
+    try:
+        await run_chat(reactor, access, target, queued_lines(typed), out, err, call_timeout)
+    finally:
+        terminal.loseConnection()

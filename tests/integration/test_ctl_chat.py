@@ -6,19 +6,22 @@ naming who is missing."""
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
 
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.ctl.chat import ChatAccess, queued_lines, run_chat
 from relayd.ctl.network import RelayAccess
 from relayd.ctl.settings import Credentials, CtlError
-from relayd.testing import consent_rule, consent_ruleset
+from relayd.testing import RelayPKI, consent_rule, consent_ruleset
 
+from .conftest import RelayFactory
 from .test_consent_flow import (  # noqa: F401 - start is the fixture
     ALICE,
     BOB,
@@ -31,6 +34,8 @@ from .test_consent_flow import (  # noqa: F401 - start is the fixture
     Start,
     start,
 )
+from .test_ctl import RELAYCTL, ROOT, environment
+from .test_ctl import access as ctl_access
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +135,72 @@ async def test_a_call_to_a_list_without_everyones_consent_names_who_is_missing(
     assert f"missing: {CAROL} (sip:" in text
     assert BOB not in text
     assert "CONSENT (Consent-Methods: INVITE)" in text
+
+
+# -- the command as a user runs it -------------------------------------------------------------
+
+
+class ChatProcess(protocol.ProcessProtocol):
+    """``relayctl chat`` in a child process: its stdin, and its output to wait on."""
+
+    def __init__(self) -> None:
+        self.out = Screen()
+        self.err = b""
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.write(data.decode(errors="replace"))
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def type(self, line: str) -> None:
+        assert self.transport is not None
+        self.transport.write(line.encode() + b"\n")
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+def _spawn(*args: str, home: Path) -> tuple[ChatProcess, Any]:
+    child = ChatProcess()
+    process = reactor.spawnProcess(
+        child,
+        sys.executable,
+        [sys.executable, *RELAYCTL, "chat", *args],
+        env=environment(home),
+        path=str(ROOT),
+    )
+    return child, process
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_chat_answer_and_call_exchange_lines_and_hang_up_on_ctrl_d(
+    start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
+) -> None:
+    relay = await start_relay()
+    sip = relay.service.getServiceNamed("sip")
+    await sip.listening.addTimeout(TIMEOUT, reactor)
+    where = ["--via", relay.uri, "--sip", f"{HOST}:{sip.port_of('udp')}"]
+    bob, bob_process = _spawn("--answer", *where, *ctl_access(tmp_path, pki, "bob"), home=tmp_path)
+    children = [(bob, bob_process)]
+    try:
+        await bob.out.shows(f"Waiting for a call to {BOB}")
+        alice, alice_process = _spawn(
+            "bob", *where, *ctl_access(tmp_path, pki, "alice"), home=tmp_path
+        )
+        children.append((alice, alice_process))
+        await alice.out.shows(f"Connected to {BOB}")
+        await bob.out.shows(f"Connected to {ALICE}")
+        alice.type("hello from a terminal")
+        await bob.out.shows(f"{ALICE}: hello from a terminal\n")
+        bob.type("and back")
+        await alice.out.shows(f"{BOB}: and back\n")
+        alice_process.closeStdin()  # Ctrl-D
+        assert await alice.ended.addTimeout(TIMEOUT, reactor) == 0, alice.err
+        await bob.out.shows(f"{ALICE} hung up\n")
+        assert await bob.ended.addTimeout(TIMEOUT, reactor) == 0, bob.err
+    finally:
+        for child, process in children:
+            if not child.ended.called:
+                process.signalProcess("KILL")
