@@ -33,6 +33,9 @@ MAX_LINE_BYTES = 65536
 
 TEXT = "text/plain"
 
+HANG_UP_SECONDS = 2.0
+"""On Ctrl-C the BYE gets this long before the command exits anyway."""
+
 
 @dataclass(frozen=True)
 class ChatAccess:
@@ -299,6 +302,17 @@ async def _converse(
 
         return put
 
+    hanging_up = []
+
+    def hang_up() -> defer.Deferred[None] | None:
+        """Ctrl-C (the reactor shutting down) hangs up too."""
+        if dialog.ended.called:
+            return None
+        hanging_up.append(True)
+        bye = defer.Deferred.fromCoroutine(ua.bye(dialog))
+        return bye.addTimeout(HANG_UP_SECONDS, reactor).addErrback(lambda _: None)
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", hang_up)
     reading = defer.Deferred.fromCoroutine(pump())
     dialog.ended.addBoth(notify("bye"))
     protocol.lost.addBoth(notify("lost"))
@@ -311,15 +325,17 @@ async def _converse(
                 if line:
                     await _send_line(protocol, to_path, line, err)
                 continue
-            if kind == "bye":  # ours is sent only on the way out: this is the peer's
-                out.write(f"{peer} hung up\n")
-                out.flush()
+            if kind == "bye":
+                if not hanging_up:
+                    out.write(f"{peer} hung up\n")
+                    out.flush()
                 return
             await ua.bye(dialog)
             if kind == "lost":
                 raise CtlError("the MSRP relay closed the connection: call ended")
             return
     finally:
+        reactor.removeSystemEventTrigger(trigger)
         reading.cancel()
         reading.addErrback(lambda _: None)
 

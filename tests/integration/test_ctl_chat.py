@@ -204,3 +204,31 @@ async def test_relayctl_chat_answer_and_call_exchange_lines_and_hang_up_on_ctrl_
         for child, process in children:
             if not child.ended.called:
                 process.signalProcess("KILL")
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_chat_interrupted_with_ctrl_c_hangs_up_with_bye(
+    start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
+) -> None:
+    relay = await start_relay()
+    sip = relay.service.getServiceNamed("sip")
+    await sip.listening.addTimeout(TIMEOUT, reactor)
+    where = ["--via", relay.uri, "--sip", f"{HOST}:{sip.port_of('udp')}"]
+    bob, bob_process = _spawn("--answer", *where, *ctl_access(tmp_path, pki, "bob"), home=tmp_path)
+    children = [(bob, bob_process)]
+    try:
+        await bob.out.shows(f"Waiting for a call to {BOB}")
+        alice, alice_process = _spawn(
+            f"sip:bob@{HOST}", *where, *ctl_access(tmp_path, pki, "alice"), home=tmp_path
+        )
+        children.append((alice, alice_process))
+        await bob.out.shows(f"Connected to {ALICE}")
+        alice_process.signalProcess("INT")
+        assert await alice.ended.addTimeout(TIMEOUT, reactor) == 130
+        assert alice.err.decode().strip() == "relayctl: interrupted"
+        await bob.out.shows(f"{ALICE} hung up\n")
+        assert await bob.ended.addTimeout(TIMEOUT, reactor) == 0, bob.err
+    finally:
+        for child, process in children:
+            if not child.ended.called:
+                process.signalProcess("KILL")
