@@ -47,7 +47,11 @@ class ChatAccess:
 
 
 def sip_address(text: str, default_port: int = 5060) -> tuple[str, int]:
-    """``host[:port]`` or ``[v6]:port`` resolved to an address for UDP."""
+    """``host[:port]`` or ``[v6]:port`` resolved to an address for UDP.
+
+    A name with both kinds of address takes its IPv4 one: UDP cannot tell which
+    one a relay listens on, and its default listener is on 127.0.0.1.
+    """
     host, port = text, default_port
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -60,6 +64,7 @@ def sip_address(text: str, default_port: int = 5060) -> tuple[str, int]:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as e:
         raise CtlError(f"cannot resolve the SIP relay {host}: {e}") from None
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
     address = found[0][4]
     return str(address[0]), int(address[1])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 
 import pytest
 
@@ -100,3 +101,14 @@ def test_a_message_longer_than_a_line_is_shown_shortened() -> None:
     _send(printer, "m", b"x" * (chat.MAX_LINE_BYTES + 10), b"$")
     assert out.getvalue().endswith(f" … ({chat.MAX_LINE_BYTES + 10} bytes, shortened)\n")
     assert out.getvalue().count("x") == chat.MAX_LINE_BYTES
+
+
+def test_a_name_with_both_kinds_of_address_takes_the_ipv4_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    both = [
+        (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", 5060, 0, 0)),
+        (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", 5060)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: list(both))
+    assert chat.sip_address("relay.example") == ("127.0.0.1", 5060)
