@@ -104,6 +104,8 @@ class SIPUserAgent(DatagramProtocol):
         self._invites: defer.DeferredQueue[SIPRequest] = defer.DeferredQueue()
         self._answered: dict[str, SIPResponse] = {}  # INVITE branch -> our final response
         self._acks: dict[str, bytes] = {}  # Call-ID -> our ACK for its 2xx
+        #: INVITEs are queued for :meth:`incoming` from its first call until :meth:`accept`.
+        self.taking_calls = False
 
     # -- addresses -------------------------------------------------------------------------
 
@@ -349,9 +351,15 @@ class SIPUserAgent(DatagramProtocol):
         """End the call; a BYE the peer never answers ends it locally after Timer F."""
         self._acks.pop(dialog.call_id, None)
         self._dialogs.pop(dialog.call_id, None)
-        dialog.cseq += 1
+
+        def build(cseq: int) -> SIPRequest:
+            dialog.cseq = cseq
+            return self._in_dialog(dialog, "BYE", cseq)
+
         try:
-            await self._authenticated(lambda n: self._in_dialog(dialog, "BYE", n), dialog.cseq)
+            await self._authenticated(build, dialog.cseq + 1)
+        except CtlError as e:
+            self.log.info("BYE unanswered, the call ends here anyway: {e}", e=e)
         finally:
             if not dialog.ended.called:
                 dialog.ended.callback(None)
@@ -364,6 +372,14 @@ class SIPUserAgent(DatagramProtocol):
             done = self._answered.get(branch)
             if done is not None:
                 self._send(done.to_bytes())  # a retransmission of an INVITE we answered
+                return
+            if request.to_tag is not None:
+                # A re-INVITE: the session stays as it is (§14.2); none of ours, 481.
+                known = request.call_id in self._dialogs
+                self.reject(request, 488 if known else 481)
+                return
+            if not self.taking_calls:
+                self.reject(request, 486)
                 return
             self._answered[branch] = make_response(request, 100)
             self._send(self._answered[branch].to_bytes())
@@ -388,6 +404,7 @@ class SIPUserAgent(DatagramProtocol):
 
     async def incoming(self, timeout_seconds: float | None = None) -> SIPRequest:
         """The next INVITE (its 100 already sent)."""
+        self.taking_calls = True
         waiting = self._invites.get()
         if timeout_seconds is not None:
             waiting.addTimeout(timeout_seconds, self.reactor)
@@ -404,15 +421,15 @@ class SIPUserAgent(DatagramProtocol):
 
     async def accept(self, invite: SIPRequest, sdp: bytes) -> Dialog:
         """Answer 200 with ``sdp`` and retransmit it until the ACK (§13.3.1.4)."""
-        tag = new_tag()
-        headers = [("Contact", self.contact), ("Content-Type", SDP_TYPE)]
-        headers += [("Record-Route", rr) for rr in invite.headers.get_all("Record-Route")]
-        ok = make_response(invite, 200, headers=headers, body=sdp, to_tag=tag)
-        self._answered[invite.via.branch or ""] = ok
+        self.taking_calls = False  # one call at a time: the next INVITE is 486
         contact = invite.headers.get("Contact")
         if not contact:
             self.reject(invite, 400, "Missing Contact")
             raise CtlError("an INVITE without a Contact arrived: refused")
+        headers = [("Contact", self.contact), ("Content-Type", SDP_TYPE)]
+        headers += [("Record-Route", rr) for rr in invite.headers.get_all("Record-Route")]
+        ok = make_response(invite, 200, headers=headers, body=sdp, to_tag=new_tag())
+        self._answered[invite.via.branch or ""] = ok
         dialog = Dialog(
             invite.call_id or "",
             ok.headers.get("To") or "",

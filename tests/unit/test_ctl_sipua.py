@@ -76,7 +76,7 @@ def _request(method: str, call_id: str, cseq: int, body: bytes = b"", **extra: s
     """A request from alice, as the relay forwards it to bob."""
     headers = Headers(
         [
-            ("Via", f"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK{method}{cseq}"),
+            ("Via", f"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK{call_id}{method}{cseq}"),
             ("From", "<sip:alice@example.com>;tag=al"),
             ("To", "<sip:bob@example.com>"),
             ("Call-ID", call_id),
@@ -243,3 +243,32 @@ def test_a_request_the_agent_does_not_handle_is_501(method: str) -> None:
     _receive(ua, request)
     answer = socket.sent[-1][1]
     assert isinstance(answer, SIPResponse) and answer.status == 501
+
+
+def test_an_invite_while_not_waiting_for_one_is_486_and_a_re_invite_488_or_481() -> None:
+    ua, socket, _ = _ua("bob")
+    _receive(ua, _request("INVITE", "early", 1, Contact="<sip:alice@192.0.2.1>"))
+    assert [m.status for _, m in socket.sent if isinstance(m, SIPResponse)] == [486]
+    waiting = defer.Deferred.fromCoroutine(ua.incoming())
+    _receive(ua, _request("INVITE", "call", 1, b"offer", Contact="<sip:alice@192.0.2.1>"))
+    accepting = defer.Deferred.fromCoroutine(ua.accept(_value(waiting), b"answer"))
+    _receive(ua, _request("ACK", "call", 1))
+    _value(accepting)
+    _receive(ua, _request("INVITE", "second", 1, Contact="<sip:carol@192.0.2.3>"))
+    for call_id in ("call", "gone"):  # in our dialog, then in none of ours
+        reinvite = _request("INVITE", call_id, 2)
+        reinvite.headers.set("To", "<sip:bob@example.com>;tag=bob")
+        _receive(ua, reinvite)
+    statuses = [m.status for _, m in socket.sent if isinstance(m, SIPResponse)]
+    assert statuses[-3:] == [486, 488, 481]
+
+
+def test_a_bye_nobody_answers_ends_the_call_here_after_timer_f() -> None:
+    ua, socket, clock = _ua()
+    calling, _ = _answered_call(ua, socket)
+    dialog = _value(calling)
+    hanging_up = defer.Deferred.fromCoroutine(ua.bye(dialog))
+    clock.pump([0.25] * 140)
+    assert len(socket.requests("BYE")) == 11  # Timer E
+    assert _value(hanging_up) is None and dialog.ended.called
+    assert not clock.getDelayedCalls()
