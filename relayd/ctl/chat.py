@@ -192,7 +192,9 @@ def refusal(target: str, refused: CallRefused, user: str) -> CtlError:
             " Ask them with a CONSENT (Consent-Methods: INVITE) to each URI given,"
             " then call again"
         )
-    if refused.status in (404, 480):
+    if refused.status == 404:
+        return CtlError(f"{target}: {refused.status} {refused.reason}: no such user or list")
+    if refused.status == 480:
         return CtlError(f"{target}: {refused.status} {refused.reason}: not registered now")
     return CtlError(f"{target} did not answer the call: {refused.status} {refused.reason}")
 
@@ -222,8 +224,10 @@ async def run_chat(
     port = reactor.listenUDP(0, ua, interface=local_address_for(access.sip))
     printer = Printer(out)
     session: network.Session | None = None
+    registered = False
     try:
         await ua.register()
+        registered = True
         session = await network.open_session(reactor, access.msrp, sink_for=printer.sink_for)
         our_path = network.advertised_path(session.use_path, session.protocol.local_uri)
         if target is not None:
@@ -238,10 +242,11 @@ async def run_chat(
     finally:
         if session is not None:
             await network.close(reactor, session.protocol)
-        try:
-            await ua.register(expires=0)
-        except CtlError:
-            pass  # the binding expires by itself
+        if registered:
+            try:
+                await ua.register(expires=0)
+            except CtlError:
+                pass  # the binding expires by itself
         await port.stopListening()
 
 

@@ -232,3 +232,20 @@ async def test_relayctl_chat_interrupted_with_ctrl_c_hangs_up_with_bye(
         for child, process in children:
             if not child.ended.called:
                 process.signalProcess("KILL")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_password_is_one_clear_error_before_any_msrp(
+    start: Start,  # noqa: F811
+) -> None:
+    relay = await start()
+    access = await _access(relay, "alice")
+    wrong = ChatAccess(
+        RelayAccess(access.msrp.relays, Credentials("alice", "nope"), relay.ca_pem),
+        access.sip,
+        access.domain,
+    )
+    alice = Terminal()
+    with pytest.raises(CtlError, match=r"refused our credentials for alice .* wrong user name"):
+        await alice.run(wrong, BOB).addTimeout(TIMEOUT, reactor)
+    assert len(relay.service.getServiceNamed("msrp").relay.core.sessions) == 0  # no AUTH made

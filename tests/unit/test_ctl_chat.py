@@ -69,6 +69,9 @@ def test_a_470_says_who_has_not_consented_and_how_to_ask() -> None:
         "sip:bob@example.com", CallRefused(486, "Busy Here", []), "sip:alice@example.com"
     )
     assert str(busy) == "sip:bob@example.com did not answer the call: 486 Busy Here"
+    for status, meaning in ((404, "no such user or list"), (480, "not registered now")):
+        away = chat.refusal("sip:bob@example.com", CallRefused(status, "X", []), "sip:a@b")
+        assert str(away) == f"sip:bob@example.com: {status} X: {meaning}"
 
 
 def _send(
