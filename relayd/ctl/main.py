@@ -410,7 +410,9 @@ def relay_access(
 
 
 def network_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
-    """The coroutine to run under the reactor for ``auth``, ``receive`` or ``send``."""
+    """The coroutine to run under the reactor for ``auth``, ``receive``, ``send`` or ``chat``."""
+    if args.command == "chat":
+        return chat_command(args)
     locations = locate(args.config, args.data_dir)
     out, err = sys.stdout, sys.stderr
     if args.command == "auth":
@@ -529,8 +531,6 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("permissions", "lists"):
             work = xcap_command(args)
-        elif args.command == "chat":
-            work = chat_command(args)
         else:
             work = network_command(args)
     except (CtlError, OSError) as e:
