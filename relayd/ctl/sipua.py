@@ -104,6 +104,7 @@ class SIPUserAgent(DatagramProtocol):
         self._invites: defer.DeferredQueue[SIPRequest] = defer.DeferredQueue()
         self._answered: dict[str, SIPResponse] = {}  # INVITE branch -> our final response
         self._acks: dict[str, bytes] = {}  # Call-ID -> our ACK for its 2xx
+        self._failure_acks: dict[str, bytes] = {}  # INVITE branch -> our ACK of its 3xx-6xx
         #: INVITEs are queued for :meth:`incoming` from its first call until :meth:`accept`.
         self.taking_calls = False
 
@@ -137,6 +138,8 @@ class SIPUserAgent(DatagramProtocol):
                     handler(message)
                 elif message.status // 100 == 2 and message.call_id in self._acks:
                     self._send(self._acks[message.call_id or ""])  # our ACK was lost
+                elif message.status >= 300 and message.via.branch in self._failure_acks:
+                    self._send(self._failure_acks[message.via.branch or ""])
                 return
             self._request_received(message)
         except SIPHeaderError as e:
@@ -259,7 +262,9 @@ class SIPUserAgent(DatagramProtocol):
         h.add("CSeq", f"{invite.cseq.number} ACK")
         for route in invite.headers.get_all("Route"):
             h.add("Route", route)
-        self._send(SIPRequest("ACK", invite.uri, h).to_bytes())
+        ack = SIPRequest("ACK", invite.uri, h).to_bytes()
+        self._failure_acks[invite.via.branch or ""] = ack  # for the response resent
+        self._send(ack)
 
     # -- REGISTER --------------------------------------------------------------------------
 

@@ -150,6 +150,8 @@ def test_a_470_names_the_members_who_have_not_consented() -> None:
     ]
     assert socket.requests("ACK")[0].via.branch == invite.via.branch
     assert not clock.getDelayedCalls()
+    _receive(ua, make_response(invite, 470, headers=[("Permission-Missing", missing)]))
+    assert len(socket.requests("ACK")) == 2  # our ACK was lost: the 470 came again
 
 
 def _answered_call(
