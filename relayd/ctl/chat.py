@@ -231,7 +231,7 @@ async def run_chat(
         session = await network.open_session(reactor, access.msrp, sink_for=printer.sink_for)
         our_path = network.advertised_path(session.use_path, session.protocol.local_uri)
         if target is not None:
-            dialog = await _call(ua, target, sdp.build(our_path), out)
+            dialog = await _call(reactor, ua, target, sdp.build(our_path), out)
             printer.peer = target
         else:
             out.write(f"Waiting for a call to {ua.aor}\n")
@@ -250,16 +250,26 @@ async def run_chat(
         await port.stopListening()
 
 
-async def _call(ua: SIPUserAgent, target: str, offer: bytes, out: TextIO) -> Dialog:
+async def _call(reactor: Any, ua: SIPUserAgent, target: str, offer: bytes, out: TextIO) -> Dialog:
     def progress(response: SIPResponse) -> None:
         if response.status == 180:
             out.write(f"Ringing {target}\n")
             out.flush()
 
+    def give_up() -> defer.Deferred[object] | None:
+        """Ctrl-C while ringing: CANCEL, so the callee stops ringing."""
+        cancelling = ua.cancel_call()
+        return cancelling and cancelling.addTimeout(HANG_UP_SECONDS, reactor).addErrback(
+            lambda _: None
+        )
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", give_up)
     try:
         dialog = await ua.invite(target, offer, progress)
     except CallRefused as refused:
         raise refusal(target, refused, ua.aor) from None
+    finally:
+        reactor.removeSystemEventTrigger(trigger)
     try:
         sdp.parse(dialog.body)
     except sdp.SDPError as e:

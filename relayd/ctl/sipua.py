@@ -107,6 +107,11 @@ class SIPUserAgent(DatagramProtocol):
         self._failure_acks: dict[str, bytes] = {}  # INVITE branch -> our ACK of its 3xx-6xx
         #: INVITEs are queued for :meth:`incoming` from its first call until :meth:`accept`.
         self.taking_calls = False
+        #: Our INVITE while it waits for its final response.
+        self.ringing: SIPRequest | None = None
+        self._unanswered: dict[str, SIPRequest] = {}  # branch -> INVITE not yet answered
+        #: Call-IDs of incoming INVITEs their caller CANCELled.
+        self.cancelled: set[str] = set()
 
     # -- addresses -------------------------------------------------------------------------
 
@@ -291,17 +296,16 @@ class SIPUserAgent(DatagramProtocol):
         :class:`CallRefused` for a final non-2xx answer."""
         call_id, tag = new_tag() + new_tag(), new_tag()
         uri = SIPURI.parse(target)
-        sent: list[SIPRequest] = []
 
         def build(cseq: int) -> SIPRequest:
             h = self._headers("INVITE", cseq, call_id, f"<{self.aor}>;tag={tag}", f"<{target}>")
             h.add("Contact", self.contact)
             h.add("Content-Type", SDP_TYPE)
             request = SIPRequest("INVITE", uri, h, sdp)
-            sent.append(request)
+            self.ringing = request
             return request
 
-        ringing = self.reactor.callLater(ANSWER_TIMEOUT_SECONDS, lambda: self._cancel(sent[-1]))
+        ringing = self.reactor.callLater(ANSWER_TIMEOUT_SECONDS, self.cancel_call)
         calling = defer.Deferred.fromCoroutine(self._authenticated(build, 1, on_progress))
         try:
             invite, response = await calling.addTimeout(
@@ -310,6 +314,7 @@ class SIPUserAgent(DatagramProtocol):
         except defer.TimeoutError:
             raise CtlError(f"{target} neither answered nor gave up: call abandoned") from None
         finally:
+            self.ringing = None
             if ringing.active():
                 ringing.cancel()
         if response.status >= 300:
@@ -335,15 +340,20 @@ class SIPUserAgent(DatagramProtocol):
         self._send(self._acks[call_id])
         return dialog
 
-    def _cancel(self, invite: SIPRequest) -> None:
-        """Stop ringing (§9.1): same branch, Route and To as the INVITE."""
+    def cancel_call(self) -> defer.Deferred[object] | None:
+        """Stop ringing (§9.1): a CANCEL with the INVITE's branch, To and Call-ID; the
+        INVITE's 487 ends the call. ``None`` when no call of ours is ringing."""
+        invite = self.ringing
+        if invite is None:
+            return None
         h = Headers()
         for name in ("Via", "From", "To", "Call-ID"):
             h.add(name, invite.headers.get(name) or "")
         h.add("Max-Forwards", "70")
         h.add("CSeq", f"{invite.cseq.number} CANCEL")
-        # Its 200 matters little: the INVITE's 487 is what ends the call.
-        self._transaction(SIPRequest("CANCEL", invite.uri, h)).addErrback(lambda _: None)
+        cancelling: defer.Deferred[object] = defer.Deferred()
+        self._transaction(SIPRequest("CANCEL", invite.uri, h)).addBoth(cancelling.callback)
+        return cancelling
 
     def _in_dialog(self, dialog: Dialog, method: str, cseq: int) -> SIPRequest:
         """A request within ``dialog`` (§12.2.1.1): to the remote target, along the route."""
@@ -388,6 +398,7 @@ class SIPUserAgent(DatagramProtocol):
                 return
             self._answered[branch] = make_response(request, 100)
             self._send(self._answered[branch].to_bytes())
+            self._unanswered[branch] = request
             self._invites.put(request)
             return
         if request.method == "ACK":
@@ -403,7 +414,17 @@ class SIPUserAgent(DatagramProtocol):
                 dialog.ended.callback(None)
             return
         if request.method == "CANCEL":
-            self._send(make_response(request, 481).to_bytes())
+            branch = request.via.branch or ""
+            invite = self._unanswered.get(branch)
+            if invite is None:
+                known = branch in self._answered  # answered already: nothing left to stop
+                self._send(make_response(request, 200 if known else 481).to_bytes())
+                return
+            self._send(make_response(request, 200).to_bytes())
+            self.reject(invite, 487)
+            if invite in self._invites.pending:
+                self._invites.pending.remove(invite)
+            self.cancelled.add(invite.call_id or "")
             return
         self._send(make_response(request, 501).to_bytes())
 
@@ -422,6 +443,7 @@ class SIPUserAgent(DatagramProtocol):
         """A final non-2xx answer (its ACK is absorbed by the ACK handler)."""
         response = make_response(invite, status, reason, to_tag=new_tag())
         self._answered[invite.via.branch or ""] = response
+        self._unanswered.pop(invite.via.branch or "", None)
         self._send(response.to_bytes())
 
     async def accept(self, invite: SIPRequest, sdp: bytes) -> Dialog:
@@ -433,6 +455,11 @@ class SIPUserAgent(DatagramProtocol):
             raise CtlError("an INVITE without a Contact arrived: refused")
         headers = [("Contact", self.contact), ("Content-Type", SDP_TYPE)]
         headers += [("Record-Route", rr) for rr in invite.headers.get_all("Record-Route")]
+        if (
+            self._unanswered.pop(invite.via.branch or "", None) is None
+            and invite.call_id in self.cancelled
+        ):
+            raise CtlError("the caller gave up before the call was answered")
         ok = make_response(invite, 200, headers=headers, body=sdp, to_tag=new_tag())
         self._answered[invite.via.branch or ""] = ok
         dialog = Dialog(

@@ -12,15 +12,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet import reactor as _reactor
 
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.ctl.chat import ChatAccess, queued_lines, run_chat
 from relayd.ctl.network import RelayAccess
 from relayd.ctl.settings import Credentials, CtlError
+from relayd.ctl.sipua import SIPUserAgent
 from relayd.testing import RelayPKI, consent_rule, consent_ruleset
 
+from .conftest import USERS as CONFTEST_USERS
 from .conftest import RelayFactory
 from .test_consent_flow import (  # noqa: F401 - start is the fixture
     ALICE,
@@ -249,3 +251,34 @@ async def test_a_wrong_password_is_one_clear_error_before_any_msrp(
     with pytest.raises(CtlError, match=r"refused our credentials for alice .* wrong user name"):
         await alice.run(wrong, BOB).addTimeout(TIMEOUT, reactor)
     assert len(relay.service.getServiceNamed("msrp").relay.core.sessions) == 0  # no AUTH made
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayctl_chat_interrupted_while_ringing_cancels_the_call(
+    start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
+) -> None:
+    relay = await start_relay()
+    sip = relay.service.getServiceNamed("sip")
+    await sip.listening.addTimeout(TIMEOUT, reactor)
+    bob = SIPUserAgent(reactor, (HOST, sip.port_of("udp")), "bob", CONFTEST_USERS["bob"], HOST)
+    socket = reactor.listenUDP(0, bob, interface=HOST)
+    alice: ChatProcess | None = None
+    try:
+        await defer.Deferred.fromCoroutine(bob.register()).addTimeout(TIMEOUT, reactor)
+        ringing = defer.Deferred.fromCoroutine(bob.incoming(TIMEOUT))
+        where = ["--via", relay.uri, "--sip", f"{HOST}:{sip.port_of('udp')}"]
+        alice, alice_process = _spawn(
+            "bob", *where, *ctl_access(tmp_path, pki, "alice"), home=tmp_path
+        )
+        invite = await ringing  # bob never answers
+        alice_process.signalProcess("INT")
+        assert await alice.ended.addTimeout(TIMEOUT, reactor) == 130
+        for _ in range(50):
+            if invite.call_id in bob.cancelled:
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        assert bob.cancelled == {invite.call_id}
+    finally:
+        if alice is not None and not alice.ended.called:
+            alice_process.signalProcess("KILL")
+        await socket.stopListening()

@@ -274,3 +274,41 @@ def test_a_bye_nobody_answers_ends_the_call_here_after_timer_f() -> None:
     assert len(socket.requests("BYE")) == 11  # Timer E
     assert _value(hanging_up) is None and dialog.ended.called
     assert not clock.getDelayedCalls()
+
+
+def test_a_ringing_call_is_cancelled_with_the_invites_branch_and_ends_on_its_487() -> None:
+    ua, socket, _ = _ua()
+    assert ua.cancel_call() is None  # nothing rings
+    calling = defer.Deferred.fromCoroutine(ua.invite("sip:bob@example.com", b"offer"))
+    invite = socket.requests("INVITE")[0]
+    _receive(ua, make_response(invite, 180, to_tag="bob"))
+    cancelling = ua.cancel_call()
+    assert cancelling is not None
+    (cancel,) = socket.requests("CANCEL")
+    assert cancel.via.branch == invite.via.branch and cancel.cseq.number == invite.cseq.number
+    assert cancel.headers.get("To") == invite.headers.get("To")
+    _receive(ua, make_response(cancel, 200))
+    assert cancelling.called
+    _receive(ua, make_response(invite, 487, to_tag="bob"))
+    refused = _error(calling)
+    assert isinstance(refused, CallRefused) and refused.status == 487
+    assert ua.cancel_call() is None
+
+
+def test_a_cancelled_incoming_invite_is_487_and_no_longer_offered() -> None:
+    ua, socket, _ = _ua("bob")
+    ua.taking_calls = True
+    invite = _request("INVITE", "c", 1, b"offer", Contact="<sip:alice@192.0.2.1>")
+    _receive(ua, invite)
+    cancel = _request("CANCEL", "c", 1)
+    cancel.headers.set("Via", invite.headers.get("Via") or "")
+    _receive(ua, cancel)
+    answers = [(m.cseq.method, m.status) for _, m in socket.sent if isinstance(m, SIPResponse)]
+    assert answers == [("INVITE", 100), ("CANCEL", 200), ("INVITE", 487)]
+    assert ua.cancelled == {"c"}
+    waiting = defer.Deferred.fromCoroutine(ua.incoming())
+    assert not waiting.called  # the cancelled INVITE is gone
+    _receive(ua, _request("CANCEL", "unknown", 1))
+    assert isinstance(socket.sent[-1][1], SIPResponse) and socket.sent[-1][1].status == 481
+    waiting.cancel()
+    waiting.addErrback(lambda _: None)
