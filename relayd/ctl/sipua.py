@@ -9,7 +9,6 @@ a 2xx we send is retransmitted until its ACK (§13.3.1.4). Every wait is bounded
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from relayd.sip.message import (
     new_tag,
 )
 from relayd.sip.parser import SIPParseError, parse_datagram
+from relayd.sip.transaction import new_branch
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, format_host
 
 T1 = 0.5
@@ -40,10 +40,6 @@ ANSWER_TIMEOUT_SECONDS = 120.0
 """Longest ring: the INVITE is CANCELled after this long without a final response."""
 
 SDP_TYPE = "application/sdp"
-
-
-def _branch() -> str:
-    return "z9hG4bK" + secrets.token_hex(8)
 
 
 class CallRefused(CtlError):
@@ -159,7 +155,7 @@ class SIPUserAgent(DatagramProtocol):
 
     def _headers(self, method: str, cseq: int, call_id: str, from_: str, to: str) -> Headers:
         h = Headers()
-        h.add("Via", f"SIP/2.0/UDP {format_host(self.host, self.port)};rport;branch={_branch()}")
+        h.add("Via", f"SIP/2.0/UDP {format_host(self.host, self.port)};rport;branch={new_branch()}")
         h.add("Max-Forwards", "70")
         h.add("From", from_)
         h.add("To", to)
