@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from relayd.ctl import accounts, consent, network, status, store, xcap
+from relayd.ctl import accounts, chat, consent, network, status, store, xcap
 from relayd.ctl.receiving import check_output
 from relayd.ctl.settings import (
     PASSWORD_ENV,
@@ -35,6 +35,7 @@ from relayd.ctl.settings import (
 )
 from relayd.ctl.sip import SIPClient, relay_address
 from relayd.msrp.client import MSRPClientError
+from relayd.msrp.uri import MSRPURI
 
 PROG = "relayctl"
 DEBUG_ENV = "RELAYCTL_DEBUG"
@@ -305,6 +306,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long for the delivery REPORT after the last chunk (default: 60)",
     )
+    chatting = command(
+        "chat",
+        "Call a user (or list) and chat: each line typed is sent as an MSRP message"
+        " through the relay, each one received is printed; Ctrl-D hangs up."
+        " With --answer, wait registered for a call and do the same.",
+        [locations, relays],
+    )
+    who = chatting.add_mutually_exclusive_group(required=True)
+    who.add_argument("target", nargs="?", help="SIP URI to call, or a user name of the SIP domain")
+    who.add_argument("--answer", action="store_true", help="wait for a call instead")
+    chatting.add_argument(
+        "--via",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="MSRP relay for the messages, e.g. msrps://localhost:2855; repeat for a chain",
+    )
+    chatting.add_argument(
+        "--sip",
+        metavar="HOST[:PORT]",
+        help="the SIP relay, over UDP (default: the first --via host, port 5060)",
+    )
+    chatting.add_argument("--domain", help="SIP domain of the users (default: the host of --sip)")
+    chatting.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="with --answer: give up when no call came by then (default: wait)",
+    )
     xcap.add_parsers(command, [locations, xcap_access])
     _add_consent_parser(command, [locations])
 
@@ -495,7 +525,9 @@ def relay_access(
 
 
 def network_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
-    """The coroutine to run under the reactor for ``auth``, ``receive`` or ``send``."""
+    """The coroutine to run under the reactor for ``auth``, ``receive``, ``send`` or ``chat``."""
+    if args.command == "chat":
+        return chat_command(args)
     locations = locate(args.config, args.data_dir)
     out, err = sys.stdout, sys.stderr
     if args.command == "auth":
@@ -523,6 +555,18 @@ def network_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, 
         out,
         err,
     )
+
+
+def chat_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """The coroutine for ``chat``: addresses and credentials resolved first (prompts)."""
+    locations = locate(args.config, args.data_dir)
+    access = relay_access(args, args.via, locations)
+    sip_text = args.sip or MSRPURI.parse(access.relays[0]).host
+    domain = args.domain or chat.host_of(sip_text)
+    target = args.target and chat.target_uri(args.target, domain)
+    settings = chat.ChatAccess(access, chat.sip_address(sip_text), domain)
+    out, err = sys.stdout, sys.stderr
+    return lambda reactor: chat.run_terminal_chat(reactor, settings, target, args.timeout, out, err)
 
 
 def xcap_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:
