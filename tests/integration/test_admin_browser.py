@@ -65,6 +65,15 @@ def _browser_session(
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webelement import WebElement
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def submit(button: WebElement) -> None:
+        """Click a form's button and wait until its answer replaced the page."""
+        page = chrome.find_element(By.TAG_NAME, "html")
+        button.click()
+        WebDriverWait(chrome, TIMEOUT_SECONDS).until(expected_conditions.staleness_of(page))
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
@@ -82,7 +91,7 @@ def _browser_session(
         grant.find_element(By.NAME, "sender").send_keys("bob")
         grant.find_element(By.NAME, "list").send_keys(LIST)
         grant.find_element(By.NAME, "methods").send_keys("MESSAGE INVITE")
-        grant.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        submit(grant.find_element(By.CSS_SELECTOR, "button[type=submit]"))
         seen["notice"] = chrome.find_element(By.ID, "notice").text
         rows = chrome.find_elements(By.CSS_SELECTOR, "#rules tbody tr")
         seen["rows after grant"] = [
@@ -90,7 +99,7 @@ def _browser_session(
         ]
         chrome.save_screenshot(str(shots / "2-granted.png"))
 
-        chrome.find_element(By.CSS_SELECTOR, "#rules button.danger").click()
+        submit(chrome.find_element(By.CSS_SELECTOR, "#rules button.danger"))
         seen["notice after revoke"] = chrome.find_element(By.ID, "notice").text
         seen["rows after revoke"] = [
             row.text for row in chrome.find_elements(By.CSS_SELECTOR, "#rules tbody tr")
@@ -101,7 +110,7 @@ def _browser_session(
         grant = chrome.find_element(By.ID, "grant")
         grant.find_element(By.NAME, "sender").send_keys("carol")
         grant.find_element(By.NAME, "list").send_keys(LIST)
-        grant.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        submit(grant.find_element(By.CSS_SELECTOR, "button[type=submit]"))
         seen["conflict"] = chrome.find_element(By.ID, "error").text
         seen["rows after conflict"] = [
             row.find_element(By.TAG_NAME, "td").text

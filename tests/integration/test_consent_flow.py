@@ -1273,6 +1273,8 @@ def _click_in_browser(url: str, button: str) -> tuple[str, str]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
@@ -1285,8 +1287,11 @@ def _click_in_browser(url: str, button: str) -> tuple[str, str]:
     try:
         driver.set_page_load_timeout(TIMEOUT * 4)
         driver.get(url)
-        before = driver.find_element(By.TAG_NAME, "body").text
+        page = driver.find_element(By.TAG_NAME, "body")
+        before = page.text
         driver.find_element(By.XPATH, f"//button[text()='{button}']").click()
+        # The form's POST loads a new page: read it once the old one is gone.
+        WebDriverWait(driver, TIMEOUT * 4).until(expected_conditions.staleness_of(page))
         return before, driver.find_element(By.TAG_NAME, "body").text
     finally:
         driver.quit()
