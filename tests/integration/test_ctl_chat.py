@@ -176,14 +176,26 @@ def _spawn(*args: str, home: Path) -> tuple[ChatProcess, Any]:
     return child, process
 
 
+async def _relay_options(start_relay: RelayFactory) -> list[str]:
+    """A relay with SIP listening, and the relayctl chat options that name it."""
+    relay = await start_relay()
+    sip = relay.service.getServiceNamed("sip")
+    await sip.listening.addTimeout(TIMEOUT, reactor)
+    return ["--via", relay.uri, "--sip", f"{HOST}:{sip.port_of('udp')}"]
+
+
+def _kill_left(children: list[tuple[ChatProcess, Any]]) -> None:
+    """Kill every relayctl a test left running (it failed before they ended)."""
+    for child, process in children:
+        if not child.ended.called:
+            process.signalProcess("KILL")
+
+
 @pytest_twisted.ensureDeferred
 async def test_relayctl_chat_answer_and_call_exchange_lines_and_hang_up_on_ctrl_d(
     start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
 ) -> None:
-    relay = await start_relay()
-    sip = relay.service.getServiceNamed("sip")
-    await sip.listening.addTimeout(TIMEOUT, reactor)
-    where = ["--via", relay.uri, "--sip", f"{HOST}:{sip.port_of('udp')}"]
+    where = await _relay_options(start_relay)
     bob, bob_process = _spawn("--answer", *where, *ctl_access(tmp_path, pki, "bob"), home=tmp_path)
     children = [(bob, bob_process)]
     try:
@@ -203,19 +215,14 @@ async def test_relayctl_chat_answer_and_call_exchange_lines_and_hang_up_on_ctrl_
         await bob.out.shows(f"{ALICE} hung up\n")
         assert await bob.ended.addTimeout(TIMEOUT, reactor) == 0, bob.err
     finally:
-        for child, process in children:
-            if not child.ended.called:
-                process.signalProcess("KILL")
+        _kill_left(children)
 
 
 @pytest_twisted.ensureDeferred
 async def test_relayctl_chat_interrupted_with_ctrl_c_hangs_up_with_bye(
     start_relay: RelayFactory, pki: RelayPKI, tmp_path: Path
 ) -> None:
-    relay = await start_relay()
-    sip = relay.service.getServiceNamed("sip")
-    await sip.listening.addTimeout(TIMEOUT, reactor)
-    where = ["--via", relay.uri, "--sip", f"{HOST}:{sip.port_of('udp')}"]
+    where = await _relay_options(start_relay)
     bob, bob_process = _spawn("--answer", *where, *ctl_access(tmp_path, pki, "bob"), home=tmp_path)
     children = [(bob, bob_process)]
     try:
@@ -231,9 +238,7 @@ async def test_relayctl_chat_interrupted_with_ctrl_c_hangs_up_with_bye(
         await bob.out.shows(f"{ALICE} hung up\n")
         assert await bob.ended.addTimeout(TIMEOUT, reactor) == 0, bob.err
     finally:
-        for child, process in children:
-            if not child.ended.called:
-                process.signalProcess("KILL")
+        _kill_left(children)
 
 
 @pytest_twisted.ensureDeferred

@@ -48,6 +48,19 @@ class Daemon(protocol.ProcessProtocol):
         self.ended.callback((reason.value.exitCode, reason.value.signal))
 
 
+def _start_daemon(config: Path, folder: Path) -> tuple[Daemon, Any]:
+    """``twistd -n msrprelay --config CONFIG`` in its own process, run in ``folder``."""
+    daemon = Daemon()
+    process = reactor.spawnProcess(
+        daemon,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        env=None,
+        path=str(folder),
+    )
+    return daemon, process
+
+
 def write_config(tmp_path: Path, pki: RelayPKI) -> Path:
     cert, key = pki.leaf("127.0.0.1")
     users = write_users(tmp_path / "users.htdigest", REALM, USERS)
@@ -82,14 +95,7 @@ private_key = {key}
 @pytest_twisted.ensureDeferred
 async def test_twistd_runs_relay_from_config(tmp_path: Path, pki: RelayPKI) -> None:
     config = write_config(tmp_path, pki)
-    daemon = Daemon()
-    process = reactor.spawnProcess(
-        daemon,
-        sys.executable,
-        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
-        env=None,
-        path=str(tmp_path),
-    )
+    daemon, process = _start_daemon(config, tmp_path)
     try:
         port = await daemon.listening.addTimeout(30, reactor)
         uri = f"msrps://127.0.0.1:{port};tcp"
@@ -236,14 +242,7 @@ async def test_sighup_serves_a_renewed_certificate_and_refuses_a_bad_one(
     install("first.example.com")
     text = re.sub(r"(?m)^certificate = .*$", f"certificate = {cert}", config.read_text())
     config.write_text(re.sub(r"(?m)^private_key = .*$", f"private_key = {key}", text))
-    daemon = Daemon()
-    process = reactor.spawnProcess(
-        daemon,
-        sys.executable,
-        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
-        env=None,
-        path=str(tmp_path),
-    )
+    daemon, process = _start_daemon(config, tmp_path)
     try:
         port = await daemon.listening.addTimeout(30, reactor)
         assert await _served_certificate(port, pki.ca_pem) == _leaf_der(cert)
@@ -290,14 +289,7 @@ async def test_relayctl_status_of_the_daemon_from_its_config(tmp_path: Path, pki
     config = write_config(tmp_path, pki)
     listen = f"tcp:{metrics_port}:interface=127.0.0.1"
     config.write_text(config.read_text() + f"\n[metrics]\nlisten = {listen}\n")
-    daemon = Daemon()
-    process = reactor.spawnProcess(
-        daemon,
-        sys.executable,
-        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
-        env=None,
-        path=str(tmp_path),
-    )
+    daemon, process = _start_daemon(config, tmp_path)
     try:
         await daemon.listening.addTimeout(30, reactor)
         out, err, code = await getProcessOutputAndValue(
