@@ -103,6 +103,25 @@ class ConsentLedger:
         self._schedule(record.expires)
         return record
 
+    async def count_trigger(self, recipient: str) -> None:
+        """Count a recipient's request to be sent its consent requests again (RFC 5360
+        §5.11, ``Trigger-Consent``); raises :class:`RateExceeded` past the hourly rate.
+
+        The same rate as a sender's consent requests, in its own bucket (a recipient
+        recovering links spends none of what they may ask of others as a sender): the
+        relay answers a trigger with consent requests, so triggers must be as bounded
+        as the requests themselves.
+        """
+        wait = await self.store.count_request(
+            "trigger:" + identity_key(recipient),
+            self.clock.seconds(),
+            self.limits.consent_requests_per_hour,
+            _RATE_WINDOW,
+        )
+        if wait is not None:
+            self.log.warn("consent trigger rate limit hit by {user}", user=recipient)
+            raise RateExceeded(int(wait))
+
     def _schedule(self, at: float) -> None:
         if self._timer_at is not None and self._timer_at <= at and self._timer is not None:
             return

@@ -7,6 +7,12 @@
   are ``sip:wp-<consent id>@domain``.
 * :func:`consent_needed`: the 470 response (resource-lists body + ``Permission-Missing``,
   RFC 5360 §5.9.1).
+* :func:`format_trigger_consent` / :func:`parse_trigger_consent`: the ``Trigger-Consent``
+  header (RFC 5360 §5.11.2). Its ABNF is ``(SIP-URI / SIPS-URI) *( SEMI trigger-param )``
+  with ``target-uri = "target-uri" EQUAL LDQUOT *( qdtext / quoted-pair ) RDQUOT``: a
+  bare URI (no angle brackets, so every ``;`` parameter after it is a header parameter,
+  RFC 3261 §20.10) and a quoted ``target-uri``. The relay writes exactly that; it reads
+  the ``<uri>`` form too, which earlier relayd versions wrote.
 """
 
 from __future__ import annotations
@@ -17,16 +23,21 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from relayd.bounded import remember
 from relayd.consent.lists import build_uri_list
 from relayd.consent.vocabulary import RESOURCE_LISTS_MIME_TYPE
 from relayd.sip.message import SIPRequest, SIPResponse, make_response
-from relayd.sip.uri import SIPURI, NameAddr
+from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, split_outside_quotes
 
 __all__ = [
     "ConsentURIs",
+    "TriggerConsent",
+    "TriggerConsentError",
     "consent_needed",
+    "format_trigger_consent",
+    "parse_trigger_consent",
 ]
 
 CONSENT_PREFIX = "consent-"
@@ -128,3 +139,75 @@ def consent_needed(
 
 
 _CONSENT_NEEDED: dict[tuple[tuple[str, ...], bool], tuple[str, bytes]] = {}
+
+
+class TriggerConsentError(ValueError):
+    """A ``Trigger-Consent`` value that is not RFC 5360 §5.11.2 syntax; the text is safe
+    to log and to answer as a reason phrase."""
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerConsent:
+    """One ``trigger-cons-spec``: the URI to trigger consent at, and the target URI of
+    the translation (RFC 5360 §5.11.2)."""
+
+    uri: SIPURI
+    target_uri: SIPURI
+
+
+TRIGGER_SCHEMES = frozenset({"sip", "sips"})
+"""RFC 5360 §5.11.2: ``SIP-URI / SIPS-URI`` only."""
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_trigger_consent(uri: str, target_uri: str) -> str:
+    """The header value the relay writes: ``sip:…;target-uri="<target>"`` (module doc)."""
+    return f"{uri};target-uri={_quoted(target_uri)}"
+
+
+def parse_trigger_consent(value: str) -> TriggerConsent:
+    """The one ``trigger-cons-spec`` of a header value (module doc).
+
+    Raises :class:`TriggerConsentError` for several specs (a request triggers one
+    consent at a time), a URI that is not SIP or SIPS, or a ``target-uri`` that is
+    missing, not a quoted string, or not a SIP/SIPS URI itself.
+    """
+    specs, unterminated = split_outside_quotes(value, ",", angles=True)
+    if unterminated:
+        raise TriggerConsentError("Bad Trigger-Consent")
+    if len(specs) != 1:
+        raise TriggerConsentError("One Trigger-Consent At A Time")
+    try:
+        addr = NameAddr.parse(specs[0])
+    except SIPURIError:
+        raise TriggerConsentError("Bad Trigger-Consent") from None
+    if addr.display_name is not None or addr.uri.scheme not in TRIGGER_SCHEMES:
+        raise TriggerConsentError("Bad Trigger-Consent")
+    target = addr.param("target-uri")
+    if not target:
+        raise TriggerConsentError("Trigger-Consent Without target-uri")
+    if len(target) < 2 or not (target.startswith('"') and target.endswith('"')):
+        raise TriggerConsentError("Trigger-Consent target-uri Not Quoted")
+    try:
+        target_uri = SIPURI.parse(_unquote(target[1:-1]))
+    except SIPURIError:
+        raise TriggerConsentError("Bad Trigger-Consent target-uri") from None
+    if target_uri.scheme not in TRIGGER_SCHEMES:
+        raise TriggerConsentError("Bad Trigger-Consent target-uri")
+    return TriggerConsent(addr.uri, target_uri)
+
+
+def _unquote(text: str) -> str:
+    """The text of a quoted-string's body (RFC 3261 §25.1 quoted-pair)."""
+    out: list[str] = []
+    escaped = False
+    for c in text:
+        if escaped or c != "\\":
+            out.append(c)
+            escaped = False
+        else:
+            escaped = True
+    return "".join(out)

@@ -41,6 +41,11 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   A member whose UA answers the CONSENT 405/501 (or every member, with ``[sip]
   consent_request = message``) is asked by a MESSAGE from the relay with grant and
   deny URIs (RFC 5360 §5.8); a MESSAGE to ``sip:grant-…``/``sip:deny-…`` answers.
+* **MESSAGE** from a member to the URI of a relayed copy's ``Trigger-Consent``, or to
+  the relay carrying that header (RFC 5360 §5.11): authenticate (401), the member only
+  (403), within the hourly rate (503); the relay sends the member the consent requests
+  of that list again (pending and granted ones, each with its grant and deny URIs), so
+  a lost deny URI is recovered and revokes; 202.
 * **SUBSCRIBE** (``wait-permission``, ``grant-permission``): authenticate (401), then
   :class:`~relayd.sip.events.SubscriptionManager`.
 * Store changes (XCAP PUT/DELETE, consent records opened/granted/expired) reach the
@@ -70,7 +75,13 @@ from relayd.consent.settle import settlement
 from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
-from relayd.sip.consent import ConsentURIs, consent_needed
+from relayd.sip.consent import (
+    ConsentURIs,
+    TriggerConsentError,
+    consent_needed,
+    format_trigger_consent,
+    parse_trigger_consent,
+)
 from relayd.sip.consent_request import answer_uri, parse_answer_user, request_body
 from relayd.sip.dialogs import DialogTargets
 from relayd.sip.events import (
@@ -101,7 +112,7 @@ from relayd.sip.transaction import (
     new_branch,
 )
 from relayd.sip.uas import Handler, LoopDetector, UASCore, check_max_forwards
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
+from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
 from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
 from relayd.tokens import redact
 
@@ -115,6 +126,12 @@ ASK_BY_MESSAGE = frozenset({405, 501})
 §21.5.2): the member is asked by MESSAGE instead (RFC 5360 §5.8)."""
 
 MAX_CONSENT_METHODS = 8
+MAX_TRIGGERED_REQUESTS = 8
+"""At most this many consent requests (one per sender) are sent again for one
+``Trigger-Consent`` (the newest): one request never becomes an unbounded burst."""
+TRIGGERABLE = frozenset({ConsentState.PENDING, ConsentState.GRANTED})
+"""Records a trigger sends again: an open request (its grant link still acts) and a
+grant (its deny link revokes it, RFC 5360 §5.8). Denied and expired ones ask nothing."""
 MAX_CONSENT_NOTE_BYTES = 4096
 
 
@@ -470,6 +487,9 @@ class ConsentRelay:
         answered = parse_answer_user(request.uri.user)
         if answered is not None and self.directory.is_local(request.uri):
             return defer.ensureDeferred(self._answer_by_uri(request, *answered))
+        triggered = self._triggered(request)
+        if triggered is not None:
+            return defer.ensureDeferred(self._trigger(txn, request, *triggered))
         content_type = request.headers.get("content-type") or ""
         target = self.directory.lookup(request.uri)
         recipients = None
@@ -573,7 +593,10 @@ class ConsentRelay:
         return self.proxy.fork(delivery.members, build).addCallback(answer)
 
     def _trigger_consent(self, member: str, list_uri: str) -> str:
-        return f'<{self.uris.consent_uri(list_uri, member)}>;target-uri="{list_uri}"'
+        """RFC 5360 §5.11.1: the URI a member sends a request to (or names in its own
+        ``Trigger-Consent``) to be sent its consent request again; ``target-uri`` is
+        the translation's URI, the list."""
+        return format_trigger_consent(self.uris.consent_uri(list_uri, member), list_uri)
 
     def _relayed(
         self,
@@ -893,10 +916,9 @@ class ConsentRelay:
         if trigger is None:
             raise SIPStatus(404, "Unknown Consent Target")
         try:
-            params = dict(parse_params(trigger[trigger.rfind(">") + 1 :]))
-            found = self.directory.lookup(SIPURI.parse((params.get("target-uri") or "").strip('"')))
-        except SIPURIError:
-            raise SIPStatus(400, "Bad Trigger-Consent") from None
+            found = self.directory.lookup(parse_trigger_consent(trigger).target_uri)
+        except TriggerConsentError as e:
+            raise SIPStatus(400, str(e)) from None
         key = identity_key(request.uri.format())
         member = next((m for m in found.members if identity_key(m) == key), None) if found else None
         if found is None or member is None:
@@ -1026,6 +1048,82 @@ class ConsentRelay:
             "consent {consent} answered {action} by its SIP link", consent=record.id, action=action
         )
         return make_response(request, 200)
+
+    # -- Trigger-Consent (RFC 5360 §5.11) ----------------------------------------------
+
+    def _triggered(self, request: SIPRequest) -> tuple[str, str] | None:
+        """(list URI, member) a MESSAGE asks to be sent consent requests about again, or
+        None when it is no such request.
+
+        Two forms reach the relay (RFC 5360 §5.11): a MESSAGE *to* the URI of a
+        ``Trigger-Consent`` the relay put into a relayed request, and a MESSAGE to a
+        URI of ours that is not a list *carrying* that ``Trigger-Consent``. Either URI
+        is one the relay minted (a MAC over list and member), so the pair is trusted
+        as is; a ``target-uri`` naming another translation is refused, not ignored.
+        """
+        if not self.directory.is_local(request.uri):
+            return None
+        pair = self.uris.parse_consent_user(request.uri.user)
+        if pair is not None:
+            return pair
+        value = request.headers.get("trigger-consent")
+        if value is None or self.directory.lookup(request.uri) is not None:
+            return None
+        try:
+            trigger = parse_trigger_consent(value)
+        except TriggerConsentError as e:
+            raise SIPStatus(400, str(e)) from None
+        pair = (
+            self.uris.parse_consent_user(trigger.uri.user)
+            if self.directory.is_local(trigger.uri)
+            else None
+        )
+        if pair is None:
+            raise SIPStatus(404, "Unknown Trigger-Consent URI")
+        if identity_key(trigger.target_uri.format()) != identity_key(pair[0]):
+            raise SIPStatus(400, "Trigger-Consent target-uri Does Not Match")
+        return pair
+
+    async def _trigger(
+        self, txn: ServerTransaction, request: SIPRequest, list_uri: str, member: str
+    ) -> SIPResponse:
+        """RFC 5360 §5.11: send the member the consent requests of this translation
+        again, each with its grant and deny URIs (§5.8), so a member who lost a deny
+        URI can still revoke. Only the member may ask (403 for anyone else), as often
+        as :meth:`ConsentLedger.count_trigger` allows (503 with ``Retry-After``), and
+        the requests go to the member alone, at most :data:`MAX_TRIGGERED_REQUESTS`:
+        a trigger is never amplified towards anyone. 202: they are on their way.
+        """
+        requester = self._identity(request, proxy=False, peer=txn.source)
+        if identity_key(requester) != identity_key(member):
+            self.log.warn(
+                "{user} at {peer} triggered consent for {member}",
+                user=requester,
+                peer=txn.source,
+                member=member,
+            )
+            raise SIPStatus(403, "Only The Recipient May Trigger Consent")
+        key = identity_key(member)
+        records = [
+            record
+            for record in await self.store.list_consents(list_uri=list_uri)
+            if record.state in TRIGGERABLE and identity_key(record.recipient) == key
+        ][-MAX_TRIGGERED_REQUESTS:]
+        if not records:
+            raise SIPStatus(404, "No Consent Request To Send Again")
+        try:
+            await self.ledger.count_trigger(member)
+        except RateExceeded as e:
+            retry = [("Retry-After", str(e.retry_after))]
+            raise SIPStatus(503, "Consent Trigger Rate Exceeded", headers=retry) from None
+        for record in records:
+            self.log.info(
+                "consent {consent} requested again by {recipient}",
+                consent=record.id,
+                recipient=member,
+            )
+            self._ask_by_message(member, record)
+        return make_response(request, 202)
 
     # -- SUBSCRIBE ----------------------------------------------------------------------
 

@@ -468,7 +468,8 @@ async def test_figure_2_online_recipients(start: Start, transport: str) -> None:
         assert message.body == b"now it works"
         assert message.headers.get("p-asserted-identity") == f"<{ALICE}>"
         trigger = message.headers.get("trigger-consent") or ""
-        assert trigger.endswith(f';target-uri="{LIST}"') and trigger.startswith("<sip:")
+        # RFC 5360 §5.11.2: a bare SIP URI, the list quoted as target-uri.
+        assert trigger.endswith(f';target-uri="{LIST}"') and trigger.startswith("sip:")
         assert "proxy-authorization" not in message.headers
 
     # Revocation (seed §10): bob deletes his permission; his watcher hears of it.
@@ -1209,6 +1210,55 @@ async def test_a_member_that_cannot_take_a_consent_is_asked_by_message(
     assert (await bob.next_request("MESSAGE")).body == b"asked by message"
     expected = ["CONSENT", "MESSAGE", "MESSAGE"] if mode == "consent" else ["MESSAGE", "MESSAGE"]
     assert [r.method for r in bob.received] == expected
+
+
+def _sip_links(asked: SIPRequest) -> dict[str, str]:
+    """The ``sip:`` grant and deny URIs of a consent request MESSAGE (RFC 5361)."""
+    policy = etree.fromstring(_parts(asked)[POLICY_TYPE])
+    return {
+        e.text or "": e.get("perm-uri", "")
+        for e in policy.iter("{urn:ietf:params:xml:ns:consent-rules}trans-handling")
+        if e.get("perm-uri", "").startswith("sip:")
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_who_lost_the_deny_uri_gets_it_again_and_revokes(start: Start) -> None:
+    """RFC 5360 §5.8 and §5.11: bob granted alice by his SIP grant URI and then lost
+    the message with the deny URI. Alice's relayed MESSAGE carries ``Trigger-Consent``
+    (a bare URI and the list as ``target-uri``, §5.11.2); bob sends it back to the
+    relay in a MESSAGE of his own, the relay sends him the consent request again
+    (from itself, with the same deny URI), and that URI revokes: alice is refused again.
+    Mallory, not the recipient, cannot make the relay send bob anything."""
+    relay = await start(sip__consent_request="message")
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    mallory = await start_ua("mallory", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    assert (await ask_consent(alice, target)).status == 202
+    first = _sip_links(await bob.next_request("MESSAGE"))
+    assert (await bob.request("MESSAGE", first["grant"], to=f"<{first['grant']}>")).status == 200
+    assert (await send_message(alice, SOLO, b"granted")).status == 200
+    relayed = await bob.next_request("MESSAGE")
+    trigger = relayed.headers.get("trigger-consent") or ""
+    assert trigger.startswith("sip:") and trigger.endswith(f';target-uri="{SOLO}"'), trigger
+    received = len(bob.received)
+    refused = await mallory.request("MESSAGE", f"sip:{HOST}", [("Trigger-Consent", trigger)])
+    assert (refused.status, refused.reason) == (403, "Only The Recipient May Trigger Consent")
+
+    triggered = await bob.request("MESSAGE", f"sip:{HOST}", [("Trigger-Consent", trigger)])
+    assert triggered.status == 202, triggered
+    again = await bob.next_request("MESSAGE")
+    assert len(bob.received) == received + 1  # mallory's trigger sent bob nothing
+    assert NameAddr.parse((again.headers.get("from") or "").split(";tag=")[0]).uri.aor == (
+        f"sip:{HOST}"
+    )
+    links = _sip_links(again)
+    assert links == first
+    denied = await bob.request("MESSAGE", links["deny"], to=f"<{links['deny']}>")
+    assert denied.status == 200, denied
+    assert (await send_message(alice, SOLO, b"after revocation")).status == 470
 
 
 @pytest_twisted.ensureDeferred

@@ -35,6 +35,7 @@ from twisted.internet.task import deferLater
 
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
+from relayd.sip.consent import parse_trigger_consent
 from relayd.testing import ProcessOutput, RelayPKI, grant_document, write_users
 
 from .conftest import Capability
@@ -324,7 +325,7 @@ async def test_sipp_sender_and_members_through_consent(relay: Relay, players: Pl
         ), line
         assert trigger.endswith(f';target-uri="{LIST}"'), line
         permission[user] = url
-        wait[user] = wait_uri[uris(trigger)[0]]
+        wait[user] = wait_uri[parse_trigger_consent(trigger).uri.format()]
 
     # 4. SUBSCRIBE wait-permission per member: NOTIFY pending; the member PUTs its
     #    permission document to the Permission URI; NOTIFY granted.
@@ -345,7 +346,7 @@ async def test_sipp_sender_and_members_through_consent(relay: Relay, players: Pl
         (line,) = await uas.wait_logged("MESSAGE ")
         identity, trigger = line.split(" ", 2)[1:]
         assert identity == f"<{ALICE}>", line
-        target = uris(trigger)[0]
+        target = parse_trigger_consent(trigger).uri.format()
         assert wait_uri[target] == wait[user] and trigger.endswith(f';target-uri="{LIST}"'), line
 
     # 6. bob revokes (DELETE): the next MESSAGE gets 470 naming bob alone, relays nothing;

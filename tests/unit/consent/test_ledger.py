@@ -84,3 +84,19 @@ def test_a_consent_opened_at_another_node_expires_here_on_time() -> None:
     clock.advance(20)
     assert fired(store.get_consent(record.id)).state is ConsentState.EXPIRED
     ledger.stop()
+
+
+def test_a_recipients_triggers_have_their_own_hourly_rate() -> None:
+    """RFC 5360 §5.11: each trigger makes the relay send consent requests, so triggers
+    are rate-limited like the requests; a recipient's count is not a sender's."""
+    clock = Clock()
+    store = MemoryPermissionStore()
+    ledger = ConsentLedger(store, clock, ConsentLimits(consent_requests_per_hour=2))
+    fired(ledger.open("sip:bob@x.test", LIST, "sip:carol@x.test", ["MESSAGE"]))
+    fired(ledger.open("sip:bob@x.test", LIST, "sip:dave@x.test", ["MESSAGE"]))
+    assert fired(ledger.count_trigger("sip:bob@x.test")) is None
+    clock.advance(10)
+    assert fired(ledger.count_trigger("sip:bob@X.TEST;transport=tcp")) is None
+    failure = fired(ledger.count_trigger("sip:bob@x.test"))
+    assert isinstance(failure.value, RateExceeded) and failure.value.retry_after == 3590
+    assert fired(ledger.count_trigger("sip:carol@x.test")) is None

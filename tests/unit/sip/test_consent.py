@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 from lxml import etree
 
-from relayd.sip.consent import ConsentURIs, consent_needed
+from relayd.sip.consent import (
+    ConsentURIs,
+    TriggerConsentError,
+    consent_needed,
+    format_trigger_consent,
+    parse_trigger_consent,
+)
 from relayd.sip.message import Headers, SIPRequest
 from relayd.sip.uri import SIPURI, NameAddr
 
@@ -66,3 +73,53 @@ def test_470_names_the_missing_members_only_when_asked() -> None:
     hidden = consent_needed(request, LIST, members, uris)
     assert b"display-name" not in hidden.body
     assert '"' not in (hidden.headers.get("permission-missing") or "")
+
+
+def test_trigger_consent_is_written_as_the_rfc_5360_abnf_says() -> None:
+    """RFC 5360 §5.11.2: ``trigger-cons-spec = ( SIP-URI / SIPS-URI ) *( SEMI
+    trigger-param )`` (a bare URI, no angle brackets) and ``target-uri = "target-uri"
+    EQUAL LDQUOT *( qdtext / quoted-pair ) RDQUOT``, as in the RFC's example
+    ``sip:123@relay.example.com;target-uri="sip:friends@relay.example.com"``."""
+    value = format_trigger_consent("sip:123@relay.example.com", "sip:friends@relay.example.com")
+    assert value == 'sip:123@relay.example.com;target-uri="sip:friends@relay.example.com"'
+    parsed = parse_trigger_consent(value)
+    assert parsed.uri.format() == "sip:123@relay.example.com"
+    assert parsed.target_uri.format() == "sip:friends@relay.example.com"
+
+
+def test_trigger_consent_target_uri_keeps_its_own_parameters() -> None:
+    """Everything after the bare URI is a header parameter (RFC 3261 §20.10), and the
+    target's own parameters stay inside the quotes."""
+    value = format_trigger_consent("sips:t@relay.test", "sip:friends@relay.test;transport=tcp")
+    parsed = parse_trigger_consent(value)
+    assert parsed.uri.format() == "sips:t@relay.test" and parsed.uri.params == ()
+    assert parsed.target_uri.param("transport") == "tcp"
+
+
+def test_trigger_consent_in_angle_brackets_is_read_too() -> None:
+    parsed = parse_trigger_consent(f'<sip:t@relay.test> ; target-uri="{LIST}"')
+    assert (parsed.uri.user, parsed.target_uri.format()) == ("t", LIST)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("sip:t@relay.test", "Trigger-Consent Without target-uri"),
+        ("sip:t@relay.test;target-uri", "Trigger-Consent Without target-uri"),
+        (f"sip:t@relay.test;target-uri={LIST}", "Trigger-Consent target-uri Not Quoted"),
+        ('sip:t@relay.test;target-uri="sip:friends@relay.test', "Bad Trigger-Consent"),
+        (f'tel:+15551234;target-uri="{LIST}"', "Bad Trigger-Consent"),
+        (f'"Bob" <sip:t@relay.test>;target-uri="{LIST}"', "Bad Trigger-Consent"),
+        ('sip:t@relay.test;target-uri="https://relay.test/x"', "Bad Trigger-Consent target-uri"),
+        ('sip:t@relay.test;target-uri="not a uri"', "Bad Trigger-Consent target-uri"),
+        (
+            f'sip:a@relay.test;target-uri="{LIST}", sip:b@relay.test;target-uri="{LIST}"',
+            "One Trigger-Consent At A Time",
+        ),
+        ("", "Bad Trigger-Consent"),
+    ],
+)
+def test_a_bad_trigger_consent_is_a_clear_error(value: str, reason: str) -> None:
+    with pytest.raises(TriggerConsentError) as refused:
+        parse_trigger_consent(value)
+    assert str(refused.value) == reason

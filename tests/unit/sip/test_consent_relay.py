@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 from twisted.internet.defer import ensureDeferred
 
 from relayd.consent.documents import DocumentKey, DocumentRejected
+from relayd.consent.ledger import ConsentLimits
 from relayd.consent.store import ConsentState
-from relayd.consent.vocabulary import CONSENT_RULES_AUID
+from relayd.consent.vocabulary import CONSENT_FORMAT_NAMESPACE, CONSENT_RULES_AUID
+from relayd.sip.consent import format_trigger_consent
 from relayd.sip.consent_relay import carried_headers
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sip.parser import parse_datagram
@@ -710,3 +713,153 @@ def test_when_no_member_answers_2xx_the_caller_gets_the_best_final(club: Relay) 
     assert acks == sorted(answers)  # each branch's final ACKed hop by hop
     assert _statuses(up) == [486]
     assert _final(up).via.branch == invite.via.branch
+
+
+# -- Trigger-Consent (RFC 5360 §5.11) ------------------------------------------------------
+
+
+def _member_out(
+    started: _Started, out: list[tuple[SIPRequest | SIPResponse, int]]
+) -> tuple[SIPResponse, list[SIPRequest]]:
+    """Bob's final response and the consent requests the relay started towards him
+    meanwhile (a consent request MESSAGE is over 1300 bytes, so it leaves by TCP,
+    RFC 3261 §18.1.1: taken where the relay hands it to its transport)."""
+    (final,) = [m for m, port in out if isinstance(m, SIPResponse) and port == BOB_PORT]
+    return final, started.pop_all()
+
+
+class _Started:
+    """Records the requests the relay starts (its transport's ``request``)."""
+
+    def __init__(self, relay: Relay) -> None:
+        transport = relay.sip.consent_relay.transport
+        self._request = transport.request
+        self.requests: list[SIPRequest] = []
+        transport.request = self
+
+    def __call__(self, request: SIPRequest, target: Any) -> Any:
+        self.requests.append(request)
+        return self._request(request, target)
+
+    def pop_all(self) -> list[SIPRequest]:
+        out, self.requests = [r for r in self.requests if r.method == "MESSAGE"], []
+        return out
+
+
+def _dave_asks_bob(relay: Relay, *, ask: bool = True) -> tuple[str, _Started]:
+    """Dave is refused (bob permits alice only) and, with ``ask``, asks bob by CONSENT:
+    the consent URI of (club, bob), the one relayed copies carry in Trigger-Consent,
+    and what the relay starts from then on."""
+    started = _Started(relay)
+    refused = _final(relay.send_authenticated("MESSAGE", LIST, "dave", SENDER_PORT))
+    assert refused.status == 470
+    consent_uri = (refused.headers.get("Permission-Missing") or "").strip("<>")
+    if ask:
+        asked = relay.send_authenticated(
+            "CONSENT", consent_uri, "dave", SENDER_PORT, headers=(("Consent-Methods", "MESSAGE"),)
+        )
+        assert _final(asked).status == 202
+    return consent_uri, started
+
+
+def _links(message: SIPRequest) -> dict[str, str]:
+    """The ``sip:`` perm-uris of the RFC 5361 document in a consent request MESSAGE."""
+    assert (message.headers.get("content-type") or "").startswith("multipart/alternative;")
+    start = message.body.index(b"<?xml")
+    policy = etree.fromstring(message.body[start : message.body.index(b"\r\n--", start)])
+    return {
+        e.text or "": e.get("perm-uri", "")
+        for e in policy.iter(f"{{{CONSENT_FORMAT_NAMESPACE}}}trans-handling")
+        if e.get("perm-uri", "").startswith("sip:")
+    }
+
+
+def test_a_message_to_the_trigger_consent_uri_sends_the_member_its_links_again(
+    relay: Relay,
+) -> None:
+    """RFC 5360 §5.11: bob sends a MESSAGE to the URI of a relayed copy's
+    Trigger-Consent; the relay (never the sender) sends him dave's consent request
+    again, with the grant and deny URIs, and its deny URI works."""
+    consent_uri, started = _dave_asks_bob(relay)
+    final, sent = _member_out(
+        started,
+        relay.send_authenticated("MESSAGE", consent_uri, "bob", BOB_PORT, to=f"<{consent_uri}>"),
+    )
+    assert final.status == 202
+    (asked,) = sent
+    assert asked.headers.get("from", "").startswith(f"<sip:{HOST}>")
+    links = _links(asked)
+    assert set(links) == {"grant", "deny"}
+    granted = relay.send_authenticated("MESSAGE", links["grant"], "bob", BOB_PORT, to=f"<{BOB}>")
+    assert _member_out(started, granted)[0].status == 200
+    out = relay.send_authenticated("MESSAGE", LIST, "dave", SENDER_PORT)
+    assert [port for m, port in out if isinstance(m, SIPRequest)] == [BOB_PORT]
+    relay.send_authenticated("MESSAGE", links["deny"], "bob", BOB_PORT, to=f"<{BOB}>")
+    assert _final(relay.send_authenticated("MESSAGE", LIST, "dave", SENDER_PORT)).status == 470
+
+
+def test_a_message_carrying_trigger_consent_is_a_trigger_too(relay: Relay) -> None:
+    consent_uri, started = _dave_asks_bob(relay)
+    header = ("Trigger-Consent", format_trigger_consent(consent_uri, LIST))
+    final, sent = _member_out(
+        started,
+        relay.send_authenticated("MESSAGE", f"sip:{HOST}", "bob", BOB_PORT, headers=(header,)),
+    )
+    assert final.status == 202
+    assert [set(_links(r)) for r in sent] == [{"grant", "deny"}]
+
+
+def test_only_the_recipient_may_trigger_and_nothing_reaches_the_member(relay: Relay) -> None:
+    consent_uri, started = _dave_asks_bob(relay)
+    out = relay.send_authenticated("MESSAGE", consent_uri, "dave", SENDER_PORT)
+    assert (_final(out).status, _final(out).reason) == (
+        403,
+        "Only The Recipient May Trigger Consent",
+    )
+    assert all(port == SENDER_PORT for _, port in out) and not started.pop_all()
+
+
+@pytest.mark.parametrize(
+    ("value", "status", "reason"),
+    [
+        ('{uri};target-uri="sip:pals@127.0.0.1"', 400, "Trigger-Consent target-uri Does Not Match"),
+        ("{uri}", 400, "Trigger-Consent Without target-uri"),
+        (f'sip:consent-forged.AAAA@{HOST};target-uri="{LIST}"', 404, "Unknown Trigger-Consent URI"),
+        (f'sip:consent-x@example.org;target-uri="{LIST}"', 404, "Unknown Trigger-Consent URI"),
+    ],
+)
+def test_a_bad_trigger_is_answered_clearly_and_sends_nothing(
+    relay: Relay, value: str, status: int, reason: str
+) -> None:
+    consent_uri, started = _dave_asks_bob(relay)
+    header = ("Trigger-Consent", value.replace("{uri}", consent_uri))
+    final, sent = _member_out(
+        started,
+        relay.send_authenticated("MESSAGE", f"sip:{HOST}", "bob", BOB_PORT, headers=(header,)),
+    )
+    assert (final.status, final.reason) == (status, reason)
+    assert not sent
+
+
+def test_a_trigger_with_no_consent_request_to_send_is_404(relay: Relay) -> None:
+    consent_uri, started = _dave_asks_bob(relay, ask=False)
+    final, sent = _member_out(
+        started, relay.send_authenticated("MESSAGE", consent_uri, "bob", BOB_PORT)
+    )
+    assert (final.status, final.reason) == (404, "No Consent Request To Send Again")
+    assert not sent
+
+
+def test_triggers_past_the_hourly_rate_are_503(tmp_path: Path) -> None:
+    relay = Relay(tmp_path)
+    relay.sip.consent_relay.ledger.limits = ConsentLimits(consent_requests_per_hour=1)
+    consent_uri, started = _dave_asks_bob(relay)
+    first, _ = _member_out(
+        started, relay.send_authenticated("MESSAGE", consent_uri, "bob", BOB_PORT)
+    )
+    second, sent = _member_out(
+        started, relay.send_authenticated("MESSAGE", consent_uri, "bob", BOB_PORT)
+    )
+    assert first.status == 202
+    assert (second.status, second.headers.get("retry-after")) == (503, "3600")
+    assert not sent
