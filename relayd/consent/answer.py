@@ -1,6 +1,6 @@
 """Grant and deny links: a recipient answers a consent request with one click or request.
 
-RFC 5360 §5.8 has the relay send the recipient grant and deny URIs (RFC 5361 §5.1
+RFC 5360 §5.3 has the relay send the recipient grant and deny URIs (RFC 5361 §3.2
 document, ``sip:``/``sips:`` and ``https:`` forms). Each link carries an answer token
 ``<consent id>.<mac>``, the MAC an HMAC of the action under the consent's Permission-URI
 token: unguessable (the Permission token never leaves the relay's store and the

@@ -19,7 +19,12 @@ LIST_REPORT_NAMESPACE = "urn:relayd:params:xml:ns:list-report"
 CONSENT_STATUS_NAMESPACE = "urn:relayd:params:xml:ns:consent-status"
 """NOTIFY bodies of the wait-permission and grant-permission event packages."""
 PENDING_ADDITIONS_NAMESPACE = "urn:ietf:params:xml:ns:consent-status"
-"""RFC 5362 §4: the ``state`` element of consent-pending-additions NOTIFY entries."""
+"""RFC 5362 §4: the namespace of the element each consent-pending-additions entry carries."""
+PENDING_ADDITIONS_ELEMENT = "consent-status"
+"""RFC 5362 §4: that element, ``<consent-status>`` (pending, waiting, error, denied,
+granted), inside each resource-lists ``<entry>`` (§5.1.6)."""
+PENDING_ADDITIONS_STATES = ("pending", "waiting", "error", "denied", "granted")
+"""RFC 5362 §4: the values of ``<consent-status>``, in the schema's order."""
 
 CONSENT_RULES_AUID = "consent-rules"
 RESOURCE_LISTS_AUID = "resource-lists"

@@ -40,12 +40,15 @@ Data flow (STYLE 2.4, seed §11 figures 2 and 3):
   permission server role, seed §8.1) and they find it through ``grant-permission``.
   A member whose UA answers the CONSENT 405/501 (or every member, with ``[sip]
   consent_request = message``) is asked by a MESSAGE from the relay with grant and
-  deny URIs (RFC 5360 §5.8); a MESSAGE to ``sip:grant-…``/``sip:deny-…`` answers.
-* **MESSAGE** from a member to the URI of a relayed copy's ``Trigger-Consent``, or to
-  the relay carrying that header (RFC 5360 §5.11): authenticate (401), the member only
-  (403), within the hourly rate (503); the relay sends the member the consent requests
-  of that list again (pending and granted ones, each with its grant and deny URIs), so
-  a lost deny URI is recovered and revokes; 202.
+  deny URIs (RFC 5360 §5.3); a PUBLISH (§5.6) or MESSAGE to ``sip:grant-…``/``sip:deny-…``
+  answers.
+* **PUBLISH** (empty body) from a member to the URI of a relayed copy's
+  ``Trigger-Consent`` (RFC 5360 §5.8, §5.11.1), or a MESSAGE to it or carrying that
+  header (for MESSAGE-only UAs): authenticate (401), the member only (403), within
+  the hourly rate (503); the relay sends the member the consent requests of that list
+  again (pending and granted ones, each with its grant and deny URIs), so a lost deny
+  URI is recovered and revokes; 200 (PUBLISH) or 202 (MESSAGE). A PUBLISH to a grant
+  or deny URI answers like a MESSAGE there (§5.6.1.3).
 * **SUBSCRIBE** (``wait-permission``, ``grant-permission``): authenticate (401), then
   :class:`~relayd.sip.events.SubscriptionManager`.
 * Store changes (XCAP PUT/DELETE, consent records opened/granted/expired) reach the
@@ -123,7 +126,7 @@ ConsentLink = Callable[[PendingConsent, Action], str]
 
 ASK_BY_MESSAGE = frozenset({405, 501})
 """Answers to a forwarded CONSENT that mean the UA cannot take one (RFC 3261 §21.4.6,
-§21.5.2): the member is asked by MESSAGE instead (RFC 5360 §5.8)."""
+§21.5.2): the member is asked by MESSAGE instead (RFC 5360 §5.3)."""
 
 MAX_CONSENT_METHODS = 8
 MAX_TRIGGERED_REQUESTS = 8
@@ -307,6 +310,7 @@ class ConsentRelay:
         self.uas.set_handler("MESSAGE", self.handle_message)
         self.uas.set_screen("MESSAGE", self.challenge_message)
         self.uas.set_handler("CONSENT", self.handle_consent)
+        self.uas.set_handler("PUBLISH", self.handle_publish)
         self.uas.set_handler("SUBSCRIBE", self.handle_subscribe)
         self._started = True
         await self.ledger.start()
@@ -322,7 +326,7 @@ class ConsentRelay:
         self.uas.router = None
         if self.uas.transactions is not None:
             self.uas.transactions.ack = None
-        for method in ("INVITE", "MESSAGE", "CONSENT", "SUBSCRIBE"):
+        for method in ("INVITE", "MESSAGE", "CONSENT", "PUBLISH", "SUBSCRIBE"):
             self.uas.set_handler(method, None)
         self.uas.set_screen("MESSAGE", None)
         self.ledger.stop()
@@ -1010,7 +1014,7 @@ class ConsentRelay:
         d.addCallback(done)
 
     def _ask_by_message(self, member: str, record: PendingConsent) -> None:
-        """RFC 5360 §5.8: a MESSAGE from the relay (never from the sender) with the
+        """RFC 5360 §5.3: a MESSAGE from the relay (never from the sender) with the
         grant and deny URIs (:mod:`relayd.sip.consent_request`). Sent when the record
         is opened, like the CONSENT: a refresh sends nothing."""
         links = {
@@ -1038,8 +1042,9 @@ class ConsentRelay:
         )
 
     async def _answer_by_uri(self, request: SIPRequest, action: Action, token: str) -> SIPResponse:
-        """A request to a SIP grant or deny URI answers the consent it names (RFC 5360
-        §5.8); the token is the capability, as the Permission URI is, so no digest."""
+        """A PUBLISH (RFC 5360 §5.6.1.3) or MESSAGE to a SIP grant or deny URI answers
+        the consent it names; the token is the capability (return routability), as the
+        Permission URI is, so no digest."""
         record = await find_answer(self.store, token, action, self.clock.seconds())
         if record is None:
             raise SIPStatus(404, "Unknown Or Expired Consent Link")
@@ -1047,7 +1052,27 @@ class ConsentRelay:
         self.log.info(
             "consent {consent} answered {action} by its SIP link", consent=record.id, action=action
         )
-        return make_response(request, 200)
+        return make_response(request, 200, headers=_published(request))
+
+    # -- PUBLISH (RFC 5360 §5.6.1.3, §5.8) ----------------------------------------------
+
+    def handle_publish(
+        self, txn: ServerTransaction, request: SIPRequest
+    ) -> SIPResponse | defer.Deferred[SIPResponse]:
+        """The two PUBLISHes of RFC 5360: to a grant or deny URI of a consent request
+        (§5.6.1.3, it answers the request) and, with an empty body, to the URI of a
+        ``Trigger-Consent`` (§5.8, the relay sends the recipient its consent requests
+        again). The relay keeps no event state (RFC 3903), so nothing else is
+        published here (404) and a 2xx names no lasting publication."""
+        answered = parse_answer_user(request.uri.user)
+        if answered is not None:
+            return defer.ensureDeferred(self._answer_by_uri(request, *answered))
+        pair = self.uris.parse_consent_user(request.uri.user)
+        if pair is None:
+            raise SIPStatus(404, "Nothing Is Published Here")
+        if request.body:
+            raise SIPStatus(400, "Trigger-Consent PUBLISH Takes No Body")
+        return defer.ensureDeferred(self._trigger(txn, request, *pair))
 
     # -- Trigger-Consent (RFC 5360 §5.11) ----------------------------------------------
 
@@ -1055,11 +1080,13 @@ class ConsentRelay:
         """(list URI, member) a MESSAGE asks to be sent consent requests about again, or
         None when it is no such request.
 
-        Two forms reach the relay (RFC 5360 §5.11): a MESSAGE *to* the URI of a
-        ``Trigger-Consent`` the relay put into a relayed request, and a MESSAGE to a
-        URI of ours that is not a list *carrying* that ``Trigger-Consent``. Either URI
-        is one the relay minted (a MAC over list and member), so the pair is trusted
-        as is; a ``target-uri`` naming another translation is refused, not ignored.
+        RFC 5360 §5.8 and §5.11.1 have the recipient send a PUBLISH with an empty body
+        to the URI of a ``Trigger-Consent`` the relay put into a relayed request
+        (:meth:`handle_publish`). For a UA that sends MESSAGE only, two more forms
+        reach the relay here: a MESSAGE *to* that URI, and a MESSAGE to a URI of ours
+        that is not a list *carrying* that ``Trigger-Consent``. Each URI is one the
+        relay minted (a MAC over list and member), so the pair is trusted as is; a
+        ``target-uri`` naming another translation is refused, not ignored.
         """
         if not self.directory.is_local(request.uri):
             return None
@@ -1092,7 +1119,8 @@ class ConsentRelay:
         URI can still revoke. Only the member may ask (403 for anyone else), as often
         as :meth:`ConsentLedger.count_trigger` allows (503 with ``Retry-After``), and
         the requests go to the member alone, at most :data:`MAX_TRIGGERED_REQUESTS`:
-        a trigger is never amplified towards anyone. 202: they are on their way.
+        a trigger is never amplified towards anyone. A MESSAGE gets 202 (they are on
+        their way), a PUBLISH the 200 of RFC 5360 figure 5.
         """
         requester = self._identity(request, proxy=False, peer=txn.source)
         if identity_key(requester) != identity_key(member):
@@ -1123,6 +1151,8 @@ class ConsentRelay:
                 recipient=member,
             )
             self._ask_by_message(member, record)
+        if request.method == "PUBLISH":
+            return make_response(request, 200, headers=_published(request))
         return make_response(request, 202)
 
     # -- SUBSCRIBE ----------------------------------------------------------------------
@@ -1130,6 +1160,14 @@ class ConsentRelay:
     async def handle_subscribe(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         subscriber = self._identity(request, proxy=False, peer=txn.source)
         return await self.subscriptions.handle_subscribe(request, subscriber, txn.source)
+
+
+def _published(request: SIPRequest) -> list[tuple[str, str]]:
+    """What a 2xx to a PUBLISH carries (RFC 3903 §6 step 7): an entity-tag, and
+    ``Expires: 0``, for the relay keeps no publication; nothing for other methods."""
+    if request.method != "PUBLISH":
+        return []
+    return [("SIP-ETag", new_tag()), ("Expires", "0")]
 
 
 def _best(request: SIPRequest, responses: Sequence[SIPResponse]) -> SIPResponse:

@@ -1,4 +1,4 @@
-"""Asking a recipient by MESSAGE, and the SIP grant and deny URIs (RFC 5360 §5.8).
+"""Asking a recipient by MESSAGE, and the SIP grant and deny URIs (RFC 5360 §5.3, §5.6).
 
 A recipient whose UA cannot take a CONSENT (it answers 405 or 501, or ``[sip]
 consent_request = message``) is asked by a MESSAGE from the relay itself. Its body is
@@ -44,7 +44,7 @@ def parse_answer_user(user: str | None) -> tuple[Action, str] | None:
 
 
 def request_document(record: PendingConsent, links: Links) -> bytes:
-    """The RFC 5361 §5 document asking for consent: one rule for the sender, recipient
+    """The RFC 5361 §3 document asking for consent (example: §4): one rule for the sender, recipient
     and list, one ``trans-handling`` per grant/deny URI (``perm-uri``)."""
     return consent_document(
         record,

@@ -38,6 +38,7 @@ from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
 from relayd.consent.vocabulary import (
     CONSENT_STATUS_MIME_TYPE,
     CONSENT_STATUS_NAMESPACE,
+    PENDING_ADDITIONS_ELEMENT,
     PENDING_ADDITIONS_NAMESPACE,
     RESOURCE_LISTS_MIME_TYPE,
     RESOURCE_LISTS_NAMESPACE,
@@ -607,8 +608,9 @@ class GrantPermissionPackage:
 
 
 def pending_additions_body(entries: Iterable[tuple[str, str]]) -> bytes:
-    """RFC 5362 §4: a resource-lists document, one ``<entry uri>`` per member with a
-    ``<cs:state>`` child (``pending``, ``waiting``, ``error``, ``denied``, ``granted``)."""
+    """RFC 5362 §4 and §5.1.11: a resource-lists document, one ``<entry uri>`` per
+    member with a ``<cs:consent-status>`` child (``pending``, ``waiting``, ``error``,
+    ``denied``, ``granted``), in the entry's ``<any>`` extension place (§5.1.6)."""
     rl, cs = f"{{{RESOURCE_LISTS_NAMESPACE}}}", f"{{{PENDING_ADDITIONS_NAMESPACE}}}"
     root = etree.Element(
         rl + "resource-lists",
@@ -617,7 +619,7 @@ def pending_additions_body(entries: Iterable[tuple[str, str]]) -> bytes:
     element = etree.SubElement(root, rl + "list")
     for uri, state in entries:
         entry = etree.SubElement(element, rl + "entry", uri=uri)
-        etree.SubElement(entry, cs + "state").text = state
+        etree.SubElement(entry, cs + PENDING_ADDITIONS_ELEMENT).text = state
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
 
 

@@ -1,4 +1,4 @@
-"""The HTTPS grant and deny links (RFC 5360 §5.8): a page a person answers with.
+"""The HTTPS grant and deny links (RFC 5360 §5.6): a page a person answers with.
 
 ``/consent/grant/<token>`` and ``/consent/deny/<token>`` on the XCAP listeners (tokens:
 :mod:`relayd.consent.answer`). What each request does:

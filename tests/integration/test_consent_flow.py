@@ -43,6 +43,7 @@ from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl import consent as ctl_consent
 from relayd.ctl.settings import Credentials, CtlError
 from relayd.ctl.sip import SIPClient
+from relayd.sip.consent import parse_trigger_consent
 from relayd.sip.message import (
     SIPRequest,
     SIPResponse,
@@ -490,7 +491,7 @@ def member_states(notify: SIPRequest) -> dict[str, str]:
     assert notify.headers.get("content-type") == "application/resource-lists+xml"
     root = etree.fromstring(notify.body)
     return {
-        entry.get("uri") or "": entry.findtext(f"{{{CS}}}state") or ""
+        entry.get("uri") or "": entry.findtext(f"{{{CS}}}consent-status") or ""
         for entry in root.iter(f"{{{RL}}}entry")
     }
 
@@ -1224,12 +1225,13 @@ def _sip_links(asked: SIPRequest) -> dict[str, str]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_member_who_lost_the_deny_uri_gets_it_again_and_revokes(start: Start) -> None:
-    """RFC 5360 §5.8 and §5.11: bob granted alice by his SIP grant URI and then lost
+    """RFC 5360 §5.8 figure 5: bob granted alice by his SIP grant URI and then lost
     the message with the deny URI. Alice's relayed MESSAGE carries ``Trigger-Consent``
-    (a bare URI and the list as ``target-uri``, §5.11.2); bob sends it back to the
-    relay in a MESSAGE of his own, the relay sends him the consent request again
-    (from itself, with the same deny URI), and that URI revokes: alice is refused again.
-    Mallory, not the recipient, cannot make the relay send bob anything."""
+    (a bare URI and the list as ``target-uri``, §5.11.2); bob sends an empty PUBLISH
+    to that URI (200), the relay sends him the consent request again (from itself,
+    with the same deny URI), and a PUBLISH there revokes: alice is refused again.
+    Mallory, not the recipient, cannot make the relay send bob anything; bob's UA may
+    also echo the header in a MESSAGE to the relay (for MESSAGE-only UAs)."""
     relay = await start(sip__consent_request="message")
     alice = await start_ua("alice", "UDP", relay)
     bob = await start_ua("bob", "UDP", relay)
@@ -1243,12 +1245,13 @@ async def test_a_member_who_lost_the_deny_uri_gets_it_again_and_revokes(start: S
     relayed = await bob.next_request("MESSAGE")
     trigger = relayed.headers.get("trigger-consent") or ""
     assert trigger.startswith("sip:") and trigger.endswith(f';target-uri="{SOLO}"'), trigger
+    trigger_uri = parse_trigger_consent(trigger).uri.format()
     received = len(bob.received)
-    refused = await mallory.request("MESSAGE", f"sip:{HOST}", [("Trigger-Consent", trigger)])
+    refused = await mallory.request("PUBLISH", trigger_uri, to=f"<{trigger_uri}>")
     assert (refused.status, refused.reason) == (403, "Only The Recipient May Trigger Consent")
 
-    triggered = await bob.request("MESSAGE", f"sip:{HOST}", [("Trigger-Consent", trigger)])
-    assert triggered.status == 202, triggered
+    triggered = await bob.request("PUBLISH", trigger_uri, to=f"<{trigger_uri}>")
+    assert triggered.status == 200, triggered
     again = await bob.next_request("MESSAGE")
     assert len(bob.received) == received + 1  # mallory's trigger sent bob nothing
     assert NameAddr.parse((again.headers.get("from") or "").split(";tag=")[0]).uri.aor == (
@@ -1256,7 +1259,10 @@ async def test_a_member_who_lost_the_deny_uri_gets_it_again_and_revokes(start: S
     )
     links = _sip_links(again)
     assert links == first
-    denied = await bob.request("MESSAGE", links["deny"], to=f"<{links['deny']}>")
+    echoed = await bob.request("MESSAGE", f"sip:{HOST}", [("Trigger-Consent", trigger)])
+    assert echoed.status == 202, echoed
+    assert _sip_links(await bob.next_request("MESSAGE")) == first
+    denied = await bob.request("PUBLISH", links["deny"], to=f"<{links['deny']}>")
     assert denied.status == 200, denied
     assert (await send_message(alice, SOLO, b"after revocation")).status == 470
 

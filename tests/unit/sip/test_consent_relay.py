@@ -863,3 +863,44 @@ def test_triggers_past_the_hourly_rate_are_503(tmp_path: Path) -> None:
     assert first.status == 202
     assert (second.status, second.headers.get("retry-after")) == (503, "3600")
     assert not sent
+
+
+def test_rfc_5360_figure_5_publish_to_the_trigger_uri_then_to_the_deny_uri(relay: Relay) -> None:
+    """RFC 5360 §5.8 figure 5: (4) PUBLISH with an empty body to the Trigger-Consent
+    URI, (5) 200 OK, (6) the relay's MESSAGE with the permission document, (8) PUBLISH
+    to its deny URI revokes. Grants by PUBLISH too (§5.6)."""
+    consent_uri, started = _dave_asks_bob(relay)
+    final, sent = _member_out(
+        started, relay.send_authenticated("PUBLISH", consent_uri, "bob", BOB_PORT)
+    )
+    assert final.status == 200 and final.headers.get("sip-etag")
+    assert final.headers.get("expires") == "0"
+    (asked,) = sent
+    links = _links(asked)
+    granted = relay.send_authenticated("PUBLISH", links["grant"], "bob", BOB_PORT, to=f"<{BOB}>")
+    assert _member_out(started, granted)[0].status == 200
+    out = relay.send_authenticated("MESSAGE", LIST, "dave", SENDER_PORT)
+    assert [port for m, port in out if isinstance(m, SIPRequest)] == [BOB_PORT]
+    denied = relay.send_authenticated("PUBLISH", links["deny"], "bob", BOB_PORT, to=f"<{BOB}>")
+    assert _member_out(started, denied)[0].status == 200
+    assert _final(relay.send_authenticated("MESSAGE", LIST, "dave", SENDER_PORT)).status == 470
+
+
+@pytest.mark.parametrize(
+    ("uri", "body", "status", "reason"),
+    [
+        ("{consent}", b"<x/>", 400, "Trigger-Consent PUBLISH Takes No Body"),
+        (f"sip:{HOST}", b"", 404, "Nothing Is Published Here"),
+        (f"sip:consent-forged.AAAA@{HOST}", b"", 404, "Nothing Is Published Here"),
+        (f"sip:grant-{'A' * 22}.{'B' * 22}@{HOST}", b"", 404, "Unknown Or Expired Consent Link"),
+    ],
+)
+def test_a_publish_the_relay_cannot_use_is_answered_clearly(
+    relay: Relay, uri: str, body: bytes, status: int, reason: str
+) -> None:
+    consent_uri, started = _dave_asks_bob(relay)
+    uri = uri.replace("{consent}", consent_uri)
+    out = relay.send_authenticated("PUBLISH", uri, "bob", BOB_PORT, body=body, to=f"<{BOB}>")
+    final, sent = _member_out(started, out)
+    assert (final.status, final.reason) == (status, reason)
+    assert not sent

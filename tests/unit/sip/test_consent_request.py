@@ -1,4 +1,4 @@
-"""The MESSAGE that asks a recipient, and the SIP grant and deny URIs (RFC 5360 §5.8)."""
+"""The MESSAGE that asks a recipient (RFC 5360 §5.3), and the SIP grant and deny URIs (§5.6)."""
 
 from __future__ import annotations
 
@@ -60,3 +60,32 @@ def test_without_https_links_only_the_sip_uris_are_offered() -> None:
     _, body = request_body(RECORD, links)
     assert b'perm-uri=""' not in body and b"https" not in body
     assert body.count(b"perm-uri=") == 2 and b"sip:grant-g@relay.test" in body
+
+
+def test_the_request_document_uses_rfc_5361_names_exactly() -> None:
+    """RFC 5361 §4 (example) and §5 (schema): ``cp:ruleset/cp:rule`` with the
+    conditions ``cp:identity``, ``recipient`` and ``target`` (``cp:one id``), and
+    ``trans-handling`` actions valued ``grant``/``deny`` whose ``perm-uri`` is required;
+    each rule offers at least one URI to grant and one to deny (§3.2)."""
+    cp, cr = "urn:ietf:params:xml:ns:common-policy", "urn:ietf:params:xml:ns:consent-rules"
+    _, body = request_body(RECORD, LINKS)
+    start = body.index(b"<?xml")
+    root = etree.fromstring(body[start : body.index(b"\r\n--", start)])
+    assert root.tag == f"{{{cp}}}ruleset"
+    (rule,) = root
+    assert rule.tag == f"{{{cp}}}rule" and rule.get("id")
+    conditions, actions = rule
+    assert [c.tag for c in conditions] == [
+        f"{{{cp}}}identity",
+        f"{{{cr}}}recipient",
+        f"{{{cr}}}target",
+    ]
+    assert [[(one.tag, one.get("id")) for one in c] for c in conditions] == [
+        [(f"{{{cp}}}one", RECORD.sender)],
+        [(f"{{{cp}}}one", RECORD.recipient)],
+        [(f"{{{cp}}}one", RECORD.list_uri)],
+    ]
+    assert actions.tag == f"{{{cp}}}actions"
+    assert {e.tag for e in actions} == {f"{{{cr}}}trans-handling"}
+    assert {e.text for e in actions} == {"grant", "deny"}
+    assert all(e.get("perm-uri") for e in actions)

@@ -37,7 +37,7 @@ def states(body: bytes) -> dict[str | None, str | None]:
     for entry in root.iterfind(
         f"{{{RESOURCE_LISTS_NAMESPACE}}}list/{{{RESOURCE_LISTS_NAMESPACE}}}entry"
     ):
-        (state,) = entry.findall(f"{{{PENDING_ADDITIONS_NAMESPACE}}}state")
+        (state,) = entry.findall(f"{{{PENDING_ADDITIONS_NAMESPACE}}}consent-status")
         out[entry.get("uri")] = state.text
     return out
 
@@ -50,6 +50,33 @@ def test_the_body_is_a_resource_list_with_a_state_per_entry() -> None:
     assert root.nsmap == {None: RESOURCE_LISTS_NAMESPACE, "cs": PENDING_ADDITIONS_NAMESPACE}
     assert PENDING_ADDITIONS_NAMESPACE == "urn:ietf:params:xml:ns:consent-status"
     assert states(pending_additions_body(())) == {}
+
+
+def test_the_rfc_5362_example_reads_as_ours_does() -> None:
+    """RFC 5362 §5.1.11's example, read by the same reader: the element is
+    ``cs:consent-status`` inside each entry, next to RFC 4826's own children."""
+    example = b"""<?xml version="1.0" encoding="UTF-8"?>
+      <resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"
+       xmlns:cs="urn:ietf:params:xml:ns:consent-status">
+       <list>
+        <entry uri="sip:bill@example.com">
+         <display-name>Bill Doe</display-name>
+         <cs:consent-status>pending</cs:consent-status>
+        </entry>
+        <entry uri="sip:nancy@example.com">
+         <display-name>Nancy Gross</display-name>
+         <cs:consent-status>granted</cs:consent-status>
+        </entry>
+       </list>
+      </resource-lists>"""
+    assert states(example) == {
+        "sip:bill@example.com": "pending",
+        "sip:nancy@example.com": "granted",
+    }
+    ours = etree.fromstring(pending_additions_body([("sip:bill@example.com", "pending")]))
+    (element,) = ours.iter(f"{{{PENDING_ADDITIONS_NAMESPACE}}}consent-status")
+    parent = element.getparent()
+    assert parent is not None and parent.tag == f"{{{RESOURCE_LISTS_NAMESPACE}}}entry"
 
 
 class Recorder:
