@@ -433,7 +433,8 @@ SCHEMA: tuple[Key, ...] = (
         "consent_requests_per_hour",
         "30",
         _integer(1, 1_000_000),
-        "CONSENT requests one sender may make per hour (503 with Retry-After beyond)",
+        "CONSENT requests one sender may make per hour, and Trigger-Consent requests one"
+        " recipient may make per hour, each counted apart (503 with Retry-After beyond)",
     ),
     Key(
         "sip",
