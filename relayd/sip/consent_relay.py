@@ -71,7 +71,14 @@ from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent,
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import ConsentURIs, consent_needed
-from relayd.sip.consent_request import answer_uri, parse_answer_user, request_body
+from relayd.sip.consent_request import (
+    PLAIN_TEXT,
+    answer_uri,
+    parse_answer_user,
+    request_body,
+    request_note,
+    takes_plain_text,
+)
 from relayd.sip.dialogs import DialogTargets
 from relayd.sip.events import (
     GrantPermissionPackage,
@@ -987,33 +994,55 @@ class ConsentRelay:
 
         d.addCallback(done)
 
-    def _ask_by_message(self, member: str, record: PendingConsent) -> None:
-        """RFC 5360 §5.8: a MESSAGE from the relay (never from the sender) with the
-        grant and deny URIs (:mod:`relayd.sip.consent_request`). Sent when the record
-        is opened, like the CONSENT: a refresh sends nothing."""
-        links = {
+    def _answer_links(self, record: PendingConsent) -> dict[Action, tuple[str, str]]:
+        """Per action, the SIP answer URI and the HTTPS link (empty without one)."""
+        return {
             action: (
                 answer_uri(self.uris.domain, action, answer_token(record, action)),
                 self.consent_link(record, action) if self.consent_link is not None else "",
             )
             for action in ACTIONS
         }
-        content_type, body = request_body(record, links)
+
+    def _ask_by_message(self, member: str, record: PendingConsent) -> None:
+        """RFC 5360 §5.8: a MESSAGE from the relay (never from the sender) with the
+        grant and deny URIs (:mod:`relayd.sip.consent_request`). Sent when the record
+        is opened, like the CONSENT: a refresh sends nothing."""
+        content_type, body = request_body(record, self._answer_links(record))
+        self._send_consent_message(member, record, content_type, body, plain_retry=True)
+
+    def _send_consent_message(
+        self,
+        member: str,
+        record: PendingConsent,
+        content_type: str,
+        body: bytes,
+        plain_retry: bool,
+    ) -> None:
+        """One consent request MESSAGE; a 415 whose ``Accept`` admits ``text/plain``
+        gets the note alone, once (:func:`takes_plain_text`)."""
 
         def build(branch: Branch) -> SIPRequest:
             headers = _new_request_headers("MESSAGE", f"sip:{self.uris.domain}", member)
             headers.add("Content-Type", content_type)
             return SIPRequest("MESSAGE", branch.uri, headers, body)
 
-        d = self.proxy.fork([member], build)
-        d.addCallback(
-            lambda result: self.log.info(
+        def done(result: tuple[int, str, list[SIPResponse]]) -> None:
+            code, _reason, responses = result
+            self.log.info(
                 "consent request MESSAGE to {recipient} answered {code} (consent {consent})",
                 recipient=member,
-                code=result[0],
+                code=code,
                 consent=record.id,
             )
-        )
+            accept = [
+                value for r in responses if r.status == 415 for value in r.headers.get_all("accept")
+            ]
+            if plain_retry and code == 415 and takes_plain_text(accept):
+                note = request_note(record, self._answer_links(record)).encode("utf-8")
+                self._send_consent_message(member, record, PLAIN_TEXT, note, plain_retry=False)
+
+        self.proxy.fork([member], build).addCallback(done)
 
     async def _answer_by_uri(self, request: SIPRequest, action: Action, token: str) -> SIPResponse:
         """A request to a SIP grant or deny URI answers the consent it names (RFC 5360

@@ -120,6 +120,7 @@ class UA:
     transport: str
     relay_port: int
     answer_status: int = 200
+    answer_headers: tuple[tuple[str, str], ...] = ()
     received: list[SIPRequest] = field(default_factory=list)
     incoming: DeferredQueue[SIPRequest] = field(default_factory=DeferredQueue)
     waiting: dict[str, Deferred[SIPResponse]] = field(default_factory=dict)
@@ -150,7 +151,8 @@ class UA:
         if message.method != "ACK":
             self.received.append(message)
             self.incoming.put(message)
-            self.send_bytes(make_response(message, self.answer_status).to_bytes())
+            response = make_response(message, self.answer_status, headers=self.answer_headers)
+            self.send_bytes(response.to_bytes())
 
     def send_bytes(self, data: bytes) -> None:
         assert self._write is not None
@@ -1209,6 +1211,33 @@ async def test_a_member_that_cannot_take_a_consent_is_asked_by_message(
     assert (await bob.next_request("MESSAGE")).body == b"asked by message"
     expected = ["CONSENT", "MESSAGE", "MESSAGE"] if mode == "consent" else ["MESSAGE", "MESSAGE"]
     assert [r.method for r in bob.received] == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_that_takes_only_plain_text_is_asked_by_its_note_alone(
+    start: Start,
+) -> None:
+    """bob's UA answers the ``multipart/alternative`` request with 415 and ``Accept:
+    text/plain`` (as baresip does, RFC 3261 §21.4.13): the relay sends the note alone,
+    once, and bob grants through the SIP URI it names."""
+    relay = await start(sip__consent_request="message")
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    bob.answer_status, bob.answer_headers = 415, (("Accept", "text/plain"),)
+    assert (await ask_consent(alice, target)).status == 202
+    rich = await bob.next_request("MESSAGE")
+    assert (rich.headers.get("content-type") or "").startswith("multipart/alternative;")
+    plain = await bob.next_request("MESSAGE")
+    bob.answer_status, bob.answer_headers = 200, ()  # (set before the answer is sent)
+    assert plain.headers.get("content-type") == "text/plain; charset=utf-8"
+    assert plain.body.rstrip(b"\r\n") == _parts(rich)["text/plain"]
+    (grant,) = re.findall(r"sip:grant-[^ ]+@[^ ]+(?= \(allow\))", plain.body.decode())
+    assert (await bob.request("MESSAGE", grant, to=f"<{grant}>")).status == 200
+    assert (await send_message(alice, SOLO, b"after the note")).status == 200
+    assert (await bob.next_request("MESSAGE")).body == b"after the note"
+    assert [r.method for r in bob.received] == ["MESSAGE"] * 3
 
 
 @pytest_twisted.ensureDeferred

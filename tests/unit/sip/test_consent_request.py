@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 from lxml import etree
 
 from relayd.consent.answer import Action, answer_token
 from relayd.consent.store import PendingConsent
 from relayd.consent.vocabulary import CONSENT_FORMAT_NAMESPACE, CONSENT_RULES_MIME_TYPE
-from relayd.sip.consent_request import answer_uri, parse_answer_user, request_body
+from relayd.sip.consent_request import (
+    answer_uri,
+    parse_answer_user,
+    request_body,
+    takes_plain_text,
+)
 
 RECORD = PendingConsent(
     "abcdefghijklmnopqrstuv",
@@ -60,3 +66,20 @@ def test_without_https_links_only_the_sip_uris_are_offered() -> None:
     _, body = request_body(RECORD, links)
     assert b'perm-uri=""' not in body and b"https" not in body
     assert body.count(b"perm-uri=") == 2 and b"sip:grant-g@relay.test" in body
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (["text/plain"], True),
+        (["application/sdp, TEXT/PLAIN;charset=utf-8"], True),
+        (["text/*"], True),
+        (["*/*;q=0.1"], True),
+        (["text/plain;q=0"], False),
+        (["text/plain;q=zero"], False),
+        (["text/html", "application/im-iscomposing+xml"], False),
+        ([], False),
+    ],
+)
+def test_a_415_admits_plain_text_by_its_accept_ranges(accept: list[str], expected: bool) -> None:
+    assert takes_plain_text(accept) is expected
