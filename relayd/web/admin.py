@@ -28,7 +28,6 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
 
-import jinja2
 from lxml import etree
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -48,6 +47,7 @@ from relayd.ctl import documents as edits
 from relayd.ctl.settings import CtlError
 from relayd.ctl.xcap import DEFAULT_DOCUMENT, expand_xui
 from relayd.logs import logger
+from relayd.web.templating import environment
 from relayd.xcap.auth import Principal, Unauthorized
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.resource import XCAPResource
@@ -97,14 +97,6 @@ class _Document:
     etag: str
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("relayd.web", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
-
-
 class AdminResource(Resource):
     """``/admin/`` (the page), ``/admin/<action>`` (form POSTs), ``/admin/admin.css``."""
 
@@ -124,7 +116,7 @@ class AdminResource(Resource):
         self.clock = clock
         self.domain = domain
         self._secret = secret if secret is not None else secrets.token_bytes(32)
-        self._templates = _environment()
+        self._templates = environment()
         self._css = resources.files("relayd.web").joinpath("static/admin.css").read_bytes()
         self._actions = {
             b"grant": self._grant,

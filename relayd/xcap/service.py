@@ -20,8 +20,8 @@ from relayd.net.endpoints import (
 )
 from relayd.net.listeners import Listeners
 from relayd.net.tls import TLSMaterial
+from relayd.web.consent_page import consent_link_path
 from relayd.xcap.auth import permission_uri
-from relayd.xcap.consent_page import consent_link_path
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.usages import load_schemas
 

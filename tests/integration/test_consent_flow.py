@@ -1296,9 +1296,10 @@ async def _code(fetched: Awaitable[tuple[int, bytes]]) -> int:
     return (await fetched)[0]
 
 
-def _click_in_browser(url: str, button: str) -> tuple[str, str]:
+def _click_in_browser(url: str, button: str, shots: Path) -> tuple[str, str]:
     """Open ``url`` in headless Chromium with JavaScript off and click ``button``;
-    the page text before and after (blocking: run in a thread)."""
+    the page text before and after, each page's screenshot saved in ``shots``
+    (blocking: run in a thread)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -1318,10 +1319,13 @@ def _click_in_browser(url: str, button: str) -> tuple[str, str]:
         driver.get(url)
         page = driver.find_element(By.TAG_NAME, "body")
         before = page.text
+        driver.save_screenshot(str(shots / "1-asked.png"))
         driver.find_element(By.XPATH, f"//button[text()='{button}']").click()
         # The form's POST loads a new page: read it once the old one is gone.
         WebDriverWait(driver, TIMEOUT * 4).until(expected_conditions.staleness_of(page))
-        return before, driver.find_element(By.TAG_NAME, "body").text
+        after = driver.find_element(By.TAG_NAME, "body").text
+        driver.save_screenshot(str(shots / "2-answered.png"))
+        return before, after
     finally:
         driver.quit()
 
@@ -1331,7 +1335,9 @@ def _click_in_browser(url: str, button: str) -> tuple[str, str]:
     reason="needs chromium and chromedriver",
 )
 @pytest_twisted.ensureDeferred
-async def test_a_person_allows_in_a_browser_without_javascript(start: Start) -> None:
+async def test_a_person_allows_in_a_browser_without_javascript(
+    start: Start, tmp_path: Path
+) -> None:
     pytest.importorskip("selenium")
     relay = await start(sip__consent_request="message")
     alice = await start_ua("alice", "UDP", relay)
@@ -1342,11 +1348,17 @@ async def test_a_person_allows_in_a_browser_without_javascript(start: Start) -> 
     asked = await bob.next_request("MESSAGE")
     link = re.search(r"Allow: (\S+)", _parts(asked)["text/plain"].decode())
     assert link is not None
-    before, after = await deferToThread(_click_in_browser, link[1], "Allow")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"consent page screenshots: {shots}")
+    before, after = await deferToThread(_click_in_browser, link[1], "Allow", shots)
     assert ALICE in before and SOLO in before and "MESSAGE" in before
     assert "You allowed" in after
+    for shot in ("1-asked.png", "2-answered.png"):
+        assert (shots / shot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), shot
     relayed = await send_message(alice, SOLO, b"allowed in a browser")
     assert relayed.status == 200, relayed
+    assert (await bob.next_request("MESSAGE")).body == b"allowed in a browser"
 
 
 @pytest_twisted.ensureDeferred

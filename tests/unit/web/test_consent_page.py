@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -14,7 +15,7 @@ from relayd.consent.answer import Action, answer_token
 from relayd.consent.store import ConsentState, MemoryPermissionStore, PendingConsent
 from relayd.consent.vocabulary import CONSENT_RULES_AUID, CONSENT_RULES_MIME_TYPE
 from relayd.testing import fired
-from relayd.xcap.consent_page import ConsentPage, consent_link_path
+from relayd.web.consent_page import ConsentPage, consent_link_path
 from relayd.xcap.resource import XCAPResource, XCAPSite
 
 ALICE, BOB = "sip:alice@relay.test", "sip:bob@relay.test"
@@ -23,11 +24,11 @@ ORIGIN = "https://xcap.example.test"
 
 
 class Pages:
-    def __init__(self) -> None:
+    def __init__(self, secret: bytes | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(1_000)
         self.store = MemoryPermissionStore()
-        self.page = ConsentPage(self.store, self.clock)
+        self.page = ConsentPage(self.store, self.clock, secret=secret)
         self.treq: Any = StubTreq(self.page)
         self.record: PendingConsent = fired(
             self.store.open_consent(ALICE, LIST, BOB, ["MESSAGE"], "t" * 22, 1_000.0, 2_000.0)
@@ -60,7 +61,8 @@ def test_a_get_shows_sender_list_and_methods_and_changes_nothing() -> None:
     assert code == 200
     assert b"sip:alice@relay.test" in body and b"MESSAGE" in body
     assert b"&lt;b&gt;friends&lt;/b&gt;" in body and b"<b>friends" not in body
-    assert b'value="grant">Allow' in body and b'value="deny">Deny' in body
+    assert b'value="grant" class="allow">Allow' in body
+    assert b'value="deny" class="deny">Deny' in body
     assert b"<script" not in body
     assert headers.getRawHeaders("Cache-Control") == ["no-store"]
     assert headers.getRawHeaders("Referrer-Policy") == ["no-referrer"]
@@ -130,3 +132,19 @@ def test_the_xcap_site_serves_the_pages_beside_its_root() -> None:
     protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     assert b"sip:alice@relay.test" in transport.value()
+
+
+@pytest.mark.parametrize(("theirs", "status"), [(b"k" * 32, 200), (b"x" * 32, 403)])
+def test_a_form_served_by_one_process_is_taken_by_another_with_the_same_secret(
+    theirs: bytes, status: int
+) -> None:
+    """Workers (and a restart between GET and POST) share the forms' key, drawn from
+    the stored consent key; a page under another key refuses the form."""
+    pages = Pages(secret=b"k" * 32)
+    path, fields = pages.form("grant")
+    other = ConsentPage(pages.store, pages.clock, secret=theirs)
+    client: Any = StubTreq(other)
+    response = fired(client.request("POST", ORIGIN + path, data=fields))
+    assert response.code == status
+    expected = ConsentState.GRANTED if status == 200 else ConsentState.PENDING
+    assert pages.state() is expected
