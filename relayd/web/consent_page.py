@@ -32,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relayd.consent.answer import (
     ACTIONS,
+    LINK_PATH,
     Action,
     answer,
     answer_document,
@@ -46,8 +47,7 @@ from relayd.logs import logger
 from relayd.tokens import redact
 from relayd.web.templating import environment
 
-CONSENT_PATH = b"/consent/"
-"""Where the links live on the XCAP site, beside (not below) the XCAP root."""
+CONSENT_PATH = LINK_PATH.encode("ascii")
 
 _HEADERS = (
     (b"Cache-Control", b"no-store"),
@@ -59,11 +59,6 @@ _HEADERS = (
         b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
     ),
 )
-
-
-def consent_link_path(record: PendingConsent, action: Action) -> str:
-    """The path of ``record``'s HTTPS ``action`` link, below the site's origin."""
-    return f"{CONSENT_PATH.decode()}{action}/{answer_token(record, action)}"
 
 
 class ConsentPage(Resource):
