@@ -321,9 +321,8 @@ class ConsentRelay:
             context.stop()
 
     def contact(self) -> str:
-        host, port = self.transport.sent_by("UDP")
-        host = f"[{host}]" if ":" in host else host
-        return f"sip:{host}:{port}"
+        """Our UDP address: the Contact of the subscriptions' dialogs."""
+        return self._route_uri("UDP")
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -712,11 +711,11 @@ class ConsentRelay:
         ``Trigger-Consent``); no reachable branch is 480."""
         if txn.state is not TransactionState.PROCEEDING:
             return  # cancelled while the contacts were looked up
-        record_route = None
+        token = None
         call_id, caller_tag = request.call_id or "", request.from_tag or ""
         if self.record_route:
             token = self.uris.route_token(call_id, caller_tag)
-            record_route = f"<{self.contact()};lr;rr={token}>"
+        inbound = _transport_of(txn.source)
         detector = self.proxy.loop_detector
         loop_hash = detector.loop_hash(request) if detector is not None else None
         requests = []
@@ -727,15 +726,16 @@ class ConsentRelay:
                 copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
             else:
                 copy = self._relayed(request, branch, sender, list_uri, max_forwards, loop_hash)
-            if record_route is not None:  # §16.6 step 4
-                copy.headers.add_first("Record-Route", record_route)
+            if token is not None:  # §16.6 step 4
+                for record_route in self._record_routes(inbound, branch.target.transport, token):
+                    copy.headers.add_first("Record-Route", record_route)
             requests.append((copy, branch.target))
 
         if not requests:  # registered, but no contact can be reached now
             txn.respond(make_response(request, 480))
             return
         on_2xx = None
-        if record_route is not None and caller_tag:
+        if token is not None and caller_tag:
             self.dialogs.caller(call_id, caller_tag, request.headers.get("contact"))
 
             def on_2xx(response: SIPResponse) -> None:
@@ -743,6 +743,24 @@ class ConsentRelay:
                 self.dialogs.callee(call_id, caller_tag, response.to_tag, contact)
 
         self._invite_context(txn, request, on_2xx).start(requests)
+
+    def _record_routes(self, inbound: str, outbound: str, token: str) -> list[str]:
+        """Our Record-Route values, in the order they are pushed (§16.6 step 4).
+
+        Each names the listener of its side's transport, so each party's in-dialog
+        requests reach us the way its own requests do. When the call crosses from one
+        transport to another, two are pushed (RFC 5658 §4): the caller's side first,
+        the callee's on top, as the callee's route set starts at the top and the
+        caller's at the bottom."""
+        sides = [inbound] if inbound == outbound else [inbound, outbound]
+        return [f"<{self._route_uri(transport)};lr;rr={token}>" for transport in sides]
+
+    def _route_uri(self, transport: str) -> str:
+        """The URI of our listener for ``transport`` (§19.1.1 ``transport`` parameter)."""
+        host, port = self.transport.sent_by(transport)
+        host = f"[{host}]" if ":" in host else host
+        suffix = "" if transport == "UDP" else f";transport={transport.lower()}"
+        return f"sip:{host}:{port}{suffix}"
 
     def _invite_context(
         self,
@@ -781,8 +799,20 @@ class ConsentRelay:
         call_id = request.call_id or ""
         for tag in (request.from_tag, request.to_tag):  # the caller's, either way
             if tag and hmac.compare_digest(token, self.uris.route_token(call_id, tag)):
-                return routes[1:]
+                return self._after_our_second(routes[1:], token)
         return None
+
+    def _after_our_second(self, routes: list[str], token: str) -> list[str]:
+        """``routes`` without its first value when that is our other Record-Route of
+        the same dialog (RFC 5658 §3.3: a double Record-Route is taken off whole)."""
+        if routes:
+            try:
+                second = NameAddr.parse(routes[0]).uri
+            except SIPURIError:
+                return routes
+            if second.param("rr") == token and self.directory.is_local(second):
+                return routes[1:]
+        return routes
 
     def _to_dialog_target(self, request: SIPRequest) -> bool | None:
         """Whether an in-dialog request on our route goes to the remote target its
@@ -1061,6 +1091,12 @@ class ConsentRelay:
     async def handle_subscribe(self, txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
         subscriber = self._identity(request, proxy=False, peer=txn.source)
         return await self.subscriptions.handle_subscribe(request, subscriber, txn.source)
+
+
+def _transport_of(source: object) -> str:
+    """The transport a request came over (``UDP``, ``TCP``, ``TLS``), from its source."""
+    transport = getattr(source, "transport", "UDP")
+    return transport if isinstance(transport, str) else "UDP"
 
 
 def _best(request: SIPRequest, responses: Sequence[SIPResponse]) -> SIPResponse:

@@ -1531,3 +1531,73 @@ async def test_relayctl_consent_commands_end_to_end(start: Start, tmp_path: Path
     out, err, code = await watching
     assert (code, err) == (0, ""), err
     assert [json.loads(line)["state"] for line in out.splitlines()] == ["pending", "granted"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_from_tls_to_udp_is_double_record_routed(start: Start) -> None:
+    """RFC 5658 §4: alice calls over TLS, bob is registered over UDP. The INVITE bob gets
+    carries two Record-Routes, his side's (UDP) on top and alice's (TLS) below, so each
+    party's in-dialog requests reach the relay over its own transport; alice's BYE along
+    her route set reaches bob with both taken off."""
+    relay = await start()
+    alice = await start_ua("alice", "TLS", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    bob.answer_status = 180
+    call_id, alice_tag = new_tag(), new_tag()
+    sdp = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    calling = Deferred.fromCoroutine(
+        alice.request(
+            "INVITE",
+            BOB,
+            [("Content-Type", "application/sdp")],
+            sdp,
+            call_id=call_id,
+            from_tag=alice_tag,
+        )
+    )
+    invite = await bob.next_request("INVITE", call_id)
+    routes = invite.headers.get_all("record-route")
+    assert len(routes) == 2, routes
+    callee_side, caller_side = (NameAddr.parse(r).uri for r in routes)
+    assert (callee_side.port, callee_side.param("transport")) == (relay.udp_port, None)
+    assert (caller_side.port, caller_side.param("transport")) == (relay.tls_port, "tls")
+    assert callee_side.param("rr") == caller_side.param("rr")
+    assert invite.body == sdp
+    bob_contact = f"sip:bob@{HOST}:{bob.local_port}"
+    ok = make_response(invite, 200, to_tag="bob-call")
+    for route in routes:
+        ok.headers.add("Record-Route", route)
+    ok.headers.add("Contact", f"<{bob_contact}>")
+    bob.answer_status = 200
+    bob.send_bytes(ok.to_bytes())
+    answered = await calling
+    assert answered.status == 200 and answered.headers.get_all("record-route") == routes
+    # Alice's route set is the Record-Routes reversed (RFC 3261 §12.1.2): TLS first.
+    route_set = [("Route", route) for route in reversed(routes)]
+    bob_side = answered.headers.get("to") or ""
+    _, ack = uac_request(
+        "ACK",
+        bob_contact,
+        via=f"SIP/2.0/TLS {HOST}:{alice.local_port}",
+        aor=alice.aor,
+        from_tag=alice_tag,
+        to=bob_side,
+        call_id=call_id,
+        cseq=alice.cseq,
+        contact=alice.contact,
+        headers=route_set,
+    )
+    alice.send_bytes(ack.to_bytes())  # (the test UA keeps no ACK to look at)
+    bye = await alice.request(
+        "BYE",
+        bob_contact,
+        route_set,
+        to=bob_side,
+        call_id=call_id,
+        from_tag=alice_tag,
+        authenticate=False,
+    )
+    assert bye.status == 200, bye
+    ended = await bob.next_request("BYE", call_id)
+    assert "route" not in ended.headers and ended.uri.format() == bob_contact
