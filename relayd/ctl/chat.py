@@ -93,18 +93,6 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def local_address_for(relay: tuple[str, int]) -> str:
-    """The address of ours the relay sees (a UDP connect sends nothing): the Contact
-    and Via must name an address it can reach, of its family."""
-    family = socket.AF_INET6 if ":" in relay[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(relay)
-        except OSError as e:
-            raise CtlError(f"no route to the SIP relay {relay[0]}: {e.strerror}") from None
-        return str(probe.getsockname()[0])
-
-
 @dataclass
 class _Incoming:
     """One message arriving in chunks, kept up to MAX_LINE_BYTES."""
@@ -218,10 +206,8 @@ async def run_chat(
 ) -> None:
     """Call ``target`` (or, with ``None``, wait for a call) and chat until either side ends."""
     credentials = access.msrp.credentials
-    ua = SIPUserAgent(
-        reactor, access.sip, credentials.username, credentials.password, access.domain
-    )
-    port = reactor.listenUDP(0, ua, interface=local_address_for(access.sip))
+    ua = SIPUserAgent(reactor, access.sip, credentials, access.domain)
+    ua.start()
     printer = Printer(out)
     session: network.Session | None = None
     registered = False
@@ -247,7 +233,7 @@ async def run_chat(
                 await ua.register(expires=0)
             except CtlError:
                 pass  # the binding expires by itself
-        await port.stopListening()
+        await ua.close()
 
 
 async def _call(reactor: Any, ua: SIPUserAgent, target: str, offer: bytes, out: TextIO) -> Dialog:

@@ -33,7 +33,7 @@ from relayd.ctl.settings import (
     split_to_and_file,
     trust_anchor,
 )
-from relayd.ctl.sip import SIPClient, relay_address
+from relayd.ctl.sipua import SIPUserAgent, relay_address
 from relayd.msrp.client import MSRPClientError
 from relayd.msrp.uri import MSRPURI
 
@@ -457,7 +457,7 @@ def consent_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, 
     out = sys.stdout
 
     async def work(reactor: Any) -> None:
-        client = SIPClient(reactor, (host, port), credentials, args.domain or host, args.timeout)
+        client = SIPUserAgent(reactor, (host, port), credentials, args.domain or host, args.timeout)
         client.start()
         try:
             if args.action == "request":

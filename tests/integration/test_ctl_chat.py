@@ -265,7 +265,8 @@ async def test_relayctl_chat_interrupted_while_ringing_cancels_the_call(
     relay = await start_relay()
     sip = relay.service.getServiceNamed("sip")
     await sip.listening.addTimeout(TIMEOUT, reactor)
-    bob = SIPUserAgent(reactor, (HOST, sip.port_of("udp")), "bob", CONFTEST_USERS["bob"], HOST)
+    bob_credentials = Credentials("bob", CONFTEST_USERS["bob"])
+    bob = SIPUserAgent(reactor, (HOST, sip.port_of("udp")), bob_credentials, HOST)
     socket = reactor.listenUDP(0, bob, interface=HOST)
     alice: ChatProcess | None = None
     try:
