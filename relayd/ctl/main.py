@@ -335,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --answer: give up when no call came by then (default: wait)",
     )
+    chatting.add_argument(
+        "--save-dir",
+        type=Path,
+        metavar="DIR",
+        help="where files the peer sends (/file) are saved, never over an existing file"
+        " (default: the current directory)",
+    )
     xcap.add_parsers(command, [locations, xcap_access])
     _add_consent_parser(command, [locations])
 
@@ -566,7 +573,12 @@ def chat_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any
     target = args.target and chat.target_uri(args.target, domain)
     settings = chat.ChatAccess(access, chat.sip_address(sip_text), domain)
     out, err = sys.stdout, sys.stderr
-    return lambda reactor: chat.run_terminal_chat(reactor, settings, target, args.timeout, out, err)
+    save_dir = chat.check_save_dir(args.save_dir or Path())
+
+    def work(reactor: Any) -> Coroutine[Any, Any, None]:
+        return chat.run_terminal_chat(reactor, settings, target, args.timeout, out, err, save_dir)
+
+    return work
 
 
 def xcap_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:

@@ -315,7 +315,7 @@ async def run_receive(
     out.flush()
 
 
-class _HashingReader(io.BufferedReader):
+class HashingReader(io.BufferedReader):
     """Hashes what ``send_message`` actually reads, so the file is read once."""
 
     def __init__(self, raw: io.FileIO) -> None:
@@ -368,7 +368,7 @@ async def run_send(
 ) -> None:
     """Stream a file with Success-Report: yes and wait for the REPORT (RFC 4975 §7.1.2)."""
     raw, size = open_for_sending(file_path)
-    reader = _HashingReader(raw)
+    reader = HashingReader(raw)
     try:
         session = await open_session(reactor, access)
         protocol = session.protocol

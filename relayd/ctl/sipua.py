@@ -159,6 +159,7 @@ class SIPUserAgent(DatagramProtocol):
         self._acks: dict[str, bytes] = {}  # Call-ID -> our ACK for its 2xx
         self._failure_acks: dict[str, bytes] = {}  # INVITE branch -> our ACK of its 3xx-6xx
         self._unanswered: dict[str, SIPRequest] = {}  # branch -> INVITE not yet answered
+        self._tags: dict[str, str] = {}  # INVITE branch -> our To tag
         self._notified: set[tuple[str | None, int]] = set()
         #: NOTIFYs received (each once; already answered 200), for the consent watch.
         self.notifications: defer.DeferredQueue[SIPRequest] = defer.DeferredQueue()
@@ -592,6 +593,15 @@ class SIPUserAgent(DatagramProtocol):
         except defer.TimeoutError:
             raise CtlError(f"no call within {timeout_seconds:g} s") from None
 
+    def _to_tag(self, invite: SIPRequest) -> str:
+        """Our tag for ``invite``'s dialog: the same in its 180 and its 200 (§12.1.1)."""
+        return self._tags.setdefault(invite.via.branch or "", new_tag())
+
+    def ring(self, invite: SIPRequest) -> None:
+        """180 Ringing (§13.3.1.1): the caller learns we have the call before the 200."""
+        if invite.via.branch in self._unanswered:
+            self._send(make_response(invite, 180, to_tag=self._to_tag(invite)).to_bytes())
+
     def reject(self, invite: SIPRequest, status: int, reason: str | None = None) -> None:
         """A final non-2xx answer (its ACK is absorbed by the ACK handler)."""
         response = make_response(invite, status, reason, to_tag=new_tag())
@@ -599,9 +609,10 @@ class SIPUserAgent(DatagramProtocol):
         self._unanswered.pop(invite.via.branch or "", None)
         self._send(response.to_bytes())
 
-    async def accept(self, invite: SIPRequest, sdp: bytes) -> Dialog:
-        """Answer 200 with ``sdp`` and retransmit it until the ACK (§13.3.1.4)."""
-        self.taking_calls = False  # one call at a time: the next INVITE is 486
+    async def accept(self, invite: SIPRequest, sdp: bytes, *, more_calls: bool = False) -> Dialog:
+        """Answer 200 with ``sdp`` and retransmit it until the ACK (§13.3.1.4). One call
+        at a time: the next INVITE is 486, unless ``more_calls`` (a session beside a call)."""
+        self.taking_calls = self.taking_calls and more_calls
         contact = invite.headers.get("Contact")
         if not contact:
             self.reject(invite, 400, "Missing Contact")
@@ -613,7 +624,7 @@ class SIPUserAgent(DatagramProtocol):
             and invite.call_id in self.cancelled
         ):
             raise CtlError("the caller gave up before the call was answered")
-        ok = make_response(invite, 200, headers=headers, body=sdp, to_tag=new_tag())
+        ok = make_response(invite, 200, headers=headers, body=sdp, to_tag=self._to_tag(invite))
         self._answered[invite.via.branch or ""] = ok
         dialog = Dialog(
             invite.call_id or "",

@@ -425,3 +425,22 @@ def test_a_bad_uri_is_a_clear_error_and_nothing_is_sent() -> None:
     error = _error(defer.Deferred.fromCoroutine(ua.request("CONSENT", "sip:")))
     assert isinstance(error, CtlError) and "bad URI" in str(error)
     assert not socket.sent
+
+
+def test_a_ringing_call_gets_180_then_200_with_one_to_tag_and_a_second_session_may_follow() -> None:
+    ua, socket, _ = _ua("bob")
+    waiting = defer.Deferred.fromCoroutine(ua.incoming())
+    _receive(ua, _request("INVITE", "call", 1, b"offer", Contact="<sip:alice@192.0.2.1>"))
+    invite = _value(waiting)
+    ua.ring(invite)
+    accepting = defer.Deferred.fromCoroutine(ua.accept(invite, b"answer", more_calls=True))
+    ringing, ok = [m for _, m in socket.sent if isinstance(m, SIPResponse)][1:3]
+    assert (ringing.status, ok.status) == (180, 200)
+    assert ringing.to_tag is not None and ringing.to_tag == ok.to_tag
+    _receive(ua, _request("ACK", "call", 1))
+    _value(accepting)
+    assert ua.taking_calls  # a file session beside the call is queued, not 486
+    _receive(ua, _request("INVITE", "file", 1, b"offer", Contact="<sip:alice@192.0.2.1>"))
+    assert [m.status for _, m in socket.sent if isinstance(m, SIPResponse)][-1] == 100
+    ua.ring(invite)  # answered already: no second 180
+    assert [m.status for _, m in socket.sent if isinstance(m, SIPResponse)][-1] == 100
