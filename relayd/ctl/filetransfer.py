@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mimetypes
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -21,11 +20,10 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from relayd.ctl import network, sdp
-from relayd.ctl.progress import Progress, format_bytes
+from relayd.ctl.progress import format_bytes
 from relayd.ctl.receiving import IncomingMessage, digests_of, sha256_of
 from relayd.ctl.settings import CtlError
 from relayd.ctl.sipua import CallRefused, Dialog, SIPUserAgent
-from relayd.msrp.client import MSRPClientError
 from relayd.msrp.message import ByteRange, MSRPRequest
 from relayd.sip.message import SIPRequest
 
@@ -143,37 +141,18 @@ async def _transfer(
         raise CtlError(f"{selector.name}: unusable answer: {e}") from None
     if media.direction not in ("recvonly", "sendrecv"):
         raise CtlError(f"{selector.name}: the answer does not receive ({media.direction})")
-    protocol = session.protocol
     to_path = " ".join([*session.use_path, *media.path])
-    progress = Progress(selector.size, err, interactive=interactive)
-    try:
-        result = await protocol.send_message(
-            to_path,
-            reader,
-            selector.size,
-            content_type=selector.content_type,
-            success_report=True,
-            progress=progress.update,
-        )
-    except MSRPClientError as e:
-        progress.end_line()
-        raise network.delivery_failure(e) from None
-    except BaseException:
-        progress.end_line()  # the error line must not continue a half-drawn bar
-        raise
-    progress.finish()
-    try:
-        report = await protocol.wait_report(result.message_id).addTimeout(
-            REPORT_TIMEOUT_SECONDS, reactor
-        )
-    except defer.TimeoutError:
-        waited = f"{REPORT_TIMEOUT_SECONDS:g} s"
-        raise CtlError(f"{selector.name}: no delivery report within {waited}") from None
-    except MSRPClientError as e:
-        raise CtlError(f"{selector.name}: delivery unknown: {e}") from None
-    status = (report.headers.get("Status") or "").split(" ", 2)
-    if len(status) < 2 or status[1] != "200":
-        raise CtlError(f"{selector.name}: delivery failed: {' '.join(status[1:])}".rstrip())
+    await network.send_reported(
+        reactor,
+        session.protocol,
+        to_path,
+        reader,
+        selector.size,
+        selector.content_type,
+        REPORT_TIMEOUT_SECONDS,
+        err,
+        interactive,
+    )
 
 
 # -- receiving -------------------------------------------------------------------------------
@@ -184,17 +163,16 @@ def is_file_offer(media: sdp.MSRPMedia) -> bool:
     return media.file is not None and media.direction == "sendonly"
 
 
-@dataclass
 class _FileSink:
     """The first message of the session, written where its Byte-Ranges say, never
     past the size the file-selector promised; anything else is dropped."""
 
-    size: int
-    message: IncomingMessage
-    message_id: str | None = None
-    written: int = 0
-    done: defer.Deferred[IncomingMessage] = field(default_factory=defer.Deferred)
-    _end: int = 0
+    def __init__(self, size: int, path: Path, handle: BinaryIO) -> None:
+        self.size = size
+        self.message = IncomingMessage("", path, handle, self.ended, self.fail)
+        self.message_id: str | None = None
+        self.done: defer.Deferred[IncomingMessage] = defer.Deferred()
+        self._end = 0
 
     def sink_for(self, request: MSRPRequest) -> _FileSink | None:
         message_id = request.headers.get("Message-ID") or ""
@@ -255,10 +233,8 @@ async def receive_file(
     except CtlError:
         ua.reject(invite, 488, "Unacceptable File")
         raise
-    sink = _FileSink(selector.size, IncomingMessage("", path, handle, lambda _: None, _ignore))
-    sink.message.on_end = sink.ended
-    sink.message.on_error = sink.fail
-    complete = False
+    sink = _FileSink(selector.size, path, handle)
+    complete = answering = False
     try:
         session = await network.open_session(reactor, access, sink_for=sink.sink_for)
         try:
@@ -268,6 +244,7 @@ async def receive_file(
                 "recvonly",
                 selector,
             )
+            answering = True
             dialog = await ua.accept(invite, answer, more_calls=True)
             dialog.ended.addBoth(lambda _: sink.fail(CtlError("the sender hung up first")))
             session.protocol.lost.addBoth(lambda _: sink.fail(CtlError("the MSRP relay left")))
@@ -282,14 +259,12 @@ async def receive_file(
         finally:
             await network.close(reactor, session.protocol)
     finally:
+        if not answering:  # no MSRP session, or hung up meanwhile: the offer gets an answer
+            ua.reject(invite, 480, "Cannot Take Files Now")
         if not handle.closed:
             handle.close()
         if not complete:
             path.unlink(missing_ok=True)
-
-
-def _ignore(error: CtlError) -> None:
-    """Replaced before any data can arrive."""
 
 
 def _verified(path: Path, selector: sdp.FileSelector) -> bool:

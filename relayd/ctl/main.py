@@ -283,16 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--chunk-size",
         type=_positive_int,
-        default=65536,
+        default=network.DEFAULT_CHUNK_BYTES,
         metavar="BYTES",
-        help="bytes per SEND chunk (default: 65536)",
+        help=f"bytes per SEND chunk (default: {network.DEFAULT_CHUNK_BYTES})",
     )
     send.add_argument(
         "--window",
         type=_positive_int,
-        default=8,
+        default=network.DEFAULT_WINDOW,
         metavar="N",
-        help="chunks sent before waiting for the oldest one's 200 (default: 8)",
+        help="chunks sent before waiting for the oldest one's 200"
+        f" (default: {network.DEFAULT_WINDOW})",
     )
     send.add_argument(
         "--content-type",

@@ -77,30 +77,29 @@ def _send(message_id: str, byte_range: str) -> MSRPRequest:
 
 def _sink(tmp_path: Path, size: int) -> filetransfer._FileSink:
     path, handle = filetransfer.create_unused(tmp_path, "in.bin")
-    message = IncomingMessage("", path, handle, lambda _: None, lambda _: None)
-    sink = filetransfer._FileSink(size, message)
-    message.on_end, message.on_error = sink.ended, sink.fail
-    return sink
+    return filetransfer._FileSink(size, path, handle)
 
 
-def _chunk(sink: filetransfer._FileSink, message_id: str, byte_range: str, data: bytes) -> None:
+def _chunk(
+    sink: filetransfer._FileSink, message_id: str, byte_range: str, data: bytes, flag: bytes
+) -> None:
     request = _send(message_id, byte_range)
     target = sink.sink_for(request)
     if target is None:
         return
     target.chunk_started(request, ByteRange.parse(byte_range))
     target.chunk_data(data)
-    target.chunk_ended(b"$" if byte_range.split("-")[1].split("/")[0] == "6" else b"+")
+    target.chunk_ended(flag)
 
 
 def test_the_first_message_is_written_where_its_byte_ranges_say_and_others_dropped(
     tmp_path: Path,
 ) -> None:
     sink = _sink(tmp_path, 6)
-    _chunk(sink, "m1", "4-6/6", b"def")
-    _chunk(sink, "other", "1-6/6", b"XXXXXX")  # not the file's message
+    _chunk(sink, "m1", "4-6/6", b"def", b"+")
+    _chunk(sink, "other", "1-6/6", b"XXXXXX", b"$")  # not the file's message
     assert not sink.done.called
-    _chunk(sink, "m1", "1-3/6", b"abc")
+    _chunk(sink, "m1", "1-3/6", b"abc", b"$")
     assert sink.done.called
     assert sink.message.path.read_bytes() == b"abcdef"
 
@@ -114,12 +113,18 @@ def _failure(done: defer.Deferred[IncomingMessage]) -> str:
 
 def test_more_bytes_than_the_selector_promised_fail_the_transfer(tmp_path: Path) -> None:
     sink = _sink(tmp_path, 4)
-    _chunk(sink, "m1", "1-6/6", b"abcdef")
+    _chunk(sink, "m1", "1-6/6", b"abcdef", b"$")
     assert "sends 6 bytes, not 4" in _failure(sink.done)
     sink = _sink(tmp_path, 4)
-    _chunk(sink, "m1", "3-*/4", b"abcdef")
+    _chunk(sink, "m1", "3-*/4", b"abcdef", b"$")
     assert "more than the 4 bytes promised" in _failure(sink.done)
     assert sink.message.handle.closed
+
+
+def test_a_message_the_sender_gives_up_fails_the_transfer(tmp_path: Path) -> None:
+    sink = _sink(tmp_path, 6)
+    _chunk(sink, "m1", "1-3/6", b"abc", b"#")
+    assert "gave the file up" in _failure(sink.done)
 
 
 def test_a_received_file_must_match_the_size_and_sha1_offered(tmp_path: Path) -> None:
