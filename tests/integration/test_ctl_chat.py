@@ -18,10 +18,11 @@ from twisted.internet import defer, protocol, task
 from twisted.internet import reactor as _reactor
 
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
+from relayd.ctl import sdp
 from relayd.ctl.chat import ChatAccess, queued_lines, run_chat
 from relayd.ctl.network import RelayAccess
 from relayd.ctl.settings import Credentials, CtlError
-from relayd.ctl.sipua import SIPUserAgent
+from relayd.ctl.sipua import CallRefused, SIPUserAgent
 from relayd.testing import RelayPKI, consent_rule, consent_ruleset, grant_document
 
 from .conftest import USERS as CONFTEST_USERS
@@ -206,6 +207,58 @@ async def test_after_consent_a_call_carries_lines_and_a_1_mib_file_each_way_bit_
         assert side.err.getvalue().startswith("sent 1048576 bytes (1.0 MiB) in "), side.err
         assert side.err.getvalue().count("\n") == 1, side.err
     assert sorted(p.name for p in bob_dir.iterdir()) == ["back.bin", "there-1.bin", "there.bin"]
+
+
+async def _offer_file(relay: Running, user: str, name: str) -> int:
+    """The status a file offer named ``name`` from ``user`` (a bare user agent) gets
+    from bob, through the relay."""
+    ua = SIPUserAgent(reactor, (HOST, relay.udp_port), Credentials(user, USERS[user]), HOST)
+    ua.start()
+    selector = sdp.FileSelector(name, "application/octet-stream", 3, None, sdp.new_transfer_id())
+    offer = sdp.build(
+        [f"msrps://{HOST}:2855/offer;tcp"], (selector.content_type,), "sendonly", selector
+    )
+    try:
+        dialog = await defer.Deferred.fromCoroutine(ua.invite(BOB, offer)).addTimeout(
+            TIMEOUT, reactor
+        )
+    except CallRefused as refused:
+        return refused.status
+    finally:
+        await ua.close()
+    raise AssertionError(f"the offer was taken: {dialog}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_during_a_call_file_offers_from_others_or_with_a_path_are_refused(
+    start: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    relay = await start()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    bob = Terminal()
+    answering = bob.run(await _access(relay, "bob"), None, inbox)
+    await bob.out.shows(f"Waiting for a call to {BOB}")
+    alice = Terminal()
+    calling = alice.run(await _access(relay, "alice"), BOB, tmp_path / "unused")
+    with pytest.raises(CtlError, match=r"--save-dir .*unused: not a directory"):
+        await calling.addTimeout(TIMEOUT, reactor)
+    calling = alice.run(await _access(relay, "alice"), BOB)
+    await bob.out.shows(f"Connected to {ALICE}")
+
+    assert await _offer_file(relay, "carol", "hello.txt") == 403  # not the peer of the call
+    assert await _offer_file(relay, "alice", "../escape.txt") == 488
+    await bob.err.shows(
+        "file not received: refused file name '../escape.txt': it names a directory"
+    )
+    assert list(inbox.iterdir()) == []
+    alice.typed.put("/file /nonexistent/file.bin")
+    await alice.err.shows("file not sent: cannot read /nonexistent/file.bin: No such file")
+
+    alice.typed.put(None)
+    await calling.addTimeout(TIMEOUT, reactor)
+    await answering.addTimeout(TIMEOUT, reactor)
 
 
 # -- the command as a user runs it -------------------------------------------------------------
