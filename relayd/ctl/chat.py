@@ -12,7 +12,6 @@ sends BYE; the peer's BYE ends the command.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,29 +52,6 @@ class ChatAccess:
     domain: str
 
 
-def sip_address(text: str, default_port: int = 5060) -> tuple[str, int]:
-    """``host[:port]`` or ``[v6]:port`` resolved to an address for UDP.
-
-    A name with both kinds of address takes its IPv4 one: UDP cannot tell which
-    one a relay listens on, and its default listener is on 127.0.0.1.
-    """
-    host, port = text, default_port
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
-            port = _port(rest[1:], text)
-    elif text.count(":") == 1:
-        host, _, number = text.partition(":")
-        port = _port(number, text)
-    try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except (OSError, UnicodeError) as e:
-        raise CtlError(f"cannot resolve the SIP relay {host}: {e}") from None
-    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
-    address = found[0][4]
-    return str(address[0]), int(address[1])
-
-
 def host_of(text: str) -> str:
     """The host of ``host[:port]``, as a SIP URI writes it (IPv6 in brackets)."""
     if text.startswith("["):
@@ -92,12 +68,6 @@ def target_uri(text: str, domain: str) -> str:
         return SIPURI.parse(uri).format()
     except SIPURIError as e:
         raise CtlError(f"cannot call {text!r}: {e}") from None
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise CtlError(f"bad SIP relay address {whole!r}: the port must be 1-65535")
-    return int(text)
 
 
 @dataclass

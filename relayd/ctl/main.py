@@ -33,7 +33,7 @@ from relayd.ctl.settings import (
     split_to_and_file,
     trust_anchor,
 )
-from relayd.ctl.sipua import SIPUserAgent, relay_address
+from relayd.ctl.sipua import SIPUserAgent, relay_address, resolve
 from relayd.msrp.client import MSRPClientError
 from relayd.msrp.uri import MSRPURI
 
@@ -572,7 +572,7 @@ def chat_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any
     sip_text = args.sip or MSRPURI.parse(access.relays[0]).host
     domain = args.domain or chat.host_of(sip_text)
     target = args.target and chat.target_uri(args.target, domain)
-    settings = chat.ChatAccess(access, chat.sip_address(sip_text), domain)
+    settings = chat.ChatAccess(access, resolve(*relay_address(sip_text)), domain)
     out, err = sys.stdout, sys.stderr
     save_dir = chat.check_save_dir(args.save_dir or Path())
 

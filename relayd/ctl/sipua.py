@@ -56,7 +56,10 @@ _NO_CONTACT = frozenset({"ACK", "BYE", "CANCEL"})
 
 
 def relay_address(text: str) -> tuple[str, int]:
-    """``HOST[:PORT]`` or ``sip:HOST[:PORT]`` of the relay's UDP listener."""
+    """``HOST[:PORT]``, ``[V6]:PORT``, a bare IPv6 address or ``sip:HOST[:PORT]`` of
+    the relay's UDP listener, as ``(host, port)``; the port defaults to 5060."""
+    if ":" in text and text.count(":") > 1 and not text.startswith(("[", "sip:")):
+        text = f"[{text}]"  # a bare IPv6 address: its colons are not a port
     uri_text = text if text.lower().startswith("sip:") else f"sip:{text}"
     try:
         uri = SIPURI.parse(uri_text)
@@ -64,20 +67,34 @@ def relay_address(text: str) -> tuple[str, int]:
         raise CtlError(f"bad relay address {text!r}: {e}") from None
     if uri.user or uri.scheme != "sip":
         raise CtlError(f"bad relay address {text!r}: give sip:HOST[:PORT]")
+    if uri.port is not None and not 0 < uri.port < 65536:
+        raise CtlError(f"bad relay address {text!r}: the port must be 1-65535")
     return uri.host.strip("[]"), uri.port or DEFAULT_PORT
 
 
-def route_to(host: str, port: int) -> tuple[str, str]:
-    """``(local address, relay address)``: the relay's first address, and the local one
-    that reaches it, which the Via and Contact must name so the relay's answers and
-    requests come back (a UDP connect sends nothing)."""
+def resolve(host: str, port: int) -> tuple[str, int]:
+    """The relay's address for UDP. A name with both kinds of address takes its IPv4
+    one: UDP cannot tell which one a relay listens on, and its default listener is on
+    127.0.0.1."""
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(address)
-            return str(probe.getsockname()[0]), str(address[0])
-    except OSError as e:
-        raise CtlError(f"cannot reach the SIP relay {host}:{port}: {e.strerror or e}") from None
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as e:
+        raise CtlError(f"cannot resolve the SIP relay {host}: {e}") from None
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
+    address = found[0][4]
+    return str(address[0]), int(address[1])
+
+
+def local_address_for(relay: tuple[str, int]) -> str:
+    """The address of ours the relay sees, which the Via and Contact must name so its
+    answers and requests come back (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in relay[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(relay)
+        except OSError as e:
+            raise CtlError(f"no route to the SIP relay {relay[0]}: {e.strerror}") from None
+        return str(probe.getsockname()[0])
 
 
 class CallRefused(CtlError):
@@ -184,8 +201,8 @@ class SIPUserAgent(DatagramProtocol):
 
     def start(self) -> None:
         """Listen on an ephemeral port of the local address that reaches the relay."""
-        local, address = route_to(*self.relay)
-        self.peer = (address, self.relay[1])
+        self.peer = resolve(*self.relay)
+        local = local_address_for(self.peer)
         self._listening = self.reactor.listenUDP(0, self, interface=local)
 
     async def close(self) -> None:

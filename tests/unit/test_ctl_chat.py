@@ -4,7 +4,6 @@ whose file offers are taken, and where files go."""
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import pytest
@@ -41,14 +40,6 @@ def test_a_bare_user_name_is_called_in_the_domain_and_a_uri_as_given() -> None:
     )
     with pytest.raises(CtlError, match="cannot call"):
         chat.target_uri("sip:", "example.com")
-
-
-def test_a_sip_relay_address_is_resolved_with_its_port_or_5060() -> None:
-    assert chat.sip_address("127.0.0.1") == ("127.0.0.1", 5060)
-    assert chat.sip_address("127.0.0.1:5070") == ("127.0.0.1", 5070)
-    assert chat.sip_address("[::1]:5071")[1] == 5071
-    with pytest.raises(CtlError, match="port must be 1-65535"):
-        chat.sip_address("127.0.0.1:0")
 
 
 def test_a_470_says_who_has_not_consented_and_how_to_ask() -> None:
@@ -109,17 +100,6 @@ def test_a_message_longer_than_a_line_is_shown_shortened() -> None:
     _send(printer, "m", b"x" * (chat.MAX_LINE_BYTES + 10), b"$")
     assert out.getvalue().endswith(f" … ({chat.MAX_LINE_BYTES + 10} bytes, shortened)\n")
     assert out.getvalue().count("x") == chat.MAX_LINE_BYTES
-
-
-def test_a_name_with_both_kinds_of_address_takes_the_ipv4_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    both = [
-        (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", 5060, 0, 0)),
-        (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", 5060)),
-    ]
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: list(both))
-    assert chat.sip_address("relay.example") == ("127.0.0.1", 5060)
 
 
 def _invite(**headers: str) -> SIPRequest:

@@ -5,6 +5,7 @@ wait-permission NOTIFYs answered and queued once."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any, TypeVar
 
 import pytest
@@ -20,6 +21,7 @@ from relayd.ctl.sipua import (
     SIPUserAgent,
     missing_members,
     relay_address,
+    resolve,
 )
 from relayd.digest import format_challenge, parse_credentials
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
@@ -323,10 +325,36 @@ def test_a_cancelled_incoming_invite_is_487_and_no_longer_offered() -> None:
 
 def test_a_relay_address_is_a_host_and_port_or_5060() -> None:
     assert relay_address("127.0.0.1") == ("127.0.0.1", 5060)
+    assert relay_address("127.0.0.1:5070") == ("127.0.0.1", 5070)
     assert relay_address("sip:relay.test:5070") == ("relay.test", 5070)
     assert relay_address("[::1]:5080") == ("::1", 5080)
+    assert relay_address("::1") == ("::1", 5060)
     with pytest.raises(CtlError, match="bad relay address"):
         relay_address("sip:alice@relay.test")
+    with pytest.raises(CtlError, match="port must be 1-65535"):
+        relay_address("127.0.0.1:0")
+
+
+def test_a_relay_name_with_both_kinds_of_address_takes_the_ipv4_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    both = [
+        (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", 5060, 0, 0)),
+        (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", 5060)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: list(both))
+    assert resolve("relay.example", 5060) == ("127.0.0.1", 5060)
+
+
+def test_a_relay_name_that_does_not_resolve_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unknown(*args: object, **kwargs: object) -> list[Any]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    with pytest.raises(CtlError, match=r"cannot resolve the SIP relay relay\.invalid"):
+        resolve("relay.invalid", 5060)
 
 
 CONSENT_URI = "sip:consent-AAA.mac1@example.com"
