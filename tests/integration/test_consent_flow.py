@@ -42,7 +42,7 @@ from relayd.consent.vocabulary import PENDING_ADDITIONS_NAMESPACE as CS
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl import consent as ctl_consent
 from relayd.ctl.settings import Credentials, CtlError
-from relayd.ctl.sip import SIPClient
+from relayd.ctl.sipua import SIPUserAgent
 from relayd.sip.message import (
     SIPRequest,
     SIPResponse,
@@ -1406,8 +1406,8 @@ async def test_two_relays_sharing_a_postgresql_store_act_as_one(
 # -- relayctl consent: a sender without a consent-aware UA --------------------------------
 
 
-async def _ctl_client(relay: Running, timeout: float = TIMEOUT) -> SIPClient:
-    client = SIPClient(reactor, (HOST, relay.udp_port), Credentials("alice", "alice-pw"), HOST)
+async def _ctl_client(relay: Running, timeout: float = TIMEOUT) -> SIPUserAgent:
+    client = SIPUserAgent(reactor, (HOST, relay.udp_port), Credentials("alice", "alice-pw"), HOST)
     client.deadline_seconds = timeout
     client.start()
     return client
@@ -1422,7 +1422,7 @@ async def _printed(out: io.StringIO, lines: int) -> list[str]:
     raise AssertionError(f"printed only {out.getvalue()!r}")
 
 
-async def _ctl_requested(start: Start) -> tuple[Running, UA, SIPClient, str, str]:
+async def _ctl_requested(start: Start) -> tuple[Running, UA, SIPUserAgent, str, str]:
     """Alice got a 470 for solo and pasted it to ``relayctl consent request``."""
     relay = await start()
     alice = await start_ua("alice", "UDP", relay)
