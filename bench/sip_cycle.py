@@ -27,8 +27,8 @@ from pathlib import Path
 from lxml import etree
 from twisted.internet.defer import ensureDeferred
 
+from relayd.consent.edits import make_rule, new_ruleset
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
-from relayd.ctl.documents import make_rule, new_ruleset
 from relayd.digest import answer_challenge
 from relayd.sip.message import SIPResponse
 from relayd.sip.parser import parse_datagram

@@ -7,6 +7,8 @@ every one of them a 404 after a restart, so the key lives in a 0600 file.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -43,3 +45,11 @@ def load_or_create_key(path: Path, size: int = KEY_BYTES) -> bytes:
     if len(key) < size:
         raise KeyFileError(f"{path} holds {len(key)} bytes; at least {size} are needed")
     return key
+
+
+def derived_key(key: bytes, purpose: str) -> bytes:
+    """A key for one ``purpose`` drawn from ``key`` (HMAC-SHA-256 of the purpose, as
+    HKDF-Expand's first block, RFC 5869 §2.3): the forms' CSRF keys come from the
+    stored key, so every worker and every restart accepts the forms any of them served,
+    and no purpose's key tells anything of another's."""
+    return hmac.new(key, purpose.encode("utf-8") + b"\x01", hashlib.sha256).digest()

@@ -23,6 +23,7 @@ from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import IPermissionStore, MemoryPermissionStore
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
 from relayd.digest import DigestAuthenticator
+from relayd.keyfile import derived_key
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.service import MSRPService, relay_limits
@@ -31,9 +32,9 @@ from relayd.net.tls import TLSMaterial
 from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
 from relayd.web.admin import AdminResource
+from relayd.web.consent_page import ConsentPage
 from relayd.web.metrics import Metrics
 from relayd.xcap.auth import XCAPAuthorizer
-from relayd.xcap.consent_page import ConsentPage
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.service import XCAPService
 
@@ -163,9 +164,20 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         max_connections=xcap.max_connections,
         reactor=reactor,
     )
-    site.mount("consent", ConsentPage(store, reactor))
+    forms_key = prepared.consent_key  # none: each process draws its own
+
+    def forms_secret(purpose: str) -> bytes | None:
+        return derived_key(forms_key, purpose) if forms_key else None
+
+    site.mount("consent", ConsentPage(store, reactor, secret=forms_secret("consent page forms")))
     site.mount(
-        "admin", AdminResource(resource, reactor, domain=prepared.sip_domain or prepared.hostname)
+        "admin",
+        AdminResource(
+            resource,
+            reactor,
+            domain=prepared.sip_domain or prepared.hostname,
+            secret=forms_secret("admin page forms"),
+        ),
     )
     xcap_service = XCAPService(site, store, reactor, xcap, tls, prepared.hostname)
     xcap_service.setName("xcap")

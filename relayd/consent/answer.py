@@ -58,6 +58,15 @@ def answer_token(record: PendingConsent, action: Action) -> str:
     return f"{record.id}.{_mac(record, action)}"
 
 
+LINK_PATH = "/consent/"
+"""Where the HTTPS links live on the XCAP site, beside (not below) the XCAP root."""
+
+
+def link_path(record: PendingConsent, action: Action) -> str:
+    """The path of ``record``'s HTTPS ``action`` link, below the site's origin."""
+    return f"{LINK_PATH}{action}/{answer_token(record, action)}"
+
+
 def token_consent_id(token: str) -> str | None:
     """The consent id a well-formed answer token names, else None (nothing to look up)."""
     match = ANSWER_TOKEN.match(token)

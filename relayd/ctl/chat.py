@@ -4,23 +4,27 @@ Both ends REGISTER with the SIP relay and AUTH with their MSRP relay first; the
 caller's INVITE offers ``a=path`` = its Use-Path reversed and its own session URI
 (RFC 4976 §5.1), the callee answers with its own. Each line typed is one SEND to
 the peer's path behind our own Use-Path (RFC 4975 §7.1); each SEND received is
-printed. End of input (Ctrl-D) sends BYE; the peer's BYE ends the command.
+printed. ``/file PATH`` sends a file in a session of its own and files the peer
+offers are saved (:mod:`relayd.ctl.filetransfer`, RFC 5547). End of input (Ctrl-D)
+sends BYE; the peer's BYE ends the command.
 """
 
 from __future__ import annotations
 
-import socket
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
 from twisted.internet.stdio import StandardIO
+from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from relayd.ctl import network, sdp
+from relayd.ctl import filetransfer, network, sdp
 from relayd.ctl.settings import CtlError
 from relayd.ctl.sipua import CallRefused, Dialog, SIPUserAgent, missing_members
 from relayd.msrp.client import MessageSink, MSRPClientError
@@ -36,6 +40,8 @@ TEXT = "text/plain"
 HANG_UP_SECONDS = 2.0
 """On Ctrl-C the BYE gets this long before the command exits anyway."""
 
+log = Logger()
+
 
 @dataclass(frozen=True)
 class ChatAccess:
@@ -44,29 +50,6 @@ class ChatAccess:
     msrp: network.RelayAccess
     sip: tuple[str, int]
     domain: str
-
-
-def sip_address(text: str, default_port: int = 5060) -> tuple[str, int]:
-    """``host[:port]`` or ``[v6]:port`` resolved to an address for UDP.
-
-    A name with both kinds of address takes its IPv4 one: UDP cannot tell which
-    one a relay listens on, and its default listener is on 127.0.0.1.
-    """
-    host, port = text, default_port
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
-            port = _port(rest[1:], text)
-    elif text.count(":") == 1:
-        host, _, number = text.partition(":")
-        port = _port(number, text)
-    try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except (OSError, UnicodeError) as e:
-        raise CtlError(f"cannot resolve the SIP relay {host}: {e}") from None
-    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
-    address = found[0][4]
-    return str(address[0]), int(address[1])
 
 
 def host_of(text: str) -> str:
@@ -85,24 +68,6 @@ def target_uri(text: str, domain: str) -> str:
         return SIPURI.parse(uri).format()
     except SIPURIError as e:
         raise CtlError(f"cannot call {text!r}: {e}") from None
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise CtlError(f"bad SIP relay address {whole!r}: the port must be 1-65535")
-    return int(text)
-
-
-def local_address_for(relay: tuple[str, int]) -> str:
-    """The address of ours the relay sees (a UDP connect sends nothing): the Contact
-    and Via must name an address it can reach, of its family."""
-    family = socket.AF_INET6 if ":" in relay[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(relay)
-        except OSError as e:
-            raise CtlError(f"no route to the SIP relay {relay[0]}: {e.strerror}") from None
-        return str(probe.getsockname()[0])
 
 
 @dataclass
@@ -207,6 +172,44 @@ def _name(value: str | None) -> str:
     return address.display_name or address.uri.format()
 
 
+def identity(request: SIPRequest) -> str:
+    """Who sent ``request``: the relay's P-Asserted-Identity (it authenticated them,
+    RFC 3325 §9.1), else the From URI."""
+    for name in ("P-Asserted-Identity", "From"):
+        try:
+            return NameAddr.parse(request.headers.get(name) or "").uri.format()
+        except SIPURIError:
+            continue
+    return ""
+
+
+def check_save_dir(folder: Path) -> Path:
+    """Refuse a save directory we could not write before calling, not when a file comes."""
+    if not folder.is_dir():
+        raise CtlError(f"--save-dir {folder}: not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CtlError(f"--save-dir {folder}: not writable")
+    return folder
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One answered call: where our file offers go, and whose offers we take (the
+    peer's own URI; a callee that answered a list call is known by its Contact)."""
+
+    ua: SIPUserAgent
+    dialog: Dialog
+    session: network.Session
+    peer: str
+    peer_uri: str
+    identities: frozenset[str]
+
+
+def _callee_identities(target: str, dialog: Dialog, domain: str) -> frozenset[str]:
+    user = SIPURI.parse(dialog.remote_target).user
+    return frozenset({target, f"sip:{user}@{domain}"} if user else {target})
+
+
 async def run_chat(
     reactor: Any,
     access: ChatAccess,
@@ -215,13 +218,14 @@ async def run_chat(
     out: TextIO,
     err: TextIO,
     call_timeout: float | None = None,
+    save_dir: Path | None = None,
 ) -> None:
-    """Call ``target`` (or, with ``None``, wait for a call) and chat until either side ends."""
+    """Call ``target`` (or, with ``None``, wait for a call) and chat until either side
+    ends; files the peer sends are saved in ``save_dir`` (default: here)."""
+    folder = check_save_dir(save_dir or Path())
     credentials = access.msrp.credentials
-    ua = SIPUserAgent(
-        reactor, access.sip, credentials.username, credentials.password, access.domain
-    )
-    port = reactor.listenUDP(0, ua, interface=local_address_for(access.sip))
+    ua = SIPUserAgent(reactor, access.sip, credentials, access.domain)
+    ua.start()
     printer = Printer(out)
     session: network.Session | None = None
     registered = False
@@ -233,12 +237,16 @@ async def run_chat(
         if target is not None:
             dialog = await _call(reactor, ua, target, sdp.build(our_path), out)
             printer.peer = target
+            known = _callee_identities(target, dialog, access.domain)
+            call = _Call(ua, dialog, session, target, target, known)
         else:
             out.write(f"Waiting for a call to {ua.aor}\n")
             out.flush()
             dialog, invite = await _answer(ua, sdp.build(our_path), call_timeout)
             printer.peer = _name(invite.headers.get("From"))
-        await _converse(reactor, ua, dialog, session, printer.peer, lines, out, err)
+            caller = identity(invite)
+            call = _Call(ua, dialog, session, printer.peer, caller, frozenset({caller}))
+        await _converse(reactor, access, call, folder, lines, out, err)
     finally:
         if session is not None:
             await network.close(reactor, session.protocol)
@@ -247,7 +255,7 @@ async def run_chat(
                 await ua.register(expires=0)
             except CtlError:
                 pass  # the binding expires by itself
-        await port.stopListening()
+        await ua.close()
 
 
 async def _call(reactor: Any, ua: SIPUserAgent, target: str, offer: bytes, out: TextIO) -> Dialog:
@@ -292,28 +300,38 @@ async def _answer(
         if not sdp.accepts(media, TEXT):
             ua.reject(invite, 488)
             continue
+        ua.ring(invite)
         return await ua.accept(invite, answer), invite
 
 
 async def _converse(
     reactor: Any,
-    ua: SIPUserAgent,
-    dialog: Dialog,
-    session: network.Session,
-    peer: str,
+    access: ChatAccess,
+    call: _Call,
+    save_dir: Path,
     lines: AsyncIterator[str],
     out: TextIO,
     err: TextIO,
 ) -> None:
-    """Lines to SENDs until end of input (then BYE), the peer's BYE, or the relay leaving."""
-    protocol = session.protocol
-    to_path = " ".join([*session.use_path, *sdp.parse(dialog.body).path])
+    """Lines to SENDs (``/file PATH`` to a file transfer) and the peer's file offers
+    taken, until end of input (then BYE), the peer's BYE, or the relay leaving."""
+    ua, dialog, protocol = call.ua, call.dialog, call.session.protocol
+    to_path = " ".join([*call.session.use_path, *sdp.parse(dialog.body).path])
     events: defer.DeferredQueue[tuple[str, str]] = defer.DeferredQueue()
+    receiving: list[defer.Deferred[None]] = []
 
     async def pump() -> None:
         async for line in lines:
             events.put(("line", line))
         events.put(("eof", ""))
+
+    async def offers() -> None:
+        while True:
+            invite = await ua.incoming()
+            taking = defer.Deferred.fromCoroutine(
+                _take_file(reactor, access, call, invite, save_dir, out)
+            )
+            receiving.append(taking.addErrback(_report_failure, err, "file not received"))
 
     def notify(kind: str) -> Callable[[object], object]:
         def put(result: object) -> object:
@@ -334,20 +352,23 @@ async def _converse(
 
     trigger = reactor.addSystemEventTrigger("before", "shutdown", hang_up)
     reading = defer.Deferred.fromCoroutine(pump())
+    offered = defer.Deferred.fromCoroutine(offers())
     dialog.ended.addBoth(notify("bye"))
     protocol.lost.addBoth(notify("lost"))
-    out.write(f"Connected to {peer}; type a line to send it, Ctrl-D to hang up\n")
+    out.write(
+        f"Connected to {call.peer}; type a line to send it, /file PATH to send a file,"
+        " Ctrl-D to hang up\n"
+    )
     out.flush()
     try:
         while True:
             kind, line = await events.get()
             if kind == "line":
-                if line:
-                    await _send_line(protocol, to_path, line, err)
+                await _typed(reactor, access, call, to_path, line, out, err)
                 continue
             if kind == "bye":
                 if not hanging_up:
-                    out.write(f"{peer} hung up\n")
+                    out.write(f"{call.peer} hung up\n")
                     out.flush()
                 return
             await ua.bye(dialog)
@@ -356,8 +377,61 @@ async def _converse(
             return
     finally:
         reactor.removeSystemEventTrigger(trigger)
-        reading.cancel()
-        reading.addErrback(lambda _: None)
+        ua.taking_calls = False
+        for task in (reading, offered, *receiving):
+            task.cancel()
+            task.addErrback(lambda _: None)
+
+
+async def _typed(
+    reactor: Any, access: ChatAccess, call: _Call, to_path: str, line: str, out: TextIO, err: TextIO
+) -> None:
+    """One line typed: a chat SEND, or the ``/file`` command (its errors are one line
+    each: the chat goes on)."""
+    try:
+        file_path = filetransfer.file_command(line)
+        if file_path is not None:
+            await filetransfer.send_file(
+                reactor, call.ua, access.msrp, call.peer_uri, file_path, out, err
+            )
+            return
+    except CtlError as e:
+        err.write(f"file not sent: {e}\n")
+        err.flush()
+        return
+    if line:
+        await _send_line(call.session.protocol, to_path, line, err)
+
+
+async def _take_file(
+    reactor: Any, access: ChatAccess, call: _Call, invite: SIPRequest, save_dir: Path, out: TextIO
+) -> None:
+    """An INVITE during the call: the peer's file offer is taken; another call is busy
+    (486), an offer from anyone else refused (403), an SDP we cannot read 488."""
+    try:
+        media = sdp.parse(invite.body)
+    except sdp.SDPError:
+        call.ua.reject(invite, 488)
+        return
+    if not filetransfer.is_file_offer(media):
+        call.ua.reject(invite, 486)
+        return
+    if identity(invite) not in call.identities:
+        call.ua.reject(invite, 403, "Files Only From The Peer Of This Call")
+        return
+    await filetransfer.receive_file(reactor, call.ua, access.msrp, invite, media, save_dir, out)
+
+
+def _report_failure(failure: Failure, err: TextIO, what: str) -> None:
+    """A background transfer's failure as one line (a hang-up's cancel says nothing)."""
+    if failure.check(defer.CancelledError):
+        return
+    if failure.check(CtlError):
+        err.write(f"{what}: {failure.value}\n")
+    else:
+        err.write(f"{what}: unexpected error: {failure.getErrorMessage()}\n")
+        log.failure("file transfer failed", failure)
+    err.flush()
 
 
 async def _send_line(protocol: Any, to_path: str, line: str, err: TextIO) -> None:
@@ -376,11 +450,13 @@ async def run_terminal_chat(
     call_timeout: float | None,
     out: TextIO,
     err: TextIO,
+    save_dir: Path | None = None,
 ) -> None:
     """:func:`run_chat` with the lines typed on standard input."""
     typed: defer.DeferredQueue[str | None] = defer.DeferredQueue()
     terminal = StandardIO(TerminalLines(typed), reactor=reactor)
     try:
-        await run_chat(reactor, access, target, queued_lines(typed), out, err, call_timeout)
+        lines = queued_lines(typed)
+        await run_chat(reactor, access, target, lines, out, err, call_timeout, save_dir)
     finally:
         terminal.loseConnection()

@@ -21,7 +21,7 @@ from twisted.internet import defer
 from relayd.consent.vocabulary import CONSENT_STATUS_NAMESPACE
 from relayd.ctl.render import render_json
 from relayd.ctl.settings import CtlError
-from relayd.ctl.sip import SIPClient
+from relayd.ctl.sipua import SIPUserAgent
 from relayd.sip.message import SIPResponse, new_tag, split_header_values
 from relayd.sip.uri import NameAddr, SIPURIError
 
@@ -169,7 +169,7 @@ def request_line(consent_uri: str, response: SIPResponse, wait: str | None) -> s
 
 
 async def run_request(
-    client: SIPClient, uris: list[str], methods: str, as_json: bool, out: TextIO
+    client: SIPUserAgent, uris: list[str], methods: str, as_json: bool, out: TextIO
 ) -> None:
     """One CONSENT per consent URI (seed §5, RFC 5360 §5.7); each answer printed.
 
@@ -205,7 +205,7 @@ class _Watch:
 
 
 async def run_watch(
-    client: SIPClient, uris: list[str], expires: int, as_json: bool, out: TextIO
+    client: SIPUserAgent, uris: list[str], expires: int, as_json: bool, out: TextIO
 ) -> None:
     """SUBSCRIBE (Event: wait-permission) to each URI and print every change of state
     until all are granted; one that is denied, expired, revoked or gone, or the
@@ -229,7 +229,7 @@ async def run_watch(
         await _unsubscribe(client, watches.values())
 
 
-async def _subscribe(client: SIPClient, watch: _Watch, expires: int) -> SIPResponse:
+async def _subscribe(client: SIPUserAgent, watch: _Watch, expires: int) -> SIPResponse:
     return await client.request(
         "SUBSCRIBE",
         watch.uri,
@@ -241,7 +241,7 @@ async def _subscribe(client: SIPClient, watch: _Watch, expires: int) -> SIPRespo
 
 
 async def _follow(
-    client: SIPClient, watches: dict[str, _Watch], as_json: bool, out: TextIO
+    client: SIPUserAgent, watches: dict[str, _Watch], as_json: bool, out: TextIO
 ) -> None:
     deadline = client.reactor.seconds() + client.deadline_seconds
     while True:
@@ -249,7 +249,7 @@ async def _follow(
         if left <= 0:
             raise CtlError("timed out waiting for every consent to be granted")
         try:
-            notify = await client.incoming.get().addTimeout(left, client.reactor)
+            notify = await client.notifications.get().addTimeout(left, client.reactor)
         except defer.TimeoutError:
             raise CtlError("timed out waiting for every consent to be granted") from None
         watch = watches.get(notify.call_id or "")
@@ -270,7 +270,7 @@ async def _follow(
             raise CtlError(f"{watch.uri}: subscription ended ({terminated})")
 
 
-async def _unsubscribe(client: SIPClient, watches: Iterable[_Watch]) -> None:
+async def _unsubscribe(client: SIPUserAgent, watches: Iterable[_Watch]) -> None:
     """End each subscription (Expires: 0, RFC 6665 §4.1.2.3); failures only cost the
     relay a NOTIFY that goes unanswered."""
     for watch in watches:

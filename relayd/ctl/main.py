@@ -33,7 +33,7 @@ from relayd.ctl.settings import (
     split_to_and_file,
     trust_anchor,
 )
-from relayd.ctl.sip import SIPClient, relay_address
+from relayd.ctl.sipua import SIPUserAgent, relay_address, resolve
 from relayd.msrp.client import MSRPClientError
 from relayd.msrp.uri import MSRPURI
 
@@ -283,16 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--chunk-size",
         type=_positive_int,
-        default=65536,
+        default=network.DEFAULT_CHUNK_BYTES,
         metavar="BYTES",
-        help="bytes per SEND chunk (default: 65536)",
+        help=f"bytes per SEND chunk (default: {network.DEFAULT_CHUNK_BYTES})",
     )
     send.add_argument(
         "--window",
         type=_positive_int,
-        default=8,
+        default=network.DEFAULT_WINDOW,
         metavar="N",
-        help="chunks sent before waiting for the oldest one's 200 (default: 8)",
+        help="chunks sent before waiting for the oldest one's 200"
+        f" (default: {network.DEFAULT_WINDOW})",
     )
     send.add_argument(
         "--content-type",
@@ -334,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         metavar="SECONDS",
         help="with --answer: give up when no call came by then (default: wait)",
+    )
+    chatting.add_argument(
+        "--save-dir",
+        type=Path,
+        metavar="DIR",
+        help="where files the peer sends (/file) are saved, never over an existing file"
+        " (default: the current directory)",
     )
     xcap.add_parsers(command, [locations, xcap_access])
     _add_consent_parser(command, [locations])
@@ -457,7 +465,7 @@ def consent_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, 
     out = sys.stdout
 
     async def work(reactor: Any) -> None:
-        client = SIPClient(reactor, (host, port), credentials, args.domain or host, args.timeout)
+        client = SIPUserAgent(reactor, (host, port), credentials, args.domain or host, args.timeout)
         client.start()
         try:
             if args.action == "request":
@@ -564,9 +572,14 @@ def chat_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any
     sip_text = args.sip or MSRPURI.parse(access.relays[0]).host
     domain = args.domain or chat.host_of(sip_text)
     target = args.target and chat.target_uri(args.target, domain)
-    settings = chat.ChatAccess(access, chat.sip_address(sip_text), domain)
+    settings = chat.ChatAccess(access, resolve(*relay_address(sip_text)), domain)
     out, err = sys.stdout, sys.stderr
-    return lambda reactor: chat.run_terminal_chat(reactor, settings, target, args.timeout, out, err)
+    save_dir = chat.check_save_dir(args.save_dir or Path())
+
+    def work(reactor: Any) -> Coroutine[Any, Any, None]:
+        return chat.run_terminal_chat(reactor, settings, target, args.timeout, out, err, save_dir)
+
+    return work
 
 
 def xcap_command(args: argparse.Namespace) -> Callable[[Any], Coroutine[Any, Any, None]]:

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, BinaryIO, TextIO, TypeVar
 
 from service_identity import VerificationError
 from twisted.internet import defer, error
@@ -28,7 +28,13 @@ from twisted.python.failure import Failure
 from relayd.ctl.progress import Progress
 from relayd.ctl.receiving import IncomingMessage, MessageWriter, sha256_of
 from relayd.ctl.settings import Credentials, CtlError
-from relayd.msrp.client import MessageSink, MSRPClientError, MSRPClientProtocol, connect
+from relayd.msrp.client import (
+    MessageSink,
+    MSRPClientError,
+    MSRPClientProtocol,
+    SendResult,
+    connect,
+)
 from relayd.msrp.message import MSRPRequest
 from relayd.msrp.uri import MSRPURI
 from relayd.net.tls import tls_failure
@@ -38,6 +44,12 @@ AUTH_TIMEOUT_SECONDS = 30.0
 
 CLOSE_TIMEOUT_SECONDS = 5.0
 """Longest wait for a clean TLS close before the connection is aborted."""
+
+DEFAULT_CHUNK_BYTES = 65536
+"""Bytes per SEND chunk unless ``--chunk-size`` says otherwise."""
+
+DEFAULT_WINDOW = 8
+"""Chunks in flight before waiting for the oldest one's 200, unless ``--window``."""
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 """Longest wait for the TCP connection to the first relay, and again for its TLS handshake."""
@@ -315,7 +327,7 @@ async def run_receive(
     out.flush()
 
 
-class _HashingReader(io.BufferedReader):
+class HashingReader(io.BufferedReader):
     """Hashes what ``send_message`` actually reads, so the file is read once."""
 
     def __init__(self, raw: io.FileIO) -> None:
@@ -368,50 +380,80 @@ async def run_send(
 ) -> None:
     """Stream a file with Success-Report: yes and wait for the REPORT (RFC 4975 §7.1.2)."""
     raw, size = open_for_sending(file_path)
-    reader = _HashingReader(raw)
+    reader = HashingReader(raw)
     try:
         session = await open_session(reactor, access)
-        protocol = session.protocol
-        to_path = " ".join([*session.use_path, *to])
-        progress = Progress(size, err, interactive=interactive)
         try:
-            result = await protocol.send_message(
-                to_path,
+            result = await send_reported(
+                reactor,
+                session.protocol,
+                " ".join([*session.use_path, *to]),
                 reader,
                 size,
-                chunk_bytes=chunk_bytes,
-                window=window,
-                content_type=content_type,
-                success_report=True,
-                progress=progress.update,
+                content_type,
+                timeout_seconds,
+                err,
+                interactive,
+                chunk_bytes,
+                window,
             )
-        except MSRPClientError as e:
-            progress.end_line()
-            await close(reactor, protocol)
-            raise delivery_failure(e) from None
-        except BaseException:
-            progress.end_line()  # the error line must not continue a half-drawn bar
-            raise
-        progress.finish()
-        try:
-            report = await protocol.wait_report(result.message_id).addTimeout(
-                timeout_seconds, reactor
-            )
-        except defer.TimeoutError:
-            await close(reactor, protocol)
-            raise CtlError(f"no delivery report within {timeout_seconds:g} s") from None
-        except MSRPClientError as e:
-            raise CtlError(f"delivery unknown: {e}") from None
-        await close(reactor, protocol)
+        finally:
+            await close(reactor, session.protocol)
     finally:
         reader.close()
-    status = (report.headers.get("Status") or "").split(" ", 2)
-    code = status[1] if len(status) > 1 else "?"
-    if code != "200":
-        comment = status[2] if len(status) > 2 else ""
-        raise CtlError(f"delivery failed: {code} {comment}".rstrip())
     out.write(
         f"Message-ID: {result.message_id}\nBytes: {result.bytes_sent}\n"
         f"SHA-256: {reader.digest.hexdigest()}\n"
     )
     out.flush()
+
+
+async def send_reported(
+    reactor: Any,
+    protocol: MSRPClientProtocol,
+    to_path: str,
+    reader: BinaryIO,
+    size: int,
+    content_type: str,
+    report_timeout_seconds: float,
+    err: TextIO,
+    interactive: bool | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    window: int = DEFAULT_WINDOW,
+) -> SendResult:
+    """``reader`` as one message with Success-Report: yes, the progress bar on ``err``,
+    then its REPORT (RFC 4975 §7.1.2); a CtlError unless that says 200."""
+    progress = Progress(size, err, interactive=interactive)
+    try:
+        result = await protocol.send_message(
+            to_path,
+            reader,
+            size,
+            chunk_bytes=chunk_bytes,
+            window=window,
+            content_type=content_type,
+            success_report=True,
+            progress=progress.update,
+        )
+    except MSRPClientError as e:
+        progress.end_line()
+        raise delivery_failure(e) from None
+    except BaseException:
+        progress.end_line()  # the error line must not continue a half-drawn bar
+        raise
+    progress.finish()
+    try:
+        report = await protocol.wait_report(result.message_id).addTimeout(
+            report_timeout_seconds, reactor
+        )
+    except defer.TimeoutError:
+        waited = f"{report_timeout_seconds:g} s"
+        raise CtlError(f"no delivery report within {waited}") from None
+    except MSRPClientError as e:
+        raise CtlError(f"delivery unknown: {e}") from None
+    status = (report.headers.get("Status") or "").split(" ", 2)
+    code = status[1] if len(status) > 1 else "?"
+    if code != "200":
+        comment = status[2] if len(status) > 2 else ""
+        raise CtlError(f"delivery failed: {code} {comment}".rstrip())
+    return result

@@ -32,13 +32,19 @@ def file_name_for(message_id: str) -> str:
     return name
 
 
+def digests_of(source: BinaryIO, *algorithms: str) -> list[bytes]:
+    """The ``hashlib`` digests of what is left in ``source``, read once."""
+    hashes = [hashlib.new(name) for name in algorithms]
+    while block := source.read(HASH_BLOCK_BYTES):
+        for digest in hashes:
+            digest.update(block)
+    return [digest.digest() for digest in hashes]
+
+
 def sha256_of(path: Path) -> str:
     """Hash from disk: chunks may have arrived out of order, so no running hash."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+        return digests_of(handle, "sha256")[0].hex()
 
 
 @dataclass

@@ -6,8 +6,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from relayd.consent.edits import ListView, RuleView
 from relayd.consent.lists import Unroutable
-from relayd.ctl.documents import ListView, RuleView
 from relayd.xcap.client import XCAPResponse
 
 

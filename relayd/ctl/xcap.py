@@ -18,7 +18,7 @@ Every change is a conditional write: GET the document and its ETag, edit it in
 memory, PUT it back with ``If-Match`` (``If-None-Match: *`` when creating), and on
 412 start over from a fresh GET, a few times.  Revoking one rule is an element
 DELETE with ``If-Match``; all of it goes through :meth:`Session.read_modify_write`.
-The edits are pure (:mod:`relayd.ctl.documents`), and so is their display
+The edits are pure (:mod:`relayd.consent.edits`), and so is their display
 (:mod:`relayd.ctl.render`); this module is the network and argparse glue.
 
 A name without a scheme (``carol`` or ``carol@example.test``) becomes a ``sip:`` URI
@@ -38,33 +38,36 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from relayd.config import ConfigError, load_config
-from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
-from relayd.consent.vocabulary import (
-    CONSENT_RULES_AUID,
-    CONSENT_RULES_MIME_TYPE,
-    RESOURCE_LISTS_AUID,
-    RESOURCE_LISTS_MIME_TYPE,
-)
-from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
-from relayd.ctl.documents import (
+from relayd.consent.edits import (
+    DEFAULT_DOCUMENT,
     DEFAULT_METHODS,
+    EditError,
     RuleView,
     add_members,
     describe_lists,
     describe_rule,
     describe_rules,
+    expand_xui,
     find_rules,
     grant_rule,
     make_rule,
     new_resource_lists,
     new_ruleset,
     not_routable,
-    parse_xcap_document,
     remove_list,
     remove_members,
-    report_of,
     rule_id_for,
 )
+from relayd.consent.lists import Unroutable, URIListError, parse_list_report
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
+from relayd.consent.vocabulary import (
+    CONSENT_RULES_AUID,
+    CONSENT_RULES_MIME_TYPE,
+    LIST_REPORT_MIME_TYPE,
+    RESOURCE_LISTS_AUID,
+    RESOURCE_LISTS_MIME_TYPE,
+)
+from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl.render import (
     http_error_line,
     lists_table,
@@ -83,9 +86,9 @@ from relayd.xcap.client import (
     document_path,
     node_path,
 )
-from relayd.xcap.xml import serialize_document
+from relayd.xcap.errors import XCAPError
+from relayd.xcap.xml import parse_document, serialize_document
 
-DEFAULT_DOCUMENT = "index"
 WRITE_ATTEMPTS = 5
 """GET + conditional write rounds before a change gives up (each 412 costs one)."""
 
@@ -106,17 +109,33 @@ class _Changed(Exception):
     """A conditional request was answered 412: the document changed since the GET."""
 
 
+# -- documents as the server sends them ----------------------------------------------
+
+
+def parse_xcap_document(body: bytes, root_tag: str) -> etree._Element:
+    """Parse a document fetched from the server with relayd's safe parser."""
+    try:
+        root = parse_document(body, max(len(body), 1))
+    except XCAPError as e:
+        raise CtlError(f"the server sent an unreadable document: {e}") from None
+    if root.tag != root_tag:
+        raise CtlError(f"the server sent a {root.tag} document, expected {root_tag}")
+    return root
+
+
+def report_of(response: XCAPResponse) -> tuple[list[Unroutable], int]:
+    """The relay's list report in a write's answer: the items and how many more it
+    counted; nothing when it sent none (docs/consent.md)."""
+    media = (response.header("Content-Type") or "").split(";", 1)[0].strip().lower()
+    if media != LIST_REPORT_MIME_TYPE or not response.body:
+        return [], 0
+    try:
+        return parse_list_report(response.body)
+    except URIListError:
+        return [], 0
+
+
 # -- names and defaults -------------------------------------------------------------
-
-
-def expand_xui(name: str, realm: str) -> str:
-    """``carol`` → ``sip:carol@<realm>``, ``carol@x`` → ``sip:carol@x``; URIs unchanged."""
-    text = name.strip()
-    if not text:
-        raise CtlError("empty user or URI")
-    if ":" in text.split("@", 1)[0]:
-        return text
-    return f"sip:{text}" if "@" in text else f"sip:{text}@{realm}"
 
 
 def default_xcap_url(locations_config: str | None) -> str:
@@ -530,6 +549,8 @@ async def run_xcap_command(
             await run_permissions(session, args, out)
         else:
             await run_lists(session, args, out)
+    except EditError as e:  # the edit's own one line
+        raise CtlError(str(e)) from None
     finally:
         await client.close()
 

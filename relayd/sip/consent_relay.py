@@ -85,7 +85,14 @@ from relayd.sip.consent import (
     format_trigger_consent,
     parse_trigger_consent,
 )
-from relayd.sip.consent_request import answer_uri, parse_answer_user, request_body
+from relayd.sip.consent_request import (
+    PLAIN_TEXT,
+    answer_uri,
+    parse_answer_user,
+    request_body,
+    request_note,
+    takes_plain_text,
+)
 from relayd.sip.dialogs import DialogTargets
 from relayd.sip.events import (
     GrantPermissionPackage,
@@ -335,9 +342,8 @@ class ConsentRelay:
             context.stop()
 
     def contact(self) -> str:
-        host, port = self.transport.sent_by("UDP")
-        host = f"[{host}]" if ":" in host else host
-        return f"sip:{host}:{port}"
+        """Our UDP address: the Contact of the subscriptions' dialogs."""
+        return self._route_uri("UDP")
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -732,11 +738,11 @@ class ConsentRelay:
         ``Trigger-Consent``); no reachable branch is 480."""
         if txn.state is not TransactionState.PROCEEDING:
             return  # cancelled while the contacts were looked up
-        record_route = None
+        token = None
         call_id, caller_tag = request.call_id or "", request.from_tag or ""
         if self.record_route:
             token = self.uris.route_token(call_id, caller_tag)
-            record_route = f"<{self.contact()};lr;rr={token}>"
+        inbound = _transport_of(txn.source)
         detector = self.proxy.loop_detector
         loop_hash = detector.loop_hash(request) if detector is not None else None
         requests = []
@@ -747,15 +753,16 @@ class ConsentRelay:
                 copy = self._asserted(request, branch, sender, max_forwards, loop_hash)
             else:
                 copy = self._relayed(request, branch, sender, list_uri, max_forwards, loop_hash)
-            if record_route is not None:  # §16.6 step 4
-                copy.headers.add_first("Record-Route", record_route)
+            if token is not None:  # §16.6 step 4
+                for record_route in self._record_routes(inbound, branch.target.transport, token):
+                    copy.headers.add_first("Record-Route", record_route)
             requests.append((copy, branch.target))
 
         if not requests:  # registered, but no contact can be reached now
             txn.respond(make_response(request, 480))
             return
         on_2xx = None
-        if record_route is not None and caller_tag:
+        if token is not None and caller_tag:
             self.dialogs.caller(call_id, caller_tag, request.headers.get("contact"))
 
             def on_2xx(response: SIPResponse) -> None:
@@ -763,6 +770,24 @@ class ConsentRelay:
                 self.dialogs.callee(call_id, caller_tag, response.to_tag, contact)
 
         self._invite_context(txn, request, on_2xx).start(requests)
+
+    def _record_routes(self, inbound: str, outbound: str, token: str) -> list[str]:
+        """Our Record-Route values, in the order they are pushed (§16.6 step 4).
+
+        Each names the listener of its side's transport, so each party's in-dialog
+        requests reach us the way its own requests do. When the call crosses from one
+        transport to another, two are pushed (RFC 5658 §4): the caller's side first,
+        the callee's on top, as the callee's route set starts at the top and the
+        caller's at the bottom."""
+        sides = [inbound] if inbound == outbound else [inbound, outbound]
+        return [f"<{self._route_uri(transport)};lr;rr={token}>" for transport in sides]
+
+    def _route_uri(self, transport: str) -> str:
+        """The URI of our listener for ``transport`` (§19.1.1 ``transport`` parameter)."""
+        host, port = self.transport.sent_by(transport)
+        host = f"[{host}]" if ":" in host else host
+        suffix = "" if transport == "UDP" else f";transport={transport.lower()}"
+        return f"sip:{host}:{port}{suffix}"
 
     def _invite_context(
         self,
@@ -801,8 +826,20 @@ class ConsentRelay:
         call_id = request.call_id or ""
         for tag in (request.from_tag, request.to_tag):  # the caller's, either way
             if tag and hmac.compare_digest(token, self.uris.route_token(call_id, tag)):
-                return routes[1:]
+                return self._after_our_second(routes[1:], token)
         return None
+
+    def _after_our_second(self, routes: list[str], token: str) -> list[str]:
+        """``routes`` without its first value when that is our other Record-Route of
+        the same dialog (RFC 5658 §3.3: a double Record-Route is taken off whole)."""
+        if routes:
+            try:
+                second = NameAddr.parse(routes[0]).uri
+            except SIPURIError:
+                return routes
+            if second.param("rr") == token and self.directory.is_local(second):
+                return routes[1:]
+        return routes
 
     def _to_dialog_target(self, request: SIPRequest) -> bool | None:
         """Whether an in-dialog request on our route goes to the remote target its
@@ -1013,33 +1050,55 @@ class ConsentRelay:
 
         d.addCallback(done)
 
-    def _ask_by_message(self, member: str, record: PendingConsent) -> None:
-        """RFC 5360 §5.3: a MESSAGE from the relay (never from the sender) with the
-        grant and deny URIs (:mod:`relayd.sip.consent_request`). Sent when the record
-        is opened, like the CONSENT: a refresh sends nothing."""
-        links = {
+    def _answer_links(self, record: PendingConsent) -> dict[Action, tuple[str, str]]:
+        """Per action, the SIP answer URI and the HTTPS link (empty without one)."""
+        return {
             action: (
                 answer_uri(self.uris.domain, action, answer_token(record, action)),
                 self.consent_link(record, action) if self.consent_link is not None else "",
             )
             for action in ACTIONS
         }
-        content_type, body = request_body(record, links)
+
+    def _ask_by_message(self, member: str, record: PendingConsent) -> None:
+        """RFC 5360 §5.3: a MESSAGE from the relay (never from the sender) with the
+        grant and deny URIs (:mod:`relayd.sip.consent_request`). Sent when the record
+        is opened, like the CONSENT: a refresh sends nothing."""
+        content_type, body = request_body(record, self._answer_links(record))
+        self._send_consent_message(member, record, content_type, body, plain_retry=True)
+
+    def _send_consent_message(
+        self,
+        member: str,
+        record: PendingConsent,
+        content_type: str,
+        body: bytes,
+        plain_retry: bool,
+    ) -> None:
+        """One consent request MESSAGE; a 415 whose ``Accept`` admits ``text/plain``
+        gets the note alone, once (:func:`takes_plain_text`)."""
 
         def build(branch: Branch) -> SIPRequest:
             headers = _new_request_headers("MESSAGE", f"sip:{self.uris.domain}", member)
             headers.add("Content-Type", content_type)
             return SIPRequest("MESSAGE", branch.uri, headers, body)
 
-        d = self.proxy.fork([member], build)
-        d.addCallback(
-            lambda result: self.log.info(
+        def done(result: tuple[int, str, list[SIPResponse]]) -> None:
+            code, _reason, responses = result
+            self.log.info(
                 "consent request MESSAGE to {recipient} answered {code} (consent {consent})",
                 recipient=member,
-                code=result[0],
+                code=code,
                 consent=record.id,
             )
-        )
+            accept = [
+                value for r in responses if r.status == 415 for value in r.headers.get_all("accept")
+            ]
+            if plain_retry and code == 415 and takes_plain_text(accept):
+                note = request_note(record, self._answer_links(record)).encode("utf-8")
+                self._send_consent_message(member, record, PLAIN_TEXT, note, plain_retry=False)
+
+        self.proxy.fork([member], build).addCallback(done)
 
     async def _answer_by_uri(self, request: SIPRequest, action: Action, token: str) -> SIPResponse:
         """A PUBLISH (RFC 5360 §5.6.1.3) or MESSAGE to a SIP grant or deny URI answers
@@ -1168,6 +1227,12 @@ def _published(request: SIPRequest) -> list[tuple[str, str]]:
     if request.method != "PUBLISH":
         return []
     return [("SIP-ETag", new_tag()), ("Expires", "0")]
+
+
+def _transport_of(source: object) -> str:
+    """The transport a request came over (``UDP``, ``TCP``, ``TLS``), from its source."""
+    transport = getattr(source, "transport", "UDP")
+    return transport if isinstance(transport, str) else "UDP"
 
 
 def _best(request: SIPRequest, responses: Sequence[SIPResponse]) -> SIPResponse:

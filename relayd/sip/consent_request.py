@@ -6,7 +6,9 @@ consent_request = message``) is asked by a MESSAGE from the relay itself. Its bo
 asks, through which list, for which methods, the two HTTPS links), then the RFC 5361
 permission document (``application/auth-policy+xml``) with the grant and deny URIs as
 ``perm-uri`` of its ``trans-handling`` actions, in ``sip:`` and ``https:`` forms. The
-richest alternative comes last, as RFC 2046 asks.
+richest alternative comes last, as RFC 2046 asks. A UA that takes only plain text
+answers such a MESSAGE with 415 and an ``Accept`` naming ``text/plain`` (RFC 3428 §7,
+RFC 3261 §21.4.13; baresip does): the relay then sends the note alone, once.
 
 The SIP URIs are ``sip:grant-<token>@<domain>`` and ``sip:deny-<token>@<domain>``
 (tokens: :mod:`relayd.consent.answer`); a MESSAGE sent there answers the request.
@@ -14,7 +16,7 @@ The SIP URIs are ``sip:grant-<token>@<domain>`` and ``sip:deny-<token>@<domain>`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from relayd.consent.answer import ACTIONS, Action, consent_document, token_consent_id
 from relayd.consent.permissions import requested_methods
@@ -69,11 +71,31 @@ def request_note(record: PendingConsent, links: Links) -> str:
     )
 
 
+PLAIN_TEXT = "text/plain; charset=utf-8"
+
+
+def takes_plain_text(accept: Iterable[str]) -> bool:
+    """Whether the ``Accept`` values of a 415 admit ``text/plain`` (RFC 3261 §20.1: media
+    ranges with ``*`` wildcards; a range with ``q=0`` refuses)."""
+    for value in accept:
+        for item in value.split(","):
+            media, *params = (part.strip().lower() for part in item.split(";"))
+            if media not in ("text/plain", "text/*", "*/*"):
+                continue
+            q = next((p.partition("=")[2] for p in params if p.startswith("q=")), "1")
+            try:
+                if float(q) > 0:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
 def request_body(record: PendingConsent, links: Links) -> tuple[str, bytes]:
     """``(Content-Type, body)`` of the MESSAGE asking ``record``'s recipient."""
     boundary = "consent-" + random_bytes(12).hex()
     parts = (
-        ("text/plain; charset=utf-8", request_note(record, links).encode("utf-8")),
+        (PLAIN_TEXT, request_note(record, links).encode("utf-8")),
         (CONSENT_RULES_MIME_TYPE, request_document(record, links)),
     )
     body = b"".join(

@@ -5,7 +5,7 @@ Authentication is the XCAP listener's HTTP Digest against the shared users file
 (RFC 2617); who may see and edit whose documents is the XCAP rule
 (:meth:`relayd.xcap.auth.XCAPAuthorizer.may_access`): ``[xcap] admins`` every user's,
 everyone else their own.  Edits are the ones relayctl makes
-(:mod:`relayd.ctl.documents`) and are stored through
+(:mod:`relayd.consent.edits`) and are stored through
 :meth:`relayd.xcap.resource.XCAPResource.write_document`, the path of an XCAP PUT:
 validation, the SIP side's document check, compare-and-set and the store's change
 notification.  Each form carries the ETag of the document it was rendered from, so a
@@ -28,7 +28,6 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
 
-import jinja2
 from lxml import etree
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -36,7 +35,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relayd.consent import edits
 from relayd.consent.documents import DocumentRejected
+from relayd.consent.edits import DEFAULT_DOCUMENT, EditError, expand_xui
 from relayd.consent.store import ConsentState, PendingConsent
 from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
@@ -44,10 +45,8 @@ from relayd.consent.vocabulary import (
     RESOURCE_LISTS_AUID,
     RESOURCE_LISTS_NAMESPACE,
 )
-from relayd.ctl import documents as edits
-from relayd.ctl.settings import CtlError
-from relayd.ctl.xcap import DEFAULT_DOCUMENT, expand_xui
 from relayd.logs import logger
+from relayd.web.templating import environment
 from relayd.xcap.auth import Principal, Unauthorized
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.resource import XCAPResource
@@ -97,14 +96,6 @@ class _Document:
     etag: str
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("relayd.web", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
-
-
 class AdminResource(Resource):
     """``/admin/`` (the page), ``/admin/<action>`` (form POSTs), ``/admin/admin.css``."""
 
@@ -124,7 +115,7 @@ class AdminResource(Resource):
         self.clock = clock
         self.domain = domain
         self._secret = secret if secret is not None else secrets.token_bytes(32)
-        self._templates = _environment()
+        self._templates = environment()
         self._css = resources.files("relayd.web").joinpath("static/admin.css").read_bytes()
         self._actions = {
             b"grant": self._grant,
@@ -245,7 +236,7 @@ class AdminResource(Resource):
             raise _Refused(400, f"user is longer than {MAX_FIELD_CHARS} characters")
         try:
             xui = expand_xui(requested, self.xcap.authorizer.realm)
-        except CtlError as e:
+        except EditError as e:
             raise _Refused(400, str(e)) from None
         selector = DocumentSelector(CONSENT_RULES_AUID, xui, DEFAULT_DOCUMENT)
         if not self.xcap.authorizer.may_access(principal, selector, write=True):
@@ -359,7 +350,7 @@ class AdminResource(Resource):
             raise _Refused(409, CONFLICT_TEXT)
         try:
             notice: str = change(document.root)
-        except CtlError as e:
+        except EditError as e:
             raise _Refused(400, str(e)) from None
         body = serialize_document(document.root)
         try:
@@ -387,7 +378,7 @@ class AdminResource(Resource):
         realm = self.xcap.authorizer.realm
         try:
             sender = expand_xui(self._required(request, "sender"), realm)
-        except CtlError as e:
+        except EditError as e:
             raise _Refused(400, str(e)) from None
         list_uri = self._required(request, "list")
         methods = (
@@ -410,7 +401,7 @@ class AdminResource(Resource):
 
         def revoke(ruleset: etree._Element) -> str:
             if edits.remove_rules(ruleset, [rule_id]):
-                raise CtlError(f"no rule {rule_id!r}")
+                raise EditError(f"no rule {rule_id!r}")
             return f"revoked rule {rule_id}"
 
         return await self._edit(request, xui, CONSENT_RULES_AUID, revoke)
@@ -420,7 +411,7 @@ class AdminResource(Resource):
         name = self._required(request, "list")
         try:
             members = [expand_xui(m, realm) for m in self._required(request, "members").split()]
-        except CtlError as e:
+        except EditError as e:
             raise _Refused(400, str(e)) from None
         if len(members) > MAX_MEMBERS:
             raise _Refused(400, f"at most {MAX_MEMBERS} members at a time")

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
 from relayd.config import XCAPConfig
-from relayd.consent.answer import Action
+from relayd.consent.answer import Action, link_path
 from relayd.consent.store import IPermissionStore, PendingConsent
 from relayd.net.endpoints import (
     EndpointSpec,
@@ -21,7 +21,6 @@ from relayd.net.endpoints import (
 from relayd.net.listeners import Listeners
 from relayd.net.tls import TLSMaterial
 from relayd.xcap.auth import permission_uri
-from relayd.xcap.consent_page import consent_link_path
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.usages import load_schemas
 
@@ -58,7 +57,7 @@ class XCAPService(Listeners):
         return permission_uri(self.public_url, recipient, token)
 
     def consent_link(self, record: PendingConsent, action: Action) -> str:
-        """The HTTPS grant or deny link of ``record`` (RFC 5360 §5.8); after start.
+        """The HTTPS grant or deny link of ``record`` (RFC 5360 §5.6); after start.
 
         The links sit beside the XCAP root, so ``public_url`` without its root is their
         base (a reverse proxy's prefix kept); a ``public_url`` not ending in the root
@@ -69,7 +68,7 @@ class XCAPService(Listeners):
         else:
             parts = urlsplit(self.public_url)
             base = f"{parts.scheme}://{parts.netloc}"
-        return base + consent_link_path(record, action)
+        return base + link_path(record, action)
 
     def before_binding(self) -> None:
         """Compile the schemas before serving (relayd.xcap.usages): a request never

@@ -42,7 +42,7 @@ from relayd.consent.vocabulary import PENDING_ADDITIONS_NAMESPACE as CS
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.ctl import consent as ctl_consent
 from relayd.ctl.settings import Credentials, CtlError
-from relayd.ctl.sip import SIPClient
+from relayd.ctl.sipua import SIPUserAgent
 from relayd.sip.consent import parse_trigger_consent
 from relayd.sip.message import (
     SIPRequest,
@@ -121,6 +121,7 @@ class UA:
     transport: str
     relay_port: int
     answer_status: int = 200
+    answer_headers: tuple[tuple[str, str], ...] = ()
     received: list[SIPRequest] = field(default_factory=list)
     incoming: DeferredQueue[SIPRequest] = field(default_factory=DeferredQueue)
     waiting: dict[str, Deferred[SIPResponse]] = field(default_factory=dict)
@@ -151,7 +152,8 @@ class UA:
         if message.method != "ACK":
             self.received.append(message)
             self.incoming.put(message)
-            self.send_bytes(make_response(message, self.answer_status).to_bytes())
+            response = make_response(message, self.answer_status, headers=self.answer_headers)
+            self.send_bytes(response.to_bytes())
 
     def send_bytes(self, data: bytes) -> None:
         assert self._write is not None
@@ -1268,6 +1270,33 @@ async def test_a_member_who_lost_the_deny_uri_gets_it_again_and_revokes(start: S
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_member_that_takes_only_plain_text_is_asked_by_its_note_alone(
+    start: Start,
+) -> None:
+    """bob's UA answers the ``multipart/alternative`` request with 415 and ``Accept:
+    text/plain`` (as baresip does, RFC 3261 §21.4.13): the relay sends the note alone,
+    once, and bob grants through the SIP URI it names."""
+    relay = await start(sip__consent_request="message")
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    (target,) = consent_uris(await send_message(alice, SOLO))
+    bob.answer_status, bob.answer_headers = 415, (("Accept", "text/plain"),)
+    assert (await ask_consent(alice, target)).status == 202
+    rich = await bob.next_request("MESSAGE")
+    assert (rich.headers.get("content-type") or "").startswith("multipart/alternative;")
+    plain = await bob.next_request("MESSAGE")
+    bob.answer_status, bob.answer_headers = 200, ()  # (set before the answer is sent)
+    assert plain.headers.get("content-type") == "text/plain; charset=utf-8"
+    assert plain.body.rstrip(b"\r\n") == _parts(rich)["text/plain"]
+    (grant,) = re.findall(r"sip:grant-[^ ]+@[^ ]+(?= \(allow\))", plain.body.decode())
+    assert (await bob.request("MESSAGE", grant, to=f"<{grant}>")).status == 200
+    assert (await send_message(alice, SOLO, b"after the note")).status == 200
+    assert (await bob.next_request("MESSAGE")).body == b"after the note"
+    assert [r.method for r in bob.received] == ["MESSAGE"] * 3
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_https_links_page_grants_only_on_its_form_and_deny_revokes(
     start: Start,
 ) -> None:
@@ -1323,9 +1352,10 @@ async def _code(fetched: Awaitable[tuple[int, bytes]]) -> int:
     return (await fetched)[0]
 
 
-def _click_in_browser(url: str, button: str) -> tuple[str, str]:
+def _click_in_browser(url: str, button: str, shots: Path) -> tuple[str, str]:
     """Open ``url`` in headless Chromium with JavaScript off and click ``button``;
-    the page text before and after (blocking: run in a thread)."""
+    the page text before and after, each page's screenshot saved in ``shots``
+    (blocking: run in a thread)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -1345,10 +1375,13 @@ def _click_in_browser(url: str, button: str) -> tuple[str, str]:
         driver.get(url)
         page = driver.find_element(By.TAG_NAME, "body")
         before = page.text
+        driver.save_screenshot(str(shots / "1-asked.png"))
         driver.find_element(By.XPATH, f"//button[text()='{button}']").click()
         # The form's POST loads a new page: read it once the old one is gone.
         WebDriverWait(driver, TIMEOUT * 4).until(expected_conditions.staleness_of(page))
-        return before, driver.find_element(By.TAG_NAME, "body").text
+        after = driver.find_element(By.TAG_NAME, "body").text
+        driver.save_screenshot(str(shots / "2-answered.png"))
+        return before, after
     finally:
         driver.quit()
 
@@ -1358,7 +1391,9 @@ def _click_in_browser(url: str, button: str) -> tuple[str, str]:
     reason="needs chromium and chromedriver",
 )
 @pytest_twisted.ensureDeferred
-async def test_a_person_allows_in_a_browser_without_javascript(start: Start) -> None:
+async def test_a_person_allows_in_a_browser_without_javascript(
+    start: Start, tmp_path: Path
+) -> None:
     pytest.importorskip("selenium")
     relay = await start(sip__consent_request="message")
     alice = await start_ua("alice", "UDP", relay)
@@ -1369,11 +1404,17 @@ async def test_a_person_allows_in_a_browser_without_javascript(start: Start) -> 
     asked = await bob.next_request("MESSAGE")
     link = re.search(r"Allow: (\S+)", _parts(asked)["text/plain"].decode())
     assert link is not None
-    before, after = await deferToThread(_click_in_browser, link[1], "Allow")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"consent page screenshots: {shots}")
+    before, after = await deferToThread(_click_in_browser, link[1], "Allow", shots)
     assert ALICE in before and SOLO in before and "MESSAGE" in before
     assert "You allowed" in after
+    for shot in ("1-asked.png", "2-answered.png"):
+        assert (shots / shot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), shot
     relayed = await send_message(alice, SOLO, b"allowed in a browser")
     assert relayed.status == 200, relayed
+    assert (await bob.next_request("MESSAGE")).body == b"allowed in a browser"
 
 
 @pytest_twisted.ensureDeferred
@@ -1421,8 +1462,8 @@ async def test_two_relays_sharing_a_postgresql_store_act_as_one(
 # -- relayctl consent: a sender without a consent-aware UA --------------------------------
 
 
-async def _ctl_client(relay: Running, timeout: float = TIMEOUT) -> SIPClient:
-    client = SIPClient(reactor, (HOST, relay.udp_port), Credentials("alice", "alice-pw"), HOST)
+async def _ctl_client(relay: Running, timeout: float = TIMEOUT) -> SIPUserAgent:
+    client = SIPUserAgent(reactor, (HOST, relay.udp_port), Credentials("alice", "alice-pw"), HOST)
     client.deadline_seconds = timeout
     client.start()
     return client
@@ -1437,7 +1478,7 @@ async def _printed(out: io.StringIO, lines: int) -> list[str]:
     raise AssertionError(f"printed only {out.getvalue()!r}")
 
 
-async def _ctl_requested(start: Start) -> tuple[Running, UA, SIPClient, str, str]:
+async def _ctl_requested(start: Start) -> tuple[Running, UA, SIPUserAgent, str, str]:
     """Alice got a 470 for solo and pasted it to ``relayctl consent request``."""
     relay = await start()
     alice = await start_ua("alice", "UDP", relay)
@@ -1546,3 +1587,73 @@ async def test_relayctl_consent_commands_end_to_end(start: Start, tmp_path: Path
     out, err, code = await watching
     assert (code, err) == (0, ""), err
     assert [json.loads(line)["state"] for line in out.splitlines()] == ["pending", "granted"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_from_tls_to_udp_is_double_record_routed(start: Start) -> None:
+    """RFC 5658 §4: alice calls over TLS, bob is registered over UDP. The INVITE bob gets
+    carries two Record-Routes, his side's (UDP) on top and alice's (TLS) below, so each
+    party's in-dialog requests reach the relay over its own transport; alice's BYE along
+    her route set reaches bob with both taken off."""
+    relay = await start()
+    alice = await start_ua("alice", "TLS", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    bob.answer_status = 180
+    call_id, alice_tag = new_tag(), new_tag()
+    sdp = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    calling = Deferred.fromCoroutine(
+        alice.request(
+            "INVITE",
+            BOB,
+            [("Content-Type", "application/sdp")],
+            sdp,
+            call_id=call_id,
+            from_tag=alice_tag,
+        )
+    )
+    invite = await bob.next_request("INVITE", call_id)
+    routes = invite.headers.get_all("record-route")
+    assert len(routes) == 2, routes
+    callee_side, caller_side = (NameAddr.parse(r).uri for r in routes)
+    assert (callee_side.port, callee_side.param("transport")) == (relay.udp_port, None)
+    assert (caller_side.port, caller_side.param("transport")) == (relay.tls_port, "tls")
+    assert callee_side.param("rr") == caller_side.param("rr")
+    assert invite.body == sdp
+    bob_contact = f"sip:bob@{HOST}:{bob.local_port}"
+    ok = make_response(invite, 200, to_tag="bob-call")
+    for route in routes:
+        ok.headers.add("Record-Route", route)
+    ok.headers.add("Contact", f"<{bob_contact}>")
+    bob.answer_status = 200
+    bob.send_bytes(ok.to_bytes())
+    answered = await calling
+    assert answered.status == 200 and answered.headers.get_all("record-route") == routes
+    # Alice's route set is the Record-Routes reversed (RFC 3261 §12.1.2): TLS first.
+    route_set = [("Route", route) for route in reversed(routes)]
+    bob_side = answered.headers.get("to") or ""
+    _, ack = uac_request(
+        "ACK",
+        bob_contact,
+        via=f"SIP/2.0/TLS {HOST}:{alice.local_port}",
+        aor=alice.aor,
+        from_tag=alice_tag,
+        to=bob_side,
+        call_id=call_id,
+        cseq=alice.cseq,
+        contact=alice.contact,
+        headers=route_set,
+    )
+    alice.send_bytes(ack.to_bytes())  # (the test UA keeps no ACK to look at)
+    bye = await alice.request(
+        "BYE",
+        bob_contact,
+        route_set,
+        to=bob_side,
+        call_id=call_id,
+        from_tag=alice_tag,
+        authenticate=False,
+    )
+    assert bye.status == 200, bye
+    ended = await bob.next_request("BYE", call_id)
+    assert "route" not in ended.headers and ended.uri.format() == bob_contact

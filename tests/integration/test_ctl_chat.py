@@ -5,7 +5,9 @@ naming who is missing."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,12 @@ from twisted.internet import defer, protocol, task
 from twisted.internet import reactor as _reactor
 
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
+from relayd.ctl import sdp
 from relayd.ctl.chat import ChatAccess, queued_lines, run_chat
 from relayd.ctl.network import RelayAccess
 from relayd.ctl.settings import Credentials, CtlError
-from relayd.ctl.sipua import SIPUserAgent
-from relayd.testing import RelayPKI, consent_rule, consent_ruleset
+from relayd.ctl.sipua import CallRefused, SIPUserAgent
+from relayd.testing import RelayPKI, consent_rule, consent_ruleset, grant_document
 
 from .conftest import USERS as CONFTEST_USERS
 from .conftest import RelayFactory
@@ -30,6 +33,7 @@ from .test_consent_flow import (  # noqa: F401 - start is the fixture
     CAROL,
     HOST,
     LIST,
+    SOLO,
     TIMEOUT,
     USERS,
     Running,
@@ -85,9 +89,12 @@ class Terminal:
         self.out = Screen()
         self.err = Screen()
 
-    def run(self, access: ChatAccess, target: str | None) -> defer.Deferred[None]:
+    def run(
+        self, access: ChatAccess, target: str | None, save_dir: Path | None = None
+    ) -> defer.Deferred[None]:
+        lines = queued_lines(self.typed)
         return defer.Deferred.fromCoroutine(
-            run_chat(reactor, access, target, queued_lines(self.typed), self.out, self.err, 10)
+            run_chat(reactor, access, target, lines, self.out, self.err, 10, save_dir)
         )
 
 
@@ -137,6 +144,121 @@ async def test_a_call_to_a_list_without_everyones_consent_names_who_is_missing(
     assert f"missing: {CAROL} (sip:" in text
     assert BOB not in text
     assert "CONSENT (Consent-Methods: INVITE)" in text
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_consent_a_call_carries_lines_and_a_1_mib_file_each_way_bit_exact(
+    start: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """INVITE → 470 → consent granted → INVITE → 180/200/ACK → a SEND each way, then
+    ``/file`` each way as its own session (RFC 5547) through the MSRP relay → BYE."""
+    relay = await start()
+    alice_dir, bob_dir = tmp_path / "alice", tmp_path / "bob"
+    alice_dir.mkdir()
+    bob_dir.mkdir()
+    there = os.urandom(1 << 20)
+    back = os.urandom(1 << 20)
+    (alice_dir / "there.bin").write_bytes(there)
+    (bob_dir / "back.bin").write_bytes(back)
+    (bob_dir / "there.bin").write_bytes(b"bob's own file, never overwritten")
+    bob = Terminal()
+    answering = bob.run(await _access(relay, "bob"), None, bob_dir)
+    await bob.out.shows(f"Waiting for a call to {BOB}")
+
+    refused = Terminal()
+    with pytest.raises(CtlError, match=f"^{SOLO}: 470 .*missing: sip:consent-"):
+        await refused.run(await _access(relay, "alice"), SOLO).addTimeout(TIMEOUT, reactor)
+    store = relay.service.getServiceNamed("xcap").store
+    await store.put_document(CONSENT_RULES_AUID, BOB, "index", grant_document(ALICE, SOLO))
+
+    alice = Terminal()
+    calling = alice.run(await _access(relay, "alice"), SOLO, alice_dir)
+    await alice.out.shows(f"Ringing {SOLO}\n")
+    await alice.out.shows(f"Connected to {SOLO}")
+    await bob.out.shows(f"Connected to {ALICE}")
+    alice.typed.put("hello bob")
+    await bob.out.shows(f"{ALICE}: hello bob\n")
+    bob.typed.put("hello alice")
+    await alice.out.shows(f"{SOLO}: hello alice\n")
+
+    alice.typed.put(f"/file {alice_dir / 'there.bin'}")
+    await bob.out.shows(f"received there.bin as {bob_dir / 'there-1.bin'}: 1048576 bytes")
+    await alice.out.shows(f"sent there.bin: 1048576 bytes, SHA-256 {_sha256(there)}\n")
+    assert (bob_dir / "there-1.bin").read_bytes() == there
+    assert f"SHA-256 {_sha256(there)}\n" in bob.out.getvalue()
+    assert (bob_dir / "there.bin").read_bytes() == b"bob's own file, never overwritten"
+
+    bob.typed.put(f"/file {bob_dir / 'back.bin'}")
+    await alice.out.shows(f"received back.bin as {alice_dir / 'back.bin'}: 1048576 bytes")
+    await bob.out.shows(f"sent back.bin: 1048576 bytes, SHA-256 {_sha256(back)}\n")
+    assert (alice_dir / "back.bin").read_bytes() == back
+    assert f"SHA-256 {_sha256(back)}\n" in alice.out.getvalue()
+
+    alice.typed.put(None)  # Ctrl-D: BYE
+    await calling.addTimeout(TIMEOUT, reactor)
+    await bob.out.shows(f"{ALICE} hung up\n")
+    await answering.addTimeout(TIMEOUT, reactor)
+    for side in (alice, bob):  # the progress summary, and nothing else
+        assert side.err.getvalue().startswith("sent 1048576 bytes (1.0 MiB) in "), side.err
+        assert side.err.getvalue().count("\n") == 1, side.err
+    assert sorted(p.name for p in bob_dir.iterdir()) == ["back.bin", "there-1.bin", "there.bin"]
+
+
+async def _offer_file(relay: Running, user: str, name: str) -> int:
+    """The status a file offer named ``name`` from ``user`` (a bare user agent) gets
+    from bob, through the relay."""
+    ua = SIPUserAgent(reactor, (HOST, relay.udp_port), Credentials(user, USERS[user]), HOST)
+    ua.start()
+    selector = sdp.FileSelector(name, "application/octet-stream", 3, None, sdp.new_transfer_id())
+    offer = sdp.build(
+        [f"msrps://{HOST}:2855/offer;tcp"], (selector.content_type,), "sendonly", selector
+    )
+    try:
+        dialog = await defer.Deferred.fromCoroutine(ua.invite(BOB, offer)).addTimeout(
+            TIMEOUT, reactor
+        )
+    except CallRefused as refused:
+        return refused.status
+    finally:
+        await ua.close()
+    raise AssertionError(f"the offer was taken: {dialog}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_during_a_call_file_offers_from_others_or_with_a_path_are_refused(
+    start: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    relay = await start()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    bob = Terminal()
+    answering = bob.run(await _access(relay, "bob"), None, inbox)
+    await bob.out.shows(f"Waiting for a call to {BOB}")
+    alice = Terminal()
+    calling = alice.run(await _access(relay, "alice"), BOB, tmp_path / "unused")
+    with pytest.raises(CtlError, match=r"--save-dir .*unused: not a directory"):
+        await calling.addTimeout(TIMEOUT, reactor)
+    calling = alice.run(await _access(relay, "alice"), BOB)
+    await bob.out.shows(f"Connected to {ALICE}")
+
+    assert await _offer_file(relay, "carol", "hello.txt") == 403  # not the peer of the call
+    assert await _offer_file(relay, "alice", "../escape.txt") == 488
+    await bob.err.shows(
+        "file not received: refused file name '../escape.txt': it names a directory"
+    )
+    assert list(inbox.iterdir()) == []
+    alice.typed.put("/file /nonexistent/file.bin")
+    await alice.err.shows("file not sent: cannot read /nonexistent/file.bin: No such file")
+
+    alice.typed.put(None)
+    await calling.addTimeout(TIMEOUT, reactor)
+    await answering.addTimeout(TIMEOUT, reactor)
 
 
 # -- the command as a user runs it -------------------------------------------------------------
@@ -265,7 +387,8 @@ async def test_relayctl_chat_interrupted_while_ringing_cancels_the_call(
     relay = await start_relay()
     sip = relay.service.getServiceNamed("sip")
     await sip.listening.addTimeout(TIMEOUT, reactor)
-    bob = SIPUserAgent(reactor, (HOST, sip.port_of("udp")), "bob", CONFTEST_USERS["bob"], HOST)
+    bob_credentials = Credentials("bob", CONFTEST_USERS["bob"])
+    bob = SIPUserAgent(reactor, (HOST, sip.port_of("udp")), bob_credentials, HOST)
     socket = reactor.listenUDP(0, bob, interface=HOST)
     alice: ChatProcess | None = None
     try:

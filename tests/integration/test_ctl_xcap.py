@@ -22,11 +22,11 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
+from relayd.consent.edits import make_rule, new_ruleset
 from relayd.consent.policy import is_permitted
 from relayd.consent.store import IPermissionStore
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE
-from relayd.ctl.documents import make_rule, new_ruleset
 from relayd.ctl.xcap import Session
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
 from relayd.testing import write_users as write_htdigest
@@ -329,6 +329,6 @@ async def test_lists_say_what_the_relay_does_not_route(relay: XCAPRelay) -> None
     assert [item["uri"] for item in shown["not_routable"]] == ["mailto:carol@example.test"]
     refused = await relay.ctl("lists", "add", "new buddies", "bob")
     assert refused.code == 1 and refused.err.count("\n") == 1, refused
-    assert "creates no list the relay cannot route" in refused.err
+    assert "no list is created that the relay cannot route" in refused.err
     root = await relay.document("resource-lists")
     assert root is not None and len(list(root.iter("{*}list"))) == 3

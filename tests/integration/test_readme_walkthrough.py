@@ -3,8 +3,11 @@ defaults (generated certificate and first user, realm and domain ``localhost``; 
 ports are ephemeral), ``relayctl`` for users, list and grant, and baresip (Debian's
 ``baresip-core``) as alice, who sends, and as bob, who is on the list.
 
-MESSAGE to the list → 407 → 470; bob's grant → 200 and bob prints the message; the
-revocation → 470 again. Skipped without baresip.
+MESSAGE to the list → 407 → 470; alice's ``relayctl consent request`` reading her 470 →
+bob's baresip answers the CONSENT 501, the relay's rich consent MESSAGE 415, and shows
+its plain-text note with the links; bob's MESSAGE to the allow URI from baresip → alice's
+MESSAGE 200 and bob prints it; his MESSAGE to the deny URI → 470 again. Skipped without
+baresip.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ BARESIP_CONFIG = (
     "module_app menu.so",
 )
 SEND = ["-s", "-e", "/message hello friends"]  # the README's alice, less its -t 2
+ALLOW = ["-s", "-e", "/message allow"]  # the README's bob-allow, traced, less its -t 2
+ASK = ["consent", "request", "--domain", "localhost", "--user", "alice", "--from-470", "-"]
 DELIVERED = b'sip:alice@localhost: "hello friends"'
 SECONDS = 30.0  # for a start, a response, a process to end
 TAIL = 6000  # bytes of a process's output in a failure's message
@@ -95,6 +100,20 @@ class Relay:
         assert (code, err) == (0, b""), (args, out, err)
         return out.decode()
 
+    async def relayctl_reading(self, stdin: bytes, *args: str, **env: str) -> str:
+        """relayctl ARGS with ``stdin`` piped to it, as the README's ``… | relayctl``."""
+        out = Output()
+        command = [sys.executable, "-m", "relayd.ctl.main", *args]
+        environ = environment(self.home, **env)
+        process = reactor.spawnProcess(
+            out, sys.executable, command, env=environ, path=str(self.home)
+        )
+        process.write(stdin)
+        process.closeStdin()
+        code = await out.ended.addTimeout(SECONDS, reactor)
+        assert code == 0, (args, out.text(TAIL))
+        return out.output.decode()
+
     def baresip(self, folder: Path, *args: str) -> tuple[Output, IProcessTransport]:
         """baresip -f FOLDER ARGS, its standard input a pipe kept open (its console)."""
         assert BARESIP is not None
@@ -132,7 +151,12 @@ async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
 async def send_to_list(relay: Relay, alice: Path) -> tuple[list[str], bytes]:
     """Alice's ``/message`` to the list: the responses she got, in order (a UDP
     retransmission's repeat counted once), and her SIP trace."""
-    out, process = relay.baresip(alice, *SEND, "-t", str(int(SECONDS)))
+    return await send_message(relay, alice, SEND)
+
+
+async def send_message(relay: Relay, folder: Path, command: list[str]) -> tuple[list[str], bytes]:
+    """``baresip -f FOLDER COMMAND``: the responses to its MESSAGE, as ``send_to_list``."""
+    out, process = relay.baresip(folder, *command, "-t", str(int(SECONDS)))
 
     def final(text: bytes) -> bool:
         return any(not status.startswith(b"407") for status in STATUS.findall(text))
@@ -160,6 +184,10 @@ def test_readme_writes_the_tested_baresip_configuration() -> None:
     for line in BARESIP_CONFIG:
         assert f"'{line}'" in readme, line
     assert f"baresip -f alice {' '.join(SEND[:2])} '{SEND[2]}' -t 2" in readme
+    pipe = "2>&1 | grep '^Permission-Missing' | relayctl " + " ".join(ASK)
+    assert f"baresip -f alice {' '.join(SEND[:2])} '{SEND[2]}' -t 2 {pipe}" in readme
+    assert "sed 's/$/;regint=0/' bob/accounts > bob-allow/accounts" in readme
+    assert f"baresip -f bob-allow {ALLOW[1]} '{ALLOW[2]}' -t 2" in readme
 
 
 @pytest.mark.skipif(BARESIP is None, reason="baresip not on PATH (apt install baresip-core)")
@@ -190,7 +218,7 @@ async def test_message_to_list_waits_for_consent_then_reaches_the_member(
     (folders["bob"] / "accounts").write_text(
         account("bob", passwords["bob"], relay) + "\n", encoding="utf-8"
     )
-    bob, bob_process = relay.baresip(folders["bob"])
+    bob, bob_process = relay.baresip(folders["bob"], "-s")
     try:
         await bob.wait(lambda text: b"bob@localhost: {0/UDP/v4} 200 OK" in text, "registration")
         # 4. Alice is challenged, then refused for want of consent; nothing reaches bob.
@@ -198,25 +226,51 @@ async def test_message_to_list_waits_for_consent_then_reaches_the_member(
         assert statuses == ["407 Proxy Authentication Required", "470 Consent Needed"], trace
         assert b"Permission-Missing: <sip:consent-" in trace
         assert DELIVERED not in bob.output
-        # 5. Bob grants.
-        grant = ["bob", "--user", "bob", "--from", "sip:alice@localhost", "--list", LIST]
-        out = await relay.relayctl(
-            "permissions", "grant", *grant, RELAYCTL_PASSWORD=passwords["bob"]
+        # 5. Alice asks bob, with the Permission-Missing lines of her 470.
+        missing = b"".join(re.findall(rb"^Permission-Missing:[^\r\n]*\r?\n", trace, re.M))
+        out = await relay.relayctl_reading(
+            missing,
+            *ASK,
+            "--relay",
+            f"{HOST}:{relay.sip_port}",
+            RELAYCTL_PASSWORD=passwords["alice"],
         )
         assert re.fullmatch(
-            r"added rule grant-alice-[0-9a-f]+: sip:alice@localhost may reach "
-            r"sip:bob@localhost via sip:friends@localhost\n",
+            r"sip:consent-[^:]+@localhost: 202 Accepted\n  wait-permission: sip:wp-\S+@localhost\n",
             out,
         ), out
-        # 6. Delivered: 200 to alice, the message on bob's console.
+        # baresip answers the CONSENT 501 and the MESSAGE of both alternatives 415: bob's
+        # console shows the relay's plain-text note with the links.
+        note = re.compile(rb'sip:localhost: "sip:alice@localhost asks to send you MESSAGE[^"]*"')
+        await bob.wait(
+            lambda text: note.search(text) is not None, "the consent note on bob's console"
+        )
+        shown = note.search(bytes(bob.output))
+        assert shown is not None
+        assert b"through the list sip:friends@localhost" in shown[0]
+        assert re.search(rb"Allow: https://localhost:\d+/consent/grant/", shown[0])
+        (allow,) = re.findall(rb"sip:grant-[^ ]+@localhost(?= \(allow\))", shown[0])
+        # 6. Bob allows: a MESSAGE to the allow URI from baresip, as the README does it.
+        folders["bob-allow"] = answer = tmp_path / "bob-allow"
+        answer.mkdir()
+        shutil.copy(folders["bob"] / "config", answer / "config")
+        # sed 's/$/;regint=0/' bob/accounts > bob-allow/accounts
+        bob_account = (folders["bob"] / "accounts").read_text(encoding="utf-8")
+        (answer / "accounts").write_text(
+            "".join(line + ";regint=0\n" for line in bob_account.splitlines()), encoding="utf-8"
+        )
+        (answer / "contacts").write_text(f"<{allow.decode()}>\n", encoding="utf-8")
+        statuses, trace = await send_message(relay, answer, ALLOW)
+        assert statuses == ["200 OK"], trace
+        # 7. Delivered: 200 to alice, the message on bob's console.
         statuses, trace = await send_to_list(relay, folders["alice"])
         assert statuses == ["407 Proxy Authentication Required", "200 OK"], trace
         await bob.wait(lambda text: DELIVERED in text, "the message on bob's console")
-        # Revoked: 470 again.
-        out = await relay.relayctl(
-            "permissions", "revoke", *grant, RELAYCTL_PASSWORD=passwords["bob"]
-        )
-        assert out == "revoked 1 rule of sip:bob@localhost\n"
+        # Revoked with the deny URI of the same note (RFC 5360 §5.8): 470 again.
+        (deny,) = re.findall(rb"sip:deny-[^ ]+@localhost(?= \(deny\))", shown[0])
+        (answer / "contacts").write_text(f"<{deny.decode()}>\n", encoding="utf-8")
+        statuses, trace = await send_message(relay, answer, ["-s", "-e", "/message deny"])
+        assert statuses == ["200 OK"], trace
         statuses, trace = await send_to_list(relay, folders["alice"])
         assert statuses == ["407 Proxy Authentication Required", "470 Consent Needed"], trace
         assert bob.output.count(DELIVERED) == 1

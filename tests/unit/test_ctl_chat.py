@@ -1,16 +1,20 @@
-"""The pure parts of ``relayctl chat``: addresses, the 470 message, printing messages."""
+"""The pure parts of ``relayctl chat``: addresses, the 470 message, printing messages,
+whose file offers are taken, and where files go."""
 
 from __future__ import annotations
 
 import io
-import socket
+from pathlib import Path
 
 import pytest
 
 from relayd.ctl import chat
+from relayd.ctl import main as ctl
 from relayd.ctl.settings import CtlError
 from relayd.ctl.sipua import CallRefused
 from relayd.msrp.message import ByteRange, Headers, MSRPRequest
+from relayd.sip.message import Headers as SIPHeaders
+from relayd.sip.message import SIPRequest
 from relayd.sip.uri import SIPURI, NameAddr
 
 
@@ -36,14 +40,6 @@ def test_a_bare_user_name_is_called_in_the_domain_and_a_uri_as_given() -> None:
     )
     with pytest.raises(CtlError, match="cannot call"):
         chat.target_uri("sip:", "example.com")
-
-
-def test_a_sip_relay_address_is_resolved_with_its_port_or_5060() -> None:
-    assert chat.sip_address("127.0.0.1") == ("127.0.0.1", 5060)
-    assert chat.sip_address("127.0.0.1:5070") == ("127.0.0.1", 5070)
-    assert chat.sip_address("[::1]:5071")[1] == 5071
-    with pytest.raises(CtlError, match="port must be 1-65535"):
-        chat.sip_address("127.0.0.1:0")
 
 
 def test_a_470_says_who_has_not_consented_and_how_to_ask() -> None:
@@ -106,12 +102,31 @@ def test_a_message_longer_than_a_line_is_shown_shortened() -> None:
     assert out.getvalue().count("x") == chat.MAX_LINE_BYTES
 
 
-def test_a_name_with_both_kinds_of_address_takes_the_ipv4_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    both = [
-        (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", 5060, 0, 0)),
-        (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", 5060)),
-    ]
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: list(both))
-    assert chat.sip_address("relay.example") == ("127.0.0.1", 5060)
+def _invite(**headers: str) -> SIPRequest:
+    return SIPRequest(
+        "INVITE",
+        SIPURI.parse("sip:bob@127.0.0.1"),
+        SIPHeaders([(name.replace("_", "-"), value) for name, value in headers.items()]),
+    )
+
+
+def test_a_file_offer_is_known_by_the_relays_asserted_identity_else_its_from() -> None:
+    asserted = _invite(From="<sip:mallory@x>;tag=1", P_Asserted_Identity="<sip:alice@x>")
+    assert chat.identity(asserted) == "sip:alice@x"
+    assert chat.identity(_invite(From='"Al" <sip:alice@x>;tag=1')) == "sip:alice@x"
+    assert chat.identity(_invite()) == ""
+
+
+def test_the_save_directory_must_exist_and_be_writable(tmp_path: Path) -> None:
+    assert chat.check_save_dir(tmp_path) == tmp_path
+    with pytest.raises(CtlError, match="not a directory"):
+        chat.check_save_dir(tmp_path / "gone")
+
+
+def test_chat_takes_a_save_directory() -> None:
+    args = ctl.build_parser().parse_args(
+        ["chat", "--answer", "--via", "msrps://r", "--save-dir", "in"]
+    )
+    assert args.save_dir == Path("in")
+    args = ctl.build_parser().parse_args(["chat", "bob", "--via", "msrps://r"])
+    assert args.save_dir is None

@@ -1,13 +1,10 @@
-"""``relayctl consent``: reading 470s and NOTIFY bodies, and the UDP client's timers."""
+"""``relayctl consent``: reading 470s and NOTIFY bodies, and the command line."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from relayd.ctl import main as ctl
 from relayd.ctl.consent import (
@@ -19,14 +16,9 @@ from relayd.ctl.consent import (
     verdict,
     wait_uri,
 )
-from relayd.ctl.settings import Credentials, CtlError
-from relayd.ctl.sip import SIPClient, relay_address
-from relayd.digest import format_challenge, parse_credentials
+from relayd.ctl.settings import CtlError
 from relayd.sip.events import ConsentStatusEntry, consent_status_body
-from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
-from relayd.sip.parser import parse_datagram
-from relayd.sip.uri import SIPURI
-from relayd.testing import RecordingUDP
+from relayd.sip.message import Headers, SIPResponse
 
 C1 = "sip:consent-AAA.mac1@relay.test"
 C2 = "sip:consent-BBB.mac2@relay.test"
@@ -119,85 +111,6 @@ def test_wait_uri_takes_the_wait_permission_call_info() -> None:
     )
     assert wait_uri(_response(202, info)) == "sip:wp-1@relay.test"
     assert wait_uri(_response(202)) is None
-
-
-def test_relay_address() -> None:
-    assert relay_address("127.0.0.1") == ("127.0.0.1", 5060)
-    assert relay_address("sip:relay.test:5070") == ("relay.test", 5070)
-    assert relay_address("[::1]:5080") == ("::1", 5080)
-    with pytest.raises(CtlError, match="bad relay address"):
-        relay_address("sip:alice@relay.test")
-
-
-def _client(clock: Clock, deadline: float = 32.0) -> tuple[SIPClient, RecordingUDP]:
-    udp = RecordingUDP("127.0.0.1", 40000)
-    client = SIPClient(clock, ("127.0.0.1", 5060), Credentials("alice", "pw"), "relay.test")
-    client.deadline_seconds = deadline
-    client._host, client._peer, client._port = "127.0.0.1", ("127.0.0.1", 5060), udp
-    client.makeConnection(udp)  # type: ignore[arg-type]
-    return client, udp
-
-
-def _sent(udp: RecordingUDP) -> list[SIPRequest]:
-    out = []
-    for data, addr in udp.take():
-        assert addr == ("127.0.0.1", 5060)
-        message = parse_datagram(data)
-        assert isinstance(message, SIPRequest)
-        out.append(message)
-    return out
-
-
-def test_timer_e_doubles_to_t2_and_timer_f_gives_up() -> None:
-    """RFC 3261 §17.1.2.2: retransmit at T1, 2·T1, … capped at T2; 64·T1 ends it."""
-    clock = Clock()
-    client, udp = _client(clock)
-    answer = Deferred.fromCoroutine(client.request("CONSENT", C1))
-    failures: list[Failure] = []
-    answer.addErrback(failures.append)
-    assert len(_sent(udp)) == 1
-    for interval in (0.5, 1, 2, 4, 4, 4, 4, 4, 4, 4):
-        clock.advance(interval - 0.01)
-        assert not udp.sent
-        clock.advance(0.01)
-        assert len(_sent(udp)) == 1
-    assert clock.seconds() == pytest.approx(31.5) and not failures
-    clock.advance(0.5)
-    assert "no answer to CONSENT" in str(failures[0].value)
-    assert not clock.getDelayedCalls()
-
-
-def test_digest_is_answered_once_and_notifies_are_answered() -> None:
-    clock = Clock()
-    client, udp = _client(clock)
-    answer = Deferred.fromCoroutine(client.request("CONSENT", C1, [("Consent-Methods", "MESSAGE")]))
-    (first,) = _sent(udp)
-    challenge = ("Proxy-Authenticate", format_challenge("relay.test", "n1"))
-    client.datagramReceived(make_response(first, 407, headers=[challenge]).to_bytes(), ("x", 1))
-    (second,) = _sent(udp)
-    assert second.headers.get("consent-methods") == "MESSAGE"
-    assert second.cseq.number == first.cseq.number + 1
-    assert parse_credentials(second.headers.get("proxy-authorization") or "").username == "alice"
-    client.datagramReceived(make_response(second, 407, headers=[challenge]).to_bytes(), ("x", 1))
-    failures: list[Failure] = []
-    answer.addErrback(failures.append)
-    assert "credentials for sip:alice@relay.test refused" in str(failures[0].value)
-
-    h = Headers(
-        [
-            ("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKn1"),
-            ("From", "<sip:wp-1@relay.test>;tag=a"),
-            ("To", "<sip:alice@relay.test>;tag=b"),
-            ("Call-ID", "c1"),
-            ("CSeq", "1 NOTIFY"),
-        ]
-    )
-    notify = SIPRequest("NOTIFY", SIPURI.parse("sip:alice@127.0.0.1:40000"), h, b"")
-    for _ in range(2):  # a retransmission is answered again but queued once
-        client.datagramReceived(notify.to_bytes(), ("127.0.0.1", 5060))
-    statuses = [parse_datagram(data) for data, _ in udp.take()]
-    assert [getattr(s, "status", None) for s in statuses] == [200, 200]
-    assert len(client.incoming.pending) == 1
 
 
 def test_consent_parser() -> None:

@@ -1,9 +1,11 @@
-"""The SIP user agent of ``relayctl chat`` on a fake clock and socket: retransmission
-(Timer A and E, RFC 3261 §17.1), digest retries, a 470's missing members, the 2xx
-retransmitted until its ACK (§13.3.1.4), and the BYE of a dialog."""
+"""The SIP user agent of ``relayctl chat`` and ``relayctl consent`` on a fake clock and
+socket: retransmission (Timer A and E, RFC 3261 §17.1), digest retries, a 470's missing
+members, the 2xx retransmitted until its ACK (§13.3.1.4), the BYE of a dialog, and
+wait-permission NOTIFYs answered and queued once."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any, TypeVar
 
 import pytest
@@ -12,9 +14,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from relayd.ctl.settings import CtlError
-from relayd.ctl.sipua import CallRefused, Dialog, SIPUserAgent, missing_members
-from relayd.digest import format_challenge
+from relayd.ctl.settings import Credentials, CtlError
+from relayd.ctl.sipua import (
+    CallRefused,
+    Dialog,
+    SIPUserAgent,
+    missing_members,
+    relay_address,
+    resolve,
+)
+from relayd.digest import format_challenge, parse_credentials
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sip.parser import parse_datagram
 from relayd.sip.uri import SIPURI
@@ -40,9 +49,9 @@ class FakeSocket:
         return [m for _, m in self.sent if isinstance(m, SIPRequest) and m.method == method]
 
 
-def _ua(user: str = "alice") -> tuple[SIPUserAgent, FakeSocket, Clock]:
+def _ua(user: str = "alice", deadline: float = 32.0) -> tuple[SIPUserAgent, FakeSocket, Clock]:
     clock = Clock()
-    ua = SIPUserAgent(clock, RELAY, user, "secret", "example.com")
+    ua = SIPUserAgent(clock, RELAY, Credentials(user, "secret"), "example.com", deadline)
     socket = FakeSocket(clock)
     ua.makeConnection(socket)  # type: ignore[arg-type]
     return ua, socket, clock
@@ -312,3 +321,154 @@ def test_a_cancelled_incoming_invite_is_487_and_no_longer_offered() -> None:
     assert isinstance(socket.sent[-1][1], SIPResponse) and socket.sent[-1][1].status == 481
     waiting.cancel()
     waiting.addErrback(lambda _: None)
+
+
+def test_a_relay_address_is_a_host_and_port_or_5060() -> None:
+    assert relay_address("127.0.0.1") == ("127.0.0.1", 5060)
+    assert relay_address("127.0.0.1:5070") == ("127.0.0.1", 5070)
+    assert relay_address("sip:relay.test:5070") == ("relay.test", 5070)
+    assert relay_address("[::1]:5080") == ("::1", 5080)
+    assert relay_address("::1") == ("::1", 5060)
+    with pytest.raises(CtlError, match="bad relay address"):
+        relay_address("sip:alice@relay.test")
+    with pytest.raises(CtlError, match="port must be 1-65535"):
+        relay_address("127.0.0.1:0")
+
+
+def test_a_relay_name_with_both_kinds_of_address_takes_the_ipv4_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    both = [
+        (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", 5060, 0, 0)),
+        (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", 5060)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: list(both))
+    assert resolve("relay.example", 5060) == ("127.0.0.1", 5060)
+
+
+def test_a_relay_name_that_does_not_resolve_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unknown(*args: object, **kwargs: object) -> list[Any]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    with pytest.raises(CtlError, match=r"cannot resolve the SIP relay relay\.invalid"):
+        resolve("relay.invalid", 5060)
+
+
+CONSENT_URI = "sip:consent-AAA.mac1@example.com"
+
+
+def test_a_consent_nobody_answers_is_resent_up_to_t2_and_given_up_after_timer_f() -> None:
+    """RFC 3261 §17.1.2.2: retransmit at T1, 2·T1, … capped at T2; 64·T1 ends it."""
+    ua, socket, clock = _ua()
+    answer = defer.Deferred.fromCoroutine(ua.request("CONSENT", CONSENT_URI))
+    clock.pump([0.25] * 127)
+    assert [at for at, _ in socket.sent] == [
+        0,
+        0.5,
+        1.5,
+        3.5,
+        7.5,
+        11.5,
+        15.5,
+        19.5,
+        23.5,
+        27.5,
+        31.5,
+    ]
+    assert not answer.called
+    clock.advance(0.25)
+    error = _error(answer)
+    assert isinstance(error, CtlError) and "no answer to CONSENT" in str(error)
+    assert not clock.getDelayedCalls()
+
+
+def test_a_provisional_response_slows_timer_e_to_t2_and_a_short_deadline_ends_sooner() -> None:
+    ua, socket, clock = _ua(deadline=10.0)
+    answer = defer.Deferred.fromCoroutine(ua.request("SUBSCRIBE", CONSENT_URI))
+    (first,) = socket.requests("SUBSCRIBE")
+    _receive(ua, make_response(first, 100))
+    clock.pump([0.25] * 40)
+    assert [at for at, _ in socket.sent] == [0, 0.5, 4.5, 8.5]
+    error = _error(answer)
+    assert isinstance(error, CtlError) and "within 10 s" in str(error)
+    assert not clock.getDelayedCalls()
+
+
+def test_a_request_is_sent_once_more_with_credentials_then_refused_clearly() -> None:
+    ua, socket, clock = _ua()
+    answer = defer.Deferred.fromCoroutine(
+        ua.request("CONSENT", CONSENT_URI, [("Consent-Methods", "MESSAGE")])
+    )
+    (first,) = socket.requests("CONSENT")
+    challenge = ("Proxy-Authenticate", format_challenge("example.com", "n1"))
+    _receive(ua, make_response(first, 407, headers=[challenge]))
+    second = socket.requests("CONSENT")[1]
+    assert second.headers.get("consent-methods") == "MESSAGE"
+    assert second.cseq.number == first.cseq.number + 1
+    assert second.call_id == first.call_id and second.via.branch != first.via.branch
+    assert parse_credentials(second.headers.get("proxy-authorization") or "").username == "alice"
+    _receive(ua, make_response(second, 407, headers=[challenge]))
+    error = _error(answer)
+    assert isinstance(error, CtlError)
+    assert "refused our credentials for alice (407" in str(error)
+    assert not socket.requests("ACK")  # only an INVITE's failure is acknowledged
+    assert not clock.getDelayedCalls()
+
+
+def test_requests_of_one_call_id_keep_growing_their_cseq_past_a_challenge() -> None:
+    ua, socket, _ = _ua()
+    first = defer.Deferred.fromCoroutine(ua.request("SUBSCRIBE", CONSENT_URI, call_id="w1"))
+    challenge = ("WWW-Authenticate", format_challenge("example.com", "n1"))
+    _receive(ua, make_response(socket.requests("SUBSCRIBE")[0], 401, headers=[challenge]))
+    _receive(ua, make_response(socket.requests("SUBSCRIBE")[1], 200))
+    assert _value(first).status == 200
+    again = defer.Deferred.fromCoroutine(ua.request("SUBSCRIBE", CONSENT_URI, call_id="w1"))
+    _receive(ua, make_response(socket.requests("SUBSCRIBE")[2], 200))
+    assert _value(again).status == 200
+    assert [r.cseq.number for r in socket.requests("SUBSCRIBE")] == [1, 2, 3]
+
+
+def _notify(call_id: str, cseq: int) -> SIPRequest:
+    request = _request("NOTIFY", call_id, cseq, b"<consent-status/>")
+    request.headers.set("From", "<sip:wp-1@example.com>;tag=a")
+    request.headers.set("To", "<sip:alice@example.com>;tag=b")
+    return request
+
+
+def test_a_notify_is_answered_each_time_and_queued_once() -> None:
+    ua, socket, _ = _ua()
+    for _ in range(2):  # a retransmission is answered again but queued once
+        _receive(ua, _notify("w1", 1))
+    _receive(ua, _notify("w1", 2))
+    answers = [(m.cseq.method, m.status) for _, m in socket.sent if isinstance(m, SIPResponse)]
+    assert answers == [("NOTIFY", 200)] * 3
+    assert [n.cseq.number for n in ua.notifications.pending] == [1, 2]
+
+
+def test_a_bad_uri_is_a_clear_error_and_nothing_is_sent() -> None:
+    ua, socket, _ = _ua()
+    error = _error(defer.Deferred.fromCoroutine(ua.request("CONSENT", "sip:")))
+    assert isinstance(error, CtlError) and "bad URI" in str(error)
+    assert not socket.sent
+
+
+def test_a_ringing_call_gets_180_then_200_with_one_to_tag_and_a_second_session_may_follow() -> None:
+    ua, socket, _ = _ua("bob")
+    waiting = defer.Deferred.fromCoroutine(ua.incoming())
+    _receive(ua, _request("INVITE", "call", 1, b"offer", Contact="<sip:alice@192.0.2.1>"))
+    invite = _value(waiting)
+    ua.ring(invite)
+    accepting = defer.Deferred.fromCoroutine(ua.accept(invite, b"answer", more_calls=True))
+    ringing, ok = [m for _, m in socket.sent if isinstance(m, SIPResponse)][1:3]
+    assert (ringing.status, ok.status) == (180, 200)
+    assert ringing.to_tag is not None and ringing.to_tag == ok.to_tag
+    _receive(ua, _request("ACK", "call", 1))
+    _value(accepting)
+    assert ua.taking_calls  # a file session beside the call is queued, not 486
+    _receive(ua, _request("INVITE", "file", 1, b"offer", Contact="<sip:alice@192.0.2.1>"))
+    assert [m.status for _, m in socket.sent if isinstance(m, SIPResponse)][-1] == 100
+    ua.ring(invite)  # answered already: no second 180
+    assert [m.status for _, m in socket.sent if isinstance(m, SIPResponse)][-1] == 100

@@ -12,8 +12,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from relayd.consent.edits import make_rule, new_ruleset
+from relayd.consent.lists import Unroutable, build_list_report
 from relayd.ctl import main as ctl
-from relayd.ctl.documents import make_rule, new_ruleset
 from relayd.ctl.settings import CtlError, Locations
 from relayd.ctl.xcap import (
     WRITE_ATTEMPTS,
@@ -21,7 +22,8 @@ from relayd.ctl.xcap import (
     XCAPRequestError,
     check_arguments,
     default_xcap_url,
-    expand_xui,
+    parse_xcap_document,
+    report_of,
     xcap_trust,
 )
 from relayd.xcap.client import XCAPClient, XCAPResponse
@@ -40,14 +42,6 @@ def test_lists_remove_takes_members_or_all() -> None:
     for both_or_neither in (["friends"], ["friends", BOB, "--all"]):
         with pytest.raises(CtlError, match="or --all"):
             check_arguments(parser.parse_args(["lists", "remove", *both_or_neither]))
-
-
-def test_expand_xui() -> None:
-    assert expand_xui("carol", "example.test") == "sip:carol@example.test"
-    assert expand_xui("carol@other.test", "example.test") == "sip:carol@other.test"
-    assert expand_xui("sips:carol@x", "example.test") == "sips:carol@x"
-    with pytest.raises(CtlError):
-        expand_xui(" ", "r")
 
 
 def test_default_xcap_url_follows_the_config(tmp_path: Path) -> None:
@@ -193,3 +187,26 @@ def test_any_other_refusal_ends_the_change_at_once() -> None:
     with pytest.raises(XCAPRequestError, match="409") as caught:
         _run(session.update(PATH, RULESET, "application/auth-policy+xml", len, None))
     assert caught.value.status == 409 and len(server.requests) == 2
+
+
+def test_parse_refuses_a_document_of_another_kind() -> None:
+    with pytest.raises(CtlError, match="expected"):
+        parse_xcap_document(b"<a/>", "{urn:ietf:params:xml:ns:common-policy}ruleset")
+    with pytest.raises(CtlError, match="unreadable"):
+        parse_xcap_document(b'<!DOCTYPE a [<!ENTITY x "y">]><a/>', "a")
+
+
+def test_the_relays_list_report_is_read_from_a_write_answer() -> None:
+    items = [Unroutable("resource-lists/list[2]", "no name")]
+    report = build_list_report(items)
+    answer = _response(200, report, "application/vnd.relayd.list-report+xml")
+    assert report_of(answer) == (items, 0)
+    assert report_of(_response(200)) == ([], 0)
+    assert report_of(_response(200, report, "text/plain")) == ([], 0)
+
+
+def _response(status: int, body: bytes = b"", content_type: str | None = None) -> XCAPResponse:
+    headers = Headers()
+    if content_type:
+        headers.setRawHeaders("Content-Type", [content_type])
+    return XCAPResponse(status, headers, body)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.keyfile import KEY_BYTES, KeyFileError, load_or_create_key
+from relayd.keyfile import KEY_BYTES, KeyFileError, derived_key, load_or_create_key
 
 
 def test_a_key_is_created_once_private_and_then_kept(tmp_path: Path) -> None:
@@ -33,3 +33,11 @@ def test_an_unusable_key_file_is_refused_not_replaced(
 def test_a_key_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="cannot create"):
         load_or_create_key(tmp_path / "missing" / "consent.key")
+
+
+def test_derived_keys_are_stable_per_purpose_and_differ_between_purposes() -> None:
+    key = bytes(range(32))
+    assert derived_key(key, "consent page forms") == derived_key(key, "consent page forms")
+    assert derived_key(key, "consent page forms") != derived_key(key, "admin page forms")
+    assert derived_key(key, "consent page forms") != derived_key(b"\0" * 32, "consent page forms")
+    assert len(derived_key(key, "x")) == 32

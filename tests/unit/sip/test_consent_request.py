@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 from lxml import etree
 
 from relayd.consent.answer import Action, answer_token
 from relayd.consent.store import PendingConsent
 from relayd.consent.vocabulary import CONSENT_FORMAT_NAMESPACE, CONSENT_RULES_MIME_TYPE
-from relayd.sip.consent_request import answer_uri, parse_answer_user, request_body
+from relayd.sip.consent_request import (
+    answer_uri,
+    parse_answer_user,
+    request_body,
+    takes_plain_text,
+)
 
 RECORD = PendingConsent(
     "abcdefghijklmnopqrstuv",
@@ -89,3 +95,20 @@ def test_the_request_document_uses_rfc_5361_names_exactly() -> None:
     assert {e.tag for e in actions} == {f"{{{cr}}}trans-handling"}
     assert {e.text for e in actions} == {"grant", "deny"}
     assert all(e.get("perm-uri") for e in actions)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (["text/plain"], True),
+        (["application/sdp, TEXT/PLAIN;charset=utf-8"], True),
+        (["text/*"], True),
+        (["*/*;q=0.1"], True),
+        (["text/plain;q=0"], False),
+        (["text/plain;q=zero"], False),
+        (["text/html", "application/im-iscomposing+xml"], False),
+        ([], False),
+    ],
+)
+def test_a_415_admits_plain_text_by_its_accept_ranges(accept: list[str], expected: bool) -> None:
+    assert takes_plain_text(accept) is expected

@@ -20,8 +20,8 @@ from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
 from relayd.consent.documents import DocumentKey, DocumentRejected
+from relayd.consent.edits import describe_lists, describe_rules
 from relayd.consent.store import MemoryPermissionStore, StoreChange
-from relayd.ctl.documents import describe_lists, describe_rules
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.testing import consent_rule, consent_ruleset
 from relayd.web.admin import (

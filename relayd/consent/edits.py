@@ -1,9 +1,11 @@
-"""Pure edits of the documents relayctl changes over XCAP: a recipient's consent
-rules (RFC 4745 common-policy, RFC 5361) and an owner's resource lists (RFC 4826).
+"""Pure edits of the documents people change: a recipient's consent rules (RFC 4745
+common-policy, RFC 5361) and an owner's resource lists (RFC 4826).
 
 Functions on lxml trees parsed with relayd's safe parser, without I/O, so they are
-unit-tested without a server; :mod:`relayd.ctl.xcap` fetches and writes the
-documents, :mod:`relayd.ctl.render` shows them.
+unit-tested without a server. relayctl (:mod:`relayd.ctl.xcap`, over XCAP) and the
+admin page (:mod:`relayd.web.admin`, in the relay) both edit through them, so a rule or
+a list means the same whichever wrote it. An edit that cannot be made raises
+:class:`EditError`, its text one line a person reads.
 """
 
 from __future__ import annotations
@@ -20,24 +22,26 @@ from relayd.consent.lists import (
     Unroutable,
     URIListError,
     list_uri,
-    parse_list_report,
     read_lists,
 )
 from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
     CONSENT_FORMAT_NAMESPACE,
     CONSENT_POLICY_NAMESPACE,
-    LIST_REPORT_MIME_TYPE,
     RESOURCE_LISTS_NAMESPACE,
 )
-from relayd.ctl.settings import CtlError
-from relayd.xcap.client import XCAPResponse
-from relayd.xcap.errors import XCAPError
-from relayd.xcap.xml import parse_document
 
+DEFAULT_DOCUMENT = "index"
+"""The document relayctl and the admin page keep a user's rules and lists in."""
 DEFAULT_METHODS = ("MESSAGE",)
 CLOCK_SKEW = timedelta(minutes=5)
 """``--until`` rules start this long before now, so a slow relay clock still sees them."""
+
+
+class EditError(ValueError):
+    """An edit that cannot be made (a list the relay could not route, a member that is
+    not there); nothing was changed."""
+
 
 _CP = f"{{{COMMON_POLICY_NAMESPACE}}}"
 _CR = f"{{{CONSENT_POLICY_NAMESPACE}}}"
@@ -75,15 +79,14 @@ def new_ruleset() -> etree._Element:
     return etree.Element(_CP + "ruleset", nsmap=nsmap)
 
 
-def parse_xcap_document(body: bytes, root_tag: str) -> etree._Element:
-    """Parse a document fetched from the server with relayd's safe parser."""
-    try:
-        root = parse_document(body, max(len(body), 1))
-    except XCAPError as e:
-        raise CtlError(f"the server sent an unreadable document: {e}") from None
-    if root.tag != root_tag:
-        raise CtlError(f"the server sent a {root.tag} document, expected {root_tag}")
-    return root
+def expand_xui(name: str, realm: str) -> str:
+    """``carol`` → ``sip:carol@<realm>``, ``carol@x`` → ``sip:carol@x``; URIs unchanged."""
+    text = name.strip()
+    if not text:
+        raise EditError("empty user or URI")
+    if ":" in text.split("@", 1)[0]:
+        return text
+    return f"sip:{text}" if "@" in text else f"sip:{text}@{realm}"
 
 
 def rule_id_for(sender: str, list_uri: str) -> str:
@@ -265,7 +268,7 @@ def add_members(
 ) -> tuple[list[str], bool]:
     """Add ``uris`` to list ``name`` (created if missing); return (added, list created).
 
-    A new list must be one the relay routes (``sip:<name>@<domain>``): CtlError,
+    A new list must be one the relay routes (``sip:<name>@<domain>``): EditError,
     nothing changed, otherwise.  An existing list is edited whatever its name."""
     element = find_list(root, name)
     created = element is None
@@ -273,9 +276,9 @@ def add_members(
         try:
             list_uri(name, domain)
         except URIListError as e:
-            raise CtlError(
+            raise EditError(
                 f"LIST is a list's name, such as friends for sip:friends@{domain}: {e};"
-                " relayctl creates no list the relay cannot route"
+                " no list is created that the relay cannot route"
             ) from None
         element = etree.SubElement(root, _RL + "list", name=name)
     present = {entry.get("uri") for entry in element.iterchildren(_RL + "entry")}
@@ -296,23 +299,11 @@ def not_routable(root: etree._Element, domain: str) -> list[Unroutable]:
     return list(read_lists(root, domain).unroutable)
 
 
-def report_of(response: XCAPResponse) -> tuple[list[Unroutable], int]:
-    """The relay's list report in a write's answer: the items and how many more it
-    counted; nothing when it sent none (docs/consent.md)."""
-    media = (response.header("Content-Type") or "").split(";", 1)[0].strip().lower()
-    if media != LIST_REPORT_MIME_TYPE or not response.body:
-        return [], 0
-    try:
-        return parse_list_report(response.body)
-    except URIListError:
-        return [], 0
-
-
 def remove_list(root: etree._Element, name: str) -> list[str]:
-    """Remove list ``name`` whole; returns its members. CtlError if there is none."""
+    """Remove list ``name`` whole; returns its members. EditError if there is none."""
     element = find_list(root, name)
     if element is None:
-        raise CtlError(f"no list named {name!r}")
+        raise EditError(f"no list named {name!r}")
     members = [entry.get("uri", "") for entry in element.iterchildren(_RL + "entry")]
     parent = element.getparent()
     assert parent is not None
@@ -321,14 +312,14 @@ def remove_list(root: etree._Element, name: str) -> list[str]:
 
 
 def remove_members(root: etree._Element, name: str, uris: Sequence[str]) -> list[str]:
-    """Remove ``uris`` from list ``name``; CtlError (nothing changed) if any is absent."""
+    """Remove ``uris`` from list ``name``; EditError (nothing changed) if any is absent."""
     element = find_list(root, name)
     if element is None:
-        raise CtlError(f"no list named {name!r}")
+        raise EditError(f"no list named {name!r}")
     entries = {entry.get("uri"): entry for entry in element.iterchildren(_RL + "entry")}
     missing = [uri for uri in uris if uri not in entries]
     if missing:
-        raise CtlError(f"not in list {name!r}: {', '.join(missing)}")
+        raise EditError(f"not in list {name!r}: {', '.join(missing)}")
     removed = []
     for uri in dict.fromkeys(uris):
         element.remove(entries[uri])

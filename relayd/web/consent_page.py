@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from html import escape
 from typing import Any
 
 from twisted.internet import defer
@@ -33,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relayd.consent.answer import (
     ACTIONS,
+    LINK_PATH,
     Action,
     answer,
     answer_document,
@@ -45,9 +45,9 @@ from relayd.consent.store import IPermissionStore, PendingConsent
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE
 from relayd.logs import logger
 from relayd.tokens import redact
+from relayd.web.templating import environment
 
-CONSENT_PATH = b"/consent/"
-"""Where the links live on the XCAP site, beside (not below) the XCAP root."""
+CONSENT_PATH = LINK_PATH.encode("ascii")
 
 _HEADERS = (
     (b"Cache-Control", b"no-store"),
@@ -61,22 +61,22 @@ _HEADERS = (
 )
 
 
-def consent_link_path(record: PendingConsent, action: Action) -> str:
-    """The path of ``record``'s HTTPS ``action`` link, below the site's origin."""
-    return f"{CONSENT_PATH.decode()}{action}/{answer_token(record, action)}"
-
-
 class ConsentPage(Resource):
     """Every request below :data:`CONSENT_PATH` (module doc)."""
 
     isLeaf = True
     log = logger()
 
-    def __init__(self, store: IPermissionStore, clock: IReactorTime) -> None:
+    def __init__(
+        self, store: IPermissionStore, clock: IReactorTime, *, secret: bytes | None = None
+    ) -> None:
+        """``secret`` keys the forms' CSRF fields: every process serving the same links
+        (workers, a restart between GET and POST) must share it; none draws one."""
         super().__init__()
         self.store = store
         self.clock = clock
-        self._csrf_key = secrets.token_bytes(32)
+        self._csrf_key = secret if secret is not None else secrets.token_bytes(32)
+        self._template = environment().get_template("consent.html")
 
     def render(self, request: Request) -> Any:
         for name, value in _HEADERS:
@@ -88,7 +88,7 @@ class ConsentPage(Resource):
     def _failed(self, failure: Any, request: Request) -> None:
         self.log.failure("consent page failed", failure)
         if not request.finished:
-            self._page(request, 500, "Something went wrong", "<p>Please try again later.</p>")
+            self._page(request, 500, "Something went wrong", "Please try again later.")
 
     def csrf(self, token: str, nonce: str) -> str:
         return hmac.new(self._csrf_key, f"{token}\0{nonce}".encode(), hashlib.sha256).hexdigest()
@@ -98,7 +98,7 @@ class ConsentPage(Resource):
         parts = request.path[len(CONSENT_PATH) :].decode("ascii", "replace").split("/")
         if method not in (b"GET", b"HEAD", b"POST"):
             request.setHeader(b"Allow", b"GET, HEAD, POST")
-            self._page(request, 405, "Not allowed", "")
+            self._page(request, 405, "Not allowed", "This address takes GET and POST only.")
             return
         now = self.clock.seconds()
         record = None
@@ -107,9 +107,7 @@ class ConsentPage(Resource):
             token = parts[1]
             record = await find_answer(self.store, token, action, now)
         if record is None:
-            self._page(
-                request, 404, "Link not valid", "<p>This link is unknown or has expired.</p>"
-            )
+            self._page(request, 404, "Link not valid", "This link is unknown or has expired.")
             return
         if method == b"POST":
             await self._post(request, record, token)
@@ -131,14 +129,14 @@ class ConsentPage(Resource):
         sent = _arg(args, b"csrf")
         chosen = _arg(args, b"action")
         if not (nonce and sent and hmac.compare_digest(sent, self.csrf(token, nonce))):
-            self._page(request, 403, "Form expired", "<p>Please open the link again.</p>")
+            self._page(request, 403, "Form expired", "Please open the link again.")
             return
         if chosen not in ACTIONS:
-            self._page(request, 400, "Nothing chosen", "<p>Choose Allow or Deny.</p>")
+            self._page(request, 400, "Nothing chosen", "Choose Allow or Deny.")
             return
         action: Action = "grant" if chosen == "grant" else "deny"
         if not link_acts(record, answer_token(record, action), action, self.clock.seconds()):
-            self._page(request, 409, "Too late", "<p>This request is no longer open.</p>")
+            self._page(request, 409, "Too late", "This request is no longer open.")
             return
         await answer(self.store, record, action, self.clock)
         self._logged(record, action, "page")
@@ -147,35 +145,31 @@ class ConsentPage(Resource):
             request,
             200,
             "Done",
-            f"<p>You {verb} {escape(record.sender)} to reach you through"
-            f" {escape(record.list_uri)}.</p>",
+            f"You {verb} {record.sender} to reach you through {record.list_uri}.",
         )
 
     def _form(self, request: Request, record: PendingConsent, token: str, now: float) -> None:
         nonce = secrets.token_urlsafe(16)
-        methods = ", ".join(requested_methods(record))
-        can_grant = link_acts(record, answer_token(record, "grant"), "grant", now)
-        buttons = (
-            '<button type="submit" name="action" value="grant">Allow</button> ' if can_grant else ""
-        ) + '<button type="submit" name="action" value="deny">Deny</button>'
-        body = (
-            f"<p><strong>{escape(record.sender)}</strong> asks to send you"
-            f" <strong>{escape(methods)}</strong> requests through the list"
-            f" <strong>{escape(record.list_uri)}</strong>.</p>"
-            f'<form method="post" action="">'
-            f'<input type="hidden" name="nonce" value="{nonce}">'
-            f'<input type="hidden" name="csrf" value="{self.csrf(token, nonce)}">'
-            f"{buttons}</form>"
-        )
-        self._page(request, 200, "Consent request", body)
+        ask = {
+            "sender": record.sender,
+            "methods": ", ".join(requested_methods(record)),
+            "list_uri": record.list_uri,
+            "nonce": nonce,
+            "csrf": self.csrf(token, nonce),
+            "can_grant": link_acts(record, answer_token(record, "grant"), "grant", now),
+        }
+        self._page(request, 200, "Consent request", ask=ask)
 
-    def _page(self, request: Request, status: int, title: str, body: str) -> None:
-        page = (
-            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width">'
-            f"<title>{escape(title)}</title></head><body><h1>{escape(title)}</h1>{body}"
-            "</body></html>"
-        ).encode()
+    def _page(
+        self,
+        request: Request,
+        status: int,
+        title: str,
+        message: str = "",
+        ask: dict[str, Any] | None = None,
+    ) -> None:
+        """The page (``consent.html``): a consent request's form, or one message."""
+        page = self._template.render(title=title, message=message, ask=ask).encode()
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Content-Length", str(len(page)).encode("ascii"))
