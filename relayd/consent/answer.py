@@ -99,27 +99,36 @@ async def find_answer(
     return record
 
 
-def consent_document(
-    record: PendingConsent, rule_id: str, handlings: Sequence[tuple[Action, str | None]]
-) -> bytes:
+Handling = tuple[Action, str | None]
+"""One ``trans-handling``: its action and its ``perm-uri`` (None: none)."""
+
+
+def consent_document(record: PendingConsent, rule_id: str, handlings: Sequence[Handling]) -> bytes:
     """An RFC 5361 document about ``record``: one rule (id ``rule_id``) for its sender,
     recipient and list, one ``trans-handling`` per ``(action, perm-uri or None)``."""
+    return consent_ruleset([(record, rule_id, handlings)])
+
+
+def consent_ruleset(rules: Sequence[tuple[PendingConsent, str, Sequence[Handling]]]) -> bytes:
+    """An RFC 5361 document with one rule per ``(record, rule id, handlings)`` (RFC 4745
+    §6: a ruleset holds any number of rules; RFC 5361 §4 shows one)."""
     cp = f"{{{COMMON_POLICY_NAMESPACE}}}"
     cr = f"{{{CONSENT_FORMAT_NAMESPACE}}}"
     nsmap = {"cp": COMMON_POLICY_NAMESPACE, "cr": CONSENT_FORMAT_NAMESPACE}
     ruleset = etree.Element(cp + "ruleset", nsmap=nsmap)
-    rule = etree.SubElement(ruleset, cp + "rule", id=rule_id)
-    conditions = etree.SubElement(rule, cp + "conditions")
-    for parent, uri in (
-        (etree.SubElement(conditions, cp + "identity"), record.sender),
-        (etree.SubElement(conditions, cr + "recipient"), record.recipient),
-        (etree.SubElement(conditions, cr + "target"), record.list_uri),
-    ):
-        etree.SubElement(parent, cp + "one", id=uri)
-    actions = etree.SubElement(rule, cp + "actions")
-    for action, perm_uri in handlings:
-        attributes = {"perm-uri": perm_uri} if perm_uri else {}
-        etree.SubElement(actions, cr + "trans-handling", attributes).text = action
+    for record, rule_id, handlings in rules:
+        rule = etree.SubElement(ruleset, cp + "rule", id=rule_id)
+        conditions = etree.SubElement(rule, cp + "conditions")
+        for parent, uri in (
+            (etree.SubElement(conditions, cp + "identity"), record.sender),
+            (etree.SubElement(conditions, cr + "recipient"), record.recipient),
+            (etree.SubElement(conditions, cr + "target"), record.list_uri),
+        ):
+            etree.SubElement(parent, cp + "one", id=uri)
+        actions = etree.SubElement(rule, cp + "actions")
+        for action, perm_uri in handlings:
+            attributes = {"perm-uri": perm_uri} if perm_uri else {}
+            etree.SubElement(actions, cr + "trans-handling", attributes).text = action
     return bytes(etree.tostring(ruleset, xml_declaration=True, encoding="UTF-8"))
 
 

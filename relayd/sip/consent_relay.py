@@ -87,6 +87,7 @@ from relayd.sip.consent import (
 )
 from relayd.sip.consent_request import (
     PLAIN_TEXT,
+    Asks,
     answer_uri,
     parse_answer_user,
     request_body,
@@ -137,8 +138,8 @@ ASK_BY_MESSAGE = frozenset({405, 501})
 
 MAX_CONSENT_METHODS = 8
 MAX_TRIGGERED_REQUESTS = 8
-"""At most this many consent requests (one per sender) are sent again for one
-``Trigger-Consent`` (the newest): one request never becomes an unbounded burst."""
+"""At most this many consent requests (one per sender; the newest) go into the one
+MESSAGE a ``Trigger-Consent`` sends, so its size stays bounded."""
 TRIGGERABLE = frozenset({ConsentState.PENDING, ConsentState.GRANTED})
 """Records a trigger sends again: an open request (its grant link still acts) and a
 grant (its deny link revokes it, RFC 5360 §5.8). Denied and expired ones ask nothing."""
@@ -1060,17 +1061,19 @@ class ConsentRelay:
             for action in ACTIONS
         }
 
-    def _ask_by_message(self, member: str, record: PendingConsent) -> None:
-        """RFC 5360 §5.3: a MESSAGE from the relay (never from the sender) with the
-        grant and deny URIs (:mod:`relayd.sip.consent_request`). Sent when the record
-        is opened, like the CONSENT: a refresh sends nothing."""
-        content_type, body = request_body(record, self._answer_links(record))
-        self._send_consent_message(member, record, content_type, body, plain_retry=True)
+    def _ask_by_message(self, member: str, *records: PendingConsent) -> None:
+        """RFC 5360 §5.3: one MESSAGE from the relay (never from the sender) with the
+        grant and deny URIs of ``records`` (:mod:`relayd.sip.consent_request`). Sent
+        when a record is opened, like the CONSENT (a refresh sends nothing), and when
+        the member asks again through ``Trigger-Consent`` (:meth:`_trigger`)."""
+        asks = [(record, self._answer_links(record)) for record in records]
+        content_type, body = request_body(asks)
+        self._send_consent_message(member, asks, content_type, body, plain_retry=True)
 
     def _send_consent_message(
         self,
         member: str,
-        record: PendingConsent,
+        asks: Asks,
         content_type: str,
         body: bytes,
         plain_retry: bool,
@@ -1089,14 +1092,14 @@ class ConsentRelay:
                 "consent request MESSAGE to {recipient} answered {code} (consent {consent})",
                 recipient=member,
                 code=code,
-                consent=record.id,
+                consent=" ".join(record.id for record, _links in asks),
             )
             accept = [
                 value for r in responses if r.status == 415 for value in r.headers.get_all("accept")
             ]
             if plain_retry and code == 415 and takes_plain_text(accept):
-                note = request_note(record, self._answer_links(record)).encode("utf-8")
-                self._send_consent_message(member, record, PLAIN_TEXT, note, plain_retry=False)
+                note = request_note(asks).encode("utf-8")
+                self._send_consent_message(member, asks, PLAIN_TEXT, note, plain_retry=False)
 
         self.proxy.fork([member], build).addCallback(done)
 
@@ -1173,13 +1176,13 @@ class ConsentRelay:
     async def _trigger(
         self, txn: ServerTransaction, request: SIPRequest, list_uri: str, member: str
     ) -> SIPResponse:
-        """RFC 5360 §5.11: send the member the consent requests of this translation
+        """RFC 5360 §5.11.1: send the member the consent requests of this translation
         again, each with its grant and deny URIs (§5.8), so a member who lost a deny
         URI can still revoke. Only the member may ask (403 for anyone else), as often
         as :meth:`ConsentLedger.count_trigger` allows (503 with ``Retry-After``), and
-        the requests go to the member alone, at most :data:`MAX_TRIGGERED_REQUESTS`:
-        a trigger is never amplified towards anyone. A MESSAGE gets 202 (they are on
-        their way), a PUBLISH the 200 of RFC 5360 figure 5.
+        one MESSAGE goes to the member alone, holding at most
+        :data:`MAX_TRIGGERED_REQUESTS` requests: a trigger is never amplified. A MESSAGE
+        gets 202 (they are on their way), a PUBLISH the 200 of RFC 5360 figure 5.
         """
         requester = self._identity(request, proxy=False, peer=txn.source)
         if identity_key(requester) != identity_key(member):
@@ -1203,13 +1206,12 @@ class ConsentRelay:
         except RateExceeded as e:
             retry = [("Retry-After", str(e.retry_after))]
             raise SIPStatus(503, "Consent Trigger Rate Exceeded", headers=retry) from None
-        for record in records:
-            self.log.info(
-                "consent {consent} requested again by {recipient}",
-                consent=record.id,
-                recipient=member,
-            )
-            self._ask_by_message(member, record)
+        self.log.info(
+            "consent {consent} requested again by {recipient}",
+            consent=" ".join(record.id for record in records),
+            recipient=member,
+        )
+        self._ask_by_message(member, *records)
         if request.method == "PUBLISH":
             return make_response(request, 200, headers=_published(request))
         return make_response(request, 202)

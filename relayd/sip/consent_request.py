@@ -11,14 +11,19 @@ answers such a MESSAGE with 415 and an ``Accept`` naming ``text/plain`` (RFC 342
 RFC 3261 §21.4.13; baresip does): the relay then sends the note alone, once.
 
 The SIP URIs are ``sip:grant-<token>@<domain>`` and ``sip:deny-<token>@<domain>``
-(tokens: :mod:`relayd.consent.answer`); a MESSAGE sent there answers the request.
+(tokens: :mod:`relayd.consent.answer`); a PUBLISH (RFC 5360 §5.6) or MESSAGE sent there
+answers the request.
+
+One MESSAGE may ask about several requests (:data:`Asks`): what a ``Trigger-Consent``
+sends again goes as one MESSAGE whatever the number of senders, one rule and one
+paragraph of the note per request, so a trigger is never multiplied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
-from relayd.consent.answer import ACTIONS, Action, consent_document, token_consent_id
+from relayd.consent.answer import ACTIONS, Action, consent_ruleset, token_consent_id
 from relayd.consent.permissions import requested_methods
 from relayd.consent.store import PendingConsent
 from relayd.consent.vocabulary import (
@@ -28,6 +33,8 @@ from relayd.tokens import random_bytes
 
 Links = Mapping[Action, tuple[str, str]]
 """Per action, its (SIP URI, HTTPS URL)."""
+Asks = Sequence[tuple[PendingConsent, Links]]
+"""The requests one MESSAGE asks about, each with its links."""
 
 
 def answer_uri(domain: str, action: Action, token: str) -> str:
@@ -45,18 +52,28 @@ def parse_answer_user(user: str | None) -> tuple[Action, str] | None:
     return None
 
 
-def request_document(record: PendingConsent, links: Links) -> bytes:
-    """The RFC 5361 §3 document asking for consent (example: §4): one rule for the sender, recipient
-    and list, one ``trans-handling`` per grant/deny URI (``perm-uri``)."""
-    return consent_document(
-        record,
-        "consent",
-        [(action, uri) for action in ACTIONS for uri in filter(None, links[action])],
+def request_document(asks: Asks) -> bytes:
+    """The RFC 5361 §3 document asking for consent (example: §4): per request, one rule
+    for its sender, recipient and list, one ``trans-handling`` per grant/deny URI
+    (``perm-uri``)."""
+    return consent_ruleset(
+        [
+            (
+                record,
+                f"consent-{number}" if len(asks) > 1 else "consent",
+                [(action, uri) for action in ACTIONS for uri in filter(None, links[action])],
+            )
+            for number, (record, links) in enumerate(asks, 1)
+        ]
     )
 
 
-def request_note(record: PendingConsent, links: Links) -> str:
-    """The ``text/plain`` part: what a person needs to decide and act."""
+def request_note(asks: Asks) -> str:
+    """The ``text/plain`` part: what a person needs to decide and act, per request."""
+    return "\r\n".join(_note(record, links) for record, links in asks)
+
+
+def _note(record: PendingConsent, links: Links) -> str:
     methods = ", ".join(requested_methods(record))
     web = (
         f"Allow: {links['grant'][1]}\r\nDeny: {links['deny'][1]}\r\n\r\n"
@@ -91,12 +108,12 @@ def takes_plain_text(accept: Iterable[str]) -> bool:
     return False
 
 
-def request_body(record: PendingConsent, links: Links) -> tuple[str, bytes]:
-    """``(Content-Type, body)`` of the MESSAGE asking ``record``'s recipient."""
+def request_body(asks: Asks) -> tuple[str, bytes]:
+    """``(Content-Type, body)`` of the MESSAGE asking a recipient about ``asks``."""
     boundary = "consent-" + random_bytes(12).hex()
     parts = (
-        (PLAIN_TEXT, request_note(record, links).encode("utf-8")),
-        (CONSENT_RULES_MIME_TYPE, request_document(record, links)),
+        (PLAIN_TEXT, request_note(asks).encode("utf-8")),
+        (CONSENT_RULES_MIME_TYPE, request_document(asks)),
     )
     body = b"".join(
         b"--%s\r\nContent-Type: %s\r\n\r\n%s\r\n" % (boundary.encode(), kind.encode(), data)

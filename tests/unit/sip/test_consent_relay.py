@@ -904,3 +904,39 @@ def test_a_publish_the_relay_cannot_use_is_answered_clearly(
     final, sent = _member_out(started, out)
     assert (final.status, final.reason) == (status, reason)
     assert not sent
+
+
+def test_one_trigger_sends_one_message_whatever_the_number_of_senders(relay: Relay) -> None:
+    """Dave and alice both asked bob through the club: bob's trigger gets one MESSAGE
+    (RFC 5360 §5.11.1 "a MESSAGE request") whose document holds one rule per request,
+    each with its own grant and deny URIs; the relay's MESSAGEs never outnumber the
+    triggers."""
+    consent_uri, started = _dave_asks_bob(relay)
+    asked = relay.send_authenticated(
+        "CONSENT", consent_uri, "alice", SENDER_PORT, headers=(("Consent-Methods", "INVITE"),)
+    )
+    assert _final(asked).status == 202
+    started.pop_all()
+    final, sent = _member_out(
+        started, relay.send_authenticated("PUBLISH", consent_uri, "bob", BOB_PORT)
+    )
+    assert final.status == 200
+    (message,) = sent
+    start = message.body.index(b"<?xml")
+    policy = etree.fromstring(message.body[start : message.body.index(b"\r\n--", start)])
+    cp, cr = "{urn:ietf:params:xml:ns:common-policy}", f"{{{CONSENT_FORMAT_NAMESPACE}}}"
+    rules = policy.findall(f"{cp}rule")
+    assert len({rule.get("id") for rule in rules}) == 2
+    senders = [
+        one.get("id") or ""
+        for one in policy.iterfind(f"{cp}rule/{cp}conditions/{cp}identity/{cp}one")
+    ]
+    assert sorted(senders) == [ALICE, DAVE]
+    denies = [
+        e.get("perm-uri")
+        for rule in rules
+        for e in rule.iter(f"{cr}trans-handling")
+        if e.text == "deny" and e.get("perm-uri", "").startswith("sip:")
+    ]
+    assert len(set(denies)) == 2
+    assert ALICE in message.body.decode() and DAVE in message.body.decode()

@@ -41,7 +41,7 @@ def test_grant_and_deny_uris_name_their_action_and_token() -> None:
 
 
 def test_the_body_is_a_note_then_the_rfc_5361_document() -> None:
-    content_type, body = request_body(RECORD, LINKS)
+    content_type, body = request_body([(RECORD, LINKS)])
     boundary = content_type.split('boundary="')[1].rstrip('"').encode()
     assert content_type.startswith("multipart/alternative;")
     parts = body.split(b"--" + boundary)
@@ -63,7 +63,7 @@ def test_the_body_is_a_note_then_the_rfc_5361_document() -> None:
 
 def test_without_https_links_only_the_sip_uris_are_offered() -> None:
     links: dict[Action, tuple[str, str]] = {a: (u[0], "") for a, u in LINKS.items()}
-    _, body = request_body(RECORD, links)
+    _, body = request_body([(RECORD, links)])
     assert b'perm-uri=""' not in body and b"https" not in body
     assert body.count(b"perm-uri=") == 2 and b"sip:grant-g@relay.test" in body
 
@@ -74,7 +74,7 @@ def test_the_request_document_uses_rfc_5361_names_exactly() -> None:
     ``trans-handling`` actions valued ``grant``/``deny`` whose ``perm-uri`` is required;
     each rule offers at least one URI to grant and one to deny (§3.2)."""
     cp, cr = "urn:ietf:params:xml:ns:common-policy", "urn:ietf:params:xml:ns:consent-rules"
-    _, body = request_body(RECORD, LINKS)
+    _, body = request_body([(RECORD, LINKS)])
     start = body.index(b"<?xml")
     root = etree.fromstring(body[start : body.index(b"\r\n--", start)])
     assert root.tag == f"{{{cp}}}ruleset"
@@ -112,3 +112,38 @@ def test_the_request_document_uses_rfc_5361_names_exactly() -> None:
 )
 def test_a_415_admits_plain_text_by_its_accept_ranges(accept: list[str], expected: bool) -> None:
     assert takes_plain_text(accept) is expected
+
+
+def test_one_message_can_ask_about_several_requests() -> None:
+    """What a Trigger-Consent sends again: one document, one rule per request (each
+    with its own grant and deny URIs), one paragraph of the note per request."""
+    other = PendingConsent(
+        "bcdefghijklmnopqrstuvw",
+        "sip:carol@relay.test",
+        RECORD.list_uri,
+        RECORD.recipient,
+        ("INVITE",),
+        "q" * 22,
+        0.0,
+        60.0,
+    )
+    other_links: dict[Action, tuple[str, str]] = {
+        "grant": ("sip:grant-h@relay.test", ""),
+        "deny": ("sip:deny-e@relay.test", ""),
+    }
+    content_type, body = request_body([(RECORD, LINKS), (other, other_links)])
+    assert content_type.startswith("multipart/alternative;")
+    start = body.index(b"<?xml")
+    root = etree.fromstring(body[start : body.index(b"\r\n--", start)])
+    cp, cr = "{urn:ietf:params:xml:ns:common-policy}", f"{{{CONSENT_FORMAT_NAMESPACE}}}"
+    rules = root.findall(f"{cp}rule")
+    assert [rule.get("id") for rule in rules] == ["consent-1", "consent-2"]
+    assert [
+        [(e.text, e.get("perm-uri")) for e in rule.iter(f"{cr}trans-handling")] for rule in rules
+    ] == [
+        [("grant", u) for u in LINKS["grant"]] + [("deny", u) for u in LINKS["deny"]],
+        [("grant", "sip:grant-h@relay.test"), ("deny", "sip:deny-e@relay.test")],
+    ]
+    note = body[: body.index(b"<?xml")].decode()
+    assert "sip:alice@relay.test asks" in note and "sip:carol@relay.test asks" in note
+    assert "sip:deny-e@relay.test" in note
