@@ -30,14 +30,17 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.names import dns, error
 
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as POLICY_TYPE
-from relayd.msrp.client import connect
+from relayd.msrp.client import MSRPClientProtocol, connect
+from relayd.msrp.uri import MSRPURI
 from relayd.sip.parser import parse_datagram
 from relayd.testing import RelayPKI, consent_ruleset, write_users
 from relayd.xcap.client import XCAPClient, XCAPClientError, document_path
 
-from .conftest import Capability, RecordingSink, path_to
+from .conftest import USERS as RELAY_USERS
+from .conftest import Capability, RecordingSink, RelayFactory, path_to
 from .test_consent_flow import (
     HOST,
     LISTS_XML,
@@ -585,3 +588,78 @@ async def test_database_restarted_under_load_loses_nothing_acknowledged(
     assert (await send_message(alice, SOLO, b"after the restarts")).status == 200
     for client in (at_a, at_b, reader):
         await client.close()
+
+
+# -- clients find the pool's nodes by DNS SRV (RFC 4976 §8) --------------------------------
+
+
+class PoolResolver:
+    """A twisted.names IResolver with the pool's SRV records only (no DNS is asked)."""
+
+    def __init__(self, records: list[tuple[int, int, int, str]]) -> None:
+        self.records = records
+        self.asked: list[str] = []
+
+    def lookupService(self, name: str) -> defer.Deferred[Any]:
+        self.asked.append(name)
+        if name != f"_msrps._tcp.{POOL_NAME}":
+            return defer.fail(error.DNSNameError(name))
+        answers = [
+            dns.RRHeader(name, dns.SRV, payload=dns.Record_SRV(p, w, port, target))
+            for p, w, port, target in self.records
+        ]
+        return defer.succeed((answers, [], []))
+
+
+async def auth_at_pool(
+    resolver: PoolResolver, pki: RelayPKI, user: str, sink: RecordingSink | None = None
+) -> tuple[MSRPClientProtocol, list[str]]:
+    """Connect as a client given only the pool's name, and AUTH to that name."""
+    pool_uri = f"msrps://{POOL_NAME};tcp"
+    protocol = await connect(
+        reactor,
+        pool_uri,
+        pki.ca_pem,
+        sink_for=(lambda request: sink) if sink else None,
+        resolver=resolver,
+    )
+    result = await defer.Deferred.fromCoroutine(
+        protocol.auth([pool_uri], user, RELAY_USERS[user])
+    ).addTimeout(TIMEOUT, reactor)
+    return protocol, list(result.use_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_given_the_pool_name_reach_a_node_by_srv_and_get_its_use_path(
+    start_relay: RelayFactory, pki: RelayPKI
+) -> None:
+    """The SRV records order the nodes (RFC 2782): the first that answers takes the AUTH
+    addressed to the pool's name, and its Use-Path names that node (RFC 4976 App. A), so
+    the peer's requests reach the node holding the session."""
+    pool = {("msrp", "pool_names"): POOL_NAME}
+    a = await start_relay(NODES[0], extra=pool, alt_names=(POOL_NAME,))
+    b = await start_relay(NODES[1], extra=pool, alt_names=(POOL_NAME,))
+    dead = _free_port_at(NODES[2])  # a node that is down: nothing listens there
+    first_a = PoolResolver([(10, 1, a.port, a.host), (20, 1, b.port, b.host)])
+    alice, alice_path = await auth_at_pool(first_a, pki, "alice")
+    assert first_a.asked == [f"_msrps._tcp.{POOL_NAME}"]
+    assert MSRPURI.parse(alice_path[0]).host == a.host
+    sink = RecordingSink()
+    down_first = PoolResolver([(10, 1, dead, NODES[2]), (20, 1, b.port, b.host)])
+    bob, bob_path = await auth_at_pool(down_first, pki, "bob", sink)
+    assert MSRPURI.parse(bob_path[0]).host == b.host
+    # Across the two nodes, as any two clients of the pool.
+    to_path = " ".join([*alice_path, *bob_path, bob.local_uri])
+    await defer.Deferred.fromCoroutine(
+        alice.send_message(to_path, b"found by SRV", 12, message_id="srv")
+    ).addTimeout(TIMEOUT, reactor)
+    assert await sink.wait("srv") == b"found by SRV"
+    for client in (alice, bob):
+        client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _free_port_at(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
