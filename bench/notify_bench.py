@@ -99,6 +99,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def idle_cpu(relay: Relay, seconds: float = 1.0) -> float:
+    """CPU seconds per second ``relay`` spends with nothing to do (timers, the feed's poll)."""
+    assert relay.process is not None
+    before = cpu_seconds(relay.process.pid)
+    time.sleep(seconds)
+    return (cpu_seconds(relay.process.pid) - before) / seconds
+
+
 def password(user: str) -> str:
     return f"bench-pw-{user}"
 
@@ -692,7 +700,16 @@ async def run_pool(dsn: str, quick: bool) -> dict[str, Any]:
             recipients = await open_socket(a.sip_port, a.host)
             sockets += [senders, recipients]
             accounts = sorted({j.recipient for j in work})
+            assert b.process is not None
+            await asyncio.sleep(2.0)  # B done starting
+            idle = idle_cpu(b, 2.0)
+            b_before, wall_before = cpu_seconds(b.process.pid), time.monotonic()
             failed = await register_all(recipients, accounts)
+            await asyncio.sleep(1.0)  # B applies the last ones
+            # What a registration at A costs B, which only follows the change feed.
+            spent = cpu_seconds(b.process.pid) - b_before
+            spent -= idle * (time.monotonic() - wall_before)
+            remote_us = spent * 1e6 / max(len(accounts) - failed, 1)
             log(f"registered {len(accounts) - failed}/{len(accounts)} recipients at node A")
             for number, (label, in_flight, cross) in enumerate(POOL_PLAN):
                 part = work[number * per_load : (number + 1) * per_load]
@@ -702,6 +719,7 @@ async def run_pool(dsn: str, quick: bool) -> dict[str, Any]:
             await asyncio.sleep(0.2)
             problems = {
                 "registration_failures": failed,
+                "registration_cpu_us_at_the_other_node": round(remote_us, 1),
                 "node_a": a.log_problems(),
                 "node_b": b.log_problems(),
             }

@@ -520,8 +520,10 @@ async def test_database_restarted_under_load_loses_nothing_acknowledged(
 ) -> None:
     """Two nodes write while the database stops (fast, then immediate: a crash) and
     comes back.  Requests meanwhile get 503 with Retry-After; every acknowledged write
-    is there afterwards; a wait-permission subscriber at A hears of a grant written at
-    B while A's change feed was still reconnecting."""
+    is there afterwards; the wait-permission subscription at A outlives the outages
+    (its NOTIFYs meanwhile are put off, not ended) and hears of a grant written at B
+    right after one more restart, typically before A's change feed has reconnected, so
+    that A learns of it by catching up on the changes table."""
     a = await start_node(NODES[0], cluster.dsn)
     b = await start_node(NODES[1], cluster.dsn)
     bob = ua_at("bob", b)
@@ -571,7 +573,8 @@ async def test_database_restarted_under_load_loses_nothing_acknowledged(
     await assert_readable(reader, written_a)
     await assert_readable(at_b, written_b)
 
-    # The feed reconnects with back-off; the grant is written at B at once.
+    # A's feed reconnects with back-off (0.5 s, then doubling); B's store connection is
+    # reopened by the first request, so the grant is written at B at once.
     await deferToThread(cluster.pg_ctl, "restart", "-m", "fast", "-l", cluster.log)
     permission = (forwarded.headers.get("permission") or "")[1:-1]
     at_b_url = f"{b.xcap_root.split('/xcap-root')[0]}/{permission.split('/', 3)[3]}"
