@@ -27,6 +27,12 @@ and clamped at 0), ``t_notify - t_sent``, the PUT round trip, and the relay CPU 
 cycle (/proc/PID/stat around each load).  Concurrency 1 and 10 cycles in flight.
 Every wait is bounded (``TIMEOUT``), every load has a deadline, the relay is stopped in
 a ``finally``.  One JSON line goes to stdout, progress to stderr.
+
+Across nodes (``--postgres DSN``): two relays on 127.0.0.2 (A) and 127.0.0.3 (B) share
+a PostgreSQL store, in a schema of the run's own (dropped afterwards).  Senders and
+recipients use A's SIP; the grant is PUT to B's XCAP (the Permission URI's path at B),
+so the NOTIFY A sends is woken by B's commit through the store's change feed
+(LISTEN/NOTIFY).  The same loads then run with the PUT at A itself, side by side.
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -49,7 +57,7 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
-from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_async, wait_for_log
+from bench.daemon import spawn_twistd, stop_async, wait_for_log
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as MIME
 from relayd.consent.vocabulary import CONSENT_STATUS_NAMESPACE as CS
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
@@ -89,6 +97,14 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def idle_cpu(relay: Relay, seconds: float = 1.0) -> float:
+    """CPU seconds per second ``relay`` spends with nothing to do (timers, the feed's poll)."""
+    assert relay.process is not None
+    before = cpu_seconds(relay.process.pid)
+    time.sleep(seconds)
+    return (cpu_seconds(relay.process.pid) - before) / seconds
 
 
 def password(user: str) -> str:
@@ -138,13 +154,16 @@ class Relay:
     process: subprocess.Popen[bytes] | None = None
     sip_port: int = 0
     xcap_port: int = 0
+    host: str = HOST
+    dsn: str | None = None
+    """The PostgreSQL store shared with other relays; None: the default (SQLite)."""
 
     @property
     def log_path(self) -> Path:
-        return self.folder / "relayd.log"
+        return self.folder / f"relayd-{self.host}.log"
 
     def write_config(self) -> Path:
-        cert, key = self.pki.leaf(HOST)
+        cert, key = self.pki.leaf(self.host)
         recipients = sorted({j.recipient for j in self.work})
         accounts = [f"s{i}" for i in range(SENDERS)] + recipients
         htdigest = write_users(
@@ -152,26 +171,37 @@ class Relay:
         )
         lists = self.folder / "lists.xml"
         lists.write_text(lists_xml(self.work), encoding="utf-8")
+        host = self.host
         text = (
-            f"[relay]\nhostname = {HOST}\ndata_dir = {self.folder / 'data'}\n\n"
-            f"[msrp]\nlisten = ssl:0:interface={HOST}\n\n"
-            f"[xcap]\nlisten = ssl:0:interface={HOST}\n\n"
+            f"[relay]\nhostname = {host}\ndata_dir = {self.folder / ('data-' + host)}\n\n"
+            f"[msrp]\nlisten = ssl:0:interface={host}\n\n"
+            f"[xcap]\nlisten = ssl:0:interface={host}\n\n"
             f"[auth]\nrealm = {REALM}\nusers = {htdigest}\n\n"
             f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n\n"
-            f"[sip]\nlisten = udp:0:interface={HOST}\nlists = {lists}\n"
+            f"[sip]\nlisten = udp:0:interface={host}\ndomain = {HOST}\nlists = {lists}\n"
             "max_list_size = 10\nconsent_requests_per_hour = 1000000\n"
             "max_subscriptions_per_user = 1000000\n"
         )
-        config = self.folder / "relayd.ini"
+        if self.dsn is not None:
+            text += f"\n[store]\nbackend = postgresql\ndsn = {self.dsn}\n"
+        config = self.folder / f"relayd-{host}.ini"
         config.write_text(text, encoding="utf-8")
         return config
 
     async def start(self) -> None:
         config = self.write_config()
         self.process = spawn_twistd(config, self.log_path, REPO)
-        found = await wait_for_log(self.process, self.log_path, RELAY_LISTENING)
+        escaped = re.escape(self.host).encode()
+        listening = {
+            "xcap": re.compile(rb"XCAP listening on ssl:" + escaped + rb":(\d+)"),
+            "sip": re.compile(rb"SIP listening on udp:" + escaped + rb":(\d+)"),
+        }
+        found = await wait_for_log(self.process, self.log_path, listening)
         self.xcap_port, self.sip_port = int(found["xcap"][1]), int(found["sip"][1])
-        log(f"relayd pid {self.process.pid}: SIP udp {self.sip_port}, XCAP {self.xcap_port}")
+        log(
+            f"relayd {self.host} pid {self.process.pid}:"
+            f" SIP udp {self.sip_port}, XCAP {self.xcap_port}"
+        )
 
     async def stop(self) -> None:
         await stop_async(self.process)
@@ -197,6 +227,7 @@ class SIPSocket(asyncio.DatagramProtocol):
     """One UDP socket for many users: responses by branch, requests answered 200."""
 
     relay_port: int
+    relay_host: str = HOST
     transport: asyncio.DatagramTransport | None = None
     local_port: int = 0
     waiting: dict[str, asyncio.Future[SIPResponse]] = field(default_factory=dict)
@@ -249,7 +280,7 @@ class SIPSocket(asyncio.DatagramProtocol):
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.sendto(data, (HOST, self.relay_port))
+        self.transport.sendto(data, (self.relay_host, self.relay_port))
 
     async def request(
         self,
@@ -312,10 +343,10 @@ class SIPSocket(asyncio.DatagramProtocol):
                 interval = min(interval * 2, 4.0)
 
 
-async def open_socket(relay_port: int) -> SIPSocket:
+async def open_socket(relay_port: int, relay_host: str = HOST) -> SIPSocket:
     loop = asyncio.get_running_loop()
     _, protocol = await loop.create_datagram_endpoint(
-        lambda: SIPSocket(relay_port), local_addr=(HOST, 0)
+        lambda: SIPSocket(relay_port, relay_host), local_addr=(HOST, 0)
     )
     return protocol
 
@@ -371,8 +402,20 @@ async def next_notify(queue: asyncio.Queue[Received], deadline: float) -> Receiv
     return await asyncio.wait_for(queue.get(), left)
 
 
+def put_target(permission: str, put_at: str | None) -> str:
+    """The Permission URI, or its path at another node's XCAP origin (``https://h:p``)."""
+    if put_at is None:
+        return permission
+    parts = urlsplit(permission)
+    return put_at + parts.path + (f"?{parts.query}" if parts.query else "")
+
+
 async def cycle(
-    job: Job, senders: SIPSocket, recipients: SIPSocket, context: ssl.SSLContext
+    job: Job,
+    senders: SIPSocket,
+    recipients: SIPSocket,
+    context: ssl.SSLContext,
+    put_at: str | None = None,
 ) -> Cycle:
     sender, recipient = job.sender, job.recipient
     target_list = f"sip:{job.list_name}@{HOST}"
@@ -419,7 +462,7 @@ async def cycle(
             raise RuntimeError(f"first NOTIFY: {states(first.request.body)}")
 
         status, t_sent, t_ack = await put_permission(
-            permission, grant_document(aor(sender), target_list), context
+            put_target(permission, put_at), grant_document(aor(sender), target_list), context
         )
         if status not in (200, 201):
             raise RuntimeError(f"PUT: {status}")
@@ -488,8 +531,10 @@ async def load(
     work: list[Job],
     in_flight: int,
     label: str,
+    put_at: Relay | None = None,
 ) -> dict[str, Any]:
     assert relay.process is not None
+    origin = None if put_at is None else f"https://{put_at.host}:{put_at.xcap_port}"
     todo = list(work)
     cycles: list[Cycle] = []
     errors: dict[str, int] = {}
@@ -499,7 +544,7 @@ async def load(
         while todo and time.monotonic() < stop_at:
             job = todo.pop(0)
             try:
-                cycles.append(await cycle(job, senders, recipients, context))
+                cycles.append(await cycle(job, senders, recipients, context, origin))
             except Exception as error:  # counted and reported, the load goes on
                 key = f"{type(error).__name__}: {error}"[:120]
                 errors[key] = errors.get(key, 0) + 1
@@ -609,11 +654,114 @@ async def run(quick: bool) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def scratch_schema(dsn: str) -> Iterator[str]:
+    """``dsn`` with a fresh schema first on its search path, dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = sql.Identifier(f"relayd_bench_{secrets.token_hex(6)}")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(name))
+        try:
+            yield make_conninfo(dsn, options=f"-c search_path={name.as_string()}")
+        finally:
+            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(name))
+
+
+POOL_NODES = ("127.0.0.2", "127.0.0.3")
+#: (label, cycles in flight, PUT at the other node): same- and cross-node loads
+#: alternate, so that both see the same machine.
+POOL_PLAN = (
+    ("cross_node_in_flight_1", 1, True),
+    ("same_node_in_flight_1", 1, False),
+    ("cross_node_in_flight_10", 10, True),
+    ("same_node_in_flight_10", 10, False),
+)
+
+
+async def run_pool(dsn: str, quick: bool) -> dict[str, Any]:
+    """PUT at node B, NOTIFY from node A, over one PostgreSQL (module doc)."""
+    per_load = 50 if quick else 200
+    work = jobs(per_load * len(POOL_PLAN), 0)
+    results: dict[str, Any] = {}
+    problems: dict[str, Any] = {}
+    with scratch_schema(dsn) as scoped, tempfile.TemporaryDirectory(prefix="notify-pool-") as temp:
+        folder = Path(temp)
+        pki = make_pki(folder / "pki")
+        context = ssl.create_default_context(cafile=pki.ca_path)
+        a, b = (Relay(folder, pki, work, host=host, dsn=scoped) for host in POOL_NODES)
+        sockets: list[SIPSocket] = []
+        try:
+            await a.start()
+            await b.start()
+            senders = await open_socket(a.sip_port, a.host)
+            recipients = await open_socket(a.sip_port, a.host)
+            sockets += [senders, recipients]
+            accounts = sorted({j.recipient for j in work})
+            assert b.process is not None
+            await asyncio.sleep(2.0)  # B done starting
+            idle = idle_cpu(b, 2.0)
+            b_before, wall_before = cpu_seconds(b.process.pid), time.monotonic()
+            failed = await register_all(recipients, accounts)
+            await asyncio.sleep(1.0)  # B applies the last ones
+            # What a registration at A costs B, which only follows the change feed.
+            spent = cpu_seconds(b.process.pid) - b_before
+            spent -= idle * (time.monotonic() - wall_before)
+            remote_us = spent * 1e6 / max(len(accounts) - failed, 1)
+            log(f"registered {len(accounts) - failed}/{len(accounts)} recipients at node A")
+            for number, (label, in_flight, cross) in enumerate(POOL_PLAN):
+                part = work[number * per_load : (number + 1) * per_load]
+                results[label] = await load(
+                    a, senders, recipients, context, part, in_flight, label, b if cross else None
+                )
+            await asyncio.sleep(0.2)
+            problems = {
+                "registration_failures": failed,
+                "registration_cpu_us_at_the_other_node": round(remote_us, 1),
+                "node_a": a.log_problems(),
+                "node_b": b.log_problems(),
+            }
+        finally:
+            for sock in sockets:
+                if sock.transport is not None:
+                    sock.transport.close()
+            await a.stop()
+            await b.stop()
+    cross_p99 = [
+        r["ack_to_notify_ms"].get("p99") for k, r in results.items() if k.startswith("cross")
+    ]
+    worst = max((p for p in cross_p99 if p is not None), default=None)
+    return {
+        "bench": "notify-pool",
+        "quick": quick,
+        "store": "postgresql",
+        "cycles_per_load": per_load,
+        "cpus": os.cpu_count(),
+        **results,
+        "relays": problems,
+        "target_p99_ms": TARGET_P99_MS,
+        "worst_cross_node_p99_ms": worst,
+        "meets": worst is not None
+        and worst < TARGET_P99_MS
+        and all(r["failures"] == 0 for r in results.values()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.notify_bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="50 consents per load instead of 200")
+    parser.add_argument(
+        "--postgres",
+        metavar="DSN",
+        help="two relays on one PostgreSQL: the grant PUT at one, the NOTIFY from the other",
+    )
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args.quick))
+    if args.postgres:
+        report = asyncio.run(run_pool(args.postgres, args.quick))
+    else:
+        report = asyncio.run(run(args.quick))
     print(json.dumps(report, separators=(",", ":")), flush=True)
     return 0
 

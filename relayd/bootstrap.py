@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,7 @@ def prepare(config: RelaydConfig) -> Prepared:
             raise ConfigError(
                 origin("msrp", "ca_certificates"), "msrp", "ca_certificates", str(e)
             ) from None
-    names = identity.dns_names
-    hostname = config.hostname or (names[0] if names else "localhost")
+    hostname = _node_hostname(config.hostname, identity.dns_names, config.msrp.pool_names, origin)
     realm = config.auth.realm or hostname
     users_path = config.auth.users or str(data_dir / "users.htdigest")
     try:
@@ -139,6 +139,39 @@ def prepare(config: RelaydConfig) -> Prepared:
         lists,
         consent_key,
     )
+
+
+def _node_hostname(
+    configured: str,
+    dns_names: Sequence[str],
+    pool_names: Sequence[str],
+    origin: Callable[[str, str], str],
+) -> str:
+    """The name in this node's Use-Path URIs: ``[relay] hostname``, else the certificate's
+    first DNS name that is not a pool name.  Never a pool name: requests of a session
+    must reach the node that holds it, not any node of the pool (RFC 4976 Appendix A)."""
+    pool = {name.lower() for name in pool_names}
+    if configured:
+        if configured.lower().strip("[]") in pool:
+            raise ConfigError(
+                origin("msrp", "pool_names"),
+                "msrp",
+                "pool_names",
+                f"holds this node's own [relay] hostname {configured}: Use-Path URIs must"
+                " name the node, the pool name is for AUTH only",
+            )
+        return configured
+    own = [name for name in dns_names if name.lower() not in pool]
+    if own:
+        return own[0]
+    if dns_names:
+        raise ConfigError(
+            origin("relay", "hostname"),
+            "relay",
+            "hostname",
+            "the certificate names only the pool ([msrp] pool_names): set this node's own name",
+        )
+    return "localhost"
 
 
 def read_lists(path: str, domain: str) -> tuple[URIList, ...]:

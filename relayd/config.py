@@ -111,6 +111,14 @@ def _hostname(text: str) -> str:
     return value
 
 
+def _hostnames(text: str) -> tuple[str, ...]:
+    """Space- or comma-separated DNS names (as :func:`_hostname`), lower case."""
+    try:
+        return tuple(_hostname(word).lower() for word in _words(text))
+    except ValueError as e:
+        raise ValueError(str(e).replace("expected", "expected each to be", 1)) from None
+
+
 def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -171,6 +179,16 @@ SCHEMA: tuple[Key, ...] = (
         "ssl:2855:interface=127.0.0.1",
         _endpoints(("ssl", "tcp")),
         "MSRP listeners, one endpoint string per line; ssl: without keys uses [tls]",
+    ),
+    Key(
+        "msrp",
+        "pool_names",
+        "",
+        _hostnames,
+        "Names of the relay pool this node belongs to (RFC 4976 §8: clients find the"
+        " nodes by DNS SRV _msrps._tcp.<name>), space separated: an AUTH addressed to"
+        " msrps://<name>;tcp is answered here, and the Use-Path still names this node"
+        " ([relay] hostname). Put each name in the certificate's subjectAltName too",
     ),
     Key(
         "msrp",
@@ -586,6 +604,7 @@ _KEYS: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in SCHEMA}
 @dataclass(frozen=True)
 class MSRPConfig:
     listen: tuple[str, ...]
+    pool_names: tuple[str, ...]
     ca_certificates: str
     session_expires_seconds: int
     session_expires_min_seconds: int

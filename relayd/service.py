@@ -140,7 +140,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         expires_max_seconds=msrp.session_expires_max_seconds,
         allowed_users=frozenset(config.auth.allowed_users),
     )
-    core = RelayCore(reactor, prepared.hostname, policy, digest)
+    core = RelayCore(reactor, prepared.hostname, policy, digest, pool_names=msrp.pool_names)
     relay = MSRPRelay(reactor, core, relay_limits(msrp), prepared.identity, prepared.trust_roots)
     service = MSRPService(relay, reactor, tls, prepared.hostname, msrp.listen)
     service.setName("msrp")

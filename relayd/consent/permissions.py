@@ -20,6 +20,7 @@ from lxml import etree
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from relayd.bounded import remember
 from relayd.consent.documents import GLOBAL_XUI, DocumentKey, DocumentRejected, parse_document
@@ -31,7 +32,7 @@ from relayd.consent.policy import (
     now_from_clock,
     validity_boundaries,
 )
-from relayd.consent.store import IPermissionStore, PendingConsent, StoreChange
+from relayd.consent.store import IPermissionStore, PendingConsent, StoreChange, StoreUnavailable
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.logs import logger
 
@@ -159,8 +160,22 @@ class PermissionCache:
             if self._updating.get(key) is update:
                 del self._updating[key]
 
-        update.addErrback(lambda f: self.log.failure("permission cache update failed", f))
+        update.addErrback(self._update_failed, key)
         update.addBoth(done)
+
+    def _update_failed(self, failure: Failure, key: str) -> None:
+        """A changed document could not be read (the store went away): forget the
+        recipient's documents, so that the next decision reads them afresh (or fails,
+        503) instead of trusting the version before the change."""
+        if failure.check(StoreUnavailable):
+            self.log.warn(
+                "permission cache: documents of {recipient} dropped, store unavailable",
+                recipient=key,
+            )
+        else:
+            self.log.failure("permission cache update failed", failure)
+        self._docs.pop(key, None)
+        self._notify(key)
 
     async def _reload_one(
         self, previous: Deferred[None] | None, key: str, xui: str, name: str
@@ -238,14 +253,20 @@ class PermissionCache:
                     return result
 
                 loading.addBoth(done)
-                loading.addErrback(
-                    lambda f: self.log.failure(
-                        "loading permissions of {recipient}", f, recipient=recipient
-                    )
-                )
+                loading.addErrback(self._load_failed, recipient)
             await _wait(loading)
             docs = self._docs.get(key, {})
         return list(docs.values())
+
+    def _load_failed(self, failure: Failure, recipient: str) -> None:
+        """Nothing is cached, so the decisions wait for no rules: consent is asked for
+        (470), never assumed, while the store is away."""
+        if failure.check(StoreUnavailable):
+            self.log.warn(
+                "permissions of {recipient} not loaded: store unavailable", recipient=recipient
+            )
+        else:
+            self.log.failure("loading permissions of {recipient}", failure, recipient=recipient)
 
     def _forget_decisions(self, key: str) -> None:
         self._decisions.pop(key, None)

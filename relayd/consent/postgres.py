@@ -210,6 +210,28 @@ def _transaction(connection: Any, work: Callable[[Any], _T]) -> _T:
             return outcome
 
 
+class _Pool(adbapi.ConnectionPool):
+    """adbapi's pool, but a connection the server closed (a restart, a failover) is
+    dropped without the rollback adbapi would try first: on a closed connection that
+    can only fail, and adbapi logs a traceback for each request made meanwhile.  The
+    next call opens a new connection; :func:`_transaction` decides what to retry."""
+
+    def _runWithConnection(self, func: Callable[..., _T], *args: Any, **kw: Any) -> _T:
+        conn = self.connectionFactory(self)
+        try:
+            result: _T = func(conn, *args, **kw)
+            conn.commit()
+            return result
+        except BaseException:
+            raw = self.connections.get(self.threadID())
+            if raw is None or raw.closed:
+                if raw is not None:
+                    self.disconnect(raw)
+            else:
+                conn.rollback()
+            raise
+
+
 @implementer(IPermissionStore)
 class PostgresPermissionStore(RuleStore):
     """The store every node of a deployment shares: one PostgreSQL database.
@@ -237,7 +259,7 @@ class PostgresPermissionStore(RuleStore):
         super().__init__()
         self.node = node if node is not None else secrets.token_hex(8)
         self._closed = False
-        self._pool = adbapi.ConnectionPool(
+        self._pool = _Pool(
             "psycopg",
             connection_string(dsn),
             cp_min=1,

@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument(
         "relay",
         nargs="+",
-        help="relay URI, e.g. msrps://localhost:2855 (';tcp' is added); several are chained",
+        help="relay URI, e.g. msrps://localhost:2855 (';tcp' is added); a domain without a"
+        " port is looked up by DNS SRV _msrps._tcp.<domain> (a relay pool); several are chained",
     )
 
     receive = command(

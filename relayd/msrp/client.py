@@ -8,6 +8,7 @@ streamed both ways, so a file of any size costs a bounded amount of memory.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from relayd.msrp.parser import (
     MSRPParser,
 )
 from relayd.msrp.uri import MSRPURI
+from relayd.net.srv import srv_targets
 from relayd.tokens import new_transaction_id
 
 
@@ -451,6 +453,35 @@ class _ClientFactory(Factory):
         return self.make()
 
 
+Lookup = Callable[[str], "defer.Deferred[list[tuple[str, int]]]"]
+"""SRV name to (host, port) in RFC 2782 order (:func:`relayd.net.srv.srv_targets`)."""
+
+
+async def relay_addresses(uri: MSRPURI, lookup: Lookup) -> list[tuple[str, int]]:
+    """Where to connect for the relay ``uri`` names, in the order to try (RFC 4976 §8).
+
+    A URI with a port, or whose host is an IP address, names one address.  Otherwise
+    the host may be a pool of relays: the SRV records of ``_msrps._tcp.<host>`` (or
+    ``_msrp._tcp``) list its nodes, ordered by priority and weight (RFC 2782), which
+    spreads clients over them; without any, the host itself on port 2855.  ``localhost``
+    is never a pool and is never looked up.
+    """
+    host = uri.host.strip("[]")
+    if uri.port is not None or host.lower() == "localhost" or _is_ip_literal(host):
+        return [(host, uri.effective_port)]
+    service = "_msrps._tcp" if uri.scheme == "msrps" else "_msrp._tcp"
+    found = await lookup(f"{service}.{host}")
+    return list(found) or [(host, uri.effective_port)]
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def connect(
     reactor: Any,
     relay_uri: str,
@@ -458,41 +489,55 @@ async def connect(
     local_uri: str | None = None,
     sink_for: Callable[[MSRPRequest], MessageSink | None] | None = None,
     timeout_seconds: float = 10,
+    resolver: Any = None,
 ) -> MSRPClientProtocol:
     """Open a connection to the relay named by ``relay_uri`` (TLS for msrps).
 
-    ``timeout_seconds`` bounds the TCP connect and then, again, the TLS
-    handshake: a peer that accepts but never speaks TLS must not hang us.
+    A URI without a port is resolved by :func:`relay_addresses` (``resolver`` is a
+    ``twisted.names`` IResolver, the system's by default); each address is tried in
+    turn until one accepts.  TLS verifies the URI's host whichever node answered: a
+    pool's nodes carry its name in their certificates.  ``timeout_seconds`` bounds
+    each TCP connect and then, again, the TLS handshake: a peer that accepts but never
+    speaks TLS must not hang us.
     """
     uri = MSRPURI.parse(relay_uri)
     host = uri.host.strip("[]")
-    endpoint: Any = HostnameEndpoint(reactor, host, uri.effective_port, timeout=timeout_seconds)
-    if uri.scheme == "msrps":
-        trust = None
-        if trust_pem is not None:
-            trust = trustRootFromCertificates([Certificate.loadPEM(trust_pem)])
-        endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
+    trust = None
+    if uri.scheme == "msrps" and trust_pem is not None:
+        trust = trustRootFromCertificates([Certificate.loadPEM(trust_pem)])
     local = local_uri or new_local_uri(uri.scheme == "msrps")
 
     def make() -> MSRPClientProtocol:
         return MSRPClientProtocol(local, sink_for=sink_for)
 
-    try:
-        protocol = await endpoint.connect(_ClientFactory(make))
-    except Exception as e:
-        raise MSRPClientError(f"cannot connect to {relay_uri}: {e}") from None
-    assert isinstance(protocol, MSRPClientProtocol)
-    if uri.scheme == "msrps":
-        # Certificate problems show up here, not at the first request.
+    addresses = await relay_addresses(uri, lambda name: srv_targets(name, resolver))
+    failures: list[str] = []
+    for address, port in addresses:
+        endpoint: Any = HostnameEndpoint(reactor, address, port, timeout=timeout_seconds)
+        if uri.scheme == "msrps":
+            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
         try:
-            await protocol.handshake.addTimeout(timeout_seconds, reactor)
-        except defer.TimeoutError:
-            transport: Any = protocol.transport
-            transport.abortConnection()
-            raise MSRPClientError(
-                f"TLS handshake with {uri.host}:{uri.effective_port} timed out"
-                f" after {timeout_seconds:g} s"
-            ) from None
-        except MSRPClientError as e:
-            raise MSRPClientError(f"TLS with {relay_uri} failed: {e}", reason=e.reason) from None
-    return protocol
+            protocol = await endpoint.connect(_ClientFactory(make))
+        except Exception as e:
+            failures.append(f"{address}:{port}: {e}" if len(addresses) > 1 else str(e))
+            continue
+        assert isinstance(protocol, MSRPClientProtocol)
+        if uri.scheme == "msrps":
+            # Certificate problems show up here, not at the first request.
+            try:
+                await protocol.handshake.addTimeout(timeout_seconds, reactor)
+            except defer.TimeoutError:
+                transport: Any = protocol.transport
+                transport.abortConnection()
+                failures.append(
+                    f"TLS handshake with {address}:{port} timed out after {timeout_seconds:g} s"
+                )
+                continue
+            except MSRPClientError as e:
+                raise MSRPClientError(
+                    f"TLS with {relay_uri} failed: {e}", reason=e.reason
+                ) from None
+        return protocol
+    if len(failures) == 1 and failures[0].startswith("TLS handshake"):
+        raise MSRPClientError(failures[0])
+    raise MSRPClientError(f"cannot connect to {relay_uri}: {'; '.join(failures)}")

@@ -105,9 +105,12 @@ class RelayCore:
         policy: AuthPolicy,
         digest: DigestAuthenticator,
         sessions: SessionTable | None = None,
+        pool_names: Iterable[str] = (),
     ) -> None:
         self.clock = clock
         self.hostname = hostname.lower()
+        self.pool_names = frozenset(name.lower().strip("[]") for name in pool_names)
+        """Names of the pool this node serves AUTH for (RFC 4976 §8, Appendix A)."""
         self.policy = policy
         self.digest = digest
         self.sessions = sessions if sessions is not None else SessionTable(clock)
@@ -136,6 +139,15 @@ class RelayCore:
             known = uri.host.lower().strip("[]") in self._local_hosts and port in self._local_ports
             remember(self._local_cache, 4096, key, known)
         return known
+
+    def is_pool_auth_target(self, uri: MSRPURI) -> bool:
+        """Does this AUTH To-Path URI name our pool?  Clients AUTH to the pool's name and
+        reach a node through its SRV records (RFC 4976 §8), so the URI carries no port or
+        the one the record gave, which is one of ours; the Use-Path then names this node
+        alone, where the session lives (Appendix A)."""
+        if uri.host.lower().strip("[]") not in self.pool_names:
+            return False
+        return uri.port is None or uri.port in self._local_ports
 
     def session_uri(self, session: Session) -> str:
         host = self.hostname
@@ -171,7 +183,7 @@ class RelayCore:
         to_path, to_text, from_text = self.paths(request)
         target = to_path[0]
         from_path = parse_path(from_text)
-        if not self.is_local(target):
+        if not (self.is_local(target) or self.is_pool_auth_target(target)):
             raise MSRPStatus(403, "not addressed to this relay", close=True)
         from_relay = bool(hop.peer_names)
         if from_relay:

@@ -67,6 +67,7 @@ from functools import partial
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from relayd.bounded import remember
 from relayd.consent.answer import ACTIONS, Action, answer, answer_token, find_answer
@@ -75,7 +76,13 @@ from relayd.consent.lists import ListDirectory, URIList, URIListError
 from relayd.consent.permissions import PermissionCache, requested_methods
 from relayd.consent.policy import identity_key
 from relayd.consent.settle import settlement
-from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreChange
+from relayd.consent.store import (
+    ConsentState,
+    IPermissionStore,
+    PendingConsent,
+    StoreChange,
+    StoreUnavailable,
+)
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.consent import (
@@ -377,7 +384,18 @@ class ConsentRelay:
             key = PendingAdditionsPackage.list_key(list_uri)
             self.subscriptions.resource_changed(PendingAdditionsPackage.name, key)
         settled = defer.ensureDeferred(self._settle_granted(recipient_key))
-        settled.addErrback(lambda failure: self.log.failure("settling consents failed", failure))
+        settled.addErrback(self._settling_failed, recipient_key)
+
+    def _settling_failed(self, failure: Failure, recipient_key: str) -> None:
+        """The store went away while settling: the records stay pending and the next
+        change of the recipient's documents settles them."""
+        if failure.check(StoreUnavailable):
+            self.log.warn(
+                "consents of {recipient} not settled now: store unavailable",
+                recipient=recipient_key,
+            )
+            return
+        self.log.failure("settling consents failed", failure)
 
     async def _settle_granted(self, recipient_key: str) -> None:
         """A recipient may grant through a document of their own rather than the

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from relayd.consent.lists import ListDirectory
 from relayd.consent.permissions import PermissionCache
 from relayd.consent.policy import identity_key
-from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent
+from relayd.consent.store import ConsentState, IPermissionStore, PendingConsent, StoreUnavailable
 from relayd.consent.vocabulary import (
     CONSENT_STATUS_MIME_TYPE,
     CONSENT_STATUS_NAMESPACE,
@@ -182,6 +182,8 @@ class Subscription:
     local_cseq: int = 0
     version: int = 0
     timer: IDelayedCall | None = None
+    #: A NOTIFY put off while the store was unavailable (:meth:`SubscriptionManager._notify`).
+    retry: IDelayedCall | None = None
     busy: bool = False
     again: bool = False
     terminating: str | None = None
@@ -373,6 +375,9 @@ class SubscriptionManager:
         if subscription.timer is not None and subscription.timer.active():
             subscription.timer.cancel()
         subscription.timer = None
+        if subscription.retry is not None and subscription.retry.active():
+            subscription.retry.cancel()
+        subscription.retry = None
         if self._dialogs.pop(subscription.key, None) is None:
             return
         for key in subscription.grant.keys:
@@ -413,6 +418,9 @@ class SubscriptionManager:
     # -- NOTIFY -------------------------------------------------------------------------
 
     def _notify(self, subscription: Subscription) -> None:
+        if subscription.retry is not None and subscription.retry.active():
+            subscription.retry.cancel()
+        subscription.retry = None
         if subscription.done and subscription.terminating is None:
             return
         if subscription.busy:
@@ -449,6 +457,18 @@ class SubscriptionManager:
                     body, gone = await package.state(resource, version)
             except defer.CancelledError:
                 raise  # stop(): send nothing more
+            except StoreUnavailable as e:
+                if subscription.terminating is None:
+                    # The state is unknown, not gone: keep the subscription and tell
+                    # it once the store answers again (a database restart).
+                    self._retry_later(subscription, str(e))
+                    return
+                self.log.warn(
+                    "{event} state unavailable for a final NOTIFY: {reason}",
+                    event=subscription.event,
+                    reason=_first_line(str(e)),
+                )
+                state, body, gone = b"", b"", None
             except Exception:
                 self.log.failure("{event} state failed", event=subscription.event)
                 state, body, gone = b"", b"", "noresource"
@@ -479,6 +499,21 @@ class SubscriptionManager:
             if subscription.done or not subscription.again:
                 subscription.busy = False
                 return
+
+    def _retry_later(self, subscription: Subscription, reason: str) -> None:
+        """Put the NOTIFY off by the store's ``Retry-After``; a change meanwhile sends it
+        sooner.  The subscriber keeps the state it had, which was true when sent."""
+        delay = StoreUnavailable.retry_after
+        self.log.warn(
+            "{event} state unavailable ({reason}); NOTIFY again in {delay}s",
+            event=subscription.event,
+            reason=_first_line(reason),
+            delay=delay,
+        )
+        subscription.busy = False
+        subscription.again = False
+        if subscription.retry is None or not subscription.retry.active():
+            subscription.retry = self.clock.callLater(delay, self._notify, subscription)
 
     def _build_notify(
         self, subscription: Subscription, content_type: str, body: bytes, reason: str | None
@@ -708,3 +743,7 @@ class PendingAdditionsPackage:
             for member in found.members
         ]
         return pending_additions_body(entries), None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "store unavailable"

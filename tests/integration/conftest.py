@@ -73,10 +73,11 @@ async def start_relay(tmp_path: Path, pki: RelayPKI) -> AsyncIterator[RelayFacto
         host: str = "127.0.0.1",
         extra: dict[tuple[str, str], str] | None = None,
         trust_peers: bool | str = True,
+        alt_names: tuple[str, ...] = (),
     ) -> RunningRelay:
         folder = tmp_path / f"relay-{host}-{len(running)}"
         folder.mkdir()
-        cert, key = pki.leaf(host)
+        cert, key = pki.leaf(host, *alt_names)
         users = write_users(folder / "users.htdigest", REALM, USERS)
         if isinstance(trust_peers, str):
             ca_path = trust_peers

@@ -17,7 +17,7 @@ from relayd.bootstrap import SELF_SIGNED_NAMES, ensure_self_signed, prepare
 from relayd.config import ConfigError, load_config
 from relayd.net.endpoints import listener_identity, parse_endpoint
 from relayd.net.tls import load_identity
-from relayd.testing import captured_log, make_intermediate_pki
+from relayd.testing import captured_log, make_intermediate_pki, make_pki
 
 
 def _mode(path: Path) -> int:
@@ -121,6 +121,39 @@ def test_a_lists_file_entry_the_relay_cannot_route_stops_start(tmp_path: Path) -
         '[sip] lists: resource-lists/list[@name="staff"]/entry[@uri="mailto:bob@x.test"]:'
         " mailto: URIs are not relayed (only sip: and sips:)"
     )
+
+
+def _pool_node(tmp_path: Path, *names: str, **extra: str) -> str:
+    cert, key = make_pki(tmp_path / "pki").leaf(*names)
+    config = load_config(
+        None,
+        overrides(
+            tmp_path,
+            tls__certificate=cert,
+            tls__private_key=key,
+            msrp__pool_names="example.com",
+            **extra,
+        ),
+    )
+    return prepare(config).hostname
+
+
+def test_a_pool_node_names_itself_even_when_the_certificate_lists_the_pool_first(
+    tmp_path: Path,
+) -> None:
+    """RFC 4976 Appendix A: a session's requests must reach its node, not the pool."""
+    assert _pool_node(tmp_path, "example.com", "relay1.example.com") == "relay1.example.com"
+
+
+def test_a_pool_name_as_the_nodes_hostname_stops_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _pool_node(tmp_path, "relay1.example.com", relay__hostname="Example.com")
+    assert "[msrp] pool_names: holds this node's own [relay] hostname Example.com" in str(
+        info.value
+    )
+    with pytest.raises(ConfigError) as only:
+        _pool_node(tmp_path / "other", "example.com")
+    assert "[relay] hostname: the certificate names only the pool" in str(only.value)
 
 
 # -- ensure_self_signed ---------------------------------------------------------------

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from relayd.consent.documents import GLOBAL_XUI, DocumentKey
 from relayd.consent.permissions import PermissionCache, permission_token
-from relayd.consent.store import MemoryPermissionStore
+from relayd.consent.store import MemoryPermissionStore, StoreUnavailable
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
-from relayd.testing import fired
+from relayd.testing import captured_log, fired
 
 LIST = "sip:friends@relay.test"
 ALICE = "sip:alice@example.test"
@@ -149,3 +149,21 @@ def test_a_remembered_answer_is_not_given_while_a_change_is_being_read() -> None
     assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") is None
     store.release()
     assert cache.missing_now("sip:alice@x.test", LIST, members, "MESSAGE") == members
+
+
+def test_a_change_that_cannot_be_read_drops_the_cached_documents() -> None:
+    """A revocation announced while the store is unreachable (a database restart) must
+    not leave the grant cached: the recipient's documents are read afresh later."""
+    store = MemoryPermissionStore()
+    cache = PermissionCache(store, Clock())
+    store.add_listener(cache.store_changed)
+    members = ["sip:bob@x.test"]
+    fired(store.put_document("consent-rules", "sip:bob@x.test", "index", grant("sip:alice@x.test")))
+    assert fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == []
+    reads = store.get_document
+    store.get_document = lambda *key: fail(StoreUnavailable("down"))  # type: ignore[method-assign]
+    with captured_log() as observer:
+        fired(store.delete_document("consent-rules", "sip:bob@x.test", "index"))
+    store.get_document = reads  # type: ignore[method-assign]
+    assert [e["log_level"].name for e in observer] == ["warn"]
+    assert fired(cache.missing("sip:alice@x.test", LIST, members, "MESSAGE")) == members

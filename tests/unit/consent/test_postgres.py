@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 from psycopg.conninfo import make_conninfo
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from relayd.consent.ledger import ConsentLedger, ConsentLimits, RateExceeded
@@ -35,6 +36,7 @@ from relayd.consent.store import (
     StoreUnavailable,
 )
 from relayd.consent.vocabulary import CONSENT_RULES_AUID as AUID
+from relayd.testing import captured_log
 
 XUI = "sip:carol@example.test"
 DOC = b'<ruleset xmlns="urn:ietf:params:xml:ns:common-policy"/>'
@@ -177,6 +179,31 @@ async def test_a_dropped_connection_is_reopened_without_failing_a_call(
             )
         assert await store.get_document(AUID, XUI, "index") == (DOC, write.etag)
         assert (await store.put_document(AUID, XUI, "index", DOC, if_match=write.etag)).etag
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_lost_mid_call_fails_it_quietly_and_the_next_reconnects(
+    postgres_dsn: str,
+) -> None:
+    """The server closed the connection during a call (a restart): the caller gets
+    StoreUnavailable and nothing is logged for the rollback adbapi would try on the
+    dead connection; the next call opens a new one."""
+    store = PostgresPermissionStore(postgres_dsn, reactor)
+
+    def lost(connection: Any) -> None:
+        connection._connection.close()  # what a restart does to it
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    try:
+        await store.put_document(AUID, XUI, "index", DOC)
+        with captured_log() as events:
+            d = store._pool.runWithConnection(lost)
+            with pytest.raises(psycopg.OperationalError):
+                await d
+        assert [formatEvent(e) for e in events] == []
+        assert (await store.get_document(AUID, XUI, "index")) is not None
     finally:
         await store.close()
 

@@ -94,7 +94,11 @@ def clock() -> Clock:
     return clock
 
 
-def make_core(clock: Clock, allowed: frozenset[str] = frozenset({"alice", "bob"})) -> RelayCore:
+def make_core(
+    clock: Clock,
+    allowed: frozenset[str] = frozenset({"alice", "bob"}),
+    pool_names: Iterable[str] = (),
+) -> RelayCore:
     policy = AuthPolicy(
         realm=REALM,
         expires_seconds=1800,
@@ -105,7 +109,7 @@ def make_core(clock: Clock, allowed: frozenset[str] = frozenset({"alice", "bob"}
     digest = DigestAuthenticator(
         REALM, _lookup, clock, nonce_lifetime_seconds=NONCE_LIFETIME_SECONDS
     )
-    core = RelayCore(clock, "Relay.Example.COM", policy, digest)
+    core = RelayCore(clock, "Relay.Example.COM", policy, digest, pool_names=pool_names)
     core.add_local_address(2855, tls=True)
     return core
 
@@ -1081,3 +1085,50 @@ def test_route_through_two_sessions_relies_on_both(clients: Clients) -> None:
     assert result.relied_on == (clients.alice, clients.bob)
     core.sessions.drop_connection(clients.bob_connection)
     assert not core.still_valid(result)
+
+
+@pytest.mark.parametrize(
+    "pool_uri",
+    ["msrps://pool.example.com;tcp", "msrps://POOL.example.com:2855;tcp"],
+)
+def test_auth_to_the_pool_name_is_answered_with_this_nodes_use_path(
+    clock: Clock, pool_uri: str
+) -> None:
+    """RFC 4976 §8: a client AUTHs to the pool's name, reached through its SRV records;
+    the session lives at this node, so the Use-Path names this node (Appendix A)."""
+    core = make_core(clock, pool_names=["Pool.Example.com"])
+    hop, owner = client_hop(), object()
+    first = core.handle_auth(request("AUTH", pool_uri, ALICE_URI), hop, owner)
+    assert first.response.code == 401
+    challenge = header(first.response, "WWW-Authenticate")
+    answer = authorization(challenge, "alice", "wonderland", uri=pool_uri)
+    outcome = core.handle_auth(
+        request("AUTH", pool_uri, ALICE_URI, [("Authorization", answer)]), hop, owner
+    )
+    assert outcome.response.code == 200
+    use_path = MSRPURI.parse(header(outcome.response, "Use-Path"))
+    assert (use_path.host, use_path.port) == ("relay.example.com", 2855)
+    assert header(outcome.response, "From-Path") == pool_uri
+
+
+@pytest.mark.parametrize(
+    ("pool_names", "to_uri"),
+    [
+        ((), "msrps://pool.example.com;tcp"),  # no pool configured
+        (("pool.example.com",), "msrps://pool.example.com:2856;tcp"),  # not our port
+        (("pool.example.com",), "msrps://other.example.com;tcp"),
+    ],
+)
+def test_auth_to_a_name_not_of_our_pool_is_refused(
+    clock: Clock, pool_names: tuple[str, ...], to_uri: str
+) -> None:
+    core = make_core(clock, pool_names=pool_names)
+    with pytest.raises(MSRPStatus) as info:
+        core.handle_auth(request("AUTH", to_uri, ALICE_URI), client_hop(), object())
+    assert info.value.code == 403
+
+
+def test_the_pool_name_is_no_session_uri_of_ours(clock: Clock) -> None:
+    """Only AUTH may name the pool: a SEND must reach the node holding its session."""
+    core = make_core(clock, pool_names=["pool.example.com"])
+    assert not core.is_local(MSRPURI.parse("msrps://pool.example.com:2855/s1;tcp"))

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
+from relayd.consent.store import StoreUnavailable
 from relayd.sip.events import Grant, SubscriptionLimits, SubscriptionManager
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.uri import SIPURI
@@ -21,6 +22,7 @@ class Package:
     def __init__(self) -> None:
         self.gone: str | None = None
         self.value = "a"
+        self.unavailable = False
 
     async def authorize(self, request: SIPRequest, subscriber: str) -> Grant:
         if subscriber != "sip:alice@x.test":
@@ -28,6 +30,8 @@ class Package:
         return Grant("r1", frozenset({"k"}))
 
     async def state(self, resource: str, version: int) -> tuple[bytes, str | None]:
+        if self.unavailable:
+            raise StoreUnavailable("connection refused")
         return f"{resource} {self.value} v{version}".encode(), self.gone
 
 
@@ -150,6 +154,56 @@ def test_unchanged_state_is_not_notified_again(setup: Any) -> None:
     package.value = "granted"
     manager.resource_changed("wait-permission", "k")
     assert len(sender.sent) == 2 and sender.sent[-1].body == b"r1 granted v2"
+
+
+def test_store_unavailable_keeps_the_subscription_and_notifies_once_it_answers(
+    setup: Any,
+) -> None:
+    """A database restart is not the end of the resource (RFC 6665 §4.2.2): the
+    subscriber keeps its subscription and hears the change once the store is back."""
+    clock, sender, manager, package = setup
+    run(manager, subscribe())
+    clock.advance(0)
+    assert len(sender.sent) == 1
+    package.unavailable = True
+    manager.resource_changed("wait-permission", "k")
+    assert len(sender.sent) == 1 and manager.count == 1
+    clock.advance(StoreUnavailable.retry_after - 1)
+    assert len(sender.sent) == 1
+    package.unavailable = False
+    package.value = "granted"
+    clock.advance(1)
+    assert len(sender.sent) == 2 and sender.sent[-1].body == b"r1 granted v2"
+    assert sender.sent[-1].headers.get("subscription-state", "").startswith("active")
+    # One retry: nothing further is scheduled once it went out.
+    clock.advance(StoreUnavailable.retry_after * 3)
+    assert len(sender.sent) == 2
+
+
+def test_a_change_while_a_retry_waits_notifies_at_once(setup: Any) -> None:
+    clock, sender, manager, package = setup
+    run(manager, subscribe())
+    clock.advance(0)
+    package.unavailable = True
+    manager.resource_changed("wait-permission", "k")
+    package.unavailable = False
+    package.value = "granted"
+    manager.resource_changed("wait-permission", "k")
+    assert len(sender.sent) == 2
+    clock.advance(StoreUnavailable.retry_after)
+    assert len(sender.sent) == 2  # the retry was cancelled, not sent twice
+
+
+def test_expiry_while_the_store_is_unavailable_still_terminates(setup: Any) -> None:
+    clock, sender, manager, package = setup
+    run(manager, subscribe(expires=60))
+    clock.advance(0)
+    package.unavailable = True
+    clock.advance(60)
+    assert sender.sent[-1].headers.get("subscription-state") == "terminated;reason=timeout"
+    assert manager.count == 0
+    clock.advance(StoreUnavailable.retry_after)
+    assert not clock.getDelayedCalls()
 
 
 def test_stop_abandons_notifies_in_flight(setup: Any) -> None:
