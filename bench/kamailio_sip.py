@@ -1,7 +1,10 @@
-"""Kamailio as the reference SIP proxy for ``bench/sip_bench.py --with-kamailio``.
+"""Kamailio as the reference SIP proxy for ``bench/sip_bench.py --with-kamailio`` and
+``bench/invite_bench.py``.
 
-``bench/kamailio/sip-fork.cfg`` is a template (see its header); :func:`render_config`
-fills in the UDP listener, the digest realm, the users' HA1 and the lists.
+``bench/kamailio/sip-fork.cfg`` (MESSAGE to lists) and ``bench/kamailio/sip-invite.cfg``
+(calls to a registered user) are templates (see their headers); :func:`render_config`
+fills in the UDP listener, the digest realm, the users' HA1 and the lists (a template
+without lists takes none).
 :class:`Kamailio` runs it in the foreground as the current user (``-DD -E``, the way
 the MSRP reference's ``start.sh`` beside the repository does), only on
 127.0.0.1, in a temporary folder, and measures its CPU summed over the main process
@@ -26,6 +29,7 @@ from bench.daemon import wait_idle
 from relayd.digest import ha1
 
 TEMPLATE = Path(__file__).resolve().parent / "kamailio" / "sip-fork.cfg"
+INVITE_TEMPLATE = TEMPLATE.with_name("sip-invite.cfg")
 CHILDREN = 2  # UDP workers, as in the issue's reference measurement
 SHM_MB = 256
 PKG_MB = 16
@@ -61,8 +65,9 @@ def render_config(
     users: Mapping[str, str],
     lists: Mapping[str, Sequence[str]],
     children: int = CHILDREN,
+    template: Path = TEMPLATE,
 ) -> str:
-    """The template with the listener, workers, realm, users (plain passwords → HA1) and
+    """``template`` with the listener, workers, realm, users (plain passwords → HA1) and
     lists."""
     for name in [*users, *lists, *(m for members in lists.values() for m in members)]:
         if not name.replace("-", "").replace("_", "").isalnum():
@@ -76,7 +81,7 @@ def render_config(
         lines += [f'\t\tappend_branch("sip:{member}@{host}");' for member in members[1:]]
         lines += ["\t\troute(FORK);", "\t}"]
         list_blocks.append("\n".join(lines))
-    text = TEMPLATE.read_text(encoding="utf-8")
+    text = template.read_text(encoding="utf-8")
     for marker, value in {
         "@LISTEN@": f"udp:{host}:{port}",
         "@CHILDREN@": str(children),
@@ -84,8 +89,8 @@ def render_config(
         "@USERS@": user_lines,
         "@LISTS@": "\n".join(list_blocks),
     }.items():
-        if marker not in text:
-            raise ValueError(f"{TEMPLATE} lacks {marker}")
+        if marker not in text and (value or marker != "@LISTS@"):
+            raise ValueError(f"{template} lacks {marker}")
         text = text.replace(marker, value)
     return text
 
@@ -127,6 +132,7 @@ class Kamailio:
     lists: Mapping[str, Sequence[str]]
     children: int = CHILDREN
     defines: Sequence[str] = ()  # -A NAME for the config's #!ifdef blocks
+    template: Path = TEMPLATE
     binary: str = ""
     folder: Path = field(default_factory=Path)
     process: subprocess.Popen[bytes] | None = None
@@ -167,6 +173,7 @@ class Kamailio:
             users=self.users,
             lists=self.lists,
             children=self.children,
+            template=self.template,
         )
         self.config_path.write_text(text, encoding="utf-8")
         run = self.folder / "run"

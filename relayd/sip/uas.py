@@ -233,7 +233,10 @@ class UASCore:
         While overloaded, every new request but CANCEL gets its 503 here: shedding that
         made a transaction per shed request would grow, for 64·T1 each, exactly the
         state an overload (or a flood) must not grow (§21.5.4; a retransmission just
-        gets another 503). Otherwise a method's screen gives it: OPTIONS has one from
+        gets another 503). Requests of a dialog routed through us (the :attr:`router`
+        takes them) pass: a BYE shed would leave its call up at both ends, and the
+        work was accepted with the dialog (RFC 7339 §5.10.1 ranks in-dialog requests
+        above new ones). Otherwise a method's screen gives it: OPTIONS has one from
         the start (§11: the answer depends on nothing but the request, and the To tag
         comes out the same for a retransmission, §8.2.7), a handler may bring one (a
         digest challenge, which a proxy may send statelessly), asked only when
@@ -242,7 +245,12 @@ class UASCore:
         else takes the stateful path.
         """
         method = request.method
-        if method != "CANCEL" and self.overloaded is not None and self.overloaded():
+        if (
+            method != "CANCEL"
+            and self.overloaded is not None
+            and self.overloaded()
+            and self._routed(request) is None
+        ):
             self.shed += 1
             retry = [("Retry-After", str(self.retry_after_seconds))]
             return make_response(request, 503, headers=retry, to_tag=stateless_tag(request))

@@ -1,6 +1,6 @@
 """The README's consent walkthrough with the README's commands: the real daemon on its
 defaults (generated certificate and first user, realm and domain ``localhost``; only the
-ports are ephemeral), ``relayctl`` for users, list and grant, and baresip (Debian's
+ports are ephemeral), ``relayctl`` for users, list and consent, and baresip (Debian's
 ``baresip-core``) as alice, who sends, and as bob, who is on the list.
 
 MESSAGE to the list → 407 → 470; alice's ``relayctl consent request`` reading her 470 →
@@ -12,151 +12,49 @@ baresip.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.utils import getProcessOutputAndValue
 
-from relayd.testing import ProcessOutput
-
-from .conftest import deferLater
-
-BARESIP = shutil.which("baresip")
+from .readme_relay import (  # noqa: F401 - the fixture
+    BARESIP,
+    BARESIP_CONFIG,
+    HOST,
+    ROOT,
+    SECONDS,
+    STATUS,
+    Relay,
+    account,
+    add_users,
+    baresip_folder,
+    relay,
+)
 
 pytestmark = pytest.mark.integration
 
 reactor: Any = _reactor
 
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
 LIST = "sip:friends@localhost"
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-# The README's baresip configuration, shared by alice and bob.
-BARESIP_CONFIG = (
-    "sip_listen 127.0.0.1:0",
-    "module_path /usr/lib/baresip/modules",
-    "module stdio.so",
-    "module_app account.so",
-    "module_app contact.so",
-    "module_app menu.so",
-)
 SEND = ["-s", "-e", "/message hello friends"]  # the README's alice, less its -t 2
 ALLOW = ["-s", "-e", "/message allow"]  # the README's bob-allow, traced, less its -t 2
 ASK = ["consent", "request", "--domain", "localhost", "--user", "alice", "--from-470", "-"]
 DELIVERED = b'sip:alice@localhost: "hello friends"'
-SECONDS = 30.0  # for a start, a response, a process to end
-TAIL = 6000  # bytes of a process's output in a failure's message
-LISTENING = re.compile(rb"(SIP|XCAP) listening on (?:udp|ssl):127\.0\.0\.1:(\d+)")
-STATUS = re.compile(rb"^SIP/2\.0 (\d{3} [^\r\n]*)", re.MULTILINE)
 
 
-class Output(ProcessOutput):
-    """A child's output, and a wait for what it should print."""
-
-    async def wait(self, found: Callable[[bytes], bool], what: str) -> None:
-        """Until ``found(output)`` is true."""
-        for _ in range(int(SECONDS / 0.05)):
-            if found(bytes(self.output)):
-                return
-            assert not self.ended.called, f"ended before {what}:\n{self.text(TAIL)}"
-            await deferLater(0.05)
-        raise AssertionError(f"no {what} within {SECONDS} s:\n{self.text(TAIL)}")
-
-
-def environment(home: Path, **extra: str) -> dict[str, str]:
-    """A HOME of our own: the defaults (data directory, ~/.baresip) live there."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RELAYCTL_")}
-    env.update({"HOME": str(home), "PYTHONPATH": str(ROOT)}, **extra)
-    return env
-
-
-@dataclass
-class Relay:
-    home: Path
-    sip_port: int
-    xcap_url: str
-
-    async def relayctl(self, *args: str, **env: str) -> str:
-        """relayctl ARGS as in the README; the XCAP port is not the default one."""
-        xcap = ["--xcap", self.xcap_url] if args[0] in ("lists", "permissions") else []
-        result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
-            sys.executable,
-            ["-m", "relayd.ctl.main", *args, *xcap],
-            env=environment(self.home, **env),
-            path=str(self.home),
-        ).addTimeout(SECONDS, reactor)
-        out, err, code = result
-        assert (code, err) == (0, b""), (args, out, err)
-        return out.decode()
-
-    async def relayctl_reading(self, stdin: bytes, *args: str, **env: str) -> str:
-        """relayctl ARGS with ``stdin`` piped to it, as the README's ``… | relayctl``."""
-        out = Output()
-        command = [sys.executable, "-m", "relayd.ctl.main", *args]
-        environ = environment(self.home, **env)
-        process = reactor.spawnProcess(
-            out, sys.executable, command, env=environ, path=str(self.home)
-        )
-        process.write(stdin)
-        process.closeStdin()
-        code = await out.ended.addTimeout(SECONDS, reactor)
-        assert code == 0, (args, out.text(TAIL))
-        return out.output.decode()
-
-    def baresip(self, folder: Path, *args: str) -> tuple[Output, IProcessTransport]:
-        """baresip -f FOLDER ARGS, its standard input a pipe kept open (its console)."""
-        assert BARESIP is not None
-        out = Output()
-        command = [BARESIP, "-f", str(folder), *args]
-        env = environment(self.home)
-        process = reactor.spawnProcess(out, BARESIP, command, env=env, path=str(folder))
-        return out, process
-
-
-@pytest_twisted.async_yield_fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
-    """``twistd -n msrprelay`` on its defaults but for ephemeral loopback ports."""
-    home = tmp_path / "home"
-    home.mkdir()
-    command = [*TWISTD, "-n", "--pidfile=", "msrprelay", f"--msrp-listen=ssl:0:interface={HOST}"]
-    command += [f"--set=xcap.listen=ssl:0:interface={HOST}"]
-    command += [f"--set=sip.listen=udp:0:interface={HOST}"]
-    out = Output()
-    env = environment(home)
-    process = reactor.spawnProcess(out, sys.executable, command, env=env, path=str(home))
-    try:
-        await out.wait(lambda text: len(LISTENING.findall(text)) == 2, "SIP and XCAP listening")
-        ports = {kind.decode(): int(port) for kind, port in LISTENING.findall(bytes(out.output))}
-        yield Relay(home, ports["SIP"], f"https://{HOST}:{ports['XCAP']}/xcap-root")
-    finally:
-        if not out.ended.called:
-            process.signalProcess("TERM")
-        code = await out.ended.addTimeout(SECONDS, reactor)
-    # twistd re-raises the signal that stopped it.
-    assert code in (0, -signal.SIGTERM), out.text(TAIL)
-    assert "Traceback" not in out.output.decode(errors="replace"), out.text(TAIL)
-
-
-async def send_to_list(relay: Relay, alice: Path) -> tuple[list[str], bytes]:
+async def send_to_list(daemon: Relay, alice: Path) -> tuple[list[str], bytes]:
     """Alice's ``/message`` to the list: the responses she got, in order (a UDP
     retransmission's repeat counted once), and her SIP trace."""
-    return await send_message(relay, alice, SEND)
+    return await send_message(daemon, alice, SEND)
 
 
-async def send_message(relay: Relay, folder: Path, command: list[str]) -> tuple[list[str], bytes]:
+async def send_message(daemon: Relay, folder: Path, command: list[str]) -> tuple[list[str], bytes]:
     """``baresip -f FOLDER COMMAND``: the responses to its MESSAGE, as ``send_to_list``."""
-    out, process = relay.baresip(folder, *command, "-t", str(int(SECONDS)))
+    out, process = daemon.baresip(folder, *command, "-t", str(int(SECONDS)))
 
     def final(text: bytes) -> bool:
         return any(not status.startswith(b"407") for status in STATUS.findall(text))
@@ -174,11 +72,6 @@ async def send_message(relay: Relay, folder: Path, command: list[str]) -> tuple[
     return statuses, bytes(out.output)
 
 
-def account(user: str, password: str, relay: Relay, *params: str) -> str:
-    outbound = f'outbound="sip:{HOST}:{relay.sip_port}"'
-    return ";".join([f"<sip:{user}@localhost>", f"auth_pass={password}", outbound, *params])
-
-
 def test_readme_writes_the_tested_baresip_configuration() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for line in BARESIP_CONFIG:
@@ -193,31 +86,22 @@ def test_readme_writes_the_tested_baresip_configuration() -> None:
 @pytest.mark.skipif(BARESIP is None, reason="baresip not on PATH (apt install baresip-core)")
 @pytest_twisted.ensureDeferred
 async def test_message_to_list_waits_for_consent_then_reaches_the_member(
-    tmp_path: Path, relay: Relay
+    tmp_path: Path,
+    relay: Relay,  # noqa: F811
 ) -> None:
     # 1. Two users.
-    passwords = {}
-    users_file = relay.home / ".local/state/relayd/users.htdigest"
-    for user in ("alice", "bob"):
-        out = await relay.relayctl("adduser", "--generate", user)
-        added, password = out.splitlines()
-        assert added == f"added {user} (realm localhost) in {users_file}"
-        passwords[user] = password.removeprefix("password=")
+    passwords = await add_users(relay, "alice", "bob")
     # 2. A list with bob in it, owned by the generated user.
     out = await relay.relayctl("lists", "add", "friends", "sip:bob@localhost")
     assert out == "added 1 member to friends (new list)\n"
     # 3. A baresip folder each; bob registers.
-    folders = {user: tmp_path / user for user in passwords}
-    for folder in folders.values():
-        folder.mkdir()
-        (folder / "config").write_text("\n".join(BARESIP_CONFIG) + "\n", encoding="utf-8")
-    (folders["alice"] / "accounts").write_text(
-        account("alice", passwords["alice"], relay, "regint=0") + "\n", encoding="utf-8"
-    )
+    folders = {
+        "alice": baresip_folder(
+            tmp_path / "alice", account("alice", passwords["alice"], relay, "regint=0")
+        ),
+        "bob": baresip_folder(tmp_path / "bob", account("bob", passwords["bob"], relay)),
+    }
     (folders["alice"] / "contacts").write_text(f"<{LIST}>\n", encoding="utf-8")
-    (folders["bob"] / "accounts").write_text(
-        account("bob", passwords["bob"], relay) + "\n", encoding="utf-8"
-    )
     bob, bob_process = relay.baresip(folders["bob"], "-s")
     try:
         await bob.wait(lambda text: b"bob@localhost: {0/UDP/v4} 200 OK" in text, "registration")
@@ -251,7 +135,7 @@ async def test_message_to_list_waits_for_consent_then_reaches_the_member(
         assert re.search(rb"Allow: https://localhost:\d+/consent/grant/", shown[0])
         (allow,) = re.findall(rb"sip:grant-[^ ]+@localhost(?= \(allow\))", shown[0])
         # 6. Bob allows: a MESSAGE to the allow URI from baresip, as the README does it.
-        folders["bob-allow"] = answer = tmp_path / "bob-allow"
+        answer = tmp_path / "bob-allow"
         answer.mkdir()
         shutil.copy(folders["bob"] / "config", answer / "config")
         # sed 's/$/;regint=0/' bob/accounts > bob-allow/accounts
@@ -266,7 +150,7 @@ async def test_message_to_list_waits_for_consent_then_reaches_the_member(
         statuses, trace = await send_to_list(relay, folders["alice"])
         assert statuses == ["407 Proxy Authentication Required", "200 OK"], trace
         await bob.wait(lambda text: DELIVERED in text, "the message on bob's console")
-        # Revoked with the deny URI of the same note (RFC 5360 §5.8): 470 again.
+        # Revoked with the deny URI of the same note (RFC 5360 §5.6): 470 again.
         (deny,) = re.findall(rb"sip:deny-[^ ]+@localhost(?= \(deny\))", shown[0])
         (answer / "contacts").write_text(f"<{deny.decode()}>\n", encoding="utf-8")
         statuses, trace = await send_message(relay, answer, ["-s", "-e", "/message deny"])

@@ -70,6 +70,9 @@ LISTS_XML = f"""<?xml version="1.0" encoding="UTF-8"?>
     <entry uri="sip:bob@{HOST}"/>
     <entry uri="sip:carol@{HOST}"/>
   </list>
+  <list name="callees" cr:owner="{ALICE}">
+    <entry uri="sip:bob@{HOST}"/>
+  </list>
 </resource-lists>
 """
 
@@ -240,10 +243,10 @@ class Players:
             *("-auth_uri", auth_uri.removeprefix("sip:"), "-m", "1", *args),
         )
 
-    async def member(self, user: str) -> SIPp:
+    async def member(self, user: str, scenario: str = "list_member.xml") -> SIPp:
         """The member's UAS, up and registered at the relay with digest."""
         port = free_port(self.transport)
-        uas = self.start(user, "list_member.xml", port=port, seconds=MEMBER_SECONDS)
+        uas = self.start(user, scenario, port=port, seconds=MEMBER_SECONDS)
         for _ in range(int(WAIT / 0.02)):
             if bound(port, self.transport):
                 break
@@ -308,7 +311,11 @@ async def test_sipp_sender_and_members_through_consent(relay: Relay, players: Pl
     wait_uri: dict[str, str] = {}
     for number, target in enumerate(consent, 1):
         run = players.uac(
-            f"consent-{number}", "consent_request.xml", SENDER, target, "-key", "consent", target
+            f"consent-{number}",
+            "consent_request.xml",
+            SENDER,
+            target,
+            *("-key", "consent", target, "-key", "methods", "MESSAGE"),
         )
         (accepted,) = await run.finished()
         assert accepted.startswith("202 sip:wp-"), accepted

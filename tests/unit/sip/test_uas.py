@@ -173,6 +173,23 @@ def test_overload_hook_sheds_with_retry_after() -> None:
     assert stack.send("OPTIONS").status == 200
 
 
+def test_overload_spares_requests_of_a_dialog_routed_through_us() -> None:
+    uas = UASCore(CAPS, overloaded=lambda: True)
+    answered: list[str] = []
+
+    def forward(txn: ServerTransaction, request: SIPRequest) -> SIPResponse:
+        answered.append(request.method)
+        return make_response(request, 200)
+
+    uas.router = lambda request: forward if "ours" in (request.headers.get("route") or "") else None
+    stack = Stack(uas)
+    bye = stack.send("BYE", ("Route", "<sip:relay.example.com;lr;ours>"))
+    assert bye.status == 200 and answered == ["BYE"]
+    other = stack.send("BYE", ("Route", "<sip:elsewhere.example.com;lr>"))
+    assert other.status == 503 and other.headers.get("retry-after") == "5"
+    assert stack.send("INVITE").status == 503 and uas.shed == 2
+
+
 def test_transaction_pressure_reads_the_layer() -> None:
     uas = UASCore(CAPS)
     uas.set_handler("MESSAGE", lambda txn, req: None)  # keeps transactions open
