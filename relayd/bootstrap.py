@@ -141,6 +141,26 @@ def prepare(config: RelaydConfig) -> Prepared:
     )
 
 
+def prepare_shared(prepared: Prepared) -> None:
+    """With ``[relay] workers``: what the workers share is made once, by the parent,
+    before any starts, so none of them race to create it: the SQLite store's file, its
+    WAL mode and schema (the certificate, users file and keys were made by ``prepare``)."""
+    config = prepared.config
+    if config.store.backend != "sqlite":
+        return
+    import sqlite3
+
+    from relayd.consent.sqlite import StoreSchemaError, session
+
+    try:
+        with session(prepared.store_path):
+            pass
+    except (sqlite3.Error, StoreSchemaError, OSError) as e:
+        raise ConfigError(
+            config.source_of("store", "path"), "store", "path", f"cannot open the store: {e}"
+        ) from None
+
+
 def read_lists(path: str, domain: str) -> tuple[URIList, ...]:
     """The lists of the ``[sip] lists`` file, at start and on reload; raises
     :class:`URIListError` saying what is wrong."""

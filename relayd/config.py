@@ -166,6 +166,15 @@ SCHEMA: tuple[Key, ...] = (
         "Least important log events written: debug adds a line per relayed request",
     ),
     Key(
+        "relay",
+        "workers",
+        "1",
+        _integer(1, 64),
+        "Worker processes, each running the whole relay: they share the SIP and XCAP"
+        " ports (SO_REUSEPORT); worker K (from 0) listens for MSRP and metrics on each"
+        " configured port plus K. Above 1 the store must be sqlite or postgresql",
+    ),
+    Key(
         "msrp",
         "listen",
         "ssl:2855:interface=127.0.0.1",
@@ -681,6 +690,7 @@ class RelaydConfig:
     metrics: MetricsConfig
     source: str = "<defaults>"
     log_level: str = "info"
+    workers: int = 1
     origins: Mapping[tuple[str, str], str] = field(default_factory=dict, compare=False, repr=False)
     """Where each ``(section, key)`` value came from: the file, "command line" or
     "<defaults>"; errors found after loading name that, not just the file."""
@@ -759,6 +769,7 @@ def _build(
         hostname=relay["hostname"],
         data_dir=data_dir,
         log_level=relay["log_level"],
+        workers=relay["workers"],
         msrp=MSRPConfig(**section("msrp")),
         auth=AuthConfig(**section("auth")),
         tls=TLSConfig(**section("tls")),
@@ -810,6 +821,8 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
     _validate_sip(config.sip, fail)
     _validate_store(config.store, fail)
     _validate_metrics(config.metrics, fail)
+    if config.workers > 1:
+        _validate_workers(config, fail)
 
 
 def _check_listener_files(
@@ -901,6 +914,36 @@ def _validate_xcap(xcap: XCAPConfig, fail: Callable[[str, str, str], None]) -> N
             fail("xcap", "public_url", f"must be an http(s) URL, got {xcap.public_url!r}")
         if parts.query or parts.fragment:
             fail("xcap", "public_url", "must not have a query or fragment")
+
+
+def _validate_workers(config: RelaydConfig, fail: Callable[..., None]) -> None:
+    """Several workers share SIP and XCAP ports (so each must be fixed), take one MSRP and
+    metrics port each (base + K must exist) and one store (memory is per process)."""
+    if config.store.backend == "memory":
+        fail(
+            "store",
+            "backend",
+            f"memory keeps one store per process; with workers = {config.workers} use sqlite"
+            " or postgresql",
+        )
+    for section, listen in (("sip", config.sip.listen), ("xcap", config.xcap.listen)):
+        for value in listen:
+            if parse_endpoint(value).port == 0:
+                fail(
+                    section,
+                    "listen",
+                    f"{value!r}: workers share this listener, so its port must be fixed (not 0)",
+                )
+    for section, listen in (("msrp", config.msrp.listen), ("metrics", config.metrics.listen)):
+        for value in listen:
+            port = parse_endpoint(value).port
+            if port and port + config.workers - 1 > 65535:
+                fail(
+                    section,
+                    "listen",
+                    f"{value!r}: worker {config.workers - 1} would listen on port"
+                    f" {port + config.workers - 1}",
+                )
 
 
 def _validate_metrics(metrics: MetricsConfig, fail: Callable[..., None]) -> None:

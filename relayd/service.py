@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -32,6 +33,7 @@ from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
 from relayd.web.admin import AdminResource
 from relayd.web.metrics import Metrics
+from relayd.workers import shared_listen, worker_listen
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.consent_page import ConsentPage
 from relayd.xcap.resource import XCAPResource, XCAPSite
@@ -73,10 +75,15 @@ class RelayService(MultiService):
     """
 
     def __init__(
-        self, prepared: Prepared, reactor: Any = None, reloader: Reloader | None = None
+        self,
+        prepared: Prepared,
+        reactor: Any = None,
+        reloader: Reloader | None = None,
+        worker: int | None = None,
     ) -> None:
         super().__init__()
         self._prepared = prepared
+        self._worker = worker
         self._introduced = False
         self._reactor = reactor
         self.reloader = reloader
@@ -109,9 +116,10 @@ class RelayService(MultiService):
         self._introduced = True
         prepared = self._prepared
         log.info(
-            "relayd {version} starting: hostname {hostname}, realm {realm},"
+            "relayd {version} {who}starting: hostname {hostname}, realm {realm},"
             " SIP domain {domain}, store {store}",
             version=__version__,
+            who="" if self._worker is None else f"worker {self._worker} ",
             hostname=prepared.hostname,
             realm=prepared.realm,
             domain=prepared.sip_domain or prepared.hostname,
@@ -119,10 +127,27 @@ class RelayService(MultiService):
         )
 
 
-def build_service(prepared: Prepared, reactor: Any) -> MultiService:
-    """The relay daemon: every part a named child of one MultiService."""
+def for_worker(prepared: Prepared, index: int) -> Prepared:
+    """What worker ``index`` of ``[relay] workers`` runs (relayd.workers): the SIP and
+    XCAP listeners shared with the other workers, its own MSRP and metrics ports."""
     config = prepared.config
-    top = RelayService(prepared, reactor)
+    config = replace(
+        config,
+        msrp=replace(config.msrp, listen=worker_listen(config.msrp.listen, index)),
+        metrics=replace(config.metrics, listen=worker_listen(config.metrics.listen, index)),
+        sip=replace(config.sip, listen=shared_listen(config.sip.listen)),
+        xcap=replace(config.xcap, listen=shared_listen(config.xcap.listen)),
+    )
+    return replace(prepared, config=config)
+
+
+def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -> MultiService:
+    """The relay daemon: every part a named child of one MultiService; with ``worker``,
+    worker number ``worker`` of several (:func:`for_worker`)."""
+    if worker is not None:
+        prepared = for_worker(prepared, worker)
+    config = prepared.config
+    top = RelayService(prepared, reactor, worker=worker)
     tls = TLSMaterial(prepared.identity, prepared.trust_roots)
     prepared.users.use_clock(reactor)  # reloads are timed like every other wait
     digest = DigestAuthenticator(
@@ -141,6 +166,8 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     )
     core = RelayCore(reactor, prepared.hostname, policy, digest)
     relay = MSRPRelay(reactor, core, relay_limits(msrp), prepared.identity, prepared.trust_roots)
+    if worker is not None:
+        relay.sibling_host = prepared.hostname.strip("[]").lower()
     service = MSRPService(relay, reactor, tls, prepared.hostname, msrp.listen)
     service.setName("msrp")
     service.setServiceParent(top)

@@ -96,9 +96,10 @@ def _open_connection(connection: sqlite3.Connection) -> int:
     older file gains what a newer version added and is then marked with its number;
     a file marked newer than this code is refused.
     """
+    # The wait first: several processes ([relay] workers) may open the file at once.
+    connection.execute("PRAGMA busy_timeout=5000")
     connection.execute("PRAGMA journal_mode=WAL").fetchone()
     connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("PRAGMA busy_timeout=5000")
     connection.execute("BEGIN IMMEDIATE")
     try:
         for statement in _SCHEMA:

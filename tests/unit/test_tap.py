@@ -290,3 +290,58 @@ def test_example_config_is_printed_and_loads(
     config.write_text(printed, encoding="utf-8")
     options = parse(tmp_path, "--config", str(config))
     assert prepared(options).config.msrp.listen == ("ssl:2855:interface=127.0.0.1",)
+
+
+WORKER_SETTINGS = (
+    "--set",
+    "relay.workers=2",
+    "--set",
+    "sip.listen=udp:5070:interface=127.0.0.1",
+    "--set",
+    "xcap.listen=tcp:5071:interface=127.0.0.1",
+    "--msrp-listen",
+    "tcp:5072:interface=127.0.0.1",
+)
+
+
+def test_workers_make_a_parent_that_binds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.workers import WORKER_ENVIRONMENT, WorkerSupervisor
+
+    monkeypatch.delenv(WORKER_ENVIRONMENT, raising=False)
+    options = parse(tmp_path, *WORKER_SETTINGS)
+    assert options["arguments"][-len(WORKER_SETTINGS) :] == list(WORKER_SETTINGS)
+    # The shared store is made once, here, before any worker starts.
+    assert (tmp_path / "data" / "relay.sqlite3").exists()
+    service = makeService(options)
+    assert isinstance(service, WorkerSupervisor)
+    assert service.count == 2
+
+
+def test_a_worker_runs_the_relay_on_its_own_msrp_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.workers import WORKER_ENVIRONMENT
+
+    monkeypatch.setenv(WORKER_ENVIRONMENT, "1/2")
+    monkeypatch.setattr(relayd.tap, "follow_parent", lambda: None)
+    options = parse(tmp_path, *WORKER_SETTINGS)
+    assert options["worker"] == 1
+    service = makeService(options)
+    msrp = service.getServiceNamed("msrp")
+    assert isinstance(msrp, MSRPService)
+    assert msrp.listen == ("tcp:5073:interface=127.0.0.1",)
+    assert [spec.text for spec in service.getServiceNamed("sip").specs] == [
+        "udp:5070:interface=127.0.0.1:reuseport=yes"
+    ]
+    assert msrp.relay.sibling_host == "localhost"
+
+
+def test_a_bad_worker_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.workers import WORKER_ENVIRONMENT
+
+    monkeypatch.setenv(WORKER_ENVIRONMENT, "2/2")
+    assert "does not exist" in config_refused(tmp_path, *WORKER_SETTINGS)

@@ -1,0 +1,221 @@
+"""``[relay] workers = 2``: the real daemon as a parent and two worker processes."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, threads
+
+from relayd.msrp.client import connect
+from relayd.testing import RelayPKI, write_users
+
+from .conftest import REALM, USERS, RecordingSink, deferLater, path_to
+
+pytestmark = pytest.mark.integration
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+MSRP_LISTENING = re.compile(rb"worker (\d+): MSRP listening on ssl:127\.0\.0\.1:(\d+)")
+WORKER_STARTED = re.compile(rb"Worker (\d+) started, process (\d+)")
+
+
+class Parent(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred[tuple[int | None, int | None]] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def msrp_ports(self) -> dict[int, int]:
+        """The MSRP port each worker logged last (a restarted worker logs again)."""
+        return {int(k): int(port) for k, port in MSRP_LISTENING.findall(self.output)}
+
+    def pids(self) -> dict[int, int]:
+        return {int(k): int(pid) for k, pid in WORKER_STARTED.findall(self.output)}
+
+    async def logged(self, text: bytes, count: int = 1, seconds: float = 60) -> None:
+        for _ in range(int(seconds / 0.05)):
+            if self.output.count(text) >= count:
+                return
+            if self.ended.called:
+                break
+            await deferLater(0.05)
+        raise AssertionError(f"{text!r} not logged {count} times:\n{self.text()}")
+
+
+def _free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 (at the time of asking)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def _write_config(tmp_path: Path, pki: RelayPKI, sip_port: int, xcap_port: int) -> Path:
+    cert, key = pki.leaf("127.0.0.1")
+    users = write_users(tmp_path / "users.htdigest", REALM, USERS)
+    config = tmp_path / "relayd.ini"
+    config.write_text(
+        f"""[relay]
+hostname = 127.0.0.1
+data_dir = {tmp_path / "data"}
+workers = 2
+
+[msrp]
+listen = ssl:0:interface=127.0.0.1
+
+[xcap]
+listen = tcp:{xcap_port}:interface=127.0.0.1
+
+[sip]
+listen = udp:{sip_port}:interface=127.0.0.1
+    tcp:{sip_port}:interface=127.0.0.1
+
+[auth]
+realm = {REALM}
+users = {users}
+
+[tls]
+certificate = {cert}
+private_key = {key}
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def _options_request(transport: str, local_port: int, branch: str) -> bytes:
+    return (
+        f"OPTIONS sip:127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport} 127.0.0.1:{local_port};branch=z9hG4bK{branch}\r\n"
+        "From: <sip:probe@127.0.0.1>;tag=w1\r\nTo: <sip:127.0.0.1>\r\n"
+        f"Call-ID: {branch}@127.0.0.1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _sip_options(port: int, branch: str) -> tuple[bytes, bytes]:
+    """The first line of the answers to OPTIONS over UDP and over TCP (blocking)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(10)
+        udp.bind(("127.0.0.1", 0))
+        udp.sendto(_options_request("UDP", udp.getsockname()[1], branch), ("127.0.0.1", port))
+        over_udp = udp.recv(65536).split(b"\r\n", 1)[0]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as tcp:
+        tcp.sendall(_options_request("TCP", tcp.getsockname()[1], branch + "t"))
+        over_tcp = tcp.recv(65536).split(b"\r\n", 1)[0]
+    return over_udp, over_tcp
+
+
+def _xcap_get(port: int) -> int:
+    """The status of an XCAP GET (blocking)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/xcap-root/xcap-caps/global/index")
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+async def _surfaces_answer(sip_port: int, xcap_port: int, branch: str) -> None:
+    over_udp, over_tcp = await threads.deferToThread(_sip_options, sip_port, branch)
+    assert over_udp == b"SIP/2.0 200 OK"
+    assert over_tcp == b"SIP/2.0 200 OK"
+    assert await threads.deferToThread(_xcap_get, xcap_port) in (200, 401)
+
+
+async def _message_across_workers(pki: RelayPKI, ports: dict[int, int], message: str) -> None:
+    """Alice is a client of worker 0, Bob of worker 1; Alice's SEND reaches Bob."""
+    alice_uri = f"msrps://127.0.0.1:{ports[0]};tcp"
+    bob_uri = f"msrps://127.0.0.1:{ports[1]};tcp"
+    sink = RecordingSink()
+    alice = await connect(reactor, alice_uri, pki.ca_pem)
+    bob = await connect(reactor, bob_uri, pki.ca_pem, sink_for=lambda request: sink)
+    try:
+        alice_auth = await defer.Deferred.fromCoroutine(
+            alice.auth([alice_uri], "alice", USERS["alice"])
+        )
+        bob_auth = await defer.Deferred.fromCoroutine(bob.auth([bob_uri], "bob", USERS["bob"]))
+        # Each Use-Path names the worker that holds the session.
+        assert alice_auth.use_path[-1].startswith(f"msrps://127.0.0.1:{ports[0]}/")
+        assert bob_auth.use_path[-1].startswith(f"msrps://127.0.0.1:{ports[1]}/")
+        to_path = " ".join([*alice_auth.use_path, *path_to(bob, bob_auth)])
+        body = message.encode()
+        await defer.Deferred.fromCoroutine(
+            alice.send_message(to_path, body, len(body), message_id=message)
+        ).addTimeout(15, reactor)
+        assert await sink.wait(message) == body
+    finally:
+        alice.transport.loseConnection()  # type: ignore[union-attr]
+        bob.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_serve_restart_and_stop(tmp_path: Path, pki: RelayPKI) -> None:
+    sip_port, xcap_port = _free_port(), _free_port()
+    config = _write_config(tmp_path, pki, sip_port, xcap_port)
+    parent = Parent()
+    process = reactor.spawnProcess(
+        parent,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        env=None,
+        path=str(tmp_path),
+    )
+    try:
+        await parent.logged(b"MSRP listening", 2)
+        await parent.logged(b"SIP listening on tcp:", 2)
+        await parent.logged(b"XCAP listening", 2)
+        ports = parent.msrp_ports()
+        assert sorted(ports) == [0, 1] and ports[0] != ports[1], parent.text()
+        await _surfaces_answer(sip_port, xcap_port, "before")
+        await _message_across_workers(pki, ports, "across-1")
+
+        # kill -9 one worker: the parent restarts it, the other keeps serving meanwhile.
+        killed = parent.pids()[1]
+        os.kill(killed, signal.SIGKILL)
+        await parent.logged(b"Worker 1 ended unexpectedly (signal SIGKILL)")
+        await _surfaces_answer(sip_port, xcap_port, "during")
+        await parent.logged(b"Worker 1 started", 2)
+        await parent.logged(b"MSRP listening", 3)
+        assert parent.pids()[1] != killed
+        await _message_across_workers(pki, parent.msrp_ports(), "across-2")
+        await _surfaces_answer(sip_port, xcap_port, "after")
+        workers = list(parent.pids().values())
+    finally:
+        if not parent.ended.called:
+            process.signalProcess(signal.SIGTERM)
+    code, signal_number = await parent.ended.addTimeout(60, reactor)
+    output = parent.text()
+    assert code == 0 or signal_number == signal.SIGTERM, output
+    assert "Traceback" not in output
+    assert output.count("Server Shut Down") == 3, output  # both workers and the parent
+    for worker in (0, 1):
+        assert f"Worker {worker} stopped cleanly" in output, output
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
