@@ -56,6 +56,8 @@ class Prepared:
     sip_domain: str = ""
     sip_lists: tuple[URIList, ...] = ()
     consent_key: bytes = b""
+    digest_key: bytes = b""
+    """With ``[relay] workers``: the nonce key every worker shares (relayd.digest)."""
 
 
 def prepare(config: RelaydConfig) -> Prepared:
@@ -125,6 +127,7 @@ def prepare(config: RelaydConfig) -> Prepared:
             raise ConfigError(origin("sip", "lists"), "sip", "lists", str(e)) from None
     try:
         consent_key = load_or_create_key(data_dir / "consent.key")
+        digest_key = load_or_create_key(data_dir / "digest.key") if config.workers > 1 else b""
     except KeyFileError as e:
         raise ConfigError(origin("relay", "data_dir"), "relay", "data_dir", str(e)) from None
     return Prepared(
@@ -138,6 +141,7 @@ def prepare(config: RelaydConfig) -> Prepared:
         domain,
         lists,
         consent_key,
+        digest_key,
     )
 
 

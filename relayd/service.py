@@ -10,6 +10,8 @@ reactor runs, so the daemon never serves with a surface missing.
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import threading
 from dataclasses import replace
@@ -23,7 +25,7 @@ from relayd.bootstrap import Prepared
 from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import IPermissionStore, MemoryPermissionStore
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
-from relayd.digest import DigestAuthenticator
+from relayd.digest import ISSUER_BYTES, DigestAuthenticator
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.service import MSRPService, relay_limits
@@ -42,8 +44,9 @@ from relayd.xcap.service import XCAPService
 log = logger()
 
 
-def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
-    """The configured permission store (``[store] backend``)."""
+def build_store(prepared: Prepared, reactor: Any, worker: int | None = None) -> IPermissionStore:
+    """The configured permission store (``[store] backend``); a worker's SQLite store
+    follows the other workers' changes (relayd.consent.sqlite)."""
     store = prepared.config.store
     if store.backend == "memory":
         return MemoryPermissionStore()
@@ -51,7 +54,8 @@ def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
         from relayd.consent.postgres import PostgresPermissionStore  # the postgresql extra
 
         return PostgresPermissionStore(store.dsn, reactor)
-    return SQLitePermissionStore(prepared.store_path, reactor)
+    node = None if worker is None else f"worker-{worker}-{os.getpid()}"
+    return SQLitePermissionStore(prepared.store_path, reactor, node=node)
 
 
 def _describe_store(prepared: Prepared) -> str:
@@ -155,6 +159,9 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
         prepared.users.lookup,
         reactor,
         nonce_lifetime_seconds=config.auth.nonce_lifetime_seconds,
+        # Workers share the nonce key; each marks its own nonces (relayd.digest).
+        secret=prepared.digest_key if worker is not None else None,
+        issuer=secrets.token_bytes(ISSUER_BYTES) if worker is not None else None,
     )
     msrp = config.msrp
     policy = AuthPolicy(
@@ -174,7 +181,7 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
 
     xcap = config.xcap
     metrics = Metrics(reactor) if config.metrics.listen else None
-    store = build_store(prepared, reactor)
+    store = build_store(prepared, reactor, worker)
     if metrics is not None:
         store = metrics.timed(store)
     domains = (prepared.realm, prepared.hostname, prepared.sip_domain)
