@@ -56,8 +56,11 @@ class Prepared:
     sip_domain: str = ""
     sip_lists: tuple[URIList, ...] = ()
     consent_key: bytes = b""
-    digest_key: bytes = b""
-    """With ``[relay] workers``: the nonce key every worker shares (relayd.digest)."""
+    worker_key: bytes = b""
+    """With ``[relay] workers``: the key every worker shares, so that what one worker
+    signs (digest nonces, form tokens, loop-detection hashes) another can check; see
+    :func:`relayd.keyfile.derive_key`.  Empty for a single process, whose keys are
+    drawn at each start."""
 
 
 def prepare(config: RelaydConfig) -> Prepared:
@@ -127,7 +130,7 @@ def prepare(config: RelaydConfig) -> Prepared:
             raise ConfigError(origin("sip", "lists"), "sip", "lists", str(e)) from None
     try:
         consent_key = load_or_create_key(data_dir / "consent.key")
-        digest_key = load_or_create_key(data_dir / "digest.key") if config.workers > 1 else b""
+        worker_key = load_or_create_key(data_dir / "workers.key") if config.workers > 1 else b""
     except KeyFileError as e:
         raise ConfigError(origin("relay", "data_dir"), "relay", "data_dir", str(e)) from None
     return Prepared(
@@ -141,7 +144,7 @@ def prepare(config: RelaydConfig) -> Prepared:
         domain,
         lists,
         consent_key,
-        digest_key,
+        worker_key,
     )
 
 

@@ -7,6 +7,7 @@ every one of them a 404 after a restart, so the key lives in a 0600 file.
 
 from __future__ import annotations
 
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -16,6 +17,12 @@ KEY_BYTES = 32
 
 class KeyFileError(Exception):
     """A key file that exists but cannot be used; the text names the problem."""
+
+
+def derive_key(key: bytes, purpose: str) -> bytes:
+    """A key of its own for each ``purpose`` out of one stored key (HMAC-SHA256 as a
+    PRF, as HKDF's expand step with one block), so no two uses share a key."""
+    return hmac.digest(key, b"relayd key\0" + purpose.encode("utf-8"), "sha256")
 
 
 def load_or_create_key(path: Path, size: int = KEY_BYTES) -> bytes:

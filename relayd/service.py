@@ -26,6 +26,7 @@ from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import IPermissionStore, MemoryPermissionStore
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
 from relayd.digest import ISSUER_BYTES, DigestAuthenticator
+from relayd.keyfile import derive_key
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.service import MSRPService, relay_limits
@@ -152,6 +153,13 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
         prepared = for_worker(prepared, worker)
     config = prepared.config
     top = RelayService(prepared, reactor, worker=worker)
+
+    def shared(purpose: str) -> bytes | None:
+        """A worker's key for ``purpose``, the same in every worker; None: drawn here."""
+        if worker is None or not prepared.worker_key:
+            return None
+        return derive_key(prepared.worker_key, purpose)
+
     tls = TLSMaterial(prepared.identity, prepared.trust_roots)
     prepared.users.use_clock(reactor)  # reloads are timed like every other wait
     digest = DigestAuthenticator(
@@ -160,7 +168,7 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
         reactor,
         nonce_lifetime_seconds=config.auth.nonce_lifetime_seconds,
         # Workers share the nonce key; each marks its own nonces (relayd.digest).
-        secret=prepared.digest_key if worker is not None else None,
+        secret=shared("digest nonces"),
         issuer=secrets.token_bytes(ISSUER_BYTES) if worker is not None else None,
     )
     msrp = config.msrp
@@ -197,9 +205,15 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
         max_connections=xcap.max_connections,
         reactor=reactor,
     )
-    site.mount("consent", ConsentPage(store, reactor))
+    site.mount("consent", ConsentPage(store, reactor, csrf_key=shared("consent page forms")))
     site.mount(
-        "admin", AdminResource(resource, reactor, domain=prepared.sip_domain or prepared.hostname)
+        "admin",
+        AdminResource(
+            resource,
+            reactor,
+            domain=prepared.sip_domain or prepared.hostname,
+            secret=shared("admin page forms"),
+        ),
     )
     xcap_service = XCAPService(site, store, reactor, xcap, tls, prepared.hostname)
     xcap_service.setName("xcap")
@@ -219,6 +233,7 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
         store=store,
         permission_uri=xcap_service.permission_uri,
         consent_link=xcap_service.consent_link,
+        loop_key=shared("SIP loop detection"),
     )
     resource.document_checks[RESOURCE_LISTS_AUID] = (
         sip_service.consent_relay.directory.check_document

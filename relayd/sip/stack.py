@@ -143,6 +143,7 @@ def build_sip(
     store: IPermissionStore,
     permission_uri: Callable[[str, str], str],
     consent_link: ConsentLink | None = None,
+    loop_key: bytes | None = None,
 ) -> SIPService:
     """The consent relay stack: transport → transactions → UAS core → ConsentRelay.
 
@@ -167,7 +168,7 @@ def build_sip(
         # else the platform's; SNI and a service_identity check of the target's name.
         tls_creator=tls.client_creator,
     )
-    detector = LoopDetector(transport.own_sent_by)
+    detector = LoopDetector(transport.own_sent_by, loop_key)
     uas = UASCore(
         Capabilities(
             accept=("text/plain", "application/resource-lists+xml", "multipart/mixed"),

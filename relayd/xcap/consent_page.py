@@ -72,11 +72,13 @@ class ConsentPage(Resource):
     isLeaf = True
     log = logger()
 
-    def __init__(self, store: IPermissionStore, clock: IReactorTime) -> None:
+    def __init__(
+        self, store: IPermissionStore, clock: IReactorTime, csrf_key: bytes | None = None
+    ) -> None:
         super().__init__()
         self.store = store
         self.clock = clock
-        self._csrf_key = secrets.token_bytes(32)
+        self._csrf_key = csrf_key or secrets.token_bytes(32)
 
     def render(self, request: Request) -> Any:
         for name, value in _HEADERS:

@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, threads
 
+from relayd.digest import Challenge, answer_challenge, is_stale, read_challenge
 from relayd.msrp.client import connect
 from relayd.testing import RelayPKI, write_users
 
@@ -141,6 +142,43 @@ def _xcap_get(port: int) -> int:
         connection.close()
 
 
+def _xcap_digest_on_new_connections(port: int, requests: int) -> list[int]:
+    """Authenticated XCAP GETs, each on a new connection (so the kernel spreads them
+    over the workers), reusing the last challenge as a client does; the attempts each
+    one took (blocking)."""
+    path = "/xcap-root/resource-lists/users/sip:alice@127.0.0.1/index"
+    challenge: Challenge | None = None
+    attempts = []
+    for _ in range(requests):
+        # Each new connection may land on either worker: a stale answer sends the client
+        # on with the nonce of the worker it reached, never to its user for a password.
+        for attempt in range(1, 21):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                headers = {}
+                if challenge is not None:
+                    answer = answer_challenge(
+                        challenge, username="alice", password=USERS["alice"], method="GET", uri=path
+                    )
+                    headers["Authorization"] = answer.authorization
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+                response.read()
+            finally:
+                connection.close()
+            if response.status != 401:
+                assert response.status in (200, 404), response.status
+                attempts.append(attempt)
+                break
+            header = response.getheader("WWW-Authenticate")
+            # Only the first request, or a nonce another worker issued (stale), is refused.
+            assert challenge is None or is_stale(header), header
+            challenge = read_challenge(header or "")
+        else:
+            raise AssertionError("no answer after 20 attempts")
+    return attempts
+
+
 async def _surfaces_answer(sip_port: int, xcap_port: int, branch: str) -> None:
     over_udp, over_tcp = await threads.deferToThread(_sip_options, sip_port, branch)
     assert over_udp == b"SIP/2.0 200 OK"
@@ -194,6 +232,8 @@ async def test_two_workers_serve_restart_and_stop(tmp_path: Path, pki: RelayPKI)
         assert sorted(ports) == [0, 1] and ports[0] != ports[1], parent.text()
         await _surfaces_answer(sip_port, xcap_port, "before")
         await _message_across_workers(pki, ports, "across-1")
+        attempts = await threads.deferToThread(_xcap_digest_on_new_connections, xcap_port, 12)
+        assert attempts[0] >= 2 and len(attempts) == 12, attempts
 
         # kill -9 one worker: the parent restarts it, the other keeps serving meanwhile.
         killed = parent.pids()[1]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.keyfile import KEY_BYTES, KeyFileError, load_or_create_key
+from relayd.keyfile import KEY_BYTES, KeyFileError, derive_key, load_or_create_key
 
 
 def test_a_key_is_created_once_private_and_then_kept(tmp_path: Path) -> None:
@@ -33,3 +33,11 @@ def test_an_unusable_key_file_is_refused_not_replaced(
 def test_a_key_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="cannot create"):
         load_or_create_key(tmp_path / "missing" / "consent.key")
+
+
+def test_derived_keys_are_stable_and_one_per_purpose() -> None:
+    key = b"k" * 32
+    assert derive_key(key, "digest nonces") == derive_key(key, "digest nonces")
+    assert derive_key(key, "digest nonces") != derive_key(key, "admin page forms")
+    assert derive_key(key, "digest nonces") != derive_key(b"j" * 32, "digest nonces")
+    assert len(derive_key(key, "x")) == 32
