@@ -36,7 +36,7 @@ from relayd.reload import Reloader
 from relayd.sip.stack import build_sip
 from relayd.web.admin import AdminResource
 from relayd.web.metrics import Metrics
-from relayd.workers import shared_listen, worker_listen
+from relayd.workers import own_udp, shared_listen, worker_listen
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.consent_page import ConsentPage
 from relayd.xcap.resource import XCAPResource, XCAPSite
@@ -234,6 +234,7 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
         permission_uri=xcap_service.permission_uri,
         consent_link=xcap_service.consent_link,
         loop_key=shared("SIP loop detection"),
+        request_listen=() if worker is None else own_udp(config.sip.listen),
     )
     resource.document_checks[RESOURCE_LISTS_AUID] = (
         sip_service.consent_relay.directory.check_document

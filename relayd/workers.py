@@ -69,6 +69,22 @@ def shared_listen(listen: Sequence[str]) -> tuple[str, ...]:
     return tuple(with_option(text, "reuseport", "yes") for text in listen)
 
 
+def own_udp(listen: Sequence[str]) -> tuple[str, ...]:
+    """One UDP socket of a worker's own (any free port) per interface of the shared UDP
+    listeners: the SIP requests the worker sends leave from it and its Via names it, so
+    that their responses, and requests within the dialogs it holds, reach it and not
+    whichever worker the kernel picks on the shared port."""
+    own: list[str] = []
+    for text in listen:
+        spec = parse_endpoint(text)
+        if spec.kind == "udp":
+            interface = spec.interface.replace(":", "\\:")
+            candidate = f"udp:0:interface={interface}" if interface else "udp:0"
+            if candidate not in own:
+                own.append(candidate)
+    return tuple(own)
+
+
 def parse_worker(text: str) -> tuple[int, int]:
     """``K/N`` from :data:`WORKER_ENVIRONMENT`; ValueError if it is not that."""
     index_text, slash, count_text = text.partition("/")

@@ -332,8 +332,10 @@ def test_a_worker_runs_the_relay_on_its_own_msrp_port(
     msrp = service.getServiceNamed("msrp")
     assert isinstance(msrp, MSRPService)
     assert msrp.listen == ("tcp:5073:interface=127.0.0.1",)
+    # The shared port, then the worker's own socket for the requests it sends.
     assert [spec.text for spec in service.getServiceNamed("sip").specs] == [
-        "udp:5070:interface=127.0.0.1:reuseport=yes"
+        "udp:5070:interface=127.0.0.1:reuseport=yes",
+        "udp:0:interface=127.0.0.1",
     ]
     assert msrp.relay.sibling_host == "localhost"
 

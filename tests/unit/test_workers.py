@@ -18,6 +18,7 @@ from relayd.workers import (
     RestartBackoff,
     WorkerOutput,
     WorkerSupervisor,
+    own_udp,
     parse_worker,
     shared_listen,
     twistd_options,
@@ -246,3 +247,19 @@ def test_worker_output_is_republished_with_namespace_and_level() -> None:
     assert lines[4] == ("relayd.workers", LogLevel.info, "no newline at the end")
     assert all(e["worker"] == 3 for e in events)
     assert ended == [3]
+
+
+def test_own_udp_is_one_free_port_per_interface_of_the_shared_udp_listeners() -> None:
+    listen = (
+        "udp:5060:interface=127.0.0.1",
+        "tcp:5060:interface=127.0.0.1",
+        "udp:5062:interface=127.0.0.1",
+        "udp:5060:interface=\\:\\:1",
+        "udp:5060",
+    )
+    assert own_udp(listen) == (
+        "udp:0:interface=127.0.0.1",
+        "udp:0:interface=\\:\\:1",
+        "udp:0",
+    )
+    assert own_udp(("tcp:5060",)) == ()
