@@ -259,3 +259,40 @@ async def test_two_workers_serve_restart_and_stop(tmp_path: Path, pki: RelayPKI)
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_stop_when_the_parent_is_killed(tmp_path: Path, pki: RelayPKI) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("workers follow their parent with Linux's PR_SET_PDEATHSIG")
+    config = _write_config(tmp_path, pki, _free_port(), _free_port())
+    parent = Parent()
+    process = reactor.spawnProcess(
+        parent,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        env=None,
+        path=str(tmp_path),
+    )
+    try:
+        await parent.logged(b"MSRP listening", 2)
+        workers = list(parent.pids().values())
+        assert len(workers) == 2
+    finally:
+        process.signalProcess(signal.SIGKILL)
+    await parent.ended.addTimeout(30, reactor)
+    for _ in range(600):
+        alive = []
+        for pid in workers:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            # Reaped by init once it has ended: a zombie counts as gone.
+            status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if status != "Z":
+                alive.append(pid)
+        if not alive:
+            return
+        await deferLater(0.05)
+    raise AssertionError(f"workers {alive} outlived their parent")
