@@ -183,6 +183,7 @@ def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -
     relay = MSRPRelay(reactor, core, relay_limits(msrp), prepared.identity, prepared.trust_roots)
     if worker is not None:
         relay.sibling_host = prepared.hostname.strip("[]").lower()
+        core.has_siblings = True
     service = MSRPService(relay, reactor, tls, prepared.hostname, msrp.listen)
     service.setName("msrp")
     service.setServiceParent(top)

@@ -212,6 +212,25 @@ async def _message_across_workers(pki: RelayPKI, ports: dict[int, int], message:
         bob.transport.loseConnection()  # type: ignore[union-attr]
 
 
+async def _send_landing_on_the_other_worker(pki: RelayPKI, ports: dict[int, int]) -> None:
+    """A peer that reuses its connection to worker 0 for a URI of worker 1 (as a relay
+    reusing connections by certificate does): worker 0 passes the SEND on."""
+    bob_uri = f"msrps://127.0.0.1:{ports[1]};tcp"
+    sink = RecordingSink()
+    bob = await connect(reactor, bob_uri, pki.ca_pem, sink_for=lambda request: sink)
+    peer = await connect(reactor, f"msrps://127.0.0.1:{ports[0]};tcp", pki.ca_pem)
+    try:
+        bob_auth = await defer.Deferred.fromCoroutine(bob.auth([bob_uri], "bob", USERS["bob"]))
+        to_path = " ".join(path_to(bob, bob_auth))
+        await defer.Deferred.fromCoroutine(
+            peer.send_message(to_path, b"landed elsewhere", 16, message_id="landed")
+        ).addTimeout(15, reactor)
+        assert await sink.wait("landed") == b"landed elsewhere"
+    finally:
+        bob.transport.loseConnection()  # type: ignore[union-attr]
+        peer.transport.loseConnection()  # type: ignore[union-attr]
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_workers_serve_restart_and_stop(tmp_path: Path, pki: RelayPKI) -> None:
     sip_port, xcap_port = _free_port(), _free_port()
@@ -232,6 +251,7 @@ async def test_two_workers_serve_restart_and_stop(tmp_path: Path, pki: RelayPKI)
         assert sorted(ports) == [0, 1] and ports[0] != ports[1], parent.text()
         await _surfaces_answer(sip_port, xcap_port, "before")
         await _message_across_workers(pki, ports, "across-1")
+        await _send_landing_on_the_other_worker(pki, ports)
         attempts = await threads.deferToThread(_xcap_digest_on_new_connections, xcap_port, 12)
         assert attempts[0] >= 2 and len(attempts) == 12, attempts
 
