@@ -19,6 +19,7 @@ from relayd.workers import (
     WorkerSupervisor,
     follow_parent,
     parse_worker,
+    shared_ports_in_use,
     worker_command,
     worker_environment,
 )
@@ -125,6 +126,14 @@ class Options(usage.Options):
             self["prepared"] = prepare(config)
             if worker is None and config.workers > 1:
                 prepare_shared(self["prepared"])
+                in_use = shared_ports_in_use(
+                    (("sip", config.sip.listen), ("xcap", config.xcap.listen))
+                )
+                if in_use is not None:
+                    section, message = in_use
+                    raise ConfigError(
+                        config.source_of(section, "listen"), section, "listen", message
+                    )
         except ConfigError as e:
             sys.stderr.write(f"twistd: {e}\n")
             sys.stderr.flush()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from twisted.python.failure import Failure
 
 from relayd.logs import logger
 from relayd.net.endpoints import parse_endpoint, with_option, with_port
+from relayd.net.reuseport import port_is_free
 
 WORKER_ENVIRONMENT = "RELAYD_WORKER"
 """Set in a worker's environment to ``K/N``: this process is worker K of N."""
@@ -83,6 +85,20 @@ def own_udp(listen: Sequence[str]) -> tuple[str, ...]:
             if candidate not in own:
                 own.append(candidate)
     return tuple(own)
+
+
+def shared_ports_in_use(sections: Sequence[tuple[str, Sequence[str]]]) -> tuple[str, str] | None:
+    """The first shared listener (section, message) another process already holds, before
+    any worker binds it (relayd.net.reuseport.port_is_free); None when all are free."""
+    for section, listen in sections:
+        for text in listen:
+            spec = parse_endpoint(text)
+            kind = socket.SOCK_DGRAM if spec.kind == "udp" else socket.SOCK_STREAM
+            failure = port_is_free(kind, spec.interface, spec.port)
+            if failure is not None:
+                reason = failure.strerror or str(failure)
+                return section, f"{text!r}: cannot listen: {reason} (another process holds it)"
+    return None
 
 
 def parse_worker(text: str) -> tuple[int, int]:

@@ -38,14 +38,29 @@ def shared_socket(kind: int, interface: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # IPv6 sockets keep the system's IPV6_V6ONLY default, as Twisted's own do.
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError as e:
         sock.close()
         raise CannotListenError(host, port, e) from None
     return sock
+
+
+def port_is_free(kind: int, interface: str, port: int) -> OSError | None:
+    """Bind ``interface``:``port`` once without SO_REUSEPORT and let it go: the error if
+    another process holds it.  Run before the workers bind it with SO_REUSEPORT, this
+    tells a port in use by another program, or by another relay of the same user (which
+    SO_REUSEPORT would otherwise let share it silently), from a free one."""
+    family, host = _family_and_host(interface)
+    with socket.socket(family, kind) as sock:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listeners do
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            return e
+    return None
 
 
 @implementer(IStreamServerEndpoint)
