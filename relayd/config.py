@@ -944,6 +944,43 @@ def _validate_workers(config: RelaydConfig, fail: Callable[..., None]) -> None:
                     f"{value!r}: worker {config.workers - 1} would listen on port"
                     f" {port + config.workers - 1}",
                 )
+    _check_worker_ports(config, fail)
+
+
+def _check_worker_ports(config: RelaydConfig, fail: Callable[..., None]) -> None:
+    """No two listeners of the workers on one port: worker K takes each MSRP and metrics
+    port plus K, so ``ssl:2855`` and ``tcp:2856`` collide from two workers on."""
+    taken: list[tuple[str, str, int, str, str, int]] = []
+    shared = (("sip", config.sip.listen), ("xcap", config.xcap.listen))
+    own = (("msrp", config.msrp.listen), ("metrics", config.metrics.listen))
+    for section, listen in shared:
+        for value in listen:
+            spec = parse_endpoint(value)
+            taken.append((section, value, -1, spec.kind, spec.interface, spec.port))
+    for section, listen in own:
+        for value in listen:
+            spec = parse_endpoint(value)
+            if spec.port:
+                for worker in range(config.workers):
+                    port = spec.port + worker
+                    taken.append((section, value, worker, spec.kind, spec.interface, port))
+    for index, (section, value, worker, kind, interface, port) in enumerate(taken):
+        for other_section, other, other_worker, other_kind, other_interface, other_port in taken[
+            :index
+        ]:
+            same_protocol = (kind == "udp") == (other_kind == "udp")
+            overlap = interface == other_interface or "" in (interface, other_interface)
+            if same_protocol and overlap and port == other_port:
+                whose = "every worker" if worker < 0 else f"worker {worker}"
+                theirs = "every worker" if other_worker < 0 else f"worker {other_worker}"
+                fail(
+                    section,
+                    "listen",
+                    f"{value!r} gives {whose} port {port}, which {other!r}"
+                    f" ([{other_section}] listen) gives {theirs}: with workers ="
+                    f" {config.workers}, space the ports of [msrp] and [metrics] listeners"
+                    f" at least {config.workers} apart",
+                )
 
 
 def _validate_metrics(metrics: MetricsConfig, fail: Callable[..., None]) -> None:

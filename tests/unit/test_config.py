@@ -635,3 +635,31 @@ def test_workers_refuse_the_memory_store() -> None:
 def test_workers_range() -> None:
     assert "between 1 and 64" in config_error(None, {("relay", "workers"): "0"})
     assert load_config(None, {("relay", "workers"): "4"}).workers == 4
+
+
+def test_workers_ports_must_not_collide() -> None:
+    message = config_error(
+        None,
+        {
+            ("relay", "workers"): "2",
+            ("msrp", "listen"): "ssl:2855:interface=127.0.0.1\ntcp:2856:interface=127.0.0.1",
+        },
+    )
+    assert "[msrp] listen: 'tcp:2856:interface=127.0.0.1' gives worker 0 port 2856" in message
+    assert "'ssl:2855:interface=127.0.0.1' ([msrp] listen) gives worker 1" in message
+    message = config_error(
+        None, {("relay", "workers"): "2", ("msrp", "listen"): "tcp:5059:interface=127.0.0.1"}
+    )
+    assert "gives worker 1 port 5060" in message and "every worker" in message
+    # Other interfaces, other protocols and spaced ports are fine.
+    assert (
+        load_config(
+            None,
+            {
+                ("relay", "workers"): "2",
+                ("msrp", "listen"): "ssl:2855:interface=127.0.0.1\nssl:2855:interface=127.0.0.2"
+                "\ntcp:2857:interface=127.0.0.1",
+            },
+        ).workers
+        == 2
+    )
