@@ -9,17 +9,23 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, threads
 
+from relayd.consent.sqlite import SQLitePermissionStore
+from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.digest import Challenge, answer_challenge, is_stale, read_challenge
 from relayd.msrp.client import connect
-from relayd.testing import RelayPKI, write_users
+from relayd.sip.parser import parse_datagram
+from relayd.testing import RelayPKI, grant_document, write_users
 
 from .conftest import REALM, USERS, RecordingSink, deferLater, path_to
+from .test_consent_flow import ALICE, BOB, LISTS_XML, SOLO, UA, send_message
+from .test_consent_flow import REALM as FLOW_REALM
+from .test_consent_flow import USERS as FLOW_USERS
 
 pytestmark = pytest.mark.integration
 
@@ -316,3 +322,85 @@ async def test_workers_stop_when_the_parent_is_killed(tmp_path: Path, pki: Relay
             return
         await deferLater(0.05)
     raise AssertionError(f"workers {alive} outlived their parent")
+
+
+class _RepliesToSource(protocol.DatagramProtocol):
+    """A UA's socket that answers a request where it came from (the relay's Via, with
+    rport), as a UA does: the relay's requests come from the sending worker's own
+    socket, and the answer must reach that worker."""
+
+    def __init__(self, ua: UA) -> None:
+        self.ua = ua
+        self.last: tuple[str, int] | None = None
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.last = addr
+        self.ua.feed(parse_datagram(datagram))
+
+
+def _ua(user: str, sip_port: int) -> UA:
+    ua = UA(user, "UDP", sip_port)
+    socket_protocol = _RepliesToSource(ua)
+    listening = cast(Any, reactor).listenUDP(0, socket_protocol, interface="127.0.0.1")
+    ua.local_port = listening.getHost().port
+
+    def write(data: bytes) -> None:
+        answer = data.startswith(b"SIP/2.0 ") and socket_protocol.last is not None
+        listening.write(data, socket_protocol.last if answer else ("127.0.0.1", sip_port))
+
+    ua._write = write
+    ua._closer = listening.stopListening
+    return ua
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_messages_through_either_worker_reach_the_member(
+    tmp_path: Path, pki: RelayPKI
+) -> None:
+    """Bob registers through one worker; alice's MESSAGEs to a list come from new
+    sockets, so the kernel hands them to both workers; each worker fans out from its
+    own socket and gets bob's 200 back, and knows bob's registration from the store."""
+    sip_port, xcap_port = _free_port(), _free_port()
+    config = _write_config(tmp_path, pki, sip_port, xcap_port)
+    assert FLOW_REALM == REALM
+    write_users(tmp_path / "users.htdigest", REALM, FLOW_USERS)  # the flow's passwords
+    lists = tmp_path / "lists.xml"
+    lists.write_text(LISTS_XML, encoding="utf-8")
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("[sip]\n", f"[sip]\nlists = {lists}\n"), encoding="utf-8")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    store = SQLitePermissionStore(str(data / "relay.sqlite3"), reactor)
+    await store.put_document(CONSENT_RULES_AUID, BOB, "index", grant_document(ALICE, SOLO))
+    await store.close()
+    parent = Parent()
+    process = reactor.spawnProcess(
+        parent,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "msrprelay", "--config", str(config)],
+        env=None,
+        path=str(tmp_path),
+    )
+    uas: list[UA] = []
+    try:
+        await parent.logged(b"SIP listening on udp:", 2)
+        await parent.logged(b"registered contacts restored from the store", 2)
+        bob = _ua("bob", sip_port)
+        uas.append(bob)
+        await bob.register()
+        await deferLater(0.5)  # the other worker reads the registration from the store
+        for number in range(8):
+            alice = _ua("alice", sip_port)
+            uas.append(alice)
+            text_body = f"hello {number}".encode()
+            answer = await send_message(alice, SOLO, text_body)
+            assert answer.status == 200, (number, answer)
+            assert (await bob.next_request("MESSAGE")).body == text_body
+    finally:
+        for ua in uas:
+            ua.close()
+        if not parent.ended.called:
+            process.signalProcess(signal.SIGTERM)
+    await parent.ended.addTimeout(60, reactor)
+    assert "Traceback" not in parent.text()
+    assert parent.text().count("SIP requests of this worker leave from udp:127.0.0.1:") == 2
