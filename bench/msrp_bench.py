@@ -2,8 +2,8 @@
 
 Run by hand (not part of the tests)::
 
-    python -m bench.msrp_bench [--quick] [--only small,large,memory,auth]
-                               [--with-kamailio] [--profile FILE]
+    python -m bench.msrp_bench [--quick] [--only small,large,memory,auth,workers]
+                               [--with-kamailio] [--profile FILE] [--workers 1,2]
 
 It prints one JSON line with every figure on stdout and its progress on
 stderr.  The relay runs as ``twistd -n msrprelay --config <tmp ini>``; its CPU
@@ -25,6 +25,12 @@ What the targets mean (all on loopback, 127.0.0.1):
   through ``bench.pipe``; B still answers 200 and sends the REPORT, so the
   small-message load is an echo-ish exchange through a relay that parses
   nothing.
+* ``relay_tls_<N>w_same`` / ``relay_tls_<N>w_cross`` (the ``workers`` load, not run by
+  default): ``relay_tls`` with 100 sessions against a relay run with ``[relay] workers =
+  N`` for each count of ``--workers``, one after the other.  Pair i authenticates at
+  worker i mod N; its receiver at the same worker (``same``) or at the next one
+  (``cross``: every SEND and REPORT goes from worker to worker over TLS).  The server
+  CPU is the parent's and every worker's.
 * ``kamailio_tcp``: Kamailio over TCP; A sends with To-Path ``B's Use-Path,
   B's URI`` (its config routes REPORTs by the address in A's URI over A's
   connection, so A's URI carries A's real address).
@@ -42,6 +48,7 @@ import re
 import resource
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -156,6 +163,13 @@ _PIPE_LISTENING = {
 }
 
 
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -251,6 +265,10 @@ class RelayProcess:
     tls_port: int = 0
     tcp_port: int = 0
     log_path: Path = field(default_factory=Path)
+    workers: int = 1
+    """``[relay] workers``; above 1 the CPU is the parent's and every worker's."""
+    worker_tls_ports: list[int] = field(default_factory=list)
+    """Worker K's MSRP TLS port at index K."""
 
     @property
     def pid(self) -> int:
@@ -262,18 +280,21 @@ class RelayProcess:
         return f"msrps://{HOST}:{self.tls_port};tcp"
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return cpu_seconds(self.pid, tree=self.workers > 1)
 
     def write_config(self) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         cert, key = self.pki.leaf(HOST)
         users = write_users(self.folder / "users.htdigest", REALM, USERS)
         config = self.folder / "relayd.ini"
+        # Workers share the XCAP and SIP ports: fixed ones.
+        xcap, sip = (free_port(), free_port(socket.SOCK_DGRAM)) if self.workers > 1 else (0, 0)
         config.write_text(
-            f"[relay]\nhostname = {HOST}\ndata_dir = {self.folder / 'data'}\n\n"
+            f"[relay]\nhostname = {HOST}\ndata_dir = {self.folder / 'data'}\n"
+            f"workers = {self.workers}\n\n"
             f"[msrp]\nlisten = ssl:0:interface={HOST}\n    tcp:0:interface={HOST}\n\n"
-            f"[xcap]\nlisten = ssl:0:interface={HOST}\n\n"
-            f"[sip]\nlisten = udp:0:interface={HOST}\n\n"
+            f"[xcap]\nlisten = ssl:{xcap}:interface={HOST}\n\n"
+            f"[sip]\nlisten = udp:{sip}:interface={HOST}\n\n"
             f"[auth]\nrealm = {REALM}\nusers = {users}\n\n"
             f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",
             encoding="utf-8",
@@ -288,7 +309,21 @@ class RelayProcess:
         )
         found = await wait_for_log(self.process, self.log_path, _MSRP_LISTENING)
         self.tls_port, self.tcp_port = int(found["ssl"][1]), int(found["tcp"][1])
-        log(f"relayd pid {self.pid}: TLS {self.tls_port}, TCP {self.tcp_port}")
+        if self.workers > 1:
+            each = {
+                str(k): re.compile(
+                    rf"worker {k}: MSRP listening on ssl:127\.0\.0\.1:(\d+)".encode()
+                )
+                for k in range(self.workers)
+            }
+            ports = await wait_for_log(self.process, self.log_path, each)
+            self.worker_tls_ports = [int(ports[str(k)][1]) for k in range(self.workers)]
+        else:
+            self.worker_tls_ports = [self.tls_port]
+        log(
+            f"relayd pid {self.pid} ({self.workers} worker(s)): TLS {self.worker_tls_ports},"
+            f" TCP {self.tcp_port}"
+        )
 
     async def stop(self) -> None:
         await stop_async(self.process)
@@ -662,6 +697,32 @@ class RelayTLS(Target):
 
     async def make_pair(self, index: int) -> Pair:
         (a, a_use), (b, b_use) = await asyncio.gather(self.authed("alice"), self.authed("bob"))
+        return Pair(a, b, b" ".join((a_use.encode(), b_use.encode(), b.local)))
+
+
+class RelayWorkersTLS(RelayTLS):
+    """``relay_tls`` over ``[relay] workers``: pair ``i``'s sender authenticates at worker
+    ``i mod N``, its receiver at the same worker (``same``: each worker relays between
+    its own clients) or at the next one (``cross``: every SEND goes worker to worker)."""
+
+    def __init__(self, hub: Hub, relay: RelayProcess, context: ssl.SSLContext, cross: bool) -> None:
+        super().__init__(hub, relay, context)
+        self.cross = cross
+        self.name = f"relay_tls_{relay.workers}w_{'cross' if cross else 'same'}"
+
+    async def authed_at(self, user: str, worker: int) -> tuple[Endpoint, str]:
+        port = self.relay.worker_tls_ports[worker]
+        endpoint = await open_endpoint(self.hub, port, self.context, local_uri())
+        use_path = await auth(self.hub, endpoint, f"msrps://{HOST}:{port};tcp", user, USERS[user])
+        return endpoint, use_path
+
+    async def make_pair(self, index: int) -> Pair:
+        count = len(self.relay.worker_tls_ports)
+        first = index % count
+        second = (first + 1) % count if self.cross else first
+        (a, a_use), (b, b_use) = await asyncio.gather(
+            self.authed_at("alice", first), self.authed_at("bob", second)
+        )
         return Pair(a, b, b" ".join((a_use.encode(), b_use.encode(), b.local)))
 
 
@@ -1231,6 +1292,7 @@ class Settings:
     with_kamailio: bool
     profile: str | None
     py_spy: str | None
+    workers: tuple[int, ...] = (1, 2)
 
 
 def client_context(pki: RelayPKI) -> ssl.SSLContext:
@@ -1247,6 +1309,38 @@ async def _guarded(
         errors.append(f"{what}: {type(e).__name__}: {e}")
         log(f"FAILED {what}: {type(e).__name__}: {e}")
         return None
+
+
+async def run_workers(
+    hub: Hub,
+    folder: Path,
+    pki: RelayPKI,
+    context: ssl.SSLContext,
+    settings: Settings,
+    errors: list[str],
+) -> list[dict[str, Any]]:
+    """The small-message load (100 sessions) against a relay run with each ``[relay]
+    workers`` count in turn, one after the other on the same machine."""
+    rows: list[dict[str, Any]] = []
+    for count in settings.workers:
+        relay = RelayProcess(folder / f"relay-{count}w", pki, workers=count)
+        try:
+            await relay.start()
+            placements = [False, True] if count > 1 else [False]
+            for cross in placements:
+                target = RelayWorkersTLS(hub, relay, context, cross)
+                row = await _guarded(
+                    errors,
+                    f"workers {target.name}",
+                    run_small(
+                        hub, target, 100, settings.window, settings.warmup, settings.duration
+                    ),
+                )
+                if row is not None:
+                    rows.append({**row, "workers": count, "cross": cross})
+        finally:
+            await relay.stop()
+    return rows
 
 
 async def run(settings: Settings) -> dict[str, Any]:
@@ -1344,6 +1438,9 @@ async def run(settings: Settings) -> dict[str, Any]:
                 )
             results["relay_rss_kib_at_end"] = rss_kib(relay.pid)
             await relay.stop()
+
+            if "workers" in settings.only:
+                results["workers"] = await run_workers(hub, folder, pki, context, settings, errors)
 
             if "memory" in settings.only:
                 for kind in ("tls", "tcp"):
@@ -1478,6 +1575,20 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "target": TARGETS[key],
             "met": row["kib_per_connection"] <= TARGETS[key],
         }
+    rows = results.get("workers") or []
+    one = next((r for r in rows if r["workers"] == 1), None)
+    if rows:
+        out["workers"] = [
+            {
+                "target": r["target"],
+                "msgs_per_s": r["msgs_per_s"],
+                "server_cpu_us_per_msg": r["server_cpu_us_per_msg"],
+                "server_cpu_pct": r["server_cpu_pct"],
+                "generator_cpu_pct": r["generator_cpu_pct"],
+                "ratio_to_1w": ratio(r["msgs_per_s"], one["msgs_per_s"]) if one else None,
+            }
+            for r in rows
+        ]
     return out
 
 
@@ -1507,11 +1618,25 @@ def parse_args(argv: list[str] | None) -> Settings:
         metavar="DIR",
         help="sample the relay with py-spy during each measured load; stacks to DIR",
     )
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="[relay] workers counts for the workers load (default 1,2)",
+    )
     args = parser.parse_args(argv)
     loads = {"small", "large", "memory", "auth"}
     only = {name.strip() for text in args.only for name in text.split(",") if name.strip()}
-    if only - loads:
-        parser.error(f"unknown load(s) {sorted(only - loads)}; choose from {sorted(loads)}")
+    if only - loads - {"workers"}:
+        parser.error(
+            f"unknown load(s) {sorted(only - loads - {'workers'})};"
+            f" choose from {sorted(loads | {'workers'})}"
+        )
+    try:
+        workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
+    except ValueError:
+        parser.error("--workers: whole numbers, comma separated")
+    if not workers or min(workers) < 1:
+        parser.error("--workers: at least 1")
     quick = bool(args.quick)
     return Settings(
         quick=quick,
@@ -1525,6 +1650,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         with_kamailio=bool(args.with_kamailio),
         profile=os.path.abspath(args.profile) if args.profile else None,
         py_spy=os.path.abspath(args.py_spy) if args.py_spy else None,
+        workers=workers,
     )
 
 
@@ -1549,6 +1675,7 @@ def main(argv: list[str] | None = None) -> int:
             "auth_concurrency": settings.auth_concurrency,
             "kamailio": settings.with_kamailio,
             "profiled": bool(settings.profile or settings.py_spy),
+            "workers": list(settings.workers),
         },
         "targets": TARGETS,
         **results,

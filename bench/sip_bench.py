@@ -4,7 +4,7 @@ Run by hand (not part of the tests)::
 
     python -m bench.sip_bench [--quick] [--rates 500,1000,2000,4000] [--duration S]
                               [--only list1,list10,470] [--profile FILE]
-                              [--with-kamailio | --kamailio-only]
+                              [--with-kamailio | --kamailio-only] [--workers 1,2]
 
 It prints one JSON line with every figure on stdout and its progress on stderr.
 
@@ -31,6 +31,13 @@ backlog counts against it), SIPp failures, retransmissions and 503s
 a retransmitted copy is a retransmission there, not a new call), the loss against
 ``ok x members``, and the relay's CPU (utime+stime from /proc) per delivered MESSAGE or
 per 470 over the step (UAC run plus the sinks' drain).
+
+``--workers 1,2``: relayd once per ``[relay] workers`` count, one after the other, with
+the same loads and rates; every count then uses the SQLite store (workers refuse the
+memory one) and SIPp opens a socket per call (``-t un``), so that the kernel spreads
+the calls over the workers' shared port.  The relay's CPU is summed over the parent and
+its workers; ``summary.by_workers`` sets each count's delivered rate beside one
+worker's.
 
 ``--with-kamailio``: after relayd (stopped first), the same list loads at the same rates
 against Kamailio (``bench/kamailio/sip-fork.cfg`` through ``bench/kamailio_sip.py``: UDP
@@ -63,7 +70,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_sync, wait_for_log_sync, wait_idle
-from bench.kamailio_sip import Kamailio, find_kamailio, kamailio_version
+from bench.kamailio_sip import Kamailio, descendants, find_kamailio, kamailio_version
 from bench.report import report_head
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
@@ -130,6 +137,27 @@ def udp_rcvbuf_errors() -> int:
     return int(dict(zip(rows[0], rows[1], strict=False)).get("RcvbufErrors", 0))
 
 
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:  # ended meanwhile
+        return 0.0
+
+
+def _rss_or_zero(pid: int) -> int:
+    try:
+        return rss_kib(pid)
+    except OSError:
+        return 0
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((HOST, 0))
@@ -178,6 +206,9 @@ class Relay:
     profile: str | None = None
     sip_settings: str = ""
     """More ``[sip]`` lines (``key = value``) for the relay's configuration."""
+    workers: int = 1
+    """``[relay] workers``: above 1 the CPU figures sum the parent and every worker."""
+    store: str = "memory"
     process: subprocess.Popen[bytes] | None = None
     xcap_port: int = 0
     log_path: Path = field(default_factory=Path)
@@ -188,10 +219,10 @@ class Relay:
         return self.process.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return sum(_cpu_or_zero(pid) for pid in descendants(self.pid))
 
     def rss(self) -> int:
-        return rss_kib(self.pid)
+        return sum(_rss_or_zero(pid) for pid in descendants(self.pid))
 
     def start(self) -> None:
         cert, key = self.pki.leaf(HOST)
@@ -200,13 +231,15 @@ class Relay:
         lists.write_text(lists_xml(), encoding="utf-8")
         config = self.folder / "relayd.ini"
         config.write_text(
-            f"[relay]\nhostname = {HOST}\ndata_dir = {self.folder / 'data'}\n\n"
+            f"[relay]\nhostname = {HOST}\ndata_dir = {self.folder / 'data'}\n"
+            f"workers = {self.workers}\n\n"
             f"[msrp]\nlisten = ssl:0:interface={HOST}\n\n"
-            f"[xcap]\nlisten = ssl:0:interface={HOST}\nadmins = {ADMIN}\n\n"
+            # Workers share the XCAP port: a fixed one.
+            f"[xcap]\nlisten = ssl:{free_tcp_port()}:interface={HOST}\nadmins = {ADMIN}\n\n"
             f"[sip]\nlisten = udp:{self.sip_port}:interface={HOST}\ndomain = {HOST}\n"
             f"lists = {lists}\nmax_list_size = 20\nconsent_requests_per_hour = 1000000\n"
             f"{self.sip_settings}\n"
-            f"[store]\nbackend = memory\n\n"
+            f"[store]\nbackend = {self.store}\n\n"
             f"[auth]\nrealm = {REALM}\nusers = {users}\n\n"
             f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",
             encoding="utf-8",
@@ -215,7 +248,16 @@ class Relay:
         self.process = spawn_twistd(config, self.log_path, REPO, self.profile)
         found = wait_for_log_sync(self.process, self.log_path, RELAY_LISTENING)
         self.xcap_port = int(found["xcap"][1])
-        log(f"relayd pid {self.pid}: SIP udp {self.sip_port}, XCAP {self.xcap_port}")
+        every = {
+            f"w{k}": re.compile(rf"worker {k}: SIP listening on udp".encode())
+            for k in range(self.workers)
+        }
+        if self.workers > 1:
+            wait_for_log_sync(self.process, self.log_path, every)
+        log(
+            f"relayd pid {self.pid} ({self.workers} worker(s), store {self.store}):"
+            f" SIP udp {self.sip_port}, XCAP {self.xcap_port}"
+        )
 
     def stop(self) -> None:
         stop_sync(self.process)
@@ -406,10 +448,15 @@ def run_uac(
     user: str,
     rate: int,
     duration: float,
+    transport: str = "u1",
 ) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     calls = int(rate * duration)
     command = [*sipp_command(folder, scenario, free_udp_port()), f"{HOST}:{relay.sip_port}"]
+    # un: a socket (source port) per call, so the kernel spreads calls over the workers.
+    command += ["-t", transport]
+    if transport == "un":
+        command += ["-max_socket", "15000"]  # below the open-files limit
     command += ["-s", list_name, "-key", "sender", user, "-au", user, "-ap", USERS[user]]
     command += ["-auth_uri", f"{list_name}@{HOST}", "-r", str(rate), "-rp", "1000"]
     command += ["-m", str(calls), "-l", str(max(1000, rate * 40))]
@@ -452,6 +499,7 @@ def run_step(
     rate: int,
     duration: float,
     server: str = "relayd",
+    transport: str = "u1",
 ) -> dict[str, Any]:
     """One load at one rate against ``relay`` (relayd, or Kamailio when ``server`` says
     so; the row's ``relay_*`` figures are then Kamailio's whole process tree)."""
@@ -462,7 +510,7 @@ def run_step(
     scenario, user = ("message_470.xml", STRANGER) if load == "470" else ("message_200.xml", SENDER)
     sinks.start(tag)
     cpu0, wall0, drops0 = relay.cpu(), time.monotonic(), udp_rcvbuf_errors()
-    uac = run_uac(root / tag / "uac", relay, scenario, list_name, user, rate, duration)
+    uac = run_uac(root / tag / "uac", relay, scenario, list_name, user, rate, duration, transport)
     time.sleep(2.5)  # the sinks' 2 s pause, and the last branches' answers
     cpu = relay.cpu() - cpu0
     wall = time.monotonic() - wall0
@@ -525,12 +573,20 @@ def profile_top(path: str, count: int = 25) -> list[list[Any]]:
     ]
 
 
-def run_relayd(settings: argparse.Namespace, root: Path, sinks: Sinks) -> dict[str, Any]:
+def run_relayd(
+    settings: argparse.Namespace, root: Path, sinks: Sinks, workers: int = 1
+) -> dict[str, Any]:
     results: dict[str, Any] = {"steps": [], "errors": []}
-    pki = make_pki(root / "pki")
+    pki = make_pki(root / f"pki-{workers}")
     # One SIPp socket sends every request of a step: no per-source datagram budget.
     relay = Relay(
-        root / "relay", pki, free_udp_port(), settings.profile, "max_datagrams_per_source = 0\n"
+        root / f"relay-{workers}",
+        pki,
+        free_udp_port(),
+        settings.profile,
+        "max_datagrams_per_source = 0\n",
+        workers=workers,
+        store=settings.store,
     )
     relay.folder.mkdir(parents=True)
     try:
@@ -544,9 +600,17 @@ def run_relayd(settings: argparse.Namespace, root: Path, sinks: Sinks) -> dict[s
         for load in settings.only:
             for rate in settings.rates[load]:
                 try:
-                    results["steps"].append(
-                        run_step(root, relay, sinks, load, rate, settings.duration)
+                    row = run_step(
+                        root,
+                        relay,
+                        sinks,
+                        load,
+                        rate,
+                        settings.duration,
+                        f"relayd-{workers}w" if len(settings.workers) > 1 else "relayd",
+                        settings.sipp_transport,
                     )
+                    results["steps"].append({**row, "server": "relayd", "workers": workers})
                 except Exception as e:
                     log(f"{load} {rate}: {e!r}")
                     results["errors"].append(f"{load} {rate}: {e!r}")
@@ -638,7 +702,11 @@ def run(settings: argparse.Namespace) -> dict[str, Any]:
         sinks = Sinks(root / "sinks", {m: free_udp_port() for m in MEMBERS})
         try:
             if not settings.kamailio_only:
-                results = run_relayd(settings, root, sinks)
+                for count in settings.workers:
+                    one = run_relayd(settings, root, sinks, count)
+                    results["steps"] += one["steps"]
+                    results["errors"] += one["errors"]
+                    results.setdefault("relay_log", {})[f"{count}w"] = one.get("relay_log")
             if settings.with_kamailio:
                 results["kamailio"] = run_kamailio(settings, root, sinks)
         finally:
@@ -705,6 +773,27 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def by_workers(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each load and rate side by side for every workers count: delivered (or 470s) per
+    second, CPU per message, and the ratio of each count's rate to one worker's."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for step in steps:
+        key = (step["load"], step["rate_offered"])
+        row = rows.setdefault(key, {"load": key[0], "rate_offered": key[1]})
+        rate = step.get("delivered_per_s", step.get("consent_needed_per_s"))
+        cpu = step.get("cpu_us_per_delivered", step.get("cpu_us_per_470"))
+        workers = step.get("workers", 1)
+        row[f"per_s_{workers}w"] = rate
+        row[f"cpu_us_{workers}w"] = cpu
+        row[f"lost_{workers}w"] = step.get("lost", 0) + step.get("failed", 0)
+    for row in rows.values():
+        base = row.get("per_s_1w")
+        for name in [k for k in row if k.startswith("per_s_") and k != "per_s_1w"]:
+            value = row[name]
+            row[f"ratio_{name[6:]}_to_1w"] = round(value / base, 2) if base and value else None
+    return list(rows.values())
+
+
 def summarize(results: dict[str, Any], targets: dict[str, Any] | None = None) -> dict[str, Any]:
     targets = targets or TARGETS
     steps = results["steps"]
@@ -751,6 +840,8 @@ def summarize(results: dict[str, Any], targets: dict[str, Any] | None = None) ->
             "met": (best470["consent_needed_per_s"] or 0) >= targets["consent_needed_per_s"],
         }
     out["shed_503_total"] = sum(s["shed_503"] for s in steps)
+    if len({s.get("workers", 1) for s in steps}) > 1:
+        out["by_workers"] = by_workers(steps)
     if results.get("kamailio", {}).get("steps"):
         out["vs_kamailio"] = compare(results)
         out["cpu_us_per_delivered_min"] = out.get("cpu_us_per_delivered_min", {}) | {
@@ -794,7 +885,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="-A NAME for Kamailio's config (STATEFUL_CHALLENGE: 407 in a transaction)",
     )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="[relay] workers counts to run relayd with, one after the other (e.g. 1,2); above"
+        " 1, or with several, the store is sqlite and SIPp uses a socket per call (-t un)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error("--workers: whole numbers, comma separated")
+    if not args.workers or min(args.workers) < 1:
+        parser.error("--workers: at least 1")
+    spread = max(args.workers) > 1
+    # Side by side, every count gets the same store and the same SIPp sockets.
+    args.store = "sqlite" if spread else "memory"
+    args.sipp_transport = "un" if spread else "u1"
     given = [int(r) for r in args.rates.split(",") if r.strip()] if args.rates else None
     args.rates = {load: given or DEFAULT_RATES[load] for load in ("list1", "list10", "470")}
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -829,6 +936,9 @@ def main(argv: list[str] | None = None) -> int:
             "kamailio_only": settings.kamailio_only,
             "kamailio_children": settings.kamailio_children,
             "kamailio_define": settings.kamailio_define,
+            "workers": settings.workers,
+            "store": settings.store,
+            "sipp_transport": settings.sipp_transport,
         },
         "targets": targets,
         **results,

@@ -57,6 +57,11 @@ class Prepared:
     sip_domain: str = ""
     sip_lists: tuple[URIList, ...] = ()
     consent_key: bytes = b""
+    worker_key: bytes = b""
+    """With ``[relay] workers``: the key every worker shares, so that what one worker
+    signs (digest nonces, form tokens, loop-detection hashes) another can check; see
+    :func:`relayd.keyfile.derive_key`.  Empty for a single process, whose keys are
+    drawn at each start."""
 
 
 def prepare(config: RelaydConfig) -> Prepared:
@@ -125,6 +130,7 @@ def prepare(config: RelaydConfig) -> Prepared:
             raise ConfigError(origin("sip", "lists"), "sip", "lists", str(e)) from None
     try:
         consent_key = load_or_create_key(data_dir / "consent.key")
+        worker_key = load_or_create_key(data_dir / "workers.key") if config.workers > 1 else b""
     except KeyFileError as e:
         raise ConfigError(origin("relay", "data_dir"), "relay", "data_dir", str(e)) from None
     return Prepared(
@@ -138,6 +144,7 @@ def prepare(config: RelaydConfig) -> Prepared:
         domain,
         lists,
         consent_key,
+        worker_key,
     )
 
 
@@ -172,6 +179,26 @@ def _node_hostname(
             "the certificate names only the pool ([msrp] pool_names): set this node's own name",
         )
     return "localhost"
+
+
+def prepare_shared(prepared: Prepared) -> None:
+    """With ``[relay] workers``: what the workers share is made once, by the parent,
+    before any starts, so none of them race to create it: the SQLite store's file, its
+    WAL mode and schema (the certificate, users file and keys were made by ``prepare``)."""
+    config = prepared.config
+    if config.store.backend != "sqlite":
+        return
+    import sqlite3
+
+    from relayd.consent.sqlite import StoreSchemaError, session
+
+    try:
+        with session(prepared.store_path):
+            pass
+    except (sqlite3.Error, StoreSchemaError, OSError) as e:
+        raise ConfigError(
+            config.source_of("store", "path"), "store", "path", f"cannot open the store: {e}"
+        ) from None
 
 
 def read_lists(path: str, domain: str) -> tuple[URIList, ...]:

@@ -174,6 +174,15 @@ SCHEMA: tuple[Key, ...] = (
         "Least important log events written: debug adds a line per relayed request",
     ),
     Key(
+        "relay",
+        "workers",
+        "1",
+        _integer(1, 64),
+        "Worker processes, each running the whole relay: they share the SIP and XCAP"
+        " ports (SO_REUSEPORT); worker K (from 0) listens for MSRP and metrics on each"
+        " configured port plus K. Above 1 the store must be sqlite or postgresql",
+    ),
+    Key(
         "msrp",
         "listen",
         "ssl:2855:interface=127.0.0.1",
@@ -701,6 +710,7 @@ class RelaydConfig:
     metrics: MetricsConfig
     source: str = "<defaults>"
     log_level: str = "info"
+    workers: int = 1
     origins: Mapping[tuple[str, str], str] = field(default_factory=dict, compare=False, repr=False)
     """Where each ``(section, key)`` value came from: the file, "command line" or
     "<defaults>"; errors found after loading name that, not just the file."""
@@ -779,6 +789,7 @@ def _build(
         hostname=relay["hostname"],
         data_dir=data_dir,
         log_level=relay["log_level"],
+        workers=relay["workers"],
         msrp=MSRPConfig(**section("msrp")),
         auth=AuthConfig(**section("auth")),
         tls=TLSConfig(**section("tls")),
@@ -830,6 +841,8 @@ def _validate(config: RelaydConfig, origin: Mapping[tuple[str, str], str]) -> No
     _validate_sip(config.sip, fail)
     _validate_store(config.store, fail)
     _validate_metrics(config.metrics, fail)
+    if config.workers > 1:
+        _validate_workers(config, fail)
 
 
 def _check_listener_files(
@@ -921,6 +934,73 @@ def _validate_xcap(xcap: XCAPConfig, fail: Callable[[str, str, str], None]) -> N
             fail("xcap", "public_url", f"must be an http(s) URL, got {xcap.public_url!r}")
         if parts.query or parts.fragment:
             fail("xcap", "public_url", "must not have a query or fragment")
+
+
+def _validate_workers(config: RelaydConfig, fail: Callable[..., None]) -> None:
+    """Several workers share SIP and XCAP ports (so each must be fixed), take one MSRP and
+    metrics port each (base + K must exist) and one store (memory is per process)."""
+    if config.store.backend == "memory":
+        fail(
+            "store",
+            "backend",
+            f"memory keeps one store per process; with workers = {config.workers} use sqlite"
+            " or postgresql",
+        )
+    for section, listen in (("sip", config.sip.listen), ("xcap", config.xcap.listen)):
+        for value in listen:
+            if parse_endpoint(value).port == 0:
+                fail(
+                    section,
+                    "listen",
+                    f"{value!r}: workers share this listener, so its port must be fixed (not 0)",
+                )
+    for section, listen in (("msrp", config.msrp.listen), ("metrics", config.metrics.listen)):
+        for value in listen:
+            port = parse_endpoint(value).port
+            if port and port + config.workers - 1 > 65535:
+                fail(
+                    section,
+                    "listen",
+                    f"{value!r}: worker {config.workers - 1} would listen on port"
+                    f" {port + config.workers - 1}",
+                )
+    _check_worker_ports(config, fail)
+
+
+def _check_worker_ports(config: RelaydConfig, fail: Callable[..., None]) -> None:
+    """No two listeners of the workers on one port: worker K takes each MSRP and metrics
+    port plus K, so ``ssl:2855`` and ``tcp:2856`` collide from two workers on."""
+    taken: list[tuple[str, str, int, str, str, int]] = []
+    shared = (("sip", config.sip.listen), ("xcap", config.xcap.listen))
+    own = (("msrp", config.msrp.listen), ("metrics", config.metrics.listen))
+    for section, listen in shared:
+        for value in listen:
+            spec = parse_endpoint(value)
+            taken.append((section, value, -1, spec.kind, spec.interface, spec.port))
+    for section, listen in own:
+        for value in listen:
+            spec = parse_endpoint(value)
+            if spec.port:
+                for worker in range(config.workers):
+                    port = spec.port + worker
+                    taken.append((section, value, worker, spec.kind, spec.interface, port))
+    for index, (section, value, worker, kind, interface, port) in enumerate(taken):
+        for other_section, other, other_worker, other_kind, other_interface, other_port in taken[
+            :index
+        ]:
+            same_protocol = (kind == "udp") == (other_kind == "udp")
+            overlap = interface == other_interface or "" in (interface, other_interface)
+            if same_protocol and overlap and port == other_port:
+                whose = "every worker" if worker < 0 else f"worker {worker}"
+                theirs = "every worker" if other_worker < 0 else f"worker {other_worker}"
+                fail(
+                    section,
+                    "listen",
+                    f"{value!r} gives {whose} port {port}, which {other!r}"
+                    f" ([{other_section}] listen) gives {theirs}: with workers ="
+                    f" {config.workers}, space the ports of [msrp] and [metrics] listeners"
+                    f" at least {config.workers} apart",
+                )
 
 
 def _validate_metrics(metrics: MetricsConfig, fail: Callable[..., None]) -> None:

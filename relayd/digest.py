@@ -41,7 +41,9 @@ MAX_PARAMS = 20
 """Most auth-params accepted in one credentials header."""
 
 NONCE_RANDOM_BYTES = 16
-"""Randomness per nonce: 128 bits."""
+"""Randomness per nonce: 128 bits (96 with an ``issuer``)."""
+ISSUER_BYTES = 4
+"""Bytes of a nonce's random part that name the process that issued it (``issuer``)."""
 
 _NONCE_MAC_BYTES = 16
 _NONCE_TIME = struct.Struct(">Q")
@@ -473,6 +475,7 @@ class DigestAuthenticator:
         nonce_lifetime_seconds: float = 300,
         max_tracked_nonces: int = 10_000,
         secret: bytes | None = None,
+        issuer: bytes | None = None,
     ) -> None:
         if nonce_lifetime_seconds <= 0:
             raise ValueError("nonce_lifetime_seconds must be positive")
@@ -480,6 +483,15 @@ class DigestAuthenticator:
             raise ValueError("max_tracked_nonces must be at least 1")
         if secret is not None and len(secret) < 16:
             raise ValueError("secret must be at least 16 bytes")
+        if issuer is not None and len(issuer) != ISSUER_BYTES:
+            raise ValueError(f"issuer must be {ISSUER_BYTES} bytes")
+        # With a secret shared by several processes ([relay] workers), each process's
+        # nonces carry its own ``issuer`` (drawn at each start) in place of as many
+        # random bytes: another's nonce is authentic but answered stale=true, so the
+        # client retries at once with ours, and a nonce-count is only ever tracked by
+        # the process that issued the nonce (no replay at a sibling, or at a restarted
+        # process).
+        self._issuer = issuer
         self.realm = realm
         self._lookup = lookup
         self._clock = clock
@@ -500,7 +512,11 @@ class DigestAuthenticator:
 
     def new_nonce(self) -> str:
         """Mint a nonce: creation time (ms), 128 random bits, HMAC-SHA256 tag."""
-        body = _NONCE_TIME.pack(self._now_ms()) + random_bytes(NONCE_RANDOM_BYTES)
+        if self._issuer is None:
+            random_part = random_bytes(NONCE_RANDOM_BYTES)
+        else:
+            random_part = self._issuer + random_bytes(NONCE_RANDOM_BYTES - ISSUER_BYTES)
+        body = _NONCE_TIME.pack(self._now_ms()) + random_part
         raw = body + self._mac(body)
         return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
@@ -524,6 +540,8 @@ class DigestAuthenticator:
         body, tag = raw[:-_NONCE_MAC_BYTES], raw[-_NONCE_MAC_BYTES:]
         if not hmac.compare_digest(tag, self._mac(body)):
             raise DigestError("invalid nonce")
+        if self._issuer is not None and not body.startswith(self._issuer, _NONCE_TIME.size):
+            raise DigestError("nonce issued by another worker", stale=True)
         (created,) = _NONCE_TIME.unpack_from(body)
         return int(created)
 

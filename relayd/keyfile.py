@@ -7,7 +7,6 @@ every one of them a 404 after a restart, so the key lives in a 0600 file.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -18,6 +17,12 @@ KEY_BYTES = 32
 
 class KeyFileError(Exception):
     """A key file that exists but cannot be used; the text names the problem."""
+
+
+def derive_key(key: bytes, purpose: str) -> bytes:
+    """A key of its own for each ``purpose`` out of one stored key (HMAC-SHA256 as a
+    PRF, as HKDF's expand step with one block), so no two uses share a key."""
+    return hmac.digest(key, b"relayd key\0" + purpose.encode("utf-8"), "sha256")
 
 
 def load_or_create_key(path: Path, size: int = KEY_BYTES) -> bytes:
@@ -45,11 +50,3 @@ def load_or_create_key(path: Path, size: int = KEY_BYTES) -> bytes:
     if len(key) < size:
         raise KeyFileError(f"{path} holds {len(key)} bytes; at least {size} are needed")
     return key
-
-
-def derived_key(key: bytes, purpose: str) -> bytes:
-    """A key for one ``purpose`` drawn from ``key`` (HMAC-SHA-256 of the purpose, as
-    HKDF-Expand's first block, RFC 5869 §2.3): the forms' CSRF keys come from the
-    stored key, so every worker and every restart accepts the forms any of them served,
-    and no purpose's key tells anything of another's."""
-    return hmac.new(key, purpose.encode("utf-8") + b"\x01", hashlib.sha256).digest()

@@ -10,8 +10,11 @@ reactor runs, so the daemon never serves with a surface missing.
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import threading
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -22,8 +25,8 @@ from relayd.bootstrap import Prepared
 from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import IPermissionStore, MemoryPermissionStore
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
-from relayd.digest import DigestAuthenticator
-from relayd.keyfile import derived_key
+from relayd.digest import ISSUER_BYTES, DigestAuthenticator
+from relayd.keyfile import derive_key
 from relayd.logs import logger
 from relayd.msrp.relay import AuthPolicy, RelayCore
 from relayd.msrp.service import MSRPService, relay_limits
@@ -34,6 +37,7 @@ from relayd.sip.stack import build_sip
 from relayd.web.admin import AdminResource
 from relayd.web.consent_page import ConsentPage
 from relayd.web.metrics import Metrics
+from relayd.workers import own_udp, shared_listen, worker_listen
 from relayd.xcap.auth import XCAPAuthorizer
 from relayd.xcap.resource import XCAPResource, XCAPSite
 from relayd.xcap.service import XCAPService
@@ -41,8 +45,9 @@ from relayd.xcap.service import XCAPService
 log = logger()
 
 
-def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
-    """The configured permission store (``[store] backend``)."""
+def build_store(prepared: Prepared, reactor: Any, worker: int | None = None) -> IPermissionStore:
+    """The configured permission store (``[store] backend``); a worker's SQLite store
+    follows the other workers' changes (relayd.consent.sqlite)."""
     store = prepared.config.store
     if store.backend == "memory":
         return MemoryPermissionStore()
@@ -50,7 +55,8 @@ def build_store(prepared: Prepared, reactor: Any) -> IPermissionStore:
         from relayd.consent.postgres import PostgresPermissionStore  # the postgresql extra
 
         return PostgresPermissionStore(store.dsn, reactor)
-    return SQLitePermissionStore(prepared.store_path, reactor)
+    node = None if worker is None else f"worker-{worker}-{os.getpid()}"
+    return SQLitePermissionStore(prepared.store_path, reactor, node=node)
 
 
 def _describe_store(prepared: Prepared) -> str:
@@ -74,10 +80,15 @@ class RelayService(MultiService):
     """
 
     def __init__(
-        self, prepared: Prepared, reactor: Any = None, reloader: Reloader | None = None
+        self,
+        prepared: Prepared,
+        reactor: Any = None,
+        reloader: Reloader | None = None,
+        worker: int | None = None,
     ) -> None:
         super().__init__()
         self._prepared = prepared
+        self._worker = worker
         self._introduced = False
         self._reactor = reactor
         self.reloader = reloader
@@ -110,9 +121,10 @@ class RelayService(MultiService):
         self._introduced = True
         prepared = self._prepared
         log.info(
-            "relayd {version} starting: hostname {hostname}, realm {realm},"
+            "relayd {version} {who}starting: hostname {hostname}, realm {realm},"
             " SIP domain {domain}, store {store}",
             version=__version__,
+            who="" if self._worker is None else f"worker {self._worker} ",
             hostname=prepared.hostname,
             realm=prepared.realm,
             domain=prepared.sip_domain or prepared.hostname,
@@ -120,10 +132,34 @@ class RelayService(MultiService):
         )
 
 
-def build_service(prepared: Prepared, reactor: Any) -> MultiService:
-    """The relay daemon: every part a named child of one MultiService."""
+def for_worker(prepared: Prepared, index: int) -> Prepared:
+    """What worker ``index`` of ``[relay] workers`` runs (relayd.workers): the SIP and
+    XCAP listeners shared with the other workers, its own MSRP and metrics ports."""
     config = prepared.config
-    top = RelayService(prepared, reactor)
+    config = replace(
+        config,
+        msrp=replace(config.msrp, listen=worker_listen(config.msrp.listen, index)),
+        metrics=replace(config.metrics, listen=worker_listen(config.metrics.listen, index)),
+        sip=replace(config.sip, listen=shared_listen(config.sip.listen)),
+        xcap=replace(config.xcap, listen=shared_listen(config.xcap.listen)),
+    )
+    return replace(prepared, config=config)
+
+
+def build_service(prepared: Prepared, reactor: Any, worker: int | None = None) -> MultiService:
+    """The relay daemon: every part a named child of one MultiService; with ``worker``,
+    worker number ``worker`` of several (:func:`for_worker`)."""
+    if worker is not None:
+        prepared = for_worker(prepared, worker)
+    config = prepared.config
+    top = RelayService(prepared, reactor, worker=worker)
+
+    def shared(purpose: str) -> bytes | None:
+        """A worker's key for ``purpose``, the same in every worker; None: drawn here."""
+        if worker is None or not prepared.worker_key:
+            return None
+        return derive_key(prepared.worker_key, purpose)
+
     tls = TLSMaterial(prepared.identity, prepared.trust_roots)
     prepared.users.use_clock(reactor)  # reloads are timed like every other wait
     digest = DigestAuthenticator(
@@ -131,6 +167,9 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         prepared.users.lookup,
         reactor,
         nonce_lifetime_seconds=config.auth.nonce_lifetime_seconds,
+        # Workers share the nonce key; each marks its own nonces (relayd.digest).
+        secret=shared("digest nonces"),
+        issuer=secrets.token_bytes(ISSUER_BYTES) if worker is not None else None,
     )
     msrp = config.msrp
     policy = AuthPolicy(
@@ -142,13 +181,16 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     )
     core = RelayCore(reactor, prepared.hostname, policy, digest, pool_names=msrp.pool_names)
     relay = MSRPRelay(reactor, core, relay_limits(msrp), prepared.identity, prepared.trust_roots)
+    if worker is not None:
+        relay.sibling_host = prepared.hostname.strip("[]").lower()
+        core.has_siblings = True
     service = MSRPService(relay, reactor, tls, prepared.hostname, msrp.listen)
     service.setName("msrp")
     service.setServiceParent(top)
 
     xcap = config.xcap
     metrics = Metrics(reactor) if config.metrics.listen else None
-    store = build_store(prepared, reactor)
+    store = build_store(prepared, reactor, worker)
     if metrics is not None:
         store = metrics.timed(store)
     domains = (prepared.realm, prepared.hostname, prepared.sip_domain)
@@ -164,10 +206,11 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         max_connections=xcap.max_connections,
         reactor=reactor,
     )
-    forms_key = prepared.consent_key  # none: each process draws its own
 
     def forms_secret(purpose: str) -> bytes | None:
-        return derived_key(forms_key, purpose) if forms_key else None
+        """The forms' CSRF key, from the stored consent key: the same in every worker
+        and after a restart, so a form served by one process is taken by any other."""
+        return derive_key(prepared.consent_key, purpose) if prepared.consent_key else None
 
     site.mount("consent", ConsentPage(store, reactor, secret=forms_secret("consent page forms")))
     site.mount(
@@ -197,6 +240,8 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         store=store,
         permission_uri=xcap_service.permission_uri,
         consent_link=xcap_service.consent_link,
+        loop_key=shared("SIP loop detection"),
+        request_listen=() if worker is None else own_udp(config.sip.listen),
     )
     resource.document_checks[RESOURCE_LISTS_AUID] = (
         sip_service.consent_relay.directory.check_document

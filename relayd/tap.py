@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
-from relayd.bootstrap import Prepared, prepare
+from relayd.bootstrap import Prepared, prepare, prepare_shared
 from relayd.config import SCHEMA, ConfigError, example_ini, load_config
 from relayd.logs import set_level
 from relayd.service import build_service
+from relayd.workers import (
+    WORKER_ENVIRONMENT,
+    WorkerSupervisor,
+    follow_parent,
+    parse_worker,
+    shared_ports_in_use,
+    worker_command,
+    worker_environment,
+)
+
+PLUGIN = "msrprelay"
+"""The twistd subcommand (twisted/plugins/relayd_plugin.py); workers are started with it."""
 
 
 class ConfigRefused(SystemExit):
@@ -61,6 +75,13 @@ class Options(usage.Options):
         super().__init__()
         self["msrp-listen"] = []
         self["set"] = []
+        self["arguments"] = []
+        self["worker"] = None
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Kept as given: [relay] workers start with the same arguments.
+        self["arguments"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_msrp_listen(self, description: str) -> None:
         """MSRP listener endpoint string; repeat for several (replaces [msrp] listen)."""
@@ -96,7 +117,23 @@ class Options(usage.Options):
             overrides[key] = value
         try:
             config = load_config(self["config"], overrides)
+            worker = os.environ.get(WORKER_ENVIRONMENT)
+            if worker is not None:
+                try:
+                    self["worker"], _ = parse_worker(worker)
+                except ValueError as e:
+                    raise ConfigError("environment", "relay", "workers", str(e)) from None
             self["prepared"] = prepare(config)
+            if worker is None and config.workers > 1:
+                prepare_shared(self["prepared"])
+                in_use = shared_ports_in_use(
+                    (("sip", config.sip.listen), ("xcap", config.xcap.listen))
+                )
+                if in_use is not None:
+                    section, message = in_use
+                    raise ConfigError(
+                        config.source_of(section, "listen"), section, "listen", message
+                    )
         except ConfigError as e:
             sys.stderr.write(f"twistd: {e}\n")
             sys.stderr.flush()
@@ -108,7 +145,19 @@ def makeService(options: Options) -> Any:
 
     prepared: Prepared = options["prepared"]
     set_level(prepared.config.log_level)
-    service = build_service(prepared, reactor)
+    worker: int | None = options["worker"]
+    count = prepared.config.workers
+    if worker is None and count > 1:
+        # The parent: it binds nothing and runs the workers (relayd.workers).
+        return WorkerSupervisor(
+            reactor,
+            count,
+            command=lambda index: worker_command(options["arguments"], PLUGIN),
+            environment=lambda index: worker_environment(index, count),
+        )
+    if worker is not None:
+        follow_parent()
+    service = build_service(prepared, reactor, worker)
     tune_garbage_collector()
     return service
 

@@ -15,17 +15,16 @@ misses the oldest ones (and says so in its log).
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import psycopg
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
-from relayd.consent.store import ConsentState, PendingConsent, StoreChange, StoredBinding
+from relayd.consent.changes import decode, encode
+from relayd.consent.store import StoreChange
 from relayd.logs import logger
 
 CHANNEL = "relayd_changes"
@@ -35,25 +34,7 @@ _CHANGES_LOCK = 0x7265636861  # "recha": numbers are taken and committed in one 
 _BATCH = 500
 """Rows read per query while catching up."""
 
-
-def encode(change: StoreChange) -> str:
-    """A change as the JSON text of its ``changes`` row."""
-    fields = asdict(change)
-    del fields["remote"]
-    return json.dumps(fields, separators=(",", ":"))
-
-
-def decode(text: str) -> StoreChange:
-    """The change :func:`encode` wrote, marked ``remote``: another node committed it."""
-    fields: dict[str, Any] = json.loads(text)
-    consent = fields.pop("consent", None)
-    if consent is not None:
-        consent["methods"] = tuple(consent["methods"])
-        consent["state"] = ConsentState(consent["state"])
-        fields["consent"] = PendingConsent(**consent)
-    fields["bindings"] = tuple(StoredBinding(**b) for b in fields.get("bindings", ()))
-    fields["removed"] = tuple(fields.get("removed", ()))
-    return StoreChange(**fields, remote=True)
+__all__ = ["ChangeFeed", "decode", "encode", "record"]
 
 
 def record(cursor: Any, node: str, changes: Sequence[StoreChange]) -> None:

@@ -11,13 +11,16 @@ import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd.consent.changes import decode, encode
 from relayd.consent.sqlrows import SQLRows, qmark
 from relayd.consent.store import (
     IPermissionStore,
@@ -30,8 +33,19 @@ from relayd.logs import logger
 
 _log = logger()
 
-SCHEMA_VERSION = 3
-"""1: documents and consents; 2: registrations (``bindings``); 3: rate counts (``requests``)."""
+SCHEMA_VERSION = 4
+"""1: documents and consents; 2: registrations (``bindings``); 3: rate counts (``requests``);
+4: every process's committed changes, for the others (``changes``, [relay] workers)."""
+
+KEPT_CHANGES = 10_000
+"""Rows the ``changes`` table keeps: far more than the workers read between two polls."""
+
+POLL_SECONDS = 0.1
+"""How often a worker looks for the other workers' changes (``PRAGMA data_version``,
+which reads no table): the most a grant written through one worker waits before a
+subscriber held by another is told."""
+
+_BATCH = 500
 
 _T = TypeVar("_T")
 
@@ -78,6 +92,12 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS requests (key TEXT NOT NULL, at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS requests_by_key ON requests (key, at)",
     "CREATE INDEX IF NOT EXISTS requests_by_time ON requests (at)",
+    # Version 4.
+    """CREATE TABLE IF NOT EXISTS changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        node TEXT NOT NULL,
+        payload TEXT NOT NULL
+    )""",
 )
 
 
@@ -96,9 +116,10 @@ def _open_connection(connection: sqlite3.Connection) -> int:
     older file gains what a newer version added and is then marked with its number;
     a file marked newer than this code is refused.
     """
+    # The wait first: several processes ([relay] workers) may open the file at once.
+    connection.execute("PRAGMA busy_timeout=5000")
     connection.execute("PRAGMA journal_mode=WAL").fetchone()
     connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("PRAGMA busy_timeout=5000")
     connection.execute("BEGIN IMMEDIATE")
     try:
         for statement in _SCHEMA:
@@ -177,11 +198,29 @@ class SQLitePermissionStore(RuleStore):
     adbapi's single worker thread, never on the reactor thread; one connection means
     writes are serialised, and each write is one ``BEGIN IMMEDIATE`` transaction so
     it is atomic even if another process opens the same file.
+
+    With ``node`` (a name for this process: the workers of ``[relay] workers`` share
+    the file), each write also appends its changes to the ``changes`` table in the
+    same transaction, and every :data:`POLL_SECONDS` the store asks SQLite whether
+    another connection committed (``PRAGMA data_version``); if so it reads the rows
+    after the last one it has seen and announces the other processes' changes to its
+    listeners, marked ``remote``, as the PostgreSQL store does with LISTEN/NOTIFY.
     """
 
-    def __init__(self, path: str, reactor: IReactorThreads | IReactorTime) -> None:
+    def __init__(
+        self,
+        path: str,
+        reactor: IReactorThreads | IReactorTime,
+        node: str | None = None,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
         super().__init__()
         self._path = path
+        self.node = node
+        self._closed = False
+        # Read and written only in the pool's one thread.
+        self._last_seq: int | None = None
+        self._data_version: int | None = None
         restrict_files(path)
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
@@ -193,6 +232,14 @@ class SQLitePermissionStore(RuleStore):
             cp_openfun=_open_connection,
             cp_reactor=reactor,
         )
+        self._poller: LoopingCall | None = None
+        self._polling: Deferred[None] | None = None
+        if node is not None:
+            self._poller = LoopingCall(self._poll)
+            self._poller.clock = cast(IReactorTime, reactor)
+            self._poller.start(poll_seconds, now=True).addErrback(
+                lambda failure: _log.failure("store change poll stopped", failure)
+            )
 
     def _interact(self, interaction: Callable[..., _T], *args: object) -> Deferred[_T]:
         result: Deferred[_T] = self._pool.runInteraction(interaction, *args)
@@ -204,9 +251,14 @@ class SQLitePermissionStore(RuleStore):
     def _write(self, write: Write[_T]) -> Deferred[_T]:
         """Run a write transaction, then (on the reactor thread) announce its changes."""
 
+        node = self.node
+
         def transaction(txn: Any) -> tuple[_T, list[StoreChange]]:
             txn.execute("BEGIN IMMEDIATE")
-            return write(SQLRows(txn, qmark))
+            value, changes = write(SQLRows(txn, qmark))
+            if node is not None and changes:
+                _record(txn, node, changes)
+            return value, changes
 
         def committed(outcome: tuple[_T, list[StoreChange]]) -> _T:
             value, changes = outcome
@@ -215,7 +267,53 @@ class SQLitePermissionStore(RuleStore):
 
         return self._interact(transaction).addCallback(committed)
 
+    def _poll(self) -> None:
+        """Announce the changes other processes committed since the last poll."""
+        if self._polling is not None or self._closed:
+            return  # the previous poll is still reading
+
+        def delivered(changes: list[StoreChange]) -> None:
+            if changes and not self._closed:
+                self._listeners.emit(changes)
+
+        def done(result: object) -> None:
+            self._polling = None
+            if isinstance(result, Failure):
+                _log.failure("reading other processes' store changes failed", result)
+
+        polling: Deferred[None] = self._interact(self._read_changes).addCallback(delivered)
+        self._polling = polling
+        polling.addBoth(done)
+
+    def _read_changes(self, txn: Any) -> list[StoreChange]:
+        """In the pool thread: the other nodes' rows after the last one seen."""
+        version = int(txn.execute("PRAGMA data_version").fetchone()[0])
+        if self._last_seq is None:
+            row = txn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+            self._last_seq, self._data_version = int(row[0]), version
+            return []
+        if version == self._data_version:
+            return []  # no other connection has committed
+        self._data_version = version
+        changes: list[StoreChange] = []
+        while True:
+            rows = txn.execute(
+                "SELECT seq, node, payload FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                (self._last_seq, _BATCH),
+            ).fetchall()
+            if not rows:
+                return changes
+            self._last_seq = int(rows[-1][0])
+            changes += [decode(payload) for _, node, payload in rows if node != self.node]
+            if len(rows) < _BATCH:
+                return changes
+
     async def _close(self) -> None:
+        self._closed = True
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        if self._polling is not None:
+            await self._polling
         # Checkpoint in the worker thread so that closing the connection (which
         # happens on the calling thread) has no WAL left to copy back.
         try:
@@ -227,6 +325,17 @@ class SQLitePermissionStore(RuleStore):
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
+
+
+def _record(txn: Any, node: str, changes: list[StoreChange]) -> None:
+    """Inside a write transaction: append ``changes`` for the other processes and drop
+    the rows past :data:`KEPT_CHANGES`."""
+    txn.executemany(
+        "INSERT INTO changes (node, payload) VALUES (?, ?)",
+        [(node, encode(change)) for change in changes],
+    )
+    last = int(txn.execute("SELECT last_insert_rowid()").fetchone()[0])
+    txn.execute("DELETE FROM changes WHERE seq <= ?", (last - KEPT_CHANGES,))
 
 
 def _checkpoint(txn: Any) -> None:

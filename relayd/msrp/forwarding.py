@@ -197,7 +197,14 @@ class BufferedForward:
             return
         if self.request.method != "REPORT":
             target.add_transaction(
-                tid, EndToEndTransaction(target, self.source, self.request, self.route.local_uri)
+                tid,
+                EndToEndTransaction(
+                    target,
+                    self.source,
+                    self.request,
+                    self.route.local_uri,
+                    transparent=self.route.transparent,
+                ),
             )
         target.write_atomic(frame)
 

@@ -82,9 +82,12 @@ class Route:
     local_uri: str
     next_uri: MSRPURI
     connection: object | None
-    session: Session
+    session: Session | None
     #: Every session of ours the decision relied on (the first and the target).
     relied_on: tuple[Session, ...] = field(default=(), compare=False)
+    #: Passed on unchanged to the worker that holds the session ([relay] workers):
+    #: paths as they came, responses back as they come.
+    transparent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,9 @@ class RelayCore:
         self._local_ports: set[int] = set()
         self._local_cache: dict[tuple[str, int | None], bool] = {}
         self.use_path_port: int | None = None
+        #: With [relay] workers: a URI naming our host on a port that is not ours is
+        #: another worker's, and a request for it is passed on (:meth:`route`).
+        self.has_siblings = False
 
     # -- identity -----------------------------------------------------------
 
@@ -148,6 +154,13 @@ class RelayCore:
         if uri.host.lower().strip("[]") not in self.pool_names:
             return False
         return uri.port is None or uri.port in self._local_ports
+
+    def is_sibling(self, uri: MSRPURI) -> bool:
+        """Does this URI name another worker of this relay (our host, not our port)?"""
+        if not self.has_siblings or self.is_local(uri):
+            return False
+        port = uri.port if uri.port is not None else DEFAULT_PORT
+        return uri.host.lower().strip("[]") in self._local_hosts and port not in self._local_ports
 
     def session_uri(self, session: Session) -> str:
         host = self.hostname
@@ -318,6 +331,13 @@ class RelayCore:
         to_path, to_text, from_text = self.paths(request)
         texts = to_text.split()
         if not self.is_local(to_path[0]):
+            if self.is_sibling(to_path[0]) and hop.is_tls and request.method != "AUTH":
+                # A connection to this worker carried a request for another's URI (a
+                # peer relay reusing its connection to this relay, by certificate):
+                # that worker holds the session and decides.  Never an AUTH: a
+                # session is bound to the connection that authenticated, and the link
+                # between two workers is shared by everyone they pass on.
+                return Route(to_text, from_text, texts[0], to_path[0], None, None, (), True)
             raise MSRPStatus(403, "first To-Path URI is not this relay", close=True)
         first = self._session(to_path[0])
         from_owner = self._is_owner(first, hop, connection)

@@ -89,10 +89,19 @@ class FrameTransaction:
 class EndToEndTransaction:
     """A forwarded AUTH or other request whose response travels back (§6.4.3)."""
 
-    __slots__ = ("deadline", "hop", "local_uri", "relay", "request", "source")
+    __slots__ = ("deadline", "hop", "local_uri", "relay", "request", "source", "transparent")
 
-    def __init__(self, hop: Link, source: Link, request: MSRPRequest, local_uri: str) -> None:
+    def __init__(
+        self,
+        hop: Link,
+        source: Link,
+        request: MSRPRequest,
+        local_uri: str,
+        transparent: bool = False,
+    ) -> None:
         self.relay = hop.relay
+        #: Passed on to another worker unchanged: so is its response (Route).
+        self.transparent = transparent
         self.hop = hop
         self.source = source
         self.request = request
@@ -101,8 +110,11 @@ class EndToEndTransaction:
         self.deadline = 0.0
 
     def response(self, response: MSRPResponse) -> bool:
-        rewritten = response_route(response, self.relay.core.is_local)
-        if rewritten is not None:
+        rewritten = None if self.transparent else response_route(response, self.relay.core.is_local)
+        if self.transparent:
+            to_path = response.headers.get("To-Path") or ""
+            from_path = response.headers.get("From-Path") or ""
+        elif rewritten is not None:
             to_path, from_path = rewritten
         else:
             # §6.4.3 has the response come back along the request's path; some

@@ -27,7 +27,11 @@ from relayd.msrp.relay import RelayCore
 from relayd.msrp.uri import DEFAULT_PORT, MSRPURI
 from relayd.net.pool import ConnectionPool
 from relayd.net.srv import srv_targets
-from relayd.net.tls import ServerIdentity, client_connection_creator
+from relayd.net.tls import (
+    ServerIdentity,
+    client_connection_creator,
+    sibling_connection_creator,
+)
 from relayd.tokens import new_transaction_id
 
 
@@ -51,6 +55,10 @@ class MSRPRelay:
         self.limits = limits
         self.identity = identity
         self.trust_roots = trust_roots
+        #: With [relay] workers: the relay's own host name.  A URI naming it on a port
+        #: that is not ours is another worker's, reached over TLS trusting our own
+        #: certificate (relayd.workers).
+        self.sibling_host: str | None = None
         self.connections: OrderedDict[MSRPConnection, None] = OrderedDict()
         self.counts = MSRPCounts()
         #: Connections we opened to next hops, by (scheme, host, port or 0).
@@ -177,7 +185,10 @@ class MSRPRelay:
         )
         tls = scheme == "msrps"
         if tls:
-            creator = client_connection_creator(name, self.identity, self.trust_roots)
+            if name == self.sibling_host and self.identity is not None:
+                creator = sibling_connection_creator(name, self.identity)
+            else:
+                creator = client_connection_creator(name, self.identity, self.trust_roots)
             endpoint = wrapClientTLS(creator, endpoint)
         factory = OutboundFactory(self, key, tls, name)
         protocol = await endpoint.connect(factory)
@@ -192,6 +203,8 @@ class MSRPRelay:
         forwarded AUTHs (message.CHUNK_LIMIT) and then gets max_chunk_bytes.
         """
         limits = self.limits
+        if self.sibling_host is not None and self.sibling_host in names:
+            return limits.max_chunk_bytes  # another worker of this relay
         size = limits.peer_chunk_bytes
         for host, listed_port, listed_size in limits.peer_chunk_overrides:
             if host in names and listed_port in (None, port):

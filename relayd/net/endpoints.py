@@ -35,6 +35,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from relayd.net.reuseport import SharedTCPServerEndpoint, SharedUDPServer
 from relayd.net.tls import (
     ListenerTLS,
     ServerIdentity,
@@ -47,11 +48,20 @@ from relayd.net.tls import (
 from relayd.net.tlsio import StdlibTLSServerFactory
 
 _KNOWN_OPTIONS: dict[str, frozenset[str]] = {
-    "tcp": frozenset({"port", "interface", "backlog"}),
+    "tcp": frozenset({"port", "interface", "backlog", "reuseport"}),
     "ssl": frozenset(
-        {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain", "sslmethod"}
+        {
+            "port",
+            "interface",
+            "backlog",
+            "reuseport",
+            "privateKey",
+            "certKey",
+            "extraCertChain",
+            "sslmethod",
+        }
     ),
-    "udp": frozenset({"port", "interface"}),
+    "udp": frozenset({"port", "interface", "reuseport"}),
 }
 
 _REFUSED_OPTIONS = {
@@ -74,6 +84,12 @@ class EndpointSpec:
     options: dict[str, str] = field(default_factory=dict)
     text: str = ""
 
+    @property
+    def reuse_port(self) -> bool:
+        """``reuseport=yes``: several processes bind this address (SO_REUSEPORT) and the
+        kernel spreads connections and datagrams among them ([relay] workers)."""
+        return self.options.get("reuseport") == "yes"
+
 
 def _split(description: str) -> list[str]:
     """Split on unescaped colons; a backslash escapes the next character."""
@@ -93,6 +109,44 @@ def _split(description: str) -> list[str]:
             current.append(char)
     parts.append("".join(current))
     return parts
+
+
+def _raw_parts(description: str) -> list[str]:
+    """Split on unescaped colons, keeping the escapes (for rewriting a string)."""
+    parts: list[str] = []
+    start = 0
+    index = 0
+    while index < len(description):
+        if description[index] == "\\":
+            index += 2
+            continue
+        if description[index] == ":":
+            parts.append(description[start:index])
+            start = index + 1
+        index += 1
+    parts.append(description[start:])
+    return parts
+
+
+def with_port(description: str, port: int) -> str:
+    """The same listener string on another port (each worker's own MSRP port)."""
+    parts = _raw_parts(description.strip())
+    for index, part in enumerate(parts[1:], 1):
+        if part.startswith("port="):
+            parts[index] = f"port={port}"
+            break
+        if "=" not in part:
+            parts[index] = str(port)
+            break
+    else:
+        raise EndpointSyntaxError(f"{description!r}: no port")
+    return ":".join(parts)
+
+
+def with_option(description: str, key: str, value: str) -> str:
+    """The same listener string with ``key=value`` set (replacing any given)."""
+    parts = [part for part in _raw_parts(description.strip()) if not part.startswith(f"{key}=")]
+    return ":".join([*parts, f"{key}={value}"])
 
 
 def parse_endpoint(description: str) -> EndpointSpec:
@@ -130,6 +184,9 @@ def parse_endpoint(description: str) -> EndpointSpec:
     backlog = options.get("backlog")
     if backlog is not None and not (backlog.isascii() and backlog.isdigit()):
         raise EndpointSyntaxError(f"{description!r}: backlog must be a number")
+    reuse = options.get("reuseport")
+    if reuse is not None and reuse not in ("yes", "no"):
+        raise EndpointSyntaxError(f"{description!r}: reuseport must be yes or no")
     interface = options.pop("interface", "")
     if interface and not is_interface(interface):
         raise EndpointSyntaxError(
@@ -185,24 +242,30 @@ def stream_server_endpoint(
 ) -> IStreamServerEndpoint:
     """A Twisted server endpoint for a ``tcp:`` or ``ssl:`` spec."""
     backlog = int(spec.options.get("backlog", "50"))
+    tcp: IStreamServerEndpoint
+    if spec.reuse_port:
+        tcp = SharedTCPServerEndpoint(reactor, spec.port, backlog, spec.interface)
+    else:
+        tcp = TCP4ServerEndpoint(reactor, spec.port, backlog, spec.interface)
     if spec.kind == "tcp":
-        return TCP4ServerEndpoint(reactor, spec.port, backlog, spec.interface)
+        return tcp
     if spec.kind == "ssl":
         if tls_context is None:
             raise ValueError("an ssl: listener needs a TLS context")
-        tcp = TCP4ServerEndpoint(reactor, spec.port, backlog, spec.interface)
         return TLSServerEndpoint(tcp, tls_context(spec))
     raise ValueError(f"{spec.kind}: is not a stream listener")
 
 
 def datagram_server(
     reactor: Any, spec: EndpointSpec, protocol: DatagramProtocol, max_packet_bytes: int
-) -> UDPServer:
+) -> UDPServer | SharedUDPServer:
     """Twisted's ``UDPServer`` for a ``udp:PORT[:interface=ADDR]`` spec: Twisted has
     no datagram endpoints, so no ``udp:`` string of its own.  Once bound,
     ``protocol.transport`` is the port."""
     if spec.kind != "udp":
         raise ValueError(f"{spec.kind}: is not a UDP listener")
+    if spec.reuse_port:
+        return SharedUDPServer(reactor, spec.port, protocol, spec.interface, max_packet_bytes)
     return UDPServer(
         spec.port,
         protocol,

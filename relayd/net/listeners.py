@@ -95,7 +95,7 @@ class Listeners(MultiService):
         self._add(spec, service, lambda: bound[0] if bound else None)
 
     def add_datagram(
-        self, spec: EndpointSpec, service: UDPServer, protocol: DatagramProtocol
+        self, spec: EndpointSpec, service: UDPServer | Service, protocol: DatagramProtocol
     ) -> None:
         """Listen with a UDP server ``service`` that delivers to ``protocol``."""
         self._add(spec, service, lambda: protocol.transport)

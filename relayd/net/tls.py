@@ -30,7 +30,9 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 
 class TLSSetupError(Exception):
@@ -276,6 +278,36 @@ def client_connection_creator(
         hostname,
         trustRoot=trust,
         clientCertificate=identity.private_certificate if identity else None,
+    )
+
+
+@implementer(IOpenSSLTrustRoot)
+class _OwnCertificate:
+    """Trust exactly the relay's own certificate (partial chain: the leaf itself is the
+    anchor), for connections between the workers of one relay: only a process holding
+    the relay's private key can present it."""
+
+    def __init__(self, identity: ServerIdentity) -> None:
+        self._identity = identity
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        store = context.get_cert_store()
+        if store is None:  # pragma: no cover - pyOpenSSL always has one
+            raise TLSSetupError("no certificate store")
+        for certificate in self._identity.chain:
+            store.add_cert(certificate)
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+
+
+def sibling_connection_creator(
+    hostname: str, identity: ServerIdentity
+) -> IOpenSSLClientConnectionCreator:
+    """Outbound TLS to another worker of this relay ([relay] workers): its certificate
+    must be ours and name ``hostname``; ours is offered in turn."""
+    return ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=_OwnCertificate(identity),
+        clientCertificate=identity.private_certificate,
     )
 
 

@@ -61,6 +61,7 @@ class SIPService(Listeners):
         users: UsersFile,
         names: tuple[str, ...],
         overload: LagMonitor | None = None,
+        request_listen: tuple[str, ...] = (),
     ) -> None:
         super().__init__("SIP")
         self.consent_relay = consent_relay
@@ -84,6 +85,12 @@ class SIPService(Listeners):
                 endpoint = stream_server_endpoint(reactor, spec, tls_context)
                 name = "TLS" if spec.kind == "ssl" else "TCP"
                 self.add_stream(spec, endpoint, transport.stream_factory(name))
+        # A worker's own UDP socket for the requests it sends (SIPTransportLayer).
+        for text in request_listen:
+            spec = parse_endpoint(text)
+            protocol = transport.request_protocol()
+            udp = datagram_server(reactor, spec, protocol, UDP_MAX_DATAGRAM_BYTES)
+            self.add_datagram(spec, udp, protocol)
 
     def port_of(self, kind: str) -> int:
         """The bound port of the first ``kind`` (udp/tcp/ssl) listener."""
@@ -143,6 +150,8 @@ def build_sip(
     store: IPermissionStore,
     permission_uri: Callable[[str, str], str],
     consent_link: ConsentLink | None = None,
+    loop_key: bytes | None = None,
+    request_listen: tuple[str, ...] = (),
 ) -> SIPService:
     """The consent relay stack: transport → transactions → UAS core → ConsentRelay.
 
@@ -167,7 +176,7 @@ def build_sip(
         # else the platform's; SNI and a service_identity check of the target's name.
         tls_creator=tls.client_creator,
     )
-    detector = LoopDetector(transport.own_sent_by)
+    detector = LoopDetector(transport.own_sent_by, loop_key)
     uas = UASCore(
         Capabilities(
             accept=("text/plain", "application/resource-lists+xml", "multipart/mixed"),
@@ -231,5 +240,14 @@ def build_sip(
     )
     names = (domain, hostname, realm)
     return SIPService(
-        consent_relay, transport, registrar, reactor, sip, tls, users, names, overload
+        consent_relay,
+        transport,
+        registrar,
+        reactor,
+        sip,
+        tls,
+        users,
+        names,
+        overload,
+        request_listen=request_listen,
     )

@@ -196,6 +196,10 @@ class SIPDatagramProtocol(DatagramProtocol):
                     pass
         self.layer._udp_started(self)
 
+    def is_v6(self) -> bool:
+        """Does this listener send over IPv6?"""
+        return ":" in self.local_host_port()[0]
+
     def stopProtocol(self) -> None:
         self._local = None
         self.layer._udp_stopped(self)
@@ -412,6 +416,11 @@ class SIPTransportLayer:
         self._endpoint_factory = endpoint_factory or self._default_endpoint
         self.transactions: TransactionLayer | None = None
         self._udp: list[SIPDatagramProtocol] = []
+        #: With [relay] workers: this worker's own UDP socket, which the relay's requests
+        #: leave from and our Via (and Contact) name, so that their responses and the
+        #: dialog's requests come back to this worker, not to whichever worker the kernel
+        #: picks on the shared port (relayd.workers).
+        self._request_udp: SIPDatagramProtocol | None = None
         # One connection per (transport, host, port), each connect attempted once
         # (relayd.net.pool, shared with MSRP); the attempt's waiters give up after
         # Timer B (64*T1, RFC 3261 §17.1.1.2), which also bounds a TLS handshake.
@@ -442,6 +451,13 @@ class SIPTransportLayer:
 
     def datagram_protocol(self) -> SIPDatagramProtocol:
         return SIPDatagramProtocol(self)
+
+    def request_protocol(self) -> SIPDatagramProtocol:
+        """A UDP listener of this process alone, that our own requests leave from (and
+        our UDP Via names): see ``_request_udp``."""
+        protocol = SIPDatagramProtocol(self)
+        self._request_udp = protocol
+        return protocol
 
     def stream_factory(self, transport_name: str = "TCP") -> SIPStreamFactory:
         return SIPStreamFactory(self, transport_name)
@@ -494,6 +510,12 @@ class SIPTransportLayer:
         self._udp.append(protocol)
         self._sent_by.clear()
         host, port = protocol.local_host_port()
+        if protocol is self._request_udp:
+            self._listen_ports["UDP"] = port
+            self.log.info(
+                "SIP requests of this worker leave from udp:{host}:{port}", host=host, port=port
+            )
+            return
         self._listen_ports.setdefault("UDP", port)
         self.log.info("SIP listening on udp:{host}:{port}", host=host, port=port)
 
@@ -823,6 +845,9 @@ class SIPTransportLayer:
 
     def _udp_listener(self, host: str) -> SIPDatagramProtocol:
         want_v6 = ":" in host
+        own = self._request_udp
+        if own is not None and own.transport is not None and own.is_v6() == want_v6:
+            return own
         for protocol in self._udp:
             if protocol.transport is not None and (":" in protocol.local_host_port()[0]) == want_v6:
                 return protocol

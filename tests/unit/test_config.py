@@ -602,3 +602,64 @@ def test_metrics_listen_off_loopback_when_allowed(tmp_path: Path) -> None:
     config = load_config(str(path))
     assert config.metrics.listen == ("tcp:9100:interface=192.0.2.1",)
     assert config.metrics.allow_remote
+
+
+def test_workers_default_to_one() -> None:
+    assert load_config(None).workers == 1
+
+
+def test_workers_need_fixed_shared_ports() -> None:
+    message = config_error(
+        None, {("relay", "workers"): "2", ("sip", "listen"): "udp:0:interface=127.0.0.1"}
+    )
+    assert message.startswith("command line: [sip] listen: 'udp:0:interface=127.0.0.1':")
+    assert "port must be fixed" in message
+    message = config_error(
+        None, {("relay", "workers"): "2", ("xcap", "listen"): "ssl:0:interface=127.0.0.1"}
+    )
+    assert "[xcap] listen" in message
+
+
+def test_workers_need_a_port_for_the_last_worker() -> None:
+    message = config_error(
+        None, {("relay", "workers"): "3", ("msrp", "listen"): "ssl:65534:interface=127.0.0.1"}
+    )
+    assert "[msrp] listen" in message and "worker 2 would listen on port 65536" in message
+
+
+def test_workers_refuse_the_memory_store() -> None:
+    message = config_error(None, {("relay", "workers"): "2", ("store", "backend"): "memory"})
+    assert message.startswith("command line: [store] backend: memory keeps one store")
+
+
+def test_workers_range() -> None:
+    assert "between 1 and 64" in config_error(None, {("relay", "workers"): "0"})
+    assert load_config(None, {("relay", "workers"): "4"}).workers == 4
+
+
+def test_workers_ports_must_not_collide() -> None:
+    message = config_error(
+        None,
+        {
+            ("relay", "workers"): "2",
+            ("msrp", "listen"): "ssl:2855:interface=127.0.0.1\ntcp:2856:interface=127.0.0.1",
+        },
+    )
+    assert "[msrp] listen: 'tcp:2856:interface=127.0.0.1' gives worker 0 port 2856" in message
+    assert "'ssl:2855:interface=127.0.0.1' ([msrp] listen) gives worker 1" in message
+    message = config_error(
+        None, {("relay", "workers"): "2", ("msrp", "listen"): "tcp:5059:interface=127.0.0.1"}
+    )
+    assert "gives worker 1 port 5060" in message and "every worker" in message
+    # Other interfaces, other protocols and spaced ports are fine.
+    assert (
+        load_config(
+            None,
+            {
+                ("relay", "workers"): "2",
+                ("msrp", "listen"): "ssl:2855:interface=127.0.0.1\nssl:2855:interface=127.0.0.2"
+                "\ntcp:2857:interface=127.0.0.1",
+            },
+        ).workers
+        == 2
+    )

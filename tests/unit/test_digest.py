@@ -6,6 +6,7 @@ import base64
 import hashlib
 import re
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -290,7 +291,7 @@ class _Users:
         return self.table.get((username, realm))
 
 
-def _authenticator(clock: Clock, **kwargs: int) -> DigestAuthenticator:
+def _authenticator(clock: Clock, **kwargs: Any) -> DigestAuthenticator:
     return DigestAuthenticator(REALM, _Users(), clock, secret=b"k" * 32, **kwargs)
 
 
@@ -419,6 +420,24 @@ def test_verify_rejects_nonce_minted_with_another_secret() -> None:
     auth = _authenticator(Clock())
     with pytest.raises(DigestError, match="invalid nonce"):
         auth.verify("AUTH", _credentials(other.new_nonce()))
+
+
+def test_workers_accept_only_their_own_nonces_and_call_the_others_stale() -> None:
+    clock = Clock()
+    first = _authenticator(clock, issuer=b"\x00\x00\x00\x01")
+    second = _authenticator(clock, issuer=b"\x00\x00\x00\x02")
+    nonce = first.new_nonce()
+    assert first.verify("AUTH", _credentials(nonce)).username == USER
+    with pytest.raises(DigestError, match="another worker") as info:
+        second.verify("AUTH", _credentials(nonce, nc="00000002"))
+    assert info.value.stale
+    # A nonce under another key stays invalid, not stale.
+    other = DigestAuthenticator(REALM, _Users(), clock, secret=b"z" * 32, issuer=b"1234")
+    with pytest.raises(DigestError, match="invalid nonce") as info:
+        second.verify("AUTH", _credentials(other.new_nonce()))
+    assert not info.value.stale
+    with pytest.raises(ValueError, match="issuer"):
+        _authenticator(clock, issuer=b"12")
 
 
 def test_verify_rejects_wrong_digest_uri() -> None:

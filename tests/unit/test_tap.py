@@ -290,3 +290,99 @@ def test_example_config_is_printed_and_loads(
     config.write_text(printed, encoding="utf-8")
     options = parse(tmp_path, "--config", str(config))
     assert prepared(options).config.msrp.listen == ("ssl:2855:interface=127.0.0.1",)
+
+
+WORKER_SETTINGS = (
+    "--set",
+    "relay.workers=2",
+    "--set",
+    "sip.listen=udp:5070:interface=127.0.0.1",
+    "--set",
+    "xcap.listen=tcp:5071:interface=127.0.0.1",
+    "--msrp-listen",
+    "tcp:5072:interface=127.0.0.1",
+)
+
+
+def _free_shared_ports() -> tuple[str, ...]:
+    """WORKER_SETTINGS on ports free now: the parent checks that no one holds them."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        sip = udp.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        xcap = tcp.getsockname()[1]
+    return (
+        *WORKER_SETTINGS[:2],
+        "--set",
+        f"sip.listen=udp:{sip}:interface=127.0.0.1",
+        "--set",
+        f"xcap.listen=tcp:{xcap}:interface=127.0.0.1",
+        *WORKER_SETTINGS[6:],
+    )
+
+
+def test_workers_make_a_parent_that_binds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.workers import WORKER_ENVIRONMENT, WorkerSupervisor
+
+    monkeypatch.delenv(WORKER_ENVIRONMENT, raising=False)
+    settings = _free_shared_ports()
+    options = parse(tmp_path, *settings)
+    assert options["arguments"][-len(settings) :] == list(settings)
+    # The shared store is made once, here, before any worker starts.
+    assert (tmp_path / "data" / "relay.sqlite3").exists()
+    service = makeService(options)
+    assert isinstance(service, WorkerSupervisor)
+    assert service.count == 2
+
+
+def test_a_worker_runs_the_relay_on_its_own_msrp_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.workers import WORKER_ENVIRONMENT
+
+    monkeypatch.setenv(WORKER_ENVIRONMENT, "1/2")
+    monkeypatch.setattr(relayd.tap, "follow_parent", lambda: None)
+    options = parse(tmp_path, *WORKER_SETTINGS)
+    assert options["worker"] == 1
+    service = makeService(options)
+    msrp = service.getServiceNamed("msrp")
+    assert isinstance(msrp, MSRPService)
+    assert msrp.listen == ("tcp:5073:interface=127.0.0.1",)
+    # The shared port, then the worker's own socket for the requests it sends.
+    assert [spec.text for spec in service.getServiceNamed("sip").specs] == [
+        "udp:5070:interface=127.0.0.1:reuseport=yes",
+        "udp:0:interface=127.0.0.1",
+    ]
+    assert msrp.relay.sibling_host == "localhost"
+
+
+def test_a_bad_worker_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.workers import WORKER_ENVIRONMENT
+
+    monkeypatch.setenv(WORKER_ENVIRONMENT, "2/2")
+    assert "does not exist" in config_refused(tmp_path, *WORKER_SETTINGS)
+
+
+def test_a_shared_port_another_process_holds_stops_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from relayd.workers import WORKER_ENVIRONMENT
+
+    monkeypatch.delenv(WORKER_ENVIRONMENT, raising=False)
+    settings = _free_shared_ports()
+    port = int(settings[3].split(":")[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another relay's
+        holder.bind(("127.0.0.1", port))
+        message = config_refused(tmp_path, *settings)
+    assert message.startswith("command line: [sip] listen: ")
+    assert "another process holds it" in message

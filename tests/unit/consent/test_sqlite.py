@@ -11,13 +11,14 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 
 from relayd.consent.sqlite import SCHEMA_VERSION, SQLitePermissionStore
-from relayd.consent.store import IPermissionStore, PendingConsent, StoredBinding
+from relayd.consent.store import IPermissionStore, PendingConsent, StoreChange, StoredBinding
 from relayd.consent.vocabulary import CONSENT_RULES_AUID as AUID
 from relayd.consent.vocabulary import RESOURCE_LISTS_AUID
 from relayd.testing import captured_log
@@ -149,7 +150,9 @@ async def test_sqlite_version_1_file_gains_bindings_and_rate_counts(tmp_path: Pa
         await reopened.close()
     connection = sqlite3.connect(path)
     try:
-        assert connection.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        assert connection.execute("SELECT version FROM schema_version").fetchall() == [
+            (SCHEMA_VERSION,)
+        ]
     finally:
         connection.close()
 
@@ -229,3 +232,58 @@ def test_sqlite_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
     finally:
         connection.close()
     assert {f"d{index}" for index in range(acknowledged + 1)} <= names
+
+
+async def _until(condition: Any, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("condition not met in time")
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_workers_hear_each_others_changes(tmp_path: Path) -> None:
+    path = str(tmp_path / "store.sqlite")
+    first = SQLitePermissionStore(path, reactor, node="w0", poll_seconds=0.02)
+    second = SQLitePermissionStore(path, reactor, node="w1", poll_seconds=0.02)
+    heard: dict[str, list[StoreChange]] = {"w0": [], "w1": []}
+    first.add_listener(heard["w0"].append)
+    second.add_listener(heard["w1"].append)
+    try:
+        # Each has polled once (where it starts reading from) before anything is written.
+        await first.get_document(AUID, XUI, "index")
+        await second.get_document(AUID, XUI, "index")
+        await first.put_document(AUID, XUI, "index", DOC)
+        await _until(lambda: heard["w1"])
+        (change,) = heard["w1"]
+        assert (change.kind, change.xui, change.remote) == ("document", XUI, True)
+        assert change.etag is not None
+        await second.save_bindings(
+            BOB, [StoredBinding(BOB, "sip:bob@h", "<sip:bob@h>", 300.0, "call-1", 1)], []
+        )
+        await _until(lambda: len(heard["w0"]) == 2)
+        mine, theirs = heard["w0"]
+        assert (mine.kind, mine.remote) == ("document", False)
+        assert (theirs.kind, theirs.aor, theirs.remote) == ("binding", BOB, True)
+        assert [b.uri for b in theirs.bindings] == ["sip:bob@h"]
+        await task.deferLater(reactor, 0.1, lambda: None)
+        # Nobody hears its own change twice.
+        assert [c.remote for c in heard["w1"]] == [True, False]
+        assert len(heard["w0"]) == 2
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_without_node_records_no_changes(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLitePermissionStore(str(path), reactor)
+    await store.put_document(AUID, XUI, "index", DOC)
+    await store.close()
+    connection = sqlite3.connect(path)
+    try:
+        assert connection.execute("SELECT count(*) FROM changes").fetchone() == (0,)
+    finally:
+        connection.close()

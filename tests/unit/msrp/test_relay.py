@@ -1132,3 +1132,55 @@ def test_the_pool_name_is_no_session_uri_of_ours(clock: Clock) -> None:
     """Only AUTH may name the pool: a SEND must reach the node holding its session."""
     core = make_core(clock, pool_names=["pool.example.com"])
     assert not core.is_local(MSRPURI.parse("msrps://pool.example.com:2855/s1;tcp"))
+
+
+# -- [relay] workers ---------------------------------------------------------------------
+
+SIBLING = "msrps://relay.example.com:2856/s1bling;tcp"
+
+
+def test_another_workers_uri_is_a_sibling_only_with_workers(core: RelayCore) -> None:
+    uri = MSRPURI.parse(SIBLING)
+    assert not core.is_sibling(uri)
+    core.has_siblings = True
+    assert core.is_sibling(uri)
+    assert not core.is_sibling(MSRPURI.parse("msrps://relay.example.com:2855/x;tcp"))  # ours
+    assert not core.is_sibling(MSRPURI.parse("msrps://other.example.com:2856/x;tcp"))
+
+
+def test_a_request_for_another_worker_is_passed_on_unchanged(core: RelayCore) -> None:
+    core.has_siblings = True
+    send = request("SEND", f"{SIBLING} {BOB_URI}", "msrps://peer.example.net:2855/p;tcp")
+    route = core.route(send, relay_hop("peer.example.net"), object())
+    assert route.transparent
+    assert (route.to_path, route.from_path) == (
+        f"{SIBLING} {BOB_URI}",
+        "msrps://peer.example.net:2855/p;tcp",
+    )
+    assert route.next_uri == MSRPURI.parse(SIBLING)
+    assert route.connection is None and route.relied_on == ()
+    # Never an AUTH: it must reach the worker its URI names (a session belongs to the
+    # connection that authenticated, and the workers' link is shared).
+    auth = request("AUTH", "msrps://relay.example.com:2856;tcp", ALICE_URI)
+    assert core.is_local_auth(auth)
+    with pytest.raises(MSRPStatus) as info:
+        core.handle_auth(auth, client_hop(), object())
+    assert info.value.code == 403 and info.value.close
+    relayed = request("AUTH", f"{SIBLING} msrps://other.example.com;tcp", ALICE_URI)
+    with pytest.raises(MSRPStatus):
+        core.route(relayed, client_hop(), object())
+
+
+def test_a_request_for_another_worker_over_plain_tcp_is_refused(core: RelayCore) -> None:
+    core.has_siblings = True
+    send = request("SEND", f"{SIBLING} {BOB_URI}", ALICE_URI)
+    with pytest.raises(MSRPStatus) as info:
+        core.route(send, FakeHop(is_tls=False), object())
+    assert info.value.code == 403 and info.value.close
+
+
+def test_without_workers_another_port_is_not_this_relay(core: RelayCore) -> None:
+    send = request("SEND", f"{SIBLING} {BOB_URI}", ALICE_URI)
+    with pytest.raises(MSRPStatus) as info:
+        core.route(send, client_hop(), object())
+    assert info.value.code == 403

@@ -24,7 +24,10 @@ from relayd.net.endpoints import (
     listener_tls,
     parse_endpoint,
     stream_server_endpoint,
+    with_option,
+    with_port,
 )
+from relayd.net.reuseport import SharedTCPServerEndpoint, SharedUDPServer
 from relayd.net.tls import ListenerTLS, TLSMaterial, certificate_dns_names, load_identity
 from relayd.testing import make_pki
 
@@ -384,3 +387,68 @@ def test_reloaded_keys_reach_new_connections_of_a_listening_endpoint(tmp_path: P
     material.stage(load_identity(*pki.leaf("new.example.com")), None)()
     assert _served_names(established) == ["old.example.com"]
     assert _served_names(accept()) == ["new.example.com"]
+
+
+def test_with_port_keeps_escapes_and_options() -> None:
+    assert with_port("ssl:2855:interface=\\:\\:1:backlog=5", 2856) == (
+        "ssl:2856:interface=\\:\\:1:backlog=5"
+    )
+    assert with_port("tcp:interface=127.0.0.1:port=80", 81) == "tcp:interface=127.0.0.1:port=81"
+    assert parse_endpoint(with_port("ssl:2855:interface=\\:\\:1", 1)).interface == "::1"
+
+
+def test_with_option_replaces_a_given_value() -> None:
+    assert with_option("udp:5060:reuseport=no", "reuseport", "yes") == "udp:5060:reuseport=yes"
+
+
+def test_reuseport_option() -> None:
+    assert parse_endpoint("udp:5060:reuseport=yes").reuse_port
+    assert not parse_endpoint("tcp:5060:reuseport=no").reuse_port
+    assert not parse_endpoint("tcp:5060").reuse_port
+    with pytest.raises(EndpointSyntaxError, match="reuseport must be yes or no"):
+        parse_endpoint("tcp:5060:reuseport=1")
+
+
+def test_reuseport_listeners_share_a_port() -> None:
+    from twisted.internet import reactor
+
+    spec = parse_endpoint("tcp:0:interface=127.0.0.1:reuseport=yes")
+    first = stream_server_endpoint(cast(Any, reactor), spec)
+    assert isinstance(first, SharedTCPServerEndpoint)
+    ports: list[Any] = []
+    first.listen(Factory.forProtocol(Protocol)).addCallback(ports.append)
+    port = ports[0].getHost().port
+    shared = parse_endpoint(f"tcp:{port}:interface=127.0.0.1:reuseport=yes")
+    stream_server_endpoint(cast(Any, reactor), shared).listen(
+        Factory.forProtocol(Protocol)
+    ).addCallback(ports.append)
+    plain = parse_endpoint(f"tcp:{port}:interface=127.0.0.1")
+    refused: list[Any] = []
+    stream_server_endpoint(cast(Any, reactor), plain).listen(
+        Factory.forProtocol(Protocol)
+    ).addErrback(refused.append)
+    try:
+        assert len(ports) == 2 and ports[1].getHost().port == port
+        assert len(refused) == 1
+    finally:
+        for listening in ports:
+            listening.stopListening()
+
+
+def test_reuseport_datagram_servers_share_a_port() -> None:
+    from twisted.internet import reactor
+
+    spec = parse_endpoint("udp:0:interface=127.0.0.1:reuseport=yes")
+    first_protocol, second_protocol = DatagramProtocol(), DatagramProtocol()
+    first = datagram_server(reactor, spec, first_protocol, 65536)
+    assert isinstance(first, SharedUDPServer)
+    first.privilegedStartService()
+    try:
+        port = cast(Any, first_protocol.transport).getHost().port
+        shared = parse_endpoint(f"udp:{port}:interface=127.0.0.1:reuseport=yes")
+        second = datagram_server(reactor, shared, second_protocol, 65536)
+        second.startService()
+        assert cast(Any, second_protocol.transport).getHost().port == port
+        second.stopService()
+    finally:
+        first.stopService()

@@ -642,3 +642,29 @@ def test_a_connect_that_never_completes_is_given_up_after_timer_b() -> None:
     # The next request tries afresh.
     rig.layer.connection(target).addErrback(failures.append)
     assert len(rig.reactor.tcpClients) == 2
+
+
+def test_a_workers_requests_leave_from_its_own_socket_and_its_via_names_it() -> None:
+    rig = Rig()  # the shared listener (5060)
+    own = rig.layer.request_protocol()
+    own_transport = FakeUDPTransport(port=40123)
+    own.makeConnection(own_transport)  # type: ignore[arg-type]
+    assert rig.layer.sent_by("UDP") == ("relay.example.com", 40123)
+    results: list[SIPResponse] = []
+    rig.layer.request(outbound(), Target("UDP", "192.0.2.50", 5060)).addCallback(results.append)
+    assert rig.udp_transport.written == []
+    sent = parse_datagram(own_transport.written[-1][0])
+    assert isinstance(sent, SIPRequest)
+    assert sent.via.port == 40123
+    reply = (
+        "SIP/2.0 200 OK\r\n"
+        f"Via: {sent.headers.get('via')}\r\n"
+        "From: <sip:relay@example.com>;tag=r\r\nTo: <sip:bob@example.com>;tag=b\r\n"
+        "Call-ID: out-1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    own.datagramReceived(reply, ("192.0.2.50", 5060))
+    assert [r.status for r in results] == [200]
+    # A request that came in on the shared port is still answered from it.
+    (answer,) = rig.datagram(options())
+    assert answer.status == 200
+    assert len(own_transport.written) == 1
