@@ -418,7 +418,8 @@ class AdminResource(Resource):
         except EditError as e:
             raise _Refused(400, str(e)) from None
         consent = await bound_consent(self.xcap.store, document.selector.key)
-        emptied = consent is not None and not edits.describe_rules(document.root)
+        minted = permission_token(document.selector.key) is not None
+        emptied = minted and not edits.describe_rules(document.root)
         try:
             if emptied:
                 await self.xcap.delete_document(
