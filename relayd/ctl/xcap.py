@@ -459,6 +459,20 @@ async def _revoke(session: Session, args: argparse.Namespace, out: TextIO) -> No
             raise CtlError(f"{xui} has no consent-rules document")
     else:
         revoked = expand_xui(args.sender, await session.realm()) if args.sender else None
+        if args.rule and not args.document:
+            # Rule ids are unique within a document only (every grant link writes id
+            # "grant"): an id found in several documents needs --document.
+            held = [
+                d.name
+                for d in await read_rules(session, xui, names)
+                if any(rule.id == args.rule for rule in d.rules)
+            ]
+            if len(held) > 1:
+                raise CtlError(
+                    f"rule {args.rule!r} is in {len(held)} documents of {xui}"
+                    f" ({', '.join(held)}): name one with --document"
+                )
+            names = held
 
         def select(ruleset: etree._Element) -> list[str]:
             if args.rule:

@@ -376,7 +376,9 @@ async def test_a_grant_made_by_link_is_listed_and_revoked(
         return Run(out.decode(), err.decode(), code)
 
     # A rule of his own in index too: both documents are listed, each rule with its own.
-    own = await ctl("permissions", "grant", flow.BOB, "--from", flow.CAROL, "--list", flow.SOLO)
+    own = await ctl(
+        "permissions", "grant", flow.BOB, "--from", flow.CAROL, "--list", flow.SOLO, "--id", "grant"
+    )
     assert own.code == 0, own
     listed = await ctl("permissions", "list", "--owner", flow.BOB, "--json")
     assert listed.code == 0, listed
@@ -389,6 +391,12 @@ async def test_a_grant_made_by_link_is_listed_and_revoked(
     assert [line.split()[0] for line in table.out.splitlines()] == ["DOCUMENT", "index", granted]
     only = await ctl("permissions", "show", flow.BOB, granted, "--json")
     assert [r["document"] for r in json.loads(only.out)["rules"]] == [granted]
+
+    # Both documents have a rule "grant" (every grant link writes that id): by id alone
+    # the revoke is ambiguous and changes nothing.
+    ambiguous = await ctl("permissions", "revoke", flow.BOB, "--rule", "grant")
+    assert ambiguous.code == 1 and f"(index, {granted}): name one with --document" in ambiguous.err
+    assert await xcap.store.get_document("consent-rules", flow.BOB, granted) is not None
 
     revoke = await ctl("permissions", "revoke", flow.BOB, "--from", flow.ALICE, "--list", flow.SOLO)
     assert (revoke.code, revoke.err) == (0, ""), revoke
