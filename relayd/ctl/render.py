@@ -49,9 +49,11 @@ def _joined(values: Sequence[str], empty: str) -> str:
     return ",".join(values) if values else empty
 
 
-def rules_table(rules: Sequence[RuleView]) -> str:
+def rules_table(rules: Sequence[tuple[str, RuleView]]) -> str:
+    """One row per ``(document, rule)``: which document holds the rule comes first."""
     rows = [
         (
+            document,
             rule.id,
             _joined(rule.senders, "-"),
             _joined(rule.lists, "any list"),
@@ -59,9 +61,19 @@ def rules_table(rules: Sequence[RuleView]) -> str:
             _joined([u for _, u in rule.validity], "forever"),
             rule.action,
         )
-        for rule in rules
+        for document, rule in rules
     ]
-    return render_table(("RULE", "FROM", "LIST", "METHODS", "UNTIL", "ACTION"), rows)
+    return render_table(("DOCUMENT", "RULE", "FROM", "LIST", "METHODS", "UNTIL", "ACTION"), rows)
+
+
+def revoke_line(xui: str, changed: Sequence[tuple[str, int, bool]]) -> str:
+    """What ``permissions revoke`` did: rules removed per ``(document, count, deleted)``."""
+    count = sum(n for _, n, _ in changed)
+    parts = [
+        f"{document} ({n}{', document deleted' if deleted else ''})"
+        for document, n, deleted in changed
+    ]
+    return f"revoked {count} rule{'s' if count != 1 else ''} of {xui}: {', '.join(parts)}\n"
 
 
 def unroutable_json(items: Sequence[Unroutable], more: int = 0) -> list[dict[str, Any]]:

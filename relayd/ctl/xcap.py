@@ -2,11 +2,18 @@
 
 Documents (consent spec §(c), RFC 4826):
 
-* permissions live in ``consent-rules/users/<xui>/index``, the recipient's general
-  document ("anyone on list X").  The server offers no directory listing (RFC 4825
-  has none; the OMA xcap-directory usage is not served), so ``permissions list``
-  shows the rules of that one document; ``show`` reads any document of the user
-  (``index`` by default, or a minted ``p-<token>.xml``).
+* permissions live in the recipient's consent-rules documents: ``index``, which
+  ``grant`` writes, and one ``p-<token>.xml`` per consent request answered at its
+  Permission URI (an XCAP PUT there, a grant or deny link).  RFC 4825 cannot list a
+  user's documents; the relay serves OMA's xcap-directory usage for that
+  (:mod:`relayd.xcap.directory`), so ``list``, ``show`` and ``revoke`` cover every
+  document of the user, each rule shown with the document it is in, and ``--document``
+  restricts them to one.  A server without the directory (404) has ``index`` only.
+  ``revoke`` edits each document that holds a matching rule on its own, one GET and
+  one conditional write per document; a ``p-<token>.xml`` left without rules is
+  deleted, which the relay settles as the Permission URI's answer withdrawn
+  (:func:`relayd.consent.settle.settlement`: a pending request refused, a granted
+  one shown revoked), where an empty ruleset would leave a pending request open.
 * lists live in ``resource-lists/users/<xui>/index`` as ``<list name=…>`` elements
   with ``<entry uri=…/>`` members.  The document may hold lists and entries the relay
   does not route (other clients share it); ``lists`` shows them and says why, by the
@@ -15,9 +22,9 @@ Documents (consent spec §(c), RFC 4826):
   relay could not route is refused: a list named here is meant to be a list URI.
 
 Every change is a conditional write: GET the document and its ETag, edit it in
-memory, PUT it back with ``If-Match`` (``If-None-Match: *`` when creating), and on
-412 start over from a fresh GET, a few times.  Revoking one rule is an element
-DELETE with ``If-Match``; all of it goes through :meth:`Session.read_modify_write`.
+memory, PUT it back with ``If-Match`` (``If-None-Match: *`` when creating), or
+DELETE it with ``If-Match``, and on 412 start over from a fresh GET, a few times;
+all of it goes through :meth:`Session.read_modify_write`.
 The edits are pure (:mod:`relayd.consent.edits`), and so is their display
 (:mod:`relayd.ctl.render`); this module is the network and argparse glue.
 
@@ -33,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from lxml import etree
 
@@ -56,9 +63,11 @@ from relayd.consent.edits import (
     not_routable,
     remove_list,
     remove_members,
+    remove_rules,
     rule_id_for,
 )
 from relayd.consent.lists import Unroutable, URIListError, parse_list_report
+from relayd.consent.permissions import PERMISSION_DOCUMENT
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import (
     CONSENT_RULES_AUID,
@@ -73,6 +82,7 @@ from relayd.ctl.render import (
     lists_table,
     members_table,
     render_json,
+    revoke_line,
     rules_table,
     unroutable_json,
     unroutable_lines,
@@ -84,7 +94,12 @@ from relayd.xcap.client import (
     XCAPClientError,
     XCAPResponse,
     document_path,
-    node_path,
+)
+from relayd.xcap.directory import (
+    DIRECTORY_DOCUMENT,
+    XCAP_DIRECTORY_AUID,
+    DirectoryError,
+    parse_directory,
 )
 from relayd.xcap.errors import XCAPError
 from relayd.xcap.xml import parse_document, serialize_document
@@ -285,26 +300,60 @@ class Session:
 
         return await self.read_modify_write(path, root_tag, "PUT", put)
 
-    async def delete_rules(self, path: str, rule_ids: Callable[[etree._Element], list[str]]) -> int:
-        """Element DELETE of each selected rule, each If-Match the previous ETag."""
+    async def documents(self, auid: str, xui: str) -> list[str]:
+        """Names of ``xui``'s documents of ``auid``, from the OMA xcap-directory
+        (module doc); ``index`` alone when the server serves no directory (404)."""
+        path = document_path(self.client.root, XCAP_DIRECTORY_AUID, xui, DIRECTORY_DOCUMENT)
+        response = await self.call("GET", path)
+        if response.status == 404:
+            return [DEFAULT_DOCUMENT]
+        if response.status != 200:
+            raise XCAPRequestError("GET", path, response)
+        try:
+            folders = parse_directory(response.body)
+        except DirectoryError as e:
+            raise CtlError(f"GET {path}: {e}") from None
+        names = [unquote(urlsplit(e.uri).path.rsplit("/", 1)[-1]) for e in folders.get(auid, [])]
+        return sorted(dict.fromkeys(name for name in names if name))
 
-        async def delete(fetched: Fetched) -> int:
+    async def revoke_rules(
+        self, path: str, select: Callable[[etree._Element], list[str]], *, delete_emptied: bool
+    ) -> tuple[list[str], bool]:
+        """Remove the rules ``select`` picks from one document in one conditional
+        write; ``delete_emptied``: DELETE the document instead when no rule is left.
+        Returns the ids removed and whether the document was deleted; nothing when the
+        document is gone or holds no such rule."""
+
+        async def write(fetched: Fetched) -> tuple[list[str], bool]:
+            root = fetched.root
+            if root is None:
+                return [], False
+            ids = select(root)
+            if not ids:
+                return [], False
+            remove_rules(root, ids)
+            if delete_emptied and not describe_rules(root):
+                await self.conditional("DELETE", path, if_match=fetched.etag)
+                return ids, True
+            await self.conditional(
+                "PUT",
+                path,
+                body=serialize_document(root),
+                content_type=CONSENT_RULES_MIME_TYPE,
+                if_match=fetched.etag,
+            )
+            return ids, False
+
+        return await self.read_modify_write(path, _CP + "ruleset", "PUT", write)
+
+    async def delete_document(self, path: str, *, missing_ok: bool = False) -> int | None:
+        """DELETE the whole consent-rules document If-Match its ETag; how many rules it
+        had (None: there was none, when ``missing_ok``)."""
+
+        async def delete(fetched: Fetched) -> int | None:
             if fetched.root is None:
-                raise CtlError(f"GET {path}: 404 Not Found: no such document")
-            ids = rule_ids(fetched.root)
-            etag = fetched.etag
-            for rule_id in ids:
-                target = node_path(path, f'ruleset/rule[@id="{rule_id}"]')
-                etag = (await self.conditional("DELETE", target, if_match=etag)).etag
-            return len(ids)
-
-        return await self.read_modify_write(path, _CP + "ruleset", "DELETE", delete)
-
-    async def delete_document(self, path: str) -> int:
-        """DELETE the whole consent-rules document If-Match its ETag; how many rules it had."""
-
-        async def delete(fetched: Fetched) -> int:
-            if fetched.root is None:
+                if missing_ok:
+                    return None
                 raise CtlError(f"GET {path}: 404 Not Found: no such document")
             await self.conditional("DELETE", path, if_match=fetched.etag)
             return len(describe_rules(fetched.root))
@@ -331,87 +380,173 @@ def _methods(text: str | None) -> tuple[str, ...]:
     return methods
 
 
-async def run_permissions(session: Session, args: argparse.Namespace, out: TextIO) -> None:
-    action = args.action
+def is_permission_document(name: str) -> bool:
+    """Whether ``name`` is a document minted at a Permission URI (``p-<token>.xml``)."""
+    return PERMISSION_DOCUMENT.match(name) is not None
+
+
+@dataclass
+class DocumentRules:
+    """The rules of one consent-rules document, with the ETag they were read at."""
+
+    name: str
+    etag: str | None
+    rules: list[RuleView]
+
+
+async def read_rules(session: Session, xui: str, names: list[str]) -> list[DocumentRules]:
+    """The rules of each of ``names`` that exists (a document deleted since the
+    listing is left out)."""
+    read: list[DocumentRules] = []
+    for name in names:
+        path = document_path(session.client.root, CONSENT_RULES_AUID, xui, name)
+        fetched = await session.fetch(path, _CP + "ruleset")
+        if fetched.root is not None:
+            read.append(DocumentRules(name, fetched.etag, describe_rules(fetched.root)))
+    return read
+
+
+async def _show_permissions(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    """``list`` and ``show``: the rules of every consent-rules document of the user
+    (module doc), or of ``--document``/DOCUMENT only."""
     root = session.client.root
-    if action in ("list", "show"):
-        xui = await session.xui(getattr(args, "owner", None) or getattr(args, "recipient", None))
-        document = getattr(args, "document", None) or DEFAULT_DOCUMENT
-        path = document_path(root, CONSENT_RULES_AUID, xui, document)
+    xui = await session.xui(getattr(args, "owner", None) or getattr(args, "recipient", None))
+    document = getattr(args, "document", None)
+    if getattr(args, "xml", False):
+        name = document or DEFAULT_DOCUMENT
+        path = document_path(root, CONSENT_RULES_AUID, xui, name)
         fetched = await session.fetch(path, _CP + "ruleset")
         if fetched.root is None:
-            if action == "show":
-                raise CtlError(f"GET {path}: 404 Not Found: no such document")
-            rules: list[RuleView] = []
-        else:
-            rules = describe_rules(fetched.root)
-        if args.json:
-            payload = {
-                "xui": xui,
-                "document": document,
-                "etag": fetched.etag,
-                "rules": [r.as_json() for r in rules],
-            }
-            out.write(render_json(payload))
-        elif getattr(args, "xml", False) and fetched.root is not None:
-            out.write(serialize_document(fetched.root).decode("utf-8") + "\n")
-        elif rules:
-            out.write(rules_table(rules))
-        else:
-            out.write(f"no rules for {xui} ({document})\n")
+            raise CtlError(f"GET {path}: 404 Not Found: no such document")
+        out.write(serialize_document(fetched.root).decode("utf-8") + "\n")
         return
+    names = [document] if document else await session.documents(CONSENT_RULES_AUID, xui)
+    documents = await read_rules(session, xui, names)
+    if document and not documents and args.action == "show":
+        path = document_path(root, CONSENT_RULES_AUID, xui, document)
+        raise CtlError(f"GET {path}: 404 Not Found: no such document")
+    rows = [(d.name, rule) for d in documents for rule in d.rules]
+    if args.json:
+        payload = {
+            "xui": xui,
+            "documents": [
+                {"document": d.name, "etag": d.etag, "rules": len(d.rules)} for d in documents
+            ],
+            "rules": [{**rule.as_json(), "document": name} for name, rule in rows],
+        }
+        out.write(render_json(payload))
+    elif rows:
+        out.write(rules_table(rows))
+    else:
+        where = f" ({document})" if document else ""
+        out.write(f"no rules for {xui}{where}\n")
+
+
+async def _revoke(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    """``revoke``: the matching rules (``--from``/``--list`` or ``--rule``) in whichever
+    of the user's documents hold them, or ``--all`` of them (module doc)."""
+    root = session.client.root
     xui = await session.xui(args.recipient)
-    path = document_path(root, CONSENT_RULES_AUID, xui, args.document or DEFAULT_DOCUMENT)
-    if action == "grant":
-        sender = expand_xui(args.sender, await session.realm())
-        until = _parse_until(args.until) if args.until else None
-        rule = make_rule(
-            args.id or rule_id_for(sender, args.list),
-            sender,
-            args.list,
-            _methods(args.methods),
-            until,
-        )
-
-        def edit(ruleset: etree._Element) -> tuple[bool, RuleView]:
-            replaced = grant_rule(ruleset, rule, sender, args.list)
-            return replaced, describe_rule(rule)
-
-        (replaced, view), written = await session.update(
-            path, _CP + "ruleset", CONSENT_RULES_MIME_TYPE, edit, new_ruleset
-        )
-        etag = written.etag
-        if args.json:
-            out.write(
-                render_json({"xui": xui, "etag": etag, "replaced": replaced, **view.as_json()})
-            )
-        else:
-            verb = "updated" if replaced else "added"
-            out.write(f"{verb} rule {view.id}: {sender} may reach {xui} via {args.list}\n")
-        return
-    # revoke
+    names = [args.document] if args.document else await session.documents(CONSENT_RULES_AUID, xui)
+    changed: list[tuple[str, int, bool]] = []
     if args.all:
-        count = await session.delete_document(path)
+        for name in names:
+            path = document_path(root, CONSENT_RULES_AUID, xui, name)
+            count = await session.delete_document(path, missing_ok=not args.document)
+            if count is not None:
+                changed.append((name, count, True))
+        if not changed:
+            raise CtlError(f"{xui} has no consent-rules document")
     else:
         revoked = expand_xui(args.sender, await session.realm()) if args.sender else None
+        if args.rule and not args.document:
+            # Rule ids are unique within a document only (every grant link writes id
+            # "grant"): an id found in several documents needs --document.
+            held = [
+                d.name
+                for d in await read_rules(session, xui, names)
+                if any(rule.id == args.rule for rule in d.rules)
+            ]
+            if len(held) > 1:
+                raise CtlError(
+                    f"rule {args.rule!r} is in {len(held)} documents of {xui}"
+                    f" ({', '.join(held)}): name one with --document"
+                )
+            names = held
 
         def select(ruleset: etree._Element) -> list[str]:
             if args.rule:
                 ids = [r.get("id", "") for r in ruleset.iterchildren(_CP + "rule")]
-                if args.rule not in ids:
-                    raise CtlError(f"no rule {args.rule!r} in {path}")
-                return [args.rule]
+                return [args.rule] if args.rule in ids else []
             assert revoked is not None
-            found = [r.get("id", "") for r in find_rules(ruleset, revoked, args.list)]
-            if not found:
-                raise CtlError(f"no rule lets {revoked} reach {xui} via {args.list}")
-            return found
+            return [r.get("id", "") for r in find_rules(ruleset, revoked, args.list)]
 
-        count = await session.delete_rules(path, select)
+        for name in names:
+            path = document_path(root, CONSENT_RULES_AUID, xui, name)
+            ids, deleted = await session.revoke_rules(
+                path, select, delete_emptied=is_permission_document(name)
+            )
+            if ids:
+                changed.append((name, len(ids), deleted))
+        if not changed:
+            where = f" in {args.document}" if args.document else ""
+            if args.rule:
+                raise CtlError(f"no rule {args.rule!r} for {xui}{where}")
+            raise CtlError(f"no rule lets {revoked} reach {xui} via {args.list}{where}")
+    count = sum(n for _, n, _ in changed)
     if args.json:
-        out.write(render_json({"xui": xui, "removed_rules": count, "document_deleted": args.all}))
+        out.write(
+            render_json(
+                {
+                    "xui": xui,
+                    "removed_rules": count,
+                    "document_deleted": any(deleted for _, _, deleted in changed),
+                    "documents": [
+                        {"document": name, "removed_rules": n, "deleted": deleted}
+                        for name, n, deleted in changed
+                    ],
+                }
+            )
+        )
     else:
-        out.write(f"revoked {count} rule{'s' if count != 1 else ''} of {xui}\n")
+        out.write(revoke_line(xui, changed))
+
+
+async def run_permissions(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    action = args.action
+    if action in ("list", "show"):
+        await _show_permissions(session, args, out)
+        return
+    if action == "revoke":
+        await _revoke(session, args, out)
+        return
+    xui = await session.xui(args.recipient)
+    path = document_path(
+        session.client.root, CONSENT_RULES_AUID, xui, args.document or DEFAULT_DOCUMENT
+    )
+    sender = expand_xui(args.sender, await session.realm())
+    until = _parse_until(args.until) if args.until else None
+    rule = make_rule(
+        args.id or rule_id_for(sender, args.list),
+        sender,
+        args.list,
+        _methods(args.methods),
+        until,
+    )
+
+    def edit(ruleset: etree._Element) -> tuple[bool, RuleView]:
+        replaced = grant_rule(ruleset, rule, sender, args.list)
+        return replaced, describe_rule(rule)
+
+    (replaced, view), written = await session.update(
+        path, _CP + "ruleset", CONSENT_RULES_MIME_TYPE, edit, new_ruleset
+    )
+    etag = written.etag
+    if args.json:
+        out.write(render_json({"xui": xui, "etag": etag, "replaced": replaced, **view.as_json()}))
+    else:
+        verb = "updated" if replaced else "added"
+        out.write(f"{verb} rule {view.id}: {sender} may reach {xui} via {args.list}\n")
 
 
 def _report_list_write(
@@ -570,12 +705,21 @@ def add_parsers(command: Callable[[str, str, list[Any]], Any], parents: list[Any
     )
     actions = permissions.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser(
-        "list", help="rules of a user's index document (default: yours)", parents=parents
+        "list",
+        help="rules of all of a user's consent-rules documents (default: yours)",
+        parents=parents,
     )
     listing.add_argument("--owner", metavar="XUI", help="whose rules (default: the --user's)")
-    show = actions.add_parser("show", help="rules of one permission document", parents=parents)
+    listing.add_argument(
+        "--document", metavar="NAME", help="only this document (index, p-<token>.xml)"
+    )
+    show = actions.add_parser(
+        "show", help="rules of a recipient's consent-rules documents", parents=parents
+    )
     show.add_argument("recipient", help="recipient XUI, e.g. sip:carol@example.test or carol")
-    show.add_argument("document", nargs="?", help="document name (default: index)")
+    show.add_argument(
+        "document", nargs="?", help="only this document (default: all; with --xml: index)"
+    )
     show.add_argument("--xml", action="store_true", help="print the document itself")
     grant = actions.add_parser(
         "grant", help="let a sender reach the recipient through a list", parents=parents
@@ -591,16 +735,24 @@ def add_parsers(command: Callable[[str, str, list[Any]], Any], parents: list[Any
         "--id", metavar="RULE_ID", help="rule id (default: derived from sender and list)"
     )
     grant.add_argument("--document", metavar="NAME", help="document (default: index)")
-    revoke = actions.add_parser("revoke", help="remove granting rules", parents=parents)
+    revoke = actions.add_parser(
+        "revoke",
+        help="remove rules, from whichever of the recipient's documents hold them",
+        parents=parents,
+    )
     revoke.add_argument("recipient", help="recipient XUI")
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--rule", metavar="ID", help="the rule with this id")
     which.add_argument(
         "--from", dest="sender", metavar="SENDER_URI", help="rules for this sender (with --list)"
     )
-    which.add_argument("--all", action="store_true", help="delete the whole document")
+    which.add_argument(
+        "--all", action="store_true", help="delete the documents (every one, or --document's)"
+    )
     revoke.add_argument("--list", metavar="LIST_URI", help="with --from: the list")
-    revoke.add_argument("--document", metavar="NAME", help="document (default: index)")
+    revoke.add_argument(
+        "--document", metavar="NAME", help="only this document (default: every one)"
+    )
 
     lists = command(
         "lists",

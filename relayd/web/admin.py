@@ -12,6 +12,15 @@ notification.  Each form carries the ETag of the document it was rendered from, 
 form from before someone else's edit is refused as a conflict (RFC 9110 §13.1.1)
 instead of overwriting that edit.
 
+The permissions shown are the rules of every consent-rules document of the user:
+``index``, which the grant form writes, and each ``p-<token>.xml`` a consent request's
+Permission URI holds (written by an XCAP PUT there or a grant or deny link), each rule
+with its document and each revoke form with that document's ETag.  A Permission-URI
+document is named on the page by a short hash of its token and in the forms by an HMAC
+of its name (the page never shows a Permission-URI token); revoking its last rule
+deletes it through the XCAP DELETE path, which settles that consent as withdrawn
+(:func:`relayd.consent.settle.settlement`), as ``relayctl permissions revoke`` does.
+
 Forms carry a CSRF token bound to the digest user and an hour's time bucket (HMAC
 under a per-process secret); GET never changes anything.  Templates are Jinja2 with
 autoescaping on; responses forbid framing and scripts (Content-Security-Policy).
@@ -37,7 +46,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relayd.consent import edits
 from relayd.consent.documents import DocumentRejected
-from relayd.consent.edits import DEFAULT_DOCUMENT, EditError, expand_xui
+from relayd.consent.edits import DEFAULT_DOCUMENT, EditError, RuleView, expand_xui
+from relayd.consent.permissions import bound_consent, permission_token
 from relayd.consent.store import ConsentState, PendingConsent
 from relayd.consent.vocabulary import (
     COMMON_POLICY_NAMESPACE,
@@ -46,6 +56,7 @@ from relayd.consent.vocabulary import (
     RESOURCE_LISTS_NAMESPACE,
 )
 from relayd.logs import logger
+from relayd.tokens import redact
 from relayd.web.templating import environment
 from relayd.xcap.auth import Principal, Unauthorized
 from relayd.xcap.errors import XCAPError
@@ -94,6 +105,17 @@ class _Document:
     selector: DocumentSelector
     root: etree._Element
     etag: str
+
+
+@dataclass(frozen=True)
+class RulesShown:
+    """One consent-rules document as the page shows it: ``label`` for people,
+    ``handle`` for the forms (neither holds a Permission-URI token)."""
+
+    label: str
+    handle: str
+    etag: str
+    rules: list[RuleView]
 
 
 class AdminResource(Resource):
@@ -296,6 +318,11 @@ class AdminResource(Resource):
             status = error[0]
         assert principal.user is not None
         rules = await self._read(xui, CONSENT_RULES_AUID)
+        shown = [self._shown(rules)] + [
+            self._shown(await self._read(xui, CONSENT_RULES_AUID, name))
+            for name in await self._rules_documents(xui)
+            if name != DEFAULT_DOCUMENT
+        ]
         lists = await self._read(xui, RESOURCE_LISTS_AUID)
         pending = await self._pending(principal, xui)
         body = self._templates.get_template("admin.html").render(
@@ -305,7 +332,7 @@ class AdminResource(Resource):
             csrf=self.csrf_token(principal.user),
             notice=notice,
             error=error[1] if error is not None else None,
-            rules=edits.describe_rules(rules.root),
+            documents=[d for d in shown if d.rules],
             rules_etag=rules.etag,
             lists=edits.describe_lists(lists.root),
             lists_etag=lists.etag,
@@ -323,9 +350,37 @@ class AdminResource(Resource):
             await self.xcap.store.list_consents(recipient=recipient, state=ConsentState.PENDING)
         )
 
-    async def _read(self, xui: str, auid: str) -> _Document:
-        selector = DocumentSelector(auid, xui, DEFAULT_DOCUMENT)
-        stored = await self.xcap.store.get_document(auid, xui, DEFAULT_DOCUMENT)
+    def document_handle(self, name: str) -> str:
+        """What a form names a consent-rules document by: ``index`` as it is, a
+        Permission-URI document by an HMAC of its name (module doc)."""
+        if name == DEFAULT_DOCUMENT:
+            return name
+        mac = hmac.new(self._secret, f"document\n{name}".encode(), hashlib.sha256)
+        return "d-" + mac.hexdigest()[:32]
+
+    def _shown(self, document: _Document) -> RulesShown:
+        name = document.selector.document
+        token = permission_token(document.selector.key)
+        label = f"Permission URI {redact(token)}" if token is not None else name
+        rules = edits.describe_rules(document.root)
+        return RulesShown(label, self.document_handle(name), document.etag, rules)
+
+    async def _rules_documents(self, xui: str) -> list[str]:
+        return list(await self.xcap.store.list_documents(CONSENT_RULES_AUID, xui))
+
+    async def _named(self, xui: str, handle: str) -> str:
+        """The consent-rules document a form's ``handle`` names; a conflict when it is
+        gone (deleted since the page was rendered)."""
+        if handle == DEFAULT_DOCUMENT:
+            return handle
+        for name in await self._rules_documents(xui):
+            if hmac.compare_digest(self.document_handle(name), handle):
+                return name
+        raise _Refused(409, CONFLICT_TEXT)
+
+    async def _read(self, xui: str, auid: str, name: str = DEFAULT_DOCUMENT) -> _Document:
+        selector = DocumentSelector(auid, xui, name)
+        stored = await self.xcap.store.get_document(auid, xui, name)
         if stored is None:
             root = edits.new_ruleset() if auid == CONSENT_RULES_AUID else edits.new_resource_lists()
             return _Document(selector, root, "")
@@ -341,10 +396,20 @@ class AdminResource(Resource):
 
     # -- edits -------------------------------------------------------------------------
 
-    async def _edit(self, request: Request, xui: str, auid: str, change: Any) -> str:
+    async def _edit(
+        self,
+        request: Request,
+        xui: str,
+        auid: str,
+        change: Any,
+        name: str = DEFAULT_DOCUMENT,
+    ) -> str:
         """Apply ``change(root) -> notice`` to the document the form was rendered from
-        and store it through the XCAP write path, conditional on the form's ETag."""
-        document = await self._read(xui, auid)
+        and store it through the XCAP write path, conditional on the form's ETag.
+
+        A Permission-URI document is written within its consent's scope, and deleted
+        when no rule is left (module doc)."""
+        document = await self._read(xui, auid, name)
         shown = self._arg(request, "etag") or ""
         if shown != document.etag:
             raise _Refused(409, CONFLICT_TEXT)
@@ -352,16 +417,24 @@ class AdminResource(Resource):
             notice: str = change(document.root)
         except EditError as e:
             raise _Refused(400, str(e)) from None
-        body = serialize_document(document.root)
+        consent = await bound_consent(self.xcap.store, document.selector.key)
+        minted = permission_token(document.selector.key) is not None
+        emptied = minted and not edits.describe_rules(document.root)
         try:
-            await self.xcap.write_document(
-                document.selector,
-                body,
-                if_match=document.etag or None,
-                if_none_match=None if document.etag else "*",
-            )
+            if emptied:
+                await self.xcap.delete_document(
+                    document.selector, if_match=document.etag, consent=consent
+                )
+            else:
+                await self.xcap.write_document(
+                    document.selector,
+                    serialize_document(document.root),
+                    if_match=document.etag or None,
+                    if_none_match=None if document.etag else "*",
+                    consent=consent,
+                )
         except XCAPError as e:
-            if e.status == 412:
+            if e.status in (404, 412):
                 raise _Refused(409, CONFLICT_TEXT) from None
             raise _Refused(e.status, f"The server refused the document: {e}") from None
         except DocumentRejected as e:
@@ -398,13 +471,16 @@ class AdminResource(Resource):
 
     async def _revoke(self, request: Request, xui: str) -> str:
         rule_id = self._required(request, "rule")
+        name = await self._named(xui, self._arg(request, "document") or DEFAULT_DOCUMENT)
+        token = permission_token(DocumentSelector(CONSENT_RULES_AUID, xui, name).key)
+        where = f" of Permission URI {redact(token)}" if token is not None else ""
 
         def revoke(ruleset: etree._Element) -> str:
             if edits.remove_rules(ruleset, [rule_id]):
                 raise EditError(f"no rule {rule_id!r}")
-            return f"revoked rule {rule_id}"
+            return f"revoked rule {rule_id}{where}"
 
-        return await self._edit(request, xui, CONSENT_RULES_AUID, revoke)
+        return await self._edit(request, xui, CONSENT_RULES_AUID, revoke, name)
 
     async def _add_members(self, request: Request, xui: str) -> str:
         realm = self.xcap.authorizer.realm

@@ -78,6 +78,7 @@ from relayd.xcap.auth import (
     XCAPAuthorizer,
     redact_document,
 )
+from relayd.xcap.directory import DIRECTORY_DOCUMENT, XCAP_DIRECTORY_AUID, read_directory
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
     NO_PARENT,
@@ -93,6 +94,7 @@ from relayd.xcap.usages import (
     XCAP_ELEMENT_MIME_TYPE,
     XCAP_NAMESPACE_MIME_TYPE,
     ApplicationUsage,
+    listed_auids,
     xcap_caps_document,
 )
 from relayd.xcap.xml import (
@@ -236,6 +238,7 @@ class XCAPResource(Resource):
         """Per AUID, checks that need more than the document (the SIP side's list
         ownership); each raises DocumentRejected to refuse a write."""
         self._caps = xcap_caps_document(usages)
+        self._listed = listed_auids(usages)
 
     # -- twisted.web boundary --------------------------------------------------------
 
@@ -441,6 +444,11 @@ class XCAPResource(Resource):
             if document.is_global and document.document == "index":
                 return StoredDocument(self._caps, _caps_etag(self._caps))
             return None
+        if document.auid == XCAP_DIRECTORY_AUID:
+            # Generated (relayd.xcap.directory): only users have one, named directory.xml.
+            if document.xui is None or document.document != DIRECTORY_DOCUMENT:
+                return None
+            return await read_directory(self.store, self.root, document.xui, self._listed)
         return await self.store.get_document(
             document.auid, document.xui or GLOBAL_XUI, document.document
         )
@@ -548,7 +556,6 @@ class XCAPResource(Resource):
         consent: PendingConsent | None,
     ) -> Response:
         document = uri.document
-        xui = document.xui or GLOBAL_XUI
         if uri.node is None:
             if_match: ETagCondition = conditions.if_match
             if conditions.if_none_match is not None:
@@ -558,20 +565,7 @@ class XCAPResource(Resource):
                 _check_document_conditions(stored, conditions)
                 if stored is not None:
                     if_match = stored.etag
-            try:
-                deleted = await self.store.delete_document(
-                    document.auid, xui, document.document, if_match=if_match
-                )
-            except PreconditionFailed as e:
-                # RFC 9110 §13.2.1: with nothing to delete the answer is 404, whatever
-                # the preconditions say.
-                if e.current_etag is None:
-                    raise XCAPError(404, None, "no such document") from None
-                raise XCAPError(412, None, "precondition failed") from None
-            if not deleted:
-                raise XCAPError(404, None, "no such document")
-            await self._after_write(consent, None)
-            return Response(200)
+            return await self.delete_document(document, if_match=if_match, consent=consent)
         node = uri.node
 
         def delete_node(root: etree._Element) -> tuple[etree._Element, bool]:
@@ -582,6 +576,32 @@ class XCAPResource(Resource):
             return root, False
 
         return await self._modify(usage, uri, conditions, consent, delete_node, deleting=True)
+
+    async def delete_document(
+        self,
+        document: sel.DocumentSelector,
+        *,
+        if_match: ETagCondition = None,
+        consent: PendingConsent | None = None,
+    ) -> Response:
+        """Delete a whole document the way every XCAP DELETE does: compare-and-set on
+        ``if_match`` (412; 404 when there is nothing to delete, RFC 9110 §13.2.1), then
+        settle a Permission-URI consent as withdrawn.
+
+        Also what the admin pages delete through."""
+        xui = document.xui or GLOBAL_XUI
+        try:
+            deleted = await self.store.delete_document(
+                document.auid, xui, document.document, if_match=if_match
+            )
+        except PreconditionFailed as e:
+            if e.current_etag is None:
+                raise XCAPError(404, None, "no such document") from None
+            raise XCAPError(412, None, "precondition failed") from None
+        if not deleted:
+            raise XCAPError(404, None, "no such document")
+        await self._after_write(consent, None)
+        return Response(200)
 
     # -- shared read-modify-write ----------------------------------------------------
 

@@ -33,6 +33,9 @@ selectors (§5.2), an XML Schema (§5.3) and the constraints the schema cannot e
     (``relayd.consent.lists``); it never makes a document unstorable.
 ``xcap-caps``
     RFC 4825 §12 server capabilities, generated from this registry, read-only.
+``org.openmobilealliance.xcap-directory``
+    OMA XDM's listing of a user's documents (``users/<xui>/directory.xml``), generated
+    from the store, read-only (:mod:`relayd.xcap.directory`).
 
 Schemas live in ``relayd/xcap/schemas`` (see the README there) and are compiled once
 per process, when the XCAP service starts (:func:`load_schemas`): a reinstall that
@@ -62,6 +65,14 @@ from relayd.consent.vocabulary import (
     RESOURCE_LISTS_AUID,
     RESOURCE_LISTS_MIME_TYPE,
     RESOURCE_LISTS_NAMESPACE,
+)
+from relayd.xcap.directory import (
+    ROOT_ELEMENT as XCAP_DIRECTORY_ROOT,
+)
+from relayd.xcap.directory import (
+    XCAP_DIRECTORY_AUID,
+    XCAP_DIRECTORY_MIME_TYPE,
+    XCAP_DIRECTORY_NAMESPACE,
 )
 from relayd.xcap.errors import (
     CONSTRAINT_FAILURE,
@@ -306,9 +317,22 @@ XCAP_CAPS = ApplicationUsage(
     read_only=True,
 )
 
+XCAP_DIRECTORY = ApplicationUsage(
+    auid=XCAP_DIRECTORY_AUID,
+    mime_type=XCAP_DIRECTORY_MIME_TYPE,
+    default_namespace=XCAP_DIRECTORY_NAMESPACE,
+    root_element=XCAP_DIRECTORY_ROOT,
+    read_only=True,
+)
+
 USAGES: Mapping[str, ApplicationUsage] = {
-    usage.auid: usage for usage in (CONSENT_RULES, RESOURCE_LISTS, XCAP_CAPS)
+    usage.auid: usage for usage in (CONSENT_RULES, RESOURCE_LISTS, XCAP_CAPS, XCAP_DIRECTORY)
 }
+
+
+def listed_auids(usages: Mapping[str, ApplicationUsage] = USAGES) -> tuple[str, ...]:
+    """The usages whose documents a user's xcap-directory lists: those users write."""
+    return tuple(sorted(auid for auid, usage in usages.items() if not usage.read_only))
 
 
 def get_usage(auid: str) -> ApplicationUsage:

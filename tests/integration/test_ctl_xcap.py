@@ -22,16 +22,22 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
+from relayd.consent.answer import answer
 from relayd.consent.edits import make_rule, new_ruleset
+from relayd.consent.permissions import permission_document_name
 from relayd.consent.policy import is_permitted
-from relayd.consent.store import IPermissionStore
+from relayd.consent.store import ConsentState, IPermissionStore
 from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE
 from relayd.ctl.xcap import Session
 from relayd.testing import RelayPKI, prepared_relay, relay_config_overrides, relay_service
 from relayd.testing import write_users as write_htdigest
 from relayd.xcap.client import XCAPClient, XCAPResponse
+from relayd.xcap.service import XCAPService
 from relayd.xcap.xml import parse_document, serialize_document
+
+from . import test_consent_flow as flow
+from .test_consent_flow import start  # noqa: F401  (the fixture the grant-link test uses)
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +141,7 @@ async def test_grant_then_revoke_changes_what_the_store_permits(relay: XCAPRelay
     assert rules[0]["validity"][0]["until"] == "2099-01-01T00:00:00Z"
     table = await relay.ctl("permissions", "show", "alice")
     assert table.out.splitlines()[0].split() == [
+        "DOCUMENT",
         "RULE",
         "FROM",
         "LIST",
@@ -144,7 +151,7 @@ async def test_grant_then_revoke_changes_what_the_store_permits(relay: XCAPRelay
     ]
 
     revoke = await relay.ctl("permissions", "revoke", "alice", "--from", BOB, "--list", LIST)
-    assert (revoke.code, revoke.out) == (0, f"revoked 1 rule of {ALICE}\n"), revoke
+    assert (revoke.code, revoke.out) == (0, f"revoked 1 rule of {ALICE}: index (1)\n"), revoke
     assert not permitted(await relay.document("consent-rules"))
     assert "no rules" in (await relay.ctl("permissions", "list")).out
 
@@ -162,6 +169,8 @@ async def test_revoke_by_rule_id_and_all(relay: XCAPRelay) -> None:
     everything = await relay.ctl("permissions", "revoke", "alice", "--all", "--json")
     assert json.loads(everything.out)["document_deleted"] is True
     assert await relay.document("consent-rules") is None
+    nothing = await relay.ctl("permissions", "revoke", "alice", "--all")
+    assert nothing.code == 1 and "no consent-rules document" in nothing.err, nothing
 
 
 @async_test
@@ -332,3 +341,76 @@ async def test_lists_say_what_the_relay_does_not_route(relay: XCAPRelay) -> None
     assert "no list is created that the relay cannot route" in refused.err
     root = await relay.document("resource-lists")
     assert root is not None and len(list(root.iter("{*}list"))) == 3
+
+
+@async_test
+async def test_a_grant_made_by_link_is_listed_and_revoked(
+    start: flow.Start,  # noqa: F811
+    pki: RelayPKI,
+    tmp_path: Path,
+) -> None:
+    """Bob allowed alice by his grant link, which wrote the document at the request's
+    Permission URI, not his index: ``permissions list`` shows it with that document,
+    ``revoke`` takes it back (the document deleted: the consent reads revoked) and
+    alice's next MESSAGE gets 470."""
+    solo = await flow.solo_consent(start)
+    xcap: XCAPService = solo.relay.service.getServiceNamed("xcap")
+    (record,) = await xcap.store.list_consents(recipient=flow.BOB)
+    assert await answer(xcap.store, record, "grant", reactor) is ConsentState.GRANTED
+    assert (await flow.send_message(solo.alice, flow.SOLO)).status == 200
+    await solo.bob.next_request("MESSAGE")
+    granted = permission_document_name(record.permission_token)
+
+    password = tmp_path / "bob.pw"
+    password.write_text(flow.USERS["bob"] + "\n", encoding="utf-8")
+    access = ["--xcap", solo.relay.xcap_root, "--ca", pki.ca_path, "--user", "bob"]
+    access += ["--password-file", str(password)]
+
+    async def ctl(*args: str) -> Run:
+        argv = ["-m", "relayd.ctl.main", *args[:2], *access, *args[2:]]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYCTL_")}
+        env.update({"HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, argv, env=env, path=str(ROOT)
+        ).addTimeout(TIMEOUT_SECONDS, reactor)
+        return Run(out.decode(), err.decode(), code)
+
+    # A rule of his own in index too: both documents are listed, each rule with its own.
+    own = await ctl(
+        "permissions", "grant", flow.BOB, "--from", flow.CAROL, "--list", flow.SOLO, "--id", "grant"
+    )
+    assert own.code == 0, own
+    listed = await ctl("permissions", "list", "--owner", flow.BOB, "--json")
+    assert listed.code == 0, listed
+    rules = json.loads(listed.out)["rules"]
+    assert [(r["document"], r["from"], r["action"]) for r in rules] == [
+        ("index", [flow.CAROL], "grant"),
+        (granted, [flow.ALICE], "grant"),
+    ]
+    table = await ctl("permissions", "list", "--owner", flow.BOB)
+    assert [line.split()[0] for line in table.out.splitlines()] == ["DOCUMENT", "index", granted]
+    only = await ctl("permissions", "show", flow.BOB, granted, "--json")
+    assert [r["document"] for r in json.loads(only.out)["rules"]] == [granted]
+
+    # Both documents have a rule "grant" (every grant link writes that id): by id alone
+    # the revoke is ambiguous and changes nothing.
+    ambiguous = await ctl("permissions", "revoke", flow.BOB, "--rule", "grant")
+    assert ambiguous.code == 1 and f"(index, {granted}): name one with --document" in ambiguous.err
+    assert await xcap.store.get_document("consent-rules", flow.BOB, granted) is not None
+
+    revoke = await ctl("permissions", "revoke", flow.BOB, "--from", flow.ALICE, "--list", flow.SOLO)
+    assert (revoke.code, revoke.err) == (0, ""), revoke
+    assert revoke.out == f"revoked 1 rule of {flow.BOB}: {granted} (1, document deleted)\n"
+    assert await xcap.store.get_document("consent-rules", flow.BOB, granted) is None
+    # alice's watch heard of the grant (and of bob's other change); then of this.
+    states: list[str] = []
+    while "revoked" not in states and len(states) < 5:
+        notify = await solo.alice.next_request("NOTIFY", solo.waiting.call_id)
+        states += [e["state"] for e in flow.status_entries(notify)]
+    assert states[-1] == "revoked" and set(states[:-1]) <= {"granted"}, states
+    assert (await flow.send_message(solo.alice, flow.SOLO)).status == 470
+    # carol's rule in index is untouched; a second revoke finds nothing to take back.
+    left = json.loads((await ctl("permissions", "list", "--owner", flow.BOB, "--json")).out)
+    assert [r["document"] for r in left["rules"]] == ["index"]
+    again = await ctl("permissions", "revoke", flow.BOB, "--from", flow.ALICE, "--list", flow.SOLO)
+    assert again.code == 1 and "no rule lets" in again.err, again

@@ -466,6 +466,49 @@ async def test_permission_uri_grants_without_account(start_xcap: StartXCAP) -> N
 
 
 @async_test
+async def test_xcap_directory_lists_a_users_documents(start_xcap: StartXCAP) -> None:
+    """OMA xcap-directory over TLS: the owner sees ``index`` and the document a grant
+    wrote at a Permission URI, each with its ETag; others are refused, and the
+    Permission-URI capability opens its one document, never the listing."""
+    running = await start_xcap()
+    client = running.client
+    token = secrets.token_urlsafe(16)
+    await running.xcap.store.open_consent(BOB, LIST, ALICE, ["MESSAGE"], token, 0, 4_000_000_000)
+    index = await client.put(running.path(), ruleset(rule("a")))
+    granted = await client.put(
+        running.path(name=permission_document_name(token)), ruleset(rule("bob")), user=None
+    )
+    assert (index.code, granted.code) == (201, 201)
+    directory = running.path(name="directory.xml", auid="org.openmobilealliance.xcap-directory")
+    caps = await client.request("GET", f"{running.root}/xcap-caps/global/index")
+    assert b">org.openmobilealliance.xcap-directory<" in caps.body
+
+    listed = await client.request("GET", directory)
+    assert listed.code == 200, listed
+    assert listed.header("Content-Type") == "application/vnd.oma.xcap-directory+xml"
+    folders = {
+        folder.get("auid", ""): [(e.get("uri"), e.get("etag")) for e in folder]
+        for folder in etree.fromstring(listed.body)
+    }
+    assert folders == {
+        "consent-rules": [
+            (running.path(), index.etag),
+            (running.path(name=permission_document_name(token)), granted.etag),
+        ],
+        "resource-lists": [],
+    }
+    unchanged = await client.request("GET", directory, headers={"If-None-Match": listed.etag or ""})
+    assert unchanged.code == 304
+    assert (await client.request("GET", directory, user="root")).code == 200
+    assert (await client.request("GET", directory, user="bob")).code == 403
+    assert (await client.request("GET", directory, user=None)).code == 401
+    refused = await client.put(
+        directory, b"<x/>", "application/vnd.oma.xcap-directory+xml", user=None
+    )
+    assert (refused.code, refused.header("Allow")) == (405, "GET, HEAD")
+
+
+@async_test
 async def test_plain_http_on_loopback_when_configured(start_xcap: StartXCAP) -> None:
     running = await start_xcap(listen=f"tcp:0:interface={HOST}")
     assert running.xcap.public_url.startswith(f"http://{HOST}:")

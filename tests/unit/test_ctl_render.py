@@ -6,7 +6,8 @@ import json
 
 from twisted.web.http_headers import Headers
 
-from relayd.ctl.render import http_error_line, render_json, render_table
+from relayd.consent.edits import describe_rule, make_rule
+from relayd.ctl.render import http_error_line, render_json, render_table, revoke_line, rules_table
 from relayd.xcap.client import XCAPResponse
 from relayd.xcap.errors import SCHEMA_VALIDATION_ERROR, XCAPError
 
@@ -31,4 +32,27 @@ def test_http_error_line_names_the_condition() -> None:
     )
     assert "wrong user name or password" in http_error_line(
         "GET", "/x", XCAPResponse(401, Headers(), b"")
+    )
+
+
+def test_rules_table_names_the_document_of_each_rule() -> None:
+    view = describe_rule(make_rule("r1", "sip:bob@x.test", "sip:friends@x.test"))
+    lines = rules_table([("index", view), ("p-abc.xml", view)]).splitlines()
+    assert lines[0].split() == ["DOCUMENT", "RULE", "FROM", "LIST", "METHODS", "UNTIL", "ACTION"]
+    assert lines[1].split() == [
+        "index",
+        "r1",
+        "sip:bob@x.test",
+        "sip:friends@x.test",
+        "MESSAGE",
+        "forever",
+        "grant",
+    ]
+    assert lines[2].split()[0] == "p-abc.xml"
+
+
+def test_revoke_line_says_where_rules_went() -> None:
+    assert revoke_line("sip:a@x", [("index", 1, False)]) == "revoked 1 rule of sip:a@x: index (1)\n"
+    assert revoke_line("sip:a@x", [("index", 2, False), ("p-t.xml", 1, True)]) == (
+        "revoked 3 rules of sip:a@x: index (2), p-t.xml (1, document deleted)\n"
     )

@@ -111,15 +111,20 @@ class _Server:
     username = "alice"
     realm = "relay.example.test"
 
-    def __init__(self, conflicts: int, status: int = 200) -> None:
+    def __init__(self, conflicts: int, status: int = 200, get_status: int = 200) -> None:
         self.conflicts = conflicts
         self.status = status
+        self.get_status = get_status
         self.requests: list[tuple[str, str | None]] = []
+        self.paths: list[str] = []
+        self.written: list[bytes] = []
         self.body = serialize_document(ruleset(make_rule("r1", BOB, LIST)))
 
     async def get(self, path: str) -> XCAPResponse:
         self.requests.append(("GET", None))
-        return XCAPResponse(200, Headers({"ETag": [f'"v{len(self.requests)}"']}), self.body)
+        self.paths.append(path)
+        etag = Headers({"ETag": [f'"v{len(self.requests)}"']})
+        return XCAPResponse(self.get_status, etag, self.body)
 
     def _write(self, method: str, if_match: str | None) -> XCAPResponse:
         self.requests.append((method, if_match))
@@ -131,6 +136,7 @@ class _Server:
     async def put(
         self, path: str, body: bytes, content_type: str, **kw: str | None
     ) -> XCAPResponse:
+        self.written.append(body)
         return self._write("PUT", kw.get("if_match"))
 
     async def delete(self, path: str, if_match: str | None = None) -> XCAPResponse:
@@ -176,9 +182,81 @@ def test_deleting_the_document_starts_over_on_412_too() -> None:
 def test_a_change_gives_up_after_a_bounded_number_of_412s() -> None:
     server = _Server(conflicts=100)
     session = Session(cast(XCAPClient, server))
-    with pytest.raises(CtlError, match=f"DELETE {PATH}: gave up after {WRITE_ATTEMPTS} "):
-        _run(session.delete_rules(PATH, lambda root: ["r1"]))
+    with pytest.raises(CtlError, match=f"PUT {PATH}: gave up after {WRITE_ATTEMPTS} "):
+        _run(session.revoke_rules(PATH, lambda root: ["r1"], delete_emptied=False))
     assert [method for method, _ in server.requests].count("GET") == WRITE_ATTEMPTS
+
+
+def test_revoking_a_rule_is_one_conditional_put_of_the_document() -> None:
+    server = _Server(conflicts=1)
+    server.body = serialize_document(
+        ruleset(make_rule("r1", BOB, LIST), make_rule("r2", BOB, LIST))
+    )
+    session = Session(cast(XCAPClient, server))
+    assert _run(session.revoke_rules(PATH, lambda root: ["r1"], delete_emptied=True)) == (
+        ["r1"],
+        False,
+    )
+    assert server.requests == [("GET", None), ("PUT", '"v1"'), ("GET", None), ("PUT", '"v3"')]
+    assert b'id="r1"' not in server.written[-1] and b'id="r2"' in server.written[-1]
+
+
+def test_a_permission_document_left_without_rules_is_deleted() -> None:
+    server = _Server(conflicts=0)
+    session = Session(cast(XCAPClient, server))
+    assert _run(session.revoke_rules(PATH, lambda root: ["r1"], delete_emptied=True)) == (
+        ["r1"],
+        True,
+    )
+    assert server.requests == [("GET", None), ("DELETE", '"v1"')]
+    # index keeps its (empty) ruleset.
+    server = _Server(conflicts=0)
+    session = Session(cast(XCAPClient, server))
+    assert _run(session.revoke_rules(PATH, lambda root: ["r1"], delete_emptied=False)) == (
+        ["r1"],
+        False,
+    )
+    assert [method for method, _ in server.requests] == ["GET", "PUT"]
+
+
+def test_a_document_without_a_matching_rule_is_not_written() -> None:
+    server = _Server(conflicts=0)
+    session = Session(cast(XCAPClient, server))
+    assert _run(session.revoke_rules(PATH, lambda root: [], delete_emptied=True)) == ([], False)
+    assert server.requests == [("GET", None)]
+
+
+DIRECTORY_PATH = (
+    "/xcap-root/org.openmobilealliance.xcap-directory/users/sip:alice@relay.example.test"
+    "/directory.xml"
+)
+
+
+def test_documents_come_from_the_xcap_directory() -> None:
+    server = _Server(conflicts=0)
+    server.body = (
+        b'<xcap-directory xmlns="urn:oma:xml:xdm:xcap-directory">'
+        b'<folder auid="consent-rules">'
+        b'<entry uri="/xcap-root/consent-rules/users/sip:alice@relay.example.test/p-abc.xml"'
+        b' etag="a"/>'
+        b'<entry uri="https://x.test/xcap-root/consent-rules/users/sip:alice@x/index" etag="b"/>'
+        b'</folder><folder auid="resource-lists">'
+        b'<entry uri="/xcap-root/resource-lists/users/sip:alice@x/index" etag="c"/>'
+        b"</folder></xcap-directory>"
+    )
+    session = Session(cast(XCAPClient, server))
+    names = _run(session.documents("consent-rules", "sip:alice@relay.example.test"))
+    assert names == ["index", "p-abc.xml"]
+    assert server.paths == [DIRECTORY_PATH]
+
+
+def test_a_server_without_the_directory_has_index_only() -> None:
+    server = _Server(conflicts=0, get_status=404)
+    session = Session(cast(XCAPClient, server))
+    assert _run(session.documents("consent-rules", "sip:alice@relay.example.test")) == ["index"]
+    server = _Server(conflicts=0, get_status=403)
+    with pytest.raises(XCAPRequestError, match="403"):
+        _run(Session(cast(XCAPClient, server)).documents("consent-rules", "sip:a@x"))
 
 
 def test_any_other_refusal_ends_the_change_at_once() -> None:

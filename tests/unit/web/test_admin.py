@@ -12,18 +12,21 @@ import lxml.html
 import pytest
 from lxml import etree
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
+from relayd.consent.answer import answer
 from relayd.consent.documents import DocumentKey, DocumentRejected
 from relayd.consent.edits import describe_lists, describe_rules
-from relayd.consent.store import MemoryPermissionStore, StoreChange
+from relayd.consent.permissions import permission_document_name
+from relayd.consent.store import ConsentState, MemoryPermissionStore, PendingConsent, StoreChange
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.testing import consent_rule, consent_ruleset
+from relayd.tokens import redact
 from relayd.web.admin import (
     CONFLICT_TEXT,
     CSRF_BUCKET_SECONDS,
@@ -299,6 +302,80 @@ def test_everything_shown_is_escaped_and_tokens_are_not(web: Harness) -> None:
     form = reply.form("grant")
     reply = web.post("grant", {**form, "sender": '"><script>', "list": "x", "etag": "old"})
     assert reply.code == 409 and "<script>" not in reply.text and "&lt;script&gt;" in reply.text
+
+
+def _grant_by_link(web: Harness, sender: str = BOB) -> tuple[PendingConsent, str]:
+    """``sender`` asked alice and she allowed it by her grant link: the rule is in the
+    document at the request's Permission URI."""
+    token = secrets.token_urlsafe(16)
+    record = _result(web.store.open_consent(sender, LIST, ALICE, ["MESSAGE"], token, 0, 2e9))
+    state = _result(ensureDeferred(answer(web.store, record, "grant", web.clock)))
+    assert state is ConsentState.GRANTED
+    return record, permission_document_name(token)
+
+
+def _documents(reply: Reply) -> list[str]:
+    page: Any = lxml.html.fromstring(reply.body)
+    return [td.text_content() for td in _xpath(page, '//table[@id="rules"]//td[@class="document"]')]
+
+
+def test_rules_of_every_document_are_shown_without_tokens(web: Harness) -> None:
+    web.put_rules(ALICE, consent_ruleset(consent_rule("mine", "sip:carol@x.test", LIST)))
+    record, name = _grant_by_link(web)
+    reply = web.page()
+    assert reply.rule_ids() == ["mine", "grant"]
+    assert _documents(reply) == ["index", f"Permission URI {redact(record.permission_token)}"]
+    assert record.permission_token not in reply.text and name not in reply.text
+    forms = [reply.revoke_form(rule) for rule in ("mine", "grant")]
+    assert forms[0]["etag"] == web_etag(web)
+    stored = _result(web.store.get_document("consent-rules", ALICE, name))
+    assert forms[1]["etag"] == stored.etag and forms[1]["document"].startswith("d-")
+
+
+def test_revoking_a_link_grant_deletes_its_document_and_lets_nobody_through(
+    web: Harness,
+) -> None:
+    web.put_rules(ALICE, consent_ruleset(consent_rule("mine", "sip:carol@x.test", LIST)))
+    record, name = _grant_by_link(web)
+    form = web.page().revoke_form("grant")
+    before = len(web.changes)
+    reply = web.post("revoke", {**form, "rule": "grant"})
+    assert reply.code == 303, reply.text
+    page = web.request("GET", reply.header("Location") or "")
+    assert f"revoked rule grant of Permission URI {redact(record.permission_token)}" in page.text
+    assert _result(web.store.get_document("consent-rules", ALICE, name)) is None
+    assert [(c.kind, c.name, c.etag) for c in web.changes[before:]] == [("document", name, None)]
+    # The grant stays on record; with its document gone nothing lets bob through,
+    # which wait-permission reports as revoked.
+    settled = _result(web.store.get_consent(record.id))
+    assert settled.state is ConsentState.GRANTED
+    assert web.rule_ids() == ["mine"] and web.page().rule_ids() == ["mine"]
+
+
+def test_revoking_a_pending_requests_document_refuses_the_request(web: Harness) -> None:
+    token = secrets.token_urlsafe(16)
+    record = _result(web.store.open_consent(BOB, LIST, ALICE, ["MESSAGE"], token, 0, 2e9))
+    name = permission_document_name(token)
+    # A rule about someone else keeps the request open; revoking it withdraws the answer.
+    body = consent_ruleset(consent_rule("other", BOB, LIST, "deny"))
+    _result(web.store.put_document("consent-rules", ALICE, name, body))
+    reply = web.post("revoke", {**web.page().revoke_form("other"), "rule": "other"})
+    assert reply.code == 303, reply.text
+    assert _result(web.store.get_document("consent-rules", ALICE, name)) is None
+    assert _result(web.store.get_consent(record.id)).state is ConsentState.DENIED
+
+
+def test_a_revoke_form_for_a_document_since_gone_or_changed_is_a_conflict(web: Harness) -> None:
+    _, name = _grant_by_link(web)
+    form = web.page().revoke_form("grant")
+    stale = web.post("revoke", {**form, "etag": '"old"', "rule": "grant"})
+    assert stale.code == 409 and CONFLICT_TEXT in stale.text
+    forged = web.post("revoke", {**form, "document": "d-" + "0" * 32, "rule": "grant"})
+    assert forged.code == 409 and CONFLICT_TEXT in forged.text
+    assert web.post("revoke", {**form, "rule": "grant"}).code == 303
+    again = web.post("revoke", {**form, "rule": "grant"})
+    assert again.code == 409 and CONFLICT_TEXT in again.text
+    assert _result(web.store.get_document("consent-rules", ALICE, name)) is None
 
 
 def test_pending_consents_are_the_users_own_or_all_for_admins(web: Harness) -> None:

@@ -356,6 +356,104 @@ def test_xcap_caps_other_document_is_404(xcap: Harness) -> None:
     assert xcap.get(f"{ROOT}/xcap-caps/global/other").code == 404
 
 
+# -- xcap-directory ---------------------------------------------------------------
+
+DIRECTORY = "org.openmobilealliance.xcap-directory"
+DIR_NS = "{urn:oma:xml:xdm:xcap-directory}"
+
+
+def directory_path(xui: str = ALICE) -> str:
+    return f"{ROOT}/{DIRECTORY}/users/{xui}/directory.xml"
+
+
+def folders(reply: Reply) -> dict[str, list[tuple[str, str]]]:
+    assert reply.code == 200, reply
+    root = etree.fromstring(reply.body)
+    assert root.tag == DIR_NS + "xcap-directory"
+    return {
+        folder.get("auid", ""): [(e.get("uri", ""), e.get("etag", "")) for e in folder]
+        for folder in root
+    }
+
+
+def test_directory_lists_every_document_of_the_user_with_its_etag(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    name = permission_document_name(consent.permission_token)
+    index = xcap.put(doc_path(), ruleset(rule("a")))
+    granted = xcap.put(doc_path(name=name), ruleset(rule("bob")), user=None)
+    lists = xcap.put(
+        doc_path(auid="resource-lists"),
+        b'<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists"/>',
+        "application/resource-lists+xml",
+    )
+    xcap.put(doc_path(BOB), ruleset(rule("b")), user="bob")  # someone else's
+    reply = xcap.get(directory_path())
+    assert reply.header("Content-Type") == "application/vnd.oma.xcap-directory+xml"
+    assert folders(reply) == {
+        "consent-rules": [(doc_path(), index.etag), (doc_path(name=name), granted.etag)],
+        "resource-lists": [(doc_path(auid="resource-lists"), lists.etag)],
+    }
+    sizes = [e.get("size") for e in etree.fromstring(reply.body).iter(DIR_NS + "entry")]
+    assert sizes[0] == str(len(ruleset(rule("a"))))
+
+
+def test_directory_of_a_user_without_documents_has_empty_folders(xcap: Harness) -> None:
+    assert folders(xcap.get(directory_path())) == {"consent-rules": [], "resource-lists": []}
+
+
+def test_directory_etag_changes_with_any_document(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    first = xcap.get(directory_path())
+    assert xcap.get(directory_path(), headers={"If-None-Match": first.etag}).code == 304
+    xcap.put(doc_path(), ruleset(rule("b")))
+    second = xcap.get(directory_path(), headers={"If-None-Match": first.etag})
+    assert second.code == 200 and second.etag != first.etag
+    xcap.delete(doc_path())
+    assert folders(xcap.get(directory_path()))["consent-rules"] == []
+
+
+def test_directory_node_selector_picks_one_folder(xcap: Harness) -> None:
+    xcap.put(doc_path(), ruleset(rule("a")))
+    reply = xcap.get(directory_path() + '/~~/xcap-directory/folder[@auid="consent-rules"]')
+    assert reply.code == 200 and reply.header("Content-Type") == EL
+    folder = etree.fromstring(reply.body)
+    assert [e.get("uri") for e in folder] == [doc_path()]
+
+
+def test_directory_is_the_owners_and_the_admins_only(xcap: Harness) -> None:
+    assert xcap.get(directory_path(BOB)).code == 403
+    assert xcap.get(directory_path(BOB), user="root").code == 200
+    assert xcap.get(directory_path("SIP:alice@EXAMPLE.TEST")).code == 200
+    assert xcap.get(directory_path(), user=None).code == 401
+
+
+def test_a_permission_uri_capability_never_lists(xcap: Harness) -> None:
+    consent = xcap.open_consent()
+    name = permission_document_name(consent.permission_token)
+    assert xcap.put(doc_path(name=name), ruleset(rule("bob")), user=None).code == 201
+    assert xcap.get(directory_path(), user=None).code == 401
+    # Not even with the token in the directory's place.
+    assert xcap.get(f"{ROOT}/{DIRECTORY}/users/{ALICE}/{name}", user=None).code == 401
+    assert xcap.get(f"{ROOT}/{DIRECTORY}/users/{ALICE}/{name}").code == 404
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_directory_is_read_only(xcap: Harness, method: str) -> None:
+    reply = xcap.request(method, directory_path(), b"<x/>", user="root")
+    assert reply.code == 405 and reply.header("Allow") == "GET, HEAD"
+
+
+def test_directory_exists_only_as_a_users_directory_xml(xcap: Harness) -> None:
+    assert xcap.get(f"{ROOT}/{DIRECTORY}/users/{ALICE}/index").code == 404
+    assert xcap.get(f"{ROOT}/{DIRECTORY}/global/directory.xml").code == 404
+
+
+def test_xcap_caps_advertises_the_directory(xcap: Harness) -> None:
+    body = xcap.get(f"{ROOT}/xcap-caps/global/index").body
+    assert f">{DIRECTORY}<".encode() in body
+    assert b">urn:oma:xml:xdm:xcap-directory<" in body
+
+
 # -- conditional requests ---------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from relayd.xcap.usages import (
     XCAP_CAPS,
     default_namespace,
     get_usage,
+    listed_auids,
     xcap_caps_document,
 )
 from relayd.xcap.xml import parse_document
@@ -75,8 +76,15 @@ def _reference_fails(placeholder: bytes, attribute: bytes, node: str, reason: st
     assert reason in detail
 
 
-def test_registry_describes_the_three_usages() -> None:
-    assert set(USAGES) == {"consent-rules", "resource-lists", "xcap-caps"}
+def test_registry_describes_the_usages() -> None:
+    assert set(USAGES) == {
+        "consent-rules",
+        "resource-lists",
+        "xcap-caps",
+        "org.openmobilealliance.xcap-directory",
+    }
+    assert USAGES["org.openmobilealliance.xcap-directory"].read_only
+    assert listed_auids() == ("consent-rules", "resource-lists")
     assert CONSENT_RULES.mime_type == "application/auth-policy+xml"
     assert RESOURCE_LISTS.mime_type == "application/resource-lists+xml"
     assert XCAP_CAPS.read_only and not CONSENT_RULES.read_only
@@ -205,6 +213,7 @@ def test_xcap_caps_document() -> None:
     assert root.tag == ns + "xcap-caps"
     assert [a.text for a in root.iter(ns + "auid")] == [
         "consent-rules",
+        "org.openmobilealliance.xcap-directory",
         "resource-lists",
         "xcap-caps",
     ]
