@@ -93,6 +93,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX requests_by_key ON requests (key, at)",
         "CREATE INDEX requests_by_time ON requests (at)",
     ),
+    # 4: where each registration came from (relayd.sip.registrar).
+    ("ALTER TABLE bindings ADD COLUMN source TEXT NOT NULL DEFAULT ''",),
 )
 """Step *n* (from 1) turns schema version *n - 1* into *n*; steps are only ever appended.
 Sorted keys are ``COLLATE "C"``: names and ids sort by code point, as in the other backends."""

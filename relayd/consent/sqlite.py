@@ -33,9 +33,10 @@ from relayd.logs import logger
 
 _log = logger()
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """1: documents and consents; 2: registrations (``bindings``); 3: rate counts (``requests``);
-4: every process's committed changes, for the others (``changes``, [relay] workers)."""
+4: every process's committed changes, for the others (``changes``, [relay] workers);
+5: where each registration came from (``bindings.source``)."""
 
 KEPT_CHANGES = 10_000
 """Rows the ``changes`` table keeps: far more than the workers read between two polls."""
@@ -85,6 +86,7 @@ _SCHEMA = (
         call_id TEXT NOT NULL,
         cseq INTEGER NOT NULL,
         q REAL NOT NULL,
+        source TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (aor, uri)
     )""",
     "CREATE INDEX IF NOT EXISTS bindings_expiry ON bindings (expires)",
@@ -124,6 +126,9 @@ def _open_connection(connection: sqlite3.Connection) -> int:
     try:
         for statement in _SCHEMA:
             connection.execute(statement)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(bindings)")}
+        if "source" not in columns:  # version 5, on a file made before it
+            connection.execute("ALTER TABLE bindings ADD COLUMN source TEXT NOT NULL DEFAULT ''")
         row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
         version = row[0] if row else None
         if version is None:

@@ -182,16 +182,17 @@ class SQLRows:
             self._execute("DELETE FROM bindings WHERE aor = %s AND uri = %s", (aor, uri))
         for b in bindings:
             self._execute(
-                "INSERT INTO bindings (aor, uri, contact, expires, call_id, cseq, q)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (aor, uri) DO UPDATE"
+                "INSERT INTO bindings (aor, uri, contact, expires, call_id, cseq, q, source)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (aor, uri) DO UPDATE"
                 " SET contact = excluded.contact, expires = excluded.expires,"
-                " call_id = excluded.call_id, cseq = excluded.cseq, q = excluded.q",
-                (aor, b.uri, b.contact, b.expires, b.call_id, b.cseq, b.q),
+                " call_id = excluded.call_id, cseq = excluded.cseq, q = excluded.q,"
+                " source = excluded.source",
+                (aor, b.uri, b.contact, b.expires, b.call_id, b.cseq, b.q, b.source),
             )
 
     def live_bindings(self, now: float, limit: int) -> list[StoredBinding]:
         self._execute(
-            "SELECT aor, uri, contact, expires, call_id, cseq, q FROM bindings"
+            "SELECT aor, uri, contact, expires, call_id, cseq, q, source FROM bindings"
             " WHERE expires > %s ORDER BY aor, uri LIMIT %s",
             (now, limit),
         )

@@ -88,7 +88,10 @@ class StoredBinding:
     """One contact registered for ``aor`` (RFC 3261 §10.3), keyed by its URI.
 
     ``contact`` is the Contact value without ``expires``; ``expires`` is POSIX seconds
-    from the registrar's clock, which the store never reads itself.
+    from the registrar's clock, which the store never reads itself. ``source`` is where
+    the REGISTER came from (``UDP 192.0.2.1 5060``): a contact at another address is
+    reached there instead (:mod:`relayd.sip.registrar`); empty for bindings stored
+    before it was kept.
     """
 
     aor: str
@@ -98,6 +101,7 @@ class StoredBinding:
     call_id: str
     cseq: int
     q: float = 1.0
+    source: str = ""
 
 
 class StoredDocument(NamedTuple):

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, unstamped_via
-from relayd.sip.registrar import Registrar
+from relayd.sip.registrar import Registrar, Unreachable, registered_route
 from relayd.sip.resolve import ResolveError, SIPResolver, Target
 from relayd.sip.transaction import (
     LocalResponse,
@@ -170,14 +170,16 @@ class Proxy:
             return self.registrar is not None and self.registrar.is_online(uri.aor)
         return True
 
-    def _contact_uris(self, member: str) -> list[SIPURI] | None:
+    def _contact_uris(self, member: str) -> list[tuple[SIPURI, str]] | None:
+        """Each URI to try for ``member``, with where it was registered from (empty for
+        a member elsewhere, which is the URI itself)."""
         uri = self._member_uri(member)
         if uri is None:
             return None
         if self.is_local(uri):
             contacts = self.registrar.contacts(uri.aor) if self.registrar is not None else []
-            return [binding.uri for binding in contacts]
-        return [uri]
+            return [(binding.uri, binding.source) for binding in contacts]
+        return [(uri, "")]
 
     def _flow(self, member: str, contact: SIPURI) -> Branch | None:
         """The branch over the connection ``contact`` was registered on, while it is
@@ -196,12 +198,19 @@ class Proxy:
         self.log.warn("cannot resolve {uri}: {reason}", uri=uri.aor, reason=str(error))
         return Branch(member, uri, None)
 
-    def _known_branch(self, member: str, uri: SIPURI) -> Branch | None:
+    def _known_branch(self, member: str, uri: SIPURI, source: str = "") -> Branch | None:
         """The branch to ``uri`` when no DNS lookup is needed: over its registered flow,
-        to its numeric host, or failed; ``None`` when a lookup is."""
+        back where it registered from when it names another host
+        (:func:`relayd.sip.registrar.registered_route`), to its numeric host, or failed;
+        ``None`` when a lookup is."""
         flow = self._flow(member, uri)
         if flow is not None:
             return flow
+        route = registered_route(uri, source)
+        if isinstance(route, Unreachable):
+            return Branch(member, uri, None)
+        if route is not None:
+            return Branch(member, uri, route)
         try:
             targets = self.resolver.resolve_now(uri)
         except ResolveError as e:
@@ -214,8 +223,8 @@ class Proxy:
         if uris is None:
             return [Branch(member, SIPURI("sip", "invalid"), None)]
         out: list[Branch] = []
-        for each in uris:
-            branch = self._known_branch(member, each)
+        for each, source in uris:
+            branch = self._known_branch(member, each, source)
             if branch is None:
                 return None
             out.append(branch)
@@ -227,8 +236,8 @@ class Proxy:
         if known is not None:
             return known
         out: list[Branch] = []
-        for each in self._contact_uris(member) or []:
-            branch = self._known_branch(member, each)
+        for each, source in self._contact_uris(member) or []:
+            branch = self._known_branch(member, each, source)
             if branch is None:
                 try:
                     branch = self._branch(member, each, await self.resolver.resolve(each))

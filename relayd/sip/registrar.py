@@ -9,12 +9,20 @@ unexpired bindings (:meth:`Registrar.load`), so members stay reachable without
 re-registering. Expiry is driven by the injected clock with one timer per AOR, set for
 its earliest binding; an expired binding is never used, before or after a restart.
 
+A binding is a translation (RFC 5360: the relay sends the AOR's requests to the
+contact), so it never reaches past the address that registered it: a contact whose host
+is not the IP address the REGISTER came from is reached at that address instead (UDP,
+where a UA behind a NAT is reached too) or over its registering connection (TCP, TLS),
+and not at all once that connection is gone (:func:`registered_route`). A user can
+therefore not point the relay, or a list's traffic, at a third party's host.
+
 Not implemented: Path (RFC 3327), GRUU (RFC 5627), outbound flows (RFC 5626) and
 third-party registration (a user registers only their own AOR, else 403).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,12 +33,58 @@ from relayd.consent.store import IPermissionStore, StoreChange, StoredBinding, S
 from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
+from relayd.sip.resolve import Target
 from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
 
-__all__ = ["Binding", "PresenceListener", "Registrar", "RegistrarLimits"]
+__all__ = [
+    "Binding",
+    "PresenceListener",
+    "Registrar",
+    "RegistrarLimits",
+    "Unreachable",
+    "registered_route",
+    "source_of",
+]
 
 PresenceListener = Callable[[str, bool], object]
 """``listener(aor, online)``: called when an AOR gains its first or loses its last binding."""
+
+
+def source_of(peer: object) -> str:
+    """``"UDP 192.0.2.1 5060"``: the transport, address and port a REGISTER came from,
+    as a binding keeps it; empty when unknown (a request not from the network)."""
+    transport, host, port = (getattr(peer, name, None) for name in ("transport", "host", "port"))
+    if isinstance(transport, str) and isinstance(host, str) and isinstance(port, int):
+        return f"{transport} {host} {port}"
+    return ""
+
+
+class Unreachable:
+    """:func:`registered_route`'s answer for a binding that may not be reached at all."""
+
+
+UNREACHABLE = Unreachable()
+
+
+def registered_route(contact: SIPURI, source: str) -> Target | Unreachable | None:
+    """Where a binding is reached, when not at its contact: ``None`` when the contact's
+    host is the address its REGISTER came from (or the source is unknown: bindings
+    stored before it was kept), so the contact is used as it is; the REGISTER's own UDP
+    address when the contact names another host (a NAT's private address, a name, or
+    somebody else's host); :data:`UNREACHABLE` for a stream source, whose connection
+    (the only path back, RFC 5626 §5.3) is gone when this is asked."""
+    transport, _, rest = source.partition(" ")
+    host, _, port_text = rest.partition(" ")
+    if not host or not port_text.isdigit():
+        return None
+    try:
+        if ipaddress.ip_address(contact.host.strip("[]")) == ipaddress.ip_address(host):
+            return None
+    except ValueError:
+        pass  # a name in the contact: not the address that registered it
+    if transport == "UDP":
+        return Target("UDP", host, int(port_text))
+    return UNREACHABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +115,8 @@ class Binding:
     call_id: str
     cseq: int
     q: float = 1.0
+    source: str = ""
+    """Where its REGISTER came from (:func:`source_of`); see :func:`registered_route`."""
 
     @property
     def uri(self) -> SIPURI:
@@ -76,12 +132,21 @@ class Binding:
 
     def stored(self, aor: str) -> StoredBinding:
         return StoredBinding(
-            aor, self.key, self.contact.format(), self.expires_at, self.call_id, self.cseq, self.q
+            aor,
+            self.key,
+            self.contact.format(),
+            self.expires_at,
+            self.call_id,
+            self.cseq,
+            self.q,
+            self.source,
         )
 
     @classmethod
     def from_stored(cls, row: StoredBinding) -> Binding:
-        return cls(NameAddr.parse(row.contact), row.expires, row.call_id, row.cseq, row.q)
+        return cls(
+            NameAddr.parse(row.contact), row.expires, row.call_id, row.cseq, row.q, row.source
+        )
 
 
 @dataclass(slots=True)
@@ -284,7 +349,7 @@ class Registrar:
         if not contacts:
             return self._ok(request, aor, now), aor, None
         updates = self._updates(contacts, expires_header)
-        new = self._apply(aor, updates, call_id, cseq, now)
+        new = self._apply(aor, updates, call_id, cseq, now, source_of(peer))
         self._replace(aor, new)
         return self._ok(request, aor, now), aor, old
 
@@ -331,7 +396,13 @@ class Registrar:
                 raise SIPStatus(500, "Out Of Order CSeq", headers=[("Retry-After", "1")])
 
     def _apply(
-        self, aor: str, updates: list[_Update], call_id: str, cseq: int, now: float
+        self,
+        aor: str,
+        updates: list[_Update],
+        call_id: str,
+        cseq: int,
+        now: float,
+        source: str = "",
     ) -> list[Binding]:
         current = [b for b in self._bindings.get(aor, []) if b.expires_at > now]
         result = list(current)
@@ -342,7 +413,8 @@ class Registrar:
                 result.remove(existing)
             if update.expires > 0:
                 expires_at = now + update.expires
-                result.append(Binding(update.contact, expires_at, call_id, cseq, update.q))
+                binding = Binding(update.contact, expires_at, call_id, cseq, update.q, source)
+                result.append(binding)
         if len(result) > self.limits.max_contacts_per_aor:
             raise SIPStatus(403, "Too Many Contacts")
         growth = len(result) - len(self._bindings.get(aor, []))

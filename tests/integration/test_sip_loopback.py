@@ -289,8 +289,10 @@ async def test_register_then_unregister_with_expires_zero(server: Server) -> Non
         await port.stopListening()
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def _free_port(transport: str) -> int:
+    """A port free for SIPp's own socket of that transport (u1: UDP, t1: TCP)."""
+    kind = socket.SOCK_DGRAM if transport == "u1" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
@@ -308,7 +310,7 @@ async def test_sipp_register_and_options(server: Server, transport: str, tmp_pat
         "-sf", str(SIPP_SCENARIO),
         "-t", transport,
         "-i", "127.0.0.1",
-        "-p", str(_free_udp_port()),
+        "-p", str(_free_port(transport)),
         "-s", "alice", "-au", "alice", "-ap", PASSWORDS["alice"],
         "-m", "1",
         "-timeout", "15s", "-timeout_error",

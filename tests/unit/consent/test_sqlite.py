@@ -287,3 +287,34 @@ async def test_sqlite_without_node_records_no_changes(tmp_path: Path) -> None:
         assert connection.execute("SELECT count(*) FROM changes").fetchone() == (0,)
     finally:
         connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_version_4_file_gains_where_registrations_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLitePermissionStore(str(path), reactor)
+    await store.close()
+    connection = sqlite3.connect(path)
+    connection.execute("DROP TABLE bindings")  # as version 4 made it: no source column
+    connection.execute(
+        "CREATE TABLE bindings (aor TEXT NOT NULL, uri TEXT NOT NULL, contact TEXT NOT NULL,"
+        " expires REAL NOT NULL, call_id TEXT NOT NULL, cseq INTEGER NOT NULL, q REAL NOT NULL,"
+        " PRIMARY KEY (aor, uri))"
+    )
+    connection.execute(
+        "INSERT INTO bindings VALUES (?, 'sip:bob@old', '<sip:bob@old>', 900.0, 'c', 1, 1.0)",
+        (BOB,),
+    )
+    connection.execute("UPDATE schema_version SET version = 4")
+    connection.commit()
+    connection.close()
+    reopened = SQLitePermissionStore(str(path), reactor)
+    try:
+        new = StoredBinding(BOB, "sip:bob@new", "<sip:bob@new>", 900.0, "d", 1, 1.0, "UDP h 5")
+        await reopened.save_bindings(BOB, [new], [])
+        assert [(b.uri, b.source) for b in await reopened.list_bindings(0.0, 10)] == [
+            ("sip:bob@new", "UDP h 5"),
+            ("sip:bob@old", ""),
+        ]
+    finally:
+        await reopened.close()

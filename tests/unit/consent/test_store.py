@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
@@ -342,6 +343,14 @@ async def test_bindings_are_keyed_by_aor_and_contact(store: IPermissionStore) ->
         StoredBinding("sip:carol@example.test", "sip:c@h", "<sip:c@h>", 300.0, "call-1", 1, 0.5),
     ]
     assert await store.list_bindings(100.0, 1) == [refreshed]
+
+
+@async_test
+async def test_a_binding_keeps_where_it_was_registered_from(store: IPermissionStore) -> None:
+    binding = StoredBinding(BOB, "sip:bob@10.0.0.5", "<sip:bob@10.0.0.5>", 300.0, "c", 1)
+    sourced = replace(binding, source="UDP 192.0.2.7 40000")
+    await store.save_bindings(BOB, [sourced], [])
+    assert await store.list_bindings(0.0, 10) == [sourced]
 
 
 @async_test

@@ -146,6 +146,37 @@ def test_a_permitted_message_reaches_the_member_with_the_asserted_identity(relay
     assert "P-Preferred-Identity" not in copy.headers
 
 
+def test_a_contact_at_another_host_is_reached_only_where_it_registered_from(
+    relay: Relay,
+) -> None:
+    """RFC 5360: a binding is a translation. bob binds a second contact naming a host
+    that is not his (a victim's, or his NAT's private side): the list's MESSAGE goes
+    back to the address his REGISTER came from for both bindings, never to that host."""
+    relay.send_authenticated(
+        "REGISTER",
+        f"sip:{HOST}",
+        "bob",
+        BOB_PORT,
+        contact="<sip:bob@192.0.2.99:5060>",
+        to=f"<{BOB}>",
+    )
+    relay.calls += 1
+    first = relay.request("MESSAGE", LIST, "alice", SENDER_PORT)
+    relay.protocol.datagramReceived(first.to_bytes(), (HOST, SENDER_PORT))
+    (challenge,) = [parse_datagram(data) for data, _ in relay.wire.take()]
+    assert isinstance(challenge, SIPResponse) and challenge.status == 407
+    answer = sip_credentials(
+        challenge, method="MESSAGE", uri=LIST, username="alice", password=PASSWORDS["alice"]
+    )
+    again = relay.request("MESSAGE", LIST, "alice", SENDER_PORT, authorization=answer, cseq=2)
+    relay.protocol.datagramReceived(again.to_bytes(), (HOST, SENDER_PORT))
+    sent = relay.wire.take()
+    copies = [(addr, parse_datagram(data)) for data, addr in sent]
+    relayed = [(addr, m) for addr, m in copies if isinstance(m, SIPRequest)]
+    assert [addr for addr, _ in relayed] == [(HOST, BOB_PORT), (HOST, BOB_PORT)], copies
+    assert sorted(m.uri.host for _, m in relayed) == ["127.0.0.1", "192.0.2.99"]
+
+
 def test_the_senders_display_name_is_not_relayed(relay: Relay) -> None:
     out = relay.send_authenticated(
         "MESSAGE", LIST, "alice", SENDER_PORT, from_display='"bob@127.0.0.1 (Bob Admin)"'

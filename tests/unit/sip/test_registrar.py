@@ -18,7 +18,14 @@ from relayd.consent.store import MemoryPermissionStore, StoredBinding, StoreUnav
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus
-from relayd.sip.registrar import Registrar, RegistrarLimits
+from relayd.sip.registrar import (
+    UNREACHABLE,
+    Registrar,
+    RegistrarLimits,
+    Unreachable,
+    registered_route,
+)
+from relayd.sip.resolve import Target
 from relayd.sip.uri import SIPURI, NameAddr
 from relayd.testing import captured_log
 
@@ -370,3 +377,25 @@ async def test_a_contact_registered_at_one_node_is_reached_from_another(
         b.stop()
         for store in stores:
             await store.close()
+
+
+@pytest.mark.parametrize(
+    ("contact", "source", "expected"),
+    [
+        # The contact is where it registered from (any port): the contact as it is.
+        ("sip:bob@192.0.2.1:5070", "UDP 192.0.2.1 40000", None),
+        ("sip:bob@[2001:db8::1]:5070", "TCP 2001:db8:0::1 40000", None),
+        # Stored before the source was kept: the contact as it is.
+        ("sip:bob@198.51.100.9", "", None),
+        # Another host (a NAT's private address, a name, someone else's host): back to
+        # the address that registered it over UDP...
+        ("sip:bob@10.0.0.5:5060", "UDP 192.0.2.1 40000", Target("UDP", "192.0.2.1", 40000)),
+        ("sip:bob@victim.example", "UDP 192.0.2.1 40000", Target("UDP", "192.0.2.1", 40000)),
+        # ...and not at all over a stream whose connection is gone.
+        ("sip:bob@198.51.100.9;transport=tcp", "TLS 192.0.2.1 40000", UNREACHABLE),
+    ],
+)
+def test_a_binding_reaches_no_further_than_where_it_was_registered_from(
+    contact: str, source: str, expected: Target | Unreachable | None
+) -> None:
+    assert registered_route(SIPURI.parse(contact), source) == expected
