@@ -37,7 +37,7 @@ from relayd.net.tls import private_key_pem, subject_alt_names
 from relayd.service import build_service
 from relayd.sip.message import Headers, SIPRequest, SIPResponse
 from relayd.sip.transaction import new_branch
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 
 @dataclass(frozen=True)

@@ -2,5 +2,5 @@
 
 The rules, the permission store and the vocabulary both the SIP relay and the XCAP
 server speak. Both import this package; it imports neither of them, and reads the SIP
-URIs lists and rules are made of with the URI codec alone (``sip/uri.py``).
+URIs lists and rules are made of with the URI codec alone (``sipuri.py``).
 """

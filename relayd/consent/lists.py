@@ -47,7 +47,7 @@ from relayd.consent.vocabulary import (
     RESOURCE_LISTS_NAMESPACE,
 )
 from relayd.logs import logger
-from relayd.sip.uri import SIPURI, SIPURIError
+from relayd.sipuri import SIPURI, SIPURIError
 
 __all__ = [
     "ListDirectory",

@@ -56,7 +56,7 @@ from relayd.consent.vocabulary import (
     CONSENT_FORMAT_NAMESPACE,
     CONSENT_POLICY_NAMESPACE,
 )
-from relayd.sip.uri import SIPURI, SIPURIError
+from relayd.sipuri import SIPURI, SIPURIError
 
 _CP = f"{{{COMMON_POLICY_NAMESPACE}}}"
 _CR = f"{{{CONSENT_POLICY_NAMESPACE}}}"

@@ -30,7 +30,7 @@ from relayd.ctl.sipua import CallRefused, Dialog, SIPUserAgent, missing_members
 from relayd.msrp.client import MessageSink, MSRPClientError
 from relayd.msrp.message import ByteRange, MSRPRequest
 from relayd.sip.message import SIPRequest, SIPResponse
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError
 
 MAX_LINE_BYTES = 65536
 """A chat line longer than this is shown shortened (the rest is not kept)."""

@@ -23,7 +23,7 @@ from relayd.ctl.render import render_json
 from relayd.ctl.settings import CtlError
 from relayd.ctl.sipua import SIPUserAgent
 from relayd.sip.message import SIPResponse, new_tag, split_header_values
-from relayd.sip.uri import NameAddr, SIPURIError
+from relayd.sipuri import NameAddr, SIPURIError
 
 MAX_STATUS_BODY = 65536
 """Largest NOTIFY body read: one wait-permission document holds one consent."""

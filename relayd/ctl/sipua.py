@@ -34,7 +34,7 @@ from relayd.sip.message import (
 )
 from relayd.sip.parser import SIPParseError, parse_datagram
 from relayd.sip.transaction import SIPTimers, new_branch
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, format_host
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError, format_host
 
 DEFAULT_PORT = 5060
 TIMERS = SIPTimers()

@@ -19,7 +19,7 @@ from relayd.digest import (
 )
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPStatus
-from relayd.sip.uri import SIPURI, SIPURIError
+from relayd.sipuri import SIPURI, SIPURIError
 
 __all__ = ["SIPAuthenticator", "SIPIdentity"]
 

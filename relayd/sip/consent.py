@@ -29,7 +29,7 @@ from relayd.bounded import remember
 from relayd.consent.lists import build_uri_list
 from relayd.consent.vocabulary import RESOURCE_LISTS_MIME_TYPE
 from relayd.sip.message import SIPRequest, SIPResponse, make_response
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, split_outside_quotes
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError, split_outside_quotes
 
 __all__ = [
     "ConsentURIs",

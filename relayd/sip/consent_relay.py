@@ -130,8 +130,8 @@ from relayd.sip.transaction import (
     new_branch,
 )
 from relayd.sip.uas import Handler, LoopDetector, UASCore, check_max_forwards
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
 from relayd.sip.urilist import RecipientList, TooManyEntries, parse_recipient_list
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError
 from relayd.tokens import redact
 
 __all__ = ["ConsentRelay"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError
 
 __all__ = ["DialogTargets"]
 

@@ -56,7 +56,7 @@ from relayd.sip.message import (
     unstamped_via,
 )
 from relayd.sip.transaction import new_branch
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, parse_params
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError, parse_params
 
 __all__ = [
     "ConsentStatusEntry",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Self, overload
 
 from relayd.bounded import parse_once, remember
-from relayd.sip.uri import (
+from relayd.sipuri import (
     SIPURI,
     Params,
     SIPURIError,

@@ -29,7 +29,7 @@ from relayd.sip.message import (
     Via,
     header_key,
 )
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, UnsupportedURIScheme
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError, UnsupportedURIScheme
 
 __all__ = [
     "DEFAULT_LIMITS",

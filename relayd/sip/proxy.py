@@ -44,7 +44,7 @@ from relayd.sip.transaction import (
     new_branch,
 )
 from relayd.sip.uas import LoopDetector
-from relayd.sip.uri import SIPURI, SIPURIError
+from relayd.sipuri import SIPURI, SIPURIError
 
 __all__ = [
     "Branch",

@@ -34,7 +34,7 @@ from relayd.logs import logger
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import SIPRequest, SIPResponse, SIPStatus, make_response
 from relayd.sip.resolve import Target
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError
 
 __all__ = [
     "Binding",

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred
 from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.net.srv import SRVRecord, lookup_srv, order_srv
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 __all__ = [
     "DEFAULT_PORTS",

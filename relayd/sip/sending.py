@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from relayd.sip.message import SIPRequest, SIPResponse
 from relayd.sip.resolve import Target
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 __all__ = ["IRequestSender"]
 

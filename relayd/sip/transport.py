@@ -66,7 +66,7 @@ from relayd.sip.parser import (
 )
 from relayd.sip.resolve import DEFAULT_PORTS, Target
 from relayd.sip.transaction import TransactionLayer, TransportError, local_response
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError
 
 __all__ = [
     "UDP_MAX_DATAGRAM_BYTES",

@@ -53,7 +53,7 @@ from relayd.sip.message import (
 )
 from relayd.sip.parser import StreamFramer, parse_datagram
 from relayd.sip.stack import SIPService
-from relayd.sip.uri import NameAddr
+from relayd.sipuri import NameAddr
 from relayd.testing import (
     RelayPKI,
     consent_rule,

@@ -19,7 +19,7 @@ from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response, new_tag
 from relayd.sip.parser import parse_datagram
 from relayd.sip.transaction import new_branch
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 from relayd.testing import consent_rule, consent_ruleset, sip_credentials
 
 from .test_consent_flow import HOST, TIMEOUT, USERS, Start, start  # noqa: F401 - the fixture

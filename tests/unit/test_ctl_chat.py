@@ -15,7 +15,7 @@ from relayd.ctl.sipua import CallRefused
 from relayd.msrp.message import ByteRange, Headers, MSRPRequest
 from relayd.sip.message import Headers as SIPHeaders
 from relayd.sip.message import SIPRequest
-from relayd.sip.uri import SIPURI, NameAddr
+from relayd.sipuri import SIPURI, NameAddr
 
 
 @pytest.mark.parametrize(

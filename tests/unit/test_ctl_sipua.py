@@ -26,7 +26,7 @@ from relayd.ctl.sipua import (
 from relayd.digest import format_challenge, parse_credentials
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sip.parser import parse_datagram
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 RELAY = ("127.0.0.1", 5060)
 _T = TypeVar("_T")

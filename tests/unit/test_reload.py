@@ -25,7 +25,7 @@ from relayd.net.tlsio import StdlibTLSServerFactory
 from relayd.reload import Reloader
 from relayd.service import RelayService
 from relayd.sip.stack import SIPService
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 from relayd.testing import (
     captured_log,
     make_pki,

@@ -21,7 +21,7 @@ from relayd.consent.lists import (
 from relayd.consent.store import MemoryPermissionStore
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 from relayd.testing import fired
 
 

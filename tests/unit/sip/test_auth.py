@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from relayd.digest import DigestAuthenticator, answer_challenge, ha1, parse_challenge
 from relayd.sip.auth import SIPAuthenticator
 from relayd.sip.message import Headers, SIPRequest, SIPStatus
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 REALM = "example.com"
 PASSWORDS = {"alice": "wonderland"}

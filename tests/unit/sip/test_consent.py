@@ -13,7 +13,7 @@ from relayd.sip.consent import (
     parse_trigger_consent,
 )
 from relayd.sip.message import Headers, SIPRequest
-from relayd.sip.uri import SIPURI, NameAddr
+from relayd.sipuri import SIPURI, NameAddr
 
 LIST = "sip:friends@relay.test"
 

@@ -19,7 +19,7 @@ from relayd.sip.consent_relay import carried_headers
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sip.parser import parse_datagram
 from relayd.sip.transaction import cancel_for, new_branch
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 from relayd.testing import (
     consent_ruleset,
     grant_document,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from relayd.sip.dialogs import DialogTargets
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 CALLER = "<sip:alice@192.0.2.1:5070>"
 ALICE, BOB, CAROL = (

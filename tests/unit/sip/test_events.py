@@ -12,7 +12,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from relayd.consent.store import StoreUnavailable
 from relayd.sip.events import Grant, SubscriptionLimits, SubscriptionManager
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, SIPStatus, make_response
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 
 class Package:

@@ -23,7 +23,7 @@ from relayd.sip.message import (
     stateless_tag,
     tag_of,
 )
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 
 def _request(**extra: str) -> SIPRequest:

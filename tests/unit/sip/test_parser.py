@@ -16,7 +16,7 @@ from relayd.sip.parser import (
     is_keepalive,
     parse_datagram,
 )
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 
 def _msg(text: str) -> bytes:
@@ -811,7 +811,7 @@ def test_from_to_fast_check_agrees_with_name_addr_parse(value: str) -> None:
     """The regex shortcut accepts nothing the full name-addr parser refuses, and the
     other way round (a URI of an unknown scheme passes either way)."""
     from relayd.sip.parser import _address_ok
-    from relayd.sip.uri import NameAddr, SIPURIError, UnsupportedURIScheme
+    from relayd.sipuri import NameAddr, SIPURIError, UnsupportedURIScheme
 
     def full(text: str) -> bool:
         try:

@@ -19,7 +19,7 @@ from relayd.sip.events import (
     pending_additions_body,
 )
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 from relayd.testing import fired, grant_document
 
 LIST = "sip:friends@relay.test"

@@ -18,7 +18,7 @@ from relayd.sip.transaction import (
     local_response,
 )
 from relayd.sip.uas import LoopDetector
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 
 def _r(*codes: int) -> list[SIPResponse]:

@@ -26,7 +26,7 @@ from relayd.sip.registrar import (
     registered_route,
 )
 from relayd.sip.resolve import Target
-from relayd.sip.uri import SIPURI, NameAddr
+from relayd.sipuri import SIPURI, NameAddr
 from relayd.testing import captured_log
 
 DOMAIN = "example.com"

@@ -15,7 +15,7 @@ from relayd.sip.resolve import (
     TwistedNamesResolver,
     order_srv,
 )
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 
 class FakeDNS:

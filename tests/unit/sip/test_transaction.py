@@ -26,7 +26,7 @@ from relayd.sip.transaction import (
     cancel_for,
     new_branch,
 )
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 PEER = ("192.0.2.1", 5060)
 

@@ -27,7 +27,7 @@ from relayd.sip.transport import (
     response_address,
 )
 from relayd.sip.uas import Capabilities, UASCore
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 UA = ("198.51.100.7", 34000)
 

@@ -17,7 +17,7 @@ from relayd.sip.uas import (
     check_max_forwards,
     transaction_pressure,
 )
-from relayd.sip.uri import SIPURI
+from relayd.sipuri import SIPURI
 
 PEER = ("192.0.2.1", 5060)
 CAPS = Capabilities(

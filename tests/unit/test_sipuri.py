@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.sip.uri import SIPURI, NameAddr, SIPURIError, UnsupportedURIScheme, parse_params
+from relayd.sipuri import SIPURI, NameAddr, SIPURIError, UnsupportedURIScheme, parse_params
 
 
 def test_parse_all_components() -> None:
