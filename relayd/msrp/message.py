@@ -266,14 +266,20 @@ def report_status_code(headers: Headers) -> bytes:
     found in the parser's bytes, without the lower-casing and decoding of a
     lookup; any other spelling takes the lookup."""
     block = headers._block
-    at = block.find(b"\r\nStatus: 000 ") if block is not None else -1
-    if at >= 0:
-        code = block[at + 14 : at + 18]  # type: ignore[index]
-        code = code[:3] if code[3:] in (b" ", b"\r") else b""
-    else:
-        parts = (headers.get("Status") or "").split(None, 2)
-        code = parts[1].encode() if len(parts) > 1 and parts[1].isascii() else b""
+    if block is not None:
+        at = block.find(b"\r\nStatus: 000 ")
+        if at >= 0:
+            code = block[at + 14 : at + 17]
+            if block[at + 17 : at + 18] in _AFTER_CODE and code.isdigit():
+                return code
+            return b"none"
+    parts = (headers.get("Status") or "").split(None, 2)
+    code = parts[1].encode() if len(parts) > 1 and parts[1].isascii() else b""
     return code if len(code) == 3 and code.isdigit() else b"none"
+
+
+#: What may follow a Status code: its comment, or the end of the line.
+_AFTER_CODE = (b" ", b"\r")
 
 
 def send_frame(
