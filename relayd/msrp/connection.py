@@ -688,7 +688,7 @@ class MSRPConnection(Protocol):
             self._unsent_bound = unsent = unsent_bytes(wire)
             self._unsent_batch = number + 1
             resume_if_writable(wire, relay.limits.send_queue_bytes // 2, unsent)
-            if relay.batch_number == number:
+            if relay.batch_number == number and not self._drain_again:
                 self._unsent_batch = -1  # no drain now: a later batch asks again
 
     # -- flow control and accounting -------------------------------------------------------
