@@ -234,6 +234,29 @@ def test_small_sends_to_a_reader_that_takes_nothing_stop_at_the_send_budget() ->
     assert a.transport.producerState == "producing"
 
 
+class EagerWire(CountingWire):
+    """A reader that takes everything as soon as it is written: nothing stays unsent."""
+
+    @property
+    def _tempDataLen(self) -> int:
+        return 0
+
+
+def test_a_backlog_the_kernel_takes_at_once_asks_once_per_slice() -> None:
+    h = Harness({("msrp", "send_queue_bytes"): "4096"})
+    a, b = h.client("alice"), h.client("bob")
+    wire = b.connection._wire = EagerWire(b)
+    big = bytes(range(256)) * 80
+    a.feed(send_bytes(a, b, "eager001", big))
+    frames = parse_frames(b.transport.value())
+    assert b"".join(f.body for f in frames) == big
+    # Slices of at most send_queue_bytes, drained within the same read: each
+    # write_out asks once, and the drain it starts sizes its slice by that answer.
+    slices = -(-len(big) // 4096)
+    assert wire.asked <= slices + 2
+    assert a.transport.producerState == "producing"
+
+
 def test_requests_relayed_are_those_received_less_those_refused(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     a.feed(send_bytes(a, b, "count001", b"hello"))
