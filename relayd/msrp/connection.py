@@ -37,7 +37,7 @@ from relayd.msrp.forwarding import (
     Plan,
     SendStream,
 )
-from relayd.msrp.link import Link, Relaying, Stream, Transaction
+from relayd.msrp.link import Link, Relaying, Stream, Transaction, count_one
 from relayd.msrp.message import (
     CHUNK_LIMIT,
     Headers,
@@ -46,6 +46,7 @@ from relayd.msrp.message import (
     MSRPStatus,
     make_response,
     path_lines,
+    report_status_code,
 )
 from relayd.msrp.parser import (
     BodyChunk,
@@ -73,6 +74,10 @@ _READ_BUFFER_BYTES = 262144
 #: Linux's TCP_NOTSENT_LOWAT (the socket module has it from Python 3.12 on).
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _ROUTE_CACHE_SIZE = 32
+#: What one write may add to the socket's queue beyond its plaintext: TLS record
+#: headers, tags and padding, counted high (128 bytes a write and per 16 KiB record).
+_RECORD_BYTES = 128
+_RECORD_SHIFT = 7
 #: Shared by every connection without backlogged streams (never added to).
 _NO_BACKLOGS: dict[Link, list[Stream]] = {}
 
@@ -135,17 +140,19 @@ class MSRPConnection(Protocol):
         self.congested = False
         #: The socket transport under any TLS layer (None for a test double).
         self._wire: Any = None
-        self._pause_reasons: set[object] | None = None
+        #: Why reading from this connection is paused (pause_reading), if it is.
+        self.pause_reasons: set[object] | None = None
         self._probation: IDelayedCall | None = None
         self._failures = 0
         self._auth_failures = 0
         self._succeeded = not inbound
         self._closing = False
         self._deviation_logged = False
-        #: Bytes held for this connection in MSRPRelay.batch, and the unsent
-        #: bytes measured during that batch (room()).
+        #: Bytes held for this connection in MSRPRelay.batch; at most how many
+        #: bytes written are still unsent, ours and the kernel's (room()), and
+        #: the batch in which the kernel was last asked.
         self.batched = 0
-        self._unsent = 0
+        self._unsent_bound = relay.limits.send_queue_bytes  # unknown: ask first
         self._unsent_batch = -1
         self._draining = False
         self._drain_again = False
@@ -306,25 +313,34 @@ class MSRPConnection(Protocol):
 
     # -- how much stream data may go out now ------------------------------------------
 
-    def room(self) -> int:
+    def room(self, wanted: int) -> int:
         """Bytes a stream may write now: ``send_queue_bytes`` less what is still unsent.
 
         Unsent bytes, ours and the kernel's, are what a frame of our own
         (a response, a REPORT, another sender's small SEND) queues behind.
+        Asking the kernel costs a system call, so it is asked only when the
+        ``wanted`` bytes might not fit: the unsent bytes are at most what was
+        unsent when last asked plus what was written since (``_unsent_bound``),
+        and while that leaves room for them, the answer is that bound's room
+        (at least ``wanted``, perhaps less than the exact room).  Otherwise the
+        answer is exact.
         """
         if self.congested:
             return 0
         wire = self._wire
         if wire is None:
             return 1 << 62
+        budget = self.relay.limits.send_queue_bytes
+        room = budget - self._unsent_bound - self.batched
+        if room - wanted >= budget >> 2:
+            return room
         batch = self.relay.batch
-        if batch is None:
-            return self.relay.limits.send_queue_bytes - unsent_bytes(wire)
-        # Within one read nothing of ours reaches the socket: ask the kernel once.
-        if self._unsent_batch != self.relay.batch_number:
-            self._unsent_batch = self.relay.batch_number
-            self._unsent = unsent_bytes(wire)
-        return self.relay.limits.send_queue_bytes - self._unsent - self.batched
+        if batch is None or self._unsent_batch != self.relay.batch_number:
+            # Within one read nothing of ours reaches the socket: ask the kernel once.
+            self._unsent_bound = unsent_bytes(wire)
+            if batch is not None:
+                self._unsent_batch = self.relay.batch_number
+        return budget - self._unsent_bound - self.batched
 
     def wait(self, stream: Stream) -> None:
         """``stream`` has a backlog: it gets its turn when the kernel wants more."""
@@ -380,13 +396,14 @@ class MSRPConnection(Protocol):
         """Give each sender's backlog a slice of the room in turn: none starves the others."""
         waiting = self.waiting
         while waiting and self.connected:
-            room = self.room()
+            source = next(iter(waiting))
+            queue = waiting[source]
+            room = self.room(queue[0].backlog_bytes)
             if room <= 0:
                 if not self.congested:
                     pause_until_writable(self._wire)
                 return
-            source = next(iter(waiting))
-            queue = waiting.pop(source)
+            del waiting[source]
             stream = queue[0]
             if not stream.send_backlog(room):
                 del queue[0]
@@ -413,10 +430,17 @@ class MSRPConnection(Protocol):
         method = request.method
         counts = relay.counts
         label = method if method in KNOWN_METHODS else "other"
-        counts.requests[label] = counts.requests.get(label, 0) + 1
+        requests = counts.requests
+        try:
+            requests[label] += 1
+        except KeyError:
+            requests[label] = 1
         if method == "REPORT":
-            status = _report_status(request)
-            counts.reports[status] = counts.reports.get(status, 0) + 1
+            reports, status = counts.reports, report_status_code(request.headers)
+            try:
+                reports[status] += 1
+            except KeyError:
+                reports[status] = 1
         try:
             if method not in KNOWN_METHODS and relay.limits.block_unknown_methods:
                 raise MSRPStatus(501)
@@ -424,18 +448,21 @@ class MSRPConnection(Protocol):
                 self.takes_any_chunk()  # forwarded by a relayd peer
             if method == "AUTH" and relay.core.is_local_auth(request):
                 self.consumer = LocalAuth(self, request)
-                counts.relayed[label] = counts.relayed.get(label, 0) + 1
                 return
             plan = self._plan(request)
             if method == "SEND":
                 self.consumer = SendStream(self, request, plan, has_body)
             else:
                 self.consumer = BufferedForward(self, request, plan, has_body)
-            counts.relayed[label] = counts.relayed.get(label, 0) + 1
-            self.succeeded()
+            if not self._succeeded or self._probation is not None:
+                self.succeeded()
         except MSRPStatus as status:
             self.consumer = DISCARD
+            count_one(counts.unrelayed, label)
             self.refuse(request, status)
+        except Exception:
+            count_one(counts.unrelayed, label)  # _receive logs it and closes the connection
+            raise
 
     def _plan(self, request: MSRPRequest) -> Plan:
         """RelayCore.route, remembered per connection: a session's paths repeat."""
@@ -475,8 +502,7 @@ class MSRPConnection(Protocol):
             code=status.code,
             comment=status.comment,
         )
-        refusals = self.relay.counts.refusals
-        refusals[status.code] = refusals.get(status.code, 0) + 1
+        count_one(self.relay.counts.refusals, status.code)
         if status.close:
             # §6.2: not addressed to us: drop the connection, no answer.
             self.close(status.comment)
@@ -516,8 +542,7 @@ class MSRPConnection(Protocol):
             )
             headers = Headers([("To-Path", to_path), ("From-Path", event.to_path.split(" ", 1)[0])])
             self.write_atomic(MSRPResponse(event.tid, 400, event.reason, headers).to_bytes())
-            refusals = self.relay.counts.refusals
-            refusals[400] = refusals.get(400, 0) + 1
+            count_one(self.relay.counts.refusals, 400)
         if event.fatal:
             # The 400 is out; skipping an oversized head to its end-line
             # could mean reading without bound.
@@ -528,7 +553,10 @@ class MSRPConnection(Protocol):
 
     def _response(self, response: MSRPResponse) -> None:
         responses, code = self.relay.counts.responses, response.code
-        responses[code] = responses.get(code, 0) + 1
+        try:
+            responses[code] += 1
+        except KeyError:
+            responses[code] = 1
         transaction = self.transactions.get(response.tid)
         if transaction is None:
             self.log.debug("Response {tid} matches no transaction: dropped", tid=response.tid)
@@ -592,14 +620,27 @@ class MSRPConnection(Protocol):
 
     def write_atomic(self, data: bytes) -> None:
         """Write a whole frame of our own, cutting any open stream frame first."""
-        if self.frame_owner is not None:
-            self.frame_owner.cut()
-        self.write_raw(data)
+        owner = self.frame_owner
+        if owner is not None:
+            owner.cut()
+        batch = self.relay.batch
+        if batch is None:
+            self.write_raw(data)
+            return
+        # write_raw's way during a read, inline: every response goes this way.
+        self.batched += len(data)
+        out = batch.get(self)
+        if out is None:
+            batch[self] = [data]
+        else:
+            out.append(data)
 
     def write_raw(self, data: bytes) -> None:
         """Write now, or at the end of the read being handled (MSRPRelay.batch)."""
         batch = self.relay.batch
         if batch is None:
+            n = len(data)
+            self._unsent_bound += n + (n >> _RECORD_SHIFT) + _RECORD_BYTES
             write_now(self.transport, data)
             self.relay.touch(self)
             return
@@ -626,32 +667,43 @@ class MSRPConnection(Protocol):
         self.batched = 0
         if not self.connected:
             return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        n = len(data)
+        self._unsent_bound += n + (n >> _RECORD_SHIFT) + _RECORD_BYTES
         try:
-            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            write_now(self.transport, data)
         except Exception:
             self.log.failure("Internal error writing to {peer}", peer=self.peer)
             self.close("internal error", abort=True)
             return
         if touch:
             self.relay.touch(self)
-        if self.waiting and self._wire is not None:
+        wire = self._wire
+        if self.waiting and wire is not None and wire.producerPaused:
             # When the kernel took the read's output at once, the backlogs
-            # need not wait for the next reactor turn.
-            resume_if_writable(self._wire, self.relay.limits.send_queue_bytes // 2)
+            # need not wait for the next reactor turn; the drain that starts
+            # now (the next batch) sizes its slices by the same answer.
+            relay = self.relay
+            number = relay.batch_number
+            self._unsent_bound = unsent = unsent_bytes(wire)
+            self._unsent_batch = number + 1
+            resume_if_writable(wire, relay.limits.send_queue_bytes // 2, unsent)
+            if relay.batch_number == number and not self._drain_again:
+                self._unsent_batch = -1  # no drain now: a later batch asks again
 
     # -- flow control and accounting -------------------------------------------------------
 
     def pause_reading(self, reason: object) -> None:
-        reasons = self._pause_reasons
+        reasons = self.pause_reasons
         if reasons is None:
-            reasons = self._pause_reasons = set()
+            reasons = self.pause_reasons = set()
         if not reasons and self.connected:
             transport: Any = self.transport
             transport.pauseProducing()
         reasons.add(reason)
 
     def resume_reading(self, reason: object) -> None:
-        reasons = self._pause_reasons
+        reasons = self.pause_reasons
         if reasons is None or reason not in reasons:
             return
         reasons.discard(reason)
@@ -726,24 +778,6 @@ class MSRPConnection(Protocol):
             transport.abortConnection()
         else:
             transport.loseConnection()
-
-
-def _report_status(request: MSRPRequest) -> bytes:
-    """The code of a REPORT's ``Status: 000 200 OK`` (§7.1.2), b"none" without one.
-
-    Every REPORT passes here: the canonical header line is found in the parser's
-    bytes, without the lower-casing and decoding of a lookup; any other spelling
-    takes the lookup."""
-    headers = request.headers
-    block = headers.block
-    at = block.find(b"\r\nStatus: 000 ") if block is not None else -1
-    if at >= 0:
-        code = block[at + 14 : at + 18]  # type: ignore[index]
-        code = code[:3] if code[3:] in (b" ", b"\r") else b""
-    else:
-        parts = (headers.get("Status") or "").split(None, 2)
-        code = parts[1].encode() if len(parts) > 1 and parts[1].isascii() else b""
-    return code if len(code) == 3 and code.isdigit() else b"none"
 
 
 def _valid_path(text: str) -> bool:

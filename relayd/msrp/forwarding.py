@@ -36,6 +36,7 @@ from relayd.msrp.message import (
     ok_bytes,
     parse_report_mode,
     request_frame,
+    send_frame,
     send_head,
     stream_lines,
 )
@@ -413,7 +414,9 @@ class SendStream:
             # until that drains (MSRPConnection._drain), or backlogs would
             # hold a fast sender's every chunk.
             target.incoming.discard(self)
-            self.source.resume_reading(target)
+            source = self.source
+            if source.pause_reasons:
+                source.resume_reading(target)
 
     def _emit(self, data: bytes, final: bytes | None) -> None:
         """Write what the next hop has room for now; keep the rest in the backlog."""
@@ -425,7 +428,7 @@ class SendStream:
         backlog = self.backlog
         if backlog is None:
             # Behind an earlier chunk of the same sender: wait for it (order).
-            room = 0 if self.source in target.waiting else target.room()
+            room = 0 if self.source in target.waiting else target.room(len(data))
             if room > 0 and room >= len(data):
                 self._write(data, final)
                 return
@@ -460,12 +463,39 @@ class SendStream:
             self._write(data, final)
         return False
 
+    @property
+    def backlog_bytes(self) -> int:
+        backlog = self.backlog
+        return 0 if backlog is None else len(backlog) - self.backlog_at
+
     def _write(self, data: bytes, final: bytes | None) -> None:
         """Frame ``data`` (and the end-line when ``final``) onto the wire now."""
         target = self.target
         assert target is not None
-        target.relay.counts.relayed_bytes += len(data)
+        size = len(data)
+        target.relay.counts.relayed_bytes += size
         max_chunk = target.chunk_bytes
+        owner = target.frame_owner
+        if owner is not self and final is not None and size <= max_chunk:
+            # The usual case, a whole chunk in a frame of its own: _head, the
+            # data and _close_frame in one piece.
+            if owner is not None:
+                owner.cut()
+            tid = new_transaction_id()
+            first = self.offset
+            self.offset = first + size
+            self.frame_first = first
+            self.frame_bytes = size
+            if self.has_body:
+                byte_range = f"{first}-{first + size - 1}/{self.total}"
+                frame = send_frame(tid, self.head_before, byte_range, self.head_after, data, final)
+            else:
+                range_text = self.original_range
+                frame = send_frame(tid, self.head_before, range_text, self.head_after, None, final)
+            if self.failure_report != "no":
+                target.add_transaction(tid, FrameTransaction(self, first, first + size - 1))
+            target.write_raw(frame)
+            return
         out: list[bytes] = []
         while True:
             if target.frame_owner is not self:

@@ -68,24 +68,29 @@ class Transaction(Protocol):
 
 class MSRPCounts:
     """What the relay has handled since it started, read by the metrics listener
-    (relayd.web.metrics) when scraped: one addition each on the paths, in plain dicts
-    (a ``Counter``'s item access costs twice a dict's)."""
+    (relayd.web.metrics) when scraped.
+
+    Every message passes here several times, so the paths do one addition each,
+    in plain dicts (``d[key] += 1`` with the rare first time caught: no call, where
+    ``dict.get`` or a ``Counter`` costs one), and what can be derived is derived
+    when scraped: the requests relayed are those received less those refused.
+    """
 
     __slots__ = (
         "received_bytes",
         "refusals",
-        "relayed",
         "relayed_bytes",
         "reports",
         "requests",
         "responses",
+        "unrelayed",
     )
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
         """Requests received, by method."""
-        self.relayed: dict[str, int] = {}
-        """Requests accepted for forwarding (or answered here, AUTH), by method."""
+        self.unrelayed: dict[str, int] = {}
+        """Requests received but neither forwarded nor answered here, by method."""
         self.refusals: dict[int, int] = {}
         """Error responses this relay answered with, by status code."""
         self.responses: dict[int, int] = {}
@@ -95,6 +100,21 @@ class MSRPCounts:
         self.received_bytes = 0
         self.relayed_bytes = 0
         """Message body bytes written towards next hops (SEND chunks, re-chunked or not)."""
+
+    @property
+    def relayed(self) -> dict[str, int]:
+        """Requests accepted for forwarding (or answered here, AUTH), by method."""
+        unrelayed = self.unrelayed
+        relayed = {method: n - unrelayed.get(method, 0) for method, n in self.requests.items()}
+        return {method: n for method, n in relayed.items() if n}
+
+
+def count_one(counts: dict[Any, int], key: Any) -> None:
+    """One more of ``key``: the first time is the only one that costs more than an addition."""
+    try:
+        counts[key] += 1
+    except KeyError:
+        counts[key] = 1
 
 
 class Relaying(Protocol):
@@ -148,6 +168,10 @@ class Stream(Protocol):
     def response_to(self) -> bytes:
         """How the next hop's responses start: To-Path back to our URI (§6.4.3)."""
 
+    @property
+    def backlog_bytes(self) -> int:
+        """How much of the body waits in the stream's backlog."""
+
     def send_backlog(self, room: int) -> bool: ...
     def cut(self) -> None: ...
     def unconfirmed(self) -> tuple[int, int]: ...
@@ -162,6 +186,7 @@ class Link(Hop, Protocol):
 
     frame_owner: Stream | None
     incoming: set[Stream]
+    pause_reasons: set[object] | None
     waiting: dict[Link, list[Stream]]
 
     @property
@@ -173,7 +198,7 @@ class Link(Hop, Protocol):
     @property
     def chunk_bytes(self) -> int: ...
 
-    def room(self) -> int: ...
+    def room(self, wanted: int) -> int: ...
     def wait(self, stream: Stream) -> None: ...
     def unwait(self, stream: Stream) -> None: ...
     def take_wire(self, stream: Stream) -> None: ...

@@ -259,14 +259,83 @@ def ok_bytes(tid: str, paths: bytes) -> bytes:
     return b"MSRP %s 200 OK\r\n%s-------%s$\r\n" % (raw, paths, raw)
 
 
+def report_status_code(headers: Headers) -> bytes:
+    """The code of a REPORT's ``Status: 000 200 OK`` (RFC 4975 §7.1.2), b"none" without one.
+
+    Every REPORT a relay receives is counted by it: the canonical header line is
+    found in the parser's bytes, without the lower-casing and decoding of a
+    lookup; any other spelling takes the lookup."""
+    block = headers._block
+    if block is not None:
+        at = block.find(b"\r\nStatus: 000 ")
+        if at >= 0:
+            code = block[at + 14 : at + 17]
+            if block[at + 17 : at + 18] in _AFTER_CODE and code.isdigit():
+                return code
+            return b"none"
+    parts = (headers.get("Status") or "").split(None, 2)
+    code = parts[1].encode() if len(parts) > 1 and parts[1].isascii() else b""
+    return code if len(code) == 3 and code.isdigit() else b"none"
+
+
+#: What may follow a Status code: its comment, or the end of the line.
+_AFTER_CODE = (b" ", b"\r")
+
+
+def send_frame(
+    tid: str,
+    head_before: bytes,
+    byte_range: str,
+    head_after: bytes,
+    body: bytes | None,
+    flag: bytes,
+) -> bytes:
+    """A whole forwarded SEND frame in one piece: send_head's lines, the body (None
+    for a SEND without one) and the end-line; the usual small message is one of these."""
+    raw = tid.encode()
+    if body is None:
+        return b"MSRP %s SEND\r\n%sByte-Range: %s\r\n%s-------%s%s\r\n" % (
+            raw,
+            head_before,
+            byte_range.encode(),
+            head_after,
+            raw,
+            flag,
+        )
+    return b"MSRP %s SEND\r\n%sByte-Range: %s\r\n%s%s\r\n-------%s%s\r\n" % (
+        raw,
+        head_before,
+        byte_range.encode(),
+        head_after,
+        body,
+        raw,
+        flag,
+    )
+
+
 def request_frame(
     tid: str, method: str, paths: bytes, lines: bytes, body: bytes | None, flag: bytes
 ) -> bytes:
     """A whole request frame from ready-made path lines and the other header lines."""
-    head = b"MSRP %s %s\r\n%s%s" % (tid.encode(), method.encode(), paths, lines)
+    raw = tid.encode()
     if body is None:
-        return head + end_line(tid, flag)
-    return b"%s\r\n%s\r\n%s" % (head, body, end_line(tid, flag))
+        return b"MSRP %s %s\r\n%s%s-------%s%s\r\n" % (
+            raw,
+            method.encode(),
+            paths,
+            lines,
+            raw,
+            flag,
+        )
+    return b"MSRP %s %s\r\n%s%s\r\n%s\r\n-------%s%s\r\n" % (
+        raw,
+        method.encode(),
+        paths,
+        lines,
+        body,
+        raw,
+        flag,
+    )
 
 
 @dataclass(slots=True)

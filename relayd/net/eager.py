@@ -102,10 +102,17 @@ def pause_until_writable(transport: FileDescriptor) -> bool:
     return True
 
 
-def resume_if_writable(transport: FileDescriptor, low_water: int) -> None:
+def resume_if_writable(
+    transport: FileDescriptor, low_water: int, unsent: int | None = None
+) -> None:
     """Now what ``doWrite`` would do on the next reactor turn: resume the producer
-    paused by pause_until_writable once fewer than ``low_water`` bytes are unsent."""
+    paused by pause_until_writable once fewer than ``low_water`` bytes are unsent
+    (``unsent``: what unsent_bytes has just answered the caller)."""
     producer: Any = transport.producer
-    if producer is not None and transport.producerPaused and unsent_bytes(transport) < low_water:
+    if producer is None or not transport.producerPaused:
+        return
+    if unsent is None:
+        unsent = unsent_bytes(transport)
+    if unsent < low_water:
         transport.producerPaused = False
         producer.resumeProducing()

@@ -7,14 +7,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from relayd.consent.store import MemoryPermissionStore
-from relayd.msrp.connection import _report_status
-from relayd.msrp.message import Headers, MSRPRequest
 from relayd.net.listeners import Listeners
 from relayd.testing import fired, in_process_sip_relay, uac_request
 from relayd.web.metrics import STORE_TIMEOUT_SECONDS, Health, RelayCollector, TimedStore
@@ -136,23 +133,6 @@ def test_consent_counts_by_state_and_none_when_the_store_fails() -> None:
     store.list_consents = lambda **_: defer.fail(OSError("gone"))  # type: ignore[method-assign]
     fired(defer.ensureDeferred(collector.refresh(store, clock)))
     assert collector.consents is None
-
-
-@pytest.mark.parametrize(
-    ("line", "code"),
-    [
-        ("Status: 000 200 OK", b"200"),
-        ("Status: 000 413", b"413"),
-        ("status:  000 481 gone", b"481"),
-        ("Status: 000 20000 x", b"none"),
-        ("Message-ID: m", b"none"),
-    ],
-)
-def test_report_status_is_the_status_code_or_none(line: str, code: bytes) -> None:
-    block = f"To-Path: msrp://a/s;tcp\r\nFrom-Path: msrp://b/t;tcp\r\n{line}\r\n".encode()
-    name, _, value = line.partition(": ")
-    for headers in (Headers.from_block(block), Headers([(name, value)])):
-        assert _report_status(MSRPRequest("t", "REPORT", headers)) == code
 
 
 # -- the collector, on the daemon as build_service wires it (no sockets) -------------------

@@ -195,6 +195,79 @@ def test_small_send_overtakes_a_backlogged_transfer_at_a_frame_boundary() -> Non
     assert a.transport.producerState == "producing"
 
 
+class CountingWire(SlowWire):
+    """A SlowWire that counts how often MSRPConnection.room asks for the unsent bytes."""
+
+    asked = 0
+
+    def fileno(self) -> int:
+        self.asked += 1
+        return super().fileno()
+
+
+def test_small_sends_ask_for_the_unsent_bytes_only_near_the_send_budget() -> None:
+    h = Harness({("msrp", "send_queue_bytes"): "16384"})
+    a, b = h.client("alice"), h.client("bob")
+    wire = b.connection._wire = CountingWire(b)
+    for number in range(40):
+        a.feed(send_bytes(a, b, f"small{number:03d}", b"x" * 100, message_id=f"m{number}"))
+        wire.drain()
+    # Asked first (nothing known yet), then only once the bytes written since the
+    # last answer could have filled the budget: a few times in 40 frames of ~330 bytes.
+    assert 1 <= wire.asked <= 5
+    assert [header(f, "Message-ID") for f in b.take()] == [f"m{n}" for n in range(40)]
+
+
+def test_small_sends_to_a_reader_that_takes_nothing_stop_at_the_send_budget() -> None:
+    h = Harness({("msrp", "send_queue_bytes"): "4096"})
+    a, b = h.client("alice"), h.client("bob")
+    wire = b.connection._wire = CountingWire(b)
+    messages = [send_bytes(a, b, f"held{n:04d}", b"y" * 100, message_id=f"m{n}") for n in range(30)]
+    for message in messages:
+        a.feed(message)
+    # Not a guess from what was written: the real unsent bytes held the rest back.
+    assert len(b.transport.value()) < 4096 + 400
+    assert a.transport.producerState == "paused"
+    for _ in range(30):
+        wire.drain()
+    assert [header(f, "Message-ID") for f in b.take()] == [f"m{n}" for n in range(30)]
+    assert a.transport.producerState == "producing"
+
+
+class EagerWire(CountingWire):
+    """A reader that takes everything as soon as it is written: nothing stays unsent."""
+
+    @property
+    def _tempDataLen(self) -> int:
+        return 0
+
+
+def test_a_backlog_the_kernel_takes_at_once_asks_once_per_slice() -> None:
+    h = Harness({("msrp", "send_queue_bytes"): "4096"})
+    a, b = h.client("alice"), h.client("bob")
+    wire = b.connection._wire = EagerWire(b)
+    big = bytes(range(256)) * 80
+    a.feed(send_bytes(a, b, "eager001", big))
+    frames = parse_frames(b.transport.value())
+    assert b"".join(f.body for f in frames) == big
+    # Slices of at most send_queue_bytes, drained within the same read: each
+    # write_out asks once, and the drain it starts sizes its slice by that answer.
+    slices = -(-len(big) // 4096)
+    assert wire.asked <= slices + 2
+    assert a.transport.producerState == "producing"
+
+
+def test_requests_relayed_are_those_received_less_those_refused(h: Harness) -> None:
+    a, b = h.client("alice"), h.client("bob")
+    a.feed(send_bytes(a, b, "count001", b"hello"))
+    bogus = "msrps://relay.example.com:2855/nosuchsession;tcp msrps://x.example.com:1/s;tcp"
+    a.feed(send_head("count002", bogus, a.uri, total=1) + b"x" + body_end("count002"))
+    counts = h.relay.counts
+    assert counts.requests == {"AUTH": 4, "SEND": 2}
+    assert counts.relayed == {"AUTH": 4, "SEND": 1}
+    assert counts.refusals == {481: 1}
+
+
 def test_congested_recipient_pauses_the_sender(h: Harness) -> None:
     a, b = h.client("alice"), h.client("bob")
     a.feed(send_head("bp000001", path_to(a, b), a.uri, byte_range="1-*/*"), b"x" * 100)

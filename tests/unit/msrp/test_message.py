@@ -1,15 +1,27 @@
-"""Headers kept as the parser's bytes behave like Headers built from pairs.
+"""relayd.msrp.message: Headers kept as the parser's bytes behave like Headers built
+from pairs, and frames built from ready-made bytes equal frames built from pairs.
 
-And the byte slicing used to forward a request (``path_lines``,
-``forwarded_lines``) gives exactly what building the copy from the pairs
-would, or says it cannot.
+The byte slicing used to forward a request (``path_lines``, ``forwarded_lines``)
+gives exactly what building the copy from the pairs would, or says it cannot; the
+one-piece frame builders (``send_frame``, ``request_frame``) write what
+``MSRPRequest.to_bytes`` writes.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from relayd.msrp.message import ByteRange, Headers, forwarded_lines, path_lines
+from relayd.msrp.message import (
+    ByteRange,
+    Headers,
+    MSRPRequest,
+    forwarded_lines,
+    path_lines,
+    report_status_code,
+    request_frame,
+    send_frame,
+    send_head,
+)
 
 PAIRS = [
     ("To-Path", "msrps://relay.example.com:2855/s1;tcp msrps://bob.example.com:7000/b;tcp"),
@@ -172,3 +184,55 @@ def test_byte_range_parse_is_cached_and_still_validates() -> None:
     for bad in ("0-5/5", "5-3/9", "1-9/5", "1-5", "x-5/5"):
         with pytest.raises(ValueError):
             ByteRange.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        ("Status: 000 200 OK", b"200"),
+        ("Status: 000 413", b"413"),
+        ("status:  000 481 gone", b"481"),
+        ("Status: 000 20000 x", b"none"),
+        ("Message-ID: m", b"none"),
+    ],
+)
+def test_report_status_code_is_the_status_code_or_none(line: str, code: bytes) -> None:
+    block = f"To-Path: msrp://a/s;tcp\r\nFrom-Path: msrp://b/t;tcp\r\n{line}\r\n".encode()
+    name, _, value = line.partition(": ")
+    for headers in (Headers.from_block(block), Headers([(name, value)])):
+        assert report_status_code(headers) == code
+
+
+FORWARD_PATHS = b"To-Path: msrps://bob.example.com:7000/b;tcp\r\nFrom-Path: msrps://r/s;tcp\r\n"
+
+
+@pytest.mark.parametrize("body", [b"hello\r\nworld", b"", None], ids=["body", "empty", "none"])
+@pytest.mark.parametrize("flag", [b"$", b"+", b"#"])
+def test_send_frame_is_the_request_built_from_pairs(body: bytes | None, flag: bytes) -> None:
+    before = b"Message-ID: m1\r\n"
+    after = b"Content-Type: text/plain\r\n" + (b"\r\n" if body is not None else b"")
+    frame = send_frame("tid0001", FORWARD_PATHS + before, "1-12/12", after, body, flag)
+    pairs = [
+        ("To-Path", "msrps://bob.example.com:7000/b;tcp"),
+        ("From-Path", "msrps://r/s;tcp"),
+        ("Message-ID", "m1"),
+        ("Byte-Range", "1-12/12"),
+        ("Content-Type", "text/plain"),
+    ]
+    assert frame == MSRPRequest("tid0001", "SEND", Headers(pairs)).to_bytes(body, flag)
+    # The head alone is what a stream writes before its body's first piece.
+    head = send_head("tid0001", FORWARD_PATHS + before, "1-12/12", after)
+    assert frame.startswith(head)
+
+
+@pytest.mark.parametrize("body", [b"<report/>", None], ids=["body", "none"])
+def test_request_frame_is_the_request_built_from_pairs(body: bytes | None) -> None:
+    lines = b"Message-ID: m1\r\nStatus: 000 200 OK\r\n"
+    frame = request_frame("tid0002", "REPORT", FORWARD_PATHS, lines, body, b"$")
+    pairs = [
+        ("To-Path", "msrps://bob.example.com:7000/b;tcp"),
+        ("From-Path", "msrps://r/s;tcp"),
+        ("Message-ID", "m1"),
+        ("Status", "000 200 OK"),
+    ]
+    assert frame == MSRPRequest("tid0002", "REPORT", Headers(pairs)).to_bytes(body, b"$")

@@ -1,4 +1,5 @@
-"""The start-up warning for a Use-Path host that peers cannot verify (RFC 4976 §5, §6.1).
+"""relayd.msrp.service: the start-up warning for a Use-Path host that peers cannot
+verify (RFC 4976 §5, §6.1).
 
 Listeners are bound on a ``MemoryReactorClock``: nothing listens for real, so a
 wildcard listener can be tried without leaving loopback.
