@@ -9,7 +9,7 @@ import pytest
 from bench.sip_bench import DEFAULT_DSN, by_store, cpu_delta, parse_args
 
 
-def step(store: str, rate: int, per_s: float, cpu: float, **more: Any) -> dict[str, Any]:
+def step(store: str, rate: int, per_s: float, cpu: float | None, **more: Any) -> dict[str, Any]:
     return {
         "load": "list10",
         "rate_offered": rate,
