@@ -923,7 +923,8 @@ def by_workers(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def by_store(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each load, rate and workers count side by side for every store backend: delivered
     (or 470s) per second and the relay's CPU per message, the PostgreSQL backends' CPU
-    per message apart, and the ratios to the first backend run (its relay CPU)."""
+    per message apart, and the ratios to the first backend run: relay CPU to relay CPU,
+    and relay plus database CPU to the same sum (when a backend has a database)."""
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     order: list[str] = []
     for step in steps:
@@ -949,10 +950,14 @@ def by_store(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 round(mine / per_s, 2) if mine and per_s else None
             )
             row[f"cpu_ratio_{store}_to_{base}"] = round(own / cpu, 2) if own and cpu else None
-            db = row.get(f"db_cpu_us_{store}")
-            row[f"cpu_with_db_ratio_{store}_to_{base}"] = (
-                round((own + db) / cpu, 2) if own and cpu and db is not None else None
-            )
+            # A backend without a database server (SQLite) adds none of its CPU.
+            db, base_db = row.get(f"db_cpu_us_{store}"), row.get(f"db_cpu_us_{base}")
+            if db is not None or base_db is not None:
+                row[f"cpu_with_db_ratio_{store}_to_{base}"] = (
+                    round((own + (db or 0.0)) / (cpu + (base_db or 0.0)), 2)
+                    if own and cpu
+                    else None
+                )
     return list(rows.values())
 
 

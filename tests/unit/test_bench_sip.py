@@ -57,12 +57,31 @@ def test_by_store_sets_each_backend_beside_the_first_with_ratios() -> None:
     assert second["lost_postgresql"] == 8 and second["lost_sqlite"] == 0
 
 
+def test_by_store_adds_the_database_cpu_to_whichever_backend_has_one() -> None:
+    steps = [
+        step("postgresql", 100, 1000.0, 220.0, db_cpu_us_per_delivered=30.0),
+        step("sqlite", 100, 1000.0, 200.0),
+    ]
+    (row,) = by_store(steps)
+    assert row["cpu_ratio_sqlite_to_postgresql"] == 0.91
+    assert row["cpu_with_db_ratio_sqlite_to_postgresql"] == 0.8
+
+
+def test_by_store_has_no_database_ratio_without_a_database() -> None:
+    (row,) = by_store([step("memory", 100, 1000.0, 180.0), step("sqlite", 100, 1000.0, 200.0)])
+    assert row["cpu_ratio_sqlite_to_memory"] == 1.11
+    assert "cpu_with_db_ratio_sqlite_to_memory" not in row
+
+
 def test_by_store_has_no_ratio_where_a_backend_delivered_nothing() -> None:
-    steps = [step("sqlite", 100, 1000.0, 200.0), step("postgresql", 100, 0.0, None)]
+    steps = [
+        step("sqlite", 100, 1000.0, 200.0),
+        step("postgresql", 100, 0.0, None, db_cpu_us_per_delivered=None),
+    ]
     (row,) = by_store(steps)
     assert row["cpu_ratio_postgresql_to_sqlite"] is None
     assert row["per_s_ratio_postgresql_to_sqlite"] is None
-    assert row["cpu_with_db_ratio_postgresql_to_sqlite"] is None
+    assert row.get("cpu_with_db_ratio_postgresql_to_sqlite") is None
 
 
 def test_by_store_reads_470_steps_too() -> None:
