@@ -5,6 +5,7 @@ Run by hand (not part of the tests)::
     python -m bench.sip_bench [--quick] [--rates 500,1000,2000,4000] [--duration S]
                               [--only list1,list10,470] [--profile FILE]
                               [--with-kamailio | --kamailio-only] [--workers 1,2]
+                              [--stores sqlite,postgresql] [--dsn DSN]
 
 It prints one JSON line with every figure on stdout and its progress on stderr.
 
@@ -39,6 +40,15 @@ the calls over the workers' shared port.  The relay's CPU is summed over the par
 its workers; ``summary.by_workers`` sets each count's delivered rate beside one
 worker's.
 
+``--stores sqlite,postgresql``: relayd once per ``[store] backend``, one after the
+other, with the same loads and rates (each with its own fresh store: SQLite in the
+run's folder, PostgreSQL in a schema of the run's own on ``--dsn``, dropped
+afterwards).  The relay's CPU is still only relayd's processes; the PostgreSQL
+server's is reported apart (``db_cpu_us_per_delivered``: utime+stime of the server
+backends serving this relay's connections, found by their ``application_name`` in
+``pg_stat_activity`` and read from /proc; not the server's shared background
+processes).  ``summary.by_store`` sets each backend's figures beside the first one's.
+
 ``--with-kamailio``: after relayd (stopped first), the same list loads at the same rates
 against Kamailio (``bench/kamailio/sip-fork.cfg`` through ``bench/kamailio_sip.py``: UDP
 on a free loopback port, 2 workers, tm, the same proxy digest so the same SIPp scenario,
@@ -58,6 +68,7 @@ import json
 import os
 import pstats
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -65,6 +76,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +106,8 @@ LISTS = {"list1": MEMBERS[:1], "list10": MEMBERS}
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = Path(__file__).resolve().parent / "sipp"
 TICKS = os.sysconf("SC_CLK_TCK")
+DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test"
+STORES = ("memory", "sqlite", "postgresql")
 
 DEFAULT_RATES = {"list1": [100, 200, 400, 800, 1600], "list10": [20, 50, 100, 200, 400]}
 DEFAULT_RATES["470"] = DEFAULT_RATES["list1"]
@@ -149,6 +164,13 @@ def _rss_or_zero(pid: int) -> int:
         return rss_kib(pid)
     except OSError:
         return 0
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds a set of processes used between two samples (pid → seconds): a
+    process new in ``after`` counts from 0; one gone by then is left out (its last
+    share is lost, so the figure is a lower bound)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def free_tcp_port() -> int:
@@ -209,6 +231,10 @@ class Relay:
     workers: int = 1
     """``[relay] workers``: above 1 the CPU figures sum the parent and every worker."""
     store: str = "memory"
+    dsn: str = ""
+    """``[store] dsn`` when ``store`` is postgresql."""
+    database: Callable[[], list[int]] | None = None
+    """The PostgreSQL server backends serving this relay (pids), when it has any."""
     process: subprocess.Popen[bytes] | None = None
     xcap_port: int = 0
     log_path: Path = field(default_factory=Path)
@@ -223,6 +249,12 @@ class Relay:
 
     def rss(self) -> int:
         return sum(_rss_or_zero(pid) for pid in descendants(self.pid))
+
+    def database_cpu(self) -> dict[int, float] | None:
+        """CPU seconds of each PostgreSQL backend serving this relay; None without one."""
+        if self.database is None:
+            return None
+        return {pid: _cpu_or_zero(pid) for pid in self.database()}
 
     def start(self) -> None:
         cert, key = self.pki.leaf(HOST)
@@ -239,7 +271,9 @@ class Relay:
             f"[sip]\nlisten = udp:{self.sip_port}:interface={HOST}\ndomain = {HOST}\n"
             f"lists = {lists}\nmax_list_size = 20\nconsent_requests_per_hour = 1000000\n"
             f"{self.sip_settings}\n"
-            f"[store]\nbackend = {self.store}\n\n"
+            f"[store]\nbackend = {self.store}\n"
+            + (f"dsn = {self.dsn}\n" if self.dsn else "")
+            + "\n"
             f"[auth]\nrealm = {REALM}\nusers = {users}\n\n"
             f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",
             encoding="utf-8",
@@ -268,6 +302,40 @@ class Relay:
         return wait_idle(self.cpu, limit)
 
 
+@contextmanager
+def scratch_schema(dsn: str) -> Iterator[tuple[str, Callable[[], list[int]]]]:
+    """``dsn`` with a fresh schema first on its search path and an application name of
+    the run's own (the schema dropped afterwards, so no state leaks between runs), and
+    a function listing the server backends (pids) of connections made with it."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    tag = secrets.token_hex(6)
+    name = sql.Identifier(f"relayd_sip_bench_{tag}")
+    application = f"relayd-sip-bench-{tag}"
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(name))
+
+        def backends() -> list[int]:
+            rows = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application,)
+            ).fetchall()
+            return [int(row[0]) for row in rows]
+
+        try:
+            yield (
+                make_conninfo(
+                    dsn,
+                    options=f"-c search_path={name.as_string()}",
+                    application_name=application,
+                ),
+                backends,
+            )
+        finally:
+            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(name))
+
+
 # -- provisioning -----------------------------------------------------------------------
 
 
@@ -279,7 +347,9 @@ def grant_all(relay: Relay, folder: Path) -> None:
     jobs: list[tuple[str, subprocess.Popen[bytes]]] = []
     for name, members in LISTS.items():
         for member in members:
-            command = ["relayctl", "permissions", "grant", f"sip:{member}@{HOST}"]
+            # relayctl as a module: this interpreter's relayd, installed or not.
+            command = [sys.executable, "-m", "relayd.ctl.main", "permissions", "grant"]
+            command += [f"sip:{member}@{HOST}"]
             command += ["--from", f"sip:{SENDER}@{HOST}", "--list", f"sip:{name}@{HOST}"]
             command += ["--xcap", xcap, "--user", ADMIN, "--password-file", str(password)]
             command += ["--ca", relay.pki.ca_path, "--timeout", "20"]
@@ -500,19 +570,25 @@ def run_step(
     duration: float,
     server: str = "relayd",
     transport: str = "u1",
+    database: Callable[[], dict[int, float] | None] | None = None,
 ) -> dict[str, Any]:
     """One load at one rate against ``relay`` (relayd, or Kamailio when ``server`` says
-    so; the row's ``relay_*`` figures are then Kamailio's whole process tree)."""
+    so; the row's ``relay_*`` figures are then Kamailio's whole process tree).
+    ``database`` samples the CPU of the PostgreSQL backends serving the relay: the row
+    then has their CPU apart (``db_*``), never in ``relay_*``."""
     tag = f"{load}-{rate}" if server == "relayd" else f"{server}-{load}-{rate}"
     settle = relay.wait_idle()
     list_name = "list1" if load == "list1" else "list10"
     members = len(LISTS[list_name])
     scenario, user = ("message_470.xml", STRANGER) if load == "470" else ("message_200.xml", SENDER)
     sinks.start(tag)
+    db0 = database() if database is not None else None
     cpu0, wall0, drops0 = relay.cpu(), time.monotonic(), udp_rcvbuf_errors()
     uac = run_uac(root / tag / "uac", relay, scenario, list_name, user, rate, duration, transport)
     time.sleep(2.5)  # the sinks' 2 s pause, and the last branches' answers
     cpu = relay.cpu() - cpu0
+    db1 = database() if database is not None else None
+    db_cpu = cpu_delta(db0, db1) if db0 is not None and db1 is not None else None
     wall = time.monotonic() - wall0
     drops = udp_rcvbuf_errors() - drops0
     sink = sinks.stop()
@@ -530,9 +606,14 @@ def run_step(
         "settle_before_s": round(settle, 1),
         "udp_rcvbuf_drops": drops,
     }
+    if db_cpu is not None:
+        row["db_cpu_s"] = round(db_cpu, 2)
+        row["db_backends"] = len(db1 or {})
     if load == "470":
         row["consent_needed_per_s"] = row["answered_per_s"]
         row["cpu_us_per_470"] = _round(1e6 * cpu / ok) if ok else None
+        if db_cpu is not None:
+            row["db_cpu_us_per_470"] = _round(1e6 * db_cpu / ok) if ok else None
         # Must stay 0 but for copies the relay still retransmits from an earlier step.
         row["sink_messages"] = sink["created"]
     else:
@@ -545,6 +626,10 @@ def run_step(
         row["cpu_us_per_delivered"] = (
             _round(1e6 * cpu / sink["created"]) if sink["created"] else None
         )
+        if db_cpu is not None:
+            row["db_cpu_us_per_delivered"] = (
+                _round(1e6 * db_cpu / sink["created"]) if sink["created"] else None
+            )
     log(
         f"{tag}: ok {ok}/{uac['offered_calls']} in {uac['elapsed_s']} s, failed {uac['failed']},"
         f" retrans {uac['retransmissions']}, 503 {uac['shed_503']}, relay cpu {cpu:.1f} s,"
@@ -554,6 +639,7 @@ def run_step(
             if load != "470"
             else f", {row['cpu_us_per_470']} us per 470"
         )
+        + (f", postgres backends {db_cpu:.1f} s" if db_cpu is not None else "")
     )
     return row
 
@@ -574,21 +660,50 @@ def profile_top(path: str, count: int = 25) -> list[list[Any]]:
 
 
 def run_relayd(
-    settings: argparse.Namespace, root: Path, sinks: Sinks, workers: int = 1
+    settings: argparse.Namespace,
+    root: Path,
+    sinks: Sinks,
+    workers: int = 1,
+    store: str | None = None,
+) -> dict[str, Any]:
+    """The loads against one relayd (``workers`` processes, ``store`` backend; a
+    PostgreSQL store in a scratch schema of its own)."""
+    store = store or settings.store
+    if store != "postgresql":
+        return _run_relayd(settings, root, sinks, workers, store)
+    with scratch_schema(settings.dsn) as (dsn, backends):
+        return _run_relayd(settings, root, sinks, workers, store, dsn, backends)
+
+
+def _run_relayd(
+    settings: argparse.Namespace,
+    root: Path,
+    sinks: Sinks,
+    workers: int,
+    store: str,
+    dsn: str = "",
+    backends: Callable[[], list[int]] | None = None,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"steps": [], "errors": []}
-    pki = make_pki(root / f"pki-{workers}")
+    name = f"{store}-{workers}"
+    pki = make_pki(root / f"pki-{name}")
     # One SIPp socket sends every request of a step: no per-source datagram budget.
     relay = Relay(
-        root / f"relay-{workers}",
+        root / f"relay-{name}",
         pki,
         free_udp_port(),
         settings.profile,
         "max_datagrams_per_source = 0\n",
         workers=workers,
-        store=settings.store,
+        store=store,
+        dsn=dsn,
+        database=backends,
     )
     relay.folder.mkdir(parents=True)
+    several = len(settings.workers) > 1 or len(settings.stores) > 1
+    server = "relayd"
+    if several:
+        server += f"-{workers}w" if len(settings.stores) == 1 else f"-{store}-{workers}w"
     try:
         relay.start()
         t = time.monotonic()
@@ -607,10 +722,12 @@ def run_relayd(
                         load,
                         rate,
                         settings.duration,
-                        f"relayd-{workers}w" if len(settings.workers) > 1 else "relayd",
+                        server,
                         settings.sipp_transport,
+                        relay.database_cpu if backends is not None else None,
                     )
-                    results["steps"].append({**row, "server": "relayd", "workers": workers})
+                    row = {**row, "server": "relayd", "workers": workers, "store": store}
+                    results["steps"].append(row)
                 except Exception as e:
                     log(f"{load} {rate}: {e!r}")
                     results["errors"].append(f"{load} {rate}: {e!r}")
@@ -702,11 +819,18 @@ def run(settings: argparse.Namespace) -> dict[str, Any]:
         sinks = Sinks(root / "sinks", {m: free_udp_port() for m in MEMBERS})
         try:
             if not settings.kamailio_only:
-                for count in settings.workers:
-                    one = run_relayd(settings, root, sinks, count)
-                    results["steps"] += one["steps"]
-                    results["errors"] += one["errors"]
-                    results.setdefault("relay_log", {})[f"{count}w"] = one.get("relay_log")
+                for store in settings.stores:
+                    for count in settings.workers:
+                        try:
+                            one = run_relayd(settings, root, sinks, count, store)
+                        except Exception as e:  # no PostgreSQL server, say
+                            log(f"relayd {store} {count}w: {e!r}")
+                            results["errors"].append(f"relayd {store} {count}w: {e!r}")
+                            continue
+                        results["steps"] += one["steps"]
+                        results["errors"] += one["errors"]
+                        key = f"{count}w" if len(settings.stores) == 1 else f"{store}-{count}w"
+                        results.setdefault("relay_log", {})[key] = one.get("relay_log")
             if settings.with_kamailio:
                 results["kamailio"] = run_kamailio(settings, root, sinks)
         finally:
@@ -776,10 +900,12 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
 def by_workers(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each load and rate side by side for every workers count: delivered (or 470s) per
     second, CPU per message, and the ratio of each count's rate to one worker's."""
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    rows: dict[tuple[str, int, str], dict[str, Any]] = {}
     for step in steps:
-        key = (step["load"], step["rate_offered"])
+        key = (step["load"], step["rate_offered"], step.get("store", ""))
         row = rows.setdefault(key, {"load": key[0], "rate_offered": key[1]})
+        if key[2]:
+            row["store"] = key[2]
         rate = step.get("delivered_per_s", step.get("consent_needed_per_s"))
         cpu = step.get("cpu_us_per_delivered", step.get("cpu_us_per_470"))
         workers = step.get("workers", 1)
@@ -791,6 +917,47 @@ def by_workers(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for name in [k for k in row if k.startswith("per_s_") and k != "per_s_1w"]:
             value = row[name]
             row[f"ratio_{name[6:]}_to_1w"] = round(value / base, 2) if base and value else None
+    return list(rows.values())
+
+
+def by_store(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each load, rate and workers count side by side for every store backend: delivered
+    (or 470s) per second and the relay's CPU per message, the PostgreSQL backends' CPU
+    per message apart, and the ratios to the first backend run: relay CPU to relay CPU,
+    and relay plus database CPU to the same sum (when a backend has a database)."""
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
+    order: list[str] = []
+    for step in steps:
+        store = step.get("store", "memory")
+        if store not in order:
+            order.append(store)
+        key = (step["load"], step["rate_offered"], step.get("workers", 1))
+        row = rows.setdefault(key, {"load": key[0], "rate_offered": key[1], "workers": key[2]})
+        row[f"per_s_{store}"] = step.get("delivered_per_s", step.get("consent_needed_per_s"))
+        row[f"cpu_us_{store}"] = step.get("cpu_us_per_delivered", step.get("cpu_us_per_470"))
+        db = step.get("db_cpu_us_per_delivered", step.get("db_cpu_us_per_470"))
+        if db is not None:
+            row[f"db_cpu_us_{store}"] = db
+        row[f"lost_{store}"] = step.get("lost", 0) + step.get("failed", 0)
+    if not order:
+        return []
+    base = order[0]
+    for row in rows.values():
+        per_s, cpu = row.get(f"per_s_{base}"), row.get(f"cpu_us_{base}")
+        for store in order[1:]:
+            mine, own = row.get(f"per_s_{store}"), row.get(f"cpu_us_{store}")
+            row[f"per_s_ratio_{store}_to_{base}"] = (
+                round(mine / per_s, 2) if mine and per_s else None
+            )
+            row[f"cpu_ratio_{store}_to_{base}"] = round(own / cpu, 2) if own and cpu else None
+            # A backend without a database server (SQLite) adds none of its CPU.
+            db, base_db = row.get(f"db_cpu_us_{store}"), row.get(f"db_cpu_us_{base}")
+            if db is not None or base_db is not None:
+                row[f"cpu_with_db_ratio_{store}_to_{base}"] = (
+                    round((own + (db or 0.0)) / (cpu + (base_db or 0.0)), 2)
+                    if own and cpu
+                    else None
+                )
     return list(rows.values())
 
 
@@ -842,6 +1009,8 @@ def summarize(results: dict[str, Any], targets: dict[str, Any] | None = None) ->
     out["shed_503_total"] = sum(s["shed_503"] for s in steps)
     if len({s.get("workers", 1) for s in steps}) > 1:
         out["by_workers"] = by_workers(steps)
+    if len({s.get("store", "memory") for s in steps}) > 1:
+        out["by_store"] = by_store(steps)
     if results.get("kamailio", {}).get("steps"):
         out["vs_kamailio"] = compare(results)
         out["cpu_us_per_delivered_min"] = out.get("cpu_us_per_delivered_min", {}) | {
@@ -891,6 +1060,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="[relay] workers counts to run relayd with, one after the other (e.g. 1,2); above"
         " 1, or with several, the store is sqlite and SIPp uses a socket per call (-t un)",
     )
+    parser.add_argument(
+        "--stores",
+        default=None,
+        help="[store] backends to run relayd with, one after the other (e.g. sqlite,postgresql;"
+        " default memory, or sqlite with workers)",
+    )
+    parser.add_argument(
+        "--dsn",
+        default=DEFAULT_DSN,
+        help="PostgreSQL server for the postgresql store, used in a scratch schema"
+        f" (default {DEFAULT_DSN})",
+    )
     args = parser.parse_args(argv)
     try:
         args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
@@ -901,6 +1082,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     spread = max(args.workers) > 1
     # Side by side, every count gets the same store and the same SIPp sockets.
     args.store = "sqlite" if spread else "memory"
+    if args.stores is not None:
+        args.stores = [x.strip() for x in args.stores.split(",") if x.strip()]
+        if not args.stores or set(args.stores) - set(STORES):
+            parser.error(f"--stores: {', '.join(STORES)}, comma separated")
+        if spread and "memory" in args.stores:
+            parser.error("--stores: workers need a durable store (sqlite or postgresql)")
+        if len(set(args.stores)) != len(args.stores):
+            parser.error("--stores: each backend once")
+        args.store = args.stores[0]
+    else:
+        args.stores = [args.store]
     args.sipp_transport = "un" if spread else "u1"
     given = [int(r) for r in args.rates.split(",") if r.strip()] if args.rates else None
     args.rates = {load: given or DEFAULT_RATES[load] for load in ("list1", "list10", "470")}
@@ -938,6 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
             "kamailio_define": settings.kamailio_define,
             "workers": settings.workers,
             "store": settings.store,
+            "stores": settings.stores,
+            "dsn": settings.dsn if "postgresql" in settings.stores else None,
             "sipp_transport": settings.sipp_transport,
         },
         "targets": targets,
