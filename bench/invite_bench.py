@@ -66,6 +66,7 @@ from bench.sip_bench import (
     read_counts,
     read_stats,
     register,
+    run_uac,
     sipp_command,
     udp_rcvbuf_errors,
 )
@@ -133,39 +134,11 @@ def idle_share(proxy: Target) -> float:
 
 
 def run_caller(folder: Path, proxy: Target, rate: int, duration: float) -> dict[str, Any]:
-    folder.mkdir(parents=True, exist_ok=True)
-    calls = int(rate * duration)
-    command = [
-        *sipp_command(folder, "invite_call.xml", free_udp_port()),
-        f"{HOST}:{proxy.sip_port}",
-    ]
-    command += ["-s", CALLEE, "-key", "sender", SENDER, "-au", SENDER, "-ap", USERS[SENDER]]
-    command += ["-auth_uri", f"{CALLEE}@{HOST}", "-r", str(rate), "-rp", "1000"]
-    command += ["-m", str(calls), "-l", str(max(1000, rate * 40))]
-    command += ["-timeout", f"{int(duration + 40)}s", "-max_retrans", "5"]
-    started = time.monotonic()
-    result = subprocess.run(
-        command, cwd=folder, capture_output=True, timeout=duration + 90, check=False
-    )
-    elapsed = time.monotonic() - started
-    stats = read_stats(folder / "stat.csv")
-    counts = read_counts(folder)
-    last = counts[-1] if counts else {}
-    shed = sum(_int(last, key) for key in last if re.fullmatch(r"\d+_503_Recv", key))
-    out: dict[str, Any] = {
-        "offered_calls": calls,
-        "sipp_exit": result.returncode,
-        "elapsed_s": round(elapsed, 2),
-        "created": _int(stats, "TotalCallCreated"),
-        "completed": _int(stats, "SuccessfulCall(C)") - shed,
-        "failed": _int(stats, "FailedCall(C)"),
-        "shed_503": shed,
-        "retransmissions": _int(stats, "Retransmissions(C)"),
-        "timeouts": _int(stats, "FailedMaxUDPRetrans(C)") + _int(stats, "FailedCallRejected(C)"),
-        "unexpected": _int(stats, "FailedUnexpectedMessage(C)"),
-    }
-    if not stats:
-        out["sipp_stderr"] = result.stderr.decode(errors="replace")[-500:]
+    """The caller's SIPp run (``invite_call.xml``), as ``sip_bench.run_uac`` runs a
+    sender: the calls it completed, shed (503), failed and retransmitted."""
+    out = run_uac(folder, proxy, "invite_call.xml", CALLEE, SENDER, rate, duration)
+    out["completed"] = out.pop("ok")
+    del out["counts"]
     return out
 
 

@@ -42,14 +42,12 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -58,6 +56,7 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from bench.daemon import spawn_twistd, stop_async, wait_for_log
+from bench.pgscratch import scratch_schema
 from relayd.consent.vocabulary import CONSENT_RULES_MIME_TYPE as MIME
 from relayd.consent.vocabulary import CONSENT_STATUS_NAMESPACE as CS
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
@@ -654,22 +653,6 @@ async def run(quick: bool) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def scratch_schema(dsn: str) -> Iterator[str]:
-    """``dsn`` with a fresh schema first on its search path, dropped afterwards."""
-    import psycopg
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    name = sql.Identifier(f"relayd_bench_{secrets.token_hex(6)}")
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE SCHEMA {}").format(name))
-        try:
-            yield make_conninfo(dsn, options=f"-c search_path={name.as_string()}")
-        finally:
-            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(name))
-
-
 POOL_NODES = ("127.0.0.2", "127.0.0.3")
 #: (label, cycles in flight, PUT at the other node): same- and cross-node loads
 #: alternate, so that both see the same machine.
@@ -687,7 +670,10 @@ async def run_pool(dsn: str, quick: bool) -> dict[str, Any]:
     work = jobs(per_load * len(POOL_PLAN), 0)
     results: dict[str, Any] = {}
     problems: dict[str, Any] = {}
-    with scratch_schema(dsn) as scoped, tempfile.TemporaryDirectory(prefix="notify-pool-") as temp:
+    with (
+        scratch_schema(dsn) as (scoped, _backends),
+        tempfile.TemporaryDirectory(prefix="notify-pool-") as temp,
+    ):
         folder = Path(temp)
         pki = make_pki(folder / "pki")
         context = ssl.create_default_context(cafile=pki.ca_path)

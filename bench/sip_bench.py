@@ -68,7 +68,6 @@ import json
 import os
 import pstats
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -76,14 +75,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from bench.daemon import RELAY_LISTENING, spawn_twistd, stop_sync, wait_for_log_sync, wait_idle
 from bench.kamailio_sip import Kamailio, descendants, find_kamailio, kamailio_version
+from bench.pgscratch import scratch_schema
 from bench.report import report_head
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
@@ -300,40 +299,6 @@ class Relay:
         """Until the relay is idle: the backlog drained, and the client transactions'
         retransmissions (Timer E/F, 32 s) of an overloaded step gone."""
         return wait_idle(self.cpu, limit)
-
-
-@contextmanager
-def scratch_schema(dsn: str) -> Iterator[tuple[str, Callable[[], list[int]]]]:
-    """``dsn`` with a fresh schema first on its search path and an application name of
-    the run's own (the schema dropped afterwards, so no state leaks between runs), and
-    a function listing the server backends (pids) of connections made with it."""
-    import psycopg
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    tag = secrets.token_hex(6)
-    name = sql.Identifier(f"relayd_sip_bench_{tag}")
-    application = f"relayd-sip-bench-{tag}"
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(sql.SQL("CREATE SCHEMA {}").format(name))
-
-        def backends() -> list[int]:
-            rows = admin.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application,)
-            ).fetchall()
-            return [int(row[0]) for row in rows]
-
-        try:
-            yield (
-                make_conninfo(
-                    dsn,
-                    options=f"-c search_path={name.as_string()}",
-                    application_name=application,
-                ),
-                backends,
-            )
-        finally:
-            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(name))
 
 
 # -- provisioning -----------------------------------------------------------------------

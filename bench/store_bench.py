@@ -33,21 +33,20 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 
+from bench.pgscratch import scratch_schema
 from relayd.consent.postgres import PostgresPermissionStore
 from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import IPermissionStore, StoredBinding
 from relayd.testing import consent_rule, consent_ruleset
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-APPLICATION = "relayd-store-bench"
 TICKS = os.sysconf("SC_CLK_TCK")
 OPERATIONS = ("register", "put", "get", "consent", "rate")
 
@@ -60,37 +59,6 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-@contextmanager
-def scratch_schema(dsn: str) -> Iterator[tuple[str, Callable[[], list[int]]]]:
-    """``dsn`` in a fresh schema (dropped afterwards), and a function listing the server
-    process ids serving it."""
-    import psycopg
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    name = sql.Identifier(f"relayd_bench_{secrets.token_hex(6)}")
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE SCHEMA {}").format(name))
-
-        def backends() -> list[int]:
-            rows = admin.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (APPLICATION,)
-            ).fetchall()
-            return [int(row[0]) for row in rows]
-
-        try:
-            yield (
-                make_conninfo(
-                    dsn,
-                    options=f"-c search_path={name.as_string()}",
-                    application_name=APPLICATION,
-                ),
-                backends,
-            )
-        finally:
-            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(name))
 
 
 def operations(store: IPermissionStore, tag: str) -> dict[str, Callable[[int], Awaitable[Any]]]:
