@@ -566,6 +566,15 @@ SCHEMA: tuple[Key, ...] = (
         " the MESSAGE)",
     ),
     Key(
+        "sip",
+        "ask_list_additions",
+        "no",
+        _boolean,
+        "Ask a member for consent when a list write on this relay adds them to a list"
+        " (RFC 5360 section 5.3), by consent_request, for every sender of that list; no:"
+        " members are asked only when a sender sends a CONSENT",
+    ),
+    Key(
         "store",
         "backend",
         "sqlite",
@@ -682,6 +691,7 @@ class SIPConfig:
     max_connections: int
     record_route: bool = True
     consent_request: str = "consent"
+    ask_list_additions: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Literal
 from lxml import etree
 from twisted.internet.interfaces import IReactorTime
 
+from relayd.consent.additions import is_whole_list
 from relayd.consent.documents import parse_document
 from relayd.consent.permissions import permission_document_name
 from relayd.consent.policy import identity_key, now_from_clock
@@ -111,7 +112,9 @@ def consent_document(record: PendingConsent, rule_id: str, handlings: Sequence[H
 
 def consent_ruleset(rules: Sequence[tuple[PendingConsent, str, Sequence[Handling]]]) -> bytes:
     """An RFC 5361 document with one rule per ``(record, rule id, handlings)`` (RFC 4745
-    §6: a ruleset holds any number of rules; RFC 5361 §4 shows one)."""
+    §6: a ruleset holds any number of rules; RFC 5361 §4 shows one). A rule names its
+    record's sender, or every sender (``cp:many``) for a whole-list request
+    (:mod:`relayd.consent.additions`)."""
     cp = f"{{{COMMON_POLICY_NAMESPACE}}}"
     cr = f"{{{CONSENT_FORMAT_NAMESPACE}}}"
     nsmap = {"cp": COMMON_POLICY_NAMESPACE, "cr": CONSENT_FORMAT_NAMESPACE}
@@ -119,8 +122,13 @@ def consent_ruleset(rules: Sequence[tuple[PendingConsent, str, Sequence[Handling
     for record, rule_id, handlings in rules:
         rule = etree.SubElement(ruleset, cp + "rule", id=rule_id)
         conditions = etree.SubElement(rule, cp + "conditions")
+        identity = etree.SubElement(conditions, cp + "identity")
+        if is_whole_list(record):
+            # RFC 5360 §5.3's example: the list asks for every sender.
+            etree.SubElement(identity, cp + "many")
+        else:
+            etree.SubElement(identity, cp + "one", id=record.sender)
         for parent, uri in (
-            (etree.SubElement(conditions, cp + "identity"), record.sender),
             (etree.SubElement(conditions, cr + "recipient"), record.recipient),
             (etree.SubElement(conditions, cr + "target"), record.list_uri),
         ):

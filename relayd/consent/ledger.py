@@ -77,15 +77,26 @@ class ConsentLedger:
         self._timer = self._timer_at = None
 
     async def open(
-        self, sender: str, list_uri: str, recipient: str, methods: Sequence[str]
+        self,
+        sender: str,
+        list_uri: str,
+        recipient: str,
+        methods: Sequence[str],
+        *,
+        counted_as: str | None = None,
     ) -> PendingConsent:
-        """Open or refresh the record; raises :class:`RateExceeded` past the rate."""
+        """Open or refresh the record; raises :class:`RateExceeded` past the rate.
+
+        The request counts against ``counted_as`` (default: ``sender``): a whole-list
+        request (:mod:`relayd.consent.additions`) against the user whose list write
+        caused it, in the same bucket as that user's own CONSENTs."""
         now = self.clock.seconds()
+        who = counted_as if counted_as is not None else sender
         wait = await self.store.count_request(
-            identity_key(sender), now, self.limits.consent_requests_per_hour, _RATE_WINDOW
+            identity_key(who), now, self.limits.consent_requests_per_hour, _RATE_WINDOW
         )
         if wait is not None:
-            self.log.warn("consent rate limit hit by {user}", user=sender)
+            self.log.warn("consent rate limit hit by {user}", user=who)
             raise RateExceeded(int(wait))
         expires = now + self.limits.pending_consent_seconds
         record = await self.store.open_consent(

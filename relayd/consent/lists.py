@@ -24,7 +24,7 @@ RFC 4826 ``resource-lists`` documents, all parsed with the shared safe lxml pars
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from lxml import etree
@@ -352,6 +352,33 @@ def build_uri_list(uris: Iterable[str], display_names: Iterable[str] | None = No
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 
 
+def added_members(old: Sequence[URIList], new: Sequence[URIList]) -> list[URIList]:
+    """Per list of ``new``, the members the list of the same URI in ``old`` did not
+    have (two spellings of one member are one member: identity keys), in document
+    order and each once; lists that gained no member are left out.
+
+    A list new to ``old`` (a new document, a list renamed) gains all its members: a new
+    translation needs every recipient's consent (RFC 5360 §5.3.1).
+    """
+    before = {
+        identity_key(item.uri): {identity_key(member) for member in item.members} for item in old
+    }
+    out: list[URIList] = []
+    for item in new:
+        seen = set(before.get(identity_key(item.uri), ()))
+        gained: list[str] = []
+        for member in item.members:
+            key = identity_key(member)
+            if key not in seen:
+                seen.add(key)
+                gained.append(member)
+        if gained:
+            out.append(
+                URIList(item.uri, tuple(gained), owner=item.owner, name=item.name, node=item.node)
+            )
+    return out
+
+
 class ListDirectory:
     """List URI → :class:`URIList`; requests name lists by user part on a local host."""
 
@@ -375,11 +402,20 @@ class ListDirectory:
         self._by_user: dict[str, URIList] = {}
         self._defined_in: dict[str, tuple[str, str]] = {}
         self._observers: list[Callable[[], object]] = []
+        self._addition_observers: list[Callable[[URIList], object]] = []
         self.replace_file_lists(file_lists)
 
     def add_observer(self, observer: Callable[[], object]) -> None:
         """Call ``observer`` after every change of the lists (RFC 5362 watchers)."""
         self._observers.append(observer)
+
+    def add_addition_observer(self, observer: Callable[[URIList], object]) -> None:
+        """Call ``observer(gained)`` for each list a write committed on this node adds
+        members to: ``gained`` is the list with only the added members
+        (:func:`relayd.consent.additions.added_members`). A write another node committed
+        reaches its own observers there, never here (RFC 5360 §5.3: one request per
+        addition)."""
+        self._addition_observers.append(observer)
 
     def replace_file_lists(self, file_lists: Iterable[URIList]) -> None:
         """The lists of the ``[sip] lists`` file, at start and again on reload; those
@@ -506,7 +542,10 @@ class ListDirectory:
             return None
         return self._by_user.get(uri.user)
 
-    def _set_document(self, owner: str, name: str, body: bytes | None) -> None:
+    def _set_document(
+        self, owner: str, name: str, body: bytes | None, *, local: bool = False
+    ) -> None:
+        before = self._store_docs.get((owner, name), [])
         if body is None:
             self._store_docs.pop((owner, name), None)
         else:
@@ -523,6 +562,22 @@ class ListDirectory:
                 )
                 self._store_docs.pop((owner, name), None)
         self._rebuild()
+        if local and self._addition_observers:
+            self._announce_additions(owner, name, before)
+
+    def _announce_additions(self, owner: str, name: str, before: list[URIList]) -> None:
+        """Tell the addition observers what the lists this document routes gained."""
+        routed = [
+            item
+            for item in self._store_docs.get((owner, name), [])
+            if self._defined_in.get(self._local_user(item.uri) or "") == (owner, name)
+        ]
+        for gained in added_members(before, routed):
+            for observer in list(self._addition_observers):
+                try:
+                    observer(gained)
+                except Exception:
+                    self.log.failure("list addition observer failed for {uri}", uri=gained.uri)
 
     async def load_owner(self, owner: str) -> None:
         """Index every resource-lists document of ``owner`` (startup)."""
@@ -541,7 +596,8 @@ class ListDirectory:
 
         async def fetch() -> None:
             stored = await self.store.get_document(RESOURCE_LISTS_AUID, owner, name)
-            self._set_document(owner, name, stored.body if stored is not None else None)
+            body = stored.body if stored is not None else None
+            self._set_document(owner, name, body, local=not change.remote)
 
         d = defer.ensureDeferred(fetch())
         d.addErrback(lambda f: self.log.failure("list index update failed", f))

@@ -70,6 +70,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from relayd.bounded import remember
+from relayd.consent.additions import LIST_METHODS, whole_list_sender
 from relayd.consent.answer import ACTIONS, Action, answer, answer_token, find_answer
 from relayd.consent.ledger import ConsentLedger, RateExceeded
 from relayd.consent.lists import ListDirectory, URIList, URIListError
@@ -270,10 +271,12 @@ class ConsentRelay:
         record_route: bool = True,
         consent_link: ConsentLink | None = None,
         consent_request: str = "consent",
+        ask_list_additions: bool = False,
     ) -> None:
         self.clock = clock
         self.consent_link = consent_link
         self.consent_request = consent_request
+        self.ask_list_additions = ask_list_additions
         self.record_route = record_route
         self.transport = transport
         self.uas = uas
@@ -306,6 +309,8 @@ class ConsentRelay:
         self.subscriptions.register(PendingAdditionsPackage(store, cache, directory))
         cache.add_observer(self._permissions_changed)
         directory.add_observer(self._lists_changed)
+        if ask_list_additions:
+            directory.add_addition_observer(self._list_gained)
         self._started = False
         #: Response contexts of INVITEs in progress (their timers hold them alive).
         self._invites: weakref.WeakSet[InviteContext] = weakref.WeakSet()
@@ -1013,7 +1018,13 @@ class ConsentRelay:
             # already has the Permission URI; asking again would make CONSENT a spam tool.
             self.log.info("consent {consent} refreshed", consent=record.id)
         elif self.proxy.is_online(member):
-            self._forward_consent(request, sender, list_uri, member, record, permission)
+            note_type = request.headers.get("content-type")
+            note = (
+                (note_type, request.body)
+                if note_type and note_type.lower().startswith("text/plain") and request.body
+                else None
+            )
+            self._forward_consent(sender, member, record, permission, note)
         else:
             self.log.info(
                 "{recipient} is offline: consent {consent} kept for grant-permission",
@@ -1027,15 +1038,15 @@ class ConsentRelay:
 
     def _forward_consent(
         self,
-        request: SIPRequest,
         sender: str,
-        list_uri: str,
         member: str,
         record: PendingConsent,
         permission: str,
+        note: tuple[str, bytes] | None = None,
     ) -> None:
-        """Seed §6: the CONSENT towards the recipient, with the Permission URI; a UA
-        that cannot take one (or ``[sip] consent_request = message``) is asked by
+        """Seed §6: the CONSENT towards the recipient, with the Permission URI and the
+        ``text/plain`` ``note`` (its Content-Type and body), if any; a UA that cannot
+        take one (or ``[sip] consent_request = message``) is asked by
         :meth:`_ask_by_message`."""
         if self.consent_request == "message":
             self._ask_by_message(member, record)
@@ -1046,12 +1057,11 @@ class ConsentRelay:
             headers.add("Consent-Methods", ", ".join(record.methods))
             headers.add("Permission", f"<{permission}>")
             headers.add("P-Asserted-Identity", f"<{sender}>")
-            headers.add("Trigger-Consent", self._trigger_consent(member, list_uri))
-            note_type = request.headers.get("content-type")
+            headers.add("Trigger-Consent", self._trigger_consent(member, record.list_uri))
             body = b""
-            if note_type and note_type.lower().startswith("text/plain") and request.body:
-                headers.add("Content-Type", note_type)
-                body = request.body
+            if note is not None:
+                headers.add("Content-Type", note[0])
+                body = note[1]
             return SIPRequest("CONSENT", branch.uri, headers, body)
 
         d = self.proxy.fork([member], build)
@@ -1068,6 +1078,64 @@ class ConsentRelay:
                 self._ask_by_message(member, record)
 
         d.addCallback(done)
+
+    # -- members added to a list (RFC 5360 §5.3) ------------------------------------------
+
+    def _list_gained(self, gained: URIList) -> None:
+        """A list write committed here added ``gained.members`` to ``gained.uri``."""
+        if not self._started:
+            return
+        d = defer.ensureDeferred(self._ask_added(gained))
+        d.addErrback(self._asking_failed, gained.uri)
+
+    def _asking_failed(self, failure: Failure, list_uri: str) -> None:
+        if failure.check(StoreUnavailable):
+            self.log.warn(
+                "members added to {list_uri} not asked: store unavailable", list_uri=list_uri
+            )
+            return
+        self.log.failure("asking members added to a list failed", failure)
+
+    async def _ask_added(self, gained: URIList) -> None:
+        """RFC 5360 §5.3: ask each added member without a grant covering every sender
+        of the list for one (:mod:`relayd.consent.additions`), as a sender's CONSENT
+        asks (CONSENT or MESSAGE, grant-permission when offline). The requests count
+        against the list's owner in the ledger's hourly rate; an open request is
+        refreshed and asks nothing again, so a member removed and added back while
+        it is open is asked once."""
+        list_uri = gained.uri
+        sender = whole_list_sender(list_uri)
+        for member in gained.members:
+            granted = [
+                await self.cache.permitted(sender, list_uri, member, method)
+                for method in LIST_METHODS
+            ]
+            if all(granted):
+                continue
+            opened_at = self.clock.seconds()
+            try:
+                record = await self.ledger.open(
+                    sender, list_uri, member, LIST_METHODS, counted_as=gained.owner
+                )
+            except RateExceeded:
+                self.log.warn(
+                    "members added to {list_uri} not asked: rate of {owner} exceeded",
+                    list_uri=list_uri,
+                    owner=gained.owner or list_uri,
+                )
+                return
+            if record.created < opened_at:
+                self.log.info("consent {consent} refreshed", consent=record.id)
+            elif self.proxy.is_online(member):
+                note = f"You were added to the list {list_uri}.".encode()
+                permission = self.permission_uri(member, record.permission_token)
+                self._forward_consent(sender, member, record, permission, (PLAIN_TEXT, note))
+            else:
+                self.log.info(
+                    "{recipient} is offline: consent {consent} kept for grant-permission",
+                    recipient=member,
+                    consent=record.id,
+                )
 
     def _answer_links(self, record: PendingConsent) -> dict[Action, tuple[str, str]]:
         """Per action, the SIP answer URI and the HTTPS link (empty without one)."""

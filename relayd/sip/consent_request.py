@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from relayd.consent.additions import is_whole_list
 from relayd.consent.answer import ACTIONS, Action, consent_ruleset, token_consent_id
 from relayd.consent.permissions import requested_methods
 from relayd.consent.store import PendingConsent
@@ -80,9 +81,15 @@ def _note(record: PendingConsent, links: Links) -> str:
         if links["grant"][1]
         else ""
     )
+    who = (
+        f"You were added to the list {record.list_uri}: its senders ask to send you"
+        f" {methods} requests through it."
+        if is_whole_list(record)
+        else f"{record.sender} asks to send you {methods} requests through the list"
+        f" {record.list_uri}."
+    )
     return (
-        f"{record.sender} asks to send you {methods} requests through the list"
-        f" {record.list_uri}.\r\n\r\n{web}"
+        f"{who}\r\n\r\n{web}"
         f"Or send a MESSAGE to {links['grant'][0]} (allow)"
         f" or {links['deny'][0]} (deny).\r\n"
     )

@@ -233,6 +233,7 @@ def build_sip(
         record_route=sip.record_route,
         consent_link=consent_link,
         consent_request=sip.consent_request,
+        ask_list_additions=sip.ask_list_additions,
     )
     # OPTIONS advertises the event packages the subscription manager serves (§11.2).
     uas.capabilities = replace(

@@ -1269,6 +1269,101 @@ async def test_a_member_who_lost_the_deny_uri_gets_it_again_and_revokes(start: S
     assert (await send_message(alice, SOLO, b"after revocation")).status == 470
 
 
+TEAM = f"sip:team@{HOST}"
+
+
+def team_document(*members: str) -> bytes:
+    entries = "".join(f'<entry uri="{member}"/>' for member in members)
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><resource-lists xmlns="{RL}">'
+        f'<list name="team">{entries}</list></resource-lists>'
+    ).encode()
+
+
+async def put_team(owner: XCAPClient, *members: str) -> int:
+    path = document_path(owner.root, "resource-lists", ALICE, "index")
+    headers = {"Content-Type": "application/resource-lists+xml"}
+    return (await owner.request("PUT", path, team_document(*members), headers)).status
+
+
+@pytest.mark.parametrize(("mode", "refusal"), [("consent", 501), ("message", 0)])
+@pytest_twisted.ensureDeferred
+async def test_a_member_added_to_a_list_is_asked_once_and_grants_every_sender(
+    start: Start, mode: str, refusal: int
+) -> None:
+    """RFC 5360 §5.3 with ``[sip] ask_list_additions``: alice's XCAP PUTs add bob, then
+    carol, to her list team; the relay asks each (CONSENT, then MESSAGE as the UA
+    answers 501; or the MESSAGE at once) for the list's every sender (``cp:many``),
+    once: dropping bob and adding him back asks nothing more while his request is
+    open. Their MESSAGEs to the SIP grant URIs let alice's and mallory's MESSAGEs to
+    the list through."""
+    relay = await start(sip__ask_list_additions="yes", sip__consent_request=mode)
+    alice = await start_ua("alice", "UDP", relay)
+    mallory = await start_ua("mallory", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    carol = await start_ua("carol", "UDP", relay)
+    owner = XCAPClient(
+        relay.xcap_root, "alice", USERS["alice"], relay.ca_pem, reactor, persistent=False
+    )
+    asked_by = ["CONSENT", "MESSAGE"] if mode == "consent" else ["MESSAGE"]
+
+    async def asked(ua: UA) -> SIPRequest:
+        if mode == "consent":
+            consent = await ua.next_request("CONSENT")
+            assert consent.headers.get("p-asserted-identity") == f"<{TEAM}>"
+        message = await ua.next_request("MESSAGE")
+        ua.answer_status = 200
+        return message
+
+    try:
+        for ua in (bob, carol):
+            await ua.register()
+            ua.answer_status = refusal or 200
+        assert await put_team(owner, BOB) == 201
+        to_bob = await asked(bob)
+        assert TEAM in _parts(to_bob)["text/plain"].decode()
+        policy = etree.fromstring(_parts(to_bob)[POLICY_TYPE])
+        identity = policy.find(f".//{{{CP}}}identity")
+        assert identity is not None and [etree.QName(e).localname for e in identity] == ["many"]
+        assert await put_team(owner, BOB, CAROL) == 200
+        to_carol = await asked(carol)
+        assert await put_team(owner, CAROL) == 200
+        assert await put_team(owner, CAROL, BOB) == 200
+        assert (await send_message(alice, TEAM)).status == 470
+        for ua, request in ((bob, to_bob), (carol, to_carol)):
+            grant = _sip_links(request)["grant"]
+            assert (await ua.request("MESSAGE", grant, to=f"<{grant}>")).status == 200
+        for sender in (alice, mallory):
+            relayed = await send_message(sender, TEAM, b"to the team")
+            assert relayed.status == 200, relayed
+            for ua in (bob, carol):
+                assert (await ua.next_request("MESSAGE")).body == b"to the team"
+        assert [r.method for r in bob.received] == [*asked_by, "MESSAGE", "MESSAGE"]
+        assert [r.method for r in carol.received] == [*asked_by, "MESSAGE", "MESSAGE"]
+    finally:
+        await owner.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_ask_list_additions_a_list_write_asks_nobody(start: Start) -> None:
+    """The default: a list write sends nothing; members are asked on a sender's CONSENT."""
+    relay = await start()
+    alice = await start_ua("alice", "UDP", relay)
+    bob = await start_ua("bob", "UDP", relay)
+    await bob.register()
+    owner = XCAPClient(
+        relay.xcap_root, "alice", USERS["alice"], relay.ca_pem, reactor, persistent=False
+    )
+    try:
+        assert await put_team(owner, BOB) == 201
+        assert (await send_message(alice, TEAM)).status == 470
+        # One more round trip through the relay: anything the write caused is sent by now.
+        assert (await bob.request("OPTIONS", f"sip:{HOST}")).status == 200
+        assert bob.received == []
+    finally:
+        await owner.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_member_that_takes_only_plain_text_is_asked_by_its_note_alone(
     start: Start,

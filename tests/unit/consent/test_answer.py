@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from lxml import etree
 from twisted.internet.task import Clock
 
+from relayd.consent.additions import LIST_METHODS, is_whole_list, whole_list_sender
 from relayd.consent.answer import answer, answer_document, answer_token, find_answer, link_acts
 from relayd.consent.documents import parse_document
 from relayd.consent.permissions import PermissionCache, consent_scope
 from relayd.consent.policy import check_scope
 from relayd.consent.store import ConsentState, MemoryPermissionStore, PendingConsent
+from relayd.consent.vocabulary import COMMON_POLICY_NAMESPACE as CP
 from relayd.consent.vocabulary import CONSENT_RULES_AUID
 from relayd.testing import fired
 from relayd.xcap.usages import USAGES
@@ -77,3 +80,32 @@ def test_denying_a_pending_request_marks_it_denied() -> None:
     record = opened(store)
     assert fired(answer(store, record, "deny", clock)) is ConsentState.DENIED
     assert fired(store.get_consent(record.id)).state is ConsentState.DENIED
+
+
+def test_a_whole_list_grant_lets_every_sender_through_but_one_senders_grant_does_not() -> None:
+    """RFC 5360 §5.3: the request a list addition opens names every sender
+    (``cp:many``); its grant lets any sender through that list only, while a grant
+    naming one sender does not cover the whole list."""
+    store, clock = MemoryPermissionStore(), Clock()
+    cache = PermissionCache(store, clock)
+    store.add_listener(cache.store_changed)
+    sender = whole_list_sender(LIST)
+    whole: PendingConsent = fired(
+        store.open_consent(sender, LIST, BOB, LIST_METHODS, "w" * 22, 0.0, 100.0)
+    )
+    assert is_whole_list(whole) and not is_whole_list(opened(store))
+    root = parse_document(answer_document(whole, "grant"))
+    USAGES[CONSENT_RULES_AUID].validate(root)
+    check_scope(root, consent_scope(whole))
+    identities = [[etree.QName(c).localname for c in e] for e in root.iter(f"{{{CP}}}identity")]
+    assert identities == [["many"]]
+    seed = fired(store.find_open_consent(ALICE, LIST, BOB))
+    assert fired(answer(store, seed, "grant", clock)) is ConsentState.GRANTED
+    assert not fired(cache.permitted(sender, LIST, BOB, "MESSAGE"))
+    assert fired(answer(store, whole, "grant", clock)) is ConsentState.GRANTED
+    assert fired(cache.permitted(sender, LIST, BOB, "MESSAGE"))
+    for someone in (ALICE, "sip:carol@elsewhere.test"):
+        assert fired(cache.permitted(someone, LIST, BOB, "MESSAGE"))
+        assert fired(cache.permitted(someone, LIST, BOB, "INVITE"))
+    other_list = "sip:other@relay.test"
+    assert not fired(cache.permitted("sip:carol@elsewhere.test", other_list, BOB, "MESSAGE"))

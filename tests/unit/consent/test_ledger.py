@@ -100,3 +100,16 @@ def test_a_recipients_triggers_have_their_own_hourly_rate() -> None:
     failure = fired(ledger.count_trigger("sip:bob@x.test"))
     assert isinstance(failure.value, RateExceeded) and failure.value.retry_after == 3590
     assert fired(ledger.count_trigger("sip:carol@x.test")) is None
+
+
+def test_a_request_counts_against_whom_it_is_counted_as() -> None:
+    """A list addition's request (sender: the list) spends its owner's hourly rate."""
+    clock = Clock()
+    store = MemoryPermissionStore()
+    ledger = ConsentLedger(store, clock, ConsentLimits(consent_requests_per_hour=1))
+    alice = "sip:alice@x.test"
+    record = fired(ledger.open(LIST, LIST, "sip:bob@x.test", ["MESSAGE"], counted_as=alice))
+    assert record.sender == LIST
+    failure = fired(ledger.open(alice, LIST, "sip:carol@x.test", ["MESSAGE"]))
+    assert isinstance(failure.value, RateExceeded)
+    assert fired(ledger.open(LIST, LIST, "sip:carol@x.test", ["MESSAGE"])).sender == LIST

@@ -11,6 +11,7 @@ from relayd.consent.lists import (
     Unroutable,
     URIList,
     URIListError,
+    added_members,
     build_list_report,
     build_uri_list,
     every_member,
@@ -18,7 +19,7 @@ from relayd.consent.lists import (
     parse_lists_document,
     parse_resource_lists,
 )
-from relayd.consent.store import MemoryPermissionStore
+from relayd.consent.store import MemoryPermissionStore, StoreChange
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
 from relayd.sipuri import SIPURI
@@ -294,3 +295,70 @@ def test_the_lists_a_member_is_on_and_an_observer_of_list_changes() -> None:
         "sip:solo@relay.test",
     ]
     assert directory.lists_with("sip:zed@relay.test") == []
+
+
+def test_added_members_are_those_a_list_did_not_have() -> None:
+    """RFC 5360 §5.3: per list URI, the members a write adds; spellings of one member
+    are one, a new list gains all, a removal or an unchanged list gains nothing."""
+    old = [
+        URIList("sip:team@relay.test", ("sip:bob@relay.test", "sip:carol@x.test")),
+        URIList("sip:same@relay.test", ("sip:bob@relay.test",)),
+        URIList("sip:gone@relay.test", ("sip:bob@relay.test",)),
+    ]
+    new = [
+        URIList(
+            "sip:team@Relay.Test",
+            ("sip:bob@RELAY.test;transport=tcp", "sip:dave@x.test", "sip:dave@X.test"),
+            owner="sip:alice@relay.test",
+        ),
+        URIList("sip:same@relay.test", ("sip:bob@relay.test",)),
+        URIList("sip:fresh@relay.test", ("sip:erin@x.test", "sip:bob@relay.test")),
+    ]
+    assert added_members(old, new) == [
+        URIList("sip:team@Relay.Test", ("sip:dave@x.test",), owner="sip:alice@relay.test"),
+        URIList("sip:fresh@relay.test", ("sip:erin@x.test", "sip:bob@relay.test")),
+    ]
+    assert added_members(new, old) == [
+        URIList("sip:team@relay.test", ("sip:carol@x.test",)),
+        URIList("sip:gone@relay.test", ("sip:bob@relay.test",)),
+    ]
+    assert added_members(old, []) == []
+
+
+def _team(*members: str) -> bytes:
+    entries = "".join(f'<entry uri="{m}"/>' for m in members)
+    return (
+        f'<resource-lists xmlns="{RL}"><list name="team">{entries}</list></resource-lists>'.encode()
+    )
+
+
+def test_only_a_write_committed_here_announces_its_additions() -> None:
+    """A change another node committed (``remote``) updates the index but announces
+    nothing: that node asks. A list whose URI another document holds announces nothing."""
+    store = MemoryPermissionStore()
+    directory = ListDirectory(store, "relay.test", ["127.0.0.1"])
+    heard: list[URIList] = []
+    directory.add_addition_observer(heard.append)
+    store.add_listener(directory.store_changed)
+    alice, eve = "sip:alice@relay.test", "sip:eve@relay.test"
+    fired(store.put_document("resource-lists", alice, "index", _team("sip:bob@x.test")))
+    assert [(item.uri, item.owner, item.members) for item in heard] == [
+        ("sip:team@relay.test", alice, ("sip:bob@x.test",))
+    ]
+    two = _team("sip:bob@x.test", "sip:carol@x.test")
+    fired(store.put_document("resource-lists", alice, "index", two))
+    assert [item.members for item in heard] == [("sip:bob@x.test",), ("sip:carol@x.test",)]
+    # Another node wrote the document: the index follows, no announcement here.
+    store.remove_listener(directory.store_changed)
+    three = _team("sip:bob@x.test", "sip:dave@x.test")
+    fired(store.put_document("resource-lists", alice, "index", three))
+    directory.store_changed(
+        StoreChange("document", "resource-lists", alice, "index", "e", remote=True)
+    )
+    team = directory.lookup(SIPURI.parse("sip:team@relay.test"))
+    assert team is not None and team.members == ("sip:bob@x.test", "sip:dave@x.test")
+    assert len(heard) == 2
+    # A second document naming team (after a race) is not routed: nothing announced.
+    fired(store.put_document("resource-lists", eve, "x", _team("sip:zed@x.test")))
+    directory.store_changed(StoreChange("document", "resource-lists", eve, "x", "e"))
+    assert len(heard) == 2

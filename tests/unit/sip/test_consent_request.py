@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from lxml import etree
 
 from relayd.consent.answer import Action, answer_token
 from relayd.consent.store import PendingConsent
-from relayd.consent.vocabulary import CONSENT_FORMAT_NAMESPACE, CONSENT_RULES_MIME_TYPE
+from relayd.consent.vocabulary import (
+    COMMON_POLICY_NAMESPACE,
+    CONSENT_FORMAT_NAMESPACE,
+    CONSENT_RULES_MIME_TYPE,
+)
 from relayd.sip.consent_request import (
     answer_uri,
     parse_answer_user,
     request_body,
+    request_note,
     takes_plain_text,
 )
 
@@ -147,3 +154,15 @@ def test_one_message_can_ask_about_several_requests() -> None:
     note = body[: body.index(b"<?xml")].decode()
     assert "sip:alice@relay.test asks" in note and "sip:carol@relay.test asks" in note
     assert "sip:deny-e@relay.test" in note
+
+
+def test_a_list_additions_request_says_the_member_was_added_for_every_sender() -> None:
+    """RFC 5360 §5.3's example: the list asks (``cp:many``), the note names the list."""
+    whole = replace(RECORD, sender="sip:team@relay.test", list_uri="sip:team@relay.test")
+    note = request_note([(whole, LINKS)])
+    assert note.startswith("You were added to the list sip:team@relay.test:")
+    root = etree.fromstring(
+        request_body([(whole, LINKS)])[1].split(b"\r\n\r\n")[-1].split(b"\r\n--")[0]
+    )
+    (identity,) = root.iter(f"{{{COMMON_POLICY_NAMESPACE}}}identity")
+    assert [etree.QName(child).localname for child in identity] == ["many"]
