@@ -664,7 +664,9 @@ class PendingAdditionsPackage:
     Subscribed at the list URI, by the list's owner only (403 otherwise, 404 for no
     list); a list that is gone ends it (``noresource``), one with another owner now
     too (``rejected``). Every NOTIFY lists every member with its state, for the owner
-    as sender (permissions and consent records are per sender):
+    as sender (permissions and consent records are per sender; a request a list
+    addition opened for every sender, :mod:`relayd.consent.additions`, is the owner's
+    too):
 
     * ``granted``: the member's documents let the owner through the list for every
       method of the member's latest consent request (``MESSAGE`` without one);
@@ -732,8 +734,10 @@ class PendingAdditionsPackage:
             # RFC 6665 §4.2.2: the subscriber is no longer authorized.
             return pending_additions_body(()), "rejected"
         latest: dict[str, PendingConsent] = {}
+        # The owner's requests, and those a list addition opened for every sender.
+        askers = {subscriber, identity_key(found.uri)}
         for record in await self.store.list_consents(list_uri=found.uri):
-            if identity_key(record.sender) == subscriber:
+            if identity_key(record.sender) in askers:
                 latest[identity_key(record.recipient)] = record  # oldest first
         entries = [
             (

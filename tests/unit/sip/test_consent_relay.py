@@ -41,8 +41,13 @@ SENDER_PORT, BOB_PORT = 5070, 6000
 class Relay:
     """The relay with one list (club: bob), bob registered and permitting alice."""
 
-    def __init__(self, folder: Path, members: tuple[str, ...] = (BOB,)) -> None:
-        relay = in_process_sip_relay(folder, HOST, PASSWORDS, "club", members)
+    def __init__(
+        self,
+        folder: Path,
+        members: tuple[str, ...] = (BOB,),
+        extra: dict[tuple[str, str], str] | None = None,
+    ) -> None:
+        relay = in_process_sip_relay(folder, HOST, PASSWORDS, "club", members, extra)
         self.wire, self.protocol, store = relay.wire, relay.protocol, relay.store
         self.reactor = relay.reactor
         self.sip = relay.service.getServiceNamed("sip")
@@ -314,6 +319,69 @@ def test_a_grant_in_the_recipients_own_document_settles_the_open_request(relay: 
     records.clear()
     ensureDeferred(relay.store.list_consents()).addCallback(records.extend)
     assert [r.state for r in records] == [ConsentState.GRANTED]
+
+
+def _pals(*members: str) -> bytes:
+    entries = "".join(f'<entry uri="{member}"/>' for member in members)
+    return (
+        '<resource-lists xmlns="urn:ietf:params:xml:ns:resource-lists">'
+        f'<list name="pals">{entries}</list></resource-lists>'
+    ).encode()
+
+
+def _records(relay: Relay) -> list[Any]:
+    records: list[Any] = []
+    ensureDeferred(relay.store.list_consents()).addCallback(records.extend)
+    return records
+
+
+def test_members_a_list_write_adds_are_asked_once_within_the_owners_rate(
+    tmp_path: Path,
+) -> None:
+    """RFC 5360 §5.3 (``[sip] ask_list_additions``): alice's list write adds bob (asked
+    by CONSENT from the list), carol (offline: kept for grant-permission) and gina
+    (who granted the list to everyone: not asked). Dropping bob and adding him back
+    asks nothing; past alice's hourly rate nobody more is asked."""
+    relay = Relay(
+        tmp_path,
+        extra={("sip", "ask_list_additions"): "yes", ("sip", "consent_requests_per_hour"): "4"},
+    )
+    relay.wire_take()
+    pals, gina = f"sip:pals@{HOST}", f"sip:gina@{HOST}"
+    everyone = consent_ruleset(
+        f'<rule id="all"><conditions><identity><many/></identity><cr:target uri="{pals}"/>'
+        "</conditions><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>"
+    )
+    ensureDeferred(relay.store.put_document(CONSENT_RULES_AUID, gina, "index", everyone))
+    ensureDeferred(
+        relay.store.put_document("resource-lists", ALICE, "index", _pals(BOB, CAROL, gina))
+    )
+    sent = relay.wire_take()
+    assert [(m.method, port) for m, port in sent if isinstance(m, SIPRequest)] == [
+        ("CONSENT", BOB_PORT)
+    ]
+    consent = sent[0][0]
+    assert isinstance(consent, SIPRequest)
+    assert consent.headers.get("p-asserted-identity") == f"<{pals}>"
+    assert consent.headers.get("consent-methods") == "MESSAGE, INVITE"
+    assert pals in consent.body.decode()
+    records = _records(relay)
+    assert sorted((r.sender, r.recipient) for r in records) == [(pals, BOB), (pals, CAROL)]
+    for body in (_pals(CAROL), _pals(CAROL, BOB)):
+        ensureDeferred(relay.store.put_document("resource-lists", ALICE, "index", body))
+    assert [m for m, _ in relay.wire_take() if isinstance(m, SIPRequest)] == []
+    assert sorted(r.id for r in _records(relay)) == sorted(r.id for r in records)
+    # bob, carol, bob again: the fourth request of the hour opens dave's; alice's is past it.
+    ensureDeferred(
+        relay.store.put_document("resource-lists", ALICE, "index", _pals(CAROL, BOB, DAVE, ALICE))
+    )
+    assert sorted(r.recipient for r in _records(relay)) == [BOB, CAROL, DAVE]
+
+
+def test_by_default_a_list_write_asks_nobody(relay: Relay) -> None:
+    relay.wire_take()
+    ensureDeferred(relay.store.put_document("resource-lists", ALICE, "index", _pals(CAROL, DAVE)))
+    assert relay.wire_take() == [] and _records(relay) == []
 
 
 def test_consent_uris_outlive_a_restart(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from relayd.sip.events import (
 )
 from relayd.sip.message import Headers, SIPRequest, SIPResponse, make_response
 from relayd.sipuri import SIPURI
-from relayd.testing import fired, grant_document
+from relayd.testing import consent_ruleset, fired, grant_document
 
 LIST = "sip:friends@relay.test"
 ALICE = "sip:alice@relay.test"
@@ -166,6 +166,27 @@ def test_every_member_is_shown_in_the_state_the_store_gives(world: World) -> Non
         CAROL: "waiting",
         DAVE: "denied",
         ERIN: "error",
+        FRANK: "pending",
+    }
+
+
+def test_a_request_a_list_addition_opened_is_the_owners_too(world: World) -> None:
+    """RFC 5362 for RFC 5360 §5.3: the whole-list request (its sender the list URI)
+    shows as the owner's, and its grant (``cp:many``) as granted."""
+    world.open(BOB, sender=LIST)
+    world.open(CAROL, sender=LIST, state=ConsentState.DENIED)
+    many = consent_ruleset(
+        f'<rule id="all"><conditions><identity><many/></identity><cr:target uri="{LIST}"/>'
+        "</conditions><actions><cr:trans-handling>grant</cr:trans-handling></actions></rule>"
+    )
+    fired(world.store.put_document("consent-rules", DAVE, "index", many))
+    world.run(subscribe())
+    world.clock.advance(0)
+    assert states(world.sender.sent[-1].body) == {
+        BOB: "waiting",
+        CAROL: "denied",
+        DAVE: "granted",
+        ERIN: "pending",
         FRANK: "pending",
     }
 
