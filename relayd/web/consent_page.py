@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relayd.consent.additions import is_whole_list
 from relayd.consent.answer import (
     ACTIONS,
     LINK_PATH,
@@ -145,13 +146,13 @@ class ConsentPage(Resource):
             request,
             200,
             "Done",
-            f"You {verb} {record.sender} to reach you through {record.list_uri}.",
+            f"You {verb} {_who(record)} to reach you through {record.list_uri}.",
         )
 
     def _form(self, request: Request, record: PendingConsent, token: str, now: float) -> None:
         nonce = secrets.token_urlsafe(16)
         ask = {
-            "sender": record.sender,
+            "sender": _who(record).capitalize() if is_whole_list(record) else record.sender,
             "methods": ", ".join(requested_methods(record)),
             "list_uri": record.list_uri,
             "nonce": nonce,
@@ -195,3 +196,9 @@ def _header(request: Request, name: bytes) -> str:
 def _arg(args: dict[bytes, list[bytes]], name: bytes) -> str:
     values = args.get(name) or [b""]
     return values[0].decode("ascii", "replace")
+
+
+def _who(record: PendingConsent) -> str:
+    """Who ``record`` asks for: its sender, or every sender of its list (RFC 5360 §5.3,
+    :mod:`relayd.consent.additions`)."""
+    return "every sender of the list" if is_whole_list(record) else record.sender

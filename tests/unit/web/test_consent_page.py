@@ -148,3 +148,18 @@ def test_a_form_served_by_one_process_is_taken_by_another_with_the_same_secret(
     assert response.code == status
     expected = ConsentState.GRANTED if status == 200 else ConsentState.PENDING
     assert pages.state() is expected
+
+
+def test_a_whole_list_request_asks_for_every_sender_of_the_list() -> None:
+    """RFC 5360 §5.3: a list addition's request (its sender the list) names no sender."""
+    pages = Pages()
+    team = "sip:team@relay.test"
+    pages.record = fired(
+        pages.store.open_consent(team, team, BOB, ["MESSAGE"], "w" * 22, 1_000.0, 2_000.0)
+    )
+    code, body, _ = pages.request("GET", link_path(pages.record, "grant"))
+    assert code == 200 and b"Every sender of the list</span> asks" in body
+    path, fields = pages.form("grant")
+    code, body, _ = pages.request("POST", path, data=fields)
+    assert code == 200 and b"You allowed every sender of the list to reach you" in body
+    assert pages.state() is ConsentState.GRANTED
