@@ -457,6 +457,14 @@ SCHEMA: tuple[Key, ...] = (
     ),
     Key(
         "sip",
+        "max_bindings",
+        "100000",
+        _integer(1, 10_000_000),
+        "Most registered contacts the registrar holds in memory (about 2 KiB each; every"
+        " node of a pool holds the whole pool's); past it a REGISTER gets 503",
+    ),
+    Key(
+        "sip",
         "consent_requests_per_hour",
         "30",
         _integer(1, 1_000_000),
@@ -677,6 +685,7 @@ class SIPConfig:
     domain: str
     lists: str
     max_list_size: int
+    max_bindings: int
     consent_requests_per_hour: int
     pending_consent_seconds: int
     subscription_expires_seconds: int

@@ -36,7 +36,7 @@ from relayd.sip.consent import ConsentURIs
 from relayd.sip.consent_relay import ConsentLink, ConsentRelay, owners_from_users
 from relayd.sip.events import SubscriptionLimits
 from relayd.sip.overload import LagMonitor, any_of
-from relayd.sip.registrar import Registrar
+from relayd.sip.registrar import Registrar, RegistrarLimits
 from relayd.sip.transaction import TransactionLayer
 from relayd.sip.transport import UDP_MAX_DATAGRAM_BYTES, SIPTransportLayer
 from relayd.sip.uas import Capabilities, LoopDetector, UASCore, transaction_pressure
@@ -161,7 +161,14 @@ def build_sip(
     """
     authenticator = SIPAuthenticator(digest, domain)
     local_hosts = frozenset({hostname, "127.0.0.1", "localhost"})
-    registrar = Registrar(domain, reactor, authenticator, local_hosts=local_hosts, store=store)
+    registrar = Registrar(
+        domain,
+        reactor,
+        authenticator,
+        local_hosts=local_hosts,
+        store=store,
+        limits=RegistrarLimits(max_bindings=sip.max_bindings),
+    )
     # A wildcard listener has no address to put in our Via: say the relay's name.
     wildcards = ("", "0.0.0.0", "::")  # noqa: S104 - compared with, not bound to
     wildcard = any(parse_endpoint(text).interface in wildcards for text in sip.listen)

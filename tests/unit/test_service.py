@@ -238,3 +238,13 @@ def test_busy_metrics_port_stops_start_in_one_line(
         "metrics cannot listen on tcp:29100:interface=127.0.0.1: Couldn't listen on"
         " 127.0.0.1:29100: [Errno 98] Address already in use."
     ]
+
+
+def test_the_registrar_holds_as_many_bindings_as_configured(tmp_path: Path) -> None:
+    """[sip] max_bindings sizes the location table (every node of a pool holds the
+    whole pool's registrations: docs/deployment.md)."""
+    top = build_service(prepare(load_config(None, overrides(tmp_path))), BusyPorts())
+    assert top.getServiceNamed("sip").registrar.limits.max_bindings == 100_000
+    values = overrides(tmp_path, sip__max_bindings="1500000")
+    top = build_service(prepare(load_config(None, values)), BusyPorts())
+    assert top.getServiceNamed("sip").registrar.limits.max_bindings == 1_500_000
