@@ -19,6 +19,7 @@ def encode(change: StoreChange) -> str:
     """A change as the JSON text of its ``changes`` row."""
     fields = asdict(change)
     del fields["remote"]
+    del fields["body"]  # the others read the document
     return json.dumps(fields, separators=(",", ":"))
 
 

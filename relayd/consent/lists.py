@@ -593,6 +593,9 @@ class ListDirectory:
         if change.etag is None:
             self._set_document(owner, name, None)
             return
+        if change.body is not None:  # written here: indexed before the write is answered
+            self._set_document(owner, name, change.body, local=not change.remote)
+            return
 
         async def fetch() -> None:
             stored = await self.store.get_document(RESOURCE_LISTS_AUID, owner, name)

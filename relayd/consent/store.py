@@ -123,7 +123,9 @@ class StoreChange:
     A ``binding`` change is a registration of ``aor``: the ``bindings`` written and the
     contact URIs ``removed``.  ``remote`` marks a change another node committed (a
     shared store): the registrar, whose own changes are in its table before they are
-    committed, applies only those."""
+    committed, applies only those. ``body`` is a document written here, for this
+    process's listeners (the list index takes it before the write is answered); it is
+    not carried to other processes, which read the document."""
 
     kind: Literal["document", "consent", "binding"]
     auid: str | None = None
@@ -135,6 +137,7 @@ class StoreChange:
     bindings: tuple[StoredBinding, ...] = ()
     removed: tuple[str, ...] = ()
     remote: bool = False
+    body: bytes | None = None
 
 
 Listener = Callable[[StoreChange], object]
@@ -420,7 +423,8 @@ class RuleStore(abc.ABC):
             check_preconditions(current, if_match, if_none_match)
             etag = new_etag()
             rows.write_document(key, body, etag)
-            return DocumentWrite(etag, current is None), [StoreChange("document", *key, etag)]
+            change = StoreChange("document", *key, etag, body=body)
+            return DocumentWrite(etag, current is None), [change]
 
         return self._write(put)
 

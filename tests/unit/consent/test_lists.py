@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import pytest_twisted
 from lxml import etree
+from twisted.internet import reactor
 
 from relayd.consent.documents import DocumentKey, DocumentRejected
 from relayd.consent.lists import (
@@ -19,6 +23,7 @@ from relayd.consent.lists import (
     parse_lists_document,
     parse_resource_lists,
 )
+from relayd.consent.sqlite import SQLitePermissionStore
 from relayd.consent.store import MemoryPermissionStore, StoreChange
 from relayd.consent.vocabulary import CONSENT_POLICY_NAMESPACE as CR
 from relayd.consent.vocabulary import RESOURCE_LISTS_NAMESPACE as RL
@@ -362,3 +367,22 @@ def test_only_a_write_committed_here_announces_its_additions() -> None:
     fired(store.put_document("resource-lists", eve, "x", _team("sip:zed@x.test")))
     directory.store_changed(StoreChange("document", "resource-lists", eve, "x", "e"))
     assert len(heard) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_list_written_here_is_indexed_before_the_write_is_answered(
+    tmp_path: Path,
+) -> None:
+    """A member added and a MESSAGE sent at once must reach the member: the list index
+    takes a document written by this process from the change itself, before the write's
+    Deferred fires (a read of the SQLite store would come a moment later)."""
+    store = SQLitePermissionStore(str(tmp_path / "store.sqlite"), reactor)
+    try:
+        directory = ListDirectory(store, "relay.test", ["127.0.0.1"])
+        store.add_listener(directory.store_changed)
+        alice = "sip:alice@relay.test"
+        await store.put_document("resource-lists", alice, "index", _team("sip:bob@x.test"))
+        team = directory.lookup(SIPURI.parse("sip:team@relay.test"))
+        assert team is not None and team.members == ("sip:bob@x.test",)
+    finally:
+        await store.close()

@@ -179,7 +179,7 @@ async def test_document_changes_announced_after_commit(store: IPermissionStore) 
         await store.put_document(AUID, XUI, "index", DOC, if_match="*")
     changes = [change for change, _ in seen]
     assert changes == [
-        StoreChange("document", AUID, XUI, "index", write.etag),
+        StoreChange("document", AUID, XUI, "index", write.etag, body=DOC),
         StoreChange("document", AUID, XUI, "index", None),
     ]
     first_read = await seen[0][1]
