@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from relayd.bounded import remember
 from relayd.logs import logger
 from relayd.sip.message import SIPRequest, SIPResponse, make_response, unstamped_via
-from relayd.sip.registrar import Registrar, Unreachable, registered_route
+from relayd.sip.registrar import Registrar, Unreachable
 from relayd.sip.resolve import ResolveError, SIPResolver, Target
 from relayd.sip.transaction import (
     LocalResponse,
@@ -170,16 +170,17 @@ class Proxy:
             return self.registrar is not None and self.registrar.is_online(uri.aor)
         return True
 
-    def _contact_uris(self, member: str) -> list[tuple[SIPURI, str]] | None:
-        """Each URI to try for ``member``, with where it was registered from (empty for
-        a member elsewhere, which is the URI itself)."""
+    def _contact_uris(self, member: str) -> list[tuple[SIPURI, Target | Unreachable | None]] | None:
+        """Each URI to try for ``member``, with where its binding is reached instead
+        (:attr:`relayd.sip.registrar.Binding.route`; None for a member elsewhere, which
+        is the URI itself)."""
         uri = self._member_uri(member)
         if uri is None:
             return None
         if self.is_local(uri):
             contacts = self.registrar.contacts(uri.aor) if self.registrar is not None else []
-            return [(binding.uri, binding.source) for binding in contacts]
-        return [(uri, "")]
+            return [(binding.uri, binding.route) for binding in contacts]
+        return [(uri, None)]
 
     def _flow(self, member: str, contact: SIPURI) -> Branch | None:
         """The branch over the connection ``contact`` was registered on, while it is
@@ -198,7 +199,9 @@ class Proxy:
         self.log.warn("cannot resolve {uri}: {reason}", uri=uri.aor, reason=str(error))
         return Branch(member, uri, None)
 
-    def _known_branch(self, member: str, uri: SIPURI, source: str = "") -> Branch | None:
+    def _known_branch(
+        self, member: str, uri: SIPURI, route: Target | Unreachable | None = None
+    ) -> Branch | None:
         """The branch to ``uri`` when no DNS lookup is needed: over its registered flow,
         back where it registered from when it names another host
         (:func:`relayd.sip.registrar.registered_route`), to its numeric host, or failed;
@@ -206,7 +209,6 @@ class Proxy:
         flow = self._flow(member, uri)
         if flow is not None:
             return flow
-        route = registered_route(uri, source)
         if isinstance(route, Unreachable):
             return Branch(member, uri, None)
         if route is not None:
@@ -223,8 +225,8 @@ class Proxy:
         if uris is None:
             return [Branch(member, SIPURI("sip", "invalid"), None)]
         out: list[Branch] = []
-        for each, source in uris:
-            branch = self._known_branch(member, each, source)
+        for each, route in uris:
+            branch = self._known_branch(member, each, route)
             if branch is None:
                 return None
             out.append(branch)
@@ -236,8 +238,8 @@ class Proxy:
         if known is not None:
             return known
         out: list[Branch] = []
-        for each, source in self._contact_uris(member) or []:
-            branch = self._known_branch(member, each, source)
+        for each, route in self._contact_uris(member) or []:
+            branch = self._known_branch(member, each, route)
             if branch is None:
                 try:
                     branch = self._branch(member, each, await self.resolver.resolve(each))

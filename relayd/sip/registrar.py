@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -116,7 +116,13 @@ class Binding:
     cseq: int
     q: float = 1.0
     source: str = ""
-    """Where its REGISTER came from (:func:`source_of`); see :func:`registered_route`."""
+    """Where its REGISTER came from (:func:`source_of`)."""
+    route: Target | Unreachable | None = field(init=False, default=None)
+    """:func:`registered_route` of the contact and source, worked out once here rather
+    than on every request routed to the binding."""
+
+    def __post_init__(self) -> None:
+        self.route = registered_route(self.contact.uri, self.source)
 
     @property
     def uri(self) -> SIPURI:
